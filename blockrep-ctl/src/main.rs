@@ -1,0 +1,432 @@
+//! `blockrep-ctl`: the admin's command line, after drbdadm: `create-md`, `up`, `down`,
+//! `primary`, `secondary`, `status`, `dump-md`. Offline commands (create-md, dump-md) work on
+//! the backing device directly; the rest talk to the node's daemon over its control socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use blockrep::config::{Config, MetaLocation};
+use blockrep::meta::MetaStore;
+use clap::{Parser, Subcommand};
+use proto::control::{Reply, Request, Status};
+
+#[derive(Parser)]
+#[command(
+    name = "blockrep-ctl",
+    version,
+    about = "Control a blockrep resource on this node"
+)]
+struct Args {
+    /// The resource's config file (the same file on both nodes).
+    #[arg(
+        short = 'c',
+        long,
+        global = true,
+        default_value = "/etc/blockrep/r0.toml"
+    )]
+    config: PathBuf,
+    /// This node's name in the config (default: the host name).
+    #[arg(short = 'n', long, global = true)]
+    node: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write fresh metadata on this node's backing device (or external metadata file).
+    CreateMd {
+        /// Overwrite existing metadata.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start the daemon if needed and bring the resource up.
+    Up,
+    /// Drain, flush and close the resource, and stop the daemon.
+    Down,
+    /// Promote this node; --force declares its data good (first promotion, failover).
+    Primary {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Demote this node; --force disconnects attached NBD clients.
+    Secondary {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the resource's state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the metadata in readable form.
+    DumpMd,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let cfg = Config::load(&args.config, args.node.as_deref())?;
+    match args.cmd {
+        Cmd::CreateMd { force } => create_md(&cfg, force),
+        Cmd::DumpMd => dump_md(&cfg),
+        Cmd::Up => up(&cfg),
+        Cmd::Down => down(&cfg),
+        Cmd::Primary { force } => simple(&cfg, Request::Primary { force }),
+        Cmd::Secondary { force } => simple(&cfg, Request::Secondary { force }),
+        Cmd::Status { json } => status(&cfg, json),
+    }
+}
+
+fn external(cfg: &Config) -> Option<&Path> {
+    match &cfg.me.meta {
+        MetaLocation::Internal => None,
+        MetaLocation::External(p) => Some(p),
+    }
+}
+
+/// A connection to the daemon's control socket, if one answers.
+struct Control {
+    stream: BufReader<UnixStream>,
+}
+
+impl Control {
+    fn connect(cfg: &Config) -> Option<Control> {
+        let s = UnixStream::connect(&cfg.me.control).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+        Some(Control {
+            stream: BufReader::new(s),
+        })
+    }
+
+    fn call(&mut self, req: &Request) -> Result<Reply> {
+        self.stream
+            .get_mut()
+            .write_all(req.to_line().as_bytes())
+            .context("sending to the daemon")?;
+        let mut line = String::new();
+        self.stream
+            .read_line(&mut line)
+            .context("reading the daemon's reply")?;
+        if line.is_empty() {
+            bail!("the daemon closed the control connection");
+        }
+        serde_json::from_str(line.trim_end()).context("decoding the daemon's reply")
+    }
+}
+
+fn daemon_status(cfg: &Config) -> Option<Status> {
+    match Control::connect(cfg)?.call(&Request::Status).ok()? {
+        Reply::Status { status } => Some(*status),
+        _ => None,
+    }
+}
+
+fn expect_ok(reply: Reply) -> Result<String> {
+    match reply {
+        Reply::Ok { message } => Ok(message),
+        Reply::Error { message } => Err(anyhow!(message)),
+        Reply::Status { .. } => Err(anyhow!("unexpected status reply")),
+    }
+}
+
+fn not_running(cfg: &Config) -> String {
+    format!(
+        "resource {} on node {}: daemon not running (control socket {})",
+        cfg.resource,
+        cfg.me.name,
+        cfg.me.control.display()
+    )
+}
+
+fn simple(cfg: &Config, req: Request) -> Result<()> {
+    let mut c = Control::connect(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+    println!("{}", expect_ok(c.call(&req)?)?);
+    Ok(())
+}
+
+fn create_md(cfg: &Config, force: bool) -> Result<()> {
+    if daemon_status(cfg).is_some_and(|s| s.up) {
+        bail!(
+            "resource {} is up on {}: take it down before writing metadata",
+            cfg.resource,
+            cfg.me.name
+        );
+    }
+    let sb = MetaStore::create(
+        &cfg.me.backing,
+        external(cfg),
+        &cfg.resource,
+        &cfg.me.name,
+        cfg.journal_size,
+        cfg.bitmap_granularity,
+        force,
+    )?;
+    let l = sb.layout;
+    println!(
+        "metadata written for resource {} node {} on {}: {} bytes of data exported, {} bytes of metadata (bitmap {} at {} B/bit, activity log {}, journal {})",
+        cfg.resource,
+        cfg.me.name,
+        external(cfg).unwrap_or(&cfg.me.backing).display(),
+        l.data_size,
+        l.meta_len(),
+        l.bitmap_len,
+        l.granularity,
+        l.al_len,
+        l.journal_len
+    );
+    Ok(())
+}
+
+fn dump_md(cfg: &Config) -> Result<()> {
+    let m = MetaStore::open(&cfg.me.backing, external(cfg), &cfg.resource, &cfg.me.name)?;
+    let sb = &m.sb;
+    let l = &sb.layout;
+    println!("# blockrep metadata on {}", m.path().display());
+    println!("resource        {}", sb.resource);
+    println!("node            {}", sb.node);
+    println!("superblock-seq  {}", sb.seq);
+    println!("disk            {}", sb.disk.name());
+    println!("was-primary     {}", sb.was_primary);
+    println!("current-gen     {:016X}", sb.gen.current);
+    println!("bitmap-gen      {:016X}", sb.gen.bitmap);
+    println!(
+        "history-gen     {:016X} {:016X}",
+        sb.gen.history[0], sb.gen.history[1]
+    );
+    println!("peer-up-to-date {}", sb.peer_up_to_date);
+    println!("applied-seq     {}", sb.applied_seq);
+    println!("issued-seq      {}", sb.issued_seq);
+    println!("agreed-size     {}", sb.agreed_size);
+    println!("data-size       {}", l.data_size);
+    println!(
+        "bitmap          offset {} len {} ({} B/bit)",
+        l.bitmap_offset, l.bitmap_len, l.granularity
+    );
+    println!("activity-log    offset {} len {}", l.al_offset, l.al_len);
+    println!(
+        "journal         offset {} len {}",
+        l.journal_offset, l.journal_len
+    );
+    println!("superblocks     offset {}", l.sb_offset);
+    println!("created-unix    {}", sb.created_unix);
+    Ok(())
+}
+
+/// The daemon binary: next to this one, else on PATH.
+fn daemon_binary() -> PathBuf {
+    if let Ok(me) = std::env::current_exe() {
+        if let Some(dir) = me.parent() {
+            let p = dir.join("blockrep");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from("blockrep")
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+fn up(cfg: &Config) -> Result<()> {
+    if let Some(mut c) = Control::connect(cfg) {
+        println!("{}", expect_ok(c.call(&Request::Up)?)?);
+        return Ok(());
+    }
+    if let Some(dir) = cfg.me.log_file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&cfg.me.log_file)
+        .with_context(|| format!("opening log file {}", cfg.me.log_file.display()))?;
+    let config = std::fs::canonicalize(&cfg.file).unwrap_or_else(|_| cfg.file.clone());
+    let bin = daemon_binary();
+    let mut child = Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("--node")
+        .arg(&cfg.me.name)
+        .arg("--up")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C at the admin's terminal does not reach the daemon.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = daemon_status(cfg) {
+            if st.up {
+                println!(
+                    "resource {} up on {} (daemon pid {}, export {}, log {})",
+                    cfg.resource,
+                    cfg.me.name,
+                    st.pid,
+                    st.export,
+                    cfg.me.log_file.display()
+                );
+                return Ok(());
+            }
+        }
+        if let Some(code) = child.try_wait()? {
+            bail!(
+                "the daemon exited ({code}) while bringing {} up; its log ({}) ends with:\n{}",
+                cfg.resource,
+                cfg.me.log_file.display(),
+                tail(&cfg.me.log_file, 5)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "the daemon did not come up within 30 s; see {}",
+                cfg.me.log_file.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+fn down(cfg: &Config) -> Result<()> {
+    let Some(mut c) = Control::connect(cfg) else {
+        println!("{}", not_running(cfg));
+        return Ok(());
+    };
+    let pid = match c.call(&Request::Status)? {
+        Reply::Status { status } => status.pid,
+        _ => 0,
+    };
+    let msg = expect_ok(c.call(&Request::Down)?)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pid_alive(pid) && !is_zombie(pid) {
+        if Instant::now() > deadline {
+            bail!("{msg}, but daemon pid {pid} is still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("{msg}");
+    Ok(())
+}
+
+/// A daemon started by this very process (tests) lingers as a zombie until reaped.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn status(cfg: &Config, json: bool) -> Result<()> {
+    let st = daemon_status(cfg);
+    if json {
+        let v = match &st {
+            Some(s) => serde_json::to_value(s)?,
+            None => serde_json::json!({
+                "resource": cfg.resource, "node": cfg.me.name, "pid": 0, "up": false,
+                "running": false, "role": "secondary", "disk": "diskless",
+            }),
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let Some(s) = st else {
+        println!("{}", not_running(cfg));
+        return Ok(());
+    };
+    if !s.up {
+        println!(
+            "{} on {}: down (daemon pid {} running, resource not up)",
+            s.resource, s.node, s.pid
+        );
+        return Ok(());
+    }
+    println!("{} role:{} disk:{}", s.resource, s.role, s.disk);
+    println!(
+        "  node {} (pid {})  export {}  size {}  engine {}",
+        s.node,
+        s.pid,
+        s.export,
+        human_bytes(s.size),
+        s.engine
+    );
+    if let Some(k) = &s.kernel_device {
+        println!(
+            "  kernel device {}: {}",
+            k,
+            s.kernel_note
+                .as_deref()
+                .unwrap_or("not attached (secondary)")
+        );
+    }
+    let io = &s.io;
+    println!(
+        "  clients {}  reads {} ({})  writes {} ({})  flushes {}  trims {}  zeroes {}  errors {}",
+        s.clients,
+        io.reads,
+        human_bytes(io.bytes_read),
+        io.writes,
+        human_bytes(io.bytes_written),
+        io.flushes,
+        io.trims,
+        io.zeroes,
+        io.errors
+    );
+    if let Some(r) = &s.replication {
+        println!(
+            "  peer {} connection:{} role:{} disk:{} protocol {}",
+            r.peer, r.connection, r.peer_role, r.peer_disk, r.protocol
+        );
+        println!(
+            "    seq written {} sent {} received {} applied {}  lag {} writes ({})  journal {}/{}  out-of-sync {}",
+            r.seq_written,
+            r.seq_sent,
+            r.seq_received,
+            r.seq_applied,
+            r.lag_writes,
+            human_bytes(r.lag_bytes),
+            human_bytes(r.journal_used),
+            human_bytes(r.journal_size),
+            human_bytes(r.out_of_sync)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,461 @@
+//! The resource configuration: one TOML file per resource, the same file on both nodes (DRBD's
+//! convention). Parsing is strict: unknown keys are errors, and every error names the file, the
+//! key and what is wrong, because a typo in a replication config is how data gets lost.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: key `{key}`: {message}")]
+    Key {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// Replication protocol: when a write is acknowledged to the NBD client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Local write done and queued to the peer (journaled).
+    A,
+    /// Local write done and the peer has received it.
+    B,
+    /// Local write done and the peer has written it.
+    C,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::A => "A",
+            Protocol::B => "B",
+            Protocol::C => "C",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEngineChoice {
+    Auto,
+    IoUring,
+    Sync,
+}
+
+/// Where the NBD export listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ExportAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExportAddr::Tcp(a) => write!(f, "{a}"),
+            ExportAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaLocation {
+    Internal,
+    External(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub backing: PathBuf,
+    pub meta: MetaLocation,
+    pub replication: Option<SocketAddr>,
+    pub export: ExportAddr,
+    pub control: PathBuf,
+    pub kernel_device: Option<PathBuf>,
+    pub log_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub resource: String,
+    pub protocol: Protocol,
+    pub secret: Option<Vec<u8>>,
+    pub io_engine: IoEngineChoice,
+    pub direct_io: bool,
+    pub journal_size: u64,
+    pub bitmap_granularity: u64,
+    /// This node.
+    pub me: NodeConfig,
+    /// The other node, if the resource names one.
+    pub peer: Option<NodeConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawFile {
+    resource: RawResource,
+    #[serde(default)]
+    node: BTreeMap<String, RawNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawResource {
+    name: String,
+    protocol: Option<String>,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    io_engine: Option<String>,
+    direct_io: Option<bool>,
+    journal_size: Option<String>,
+    bitmap_granularity: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNode {
+    backing: PathBuf,
+    meta: Option<String>,
+    replication: Option<String>,
+    export: String,
+    control: PathBuf,
+    kernel_device: Option<PathBuf>,
+    log_file: Option<PathBuf>,
+}
+
+/// Parses sizes like `64M`, `4K`, `1G`, `4096`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        (i, 'T' | 't') => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+impl Config {
+    /// Loads `file` and selects node `node` (default: the host name).
+    pub fn load(file: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(file, &text, node)
+    }
+
+    pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })?;
+        let key_err = |key: &str, message: String| ConfigError::Key {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let r = raw.resource;
+        if r.name.is_empty()
+            || r.name.len() > 64
+            || !r
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(key_err(
+                "resource.name",
+                format!(
+                    "{:?} is not a valid name (1-64 of letters, digits, '-', '_', '.')",
+                    r.name
+                ),
+            ));
+        }
+        let protocol = match r.protocol.as_deref().unwrap_or("C") {
+            "A" | "a" => Protocol::A,
+            "B" | "b" => Protocol::B,
+            "C" | "c" => Protocol::C,
+            other => {
+                return Err(key_err(
+                    "resource.protocol",
+                    format!("{other:?} is not a protocol (expected A, B or C)"),
+                ))
+            }
+        };
+        let secret = match (r.secret, r.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(key_err(
+                    "resource.secret-file",
+                    "give either `secret` or `secret-file`, not both".into(),
+                ))
+            }
+            (Some(s), None) => Some(s.into_bytes()),
+            (None, Some(p)) => {
+                let s = std::fs::read(&p).map_err(|e| {
+                    key_err("resource.secret-file", format!("{}: {e}", p.display()))
+                })?;
+                let trimmed = s.trim_ascii().to_vec();
+                Some(trimmed)
+            }
+            (None, None) => None,
+        };
+        if secret.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(key_err("resource.secret", "the secret is empty".into()));
+        }
+        let io_engine = match r.io_engine.as_deref().unwrap_or("auto") {
+            "auto" => IoEngineChoice::Auto,
+            "io-uring" | "io_uring" => IoEngineChoice::IoUring,
+            "sync" => IoEngineChoice::Sync,
+            other => {
+                return Err(key_err(
+                    "resource.io-engine",
+                    format!("{other:?} is not an engine (expected auto, io-uring or sync)"),
+                ))
+            }
+        };
+        let journal_size = match r.journal_size.as_deref() {
+            None => 64 << 20,
+            Some(s) => parse_size(s)
+                .filter(|&v| (1 << 20..=16 << 30).contains(&v))
+                .ok_or_else(|| {
+                    key_err(
+                        "resource.journal-size",
+                        format!("{s:?} is not a size between 1M and 16G"),
+                    )
+                })?,
+        };
+        let bitmap_granularity = match r.bitmap_granularity.as_deref() {
+            None => 4096,
+            Some(s) => parse_size(s)
+                .filter(|&v| v.is_power_of_two() && (4096..=1 << 20).contains(&v))
+                .ok_or_else(|| {
+                    key_err(
+                        "resource.bitmap-granularity",
+                        format!("{s:?} is not a power of two between 4K and 1M"),
+                    )
+                })?,
+        };
+
+        if raw.node.is_empty() {
+            return Err(key_err("node", "no [node.NAME] table".into()));
+        }
+        if raw.node.len() > 2 {
+            return Err(key_err(
+                "node",
+                format!(
+                    "{} nodes configured; a resource has one or two",
+                    raw.node.len()
+                ),
+            ));
+        }
+        let host;
+        let me_name = match node {
+            Some(n) => n,
+            None => {
+                host = nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_default();
+                host.as_str()
+            }
+        };
+        if !raw.node.contains_key(me_name) {
+            let known: Vec<&str> = raw.node.keys().map(String::as_str).collect();
+            return Err(key_err(
+                &format!("node.{me_name}"),
+                format!(
+                    "this node is not in the file (configured: {}); pick one with --node",
+                    known.join(", ")
+                ),
+            ));
+        }
+        let mut nodes = Vec::new();
+        for (name, n) in raw.node {
+            let k = |field: &str| format!("node.{name}.{field}");
+            let meta = match n.meta.as_deref() {
+                None | Some("internal") => MetaLocation::Internal,
+                Some("") => return Err(key_err(&k("meta"), "empty path".into())),
+                Some(p) => MetaLocation::External(PathBuf::from(p)),
+            };
+            let replication = match &n.replication {
+                None => None,
+                Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                    key_err(&k("replication"), format!("{a:?} is not host:port: {e}"))
+                })?),
+            };
+            let export = if let Some(p) = n.export.strip_prefix("unix:") {
+                if p.is_empty() {
+                    return Err(key_err(&k("export"), "empty unix socket path".into()));
+                }
+                ExportAddr::Unix(PathBuf::from(p))
+            } else {
+                ExportAddr::Tcp(n.export.parse::<SocketAddr>().map_err(|e| {
+                    key_err(
+                        &k("export"),
+                        format!("{:?} is not host:port or unix:/path: {e}", n.export),
+                    )
+                })?)
+            };
+            if n.control.as_os_str().is_empty() {
+                return Err(key_err(&k("control"), "empty path".into()));
+            }
+            let log_file = n.log_file.unwrap_or_else(|| {
+                let mut p = n.control.clone().into_os_string();
+                p.push(".log");
+                PathBuf::from(p)
+            });
+            nodes.push(NodeConfig {
+                name,
+                backing: n.backing,
+                meta,
+                replication,
+                export,
+                control: n.control,
+                kernel_device: n.kernel_device,
+                log_file,
+            });
+        }
+        let (mine, others): (Vec<_>, Vec<_>) = nodes.into_iter().partition(|n| n.name == me_name);
+        let me = mine.into_iter().next().ok_or_else(|| {
+            key_err(
+                &format!("node.{me_name}"),
+                "this node is not in the file".into(),
+            )
+        })?;
+        let peer = others.into_iter().next();
+        if let Some(p) = &peer {
+            let k = |n: &NodeConfig, f: &str| format!("node.{}.{f}", n.name);
+            if me.replication.is_none() {
+                return Err(key_err(
+                    &k(&me, "replication"),
+                    "required when the resource has two nodes".into(),
+                ));
+            }
+            if p.replication.is_none() {
+                return Err(key_err(
+                    &k(p, "replication"),
+                    "required when the resource has two nodes".into(),
+                ));
+            }
+            if secret.is_none() {
+                return Err(key_err(
+                    "resource.secret",
+                    "required when the resource has two nodes (the peer link is authenticated)"
+                        .into(),
+                ));
+            }
+            if p.control == me.control {
+                return Err(key_err(
+                    &k(p, "control"),
+                    "both nodes use the same control socket".into(),
+                ));
+            }
+        }
+        Ok(Config {
+            file: file.to_owned(),
+            resource: r.name,
+            protocol,
+            secret,
+            io_engine,
+            direct_io: r.direct_io.unwrap_or(false),
+            journal_size,
+            bitmap_granularity,
+            me,
+            peer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[resource]
+name = "r0"
+protocol = "B"
+secret = "x"
+[node.alpha]
+backing = "/tmp/a.img"
+replication = "127.0.0.1:7000"
+export = "127.0.0.1:10809"
+control = "/tmp/a.sock"
+[node.beta]
+backing = "/tmp/b.img"
+meta = "/tmp/b.meta"
+replication = "127.0.0.1:7001"
+export = "unix:/tmp/b.nbd"
+control = "/tmp/b.sock"
+"#;
+
+    fn parse(text: &str, node: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/r0.toml"), text, Some(node))
+    }
+
+    #[test]
+    fn parses_both_nodes() {
+        let c = parse(GOOD, "beta").unwrap();
+        assert_eq!(c.protocol, Protocol::B);
+        assert_eq!(c.me.name, "beta");
+        assert_eq!(c.me.meta, MetaLocation::External("/tmp/b.meta".into()));
+        assert_eq!(c.me.export, ExportAddr::Unix("/tmp/b.nbd".into()));
+        assert_eq!(c.peer.as_ref().unwrap().name, "alpha");
+        assert_eq!(c.me.log_file, PathBuf::from("/tmp/b.sock.log"));
+        assert_eq!(c.journal_size, 64 << 20);
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = parse(&GOOD.replace("\"B\"", "\"D\""), "alpha").unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("/etc/r0.toml") && s.contains("resource.protocol"),
+            "{s}"
+        );
+        let e = parse(GOOD, "gamma").unwrap_err().to_string();
+        assert!(e.contains("node.gamma") && e.contains("alpha, beta"), "{e}");
+        let e = parse(&GOOD.replace("backing = \"/tmp/a.img\"", ""), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backing"), "{e}");
+        let e = parse(
+            &GOOD.replace("export = \"unix:", "export = \"bogus:"),
+            "beta",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("node.beta.export"), "{e}");
+        let e = parse("[resource\nname=", "alpha").unwrap_err().to_string();
+        assert!(e.starts_with("/etc/r0.toml: "), "{e}");
+        let e = parse(&GOOD.replace("secret = \"x\"", "colour = 1"), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4K"), Some(4096));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999999999999999T"), None);
+    }
+}

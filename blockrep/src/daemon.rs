@@ -1,0 +1,204 @@
+//! The node daemon: owns the control socket and the resource's lifecycle.
+//!
+//! One daemon per resource per node (as one config file per resource). It starts with the
+//! resource down unless asked; `blockrep-ctl` drives it over the control socket.
+
+use std::sync::Arc;
+
+use proto::control::{Reply, Request, Status, MAX_LINE};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Mutex};
+
+use crate::config::Config;
+use crate::resource::{remove_stale_socket, NodeError, Resource};
+
+pub struct Daemon {
+    cfg: Config,
+    res: Mutex<Option<Arc<Resource>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Daemon {
+    pub fn new(cfg: Config) -> Arc<Self> {
+        Arc::new(Daemon {
+            cfg,
+            res: Mutex::new(None),
+            stop: watch::channel(false).0,
+        })
+    }
+
+    pub async fn up(&self) -> Result<String, NodeError> {
+        let mut res = self.res.lock().await;
+        if res.is_some() {
+            return Ok(format!("resource {} is already up", self.cfg.resource));
+        }
+        *res = Some(Resource::up(&self.cfg).await?);
+        Ok(format!(
+            "resource {} up on {} (export {})",
+            self.cfg.resource, self.cfg.me.name, self.cfg.me.export
+        ))
+    }
+
+    /// Takes the resource down and tells the daemon to exit.
+    pub async fn down(&self) -> Result<String, NodeError> {
+        let r = self.res.lock().await.take();
+        let msg = match r {
+            Some(r) => {
+                r.down().await?;
+                format!(
+                    "resource {} down on {}",
+                    self.cfg.resource, self.cfg.me.name
+                )
+            }
+            None => format!("resource {} was not up", self.cfg.resource),
+        };
+        self.stop.send_replace(true);
+        Ok(msg)
+    }
+
+    fn down_status(&self) -> Status {
+        Status {
+            resource: self.cfg.resource.clone(),
+            node: self.cfg.me.name.clone(),
+            pid: std::process::id(),
+            up: false,
+            role: "secondary".into(),
+            disk: "diskless".into(),
+            export: self.cfg.me.export.to_string(),
+            ..Default::default()
+        }
+    }
+
+    async fn resource(&self) -> Result<Arc<Resource>, NodeError> {
+        self.res.lock().await.clone().ok_or_else(|| {
+            NodeError::Refused(format!(
+                "resource {} is not up on {} (blockrep-ctl up)",
+                self.cfg.resource, self.cfg.me.name
+            ))
+        })
+    }
+
+    pub async fn handle(&self, req: Request) -> Reply {
+        let r: Result<String, NodeError> = match req {
+            Request::Status => {
+                let st = match self.res.lock().await.as_ref() {
+                    Some(r) => r.status(std::process::id()),
+                    None => self.down_status(),
+                };
+                return Reply::Status {
+                    status: Box::new(st),
+                };
+            }
+            Request::Up => self.up().await,
+            Request::Down => self.down().await,
+            Request::Primary { force } => match self.resource().await {
+                Ok(r) => r.primary(force).await,
+                Err(e) => Err(e),
+            },
+            Request::Secondary { force } => match self.resource().await {
+                Ok(r) => r.secondary(force).await,
+                Err(e) => Err(e),
+            },
+            Request::Connect { .. } | Request::Disconnect => Err(NodeError::Refused(format!(
+                "resource {} has no peer link on this build",
+                self.cfg.resource
+            ))),
+        };
+        match r {
+            Ok(message) => Reply::Ok { message },
+            Err(e) => Reply::Error {
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// Serves the control socket until `down` or a termination signal.
+    pub async fn run(self: Arc<Self>, up_now: bool) -> anyhow::Result<()> {
+        let path = self.cfg.me.control.clone();
+        remove_stale_socket(&path).await.map_err(|e| {
+            anyhow::anyhow!("control socket: {e} (is a daemon for this node already running?)")
+        })?;
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| anyhow::anyhow!("binding control socket {}: {e}", path.display()))?;
+        tracing::info!(
+            "blockrep daemon for resource {} node {} (pid {}), control socket {}",
+            self.cfg.resource,
+            self.cfg.me.name,
+            std::process::id(),
+            path.display()
+        );
+        if up_now {
+            if let Err(e) = self.up().await {
+                let _ = std::fs::remove_file(&path);
+                return Err(anyhow::anyhow!("up: {e}"));
+            }
+        }
+        let mut stop = self.stop.subscribe();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: taking the resource down");
+                    let _ = self.down().await;
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: taking the resource down");
+                    let _ = self.down().await;
+                    break;
+                }
+                a = listener.accept() => match a {
+                    Ok((s, _)) => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.serve_control(s).await });
+                    }
+                    Err(e) => tracing::warn!("control accept: {e}"),
+                },
+            }
+        }
+        // Give the connection that asked for `down` a moment to receive its reply.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let _ = std::fs::remove_file(&path);
+        tracing::info!("daemon exits");
+        Ok(())
+    }
+
+    async fn serve_control(&self, s: UnixStream) {
+        let (rd, mut wr) = s.into_split();
+        let mut rd = BufReader::new(rd.take(MAX_LINE as u64 * 64));
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let mut limited = (&mut rd).take(MAX_LINE as u64);
+            match limited.read_until(b'\n', &mut line).await {
+                Ok(0) => return,
+                Ok(_) if !line.ends_with(b"\n") => {
+                    let _ = wr
+                        .write_all(
+                            Reply::Error {
+                                message: "control request too long or unterminated".into(),
+                            }
+                            .to_line()
+                            .as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            let reply = match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => self.handle(req).await,
+                Err(e) => Reply::Error {
+                    message: format!("bad control request: {e}"),
+                },
+            };
+            if wr.write_all(reply.to_line().as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The exported block device: the one place every client write passes through.
+//!
+//! The NBD server calls it; it checks bounds and alignment, drives the backing engine and keeps
+//! the I/O counters. Replication hooks in here so that the NBD layer never knows whether a write
+//! is mirrored.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use proto::control::IoCounters;
+use proto::nbd::{EINVAL, EIO, ENOSPC};
+
+use crate::buf::{Buf, BufPool};
+use crate::engine::{self, Engine, IoOp};
+
+#[derive(Default)]
+pub struct Counters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub trims: AtomicU64,
+    pub zeroes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> IoCounters {
+        IoCounters {
+            reads: self.reads.load(Relaxed),
+            writes: self.writes.load(Relaxed),
+            flushes: self.flushes.load(Relaxed),
+            trims: self.trims.load(Relaxed),
+            zeroes: self.zeroes.load(Relaxed),
+            bytes_read: self.bytes_read.load(Relaxed),
+            bytes_written: self.bytes_written.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
+    }
+}
+
+/// An NBD error number (the spec's values).
+pub type Errno = u32;
+
+pub struct Device {
+    engine: Arc<dyn Engine>,
+    /// Exported bytes; the metadata beyond is never reachable through this type.
+    size: u64,
+    /// Required alignment of offsets and lengths (4096 under O_DIRECT, else 1).
+    align: u64,
+    pub pool: BufPool,
+    pub counters: Counters,
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => ENOSPC,
+        Some(libc::EINVAL) => EINVAL,
+        _ => EIO,
+    }
+}
+
+impl Device {
+    pub fn new(engine: Arc<dyn Engine>, size: u64, direct: bool) -> Self {
+        Device {
+            engine,
+            size,
+            align: if direct { 4096 } else { 1 },
+            pool: BufPool::new(512),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn min_block(&self) -> u32 {
+        self.align as u32
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Checks a range against the export; the error is the spec's for the command.
+    fn check(&self, offset: u64, len: u64, is_write: bool) -> Result<(), Errno> {
+        let end = offset.checked_add(len);
+        if end.is_none_or(|e| e > self.size) {
+            return Err(if is_write { ENOSPC } else { EINVAL });
+        }
+        if !offset.is_multiple_of(self.align) || !len.is_multiple_of(self.align) {
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+
+    fn fail<T>(&self, e: Errno) -> Result<T, Errno> {
+        self.counters.errors.fetch_add(1, Relaxed);
+        Err(e)
+    }
+
+    /// Reads into `buf` (its length is the request length). Returns the buffer either way so it
+    /// can go back to the pool.
+    pub async fn read(&self, offset: u64, buf: Buf) -> (Result<(), Errno>, Buf) {
+        if let Err(e) = self.check(offset, buf.len() as u64, false) {
+            return (self.fail(e), buf);
+        }
+        let len = buf.len() as u64;
+        let d = engine::run(&*self.engine, IoOp::Read { offset }, buf).await;
+        match d.result {
+            Ok(()) => {
+                self.counters.reads.fetch_add(1, Relaxed);
+                self.counters.bytes_read.fetch_add(len, Relaxed);
+                (Ok(()), d.buf)
+            }
+            Err(e) => {
+                tracing::error!("backing read at {offset}+{len} failed: {e}");
+                (self.fail(errno_of(&e)), d.buf)
+            }
+        }
+    }
+
+    pub async fn write(&self, offset: u64, buf: Buf, fua: bool) -> (Result<(), Errno>, Buf) {
+        let len = buf.len() as u64;
+        if let Err(e) = self.check(offset, len, true) {
+            return (self.fail(e), buf);
+        }
+        let d = engine::run(&*self.engine, IoOp::Write { offset, fua }, buf).await;
+        match d.result {
+            Ok(()) => {
+                self.counters.writes.fetch_add(1, Relaxed);
+                self.counters.bytes_written.fetch_add(len, Relaxed);
+                (Ok(()), d.buf)
+            }
+            Err(e) => {
+                tracing::error!("backing write at {offset}+{len} failed: {e}");
+                (self.fail(errno_of(&e)), d.buf)
+            }
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> Result<(), Errno> {
+        self.counters.flushes.fetch_add(1, Relaxed);
+        self.simple(IoOp::Flush).await
+    }
+
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
+        self.check(offset, len, true).or_else(|e| self.fail(e))?;
+        self.counters.trims.fetch_add(1, Relaxed);
+        if len == 0 {
+            return Ok(());
+        }
+        self.simple(IoOp::Discard { offset, len }).await?;
+        if fua {
+            self.simple(IoOp::Flush).await?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range; `may_trim` (no NO_HOLE flag) lets it deallocate.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        self.check(offset, len, true).or_else(|e| self.fail(e))?;
+        self.counters.zeroes.fetch_add(1, Relaxed);
+        if len == 0 {
+            return Ok(());
+        }
+        let op = if may_trim {
+            IoOp::Discard { offset, len }
+        } else {
+            IoOp::Zero { offset, len }
+        };
+        match self.simple(op).await {
+            // A backing device that cannot punch holes still has to read back zeros.
+            Err(_) if may_trim => self.simple(IoOp::Zero { offset, len }).await?,
+            r => r?,
+        }
+        if fua {
+            self.simple(IoOp::Flush).await?;
+        }
+        Ok(())
+    }
+
+    async fn simple(&self, op: IoOp) -> Result<(), Errno> {
+        let d = engine::run(&*self.engine, op, Buf::new(0)).await;
+        match d.result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::error!("backing {op:?} failed: {e}");
+                self.fail(errno_of(&e))
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! blockrep: a block-level replicator. This library is the node: configuration, on-disk
+//! metadata, backing I/O, the NBD export, the control socket and the peer link.
+//!
+//! Layers, from the wire down: `nbd_server` (NBD protocol I/O) → `device` (the write path every
+//! client write passes through) → `engine` (io_uring or pread/pwrite on the backing device).
+//! `meta` is the on-disk metadata, `state` the role logic as pure functions, `resource` and
+//! `daemon` assemble them behind the control socket.
+pub mod buf;
+pub mod config;
+pub mod daemon;
+pub mod device;
+pub mod engine;
+pub mod kernel;
+pub mod meta;
+pub mod nbd_server;
+pub mod resource;
+pub mod state;

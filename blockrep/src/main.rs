@@ -1,0 +1,51 @@
+//! `blockrep`: the node daemon, in the foreground (what a systemd unit runs).
+//! `blockrep-ctl up` starts it in the background when it is not running.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "blockrep",
+    version,
+    about = "blockrep node daemon (one per resource per node)"
+)]
+struct Args {
+    /// The resource's config file (the same file on both nodes).
+    #[arg(short = 'c', long)]
+    config: PathBuf,
+    /// This node's name in the config (default: the host name).
+    #[arg(short = 'n', long)]
+    node: Option<String>,
+    /// Bring the resource up at start.
+    #[arg(long)]
+    up: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let cfg = blockrep::config::Config::load(&args.config, args.node.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("blockrep")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let daemon = blockrep::daemon::Daemon::new(cfg);
+    let r = rt.block_on(daemon.run(args.up));
+    if let Err(e) = &r {
+        tracing::error!("{e:#}");
+    }
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    r
+}

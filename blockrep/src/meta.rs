@@ -1,0 +1,592 @@
+//! On-disk metadata: where the areas lie and the superblock that describes them.
+//!
+//! Internal metadata sits at the tail of the backing device, as DRBD lays it out:
+//! `[data][bitmap][activity log][journal][superblock A][superblock B]`. External metadata is the
+//! same tail layout in its own file, and the data then spans the whole backing device.
+//!
+//! The superblock is written alternately to two 4 KiB slots with an increasing sequence number,
+//! each slot crc32c-protected, so a torn write of one slot always leaves the other one valid.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const BLOCK: u64 = 4096;
+pub const SLOT_LEN: u64 = 4096;
+pub const SUPERBLOCK_AREA: u64 = 2 * SLOT_LEN;
+/// Room for the activity log (issue 4): 256 transactions of 256 bytes.
+pub const AL_AREA: u64 = 64 * 1024;
+/// Smallest data area worth exporting.
+pub const MIN_DATA: u64 = 1 << 20;
+const MAGIC: u64 = 0x6272_6570_6d64_0001; // "brepmd" v1
+const FORMAT_VERSION: u32 = 1;
+
+/// DRBD's "just created" current generation: both sides fresh, nothing written yet.
+pub const UUID_JUST_CREATED: u64 = 4;
+
+#[derive(Debug, Error)]
+pub enum MetaError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: too small: {size} bytes; metadata needs {meta} bytes ({detail}) and the data at \
+         least {MIN_DATA} more, {need} bytes in all"
+    )]
+    TooSmall {
+        path: PathBuf,
+        size: u64,
+        meta: u64,
+        need: u64,
+        detail: String,
+    },
+    #[error("{path}: no blockrep metadata found (run `blockrep-ctl create-md` first)")]
+    NotFound { path: PathBuf },
+    #[error(
+        "{path}: valid blockrep metadata already exists (resource {resource:?}, node {node:?}); \
+         use --force to overwrite it"
+    )]
+    Exists {
+        path: PathBuf,
+        resource: String,
+        node: String,
+    },
+    #[error("{path}: metadata is for resource {found:?} node {found_node:?}, not {resource:?} node {node:?}")]
+    Mismatch {
+        path: PathBuf,
+        found: String,
+        found_node: String,
+        resource: String,
+        node: String,
+    },
+    #[error("{path}: metadata layout does not fit this device ({why})")]
+    Layout { path: PathBuf, why: String },
+}
+
+/// Where each area lies, in bytes from the start of the metadata device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Exported data size, a multiple of 4 KiB.
+    pub data_size: u64,
+    pub bitmap_offset: u64,
+    pub bitmap_len: u64,
+    /// Bytes of data per bitmap bit.
+    pub granularity: u64,
+    pub al_offset: u64,
+    pub al_len: u64,
+    pub journal_offset: u64,
+    pub journal_len: u64,
+    pub sb_offset: u64,
+}
+
+impl Layout {
+    /// Computes the layout. `internal`: metadata shares the backing device of `backing_size`
+    /// bytes; otherwise it lives in its own file and the data spans the backing device.
+    pub fn compute(
+        backing_size: u64,
+        internal: bool,
+        journal_len: u64,
+        granularity: u64,
+    ) -> Result<Self, (u64, String)> {
+        assert!(granularity.is_power_of_two() && granularity >= BLOCK);
+        let journal_len = journal_len.div_ceil(BLOCK) * BLOCK;
+        // The bitmap is sized for the whole backing device: a little oversized when internal,
+        // which keeps the computation a single pass.
+        let bits = backing_size.div_ceil(granularity);
+        let bitmap_len = bits.div_ceil(8).div_ceil(BLOCK).max(1) * BLOCK;
+        let meta = bitmap_len + AL_AREA + journal_len + SUPERBLOCK_AREA;
+        let detail = format!(
+            "bitmap {bitmap_len}, activity log {AL_AREA}, journal {journal_len}, superblocks {SUPERBLOCK_AREA}"
+        );
+        // Internal: the superblock ends at the 4 KiB-aligned end of the device, so it can be
+        // found without knowing the sizes it was created with.
+        let (data_size, base) = if internal {
+            let end = backing_size / BLOCK * BLOCK;
+            if end < meta + MIN_DATA {
+                return Err((meta, detail));
+            }
+            (end - meta, end - meta)
+        } else {
+            let data = backing_size / BLOCK * BLOCK;
+            if data < MIN_DATA {
+                return Err((meta, detail));
+            }
+            (data, 0)
+        };
+        Ok(Layout {
+            data_size,
+            bitmap_offset: base,
+            bitmap_len,
+            granularity,
+            al_offset: base + bitmap_len,
+            al_len: AL_AREA,
+            journal_offset: base + bitmap_len + AL_AREA,
+            journal_len,
+            sb_offset: base + bitmap_len + AL_AREA + journal_len,
+        })
+    }
+
+    /// Bytes the metadata occupies.
+    pub fn meta_len(&self) -> u64 {
+        self.sb_offset + SUPERBLOCK_AREA - self.bitmap_offset
+    }
+}
+
+/// Disk state as DRBD names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskState {
+    Inconsistent,
+    Outdated,
+    UpToDate,
+}
+
+impl DiskState {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskState::Inconsistent => "inconsistent",
+            DiskState::Outdated => "outdated",
+            DiskState::UpToDate => "up-to-date",
+        }
+    }
+}
+
+/// Generation identifiers (DRBD's data generation UUIDs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Generations {
+    /// Identifies the data as it is now.
+    pub current: u64,
+    /// The generation the dirty bitmap counts from (0: bitmap not in use).
+    pub bitmap: u64,
+    /// Earlier current ids, newest first.
+    pub history: [u64; 2],
+}
+
+/// The persistent state of one node of one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Superblock {
+    /// Incremented on every write; picks the newer of the two slots.
+    pub seq: u64,
+    pub resource: String,
+    pub node: String,
+    pub layout: Layout,
+    pub disk: DiskState,
+    pub gen: Generations,
+    /// Whether this node was primary when last written (crash detection).
+    pub was_primary: bool,
+    /// The peer's data is known to be current up to our current generation.
+    pub peer_up_to_date: bool,
+    /// Last replication sequence written to this node's disk (as secondary).
+    pub applied_seq: u64,
+    /// Sequence numbers issued on this node (as primary).
+    pub issued_seq: u64,
+    /// Exported size both peers agreed on (0: never connected).
+    pub agreed_size: u64,
+    pub created_unix: u64,
+}
+
+impl Superblock {
+    /// Encodes into one slot: magic, version, payload length, postcard payload, crc32c.
+    pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        let payload = postcard::to_allocvec(self)?;
+        let mut slot = Vec::with_capacity(SLOT_LEN as usize);
+        slot.extend_from_slice(&MAGIC.to_le_bytes());
+        slot.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        slot.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        slot.extend_from_slice(&payload);
+        let crc = crc32c::crc32c(&slot);
+        slot.extend_from_slice(&crc.to_le_bytes());
+        assert!(
+            slot.len() <= SLOT_LEN as usize,
+            "superblock outgrew its slot"
+        );
+        slot.resize(SLOT_LEN as usize, 0);
+        Ok(slot)
+    }
+
+    /// Decodes one slot; `None` for anything not a valid, checksummed superblock.
+    pub fn decode(slot: &[u8]) -> Option<Self> {
+        if slot.len() < 20 || u64::from_le_bytes(slot[0..8].try_into().ok()?) != MAGIC {
+            return None;
+        }
+        if u32::from_le_bytes(slot[8..12].try_into().ok()?) != FORMAT_VERSION {
+            return None;
+        }
+        let len = u32::from_le_bytes(slot[12..16].try_into().ok()?) as usize;
+        let end = 16usize.checked_add(len)?;
+        if end + 4 > slot.len() {
+            return None;
+        }
+        let crc = u32::from_le_bytes(slot[end..end + 4].try_into().ok()?);
+        if crc32c::crc32c(&slot[..end]) != crc {
+            return None;
+        }
+        postcard::from_bytes(&slot[16..end]).ok()
+    }
+
+    /// Picks the newer valid slot of the two.
+    pub fn pick(a: Option<Self>, b: Option<Self>) -> Option<Self> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if a.seq >= b.seq { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The metadata device of a node, opened: a handle for superblock and area I/O.
+/// Metadata writes are rare (role changes, generation changes), so they are plain synchronous
+/// writes followed by fdatasync, off the data path.
+pub struct MetaStore {
+    file: File,
+    path: PathBuf,
+    pub sb: Superblock,
+}
+
+fn size_of(file: &File, path: &Path) -> Result<u64, MetaError> {
+    let io = |source| MetaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let md = file.metadata().map_err(io)?;
+    if md.file_type().is_file() {
+        return Ok(md.len());
+    }
+    // Block devices report 0 in metadata; seek to the end instead.
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(std::io::SeekFrom::End(0)).map_err(io)
+}
+
+/// Where the metadata lives and how big the device holding it is.
+fn meta_target(
+    backing: &Path,
+    external: Option<&Path>,
+    create: bool,
+) -> Result<(File, PathBuf, u64), MetaError> {
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |source| MetaError::Io { path: p, source }
+    };
+    let bf = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(backing)
+        .map_err(io(backing))?;
+    let backing_size = size_of(&bf, backing)?;
+    match external {
+        None => Ok((bf, backing.to_owned(), backing_size)),
+        Some(p) => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(p)
+                .map_err(io(p))?;
+            Ok((f, p.to_owned(), backing_size))
+        }
+    }
+}
+
+impl MetaStore {
+    /// Reads the newest valid superblock; `Ok(None)` when there is none.
+    fn read_sb(file: &File, path: &Path, sb_offset: u64) -> Result<Option<Superblock>, MetaError> {
+        let mut buf = vec![0u8; SUPERBLOCK_AREA as usize];
+        match file.read_exact_at(&mut buf, sb_offset) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(source) => {
+                return Err(MetaError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+        let (a, b) = buf.split_at(SLOT_LEN as usize);
+        Ok(Superblock::pick(
+            Superblock::decode(a),
+            Superblock::decode(b),
+        ))
+    }
+
+    /// `create-md`: writes fresh metadata. Refuses to overwrite valid metadata without `force`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        backing: &Path,
+        external: Option<&Path>,
+        resource: &str,
+        node: &str,
+        journal_len: u64,
+        granularity: u64,
+        force: bool,
+    ) -> Result<Superblock, MetaError> {
+        let (file, path, backing_size) = meta_target(backing, external, true)?;
+        let layout = Layout::compute(backing_size, external.is_none(), journal_len, granularity)
+            .map_err(|(meta, detail)| MetaError::TooSmall {
+                path: backing.to_owned(),
+                size: backing_size,
+                meta,
+                need: meta + MIN_DATA,
+                detail,
+            })?;
+        if !force {
+            let meta_size = size_of(&file, &path)? / BLOCK * BLOCK;
+            let old = if meta_size >= SUPERBLOCK_AREA {
+                Self::read_sb(&file, &path, meta_size - SUPERBLOCK_AREA)?
+            } else {
+                None
+            };
+            if let Some(old) = old {
+                return Err(MetaError::Exists {
+                    path,
+                    resource: old.resource,
+                    node: old.node,
+                });
+            }
+        }
+        let io = |source| MetaError::Io {
+            path: path.clone(),
+            source,
+        };
+        if external.is_some() {
+            file.set_len(layout.meta_len()).map_err(io)?;
+        }
+        // Clear bitmap and activity log: a fresh device has nothing out of sync.
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = layout.bitmap_offset;
+        while off < layout.journal_offset {
+            let n = (layout.journal_offset - off).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], off).map_err(io)?;
+            off += n as u64;
+        }
+        let sb = Superblock {
+            seq: 1,
+            resource: resource.to_owned(),
+            node: node.to_owned(),
+            layout,
+            disk: DiskState::Inconsistent,
+            gen: Generations {
+                current: UUID_JUST_CREATED,
+                ..Default::default()
+            },
+            was_primary: false,
+            peer_up_to_date: false,
+            applied_seq: 0,
+            issued_seq: 0,
+            agreed_size: 0,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let mut store = MetaStore { file, path, sb };
+        // Write both slots so no stale superblock of an older format survives.
+        store.write_slot(0)?;
+        store.write_slot(1)?;
+        Ok(store.sb)
+    }
+
+    /// Opens existing metadata and checks that it belongs to this resource and node.
+    pub fn open(
+        backing: &Path,
+        external: Option<&Path>,
+        resource: &str,
+        node: &str,
+    ) -> Result<Self, MetaError> {
+        let (file, path, backing_size) = meta_target(backing, external, false)?;
+        // The superblock area is the last 8 KiB of the 4 KiB-aligned metadata device.
+        let meta_size = size_of(&file, &path)? / BLOCK * BLOCK;
+        let sb = if meta_size >= SUPERBLOCK_AREA {
+            Self::read_sb(&file, &path, meta_size - SUPERBLOCK_AREA)?
+        } else {
+            None
+        };
+        let sb = sb.ok_or(MetaError::NotFound { path: path.clone() })?;
+        if sb.resource != resource || sb.node != node {
+            return Err(MetaError::Mismatch {
+                path,
+                found: sb.resource,
+                found_node: sb.node,
+                resource: resource.to_owned(),
+                node: node.to_owned(),
+            });
+        }
+        let l = sb.layout;
+        let data_end_ok = if external.is_none() {
+            l.data_size <= l.bitmap_offset
+        } else {
+            l.data_size <= backing_size
+        };
+        if !data_end_ok || l.sb_offset + SUPERBLOCK_AREA > size_of(&file, &path)? {
+            return Err(MetaError::Layout {
+                path,
+                why: format!(
+                    "recorded data size {} and superblock at {} on a device of {} bytes",
+                    l.data_size, l.sb_offset, backing_size
+                ),
+            });
+        }
+        Ok(MetaStore { file, path, sb })
+    }
+
+    fn write_slot(&mut self, slot: u64) -> Result<(), MetaError> {
+        let io = |source| MetaError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes = self.sb.encode().map_err(|e| MetaError::Layout {
+            path: self.path.clone(),
+            why: format!("cannot encode superblock: {e}"),
+        })?;
+        self.file
+            .write_all_at(&bytes, self.sb.layout.sb_offset + slot * SLOT_LEN)
+            .map_err(io)?;
+        self.file.sync_data().map_err(io)
+    }
+
+    /// Persists the superblock (after the caller changed `sb`): the next sequence number, into
+    /// the slot not holding the current copy, then fdatasync.
+    pub fn commit(&mut self) -> Result<(), MetaError> {
+        self.sb.seq += 1;
+        let slot = self.sb.seq % 2;
+        self.write_slot(slot)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The metadata device's file, for area I/O (bitmap, activity log, journal).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb() -> Superblock {
+        Superblock {
+            seq: 7,
+            resource: "r0".into(),
+            node: "alpha".into(),
+            layout: Layout::compute(1 << 30, true, 64 << 20, 4096).unwrap(),
+            disk: DiskState::UpToDate,
+            gen: Generations {
+                current: 0xabc,
+                bitmap: 0,
+                history: [1, 2],
+            },
+            was_primary: true,
+            peer_up_to_date: false,
+            applied_seq: 5,
+            issued_seq: 9,
+            agreed_size: 0,
+            created_unix: 1,
+        }
+    }
+
+    #[test]
+    fn layout_internal_fits_and_is_ordered() {
+        let size = 1u64 << 30;
+        let l = Layout::compute(size, true, 64 << 20, 4096).unwrap();
+        assert_eq!(l.data_size % BLOCK, 0);
+        assert!(l.data_size <= l.bitmap_offset);
+        assert!(l.bitmap_offset + l.bitmap_len <= l.al_offset);
+        assert!(l.al_offset + l.al_len <= l.journal_offset);
+        assert!(l.journal_offset + l.journal_len <= l.sb_offset);
+        assert!(l.sb_offset + SUPERBLOCK_AREA <= size);
+        // One bit per 4 KiB of the device.
+        assert!(l.bitmap_len * 8 * 4096 >= size);
+        for g in [4096u64, 65536, 1 << 20] {
+            let l = Layout::compute(size + 12345, true, 1 << 20, g).unwrap();
+            assert!(l.sb_offset + SUPERBLOCK_AREA <= size + 12345);
+            assert!(l.bitmap_len * 8 * g >= l.data_size);
+        }
+    }
+
+    #[test]
+    fn layout_too_small_reports_numbers() {
+        let (meta, detail) = Layout::compute(8 << 20, true, 64 << 20, 4096).unwrap_err();
+        assert!(meta > 64 << 20);
+        assert!(detail.contains("journal"));
+        let l = Layout::compute(8 << 20, false, 64 << 20, 4096).unwrap();
+        assert_eq!(l.data_size, 8 << 20);
+        assert_eq!(l.bitmap_offset, 0);
+    }
+
+    #[test]
+    fn superblock_round_trip_and_corruption() {
+        let s = sb();
+        let slot = s.encode().unwrap();
+        assert_eq!(slot.len(), SLOT_LEN as usize);
+        assert_eq!(Superblock::decode(&slot).unwrap(), s);
+        // Every single-byte corruption of the used part is rejected.
+        let used = 16 + postcard::to_allocvec(&s).unwrap().len() + 4;
+        for i in 0..used {
+            let mut bad = slot.clone();
+            bad[i] ^= 0x40;
+            assert!(Superblock::decode(&bad).is_none(), "byte {i}");
+        }
+        assert!(Superblock::decode(&slot[..10]).is_none());
+        // A huge length field does not panic.
+        let mut bad = slot.clone();
+        bad[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Superblock::decode(&bad).is_none());
+    }
+
+    #[test]
+    fn pick_prefers_newer_valid_slot() {
+        let a = sb();
+        let mut b = sb();
+        b.seq = 8;
+        assert_eq!(
+            Superblock::pick(Some(a.clone()), Some(b.clone()))
+                .unwrap()
+                .seq,
+            8
+        );
+        assert_eq!(Superblock::pick(Some(a.clone()), None).unwrap().seq, 7);
+        assert_eq!(Superblock::pick(None, Some(b)).unwrap().seq, 8);
+        assert!(Superblock::pick(None, None).is_none());
+    }
+
+    #[test]
+    fn create_open_commit_on_a_file() {
+        let dir = std::env::temp_dir().join(format!("brmeta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        let f = File::create(&img).unwrap();
+        f.set_len(32 << 20).unwrap();
+        let sb = MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap();
+        assert_eq!(sb.disk, DiskState::Inconsistent);
+        let e = MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap_err();
+        assert!(matches!(e, MetaError::Exists { .. }), "{e}");
+        let mut m = MetaStore::open(&img, None, "r0", "alpha").unwrap();
+        m.sb.disk = DiskState::UpToDate;
+        m.commit().unwrap();
+        m.sb.applied_seq = 42;
+        m.commit().unwrap();
+        let m = MetaStore::open(&img, None, "r0", "alpha").unwrap();
+        assert_eq!(m.sb.applied_seq, 42);
+        assert_eq!(m.sb.disk, DiskState::UpToDate);
+        // Wrong node is refused.
+        assert!(matches!(
+            MetaStore::open(&img, None, "r0", "beta"),
+            Err(MetaError::Mismatch { .. })
+        ));
+        // Too small, with numbers.
+        let small = dir.join("s.img");
+        File::create(&small).unwrap().set_len(1 << 20).unwrap();
+        let e = MetaStore::create(&small, None, "r0", "alpha", 1 << 20, 4096, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1048576 bytes"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

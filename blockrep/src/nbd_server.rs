@@ -1,0 +1,500 @@
+//! The NBD export: the handshake and the pipelined transmission phase over TCP, Unix sockets
+//! or the kernel's socketpair.
+//!
+//! Per connection, a reader parses requests and starts each one as its own task (bounded by a
+//! request count and a byte budget); a writer sends replies in completion order, batching them
+//! into as few socket writes as the queue allows. A malformed request closes only that
+//! connection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use proto::nbd::{self, Command, Request};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::buf::Buf;
+use crate::device::Device;
+
+/// Requests in flight per connection.
+pub const MAX_INFLIGHT: usize = 256;
+/// Payload bytes in flight per connection, in 4 KiB units (64 MiB).
+const BYTE_UNITS: usize = 16 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the export offers and whether it is open to new clients.
+pub struct Export {
+    pub name: String,
+    pub device: Arc<Device>,
+    /// `Some(reason)` while the node must not serve I/O (secondary, going down).
+    refuse: RwLock<Option<String>>,
+    clients: AtomicU64,
+    idle: Notify,
+    /// Bumped to make every connection stop reading and close after its in-flight requests.
+    kick: watch::Sender<u64>,
+}
+
+impl Export {
+    pub fn new(name: String, device: Arc<Device>, refuse: Option<String>) -> Arc<Self> {
+        Arc::new(Export {
+            name,
+            device,
+            refuse: RwLock::new(refuse),
+            clients: AtomicU64::new(0),
+            idle: Notify::new(),
+            kick: watch::channel(0).0,
+        })
+    }
+
+    pub fn transmission_flags(&self) -> u16 {
+        // Flush is an fdatasync of the whole backing device after the completed writes of every
+        // connection, so its semantics hold across connections: multi-conn is safe.
+        nbd::TFLAG_HAS_FLAGS
+            | nbd::TFLAG_SEND_FLUSH
+            | nbd::TFLAG_SEND_FUA
+            | nbd::TFLAG_SEND_TRIM
+            | nbd::TFLAG_SEND_WRITE_ZEROES
+            | nbd::TFLAG_CAN_MULTI_CONN
+    }
+
+    pub fn set_refuse(&self, reason: Option<String>) {
+        if let Ok(mut r) = self.refuse.write() {
+            *r = reason;
+        }
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.refuse.read().ok().and_then(|r| r.clone())
+    }
+
+    pub fn clients(&self) -> u64 {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection after its in-flight requests, and waits (bounded) until they are
+    /// gone. Returns how many were still open at the deadline.
+    pub async fn disconnect_all(&self, deadline: Duration) -> u64 {
+        self.kick.send_modify(|k| *k += 1);
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let n = self.clients();
+            if n == 0 {
+                return 0;
+            }
+            let notified = self.idle.notified();
+            if tokio::time::timeout_at(end, notified).await.is_err() {
+                return self.clients();
+            }
+        }
+    }
+}
+
+/// Options negotiated in the handshake.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Negotiated {
+    pub structured: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Proto(#[from] nbd::NbdError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Serves one client connection from the handshake to the end.
+pub async fn serve<S>(stream: S, export: Arc<Export>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let neg =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &export)).await {
+            Ok(Ok(Some(n))) => n,
+            Ok(Ok(None)) => return,
+            Ok(Err(ConnError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::debug!("nbd {peer}: closed during handshake");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("nbd {peer}: handshake failed, closing: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("nbd {peer}: handshake timed out, closing");
+                return;
+            }
+        };
+    tracing::info!(
+        "nbd {peer}: client attached to export {} (structured replies: {})",
+        export.name,
+        neg.structured
+    );
+    transmission(rd, wr, export, neg, peer).await;
+}
+
+async fn read_u32<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).await?;
+    Ok(u32::from_be_bytes(b))
+}
+
+/// The fixed newstyle handshake. `Ok(None)`: the client ended it without entering transmission.
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    export: &Export,
+) -> Result<Option<Negotiated>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    nbd::encode_greeting(&mut out);
+    wr.write_all(&out).await?;
+    wr.flush().await?;
+    let no_zeroes = nbd::parse_client_flags(read_u32(rd).await?)?;
+    let mut neg = Negotiated::default();
+    let mut data = Vec::new();
+    loop {
+        let mut h = [0u8; nbd::OPTION_HEADER_LEN];
+        rd.read_exact(&mut h).await?;
+        let (opt, len) = nbd::parse_option_header(&h)?;
+        data.resize(len as usize, 0);
+        rd.read_exact(&mut data).await?;
+        out.clear();
+        let name_ok = |name: &str| name.is_empty() || name == export.name;
+        match opt {
+            nbd::OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data);
+                if !name_ok(&name) {
+                    return Err(ConnError::Refused(format!(
+                        "EXPORT_NAME {name:?}: no such export (this node exports {:?})",
+                        export.name
+                    )));
+                }
+                if let Some(why) = export.refused() {
+                    return Err(ConnError::Refused(why));
+                }
+                let size = export.device.size();
+                nbd::encode_export_name_reply(
+                    &mut out,
+                    size,
+                    export.transmission_flags(),
+                    no_zeroes,
+                );
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                return Ok(Some(neg));
+            }
+            nbd::OPT_ABORT => {
+                nbd::encode_option_reply(&mut out, opt, nbd::REP_ACK, &[]);
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                return Ok(None);
+            }
+            nbd::OPT_LIST => {
+                if len != 0 {
+                    nbd::encode_option_reply(
+                        &mut out,
+                        opt,
+                        nbd::REP_ERR_INVALID,
+                        b"LIST takes no data",
+                    );
+                } else {
+                    nbd::encode_rep_server(&mut out, &export.name);
+                    nbd::encode_option_reply(&mut out, opt, nbd::REP_ACK, &[]);
+                }
+            }
+            nbd::OPT_STRUCTURED_REPLY => {
+                if len != 0 {
+                    nbd::encode_option_reply(
+                        &mut out,
+                        opt,
+                        nbd::REP_ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    );
+                } else {
+                    neg.structured = true;
+                    nbd::encode_option_reply(&mut out, opt, nbd::REP_ACK, &[]);
+                }
+            }
+            nbd::OPT_INFO | nbd::OPT_GO => match nbd::parse_info_request(opt, &data) {
+                Err(e) => {
+                    nbd::encode_option_reply(
+                        &mut out,
+                        opt,
+                        nbd::REP_ERR_INVALID,
+                        e.to_string().as_bytes(),
+                    );
+                }
+                Ok(req) if !name_ok(&req.name) => {
+                    let msg = format!(
+                        "no export named {:?} (this node exports {:?})",
+                        req.name, export.name
+                    );
+                    nbd::encode_option_reply(&mut out, opt, nbd::REP_ERR_UNKNOWN, msg.as_bytes());
+                }
+                Ok(req) => {
+                    if let Some(why) = export.refused() {
+                        nbd::encode_option_reply(
+                            &mut out,
+                            opt,
+                            nbd::REP_ERR_POLICY,
+                            why.as_bytes(),
+                        );
+                        wr.write_all(&out).await?;
+                        wr.flush().await?;
+                        if opt == nbd::OPT_GO {
+                            return Err(ConnError::Refused(why));
+                        }
+                        continue;
+                    }
+                    let size = export.device.size();
+                    nbd::encode_info_export(&mut out, opt, size, export.transmission_flags());
+                    if req.requests.contains(&nbd::INFO_NAME) {
+                        nbd::encode_info_text(&mut out, opt, nbd::INFO_NAME, &export.name);
+                    }
+                    if req.requests.contains(&nbd::INFO_DESCRIPTION) {
+                        nbd::encode_info_text(
+                            &mut out,
+                            opt,
+                            nbd::INFO_DESCRIPTION,
+                            "blockrep replicated device",
+                        );
+                    }
+                    nbd::encode_info_block_size(
+                        &mut out,
+                        opt,
+                        export.device.min_block(),
+                        4096,
+                        nbd::MAX_REQUEST_LEN,
+                    );
+                    nbd::encode_option_reply(&mut out, opt, nbd::REP_ACK, &[]);
+                    if opt == nbd::OPT_GO {
+                        wr.write_all(&out).await?;
+                        wr.flush().await?;
+                        return Ok(Some(neg));
+                    }
+                }
+            },
+            _ => {
+                nbd::encode_option_reply(&mut out, opt, nbd::REP_ERR_UNSUP, &[]);
+            }
+        }
+        wr.write_all(&out).await?;
+        wr.flush().await?;
+    }
+}
+
+/// One finished request on its way to the writer.
+struct Reply {
+    cookie: u64,
+    error: u32,
+    /// Read data (with its offset, for structured replies).
+    data: Option<(u64, Buf)>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Serves the transmission phase on an already negotiated stream: after [`serve`]'s handshake,
+/// or directly on the kernel's socket, which does no handshake.
+pub async fn transmission<R, W>(
+    mut rd: R,
+    wr: W,
+    export: Arc<Export>,
+    neg: Negotiated,
+    peer: String,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    export.clients.fetch_add(1, Ordering::SeqCst);
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
+    let writer = tokio::spawn(write_replies(wr, rx, export.clone(), neg));
+    let count = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let bytes = Arc::new(Semaphore::new(BYTE_UNITS));
+    let mut kick = export.kick.subscribe();
+    let device = export.device.clone();
+
+    let reason = loop {
+        let mut h = [0u8; nbd::REQUEST_HEADER_LEN];
+        tokio::select! {
+            biased;
+            _ = kick.changed() => break "disconnected by the node".to_string(),
+            _ = tx.closed() => break "reply writer stopped".to_string(),
+            r = rd.read_exact(&mut h) => {
+                if let Err(e) = r {
+                    break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        "client closed the connection".to_string()
+                    } else {
+                        format!("read error: {e}")
+                    };
+                }
+            }
+        }
+        let req = match Request::parse(&h) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("nbd {peer}: malformed request, closing connection: {e}");
+                break format!("malformed request: {e}");
+            }
+        };
+        if req.command == Command::Disc {
+            break "client sent DISC".to_string();
+        }
+        let payload = if req.command == Command::Write {
+            req.length
+        } else {
+            0
+        };
+        let buf_len = match req.command {
+            Command::Write => req.length,
+            Command::Read if req.length <= nbd::MAX_REQUEST_LEN => req.length,
+            _ => 0,
+        };
+        let units = (buf_len as usize).div_ceil(4096).max(1) as u32;
+        let (Ok(p1), Ok(p2)) = (
+            count.clone().acquire_owned().await,
+            bytes.clone().acquire_many_owned(units).await,
+        ) else {
+            break "semaphore closed".to_string();
+        };
+        let permits = (p1, p2);
+        let mut buf = device.pool.get(buf_len as usize);
+        if payload > 0 {
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                break format!("client closed mid-payload: {e}");
+            }
+        }
+        let tx = tx.clone();
+        let device = device.clone();
+        tokio::spawn(async move {
+            let (error, data) = execute(&device, req, buf).await;
+            let _ = tx
+                .send(Reply {
+                    cookie: req.cookie,
+                    error,
+                    data,
+                    _permits: permits,
+                })
+                .await;
+        });
+    };
+    tracing::info!("nbd {peer}: connection ends: {reason}");
+    drop(tx);
+    // The writer ends once every in-flight request has been answered.
+    if let Ok(mut wr) = writer.await {
+        let _ = wr.shutdown().await;
+    }
+    if export.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
+        export.idle.notify_waiters();
+    }
+}
+
+/// Runs one request against the device. Returns the NBD error and, for reads, the data.
+async fn execute(device: &Device, req: Request, buf: Buf) -> (u32, Option<(u64, Buf)>) {
+    let fua = req.flags & nbd::CMD_FLAG_FUA != 0;
+    match req.command {
+        Command::Read => {
+            if req.length > nbd::MAX_REQUEST_LEN {
+                return (nbd::EINVAL, None);
+            }
+            let (r, buf) = device.read(req.offset, buf).await;
+            match r {
+                Ok(()) => (0, Some((req.offset, buf))),
+                Err(e) => {
+                    device.pool.put(buf);
+                    (e, None)
+                }
+            }
+        }
+        Command::Write => {
+            let (r, buf) = device.write(req.offset, buf, fua).await;
+            device.pool.put(buf);
+            (r.err().unwrap_or(0), None)
+        }
+        Command::Flush => (device.flush().await.err().unwrap_or(0), None),
+        Command::Trim => (
+            device
+                .trim(req.offset, u64::from(req.length), fua)
+                .await
+                .err()
+                .unwrap_or(0),
+            None,
+        ),
+        Command::WriteZeroes => {
+            let may_trim = req.flags & nbd::CMD_FLAG_NO_HOLE == 0;
+            (
+                device
+                    .write_zeroes(req.offset, u64::from(req.length), may_trim, fua)
+                    .await
+                    .err()
+                    .unwrap_or(0),
+                None,
+            )
+        }
+        // CACHE, BLOCK_STATUS (no meta context is ever negotiated) and unknown commands.
+        _ => (nbd::EINVAL, None),
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+    export: Arc<Export>,
+    neg: Negotiated,
+) -> BufWriter<W> {
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let mut hdr = Vec::with_capacity(64);
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            hdr.clear();
+            match (&r.data, neg.structured) {
+                (Some((off, data)), true) => {
+                    nbd::encode_structured_read_header(&mut hdr, r.cookie, *off, data.len() as u32)
+                }
+                (Some(_), false) => nbd::encode_simple_reply(&mut hdr, r.cookie, 0),
+                (None, true) if r.error != 0 => nbd::encode_structured_error(
+                    &mut hdr,
+                    r.cookie,
+                    r.error,
+                    match r.error {
+                        nbd::ENOSPC => "request past the end of the export",
+                        nbd::EINVAL => "invalid request",
+                        _ => "I/O error on the backing device",
+                    },
+                ),
+                (None, true) => nbd::encode_structured_done(&mut hdr, r.cookie),
+                (None, false) => nbd::encode_simple_reply(&mut hdr, r.cookie, r.error),
+            }
+            let mut res = wr.write_all(&hdr).await;
+            if let (Ok(()), Some((_, data))) = (&res, &r.data) {
+                res = wr.write_all(data).await;
+            }
+            if let Some((_, data)) = r.data {
+                export.device.pool.put(data);
+            }
+            if let Err(e) = res {
+                tracing::warn!("nbd: reply write failed: {e}");
+                break 'outer;
+            }
+            next = rx.try_recv().ok();
+        }
+        // Nothing more queued right now: push the batch out.
+        if let Err(e) = wr.flush().await {
+            tracing::warn!("nbd: reply flush failed: {e}");
+            break;
+        }
+    }
+    // Dropping the receiver makes the reader stop; drain what is left so permits are released.
+    rx.close();
+    while rx.recv().await.is_some() {}
+    wr
+}

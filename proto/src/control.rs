@@ -1,0 +1,140 @@
+//! The control protocol between `blockrep-ctl` and a node's daemon: one JSON object per line on a
+//! Unix socket. JSON rather than postcard because admins debug it with `socat`, and the status
+//! object is the stable machine-readable interface (`status --json`).
+
+use serde::{Deserialize, Serialize};
+
+/// Longest control line accepted, so a confused client cannot make the daemon buffer forever.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Bring the resource up: open backing device, check metadata, open the export.
+    Up,
+    /// Drain, flush, close, and stop the daemon.
+    Down,
+    Status,
+    Primary {
+        force: bool,
+    },
+    Secondary {
+        force: bool,
+    },
+    Connect {
+        discard_my_data: bool,
+    },
+    Disconnect,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Reply {
+    Ok { message: String },
+    Error { message: String },
+    Status { status: Box<Status> },
+}
+
+/// I/O counters of the NBD export.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IoCounters {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub trims: u64,
+    pub zeroes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+/// Replication state, present when the resource names a peer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub peer: String,
+    pub connection: String,
+    pub peer_role: String,
+    pub peer_disk: String,
+    pub protocol: String,
+    /// Highest sequence number assigned to a write on this node.
+    pub seq_written: u64,
+    /// Highest sequence number sent to the peer.
+    pub seq_sent: u64,
+    /// Highest sequence number the peer has acknowledged receiving.
+    pub seq_received: u64,
+    /// Highest sequence number the peer has written to its backing device.
+    pub seq_applied: u64,
+    pub lag_writes: u64,
+    pub lag_bytes: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub crc_errors: u64,
+    pub auth_failures: u64,
+    pub journal_used: u64,
+    pub journal_size: u64,
+    /// Bytes the peer is known to lack (dirty bitmap), when the journal could not hold them.
+    pub out_of_sync: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub resource: String,
+    pub node: String,
+    pub pid: u32,
+    pub up: bool,
+    pub role: String,
+    pub disk: String,
+    pub export: String,
+    pub size: u64,
+    pub engine: String,
+    pub kernel_device: Option<String>,
+    pub kernel_note: Option<String>,
+    pub clients: u64,
+    pub io: IoCounters,
+    pub replication: Option<PeerStatus>,
+}
+
+impl Request {
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+impl Reply {
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_else(|e| {
+            format!("{{\"result\":\"error\",\"message\":\"cannot encode reply: {e}\"}}")
+        });
+        s.push('\n');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for r in [
+            Request::Up,
+            Request::Primary { force: true },
+            Request::Connect {
+                discard_my_data: false,
+            },
+        ] {
+            let line = r.to_line();
+            assert!(line.ends_with('\n'));
+            let back: Request = serde_json::from_str(line.trim_end()).unwrap();
+            assert_eq!(back, r);
+        }
+        let rep = Reply::Status {
+            status: Box::default(),
+        };
+        let back: Reply = serde_json::from_str(rep.to_line().trim_end()).unwrap();
+        assert_eq!(back, rep);
+    }
+}

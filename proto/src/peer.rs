@@ -1,0 +1,1 @@
+//! The peer replication link: framing, messages, authentication (issue 3).

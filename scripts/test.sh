@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, builds, and runs every test of the workspace
+# (unit tests of the codecs, metadata and state machine; end-to-end tests with real daemons, real
+# NBD clients and real filesystems). Run as root: the filesystem tests use losetup and mount.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+echo "test: building (debug)"
+cargo build --workspace --all-targets
+echo "test: running all tests"
+exec cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"

@@ -1,0 +1,671 @@
+//! A resource's config, backing files and daemons ("nodes"), driven through `blockrep-ctl`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cmd::{run, run_ok, run_quiet, CmdOutput};
+use crate::guards::ChildGuard;
+use crate::nbd_raw::RawNbd;
+use crate::proc::{kill9, pid_alive, pids_with_arg, wait_pid_gone};
+use crate::testdir::{free_port, TestDir};
+use crate::CMD_TIMEOUT;
+
+/// Directory holding the `blockrep` and `blockrep-ctl` binaries: `$BLOCKREP_BIN_DIR` if set,
+/// else `target/debug` (or `target/release`) of the workspace. The harness never builds
+/// them: run `cargo build -p blockrep -p blockrep-ctl` first.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BLOCKREP_BIN_DIR") {
+        let d = PathBuf::from(d);
+        assert!(
+            d.join("blockrep-ctl").is_file() && d.join("blockrep").is_file(),
+            "BLOCKREP_BIN_DIR={} does not hold blockrep and blockrep-ctl",
+            d.display()
+        );
+        return d;
+    }
+    let mut roots = Vec::new();
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        roots.push(PathBuf::from(t));
+    }
+    roots.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    for r in &roots {
+        for profile in ["debug", "release"] {
+            let d = r.join(profile);
+            if d.join("blockrep-ctl").is_file() && d.join("blockrep").is_file() {
+                return d.canonicalize().unwrap_or(d);
+            }
+        }
+    }
+    panic!(
+        "blockrep binaries not found under {:?}: run `cargo build -p blockrep -p blockrep-ctl` \
+         first (or set BLOCKREP_BIN_DIR)",
+        roots
+    );
+}
+
+/// Where a node exports its device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Export {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Export {
+    /// The value of the `export` config key (also what `status --json` reports).
+    pub fn config_value(&self) -> String {
+        match self {
+            Export::Tcp(a) => a.to_string(),
+            Export::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    /// The NBD URI of export `name` (for nbdinfo, nbdcopy, nbdfuse, qemu-io).
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            Export::Tcp(a) => format!("nbd://{a}/{name}"),
+            Export::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+        }
+    }
+}
+
+/// TCP (`127.0.0.1:PORT`) or unix socket (`unix:DIR/NODE.nbd`) exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    Tcp,
+    Unix,
+}
+
+/// Builds a [`Cluster`]: see [`Cluster::builder`].
+pub struct ClusterBuilder {
+    test: String,
+    nodes: usize,
+    backing_size: u64,
+    export: ExportKind,
+    protocol: String,
+    io_engine: String,
+    direct_io: bool,
+    journal_size: String,
+    bitmap_granularity: String,
+    external_meta: bool,
+    kernel_device: Option<String>,
+    resource_lines: Vec<String>,
+    node_lines: Vec<(String, String)>,
+    create_backing: bool,
+}
+
+pub(crate) fn toml_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+const NODE_NAMES: [&str; 2] = ["alpha", "beta"];
+
+impl ClusterBuilder {
+    /// Number of nodes: 1 (alpha) or 2 (alpha, beta). Default 1.
+    pub fn nodes(mut self, n: usize) -> Self {
+        assert!((1..=2).contains(&n), "1 or 2 nodes");
+        self.nodes = n;
+        self
+    }
+    /// Size of each backing file (sparse, made with `truncate`). Default 256 MiB.
+    pub fn backing_size(mut self, bytes: u64) -> Self {
+        self.backing_size = bytes;
+        self
+    }
+    /// Do not create backing files (for "missing backing file" tests).
+    pub fn no_backing_files(mut self) -> Self {
+        self.create_backing = false;
+        self
+    }
+    pub fn export(mut self, kind: ExportKind) -> Self {
+        self.export = kind;
+        self
+    }
+    /// Replication protocol: "A", "B" or "C" (default "C"); any string is written as is.
+    pub fn protocol(mut self, p: &str) -> Self {
+        self.protocol = p.to_string();
+        self
+    }
+    /// `io-engine` (default "auto").
+    pub fn io_engine(mut self, e: &str) -> Self {
+        self.io_engine = e.to_string();
+        self
+    }
+    pub fn direct_io(mut self, on: bool) -> Self {
+        self.direct_io = on;
+        self
+    }
+    /// `journal-size` (default "64M").
+    pub fn journal_size(mut self, s: &str) -> Self {
+        self.journal_size = s.to_string();
+        self
+    }
+    /// `bitmap-granularity` (default "4K").
+    pub fn bitmap_granularity(mut self, s: &str) -> Self {
+        self.bitmap_granularity = s.to_string();
+        self
+    }
+    /// `meta = "DIR/NODE.meta"` instead of "internal".
+    pub fn external_meta(mut self) -> Self {
+        self.external_meta = true;
+        self
+    }
+    /// `kernel-device` of node alpha.
+    pub fn kernel_device(mut self, dev: &str) -> Self {
+        self.kernel_device = Some(dev.to_string());
+        self
+    }
+    /// An extra raw TOML line in `[resource]`.
+    pub fn resource_line(mut self, line: &str) -> Self {
+        self.resource_lines.push(line.to_string());
+        self
+    }
+    /// An extra raw TOML line in `[node.NODE]`.
+    pub fn node_line(mut self, node: &str, line: &str) -> Self {
+        self.node_lines.push((node.to_string(), line.to_string()));
+        self
+    }
+
+    /// Creates the test directory, backing files and config file. Starts nothing.
+    pub fn build(self) -> Cluster {
+        let dir = TestDir::new(&self.test);
+        let resource = format!("r-{}", dir.tag());
+        let config = dir.join("blockrep.toml");
+        let bin = bin_dir();
+        let mut nodes = Vec::new();
+        let mut text = String::new();
+        text.push_str("[resource]\n");
+        text.push_str(&format!("name = {}\n", toml_str(&resource)));
+        text.push_str(&format!("protocol = {}\n", toml_str(&self.protocol)));
+        text.push_str(&format!("secret = {}\n", toml_str("e2e-shared-secret")));
+        text.push_str(&format!("io-engine = {}\n", toml_str(&self.io_engine)));
+        text.push_str(&format!("direct-io = {}\n", self.direct_io));
+        text.push_str(&format!(
+            "journal-size = {}\n",
+            toml_str(&self.journal_size)
+        ));
+        text.push_str(&format!(
+            "bitmap-granularity = {}\n",
+            toml_str(&self.bitmap_granularity)
+        ));
+        for l in &self.resource_lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        for name in NODE_NAMES.iter().take(self.nodes) {
+            let backing = dir.join(format!("{name}.img"));
+            if self.create_backing {
+                run_ok(
+                    Command::new("truncate")
+                        .arg("-s")
+                        .arg(self.backing_size.to_string())
+                        .arg(&backing),
+                    CMD_TIMEOUT,
+                );
+            }
+            let export = match self.export {
+                ExportKind::Tcp => Export::Tcp(SocketAddr::from(([127, 0, 0, 1], free_port()))),
+                ExportKind::Unix => Export::Unix(dir.join(format!("{name}.nbd"))),
+            };
+            let control = dir.join(format!("{name}.ctl"));
+            let log = dir.join(format!("{name}.log"));
+            let replication = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            text.push_str(&format!("\n[node.{name}]\n"));
+            text.push_str(&format!(
+                "backing = {}\n",
+                toml_str(&backing.to_string_lossy())
+            ));
+            if self.external_meta {
+                let meta = dir.join(format!("{name}.meta"));
+                text.push_str(&format!("meta = {}\n", toml_str(&meta.to_string_lossy())));
+            } else {
+                text.push_str("meta = \"internal\"\n");
+            }
+            text.push_str(&format!(
+                "replication = {}\n",
+                toml_str(&replication.to_string())
+            ));
+            text.push_str(&format!("export = {}\n", toml_str(&export.config_value())));
+            text.push_str(&format!(
+                "control = {}\n",
+                toml_str(&control.to_string_lossy())
+            ));
+            text.push_str(&format!(
+                "log-file = {}\n",
+                toml_str(&log.to_string_lossy())
+            ));
+            if *name == "alpha" {
+                if let Some(k) = &self.kernel_device {
+                    text.push_str(&format!("kernel-device = {}\n", toml_str(k)));
+                }
+            }
+            for (n, l) in &self.node_lines {
+                if n == name {
+                    text.push_str(l);
+                    text.push('\n');
+                }
+            }
+            nodes.push(Node {
+                name: name.to_string(),
+                config: config.clone(),
+                resource: resource.clone(),
+                export,
+                control,
+                backing,
+                replication,
+                log,
+                bin: bin.clone(),
+                pids: Mutex::new(Vec::new()),
+                up_attempted: AtomicBool::new(false),
+            });
+        }
+        std::fs::write(&config, &text)
+            .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        Cluster {
+            nodes,
+            resource,
+            config,
+            dir,
+        }
+    }
+}
+
+/// One resource: its config file, backing files and 1–2 nodes. Dropping it stops every
+/// daemon (see [`Node`]) and then removes the test directory.
+pub struct Cluster {
+    // Field order matters: nodes (daemons) go before the directory is removed.
+    nodes: Vec<Node>,
+    resource: String,
+    config: PathBuf,
+    dir: TestDir,
+}
+
+impl Cluster {
+    /// A builder for test `test_name` (used for the directory and resource names).
+    /// Defaults: 1 node, 256 MiB backing, TCP export, protocol C.
+    pub fn builder(test_name: &str) -> ClusterBuilder {
+        ClusterBuilder {
+            test: test_name.to_string(),
+            nodes: 1,
+            backing_size: 256 << 20,
+            export: ExportKind::Tcp,
+            protocol: "C".into(),
+            io_engine: "auto".into(),
+            direct_io: false,
+            journal_size: "64M".into(),
+            bitmap_granularity: "4K".into(),
+            external_meta: false,
+            kernel_device: None,
+            resource_lines: Vec::new(),
+            node_lines: Vec::new(),
+            create_backing: true,
+        }
+    }
+
+    /// One node, `create-md`, `up`, `primary --force`: a ready NBD export.
+    pub fn single_primary(test_name: &str) -> Cluster {
+        let c = Self::builder(test_name).build();
+        c.alpha().make_primary();
+        c
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+    pub fn alpha(&self) -> &Node {
+        &self.nodes[0]
+    }
+    pub fn beta(&self) -> &Node {
+        self.nodes.get(1).expect("cluster has no beta node")
+    }
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+    /// The resource (and NBD export) name.
+    pub fn resource(&self) -> &str {
+        &self.resource
+    }
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
+    }
+    /// Replaces the config file (for config-error tests).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+    }
+    pub fn dir(&self) -> &TestDir {
+        &self.dir
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Nodes first (each runs `down` and kills what it started), then any straggler that
+        // was started with this test's config (e.g. a daemon whose pid we never learnt).
+        for n in self.nodes.drain(..) {
+            drop(n);
+        }
+        let cfg = self.config.to_string_lossy().into_owned();
+        for pid in pids_with_arg(&cfg) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.starts_with("blockrep") {
+                eprintln!("cleanup: killing straggler {} (pid {pid})", comm.trim());
+                kill9(pid);
+            }
+        }
+    }
+}
+
+/// One node of a [`Cluster`]: runs `blockrep-ctl -c CONFIG -n NAME ...`.
+///
+/// Every daemon pid seen in `status --json` is remembered. On drop (also on panic) the node
+/// runs `blockrep-ctl down` (at most 15 s), then SIGKILLs any remembered pid still alive, and
+/// if the test is failing, prints the tail of the daemon's log.
+pub struct Node {
+    name: String,
+    config: PathBuf,
+    resource: String,
+    export: Export,
+    control: PathBuf,
+    backing: PathBuf,
+    replication: SocketAddr,
+    log: PathBuf,
+    bin: PathBuf,
+    pids: Mutex<Vec<u32>>,
+    up_attempted: AtomicBool,
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn resource(&self) -> &str {
+        &self.resource
+    }
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+    pub fn export(&self) -> &Export {
+        &self.export
+    }
+    /// The NBD URI of this node's export.
+    pub fn uri(&self) -> String {
+        self.export.uri(&self.resource)
+    }
+    pub fn control_path(&self) -> &Path {
+        &self.control
+    }
+    pub fn backing_path(&self) -> &Path {
+        &self.backing
+    }
+    pub fn replication_addr(&self) -> SocketAddr {
+        self.replication
+    }
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+    pub fn ctl_path(&self) -> PathBuf {
+        self.bin.join("blockrep-ctl")
+    }
+    pub fn daemon_path(&self) -> PathBuf {
+        self.bin.join("blockrep")
+    }
+
+    fn ctl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.ctl_path());
+        c.arg("-c").arg(&self.config).arg("-n").arg(&self.name);
+        c.args(args);
+        // `up` starts the daemon: make sure it can find the matching binary.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![self.bin.clone()];
+        paths.extend(std::env::split_paths(&path));
+        c.env("PATH", std::env::join_paths(paths).expect("PATH"));
+        c
+    }
+
+    /// `blockrep-ctl -c CONFIG -n NAME ARGS...` (20 s bound); never panics on failure.
+    pub fn ctl(&self, args: &[&str]) -> CmdOutput {
+        self.ctl_timeout(args, CMD_TIMEOUT)
+    }
+
+    /// [`Self::ctl`] with an explicit time bound.
+    pub fn ctl_timeout(&self, args: &[&str], timeout: Duration) -> CmdOutput {
+        let is_up = args.first() == Some(&"up");
+        if is_up {
+            self.up_attempted.store(true, Ordering::SeqCst);
+        }
+        let out = run(&mut self.ctl_command(args), timeout);
+        if is_up && out.success() {
+            self.remember_pid_quiet();
+        }
+        out
+    }
+
+    /// [`Self::ctl`], panicking (with output and the daemon log tail) unless it exits 0.
+    pub fn ctl_ok(&self, args: &[&str]) -> CmdOutput {
+        let out = self.ctl(args);
+        assert!(
+            out.success(),
+            "blockrep-ctl failed:\n{}\n--- {} log tail ---\n{}",
+            out.describe(),
+            self.name,
+            self.log_tail(40)
+        );
+        out
+    }
+
+    /// `status --json` parsed; panics if the command fails or prints invalid JSON.
+    pub fn status_json(&self) -> Value {
+        let out = self.ctl_ok(&["status", "--json"]);
+        let v: Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "status --json printed invalid JSON ({e}):\n{}",
+                out.describe()
+            )
+        });
+        if v["up"] == true || v["running"] == true {
+            if let Some(pid) = v["pid"].as_u64() {
+                self.remember_pid(pid as u32);
+            }
+        }
+        v
+    }
+
+    fn remember_pid(&self, pid: u32) {
+        // A stopped node reports pid 0; never remember it (kill(0) means our process group).
+        if pid == 0 || pid == std::process::id() {
+            return;
+        }
+        let mut g = self.pids.lock().unwrap();
+        if !g.contains(&pid) {
+            g.push(pid);
+        }
+    }
+
+    fn remember_pid_quiet(&self) {
+        if let Some(out) = run_quiet(
+            &mut self.ctl_command(&["status", "--json"]),
+            Duration::from_secs(10),
+        ) {
+            if let Ok(v) = serde_json::from_str::<Value>(out.stdout.trim()) {
+                if let Some(pid) = v["pid"].as_u64() {
+                    self.remember_pid(pid as u32);
+                }
+            }
+        }
+    }
+
+    /// The most recently seen daemon pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.pids.lock().unwrap().last().copied()
+    }
+
+    /// Every daemon pid seen so far.
+    pub fn pids(&self) -> Vec<u32> {
+        self.pids.lock().unwrap().clone()
+    }
+
+    /// Panics (with the log tail) unless the current daemon pid is alive.
+    pub fn assert_alive(&self) {
+        let pid = self
+            .pid()
+            .expect("no daemon pid known: was the node brought up?");
+        assert!(
+            pid_alive(pid),
+            "daemon of {} (pid {pid}) is not running\n--- log tail ---\n{}",
+            self.name,
+            self.log_tail(60)
+        );
+    }
+
+    /// SIGKILLs every daemon pid seen (for fault tests).
+    pub fn kill9(&self) {
+        for pid in self.pids() {
+            kill9(pid);
+        }
+    }
+
+    pub fn create_md(&self) {
+        self.ctl_ok(&["create-md"]);
+    }
+
+    /// `up`, then checks that the daemon reports itself up and remembers its pid.
+    pub fn up(&self) {
+        self.ctl_ok(&["up"]);
+        let st = self.status_json();
+        assert_eq!(st["up"], Value::Bool(true), "status after up: {st}");
+        assert!(
+            st["pid"].as_u64().is_some(),
+            "status --json has no pid: {st}"
+        );
+    }
+
+    pub fn down(&self) {
+        self.ctl_ok(&["down"]);
+    }
+
+    pub fn primary_force(&self) {
+        self.ctl_ok(&["primary", "--force"]);
+    }
+
+    /// `create-md`, `up`, `primary --force`.
+    pub fn make_primary(&self) {
+        self.create_md();
+        self.up();
+        self.primary_force();
+        let st = self.status_json();
+        assert_eq!(st["role"], "primary", "status after primary --force: {st}");
+    }
+
+    /// `size` from `status --json`.
+    pub fn size(&self) -> u64 {
+        let st = self.status_json();
+        st["size"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status --json has no numeric size: {st}"))
+    }
+
+    /// A raw NBD connection that completed NBD_OPT_GO.
+    pub fn raw_open(&self) -> RawNbd {
+        RawNbd::open(&self.export, &self.resource)
+    }
+
+    /// The daemon in the foreground (`blockrep -c CONFIG -n NAME [--up]`), its stdout and
+    /// stderr appended to `DIR/NAME.fg.log`. Killed on drop of the guard.
+    pub fn spawn_foreground(&self, up: bool) -> ChildGuard {
+        let mut c = Command::new(self.daemon_path());
+        c.arg("-c").arg(&self.config).arg("-n").arg(&self.name);
+        if up {
+            c.arg("--up");
+            self.up_attempted.store(true, Ordering::SeqCst);
+        }
+        let g = ChildGuard::spawn(&mut c, Some(&self.log.with_extension("fg.log")));
+        self.remember_pid(g.pid());
+        g
+    }
+
+    /// The last `n` lines of the daemon log (and of a foreground run's output, if any).
+    pub fn log_tail(&self, n: usize) -> String {
+        let mut s = String::new();
+        for p in [self.log.clone(), self.log.with_extension("fg.log")] {
+            if let Ok(b) = std::fs::read(&p) {
+                let text = String::from_utf8_lossy(&b);
+                let lines: Vec<&str> = text.lines().collect();
+                let from = lines.len().saturating_sub(n);
+                s.push_str(&format!(
+                    "[{}]\n{}\n",
+                    p.display(),
+                    lines[from..].join("\n")
+                ));
+            }
+        }
+        if s.is_empty() {
+            s.push_str("(no log)");
+        }
+        s
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if self.up_attempted.load(Ordering::SeqCst) || !self.pids().is_empty() {
+            match run_quiet(&mut self.ctl_command(&["down"]), Duration::from_secs(15)) {
+                Some(o) if !o.success() && panicking => {
+                    eprintln!("cleanup: down of {} failed:\n{}", self.name, o.describe())
+                }
+                _ => {}
+            }
+        }
+        for pid in self.pids() {
+            if pid_alive(pid) && !wait_pid_gone(pid, Duration::from_secs(3)) {
+                eprintln!(
+                    "cleanup: daemon of {} (pid {pid}) still alive after down; SIGKILL",
+                    self.name
+                );
+                kill9(pid);
+                wait_pid_gone(pid, Duration::from_secs(5));
+            }
+        }
+        if panicking {
+            eprintln!(
+                "--- {} daemon log tail ---\n{}",
+                self.name,
+                self.log_tail(80)
+            );
+        }
+    }
+}
+
+impl Cluster {
+    /// Live `blockrep*` processes (daemons, or a ctl that forked itself into one) whose
+    /// command line names this cluster's config file. Call it while no ctl command runs.
+    pub fn daemon_processes(&self) -> Vec<u32> {
+        pids_with_arg(&self.config.to_string_lossy())
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.starts_with("blockrep"))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,460 @@
+//! RAII guards for the client side: background processes, nbdfuse mounts, loop devices and
+//! filesystem mounts.
+//!
+//! Each guard can be released explicitly (`close`, which panics if the release fails: the
+//! test wants to know) or implicitly on drop (which never panics and falls back to lazy
+//! unmounts and SIGKILL). Structs holding several guards declare them in teardown order,
+//! since Rust drops fields in declaration order.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cmd::{run, run_ok, run_quiet};
+use crate::proc::{kill9, wait_for};
+use crate::{CMD_TIMEOUT, LONG_TIMEOUT};
+
+/// A background process, SIGKILLed (by its pid) and reaped on drop.
+pub struct ChildGuard {
+    child: Option<Child>,
+    what: String,
+    log: Option<PathBuf>,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdin from /dev/null and stdout+stderr appended to `log` (or
+    /// discarded when `None`), so a chatty process never blocks on a full pipe.
+    pub fn spawn(cmd: &mut Command, log: Option<&Path>) -> Self {
+        let what = format!("{cmd:?}");
+        cmd.stdin(Stdio::null());
+        match log {
+            Some(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+                cmd.stdout(f.try_clone().expect("dup log fd")).stderr(f);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Self {
+            child: Some(child),
+            what,
+            log: log.map(Path::to_path_buf),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Whether the process is still running (reaps it if it exited).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// What the process logged so far (empty without a log file).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; returns whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let Some(c) = self.child.as_mut() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.child = None;
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.what
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `nbdfuse MOUNTPOINT URI` running in the background: the export appears as the file
+/// `MOUNTPOINT/nbd`. Dropping it runs `fusermount3 -u` and reaps (or kills) nbdfuse.
+pub struct NbdFuseMount {
+    mountpoint: PathBuf,
+    proc: ChildGuard,
+    mounted: bool,
+}
+
+impl NbdFuseMount {
+    /// Starts nbdfuse and waits (up to 10 s) for `MOUNTPOINT/nbd` to appear. Panics with
+    /// nbdfuse's output if it exits first.
+    pub fn start(mountpoint: &Path, uri: &str) -> Self {
+        std::fs::create_dir_all(mountpoint)
+            .unwrap_or_else(|e| panic!("mkdir {}: {e}", mountpoint.display()));
+        let log = mountpoint.with_extension("nbdfuse.log");
+        let _ = std::fs::remove_file(&log);
+        let proc = ChildGuard::spawn(Command::new("nbdfuse").arg(mountpoint).arg(uri), Some(&log));
+        let mut me = Self {
+            mountpoint: mountpoint.to_path_buf(),
+            proc,
+            mounted: true,
+        };
+        let file = me.file();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
+                return me;
+            }
+            if !me.proc.running() {
+                me.mounted = false;
+                panic!(
+                    "nbdfuse {} {uri} exited before {} appeared:\n{}",
+                    mountpoint.display(),
+                    file.display(),
+                    me.proc.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "nbdfuse {} {uri}: {} did not appear within 10 s:\n{}",
+                    mountpoint.display(),
+                    file.display(),
+                    me.proc.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The file exposing the export.
+    pub fn file(&self) -> PathBuf {
+        self.mountpoint.join("nbd")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        if !self.mounted {
+            return Ok(());
+        }
+        // A loop device that was just detached may hold the file for a moment.
+        let mut last = String::new();
+        let ok = wait_for(Duration::from_secs(10), || {
+            match run_quiet(
+                Command::new("fusermount3").arg("-u").arg(&self.mountpoint),
+                Duration::from_secs(10),
+            ) {
+                Some(o) if o.success() => true,
+                Some(o) => {
+                    last = o.stderr;
+                    std::thread::sleep(Duration::from_millis(100));
+                    false
+                }
+                None => false,
+            }
+        });
+        self.mounted = false;
+        if !ok {
+            let _ = run_quiet(
+                Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&self.mountpoint),
+                Duration::from_secs(10),
+            );
+            self.proc.kill();
+            return Err(format!(
+                "fusermount3 -u {} failed: {last}",
+                self.mountpoint.display()
+            ));
+        }
+        if !self.proc.wait_exit(Duration::from_secs(10)) {
+            let pid = self.proc.pid();
+            self.proc.kill();
+            return Err(format!(
+                "nbdfuse (pid {pid}) did not exit within 10 s of its unmount; killed"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Unmounts and waits for nbdfuse to exit; panics if that fails.
+    pub fn close(mut self) {
+        if let Err(e) = self.release() {
+            panic!("{e}\nnbdfuse log:\n{}", self.proc.log());
+        }
+    }
+}
+
+impl Drop for NbdFuseMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            eprintln!("cleanup: {e}");
+        }
+        kill9(self.proc.pid());
+    }
+}
+
+/// A loop device attached with `losetup --find --show --direct-io=off FILE`, detached on drop.
+pub struct LoopDev {
+    dev: String,
+    attached: bool,
+}
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> Self {
+        // `losetup --find` can race with a concurrent test taking the same free device.
+        let mut last = None;
+        for _ in 0..5 {
+            let out = run(
+                Command::new("losetup")
+                    .args(["--find", "--show", "--direct-io=off"])
+                    .arg(file),
+                CMD_TIMEOUT,
+            );
+            if out.success() {
+                let dev = out.stdout.trim().to_string();
+                assert!(
+                    dev.starts_with("/dev/loop"),
+                    "losetup printed {:?}",
+                    out.stdout
+                );
+                return Self {
+                    dev,
+                    attached: true,
+                };
+            }
+            last = Some(out);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("losetup failed:\n{}", last.expect("tried").describe());
+    }
+
+    /// The device path, e.g. `/dev/loop3`.
+    pub fn dev(&self) -> &str {
+        &self.dev
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        if !self.attached {
+            return Ok(());
+        }
+        self.attached = false;
+        let mut last = String::new();
+        let ok = wait_for(Duration::from_secs(10), || {
+            match run_quiet(
+                Command::new("losetup").arg("-d").arg(&self.dev),
+                Duration::from_secs(10),
+            ) {
+                Some(o) if o.success() => true,
+                Some(o) => {
+                    last = o.stderr;
+                    std::thread::sleep(Duration::from_millis(100));
+                    false
+                }
+                None => false,
+            }
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("losetup -d {} failed: {last}", self.dev))
+        }
+    }
+
+    /// Detaches; panics if that fails.
+    pub fn close(mut self) {
+        if let Err(e) = self.release() {
+            panic!("{e}");
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// A mounted filesystem, unmounted on drop.
+pub struct Mount {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    /// `mount [-o OPTS] DEV DIR` (DIR is created).
+    pub fn new(dev: &str, dir: &Path, opts: Option<&str>) -> Self {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let mut cmd = Command::new("mount");
+        if let Some(o) = opts {
+            cmd.arg("-o").arg(o);
+        }
+        run_ok(cmd.arg(dev).arg(dir), LONG_TIMEOUT);
+        Self {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        if !self.mounted {
+            return Ok(());
+        }
+        self.mounted = false;
+        let mut last = String::new();
+        let ok = wait_for(Duration::from_secs(10), || {
+            match run_quiet(Command::new("umount").arg(&self.dir), LONG_TIMEOUT) {
+                Some(o) if o.success() => true,
+                Some(o) => {
+                    last = o.stderr;
+                    std::thread::sleep(Duration::from_millis(100));
+                    false
+                }
+                None => false,
+            }
+        });
+        if ok {
+            return Ok(());
+        }
+        let _ = run_quiet(
+            Command::new("umount").arg("-l").arg(&self.dir),
+            Duration::from_secs(10),
+        );
+        Err(format!(
+            "umount {} failed (lazily unmounted): {last}",
+            self.dir.display()
+        ))
+    }
+
+    /// Unmounts; panics if that fails.
+    pub fn close(mut self) {
+        if let Err(e) = self.release() {
+            panic!("{e}");
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// The whole client stack on an NBD export: nbdfuse → loop device → (optional) mount.
+/// Fields are declared in teardown order: umount, `losetup -d`, `fusermount3 -u`.
+pub struct FsStack {
+    mount: Option<Mount>,
+    loopdev: Option<LoopDev>,
+    fuse: Option<NbdFuseMount>,
+    mnt_dir: PathBuf,
+}
+
+impl FsStack {
+    /// nbdfuse on `base/fuse-TAG`, a loop device on its file; nothing mounted yet.
+    pub fn attach(base: &Path, tag: &str, uri: &str) -> Self {
+        let fuse = NbdFuseMount::start(&base.join(format!("fuse-{tag}")), uri);
+        let loopdev = LoopDev::attach(&fuse.file());
+        Self {
+            mount: None,
+            loopdev: Some(loopdev),
+            fuse: Some(fuse),
+            mnt_dir: base.join(format!("mnt-{tag}")),
+        }
+    }
+
+    /// The loop device path.
+    pub fn dev(&self) -> &str {
+        self.loopdev.as_ref().expect("loop device attached").dev()
+    }
+
+    /// `mkfs.ext4 -q -F` on the loop device.
+    pub fn mkfs_ext4(&self) {
+        run_ok(
+            Command::new("mkfs.ext4").args(["-q", "-F"]).arg(self.dev()),
+            LONG_TIMEOUT,
+        );
+    }
+
+    /// Mounts the loop device on `base/mnt-TAG`; returns the mount directory.
+    pub fn mount(&mut self) -> PathBuf {
+        assert!(self.mount.is_none(), "already mounted");
+        let dev = self.dev().to_string();
+        self.mount = Some(Mount::new(&dev, &self.mnt_dir, None));
+        self.mnt_dir.clone()
+    }
+
+    /// Unmounts (panics on failure); the loop device and nbdfuse stay.
+    pub fn umount(&mut self) {
+        if let Some(m) = self.mount.take() {
+            m.close();
+        }
+    }
+
+    /// `fsck.ext4 -f -n` on the (unmounted) loop device; panics unless it reports clean.
+    pub fn fsck_clean(&self) {
+        assert!(self.mount.is_none(), "fsck needs the filesystem unmounted");
+        let out = run(
+            Command::new("fsck.ext4").args(["-f", "-n"]).arg(self.dev()),
+            LONG_TIMEOUT,
+        );
+        assert_eq!(
+            out.code,
+            Some(0),
+            "fsck.ext4 -f -n found problems:\n{}",
+            out.describe()
+        );
+    }
+
+    /// Tears everything down in order, panicking on the first failure.
+    pub fn close(mut self) {
+        self.umount();
+        if let Some(l) = self.loopdev.take() {
+            l.close();
+        }
+        if let Some(f) = self.fuse.take() {
+            f.close();
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Per-test directories and port allocation.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::cmd::run_quiet;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique directory under /tmp for one test, removed on drop (also when the test panics).
+///
+/// The path is kept short on purpose: unix socket paths (control sockets, unix exports) must
+/// fit in 108 bytes. Set `BLOCKREP_E2E_KEEP=1` to keep the directories for debugging.
+pub struct TestDir {
+    path: PathBuf,
+    tag: String,
+}
+
+impl TestDir {
+    /// `name` identifies the test; it is sanitised and shortened.
+    pub fn new(name: &str) -> Self {
+        let tag = unique_tag(name);
+        let path = PathBuf::from(format!("/tmp/bre2e-{tag}"));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        Self { path, tag }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.path.join(p)
+    }
+
+    /// The unique tag of this directory (sanitised test name + pid + sequence number); also a
+    /// good unique resource name.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Creates (if needed) and returns a subdirectory.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        p
+    }
+}
+
+/// `name` sanitised to `[a-z0-9-]`, cut to 20 characters, plus pid and a sequence number.
+pub(crate) fn unique_tag(name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s.truncate(20);
+    let s = s.trim_matches('-');
+    let s = if s.is_empty() { "t" } else { s };
+    format!(
+        "{s}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo).
+pub(crate) fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v.dedup();
+    v
+}
+
+/// Loop devices whose backing file lies below `dir`.
+pub(crate) fn loops_below(dir: &Path) -> Vec<String> {
+    let Some(out) = run_quiet(
+        std::process::Command::new("losetup").args(["-l", "-n", "-O", "NAME,BACK-FILE"]),
+        Duration::from_secs(10),
+    ) else {
+        return Vec::new();
+    };
+    out.stdout
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next()?;
+            let back = it.collect::<Vec<_>>().join(" ");
+            Path::new(back.trim_end_matches(" (deleted)"))
+                .starts_with(dir)
+                .then(|| name.to_string())
+        })
+        .collect()
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        // Safety net: a test that leaked a mount or loop device must not make us delete files
+        // through a mounted filesystem, nor leave a device pointing into a deleted directory.
+        for m in mounts_below(&self.path) {
+            eprintln!("cleanup: {} still mounted; lazy unmount", m.display());
+            let _ = run_quiet(
+                std::process::Command::new("umount").arg("-l").arg(&m),
+                Duration::from_secs(10),
+            );
+        }
+        for l in loops_below(&self.path) {
+            eprintln!("cleanup: loop device {l} still attached; detaching");
+            let _ = run_quiet(
+                std::process::Command::new("losetup").arg("-d").arg(&l),
+                Duration::from_secs(10),
+            );
+        }
+        if std::env::var_os("BLOCKREP_E2E_KEEP").is_some() {
+            eprintln!("keeping {}", self.path.display());
+            return;
+        }
+        if !mounts_below(&self.path).is_empty() {
+            eprintln!(
+                "cleanup: mounts remain below {}; not removing it",
+                self.path.display()
+            );
+            return;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("cleanup: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+const PORT_LOCK_DIR: &str = "/tmp/bre2e-ports";
+
+/// A free TCP port on 127.0.0.1 (bind to port 0, read it, close).
+///
+/// A port is handed out at most once per process, and once across concurrently running test
+/// processes (nextest runs each test in its own process): a lock file
+/// `/tmp/bre2e-ports/PORT` holding the owner's pid reserves it; the lock of a dead process is
+/// reclaimed.
+pub fn free_port() -> u16 {
+    let _ = std::fs::create_dir_all(PORT_LOCK_DIR);
+    let me = std::process::id();
+    for _ in 0..1000 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        drop(l);
+        {
+            let mut g = PORTS.lock().unwrap();
+            if !g.get_or_insert_with(HashSet::new).insert(port) {
+                continue;
+            }
+        }
+        let lock = Path::new(PORT_LOCK_DIR).join(port.to_string());
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(mut f) => {
+                use std::io::Write;
+                let _ = write!(f, "{me}");
+                return port;
+            }
+            Err(_) => {
+                let owner = std::fs::read_to_string(&lock)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok());
+                match owner {
+                    Some(pid) if pid != me && crate::proc::pid_alive(pid) => continue,
+                    _ => {
+                        let _ = std::fs::write(&lock, me.to_string());
+                        return port;
+                    }
+                }
+            }
+        }
+    }
+    panic!("no free TCP port found after 1000 attempts");
+}

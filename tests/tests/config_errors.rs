@@ -1,0 +1,314 @@
+//! Config and lifecycle errors of `blockrep-ctl` (issue 2): bad config files are rejected with
+//! an `error:` line naming the file and the key; create-md guards existing metadata; up and
+//! down are idempotent; status works on a stopped node.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use blockrep_e2e::*;
+
+/// The contract: exit code 1 and a line `error: ...` on stderr.
+fn assert_error(out: &CmdOutput) -> String {
+    assert_eq!(
+        out.code,
+        Some(1),
+        "expected exit code 1 (contract)\n{}",
+        out.describe()
+    );
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no `error: ...` line on stderr\n{}", out.describe()));
+    assert!(line.len() > "error:".len() + 3, "empty error: {line:?}");
+    out.stderr.clone()
+}
+
+/// A config error must name the config file and every word of `words` (e.g. the key).
+fn assert_config_error(out: &CmdOutput, config: &Path, words: &[&str]) {
+    let err = assert_error(out);
+    let cfg = config.to_string_lossy();
+    assert!(
+        err.contains(cfg.as_ref()),
+        "error does not name the config file {cfg}\n{}",
+        out.describe()
+    );
+    for w in words {
+        assert!(
+            err.contains(w),
+            "error does not mention {w:?}\n{}",
+            out.describe()
+        );
+    }
+}
+
+/// Runs create-md and up on a broken config: both fail the same way, no daemon is left.
+fn check_broken_config(c: &Cluster, words: &[&str]) {
+    let a = c.alpha();
+    assert_config_error(&a.ctl(&["create-md"]), c.config_path(), words);
+    assert_config_error(&a.ctl(&["up"]), c.config_path(), words);
+    assert!(
+        c.daemon_processes().is_empty(),
+        "a daemon was left running after a config error: {:?}",
+        c.daemon_processes()
+    );
+}
+
+fn edit_config(c: &Cluster, from: &str, to: &str) {
+    let text = c.config_text();
+    assert!(text.contains(from), "config has no {from:?}:\n{text}");
+    c.write_config(&text.replacen(from, to, 1));
+}
+
+#[test]
+fn malformed_toml_is_rejected() {
+    let c = Cluster::builder("cfg-malformed").build();
+    // An unquoted size: not valid TOML.
+    edit_config(&c, "journal-size = \"64M\"", "journal-size = 64M");
+    let line_no = c
+        .config_text()
+        .lines()
+        .position(|l| l.starts_with("journal-size"))
+        .unwrap()
+        + 1;
+    let a = c.alpha();
+    for args in [&["create-md"][..], &["up"][..]] {
+        let out = a.ctl(args);
+        assert_config_error(&out, c.config_path(), &[]);
+        assert!(
+            out.stderr.contains("journal-size") || out.stderr.contains(&format!("line {line_no}")),
+            "error names neither the key nor its line {line_no}\n{}",
+            out.describe()
+        );
+    }
+    assert!(c.daemon_processes().is_empty());
+
+    // Broken structure.
+    edit_config(&c, "[resource]", "[resource");
+    assert_config_error(&a.ctl(&["create-md"]), c.config_path(), &[]);
+}
+
+#[test]
+fn unknown_node_is_rejected() {
+    let c = Cluster::builder("cfg-node").build();
+    let a = c.alpha();
+    for sub in ["create-md", "up", "status"] {
+        let out = run(
+            Command::new(a.ctl_path())
+                .arg("-c")
+                .arg(c.config_path())
+                .args(["-n", "gamma", sub]),
+            CMD_TIMEOUT,
+        );
+        assert_config_error(&out, c.config_path(), &["gamma"]);
+    }
+    assert!(c.daemon_processes().is_empty());
+}
+
+#[test]
+fn missing_key_is_named() {
+    let c = Cluster::builder("cfg-missing").build();
+    let text = c.config_text();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("backing ="))
+        .collect();
+    assert_eq!(kept.len() + 1, text.lines().count());
+    c.write_config(&(kept.join("\n") + "\n"));
+    check_broken_config(&c, &["backing"]);
+}
+
+#[test]
+fn protocol_d_is_rejected() {
+    let c = Cluster::builder("cfg-proto").protocol("D").build();
+    check_broken_config(&c, &["protocol"]);
+}
+
+#[test]
+fn bad_values_are_named() {
+    for (key, from, to) in [
+        (
+            "journal-size",
+            "journal-size = \"64M\"",
+            "journal-size = \"64Q\"",
+        ),
+        (
+            "bitmap-granularity",
+            "bitmap-granularity = \"4K\"",
+            "bitmap-granularity = \"3K\"",
+        ),
+        (
+            "bitmap-granularity",
+            "bitmap-granularity = \"4K\"",
+            "bitmap-granularity = \"2M\"",
+        ),
+        ("io-engine", "io-engine = \"auto\"", "io-engine = \"turbo\""),
+        ("export", "export = \"127.0.0.1:", "export = \"127.0.0.1:x"),
+    ] {
+        let c = Cluster::builder("cfg-values").build();
+        edit_config(&c, from, to);
+        assert_config_error(&c.alpha().ctl(&["create-md"]), c.config_path(), &[key]);
+    }
+}
+
+#[test]
+fn missing_backing_file_fails_create_md() {
+    let c = Cluster::builder("no-backing").no_backing_files().build();
+    let a = c.alpha();
+    assert!(!a.backing_path().exists());
+    let out = a.ctl(&["create-md"]);
+    let err = assert_error(&out);
+    let backing = a.backing_path().to_string_lossy();
+    assert!(
+        err.contains(backing.as_ref()),
+        "error does not name the missing backing file {backing}\n{}",
+        out.describe()
+    );
+    assert!(
+        !a.backing_path().exists(),
+        "create-md created the missing backing file"
+    );
+}
+
+#[test]
+fn create_md_twice_needs_force() {
+    let c = Cluster::builder("create-md-twice").build();
+    let a = c.alpha();
+    a.create_md();
+    let md = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(!md.trim().is_empty(), "dump-md printed nothing");
+    assert_error(&a.ctl(&["create-md"]));
+    assert_eq!(
+        a.ctl_ok(&["dump-md"]).stdout,
+        md,
+        "refused create-md changed the metadata"
+    );
+    a.ctl_ok(&["create-md", "--force"]);
+    a.ctl_ok(&["dump-md"]);
+    // And the result is usable.
+    a.up();
+    a.primary_force();
+    assert!(nbdinfo_size(&a.uri()) > 0);
+}
+
+/// Decimal numbers in `s`.
+fn numbers(s: &str) -> Vec<u64> {
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter(|t| !t.is_empty())
+        .filter_map(|t| t.parse().ok())
+        .collect()
+}
+
+#[test]
+fn backing_too_small_is_refused_with_numbers() {
+    let c = Cluster::builder("too-small").backing_size(64 << 10).build();
+    let a = c.alpha();
+    let out = a.ctl(&["create-md"]);
+    let err = assert_error(&out);
+    let err_line = err.lines().find(|l| l.starts_with("error:")).unwrap();
+    let nums = numbers(err_line);
+    assert!(
+        nums.contains(&65536) || nums.contains(&64),
+        "error does not state the backing size (65536 bytes / 64 KiB): {err_line:?}"
+    );
+    assert!(
+        nums.len() >= 2,
+        "error should state both the size and what is needed: {err_line:?}"
+    );
+}
+
+#[test]
+fn up_twice_is_idempotent() {
+    let c = Cluster::builder("up-twice").build();
+    let a = c.alpha();
+    a.create_md();
+    a.up();
+    let pid = a.pid().unwrap();
+    a.ctl_ok(&["up"]);
+    let st = a.status_json();
+    assert_eq!(
+        st["pid"].as_u64(),
+        Some(pid as u64),
+        "second up replaced the daemon: {st}"
+    );
+    assert_eq!(st["up"], true, "{st}");
+    assert_eq!(st["role"], "secondary", "a node starts secondary: {st}");
+    assert_eq!(
+        c.daemon_processes(),
+        vec![pid],
+        "exactly one daemon for this resource"
+    );
+}
+
+#[test]
+fn down_twice_is_idempotent() {
+    let c = Cluster::builder("down-twice").build();
+    let a = c.alpha();
+    // down on a node that was never up.
+    a.ctl_ok(&["down"]);
+    a.create_md();
+    a.up();
+    a.primary_force();
+    let pid = a.pid().unwrap();
+    a.ctl_ok(&["down"]);
+    assert!(
+        wait_pid_gone(pid, Duration::from_secs(10)),
+        "daemon {pid} still running after down"
+    );
+    a.ctl_ok(&["down"]);
+    assert!(c.daemon_processes().is_empty());
+    // The export is gone with it.
+    let out = run(
+        Command::new("nbdinfo").arg("--size").arg(a.uri()),
+        CMD_TIMEOUT,
+    );
+    assert_ne!(out.code, Some(0), "export still served after down");
+}
+
+#[test]
+fn status_of_a_stopped_node() {
+    let c = Cluster::builder("status-stopped").build();
+    let a = c.alpha();
+    a.create_md();
+    // Before any up, and after down.
+    for phase in ["never started", "after down"] {
+        if phase == "after down" {
+            a.up();
+            a.down();
+        }
+        let out = a.ctl_timeout(&["status"], Duration::from_secs(10));
+        assert!(
+            matches!(out.code, Some(0 | 1)),
+            "{phase}: status exit code\n{}",
+            out.describe()
+        );
+        let all = out.all_output();
+        assert!(
+            all.contains("alpha") || all.contains(&a.control_path().to_string_lossy().into_owned()),
+            "{phase}: status does not mention the node\n{}",
+            out.describe()
+        );
+        assert!(
+            all.to_lowercase().contains("down")
+                || all.to_lowercase().contains("not running")
+                || all.to_lowercase().contains("stopped"),
+            "{phase}: status does not say the node is down\n{}",
+            out.describe()
+        );
+
+        let out = a.ctl_timeout(&["status", "--json"], Duration::from_secs(10));
+        match out.code {
+            Some(0) => {
+                let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+                    .unwrap_or_else(|e| panic!("{phase}: invalid JSON ({e})\n{}", out.describe()));
+                assert_eq!(v["up"], false, "{phase}: {v}");
+                assert_eq!(v["node"], "alpha", "{phase}: {v}");
+            }
+            Some(1) => {
+                assert_error(&out);
+            }
+            _ => panic!("{phase}: status --json exit code\n{}", out.describe()),
+        }
+    }
+}
