@@ -69,6 +69,9 @@ enum Cmd {
 }
 
 fn main() {
+    // Behave like a Unix filter: `blockrep-ctl status | head` ends quietly on a closed pipe.
+    // SAFETY: resetting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
     if let Err(e) = run(args) {
         eprintln!("error: {e:#}");

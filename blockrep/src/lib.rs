@@ -5,11 +5,13 @@
 //! client write passes through) → `engine` (io_uring or pread/pwrite on the backing device).
 //! `meta` is the on-disk metadata, `state` the role logic as pure functions, `resource` and
 //! `daemon` assemble them behind the control socket.
+pub mod bitmap;
 pub mod buf;
 pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod engine;
+pub mod journal;
 pub mod kernel;
 pub mod meta;
 pub mod nbd_server;

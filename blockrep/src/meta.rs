@@ -186,6 +186,11 @@ pub struct Superblock {
     pub issued_seq: u64,
     /// Exported size both peers agreed on (0: never connected).
     pub agreed_size: u64,
+    /// Journal checkpoint: logical position and sequence of the oldest record to keep.
+    pub journal_pos: u64,
+    pub journal_seq: u64,
+    /// The journal overflowed (or was lost): the bitmap, not the journal, says what the peer lacks.
+    pub journal_overflowed: bool,
     pub created_unix: u64,
 }
 
@@ -378,6 +383,9 @@ impl MetaStore {
             applied_seq: 0,
             issued_seq: 0,
             agreed_size: 0,
+            journal_pos: 0,
+            journal_seq: 1,
+            journal_overflowed: false,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -487,6 +495,9 @@ mod tests {
             applied_seq: 5,
             issued_seq: 9,
             agreed_size: 0,
+            journal_pos: 0,
+            journal_seq: 1,
+            journal_overflowed: false,
             created_unix: 1,
         }
     }

@@ -378,7 +378,7 @@ impl Drop for Cluster {
 /// One node of a [`Cluster`]: runs `blockrep-ctl -c CONFIG -n NAME ...`.
 ///
 /// Every daemon pid seen in `status --json` is remembered. On drop (also on panic) the node
-/// runs `blockrep-ctl down` (at most 15 s), then SIGKILLs any remembered pid still alive, and
+/// runs `blockrep-ctl down` (at most 10 s), then SIGKILLs any remembered pid still alive, and
 /// if the test is failing, prints the tail of the daemon's log.
 pub struct Node {
     name: String,
@@ -628,16 +628,26 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         let panicking = std::thread::panicking();
+        let mut down_ok = true;
         if self.up_attempted.load(Ordering::SeqCst) || !self.pids().is_empty() {
-            match run_quiet(&mut self.ctl_command(&["down"]), Duration::from_secs(15)) {
-                Some(o) if !o.success() && panicking => {
-                    eprintln!("cleanup: down of {} failed:\n{}", self.name, o.describe())
+            match run_quiet(&mut self.ctl_command(&["down"]), Duration::from_secs(10)) {
+                Some(o) if o.success() => {}
+                Some(o) => {
+                    down_ok = false;
+                    if panicking {
+                        eprintln!("cleanup: down of {} failed:\n{}", self.name, o.describe());
+                    }
                 }
-                _ => {}
+                None => down_ok = false,
             }
         }
         for pid in self.pids() {
-            if pid_alive(pid) && !wait_pid_gone(pid, Duration::from_secs(3)) {
+            let grace = if down_ok {
+                Duration::from_secs(3)
+            } else {
+                Duration::ZERO
+            };
+            if pid_alive(pid) && !wait_pid_gone(pid, grace) {
                 eprintln!(
                     "cleanup: daemon of {} (pid {pid}) still alive after down; SIGKILL",
                     self.name

@@ -231,6 +231,8 @@ impl Drop for NbdFuseMount {
 /// A loop device attached with `losetup --find --show --direct-io=off FILE`, detached on drop.
 pub struct LoopDev {
     dev: String,
+    /// The backing file as the kernel reports it (`/sys/block/loopN/loop/backing_file`).
+    backing: String,
     attached: bool,
 }
 
@@ -252,8 +254,12 @@ impl LoopDev {
                     "losetup printed {:?}",
                     out.stdout
                 );
+                let backing = std::fs::read_to_string(Self::sys_backing(&dev))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
                 return Self {
                     dev,
+                    backing,
                     attached: true,
                 };
             }
@@ -266,6 +272,19 @@ impl LoopDev {
     /// The device path, e.g. `/dev/loop3`.
     pub fn dev(&self) -> &str {
         &self.dev
+    }
+
+    fn sys_backing(dev: &str) -> PathBuf {
+        let name = dev.trim_start_matches("/dev/");
+        PathBuf::from(format!("/sys/block/{name}/loop/backing_file"))
+    }
+
+    /// Whether the kernel still has this device bound to our backing file (`losetup -d` of
+    /// a device that is still open only schedules the detach; and a freed device may be
+    /// taken at once by a concurrent test, which is why the backing file is compared).
+    pub fn still_bound(&self) -> bool {
+        std::fs::read_to_string(Self::sys_backing(&self.dev))
+            .is_ok_and(|s| !self.backing.is_empty() && s.trim() == self.backing)
     }
 
     fn release(&mut self) -> Result<(), String> {
@@ -288,11 +307,16 @@ impl LoopDev {
                 None => false,
             }
         });
-        if ok {
-            Ok(())
-        } else {
-            Err(format!("losetup -d {} failed: {last}", self.dev))
+        if !ok {
+            return Err(format!("losetup -d {} failed: {last}", self.dev));
         }
+        if !wait_for(Duration::from_secs(10), || !self.still_bound()) {
+            return Err(format!(
+                "{} still bound to {} 10 s after losetup -d (something holds it open)",
+                self.dev, self.backing
+            ));
+        }
+        Ok(())
     }
 
     /// Detaches; panics if that fails.

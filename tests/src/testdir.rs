@@ -160,6 +160,8 @@ const PORT_LOCK_DIR: &str = "/tmp/bre2e-ports";
 pub fn free_port() -> u16 {
     let _ = std::fs::create_dir_all(PORT_LOCK_DIR);
     let me = std::process::id();
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_stale_port_locks);
     for _ in 0..1000 {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = l.local_addr().expect("local_addr").port();
@@ -187,7 +189,9 @@ pub fn free_port() -> u16 {
                     .and_then(|s| s.trim().parse::<u32>().ok());
                 match owner {
                     Some(pid) if pid != me && crate::proc::pid_alive(pid) => continue,
-                    _ => {
+                    // Being created by another process right now.
+                    None => continue,
+                    Some(_) => {
                         let _ = std::fs::write(&lock, me.to_string());
                         return port;
                     }
@@ -196,4 +200,29 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free TCP port found after 1000 attempts");
+}
+
+/// Removes port locks whose owner process is gone (once per process).
+fn sweep_stale_port_locks() {
+    let Ok(rd) = std::fs::read_dir(PORT_LOCK_DIR) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let owner = std::fs::read_to_string(e.path())
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        let stale = match owner {
+            Some(pid) => !crate::proc::pid_alive(pid),
+            // Just created, pid not written yet: only an old empty lock is stale.
+            None => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(60)),
+        };
+        if stale {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }

@@ -153,6 +153,14 @@ fn bad_values_are_named() {
 }
 
 #[test]
+fn unknown_key_is_rejected() {
+    // A misspelt key must not be silently ignored (here: the protocol would stay the default).
+    let c = Cluster::builder("cfg-unknown-key").build();
+    edit_config(&c, "protocol = \"C\"", "protocl = \"A\"");
+    check_broken_config(&c, &["protocl"]);
+}
+
+#[test]
 fn missing_backing_file_fails_create_md() {
     let c = Cluster::builder("no-backing").no_backing_files().build();
     let a = c.alpha();

@@ -88,12 +88,16 @@ fn mounted(dir: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap()))
 }
 
-fn loop_attached(dev: &str) -> bool {
+/// Whether any loop device is bound to a file below `dir` (names are reused at once by
+/// concurrent tests, so the backing file is what identifies our device).
+fn loop_attached_below(dir: &Path) -> bool {
     let out = run_ok(
-        Command::new("losetup").args(["-l", "-n", "-O", "NAME"]),
+        Command::new("losetup").args(["-l", "-n", "-O", "BACK-FILE"]),
         CMD_TIMEOUT,
     );
-    out.stdout.lines().any(|l| l.trim() == dev)
+    out.stdout
+        .lines()
+        .any(|l| Path::new(l.trim()).starts_with(dir))
 }
 
 #[test]
@@ -109,9 +113,11 @@ fn fs_stack_mkfs_mount_fsck() {
     fs.umount();
     assert!(!mounted(&mnt));
     fs.fsck_clean();
-    let dev = fs.dev().to_string();
     fs.close();
-    assert!(!loop_attached(&dev), "{dev} still attached");
+    assert!(
+        !loop_attached_below(dir.path()),
+        "loop device still attached"
+    );
     assert!(!mounted(&dir.join("fuse-a")));
 
     // The data reached the server: mount again through a new stack.
@@ -133,13 +139,16 @@ fn fs_stack_cleans_up_when_the_test_panics() {
         fs.mkfs_ext4();
         let mnt = fs.mount();
         std::fs::write(mnt.join("x"), b"x").unwrap();
-        *info.lock().unwrap() = Some((mnt, fs.dev().to_string()));
+        *info.lock().unwrap() = Some(mnt);
         panic!("deliberate");
     });
     assert!(r.is_err());
-    let (mnt, dev) = info.lock().unwrap().take().unwrap();
+    let mnt = info.lock().unwrap().take().unwrap();
     assert!(!mounted(&mnt), "{} still mounted", mnt.display());
-    assert!(!loop_attached(&dev), "{dev} still attached");
+    assert!(
+        !loop_attached_below(dir.path()),
+        "loop device still attached"
+    );
     assert!(!mounted(&dir.join("fuse-p")), "nbdfuse still mounted");
 }
 

@@ -38,6 +38,22 @@ fn good_client_still_works(c: &Cluster, pid: u32) {
     r.disconnect();
 }
 
+/// `dump-md` once two reads 300 ms apart agree (metadata may be persisted lazily after a
+/// flush; the comparison must only see what the rejected requests could have changed).
+fn settled_dump_md(a: &Node) -> String {
+    let mut prev = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(!prev.trim().is_empty(), "dump-md printed nothing");
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(300));
+        let cur = a.ctl_ok(&["dump-md"]).stdout;
+        if cur == prev {
+            return cur;
+        }
+        prev = cur;
+    }
+    panic!("dump-md kept changing on an idle node:\n{prev}");
+}
+
 fn setup(test: &str) -> (Cluster, u32) {
     let c = Cluster::single_primary(test);
     let pid = c.alpha().pid().expect("pid");
@@ -173,8 +189,7 @@ fn out_of_bounds_requests_get_errors_and_change_nothing() {
     r.write_at(size - 4096, &tail, 0)
         .expect("write the last block");
     r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
-    let md_before = a.ctl_ok(&["dump-md"]).stdout;
-    assert!(!md_before.trim().is_empty(), "dump-md printed nothing");
+    let md_before = settled_dump_md(a);
 
     assert_eq!(r.read_at(size, 4096), Err(EINVAL), "read at the end");
     assert_eq!(
