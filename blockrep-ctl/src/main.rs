@@ -59,6 +59,14 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Connect to the peer (the default after `up`).
+    Connect {
+        /// Become the sync target of the peer, discarding this node's divergent writes.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Drop the peer link and stay standalone until `connect`.
+    Disconnect,
     /// Show the resource's state.
     Status {
         #[arg(long)]
@@ -88,6 +96,8 @@ fn run(args: Args) -> Result<()> {
         Cmd::Down => down(&cfg),
         Cmd::Primary { force } => simple(&cfg, Request::Primary { force }),
         Cmd::Secondary { force } => simple(&cfg, Request::Secondary { force }),
+        Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
+        Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Status { json } => status(&cfg, json),
     }
 }

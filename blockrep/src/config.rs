@@ -83,6 +83,8 @@ pub struct NodeConfig {
     pub backing: PathBuf,
     pub meta: MetaLocation,
     pub replication: Option<SocketAddr>,
+    /// Where the other node dials this one, when not `replication` (a proxy, NAT).
+    pub connect_address: Option<SocketAddr>,
     pub export: ExportAddr,
     pub control: PathBuf,
     pub kernel_device: Option<PathBuf>,
@@ -132,6 +134,7 @@ struct RawNode {
     backing: PathBuf,
     meta: Option<String>,
     replication: Option<String>,
+    connect_address: Option<String>,
     export: String,
     control: PathBuf,
     kernel_device: Option<PathBuf>,
@@ -299,6 +302,15 @@ impl Config {
                     key_err(&k("replication"), format!("{a:?} is not host:port: {e}"))
                 })?),
             };
+            let connect_address = match &n.connect_address {
+                None => None,
+                Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                    key_err(
+                        &k("connect-address"),
+                        format!("{a:?} is not host:port: {e}"),
+                    )
+                })?),
+            };
             let export = if let Some(p) = n.export.strip_prefix("unix:") {
                 if p.is_empty() {
                     return Err(key_err(&k("export"), "empty unix socket path".into()));
@@ -325,6 +337,7 @@ impl Config {
                 backing: n.backing,
                 meta,
                 replication,
+                connect_address,
                 export,
                 control: n.control,
                 kernel_device: n.kernel_device,

@@ -100,10 +100,26 @@ impl Daemon {
                 Ok(r) => r.secondary(force).await,
                 Err(e) => Err(e),
             },
-            Request::Connect { .. } | Request::Disconnect => Err(NodeError::Refused(format!(
-                "resource {} has no peer link on this build",
-                self.cfg.resource
-            ))),
+            Request::Connect { discard_my_data } => match self.resource().await {
+                Ok(_) if self.cfg.peer.is_none() => Err(NodeError::Refused(format!(
+                    "resource {} has no peer configured",
+                    self.cfg.resource
+                ))),
+                Ok(_) if discard_my_data => Err(NodeError::Refused(
+                    "--discard-my-data needs a bitmap resync, which this build does not do yet"
+                        .into(),
+                )),
+                Ok(r) => Ok(r.set_standalone(false)),
+                Err(e) => Err(e),
+            },
+            Request::Disconnect => match self.resource().await {
+                Ok(_) if self.cfg.peer.is_none() => Err(NodeError::Refused(format!(
+                    "resource {} has no peer configured",
+                    self.cfg.resource
+                ))),
+                Ok(r) => Ok(r.set_standalone(true)),
+                Err(e) => Err(e),
+            },
         };
         match r {
             Ok(message) => Reply::Ok { message },

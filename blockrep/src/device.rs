@@ -12,6 +12,7 @@ use proto::nbd::{EINVAL, EIO, ENOSPC};
 
 use crate::buf::{Buf, BufPool};
 use crate::engine::{self, Engine, IoOp};
+use crate::replication::{Record, Replication};
 
 #[derive(Default)]
 pub struct Counters {
@@ -45,6 +46,8 @@ pub type Errno = u32;
 
 pub struct Device {
     engine: Arc<dyn Engine>,
+    /// Set when the resource has a peer: client writes are journaled and mirrored.
+    rep: Option<Arc<Replication>>,
     /// Exported bytes; the metadata beyond is never reachable through this type.
     size: u64,
     /// Required alignment of offsets and lengths (4096 under O_DIRECT, else 1).
@@ -62,9 +65,15 @@ fn errno_of(e: &std::io::Error) -> Errno {
 }
 
 impl Device {
-    pub fn new(engine: Arc<dyn Engine>, size: u64, direct: bool) -> Self {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        rep: Option<Arc<Replication>>,
+        size: u64,
+        direct: bool,
+    ) -> Self {
         Device {
             engine,
+            rep,
             size,
             align: if direct { 4096 } else { 1 },
             pool: BufPool::new(512),
@@ -122,7 +131,34 @@ impl Device {
         }
     }
 
+    /// A client write: journaled and mirrored when the resource has a peer, acknowledged when
+    /// the protocol's condition holds.
     pub async fn write(&self, offset: u64, buf: Buf, fua: bool) -> (Result<(), Errno>, Buf) {
+        let len = buf.len() as u64;
+        if let Err(e) = self.check(offset, len, true) {
+            return (self.fail(e), buf);
+        }
+        let Some(rep) = &self.rep else {
+            return self.local_write(offset, buf, fua).await;
+        };
+        let seq = rep
+            .begin(Record::Write {
+                offset,
+                data: &buf,
+                fua,
+            })
+            .await;
+        let (r, buf) = self.local_write(offset, buf, fua).await;
+        rep.done(seq);
+        if r.is_ok() {
+            rep.wait_peer(seq, fua).await;
+        }
+        (r, buf)
+    }
+
+    /// A write to the backing device only: the secondary's apply path, and the primary's
+    /// local half.
+    pub async fn local_write(&self, offset: u64, buf: Buf, fua: bool) -> (Result<(), Errno>, Buf) {
         let len = buf.len() as u64;
         if let Err(e) = self.check(offset, len, true) {
             return (self.fail(e), buf);
@@ -141,23 +177,75 @@ impl Device {
         }
     }
 
-    /// Makes every completed write durable.
+    /// Zeroes (`trim`: may deallocate) on the backing device only.
+    pub async fn local_zero(&self, offset: u64, len: u64, trim: bool) -> Result<(), Errno> {
+        self.check(offset, len, true).or_else(|e| self.fail(e))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let op = if trim {
+            IoOp::Discard { offset, len }
+        } else {
+            IoOp::Zero { offset, len }
+        };
+        match self.simple(op).await {
+            // A backing device that cannot punch holes still has to read back zeros, so that
+            // both replicas hold the same bytes.
+            Err(_) if trim => self.simple(IoOp::Zero { offset, len }).await,
+            r => r,
+        }
+    }
+
+    /// A client TRIM or WRITE_ZEROES, mirrored like a write. Trim deallocates and reads back
+    /// zeros on both nodes, so the replicas stay byte-identical.
+    async fn zero_range(&self, offset: u64, len: u64, trim: bool, fua: bool) -> Result<(), Errno> {
+        self.check(offset, len, true).or_else(|e| self.fail(e))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let seq = match &self.rep {
+            Some(rep) => Some(rep.begin(Record::Zero { offset, len, trim }).await),
+            None => None,
+        };
+        let mut r = self.local_zero(offset, len, trim).await;
+        if r.is_ok() && fua {
+            r = self.simple(IoOp::Flush).await;
+        }
+        if let (Some(rep), Some(seq)) = (&self.rep, seq) {
+            rep.done(seq);
+            if r.is_ok() {
+                rep.wait_peer(seq, fua).await;
+            }
+        }
+        r
+    }
+
+    /// Makes every completed write durable: locally, in the journal, and under protocol C on
+    /// the peer too. Under A and B the flush travels in the stream, so the peer flushes at the
+    /// same point.
     pub async fn flush(&self) -> Result<(), Errno> {
         self.counters.flushes.fetch_add(1, Relaxed);
+        let Some(rep) = &self.rep else {
+            return self.simple(IoOp::Flush).await;
+        };
+        let seq = rep.begin(Record::Flush).await;
+        self.simple(IoOp::Flush).await?;
+        if let Err(e) = rep.persist(true).await {
+            tracing::error!("journal sync failed: {e}");
+            return self.fail(EIO);
+        }
+        rep.wait_peer(seq, true).await;
+        Ok(())
+    }
+
+    /// fdatasync of the backing device alone (the secondary's barrier).
+    pub async fn local_flush(&self) -> Result<(), Errno> {
         self.simple(IoOp::Flush).await
     }
 
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
-        self.check(offset, len, true).or_else(|e| self.fail(e))?;
         self.counters.trims.fetch_add(1, Relaxed);
-        if len == 0 {
-            return Ok(());
-        }
-        self.simple(IoOp::Discard { offset, len }).await?;
-        if fua {
-            self.simple(IoOp::Flush).await?;
-        }
-        Ok(())
+        self.zero_range(offset, len, true, fua).await
     }
 
     /// Zeroes a range; `may_trim` (no NO_HOLE flag) lets it deallocate.
@@ -168,25 +256,8 @@ impl Device {
         may_trim: bool,
         fua: bool,
     ) -> Result<(), Errno> {
-        self.check(offset, len, true).or_else(|e| self.fail(e))?;
         self.counters.zeroes.fetch_add(1, Relaxed);
-        if len == 0 {
-            return Ok(());
-        }
-        let op = if may_trim {
-            IoOp::Discard { offset, len }
-        } else {
-            IoOp::Zero { offset, len }
-        };
-        match self.simple(op).await {
-            // A backing device that cannot punch holes still has to read back zeros.
-            Err(_) if may_trim => self.simple(IoOp::Zero { offset, len }).await?,
-            r => r?,
-        }
-        if fua {
-            self.simple(IoOp::Flush).await?;
-        }
-        Ok(())
+        self.zero_range(offset, len, may_trim, fua).await
     }
 
     async fn simple(&self, op: IoOp) -> Result<(), Errno> {

@@ -15,5 +15,7 @@ pub mod journal;
 pub mod kernel;
 pub mod meta;
 pub mod nbd_server;
+pub mod peer;
+pub mod replication;
 pub mod resource;
 pub mod state;

@@ -12,10 +12,18 @@ use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 
+use proto::control::PeerStatus;
+use proto::peer::{GenIds, NodeState};
+use tokio::sync::watch;
+
+use crate::bitmap::Bitmap;
 use crate::config::{Config, ExportAddr, MetaLocation};
 use crate::device::Device;
-use crate::meta::{MetaError, MetaStore};
+use crate::journal::Ring;
+use crate::meta::{DiskState, MetaError, MetaStore, Superblock};
 use crate::nbd_server::{self, Export};
+use crate::peer::{LinkCtl, LinkInfo};
+use crate::replication::{MetaAreas, Replication};
 use crate::state::{self, PeerView, Role};
 
 #[derive(Debug, Error)]
@@ -38,8 +46,12 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
 
 pub struct Resource {
     cfg: Config,
-    meta: Mutex<MetaStore>,
+    meta: Arc<Mutex<MetaStore>>,
     device: Arc<Device>,
+    rep: Option<Arc<Replication>>,
+    link_ctl: watch::Sender<LinkCtl>,
+    link_info: Mutex<LinkInfo>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     export: Arc<Export>,
     role: Mutex<Role>,
     listener: JoinHandle<()>,
@@ -82,7 +94,15 @@ impl Resource {
                 cfg.me.name
             );
         }
-        let size = meta.sb.layout.data_size;
+        let size = match meta.sb.agreed_size {
+            0 => meta.sb.layout.data_size,
+            a => a.min(meta.sb.layout.data_size),
+        };
+        let meta = Arc::new(Mutex::new(meta));
+        let rep = match &cfg.peer {
+            None => None,
+            Some(_) => Some(open_replication(cfg, &meta, size).await?),
+        };
         let mut oo = OpenOptions::new();
         oo.read(true).write(true);
         if cfg.direct_io {
@@ -93,7 +113,7 @@ impl Resource {
             .map_err(io_err(format!("opening {}", cfg.me.backing.display())))?;
         let engine = crate::engine::open(Arc::new(file), cfg.io_engine)
             .map_err(io_err("starting the I/O engine"))?;
-        let device = Arc::new(Device::new(engine, size, cfg.direct_io));
+        let device = Arc::new(Device::new(engine, rep.clone(), size, cfg.direct_io));
         let export = Export::new(
             cfg.resource.clone(),
             device.clone(),
@@ -148,6 +168,14 @@ impl Resource {
                 (task, Some(path.clone()))
             }
         };
+        let repl_listener = match (&cfg.peer, cfg.me.replication) {
+            (Some(_), Some(addr)) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(io_err(format!("binding the replication address {addr}")))?,
+            ),
+            _ => None,
+        };
         tracing::info!(
             "resource {} up on node {}: {} bytes exported on {} ({} engine)",
             cfg.resource,
@@ -156,17 +184,230 @@ impl Resource {
             cfg.me.export,
             device.engine_name()
         );
-        Ok(Arc::new(Resource {
+        let res = Arc::new(Resource {
             cfg: cfg.clone(),
-            meta: Mutex::new(meta),
+            meta,
             device,
+            rep: rep.clone(),
+            link_ctl: watch::channel(LinkCtl::default()).0,
+            link_info: Mutex::new(LinkInfo {
+                state: "standalone",
+                ..Default::default()
+            }),
+            tasks: Mutex::new(Vec::new()),
             export,
             role: Mutex::new(Role::Secondary),
             listener,
             unix_path,
             kernel: tokio::sync::Mutex::new(None),
             kernel_note: Mutex::new(None),
-        }))
+        });
+        if let (Some(rep), Some(l)) = (rep, repl_listener) {
+            let link = tokio::spawn(crate::peer::run(res.clone(), l, res.link_ctl.subscribe()));
+            let persister = tokio::spawn(journal_persister(rep));
+            if let Ok(mut t) = res.tasks.lock() {
+                t.push(link);
+                t.push(persister);
+            }
+        }
+        Ok(res)
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    pub fn rep(&self) -> Option<&Arc<Replication>> {
+        self.rep.as_ref()
+    }
+
+    /// Applies `f` to the superblock and persists it (off the async threads).
+    pub async fn commit_meta(
+        &self,
+        f: impl FnOnce(&mut Superblock) + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let meta = self.meta.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut m.sb);
+            m.commit()
+        })
+        .await
+        .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))??;
+        Ok(())
+    }
+
+    /// What this node tells its peer.
+    pub fn node_state(&self) -> NodeState {
+        let (disk, gen) = {
+            let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            (m.sb.disk, m.sb.gen)
+        };
+        let (applied, issued, first, oos) = match &self.rep {
+            Some(r) => {
+                let g = r.lock();
+                (
+                    g.applied,
+                    g.issued,
+                    g.ring.first_seq().unwrap_or(0),
+                    g.bitmap.dirty_bytes(),
+                )
+            }
+            None => (0, 0, 0, 0),
+        };
+        NodeState {
+            primary: self.role() == Role::Primary,
+            disk: match disk {
+                DiskState::Inconsistent => 0,
+                DiskState::Outdated => 1,
+                DiskState::UpToDate => 2,
+            },
+            size: self.device.size(),
+            gen: GenIds {
+                current: gen.current,
+                bitmap: gen.bitmap,
+                history: gen.history,
+            },
+            applied_seq: applied,
+            issued_seq: issued,
+            journal_first_seq: first,
+            out_of_sync: oos,
+        }
+    }
+
+    fn link(&self) -> std::sync::MutexGuard<'_, LinkInfo> {
+        self.link_info.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_link_state(&self, state: &'static str, err: Option<String>) {
+        let mut l = self.link();
+        l.state = state;
+        if err.is_some() {
+            l.last_error = err;
+        }
+        if state == "connected" {
+            l.last_error = None;
+        }
+    }
+
+    pub fn set_link_error(&self, err: String) {
+        self.link().last_error = Some(err);
+    }
+
+    pub fn set_peer(&self, peer: Option<NodeState>) {
+        self.link().peer = peer;
+    }
+
+    /// The connection ended: writes stop waiting for the peer and go to the bitmap.
+    pub fn link_down(&self) {
+        if let Some(r) = &self.rep {
+            r.set_connected(false, 0);
+        }
+        let mut l = self.link();
+        if l.state == "connected" {
+            l.state = "connecting";
+        }
+    }
+
+    fn peer_view(&self) -> PeerView {
+        if self.cfg.peer.is_none() {
+            return PeerView::None;
+        }
+        let l = self.link();
+        match (&l.peer, l.state) {
+            (Some(p), "connected") => PeerView::Connected(if p.primary {
+                Role::Primary
+            } else {
+                Role::Secondary
+            }),
+            _ => PeerView::Unknown,
+        }
+    }
+
+    /// `connect` / `disconnect`.
+    pub fn set_standalone(&self, standalone: bool) -> String {
+        self.link_ctl.send_modify(|c| c.standalone = standalone);
+        if standalone {
+            format!(
+                "{} disconnected from its peer (standalone)",
+                self.cfg.me.name
+            )
+        } else {
+            format!("{} connecting to its peer", self.cfg.me.name)
+        }
+    }
+
+    fn replication_status(&self) -> Option<PeerStatus> {
+        let rep = self.rep.as_ref()?;
+        let peer = self.cfg.peer.as_ref()?;
+        let acks = rep.acks();
+        let (issued, used, size, lag_w, lag_b, oos, overflowed) = rep.numbers();
+        let l = self.link();
+        let connected = l.state == "connected";
+        let (peer_role, peer_disk) = match (&l.peer, connected) {
+            (Some(p), true) => (
+                if p.primary { "primary" } else { "secondary" },
+                if self.role() == Role::Primary {
+                    if lag_w == 0 && !overflowed {
+                        "up-to-date"
+                    } else {
+                        "behind"
+                    }
+                } else {
+                    match p.disk {
+                        2 => "up-to-date",
+                        1 => "outdated",
+                        _ => "inconsistent",
+                    }
+                },
+            ),
+            _ => ("unknown", "unknown"),
+        };
+        let applied = if self.role() == Role::Primary {
+            acks.applied
+        } else {
+            rep.lock().applied
+        };
+        Some(PeerStatus {
+            peer: peer.name.clone(),
+            connection: l.state.into(),
+            peer_role: peer_role.into(),
+            peer_disk: peer_disk.into(),
+            protocol: self.cfg.protocol.to_string(),
+            seq_written: issued,
+            seq_sent: rep
+                .stats
+                .seq_sent
+                .load(std::sync::atomic::Ordering::Relaxed),
+            seq_received: acks.received,
+            seq_applied: applied,
+            lag_writes: lag_w,
+            lag_bytes: lag_b,
+            bytes_sent: rep
+                .stats
+                .bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed),
+            bytes_received: rep
+                .stats
+                .bytes_received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            crc_errors: rep
+                .stats
+                .crc_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            auth_failures: rep
+                .stats
+                .auth_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            journal_used: used,
+            journal_size: size,
+            out_of_sync: oos,
+            last_error: l.last_error.clone(),
+        })
     }
 
     pub fn role(&self) -> Role {
@@ -174,10 +415,7 @@ impl Resource {
     }
 
     fn with_meta<T>(&self, f: impl FnOnce(&mut MetaStore) -> T) -> Result<T, NodeError> {
-        let mut m = self
-            .meta
-            .lock()
-            .map_err(|_| NodeError::Refused("metadata lock poisoned".into()))?;
+        let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         Ok(f(&mut m))
     }
 
@@ -204,7 +442,7 @@ impl Resource {
             kernel_note: self.kernel_note.lock().ok().and_then(|n| n.clone()),
             clients: self.export.clients(),
             io: self.device.counters.snapshot(),
-            replication: None,
+            replication: self.replication_status(),
         }
     }
 
@@ -212,11 +450,7 @@ impl Resource {
         if self.role() == Role::Primary {
             return Ok(format!("{} is already primary", self.cfg.me.name));
         }
-        let peer = if self.cfg.peer.is_some() {
-            PeerView::Unknown
-        } else {
-            PeerView::None
-        };
+        let peer = self.peer_view();
         let new_id = random_id();
         self.with_meta(|m| -> Result<(), NodeError> {
             let p = state::promote(m.sb.disk, m.sb.gen, peer, force, new_id)
@@ -226,10 +460,31 @@ impl Resource {
             m.sb.was_primary = true;
             Ok(m.commit()?)
         })??;
+        if let Some(rep) = &self.rep {
+            // One sequence space per pair: a new primary continues after the highest sequence
+            // its disk holds, whoever issued it.
+            let mut g = rep.lock();
+            let start = g.issued.max(g.applied);
+            if start != g.issued {
+                if !g.ring.is_empty() {
+                    tracing::warn!(
+                        "dropping {} journal records of an earlier primary term",
+                        g.ring.len()
+                    );
+                }
+                g.ring.clear();
+                let head = g.ring.head();
+                g.ring.set_reclaim(head);
+                g.checkpoint = (head, start + 1);
+                g.issued = start;
+            }
+        }
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Primary;
         }
         self.export.set_refuse(None);
+        // Reconnect so the new handshake sets the stream's direction.
+        self.link_ctl.send_modify(|c| c.bump += 1);
         self.attach_kernel().await;
         tracing::info!("{} promoted to primary", self.cfg.me.name);
         Ok(format!("{} is now primary", self.cfg.me.name))
@@ -243,13 +498,19 @@ impl Resource {
         let clients = self.export.clients() - u64::from(kernel_attached);
         state::demote(clients, force).map_err(NodeError::Refused)?;
         self.stop_serving().await?;
+        let issued = self.drain_to_peer().await;
         self.with_meta(|m| {
             m.sb.was_primary = false;
+            if let Some(i) = issued {
+                m.sb.applied_seq = m.sb.applied_seq.max(i);
+                m.sb.issued_seq = i;
+            }
             m.commit()
         })??;
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }
+        self.link_ctl.send_modify(|c| c.bump += 1);
         tracing::info!("{} demoted to secondary", self.cfg.me.name);
         Ok(format!("{} is now secondary", self.cfg.me.name))
     }
@@ -272,7 +533,34 @@ impl Resource {
     /// `down`: stop serving, persist, release the sockets.
     pub async fn down(&self) -> Result<(), NodeError> {
         self.stop_serving().await?;
+        if self.role() == Role::Primary {
+            self.drain_to_peer().await;
+        }
         self.listener.abort();
+        for t in self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default()
+        {
+            t.abort();
+        }
+        if let Some(rep) = &self.rep {
+            rep.set_connected(false, 0);
+            if let Err(e) = rep.persist(true).await {
+                tracing::error!("journal sync at down: {e}");
+            }
+            let (issued, applied) = {
+                let g = rep.lock();
+                (g.issued, g.applied)
+            };
+            self.with_meta(|m| {
+                m.sb.issued_seq = issued;
+                m.sb.applied_seq =
+                    m.sb.applied_seq
+                        .max(applied.min(m.sb.applied_seq.max(applied)));
+            })?;
+        }
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
         }
@@ -289,6 +577,31 @@ impl Resource {
             self.cfg.me.name
         );
         Ok(())
+    }
+
+    /// Before giving up the primary role: waits (bounded) until the peer has everything durably,
+    /// then counts this node's own writes as applied. Returns the last issued sequence.
+    async fn drain_to_peer(&self) -> Option<u64> {
+        let rep = self.rep.as_ref()?;
+        let issued = rep.lock().issued;
+        let mut rx = rep.subscribe_acks();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|a| !a.connected || a.durable >= issued),
+        )
+        .await;
+        let a = rep.acks();
+        if a.connected && a.durable >= issued {
+            tracing::info!("peer has every write up to sequence {issued}");
+        } else if r.is_err() || !a.connected {
+            tracing::warn!(
+                "peer lacks writes after sequence {} of {issued}: they stay in the journal and bitmap",
+                a.durable
+            );
+        }
+        let mut g = rep.lock();
+        g.applied = g.applied.max(issued);
+        Some(issued)
     }
 
     /// Attaches the configured kernel device to a socketpair served by this export. Where the
@@ -367,6 +680,80 @@ impl Resource {
                 Ok(Err(e)) => tracing::warn!("kernel detach of {}: {e}", dev.display()),
                 Err(e) => tracing::warn!("kernel detach task: {e}"),
             }
+        }
+    }
+}
+
+/// Loads the journal (from its checkpoint) and the bitmap from the metadata area.
+async fn open_replication(
+    cfg: &Config,
+    meta: &Arc<Mutex<MetaStore>>,
+    size: u64,
+) -> Result<Arc<Replication>, NodeError> {
+    let meta2 = meta.clone();
+    let protocol = cfg.protocol;
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let m = meta2.lock().unwrap_or_else(|p| p.into_inner());
+        let l = m.sb.layout;
+        let file = m
+            .file()
+            .try_clone()
+            .map_err(io_err("cloning the metadata handle"))?;
+        let mut image = vec![0u8; l.journal_len as usize];
+        file.read_exact_at(&mut image, l.journal_offset)
+            .map_err(io_err("reading the journal"))?;
+        let ring = Ring::recover(image, m.sb.journal_pos, m.sb.journal_seq);
+        let mut bm = vec![0u8; l.bitmap_len as usize];
+        file.read_exact_at(&mut bm, l.bitmap_offset)
+            .map_err(io_err("reading the bitmap"))?;
+        let bitmap = Bitmap::from_bytes(size, l.granularity, &bm);
+        let issued = m
+            .sb
+            .issued_seq
+            .max(ring.last_seq().unwrap_or(0))
+            .max(m.sb.journal_seq.saturating_sub(1));
+        tracing::info!(
+            "journal: {} records recovered (sequences {:?}..{:?}), issued {issued}, applied {}, bitmap {} bytes out of sync{}",
+            ring.len(),
+            ring.first_seq(),
+            ring.last_seq(),
+            m.sb.applied_seq,
+            bitmap.dirty_bytes(),
+            if m.sb.journal_overflowed { ", journal overflowed" } else { "" }
+        );
+        let checkpoint = (m.sb.journal_pos, m.sb.journal_seq);
+        let overflowed = m.sb.journal_overflowed;
+        let applied = m.sb.applied_seq;
+        drop(m);
+        Ok(Replication::new(
+            protocol,
+            meta2,
+            MetaAreas {
+                file: Arc::new(file),
+                layout: l,
+            },
+            ring,
+            issued,
+            applied,
+            checkpoint,
+            bitmap,
+            overflowed,
+        ))
+    })
+    .await
+    .map_err(|e| NodeError::Refused(format!("journal task failed: {e}")))?
+}
+
+/// Writes new journal bytes in the background (no fsync) and checkpoints every second, so the
+/// ring's space is reused even when clients never flush.
+async fn journal_persister(rep: Arc<Replication>) {
+    let mut tick = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tick += 1;
+        if let Err(e) = rep.persist(tick.is_multiple_of(10)).await {
+            tracing::error!("journal write failed: {e}");
         }
     }
 }

@@ -1,0 +1,958 @@
+//! The peer link: one authenticated TCP connection between the two nodes of a resource.
+//!
+//! The node whose name sorts first dials, the other accepts, so both may start in any order
+//! and never race two connections. Every inbound connection is handshaken on its own task, so a
+//! client speaking garbage or holding the socket open cannot delay the real peer.
+//!
+//! Handshake: both send `Hello` (version, resource, node, fresh nonce); both prove the secret
+//! with an HMAC-SHA256 over the other's nonce; both send `State`. Then the primary streams its
+//! journal from the record after the peer's last applied one, and the secondary applies the
+//! stream in order and acknowledges receipt, application and durability.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use proto::peer::{self, Msg, NodeState, PREFIX_LEN};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+use crate::buf::Buf;
+use crate::meta::{DiskState, UUID_JUST_CREATED};
+use crate::replication::Ranges;
+use crate::resource::Resource;
+use crate::state::Role;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// No frame for this long: the peer is dead.
+const PEER_TIMEOUT: Duration = Duration::from_secs(4);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Writes applied concurrently on the secondary.
+const APPLY_WINDOW: usize = 128;
+/// The secondary makes applied writes durable at least this often.
+const DURABLE_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] peer::FrameError),
+    #[error("peer refused: {0}")]
+    PeerRefused(String),
+    #[error("refused peer: {0}")]
+    Refused(String),
+    #[error("authentication failed: the peer does not know the shared secret")]
+    Auth,
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    NeedsResync(String),
+    #[error("link closed: {0}")]
+    Closed(&'static str),
+}
+
+/// What `status` shows about the link.
+#[derive(Debug, Clone, Default)]
+pub struct LinkInfo {
+    pub state: &'static str,
+    pub peer: Option<NodeState>,
+    pub last_error: Option<String>,
+}
+
+/// Admin control of the link: `disconnect` makes it standalone; `bump` forces a reconnect
+/// (after a role change, so the new handshake sets the stream direction).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCtl {
+    pub standalone: bool,
+    pub bump: u64,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(secret: &[u8], input: &[u8]) -> [u8; 32] {
+    let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(input);
+    m.finalize().into_bytes().into()
+}
+
+fn verify(secret: &[u8], input: &[u8], tag: &[u8; 32]) -> bool {
+    let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(input);
+    m.verify_slice(tag).is_ok()
+}
+
+fn nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    if getrandom::getrandom(&mut n).is_err() {
+        // Without an RNG a nonce is still unique per process and time; log it.
+        tracing::error!("no random source; nonce from time and pid");
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        n[..16].copy_from_slice(&t.to_le_bytes());
+        n[16..20].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    n
+}
+
+/// Reads one frame; the payload (writes only) lands in a pooled, aligned buffer.
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    res: &Resource,
+) -> Result<(Msg, Option<Buf>, usize), LinkError> {
+    let mut p = [0u8; PREFIX_LEN];
+    r.read_exact(&mut p).await?;
+    let pre = peer::parse_prefix(&p)?;
+    let mut h = [0u8; peer::MAX_HEADER_LEN];
+    r.read_exact(&mut h[..pre.header_len]).await?;
+    let msg = peer::decode_header(&p, &pre, &h[..pre.header_len])?;
+    let n = PREFIX_LEN + pre.header_len + pre.payload_len as usize;
+    if pre.payload_len == 0 {
+        return Ok((msg, None, n));
+    }
+    let mut buf = res.device().pool.get(pre.payload_len as usize);
+    r.read_exact(&mut buf).await?;
+    if let Err(e) = peer::check_payload(&msg, &buf) {
+        if let Some(rep) = res.rep() {
+            rep.stats
+                .crc_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        res.device().pool.put(buf);
+        return Err(e.into());
+    }
+    Ok((msg, Some(buf), n))
+}
+
+async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<usize, LinkError> {
+    let mut b = Vec::with_capacity(128);
+    let n = peer::encode_frame(&mut b, msg, &[]);
+    w.write_all(&b).await?;
+    Ok(n)
+}
+
+async fn timed<T>(
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, f)
+        .await
+        .map_err(|_| LinkError::Timeout(what))?
+}
+
+/// Refuses the peer with a reason it can log, then fails.
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, reason: String) -> LinkError {
+    let _ = write_msg(
+        w,
+        &Msg::Refuse {
+            reason: reason.clone(),
+        },
+    )
+    .await;
+    let _ = w.flush().await;
+    LinkError::Refused(reason)
+}
+
+/// An authenticated connection and the peer's state at handshake.
+pub struct Established {
+    stream: TcpStream,
+    peer: NodeState,
+    addr: SocketAddr,
+}
+
+/// Hello, mutual authentication, state exchange.
+async fn handshake(
+    res: &Arc<Resource>,
+    mut s: TcpStream,
+    addr: SocketAddr,
+) -> Result<Established, LinkError> {
+    let cfg = res.cfg();
+    let peer_name = cfg
+        .peer
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
+    let secret = cfg.secret.clone().unwrap_or_default();
+    let my_nonce = nonce();
+    write_msg(
+        &mut s,
+        &Msg::Hello {
+            version: peer::PROTOCOL_VERSION,
+            resource: cfg.resource.clone(),
+            node: cfg.me.name.clone(),
+            nonce: my_nonce,
+        },
+    )
+    .await?;
+    let (msg, _, _) = timed("waiting for the peer's hello", read_frame(&mut s, res)).await?;
+    let their_nonce = match msg {
+        Msg::Hello {
+            version,
+            resource,
+            node,
+            nonce,
+        } => {
+            if version != peer::PROTOCOL_VERSION {
+                return Err(refuse(
+                    &mut s,
+                    format!(
+                        "protocol version {version} from {addr}; this node speaks {}",
+                        peer::PROTOCOL_VERSION
+                    ),
+                )
+                .await);
+            }
+            if resource != cfg.resource {
+                return Err(refuse(
+                    &mut s,
+                    format!(
+                        "peer at {addr} is for resource {resource:?}, not {:?}",
+                        cfg.resource
+                    ),
+                )
+                .await);
+            }
+            if node != peer_name {
+                return Err(refuse(
+                    &mut s,
+                    format!("peer at {addr} calls itself {node:?}; expected {peer_name:?}"),
+                )
+                .await);
+            }
+            nonce
+        }
+        Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "expected hello, got {other:?}"
+            )))
+        }
+    };
+    let proof = mac(
+        &secret,
+        &peer::auth_input(&their_nonce, &my_nonce, &cfg.me.name, &cfg.resource),
+    );
+    write_msg(&mut s, &Msg::Auth { mac: proof }).await?;
+    let (msg, _, _) = timed("waiting for the peer's proof", read_frame(&mut s, res)).await?;
+    match msg {
+        Msg::Auth { mac: tag } => {
+            let input = peer::auth_input(&my_nonce, &their_nonce, &peer_name, &cfg.resource);
+            if !verify(&secret, &input, &tag) {
+                if let Some(rep) = res.rep() {
+                    rep.stats
+                        .auth_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let _ = refuse(&mut s, "authentication failed (wrong shared secret)".into()).await;
+                return Err(LinkError::Auth);
+            }
+        }
+        Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+        other => return Err(LinkError::Protocol(format!("expected auth, got {other:?}"))),
+    }
+    write_msg(&mut s, &Msg::State(res.node_state())).await?;
+    let (msg, _, _) = timed("waiting for the peer's state", read_frame(&mut s, res)).await?;
+    let peer = match msg {
+        Msg::State(st) => st,
+        Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "expected state, got {other:?}"
+            )))
+        }
+    };
+    let _ = s.set_nodelay(true);
+    Ok(Established {
+        stream: s,
+        peer,
+        addr,
+    })
+}
+
+/// Runs the link for the life of the resource: dials or accepts, handshakes, runs the
+/// connection, and starts over after it ends.
+pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Receiver<LinkCtl>) {
+    let cfg = res.cfg().clone();
+    let Some(peer_cfg) = cfg.peer.clone() else {
+        return;
+    };
+    let dialer = cfg.me.name < peer_cfg.name;
+    let dial_addr = peer_cfg.connect_address.or(peer_cfg.replication);
+    let (in_tx, mut in_rx) = mpsc::channel::<Established>(1);
+    {
+        let res = res.clone();
+        let ctl = ctl.clone();
+        tokio::spawn(accept_loop(res, listener, in_tx, ctl));
+    }
+    let mut backoff = Duration::from_millis(50);
+    let mut pending: Option<Established> = None;
+    loop {
+        let c = *ctl.borrow_and_update();
+        if c.standalone {
+            res.set_link_state("standalone", None);
+            if ctl.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        res.set_link_state("connecting", None);
+        let est = if let Some(e) = pending.take() {
+            Ok(e)
+        } else {
+            tokio::select! {
+                e = in_rx.recv() => match e {
+                    Some(e) => Ok(e),
+                    None => return,
+                },
+                r = dial(&res, dial_addr, dialer, backoff) => r,
+                _ = ctl.changed() => continue,
+            }
+        };
+        let est = match est {
+            Ok(e) => e,
+            Err(e) => {
+                log_link_error(&res, &e);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let addr = est.addr;
+        tracing::info!("peer {} connected from/to {addr}", peer_cfg.name);
+        let r = tokio::select! {
+            r = connection(&res, est) => r,
+            // A fresh authenticated connection replaces this one (the peer restarted).
+            e = in_rx.recv() => {
+                pending = e;
+                Err(LinkError::Closed("replaced by a new connection from the peer"))
+            }
+            _ = ctl.changed() => Err(LinkError::Closed("role change or admin command")),
+        };
+        res.link_down();
+        match r {
+            Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
+            Err(e) => {
+                log_link_error(&res, &e);
+                if matches!(
+                    e,
+                    LinkError::NeedsResync(_) | LinkError::Refused(_) | LinkError::PeerRefused(_)
+                ) {
+                    backoff = MAX_BACKOFF;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn log_link_error(res: &Resource, e: &LinkError) {
+    match e {
+        LinkError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            tracing::debug!("peer link: {e}")
+        }
+        _ => tracing::warn!("peer link: {e}"),
+    }
+    res.set_link_state("connecting", Some(e.to_string()));
+}
+
+async fn dial(
+    res: &Arc<Resource>,
+    addr: Option<SocketAddr>,
+    dialer: bool,
+    backoff: Duration,
+) -> Result<Established, LinkError> {
+    let Some(addr) = addr.filter(|_| dialer) else {
+        // The acceptor side waits for the peer to dial.
+        std::future::pending::<()>().await;
+        unreachable!();
+    };
+    tokio::time::sleep(backoff).await;
+    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| LinkError::Timeout("connecting"))??;
+    handshake(res, s, addr).await
+}
+
+async fn accept_loop(
+    res: Arc<Resource>,
+    listener: TcpListener,
+    tx: mpsc::Sender<Established>,
+    ctl: watch::Receiver<LinkCtl>,
+) {
+    loop {
+        let (s, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("replication accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let res = res.clone();
+        let tx = tx.clone();
+        let standalone = ctl.borrow().standalone;
+        tokio::spawn(async move {
+            if standalone {
+                let mut s = s;
+                let _ = refuse(
+                    &mut s,
+                    "node is standalone (blockrep-ctl disconnect)".into(),
+                )
+                .await;
+                return;
+            }
+            match handshake(&res, s, addr).await {
+                Ok(e) => {
+                    let _ = tx.send(e).await;
+                }
+                Err(e) => {
+                    tracing::warn!("replication connection from {addr} refused: {e}");
+                    res.set_link_error(format!("connection from {addr}: {e}"));
+                }
+            }
+        });
+    }
+}
+
+/// Runs one established connection until it fails or ends.
+async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
+    let peer = est.peer.clone();
+    let me = res.node_state();
+    let my_role = res.role();
+    res.set_link_state("connected", None);
+    res.set_peer(Some(peer.clone()));
+    let (rd, mut wr) = est.stream.into_split();
+    let rd = BufReader::with_capacity(1 << 20, rd);
+    if me.primary && peer.primary {
+        return Err(refuse(
+            &mut wr,
+            "split brain: both nodes are primary; demote one (blockrep-ctl secondary)".into(),
+        )
+        .await);
+    }
+    // Size: the primary's export must fit on the secondary.
+    if me.primary && peer.size < me.size {
+        return Err(refuse(
+            &mut wr,
+            format!(
+                "peer's device is too small: it has {} bytes of data, this primary exports {}",
+                peer.size, me.size
+            ),
+        )
+        .await);
+    }
+    if peer.primary && me.size < peer.size {
+        return Err(refuse(
+            &mut wr,
+            format!(
+                "this node's device is too small: it has {} bytes of data, the primary exports {}",
+                me.size, peer.size
+            ),
+        )
+        .await);
+    }
+    match (my_role, peer.primary) {
+        (Role::Primary, false) => primary_side(res, rd, wr, peer, me).await,
+        (Role::Secondary, true) => secondary_side(res, rd, wr, peer).await,
+        _ => idle_side(res, rd, wr).await,
+    }
+}
+
+/// Decides where the stream starts for a secondary that applied up to `peer.applied_seq`.
+fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64, LinkError> {
+    let rep = res.rep().ok_or(LinkError::Closed("no replication state"))?;
+    // Unrelated data is never merged: the peer must be fresh, on our generation, or on one
+    // we came from.
+    let g = me.gen;
+    let related = peer.gen.current == g.current
+        || peer.gen.current == UUID_JUST_CREATED
+        || g.history.contains(&peer.gen.current);
+    if !related {
+        return Err(LinkError::NeedsResync(format!(
+            "peer's data generation {:016X} is not this node's history ({:016X}, {:016X} {:016X}): split brain or unrelated data; resolve with a resync",
+            peer.gen.current, g.current, g.history[0], g.history[1]
+        )));
+    }
+    let inner = rep.lock();
+    let start = peer.applied_seq + 1;
+    if start > inner.issued + 1 {
+        return Err(LinkError::NeedsResync(format!(
+            "peer has applied sequence {} but this node issued only {}: it has writes this node lacks",
+            peer.applied_seq, inner.issued
+        )));
+    }
+    if start <= inner.issued && (inner.overflowed || inner.ring.get(start).is_none()) {
+        return Err(LinkError::NeedsResync(format!(
+            "the journal no longer holds sequence {start} (oldest kept: {:?}): the peer needs a bitmap resync of {} bytes",
+            inner.ring.first_seq(),
+            inner.bitmap.dirty_bytes()
+        )));
+    }
+    Ok(start)
+}
+
+async fn primary_side(
+    res: &Arc<Resource>,
+    mut rd: BufReader<OwnedReadHalf>,
+    mut wr: OwnedWriteHalf,
+    peer: NodeState,
+    me: NodeState,
+) -> Result<(), LinkError> {
+    let rep = res
+        .rep()
+        .ok_or(LinkError::Closed("no replication state"))?
+        .clone();
+    let start = match stream_start(res, &peer, &me) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = refuse(&mut wr, e.to_string()).await;
+            return Err(e);
+        }
+    };
+    tracing::info!(
+        "streaming to the peer from sequence {start} (issued {})",
+        rep.lock().issued
+    );
+    rep.set_connected(true, peer.applied_seq);
+    let sender = {
+        let rep = rep.clone();
+        async move {
+            let mut next = start;
+            let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+            loop {
+                let n = rep.appended.notified();
+                tokio::pin!(n);
+                n.as_mut().enable();
+                buf.clear();
+                let mut last = None;
+                {
+                    let g = rep.lock();
+                    while buf.len() < (1 << 20) {
+                        match g.ring.get(next) {
+                            Some(r) => {
+                                buf.extend_from_slice(g.ring.bytes(&r));
+                                last = Some(next);
+                                next += 1;
+                            }
+                            None => break,
+                        }
+                    }
+                    if buf.is_empty() && next <= g.issued {
+                        return Err(LinkError::NeedsResync(format!(
+                            "the journal lost sequence {next} while streaming (overflow)"
+                        )));
+                    }
+                }
+                if buf.is_empty() {
+                    tokio::select! {
+                        _ = &mut n => {}
+                        _ = tokio::time::sleep(PING_INTERVAL) => {
+                            write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+                        }
+                    }
+                    continue;
+                }
+                wr.write_all(&buf).await?;
+                if let Some(l) = last {
+                    rep.stats
+                        .seq_sent
+                        .store(l, std::sync::atomic::Ordering::Relaxed);
+                }
+                rep.stats
+                    .bytes_sent
+                    .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    };
+    let reader = async {
+        loop {
+            let (msg, _, n) = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
+                .await
+                .map_err(|_| LinkError::Timeout("no frame from the peer (ping timeout)"))??;
+            rep.stats
+                .bytes_received
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            match msg {
+                Msg::Ack {
+                    received,
+                    applied,
+                    durable,
+                } => rep.on_ack(received, applied, durable),
+                Msg::Ping { .. } | Msg::Pong { .. } => {}
+                Msg::State(st) => res.set_peer(Some(st)),
+                Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "unexpected message from the secondary: {other:?}"
+                    )))
+                }
+            }
+        }
+    };
+    let r: Result<(), LinkError> = tokio::select! {
+        r = sender => r,
+        r = reader => r,
+    };
+    r
+}
+
+/// Tracks the secondary's progress: which sequences finished, the contiguous mark, durability.
+struct ApplyState {
+    ranges: Ranges,
+    done: BTreeSet<u64>,
+    received: u64,
+    applied: u64,
+    durable: u64,
+}
+
+struct Applier {
+    res: Arc<Resource>,
+    st: Mutex<ApplyState>,
+    range_done: Notify,
+    progress: watch::Sender<(u64, u64, u64)>,
+    window: Arc<Semaphore>,
+    persist: tokio::sync::Mutex<()>,
+    /// Where this secondary is up to date once applied reaches it (the primary's issued seq at
+    /// connect) and the generation it then adopts.
+    target: u64,
+    target_gen: peer::GenIds,
+}
+
+impl Applier {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ApplyState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self) {
+        let (r, a, d) = {
+            let s = self.lock();
+            (s.received, s.applied, s.durable)
+        };
+        self.progress.send_if_modified(|p| {
+            let new = (r, a, d);
+            let changed = *p != new;
+            *p = new;
+            changed
+        });
+    }
+
+    /// Marks `seq` applied and advances the contiguous mark.
+    fn finish(&self, seq: u64) {
+        {
+            let mut s = self.lock();
+            s.ranges.remove(seq);
+            s.done.insert(seq);
+            while s.done.first() == Some(&(s.applied + 1)) {
+                s.applied += 1;
+                let a = s.applied;
+                s.done.remove(&a);
+            }
+            let a = s.applied;
+            drop(s);
+            if let Some(rep) = self.res.rep() {
+                rep.lock().applied = a;
+            }
+        }
+        self.range_done.notify_waiters();
+        self.publish();
+    }
+
+    /// Makes everything applied so far durable: data fdatasync, then the applied mark in the
+    /// superblock. Adopts the primary's generation once caught up.
+    async fn make_durable(&self) -> Result<u64, LinkError> {
+        let _one = self.persist.lock().await;
+        let upto = self.lock().applied;
+        if upto <= self.lock().durable {
+            return Ok(upto);
+        }
+        self.res
+            .device()
+            .local_flush()
+            .await
+            .map_err(|e| LinkError::Protocol(format!("local flush failed (NBD error {e})")))?;
+        let caught_up = upto >= self.target;
+        let gen = self.target_gen;
+        self.res
+            .commit_meta(move |sb| {
+                sb.applied_seq = upto;
+                if caught_up {
+                    sb.disk = DiskState::UpToDate;
+                    sb.gen.current = gen.current;
+                    sb.gen.history = gen.history;
+                }
+            })
+            .await
+            .map_err(|e| LinkError::Protocol(format!("persisting applied sequence: {e}")))?;
+        self.lock().durable = upto;
+        self.publish();
+        Ok(upto)
+    }
+}
+
+async fn secondary_side(
+    res: &Arc<Resource>,
+    mut rd: BufReader<OwnedReadHalf>,
+    mut wr: OwnedWriteHalf,
+    peer: NodeState,
+) -> Result<(), LinkError> {
+    let rep = res
+        .rep()
+        .ok_or(LinkError::Closed("no replication state"))?
+        .clone();
+    let applied0 = rep.lock().applied;
+    let ap = Arc::new(Applier {
+        res: res.clone(),
+        st: Mutex::new(ApplyState {
+            ranges: Ranges::default(),
+            done: BTreeSet::new(),
+            received: applied0,
+            applied: applied0,
+            durable: applied0,
+        }),
+        range_done: Notify::new(),
+        progress: watch::channel((applied0, applied0, applied0)).0,
+        window: Arc::new(Semaphore::new(APPLY_WINDOW)),
+        persist: tokio::sync::Mutex::new(()),
+        target: peer.issued_seq,
+        target_gen: peer.gen,
+    });
+    tracing::info!(
+        "receiving from the primary from sequence {} (primary issued {})",
+        applied0 + 1,
+        peer.issued_seq
+    );
+    // Already caught up (nothing to replay): adopt the generation now.
+    if applied0 >= peer.issued_seq {
+        let gen = peer.gen;
+        let _ = res
+            .commit_meta(move |sb| {
+                sb.disk = DiskState::UpToDate;
+                sb.gen.current = gen.current;
+                sb.gen.history = gen.history;
+            })
+            .await;
+    }
+    let acker = {
+        let mut rx = ap.progress.subscribe();
+        async move {
+            loop {
+                let (received, applied, durable) = *rx.borrow_and_update();
+                write_msg(
+                    &mut wr,
+                    &Msg::Ack {
+                        received,
+                        applied,
+                        durable,
+                    },
+                )
+                .await?;
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return Ok::<(), LinkError>(()) },
+                    _ = tokio::time::sleep(PING_INTERVAL) => {
+                        write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+                    }
+                }
+            }
+        }
+    };
+    let durability = {
+        let ap = ap.clone();
+        async move {
+            loop {
+                tokio::time::sleep(DURABLE_INTERVAL).await;
+                ap.make_durable().await?;
+            }
+        }
+    };
+    let receiver = {
+        let ap = ap.clone();
+        let rep = rep.clone();
+        async move {
+            loop {
+                let (msg, payload, n) =
+                    tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
+                        .await
+                        .map_err(|_| {
+                            LinkError::Timeout("no frame from the primary (ping timeout)")
+                        })??;
+                rep.stats
+                    .bytes_received
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                let seq = match msg.seq() {
+                    Some(s) => s,
+                    None => match msg {
+                        Msg::Ping { .. } | Msg::Pong { .. } => continue,
+                        Msg::State(st) => {
+                            res.set_peer(Some(st));
+                            continue;
+                        }
+                        Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+                        other => {
+                            return Err(LinkError::Protocol(format!(
+                                "unexpected message from the primary: {other:?}"
+                            )))
+                        }
+                    },
+                };
+                {
+                    let mut s = ap.lock();
+                    if seq <= s.received {
+                        // Already have it (a replay after reconnect): skip.
+                        continue;
+                    }
+                    if seq != s.received + 1 {
+                        rep.stats
+                            .protocol_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Err(LinkError::Protocol(format!(
+                            "sequence gap: expected {}, got {seq}",
+                            s.received + 1
+                        )));
+                    }
+                    s.received = seq;
+                }
+                ap.publish();
+                let permit = ap
+                    .window
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| LinkError::Closed("apply window closed"))?;
+                match msg {
+                    Msg::Flush { .. } => {
+                        // Everything before the barrier applied, then durable, then acked.
+                        let ap = ap.clone();
+                        tokio::spawn(async move {
+                            let mut rx = ap.progress.subscribe();
+                            let _ = rx.wait_for(|p| p.1 >= seq - 1).await;
+                            if let Err(e) = ap.make_durable().await {
+                                tracing::error!("secondary flush failed: {e}");
+                            }
+                            ap.finish(seq);
+                            let _ = ap.make_durable().await;
+                            drop(permit);
+                        });
+                    }
+                    Msg::Write { .. } | Msg::Zero { .. } => {
+                        let (offset, len, fua) = match msg {
+                            Msg::Write {
+                                offset, len, fua, ..
+                            } => (offset, u64::from(len), fua),
+                            Msg::Zero { offset, len, .. } => (offset, len, false),
+                            _ => (0, 0, false),
+                        };
+                        if offset
+                            .checked_add(len)
+                            .is_none_or(|e| e > res.device().size())
+                        {
+                            return Err(LinkError::Protocol(format!(
+                                "write at {offset}+{len} is past this device's {} bytes",
+                                res.device().size()
+                            )));
+                        }
+                        ap.lock().ranges.insert(seq, (offset, offset + len));
+                        let ap = ap.clone();
+                        tokio::spawn(async move {
+                            loop {
+                                let n = ap.range_done.notified();
+                                tokio::pin!(n);
+                                n.as_mut().enable();
+                                if !ap.lock().ranges.blocked(seq, (offset, offset + len)) {
+                                    break;
+                                }
+                                n.await;
+                            }
+                            let dev = ap.res.device();
+                            let r = match (msg, payload) {
+                                (Msg::Write { .. }, Some(buf)) => {
+                                    let (r, buf) = dev.local_write(offset, buf, fua).await;
+                                    dev.pool.put(buf);
+                                    r
+                                }
+                                (Msg::Zero { trim, .. }, _) => {
+                                    dev.local_zero(offset, len, trim).await
+                                }
+                                _ => Ok(()),
+                            };
+                            if let Err(e) = r {
+                                // The replica is now damaged at this range: say so loudly.
+                                tracing::error!(
+                                    "secondary write seq {seq} at {offset}+{len} failed (NBD error {e}); this replica is inconsistent"
+                                );
+                                let _ = ap
+                                    .res
+                                    .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
+                                    .await;
+                            }
+                            ap.finish(seq);
+                            drop(permit);
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
+    let r: Result<(), LinkError> = tokio::select! {
+        r = receiver => r,
+        r = acker => r,
+        r = durability => r,
+    };
+    // Let every write already started finish, so a new connection never overlaps them.
+    let _ = ap.window.acquire_many(APPLY_WINDOW as u32).await;
+    let _ = ap.make_durable().await;
+    r
+}
+
+/// Both secondary: keep the link alive, watch for the peer's role changes.
+async fn idle_side(
+    res: &Arc<Resource>,
+    mut rd: BufReader<OwnedReadHalf>,
+    mut wr: OwnedWriteHalf,
+) -> Result<(), LinkError> {
+    let pinger = async {
+        loop {
+            write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+            tokio::time::sleep(PING_INTERVAL).await;
+        }
+    };
+    let reader = async {
+        loop {
+            let (msg, _, _) = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
+                .await
+                .map_err(|_| LinkError::Timeout("no frame from the peer (ping timeout)"))??;
+            match msg {
+                Msg::State(st) => {
+                    let primary = st.primary;
+                    res.set_peer(Some(st));
+                    if primary {
+                        // The peer was promoted: reconnect so the stream starts.
+                        return Err(LinkError::Closed("peer became primary"));
+                    }
+                }
+                Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+                _ => {}
+            }
+        }
+    };
+    let r: Result<(), LinkError> = tokio::select! {
+        r = pinger => r,
+        r = reader => r,
+    };
+    r
+}

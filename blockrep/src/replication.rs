@@ -1,0 +1,496 @@
+//! Replication state shared by the write path and the peer link.
+//!
+//! On the primary, every write gets a sequence number and a journal record under one lock, so
+//! sequence order, journal order and send order are the same. Writes that overlap a write still
+//! in flight wait for it, so the local disk ends in sequence order too and both replicas agree.
+//! Acknowledgement then waits for what the protocol promises: A nothing more, B the peer's
+//! receipt, C the peer's write.
+//!
+//! On the secondary, the same range ordering keeps overlapping writes in stream order while
+//! others are applied concurrently.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use proto::peer::Msg;
+use tokio::sync::{watch, Notify};
+
+use crate::bitmap::Bitmap;
+use crate::config::Protocol;
+use crate::journal::{self, AppendError, Ring};
+use crate::meta::{Layout, MetaStore};
+
+/// What the peer has confirmed, and whether the link is up. `epoch` changes on every
+/// connect and disconnect, so a waiter knows its peer went away even if it came back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Acks {
+    pub connected: bool,
+    pub epoch: u64,
+    pub received: u64,
+    pub applied: u64,
+    pub durable: u64,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub seq_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub crc_errors: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+/// A stream record before it is journaled.
+#[derive(Debug, Clone, Copy)]
+pub enum Record<'a> {
+    Write {
+        offset: u64,
+        data: &'a [u8],
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        trim: bool,
+    },
+    Flush,
+}
+
+impl Record<'_> {
+    fn range(&self) -> Option<(u64, u64)> {
+        match *self {
+            Record::Write { offset, data, .. } => Some((offset, offset + data.len() as u64)),
+            Record::Zero { offset, len, .. } => Some((offset, offset + len)),
+            Record::Flush => None,
+        }
+    }
+}
+
+/// In-flight ranges by sequence number: a new range waits for every earlier overlapping one.
+#[derive(Default)]
+pub struct Ranges {
+    inflight: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Ranges {
+    pub fn insert(&mut self, seq: u64, range: (u64, u64)) {
+        self.inflight.insert(seq, range);
+    }
+    pub fn remove(&mut self, seq: u64) {
+        self.inflight.remove(&seq);
+    }
+    /// Whether an earlier in-flight range overlaps `range`.
+    pub fn blocked(&self, seq: u64, range: (u64, u64)) -> bool {
+        self.inflight
+            .range(..seq)
+            .any(|(_, &(s, e))| s < range.1 && range.0 < e)
+    }
+    pub fn len(&self) -> usize {
+        self.inflight.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
+    }
+}
+
+pub struct Inner {
+    /// Last sequence number issued by this node as primary.
+    pub issued: u64,
+    pub ring: Ring,
+    pub ranges: Ranges,
+    pub bitmap: Bitmap,
+    /// Bitmap changed since it was last written to disk.
+    pub bitmap_dirty: bool,
+    /// The journal lost records (overflow): only a bitmap resync can bring the peer back.
+    pub overflowed: bool,
+    /// Journal bytes (logical position) written to the metadata area.
+    pub disk_pos: u64,
+    /// The persisted checkpoint (logical position, first sequence).
+    pub checkpoint: (u64, u64),
+    /// Highest sequence this node has applied from the peer (as secondary).
+    pub applied: u64,
+}
+
+/// Where the journal and bitmap live on disk.
+pub struct MetaAreas {
+    pub file: Arc<File>,
+    pub layout: Layout,
+}
+
+pub struct Replication {
+    pub protocol: Protocol,
+    inner: Mutex<Inner>,
+    /// New records in the journal (wakes the sender).
+    pub appended: Notify,
+    /// Journal space freed (wakes appenders).
+    space: Notify,
+    /// An in-flight range finished (wakes writes that overlap it).
+    range_done: Notify,
+    acks: watch::Sender<Acks>,
+    pub stats: Stats,
+    areas: MetaAreas,
+    meta: Arc<Mutex<MetaStore>>,
+    /// Serialises journal disk writes (one writer at a time, in position order).
+    disk_lock: tokio::sync::Mutex<()>,
+}
+
+/// How long a connected primary waits for journal space before treating the peer as stuck.
+const SPACE_WAIT: Duration = Duration::from_secs(30);
+
+impl Replication {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        protocol: Protocol,
+        meta: Arc<Mutex<MetaStore>>,
+        areas: MetaAreas,
+        ring: Ring,
+        issued: u64,
+        applied: u64,
+        checkpoint: (u64, u64),
+        bitmap: Bitmap,
+        overflowed: bool,
+    ) -> Arc<Self> {
+        let disk_pos = ring.head();
+        Arc::new(Replication {
+            protocol,
+            inner: Mutex::new(Inner {
+                issued,
+                ring,
+                ranges: Ranges::default(),
+                bitmap,
+                bitmap_dirty: false,
+                overflowed,
+                disk_pos,
+                checkpoint,
+                applied,
+            }),
+            appended: Notify::new(),
+            space: Notify::new(),
+            range_done: Notify::new(),
+            acks: watch::channel(Acks::default()).0,
+            stats: Stats::default(),
+            areas,
+            meta,
+            disk_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock would be a bug in this module; keep serving with the
+        // state as it is rather than cascading the panic into every writer.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn acks(&self) -> Acks {
+        *self.acks.borrow()
+    }
+
+    pub fn subscribe_acks(&self) -> watch::Receiver<Acks> {
+        self.acks.subscribe()
+    }
+
+    /// The link came up (`connected`) or went down.
+    pub fn set_connected(&self, connected: bool, peer_applied: u64) {
+        self.acks.send_modify(|a| {
+            a.connected = connected;
+            a.epoch += 1;
+            if connected {
+                a.received = peer_applied;
+                a.applied = peer_applied;
+                a.durable = peer_applied;
+            }
+        });
+        // Writers waiting for space or acks re-check against the new state.
+        self.space.notify_waiters();
+    }
+
+    /// The peer acknowledged: raise the marks, release what is durable.
+    pub fn on_ack(&self, received: u64, applied: u64, durable: u64) {
+        let mut released = false;
+        self.acks.send_if_modified(|a| {
+            let before = *a;
+            a.received = a.received.max(received);
+            a.applied = a.applied.max(applied);
+            if durable > a.durable {
+                a.durable = durable;
+                released = true;
+            }
+            *a != before
+        });
+        if released {
+            let mut g = self.lock();
+            g.ring.release_through(durable);
+            let reclaim = g.checkpoint.0.min(g.ring.tail());
+            g.ring.set_reclaim(reclaim);
+            // Everything issued is durable on the peer, and the journal carried all of it:
+            // the bitmap is no longer needed.
+            if !g.overflowed && durable >= g.issued && g.bitmap.dirty_bits() > 0 {
+                g.bitmap.clear_all();
+                g.bitmap_dirty = true;
+            }
+            drop(g);
+            self.space.notify_waiters();
+        }
+    }
+
+    /// Journals a record and returns its sequence number; for writes, also waits until no
+    /// earlier overlapping write is in flight. Call [`Self::done`] after the local I/O.
+    pub async fn begin(&self, rec: Record<'_>) -> u64 {
+        let range = rec.range();
+        let (msg, payload): (Msg, &[u8]) = match rec {
+            Record::Write { offset, data, fua } => (
+                Msg::Write {
+                    seq: 0,
+                    offset,
+                    len: data.len() as u32,
+                    crc: crc32c::crc32c(data),
+                    fua,
+                },
+                data,
+            ),
+            Record::Zero { offset, len, trim } => (
+                Msg::Zero {
+                    seq: 0,
+                    offset,
+                    len,
+                    trim,
+                },
+                &[],
+            ),
+            Record::Flush => (Msg::Flush { seq: 0 }, &[]),
+        };
+        let deadline = tokio::time::Instant::now() + SPACE_WAIT;
+        let seq = loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let connected = self.acks.borrow().connected;
+            // `None`: the journal is full and the connected peer is draining it; wait.
+            let issued: Option<u64> = {
+                let mut g = self.lock();
+                let seq = g.issued + 1;
+                let msg = with_seq(&msg, seq);
+                let r = if g.overflowed {
+                    Err(AppendError::TooBig)
+                } else {
+                    journal::append_msg(&mut g.ring, &msg, payload)
+                };
+                let wait = matches!(r, Err(AppendError::Full { .. }))
+                    && connected
+                    && tokio::time::Instant::now() < deadline;
+                if wait {
+                    None
+                } else {
+                    if let Err(e) = r {
+                        if !g.overflowed {
+                            tracing::warn!(
+                                "journal cannot take seq {seq} ({e:?}): the peer will need a resync of the dirty bitmap"
+                            );
+                            g.overflowed = true;
+                            g.ring.clear();
+                        }
+                    }
+                    g.issued = seq;
+                    if let Some(r) = range {
+                        g.ranges.insert(seq, r);
+                        // While the peer is away (or the journal is lost), the bitmap records
+                        // what it lacks; the journal, when it still holds the record, is the
+                        // faster way back.
+                        if !connected || g.overflowed {
+                            g.bitmap.set_range(r.0, r.1 - r.0);
+                            g.bitmap_dirty = true;
+                        }
+                    }
+                    Some(seq)
+                }
+            };
+            match issued {
+                Some(seq) => break seq,
+                // Back-pressure: the peer is connected and draining the journal.
+                None => {
+                    let _ = tokio::time::timeout_at(deadline, space).await;
+                }
+            }
+        };
+        self.appended.notify_one();
+        if let Some(r) = range {
+            loop {
+                let n = self.range_done.notified();
+                tokio::pin!(n);
+                n.as_mut().enable();
+                if !self.lock().ranges.blocked(seq, r) {
+                    break;
+                }
+                n.await;
+            }
+        }
+        seq
+    }
+
+    /// The local I/O of `seq` finished.
+    pub fn done(&self, seq: u64) {
+        self.lock().ranges.remove(seq);
+        self.range_done.notify_waiters();
+    }
+
+    /// Waits until the protocol lets `seq` be acknowledged. `barrier`: a flush, which under C
+    /// needs the peer's disk to be durable, not only written.
+    pub async fn wait_peer(&self, seq: u64, barrier: bool) {
+        let mut rx = self.acks.subscribe();
+        let start = *rx.borrow();
+        if !start.connected {
+            return;
+        }
+        let need: fn(&Acks) -> u64 = match (self.protocol, barrier) {
+            (Protocol::A, _) => return,
+            (Protocol::B, _) => |a| a.received,
+            (Protocol::C, false) => |a| a.applied,
+            (Protocol::C, true) => |a| a.durable,
+        };
+        // A peer that goes away releases its waiters: the write is in the journal and bitmap.
+        let _ = rx
+            .wait_for(|a| !a.connected || a.epoch != start.epoch || need(a) >= seq)
+            .await;
+    }
+
+    /// Writes the journal's new bytes to the metadata area; with `sync`, makes them durable and
+    /// moves the checkpoint (and writes the bitmap) so the ring can reuse released space.
+    /// Returns the checkpoint to persist in the superblock if it moved.
+    pub async fn persist(self: &Arc<Self>, sync: bool) -> std::io::Result<()> {
+        let _order = self.disk_lock.lock().await;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some((pos, seq)) = me.persist_blocking(sync)? {
+                let (issued, overflowed) = {
+                    let g = me.lock();
+                    (g.issued, g.overflowed)
+                };
+                let mut m = me.meta.lock().unwrap_or_else(|p| p.into_inner());
+                m.sb.journal_pos = pos;
+                m.sb.journal_seq = seq;
+                m.sb.issued_seq = issued;
+                m.sb.journal_overflowed = overflowed;
+                m.commit().map_err(std::io::Error::other)?;
+                drop(m);
+                me.checkpoint_persisted();
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    fn persist_blocking(&self, sync: bool) -> std::io::Result<Option<(u64, u64)>> {
+        let l = &self.areas.layout;
+        let cap = l.journal_len;
+        // Copy the new bytes out under the lock (two pieces when they wrap).
+        let (from, to, pieces, bitmap) = {
+            let mut g = self.lock();
+            let from = g.disk_pos.max(g.ring.tail().min(g.checkpoint.0));
+            let to = g.ring.head();
+            let mut pieces = Vec::new();
+            let mut at = from;
+            while at < to {
+                let phys = at % cap;
+                let n = (to - at).min(cap - phys);
+                pieces.push((phys, g.ring.raw(phys, phys + n).to_vec()));
+                at += n;
+            }
+            let bitmap = if sync && g.bitmap_dirty {
+                g.bitmap_dirty = false;
+                Some(g.bitmap.to_bytes())
+            } else {
+                None
+            };
+            (from, to, pieces, bitmap)
+        };
+        for (phys, bytes) in &pieces {
+            self.areas
+                .file
+                .write_all_at(bytes, l.journal_offset + phys)?;
+        }
+        if let Some(b) = &bitmap {
+            let n = b.len().min(l.bitmap_len as usize);
+            self.areas.file.write_all_at(&b[..n], l.bitmap_offset)?;
+        }
+        let mut g = self.lock();
+        g.disk_pos = g.disk_pos.max(to);
+        if !sync {
+            return Ok(None);
+        }
+        drop(g);
+        if from < to || bitmap.is_some() {
+            self.areas.file.sync_data()?;
+        }
+        let mut g = self.lock();
+        let tail = g.ring.tail().min(g.disk_pos);
+        let first = g.ring.first_seq().unwrap_or(g.issued + 1);
+        let overflow_changed = {
+            let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.sb.journal_overflowed != g.overflowed
+        };
+        if tail > g.checkpoint.0 || overflow_changed {
+            g.checkpoint = (tail, first);
+            return Ok(Some(g.checkpoint));
+        }
+        Ok(None)
+    }
+
+    /// After the superblock recorded the new checkpoint: the space before it may be reused.
+    pub fn checkpoint_persisted(&self) {
+        let mut g = self.lock();
+        let reclaim = g.checkpoint.0.min(g.ring.tail());
+        g.ring.set_reclaim(reclaim);
+        drop(g);
+        self.space.notify_waiters();
+    }
+
+    /// Status numbers: (issued, journal used, journal size, lag writes, lag bytes, out of sync).
+    pub fn numbers(&self) -> (u64, u64, u64, u64, u64, u64, bool) {
+        let applied = self.acks().applied;
+        let g = self.lock();
+        let (lag_w, lag_b) = g.ring.lag(applied);
+        (
+            g.issued,
+            g.ring.used(),
+            g.ring.cap(),
+            lag_w,
+            lag_b,
+            g.bitmap.dirty_bytes(),
+            g.overflowed,
+        )
+    }
+}
+
+fn with_seq(msg: &Msg, seq: u64) -> Msg {
+    let mut m = msg.clone();
+    match &mut m {
+        Msg::Write { seq: s, .. } | Msg::Zero { seq: s, .. } | Msg::Flush { seq: s } => *s = seq,
+        _ => {}
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_order_overlaps_only() {
+        let mut r = Ranges::default();
+        r.insert(1, (0, 4096));
+        r.insert(2, (8192, 12288));
+        assert!(r.blocked(3, (4095, 4097)));
+        assert!(!r.blocked(3, (4096, 8192)));
+        assert!(r.blocked(3, (12287, 20000)));
+        // Only earlier sequences block.
+        assert!(!r.blocked(1, (0, 4096)));
+        r.remove(1);
+        assert!(!r.blocked(3, (0, 4096)));
+    }
+}
