@@ -11,8 +11,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -208,73 +207,194 @@ impl Engine for SyncEngine {
     }
 }
 
-/// The io_uring engine.
+/// The io_uring engine. No thread of its own: the tokio worker that submits pushes the SQE and
+/// enters the kernel (which often completes page-cache I/O right there), and completions are
+/// reaped by a task woken through an eventfd registered with the ring, so a request costs no
+/// thread hand-off on the way in or out.
 pub struct UringEngine {
-    tx: Option<SyncSender<IoReq>>,
-    /// Set by the ring thread right before it blocks; a submitter that finds it set wakes the
-    /// thread through the eventfd (so a busy ring costs no extra syscall per request).
-    sleeping: Arc<AtomicBool>,
-    wake: Arc<OwnedFd>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    state: Arc<Mutex<RingState>>,
+    reaper: tokio::task::JoinHandle<()>,
 }
 
-const WAKE_TOKEN: u64 = u64::MAX;
+struct RingState {
+    ring: io_uring::IoUring,
+    fd: RawFd,
+    /// Buffered (not O_DIRECT) file: plain writes are page-cache copies.
+    buffered: bool,
+    _file: Arc<File>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    /// Requests waiting for a free slot (bounded by the callers' in-flight limits).
+    backlog: std::collections::VecDeque<IoReq>,
+}
 
 impl UringEngine {
     /// Builds the ring, failing (so the caller can fall back) if the kernel refuses io_uring.
-    pub fn new(file: Arc<File>, entries: u32, queue: usize) -> io::Result<Self> {
-        let ring = io_uring::IoUring::new(entries)?;
+    /// Must be called inside a tokio runtime.
+    pub fn new(file: Arc<File>, entries: u32) -> io::Result<Self> {
+        let mut ring = io_uring::IoUring::new(entries)?;
         // Probe with a NOP so a seccomp filter that allows setup but not enter is caught here.
-        let mut ring = ring;
-        let nop = io_uring::opcode::Nop::new().build().user_data(0);
+        let nop = io_uring::opcode::Nop::new().build().user_data(u64::MAX);
         // SAFETY: NOP has no buffers.
         unsafe { ring.submission().push(&nop) }.map_err(|_| io::Error::other("sq full"))?;
         ring.submit_and_wait(1)?;
         ring.completion().for_each(drop);
-
         // SAFETY: eventfd returns a fresh descriptor or -1.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: efd is a valid, owned descriptor.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
-        let (tx, rx) = mpsc::sync_channel::<IoReq>(queue);
-        let sleeping = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let sleeping = sleeping.clone();
-            let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("blockrep-uring".into())
-                .spawn(move || ring_thread(ring, file, rx, sleeping, wake))?
-        };
-        Ok(UringEngine {
-            tx: Some(tx),
-            sleeping,
-            wake,
-            thread: Some(thread),
-        })
+        // SAFETY: efd is a valid descriptor we own.
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        // Only completions that did not finish inside io_uring_enter signal the eventfd; the
+        // inline ones are reaped by the submitter right away.
+        ring.submitter().register_eventfd_async(efd.as_raw_fd())?;
+        let cap = ring.params().sq_entries() as usize;
+        // SAFETY: F_GETFL on a valid descriptor.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let buffered = flags >= 0 && flags & libc::O_DIRECT == 0;
+        let state = Arc::new(Mutex::new(RingState {
+            ring,
+            fd: file.as_raw_fd(),
+            buffered,
+            _file: file,
+            slots: (0..cap).map(|_| None).collect(),
+            free: (0..cap).rev().collect(),
+            backlog: std::collections::VecDeque::new(),
+        }));
+        // SAFETY: the eventfd is owned by the AsyncFd, which deregisters it before closing.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        let reaper = tokio::spawn(reap(state.clone(), afd));
+        Ok(UringEngine { state, reaper })
+    }
+}
+
+impl RingState {
+    /// Pushes as many backlog requests as there are free slots, then enters the kernel once.
+    fn pump(&mut self) {
+        let mut pushed = false;
+        while let Some(&slot) = self.free.last() {
+            let Some(req) = self.backlog.pop_front() else {
+                break;
+            };
+            self.free.pop();
+            let mut f = InFlight { req, progress: 0 };
+            let e = build_sqe(self.fd, slot, &mut f);
+            self.slots[slot] = Some(f);
+            // SAFETY: the buffer lives in `slots` until its completion is reaped.
+            if unsafe { self.ring.submission().push(&e) }.is_err() {
+                // Cannot happen: one SQ entry per slot. Put it back rather than lose it.
+                if let Some(f) = self.slots[slot].take() {
+                    self.backlog.push_front(f.req);
+                }
+                self.free.push(slot);
+                break;
+            }
+            pushed = true;
+        }
+        if pushed {
+            if let Err(e) = self.ring.submit() {
+                tracing::error!("io_uring submit failed: {e}");
+            }
+        }
     }
 
-    fn kick(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a valid u64 to an eventfd.
-        unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
+    /// Completes what the kernel has finished; resubmits short transfers.
+    fn reap(&mut self) {
+        let cq: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let mut resubmit = false;
+        for (token, res) in cq {
+            let slot = token as usize;
+            let Some(mut f) = self.slots.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            let is_rw = matches!(f.req.op, IoOp::Read { .. } | IoOp::Write { .. });
+            let result = if res < 0 {
+                let err = -res;
+                match f.req.op {
+                    // Filesystems without ZERO_RANGE: do it the slow way.
+                    IoOp::Zero { offset, len } if err == libc::EOPNOTSUPP => {
+                        write_zeros(self.fd, offset, len)
+                    }
+                    _ => Err(io::Error::from_raw_os_error(err)),
+                }
+            } else if is_rw && (res as usize) + f.progress < f.req.buf.len() {
+                if res == 0 {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "short transfer at the end of the backing device",
+                    ))
+                } else {
+                    f.progress += res as usize;
+                    let e = build_sqe(self.fd, slot, &mut f);
+                    self.slots[slot] = Some(f);
+                    // SAFETY: as in pump.
+                    let _ = unsafe { self.ring.submission().push(&e) };
+                    resubmit = true;
+                    continue;
+                }
+            } else {
+                Ok(())
+            };
+            self.free.push(slot);
+            let _ = f.req.done.send(IoDone {
+                result,
+                buf: f.req.buf,
+            });
+        }
+        if resubmit {
+            let _ = self.ring.submit();
+        }
+    }
+}
+
+async fn reap(state: Arc<Mutex<RingState>>, afd: tokio::io::unix::AsyncFd<OwnedFd>) {
+    loop {
+        let mut guard = match afd.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("io_uring eventfd: {e}");
+                return;
+            }
+        };
+        let mut cnt = [0u8; 8];
+        // SAFETY: reading 8 bytes from a non-blocking eventfd into a local buffer.
+        let n = unsafe {
+            libc::read(
+                afd.get_ref().as_raw_fd(),
+                cnt.as_mut_ptr() as *mut libc::c_void,
                 8,
             )
         };
+        if n < 0 {
+            guard.clear_ready();
+        }
+        if let Ok(mut st) = state.lock() {
+            st.reap();
+            st.pump();
+        }
     }
 }
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
-        self.tx.take();
-        self.kick();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        self.reaper.abort();
+        // The kernel may still write into buffers of in-flight reads: wait for all of them.
+        if let Ok(mut st) = self.state.lock() {
+            let cap = st.slots.len();
+            while st.free.len() < cap {
+                if st.ring.submit_and_wait(1).is_err() {
+                    break;
+                }
+                st.reap();
+            }
         }
     }
 }
@@ -284,14 +404,24 @@ impl Engine for UringEngine {
         "io-uring"
     }
 
-    fn submit(&self, op: IoOp, buf: Buf) -> oneshot::Receiver<IoDone> {
+    fn submit(&self, op: IoOp, mut buf: Buf) -> oneshot::Receiver<IoDone> {
         let (done, rx) = oneshot::channel();
-        if let Some(tx) = &self.tx {
-            if tx.send(IoReq { op, buf, done }).is_ok()
-                && self.sleeping.swap(false, Ordering::SeqCst)
-            {
-                self.kick();
+        if let Ok(mut st) = self.state.lock() {
+            // A buffered write that is not FUA is a copy into the page cache. Filesystems
+            // without async buffered writes (ext4) make io_uring punt it to a kernel worker
+            // thread, a hand-off that costs more than the copy: do it here instead.
+            if st.buffered && matches!(op, IoOp::Write { fua: false, .. }) {
+                let fd = st.fd;
+                drop(st);
+                let result = do_sync(fd, op, &mut buf);
+                let _ = done.send(IoDone { result, buf });
+                return rx;
             }
+            st.backlog.push_back(IoReq { op, buf, done });
+            st.pump();
+            // Page-cache I/O often completes inside the submit: hand it back now, with no
+            // wake-up of the reaper.
+            st.reap();
         }
         rx
     }
@@ -318,6 +448,7 @@ fn build_sqe(fd: RawFd, slot: usize, f: &mut InFlight) -> io_uring::squeue::Entr
         }
         IoOp::Write { offset, fua } => {
             let len = (f.req.buf.len() - p) as u32;
+            // SAFETY: as above.
             let ptr = unsafe { f.req.buf.as_ptr().add(p) };
             opcode::Write::new(fd, ptr, len)
                 .offset(offset + p as u64)
@@ -339,145 +470,14 @@ fn build_sqe(fd: RawFd, slot: usize, f: &mut InFlight) -> io_uring::squeue::Entr
     e.user_data(slot as u64)
 }
 
-fn ring_thread(
-    mut ring: io_uring::IoUring,
-    file: Arc<File>,
-    rx: Receiver<IoReq>,
-    sleeping: Arc<AtomicBool>,
-    wake: Arc<OwnedFd>,
-) {
-    use io_uring::{opcode, types};
-    let fd = file.as_raw_fd();
-    let cap = ring.params().sq_entries() as usize - 1; // one entry for the wake read
-    let mut slots: Vec<Option<InFlight>> = (0..cap).map(|_| None).collect();
-    let mut free: Vec<usize> = (0..cap).rev().collect();
-    let mut wake_buf = [0u8; 8];
-    let mut wake_armed = false;
-    let mut closing = false;
-    let mut resubmit: Vec<usize> = Vec::new();
-
-    loop {
-        if !wake_armed && !closing {
-            let e = opcode::Read::new(types::Fd(wake.as_raw_fd()), wake_buf.as_mut_ptr(), 8)
-                .build()
-                .user_data(WAKE_TOKEN);
-            // SAFETY: wake_buf outlives the ring thread's loop.
-            if unsafe { ring.submission().push(&e) }.is_ok() {
-                wake_armed = true;
-            }
-        }
-        for slot in resubmit.drain(..) {
-            if let Some(f) = slots[slot].as_mut() {
-                let e = build_sqe(fd, slot, f);
-                // Capacity is reserved per slot, so this cannot fail.
-                let _ = unsafe { ring.submission().push(&e) };
-            }
-        }
-        // Take whatever is queued, up to the free slots.
-        while let Some(&slot) = free.last() {
-            match rx.try_recv() {
-                Ok(req) => {
-                    free.pop();
-                    let mut f = InFlight { req, progress: 0 };
-                    let e = build_sqe(fd, slot, &mut f);
-                    slots[slot] = Some(f);
-                    let _ = unsafe { ring.submission().push(&e) };
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    closing = true;
-                    break;
-                }
-            }
-        }
-        let inflight = cap - free.len();
-        if closing && inflight == 0 {
-            return;
-        }
-        // About to block: announce it, then look once more so no request is stranded.
-        sleeping.store(true, Ordering::SeqCst);
-        let mut wait = 1;
-        if let Some(&slot) = free.last() {
-            match rx.try_recv() {
-                Ok(req) => {
-                    free.pop();
-                    let mut f = InFlight { req, progress: 0 };
-                    let e = build_sqe(fd, slot, &mut f);
-                    slots[slot] = Some(f);
-                    let _ = unsafe { ring.submission().push(&e) };
-                    wait = 0;
-                }
-                Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => {
-                    closing = true;
-                    if inflight == 0 {
-                        return;
-                    }
-                }
-            }
-        }
-        if let Err(e) = ring.submit_and_wait(wait) {
-            if e.raw_os_error() != Some(libc::EINTR) {
-                tracing::error!("io_uring submit failed: {e}");
-            }
-        }
-        sleeping.store(false, Ordering::SeqCst);
-
-        let cq: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (token, res) in cq {
-            if token == WAKE_TOKEN {
-                wake_armed = false;
-                continue;
-            }
-            let slot = token as usize;
-            let Some(mut f) = slots.get_mut(slot).and_then(Option::take) else {
-                continue;
-            };
-            let is_rw = matches!(f.req.op, IoOp::Read { .. } | IoOp::Write { .. });
-            let result = if res < 0 {
-                let err = -res;
-                match f.req.op {
-                    // Filesystems without ZERO_RANGE: do it the slow way, once.
-                    IoOp::Zero { offset, len } if err == libc::EOPNOTSUPP => {
-                        write_zeros(fd, offset, len)
-                    }
-                    _ => Err(io::Error::from_raw_os_error(err)),
-                }
-            } else if is_rw && (res as usize) + f.progress < f.req.buf.len() {
-                if res == 0 {
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "short transfer at the end of the backing device",
-                    ))
-                } else {
-                    f.progress += res as usize;
-                    slots[slot] = Some(f);
-                    resubmit.push(slot);
-                    continue;
-                }
-            } else {
-                Ok(())
-            };
-            free.push(slot);
-            let _ = f.req.done.send(IoDone {
-                result,
-                buf: f.req.buf,
-            });
-        }
-    }
-}
-
 /// Opens the engine the config asks for; `auto` tries io_uring and falls back to sync.
 pub fn open(file: Arc<File>, choice: crate::config::IoEngineChoice) -> io::Result<Arc<dyn Engine>> {
     use crate::config::IoEngineChoice::*;
     const QUEUE: usize = 4096;
     match choice {
         Sync => Ok(Arc::new(SyncEngine::new(file, 4, QUEUE)?)),
-        IoUring => Ok(Arc::new(UringEngine::new(file, 512, QUEUE)?)),
-        Auto => match UringEngine::new(file.clone(), 512, QUEUE) {
+        IoUring => Ok(Arc::new(UringEngine::new(file, 512)?)),
+        Auto => match UringEngine::new(file.clone(), 512) {
             Ok(e) => Ok(Arc::new(e)),
             Err(e) => {
                 tracing::warn!("io_uring unavailable ({e}); using the pread/pwrite engine");
@@ -573,7 +573,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_engine_round_trip() {
         let (f, p) = file("uring");
-        match UringEngine::new(f, 64, 64) {
+        match UringEngine::new(f, 64) {
             Ok(e) => exercise(Arc::new(e), &p).await,
             Err(e) => eprintln!("SKIP: io_uring refused here: {e}"),
         }

@@ -6,6 +6,7 @@
 //! into as few socket writes as the queue allows. A malformed request closes only that
 //! connection.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -374,7 +375,7 @@ pub async fn transmission<R, W>(
         }
         let tx = tx.clone();
         let device = device.clone();
-        tokio::spawn(async move {
+        let mut fut = Box::pin(async move {
             let (error, data) = execute(&device, req, buf).await;
             let _ = tx
                 .send(Reply {
@@ -385,6 +386,13 @@ pub async fn transmission<R, W>(
                 })
                 .await;
         });
+        // Most requests finish on their first poll (page-cache I/O completes inline in the
+        // ring); only those that must wait (the peer, the disk, a conflicting write) become
+        // tasks of their own. Every future here re-registers its waker when polled again.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if fut.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(fut);
+        }
     };
     tracing::info!("nbd {peer}: connection ends: {reason}");
     drop(tx);
