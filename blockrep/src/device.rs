@@ -230,7 +230,7 @@ impl Device {
         };
         let seq = rep.begin(Record::Flush).await;
         self.simple(IoOp::Flush).await?;
-        if let Err(e) = rep.persist(true).await {
+        if let Err(e) = rep.persist().await {
             tracing::error!("journal sync failed: {e}");
             return self.fail(EIO);
         }

@@ -20,6 +20,8 @@ pub struct Rec {
     pub len: u32,
     /// Payload bytes (for lag accounting).
     pub data: u32,
+    /// The data range the record changes (`start == end` for a flush).
+    pub range: (u64, u64),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -31,13 +33,16 @@ pub enum AppendError {
 }
 
 /// The ring's memory image and its index. Pure: no I/O.
+///
+/// Records up to `released` are no longer needed by the peer (it applied them): their space
+/// may be reused, but they stay readable until it is, so a reconnect after a short outage can
+/// still replay them.
 pub struct Ring {
     buf: Vec<u8>,
     cap: u64,
     head: u64,
     recs: VecDeque<Rec>,
-    /// Space before this logical position may be reused: `min(released, checkpoint)`.
-    reclaim: u64,
+    released: u64,
 }
 
 impl Ring {
@@ -48,7 +53,7 @@ impl Ring {
             cap,
             head: 0,
             recs: VecDeque::new(),
-            reclaim: 0,
+            released: 0,
         }
     }
 
@@ -58,18 +63,29 @@ impl Ring {
     pub fn head(&self) -> u64 {
         self.head
     }
+    /// Oldest record still readable (released or not).
     pub fn first_seq(&self) -> Option<u64> {
         self.recs.front().map(|r| r.seq)
+    }
+    /// Oldest record the peer still needs.
+    pub fn first_live_seq(&self) -> Option<u64> {
+        self.live_index().map(|i| self.recs[i].seq)
+    }
+    fn live_index(&self) -> Option<usize> {
+        let first = self.recs.front()?.seq;
+        let i = usize::try_from((self.released + 1).saturating_sub(first)).ok()?;
+        (i < self.recs.len()).then_some(i)
     }
     pub fn last_seq(&self) -> Option<u64> {
         self.recs.back().map(|r| r.seq)
     }
-    /// Logical position of the oldest retained record (or head when empty).
+    /// Logical position of the oldest record the peer still needs (or head when none).
     pub fn tail(&self) -> u64 {
-        self.recs.front().map_or(self.head, |r| r.pos)
+        self.live_index().map_or(self.head, |i| self.recs[i].pos)
     }
+    /// Bytes the peer still needs.
     pub fn used(&self) -> u64 {
-        self.head - self.reclaim.min(self.tail())
+        self.head - self.tail()
     }
     pub fn len(&self) -> usize {
         self.recs.len()
@@ -107,12 +123,16 @@ impl Ring {
 
     /// Appends a record with sequence `seq` (must follow the last one), written by `fill` into
     /// exactly `len` bytes. A record never wraps: the end of the ring is padded instead.
+    /// Released records whose space is reused are passed to `evict`.
+    #[allow(clippy::too_many_arguments)]
     pub fn append(
         &mut self,
         seq: u64,
         len: usize,
         data: u32,
+        range: (u64, u64),
         fill: impl FnOnce(&mut [u8]),
+        mut evict: impl FnMut(&Rec),
     ) -> Result<Rec, AppendError> {
         if let Some(last) = self.last_seq() {
             assert_eq!(seq, last + 1, "journal sequence must be contiguous");
@@ -131,6 +151,19 @@ impl Ring {
         if pad + len64 > free {
             return Err(AppendError::Full { need: pad + len64 });
         }
+        // Forget released records whose bytes this append overwrites.
+        let end = self.head + pad + len64;
+        while let Some(f) = self.recs.front() {
+            if f.pos + self.cap >= end {
+                break;
+            }
+            debug_assert!(
+                f.seq <= self.released,
+                "overwriting a record the peer needs"
+            );
+            evict(f);
+            self.recs.pop_front();
+        }
         if pad > 0 {
             self.write_pad(phys as usize, pad as usize);
             self.head += pad;
@@ -142,6 +175,7 @@ impl Ring {
             pos: self.head,
             len: len as u32,
             data,
+            range,
         };
         self.head += len64;
         self.recs.push_back(rec);
@@ -160,22 +194,21 @@ impl Ring {
         }
     }
 
-    /// Forgets records up to and including `seq` (the peer has them durably). Space is
-    /// reusable once the checkpoint also moved past it.
+    /// Records up to and including `seq` are no longer needed by the peer: their space may be
+    /// reused (they stay readable until it is).
     pub fn release_through(&mut self, seq: u64) {
-        while self.recs.front().is_some_and(|r| r.seq <= seq) {
-            self.recs.pop_front();
-        }
+        self.released = self.released.max(seq);
     }
 
-    /// Drops every record (the peer will be resynced from the bitmap instead).
-    pub fn clear(&mut self) {
+    /// Drops every record; the next one appended is `next_seq`.
+    pub fn clear(&mut self, next_seq: u64) {
         self.recs.clear();
+        self.released = next_seq.saturating_sub(1);
     }
 
-    /// Sets the reclaim point: the persisted checkpoint (space before it may be overwritten).
-    pub fn set_reclaim(&mut self, pos: u64) {
-        self.reclaim = pos.min(self.head);
+    /// Retained records (released or not), oldest first.
+    pub fn records(&self) -> impl Iterator<Item = &Rec> {
+        self.recs.iter()
     }
 
     /// The raw memory at physical range, for the disk writer.
@@ -193,7 +226,7 @@ impl Ring {
             cap,
             head: pos,
             recs: VecDeque::new(),
-            reclaim: pos,
+            released: first_seq.saturating_sub(1),
         };
         let mut expect = first_seq;
         let mut at = pos;
@@ -225,6 +258,7 @@ impl Ring {
                         pos: at,
                         len: len as u32,
                         data,
+                        range: msg_range(&m),
                     });
                     expect += 1;
                     at += len as u64;
@@ -251,8 +285,22 @@ impl Ring {
     }
 }
 
+/// The data range a stream record changes.
+pub fn msg_range(m: &Msg) -> (u64, u64) {
+    match *m {
+        Msg::Write { offset, len, .. } => (offset, offset + u64::from(len)),
+        Msg::Zero { offset, len, .. } => (offset, offset.saturating_add(len)),
+        _ => (0, 0),
+    }
+}
+
 /// Encodes a stream record into the ring: the frame is written in place (one copy of the data).
-pub fn append_msg(ring: &mut Ring, msg: &Msg, payload: &[u8]) -> Result<Rec, AppendError> {
+pub fn append_msg(
+    ring: &mut Ring,
+    msg: &Msg,
+    payload: &[u8],
+    evict: impl FnMut(&Rec),
+) -> Result<Rec, AppendError> {
     let seq = msg.seq().expect("only stream records are journaled");
     // Encode the header once, then place prefix+header+payload directly into the ring.
     let mut head = Vec::with_capacity(64);
@@ -261,16 +309,23 @@ pub fn append_msg(ring: &mut Ring, msg: &Msg, payload: &[u8]) -> Result<Rec, App
     let header_len = head.len() - PREFIX_LEN;
     let total = head.len() + payload.len();
     let data = payload.len() as u32;
-    ring.append(seq, total, data, |dst| {
-        dst[..4].copy_from_slice(&head[..4]);
-        dst[4..6].copy_from_slice(&(header_len as u16).to_le_bytes());
-        dst[6..10].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let mut crc = crc32c::crc32c(&dst[..10]);
-        crc = crc32c::crc32c_append(crc, &head[PREFIX_LEN..]);
-        dst[10..14].copy_from_slice(&crc.to_le_bytes());
-        dst[PREFIX_LEN..PREFIX_LEN + header_len].copy_from_slice(&head[PREFIX_LEN..]);
-        dst[PREFIX_LEN + header_len..].copy_from_slice(payload);
-    })
+    ring.append(
+        seq,
+        total,
+        data,
+        msg_range(msg),
+        |dst| {
+            dst[..4].copy_from_slice(&head[..4]);
+            dst[4..6].copy_from_slice(&(header_len as u16).to_le_bytes());
+            dst[6..10].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+            let mut crc = crc32c::crc32c(&dst[..10]);
+            crc = crc32c::crc32c_append(crc, &head[PREFIX_LEN..]);
+            dst[10..14].copy_from_slice(&crc.to_le_bytes());
+            dst[PREFIX_LEN..PREFIX_LEN + header_len].copy_from_slice(&head[PREFIX_LEN..]);
+            dst[PREFIX_LEN + header_len..].copy_from_slice(payload);
+        },
+        evict,
+    )
 }
 
 #[cfg(test)]
@@ -294,7 +349,7 @@ mod tests {
         let mut seq = 1;
         // Fill, release, refill many times over so records wrap around the end.
         for round in 0..50 {
-            while append_msg(&mut r, &write_msg(seq, &data), &data).is_ok() {
+            while append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).is_ok() {
                 seq += 1;
             }
             let last = r.last_seq().unwrap();
@@ -303,10 +358,11 @@ mod tests {
             let f = r.bytes(&rec);
             assert_eq!(f.len(), rec.len as usize);
             // Release half.
-            let first = r.first_seq().unwrap();
+            let first = r.first_live_seq().unwrap();
             r.release_through(first + (last - first) / 2);
-            r.set_reclaim(r.tail());
-            assert!(r.first_seq().unwrap() > first, "round {round}");
+            assert!(r.first_live_seq().unwrap() > first, "round {round}");
+            // Released records stay readable until their space is reused.
+            assert!(r.get(first).is_some());
         }
         assert!(seq > 300, "{seq}");
     }
@@ -316,19 +372,24 @@ mod tests {
         let mut r = Ring::new(64 * 1024);
         let data = vec![1u8; 8000];
         let mut seq = 1;
-        while append_msg(&mut r, &write_msg(seq, &data), &data).is_ok() {
+        while append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).is_ok() {
             seq += 1;
         }
-        let e = append_msg(&mut r, &write_msg(seq, &data), &data).unwrap_err();
+        let e = append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).unwrap_err();
         assert!(matches!(e, AppendError::Full { .. }));
-        // Released but the checkpoint has not moved: still full.
+        // Released: the space is reused and the overwritten records are evicted.
         r.release_through(seq - 1);
-        assert!(append_msg(&mut r, &write_msg(seq, &data), &data).is_err());
-        r.set_reclaim(r.tail());
-        append_msg(&mut r, &write_msg(seq, &data), &data).unwrap();
+        let mut evicted = Vec::new();
+        append_msg(&mut r, &write_msg(seq, &data), &data, |e| {
+            evicted.push(e.seq)
+        })
+        .unwrap();
+        assert_eq!(evicted, vec![1, 2]);
+        assert_eq!(r.first_seq(), Some(3));
+        assert_eq!(r.get(1), None);
         let huge = vec![0u8; 40 * 1024];
         assert_eq!(
-            append_msg(&mut r, &write_msg(seq + 1, &huge), &huge),
+            append_msg(&mut r, &write_msg(seq + 1, &huge), &huge, |_| {}),
             Err(AppendError::TooBig)
         );
     }
@@ -340,16 +401,15 @@ mod tests {
         // Wrap a few times, then recover from the current checkpoint.
         for _ in 0..40 {
             let data = vec![(seq % 200) as u8; 1000 + (seq as usize * 37) % 3000];
-            if append_msg(&mut r, &write_msg(seq, &data), &data).is_err() {
-                let first = r.first_seq().unwrap();
+            if append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).is_err() {
+                let first = r.first_live_seq().unwrap();
                 r.release_through(first + 3);
-                r.set_reclaim(r.tail());
                 continue;
             }
-            append_msg(&mut r, &Msg::Flush { seq: seq + 1 }, &[]).ok();
+            append_msg(&mut r, &Msg::Flush { seq: seq + 1 }, &[], |_| {}).ok();
             seq += 2;
         }
-        let (pos, first) = (r.tail(), r.first_seq().unwrap());
+        let (pos, first) = (r.tail(), r.first_live_seq().unwrap());
         let last = r.last_seq().unwrap();
         let image = r.buf.clone();
         let rec = Ring::recover(image.clone(), pos, first);
@@ -372,7 +432,7 @@ mod tests {
         let mut r = Ring::new(64 * 1024);
         let d = vec![0u8; 100];
         for s in 1..=5 {
-            append_msg(&mut r, &write_msg(s, &d), &d).unwrap();
+            append_msg(&mut r, &write_msg(s, &d), &d, |_| {}).unwrap();
         }
         assert_eq!(r.lag(2), (3, 300));
         assert_eq!(r.lag(5), (0, 0));

@@ -10,6 +10,7 @@
 //! stream in order and acknowledges receipt, application and durability.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,8 +36,10 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(4);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Writes applied concurrently on the secondary.
 const APPLY_WINDOW: usize = 128;
-/// The secondary makes applied writes durable at least this often.
-const DURABLE_INTERVAL: Duration = Duration::from_millis(500);
+/// The secondary makes applied writes durable at least this often (flushes in the stream do
+/// it at once). Journal space does not wait for it, so a long interval costs only replay
+/// length after a crash of the secondary, while a short one forces writeback storms.
+const DURABLE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -614,6 +617,8 @@ async fn primary_side(
 /// Tracks the secondary's progress: which sequences finished, the contiguous mark, durability.
 struct ApplyState {
     ranges: Ranges,
+    /// Bytes applied since the last durability point.
+    undurable: u64,
     done: BTreeSet<u64>,
     received: u64,
     applied: u64,
@@ -624,6 +629,9 @@ struct Applier {
     res: Arc<Resource>,
     st: Mutex<ApplyState>,
     range_done: Notify,
+    /// Enough applied bytes are not yet durable: the primary's journal is holding them.
+    pressure: Notify,
+    pressure_bytes: u64,
     progress: watch::Sender<(u64, u64, u64)>,
     window: Arc<Semaphore>,
     persist: tokio::sync::Mutex<()>,
@@ -651,11 +659,16 @@ impl Applier {
         });
     }
 
-    /// Marks `seq` applied and advances the contiguous mark.
-    fn finish(&self, seq: u64) {
+    /// Marks `seq` (of `bytes` bytes) applied and advances the contiguous mark.
+    fn finish(&self, seq: u64, bytes: u64) {
         {
             let mut s = self.lock();
             s.ranges.remove(seq);
+            s.undurable += bytes;
+            if s.undurable >= self.pressure_bytes {
+                s.undurable = 0;
+                self.pressure.notify_one();
+            }
             s.done.insert(seq);
             while s.done.first() == Some(&(s.applied + 1)) {
                 s.applied += 1;
@@ -719,12 +732,15 @@ async fn secondary_side(
         res: res.clone(),
         st: Mutex::new(ApplyState {
             ranges: Ranges::default(),
+            undurable: 0,
             done: BTreeSet::new(),
             received: applied0,
             applied: applied0,
             durable: applied0,
         }),
         range_done: Notify::new(),
+        pressure: Notify::new(),
+        pressure_bytes: (res.cfg().journal_size / 2).max(1 << 20),
         progress: watch::channel((applied0, applied0, applied0)).0,
         window: Arc::new(Semaphore::new(APPLY_WINDOW)),
         persist: tokio::sync::Mutex::new(()),
@@ -762,7 +778,14 @@ async fn secondary_side(
                 )
                 .await?;
                 tokio::select! {
-                    r = rx.changed() => if r.is_err() { return Ok::<(), LinkError>(()) },
+                    r = rx.changed() => {
+                        if r.is_err() {
+                            return Ok::<(), LinkError>(());
+                        }
+                        // Let the applies queued behind this one finish first: one ack then
+                        // covers all of them.
+                        tokio::task::yield_now().await;
+                    }
                     _ = tokio::time::sleep(PING_INTERVAL) => {
                         write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
                     }
@@ -774,7 +797,10 @@ async fn secondary_side(
         let ap = ap.clone();
         async move {
             loop {
-                tokio::time::sleep(DURABLE_INTERVAL).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(DURABLE_INTERVAL) => {}
+                    _ = ap.pressure.notified() => {}
+                }
                 ap.make_durable().await?;
             }
         }
@@ -843,7 +869,7 @@ async fn secondary_side(
                             if let Err(e) = ap.make_durable().await {
                                 tracing::error!("secondary flush failed: {e}");
                             }
-                            ap.finish(seq);
+                            ap.finish(seq, 0);
                             let _ = ap.make_durable().await;
                             drop(permit);
                         });
@@ -867,7 +893,7 @@ async fn secondary_side(
                         }
                         ap.lock().ranges.insert(seq, (offset, offset + len));
                         let ap = ap.clone();
-                        tokio::spawn(async move {
+                        let mut fut = Box::pin(async move {
                             loop {
                                 let n = ap.range_done.notified();
                                 tokio::pin!(n);
@@ -899,9 +925,15 @@ async fn secondary_side(
                                     .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
                                     .await;
                             }
-                            ap.finish(seq);
+                            ap.finish(seq, len);
                             drop(permit);
                         });
+                        // Usually nothing overlaps and the page-cache write completes at once:
+                        // apply inline. Otherwise it becomes a task and waits its turn.
+                        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                        if fut.as_mut().poll(&mut cx).is_pending() {
+                            tokio::spawn(fut);
+                        }
                     }
                     _ => {}
                 }

@@ -209,24 +209,29 @@ impl Replication {
         self.space.notify_waiters();
     }
 
-    /// The peer acknowledged: raise the marks, release what is durable.
+    /// The peer acknowledged: raise the marks, release what it applied.
+    ///
+    /// Space is released on *applied*, not durable, so the primary runs at the speed of the
+    /// peer's writes, not of its disk flushes. Released records stay readable until their space
+    /// is reused; one reused before the peer made it durable has its range put in the bitmap.
     pub fn on_ack(&self, received: u64, applied: u64, durable: u64) {
-        let mut released = false;
+        let mut moved = false;
         self.acks.send_if_modified(|a| {
             let before = *a;
             a.received = a.received.max(received);
-            a.applied = a.applied.max(applied);
+            if applied > a.applied {
+                a.applied = applied;
+                moved = true;
+            }
             if durable > a.durable {
                 a.durable = durable;
-                released = true;
+                moved = true;
             }
             *a != before
         });
-        if released {
+        if moved {
             let mut g = self.lock();
-            g.ring.release_through(durable);
-            let reclaim = g.checkpoint.0.min(g.ring.tail());
-            g.ring.set_reclaim(reclaim);
+            g.ring.release_through(applied);
             // Everything issued is durable on the peer, and the journal carried all of it:
             // the bitmap is no longer needed.
             if !g.overflowed && durable >= g.issued && g.bitmap.dirty_bits() > 0 {
@@ -235,6 +240,25 @@ impl Replication {
             }
             drop(g);
             self.space.notify_waiters();
+        }
+    }
+
+    /// The link went down: every retained record the peer has not made durable may be missing
+    /// on it after a crash of the peer; the bitmap now covers them, so a later reconnect that
+    /// cannot replay the journal still knows what to resync.
+    pub fn on_disconnect(&self) {
+        let durable = self.acks().durable;
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let mut n = 0;
+        for r in inner.ring.records().filter(|r| r.seq > durable) {
+            if r.range.1 > r.range.0 {
+                inner.bitmap.set_range(r.range.0, r.range.1 - r.range.0);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            inner.bitmap_dirty = true;
         }
     }
 
@@ -269,16 +293,31 @@ impl Replication {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            let connected = self.acks.borrow().connected;
+            let (connected, durable) = {
+                let a = self.acks.borrow();
+                (a.connected, a.durable)
+            };
             // `None`: the journal is full and the connected peer is draining it; wait.
             let issued: Option<u64> = {
                 let mut g = self.lock();
                 let seq = g.issued + 1;
                 let msg = with_seq(&msg, seq);
-                let r = if g.overflowed {
+                let inner = &mut *g;
+                let r = if inner.overflowed {
                     Err(AppendError::TooBig)
                 } else {
-                    journal::append_msg(&mut g.ring, &msg, payload)
+                    let bitmap = &mut inner.bitmap;
+                    let mut evicted_undurable = false;
+                    let r = journal::append_msg(&mut inner.ring, &msg, payload, |e| {
+                        if e.seq > durable && e.range.1 > e.range.0 {
+                            bitmap.set_range(e.range.0, e.range.1 - e.range.0);
+                            evicted_undurable = true;
+                        }
+                    });
+                    if evicted_undurable {
+                        inner.bitmap_dirty = true;
+                    }
+                    r
                 };
                 let wait = matches!(r, Err(AppendError::Full { .. }))
                     && connected
@@ -292,7 +331,7 @@ impl Replication {
                                 "journal cannot take seq {seq} ({e:?}): the peer will need a resync of the dirty bitmap"
                             );
                             g.overflowed = true;
-                            g.ring.clear();
+                            g.ring.clear(seq + 1);
                         }
                     }
                     g.issued = seq;
@@ -358,40 +397,46 @@ impl Replication {
             .await;
     }
 
-    /// Writes the journal's new bytes to the metadata area; with `sync`, makes them durable and
-    /// moves the checkpoint (and writes the bitmap) so the ring can reuse released space.
-    /// Returns the checkpoint to persist in the superblock if it moved.
-    pub async fn persist(self: &Arc<Self>, sync: bool) -> std::io::Result<()> {
+    /// Makes the journal durable: every record the peer has not released is on disk, behind a
+    /// checkpoint that a restart walks from. Called at flush points (and by the persister).
+    ///
+    /// Order matters for crash safety: the checkpoint (the oldest unreleased record) is
+    /// committed first, then the new records are written and synced. A record's disk position
+    /// never changes, so records flushed earlier are already valid behind the new checkpoint,
+    /// and a crash at any point leaves a chain that holds every flushed record.
+    pub async fn persist(self: &Arc<Self>) -> std::io::Result<()> {
         let _order = self.disk_lock.lock().await;
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Some((pos, seq)) = me.persist_blocking(sync)? {
-                let (issued, overflowed) = {
-                    let g = me.lock();
-                    (g.issued, g.overflowed)
-                };
-                let mut m = me.meta.lock().unwrap_or_else(|p| p.into_inner());
-                m.sb.journal_pos = pos;
-                m.sb.journal_seq = seq;
-                m.sb.issued_seq = issued;
-                m.sb.journal_overflowed = overflowed;
-                m.commit().map_err(std::io::Error::other)?;
-                drop(m);
-                me.checkpoint_persisted();
-            }
-            Ok(())
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        tokio::task::spawn_blocking(move || me.persist_blocking())
+            .await
+            .map_err(std::io::Error::other)?
     }
 
-    fn persist_blocking(&self, sync: bool) -> std::io::Result<Option<(u64, u64)>> {
+    fn persist_blocking(&self) -> std::io::Result<()> {
         let l = &self.areas.layout;
         let cap = l.journal_len;
-        // Copy the new bytes out under the lock (two pieces when they wrap).
-        let (from, to, pieces, bitmap) = {
+        let (ckpt, issued, overflowed) = {
+            let g = self.lock();
+            let first = g.ring.first_live_seq().unwrap_or(g.issued + 1);
+            ((g.ring.tail(), first), g.issued, g.overflowed)
+        };
+        let commit = {
+            let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            (m.sb.journal_pos, m.sb.journal_seq) != ckpt || m.sb.journal_overflowed != overflowed
+        };
+        if commit {
+            let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.sb.journal_pos = ckpt.0;
+            m.sb.journal_seq = ckpt.1;
+            m.sb.issued_seq = issued;
+            m.sb.journal_overflowed = overflowed;
+            m.commit().map_err(std::io::Error::other)?;
+        }
+        // Copy the unreleased new bytes out under the lock (two pieces when they wrap).
+        let (to, pieces, bitmap) = {
             let mut g = self.lock();
-            let from = g.disk_pos.max(g.ring.tail().min(g.checkpoint.0));
+            g.checkpoint = ckpt;
+            let from = g.disk_pos.max(g.ring.tail());
             let to = g.ring.head();
             let mut pieces = Vec::new();
             let mut at = from;
@@ -401,13 +446,13 @@ impl Replication {
                 pieces.push((phys, g.ring.raw(phys, phys + n).to_vec()));
                 at += n;
             }
-            let bitmap = if sync && g.bitmap_dirty {
+            let bitmap = if g.bitmap_dirty {
                 g.bitmap_dirty = false;
                 Some(g.bitmap.to_bytes())
             } else {
                 None
             };
-            (from, to, pieces, bitmap)
+            (to, pieces, bitmap)
         };
         for (phys, bytes) in &pieces {
             self.areas
@@ -418,36 +463,18 @@ impl Replication {
             let n = b.len().min(l.bitmap_len as usize);
             self.areas.file.write_all_at(&b[..n], l.bitmap_offset)?;
         }
-        let mut g = self.lock();
-        g.disk_pos = g.disk_pos.max(to);
-        if !sync {
-            return Ok(None);
-        }
-        drop(g);
-        if from < to || bitmap.is_some() {
+        if !pieces.is_empty() || bitmap.is_some() {
             self.areas.file.sync_data()?;
         }
         let mut g = self.lock();
-        let tail = g.ring.tail().min(g.disk_pos);
-        let first = g.ring.first_seq().unwrap_or(g.issued + 1);
-        let overflow_changed = {
-            let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            m.sb.journal_overflowed != g.overflowed
-        };
-        if tail > g.checkpoint.0 || overflow_changed {
-            g.checkpoint = (tail, first);
-            return Ok(Some(g.checkpoint));
-        }
-        Ok(None)
+        g.disk_pos = g.disk_pos.max(to);
+        Ok(())
     }
 
-    /// After the superblock recorded the new checkpoint: the space before it may be reused.
-    pub fn checkpoint_persisted(&self) {
-        let mut g = self.lock();
-        let reclaim = g.checkpoint.0.min(g.ring.tail());
-        g.ring.set_reclaim(reclaim);
-        drop(g);
-        self.space.notify_waiters();
+    /// Whether anything would be written by [`Self::persist`] while the peer is away.
+    pub fn needs_persist(&self) -> bool {
+        let g = self.lock();
+        g.bitmap_dirty || (!self.acks.borrow().connected && g.disk_pos < g.ring.head())
     }
 
     /// Status numbers: (issued, journal used, journal size, lag writes, lag bytes, out of sync).

@@ -305,6 +305,7 @@ impl Resource {
     /// The connection ended: writes stop waiting for the peer and go to the bitmap.
     pub fn link_down(&self) {
         if let Some(r) = &self.rep {
+            r.on_disconnect();
             r.set_connected(false, 0);
         }
         let mut l = self.link();
@@ -472,9 +473,8 @@ impl Resource {
                         g.ring.len()
                     );
                 }
-                g.ring.clear();
+                g.ring.clear(start + 1);
                 let head = g.ring.head();
-                g.ring.set_reclaim(head);
                 g.checkpoint = (head, start + 1);
                 g.issued = start;
             }
@@ -547,7 +547,7 @@ impl Resource {
         }
         if let Some(rep) = &self.rep {
             rep.set_connected(false, 0);
-            if let Err(e) = rep.persist(true).await {
+            if let Err(e) = rep.persist().await {
                 tracing::error!("journal sync at down: {e}");
             }
             let (issued, applied) = {
@@ -748,12 +748,14 @@ async fn open_replication(
 /// Writes new journal bytes in the background (no fsync) and checkpoints every second, so the
 /// ring's space is reused even when clients never flush.
 async fn journal_persister(rep: Arc<Replication>) {
-    let mut tick = 0u64;
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        tick += 1;
-        if let Err(e) = rep.persist(tick.is_multiple_of(10)).await {
-            tracing::error!("journal write failed: {e}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Flushes make the journal durable; this keeps the bitmap and, while the peer is away,
+        // the journal from lagging far behind on disk when clients rarely flush.
+        if rep.needs_persist() {
+            if let Err(e) = rep.persist().await {
+                tracing::error!("journal write failed: {e}");
+            }
         }
     }
 }
