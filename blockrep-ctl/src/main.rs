@@ -67,6 +67,13 @@ enum Cmd {
     },
     /// Drop the peer link and stay standalone until `connect`.
     Disconnect,
+    /// Wait until the peer is connected and has every write (on the primary), or this node is
+    /// connected and up to date (on a secondary).
+    WaitSync {
+        /// Give up after this many seconds (exit code 1).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Show the resource's state.
     Status {
         #[arg(long)]
@@ -99,6 +106,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Status { json } => status(&cfg, json),
+        Cmd::WaitSync { timeout } => wait_sync(&cfg, timeout),
     }
 }
 
@@ -442,4 +450,59 @@ fn status(cfg: &Config, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether the pair is in sync as this node sees it, with a one-line progress text.
+fn in_sync(s: &Status) -> (bool, String) {
+    let Some(r) = &s.replication else {
+        return (true, format!("{}: no peer configured", s.resource));
+    };
+    let text = format!(
+        "{} {}: connection {}, peer {} ({}), lag {} writes / {} bytes, out of sync {} bytes",
+        s.resource,
+        s.role,
+        r.connection,
+        r.peer_role,
+        r.peer_disk,
+        r.lag_writes,
+        r.lag_bytes,
+        r.out_of_sync
+    );
+    let done = r.connection == "connected"
+        && if s.role == "primary" {
+            r.lag_writes == 0 && r.out_of_sync == 0 && r.seq_applied >= r.seq_written
+        } else {
+            s.disk == "up-to-date"
+        };
+    (done, text)
+}
+
+fn wait_sync(cfg: &Config, timeout: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last = String::new();
+    loop {
+        let st = daemon_status(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+        if !st.up {
+            bail!("resource {} is not up on {}", cfg.resource, cfg.me.name);
+        }
+        let (done, text) = in_sync(&st);
+        if done {
+            if tty {
+                eprintln!();
+            }
+            println!("in sync: {text}");
+            return Ok(());
+        }
+        if tty {
+            eprint!("\r{text}\x1b[K");
+        } else if text != last {
+            eprintln!("{text}");
+        }
+        last = text;
+        if Instant::now() > deadline {
+            bail!("not in sync after {timeout} s: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

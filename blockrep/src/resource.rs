@@ -51,6 +51,8 @@ pub struct Resource {
     rep: Option<Arc<Replication>>,
     link_ctl: watch::Sender<LinkCtl>,
     link_info: Mutex<LinkInfo>,
+    /// Established connections so far (a role change waits for the next one).
+    connections: std::sync::atomic::AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     export: Arc<Export>,
     role: Mutex<Role>,
@@ -194,6 +196,7 @@ impl Resource {
                 state: "standalone",
                 ..Default::default()
             }),
+            connections: std::sync::atomic::AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
             export,
             role: Mutex::new(Role::Secondary),
@@ -291,6 +294,8 @@ impl Resource {
         }
         if state == "connected" {
             l.last_error = None;
+            self.connections
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -327,6 +332,27 @@ impl Resource {
             }),
             _ => PeerView::Unknown,
         }
+    }
+
+    /// Reconnects the link so the peer learns this node's new role, and waits (bounded) for
+    /// the new handshake, so that when a role command returns the peer knows.
+    async fn announce_role(&self) {
+        let was_connected = self.link().state == "connected";
+        let before = self.connections.load(std::sync::atomic::Ordering::SeqCst);
+        self.link_ctl.send_modify(|c| c.bump += 1);
+        if !was_connected {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if self.connections.load(std::sync::atomic::Ordering::SeqCst) > before
+                && self.link().state == "connected"
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!("peer did not reconnect within 5 s after the role change");
     }
 
     /// `connect` / `disconnect`.
@@ -451,7 +477,17 @@ impl Resource {
         if self.role() == Role::Primary {
             return Ok(format!("{} is already primary", self.cfg.me.name));
         }
-        let peer = self.peer_view();
+        // A role change on either side reconnects the link; give a reconnecting peer a moment
+        // rather than calling it unknown.
+        let mut peer = self.peer_view();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while peer == PeerView::Unknown
+            && self.link().state == "connecting"
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            peer = self.peer_view();
+        }
         let new_id = random_id();
         self.with_meta(|m| -> Result<(), NodeError> {
             let p = state::promote(m.sb.disk, m.sb.gen, peer, force, new_id)
@@ -484,7 +520,7 @@ impl Resource {
         }
         self.export.set_refuse(None);
         // Reconnect so the new handshake sets the stream's direction.
-        self.link_ctl.send_modify(|c| c.bump += 1);
+        self.announce_role().await;
         self.attach_kernel().await;
         tracing::info!("{} promoted to primary", self.cfg.me.name);
         Ok(format!("{} is now primary", self.cfg.me.name))
@@ -510,7 +546,7 @@ impl Resource {
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }
-        self.link_ctl.send_modify(|c| c.bump += 1);
+        self.announce_role().await;
         tracing::info!("{} demoted to secondary", self.cfg.me.name);
         Ok(format!("{} is now secondary", self.cfg.me.name))
     }
