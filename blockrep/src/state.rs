@@ -184,3 +184,184 @@ mod tests {
         assert!(demote(2, true).is_ok());
     }
 }
+
+/// What two nodes' generation identifiers say about their data when they connect (DRBD's
+/// UUID comparison).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncDecision {
+    /// Same data generation: nothing to move beyond the journal.
+    InSync,
+    /// This node has newer data; the peer is behind by what this node's bitmap records.
+    SourceBitmap,
+    /// The peer has newer data; this node is behind by what the peer's bitmap records.
+    TargetBitmap,
+    /// This node has newer data and no bitmap covers the difference: copy everything.
+    SourceFull,
+    /// The peer has newer data and no bitmap covers the difference.
+    TargetFull,
+    /// Both wrote independently since a common generation.
+    SplitBrain,
+    /// No common history: different data sets.
+    Unrelated,
+}
+
+/// Compares generation identifiers. `me`/`peer`: each side's ids. The rules, in order:
+/// both fresh → in sync (no data written since create-md on either); one fresh → full sync from
+/// the other; same current → in sync; one's bitmap id is the other's current → bitmap resync
+/// from the one that moved on; both moved on from the same point → split brain; one's current
+/// in the other's history → full sync from the newer; otherwise unrelated.
+pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision {
+    use crate::meta::UUID_JUST_CREATED as FRESH;
+    use SyncDecision::*;
+    let (m, p) = (me, peer);
+    match (m.current == FRESH, p.current == FRESH) {
+        (true, true) => return InSync,
+        (true, false) => return TargetFull,
+        (false, true) => return SourceFull,
+        _ => {}
+    }
+    if m.current == p.current {
+        return InSync;
+    }
+    let m_moved = m.bitmap != 0 && m.bitmap == p.current;
+    let p_moved = p.bitmap != 0 && p.bitmap == m.current;
+    if m.bitmap != 0 && m.bitmap == p.bitmap {
+        return SplitBrain;
+    }
+    if m_moved {
+        return SourceBitmap;
+    }
+    if p_moved {
+        return TargetBitmap;
+    }
+    // One side moved on twice (or its bitmap was folded into history): no bitmap covers it.
+    if m.history.contains(&p.current) || (p.bitmap != 0 && m.history.contains(&p.bitmap)) {
+        return if p.bitmap != 0 && (m.history.contains(&p.bitmap) || m.bitmap == p.bitmap) {
+            SplitBrain
+        } else {
+            SourceFull
+        };
+    }
+    if p.history.contains(&m.current) || (m.bitmap != 0 && p.history.contains(&m.bitmap)) {
+        return if m.bitmap != 0 && p.history.contains(&m.bitmap) {
+            SplitBrain
+        } else {
+            TargetFull
+        };
+    }
+    Unrelated
+}
+
+/// A primary that loses its peer (or is promoted without one) starts a new generation: the
+/// bitmap from now on counts changes since the old one.
+pub fn new_generation(g: Generations, new_id: u64) -> Generations {
+    Generations {
+        current: new_id,
+        // Keep the oldest point the bitmap counts from: it is what the peer still has.
+        bitmap: if g.bitmap != 0 { g.bitmap } else { g.current },
+        history: [g.current, g.history[0]],
+    }
+}
+
+/// After a resync completes, the target adopts the source's generation and both forget the
+/// bitmap generation.
+pub fn after_sync(source: Generations) -> Generations {
+    Generations {
+        current: source.current,
+        bitmap: 0,
+        history: if source.bitmap != 0 {
+            [source.bitmap, source.history[0]]
+        } else {
+            source.history
+        },
+    }
+}
+
+#[cfg(test)]
+mod gen_tests {
+    use super::SyncDecision::*;
+    use super::*;
+    use crate::meta::UUID_JUST_CREATED as FRESH;
+
+    fn g(current: u64, bitmap: u64, h0: u64, h1: u64) -> Generations {
+        Generations {
+            current,
+            bitmap,
+            history: [h0, h1],
+        }
+    }
+
+    /// The decision seen from the other side is the mirror image.
+    fn mirror(d: SyncDecision) -> SyncDecision {
+        match d {
+            SourceBitmap => TargetBitmap,
+            TargetBitmap => SourceBitmap,
+            SourceFull => TargetFull,
+            TargetFull => SourceFull,
+            x => x,
+        }
+    }
+
+    fn check(a: Generations, b: Generations, want: SyncDecision) {
+        assert_eq!(compare_generations(&a, &b), want, "{a:?} vs {b:?}");
+        assert_eq!(compare_generations(&b, &a), mirror(want), "{b:?} vs {a:?}");
+    }
+
+    #[test]
+    fn fresh_pairs() {
+        check(g(FRESH, 0, 0, 0), g(FRESH, 0, 0, 0), InSync);
+        check(g(10, 0, FRESH, 0), g(FRESH, 0, 0, 0), SourceFull);
+    }
+
+    #[test]
+    fn same_generation_is_in_sync() {
+        check(g(10, 0, 9, 0), g(10, 0, 9, 0), InSync);
+    }
+
+    #[test]
+    fn primary_lost_peer_then_wrote() {
+        // alpha was primary at 10 with beta in sync, lost beta and moved to 11.
+        let alpha = new_generation(g(10, 0, 9, 0), 11);
+        assert_eq!(alpha, g(11, 10, 10, 9));
+        check(alpha, g(10, 0, 9, 0), SourceBitmap);
+        // It lost beta again later (still not resynced): the bitmap still counts from 10.
+        let alpha2 = new_generation(alpha, 12);
+        assert_eq!(alpha2.bitmap, 10);
+        check(alpha2, g(10, 0, 9, 0), SourceBitmap);
+    }
+
+    #[test]
+    fn failover_then_old_primary_returns() {
+        // Both at 10; alpha dies; beta is promoted with --force.
+        let beta = new_generation(g(10, 0, 9, 0), 20);
+        let alpha = g(10, 0, 9, 0);
+        check(beta, alpha, SourceBitmap);
+    }
+
+    #[test]
+    fn both_promoted_while_apart_is_split_brain() {
+        let alpha = new_generation(g(10, 0, 9, 0), 11);
+        let beta = new_generation(g(10, 0, 9, 0), 20);
+        check(alpha, beta, SplitBrain);
+    }
+
+    #[test]
+    fn resync_end_adopts_source() {
+        let alpha = new_generation(g(10, 0, 9, 0), 11);
+        let done = after_sync(alpha);
+        assert_eq!(done, g(11, 0, 10, 10));
+        check(done, done, InSync);
+    }
+
+    #[test]
+    fn history_without_bitmap_needs_full_sync() {
+        // alpha moved on, resynced with someone else, then moved again: only history links.
+        check(g(30, 0, 20, 10), g(10, 0, 9, 0), SourceFull);
+        check(g(10, 0, 9, 0), g(30, 0, 20, 10), TargetFull);
+    }
+
+    #[test]
+    fn unrelated() {
+        check(g(10, 0, 9, 0), g(77, 0, 66, 0), Unrelated);
+    }
+}

@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""Helpers and report for scripts/bench-replication.sh.
+
+Subcommands:
+  get FILE KEY...          print the values of dotted KEYs (e.g. replication.lag_writes) of the
+                           JSON document in FILE, space separated ("-" when missing or null)
+  drained FILE             exit 0 when the status in FILE shows the link drained:
+                           replication.lag_writes == 0 and seq_applied == seq_written
+  report MANIFEST [--json OUT] [--meta KEY=VALUE ...] [--log CONFIG=PATH ...]
+                           MANIFEST has one tab-separated line per run:
+                             workload config dir bs iodepth rawfile rc loadavg rundir
+                           rundir holds the run's status snapshots of the primary
+                           (before.json, end.json, drained.json), the secondary's status
+                           after the drain (beta.json), status samples taken during the run
+                           (samples.json, concatenated documents) and check.env (key=value:
+                           drained, drain_s, identical, cmp, nonzero, alive).
+                           --log names a daemon log to scan for warnings and errors.
+                           Prints the tables; writes JSON to OUT if given.
+                           Exit status: 0 all good, 2 some fio run failed, 3 some replica
+                           was not identical or did not drain (3 wins over 2).
+
+fio output is parsed with fio_report.py (same directory), which skips the
+"fio: connected to NBD server" line fio's nbd engine prints before the JSON.
+"""
+
+import json
+import os
+import re
+import sys
+import time
+
+sys.dont_write_bytecode = True  # no __pycache__ inside the repository
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fio_report import fmt_num, load_fio, summarize  # noqa: E402
+
+BASELINE = "lone"
+CONFIG_ORDER = ["lone", "A", "B", "C"]
+# (config, workload, minimum IOPS ratio to lone): the targets of the replication issue
+GOALS = [
+    ("C", "4k-randwrite-qd32", 0.6),
+    ("C", "1m-seqwrite-qd8", 0.8),
+    ("A", "4k-randwrite-qd32", 0.8),
+    ("A", "1m-seqwrite-qd8", 0.9),
+]
+# log lines that are expected in every run of this benchmark
+BENIGN_LOG = [
+    re.compile(r"forced promotion of an? \w+ disk"),
+]
+LOG_ISSUE = re.compile(r"\b(ERROR|WARN)\b|panicked")
+TS_PREFIX = re.compile(r"^\S+Z\s+")
+
+
+def load_json(path):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_all(path):
+    """Every JSON document of a file of concatenated documents."""
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return []
+    docs, dec, i = [], json.JSONDecoder(), 0
+    while True:
+        i = text.find("{", i)
+        if i < 0:
+            return docs
+        try:
+            doc, end = dec.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        docs.append(doc)
+        i = end
+
+
+def dig(doc, key):
+    for part in key.split("."):
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(part)
+    return doc
+
+
+def load_env(path):
+    env = {}
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            for line in f:
+                k, sep, v = line.rstrip("\n").partition("=")
+                if sep:
+                    env[k] = v
+    except OSError:
+        pass
+    return env
+
+
+def cmd_get(args):
+    doc = load_json(args[0])
+    if doc is None:
+        return 1
+    vals = []
+    for k in args[1:]:
+        v = dig(doc, k)
+        vals.append("-" if v is None else (json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
+    print(" ".join(vals))
+    return 0
+
+
+def is_drained(doc):
+    r = (doc or {}).get("replication") or {}
+    try:
+        return r["lag_writes"] == 0 and r["seq_applied"] == r["seq_written"]
+    except KeyError:
+        return False
+
+
+def delta(a, b, key):
+    va, vb = dig(a, key), dig(b, key)
+    if isinstance(va, int) and isinstance(vb, int):
+        return vb - va
+    return None
+
+
+def max_latency_ms(raw, direction):
+    try:
+        d = load_fio(raw)["jobs"][0][direction]
+        return float((d.get("lat_ns") or {}).get("max", 0.0)) / 1e6
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def replication_facts(rundir, direction, raw):
+    before = load_json(os.path.join(rundir, "before.json"))
+    end = load_json(os.path.join(rundir, "end.json"))
+    drained = load_json(os.path.join(rundir, "drained.json"))
+    beta = load_json(os.path.join(rundir, "beta.json"))
+    samples = load_all(os.path.join(rundir, "samples.json"))
+    env = load_env(os.path.join(rundir, "check.env"))
+    after = drained or end
+    rep_end = dig(end, "replication") or {}
+    lags = [dig(s, "replication.lag_writes") for s in samples] + [rep_end.get("lag_writes")]
+    lags = [x for x in lags if isinstance(x, int)]
+    journal = [dig(s, "replication.journal_used") for s in samples] + [rep_end.get("journal_used")]
+    journal = [x for x in journal if isinstance(x, int)]
+    conns = {dig(s, "replication.connection") for s in samples} | {rep_end.get("connection")}
+    conns.discard(None)
+    sent = delta(before, after, "replication.bytes_sent")
+    written = delta(before, after, "io.bytes_written")
+    return {
+        "lag_writes_end": rep_end.get("lag_writes"),
+        "lag_bytes_end": rep_end.get("lag_bytes"),
+        "journal_used_end": rep_end.get("journal_used"),
+        "journal_size": rep_end.get("journal_size"),
+        "out_of_sync_end": rep_end.get("out_of_sync"),
+        "connection_end": rep_end.get("connection"),
+        "connections_seen": sorted(conns),
+        "max_lag_writes": max(lags) if lags else None,
+        "max_journal_used": max(journal) if journal else None,
+        "samples": len(samples),
+        "bytes_sent_total": dig(after, "replication.bytes_sent"),
+        "bytes_sent_run": sent,
+        "bytes_written_run": written,
+        "sent_per_written": (sent / written) if sent is not None and written else None,
+        "crc_errors": dig(after, "replication.crc_errors"),
+        "auth_failures": dig(after, "replication.auth_failures"),
+        "last_error": dig(after, "replication.last_error"),
+        "out_of_sync_after": dig(after, "replication.out_of_sync"),
+        "seq_written": dig(after, "replication.seq_written"),
+        "seq_applied": dig(after, "replication.seq_applied"),
+        "secondary_seq_applied": dig(beta, "replication.seq_applied"),
+        "secondary_role": dig(beta, "role"),
+        "drained": env.get("drained"),
+        "drain_s": float(env["drain_s"]) if env.get("drain_s", "") not in ("", "-") else None,
+        "identical": env.get("identical"),
+        "cmp": env.get("cmp") or None,
+        "nonzero": env.get("nonzero"),
+        "daemons_alive": env.get("alive"),
+        "max_lat_ms": max_latency_ms(raw, direction),
+    }
+
+
+def scan_log(path):
+    issues, counts = [], {}
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if not LOG_ISSUE.search(line) or any(p.search(line) for p in BENIGN_LOG):
+                    continue
+                msg = TS_PREFIX.sub("", line)
+                # collapse numbers so repeats of one message count as one
+                key = re.sub(r"\d+", "N", msg)
+                if key not in counts:
+                    issues.append(msg)
+                counts[key] = counts.get(key, 0) + 1
+    except OSError as e:
+        return {"path": path, "error": str(e), "lines": 0, "messages": []}
+    return {"path": path, "lines": sum(counts.values()), "messages": issues[:8]}
+
+
+def table(header, rows, right):
+    widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(len(header))]
+
+    def line(cells):
+        return "| " + " | ".join(
+            (str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i]))
+            for i, c in enumerate(cells)) + " |"
+
+    out = [line(header),
+           "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2)
+                          for i, w in enumerate(widths)) + "|"]
+    out += [line(r) for r in rows]
+    print("\n".join(out))
+
+
+def mib(v):
+    return None if v is None else v / (1 << 20)
+
+
+def cmd_report(args):
+    manifest = args[0]
+    out, meta, logs = None, {}, []
+    i = 1
+    while i < len(args):
+        if args[i] == "--json":
+            out = args[i + 1]
+        elif args[i] == "--meta":
+            k, _, v = args[i + 1].partition("=")
+            meta[k] = int(v) if v.isdigit() else v
+        elif args[i] == "--log":
+            c, _, p = args[i + 1].partition("=")
+            logs.append((c, p))
+        else:
+            raise SystemExit(f"replication_report.py: unknown argument {args[i]}")
+        i += 2
+
+    results = []
+    with open(manifest, "r", encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            fields = line.split("\t") + [""] * 9
+            workload, config, direction, bs, iodepth, raw, rc, load, rundir = fields[:9]
+            r = {
+                "workload": workload, "config": config, "rw": direction, "bs": bs,
+                "iodepth": int(iodepth), "ok": False, "error": None,
+                "iops": None, "mib_s": None, "p99_us": None, "p50_us": None,
+                "mean_lat_us": None,
+                "loadavg_1m_before": float(load) if load else None,
+            }
+            try:
+                if rc == "98":
+                    raise ValueError("not run: the configuration could not be set up")
+                if rc == "99":
+                    raise ValueError("not run: a daemon was gone")
+                if rc != "0":
+                    raise ValueError(f"fio exited with status {rc}")
+                s = summarize(raw, direction)
+                meta.setdefault("fio_version", s.pop("fio_version"))
+                s.pop("fio_version", None)
+                r.update(s)
+                r["ok"] = True
+            except Exception as e:  # report the failure in the table, keep going
+                r["error"] = str(e)
+            if rundir and config != BASELINE:
+                r["replication"] = replication_facts(rundir, direction, raw)
+            elif rundir:
+                env = load_env(os.path.join(rundir, "check.env"))
+                r["nonzero"] = env.get("nonzero")
+                r["max_lat_ms"] = max_latency_ms(raw, direction)
+            results.append(r)
+
+    workloads, configs = [], []
+    for r in results:
+        if r["workload"] not in workloads:
+            workloads.append(r["workload"])
+        if r["config"] not in configs:
+            configs.append(r["config"])
+    configs.sort(key=lambda c: CONFIG_ORDER.index(c) if c in CONFIG_ORDER else 99)
+    by = {(r["workload"], r["config"]): r for r in results}
+    for r in results:
+        base = by.get((r["workload"], BASELINE))
+        r["ratio_to_lone_iops"] = (r["iops"] / base["iops"]) if (
+            r["ok"] and base and base["ok"] and base["iops"]) else None
+
+    loads = [r["loadavg_1m_before"] for r in results if r["loadavg_1m_before"] is not None]
+    if loads:
+        ncpu = meta.get("nproc")
+        print(f"load average (1 min) before the runs: {min(loads):.2f} .. {max(loads):.2f}"
+              + (f" on {ncpu} CPUs" if ncpu else "")
+              + " (includes this benchmark's own previous runs)")
+    # ---- main table
+    rows = []
+    for w in workloads:
+        for c in configs:
+            r = by.get((w, c))
+            if not r:
+                continue
+            if r["ok"]:
+                ratio = r["ratio_to_lone_iops"]
+                rows.append([w, c, fmt_num(r["iops"]), fmt_num(r["mib_s"], 1),
+                             fmt_num(r["p99_us"]), "-" if ratio is None else f"{ratio:.2f}"])
+            else:
+                rows.append([w, c, "FAILED", "-", "-", r["error"] or ""])
+    table(["workload", "config", "IOPS", "MiB/s", "p99 µs", "ratio to lone (IOPS)"], rows,
+          {2, 3, 4, 5})
+
+    # ---- replication details
+    per_config = {}
+    rep_rows = []
+    for c in configs:
+        if c == BASELINE:
+            continue
+        verdicts = []
+        for w in workloads:
+            r = by.get((w, c))
+            if not r or "replication" not in r:
+                continue
+            x = r["replication"]
+            verdicts.append(x["identical"] if x["drained"] == "yes" else
+                            ("no" if x["identical"] == "no" else "not-drained"))
+            rep_rows.append([
+                w, c, fmt_num(x["lag_writes_end"]), fmt_num(x["max_lag_writes"]),
+                fmt_num(mib(x["max_journal_used"]), 1),
+                fmt_num(mib(x["bytes_sent_run"]), 1),
+                "-" if x["sent_per_written"] is None else f"{x['sent_per_written']:.3f}",
+                fmt_num(x["drain_s"], 1), fmt_num(mib(x["out_of_sync_after"]), 1),
+                fmt_num(x["max_lat_ms"], 1), x["identical"] or "-",
+            ])
+        if not verdicts:
+            per_config[c] = "unknown"
+        elif all(v == "yes" for v in verdicts):
+            per_config[c] = "yes"
+        elif any(v == "no" for v in verdicts):
+            per_config[c] = "no"
+        else:
+            per_config[c] = "unknown"
+    if rep_rows:
+        print()
+        print("Replication (alpha's status: lag at fio's end, max over 1 s samples, bytes"
+              " sent/written over ramp+run+drain, out_of_sync once drained):")
+        table(["workload", "config", "lag_writes at end", "max lag", "max journal MiB",
+               "bytes_sent MiB", "sent/written", "drain s", "out_of_sync MiB", "max lat ms",
+               "identical"],
+              rep_rows, {2, 3, 4, 5, 6, 7, 8, 9})
+        print()
+        for c in configs:
+            if c in per_config:
+                print(f"replicas identical ({c}): {per_config[c]}")
+
+    # ---- goals
+    goals = []
+    for c, w, target in GOALS:
+        r = by.get((w, c))
+        ratio = r["ratio_to_lone_iops"] if r else None
+        if ratio is None:
+            result = "n/a"
+        elif per_config.get(c) != "yes":
+            result = "FAIL (replicas not verified identical)"
+        else:
+            result = "PASS" if ratio >= target else "FAIL"
+        goals.append({"config": c, "workload": w, "target": target, "ratio": ratio,
+                      "result": result})
+    print()
+    print("Goals (IOPS ratio to the lone node; PASS also needs identical replicas):")
+    table(["goal", "workload", "ratio", "target", "result"],
+          [[f"protocol {g['config']}", g["workload"],
+            "-" if g["ratio"] is None else f"{g['ratio']:.2f}", f">= {g['target']:.1f}",
+            g["result"]] for g in goals], {2, 3})
+
+    # ---- daemon logs
+    log_report = {}
+    for c, p in logs:
+        log_report.setdefault(c, []).append(scan_log(p))
+    noisy = [(c, s) for c, ss in log_report.items() for s in ss if s["lines"] or s.get("error")]
+    print()
+    if not logs:
+        pass
+    elif not noisy:
+        print("daemon logs: no warnings or errors (besides the expected forced promotion)")
+    else:
+        print("daemon logs: warnings / errors:")
+        for c, s in noisy:
+            name = os.path.basename(s["path"])
+            if s.get("error"):
+                print(f"  [{c}] {name}: cannot read: {s['error']}")
+                continue
+            print(f"  [{c}] {name}: {s['lines']} line(s)")
+            for m in s["messages"]:
+                print(f"      {m[:300]}")
+
+    if out:
+        meta.setdefault("generated", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        doc = {
+            "meta": meta,
+            "results": results,
+            "replicas_identical": per_config,
+            "goals": goals,
+            "daemon_logs": log_report,
+        }
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+
+    if any(v != "yes" for v in per_config.values()):
+        return 3
+    return 0 if all(r["ok"] for r in results) else 2
+
+
+def main(argv):
+    if len(argv) < 3 or argv[1] not in ("get", "drained", "report"):
+        print(__doc__, file=sys.stderr)
+        return 64
+    if argv[1] == "get":
+        return cmd_get(argv[2:])
+    if argv[1] == "drained":
+        return 0 if is_drained(load_json(argv[2])) else 1
+    return cmd_report(argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
