@@ -101,6 +101,10 @@ impl Ranges {
 pub struct Inner {
     /// Last sequence number issued by this node as primary.
     pub issued: u64,
+    /// Ranges of records whose journal space was reused after the peer applied them but
+    /// before it made them durable: if the link drops now they go to the bitmap, because a
+    /// crash of the peer could still lose them. Pruned by durable acks; bounded.
+    pub undurable: std::collections::VecDeque<(u64, u64, u64)>,
     pub ring: Ring,
     pub ranges: Ranges,
     pub bitmap: Bitmap,
@@ -139,6 +143,9 @@ pub struct Replication {
     disk_lock: tokio::sync::Mutex<()>,
 }
 
+/// Ranges kept for records the peer applied but has not made durable (about 24 MiB of index).
+const MAX_UNDURABLE: usize = 1 << 20;
+
 /// How long a connected primary waits for journal space before treating the peer as stuck.
 const SPACE_WAIT: Duration = Duration::from_secs(30);
 
@@ -160,6 +167,7 @@ impl Replication {
             protocol,
             inner: Mutex::new(Inner {
                 issued,
+                undurable: std::collections::VecDeque::new(),
                 ring,
                 ranges: Ranges::default(),
                 bitmap,
@@ -232,6 +240,9 @@ impl Replication {
         if moved {
             let mut g = self.lock();
             g.ring.release_through(applied);
+            while g.undurable.front().is_some_and(|u| u.0 <= durable) {
+                g.undurable.pop_front();
+            }
             // Everything issued is durable on the peer, and the journal carried all of it:
             // the bitmap is no longer needed.
             if !g.overflowed && durable >= g.issued && g.bitmap.dirty_bits() > 0 {
@@ -254,6 +265,12 @@ impl Replication {
         for r in inner.ring.records().filter(|r| r.seq > durable) {
             if r.range.1 > r.range.0 {
                 inner.bitmap.set_range(r.range.0, r.range.1 - r.range.0);
+                n += 1;
+            }
+        }
+        for (seq, start, end) in inner.undurable.drain(..) {
+            if seq > durable {
+                inner.bitmap.set_range(start, end - start);
                 n += 1;
             }
         }
@@ -306,16 +323,18 @@ impl Replication {
                 let r = if inner.overflowed {
                     Err(AppendError::TooBig)
                 } else {
-                    let bitmap = &mut inner.bitmap;
-                    let mut evicted_undurable = false;
+                    let undurable = &mut inner.undurable;
                     let r = journal::append_msg(&mut inner.ring, &msg, payload, |e| {
                         if e.seq > durable && e.range.1 > e.range.0 {
-                            bitmap.set_range(e.range.0, e.range.1 - e.range.0);
-                            evicted_undurable = true;
+                            undurable.push_back((e.seq, e.range.0, e.range.1));
                         }
                     });
-                    if evicted_undurable {
-                        inner.bitmap_dirty = true;
+                    // Bounded: past the limit the oldest go to the bitmap right away.
+                    while inner.undurable.len() > MAX_UNDURABLE {
+                        if let Some((_, a, b)) = inner.undurable.pop_front() {
+                            inner.bitmap.set_range(a, b - a);
+                            inner.bitmap_dirty = true;
+                        }
                     }
                     r
                 };
