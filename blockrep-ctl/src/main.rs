@@ -448,6 +448,19 @@ fn status(cfg: &Config, json: bool) -> Result<()> {
             human_bytes(r.journal_size),
             human_bytes(r.out_of_sync)
         );
+        if r.resync_total > 0 {
+            println!(
+                "    resync {} of {} ({:.0}%) at {}/s, about {} s left",
+                human_bytes(r.resync_done),
+                human_bytes(r.resync_total),
+                100.0 * r.resync_done as f64 / r.resync_total.max(1) as f64,
+                human_bytes(r.resync_rate),
+                r.resync_eta_s
+            );
+        }
+        if let Some(e) = &r.last_error {
+            println!("    last error: {e}");
+        }
     }
     Ok(())
 }

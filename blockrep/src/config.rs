@@ -101,6 +101,10 @@ pub struct Config {
     pub direct_io: bool,
     pub journal_size: u64,
     pub bitmap_granularity: u64,
+    /// Most resync bytes per second (0: unlimited).
+    pub resync_rate: u64,
+    /// Event name → command run on that event.
+    pub handlers: BTreeMap<String, PathBuf>,
     /// This node.
     pub me: NodeConfig,
     /// The other node, if the resource names one.
@@ -113,7 +117,20 @@ struct RawFile {
     resource: RawResource,
     #[serde(default)]
     node: BTreeMap<String, RawNode>,
+    #[serde(default)]
+    handlers: BTreeMap<String, PathBuf>,
 }
+
+/// Events a handler can be configured for.
+pub const HANDLER_EVENTS: [&str; 7] = [
+    "split-brain",
+    "before-resync-target",
+    "after-resync-target",
+    "before-resync-source",
+    "after-resync-source",
+    "peer-lost",
+    "became-primary",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -126,6 +143,7 @@ struct RawResource {
     direct_io: Option<bool>,
     journal_size: Option<String>,
     bitmap_granularity: Option<String>,
+    resync_rate: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +273,29 @@ impl Config {
                 })?,
         };
 
+        let resync_rate = match r.resync_rate.as_deref() {
+            None => 100 << 20,
+            Some(s) => parse_size(s).ok_or_else(|| {
+                key_err(
+                    "resource.resync-rate",
+                    format!("{s:?} is not a rate in bytes per second (e.g. 100M; 0 for unlimited)"),
+                )
+            })?,
+        };
+        for (event, cmd) in &raw.handlers {
+            if !HANDLER_EVENTS.contains(&event.as_str()) {
+                return Err(key_err(
+                    &format!("handlers.{event}"),
+                    format!("unknown event (known: {})", HANDLER_EVENTS.join(", ")),
+                ));
+            }
+            if cmd.as_os_str().is_empty() {
+                return Err(key_err(
+                    &format!("handlers.{event}"),
+                    "empty command".into(),
+                ));
+            }
+        }
         if raw.node.is_empty() {
             return Err(key_err("node", "no [node.NAME] table".into()));
         }
@@ -389,6 +430,8 @@ impl Config {
             direct_io: r.direct_io.unwrap_or(false),
             journal_size,
             bitmap_granularity,
+            resync_rate,
+            handlers: raw.handlers,
             me,
             peer,
         })

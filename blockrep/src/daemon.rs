@@ -105,10 +105,19 @@ impl Daemon {
                     "resource {} has no peer configured",
                     self.cfg.resource
                 ))),
-                Ok(_) if discard_my_data => Err(NodeError::Refused(
-                    "--discard-my-data needs a bitmap resync, which this build does not do yet"
-                        .into(),
-                )),
+                Ok(r) if discard_my_data => {
+                    if r.role() == crate::state::Role::Primary {
+                        Err(NodeError::Refused(
+                            "a primary cannot discard its data: demote it first".into(),
+                        ))
+                    } else {
+                        r.set_discard_my_data();
+                        Ok(format!(
+                            "{} will discard its changes and resync from its peer",
+                            self.cfg.me.name
+                        ))
+                    }
+                }
                 Ok(r) => Ok(r.set_standalone(false)),
                 Err(e) => Err(e),
             },

@@ -23,11 +23,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
+use crate::bitmap::Bitmap;
 use crate::buf::Buf;
-use crate::meta::{DiskState, UUID_JUST_CREATED};
-use crate::replication::Ranges;
+use crate::meta::{DiskState, Generations};
+use crate::replication::{Ranges, Record, Replication};
 use crate::resource::Resource;
-use crate::state::Role;
+use crate::state::{self, Role, SyncDecision};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_INTERVAL: Duration = Duration::from_millis(500);
@@ -59,6 +60,8 @@ pub enum LinkError {
     Protocol(String),
     #[error("{0}")]
     NeedsResync(String),
+    #[error("{0}")]
+    SplitBrain(String),
     #[error("link closed: {0}")]
     Closed(&'static str),
 }
@@ -341,7 +344,7 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
             }
             _ = ctl.changed() => Err(LinkError::Closed("role change or admin command")),
         };
-        res.link_down();
+        res.link_down().await;
         match r {
             Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
             Err(e) => {
@@ -469,26 +472,93 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         )
         .await);
     }
+    let mut decision = state::compare_generations(&gens(&me.gen), &gens(&peer.gen));
+    // `connect --discard-my-data` on one side settles a split brain (or any difference) in
+    // favour of the other.
+    if me.discard_my_data && !me.primary {
+        decision = SyncDecision::TargetBitmap;
+    } else if peer.discard_my_data && !peer.primary {
+        decision = SyncDecision::SourceBitmap;
+    }
+    tracing::info!(
+        "generations: this node {:?}, peer {:?}: {decision:?}",
+        me.gen,
+        peer.gen
+    );
+    match decision {
+        SyncDecision::SplitBrain => {
+            res.set_link_state("split-brain", None);
+            let why = format!(
+                "split brain: both nodes changed the data since generation {:016X}; no data moves. \
+                 Resolve with `blockrep-ctl connect --discard-my-data` on the node whose changes are to be dropped",
+                me.gen.bitmap
+            );
+            tracing::error!("{why}");
+            res.run_handler("split-brain");
+            return Err(LinkError::SplitBrain(
+                refuse(&mut wr, why).await.to_string(),
+            ));
+        }
+        SyncDecision::Unrelated => {
+            let why = format!(
+                "unrelated data: generation {:016X} here, {:016X} on the peer, no common history",
+                me.gen.current, peer.gen.current
+            );
+            return Err(refuse(&mut wr, why).await);
+        }
+        _ => {}
+    }
+    let source = matches!(
+        decision,
+        SyncDecision::InSync | SyncDecision::SourceBitmap | SyncDecision::SourceFull
+    );
     match (my_role, peer.primary) {
-        (Role::Primary, false) => primary_side(res, rd, wr, peer, me).await,
-        (Role::Secondary, true) => secondary_side(res, rd, wr, peer).await,
-        _ => idle_side(res, rd, wr).await,
+        (Role::Primary, false) if source => primary_side(res, rd, wr, peer, me, decision).await,
+        (Role::Primary, false) => Err(refuse(
+            &mut wr,
+            "the primary has older data than its peer (generations say the peer moved on): demote it and promote the peer".into(),
+        )
+        .await),
+        (Role::Secondary, true) if !matches!(decision, SyncDecision::SourceBitmap | SyncDecision::SourceFull) => {
+            secondary_side(res, rd, wr, peer).await
+        }
+        (Role::Secondary, true) => Err(refuse(
+            &mut wr,
+            "this secondary has newer data than the primary: demote the primary and promote this node, or discard this node's data".into(),
+        )
+        .await),
+        _ => {
+            if decision != SyncDecision::InSync {
+                res.set_link_error(format!(
+                    "{decision:?}: a resync starts when the node with the good data is primary"
+                ));
+            }
+            idle_side(res, rd, wr).await
+        }
+    }
+}
+
+fn gens(g: &peer::GenIds) -> Generations {
+    Generations {
+        current: g.current,
+        bitmap: g.bitmap,
+        history: g.history,
     }
 }
 
 /// Decides where the stream starts for a secondary that applied up to `peer.applied_seq`.
 fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64, LinkError> {
     let rep = res.rep().ok_or(LinkError::Closed("no replication state"))?;
-    // Unrelated data is never merged: the peer must be fresh, on our generation, or on one
-    // we came from.
-    let g = me.gen;
-    let related = peer.gen.current == g.current
-        || peer.gen.current == UUID_JUST_CREATED
-        || g.history.contains(&peer.gen.current);
-    if !related {
+    let _ = me;
+    if peer.crashed_primary || peer.out_of_sync > 0 || peer.discard_my_data {
         return Err(LinkError::NeedsResync(format!(
-            "peer's data generation {:016X} is not this node's history ({:016X}, {:016X} {:016X}): split brain or unrelated data; resolve with a resync",
-            peer.gen.current, g.current, g.history[0], g.history[1]
+            "the peer has changes of its own ({} bytes{}): resync",
+            peer.out_of_sync,
+            if peer.crashed_primary {
+                ", crashed as primary"
+            } else {
+                ""
+            }
         )));
     }
     let inner = rep.lock();
@@ -515,23 +585,72 @@ async fn primary_side(
     mut wr: OwnedWriteHalf,
     peer: NodeState,
     me: NodeState,
+    decision: SyncDecision,
 ) -> Result<(), LinkError> {
     let rep = res
         .rep()
         .ok_or(LinkError::Closed("no replication state"))?
         .clone();
-    let start = match stream_start(res, &peer, &me) {
-        Ok(s) => s,
+    // The secondary sends its dirty bitmap first: regions it changed that this node lacks.
+    let (msg, payload, _) =
+        timed("waiting for the peer's bitmap", read_frame(&mut rd, res)).await?;
+    let peer_bitmap = match (msg, payload) {
+        (Msg::Bitmap { .. }, Some(b)) => {
+            let bm = Bitmap::from_bytes(res.device().size(), res.cfg().bitmap_granularity, &b);
+            res.device().pool.put(b);
+            bm
+        }
+        (Msg::Refuse { reason }, _) => return Err(LinkError::PeerRefused(reason)),
+        (other, _) => {
+            return Err(LinkError::Protocol(format!(
+                "expected the peer's bitmap, got {other:?}"
+            )))
+        }
+    };
+    let journal = match decision {
+        SyncDecision::InSync | SyncDecision::SourceBitmap => stream_start(res, &peer, &me),
+        _ => Err(LinkError::NeedsResync("full sync".into())),
+    };
+    let (start, resync) = match journal {
+        Ok(s) => (s, None),
         Err(e) => {
-            let _ = refuse(&mut wr, e.to_string()).await;
-            return Err(e);
+            let full = decision == SyncDecision::SourceFull;
+            rep.merge_bitmap(Some(&peer_bitmap), full, res.device().size());
+            let start = rep.lock().issued + 1;
+            let bytes = rep.lock().bitmap.dirty_bytes();
+            tracing::info!(
+                "resync to the peer ({}): {bytes} bytes{}",
+                e,
+                if full { ", full" } else { "" }
+            );
+            write_msg(
+                &mut wr,
+                &Msg::SyncStart {
+                    seq: start,
+                    full,
+                    bytes,
+                },
+            )
+            .await?;
+            (start, Some(bytes))
         }
     };
     tracing::info!(
         "streaming to the peer from sequence {start} (issued {})",
         rep.lock().issued
     );
-    rep.set_connected(true, peer.applied_seq);
+    rep.set_connected(true, start - 1);
+    let resync_worker = {
+        let rep = rep.clone();
+        let res = res.clone();
+        async move {
+            if let Some(total) = resync {
+                res.run_handler("before-resync-source");
+                run_resync(&res, &rep, total).await?;
+            }
+            std::future::pending::<Result<(), LinkError>>().await
+        }
+    };
     let sender = {
         let rep = rep.clone();
         async move {
@@ -610,8 +729,78 @@ async fn primary_side(
     let r: Result<(), LinkError> = tokio::select! {
         r = sender => r,
         r = reader => r,
+        r = resync_worker => r,
     };
+    if let Ok(mut p) = res.resync.lock() {
+        *p = None;
+    }
     r
+}
+
+/// The source's resync: every dirty region goes out as a stream record, paced by the
+/// configured rate; then a SyncDone record, and once the target applied it, the bitmap
+/// generation is forgotten.
+async fn run_resync(
+    res: &Arc<Resource>,
+    rep: &Arc<Replication>,
+    total: u64,
+) -> Result<(), LinkError> {
+    let size = res.device().size();
+    let rate = res.cfg().resync_rate;
+    let file = std::fs::File::open(&res.cfg().me.backing)?;
+    let started = std::time::Instant::now();
+    if let Ok(mut p) = res.resync.lock() {
+        *p = Some((total, 0, started));
+    }
+    rep.resyncing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    struct Done<'a>(&'a Replication);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0
+                .resyncing
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let _done = Done(rep);
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    let mut sent = 0u64;
+    while let Some((off, len)) = rep.next_dirty(at, 1 << 20, size) {
+        rep.resync_chunk(&file, off, len, &mut buf).await?;
+        at = off + len;
+        sent += len;
+        if let Ok(mut p) = res.resync.lock() {
+            *p = Some((total.max(sent), sent, started));
+        }
+        // Rate limit: never ahead of `rate` bytes per second on average.
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            let el = started.elapsed();
+            if due > el {
+                tokio::time::sleep(due - el).await;
+            }
+        }
+        if at >= size {
+            at = 0; // regions dirtied behind us by a disconnect race are picked up again
+        }
+    }
+    let gen = res.node_state().gen;
+    let seq = rep.begin(Record::SyncDone { gen }).await;
+    let mut rx = rep.subscribe_acks();
+    let _ = rx.wait_for(|a| !a.connected || a.applied >= seq).await;
+    if rep.acks().applied >= seq {
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!("resync done: {sent} bytes in {secs:.1} s; the peer is up to date");
+        res.commit_meta(|sb| sb.gen = state::after_sync(sb.gen))
+            .await
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        res.run_handler("after-resync-source");
+    }
+    if let Ok(mut p) = res.resync.lock() {
+        *p = None;
+    }
+    Ok(())
 }
 
 /// Tracks the secondary's progress: which sequences finished, the contiguous mark, durability.
@@ -747,6 +936,19 @@ async fn secondary_side(
         target: peer.issued_seq,
         target_gen: peer.gen,
     });
+    {
+        let bytes = rep.lock().bitmap.to_bytes();
+        let mut f = Vec::with_capacity(bytes.len() + 64);
+        peer::encode_frame(
+            &mut f,
+            &Msg::Bitmap {
+                len: bytes.len() as u32,
+                crc: crc32c::crc32c(&bytes),
+            },
+            &bytes,
+        );
+        wr.write_all(&f).await?;
+    }
     tracing::info!(
         "receiving from the primary from sequence {} (primary issued {})",
         applied0 + 1,
@@ -823,6 +1025,26 @@ async fn secondary_side(
                     Some(s) => s,
                     None => match msg {
                         Msg::Ping { .. } | Msg::Pong { .. } => continue,
+                        Msg::SyncStart { seq, full, bytes } => {
+                            // This node becomes the sync target: inconsistent until SyncDone.
+                            tracing::info!(
+                                "resync from the primary: {bytes} bytes{}, stream from sequence {seq}",
+                                if full { ", full" } else { "" }
+                            );
+                            res.run_handler("before-resync-target");
+                            res.commit_meta(|sb| sb.disk = DiskState::Inconsistent)
+                                .await
+                                .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                            {
+                                let mut s = ap.lock();
+                                s.received = seq - 1;
+                                s.applied = seq - 1;
+                                s.durable = seq - 1;
+                            }
+                            rep.lock().applied = seq - 1;
+                            ap.publish();
+                            continue;
+                        }
                         Msg::State(st) => {
                             res.set_peer(Some(st));
                             continue;
@@ -860,6 +1082,38 @@ async fn secondary_side(
                     .await
                     .map_err(|_| LinkError::Closed("apply window closed"))?;
                 match msg {
+                    Msg::SyncDone { gen, .. } => {
+                        // Everything before is applied: durable, then whole again.
+                        let ap = ap.clone();
+                        tokio::spawn(async move {
+                            let mut rx = ap.progress.subscribe();
+                            let _ = rx.wait_for(|p| p.1 >= seq - 1).await;
+                            if let Err(e) = ap.make_durable().await {
+                                tracing::error!("secondary flush at the end of resync: {e}");
+                                return;
+                            }
+                            let g = state::after_sync(gens(&gen));
+                            let r = ap
+                                .res
+                                .commit_meta(move |sb| {
+                                    sb.disk = DiskState::UpToDate;
+                                    sb.gen = g;
+                                })
+                                .await;
+                            if r.is_ok() {
+                                if let Some(rep) = ap.res.rep() {
+                                    let mut g = rep.lock();
+                                    g.bitmap.clear_all();
+                                    g.bitmap_dirty = true;
+                                }
+                                ap.res.sync_target_done();
+                                tracing::info!("resync done: this node is up to date");
+                                ap.res.run_handler("after-resync-target");
+                            }
+                            ap.finish(seq, 0);
+                            drop(permit);
+                        });
+                    }
                     Msg::Flush { .. } => {
                         // Everything before the barrier applied, then durable, then acked.
                         let ap = ap.clone();

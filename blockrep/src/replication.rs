@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -59,6 +60,10 @@ pub enum Record<'a> {
         trim: bool,
     },
     Flush,
+    /// End of a resync: the target adopts this generation once everything before is applied.
+    SyncDone {
+        gen: proto::peer::GenIds,
+    },
 }
 
 impl Record<'_> {
@@ -66,7 +71,7 @@ impl Record<'_> {
         match *self {
             Record::Write { offset, data, .. } => Some((offset, offset + data.len() as u64)),
             Record::Zero { offset, len, .. } => Some((offset, offset + len)),
-            Record::Flush => None,
+            Record::Flush | Record::SyncDone { .. } => None,
         }
     }
 }
@@ -137,6 +142,8 @@ pub struct Replication {
     range_done: Notify,
     acks: watch::Sender<Acks>,
     pub stats: Stats,
+    /// A resync is sending the bitmap's regions: the bitmap must not be cleared wholesale.
+    pub resyncing: std::sync::atomic::AtomicBool,
     areas: MetaAreas,
     meta: Arc<Mutex<MetaStore>>,
     /// Serialises journal disk writes (one writer at a time, in position order).
@@ -182,6 +189,7 @@ impl Replication {
             range_done: Notify::new(),
             acks: watch::channel(Acks::default()).0,
             stats: Stats::default(),
+            resyncing: std::sync::atomic::AtomicBool::new(false),
             areas,
             meta,
             disk_lock: tokio::sync::Mutex::new(()),
@@ -245,7 +253,11 @@ impl Replication {
             }
             // Everything issued is durable on the peer, and the journal carried all of it:
             // the bitmap is no longer needed.
-            if !g.overflowed && durable >= g.issued && g.bitmap.dirty_bits() > 0 {
+            if !g.overflowed
+                && durable >= g.issued
+                && g.bitmap.dirty_bits() > 0
+                && !self.resyncing.load(std::sync::atomic::Ordering::SeqCst)
+            {
                 g.bitmap.clear_all();
                 g.bitmap_dirty = true;
             }
@@ -304,6 +316,7 @@ impl Replication {
                 &[],
             ),
             Record::Flush => (Msg::Flush { seq: 0 }, &[]),
+            Record::SyncDone { gen } => (Msg::SyncDone { seq: 0, gen }, &[]),
         };
         let deadline = tokio::time::Instant::now() + SPACE_WAIT;
         let seq = loop {
@@ -496,6 +509,125 @@ impl Replication {
         g.bitmap_dirty || (!self.acks.borrow().connected && g.disk_pos < g.ring.head())
     }
 
+    /// Resync: sends the dirty region `[offset, offset+len)` as a stream record carrying the
+    /// data as it is on this disk now. The read happens under the replication lock once no
+    /// earlier write to the range is in flight, so the record's place in the sequence matches
+    /// the data it carries: a later write to the range is after it, an earlier one is in it.
+    /// All-zero regions travel as Zero records. Returns the sequence number issued.
+    pub async fn resync_chunk(
+        &self,
+        file: &File,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<u64> {
+        buf.resize(len as usize, 0);
+        loop {
+            let done = self.range_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let outcome = {
+                let mut g = self.lock();
+                if g.ranges.blocked(u64::MAX, (offset, offset + len)) {
+                    None
+                } else {
+                    file.read_exact_at(buf, offset)?;
+                    let seq = g.issued + 1;
+                    let zero = buf.iter().all(|&b| b == 0);
+                    let (msg, payload): (Msg, &[u8]) = if zero {
+                        (
+                            Msg::Zero {
+                                seq,
+                                offset,
+                                len,
+                                trim: false,
+                            },
+                            &[],
+                        )
+                    } else {
+                        (
+                            Msg::Write {
+                                seq,
+                                offset,
+                                len: len as u32,
+                                crc: crc32c::crc32c(buf),
+                                fua: false,
+                            },
+                            buf,
+                        )
+                    };
+                    let inner = &mut *g;
+                    let undurable = &mut inner.undurable;
+                    let durable = self.acks.borrow().durable;
+                    match journal::append_msg(&mut inner.ring, &msg, payload, |e| {
+                        if e.seq > durable && e.range.1 > e.range.0 {
+                            undurable.push_back((e.seq, e.range.0, e.range.1));
+                        }
+                    }) {
+                        Ok(_) => {
+                            inner.issued = seq;
+                            let gran = inner.bitmap.granularity();
+                            for bit in offset / gran..(offset + len).div_ceil(gran) {
+                                inner.bitmap.clear_bit(bit);
+                            }
+                            inner.bitmap_dirty = true;
+                            Some(Ok(seq))
+                        }
+                        Err(AppendError::Full { .. }) => Some(Err(())),
+                        Err(AppendError::TooBig) => {
+                            return Err(std::io::Error::other(
+                                "resync chunk larger than the journal",
+                            ))
+                        }
+                    }
+                }
+            };
+            match outcome {
+                Some(Ok(seq)) => {
+                    self.appended.notify_one();
+                    return Ok(seq);
+                }
+                // The journal is full: wait for the peer to apply some of it.
+                Some(Err(())) => {
+                    if !self.acks.borrow().connected {
+                        return Err(std::io::Error::other("peer disconnected during resync"));
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(1), space).await;
+                }
+                None => done.await,
+            }
+        }
+    }
+
+    /// The next run of dirty regions at or after `from` (bytes), at most `max` bytes long,
+    /// clipped to `size`.
+    pub fn next_dirty(&self, from: u64, max: u64, size: u64) -> Option<(u64, u64)> {
+        let g = self.lock();
+        let gran = g.bitmap.granularity();
+        let first = g.bitmap.next_set(from / gran)?;
+        let mut last = first;
+        while (last + 1 - first) * gran < max && g.bitmap.is_set(last + 1) {
+            last += 1;
+        }
+        let start = first * gran;
+        let end = ((last + 1) * gran).min(size);
+        (start < end).then_some((start, end - start))
+    }
+
+    /// Marks every region dirty (full sync) or merges the peer's bitmap.
+    pub fn merge_bitmap(&self, peer: Option<&Bitmap>, all: bool, size: u64) {
+        let mut g = self.lock();
+        if all {
+            g.bitmap.set_range(0, size);
+        } else if let Some(b) = peer {
+            g.bitmap.merge(b);
+        }
+        g.bitmap_dirty = true;
+    }
+
     /// Status numbers: (issued, journal used, journal size, lag writes, lag bytes, out of sync).
     pub fn numbers(&self) -> (u64, u64, u64, u64, u64, u64, bool) {
         let applied = self.acks().applied;
@@ -516,7 +648,10 @@ impl Replication {
 fn with_seq(msg: &Msg, seq: u64) -> Msg {
     let mut m = msg.clone();
     match &mut m {
-        Msg::Write { seq: s, .. } | Msg::Zero { seq: s, .. } | Msg::Flush { seq: s } => *s = seq,
+        Msg::Write { seq: s, .. }
+        | Msg::Zero { seq: s, .. }
+        | Msg::Flush { seq: s }
+        | Msg::SyncDone { seq: s, .. } => *s = seq,
         _ => {}
     }
     m

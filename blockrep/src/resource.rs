@@ -53,6 +53,12 @@ pub struct Resource {
     link_info: Mutex<LinkInfo>,
     /// Established connections so far (a role change waits for the next one).
     connections: std::sync::atomic::AtomicU64,
+    /// Came up after going down as primary without `down`: only a resync brings it back.
+    crashed_primary: std::sync::atomic::AtomicBool,
+    /// `connect --discard-my-data`: become the sync target at the next connect.
+    discard_my_data: std::sync::atomic::AtomicBool,
+    /// Resync progress as the source: (total bytes, bytes sent, start).
+    pub resync: Mutex<Option<(u64, u64, std::time::Instant)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     export: Arc<Export>,
     role: Mutex<Role>,
@@ -90,6 +96,7 @@ impl Resource {
             .await
             .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))??
         };
+        let crashed = meta.sb.was_primary && cfg.peer.is_some();
         if meta.sb.was_primary {
             tracing::warn!(
                 "node {} was primary when it stopped last: it did not go down cleanly",
@@ -197,6 +204,9 @@ impl Resource {
                 ..Default::default()
             }),
             connections: std::sync::atomic::AtomicU64::new(0),
+            crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
+            discard_my_data: std::sync::atomic::AtomicBool::new(false),
+            resync: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             export,
             role: Mutex::new(Role::Secondary),
@@ -279,7 +289,59 @@ impl Resource {
             issued_seq: issued,
             journal_first_seq: first,
             out_of_sync: oos,
+            crashed_primary: self
+                .crashed_primary
+                .load(std::sync::atomic::Ordering::SeqCst),
+            discard_my_data: self
+                .discard_my_data
+                .load(std::sync::atomic::Ordering::SeqCst),
         }
+    }
+
+    /// Runs the configured handler for `event`, if any, without waiting for it: arguments
+    /// `RESOURCE EVENT PEER`, and the same in `BLOCKREP_RESOURCE`, `BLOCKREP_EVENT`,
+    /// `BLOCKREP_PEER`, `BLOCKREP_NODE`. Its exit status is logged.
+    pub fn run_handler(&self, event: &'static str) {
+        let Some(cmd) = self.cfg.handlers.get(event).cloned() else {
+            return;
+        };
+        let peer = self
+            .cfg
+            .peer
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        let mut c = tokio::process::Command::new(&cmd);
+        c.arg(&self.cfg.resource)
+            .arg(event)
+            .arg(&peer)
+            .env("BLOCKREP_RESOURCE", &self.cfg.resource)
+            .env("BLOCKREP_EVENT", event)
+            .env("BLOCKREP_PEER", &peer)
+            .env("BLOCKREP_NODE", &self.cfg.me.name)
+            .stdin(std::process::Stdio::null());
+        match c.spawn() {
+            Ok(mut child) => {
+                tokio::spawn(async move {
+                    match child.wait().await {
+                        Ok(st) if st.success() => {
+                            tracing::info!("handler {event} ({}) succeeded", cmd.display())
+                        }
+                        Ok(st) => tracing::warn!("handler {event} ({}) exited {st}", cmd.display()),
+                        Err(e) => tracing::warn!("handler {event} ({}): {e}", cmd.display()),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("handler {event}: cannot run {}: {e}", cmd.display()),
+        }
+    }
+
+    /// A resync as target completed: the node is whole again.
+    pub fn sync_target_done(&self) {
+        self.crashed_primary
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.discard_my_data
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn link(&self) -> std::sync::MutexGuard<'_, LinkInfo> {
@@ -307,11 +369,22 @@ impl Resource {
         self.link().peer = peer;
     }
 
-    /// The connection ended: writes stop waiting for the peer and go to the bitmap.
-    pub fn link_down(&self) {
+    /// The connection ended: writes stop waiting for the peer and go to the bitmap. A primary
+    /// that loses its peer starts a new data generation, so the two can tell later who moved on.
+    pub async fn link_down(&self) {
+        let was_connected = self.link().state == "connected";
         if let Some(r) = &self.rep {
             r.on_disconnect();
             r.set_connected(false, 0);
+        }
+        if was_connected {
+            self.run_handler("peer-lost");
+        }
+        if was_connected && self.role() == Role::Primary {
+            let id = random_id();
+            let _ = self
+                .commit_meta(move |sb| sb.gen = state::new_generation(sb.gen, id))
+                .await;
         }
         let mut l = self.link();
         if l.state == "connected" {
@@ -355,6 +428,16 @@ impl Resource {
         tracing::warn!("peer did not reconnect within 5 s after the role change");
     }
 
+    /// `connect --discard-my-data`: this node will become the sync target of its peer.
+    pub fn set_discard_my_data(&self) {
+        self.discard_my_data
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.link_ctl.send_modify(|c| {
+            c.standalone = false;
+            c.bump += 1;
+        });
+    }
+
     /// `connect` / `disconnect`.
     pub fn set_standalone(&self, standalone: bool) -> String {
         self.link_ctl.send_modify(|c| c.standalone = standalone);
@@ -394,6 +477,14 @@ impl Resource {
             ),
             _ => ("unknown", "unknown"),
         };
+        let (resync_total, resync_done, resync_rate) =
+            match self.resync.lock().ok().and_then(|p| *p) {
+                Some((t, d, started)) => {
+                    let secs = started.elapsed().as_secs_f64().max(0.001);
+                    (t, d, (d as f64 / secs) as u64)
+                }
+                None => (0, 0, 0),
+            };
         let applied = if self.role() == Role::Primary {
             acks.applied
         } else {
@@ -433,6 +524,10 @@ impl Resource {
             journal_used: used,
             journal_size: size,
             out_of_sync: oos,
+            resync_total,
+            resync_done,
+            resync_rate,
+            resync_eta_s: oos.checked_div(resync_rate).unwrap_or(0),
             last_error: l.last_error.clone(),
         })
     }
@@ -515,6 +610,8 @@ impl Resource {
                 g.issued = start;
             }
         }
+        self.crashed_primary
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Primary;
         }
@@ -523,6 +620,7 @@ impl Resource {
         self.announce_role().await;
         self.attach_kernel().await;
         tracing::info!("{} promoted to primary", self.cfg.me.name);
+        self.run_handler("became-primary");
         Ok(format!("{} is now primary", self.cfg.me.name))
     }
 
@@ -758,6 +856,16 @@ async fn open_replication(
             bitmap.dirty_bytes(),
             if m.sb.journal_overflowed { ", journal overflowed" } else { "" }
         );
+        let mut bitmap = bitmap;
+        if m.sb.was_primary {
+            // A crashed primary: whatever its journal still holds may not have reached the
+            // peer. (Writes after its last flush are not in the journal; see the README.)
+            for r in ring.records() {
+                if r.range.1 > r.range.0 {
+                    bitmap.set_range(r.range.0, r.range.1 - r.range.0);
+                }
+            }
+        }
         let checkpoint = (m.sb.journal_pos, m.sb.journal_seq);
         let overflowed = m.sb.journal_overflowed;
         let applied = m.sb.applied_seq;

@@ -70,11 +70,7 @@ pub fn promote(
     // declared good by force: history keeps where it came from.
     let new_generation = force || peer != PeerView::Connected(Role::Secondary);
     let gen = if new_generation {
-        Generations {
-            current: new_id,
-            bitmap: gen.bitmap,
-            history: [gen.current, gen.history[0]],
-        }
+        new_generation_of(gen, new_id)
     } else {
         gen
     };
@@ -141,6 +137,7 @@ mod tests {
         let p = promote(DiskState::UpToDate, g, PeerView::Unknown, true, 11).unwrap();
         assert_eq!(p.gen.current, 11);
         assert_eq!(p.gen.history, [10, 9]);
+        assert_eq!(p.gen.bitmap, 10);
     }
 
     #[test]
@@ -255,6 +252,10 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
 /// A primary that loses its peer (or is promoted without one) starts a new generation: the
 /// bitmap from now on counts changes since the old one.
 pub fn new_generation(g: Generations, new_id: u64) -> Generations {
+    new_generation_of(g, new_id)
+}
+
+fn new_generation_of(g: Generations, new_id: u64) -> Generations {
     Generations {
         current: new_id,
         // Keep the oldest point the bitmap counts from: it is what the peer still has.

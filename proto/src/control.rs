@@ -74,6 +74,11 @@ pub struct PeerStatus {
     pub journal_size: u64,
     /// Bytes the peer is known to lack (dirty bitmap), when the journal could not hold them.
     pub out_of_sync: u64,
+    /// Resync as the source: bytes in all, bytes sent, bytes per second, seconds left.
+    pub resync_total: u64,
+    pub resync_done: u64,
+    pub resync_rate: u64,
+    pub resync_eta_s: u64,
     pub last_error: Option<String>,
 }
 

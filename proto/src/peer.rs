@@ -62,6 +62,11 @@ pub struct NodeState {
     pub journal_first_seq: u64,
     /// Bytes this node's bitmap says the peer lacks.
     pub out_of_sync: u64,
+    /// This node went down as primary without a clean `down`: its last writes may not have
+    /// reached the peer, so it can only be brought back by a resync.
+    pub crashed_primary: bool,
+    /// The admin asked this node to discard its data and become the sync target.
+    pub discard_my_data: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -107,6 +112,22 @@ pub enum Msg {
         applied: u64,
         durable: u64,
     },
+    /// Target to source: the target's dirty bitmap (regions it changed that the source lacks).
+    Bitmap {
+        len: u32,
+        crc: u32,
+    },
+    /// Source to target: a resync starts; the stream continues at `seq`.
+    SyncStart {
+        seq: u64,
+        full: bool,
+        bytes: u64,
+    },
+    /// Source to target: every region is sent once `seq` is applied; adopt `gen`.
+    SyncDone {
+        seq: u64,
+        gen: GenIds,
+    },
     Ping {
         id: u64,
     },
@@ -121,7 +142,10 @@ impl Msg {
     /// The sequence number of a stream record.
     pub fn seq(&self) -> Option<u64> {
         match self {
-            Msg::Write { seq, .. } | Msg::Zero { seq, .. } | Msg::Flush { seq } => Some(*seq),
+            Msg::Write { seq, .. }
+            | Msg::Zero { seq, .. }
+            | Msg::Flush { seq }
+            | Msg::SyncDone { seq, .. } => Some(*seq),
             _ => None,
         }
     }
@@ -169,7 +193,7 @@ pub fn decode_header(
     }
     let msg: Msg = postcard::from_bytes(header).map_err(|e| FrameError::Decode(e.to_string()))?;
     let want = match &msg {
-        Msg::Write { len, .. } => *len,
+        Msg::Write { len, .. } | Msg::Bitmap { len, .. } => *len,
         _ => 0,
     };
     if want != pre.payload_len {
@@ -183,12 +207,15 @@ pub fn decode_header(
 
 /// Checks a data payload against the crc in its header.
 pub fn check_payload(msg: &Msg, payload: &[u8]) -> Result<(), FrameError> {
-    if let Msg::Write { seq, crc, .. } = msg {
-        if crc32c::crc32c(payload) != *crc {
-            return Err(FrameError::PayloadCrc { seq: *seq });
+    match msg {
+        Msg::Write { seq, crc, .. } if crc32c::crc32c(payload) != *crc => {
+            Err(FrameError::PayloadCrc { seq: *seq })
         }
+        Msg::Bitmap { crc, .. } if crc32c::crc32c(payload) != *crc => {
+            Err(FrameError::PayloadCrc { seq: 0 })
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Appends a frame: prefix, header, payload. Returns the frame's length.
