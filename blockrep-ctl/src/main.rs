@@ -67,6 +67,8 @@ enum Cmd {
     },
     /// Drop the peer link and stay standalone until `connect`.
     Disconnect,
+    /// Declare this node's data bad and fetch all of it from the peer (full resync).
+    Invalidate,
     /// Wait until the peer is connected and has every write (on the primary), or this node is
     /// connected and up to date (on a secondary).
     WaitSync {
@@ -105,6 +107,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::Secondary { force } => simple(&cfg, Request::Secondary { force }),
         Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
+        Cmd::Invalidate => simple(&cfg, Request::Invalidate),
         Cmd::Status { json } => status(&cfg, json),
         Cmd::WaitSync { timeout } => wait_sync(&cfg, timeout),
     }

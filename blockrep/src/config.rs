@@ -103,6 +103,8 @@ pub struct Config {
     pub bitmap_granularity: u64,
     /// Most resync bytes per second (0: unlimited).
     pub resync_rate: u64,
+    /// Split-brain resolution when neither node is primary.
+    pub after_sb_0pri: crate::state::AfterSb0Pri,
     /// Event name → command run on that event.
     pub handlers: BTreeMap<String, PathBuf>,
     /// This node.
@@ -144,6 +146,7 @@ struct RawResource {
     journal_size: Option<String>,
     bitmap_granularity: Option<String>,
     resync_rate: Option<String>,
+    after_sb_0pri: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +284,20 @@ impl Config {
                     format!("{s:?} is not a rate in bytes per second (e.g. 100M; 0 for unlimited)"),
                 )
             })?,
+        };
+        let after_sb_0pri = match r.after_sb_0pri.as_deref().unwrap_or("disconnect") {
+            "disconnect" => crate::state::AfterSb0Pri::Disconnect,
+            "discard-younger-primary" => crate::state::AfterSb0Pri::DiscardYoungerPrimary,
+            "discard-least-changes" => crate::state::AfterSb0Pri::DiscardLeastChanges,
+            "discard-zero-changes" => crate::state::AfterSb0Pri::DiscardZeroChanges,
+            other => {
+                return Err(key_err(
+                    "resource.after-sb-0pri",
+                    format!(
+                        "{other:?} is not a policy (disconnect, discard-younger-primary, discard-least-changes, discard-zero-changes)"
+                    ),
+                ))
+            }
         };
         for (event, cmd) in &raw.handlers {
             if !HANDLER_EVENTS.contains(&event.as_str()) {
@@ -431,6 +448,7 @@ impl Config {
             journal_size,
             bitmap_granularity,
             resync_rate,
+            after_sb_0pri,
             handlers: raw.handlers,
             me,
             peer,

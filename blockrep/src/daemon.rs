@@ -118,7 +118,11 @@ impl Daemon {
                         ))
                     }
                 }
-                Ok(r) => Ok(r.set_standalone(false)),
+                Ok(r) => Ok(r.set_standalone(false).await),
+                Err(e) => Err(e),
+            },
+            Request::Invalidate => match self.resource().await {
+                Ok(r) => r.invalidate().await,
                 Err(e) => Err(e),
             },
             Request::Disconnect => match self.resource().await {
@@ -126,7 +130,7 @@ impl Daemon {
                     "resource {} has no peer configured",
                     self.cfg.resource
                 ))),
-                Ok(r) => Ok(r.set_standalone(true)),
+                Ok(r) => Ok(r.set_standalone(true).await),
                 Err(e) => Err(e),
             },
         };

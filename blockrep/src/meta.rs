@@ -192,6 +192,8 @@ pub struct Superblock {
     /// The journal overflowed (or was lost): the bitmap, not the journal, says what the peer lacks.
     pub journal_overflowed: bool,
     pub created_unix: u64,
+    /// When this node was last promoted (unix milliseconds).
+    pub promoted_ms: u64,
 }
 
 impl Superblock {
@@ -390,6 +392,7 @@ impl MetaStore {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            promoted_ms: 0,
         };
         let mut store = MetaStore { file, path, sb };
         // Write both slots so no stale superblock of an older format survives.
@@ -499,6 +502,7 @@ mod tests {
             journal_seq: 1,
             journal_overflowed: false,
             created_unix: 1,
+            promoted_ms: 0,
         }
     }
 

@@ -440,7 +440,6 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let peer = est.peer.clone();
     let me = res.node_state();
     let my_role = res.role();
-    res.set_link_state("connected", None);
     res.set_peer(Some(peer.clone()));
     let (rd, mut wr) = est.stream.into_split();
     let rd = BufReader::with_capacity(1 << 20, rd);
@@ -485,6 +484,41 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         me.gen,
         peer.gen
     );
+    if decision == SyncDecision::SplitBrain && !me.primary && !peer.primary {
+        let facts = |s: &NodeState, name: &'static str| state::SbFacts {
+            name,
+            changes: s.out_of_sync,
+            promoted_ms: s.promoted_ms,
+        };
+        let (mn, pn) = (res.cfg().me.name.clone(), peer_name(res));
+        let mine = state::SbFacts {
+            name: &mn,
+            ..facts(&me, "")
+        };
+        let theirs = state::SbFacts {
+            name: &pn,
+            ..facts(&peer, "")
+        };
+        match state::resolve_split_brain(res.cfg().after_sb_0pri, mine, theirs) {
+            Some(true) => {
+                tracing::warn!(
+                    "split brain resolved by after-sb-0pri {:?}: this node discards its changes",
+                    res.cfg().after_sb_0pri
+                );
+                res.run_handler("split-brain");
+                decision = SyncDecision::TargetBitmap;
+            }
+            Some(false) => {
+                tracing::warn!(
+                    "split brain resolved by after-sb-0pri {:?}: the peer discards its changes",
+                    res.cfg().after_sb_0pri
+                );
+                res.run_handler("split-brain");
+                decision = SyncDecision::SourceBitmap;
+            }
+            None => {}
+        }
+    }
     match decision {
         SyncDecision::SplitBrain => {
             res.set_link_state("split-brain", None);
@@ -527,15 +561,21 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             "this secondary has newer data than the primary: demote the primary and promote this node, or discard this node's data".into(),
         )
         .await),
-        _ => {
-            if decision != SyncDecision::InSync {
-                res.set_link_error(format!(
-                    "{decision:?}: a resync starts when the node with the good data is primary"
-                ));
-            }
-            idle_side(res, rd, wr).await
+        // Neither is primary: a resync still runs, from the node with the good data.
+        (Role::Secondary, false) if source && decision != SyncDecision::InSync => {
+            primary_side(res, rd, wr, peer, me, decision).await
         }
+        (Role::Secondary, false) if !source => secondary_side(res, rd, wr, peer).await,
+        _ => idle_side(res, rd, wr).await,
     }
+}
+
+fn peer_name(res: &Resource) -> String {
+    res.cfg()
+        .peer
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_default()
 }
 
 fn gens(g: &peer::GenIds) -> Generations {
@@ -640,6 +680,14 @@ async fn primary_side(
         rep.lock().issued
     );
     rep.set_connected(true, start - 1);
+    res.set_link_state(
+        if resync.is_some() {
+            "sync-source"
+        } else {
+            "connected"
+        },
+        None,
+    );
     let resync_worker = {
         let rep = rep.clone();
         let res = res.clone();
@@ -766,16 +814,20 @@ async fn run_resync(
     let mut buf = Vec::new();
     let mut at = 0u64;
     let mut sent = 0u64;
+    let mut data_bytes = 0u64;
     while let Some((off, len)) = rep.next_dirty(at, 1 << 20, size) {
-        rep.resync_chunk(&file, off, len, &mut buf).await?;
+        let (_, zero) = rep.resync_chunk(&file, off, len, &mut buf).await?;
         at = off + len;
         sent += len;
+        if !zero {
+            data_bytes += len;
+        }
         if let Ok(mut p) = res.resync.lock() {
             *p = Some((total.max(sent), sent, started));
         }
-        // Rate limit: never ahead of `rate` bytes per second on average.
+        // Rate limit on the data that travels (zero regions are a header each).
         if rate > 0 {
-            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            let due = Duration::from_secs_f64(data_bytes as f64 / rate as f64);
             let el = started.elapsed();
             if due > el {
                 tokio::time::sleep(due - el).await;
@@ -792,6 +844,7 @@ async fn run_resync(
     if rep.acks().applied >= seq {
         let secs = started.elapsed().as_secs_f64();
         tracing::info!("resync done: {sent} bytes in {secs:.1} s; the peer is up to date");
+        res.set_link_state("connected", None);
         res.commit_meta(|sb| sb.gen = state::after_sync(sb.gen))
             .await
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
@@ -954,6 +1007,7 @@ async fn secondary_side(
         applied0 + 1,
         peer.issued_seq
     );
+    res.set_link_state("connected", None);
     // Already caught up (nothing to replay): adopt the generation now.
     if applied0 >= peer.issued_seq {
         let gen = peer.gen;
@@ -1032,6 +1086,7 @@ async fn secondary_side(
                                 if full { ", full" } else { "" }
                             );
                             res.run_handler("before-resync-target");
+                            res.set_link_state("sync-target", None);
                             res.commit_meta(|sb| sb.disk = DiskState::Inconsistent)
                                 .await
                                 .map_err(|e| LinkError::Protocol(e.to_string()))?;
@@ -1107,6 +1162,7 @@ async fn secondary_side(
                                     g.bitmap_dirty = true;
                                 }
                                 ap.res.sync_target_done();
+                                ap.res.set_link_state("connected", None);
                                 tracing::info!("resync done: this node is up to date");
                                 ap.res.run_handler("after-resync-target");
                             }
@@ -1211,6 +1267,7 @@ async fn idle_side(
     mut rd: BufReader<OwnedReadHalf>,
     mut wr: OwnedWriteHalf,
 ) -> Result<(), LinkError> {
+    res.set_link_state("connected", None);
     let pinger = async {
         loop {
             write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;

@@ -520,7 +520,7 @@ impl Replication {
         offset: u64,
         len: u64,
         buf: &mut Vec<u8>,
-    ) -> std::io::Result<u64> {
+    ) -> std::io::Result<(u64, bool)> {
         buf.resize(len as usize, 0);
         loop {
             let done = self.range_done.notified();
@@ -574,7 +574,7 @@ impl Replication {
                                 inner.bitmap.clear_bit(bit);
                             }
                             inner.bitmap_dirty = true;
-                            Some(Ok(seq))
+                            Some(Ok((seq, zero)))
                         }
                         Err(AppendError::Full { .. }) => Some(Err(())),
                         Err(AppendError::TooBig) => {
@@ -586,9 +586,9 @@ impl Replication {
                 }
             };
             match outcome {
-                Some(Ok(seq)) => {
+                Some(Ok(r)) => {
                     self.appended.notify_one();
-                    return Ok(seq);
+                    return Ok(r);
                 }
                 // The journal is full: wait for the peer to apply some of it.
                 Some(Err(())) => {

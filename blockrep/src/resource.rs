@@ -256,9 +256,9 @@ impl Resource {
 
     /// What this node tells its peer.
     pub fn node_state(&self) -> NodeState {
-        let (disk, gen) = {
+        let (disk, gen, promoted_ms) = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            (m.sb.disk, m.sb.gen)
+            (m.sb.disk, m.sb.gen, m.sb.promoted_ms)
         };
         let (applied, issued, first, oos) = match &self.rep {
             Some(r) => {
@@ -295,7 +295,37 @@ impl Resource {
             discard_my_data: self
                 .discard_my_data
                 .load(std::sync::atomic::Ordering::SeqCst),
+            promoted_ms,
         }
+    }
+
+    /// `invalidate`: this node's data is declared bad; it fetches everything from the peer
+    /// (a full resync as the target) at the next connect, which this forces.
+    pub async fn invalidate(&self) -> Result<String, NodeError> {
+        if self.role() == Role::Primary {
+            return Err(NodeError::Refused(
+                "a primary cannot invalidate its own data: demote it first".into(),
+            ));
+        }
+        if self.cfg.peer.is_none() {
+            return Err(NodeError::Refused("no peer to fetch the data from".into()));
+        }
+        self.commit_meta(|sb| {
+            sb.disk = DiskState::Inconsistent;
+            sb.gen = crate::meta::Generations {
+                current: crate::meta::UUID_JUST_CREATED,
+                ..Default::default()
+            };
+        })
+        .await?;
+        self.link_ctl.send_modify(|c| {
+            c.standalone = false;
+            c.bump += 1;
+        });
+        Ok(format!(
+            "{} invalidated: a full resync from the peer starts when connected",
+            self.cfg.me.name
+        ))
     }
 
     /// Runs the configured handler for `event`, if any, without waiting for it: arguments
@@ -350,14 +380,17 @@ impl Resource {
 
     pub fn set_link_state(&self, state: &'static str, err: Option<String>) {
         let mut l = self.link();
+        let was = l.state;
         l.state = state;
         if err.is_some() {
             l.last_error = err;
         }
-        if state == "connected" {
+        if established(state) {
             l.last_error = None;
-            self.connections
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if !established(was) {
+                self.connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     }
 
@@ -372,7 +405,7 @@ impl Resource {
     /// The connection ended: writes stop waiting for the peer and go to the bitmap. A primary
     /// that loses its peer starts a new data generation, so the two can tell later who moved on.
     pub async fn link_down(&self) {
-        let was_connected = self.link().state == "connected";
+        let was_connected = established(self.link().state);
         if let Some(r) = &self.rep {
             r.on_disconnect();
             r.set_connected(false, 0);
@@ -387,7 +420,7 @@ impl Resource {
                 .await;
         }
         let mut l = self.link();
-        if l.state == "connected" {
+        if established(l.state) {
             l.state = "connecting";
         }
     }
@@ -397,8 +430,8 @@ impl Resource {
             return PeerView::None;
         }
         let l = self.link();
-        match (&l.peer, l.state) {
-            (Some(p), "connected") => PeerView::Connected(if p.primary {
+        match (&l.peer, established(l.state)) {
+            (Some(p), true) => PeerView::Connected(if p.primary {
                 Role::Primary
             } else {
                 Role::Secondary
@@ -410,7 +443,7 @@ impl Resource {
     /// Reconnects the link so the peer learns this node's new role, and waits (bounded) for
     /// the new handshake, so that when a role command returns the peer knows.
     async fn announce_role(&self) {
-        let was_connected = self.link().state == "connected";
+        let was_connected = established(self.link().state);
         let before = self.connections.load(std::sync::atomic::Ordering::SeqCst);
         self.link_ctl.send_modify(|c| c.bump += 1);
         if !was_connected {
@@ -419,7 +452,7 @@ impl Resource {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < deadline {
             if self.connections.load(std::sync::atomic::Ordering::SeqCst) > before
-                && self.link().state == "connected"
+                && established(self.link().state)
             {
                 return;
             }
@@ -438,9 +471,16 @@ impl Resource {
         });
     }
 
-    /// `connect` / `disconnect`.
-    pub fn set_standalone(&self, standalone: bool) -> String {
+    /// `connect` / `disconnect`. A disconnect returns once the link is down, so that what the
+    /// admin does next (a forced promotion, say) sees it down on both sides.
+    pub async fn set_standalone(&self, standalone: bool) -> String {
         self.link_ctl.send_modify(|c| c.standalone = standalone);
+        if standalone {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while self.link().state != "standalone" && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         if standalone {
             format!(
                 "{} disconnected from its peer (standalone)",
@@ -457,7 +497,7 @@ impl Resource {
         let acks = rep.acks();
         let (issued, used, size, lag_w, lag_b, oos, overflowed) = rep.numbers();
         let l = self.link();
-        let connected = l.state == "connected";
+        let connected = established(l.state);
         let (peer_role, peer_disk) = match (&l.peer, connected) {
             (Some(p), true) => (
                 if p.primary { "primary" } else { "secondary" },
@@ -590,6 +630,10 @@ impl Resource {
             m.sb.disk = p.disk;
             m.sb.gen = p.gen;
             m.sb.was_primary = true;
+            m.sb.promoted_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
             Ok(m.commit()?)
         })??;
         if let Some(rep) = &self.rep {
@@ -816,6 +860,11 @@ impl Resource {
             }
         }
     }
+}
+
+/// Whether a link state means an authenticated connection is up.
+pub fn established(state: &str) -> bool {
+    matches!(state, "connected" | "sync-source" | "sync-target")
 }
 
 /// Loads the journal (from its checkpoint) and the bitmap from the metadata area.

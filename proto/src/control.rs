@@ -25,6 +25,8 @@ pub enum Request {
         discard_my_data: bool,
     },
     Disconnect,
+    /// Discard this node's data; fetch everything from the peer.
+    Invalidate,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -67,6 +67,8 @@ pub struct NodeState {
     pub crashed_primary: bool,
     /// The admin asked this node to discard its data and become the sync target.
     pub discard_my_data: bool,
+    /// When this node was last promoted (unix milliseconds; split-brain policies).
+    pub promoted_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
