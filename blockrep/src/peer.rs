@@ -688,6 +688,9 @@ async fn primary_side(
         },
         None,
     );
+    // A journal catch-up after the generations diverged (this primary lost the peer and moved
+    // on) is a sync too: it ends, in stream order, with the same SyncDone as a bitmap resync.
+    let journal_sync = resync.is_none() && decision != SyncDecision::InSync;
     let resync_worker = {
         let rep = rep.clone();
         let res = res.clone();
@@ -695,6 +698,8 @@ async fn primary_side(
             if let Some(total) = resync {
                 res.run_handler("before-resync-source");
                 run_resync(&res, &rep, total).await?;
+            } else if journal_sync {
+                finish_sync(&res, &rep, std::time::Instant::now(), 0).await?;
             }
             std::future::pending::<Result<(), LinkError>>().await
         }
@@ -837,6 +842,21 @@ async fn run_resync(
             at = 0; // regions dirtied behind us by a disconnect race are picked up again
         }
     }
+    finish_sync(res, rep, started, sent).await?;
+    if let Ok(mut p) = res.resync.lock() {
+        *p = None;
+    }
+    Ok(())
+}
+
+/// Ends a sync: a SyncDone record after everything sent; once the target applied it, both
+/// sides are on this node's generation and the bitmap generation is forgotten.
+async fn finish_sync(
+    res: &Arc<Resource>,
+    rep: &Arc<Replication>,
+    started: std::time::Instant,
+    sent: u64,
+) -> Result<(), LinkError> {
     let gen = res.node_state().gen;
     let seq = rep.begin(Record::SyncDone { gen }).await;
     let mut rx = rep.subscribe_acks();
@@ -877,10 +897,6 @@ struct Applier {
     progress: watch::Sender<(u64, u64, u64)>,
     window: Arc<Semaphore>,
     persist: tokio::sync::Mutex<()>,
-    /// Where this secondary is up to date once applied reaches it (the primary's issued seq at
-    /// connect) and the generation it then adopts.
-    target: u64,
-    target_gen: peer::GenIds,
 }
 
 impl Applier {
@@ -940,17 +956,8 @@ impl Applier {
             .local_flush()
             .await
             .map_err(|e| LinkError::Protocol(format!("local flush failed (NBD error {e})")))?;
-        let caught_up = upto >= self.target;
-        let gen = self.target_gen;
         self.res
-            .commit_meta(move |sb| {
-                sb.applied_seq = upto;
-                if caught_up {
-                    sb.disk = DiskState::UpToDate;
-                    sb.gen.current = gen.current;
-                    sb.gen.history = gen.history;
-                }
-            })
+            .commit_meta(move |sb| sb.applied_seq = upto)
             .await
             .map_err(|e| LinkError::Protocol(format!("persisting applied sequence: {e}")))?;
         self.lock().durable = upto;
@@ -986,8 +993,6 @@ async fn secondary_side(
         progress: watch::channel((applied0, applied0, applied0)).0,
         window: Arc::new(Semaphore::new(APPLY_WINDOW)),
         persist: tokio::sync::Mutex::new(()),
-        target: peer.issued_seq,
-        target_gen: peer.gen,
     });
     {
         let bytes = rep.lock().bitmap.to_bytes();
@@ -1008,17 +1013,6 @@ async fn secondary_side(
         peer.issued_seq
     );
     res.set_link_state("connected", None);
-    // Already caught up (nothing to replay): adopt the generation now.
-    if applied0 >= peer.issued_seq {
-        let gen = peer.gen;
-        let _ = res
-            .commit_meta(move |sb| {
-                sb.disk = DiskState::UpToDate;
-                sb.gen.current = gen.current;
-                sb.gen.history = gen.history;
-            })
-            .await;
-    }
     let acker = {
         let mut rx = ap.progress.subscribe();
         async move {

@@ -220,31 +220,38 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
     if m.current == p.current {
         return InSync;
     }
-    let m_moved = m.bitmap != 0 && m.bitmap == p.current;
-    let p_moved = p.bitmap != 0 && p.bitmap == m.current;
+    // One side's bitmap counts from exactly where the other side is.
+    if m.bitmap != 0 && m.bitmap == p.current {
+        return SourceBitmap;
+    }
+    if p.bitmap != 0 && p.bitmap == m.current {
+        return TargetBitmap;
+    }
+    // Both moved on from the same point.
     if m.bitmap != 0 && m.bitmap == p.bitmap {
         return SplitBrain;
     }
-    if m_moved {
-        return SourceBitmap;
+    // One side went through the other's current generation and moved on: it is ahead. Its
+    // bitmap, if any, counts from that point or earlier, so it covers the difference.
+    if p.history.contains(&m.current) {
+        return if p.bitmap != 0 {
+            TargetBitmap
+        } else {
+            TargetFull
+        };
     }
-    if p_moved {
-        return TargetBitmap;
-    }
-    // One side moved on twice (or its bitmap was folded into history): no bitmap covers it.
-    if m.history.contains(&p.current) || (p.bitmap != 0 && m.history.contains(&p.bitmap)) {
-        return if p.bitmap != 0 && (m.history.contains(&p.bitmap) || m.bitmap == p.bitmap) {
-            SplitBrain
+    if m.history.contains(&p.current) {
+        return if m.bitmap != 0 {
+            SourceBitmap
         } else {
             SourceFull
         };
     }
-    if p.history.contains(&m.current) || (m.bitmap != 0 && p.history.contains(&m.bitmap)) {
-        return if m.bitmap != 0 && p.history.contains(&m.bitmap) {
-            SplitBrain
-        } else {
-            TargetFull
-        };
+    // Both moved on from related points.
+    if (m.bitmap != 0 && p.history.contains(&m.bitmap))
+        || (p.bitmap != 0 && m.history.contains(&p.bitmap))
+    {
+        return SplitBrain;
     }
     Unrelated
 }
@@ -359,6 +366,17 @@ mod gen_tests {
         // alpha moved on, resynced with someone else, then moved again: only history links.
         check(g(30, 0, 20, 10), g(10, 0, 9, 0), SourceFull);
         check(g(10, 0, 9, 0), g(30, 0, 20, 10), TargetFull);
+    }
+
+    #[test]
+    fn sync_done_applied_but_not_acknowledged() {
+        // alpha sent SyncDone for generation 30 (bitmap counting from 10); beta applied it,
+        // but the link dropped before alpha heard, so alpha kept its bitmap id and then moved
+        // on again when it lost beta.
+        let beta = after_sync(g(30, 10, 20, 10));
+        let alpha = new_generation(g(30, 10, 20, 10), 40);
+        assert_eq!(alpha, g(40, 10, 30, 20));
+        check(alpha, beta, SourceBitmap);
     }
 
     #[test]
