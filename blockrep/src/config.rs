@@ -12,10 +12,10 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
+    #[error("{file}: cannot read: {error}")]
     Read {
         file: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{file}: {message}")]
     Parse { file: PathBuf, message: String },
@@ -178,9 +178,9 @@ pub fn parse_size(s: &str) -> Option<u64> {
 impl Config {
     /// Loads `file` and selects node `node` (default: the host name).
     pub fn load(file: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(file).map_err(|error| ConfigError::Read {
             file: file.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(file, &text, node)
     }

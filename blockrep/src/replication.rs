@@ -144,6 +144,9 @@ pub struct Replication {
     pub stats: Stats,
     /// A resync is sending the bitmap's regions: the bitmap must not be cleared wholesale.
     pub resyncing: std::sync::atomic::AtomicBool,
+    /// This primary lost its peer: the first write after that starts a new data generation
+    /// (so a link that flaps with no writes does not churn generations).
+    pub new_gen_pending: std::sync::atomic::AtomicBool,
     areas: MetaAreas,
     meta: Arc<Mutex<MetaStore>>,
     /// Serialises journal disk writes (one writer at a time, in position order).
@@ -190,6 +193,7 @@ impl Replication {
             acks: watch::channel(Acks::default()).0,
             stats: Stats::default(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
+            new_gen_pending: std::sync::atomic::AtomicBool::new(false),
             areas,
             meta,
             disk_lock: tokio::sync::Mutex::new(()),
@@ -212,6 +216,11 @@ impl Replication {
 
     /// The link came up (`connected`) or went down.
     pub fn set_connected(&self, connected: bool, peer_applied: u64) {
+        if connected {
+            // The peer is back before any write diverged from it: no new generation.
+            self.new_gen_pending
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         self.acks.send_modify(|a| {
             a.connected = connected;
             a.epoch += 1;
@@ -295,6 +304,14 @@ impl Replication {
     /// earlier overlapping write is in flight. Call [`Self::done`] after the local I/O.
     pub async fn begin(&self, rec: Record<'_>) -> u64 {
         let range = rec.range();
+        if range.is_some()
+            && self
+                .new_gen_pending
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            // Before the data diverges from what the peer has, persist the new generation.
+            self.start_new_generation().await;
+        }
         let (msg, payload): (Msg, &[u8]) = match rec {
             Record::Write { offset, data, fua } => (
                 Msg::Write {
@@ -401,6 +418,23 @@ impl Replication {
             }
         }
         seq
+    }
+
+    /// Persists a new current generation (the bitmap counts from the old one).
+    async fn start_new_generation(&self) {
+        let meta = self.meta.clone();
+        let id = crate::resource::random_id();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.sb.gen = crate::state::new_generation(m.sb.gen, id);
+            m.commit()
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => tracing::info!("peer away: new data generation {id:016X}"),
+            Ok(Err(e)) => tracing::error!("persisting the new generation: {e}"),
+            Err(e) => tracing::error!("persisting the new generation: {e}"),
+        }
     }
 
     /// The local I/O of `seq` finished.

@@ -414,10 +414,10 @@ impl Resource {
             self.run_handler("peer-lost");
         }
         if was_connected && self.role() == Role::Primary {
-            let id = random_id();
-            let _ = self
-                .commit_meta(move |sb| sb.gen = state::new_generation(sb.gen, id))
-                .await;
+            if let Some(r) = &self.rep {
+                r.new_gen_pending
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
         let mut l = self.link();
         if established(l.state) {
