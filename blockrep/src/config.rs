@@ -103,6 +103,8 @@ pub struct Config {
     pub bitmap_granularity: u64,
     /// Most resync bytes per second (0: unlimited).
     pub resync_rate: u64,
+    /// Hot 4 MiB extents the activity log keeps.
+    pub al_extents: usize,
     /// Split-brain resolution when neither node is primary.
     pub after_sb_0pri: crate::state::AfterSb0Pri,
     /// Event name → command run on that event.
@@ -147,6 +149,7 @@ struct RawResource {
     bitmap_granularity: Option<String>,
     resync_rate: Option<String>,
     after_sb_0pri: Option<String>,
+    al_extents: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -284,6 +287,16 @@ impl Config {
                     format!("{s:?} is not a rate in bytes per second (e.g. 100M; 0 for unlimited)"),
                 )
             })?,
+        };
+        let al_extents = match r.al_extents {
+            None => 1237,
+            Some(n) if (7..=16000).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(key_err(
+                    "resource.al-extents",
+                    format!("{n} is not between 7 and 16000"),
+                ))
+            }
         };
         let after_sb_0pri = match r.after_sb_0pri.as_deref().unwrap_or("disconnect") {
             "disconnect" => crate::state::AfterSb0Pri::Disconnect,
@@ -448,6 +461,7 @@ impl Config {
             journal_size,
             bitmap_granularity,
             resync_rate,
+            al_extents,
             after_sb_0pri,
             handlers: raw.handlers,
             me,

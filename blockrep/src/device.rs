@@ -153,6 +153,7 @@ impl Device {
         if r.is_ok() {
             rep.wait_peer(seq, fua).await;
         }
+        rep.al_end(offset, len);
         (r, buf)
     }
 
@@ -216,6 +217,7 @@ impl Device {
             if r.is_ok() {
                 rep.wait_peer(seq, fua).await;
             }
+            rep.al_end(offset, len);
         }
         r
     }

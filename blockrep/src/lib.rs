@@ -5,6 +5,7 @@
 //! client write passes through) → `engine` (io_uring or pread/pwrite on the backing device).
 //! `meta` is the on-disk metadata, `state` the role logic as pure functions, `resource` and
 //! `daemon` assemble them behind the control socket.
+pub mod activity;
 pub mod bitmap;
 pub mod buf;
 pub mod config;

@@ -474,6 +474,15 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let mut decision = state::compare_generations(&gens(&me.gen), &gens(&peer.gen));
     // `connect --discard-my-data` on one side settles a split brain (or any difference) in
     // favour of the other.
+    // Same generation, but one side crashed as primary: its hot extents may hold writes the
+    // other never got (DRBD's crashed-primary rule): it is the source for them.
+    if decision == SyncDecision::InSync && me.crashed_primary != peer.crashed_primary {
+        decision = if me.crashed_primary {
+            SyncDecision::SourceBitmap
+        } else {
+            SyncDecision::TargetBitmap
+        };
+    }
     if me.discard_my_data && !me.primary {
         decision = SyncDecision::TargetBitmap;
     } else if peer.discard_my_data && !peer.primary {
@@ -589,7 +598,11 @@ fn gens(g: &peer::GenIds) -> Generations {
 /// Decides where the stream starts for a secondary that applied up to `peer.applied_seq`.
 fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64, LinkError> {
     let rep = res.rep().ok_or(LinkError::Closed("no replication state"))?;
-    let _ = me;
+    if me.crashed_primary {
+        return Err(LinkError::NeedsResync(
+            "this node crashed as primary: its activity-log extents go to the peer".into(),
+        ));
+    }
     if peer.crashed_primary || peer.out_of_sync > 0 || peer.discard_my_data {
         return Err(LinkError::NeedsResync(format!(
             "the peer has changes of its own ({} bytes{}): resync",
@@ -820,7 +833,23 @@ async fn run_resync(
     let mut at = 0u64;
     let mut sent = 0u64;
     let mut data_bytes = 0u64;
-    while let Some((off, len)) = rep.next_dirty(at, 1 << 20, size) {
+    loop {
+        let Some((off, len)) = rep.next_dirty(at, 1 << 20, size) else {
+            if at == 0 {
+                break;
+            }
+            // End of a sweep: once what was sent is applied, sweep again for what is left
+            // (regions re-dirtied meanwhile).
+            let mut rx = rep.subscribe_acks();
+            while rep.resync_pending() > 0 {
+                if !rep.acks().connected {
+                    return Err(LinkError::Closed("peer lost during resync"));
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+            }
+            at = 0;
+            continue;
+        };
         let (_, zero) = rep.resync_chunk(&file, off, len, &mut buf).await?;
         at = off + len;
         sent += len;
@@ -839,7 +868,7 @@ async fn run_resync(
             }
         }
         if at >= size {
-            at = 0; // regions dirtied behind us by a disconnect race are picked up again
+            at = size;
         }
     }
     finish_sync(res, rep, started, sent).await?;
@@ -868,6 +897,7 @@ async fn finish_sync(
         res.commit_meta(|sb| sb.gen = state::after_sync(sb.gen))
             .await
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        res.sync_source_done();
         res.run_handler("after-resync-source");
     }
     if let Ok(mut p) = res.resync.lock() {

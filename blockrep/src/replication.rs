@@ -20,6 +20,7 @@ use std::time::Duration;
 use proto::peer::Msg;
 use tokio::sync::{watch, Notify};
 
+use crate::activity::ActivityLog;
 use crate::bitmap::Bitmap;
 use crate::config::Protocol;
 use crate::journal::{self, AppendError, Ring};
@@ -106,6 +107,9 @@ impl Ranges {
 pub struct Inner {
     /// Last sequence number issued by this node as primary.
     pub issued: u64,
+    /// Resync records sent but not yet applied by the peer: their bits are cleared only when
+    /// it applied them, so a cut or crash mid-resync never loses a region.
+    pub resync_inflight: std::collections::VecDeque<(u64, u64, u64)>,
     /// Ranges of records whose journal space was reused after the peer applied them but
     /// before it made them durable: if the link drops now they go to the bitmap, because a
     /// crash of the peer could still lose them. Pruned by durable acks; bounded.
@@ -144,6 +148,10 @@ pub struct Replication {
     pub stats: Stats,
     /// A resync is sending the bitmap's regions: the bitmap must not be cleared wholesale.
     pub resyncing: std::sync::atomic::AtomicBool,
+    /// Hot extents, with a version bumped on every change, and the version known durable.
+    al: Mutex<(ActivityLog, u64)>,
+    al_durable: watch::Sender<u64>,
+    al_io: tokio::sync::Mutex<()>,
     /// This primary lost its peer: the first write after that starts a new data generation
     /// (so a link that flaps with no writes does not churn generations).
     pub new_gen_pending: std::sync::atomic::AtomicBool,
@@ -171,6 +179,7 @@ impl Replication {
         checkpoint: (u64, u64),
         bitmap: Bitmap,
         overflowed: bool,
+        al_extents: usize,
     ) -> Arc<Self> {
         let disk_pos = ring.head();
         Arc::new(Replication {
@@ -178,6 +187,7 @@ impl Replication {
             inner: Mutex::new(Inner {
                 issued,
                 undurable: std::collections::VecDeque::new(),
+                resync_inflight: std::collections::VecDeque::new(),
                 ring,
                 ranges: Ranges::default(),
                 bitmap,
@@ -194,6 +204,9 @@ impl Replication {
             stats: Stats::default(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
+            al: Mutex::new((ActivityLog::new(al_extents), 0)),
+            al_durable: watch::channel(0).0,
+            al_io: tokio::sync::Mutex::new(()),
             areas,
             meta,
             disk_lock: tokio::sync::Mutex::new(()),
@@ -260,6 +273,17 @@ impl Replication {
             while g.undurable.front().is_some_and(|u| u.0 <= durable) {
                 g.undurable.pop_front();
             }
+            let gran = g.bitmap.granularity();
+            while let Some(&(seq, start, end)) = g.resync_inflight.front() {
+                if seq > applied {
+                    break;
+                }
+                g.resync_inflight.pop_front();
+                for bit in start / gran..end.div_ceil(gran) {
+                    g.bitmap.clear_bit(bit);
+                }
+                g.bitmap_dirty = true;
+            }
             // Everything issued is durable on the peer, and the journal carried all of it:
             // the bitmap is no longer needed.
             if !g.overflowed
@@ -282,6 +306,8 @@ impl Replication {
         let durable = self.acks().durable;
         let mut g = self.lock();
         let inner = &mut *g;
+        // Unapplied resync chunks keep their bits (never cleared); forget the tracking.
+        inner.resync_inflight.clear();
         let mut n = 0;
         for r in inner.ring.records().filter(|r| r.seq > durable) {
             if r.range.1 > r.range.0 {
@@ -311,6 +337,9 @@ impl Replication {
         {
             // Before the data diverges from what the peer has, persist the new generation.
             self.start_new_generation().await;
+        }
+        if let Some((a, b)) = range {
+            self.al_begin(a, b - a).await;
         }
         let (msg, payload): (Msg, &[u8]) = match rec {
             Record::Write { offset, data, fua } => (
@@ -418,6 +447,62 @@ impl Replication {
             }
         }
         seq
+    }
+
+    /// Marks the extents of a write hot; returns once the activity log that says so is durable.
+    async fn al_begin(&self, offset: u64, len: u64) {
+        let (bytes, version) = {
+            let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
+            if al.0.begin(offset, len) {
+                al.1 += 1;
+                (al.0.encode(self.areas.layout.al_len as usize), al.1)
+            } else {
+                (None, al.1)
+            }
+        };
+        if *self.al_durable.borrow() >= version {
+            return;
+        }
+        let _io = self.al_io.lock().await;
+        if *self.al_durable.borrow() >= version {
+            return;
+        }
+        // Write the newest log (it includes every change up to now).
+        let (bytes, version) = {
+            let al = self.al.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                al.0.encode(self.areas.layout.al_len as usize).or(bytes),
+                al.1,
+            )
+        };
+        let Some(bytes) = bytes else {
+            tracing::error!("activity log does not fit its area");
+            return;
+        };
+        let file = self.areas.file.clone();
+        let off = self.areas.layout.al_offset;
+        let r = tokio::task::spawn_blocking(move || {
+            file.write_all_at(&bytes, off)?;
+            file.sync_data()
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {
+                self.al_durable.send_if_modified(|v| {
+                    let changed = *v < version;
+                    *v = (*v).max(version);
+                    changed
+                });
+            }
+            Ok(Err(e)) => tracing::error!("activity log write failed: {e}"),
+            Err(e) => tracing::error!("activity log task: {e}"),
+        }
+    }
+
+    /// The write to the range is finished as far as the protocol goes.
+    pub fn al_end(&self, offset: u64, len: u64) {
+        let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
+        al.0.end(offset, len);
     }
 
     /// Persists a new current generation (the bitmap counts from the old one).
@@ -603,11 +688,7 @@ impl Replication {
                     }) {
                         Ok(_) => {
                             inner.issued = seq;
-                            let gran = inner.bitmap.granularity();
-                            for bit in offset / gran..(offset + len).div_ceil(gran) {
-                                inner.bitmap.clear_bit(bit);
-                            }
-                            inner.bitmap_dirty = true;
+                            inner.resync_inflight.push_back((seq, offset, offset + len));
                             Some(Ok((seq, zero)))
                         }
                         Err(AppendError::Full { .. }) => Some(Err(())),
@@ -634,6 +715,11 @@ impl Replication {
                 None => done.await,
             }
         }
+    }
+
+    /// Resync chunks sent and not yet applied by the peer.
+    pub fn resync_pending(&self) -> usize {
+        self.lock().resync_inflight.len()
     }
 
     /// The next run of dirty regions at or after `from` (bytes), at most `max` bytes long,

@@ -366,6 +366,12 @@ impl Resource {
         }
     }
 
+    /// A resync as source completed: a crashed primary's extents have reached the peer.
+    pub fn sync_source_done(&self) {
+        self.crashed_primary
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// A resync as target completed: the node is whole again.
     pub fn sync_target_done(&self) {
         self.crashed_primary
@@ -616,8 +622,10 @@ impl Resource {
         // rather than calling it unknown.
         let mut peer = self.peer_view();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while peer == PeerView::Unknown
-            && self.link().state == "connecting"
+        // A peer that just died still looks primary until its link times out: give that a
+        // moment too before refusing.
+        while (peer == PeerView::Unknown && self.link().state == "connecting"
+            || peer == PeerView::Connected(Role::Primary))
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -875,6 +883,7 @@ async fn open_replication(
 ) -> Result<Arc<Replication>, NodeError> {
     let meta2 = meta.clone();
     let protocol = cfg.protocol;
+    let al_extents = cfg.al_extents;
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
         let m = meta2.lock().unwrap_or_else(|p| p.into_inner());
@@ -907,13 +916,21 @@ async fn open_replication(
         );
         let mut bitmap = bitmap;
         if m.sb.was_primary {
-            // A crashed primary: whatever its journal still holds may not have reached the
-            // peer. (Writes after its last flush are not in the journal; see the README.)
-            for r in ring.records() {
-                if r.range.1 > r.range.0 {
-                    bitmap.set_range(r.range.0, r.range.1 - r.range.0);
-                }
+            // A crashed primary: writes in its hot extents (activity log) and whatever its
+            // journal still holds may not have reached the peer.
+            let mut al = vec![0u8; l.al_len as usize];
+            file.read_exact_at(&mut al, l.al_offset)
+                .map_err(io_err("reading the activity log"))?;
+            let hot = crate::activity::ActivityLog::decode(&al);
+            for e in &hot {
+                let start = u64::from(*e) * crate::activity::EXTENT;
+                bitmap.set_range(start, crate::activity::EXTENT);
             }
+            tracing::warn!(
+                "crashed primary: {} activity-log extents ({} MiB) marked out of sync",
+                hot.len(),
+                hot.len() as u64 * (crate::activity::EXTENT >> 20)
+            );
         }
         let checkpoint = (m.sb.journal_pos, m.sb.journal_seq);
         let overflowed = m.sb.journal_overflowed;
@@ -932,6 +949,7 @@ async fn open_replication(
             checkpoint,
             bitmap,
             overflowed,
+            al_extents,
         ))
     })
     .await
