@@ -302,13 +302,30 @@ impl RingState {
         }
     }
 
-    /// Completes what the kernel has finished; resubmits short transfers.
-    fn reap(&mut self) {
+    /// Completes what the kernel has finished, submits what waits, and repeats until nothing
+    /// more completes: a submission can complete inline, and inline completions do not signal
+    /// the (async-only) eventfd, so they must be reaped here or they would wait for unrelated
+    /// I/O to come along.
+    fn drive(&mut self) {
+        loop {
+            self.pump();
+            if !self.reap() {
+                return;
+            }
+        }
+    }
+
+    /// Completes what the kernel has finished; resubmits short transfers. Returns whether
+    /// anything completed.
+    fn reap(&mut self) -> bool {
         let cq: Vec<(u64, i32)> = self
             .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
+        if cq.is_empty() {
+            return false;
+        }
         let mut resubmit = false;
         for (token, res) in cq {
             let slot = token as usize;
@@ -352,6 +369,7 @@ impl RingState {
         if resubmit {
             let _ = self.ring.submit();
         }
+        true
     }
 }
 
@@ -377,8 +395,7 @@ async fn reap(state: Arc<Mutex<RingState>>, afd: tokio::io::unix::AsyncFd<OwnedF
             guard.clear_ready();
         }
         if let Ok(mut st) = state.lock() {
-            st.reap();
-            st.pump();
+            st.drive();
         }
     }
 }
@@ -418,10 +435,9 @@ impl Engine for UringEngine {
                 return rx;
             }
             st.backlog.push_back(IoReq { op, buf, done });
-            st.pump();
             // Page-cache I/O often completes inside the submit: hand it back now, with no
             // wake-up of the reaper.
-            st.reap();
+            st.drive();
         }
         rx
     }

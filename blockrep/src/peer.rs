@@ -833,8 +833,12 @@ async fn run_resync(
     let mut at = 0u64;
     let mut sent = 0u64;
     let mut data_bytes = 0u64;
+    // A chunk is one journal record: keep it well inside the journal.
+    let chunk = (1u64 << 20)
+        .min(res.cfg().journal_size / 8)
+        .max(res.cfg().bitmap_granularity);
     loop {
-        let Some((off, len)) = rep.next_dirty(at, 1 << 20, size) else {
+        let Some((off, len)) = rep.next_dirty(at, chunk, size) else {
             if at == 0 {
                 break;
             }

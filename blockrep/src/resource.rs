@@ -624,7 +624,7 @@ impl Resource {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         // A peer that just died still looks primary until its link times out: give that a
         // moment too before refusing.
-        while (peer == PeerView::Unknown && self.link().state == "connecting"
+        while (peer == PeerView::Unknown && self.link().state == "connecting" && !force
             || peer == PeerView::Connected(Role::Primary))
             && tokio::time::Instant::now() < deadline
         {

@@ -13,6 +13,7 @@ use crate::cmd::{run, run_ok, run_quiet, CmdOutput};
 use crate::guards::ChildGuard;
 use crate::nbd_raw::RawNbd;
 use crate::proc::{kill9, pid_alive, pids_with_arg, wait_pid_gone};
+use crate::proxy::LinkProxy;
 use crate::testdir::{free_port, TestDir};
 use crate::CMD_TIMEOUT;
 
@@ -97,6 +98,10 @@ pub struct ClusterBuilder {
     resource_lines: Vec<String>,
     node_lines: Vec<(String, String)>,
     create_backing: bool,
+    node_backing_sizes: Vec<(String, u64)>,
+    resource_name: Option<String>,
+    secret: String,
+    beta_proxy: bool,
 }
 
 pub(crate) fn toml_str(s: &str) -> String {
@@ -124,6 +129,27 @@ impl ClusterBuilder {
     /// Size of each backing file (sparse, made with `truncate`). Default 256 MiB.
     pub fn backing_size(mut self, bytes: u64) -> Self {
         self.backing_size = bytes;
+        self
+    }
+    /// Size of one node's backing file (overrides [`Self::backing_size`] for it).
+    pub fn node_backing_size(mut self, node: &str, bytes: u64) -> Self {
+        self.node_backing_sizes.push((node.to_string(), bytes));
+        self
+    }
+    /// The resource name (default: unique per test, `r-TAG`).
+    pub fn resource_name(mut self, name: &str) -> Self {
+        self.resource_name = Some(name.to_string());
+        self
+    }
+    /// The shared secret (default "e2e-shared-secret").
+    pub fn secret(mut self, secret: &str) -> Self {
+        self.secret = secret.to_string();
+        self
+    }
+    /// Puts a [`LinkProxy`] in front of beta: beta's `connect-address` is the proxy, which
+    /// forwards to beta's replication port. See [`Cluster::proxy`].
+    pub fn beta_via_proxy(mut self) -> Self {
+        self.beta_proxy = true;
         self
     }
     /// Do not create backing files (for "missing backing file" tests).
@@ -183,7 +209,11 @@ impl ClusterBuilder {
     /// Creates the test directory, backing files and config file. Starts nothing.
     pub fn build(self) -> Cluster {
         let dir = TestDir::new(&self.test);
-        let resource = format!("r-{}", dir.tag());
+        let resource = self
+            .resource_name
+            .clone()
+            .unwrap_or_else(|| format!("r-{}", dir.tag()));
+        let proxy_port = self.beta_proxy.then(free_port);
         let config = dir.join("blockrep.toml");
         let bin = bin_dir();
         let mut nodes = Vec::new();
@@ -191,7 +221,7 @@ impl ClusterBuilder {
         text.push_str("[resource]\n");
         text.push_str(&format!("name = {}\n", toml_str(&resource)));
         text.push_str(&format!("protocol = {}\n", toml_str(&self.protocol)));
-        text.push_str(&format!("secret = {}\n", toml_str("e2e-shared-secret")));
+        text.push_str(&format!("secret = {}\n", toml_str(&self.secret)));
         text.push_str(&format!("io-engine = {}\n", toml_str(&self.io_engine)));
         text.push_str(&format!("direct-io = {}\n", self.direct_io));
         text.push_str(&format!(
@@ -208,11 +238,18 @@ impl ClusterBuilder {
         }
         for name in NODE_NAMES.iter().take(self.nodes) {
             let backing = dir.join(format!("{name}.img"));
+            let backing_size = self
+                .node_backing_sizes
+                .iter()
+                .rev()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| *s)
+                .unwrap_or(self.backing_size);
             if self.create_backing {
                 run_ok(
                     Command::new("truncate")
                         .arg("-s")
-                        .arg(self.backing_size.to_string())
+                        .arg(backing_size.to_string())
                         .arg(&backing),
                     CMD_TIMEOUT,
                 );
@@ -248,6 +285,9 @@ impl ClusterBuilder {
                 "log-file = {}\n",
                 toml_str(&log.to_string_lossy())
             ));
+            if let (Some(p), "beta") = (proxy_port, *name) {
+                text.push_str(&format!("connect-address = \"127.0.0.1:{p}\"\n"));
+            }
             if *name == "alpha" {
                 if let Some(k) = &self.kernel_device {
                     text.push_str(&format!("kernel-device = {}\n", toml_str(k)));
@@ -275,7 +315,12 @@ impl ClusterBuilder {
         }
         std::fs::write(&config, &text)
             .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        let proxy = proxy_port.map(|p| {
+            let beta = nodes.get(1).expect("beta_via_proxy needs 2 nodes");
+            LinkProxy::start(p, beta.replication)
+        });
         Cluster {
+            proxy,
             nodes,
             resource,
             config,
@@ -288,6 +333,7 @@ impl ClusterBuilder {
 /// daemon (see [`Node`]) and then removes the test directory.
 pub struct Cluster {
     // Field order matters: nodes (daemons) go before the directory is removed.
+    proxy: Option<LinkProxy>,
     nodes: Vec<Node>,
     resource: String,
     config: PathBuf,
@@ -313,6 +359,10 @@ impl Cluster {
             resource_lines: Vec::new(),
             node_lines: Vec::new(),
             create_backing: true,
+            node_backing_sizes: Vec::new(),
+            resource_name: None,
+            secret: "e2e-shared-secret".into(),
+            beta_proxy: false,
         }
     }
 
@@ -337,6 +387,12 @@ impl Cluster {
     }
     pub fn nodes(&self) -> &[Node] {
         &self.nodes
+    }
+    /// The proxy in front of beta (built with [`ClusterBuilder::beta_via_proxy`]).
+    pub fn proxy(&self) -> &LinkProxy {
+        self.proxy
+            .as_ref()
+            .expect("cluster was not built with beta_via_proxy()")
     }
     /// The resource (and NBD export) name.
     pub fn resource(&self) -> &str {

@@ -13,6 +13,12 @@
 //!   the order umount → `losetup -d` → `fusermount3 -u`.
 //! - [`RawNbd`]: a hand-written NBD client for protocol-level (and hostile) tests. It does
 //!   not share code with the server on purpose.
+//! - [`LinkProxy`]: a TCP proxy in front of beta's replication port that can cut, refuse and
+//!   resume the peer link ([`ClusterBuilder::beta_via_proxy`]).
+//! - [`StampWriter`]: stamped 4 KiB writes with many in flight (python3 + libnbd), logging
+//!   what was sent and what was acknowledged; [`Stamp`] parses a replica's blocks.
+//! - Two-node helpers on [`Cluster`]/[`Node`]: `start_pair`, `wait_in_sync`,
+//!   `assert_replicas_identical`, `repl`, `wait_repl`, `backing_data`.
 //!
 //! Tests run in parallel: every test gets its own directory, ports and resource name.
 
@@ -22,6 +28,9 @@ mod data;
 mod guards;
 mod nbd_raw;
 mod proc;
+mod proxy;
+mod repl;
+mod stamp;
 mod testdir;
 
 pub use cluster::{bin_dir, Cluster, ClusterBuilder, Export, ExportKind, Node};
@@ -30,6 +39,11 @@ pub use data::{random_bytes, write_random_file, XorShift};
 pub use guards::{ChildGuard, FsStack, LoopDev, Mount, NbdFuseMount};
 pub use nbd_raw::{nbd_const, RawNbd, Reply};
 pub use proc::{fd_count, kill9, pid_alive, pids_with_arg, wait_for, wait_pid_gone};
+pub use proxy::LinkProxy;
+pub use repl::{first_difference, CONNECT_TIMEOUT, SYNC_TIMEOUT};
+pub use stamp::{
+    crc32_ieee, python_with_nbd, Stamp, StampOpts, StampOrder, StampWriter, WriterLog, STAMP_BLOCK,
+};
 pub use testdir::{free_port, TestDir};
 
 use std::time::Duration;

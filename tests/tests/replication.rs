@@ -1,0 +1,1651 @@
+//! Replication between two nodes (issue 3): alpha (dials, made primary) and beta (accepts,
+//! secondary). Real daemons, real NBD clients, a real TCP proxy in front of beta for link
+//! faults. The secondary's data is checked by reading its backing file directly (the first
+//! `size` bytes are the exported data) or, after a failover, through its NBD export.
+//!
+//! Both backing files start as fresh, equal sparse files: there is no initial full sync.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockrep_e2e::nbd_const::*;
+use blockrep_e2e::*;
+use serde_json::Value;
+
+const BACKING: u64 = 128 << 20;
+const MIB: usize = 1 << 20;
+
+fn pair(test: &str, protocol: &str) -> Cluster {
+    let c = Cluster::builder(test)
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol(protocol)
+        .build();
+    c.start_pair();
+    c
+}
+
+fn pair_via_proxy(test: &str, protocol: &str) -> Cluster {
+    let c = Cluster::builder(test)
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol(protocol)
+        .beta_via_proxy()
+        .build();
+    c.start_pair();
+    assert!(
+        c.proxy().accepted() >= 1,
+        "alpha did not dial through the proxy"
+    );
+    c
+}
+
+/// Writes `data` at `offset` of the node's export (1 MiB requests), then flushes.
+fn nbd_write(node: &Node, offset: u64, data: &[u8]) {
+    let mut r = node.raw_open();
+    for (i, chunk) in data.chunks(MIB).enumerate() {
+        let off = offset + (i * MIB) as u64;
+        r.write_at(off, chunk, 0)
+            .unwrap_or_else(|e| panic!("NBD write at {off} failed: errno {e}"));
+    }
+    r.command(CMD_FLUSH, 0, 0, 0)
+        .unwrap_or_else(|e| panic!("NBD flush failed: errno {e}"));
+    r.disconnect();
+}
+
+/// Reads `len` bytes at `offset` of the node's export.
+fn nbd_read(node: &Node, offset: u64, len: usize) -> Vec<u8> {
+    let mut r = node.raw_open();
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        let n = MIB.min(len - v.len());
+        let off = offset + v.len() as u64;
+        let b = r
+            .read_at(off, n as u32)
+            .unwrap_or_else(|e| panic!("NBD read at {off} failed: errno {e}"));
+        v.extend_from_slice(&b);
+    }
+    r.disconnect();
+    v
+}
+
+/// The first `len` bytes of the node's export, copied out with nbdcopy (at most 30 s; a
+/// node that stops answering fails the test with its status and log).
+fn read_export(c: &Cluster, node: &Node, len: usize) -> Vec<u8> {
+    let out = c.dir().join(format!("{}-export.bin", node.name()));
+    let mut g = ChildGuard::spawn(
+        Command::new("nbdcopy").arg(node.uri()).arg(&out),
+        Some(&c.dir().join("nbdcopy-read.log")),
+    );
+    if !g.wait_exit(Duration::from_secs(30)) {
+        let log = g.log();
+        g.kill();
+        panic!(
+            "nbdcopy from {} ({}) did not finish in 30 s: {log}\nstatus: {}\n--- log ---\n{}",
+            node.name(),
+            node.uri(),
+            node.status_json(),
+            node.log_tail(20)
+        );
+    }
+    let v = std::fs::read(&out)
+        .unwrap_or_else(|e| panic!("nbdcopy from {}: {e}\n{}", node.name(), g.log()));
+    assert!(
+        v.len() >= len,
+        "nbdcopy copied {} bytes: {}",
+        v.len(),
+        g.log()
+    );
+    v[..len].to_vec()
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} is not a number in {v}"))
+}
+
+/// The replication object carries every field of the contract.
+fn check_repl_fields(r: &Value) {
+    for k in ["peer", "connection", "peer_role", "peer_disk", "protocol"] {
+        assert!(
+            r[k].is_string(),
+            "replication.{k} missing or not a string: {r}"
+        );
+    }
+    for k in [
+        "seq_written",
+        "seq_sent",
+        "seq_received",
+        "seq_applied",
+        "lag_writes",
+        "lag_bytes",
+        "bytes_sent",
+        "bytes_received",
+        "crc_errors",
+        "auth_failures",
+        "journal_used",
+        "journal_size",
+        "out_of_sync",
+    ] {
+        assert!(r[k].as_u64().is_some(), "replication.{k} missing: {r}");
+    }
+    assert!(
+        r["last_error"].is_null() || r["last_error"].is_string(),
+        "replication.last_error: {r}"
+    );
+}
+
+/// Counters of a pair in sync over one connection that never broke: everything written was
+/// sent and acknowledged, beta received at least what alpha sent, both disks up to date.
+fn check_counters_in_sync(c: &Cluster) {
+    let (a, b) = (c.alpha(), c.beta());
+    let (ra, rb) = (a.repl(), b.repl());
+    let written = u(&ra, "seq_written");
+    assert_eq!(u(&ra, "seq_sent"), written, "alpha: {ra}");
+    assert_eq!(u(&ra, "seq_received"), written, "alpha: {ra}");
+    assert_eq!(u(&ra, "seq_applied"), written, "alpha: {ra}");
+    assert_eq!(u(&rb, "seq_applied"), written, "beta: {rb}");
+    assert!(
+        u(&rb, "bytes_received") >= u(&ra, "bytes_sent"),
+        "beta received less than alpha sent\nalpha: {ra}\nbeta: {rb}"
+    );
+    assert!(u(&ra, "journal_size") > 0, "{ra}");
+    assert!(u(&ra, "journal_used") <= u(&ra, "journal_size"), "{ra}");
+    for r in [&ra, &rb] {
+        assert_eq!(u(r, "crc_errors"), 0, "{r}");
+        assert_eq!(u(r, "auth_failures"), 0, "{r}");
+        assert!(r["last_error"].is_null(), "{r}");
+    }
+    assert_eq!(ra["peer_role"], "secondary", "{ra}");
+    assert_eq!(rb["peer_role"], "primary", "{rb}");
+    assert_eq!(rb["peer_disk"], "up-to-date", "{rb}");
+    let sb = b.status_json();
+    assert_eq!(sb["disk"], "up-to-date", "beta caught up: {sb}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Data arrives identical under C (filesystem), A and B (nbdcopy).
+
+#[test]
+fn protocol_c_filesystem_replicates_identically() {
+    let c = pair("repl-fs-c", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    let ra = a.repl();
+    check_repl_fields(&ra);
+    assert_eq!(ra["peer"], "beta", "{ra}");
+    assert_eq!(ra["protocol"], "C", "{ra}");
+    let rb = b.repl();
+    check_repl_fields(&rb);
+    assert_eq!(rb["peer"], "alpha", "{rb}");
+    let size = a.size();
+
+    let mut fs = FsStack::attach(c.dir().path(), "a", &a.uri());
+    fs.mkfs_ext4();
+    let mnt = fs.mount();
+    let mut files = Vec::new();
+    std::fs::create_dir_all(mnt.join("d/e")).unwrap();
+    for (i, n) in [3 * MIB, 1, 4096, 700_000, 5 * MIB, 12_345]
+        .into_iter()
+        .enumerate()
+    {
+        let name = if i % 2 == 0 {
+            format!("f{i}")
+        } else {
+            format!("d/e/g{i}")
+        };
+        let data = write_random_file(&mnt.join(&name), n);
+        files.push((name, data));
+    }
+    // Overwrite part of one file in place, delete another.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("f0"))
+            .unwrap();
+        f.seek(SeekFrom::Start(MIB as u64)).unwrap();
+        let patch = random_bytes(200_000);
+        f.write_all(&patch).unwrap();
+        f.sync_all().unwrap();
+        files[0].1[MIB..MIB + 200_000].copy_from_slice(&patch);
+    }
+    std::fs::remove_file(mnt.join("d/e/g3")).unwrap();
+    files.retain(|(n, _)| n != "d/e/g3");
+    run_ok(&mut Command::new("sync"), CMD_TIMEOUT);
+    fs.umount();
+    fs.fsck_clean();
+    fs.close();
+
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    check_counters_in_sync(&c);
+    assert!(u(&ra, "seq_written") > 0, "nothing replicated? {ra}");
+    assert!(u(&ra, "bytes_sent") > 9 * MIB as u64, "{ra}");
+    assert_eq!(ra["peer_disk"], "up-to-date", "{ra}");
+    assert_eq!(u(&ra, "crc_errors"), 0, "{ra}");
+    c.assert_replicas_identical(size, "protocol C, ext4 workload");
+
+    // The secondary's copy is a clean filesystem holding the same files (read-only, from its
+    // backing file; the daemon never writes it without a stream).
+    let lo = LoopDev::attach(b.backing_path());
+    let m = Mount::new(lo.dev(), &c.dir().join("mnt-beta"), Some("ro,noload"));
+    for (name, data) in &files {
+        let got = std::fs::read(m.dir().join(name))
+            .unwrap_or_else(|e| panic!("beta's copy lacks {name}: {e}"));
+        assert_same_bytes(&got, data, &format!("file {name} on beta"));
+    }
+    assert!(!m.dir().join("d/e/g3").exists(), "deleted file on beta");
+    m.close();
+    lo.close();
+}
+
+/// nbdcopy of random data into alpha, then overwrites at offsets; replicas identical once
+/// the link drained.
+fn bulk_replicates(test: &str, protocol: &str) {
+    let c = pair(test, protocol);
+    let a = c.alpha();
+    assert_eq!(a.repl()["protocol"], protocol);
+    let size = a.size();
+    let n = 48 * MIB;
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, n);
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&input)
+            .arg(a.uri()),
+        LONG_TIMEOUT,
+    );
+    let patch = random_bytes(3 * MIB);
+    nbd_write(a, 40 * MIB as u64 + 512, &patch);
+    let tail = random_bytes(MIB);
+    nbd_write(a, size - MIB as u64, &tail);
+
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    check_counters_in_sync(&c);
+    assert!(u(&ra, "bytes_sent") >= (n + 4 * MIB) as u64, "{ra}");
+    c.assert_replicas_identical(size, &format!("protocol {protocol}"));
+    let beta = c.beta().backing_data(size);
+    let mut want = data;
+    want[40 * MIB + 512..43 * MIB + 512].copy_from_slice(&patch);
+    assert_same_bytes(&beta[..n], &want, "beta's data (first 48 MiB)");
+    assert_same_bytes(&beta[(size as usize - MIB)..], &tail, "beta's last MiB");
+    assert_all_zero(&beta[n..size as usize - MIB], "beta between the writes");
+}
+
+#[test]
+fn protocol_a_bulk_replicates_identically() {
+    bulk_replicates("repl-bulk-a", "A");
+}
+
+#[test]
+fn protocol_b_bulk_replicates_identically() {
+    bulk_replicates("repl-bulk-b", "B");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Protocol C: no acknowledged write is lost when the primary dies.
+
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        ^ u64::from(std::process::id())
+}
+
+/// Waits until the writer's log shows at least `n` acknowledged writes.
+fn wait_acked(w: &mut StampWriter, n: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if w.log().acked.len() >= n {
+            return;
+        }
+        assert!(
+            w.running(),
+            "the writer exited early:\n{}\nlog: {:?}",
+            w.output(),
+            w.log().acked.len()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the writer had fewer than {n} writes acknowledged after {timeout:?}:\n{}",
+            w.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Under C an acknowledged write is on the peer's disk; under B it is in the peer's memory,
+/// which survives the primary's death as long as the secondary process lives (it applies what
+/// it received before it lets the link go). Either way, killing the primary loses none.
+fn kill_primary_loses_no_acknowledged_write(test: &str, protocol: &str) {
+    let Some(py) = python_with_nbd() else {
+        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+        return;
+    };
+    let c = pair(test, protocol);
+    let (a, b) = (c.alpha(), c.beta());
+    let blocks = 2048u64;
+    let mut w = StampWriter::spawn(
+        &py,
+        c.dir().path(),
+        "w",
+        &a.uri(),
+        StampOpts {
+            blocks,
+            inflight: 32,
+            order: StampOrder::Random,
+            count: 0,
+            seconds: 0.0,
+        },
+    );
+    wait_acked(&mut w, 1, Duration::from_secs(15));
+    let delay = 1000 + XorShift::new(seed()).next_u64() % 1000;
+    std::thread::sleep(Duration::from_millis(delay));
+    let pid = a.status_json()["pid"].as_u64().expect("pid") as u32;
+    assert!(
+        w.running(),
+        "writer stopped before the kill:\n{}",
+        w.output()
+    );
+    kill9(pid);
+    assert!(
+        wait_pid_gone(pid, Duration::from_secs(10)),
+        "pid {pid} survived SIGKILL"
+    );
+    if !w.wait_exit(Duration::from_secs(15)) {
+        w.kill();
+    }
+    let log = w.log();
+    assert!(
+        log.acked.len() >= 100,
+        "only {} writes acknowledged in {delay} ms:\n{}",
+        log.acked.len(),
+        w.output()
+    );
+
+    // Beta sees the link drop; without a reachable peer, promotion needs --force.
+    b.wait_not_connected(Duration::from_secs(10));
+    let out = b.ctl(&["primary"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "primary without --force, peer gone\n{}",
+        out.describe()
+    );
+    assert!(out.stderr.contains("--force"), "{}", out.describe());
+    b.ctl_ok(&["primary", "--force"]);
+    assert_eq!(b.status_json()["role"], "primary");
+
+    let data = read_export(&c, b, (blocks as usize) * STAMP_BLOCK);
+    let block_of = log.block_of();
+    let mut max_acked: HashMap<u64, u64> = HashMap::new();
+    for &(s, blk) in &log.acked {
+        let e = max_acked.entry(blk).or_insert(0);
+        *e = (*e).max(s);
+    }
+    let mut newer = 0;
+    for (blk, st) in Stamp::parse_all(&data, blocks as usize)
+        .into_iter()
+        .enumerate()
+    {
+        let blk = blk as u64;
+        let want = max_acked.get(&blk).copied();
+        match st {
+            Stamp::Zero => assert!(
+                want.is_none(),
+                "block {blk}: write seq {} was acknowledged but beta's block is all zero \
+                 ({} acknowledged, {} issued; primary killed after {delay} ms)",
+                want.unwrap_or(0),
+                log.acked.len(),
+                log.issued.len()
+            ),
+            Stamp::Invalid => panic!("block {blk}: beta holds a torn or corrupt block"),
+            Stamp::Valid { block, seq } => {
+                assert_eq!(
+                    block, blk,
+                    "block {blk} holds the stamp of block {block} (seq {seq})"
+                );
+                assert_eq!(
+                    block_of.get(&seq),
+                    Some(&blk),
+                    "block {blk} holds seq {seq}, which the writer never sent there"
+                );
+                if let Some(w) = want {
+                    assert!(
+                        seq >= w,
+                        "block {blk}: acknowledged write seq {w} lost; beta holds older seq {seq}"
+                    );
+                    if seq > w {
+                        newer += 1;
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "{} writes issued, {} acknowledged, {newer} blocks hold a write newer than the last \
+         acknowledged one (in flight at the kill)",
+        log.issued.len(),
+        log.acked.len()
+    );
+}
+
+#[test]
+fn protocol_c_no_acknowledged_write_lost_when_primary_is_killed() {
+    kill_primary_loses_no_acknowledged_write("repl-kill-c", "C");
+}
+
+#[test]
+fn protocol_b_no_acknowledged_write_lost_when_primary_is_killed() {
+    kill_primary_loses_no_acknowledged_write("repl-kill-b", "B");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Protocol A: the secondary holds a prefix of the write stream after the link is cut.
+
+/// Checks that `stamps` is the result of applying a prefix of the server's write order, given
+/// a writer in `Window` order with `w` writes in flight over `blocks` blocks: write `i` went to
+/// block `(i - 1) % blocks` and was sent only after every write `<= i - w` was acknowledged,
+/// so the server ordered every `j <= i - w` before `i`. The set applied on the secondary is
+/// then a down-set D of that order: with `m = max(D)`, D holds every write `<= m - w`, so each
+/// block must show at least the last write to it that is `<= m - w` (with `w = 1` this is
+/// exactly "the state after the first m writes"). Returns `m`.
+fn check_prefix(stamps: &[Stamp], issued: &[(u64, u64)], w: u64) -> u64 {
+    let blocks = stamps.len() as u64;
+    let block_of: HashMap<u64, u64> = issued.iter().copied().collect();
+    let mut found = vec![0u64; stamps.len()];
+    for (b, st) in stamps.iter().enumerate() {
+        match *st {
+            Stamp::Zero => {}
+            Stamp::Invalid => panic!("block {b}: torn or corrupt data on the secondary"),
+            Stamp::Valid { block, seq } => {
+                assert_eq!(
+                    block, b as u64,
+                    "block {b} holds block {block}'s stamp (seq {seq})"
+                );
+                assert_eq!(
+                    block_of.get(&seq),
+                    Some(&(b as u64)),
+                    "block {b} holds seq {seq}, never sent to it"
+                );
+                found[b] = seq;
+            }
+        }
+    }
+    let m = found.iter().copied().max().unwrap_or(0);
+    let forced = m.saturating_sub(w);
+    for (b, &f) in found.iter().enumerate() {
+        // Last write to block b with seq <= forced: seqs b+1, b+1+blocks, ...
+        let first = b as u64 + 1;
+        let last_forced = if forced >= first {
+            first + (forced - first) / blocks * blocks
+        } else {
+            0
+        };
+        assert!(
+            f >= last_forced,
+            "not a prefix: the secondary shows write {m}, so it must hold every write up to \
+             {forced}, but block {b} holds {} instead of write {last_forced} (writes in \
+             flight: {w})",
+            if f == 0 {
+                "zeroes".to_string()
+            } else {
+                format!("write {f}")
+            }
+        );
+    }
+    // With one write in flight the state must be exactly "after the first m writes".
+    if w == 1 {
+        let mut want = vec![0u64; stamps.len()];
+        for &(s, b) in issued.iter().filter(|(s, _)| *s <= m) {
+            want[b as usize] = want[b as usize].max(s);
+        }
+        assert_eq!(
+            found, want,
+            "secondary is not the state after the first {m} writes"
+        );
+    }
+    m
+}
+
+fn write_order_after_cut(test: &str, inflight: u64) {
+    let Some(py) = python_with_nbd() else {
+        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+        return;
+    };
+    let c = pair_via_proxy(test, "A");
+    let (a, b) = (c.alpha(), c.beta());
+    let blocks = 64u64;
+    let mut w = StampWriter::spawn(
+        &py,
+        c.dir().path(),
+        "w",
+        &a.uri(),
+        StampOpts {
+            blocks,
+            inflight,
+            order: StampOrder::Window,
+            count: 0,
+            seconds: 0.0,
+        },
+    );
+    wait_acked(&mut w, 200, Duration::from_secs(15));
+    let delay = 300 + XorShift::new(seed()).next_u64() % 700;
+    std::thread::sleep(Duration::from_millis(delay));
+    assert!(
+        w.running(),
+        "writer stopped before the cut:\n{}",
+        w.output()
+    );
+    let cut = c.proxy().cut_and_refuse();
+    assert!(cut >= 1, "no live link connection to cut");
+    let acked_at_cut = w.log().acked.len();
+    // Writes go on while the link is down.
+    std::thread::sleep(Duration::from_millis(500));
+    w.request_stop();
+    assert!(
+        w.wait_exit(Duration::from_secs(15)),
+        "writer did not stop:\n{}",
+        w.output()
+    );
+    let log = w.log();
+    assert!(log.errors.is_empty(), "writes failed: {:?}", log.errors);
+    assert_eq!(log.acked.len(), log.issued.len(), "{}", w.output());
+
+    // Wait for the secondary to notice and settle: not connected, applied seq stable.
+    b.wait_not_connected(Duration::from_secs(10));
+    let mut last = b.repl_u64("seq_applied");
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = b.repl_u64("seq_applied");
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let ra = a.repl();
+    assert_ne!(ra["connection"], "connected", "{ra}");
+    assert!(
+        u(&ra, "seq_written") > last,
+        "the primary wrote nothing after the cut? alpha {ra}, beta applied {last}"
+    );
+    let size = b.size();
+    let stamps = Stamp::parse_all(&b.backing_data(size), blocks as usize);
+    let m = check_prefix(&stamps, &log.issued, inflight);
+    assert!(m > 0, "nothing reached the secondary before the cut");
+    assert!(
+        (m as usize) < log.issued.len(),
+        "all {} writes on the secondary although the link was cut after {acked_at_cut}",
+        log.issued.len()
+    );
+    println!(
+        "{} writes, {acked_at_cut} acknowledged at the cut, secondary holds a prefix up to \
+         write {m} (applied seq {last})",
+        log.issued.len()
+    );
+
+    // Link back: the secondary catches up to exactly the primary's data.
+    c.proxy().resume();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after the link came back");
+    let stamps = Stamp::parse_all(&b.backing_data(size), blocks as usize);
+    let total = log.issued.len() as u64;
+    assert_eq!(check_prefix(&stamps, &log.issued, 1), total);
+}
+
+#[test]
+fn protocol_a_secondary_holds_a_prefix_after_cut() {
+    write_order_after_cut("repl-order-a", 4);
+}
+
+#[test]
+fn protocol_a_secondary_holds_exact_prefix_one_in_flight() {
+    write_order_after_cut("repl-order-a1", 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Hostile peers: wrong secret, wrong resource, garbage. Refused, logged, nothing written,
+//    and the real peer still connects.
+
+/// Connects to a replication port, sends `bytes`, and expects the daemon to close the
+/// connection within 12 s (the handshake timeout is 10 s). Returns our local address (the
+/// daemon logs it).
+fn hostile_send(to: SocketAddr, bytes: &[u8]) -> SocketAddr {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+    let local = s.local_addr().unwrap();
+    let _ = s.write_all(bytes);
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return local,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return local,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{to} kept a connection open after {} hostile bytes",
+            bytes.len()
+        );
+    }
+}
+
+fn log_text(n: &Node) -> String {
+    String::from_utf8_lossy(&std::fs::read(n.log_path()).unwrap_or_default()).into_owned()
+}
+
+/// Waits until the node's log has a line containing every one of `needles`; returns it.
+fn wait_log_line(n: &Node, needles: &[&str], timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = log_text(n);
+        if let Some(l) = text.lines().find(|l| needles.iter().all(|x| l.contains(x))) {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}'s log has no line with all of {needles:?} after {timeout:?}:\n{}",
+            n.name(),
+            n.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A lone impostor node: `Cluster` with its own directory, ports and backing files, started on
+/// node `who` only.
+fn impostor(
+    test: &str,
+    who: &str,
+    resource: Option<&str>,
+    secret: &str,
+    dial: Option<SocketAddr>,
+) -> Cluster {
+    let mut bld = Cluster::builder(test)
+        .nodes(2)
+        .backing_size(BACKING)
+        .secret(secret);
+    if let Some(r) = resource {
+        bld = bld.resource_name(r);
+    }
+    if let Some(d) = dial {
+        bld = bld.node_line("beta", &format!("connect-address = \"{d}\""));
+    }
+    let f = bld.build();
+    let n = f.node(who);
+    n.create_md();
+    n.up();
+    f
+}
+
+#[test]
+fn hostile_peers_are_refused_and_the_real_peer_still_connects() {
+    let c = pair_via_proxy("repl-hostile", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let first = random_bytes(MIB);
+    nbd_write(a, 0, &first);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let io0 = a.status_json()["io"].clone();
+    let beta_auth0 = b.repl_u64("auth_failures");
+    let alpha_auth0 = a.repl_u64("auth_failures");
+
+    // Garbage, an oversized frame header and an oversized payload, on both nodes' ports.
+    let mut big_header = Vec::new();
+    big_header.extend_from_slice(&0x4252_5031u32.to_le_bytes()); // "BRP1"
+    big_header.extend_from_slice(&0xffffu16.to_le_bytes());
+    big_header.extend_from_slice(&16u32.to_le_bytes());
+    big_header.extend_from_slice(&[0u8; 4]);
+    let mut big_payload = Vec::new();
+    big_payload.extend_from_slice(&0x4252_5031u32.to_le_bytes());
+    big_payload.extend_from_slice(&8u16.to_le_bytes());
+    big_payload.extend_from_slice(&u32::MAX.to_le_bytes());
+    big_payload.extend_from_slice(&[0u8; 4]);
+    let garbage = random_bytes(8192);
+    for node in [a, b] {
+        let addr = node.replication_addr();
+        for (bytes, what) in [
+            (&garbage[..], "bad frame magic"),
+            (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], "bad frame magic"),
+            (&big_header[..], "exceeds the bound"),
+            (&big_payload[..], "exceeds the bound"),
+        ] {
+            let local = hostile_send(addr, bytes);
+            let line = wait_log_line(node, &[&local.to_string(), what], Duration::from_secs(5));
+            assert!(line.contains("refused"), "{line}");
+        }
+        node.assert_alive();
+    }
+
+    // A silent client holding a connection open does not delay the real peer.
+    let silent = TcpStream::connect(b.replication_addr()).unwrap();
+    a.ctl_ok(&["disconnect"]);
+    a.wait_repl(Duration::from_secs(5), "standalone", |r| {
+        r["connection"] == "standalone"
+    });
+    a.ctl_ok(&["connect"]);
+    a.wait_connected(Duration::from_secs(8));
+    drop(silent);
+
+    // An impostor "alpha" with the wrong secret dials beta; it is primary with data of its own,
+    // which must never reach beta.
+    let fake = impostor(
+        "repl-fake-secret",
+        "alpha",
+        Some(c.resource()),
+        "not-the-secret",
+        Some(b.replication_addr()),
+    );
+    let fa = fake.alpha();
+    fa.primary_force();
+    nbd_write(fa, 0, &random_bytes(MIB));
+    b.wait_repl(
+        Duration::from_secs(10),
+        "counting an authentication failure",
+        |r| r["auth_failures"].as_u64().is_some_and(|n| n > beta_auth0),
+    );
+    wait_log_line(
+        b,
+        &["refused", "authentication failed"],
+        Duration::from_secs(5),
+    );
+    wait_log_line(fa, &["authentication failed"], Duration::from_secs(5));
+    drop(fake);
+
+    // An impostor for another resource (right secret): refused at hello.
+    let fake = impostor(
+        "repl-fake-res",
+        "alpha",
+        None,
+        "e2e-shared-secret",
+        Some(b.replication_addr()),
+    );
+    let line = wait_log_line(
+        b,
+        &["refused", "resource", fake.resource()],
+        Duration::from_secs(10),
+    );
+    assert!(line.contains(c.resource()), "{line}");
+    drop(fake);
+
+    // A "beta" impostor with the wrong secret: the proxy sends alpha's next dial to it.
+    let fake = impostor(
+        "repl-fake-beta",
+        "beta",
+        Some(c.resource()),
+        "not-the-secret",
+        None,
+    );
+    let proxy = c.proxy();
+    proxy.set_target(fake.beta().replication_addr());
+    proxy.cut();
+    a.wait_repl(
+        Duration::from_secs(10),
+        "counting an authentication failure",
+        |r| r["auth_failures"].as_u64().is_some_and(|n| n > alpha_auth0),
+    );
+    wait_log_line(a, &["authentication failed"], Duration::from_secs(5));
+    let ra = a.repl();
+    assert_ne!(ra["connection"], "connected", "{ra}");
+    assert!(
+        ra["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("auth")),
+        "last_error after a failed authentication: {ra}"
+    );
+    proxy.set_target(b.replication_addr());
+    proxy.cut();
+    drop(fake);
+
+    // Nothing was written anywhere; the real pair reconnects and replicates.
+    a.wait_connected(CONNECT_TIMEOUT);
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    let io = a.status_json()["io"].clone();
+    for k in ["writes", "bytes_written", "zeroes", "trims"] {
+        assert_eq!(
+            io[k], io0[k],
+            "alpha's io.{k} changed: before {io0}, after {io}"
+        );
+    }
+    assert_eq!(u(&ra, "crc_errors"), 0, "{ra}");
+    c.assert_replicas_identical(size, "after the hostile peers");
+    let beta = b.backing_data(size);
+    assert_same_bytes(&beta[..MIB], &first, "beta's first MiB");
+    assert_all_zero(&beta[MIB..], "beta beyond the first MiB");
+    let second = random_bytes(MIB);
+    nbd_write(a, 8 * MIB as u64, &second);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "write after the hostile peers");
+    assert_same_bytes(
+        &b.backing_data(9 * MIB as u64)[8 * MIB..],
+        &second,
+        "beta after a new write",
+    );
+    a.assert_alive();
+    b.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Roles in a pair.
+
+#[test]
+fn secondary_refuses_nbd_and_promotion_while_peer_is_primary() {
+    let c = pair("repl-roles", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    let pid = b.pid().unwrap();
+
+    let out = run(
+        Command::new("nbdinfo").arg("--size").arg(b.uri()),
+        CMD_TIMEOUT,
+    );
+    assert_ne!(
+        out.code,
+        Some(0),
+        "nbdinfo succeeded on the secondary\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.stderr.trim().is_empty(),
+        "nbdinfo failed without a message"
+    );
+    let mut r = RawNbd::connect(b.export()).expect("connect");
+    r.start_handshake();
+    let rep = r
+        .opt_go(b.resource())
+        .expect_err("NBD_OPT_GO on a secondary");
+    assert_eq!(rep.reply_type, REP_ERR_POLICY, "{:?}", rep.text());
+    assert!(!rep.text().trim().is_empty(), "refusal without a message");
+    r.expect_closed(Duration::from_secs(5))
+        .expect("closed after the refusal");
+    assert!(pid_alive(pid), "secondary died\n{}", b.log_tail(40));
+
+    for args in [&["primary"][..], &["primary", "--force"][..]] {
+        let out = b.ctl(args);
+        assert_eq!(
+            out.code,
+            Some(1),
+            "{args:?} while the peer is primary\n{}",
+            out.describe()
+        );
+        let msg = out.stderr.to_lowercase();
+        assert!(
+            msg.contains("peer") && msg.contains("primary"),
+            "{args:?}: the message should say the peer is primary\n{}",
+            out.describe()
+        );
+    }
+    assert_eq!(b.status_json()["role"], "secondary");
+    assert_eq!(a.status_json()["role"], "primary");
+    let rb = b.wait_connected(Duration::from_secs(5));
+    assert_eq!(rb["peer_role"], "primary", "{rb}");
+
+    // The pair still replicates.
+    let data = random_bytes(2 * MIB);
+    nbd_write(a, 4096, &data);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    assert_same_bytes(
+        &b.backing_data(4096 + 2 * MIB as u64)[4096..],
+        &data,
+        "beta after the refused promotions",
+    );
+
+    // Switchover: demote alpha, promote beta (no --force needed: connected, up to date).
+    a.ctl_ok(&["secondary"]);
+    b.wait_repl(CONNECT_TIMEOUT, "seeing a secondary peer", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    b.ctl_ok(&["primary"]);
+    a.wait_repl(CONNECT_TIMEOUT, "connected to the new primary", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "primary"
+    });
+    let out = run(
+        Command::new("nbdinfo").arg("--size").arg(a.uri()),
+        CMD_TIMEOUT,
+    );
+    assert_ne!(out.code, Some(0), "nbdinfo succeeded on the demoted alpha");
+    let out = a.ctl(&["primary"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "alpha promoted while beta is primary\n{}",
+        out.describe()
+    );
+    let data2 = random_bytes(MIB);
+    nbd_write(b, 16 * MIB as u64, &data2);
+    let size = b.size();
+    let rb = b.wait_repl(SYNC_TIMEOUT, "in sync as the new primary", |r| {
+        r["connection"] == "connected"
+            && r["lag_writes"] == 0
+            && r["seq_applied"] == r["seq_written"]
+    });
+    a.wait_repl(SYNC_TIMEOUT, "applied the new primary's writes", |r| {
+        r["seq_applied"] == rb["seq_written"]
+    });
+    c.assert_replicas_identical(size, "after the switchover");
+    assert_same_bytes(
+        &a.backing_data(17 * MIB as u64)[16 * MIB..],
+        &data2,
+        "alpha after a write on the new primary",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A peer whose device is too small is refused; no data moves.
+
+#[test]
+fn peer_with_smaller_backing_is_refused() {
+    let c = Cluster::builder("repl-small")
+        .nodes(2)
+        .backing_size(BACKING)
+        .node_backing_size("beta", BACKING - (16 << 20))
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    b.create_md();
+    a.up();
+    b.up();
+    a.primary_force();
+    let (sa, sb) = (a.size(), b.size());
+    assert!(sb < sa, "beta {sb} vs alpha {sa}");
+    let nums = |text: &str| text.contains(&sa.to_string()) && text.contains(&sb.to_string());
+    let ra = a.wait_repl(CONNECT_TIMEOUT, "refusing the small peer", |r| {
+        r["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("small"))
+    });
+    let err = ra["last_error"].as_str().unwrap();
+    assert!(
+        nums(err),
+        "alpha's last_error should give both sizes ({sa}, {sb}): {err}"
+    );
+    wait_log_line(
+        a,
+        &["small", &sa.to_string(), &sb.to_string()],
+        Duration::from_secs(5),
+    );
+    // Beta says so too (its status or its log).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rb = b.repl();
+        let in_status = rb["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("small") && nums(e));
+        let in_log = log_text(b).lines().any(|l| l.contains("small") && nums(l));
+        if in_status || in_log {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "beta does not report the size mismatch: {rb}\n{}",
+            b.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Writes on alpha stay on alpha.
+    let data = random_bytes(2 * MIB);
+    nbd_write(a, 0, &data);
+    std::thread::sleep(Duration::from_secs(3));
+    let ra = a.repl();
+    assert_ne!(ra["connection"], "connected", "{ra}");
+    assert!(u(&ra, "seq_written") > 0, "{ra}");
+    assert_eq!(u(&ra, "seq_applied"), 0, "{ra}");
+    assert!(
+        u(&ra, "out_of_sync") >= 2 * MIB as u64,
+        "the bitmap should hold the writes: {ra}"
+    );
+    let rb = b.repl();
+    assert_eq!(u(&rb, "seq_applied"), 0, "{rb}");
+    assert_eq!(u(&rb, "seq_received"), 0, "{rb}");
+    assert_all_zero(&b.backing_data(sb), "beta's data");
+    assert_same_bytes(&a.backing_data(2 * MIB as u64), &data, "alpha's data");
+    a.assert_alive();
+    b.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Link cut and reconnect within the journal, under each protocol.
+
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    Proxy,
+    Disconnect,
+}
+
+fn cut_and_reconnect(test: &str, protocol: &str, how: Cut) {
+    let c = pair_via_proxy(test, protocol);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let mut want = vec![0u8; size as usize];
+    let d0 = random_bytes(8 * MIB);
+    nbd_write(a, 0, &d0);
+    want[..8 * MIB].copy_from_slice(&d0);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // Cut while a 16 MiB write stream is going on.
+    let d1 = random_bytes(16 * MIB);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| nbd_write(a, 8 * MIB as u64, &d1));
+        std::thread::sleep(Duration::from_millis(100));
+        match how {
+            Cut::Proxy => {
+                assert!(c.proxy().cut_and_refuse() >= 1, "no link connection to cut");
+            }
+            Cut::Disconnect => {
+                a.ctl_ok(&["disconnect"]);
+            }
+        }
+        h.join().expect("writer thread");
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "writes stalled for {:?} around the cut",
+        started.elapsed()
+    );
+    want[8 * MIB..24 * MIB].copy_from_slice(&d1);
+    let ra = match how {
+        Cut::Proxy => a.wait_not_connected(Duration::from_secs(10)),
+        Cut::Disconnect => a.wait_repl(Duration::from_secs(10), "standalone", |r| {
+            r["connection"] == "standalone"
+        }),
+    };
+    assert_eq!(ra["peer_role"], "unknown", "{ra}");
+
+    // More writes while cut: new data and overwrites.
+    let d2 = random_bytes(8 * MIB);
+    nbd_write(a, 30 * MIB as u64, &d2);
+    want[30 * MIB..38 * MIB].copy_from_slice(&d2);
+    let d3 = random_bytes(MIB);
+    nbd_write(a, 2 * MIB as u64 + 4096, &d3);
+    want[2 * MIB + 4096..3 * MIB + 4096].copy_from_slice(&d3);
+    let ra = a.repl();
+    assert_ne!(ra["connection"], "connected", "{ra}");
+    assert!(u(&ra, "seq_written") > u(&ra, "seq_applied"), "{ra}");
+    assert!(
+        u(&ra, "lag_writes") > 0 && u(&ra, "lag_bytes") >= 9 * MIB as u64,
+        "{ra}"
+    );
+    assert!(u(&ra, "journal_used") >= 9 * MIB as u64, "{ra}");
+    assert!(u(&ra, "out_of_sync") >= 9 * MIB as u64, "{ra}");
+    // The cut is real: beta does not have the new data.
+    let beta_now = b.backing_data(38 * MIB as u64);
+    assert!(
+        beta_now[30 * MIB..38 * MIB] != d2[..],
+        "beta received data while the link was cut"
+    );
+
+    // `wait-sync` gives up while the link is down...
+    let out = a.ctl(&["wait-sync", "--timeout", "1"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "wait-sync with the link down\n{}",
+        out.describe()
+    );
+
+    match how {
+        Cut::Proxy => c.proxy().resume(),
+        Cut::Disconnect => {
+            a.ctl_ok(&["connect"]);
+        }
+    }
+    // ...and returns once the peer has everything.
+    let out = a.ctl_timeout(&["wait-sync", "--timeout", "30"], Duration::from_secs(40));
+    assert!(
+        out.success(),
+        "wait-sync after the link came back\n{}",
+        out.describe()
+    );
+    let ra = a.repl();
+    assert_eq!(ra["connection"], "connected", "after wait-sync: {ra}");
+    assert_eq!(u(&ra, "lag_writes"), 0, "after wait-sync: {ra}");
+    assert_eq!(
+        u(&ra, "seq_applied"),
+        u(&ra, "seq_written"),
+        "after wait-sync: {ra}"
+    );
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    assert_eq!(ra["peer_disk"], "up-to-date", "{ra}");
+    assert_eq!(u(&ra, "crc_errors"), 0, "{ra}");
+    a.wait_repl(Duration::from_secs(10), "with an empty bitmap", |r| {
+        r["out_of_sync"] == 0
+    });
+    c.assert_replicas_identical(size, &format!("protocol {protocol}, {how:?} cut"));
+    assert_same_bytes(&b.backing_data(size), &want, "beta's data");
+    a.assert_alive();
+    b.assert_alive();
+}
+
+#[test]
+fn link_cut_by_proxy_and_back_protocol_a() {
+    cut_and_reconnect("repl-cut-a", "A", Cut::Proxy);
+}
+
+#[test]
+fn link_disconnect_and_connect_protocol_b() {
+    cut_and_reconnect("repl-cut-b", "B", Cut::Disconnect);
+}
+
+#[test]
+fn link_cut_by_proxy_and_back_protocol_c() {
+    cut_and_reconnect("repl-cut-c", "C", Cut::Proxy);
+}
+
+#[test]
+fn link_disconnect_and_connect_protocol_c() {
+    cut_and_reconnect("repl-cut-c-disc", "C", Cut::Disconnect);
+}
+
+/// The secondary dies (SIGKILL) while the primary writes; the primary goes on alone, and the
+/// restarted secondary catches up from the journal.
+#[test]
+fn secondary_killed_and_restarted_catches_up() {
+    let c = pair("repl-beta-kill", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let mut want = vec![0u8; size as usize];
+    let d0 = random_bytes(8 * MIB);
+    nbd_write(a, 0, &d0);
+    want[..8 * MIB].copy_from_slice(&d0);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    let d1 = random_bytes(16 * MIB);
+    let pid = b.status_json()["pid"].as_u64().expect("pid") as u32;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| nbd_write(a, 8 * MIB as u64, &d1));
+        std::thread::sleep(Duration::from_millis(100));
+        kill9(pid);
+        h.join().expect("writer thread");
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "writes stalled for {:?} after the secondary died",
+        started.elapsed()
+    );
+    assert!(wait_pid_gone(pid, Duration::from_secs(5)));
+    want[8 * MIB..24 * MIB].copy_from_slice(&d1);
+    a.wait_not_connected(Duration::from_secs(10));
+    let d2 = random_bytes(4 * MIB);
+    nbd_write(a, 40 * MIB as u64, &d2);
+    want[40 * MIB..44 * MIB].copy_from_slice(&d2);
+
+    b.up();
+    let rb = b.status_json();
+    assert_eq!(rb["role"], "secondary", "{rb}");
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after the secondary's restart");
+    assert_same_bytes(&b.backing_data(size), &want, "beta's data");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Acknowledgement timing: with the link stalled (proxy paused, nothing closed), a write is
+// acknowledged at once under A, and only once the peer has it under B and C.
+
+/// Sends one 4 KiB write while the link is paused for `pause`; returns (whether the write
+/// was acknowledged before the link resumed, its latency).
+fn write_during_stall(c: &Cluster, offset: u64, pause: Duration) -> (bool, Duration) {
+    let a = c.alpha();
+    let mut r = a.raw_open();
+    let block = random_bytes(4096);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    c.proxy().pause();
+    let (before, lat) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let t = Instant::now();
+            r.write_at(offset, &block, 0)
+                .unwrap_or_else(|e| panic!("write during the stall failed: errno {e}"));
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            t.elapsed()
+        });
+        std::thread::sleep(pause);
+        let before = done.load(std::sync::atomic::Ordering::SeqCst);
+        c.proxy().unpause();
+        (before, h.join().expect("writer thread"))
+    });
+    r.disconnect();
+    (before, lat)
+}
+
+fn ack_timing(test: &str, protocol: &str) {
+    let c = pair_via_proxy(test, protocol);
+    let a = c.alpha();
+    nbd_write(a, 0, &random_bytes(64 * 1024));
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    let pause = Duration::from_millis(1500);
+    let (acked_in_stall, lat) = write_during_stall(&c, MIB as u64, pause);
+    if protocol == "A" {
+        assert!(
+            acked_in_stall && lat < Duration::from_millis(1000),
+            "protocol A: the write waited for the stalled peer ({lat:?})"
+        );
+    } else {
+        assert!(
+            !acked_in_stall && lat >= pause,
+            "protocol {protocol}: the write was acknowledged after {lat:?} although the peer \
+             could not have {} it (link stalled for {pause:?})",
+            if protocol == "B" {
+                "received"
+            } else {
+                "written"
+            }
+        );
+    }
+    // A short stall does not break the link.
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    assert_eq!(u(&ra, "crc_errors"), 0, "{ra}");
+    c.assert_replicas_identical(a.size(), &format!("protocol {protocol} after a stall"));
+}
+
+#[test]
+fn ack_timing_protocol_a() {
+    ack_timing("repl-ack-a", "A");
+}
+
+#[test]
+fn ack_timing_protocol_b() {
+    ack_timing("repl-ack-b", "B");
+}
+
+#[test]
+fn ack_timing_protocol_c() {
+    ack_timing("repl-ack-c", "C");
+}
+
+/// Under C, a link that stalls for good (no FIN, no RST) must not block writes forever: the
+/// peer is declared dead, waiting writes are acknowledged and new ones go on; the link comes
+/// back once traffic flows again.
+#[test]
+fn protocol_c_long_stall_releases_writes_and_recovers() {
+    let c = pair_via_proxy("repl-stall-c", "C");
+    let a = c.alpha();
+    let size = a.size();
+    nbd_write(a, 0, &random_bytes(64 * 1024));
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let mut r = a.raw_open();
+    let block = random_bytes(4096);
+    let d = random_bytes(2 * MIB);
+    c.proxy().pause();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let t = Instant::now();
+            r.write_at(MIB as u64, &block, 0)
+                .unwrap_or_else(|e| panic!("write during the stall failed: errno {e}"));
+            t.elapsed()
+        });
+        // Bounded by RawNbd's 10 s read timeout: a write still waiting then fails the test.
+        let lat = h.join().expect("writer thread");
+        println!("write acknowledged after {lat:?} of stall");
+        let ra = a.repl();
+        assert_ne!(
+            ra["connection"], "connected",
+            "stalled peer still connected: {ra}"
+        );
+        // Writes go on while the peer is unreachable.
+        let t = Instant::now();
+        nbd_write(a, 4 * MIB as u64, &d);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "writes blocked while the peer is unreachable: {:?}",
+            t.elapsed()
+        );
+    });
+    r.disconnect();
+    c.proxy().unpause();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after a long stall");
+    assert_same_bytes(
+        &c.beta().backing_data(6 * MIB as u64)[4 * MIB..],
+        &d,
+        "beta after a long stall",
+    );
+}
+
+/// The link flaps (cut, sometimes held down for a moment) many times while a writer keeps
+/// many stamped writes in flight; once it stays up, both replicas are identical and hold every
+/// acknowledged write.
+fn flapping_link(test: &str, protocol: &str) {
+    let Some(py) = python_with_nbd() else {
+        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+        return;
+    };
+    let c = pair_via_proxy(test, protocol);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let blocks = 4096u64;
+    let mut w = StampWriter::spawn(
+        &py,
+        c.dir().path(),
+        "w",
+        &a.uri(),
+        StampOpts {
+            blocks,
+            inflight: 16,
+            order: StampOrder::Random,
+            count: 0,
+            seconds: 0.0,
+        },
+    );
+    wait_acked(&mut w, 100, Duration::from_secs(15));
+    let mut rng = XorShift::new(seed());
+    let p = c.proxy();
+    let mut cuts = 0;
+    let mut accepted_at_cut = 0;
+    for i in 0..6 {
+        // Each cut hits a live connection: the link must have come back (a connection made
+        // after the previous cut, and alpha reporting connected) first.
+        let t = Instant::now();
+        a.wait_repl(
+            CONNECT_TIMEOUT,
+            &format!("reconnected before cut {}", i + 1),
+            |r| r["connection"] == "connected" && p.accepted() > accepted_at_cut && p.active() >= 1,
+        );
+        let back = t.elapsed();
+        std::thread::sleep(Duration::from_millis(100 + rng.next_u64() % 400));
+        accepted_at_cut = p.accepted();
+        let n = if i % 2 == 0 {
+            p.cut()
+        } else {
+            let n = p.cut_and_refuse();
+            std::thread::sleep(Duration::from_millis(rng.next_u64() % 400));
+            p.resume();
+            n
+        };
+        assert!(
+            n >= 1,
+            "cut {}: no live link connection (reconnected after {back:?})",
+            i + 1
+        );
+        cuts += n;
+        assert!(w.running(), "writer stopped:\n{}", w.output());
+    }
+    w.request_stop();
+    assert!(
+        w.wait_exit(Duration::from_secs(20)),
+        "writer did not stop:\n{}",
+        w.output()
+    );
+    let log = w.log();
+    assert!(log.errors.is_empty(), "writes failed: {:?}", log.errors);
+    assert_eq!(log.acked.len(), log.issued.len(), "{}", w.output());
+    assert!(
+        p.accepted() >= 6,
+        "alpha reconnected only {} times",
+        p.accepted()
+    );
+
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    assert_eq!(u(&ra, "crc_errors"), 0, "{ra}");
+    c.assert_replicas_identical(size, &format!("protocol {protocol}, flapping link"));
+    let stamps = Stamp::parse_all(&b.backing_data(size), blocks as usize);
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    for &(s, blk) in &log.acked {
+        let e = last.entry(blk).or_insert(0);
+        *e = (*e).max(s);
+    }
+    for (blk, st) in stamps.iter().enumerate() {
+        let want = last.get(&(blk as u64)).copied();
+        match (want, *st) {
+            (None, Stamp::Zero) => {}
+            (Some(w), Stamp::Valid { block, seq }) if block == blk as u64 && seq == w => {}
+            (w, got) => panic!("block {blk}: want the last write {w:?}, beta holds {got:?}"),
+        }
+    }
+    println!(
+        "{} writes, {cuts} connections cut, {} accepted by the proxy",
+        log.acked.len(),
+        p.accepted()
+    );
+}
+
+#[test]
+fn flapping_link_protocol_a() {
+    flapping_link("repl-flap-a", "A");
+}
+
+#[test]
+fn flapping_link_protocol_c() {
+    flapping_link("repl-flap-c", "C");
+}
+
+/// The primary goes down cleanly and comes back: it starts secondary, is promoted again
+/// without --force (its disk is up to date and the peer is a connected secondary), and
+/// replication continues where it stopped.
+#[test]
+fn primary_restart_and_repromotion_continues_replication() {
+    let c = pair("repl-restart", "B");
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let d0 = random_bytes(8 * MIB);
+    nbd_write(a, 0, &d0);
+    let ra0 = c.wait_in_sync(SYNC_TIMEOUT);
+    a.down();
+    b.wait_not_connected(Duration::from_secs(10));
+    a.up();
+    let sa = a.status_json();
+    assert_eq!(sa["role"], "secondary", "{sa}");
+    assert_eq!(sa["disk"], "up-to-date", "{sa}");
+    a.wait_repl(CONNECT_TIMEOUT, "connected to a secondary", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    a.ctl_ok(&["primary"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let d1 = random_bytes(4 * MIB);
+    nbd_write(a, 2 * MIB as u64, &d1);
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    assert!(
+        u(&ra, "seq_written") > u(&ra0, "seq_written"),
+        "sequence numbers went backwards across a restart: before {ra0}, after {ra}"
+    );
+    c.assert_replicas_identical(size, "after the primary's restart");
+    let mut want = d0;
+    want[2 * MIB..6 * MIB].copy_from_slice(&d1);
+    assert_same_bytes(&b.backing_data(8 * MIB as u64), &want, "beta's data");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The journal: a small ring wraps many times under a connected peer (back-pressure, no
+// overflow); a disconnected primary that writes more than the ring holds tells the peer it
+// needs a resync instead of streaming a journal with holes.
+
+fn small_journal_pair(test: &str, protocol: &str, journal: &str) -> Cluster {
+    let c = Cluster::builder(test)
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol(protocol)
+        .journal_size(journal)
+        .build();
+    c.start_pair();
+    c
+}
+
+fn journal_wraps(test: &str, protocol: &str) {
+    let c = small_journal_pair(test, protocol, "2M");
+    let a = c.alpha();
+    let size = a.size();
+    let ra = a.repl();
+    assert!(u(&ra, "journal_size") <= 2 << 20, "{ra}");
+    let n = 40 * MIB;
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, n);
+    run_ok(
+        Command::new("nbdcopy")
+            .args(["--flush", "-C", "2", "--request-size=262144"])
+            .arg(&input)
+            .arg(a.uri()),
+        LONG_TIMEOUT,
+    );
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    assert!(u(&ra, "bytes_sent") >= n as u64, "{ra}");
+    assert_eq!(
+        u(&ra, "out_of_sync"),
+        0,
+        "the journal overflowed while connected: {ra}"
+    );
+    c.assert_replicas_identical(size, &format!("protocol {protocol}, 2M journal"));
+    assert_same_bytes(
+        &c.beta().backing_data(n as u64),
+        &data,
+        "beta after 20 journal wraps",
+    );
+}
+
+#[test]
+fn small_journal_wraps_while_connected_protocol_a() {
+    journal_wraps("repl-wrap-a", "A");
+}
+
+#[test]
+fn small_journal_wraps_while_connected_protocol_c() {
+    journal_wraps("repl-wrap-c", "C");
+}
+
+/// Writes the node's export in requests of `req` bytes.
+fn nbd_write_req(node: &Node, offset: u64, data: &[u8], req: usize) {
+    let mut r = node.raw_open();
+    for (i, chunk) in data.chunks(req).enumerate() {
+        let off = offset + (i * req) as u64;
+        r.write_at(off, chunk, 0)
+            .unwrap_or_else(|e| panic!("NBD write at {off} failed: errno {e}"));
+    }
+    r.command(CMD_FLUSH, 0, 0, 0)
+        .unwrap_or_else(|e| panic!("NBD flush failed: errno {e}"));
+    r.disconnect();
+}
+
+/// After the link comes back, the pair must end in one of two honest states: in sync (and
+/// then the replicas are identical), or refusing with a message that says a resync is needed
+/// (and then beta still holds exactly `beta_before`). Waits up to 25 s for either.
+fn honest_after_reconnect(c: &Cluster, beta_before: &[u8]) {
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let (ra, rb) = (a.repl(), b.repl());
+        let in_sync = ra["connection"] == "connected"
+            && ra["lag_writes"] == 0
+            && ra["out_of_sync"] == 0
+            && ra["seq_applied"] == ra["seq_written"]
+            && rb["seq_applied"] == ra["seq_written"];
+        if in_sync {
+            // Give a resync that claims to be done a moment to settle, then compare.
+            let out = a.ctl_timeout(&["wait-sync", "--timeout", "20"], Duration::from_secs(30));
+            assert!(out.success(), "{}", out.describe());
+            c.assert_replicas_identical(
+                size,
+                &format!("pair reports in sync after an overflow\nalpha: {ra}\nbeta: {rb}"),
+            );
+            return;
+        }
+        let refused = ra["last_error"]
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("resync"));
+        if refused && ra["connection"] != "connected" {
+            std::thread::sleep(Duration::from_secs(1));
+            assert_same_bytes(
+                &b.backing_data(beta_before.len() as u64),
+                beta_before,
+                "beta while the primary says it needs a resync",
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither in sync nor refusing after 25 s\nalpha: {ra}\nbeta: {rb}\n\
+             --- alpha log ---\n{}\n--- beta log ---\n{}",
+            a.log_tail(20),
+            b.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// More data written while disconnected than the journal holds (each record fits).
+#[test]
+fn journal_overflow_while_disconnected_never_leaves_a_silent_gap() {
+    let c = small_journal_pair("repl-overflow", "C", "2M");
+    let (a, b) = (c.alpha(), c.beta());
+    let d0 = random_bytes(MIB);
+    nbd_write_req(a, 0, &d0, 256 * 1024);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let beta_before = b.backing_data(16 * MIB as u64);
+    a.ctl_ok(&["disconnect"]);
+    a.wait_repl(Duration::from_secs(5), "standalone", |r| {
+        r["connection"] == "standalone"
+    });
+    let d1 = random_bytes(8 * MIB);
+    nbd_write_req(a, 4 * MIB as u64, &d1, 256 * 1024);
+    let ra = a.repl();
+    assert!(u(&ra, "out_of_sync") >= 8 * MIB as u64, "{ra}");
+    a.ctl_ok(&["connect"]);
+    honest_after_reconnect(&c, &beta_before);
+    assert_same_bytes(&nbd_read(a, 4 * MIB as u64, 8 * MIB), &d1, "alpha's data");
+    a.assert_alive();
+    b.assert_alive();
+}
+
+/// Single NBD writes larger than a small journal can hold, while connected.
+#[test]
+fn writes_larger_than_the_journal_never_leave_a_silent_gap() {
+    let c = small_journal_pair("repl-bigrec", "C", "2M");
+    let (a, b) = (c.alpha(), c.beta());
+    let beta_before = b.backing_data(16 * MIB as u64);
+    let d = random_bytes(4 * MIB);
+    nbd_write_req(a, 0, &d[..MIB], MIB);
+    nbd_write_req(a, MIB as u64, &d[MIB..], 3 * MIB);
+    honest_after_reconnect(&c, &beta_before);
+    assert_same_bytes(&nbd_read(a, 0, 4 * MIB), &d, "alpha's data");
+    a.assert_alive();
+    b.assert_alive();
+}
+
+/// The smallest link-flap case: the primary disconnects and reconnects a few times with no
+/// write at all in between. Every time the pair must come back connected and in sync.
+#[test]
+fn repeated_reconnects_without_writes_stay_in_sync() {
+    let c = pair("repl-reconnect", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    let d = random_bytes(MIB);
+    nbd_write(a, 0, &d);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    for round in 1..=3 {
+        eprintln!("round {round}: disconnect, connect");
+        a.ctl_ok(&["disconnect"]);
+        a.wait_repl(Duration::from_secs(5), "standalone", |r| {
+            r["connection"] == "standalone"
+        });
+        b.wait_not_connected(Duration::from_secs(10));
+        a.ctl_ok(&["connect"]);
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            let ra = a.repl();
+            if ra["connection"] == "connected" && ra["out_of_sync"] == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: not back in sync after a disconnect/connect with no writes: \
+                 {ra}\n--- alpha log ---\n{}\n--- beta log ---\n{}",
+                a.log_tail(12),
+                b.log_tail(12)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.wait_in_sync(SYNC_TIMEOUT);
+    }
+    c.assert_replicas_identical(a.size(), "after three reconnects");
+}
