@@ -58,8 +58,12 @@ impl ActivityLog {
                 }
             }
         }
-        if changed {
+        // Also trim back to capacity once a burst (mkfs discarding everything) is over, so
+        // the log on disk does not keep extents hot for ever.
+        if changed || self.lru.len() > self.capacity {
+            let before = self.lru.len();
             self.evict();
+            changed |= self.lru.len() != before;
         }
         changed
     }

@@ -444,6 +444,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let (rd, mut wr) = est.stream.into_split();
     let rd = BufReader::with_capacity(1 << 20, rd);
     if me.primary && peer.primary {
+        res.run_handler("split-brain");
         return Err(refuse(
             &mut wr,
             "split brain: both nodes are primary; demote one (blockrep-ctl secondary)".into(),
@@ -472,6 +473,9 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         .await);
     }
     let mut decision = state::compare_generations(&gens(&me.gen), &gens(&peer.gen));
+    // The journal can bring the peer back only when the generations alone say so; every
+    // override below (crashed primary, discard, policy) means regions the journal never saw.
+    let journal_ok = matches!(decision, SyncDecision::InSync | SyncDecision::SourceBitmap);
     // `connect --discard-my-data` on one side settles a split brain (or any difference) in
     // favour of the other.
     // Same generation, but one side crashed as primary: its hot extents may hold writes the
@@ -556,7 +560,9 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         SyncDecision::InSync | SyncDecision::SourceBitmap | SyncDecision::SourceFull
     );
     match (my_role, peer.primary) {
-        (Role::Primary, false) if source => primary_side(res, rd, wr, peer, me, decision).await,
+        (Role::Primary, false) if source => {
+            primary_side(res, rd, wr, peer, me, decision, journal_ok).await
+        }
         (Role::Primary, false) => Err(refuse(
             &mut wr,
             "the primary has older data than its peer (generations say the peer moved on): demote it and promote the peer".into(),
@@ -572,7 +578,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         .await),
         // Neither is primary: a resync still runs, from the node with the good data.
         (Role::Secondary, false) if source && decision != SyncDecision::InSync => {
-            primary_side(res, rd, wr, peer, me, decision).await
+            primary_side(res, rd, wr, peer, me, decision, journal_ok).await
         }
         (Role::Secondary, false) if !source => secondary_side(res, rd, wr, peer).await,
         _ => idle_side(res, rd, wr).await,
@@ -639,6 +645,7 @@ async fn primary_side(
     peer: NodeState,
     me: NodeState,
     decision: SyncDecision,
+    journal_ok: bool,
 ) -> Result<(), LinkError> {
     let rep = res
         .rep()
@@ -661,15 +668,20 @@ async fn primary_side(
         }
     };
     let journal = match decision {
-        SyncDecision::InSync | SyncDecision::SourceBitmap => stream_start(res, &peer, &me),
-        _ => Err(LinkError::NeedsResync("full sync".into())),
+        _ if peer.disk == 0 => Err(LinkError::NeedsResync(
+            "the peer is inconsistent (an interrupted resync)".into(),
+        )),
+        SyncDecision::InSync | SyncDecision::SourceBitmap if journal_ok => {
+            stream_start(res, &peer, &me)
+        }
+        SyncDecision::SourceFull => Err(LinkError::NeedsResync("full sync".into())),
+        _ => Err(LinkError::NeedsResync("generations diverged".into())),
     };
     let (start, resync) = match journal {
         Ok(s) => (s, None),
         Err(e) => {
             let full = decision == SyncDecision::SourceFull;
-            rep.merge_bitmap(Some(&peer_bitmap), full, res.device().size());
-            let start = rep.lock().issued + 1;
+            let start = rep.start_resync(Some(&peer_bitmap), full, res.device().size());
             let bytes = rep.lock().bitmap.dirty_bytes();
             tracing::info!(
                 "resync to the peer ({}): {bytes} bytes{}",
@@ -818,8 +830,6 @@ async fn run_resync(
     if let Ok(mut p) = res.resync.lock() {
         *p = Some((total, 0, started));
     }
-    rep.resyncing
-        .store(true, std::sync::atomic::Ordering::SeqCst);
     struct Done<'a>(&'a Replication);
     impl Drop for Done<'_> {
         fn drop(&mut self) {

@@ -308,6 +308,8 @@ impl Replication {
         let inner = &mut *g;
         // Unapplied resync chunks keep their bits (never cleared); forget the tracking.
         inner.resync_inflight.clear();
+        self.resyncing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let mut n = 0;
         for r in inner.ring.records().filter(|r| r.seq > durable) {
             if r.range.1 > r.range.0 {
@@ -737,15 +739,36 @@ impl Replication {
         (start < end).then_some((start, end - start))
     }
 
-    /// Marks every region dirty (full sync) or merges the peer's bitmap.
-    pub fn merge_bitmap(&self, peer: Option<&Bitmap>, all: bool, size: u64) {
+    /// A resync starts: marks every region dirty (full sync) or merges the peer's bitmap. The
+    /// bitmap now covers everything the journal held for the peer (writes while away were
+    /// marked, unapplied ones at disconnect too), so the journal starts afresh and an overflow
+    /// is over: from here on every record is journaled and streamed again.
+    pub fn start_resync(&self, peer: Option<&Bitmap>, all: bool, size: u64) -> u64 {
+        let durable = self.acks().durable;
         let mut g = self.lock();
         if all {
             g.bitmap.set_range(0, size);
         } else if let Some(b) = peer {
             g.bitmap.merge(b);
         }
-        g.bitmap_dirty = true;
+        let inner = &mut *g;
+        for r in inner.ring.records() {
+            if r.range.1 > r.range.0 && r.seq > durable {
+                inner.bitmap.set_range(r.range.0, r.range.1 - r.range.0);
+            }
+        }
+        for (_, a, b) in inner.undurable.drain(..) {
+            inner.bitmap.set_range(a, b - a);
+        }
+        let next = inner.issued + 1;
+        // Under the same lock as the merge: no ack may clear the bitmap from here on.
+        self.resyncing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        inner.ring.clear(next);
+        inner.resync_inflight.clear();
+        inner.overflowed = false;
+        inner.bitmap_dirty = true;
+        next
     }
 
     /// Status numbers: (issued, journal used, journal size, lag writes, lag bytes, out of sync).
