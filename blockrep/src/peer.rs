@@ -681,7 +681,8 @@ async fn primary_side(
         Ok(s) => (s, None),
         Err(e) => {
             let full = decision == SyncDecision::SourceFull;
-            let start = rep.start_resync(Some(&peer_bitmap), full, res.device().size());
+            let seen = peer.applied_seq.max(peer.issued_seq);
+            let start = rep.start_resync(Some(&peer_bitmap), full, res.device().size(), seen);
             let bytes = rep.lock().bitmap.dirty_bytes();
             tracing::info!(
                 "resync to the peer ({}): {bytes} bytes{}",

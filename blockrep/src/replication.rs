@@ -743,7 +743,7 @@ impl Replication {
     /// bitmap now covers everything the journal held for the peer (writes while away were
     /// marked, unapplied ones at disconnect too), so the journal starts afresh and an overflow
     /// is over: from here on every record is journaled and streamed again.
-    pub fn start_resync(&self, peer: Option<&Bitmap>, all: bool, size: u64) -> u64 {
+    pub fn start_resync(&self, peer: Option<&Bitmap>, all: bool, size: u64, peer_seen: u64) -> u64 {
         let durable = self.acks().durable;
         let mut g = self.lock();
         if all {
@@ -760,6 +760,9 @@ impl Replication {
         for (_, a, b) in inner.undurable.drain(..) {
             inner.bitmap.set_range(a, b - a);
         }
+        // The stream restarts above every sequence the peer has seen (a restarted crashed
+        // primary may be behind it), so no stale acknowledgement can count for a new record.
+        inner.issued = inner.issued.max(peer_seen);
         let next = inner.issued + 1;
         // Under the same lock as the merge: no ack may clear the bitmap from here on.
         self.resyncing

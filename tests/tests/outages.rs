@@ -1,0 +1,1577 @@
+//! Outages and their repair (issue 4): bitmap resync after a link cut longer than the journal,
+//! primary crash and failover/failback, split brain (manual and automatic resolution),
+//! interrupted resync, resync under application writes, and `invalidate`.
+//!
+//! Real daemons, real TCP (a proxy in front of beta where the link is cut), real NBD clients
+//! (python3 + libnbd for known block patterns, nbdcopy, nbdfuse + loop + ext4). Replicas are
+//! compared through their backing files: the first `size` bytes are the exported data.
+//!
+//! Known patterns: `write_blocks` writes whole 4 KiB blocks whose content is a pure function of
+//! (tag, block) (see [`pattern`]), so a test knows exactly what every block must hold and which
+//! write ("tag") won.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockrep_e2e::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const BLK: u64 = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers (local to this file on purpose: the shared harness is being changed elsewhere).
+
+/// A python3 that can `import nbd`, or `None` (the test is then skipped, like the harness's
+/// stamped-writer tests).
+fn python() -> Option<PathBuf> {
+    let p = python_with_nbd();
+    if p.is_none() {
+        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+    }
+    p
+}
+
+/// Writes each listed 4 KiB block with `pattern(tag, block)`: libnbd, 32 writes in flight, then
+/// a flush. Exits non-zero on any NBD error.
+const BLOCK_WRITER: &str = r#"
+import struct, sys
+import nbd
+
+uri, tag, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+blocks = [int(x) for x in open(path).read().split()]
+base = bytes(range(251)) * 18
+h = nbd.NBD()
+h.connect_uri(uri)
+pending = []
+
+def reap():
+    global pending
+    # aio_command_completed raises nbd.Error when the write failed.
+    pending = [(c, b) for (c, b) in pending if not h.aio_command_completed(c)]
+
+for blk in blocks:
+    o = (tag * 131 + blk * 7 + 16) % 251
+    data = struct.pack("<QQ", tag, blk) + base[o:o + 4080]
+    buf = nbd.Buffer.from_bytearray(bytearray(data))
+    reap()
+    while len(pending) >= 32:
+        h.poll(-1)
+        reap()
+    pending.append((h.aio_pwrite(buf, blk * 4096), buf))
+while pending:
+    reap()
+    if pending:
+        h.poll(-1)
+h.flush()
+h.shutdown()
+print("wrote %d blocks with tag %d" % (len(blocks), tag))
+"#;
+
+/// The content `write_blocks` gives `block` under `tag`: (tag, block) as two u64 LE, then
+/// bytes `(tag*131 + block*7 + i) % 251`.
+fn pattern(tag: u64, block: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(BLK as usize);
+    v.extend_from_slice(&tag.to_le_bytes());
+    v.extend_from_slice(&block.to_le_bytes());
+    for i in 16..BLK {
+        v.push(((tag * 131 + block * 7 + i) % 251) as u8);
+    }
+    v
+}
+
+static WRITES: AtomicUsize = AtomicUsize::new(0);
+
+/// Writes `pattern(tag, b)` to every block `b` of `blocks` (in the given order) through `uri`.
+fn write_blocks(py: &Path, dir: &Path, uri: &str, tag: u64, blocks: &[u64]) {
+    let n = WRITES.fetch_add(1, Ordering::SeqCst);
+    let script = dir.join("block_writer.py");
+    if !script.exists() {
+        std::fs::write(&script, BLOCK_WRITER).expect("write block_writer.py");
+    }
+    let list = dir.join(format!("blocks-{n}-tag{tag}.txt"));
+    let text: Vec<String> = blocks.iter().map(|b| b.to_string()).collect();
+    std::fs::write(&list, text.join("\n")).expect("write block list");
+    run_ok(
+        Command::new(py)
+            .arg(&script)
+            .arg(uri)
+            .arg(tag.to_string())
+            .arg(&list),
+        LONG_TIMEOUT,
+    );
+}
+
+/// The tag whose pattern block `b` of `data` holds exactly (`Some(0)` for all zeroes), or
+/// `None` for anything else.
+fn tag_of(data: &[u8], b: u64) -> Option<u64> {
+    let blk = &data[(b * BLK) as usize..((b + 1) * BLK) as usize];
+    if blk.iter().all(|x| *x == 0) {
+        return Some(0);
+    }
+    let tag = u64::from_le_bytes(blk[..8].try_into().expect("8"));
+    (blk == pattern(tag, b).as_slice()).then_some(tag)
+}
+
+/// Panics unless every block in `want` holds the pattern of its tag (0: zeroes) in `data`.
+fn check_tags(data: &[u8], want: &BTreeMap<u64, u64>, what: &str) {
+    let mut bad = Vec::new();
+    for (&b, &t) in want {
+        let got = tag_of(data, b);
+        if got != Some(t) {
+            bad.push(format!("block {b}: want tag {t}, got {got:?}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} blocks wrong, first: {:?}",
+        bad.len(),
+        want.len(),
+        &bad[..bad.len().min(8)]
+    );
+}
+
+/// `n` distinct block numbers below `limit`, scattered (no two adjacent), in random order.
+fn scattered_blocks(rng: &mut XorShift, n: usize, limit: u64) -> Vec<u64> {
+    let mut set = BTreeSet::new();
+    while set.len() < n {
+        let b = rng.next_u64() % limit;
+        if !set.contains(&b) && !set.contains(&(b + 1)) && (b == 0 || !set.contains(&(b - 1))) {
+            set.insert(b);
+        }
+    }
+    let mut v: Vec<u64> = set.into_iter().collect();
+    shuffle(rng, &mut v);
+    v
+}
+
+fn shuffle(rng: &mut XorShift, v: &mut [u64]) {
+    for i in (1..v.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+}
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        ^ u64::from(std::process::id());
+    println!("seed {s}");
+    s
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} is not a number in {v}"))
+}
+
+fn log_text(n: &Node) -> String {
+    std::fs::read(n.log_path())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Lines of the node's log that contain `needle` (case-insensitive).
+fn log_lines(n: &Node, needle: &str) -> Vec<String> {
+    let needle = needle.to_lowercase();
+    log_text(n)
+        .lines()
+        .filter(|l| l.to_lowercase().contains(&needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The number of lines in the node's log so far (a mark for [`log_since`]).
+fn log_mark(n: &Node) -> usize {
+    log_text(n).lines().count()
+}
+
+/// The node's log lines after `mark`.
+fn log_since(n: &Node, mark: usize) -> Vec<String> {
+    log_text(n).lines().skip(mark).map(str::to_string).collect()
+}
+
+/// Sizes in bytes of the resyncs these log lines say the node started as the source
+/// ("resync to the peer (WHY): N bytes").
+fn resync_sizes(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter(|l| l.contains("resync to the peer"))
+        .filter_map(|l| {
+            l.rsplit("): ")
+                .next()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Bytes of the activity-log extents a restarted crashed primary marked out of sync
+/// ("crashed primary: N activity-log extents (M MiB) marked"), if the lines say so.
+fn crashed_al_bytes(lines: &[String]) -> Option<u64> {
+    lines.iter().find_map(|l| {
+        let i = l.find("crashed primary: ")?;
+        let n: u64 = l[i + 17..].split_whitespace().next()?.parse().ok()?;
+        Some(n * 4 * MIB)
+    })
+}
+
+/// A two-node cluster, `extra_toml` appended to the config (e.g. a `[handlers]` table), the
+/// pair started (alpha primary) and the initial sync finished.
+fn pair(test: &str, extra_toml: &str, f: impl FnOnce(ClusterBuilder) -> ClusterBuilder) -> Cluster {
+    let c = f(Cluster::builder(test).nodes(2).backing_size(128 << 20)).build();
+    if !extra_toml.is_empty() {
+        c.write_config(&format!("{}\n{extra_toml}\n", c.config_text()));
+    }
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c
+}
+
+/// What a pair looks like while it is polled: the distinct `connection` values each node went
+/// through, in order.
+#[derive(Debug, Default)]
+struct Seen {
+    alpha: Vec<String>,
+    beta: Vec<String>,
+}
+
+impl Seen {
+    fn note(v: &mut Vec<String>, s: &Value) {
+        let c = s["replication"]["connection"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        if v.last() != Some(&c) {
+            v.push(c);
+        }
+    }
+    fn has(v: &[String], state: &str) -> bool {
+        v.iter().any(|s| s == state)
+    }
+}
+
+/// Both nodes' `status --json` satisfy "in sync": connected, nothing out of sync on either
+/// side, disks up to date, and the primary (if any) has every write applied on the peer.
+fn pair_synced(sa: &Value, sb: &Value) -> bool {
+    [sa, sb].iter().all(|s| {
+        let r = &s["replication"];
+        let mut ok =
+            r["connection"] == "connected" && r["out_of_sync"] == 0 && s["disk"] == "up-to-date";
+        // Lag and sequence marks only mean something on a primary (a secondary that was
+        // primary before may still show its old term's journal).
+        if s["role"] == "primary" {
+            ok = ok
+                && r["lag_writes"] == 0
+                && r["seq_applied"] == r["seq_written"]
+                && r["peer_disk"] == "up-to-date";
+        }
+        ok
+    })
+}
+
+/// Polls both nodes (every ~30 ms) until `done(alpha_status, beta_status)`; returns the
+/// states seen. Panics after `timeout` with both statuses and log tails.
+fn watch(
+    c: &Cluster,
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut(&Value, &Value) -> bool,
+) -> Seen {
+    let (a, b) = (c.alpha(), c.beta());
+    let deadline = Instant::now() + timeout;
+    let mut seen = Seen::default();
+    loop {
+        let sa = a.status_json();
+        let sb = b.status_json();
+        Seen::note(&mut seen.alpha, &sa);
+        Seen::note(&mut seen.beta, &sb);
+        if done(&sa, &sb) {
+            return seen;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "not {what} after {timeout:?}\nstates seen: {seen:?}\nalpha: {sa}\nbeta: {sb}\n\
+                 --- alpha log ---\n{}\n--- beta log ---\n{}",
+                a.log_tail(30),
+                b.log_tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// Waits until the pair is in sync (whatever the roles); returns the states seen.
+fn wait_synced(c: &Cluster, timeout: Duration, what: &str) -> Seen {
+    watch(c, timeout, &format!("in sync ({what})"), pair_synced)
+}
+
+/// Panics unless both replicas are identical, naming the states the pair went through (the
+/// pair reports in sync at this point, so a difference is silent divergence).
+fn assert_identical(c: &Cluster, size: u64, what: &str, seen: &Seen) {
+    let (a, b) = (c.alpha(), c.beta());
+    if let Some(off) = first_difference(a.backing_path(), b.backing_path(), size) {
+        panic!(
+            "{what}: the pair reports in sync (states seen {seen:?}) but the replicas differ at \
+             offset {off} (block {})\nalpha: {}\nbeta: {}\n--- alpha log ---\n{}\n--- beta log \
+             ---\n{}",
+            off / BLK,
+            a.status_json(),
+            b.status_json(),
+            a.log_tail(12),
+            b.log_tail(12)
+        );
+    }
+}
+
+/// (current-gen, bitmap-gen) as `dump-md` prints them.
+fn gens(n: &Node) -> (String, String) {
+    let out = n.ctl_ok(&["dump-md"]);
+    let field = |k: &str| {
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("dump-md has no {k}:\n{}", out.stdout))
+    };
+    (field("current-gen"), field("bitmap-gen"))
+}
+
+/// Waits (up to 10 s) until both nodes' metadata name the same current generation and no
+/// bitmap generation (a finished sync).
+fn wait_same_generation(c: &Cluster) {
+    let mut last = (Default::default(), Default::default());
+    let ok = wait_for(Duration::from_secs(10), || {
+        last = (gens(c.alpha()), gens(c.beta()));
+        last.0 .0 == last.1 .0 && last.0 .1 == "0000000000000000" && last.1 .1 == last.0 .1
+    });
+    assert!(
+        ok,
+        "after the sync the generations differ: alpha (current, bitmap) {:?}, beta {:?}",
+        last.0, last.1
+    );
+}
+
+/// Waits until `n`'s daemon is gone after a SIGKILL of every pid it had.
+fn kill_node(n: &Node) {
+    let pids = n.pids();
+    assert!(!pids.is_empty(), "no daemon pid known for {}", n.name());
+    n.kill9();
+    for p in pids {
+        assert!(
+            wait_pid_gone(p, Duration::from_secs(10)),
+            "pid {p} survived SIGKILL"
+        );
+    }
+}
+
+/// The number of 4 KiB blocks that differ between two equally long buffers.
+fn blocks_differing(x: &[u8], y: &[u8]) -> u64 {
+    x.chunks(BLK as usize)
+        .zip(y.chunks(BLK as usize))
+        .filter(|(p, q)| p != q)
+        .count() as u64
+}
+
+/// Waits until `n`'s replication status mentions a split brain (state or last error).
+fn wait_split_brain_reported(n: &Node, timeout: Duration) -> Value {
+    n.wait_repl(timeout, "reporting a split brain", |r| {
+        r["connection"] == "split-brain"
+            || r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.to_lowercase().contains("split brain"))
+    })
+}
+
+/// A handler script that appends "NODE ARGS... EVENT-ENV" to `DIR/handlers.log`; returns the
+/// `[handlers]` table naming it for every event, and the log path.
+fn handler_table(dir: &Path) -> (String, PathBuf) {
+    let log = dir.join("handlers.log");
+    let script = dir.join("handler.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$BLOCKREP_NODE $1 $2 $3 env=$BLOCKREP_RESOURCE/$BLOCKREP_EVENT/$BLOCKREP_PEER\" >> '{}'\n",
+            log.display()
+        ),
+    )
+    .expect("write handler.sh");
+    run_ok(Command::new("chmod").arg("755").arg(&script), CMD_TIMEOUT);
+    let mut t = String::from("[handlers]\n");
+    for ev in [
+        "split-brain",
+        "before-resync-target",
+        "after-resync-target",
+        "before-resync-source",
+        "after-resync-source",
+        "peer-lost",
+        "became-primary",
+    ] {
+        t.push_str(&format!("{ev} = \"{}\"\n", script.display()));
+    }
+    (t, log)
+}
+
+/// `sync -f DIR`: flushes the one filesystem (a global `sync` would also wait for every other
+/// test's filesystems).
+fn syncfs(dir: &Path) {
+    run_ok(Command::new("sync").arg("-f").arg(dir), CMD_TIMEOUT);
+}
+
+/// Guards a test that has a filesystem on a node's export: if the test panics (or is still
+/// running after `limit`), the cluster's daemons are SIGKILLed *before* the client stack is torn
+/// down, so a wedged daemon cannot leave umount, `sync` or fsync stuck in the kernel forever
+/// (its NBD requests then fail instead). Declare it after the `FsStack` it protects.
+struct Watchdog {
+    config: String,
+    stop: Arc<AtomicBool>,
+}
+
+fn kill_daemons_of(config: &str) {
+    for pid in pids_with_arg(config) {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.starts_with("blockrep") {
+            eprintln!("watchdog: SIGKILL {} (pid {pid})", comm.trim());
+            kill9(pid);
+        }
+    }
+}
+
+impl Watchdog {
+    fn new(c: &Cluster, limit: Duration) -> Self {
+        let config = c.config_path().to_string_lossy().into_owned();
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (config, stop) = (config.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + limit;
+                while Instant::now() < deadline {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                eprintln!("watchdog: test still running after {limit:?}; killing its daemons");
+                kill_daemons_of(&config);
+            });
+        }
+        Watchdog { config, stop }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if std::thread::panicking() {
+            kill_daemons_of(&self.config);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A link cut longer than the journal: bitmap resync of exactly the dirty blocks.
+
+#[test]
+fn link_cut_beyond_journal_resyncs_only_dirty_blocks() {
+    let Some(py) = python() else { return };
+    let c = pair("out-cut-bitmap", "", |b| {
+        b.journal_size("2M")
+            .resource_line("resync-rate = \"4M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+    let nblocks = size / BLK;
+    let mut rng = XorShift::new(seed());
+
+    // Some data both sides have.
+    let base: Vec<u64> = (0..256).collect();
+    write_blocks(&py, dir, &a.uri(), 1, &base);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    let sent0 = a.repl_u64("bytes_sent");
+
+    // 2048 scattered blocks (8 MiB, four times the journal), some over the base data.
+    let n = 2048;
+    let mut dirty = scattered_blocks(&mut rng, n, nblocks);
+    dirty[..32].copy_from_slice(&(0..64).step_by(2).collect::<Vec<u64>>());
+    let dirty_set: BTreeSet<u64> = dirty.iter().copied().collect();
+    let dirty: Vec<u64> = dirty_set.iter().copied().collect();
+    let dirty_bytes = dirty.len() as u64 * BLK;
+    write_blocks(&py, dir, &a.uri(), 2, &dirty);
+    let ra = a.repl();
+    assert_ne!(ra["connection"], "connected", "{ra}");
+    assert_eq!(
+        u(&ra, "out_of_sync"),
+        dirty_bytes,
+        "alpha's out_of_sync should be exactly the {} distinct blocks written while cut: {ra}",
+        dirty.len()
+    );
+
+    c.proxy().resume();
+    let mut totals = BTreeSet::new();
+    let seen = watch(&c, Duration::from_secs(40), "resynced", |sa, sb| {
+        let r = &sa["replication"];
+        if r["connection"] == "sync-source" {
+            totals.insert(u(r, "resync_total"));
+        }
+        pair_synced(sa, sb)
+    });
+    assert_identical(&c, size, "bitmap resync after a cut", &seen);
+    println!("states seen: {seen:?}; resync totals {totals:?}");
+    assert!(
+        Seen::has(&seen.alpha, "sync-source"),
+        "alpha never reported sync-source (a bitmap resync, not a journal catch-up, was \
+         expected: {} dirty bytes, journal 2M): {seen:?}\n{}",
+        dirty_bytes,
+        a.log_tail(30)
+    );
+    assert_eq!(
+        seen.alpha.last().map(String::as_str),
+        Some("connected"),
+        "{seen:?}"
+    );
+    assert!(
+        Seen::has(&seen.beta, "sync-target"),
+        "beta never reported sync-target: {seen:?}"
+    );
+    assert!(
+        totals.iter().all(|t| *t <= dirty_bytes + 64 * 1024),
+        "resync_total {totals:?} larger than the {dirty_bytes} dirty bytes"
+    );
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    let sent = u(&ra, "bytes_sent") - sent0;
+    println!(
+        "dirty {dirty_bytes} bytes ({} blocks), bytes_sent for the resync {sent} ({:.3}x)",
+        dirty.len(),
+        sent as f64 / dirty_bytes as f64
+    );
+    assert!(
+        sent >= dirty_bytes,
+        "the resync sent {sent} bytes, less than the {dirty_bytes} dirty bytes"
+    );
+    assert!(
+        sent <= dirty_bytes * 3 / 2 + 256 * 1024,
+        "the resync sent {sent} bytes for {dirty_bytes} dirty bytes (> 1.5x + 256 KiB)"
+    );
+    c.assert_replicas_identical(size, "after the bitmap resync");
+    let mut want: BTreeMap<u64, u64> = base.iter().map(|b| (*b, 1)).collect();
+    for b in &dirty {
+        want.insert(*b, 2);
+    }
+    check_tags(&b.backing_data(size), &want, "beta after the resync");
+}
+
+#[test]
+fn link_cut_beyond_journal_with_mounted_filesystem() {
+    let c = pair("out-cut-fs", "", |b| {
+        b.backing_size(256 << 20)
+            .journal_size("2M")
+            .resource_line("resync-rate = \"20M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let mut fs = FsStack::attach(c.dir().path(), "a", &a.uri());
+    let _wd = Watchdog::new(&c, Duration::from_secs(150));
+    fs.mkfs_ext4();
+    let mnt = fs.mount();
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (i, n) in [2 * MIB, 4096, 700_000, 3 * MIB].into_iter().enumerate() {
+        let name = format!("before{i}");
+        files.insert(
+            name.clone(),
+            write_random_file(&mnt.join(&name), n as usize),
+        );
+    }
+    syncfs(&mnt);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    let sent0 = a.repl_u64("bytes_sent");
+    std::fs::create_dir_all(mnt.join("during")).unwrap();
+    for (i, n) in [5 * MIB, 1, 123_456, 6 * MIB].into_iter().enumerate() {
+        let name = format!("during/f{i}");
+        files.insert(
+            name.clone(),
+            write_random_file(&mnt.join(&name), n as usize),
+        );
+    }
+    {
+        let patch = random_bytes(300_000);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("before0"))
+            .unwrap();
+        f.seek(SeekFrom::Start(MIB)).unwrap();
+        f.write_all(&patch).unwrap();
+        f.sync_all().unwrap();
+        files.get_mut("before0").unwrap()[MIB as usize..MIB as usize + 300_000]
+            .copy_from_slice(&patch);
+    }
+    std::fs::remove_file(mnt.join("before1")).unwrap();
+    files.remove("before1");
+    syncfs(&mnt);
+    let oos = a.repl_u64("out_of_sync");
+    assert!(oos >= 11 * MIB, "out_of_sync {oos} after 11+ MiB of files");
+
+    c.proxy().resume();
+    // The filesystem stays mounted and in use during the resync.
+    let extra = write_random_file(&mnt.join("while-resync"), 64 * 1024);
+    files.insert("while-resync".into(), extra);
+    let seen = wait_synced(&c, Duration::from_secs(40), "after the cut, fs mounted");
+    assert_identical(&c, size, "ext4, bitmap resync after a cut", &seen);
+    println!("states seen: {seen:?}");
+    assert!(
+        Seen::has(&seen.alpha, "sync-source"),
+        "alpha never reported sync-source: {seen:?}"
+    );
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    let sent = u(&ra, "bytes_sent") - sent0;
+    println!(
+        "out of sync at reconnect {oos} bytes, sent {sent} ({:.3}x)",
+        sent as f64 / oos as f64
+    );
+    assert!(
+        sent <= oos * 3 / 2 + 4 * MIB,
+        "sent {sent} bytes for {oos} out of sync (> 1.5x + 4 MiB of filesystem traffic)"
+    );
+
+    for (name, data) in &files {
+        let got = std::fs::read(mnt.join(name)).unwrap();
+        assert_same_bytes(&got, data, &format!("{name} on alpha"));
+    }
+    fs.umount();
+    fs.fsck_clean();
+    fs.close();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "ext4 after a bitmap resync");
+
+    let lo = LoopDev::attach(b.backing_path());
+    let out = run(
+        Command::new("fsck.ext4").args(["-f", "-n"]).arg(lo.dev()),
+        LONG_TIMEOUT,
+    );
+    assert_eq!(out.code, Some(0), "beta's copy:\n{}", out.describe());
+    let m = Mount::new(lo.dev(), &c.dir().join("mnt-beta"), Some("ro,noload"));
+    for (name, data) in &files {
+        let got = std::fs::read(m.dir().join(name))
+            .unwrap_or_else(|e| panic!("beta's copy lacks {name}: {e}"));
+        assert_same_bytes(&got, data, &format!("{name} on beta"));
+    }
+    m.close();
+    lo.close();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The primary is SIGKILLed during writes.
+
+/// The activity log of the crash tests: at most this many hot 4 MiB extents (the minimum), so
+/// that "only the hot extents" is much less than the device.
+const AL_EXTENTS: u64 = 7;
+
+/// Blocks 32768..40960 (128..160 MiB): data written and replicated before the crash tests.
+const BACKGROUND: std::ops::Range<u64> = 32768..40960;
+
+/// Stamped writes to the first 8 MiB of alpha, SIGKILL of alpha's daemon while they run.
+/// Returns the writer's log.
+fn kill_alpha_during_writes(c: &Cluster, py: &Path) -> WriterLog {
+    let a = c.alpha();
+    // 32 MiB of data far from the hot region, replicated long before the crash: a resync of
+    // more than the hot extents would have to move it.
+    write_blocks(
+        py,
+        c.dir().path(),
+        &a.uri(),
+        5,
+        &BACKGROUND.collect::<Vec<_>>(),
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let mut w = StampWriter::spawn(
+        py,
+        c.dir().path(),
+        "w",
+        &a.uri(),
+        StampOpts {
+            blocks: 2048,
+            inflight: 32,
+            order: StampOrder::Random,
+            count: 0,
+            seconds: 0.0,
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while w.log().acked.len() < 300 {
+        assert!(w.running(), "writer exited early:\n{}", w.output());
+        assert!(
+            Instant::now() < deadline,
+            "writer too slow:\n{}",
+            w.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        w.running(),
+        "writer stopped before the kill:\n{}",
+        w.output()
+    );
+    kill_node(a);
+    if !w.wait_exit(Duration::from_secs(15)) {
+        w.kill();
+    }
+    let log = w.log();
+    println!(
+        "{} stamped writes issued, {} acknowledged before the kill",
+        log.issued.len(),
+        log.acked.len()
+    );
+    log
+}
+
+/// Every block of the first 2048 holds a valid stamp of its own block (or zeroes), and no
+/// acknowledged write is older than the stamp found (protocol C).
+fn check_stamps(data: &[u8], log: &WriterLog, what: &str) {
+    let mut last = BTreeMap::new();
+    for &(s, blk) in &log.acked {
+        let e = last.entry(blk).or_insert(0);
+        *e = s.max(*e);
+    }
+    let block_of = log.block_of();
+    for (blk, st) in Stamp::parse_all(data, 2048).into_iter().enumerate() {
+        let blk = blk as u64;
+        match (st, last.get(&blk)) {
+            (Stamp::Zero, None) => {}
+            (Stamp::Valid { block, seq }, w) => {
+                assert_eq!(
+                    block, blk,
+                    "{what}: block {blk} holds block {block}'s stamp"
+                );
+                assert_eq!(
+                    block_of.get(&seq),
+                    Some(&blk),
+                    "{what}: block {blk} seq {seq}"
+                );
+                if let Some(w) = w {
+                    assert!(
+                        seq >= *w,
+                        "{what}: block {blk}: acked seq {w} lost (has {seq})"
+                    );
+                }
+            }
+            (st, w) => panic!("{what}: block {blk} holds {st:?}, last acked write {w:?}"),
+        }
+    }
+}
+
+/// Failover: alpha dies, beta is promoted with --force and writes; alpha comes back with `up`
+/// as secondary and is resynced from beta, only the regions that changed.
+#[test]
+fn primary_killed_failover_then_old_primary_resyncs_changed_regions() {
+    let Some(py) = python() else { return };
+    let c = pair("out-kill-failover", "", |b| {
+        b.backing_size(256 << 20)
+            .journal_size("8M")
+            .resource_line(&format!("al-extents = {AL_EXTENTS}"))
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let log = kill_alpha_during_writes(&c, &py);
+
+    b.wait_not_connected(Duration::from_secs(10));
+    b.ctl_ok(&["primary", "--force"]);
+    check_stamps(&b.backing_data(8 * MIB), &log, "beta after failover");
+    // New writes on beta: inside alpha's hot region and far away from it.
+    let mut beta_blocks: Vec<u64> = (0..2048).step_by(16).collect();
+    beta_blocks.extend((0..128).map(|i| 16384 + i * 37));
+    write_blocks(&py, c.dir().path(), &b.uri(), 7, &beta_blocks);
+    let beta_before = b.backing_data(size);
+    let alpha_before = a.backing_data(size);
+    let differ = blocks_differing(&alpha_before, &beta_before);
+    let sent0 = b.repl_u64("bytes_sent");
+    let (ma, mb) = (log_mark(a), log_mark(b));
+
+    a.up();
+    let sa = a.status_json();
+    assert_eq!(sa["role"], "secondary", "alpha after a crash and up: {sa}");
+    let seen = wait_synced(&c, Duration::from_secs(40), "alpha resynced from beta");
+    assert_identical(&c, size, "failover, old primary resynced", &seen);
+    println!("states seen: {seen:?}");
+    let sb = b.status_json();
+    assert_eq!(sb["role"], "primary", "{sb}");
+    let sent = u(&sb["replication"], "bytes_sent") - sent0;
+    let la = log_since(a, ma);
+    let al = crashed_al_bytes(&la).unwrap_or(0);
+    let sizes = resync_sizes(&log_since(b, mb));
+    println!(
+        "{differ} blocks differed; alpha's hot extents {al} bytes; resyncs {sizes:?}; beta sent \
+         {sent} bytes to resync alpha (device {size} bytes)"
+    );
+    // The resync covers alpha's hot extents (at most al-extents of them) and what beta wrote,
+    // not the whole device.
+    let al_cap = AL_EXTENTS * 4 * MIB;
+    assert!(
+        al <= al_cap,
+        "alpha marked {al} bytes of hot extents, more than al-extents = {AL_EXTENTS} allows"
+    );
+    let want_max = al_cap + beta_blocks.len() as u64 * BLK + MIB;
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|s| *s <= want_max),
+        "resync sizes {sizes:?} (from beta's log) exceed alpha's hot extents ({al} bytes, at \
+         most {al_cap}) plus beta's {} written blocks (bound {want_max}); alpha's log since \
+         restart:\n{}",
+        beta_blocks.len(),
+        la.join("\n")
+    );
+    assert!(
+        sent < size / 4 && sent <= want_max * 3 / 2 + MIB,
+        "the resync after failover moved {sent} bytes of a {size}-byte device (bound {want_max})"
+    );
+    c.assert_replicas_identical(size, "after failover and the old primary's return");
+    assert_same_bytes(
+        &b.backing_data(size),
+        &beta_before,
+        "beta (the source) changed during the resync",
+    );
+    let want: BTreeMap<u64, u64> = beta_blocks.iter().map(|x| (*x, 7)).collect();
+    check_tags(&a.backing_data(size), &want, "alpha after the resync");
+}
+
+/// The crashed primary comes back (`up`, secondary) and is promoted again with
+/// `primary --force` while beta stayed secondary: alpha is the sync source of its possibly
+/// unreplicated recent writes, and the pair ends identical with alpha's data.
+#[test]
+fn primary_killed_restarted_and_repromoted_resyncs_from_it() {
+    let Some(py) = python() else { return };
+    let c = pair("out-kill-repromote", "", |b| {
+        b.backing_size(256 << 20)
+            .journal_size("8M")
+            .resource_line(&format!("al-extents = {AL_EXTENTS}"))
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let log = kill_alpha_during_writes(&c, &py);
+    b.wait_not_connected(Duration::from_secs(10));
+    assert_eq!(b.status_json()["role"], "secondary");
+
+    // Alpha's disk as the crash left it (the daemon is dead: nothing changes it now).
+    let alpha_before = a.backing_data(size);
+    let differ = blocks_differing(&alpha_before, &b.backing_data(size));
+    println!("{differ} blocks differ between alpha and beta after the crash");
+    check_stamps(&alpha_before[..8 << 20], &log, "alpha after the crash");
+
+    // Back as secondary; at equal generations the crashed primary is the source of its hot
+    // extents (it may resync before it is promoted).
+    let ma = log_mark(a);
+    a.up();
+    let sa = a.status_json();
+    assert_eq!(sa["role"], "secondary", "alpha after a crash and up: {sa}");
+    // What alpha resyncs: its hot extents (and its journal's records), not the whole device.
+    wait_for(Duration::from_secs(10), || {
+        !resync_sizes(&log_since(a, ma)).is_empty() || a.repl()["connection"] == "connected"
+    });
+    let la = log_since(a, ma);
+    let al = crashed_al_bytes(&la).unwrap_or(0);
+    let sizes = resync_sizes(&la);
+    println!("alpha's hot extents: {al} bytes; resyncs it started: {sizes:?}");
+    assert!(
+        al <= AL_EXTENTS * 4 * MIB && sizes.iter().all(|s| *s <= AL_EXTENTS * 4 * MIB + MIB),
+        "the restarted crashed primary resyncs {sizes:?} bytes although its activity log \
+         marked {al} bytes (device {size}); its log since the restart:\n{}",
+        la.join("\n")
+    );
+    let seen1 = watch(&c, Duration::from_secs(30), "connected again", |sa, sb| {
+        sa["replication"]["connection"] == "connected"
+            && sb["replication"]["connection"] == "connected"
+    });
+    a.ctl_ok(&["primary", "--force"]);
+    let seen2 = wait_synced(&c, Duration::from_secs(40), "beta resynced from alpha");
+    assert_identical(
+        &c,
+        size,
+        "crashed primary restarted and promoted again",
+        &seen2,
+    );
+    println!("states seen before the promotion: {seen1:?}; after: {seen2:?}");
+    assert_eq!(a.status_json()["role"], "primary");
+    for s in [&seen1, &seen2] {
+        assert!(
+            !Seen::has(&s.alpha, "sync-target") && !Seen::has(&s.beta, "sync-source"),
+            "alpha was resynced from beta; its data should have been the source: {s:?}"
+        );
+    }
+    // A new daemon: everything it ever sent is the resync (and the journal catch-up).
+    let sent = a.repl_u64("bytes_sent");
+    println!("alpha sent {sent} bytes since its restart (device {size})");
+    assert!(
+        sent <= AL_EXTENTS * 4 * MIB * 3 / 2 + MIB,
+        "the resync after the restart moved {sent} bytes; al-extents = {AL_EXTENTS} bounds the \
+         hot extents to {} bytes",
+        AL_EXTENTS * 4 * MIB
+    );
+    c.assert_replicas_identical(size, "after the crashed primary was promoted again");
+    assert_same_bytes(
+        &b.backing_data(size),
+        &alpha_before,
+        "beta must end with alpha's data (alpha was promoted)",
+    );
+    check_stamps(&b.backing_data(8 * MIB), &log, "beta at the end");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Failover and failback with a filesystem.
+
+fn write_files(dir: &Path, prefix: &str, sizes: &[u64]) -> BTreeMap<String, Vec<u8>> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut m = BTreeMap::new();
+    for (i, n) in sizes.iter().enumerate() {
+        let name = format!("{prefix}{i}");
+        m.insert(
+            name.clone(),
+            write_random_file(&dir.join(&name), *n as usize),
+        );
+    }
+    m
+}
+
+fn check_files(dir: &Path, files: &BTreeMap<String, Vec<u8>>, what: &str) {
+    for (name, data) in files {
+        let got = std::fs::read(dir.join(name))
+            .unwrap_or_else(|e| panic!("{what}: cannot read {name}: {e}"));
+        assert_same_bytes(&got, data, &format!("{what}: {name}"));
+    }
+}
+
+#[test]
+fn failover_and_failback_with_files() {
+    let c = pair("out-failback", "", |b| {
+        b.backing_size(512 << 20)
+            .journal_size("8M")
+            .resource_line(&format!("al-extents = {AL_EXTENTS}"))
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+
+    let mut fs = FsStack::attach(dir, "a1", &a.uri());
+    let _wd = Watchdog::new(&c, Duration::from_secs(150));
+    fs.mkfs_ext4();
+    let mnt = fs.mount();
+    let mut files = write_files(
+        &mnt,
+        "alpha",
+        &[4 * MIB, 1, 300_000, 6 * MIB, 4096, 2 * MIB],
+    );
+    syncfs(&mnt);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // The primary dies with the filesystem mounted.
+    kill_node(a);
+    drop(fs); // its I/O now fails; lazy teardown of the client stack
+
+    b.wait_not_connected(Duration::from_secs(10));
+    let out = b.ctl(&["primary"]);
+    assert!(
+        !out.success(),
+        "primary without --force, peer gone:\n{}",
+        out.describe()
+    );
+    b.ctl_ok(&["primary", "--force"]);
+    let written0 = u(&b.status_json()["io"], "bytes_written");
+    let mut fs = FsStack::attach(dir, "b", &b.uri());
+    let _wd = Watchdog::new(&c, Duration::from_secs(150));
+    let mnt = fs.mount();
+    check_files(&mnt, &files, "beta after failover");
+    let new = write_files(&mnt.join("on-beta"), "beta", &[3 * MIB, 12_345, MIB]);
+    std::fs::remove_file(mnt.join("alpha4")).unwrap();
+    files.remove("alpha4");
+    syncfs(&mnt);
+    fs.umount();
+    fs.fsck_clean();
+    fs.close();
+    for (k, v) in new {
+        files.insert(format!("on-beta/{k}"), v);
+    }
+    let differ = blocks_differing(&a.backing_data(size), &b.backing_data(size));
+    let written = u(&b.status_json()["io"], "bytes_written") - written0;
+    let sent0 = b.repl_u64("bytes_sent");
+    let (ma, mb) = (log_mark(a), log_mark(b));
+
+    a.up();
+    assert_eq!(a.status_json()["role"], "secondary");
+    let seen = wait_synced(&c, Duration::from_secs(40), "alpha resynced from beta");
+    assert_identical(&c, size, "failover with ext4, old primary resynced", &seen);
+    println!("states seen: {seen:?}");
+    let sent = b.repl_u64("bytes_sent") - sent0;
+    let la = log_since(a, ma);
+    let al = crashed_al_bytes(&la).unwrap_or(0);
+    let sizes = resync_sizes(&log_since(b, mb));
+    println!(
+        "{differ} blocks differed; beta wrote {written} bytes since its promotion; alpha's hot \
+         extents {al} bytes; resyncs {sizes:?}; beta sent {sent} bytes (device {size})"
+    );
+    c.assert_replicas_identical(size, "after failover");
+
+    // Failback.
+    b.ctl_ok(&["secondary"]);
+    a.ctl_ok(&["primary"]);
+    let sa = a.status_json();
+    assert_eq!(sa["role"], "primary", "{sa}");
+    let mut fs = FsStack::attach(dir, "a2", &a.uri());
+    let _wd = Watchdog::new(&c, Duration::from_secs(150));
+    let mnt = fs.mount();
+    check_files(&mnt, &files, "alpha after failback");
+    assert!(
+        !mnt.join("alpha4").exists(),
+        "a file deleted on beta is back"
+    );
+    write_files(&mnt, "back", &[MIB]);
+    syncfs(&mnt);
+    fs.umount();
+    fs.fsck_clean();
+    fs.close();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after failback");
+
+    // The resync after the failover moved only the changed regions: what beta wrote since
+    // its promotion and alpha's hot extents (checked last, so a failure here still shows that
+    // the data parts held).
+    assert!(
+        al <= AL_EXTENTS * 4 * MIB,
+        "alpha marked {al} bytes of hot extents, more than al-extents = {AL_EXTENTS} allows"
+    );
+    let bound = AL_EXTENTS * 4 * MIB + written + MIB;
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|s| *s <= bound),
+        "resync sizes {sizes:?} exceed what changed (beta wrote {written} bytes, alpha's hot \
+         extents {al} bytes); alpha's log since restart:\n{}",
+        la.join("\n")
+    );
+    assert!(
+        sent < size / 4 && sent <= bound * 3 / 2 + MIB,
+        "the resync after failover sent {sent} bytes (device {size}, changed at most {bound})"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Split brain: detected, nothing moves, handler runs, resolved by --discard-my-data.
+
+/// alpha `disconnect`, beta `primary --force`, then tag-2 writes on alpha and tag-3 writes on
+/// beta. Both nodes are primary afterwards.
+fn diverge(c: &Cluster, py: &Path, alpha_blocks: &[u64], beta_blocks: &[u64]) {
+    let (a, b) = (c.alpha(), c.beta());
+    a.ctl_ok(&["disconnect"]);
+    a.wait_repl(Duration::from_secs(10), "standalone", |r| {
+        r["connection"] == "standalone"
+    });
+    b.wait_not_connected(Duration::from_secs(10));
+    b.ctl_ok(&["primary", "--force"]);
+    if !alpha_blocks.is_empty() {
+        write_blocks(py, c.dir().path(), &a.uri(), 2, alpha_blocks);
+    }
+    if !beta_blocks.is_empty() {
+        write_blocks(py, c.dir().path(), &b.uri(), 3, beta_blocks);
+    }
+}
+
+#[test]
+fn split_brain_detected_nothing_moves_then_discard_my_data_resolves() {
+    let Some(py) = python() else { return };
+    let tmp = TestDir::new("out-sb-handler");
+    let (handlers, hlog) = handler_table(tmp.path());
+    let c = pair("out-split-brain", &handlers, |b| {
+        b.backing_size(64 << 20).journal_size("4M")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let base: Vec<u64> = (0..512).collect();
+    write_blocks(&py, c.dir().path(), &a.uri(), 1, &base);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    let alpha_blocks: Vec<u64> = (0..128).chain(1000..1100).collect();
+    let beta_blocks: Vec<u64> = (64..192).chain(2000..2200).collect();
+    diverge(&c, &py, &alpha_blocks, &beta_blocks);
+    let alpha_snap = a.backing_data(size);
+    let beta_snap = b.backing_data(size);
+    let sent_a0 = a.repl_u64("bytes_sent");
+    let sent_b0 = b.repl_u64("bytes_sent");
+
+    a.ctl_ok(&["connect"]);
+    let ra = wait_split_brain_reported(a, Duration::from_secs(15));
+    let rb = wait_split_brain_reported(b, Duration::from_secs(15));
+    println!("alpha: {ra}\nbeta: {rb}");
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            !log_lines(a, "split brain").is_empty() && !log_lines(b, "split brain").is_empty()
+        }),
+        "both logs should say split brain\n--- alpha ---\n{}\n--- beta ---\n{}",
+        a.log_tail(20),
+        b.log_tail(20)
+    );
+    // Let the link retry for a while: still refused, no data moves.
+    std::thread::sleep(Duration::from_secs(3));
+    for (n, snap) in [(a, &alpha_snap), (b, &beta_snap)] {
+        let s = n.status_json();
+        let r = &s["replication"];
+        assert!(
+            !matches!(
+                r["connection"].as_str(),
+                Some("connected" | "sync-source" | "sync-target")
+            ),
+            "{} connected despite the split brain: {s}",
+            n.name()
+        );
+        assert_eq!(s["role"], "primary", "{s}");
+        assert_same_bytes(
+            &n.backing_data(size),
+            snap,
+            &format!("{}'s data during the split brain", n.name()),
+        );
+    }
+    assert_eq!(a.repl_u64("bytes_sent"), sent_a0, "alpha sent data");
+    assert_eq!(b.repl_u64("bytes_sent"), sent_b0, "beta sent data");
+
+    // Resolution: alpha (the victim) drops its changes.
+    a.ctl_ok(&["secondary"]);
+    a.ctl_ok(&["connect", "--discard-my-data"]);
+    let seen = wait_synced(&c, Duration::from_secs(30), "after --discard-my-data");
+    assert_identical(&c, size, "split brain resolved by --discard-my-data", &seen);
+    println!("states seen: {seen:?}");
+    assert_eq!(b.status_json()["role"], "primary");
+    c.assert_replicas_identical(size, "after resolving the split brain");
+    assert_same_bytes(
+        &a.backing_data(size),
+        &beta_snap,
+        "alpha = the winner's data",
+    );
+    assert_same_bytes(&b.backing_data(size), &beta_snap, "beta (winner) unchanged");
+    let sent = b.repl_u64("bytes_sent") - sent_b0;
+    let union: BTreeSet<u64> = alpha_blocks.iter().chain(&beta_blocks).copied().collect();
+    let union_bytes = union.len() as u64 * BLK;
+    println!("resolution resync sent {sent} bytes; blocks changed on either side: {union_bytes}");
+    assert!(
+        sent <= union_bytes * 3 / 2 + 256 * 1024,
+        "resolving moved {sent} bytes for {union_bytes} bytes changed on either side"
+    );
+    wait_same_generation(&c);
+
+    // The split-brain handler ran on both nodes, with RESOURCE EVENT PEER.
+    let ok = wait_for(Duration::from_secs(5), || {
+        let t = std::fs::read_to_string(&hlog).unwrap_or_default();
+        t.lines()
+            .any(|l| l.starts_with(&format!("alpha {} split-brain beta", c.resource())))
+            && t.lines()
+                .any(|l| l.starts_with(&format!("beta {} split-brain alpha", c.resource())))
+    });
+    let text = std::fs::read_to_string(&hlog).unwrap_or_default();
+    println!("handler log:\n{text}");
+    assert!(
+        ok,
+        "the split-brain handler did not run on both nodes; handler log:\n{text}\n\
+         alpha split-brain log lines: {:?}\nbeta split-brain log lines: {:?}",
+        log_lines(a, "split brain"),
+        log_lines(b, "split brain")
+    );
+    assert!(
+        text.lines()
+            .all(|l| l.contains(&format!("env={}/", c.resource()))),
+        "handler environment: {text}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Automatic split-brain policies (after-sb-0pri), both nodes secondary at connect.
+
+/// A split brain met by both nodes as secondaries under `policy`: alpha changed `alpha_n`
+/// blocks, beta `beta_n`; `winner` is the node whose data must survive, or `None` when the pair
+/// must stay split (then `connect --discard-my-data` on alpha resolves it).
+fn sb_policy(test: &str, policy: &str, alpha_n: u64, beta_n: u64, winner: Option<&str>) {
+    let Some(py) = python() else { return };
+    let c = pair(test, "", |b| {
+        b.backing_size(64 << 20)
+            .journal_size("4M")
+            .resource_line(&format!("after-sb-0pri = \"{policy}\""))
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    write_blocks(
+        &py,
+        c.dir().path(),
+        &a.uri(),
+        1,
+        &(0..512).collect::<Vec<_>>(),
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    let alpha_blocks: Vec<u64> = (0..alpha_n).map(|i| i * 3).collect();
+    let beta_blocks: Vec<u64> = (0..beta_n).map(|i| 1 + i * 5).collect();
+    diverge(&c, &py, &alpha_blocks, &beta_blocks);
+    a.ctl_ok(&["secondary"]);
+    b.ctl_ok(&["secondary"]);
+    let alpha_snap = a.backing_data(size);
+    let beta_snap = b.backing_data(size);
+    println!(
+        "alpha changed {} bytes, beta {} bytes",
+        a.repl_u64("out_of_sync"),
+        b.repl_u64("out_of_sync")
+    );
+    a.ctl_ok(&["connect"]);
+
+    match winner {
+        Some(w) => {
+            let seen = wait_synced(&c, Duration::from_secs(30), &format!("{policy} resolved"));
+            assert_identical(
+                &c,
+                size,
+                &format!("split brain resolved by {policy}"),
+                &seen,
+            );
+            println!("states seen: {seen:?}");
+            let want = if w == "alpha" {
+                &alpha_snap
+            } else {
+                &beta_snap
+            };
+            let loser = if w == "alpha" { b } else { a };
+            c.assert_replicas_identical(size, &format!("after {policy}"));
+            assert_same_bytes(
+                &a.backing_data(size),
+                want,
+                &format!("{policy}: {w}'s data should have won"),
+            );
+            for n in [a, b] {
+                assert!(
+                    !log_lines(n, "split brain resolved").is_empty(),
+                    "{}'s log does not say the split brain was resolved by the policy:\n{}",
+                    n.name(),
+                    n.log_tail(20)
+                );
+            }
+            let lines = log_lines(loser, "this node discards its changes");
+            assert!(
+                !lines.is_empty(),
+                "the loser {} does not log that it discards its changes:\n{}",
+                loser.name(),
+                loser.log_tail(20)
+            );
+            for n in [a, b] {
+                assert_eq!(n.status_json()["role"], "secondary");
+            }
+            wait_same_generation(&c);
+        }
+        None => {
+            wait_split_brain_reported(a, Duration::from_secs(15));
+            wait_split_brain_reported(b, Duration::from_secs(15));
+            std::thread::sleep(Duration::from_secs(3));
+            for (n, snap) in [(a, &alpha_snap), (b, &beta_snap)] {
+                let r = n.repl();
+                assert!(
+                    !matches!(
+                        r["connection"].as_str(),
+                        Some("connected" | "sync-source" | "sync-target")
+                    ),
+                    "{policy}: {} connected although both changed: {r}",
+                    n.name()
+                );
+                assert_same_bytes(
+                    &n.backing_data(size),
+                    snap,
+                    &format!("{policy}: {}'s data", n.name()),
+                );
+            }
+            assert!(
+                !log_lines(a, "split brain").is_empty() && !log_lines(b, "split brain").is_empty(),
+                "logs should say split brain"
+            );
+            // The admin resolves it: beta's data wins.
+            a.ctl_ok(&["connect", "--discard-my-data"]);
+            wait_synced(&c, Duration::from_secs(30), "after --discard-my-data");
+            c.assert_replicas_identical(size, &format!("{policy} then --discard-my-data"));
+            assert_same_bytes(&a.backing_data(size), &beta_snap, "beta's data won");
+        }
+    }
+}
+
+/// beta was promoted last (the failover) and changed more: the younger primary still loses.
+#[test]
+fn split_brain_policy_discard_younger_primary() {
+    sb_policy(
+        "out-sb-younger",
+        "discard-younger-primary",
+        100,
+        300,
+        Some("alpha"),
+    );
+}
+
+/// Same history, but the policy looks at the amount of change: alpha (fewer) loses.
+#[test]
+fn split_brain_policy_discard_least_changes() {
+    sb_policy(
+        "out-sb-least",
+        "discard-least-changes",
+        100,
+        300,
+        Some("beta"),
+    );
+}
+
+/// beta was promoted but wrote nothing: it syncs from alpha.
+#[test]
+fn split_brain_policy_discard_zero_changes() {
+    sb_policy("out-sb-zero", "discard-zero-changes", 100, 0, Some("alpha"));
+}
+
+/// Both changed: discard-zero-changes cannot decide and leaves the pair split.
+#[test]
+fn split_brain_policy_discard_zero_changes_both_changed_stays_split() {
+    sb_policy("out-sb-zero-both", "discard-zero-changes", 100, 300, None);
+}
+
+#[test]
+fn split_brain_policy_disconnect_stays_split() {
+    sb_policy("out-sb-disconnect", "disconnect", 100, 300, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. An interrupted resync resumes where it stopped.
+
+#[test]
+fn resync_interrupted_and_resumed() {
+    let c = pair("out-resync-resume", "", |b| {
+        b.journal_size("2M")
+            .resource_line("resync-rate = \"20M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    assert!(c.proxy().cut_and_refuse() >= 1);
+    a.wait_not_connected(Duration::from_secs(10));
+    let sent0 = a.repl_u64("bytes_sent");
+    let n = 48 * MIB;
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, n as usize);
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&input)
+            .arg(a.uri()),
+        LONG_TIMEOUT,
+    );
+    let oos0 = a.repl_u64("out_of_sync");
+    assert_eq!(oos0, n, "out_of_sync after writing {n} bytes while cut");
+
+    // First part: until a quarter is done.
+    c.proxy().resume();
+    let t1 = Instant::now();
+    let mut first_total = 0;
+    watch(
+        &c,
+        Duration::from_secs(30),
+        "a quarter resynced",
+        |sa, _| {
+            let r = &sa["replication"];
+            if r["connection"] == "sync-source" {
+                first_total = u(r, "resync_total");
+                u(r, "resync_done") >= n / 4
+            } else {
+                assert!(
+                    r["out_of_sync"] != 0,
+                    "the resync finished before it could be interrupted: {sa}"
+                );
+                false
+            }
+        },
+    );
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    let part1 = t1.elapsed();
+    a.wait_not_connected(Duration::from_secs(10));
+    // The bitmap keeps what was done.
+    std::thread::sleep(Duration::from_millis(300));
+    let oos1 = a.repl_u64("out_of_sync");
+    println!(
+        "first part: total {first_total}, {:?}; out of sync after the cut {oos1} of {oos0}",
+        part1
+    );
+    assert!(
+        oos1 > 0 && oos1 < oos0 - n / 8,
+        "after the cut, out_of_sync is {oos1} of {oos0}: the progress was not kept"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Second part.
+    c.proxy().resume();
+    let t2 = Instant::now();
+    let seen = wait_synced(&c, Duration::from_secs(40), "after the resumed resync");
+    assert_identical(&c, size, "interrupted and resumed resync", &seen);
+    let part2 = t2.elapsed();
+    println!("second part: {part2:?}; states seen {seen:?}");
+    assert!(Seen::has(&seen.alpha, "sync-source"), "{seen:?}");
+    let ra = c.wait_in_sync(SYNC_TIMEOUT);
+    let sent = u(&ra, "bytes_sent") - sent0;
+    println!(
+        "dirty {n}, sent over both parts {sent} ({:.3}x)",
+        sent as f64 / n as f64
+    );
+    assert!(
+        sent <= n * 5 / 4 + 4 * MIB,
+        "the interrupted resync sent {sent} bytes for {n} dirty bytes (restarted from scratch?)"
+    );
+    assert!(sent >= n, "sent {sent} < dirty {n}");
+    // The rate limit: 48 MiB at 20 MiB/s is at least ~2.4 s of sending.
+    let active = part1 + part2;
+    assert!(
+        active >= Duration::from_millis(1600),
+        "48 MiB resynced in {active:?} despite resync-rate 20M"
+    );
+    c.assert_replicas_identical(size, "after the resumed resync");
+    assert_same_bytes(&b.backing_data(n), &data, "beta's data");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Application writes to the regions being resynced.
+
+#[test]
+fn resync_with_concurrent_writes_to_the_same_regions() {
+    let Some(py) = python() else { return };
+    let c = pair("out-resync-writes", "", |b| {
+        b.journal_size("2M")
+            .resource_line("resync-rate = \"6M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+    let mut rng = XorShift::new(seed());
+    let all: Vec<u64> = (0..4096).collect();
+    write_blocks(&py, dir, &a.uri(), 1, &all);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    assert!(c.proxy().cut_and_refuse() >= 1);
+    a.wait_not_connected(Duration::from_secs(10));
+    write_blocks(&py, dir, &a.uri(), 2, &all);
+    assert_eq!(a.repl_u64("out_of_sync"), 4096 * BLK);
+
+    c.proxy().resume();
+    let r = a.wait_repl(Duration::from_secs(20), "resyncing", |r| {
+        r["connection"] == "sync-source" && u(r, "resync_done") < u(r, "resync_total") / 2
+    });
+    println!("resync under way: {r}");
+    // Writes ahead of and behind the resync cursor, in random order, twice over a subset.
+    let mut s3: Vec<u64> = (0..4096).step_by(3).collect();
+    shuffle(&mut rng, &mut s3);
+    write_blocks(&py, dir, &a.uri(), 3, &s3);
+    let mut s4: Vec<u64> = (0..4096).step_by(6).collect();
+    shuffle(&mut rng, &mut s4);
+    write_blocks(&py, dir, &a.uri(), 4, &s4);
+    let r = a.repl();
+    println!("after the application writes: {r}");
+    assert!(
+        r["connection"] != "connected" || u(&r, "out_of_sync") > 0,
+        "the resync ended before the application writes did; lower resync-rate: {r}"
+    );
+    if r["connection"] != "sync-source" {
+        println!(
+            "note: the link dropped during the resync with application writes: {}",
+            r["last_error"]
+        );
+    }
+
+    wait_synced(&c, Duration::from_secs(40), "after the resync with writes");
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "resync with concurrent writes");
+    let want: BTreeMap<u64, u64> = all
+        .iter()
+        .map(|&x| {
+            let t = if x % 6 == 0 {
+                4
+            } else if x % 3 == 0 {
+                3
+            } else {
+                2
+            };
+            (x, t)
+        })
+        .collect();
+    check_tags(&a.backing_data(size), &want, "alpha");
+    check_tags(&b.backing_data(size), &want, "beta");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. invalidate: the secondary throws its data away and fetches all of it.
+
+#[test]
+fn invalidate_secondary_full_resync() {
+    let c = pair("out-invalidate", "", |b| b.journal_size("4M"));
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let n = 24 * MIB;
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, n as usize);
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&input)
+            .arg(a.uri()),
+        LONG_TIMEOUT,
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // The secondary's disk goes bad behind the daemon's back.
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(b.backing_path())
+            .unwrap();
+        for (off, len) in [(MIB, 4096usize), (10 * MIB, 65536), (size - 8192, 8192)] {
+            f.seek(SeekFrom::Start(off)).unwrap();
+            f.write_all(&random_bytes(len)).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    assert!(
+        first_difference(a.backing_path(), b.backing_path(), size).is_some(),
+        "corruption did not take"
+    );
+
+    let out = a.ctl(&["invalidate"]);
+    assert!(
+        !out.success(),
+        "invalidate on the primary must be refused:\n{}",
+        out.describe()
+    );
+    let sent0 = a.repl_u64("bytes_sent");
+    b.ctl_ok(&["invalidate"]);
+    let seen = wait_synced(&c, Duration::from_secs(40), "after invalidate");
+    assert_identical(&c, size, "after invalidate", &seen);
+    println!("states seen: {seen:?}");
+    assert!(
+        Seen::has(&seen.beta, "sync-target") || Seen::has(&seen.alpha, "sync-source"),
+        "no resync was seen after invalidate: {seen:?}"
+    );
+    let sent = a.repl_u64("bytes_sent") - sent0;
+    println!("full resync sent {sent} bytes for {n} bytes of data");
+    assert!(
+        sent >= n,
+        "a full resync must send all {n} non-zero bytes; sent {sent}"
+    );
+    assert!(
+        sent <= n * 3 / 2 + 4 * MIB,
+        "the full resync sent {sent} bytes for {n} bytes of non-zero data"
+    );
+    c.assert_replicas_identical(size, "after invalidate");
+    assert_same_bytes(&b.backing_data(n), &data, "beta's data after invalidate");
+    wait_same_generation(&c);
+}
