@@ -794,7 +794,7 @@ async fn primary_side(
                     applied,
                     durable,
                 } => rep.on_ack(received, applied, durable),
-                Msg::Ping { .. } | Msg::Pong { .. } => {}
+                Msg::Ping { .. } => {}
                 Msg::State(st) => res.set_peer(Some(st)),
                 Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
                 other => {
@@ -1117,7 +1117,7 @@ async fn secondary_side(
                 let seq = match msg.seq() {
                     Some(s) => s,
                     None => match msg {
-                        Msg::Ping { .. } | Msg::Pong { .. } => continue,
+                        Msg::Ping { .. } => continue,
                         Msg::SyncStart { seq, full, bytes } => {
                             // This node becomes the sync target: inconsistent until SyncDone.
                             tracing::info!(

@@ -123,8 +123,6 @@ pub struct Inner {
     pub overflowed: bool,
     /// Journal bytes (logical position) written to the metadata area.
     pub disk_pos: u64,
-    /// The persisted checkpoint (logical position, first sequence).
-    pub checkpoint: (u64, u64),
     /// Highest sequence this node has applied from the peer (as secondary).
     pub applied: u64,
 }
@@ -176,7 +174,6 @@ impl Replication {
         ring: Ring,
         issued: u64,
         applied: u64,
-        checkpoint: (u64, u64),
         bitmap: Bitmap,
         overflowed: bool,
         al_extents: usize,
@@ -194,7 +191,6 @@ impl Replication {
                 bitmap_dirty: false,
                 overflowed,
                 disk_pos,
-                checkpoint,
                 applied,
             }),
             appended: Notify::new(),
@@ -588,7 +584,6 @@ impl Replication {
         // Copy the unreleased new bytes out under the lock (two pieces when they wrap).
         let (to, pieces, bitmap) = {
             let mut g = self.lock();
-            g.checkpoint = ckpt;
             let from = g.disk_pos.max(g.ring.tail());
             let to = g.ring.head();
             let mut pieces = Vec::new();

@@ -657,8 +657,6 @@ impl Resource {
                     );
                 }
                 g.ring.clear(start + 1);
-                let head = g.ring.head();
-                g.checkpoint = (head, start + 1);
                 g.issued = start;
             }
         }
@@ -932,7 +930,6 @@ async fn open_replication(
                 hot.len() as u64 * (crate::activity::EXTENT >> 20)
             );
         }
-        let checkpoint = (m.sb.journal_pos, m.sb.journal_seq);
         let overflowed = m.sb.journal_overflowed;
         let applied = m.sb.applied_seq;
         drop(m);
@@ -946,7 +943,6 @@ async fn open_replication(
             ring,
             issued,
             applied,
-            checkpoint,
             bitmap,
             overflowed,
             al_extents,
@@ -956,8 +952,8 @@ async fn open_replication(
     .map_err(|e| NodeError::Refused(format!("journal task failed: {e}")))?
 }
 
-/// Writes new journal bytes in the background (no fsync) and checkpoints every second, so the
-/// ring's space is reused even when clients never flush.
+/// Once a second, makes the bitmap durable and, while the peer is away, the journal too, so a
+/// client that rarely flushes does not leave them far behind on disk.
 async fn journal_persister(rep: Arc<Replication>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;

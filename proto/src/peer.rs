@@ -133,9 +133,6 @@ pub enum Msg {
     Ping {
         id: u64,
     },
-    Pong {
-        id: u64,
-    },
     /// Journal filler at the end of the ring; never sent.
     Pad,
 }
