@@ -440,11 +440,12 @@ fn status(cfg: &Config, json: bool) -> Result<()> {
             r.peer, r.connection, r.peer_role, r.peer_disk, r.protocol
         );
         println!(
-            "    seq written {} sent {} received {} applied {}  lag {} writes ({})  journal {}/{}  out-of-sync {}",
+            "    seq written {} sent {} received {} applied {} durable {}  lag {} writes ({})  journal {}/{}  out-of-sync {}",
             r.seq_written,
             r.seq_sent,
             r.seq_received,
             r.seq_applied,
+            r.seq_durable,
             r.lag_writes,
             human_bytes(r.lag_bytes),
             human_bytes(r.journal_used),

@@ -10,6 +10,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -248,7 +249,10 @@ impl Superblock {
 /// Metadata writes are rare (role changes, generation changes), so they are plain synchronous
 /// writes followed by fdatasync, off the data path.
 pub struct MetaStore {
-    file: File,
+    file: Arc<File>,
+    /// Orders superblock writes (see [`MetaStore::update`]); never held with the store's lock
+    /// by a reader.
+    io: Arc<Mutex<()>>,
     path: PathBuf,
     pub sb: Superblock,
 }
@@ -394,7 +398,12 @@ impl MetaStore {
                 .unwrap_or(0),
             promoted_ms: 0,
         };
-        let mut store = MetaStore { file, path, sb };
+        let mut store = MetaStore {
+            file: Arc::new(file),
+            io: Arc::default(),
+            path,
+            sb,
+        };
         // Write both slots so no stale superblock of an older format survives.
         store.write_slot(0)?;
         store.write_slot(1)?;
@@ -441,7 +450,12 @@ impl MetaStore {
                 ),
             });
         }
-        Ok(MetaStore { file, path, sb })
+        Ok(MetaStore {
+            file: Arc::new(file),
+            io: Arc::default(),
+            path,
+            sb,
+        })
     }
 
     fn write_slot(&mut self, slot: u64) -> Result<(), MetaError> {
@@ -460,11 +474,48 @@ impl MetaStore {
     }
 
     /// Persists the superblock (after the caller changed `sb`): the next sequence number, into
-    /// the slot not holding the current copy, then fdatasync.
+    /// the slot not holding the current copy, then fdatasync. Holds the caller's lock across
+    /// the disk write: for single-owner use (create-md, tests); shared stores use
+    /// [`MetaStore::update`].
     pub fn commit(&mut self) -> Result<(), MetaError> {
         self.sb.seq += 1;
         let slot = self.sb.seq % 2;
         self.write_slot(slot)
+    }
+
+    /// Changes the superblock of a shared store with `f` and makes the change durable before
+    /// returning. If `f` fails, nothing changes, in memory or on disk.
+    ///
+    /// The store's lock is held only to change and encode the superblock, never across the
+    /// fdatasync, so readers (status, the peer handshake, the async threads) are not held up
+    /// by a slow disk. The `io` lock, taken first, orders the writes: a superblock is never
+    /// overwritten on disk by an older one, and the two slots alternate by sequence number.
+    pub fn update<T, E: From<MetaError>>(
+        meta: &Mutex<MetaStore>,
+        f: impl FnOnce(&mut Superblock) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let lock = || meta.lock().unwrap_or_else(|p| p.into_inner());
+        let io = lock().io.clone();
+        let _order = io.lock().unwrap_or_else(|p| p.into_inner());
+        let (t, file, path, offset, bytes) = {
+            let mut m = lock();
+            // On a copy, so that a refusal leaves the store as it was.
+            let mut sb = m.sb.clone();
+            let t = f(&mut sb)?;
+            sb.seq += 1;
+            let bytes = sb.encode().map_err(|e| MetaError::Layout {
+                path: m.path.clone(),
+                why: format!("cannot encode superblock: {e}"),
+            })?;
+            let offset = sb.layout.sb_offset + (sb.seq % 2) * SLOT_LEN;
+            m.sb = sb;
+            (t, m.file.clone(), m.path.clone(), offset, bytes)
+        };
+        let io_err = |source| MetaError::Io { path, source };
+        file.write_all_at(&bytes, offset)
+            .and_then(|()| file.sync_data())
+            .map_err(io_err)?;
+        Ok(t)
     }
 
     pub fn path(&self) -> &Path {
@@ -590,6 +641,31 @@ mod tests {
         let m = MetaStore::open(&img, None, "r0", "alpha").unwrap();
         assert_eq!(m.sb.applied_seq, 42);
         assert_eq!(m.sb.disk, DiskState::UpToDate);
+        // A shared store: a refused update writes nothing; an accepted one is on disk, and
+        // successive updates alternate slots without losing the newest.
+        let shared = Mutex::new(m);
+        let r: Result<(), MetaError> = MetaStore::update(&shared, |sb| {
+            sb.applied_seq = 99;
+            Err(MetaError::NotFound { path: "x".into() })
+        });
+        assert!(r.is_err());
+        assert_eq!(shared.lock().unwrap().sb.applied_seq, 42);
+        assert_eq!(
+            MetaStore::open(&img, None, "r0", "alpha")
+                .unwrap()
+                .sb
+                .applied_seq,
+            42
+        );
+        for v in [43, 44, 45] {
+            MetaStore::update(&shared, |sb| {
+                sb.applied_seq = v;
+                Ok::<(), MetaError>(())
+            })
+            .unwrap();
+            let m = MetaStore::open(&img, None, "r0", "alpha").unwrap();
+            assert_eq!(m.sb.applied_seq, v);
+        }
         // Wrong node is refused.
         assert!(matches!(
             MetaStore::open(&img, None, "r0", "beta"),

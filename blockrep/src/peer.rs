@@ -885,6 +885,10 @@ async fn run_resync(
         if at >= size {
             at = size;
         }
+        // The sender and the ack reader share this task: a chunk that needed no waiting (a
+        // zero region, journal space free) must not keep them from running, or the peer sees
+        // no frame, not even a ping, for the whole sweep.
+        tokio::task::yield_now().await;
     }
     finish_sync(res, rep, started, sent).await?;
     if let Ok(mut p) = res.resync.lock() {

@@ -243,15 +243,23 @@ impl Resource {
         &self,
         f: impl FnOnce(&mut Superblock) + Send + 'static,
     ) -> Result<(), NodeError> {
-        let meta = self.meta.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut m.sb);
-            m.commit()
+        self.update_meta(move |sb| {
+            f(sb);
+            Ok(())
         })
         .await
-        .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))??;
-        Ok(())
+    }
+
+    /// Applies `f` to the superblock and persists the result, off the async threads; nothing
+    /// is written if `f` refuses.
+    pub async fn update_meta<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Superblock) -> Result<T, NodeError> + Send + 'static,
+    ) -> Result<T, NodeError> {
+        let meta = self.meta.clone();
+        tokio::task::spawn_blocking(move || MetaStore::update(&meta, f))
+            .await
+            .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
     }
 
     /// What this node tells its peer.
@@ -549,6 +557,7 @@ impl Resource {
                 .load(std::sync::atomic::Ordering::Relaxed),
             seq_received: acks.received,
             seq_applied: applied,
+            seq_durable: acks.durable,
             lag_writes: lag_w,
             lag_bytes: lag_b,
             bytes_sent: rep
@@ -632,18 +641,19 @@ impl Resource {
             peer = self.peer_view();
         }
         let new_id = random_id();
-        self.with_meta(|m| -> Result<(), NodeError> {
-            let p = state::promote(m.sb.disk, m.sb.gen, peer, force, new_id)
-                .map_err(NodeError::Refused)?;
-            m.sb.disk = p.disk;
-            m.sb.gen = p.gen;
-            m.sb.was_primary = true;
-            m.sb.promoted_ms = std::time::SystemTime::now()
+        self.update_meta(move |sb| {
+            let p =
+                state::promote(sb.disk, sb.gen, peer, force, new_id).map_err(NodeError::Refused)?;
+            sb.disk = p.disk;
+            sb.gen = p.gen;
+            sb.was_primary = true;
+            sb.promoted_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            Ok(m.commit()?)
-        })??;
+            Ok(())
+        })
+        .await?;
         if let Some(rep) = &self.rep {
             // One sequence space per pair: a new primary continues after the highest sequence
             // its disk holds, whoever issued it.
@@ -683,14 +693,14 @@ impl Resource {
         state::demote(clients, force).map_err(NodeError::Refused)?;
         self.stop_serving().await?;
         let issued = self.drain_to_peer().await;
-        self.with_meta(|m| {
-            m.sb.was_primary = false;
+        self.commit_meta(move |sb| {
+            sb.was_primary = false;
             if let Some(i) = issued {
-                m.sb.applied_seq = m.sb.applied_seq.max(i);
-                m.sb.issued_seq = i;
+                sb.applied_seq = sb.applied_seq.max(i);
+                sb.issued_seq = i;
             }
-            m.commit()
-        })??;
+        })
+        .await?;
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }
@@ -748,10 +758,7 @@ impl Resource {
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
         }
-        self.with_meta(|m| {
-            m.sb.was_primary = false;
-            m.commit()
-        })??;
+        self.commit_meta(|sb| sb.was_primary = false).await?;
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }

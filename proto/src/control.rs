@@ -66,6 +66,10 @@ pub struct PeerStatus {
     pub seq_received: u64,
     /// Highest sequence number the peer has written to its backing device.
     pub seq_applied: u64,
+    /// Highest sequence number the peer has made durable (flushed); a disconnect puts every
+    /// write after it back in the bitmap.
+    #[serde(default)]
+    pub seq_durable: u64,
     pub lag_writes: u64,
     pub lag_bytes: u64,
     pub bytes_sent: u64,
