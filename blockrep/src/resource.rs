@@ -509,7 +509,12 @@ impl Resource {
         let rep = self.rep.as_ref()?;
         let peer = self.cfg.peer.as_ref()?;
         let acks = rep.acks();
-        let (issued, used, size, lag_w, lag_b, oos, overflowed) = rep.numbers();
+        let (issued, used, size, mut lag_w, mut lag_b, oos, overflowed) = rep.numbers();
+        if self.role() != Role::Primary {
+            // The lag is the primary's stream to its peer; on a secondary the journal holds
+            // at most an earlier term's records, which nobody is waiting for.
+            (lag_w, lag_b) = (0, 0);
+        }
         let l = self.link();
         let connected = established(l.state);
         let (peer_role, peer_disk) = match (&l.peer, connected) {
