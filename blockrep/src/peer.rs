@@ -803,6 +803,17 @@ async fn primary_side(
                     res.verify_kick.notified().await;
                     continue;
                 }
+                let link = res.link_state();
+                if link != "connected" {
+                    // A verify asked for on an earlier connection; this one is a resync.
+                    res.update_verify(|v| {
+                        v.state = "interrupted";
+                        v.error = Some(format!(
+                            "the link came back as {link}; run verify after the resync"
+                        ));
+                    });
+                    continue;
+                }
                 if let Err(e) = run_verify(&res, &rep, &replies).await {
                     res.update_verify(|v| {
                         v.state = "failed";
@@ -1345,6 +1356,8 @@ async fn secondary_side(
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
     // Hash requests read this node's data through their own handle, off the async threads.
     let hash_file = Arc::new(std::fs::File::open(&res.cfg().me.backing)?);
+    // Hash requests read (up to MAX_HASH_SPAN each) a few at a time: bounded memory.
+    let hash_reads = Arc::new(Semaphore::new(8));
     let acker = {
         let mut rx = ap.progress.subscribe();
         async move {
@@ -1493,6 +1506,7 @@ async fn secondary_side(
                         let ap = ap.clone();
                         let tx = reply_tx.clone();
                         let file = hash_file.clone();
+                        let reads = hash_reads.clone();
                         tokio::spawn(async move {
                             loop {
                                 let n = ap.range_done.notified();
@@ -1503,6 +1517,7 @@ async fn secondary_side(
                                 }
                                 n.await;
                             }
+                            let one = reads.acquire_owned().await;
                             let hashes = tokio::task::spawn_blocking(move || {
                                 use std::os::unix::fs::FileExt;
                                 let mut buf = vec![0u8; len as usize];
@@ -1527,6 +1542,7 @@ async fn secondary_side(
                                     vec![0u8; count * peer::HASH_LEN]
                                 }
                             };
+                            drop(one);
                             ap.finish(seq, 0);
                             let mut f = Vec::with_capacity(payload.len() + 64);
                             peer::encode_frame(
@@ -1579,6 +1595,9 @@ async fn secondary_side(
                                     let mut g = rep.lock();
                                     g.bitmap.clear_all();
                                     g.bitmap_dirty = true;
+                                    // Regions an earlier verify marked here were resynced too.
+                                    rep.verify_marked
+                                        .store(false, std::sync::atomic::Ordering::SeqCst);
                                 }
                                 ap.res.sync_target_done();
                                 ap.res.set_link_state("connected", None);

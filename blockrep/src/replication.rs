@@ -710,7 +710,10 @@ impl Replication {
                     }) {
                         Ok(_) => {
                             inner.issued = seq;
-                            inner.reserve = 0;
+                            if std::mem::take(&mut inner.reserve) > 0 {
+                                // Writes held back for this chunk may go on.
+                                self.space.notify_waiters();
+                            }
                             inner.resync_inflight.push_back((seq, offset, offset + len));
                             Some(Ok((seq, zero)))
                         }
@@ -955,7 +958,9 @@ impl Replication {
                     match self.append_locked(&mut g, &msg, payload) {
                         Ok(()) => {
                             g.issued = seq;
-                            g.reserve = 0;
+                            if std::mem::take(&mut g.reserve) > 0 {
+                                self.space.notify_waiters();
+                            }
                             g.resync_inflight.push_back((seq, offset, offset + run_len));
                             drop(g);
                             self.appended.notify_one();

@@ -461,6 +461,11 @@ impl Resource {
         self.link_info.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The link's state as `status` shows it ("connected", "sync-source", ...).
+    pub fn link_state(&self) -> &'static str {
+        self.link().state
+    }
+
     pub fn set_link_state(&self, state: &'static str, err: Option<String>) {
         let mut l = self.link();
         let was = l.state;

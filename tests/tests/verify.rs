@@ -1,8 +1,8 @@
 //! Checksum-based resync (`csums = true`), online verify (`blockrep-ctl verify`) and the resync
 //! rate floor (`resync-rate-min`), issue 4.
 //!
-//! Real daemons, real TCP (the harness's proxy in front of beta where the link is cut), python3
-//! + libnbd for known block patterns. Replicas are compared through their backing files: the
+//! Real daemons, real TCP (the harness's proxy in front of beta where the link is cut), python3 and
+//! libnbd for known block patterns. Replicas are compared through their backing files: the
 //! first `size` bytes are the exported data.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -337,7 +337,7 @@ fn checksum_resync_sends_only_the_differing_blocks() {
     let mut changed: Vec<u64> = base
         .iter()
         .copied()
-        .filter(|_| rng.next_u64() % 8 == 0)
+        .filter(|_| rng.next_u64().is_multiple_of(8))
         .collect();
     changed.extend(8192..8256);
     shuffle(&mut rng, &mut changed);
