@@ -833,3 +833,45 @@ fn resync_rate_floor_keeps_resync_going_under_application_writes() {
         "with resync-rate-min 8M the resync made only {with:.0} bytes/s"
     );
 }
+
+/// The new keys are checked like every other: exit 1, an `error:` line naming file and key.
+#[test]
+fn resync_keys_are_checked() {
+    for (lines, key) in [
+        (
+            &["resync-rate = \"2M\"", "resync-rate-min = \"3M\""][..],
+            "resource.resync-rate-min",
+        ),
+        (
+            &["resync-rate-min = \"lots\""][..],
+            "resource.resync-rate-min",
+        ),
+        (&["csums-alg = \"md5\""][..], "resource.csums-alg"),
+        (&["csums = \"yes\""][..], "csums"),
+    ] {
+        let mut b = Cluster::builder("verify-cfg");
+        for l in lines {
+            b = b.resource_line(l);
+        }
+        let c = b.build();
+        let out = c.alpha().ctl(&["create-md"]);
+        assert_eq!(out.code, Some(1), "{lines:?}:\n{}", out.describe());
+        let err = out
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("no error line for {lines:?}:\n{}", out.describe()))
+            .to_string();
+        assert!(
+            err.contains(&*c.config_path().to_string_lossy()) && err.contains(key),
+            "{lines:?}: {err}"
+        );
+    }
+    // And the good ones are accepted.
+    let c = Cluster::builder("verify-cfg-ok")
+        .resource_line("csums = true")
+        .resource_line("csums-alg = \"sha256\"")
+        .resource_line("resync-rate-min = \"1M\"")
+        .build();
+    c.alpha().ctl_ok(&["create-md"]);
+}
