@@ -930,7 +930,7 @@ async fn run_verify(
         let Some((seq, off, len, mine)) = pending.pop_front() else {
             break;
         };
-        let theirs = replies.take(seq).await;
+        let theirs = replies.take(seq).await?;
         for i in crate::replication::differing_blocks(&mine, &theirs) {
             let s = off + i as u64 * block;
             let n = block.min(off + len - s);
@@ -1036,7 +1036,7 @@ async fn run_resync(
             }
             match asked.pop_front() {
                 Some((seq, off, len)) => {
-                    let hashes = replies.take(seq).await;
+                    let hashes = replies.take(seq).await?;
                     let mut pos = 0u64;
                     while pos < len {
                         let first = (pos / block) as usize;
@@ -1145,6 +1145,9 @@ async fn finish_sync(
     Ok(())
 }
 
+/// How long the source waits for the answer to one hash request.
+const HASH_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Expected hash answers: request sequence → (number of hashes, the answer once arrived).
 type ReplyMap = std::collections::HashMap<u64, (usize, Option<Vec<[u8; 32]>>)>;
 
@@ -1196,8 +1199,18 @@ impl HashReplies {
         Ok(())
     }
 
-    /// Waits for the answer to `seq` (the connection's end drops the waiting worker).
-    async fn take(&self, seq: u64) -> Vec<[u8; 32]> {
+    /// Waits for the answer to `seq` (the connection's end drops the waiting worker); a peer
+    /// that stays silent much longer than its stream could take ends the connection.
+    async fn take(&self, seq: u64) -> Result<Vec<[u8; 32]>, LinkError> {
+        tokio::time::timeout(HASH_ANSWER_TIMEOUT, self.wait(seq))
+            .await
+            .map_err(|_| {
+                self.lock().remove(&seq);
+                LinkError::Timeout("no answer to a hash request")
+            })
+    }
+
+    async fn wait(&self, seq: u64) -> Vec<[u8; 32]> {
         loop {
             let n = self.arrived.notified();
             tokio::pin!(n);

@@ -875,3 +875,78 @@ fn resync_keys_are_checked() {
         .build();
     c.alpha().ctl_ok(&["create-md"]);
 }
+
+/// A checksum resync cut at about a quarter and resumed: what was decided (sent or found
+/// equal) and applied is kept, the rest is hashed again; the replicas end identical.
+#[test]
+fn checksum_resync_interrupted_and_resumed() {
+    let c = pair("csum-resume", |b| {
+        b.journal_size("2M")
+            .resource_line("csums = true")
+            .resource_line("resync-rate = \"16M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    // 48 MiB both sides have, then the first 32 MiB rewritten equal, the rest changed.
+    let n = 48 * MIB;
+    let input = c.dir().join("in.bin");
+    let mut data = write_random_file(&input, n as usize);
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&input)
+            .arg(a.uri()),
+        LONG_TIMEOUT,
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    cut(&c);
+    let sent0 = a.repl_u64("bytes_sent");
+    let fresh = random_bytes((16 * MIB) as usize);
+    data[(32 * MIB) as usize..].copy_from_slice(&fresh);
+    std::fs::write(&input, &data).expect("rewrite input");
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&input)
+            .arg(a.uri()),
+        LONG_TIMEOUT,
+    );
+    assert_eq!(a.repl_u64("out_of_sync"), n);
+
+    c.proxy().resume();
+    watch(
+        &c,
+        Duration::from_secs(30),
+        "a quarter resynced",
+        |sa, _| {
+            let r = &sa["replication"];
+            r["connection"] == "sync-source" && u(r, "resync_done") >= n / 4
+        },
+    );
+    cut(&c);
+    std::thread::sleep(Duration::from_millis(300));
+    let oos1 = a.repl_u64("out_of_sync");
+    println!("after the cut: {oos1} of {n} bytes still out of sync");
+    assert!(oos1 < n, "no progress was kept: {oos1}");
+    c.proxy().resume();
+    wait_synced(
+        &c,
+        Duration::from_secs(40),
+        "after the resumed checksum resync",
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let sent = a.repl_u64("bytes_sent") - sent0;
+    println!(
+        "changed {} bytes, sent over both parts {sent} ({:.3}x); {:?}",
+        16 * MIB,
+        sent as f64 / (16 * MIB) as f64,
+        log_lines(a, "checksum resync: ")
+    );
+    assert!(
+        sent <= 16 * MIB * 5 / 4 + 2 * MIB,
+        "sent {sent} bytes for 16 MiB of changed data"
+    );
+    c.assert_replicas_identical(size, "after the resumed checksum resync");
+    assert_same_bytes(&b.backing_data(n), &data, "beta's data");
+}
