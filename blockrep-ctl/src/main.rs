@@ -69,6 +69,17 @@ enum Cmd {
     Disconnect,
     /// Declare this node's data bad and fetch all of it from the peer (full resync).
     Invalidate,
+    /// Online verify (on the primary): compare the hashes of every region with the peer's
+    /// while I/O goes on, mark the differing regions out of sync and print how many differ.
+    /// A resync (`disconnect` then `connect`) repairs them.
+    Verify {
+        /// Start it and return; follow it with `status`.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (exit code 1; the verify goes on).
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// Wait until the peer is connected and has every write (on the primary), or this node is
     /// connected and up to date (on a secondary).
     WaitSync {
@@ -108,6 +119,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
+        Cmd::Verify { no_wait, timeout } => verify(&cfg, no_wait, timeout),
         Cmd::Status { json } => status(&cfg, json),
         Cmd::WaitSync { timeout } => wait_sync(&cfg, timeout),
     }
@@ -462,6 +474,21 @@ fn status(cfg: &Config, json: bool) -> Result<()> {
                 r.resync_eta_s
             );
         }
+        if let Some(v) = &r.verify {
+            println!(
+                "    verify run {} {}: {} of {} compared, {} regions ({}) differ{}",
+                v.run,
+                v.state,
+                human_bytes(v.done),
+                human_bytes(v.total),
+                v.differ_regions,
+                human_bytes(v.differ_bytes),
+                v.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(e) = &r.last_error {
             println!("    last error: {e}");
         }
@@ -519,6 +546,69 @@ fn wait_sync(cfg: &Config, timeout: u64) -> Result<()> {
         last = text;
         if Instant::now() > deadline {
             bail!("not in sync after {timeout} s: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The latest verify run in a status, if any.
+fn verify_of(s: &Status) -> Option<&proto::control::VerifyStatus> {
+    s.replication.as_ref()?.verify.as_ref()
+}
+
+fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
+    let before = daemon_status(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+    let r0 = verify_of(&before).map_or(0, |v| v.run);
+    let mut c = Control::connect(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+    let msg = expect_ok(c.call(&Request::Verify)?)?;
+    if no_wait {
+        println!("{msg}");
+        return Ok(());
+    }
+    eprintln!("{msg}");
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    loop {
+        let st = daemon_status(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+        if let Some(v) = verify_of(&st).filter(|v| v.run > r0) {
+            match v.state.as_str() {
+                "done" => {
+                    if tty {
+                        eprintln!();
+                    }
+                    println!(
+                        "verify: {} regions ({} bytes) differ",
+                        v.differ_regions, v.differ_bytes
+                    );
+                    if v.differ_regions > 0 {
+                        eprintln!(
+                            "they are marked out of sync; `blockrep-ctl disconnect` then `connect` resyncs them"
+                        );
+                    }
+                    return Ok(());
+                }
+                "pending" | "running" => {
+                    if tty {
+                        eprint!(
+                            "\rverify {} of {} ({:.0}%), {} regions differ so far\x1b[K",
+                            human_bytes(v.done),
+                            human_bytes(v.total),
+                            100.0 * v.done as f64 / v.total.max(1) as f64,
+                            v.differ_regions
+                        );
+                    }
+                }
+                other => bail!(
+                    "verify {other}: {} ({} of {} bytes compared, {} regions differ so far, marked out of sync)",
+                    v.error.as_deref().unwrap_or("no reason given"),
+                    v.done,
+                    v.total,
+                    v.differ_regions
+                ),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("verify not done after {timeout} s (it goes on; see status)");
         }
         std::thread::sleep(Duration::from_millis(100));
     }

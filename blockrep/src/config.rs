@@ -103,6 +103,12 @@ pub struct Config {
     pub bitmap_granularity: u64,
     /// Most resync bytes per second (0: unlimited).
     pub resync_rate: u64,
+    /// Resync bytes per second the resync gets even while application writes fill the
+    /// journal (DRBD's c-min-rate); 0: no floor.
+    pub resync_rate_min: u64,
+    /// Checksum-based bitmap resync (DRBD's csums-alg): the target hashes each dirty region,
+    /// the source sends only the regions whose hash differs.
+    pub csums: bool,
     /// Hot 4 MiB extents the activity log keeps.
     pub al_extents: usize,
     /// Split-brain resolution when neither node is primary.
@@ -148,6 +154,9 @@ struct RawResource {
     journal_size: Option<String>,
     bitmap_granularity: Option<String>,
     resync_rate: Option<String>,
+    resync_rate_min: Option<String>,
+    csums: Option<bool>,
+    csums_alg: Option<String>,
     after_sb_0pri: Option<String>,
     al_extents: Option<u32>,
 }
@@ -288,6 +297,37 @@ impl Config {
                 )
             })?,
         };
+        let resync_rate_min = match r.resync_rate_min.as_deref() {
+            None => (4 << 20).min(if resync_rate == 0 {
+                u64::MAX
+            } else {
+                resync_rate
+            }),
+            Some(s) => parse_size(s).ok_or_else(|| {
+                key_err(
+                    "resource.resync-rate-min",
+                    format!("{s:?} is not a rate in bytes per second (e.g. 4M; 0 for no floor)"),
+                )
+            })?,
+        };
+        if resync_rate > 0 && resync_rate_min > resync_rate {
+            return Err(key_err(
+                "resource.resync-rate-min",
+                format!(
+                    "{} bytes/s is above resync-rate ({resync_rate} bytes/s)",
+                    resync_rate_min
+                ),
+            ));
+        }
+        if let Some(a) = r.csums_alg.as_deref() {
+            if !a.eq_ignore_ascii_case("sha256") {
+                return Err(key_err(
+                    "resource.csums-alg",
+                    format!("{a:?} is not supported (only \"sha256\")"),
+                ));
+            }
+        }
+        let csums = r.csums.unwrap_or(false);
         let al_extents = match r.al_extents {
             None => 1237,
             Some(n) if (7..=16000).contains(&n) => n as usize,
@@ -461,6 +501,8 @@ impl Config {
             journal_size,
             bitmap_granularity,
             resync_rate,
+            resync_rate_min,
+            csums,
             al_extents,
             after_sb_0pri,
             handlers: raw.handlers,
@@ -535,6 +577,52 @@ control = "/tmp/b.sock"
             .unwrap_err()
             .to_string();
         assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn resync_keys() {
+        let c = parse(GOOD, "alpha").unwrap();
+        assert!(!c.csums);
+        assert_eq!(c.resync_rate, 100 << 20);
+        assert_eq!(c.resync_rate_min, 4 << 20);
+        let with =
+            |extra: &str| GOOD.replace("secret = \"x\"", &format!("secret = \"x\"\n{extra}"));
+        let c = parse(&with("csums = true\ncsums-alg = \"sha256\""), "alpha").unwrap();
+        assert!(c.csums);
+        let c = parse(&with("resync-rate = \"1M\""), "alpha").unwrap();
+        assert_eq!(
+            c.resync_rate_min,
+            1 << 20,
+            "the floor defaults to at most the maximum"
+        );
+        let c = parse(
+            &with("resync-rate = \"0\"\nresync-rate-min = \"8M\""),
+            "alpha",
+        )
+        .unwrap();
+        assert_eq!(c.resync_rate_min, 8 << 20);
+        let e = parse(
+            &with("resync-rate = \"2M\"\nresync-rate-min = \"3M\""),
+            "alpha",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("resource.resync-rate-min") && e.contains("above"),
+            "{e}"
+        );
+        let e = parse(&with("resync-rate-min = \"fast\""), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("resource.resync-rate-min"), "{e}");
+        let e = parse(&with("csums-alg = \"md5\""), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("resource.csums-alg"), "{e}");
+        let e = parse(&with("csums = \"yes\""), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("csums"), "{e}");
     }
 
     #[test]

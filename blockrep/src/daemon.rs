@@ -121,6 +121,10 @@ impl Daemon {
                 Ok(r) => Ok(r.set_standalone(false).await),
                 Err(e) => Err(e),
             },
+            Request::Verify => match self.resource().await {
+                Ok(r) => r.start_verify(),
+                Err(e) => Err(e),
+            },
             Request::Invalidate => match self.resource().await {
                 Ok(r) => r.invalidate().await,
                 Err(e) => Err(e),

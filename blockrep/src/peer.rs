@@ -604,6 +604,12 @@ fn gens(g: &peer::GenIds) -> Generations {
 /// Decides where the stream starts for a secondary that applied up to `peer.applied_seq`.
 fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64, LinkError> {
     let rep = res.rep().ok_or(LinkError::Closed("no replication state"))?;
+    if rep.verify_marked.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(LinkError::NeedsResync(format!(
+            "verify found {} bytes out of sync",
+            rep.lock().bitmap.dirty_bytes()
+        )));
+    }
     if me.crashed_primary {
         return Err(LinkError::NeedsResync(
             "this node crashed as primary: its activity-log extents go to the peer".into(),
@@ -717,13 +723,15 @@ async fn primary_side(
     // A journal catch-up after the generations diverged (this primary lost the peer and moved
     // on) is a sync too: it ends, in stream order, with the same SyncDone as a bitmap resync.
     let journal_sync = resync.is_none() && decision != SyncDecision::InSync;
+    let replies = Arc::new(HashReplies::default());
     let resync_worker = {
         let rep = rep.clone();
         let res = res.clone();
+        let replies = replies.clone();
         async move {
             if let Some(total) = resync {
                 res.run_handler("before-resync-source");
-                run_resync(&res, &rep, total).await?;
+                run_resync(&res, &rep, total, &replies).await?;
             } else if journal_sync {
                 finish_sync(&res, &rep, std::time::Instant::now(), 0).await?;
             }
@@ -780,15 +788,64 @@ async fn primary_side(
             }
         }
     };
+    let verifier = {
+        let rep = rep.clone();
+        let res = res.clone();
+        let replies = replies.clone();
+        async move {
+            loop {
+                let pending = res
+                    .verify
+                    .lock()
+                    .map(|v| v.state == "pending")
+                    .unwrap_or(false);
+                if !pending {
+                    res.verify_kick.notified().await;
+                    continue;
+                }
+                let link = res.link_state();
+                if link != "connected" {
+                    // A verify asked for on an earlier connection; this one is a resync.
+                    res.update_verify(|v| {
+                        v.state = "interrupted";
+                        v.error = Some(format!(
+                            "the link came back as {link}; run verify after the resync"
+                        ));
+                    });
+                    continue;
+                }
+                if let Err(e) = run_verify(&res, &rep, &replies).await {
+                    res.update_verify(|v| {
+                        v.state = "failed";
+                        v.error = Some(e.to_string());
+                    });
+                    tracing::error!("verify failed: {e}");
+                    return Err(e);
+                }
+            }
+        }
+    };
     let reader = async {
         loop {
-            let (msg, _, n) = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
+            let (msg, payload, n) = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
                 .await
                 .map_err(|_| LinkError::Timeout("no frame from the peer (ping timeout)"))??;
             rep.stats
                 .bytes_received
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            if let Some(b) = payload {
+                let r = match msg {
+                    Msg::Hashes { seq, .. } => replies.deliver(seq, &b),
+                    _ => Ok(()),
+                };
+                res.device().pool.put(b);
+                r?;
+                if matches!(msg, Msg::Hashes { .. }) {
+                    continue;
+                }
+            }
             match msg {
+                Msg::Hashes { seq, .. } => replies.deliver(seq, &[])?,
                 Msg::Ack {
                     received,
                     applied,
@@ -809,11 +866,107 @@ async fn primary_side(
         r = sender => r,
         r = reader => r,
         r = resync_worker => r,
+        r = verifier => r,
     };
     if let Ok(mut p) = res.resync.lock() {
         *p = None;
     }
+    res.update_verify(|v| {
+        if v.state == "running" {
+            v.state = "interrupted";
+            v.error = Some("the link to the peer dropped during verify".into());
+            tracing::warn!(
+                "verify run {} interrupted by the link: {} of {} bytes compared, {} regions differ so far",
+                v.run,
+                v.done,
+                v.total,
+                v.differ_regions
+            );
+        }
+    });
     r
+}
+
+/// Online verify as the stream's source: every region of the device is read here at a point
+/// of the stream (see [`Replication::verify_chunk`]) and the peer hashes its copy at the
+/// same point (a `HashReq` record it handles in order), so writes that go on meanwhile are on
+/// both sides of the comparison or on neither. Differing blocks are marked out of sync here;
+/// the next connect resyncs them.
+async fn run_verify(
+    res: &Arc<Resource>,
+    rep: &Arc<Replication>,
+    replies: &HashReplies,
+) -> Result<(), LinkError> {
+    let size = res.device().size();
+    let block = res.cfg().bitmap_granularity;
+    let span = (1u64 << 20).min(u64::from(peer::MAX_HASH_SPAN)).max(block);
+    let rate = res.cfg().resync_rate;
+    let file = std::fs::File::open(&res.cfg().me.backing)?;
+    let started = std::time::Instant::now();
+    let run = res.verify.lock().map(|v| v.run).unwrap_or(0);
+    res.update_verify(|v| {
+        v.state = "running";
+        v.total = size;
+    });
+    tracing::info!("verify run {run}: comparing {size} bytes with the peer");
+    /// Requests in flight: enough to keep both disks and the link busy.
+    const WINDOW: usize = 8;
+    let mut pending: std::collections::VecDeque<(u64, u64, u64, Vec<[u8; 32]>)> =
+        std::collections::VecDeque::new();
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    let (mut done, mut regions, mut bytes) = (0u64, 0u64, 0u64);
+    loop {
+        while pending.len() < WINDOW && at < size {
+            let len = span.min(size - at);
+            let seq = rep
+                .verify_chunk(&file, at, len as u32, block as u32, &mut buf)
+                .await?;
+            let mine = crate::replication::block_hashes(&buf[..len as usize], block as usize);
+            replies.expect(seq, mine.len());
+            pending.push_back((seq, at, len, mine));
+            at += len;
+        }
+        let Some((seq, off, len, mine)) = pending.pop_front() else {
+            break;
+        };
+        let theirs = replies.take(seq).await?;
+        for i in crate::replication::differing_blocks(&mine, &theirs) {
+            let s = off + i as u64 * block;
+            let n = block.min(off + len - s);
+            rep.mark_out_of_sync(s, n);
+            regions += 1;
+            bytes += n;
+            tracing::warn!("verify: {s}+{n} differs on the peer");
+        }
+        done += len;
+        res.update_verify(|v| {
+            v.done = done;
+            v.differ_regions = regions;
+            v.differ_bytes = bytes;
+        });
+        if rate > 0 {
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            let el = started.elapsed();
+            if due > el {
+                tokio::time::sleep(due - el).await;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "verify run {run} done: {regions} regions ({bytes} bytes) differ, {size} bytes compared in {secs:.1} s{}",
+        if regions > 0 {
+            "; they are marked out of sync: disconnect and connect to resync them"
+        } else {
+            ""
+        }
+    );
+    res.update_verify(|v| {
+        v.state = "done";
+        v.done = size;
+    });
+    Ok(())
 }
 
 /// The source's resync: every dirty region goes out as a stream record, paced by the
@@ -823,9 +976,12 @@ async fn run_resync(
     res: &Arc<Resource>,
     rep: &Arc<Replication>,
     total: u64,
+    replies: &HashReplies,
 ) -> Result<(), LinkError> {
     let size = res.device().size();
     let rate = res.cfg().resync_rate;
+    let csums = res.cfg().csums;
+    let block = res.cfg().bitmap_granularity;
     let file = std::fs::File::open(&res.cfg().me.backing)?;
     let started = std::time::Instant::now();
     if let Ok(mut p) = res.resync.lock() {
@@ -837,19 +993,90 @@ async fn run_resync(
             self.0
                 .resyncing
                 .store(false, std::sync::atomic::Ordering::SeqCst);
+            self.0
+                .resync_floor
+                .store(0, std::sync::atomic::Ordering::SeqCst);
         }
     }
     let _done = Done(rep);
+    rep.resync_floor.store(
+        res.cfg().resync_rate_min,
+        std::sync::atomic::Ordering::SeqCst,
+    );
     let mut buf = Vec::new();
     let mut at = 0u64;
     let mut sent = 0u64;
     let mut data_bytes = 0u64;
+    let mut equal_bytes = 0u64;
     // A chunk is one journal record: keep it well inside the journal.
     let chunk = (1u64 << 20)
         .min(res.cfg().journal_size / 8)
-        .max(res.cfg().bitmap_granularity);
+        .max(block)
+        .min(u64::from(peer::MAX_HASH_SPAN));
+    // Checksum resync: hash requests in flight ahead of the regions being decided.
+    const CSUM_WINDOW: usize = 16;
+    let mut asked: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
+    if csums {
+        tracing::info!("checksum resync (sha256 per {block} bytes): only differing regions move");
+    }
     loop {
-        let Some((off, len)) = rep.next_dirty(at, chunk, size) else {
+        // One region (or, with checksums, one answered hash request) per turn.
+        let progressed = if csums {
+            while asked.len() < CSUM_WINDOW {
+                let Some((off, len)) = rep.next_dirty(at, chunk, size) else {
+                    break;
+                };
+                let count = peer::hash_count(len as u32, block as u32).ok_or_else(|| {
+                    LinkError::Protocol(format!("resync region {off}+{len} out of hash bounds"))
+                })?;
+                let seq = rep.hash_request(off, len as u32, block as u32).await?;
+                replies.expect(seq, count);
+                asked.push_back((seq, off, len));
+                at = off + len;
+            }
+            match asked.pop_front() {
+                Some((seq, off, len)) => {
+                    let hashes = replies.take(seq).await?;
+                    let mut pos = 0u64;
+                    while pos < len {
+                        let first = (pos / block) as usize;
+                        let (n, equal, zero) = rep
+                            .resync_csum_chunk(
+                                &file,
+                                off + pos,
+                                len - pos,
+                                block,
+                                &hashes[first..],
+                                &mut buf,
+                            )
+                            .await?;
+                        pos += n;
+                        sent += n;
+                        if equal {
+                            equal_bytes += n;
+                        } else if !zero {
+                            data_bytes += n;
+                        }
+                    }
+                    true
+                }
+                None => false,
+            }
+        } else {
+            match rep.next_dirty(at, chunk, size) {
+                Some((off, len)) => {
+                    let (_, zero) = rep.resync_chunk(&file, off, len, &mut buf).await?;
+                    at = (off + len).min(size);
+                    sent += len;
+                    if !zero {
+                        data_bytes += len;
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
+        if !progressed {
             if at == 0 {
                 break;
             }
@@ -864,17 +1091,11 @@ async fn run_resync(
             }
             at = 0;
             continue;
-        };
-        let (_, zero) = rep.resync_chunk(&file, off, len, &mut buf).await?;
-        at = off + len;
-        sent += len;
-        if !zero {
-            data_bytes += len;
         }
         if let Ok(mut p) = res.resync.lock() {
             *p = Some((total.max(sent), sent, started));
         }
-        // Rate limit on the data that travels (zero regions are a header each).
+        // Rate limit on the data that travels (zero and equal regions are a header each).
         if rate > 0 {
             let due = Duration::from_secs_f64(data_bytes as f64 / rate as f64);
             let el = started.elapsed();
@@ -882,13 +1103,16 @@ async fn run_resync(
                 tokio::time::sleep(due - el).await;
             }
         }
-        if at >= size {
-            at = size;
-        }
         // The sender and the ack reader share this task: a chunk that needed no waiting (a
         // zero region, journal space free) must not keep them from running, or the peer sees
         // no frame, not even a ping, for the whole sweep.
         tokio::task::yield_now().await;
+    }
+    if csums {
+        tracing::info!(
+            "checksum resync: {sent} bytes checked, {equal_bytes} equal (not sent), {data_bytes} sent as data, {} zero",
+            sent - equal_bytes - data_bytes
+        );
     }
     finish_sync(res, rep, started, sent).await?;
     if let Ok(mut p) = res.resync.lock() {
@@ -923,6 +1147,89 @@ async fn finish_sync(
         *p = None;
     }
     Ok(())
+}
+
+/// How long the source waits for the answer to one hash request.
+const HASH_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Expected hash answers: request sequence → (number of hashes, the answer once arrived).
+type ReplyMap = std::collections::HashMap<u64, (usize, Option<Vec<[u8; 32]>>)>;
+
+/// Hash answers (`Msg::Hashes`) the source waits for, by request sequence. Answers nobody
+/// waits for (a request replayed from the journal after a reconnect) are dropped, so memory
+/// is bounded by what the workers asked for.
+#[derive(Default)]
+struct HashReplies {
+    st: Mutex<ReplyMap>,
+    arrived: Notify,
+}
+
+impl HashReplies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplyMap> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request of sequence `seq` for `count` block hashes went out.
+    fn expect(&self, seq: u64, count: usize) {
+        self.lock().insert(seq, (count, None));
+    }
+
+    /// An answer arrived (its payload crc already checked). A wrong number of hashes is a
+    /// protocol error.
+    fn deliver(&self, seq: u64, payload: &[u8]) -> Result<(), LinkError> {
+        let mut g = self.lock();
+        let Some((count, slot)) = g.get_mut(&seq) else {
+            return Ok(());
+        };
+        if payload.len() != *count * peer::HASH_LEN || slot.is_some() {
+            return Err(LinkError::Protocol(format!(
+                "hash answer for sequence {seq}: {} bytes, expected {} hashes",
+                payload.len(),
+                count
+            )));
+        }
+        *slot = Some(
+            payload
+                .chunks_exact(peer::HASH_LEN)
+                .map(|c| {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(c);
+                    h
+                })
+                .collect(),
+        );
+        drop(g);
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+
+    /// Waits for the answer to `seq` (the connection's end drops the waiting worker); a peer
+    /// that stays silent much longer than its stream could take ends the connection.
+    async fn take(&self, seq: u64) -> Result<Vec<[u8; 32]>, LinkError> {
+        tokio::time::timeout(HASH_ANSWER_TIMEOUT, self.wait(seq))
+            .await
+            .map_err(|_| {
+                self.lock().remove(&seq);
+                LinkError::Timeout("no answer to a hash request")
+            })
+    }
+
+    async fn wait(&self, seq: u64) -> Vec<[u8; 32]> {
+        loop {
+            let n = self.arrived.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if let Some((_, Some(_))) = g.get(&seq) {
+                    if let Some((_, Some(h))) = g.remove(&seq) {
+                        return h;
+                    }
+                }
+            }
+            n.await;
+        }
+    }
 }
 
 /// Tracks the secondary's progress: which sequences finished, the contiguous mark, durability.
@@ -1062,20 +1369,30 @@ async fn secondary_side(
         peer.issued_seq
     );
     res.set_link_state("connected", None);
+    // Answers to hash requests (checksum resync, verify), sent by the acker.
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
+    // Hash requests read this node's data through their own handle, off the async threads.
+    let hash_file = Arc::new(std::fs::File::open(&res.cfg().me.backing)?);
+    // Hash requests read (up to MAX_HASH_SPAN each) a few at a time: bounded memory.
+    let hash_reads = Arc::new(Semaphore::new(8));
     let acker = {
         let mut rx = ap.progress.subscribe();
         async move {
+            let mut ack = true;
             loop {
-                let (received, applied, durable) = *rx.borrow_and_update();
-                write_msg(
-                    &mut wr,
-                    &Msg::Ack {
-                        received,
-                        applied,
-                        durable,
-                    },
-                )
-                .await?;
+                if ack {
+                    let (received, applied, durable) = *rx.borrow_and_update();
+                    write_msg(
+                        &mut wr,
+                        &Msg::Ack {
+                            received,
+                            applied,
+                            durable,
+                        },
+                    )
+                    .await?;
+                }
+                ack = true;
                 tokio::select! {
                     r = rx.changed() => {
                         if r.is_err() {
@@ -1084,6 +1401,10 @@ async fn secondary_side(
                         // Let the applies queued behind this one finish first: one ack then
                         // covers all of them.
                         tokio::task::yield_now().await;
+                    }
+                    Some(frame) = reply_rx.recv() => {
+                        wr.write_all(&frame).await?;
+                        ack = false;
                     }
                     _ = tokio::time::sleep(PING_INTERVAL) => {
                         write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
@@ -1180,6 +1501,94 @@ async fn secondary_side(
                     .await
                     .map_err(|_| LinkError::Closed("apply window closed"))?;
                 match msg {
+                    Msg::HashReq {
+                        offset, len, block, ..
+                    } => {
+                        let count = peer::hash_count(len, block);
+                        let end = offset.checked_add(u64::from(len));
+                        let (Some(count), Some(end)) = (count, end) else {
+                            return Err(LinkError::Protocol(format!(
+                                "hash request {offset}+{len} in blocks of {block} is out of bounds"
+                            )));
+                        };
+                        if end > res.device().size() {
+                            return Err(LinkError::Protocol(format!(
+                                "hash request at {offset}+{len} is past this device's {} bytes",
+                                res.device().size()
+                            )));
+                        }
+                        // In stream order: earlier writes to the range are applied first,
+                        // later ones wait until it is read.
+                        ap.lock().ranges.insert(seq, (offset, end));
+                        let ap = ap.clone();
+                        let tx = reply_tx.clone();
+                        let file = hash_file.clone();
+                        let reads = hash_reads.clone();
+                        tokio::spawn(async move {
+                            loop {
+                                let n = ap.range_done.notified();
+                                tokio::pin!(n);
+                                n.as_mut().enable();
+                                if !ap.lock().ranges.blocked(seq, (offset, end)) {
+                                    break;
+                                }
+                                n.await;
+                            }
+                            let one = reads.acquire_owned().await;
+                            let hashes = tokio::task::spawn_blocking(move || {
+                                use std::os::unix::fs::FileExt;
+                                let mut buf = vec![0u8; len as usize];
+                                file.read_exact_at(&mut buf, offset).map(|_| {
+                                    buf.chunks(block as usize)
+                                        .flat_map(crate::replication::sha256)
+                                        .collect::<Vec<u8>>()
+                                })
+                            })
+                            .await;
+                            let payload = match hashes {
+                                Ok(Ok(h)) => h,
+                                other => {
+                                    // Unreadable here: answer hashes that match nothing, so
+                                    // the source treats the range as different.
+                                    let e = match other {
+                                        Ok(Err(e)) => e.to_string(),
+                                        Err(e) => e.to_string(),
+                                        Ok(Ok(_)) => String::new(),
+                                    };
+                                    tracing::error!("hash request {offset}+{len}: reading this node's data: {e}");
+                                    vec![0u8; count * peer::HASH_LEN]
+                                }
+                            };
+                            drop(one);
+                            ap.finish(seq, 0);
+                            let mut f = Vec::with_capacity(payload.len() + 64);
+                            peer::encode_frame(
+                                &mut f,
+                                &Msg::Hashes {
+                                    seq,
+                                    len: payload.len() as u32,
+                                    crc: crc32c::crc32c(&payload),
+                                },
+                                &payload,
+                            );
+                            let _ = tx.send(f).await;
+                            drop(permit);
+                        });
+                    }
+                    Msg::Equal { offset, len, .. } => {
+                        if offset
+                            .checked_add(len)
+                            .is_none_or(|e| e > res.device().size())
+                        {
+                            return Err(LinkError::Protocol(format!(
+                                "equal region {offset}+{len} is past this device's {} bytes",
+                                res.device().size()
+                            )));
+                        }
+                        // Checksum resync found the region equal: nothing to write.
+                        ap.finish(seq, 0);
+                        drop(permit);
+                    }
                     Msg::SyncDone { gen, .. } => {
                         // Everything before is applied: durable, then whole again.
                         let ap = ap.clone();
@@ -1203,6 +1612,9 @@ async fn secondary_side(
                                     let mut g = rep.lock();
                                     g.bitmap.clear_all();
                                     g.bitmap_dirty = true;
+                                    // Regions an earlier verify marked here were resynced too.
+                                    rep.verify_marked
+                                        .store(false, std::sync::atomic::Ordering::SeqCst);
                                 }
                                 ap.res.sync_target_done();
                                 ap.res.set_link_state("connected", None);

@@ -125,6 +125,9 @@ pub struct Inner {
     pub disk_pos: u64,
     /// Highest sequence this node has applied from the peer (as secondary).
     pub applied: u64,
+    /// Journal bytes held back from application writes for a resync chunk that is below its
+    /// rate floor (`resync-rate-min`); 0: none.
+    pub reserve: u64,
 }
 
 /// Where the journal and bitmap live on disk.
@@ -146,6 +149,13 @@ pub struct Replication {
     pub stats: Stats,
     /// A resync is sending the bitmap's regions: the bitmap must not be cleared wholesale.
     pub resyncing: std::sync::atomic::AtomicBool,
+    /// `verify` marked regions out of sync: the bitmap holds differences the journal never
+    /// carried, so it must not be cleared wholesale, and the next connect resyncs them.
+    pub verify_marked: std::sync::atomic::AtomicBool,
+    /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
+    /// waited for journal space longer than the floor allows gets space ahead of application
+    /// writes.
+    pub resync_floor: AtomicU64,
     /// Hot extents, with a version bumped on every change, and the version known durable.
     al: Mutex<(ActivityLog, u64)>,
     al_durable: watch::Sender<u64>,
@@ -192,6 +202,7 @@ impl Replication {
                 overflowed,
                 disk_pos,
                 applied,
+                reserve: 0,
             }),
             appended: Notify::new(),
             space: Notify::new(),
@@ -199,6 +210,8 @@ impl Replication {
             acks: watch::channel(Acks::default()).0,
             stats: Stats::default(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
+            verify_marked: std::sync::atomic::AtomicBool::new(false),
+            resync_floor: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
             al: Mutex::new((ActivityLog::new(al_extents), 0)),
             al_durable: watch::channel(0).0,
@@ -286,6 +299,7 @@ impl Replication {
                 && durable >= g.issued
                 && g.bitmap.dirty_bits() > 0
                 && !self.resyncing.load(std::sync::atomic::Ordering::SeqCst)
+                && !self.verify_marked.load(std::sync::atomic::Ordering::SeqCst)
             {
                 g.bitmap.clear_all();
                 g.bitmap_dirty = true;
@@ -304,6 +318,7 @@ impl Replication {
         let inner = &mut *g;
         // Unapplied resync chunks keep their bits (never cleared); forget the tracking.
         inner.resync_inflight.clear();
+        inner.reserve = 0;
         self.resyncing
             .store(false, std::sync::atomic::Ordering::SeqCst);
         let mut n = 0;
@@ -379,6 +394,15 @@ impl Replication {
                 let inner = &mut *g;
                 let r = if inner.overflowed {
                     Err(AppendError::TooBig)
+                } else if connected
+                    && inner.reserve > 0
+                    && inner.ring.cap() - inner.ring.used()
+                        < inner.reserve + payload.len() as u64 + 128
+                {
+                    // A resync chunk below its rate floor is waiting for this space.
+                    Err(AppendError::Full {
+                        need: inner.reserve + payload.len() as u64,
+                    })
                 } else {
                     let undurable = &mut inner.undurable;
                     let r = journal::append_msg(&mut inner.ring, &msg, payload, |e| {
@@ -641,6 +665,7 @@ impl Replication {
         buf: &mut Vec<u8>,
     ) -> std::io::Result<(u64, bool)> {
         buf.resize(len as usize, 0);
+        let waiting = std::time::Instant::now();
         loop {
             let done = self.range_done.notified();
             tokio::pin!(done);
@@ -688,10 +713,22 @@ impl Replication {
                     }) {
                         Ok(_) => {
                             inner.issued = seq;
+                            if std::mem::take(&mut inner.reserve) > 0 {
+                                // Writes held back for this chunk may go on.
+                                self.space.notify_waiters();
+                            }
                             inner.resync_inflight.push_back((seq, offset, offset + len));
                             Some(Ok((seq, zero)))
                         }
-                        Err(AppendError::Full { .. }) => Some(Err(())),
+                        Err(AppendError::Full { need }) => {
+                            if self.below_floor(waiting, len) {
+                                // Below the rate floor: hold space back from application
+                                // writes until this chunk fits (a record may need padding
+                                // at the ring's end: twice its length covers it).
+                                inner.reserve = need.max(2 * (len + 128));
+                            }
+                            Some(Err(()))
+                        }
                         Err(AppendError::TooBig) => {
                             return Err(std::io::Error::other(
                                 "resync chunk larger than the journal",
@@ -708,6 +745,7 @@ impl Replication {
                 // The journal is full: wait for the peer to apply some of it.
                 Some(Err(())) => {
                     if !self.acks.borrow().connected {
+                        self.lock().reserve = 0;
                         return Err(std::io::Error::other("peer disconnected during resync"));
                     }
                     let _ = tokio::time::timeout(Duration::from_secs(1), space).await;
@@ -715,6 +753,256 @@ impl Replication {
                 None => done.await,
             }
         }
+    }
+
+    /// Whether a resync chunk of `len` bytes that has waited for journal space since `since`
+    /// is below the rate floor: at the floor rate it would have gone out by now.
+    fn below_floor(&self, since: std::time::Instant, len: u64) -> bool {
+        let floor = self.resync_floor.load(std::sync::atomic::Ordering::Relaxed);
+        floor > 0 && since.elapsed().as_secs_f64() * floor as f64 >= len as f64
+    }
+
+    /// Appends a stream record under the lock held by the caller; journal space freed by the
+    /// record's own append is accounted as in [`Self::begin`].
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        msg: &Msg,
+        payload: &[u8],
+    ) -> Result<(), AppendError> {
+        let durable = self.acks.borrow().durable;
+        let undurable = &mut inner.undurable;
+        journal::append_msg(&mut inner.ring, msg, payload, |e| {
+            if e.seq > durable && e.range.1 > e.range.0 {
+                undurable.push_back((e.seq, e.range.0, e.range.1));
+            }
+        })
+        .map(|_| ())
+    }
+
+    /// Waits (bounded by the link) for journal space after an append found the ring full.
+    async fn wait_space(
+        &self,
+        space: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> std::io::Result<()> {
+        if !self.acks.borrow().connected {
+            return Err(std::io::Error::other("peer disconnected"));
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), space).await;
+        Ok(())
+    }
+
+    /// Checksum resync and verify: asks the peer, in stream order, for the hashes of
+    /// `[offset, offset+len)` in blocks of `block` bytes. Returns the request's sequence.
+    pub async fn hash_request(&self, offset: u64, len: u32, block: u32) -> std::io::Result<u64> {
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let mut g = self.lock();
+                let seq = g.issued + 1;
+                let msg = Msg::HashReq {
+                    seq,
+                    offset,
+                    len,
+                    block,
+                };
+                match self.append_locked(&mut g, &msg, &[]) {
+                    Ok(()) => {
+                        g.issued = seq;
+                        drop(g);
+                        self.appended.notify_one();
+                        return Ok(seq);
+                    }
+                    Err(AppendError::Full { .. }) => {}
+                    Err(AppendError::TooBig) => {
+                        return Err(std::io::Error::other(
+                            "hash request larger than the journal",
+                        ))
+                    }
+                }
+            }
+            self.wait_space(space).await?;
+        }
+    }
+
+    /// Online verify: reads `[offset, offset+len)` into `buf` at a point of the stream (no
+    /// earlier write to the range in flight, under the lock that orders sequence numbers)
+    /// and asks the peer for its hashes at the very same point: a `HashReq` record with the
+    /// next sequence. Both sides then hash the same history, whatever writes come after.
+    /// Returns the request's sequence; the caller hashes `buf`.
+    pub async fn verify_chunk(
+        &self,
+        file: &File,
+        offset: u64,
+        len: u32,
+        block: u32,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<u64> {
+        buf.resize(len as usize, 0);
+        loop {
+            let done = self.range_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let full = {
+                let mut g = self.lock();
+                if g.ranges
+                    .blocked(u64::MAX, (offset, offset + u64::from(len)))
+                {
+                    None
+                } else {
+                    file.read_exact_at(buf, offset)?;
+                    let seq = g.issued + 1;
+                    let msg = Msg::HashReq {
+                        seq,
+                        offset,
+                        len,
+                        block,
+                    };
+                    match self.append_locked(&mut g, &msg, &[]) {
+                        Ok(()) => {
+                            g.issued = seq;
+                            drop(g);
+                            self.appended.notify_one();
+                            return Ok(seq);
+                        }
+                        Err(AppendError::Full { .. }) => Some(()),
+                        Err(AppendError::TooBig) => {
+                            return Err(std::io::Error::other(
+                                "hash request larger than the journal",
+                            ))
+                        }
+                    }
+                }
+            };
+            match full {
+                Some(()) => self.wait_space(space).await?,
+                None => done.await,
+            }
+        }
+    }
+
+    /// Checksum resync: the first run of `[offset, offset+len)` whose blocks are all equal to
+    /// the peer's hashes, or all different, goes out as one stream record: `Equal` (nothing
+    /// to write, the bits clear once the peer applied it) or the data as it is on this disk
+    /// now (`Write`, or `Zero` when all zero). As in [`Self::resync_chunk`], the blocks are
+    /// read and hashed under the lock once no earlier write to the range is in flight, so the
+    /// decision and the record's place in the sequence match the data: a later write to the
+    /// range is after it. Returns the run: (bytes, equal, zero).
+    pub async fn resync_csum_chunk(
+        &self,
+        file: &File,
+        offset: u64,
+        len: u64,
+        block: u64,
+        peer: &[[u8; 32]],
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<(u64, bool, bool)> {
+        buf.resize(len as usize, 0);
+        let waiting = std::time::Instant::now();
+        loop {
+            let done = self.range_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let full = {
+                let mut g = self.lock();
+                if g.ranges.blocked(u64::MAX, (offset, offset + len)) {
+                    None
+                } else {
+                    let (run, equal) = first_run(peer, |i| {
+                        let s = i as u64 * block;
+                        let e = (s + block).min(len);
+                        let b = &mut buf[s as usize..e as usize];
+                        file.read_exact_at(b, offset + s)?;
+                        Ok(sha256(b))
+                    })?;
+                    let run_len = (run as u64 * block).min(len);
+                    let seq = g.issued + 1;
+                    let data = &buf[..run_len as usize];
+                    let zero = !equal && is_zero(data);
+                    let (msg, payload): (Msg, &[u8]) = if equal {
+                        (
+                            Msg::Equal {
+                                seq,
+                                offset,
+                                len: run_len,
+                            },
+                            &[],
+                        )
+                    } else if zero {
+                        (
+                            Msg::Zero {
+                                seq,
+                                offset,
+                                len: run_len,
+                                trim: false,
+                            },
+                            &[],
+                        )
+                    } else {
+                        (
+                            Msg::Write {
+                                seq,
+                                offset,
+                                len: run_len as u32,
+                                crc: crc32c::crc32c(data),
+                                fua: false,
+                            },
+                            data,
+                        )
+                    };
+                    match self.append_locked(&mut g, &msg, payload) {
+                        Ok(()) => {
+                            g.issued = seq;
+                            if std::mem::take(&mut g.reserve) > 0 {
+                                self.space.notify_waiters();
+                            }
+                            g.resync_inflight.push_back((seq, offset, offset + run_len));
+                            drop(g);
+                            self.appended.notify_one();
+                            return Ok((run_len, equal, zero));
+                        }
+                        Err(AppendError::Full { need }) => {
+                            if self.below_floor(waiting, run_len) {
+                                g.reserve = need.max(2 * (run_len + 128));
+                            }
+                            Some(())
+                        }
+                        Err(AppendError::TooBig) => {
+                            return Err(std::io::Error::other(
+                                "resync chunk larger than the journal",
+                            ))
+                        }
+                    }
+                }
+            };
+            match full {
+                Some(()) => {
+                    if let Err(e) = self.wait_space(space).await {
+                        self.lock().reserve = 0;
+                        return Err(e);
+                    }
+                }
+                None => done.await,
+            }
+        }
+    }
+
+    /// `verify` found `[offset, offset+len)` different on the peer: out of sync until a
+    /// resync (the next connect) repairs it.
+    pub fn mark_out_of_sync(&self, offset: u64, len: u64) {
+        let mut g = self.lock();
+        self.verify_marked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        g.bitmap.set_range(offset, len);
+        g.bitmap_dirty = true;
     }
 
     /// Resync chunks sent and not yet applied by the peer.
@@ -765,6 +1053,9 @@ impl Replication {
         // Under the same lock as the merge: no ack may clear the bitmap from here on.
         self.resyncing
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Regions `verify` marked are in the bitmap: this resync owns them now.
+        self.verify_marked
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         inner.ring.clear(next);
         inner.resync_inflight.clear();
         inner.overflowed = false;
@@ -795,7 +1086,9 @@ fn with_seq(msg: &Msg, seq: u64) -> Msg {
         Msg::Write { seq: s, .. }
         | Msg::Zero { seq: s, .. }
         | Msg::Flush { seq: s }
-        | Msg::SyncDone { seq: s, .. } => *s = seq,
+        | Msg::SyncDone { seq: s, .. }
+        | Msg::HashReq { seq: s, .. }
+        | Msg::Equal { seq: s, .. } => *s = seq,
         _ => {}
     }
     m
@@ -809,9 +1102,96 @@ fn is_zero(buf: &[u8]) -> bool {
         .all(|c| c == &ZERO_PAGE[..c.len()])
 }
 
+/// SHA-256 of one block (checksum resync and verify).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// The block hashes of `data` in blocks of `block` bytes (the last one over what is left).
+pub fn block_hashes(data: &[u8], block: usize) -> Vec<[u8; 32]> {
+    data.chunks(block.max(1)).map(sha256).collect()
+}
+
+/// Checksum resync's decision: the length in blocks of the first run of blocks that are all
+/// equal to the peer's (`true`) or all different (`false`). `local(i)` hashes this node's
+/// block `i`; it is called only for the blocks of the run and the one after it.
+pub fn first_run(
+    peer: &[[u8; 32]],
+    mut local: impl FnMut(usize) -> std::io::Result<[u8; 32]>,
+) -> std::io::Result<(usize, bool)> {
+    let Some(first) = peer.first() else {
+        return Ok((0, true));
+    };
+    let equal = local(0)? == *first;
+    let mut n = 1;
+    while n < peer.len() && (local(n)? == peer[n]) == equal {
+        n += 1;
+    }
+    Ok((n, equal))
+}
+
+/// Verify's comparison: the blocks (indices) whose hashes differ; a reply with a different
+/// number of hashes counts every block of the range as different.
+pub fn differing_blocks(mine: &[[u8; 32]], peer: &[[u8; 32]]) -> Vec<usize> {
+    if mine.len() != peer.len() {
+        return (0..mine.len().max(peer.len())).collect();
+    }
+    mine.iter()
+        .zip(peer)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_run_splits_equal_and_different() {
+        let h = |b: u8| sha256(&[b; 4096]);
+        let peer = [h(1), h(2), h(3), h(4), h(5)];
+        let mine = [h(1), h(2), h(9), h(9), h(5)];
+        let mut calls = Vec::new();
+        let mut local = |i: usize| {
+            calls.push(i);
+            Ok(mine[i])
+        };
+        assert_eq!(first_run(&peer, &mut local).unwrap(), (2, true));
+        // Hashes only the run and the block after it.
+        assert_eq!(calls, vec![0, 1, 2]);
+        assert_eq!(
+            first_run(&peer[2..], |i| Ok(mine[2 + i])).unwrap(),
+            (2, false)
+        );
+        assert_eq!(
+            first_run(&peer[4..], |i| Ok(mine[4 + i])).unwrap(),
+            (1, true)
+        );
+        assert_eq!(first_run(&[], |_| Ok(h(0))).unwrap(), (0, true));
+        // A read error stops the decision.
+        assert!(first_run(&peer, |_| Err(std::io::Error::other("eio"))).is_err());
+    }
+
+    #[test]
+    fn hashes_cover_a_short_last_block() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i ^ (i >> 8)) as u8).collect();
+        let hs = block_hashes(&data, 4096);
+        assert_eq!(hs.len(), 3);
+        assert_eq!(hs[2], sha256(&data[8192..]));
+        assert_ne!(hs[0], hs[1]);
+    }
+
+    #[test]
+    fn differing_blocks_compares_per_block() {
+        let a = [sha256(b"a"), sha256(b"b"), sha256(b"c")];
+        let b = [sha256(b"a"), sha256(b"x"), sha256(b"c")];
+        assert_eq!(differing_blocks(&a, &b), vec![1]);
+        assert!(differing_blocks(&a, &a).is_empty());
+        assert_eq!(differing_blocks(&a, &b[..2]), vec![0, 1, 2]);
+    }
 
     #[test]
     fn ranges_order_overlaps_only() {

@@ -59,6 +59,9 @@ pub struct Resource {
     discard_my_data: std::sync::atomic::AtomicBool,
     /// Resync progress as the source: (total bytes, bytes sent, start).
     pub resync: Mutex<Option<(u64, u64, std::time::Instant)>>,
+    /// Online verify: the latest run's state; `verify_kick` wakes the connection's verifier.
+    pub verify: Mutex<VerifyState>,
+    pub verify_kick: tokio::sync::Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     export: Arc<Export>,
     role: Mutex<Role>,
@@ -66,6 +69,27 @@ pub struct Resource {
     unix_path: Option<PathBuf>,
     kernel: tokio::sync::Mutex<Option<crate::kernel::Attachment>>,
     kernel_note: Mutex<Option<String>>,
+}
+
+/// The latest online verify of this node (see [`Resource::start_verify`]).
+#[derive(Debug, Clone, Default)]
+pub struct VerifyState {
+    pub run: u64,
+    /// "pending", "running", "done", "interrupted", "failed" ("" before the first run).
+    pub state: &'static str,
+    pub total: u64,
+    pub done: u64,
+    pub differ_regions: u64,
+    pub differ_bytes: u64,
+    pub started: Option<std::time::Instant>,
+    pub elapsed_ms: u64,
+    pub error: Option<String>,
+}
+
+impl VerifyState {
+    pub fn active(&self) -> bool {
+        matches!(self.state, "pending" | "running")
+    }
 }
 
 fn secondary_reason(cfg: &Config) -> String {
@@ -207,6 +231,8 @@ impl Resource {
             crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
+            verify: Mutex::new(VerifyState::default()),
+            verify_kick: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             export,
             role: Mutex::new(Role::Secondary),
@@ -336,6 +362,57 @@ impl Resource {
         ))
     }
 
+    /// `verify`: starts an online verify on the connected primary (the node that streams to
+    /// its peer); returns at once with the run's number. Progress and result are in status.
+    pub fn start_verify(&self) -> Result<String, NodeError> {
+        if self.cfg.peer.is_none() {
+            return Err(NodeError::Refused("no peer to verify against".into()));
+        }
+        if self.role() != Role::Primary {
+            return Err(NodeError::Refused(
+                "verify runs on the primary (the node that streams to its peer); run it there"
+                    .into(),
+            ));
+        }
+        let link = self.link().state;
+        if link != "connected" {
+            return Err(NodeError::Refused(format!(
+                "verify needs a connected, up-to-date peer; the link is {link}"
+            )));
+        }
+        let mut v = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+        if v.active() {
+            return Err(NodeError::Refused(format!(
+                "verify run {} is already {}",
+                v.run, v.state
+            )));
+        }
+        let run = v.run + 1;
+        *v = VerifyState {
+            run,
+            state: "pending",
+            total: self.device.size(),
+            started: Some(std::time::Instant::now()),
+            ..Default::default()
+        };
+        drop(v);
+        self.verify_kick.notify_one();
+        Ok(format!(
+            "verify run {run} started on {} ({} bytes)",
+            self.cfg.me.name,
+            self.device.size()
+        ))
+    }
+
+    /// Updates the verify state (the connection's verifier reports through this).
+    pub fn update_verify(&self, f: impl FnOnce(&mut VerifyState)) {
+        let mut v = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut v);
+        if let Some(s) = v.started {
+            v.elapsed_ms = s.elapsed().as_millis() as u64;
+        }
+    }
+
     /// Runs the configured handler for `event`, if any, without waiting for it: arguments
     /// `RESOURCE EVENT PEER`, and the same in `BLOCKREP_RESOURCE`, `BLOCKREP_EVENT`,
     /// `BLOCKREP_PEER`, `BLOCKREP_NODE`. Its exit status is logged.
@@ -390,6 +467,11 @@ impl Resource {
 
     fn link(&self) -> std::sync::MutexGuard<'_, LinkInfo> {
         self.link_info.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The link's state as `status` shows it ("connected", "sync-source", ...).
+    pub fn link_state(&self) -> &'static str {
+        self.link().state
     }
 
     pub fn set_link_state(&self, state: &'static str, err: Option<String>) {
@@ -589,6 +671,22 @@ impl Resource {
             resync_rate,
             resync_eta_s: oos.checked_div(resync_rate).unwrap_or(0),
             last_error: l.last_error.clone(),
+            verify: {
+                let v = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+                (v.run > 0).then(|| proto::control::VerifyStatus {
+                    run: v.run,
+                    state: v.state.into(),
+                    total: v.total,
+                    done: v.done,
+                    differ_regions: v.differ_regions,
+                    differ_bytes: v.differ_bytes,
+                    elapsed_ms: match (v.active(), v.started) {
+                        (true, Some(s)) => s.elapsed().as_millis() as u64,
+                        _ => v.elapsed_ms,
+                    },
+                    error: v.error.clone(),
+                })
+            },
         })
     }
 

@@ -27,6 +27,9 @@ pub enum Request {
     Disconnect,
     /// Discard this node's data; fetch everything from the peer.
     Invalidate,
+    /// Online verify: compare the hashes of every region with the peer's, mark the differing
+    /// ones out of sync. Returns at once; progress and result are in `status`.
+    Verify,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -86,6 +89,26 @@ pub struct PeerStatus {
     pub resync_rate: u64,
     pub resync_eta_s: u64,
     pub last_error: Option<String>,
+    /// The latest online verify started on this node, if any.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
+}
+
+/// Progress and result of an online verify (`blockrep-ctl verify`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyStatus {
+    /// Number of the run (1, 2, ...), so a client can tell its run from an earlier one.
+    pub run: u64,
+    /// "pending", "running", "done", "interrupted" (the link dropped) or "failed".
+    pub state: String,
+    /// Bytes to compare, and compared so far.
+    pub total: u64,
+    pub done: u64,
+    /// Regions (bitmap bits) found different, and their bytes; marked out of sync.
+    pub differ_regions: u64,
+    pub differ_bytes: u64,
+    pub elapsed_ms: u64,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -136,6 +159,7 @@ mod tests {
             Request::Connect {
                 discard_my_data: false,
             },
+            Request::Verify,
         ] {
             let line = r.to_line();
             assert!(line.ends_with('\n'));
@@ -147,5 +171,13 @@ mod tests {
         };
         let back: Reply = serde_json::from_str(rep.to_line().trim_end()).unwrap();
         assert_eq!(back, rep);
+        // A status without the verify object (an older daemon) still decodes.
+        let p: PeerStatus = serde_json::from_str(
+            &serde_json::to_string(&PeerStatus::default())
+                .unwrap()
+                .replace(",\"verify\":null", ""),
+        )
+        .unwrap();
+        assert_eq!(p.verify, None);
     }
 }

@@ -135,6 +135,51 @@ pub enum Msg {
     },
     /// Journal filler at the end of the ring; never sent.
     Pad,
+    /// Source to target, a stream record: hash `[offset, offset+len)` as it is once every
+    /// earlier record is applied (later overlapping ones wait), one SHA-256 per `block` bytes
+    /// (the last one over what is left), and answer with [`Msg::Hashes`]. Checksum resync and
+    /// online verify.
+    HashReq {
+        seq: u64,
+        offset: u64,
+        len: u32,
+        block: u32,
+    },
+    /// Target to source: the answer to the `HashReq` of sequence `seq`; the payload is
+    /// [`HASH_LEN`] bytes per block, in order.
+    Hashes {
+        seq: u64,
+        len: u32,
+        crc: u32,
+    },
+    /// Source to target, a stream record (checksum resync): `[offset, offset+len)` was found
+    /// equal on both nodes; nothing to write.
+    Equal {
+        seq: u64,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// Bytes of one block hash (SHA-256).
+pub const HASH_LEN: usize = 32;
+/// Longest range one `HashReq` may cover.
+pub const MAX_HASH_SPAN: u32 = 4 << 20;
+/// Smallest and largest hash block.
+pub const MIN_HASH_BLOCK: u32 = 512;
+pub const MAX_HASH_BLOCK: u32 = 1 << 20;
+
+/// The number of block hashes a `HashReq` of `len` bytes in blocks of `block` asks for, or
+/// `None` if the request is out of bounds (empty, too long, or a bad block size).
+pub fn hash_count(len: u32, block: u32) -> Option<usize> {
+    if len == 0
+        || len > MAX_HASH_SPAN
+        || !block.is_power_of_two()
+        || !(MIN_HASH_BLOCK..=MAX_HASH_BLOCK).contains(&block)
+    {
+        return None;
+    }
+    Some(len.div_ceil(block) as usize)
 }
 
 impl Msg {
@@ -144,7 +189,9 @@ impl Msg {
             Msg::Write { seq, .. }
             | Msg::Zero { seq, .. }
             | Msg::Flush { seq }
-            | Msg::SyncDone { seq, .. } => Some(*seq),
+            | Msg::SyncDone { seq, .. }
+            | Msg::HashReq { seq, .. }
+            | Msg::Equal { seq, .. } => Some(*seq),
             _ => None,
         }
     }
@@ -192,7 +239,7 @@ pub fn decode_header(
     }
     let msg: Msg = postcard::from_bytes(header).map_err(|e| FrameError::Decode(e.to_string()))?;
     let want = match &msg {
-        Msg::Write { len, .. } | Msg::Bitmap { len, .. } => *len,
+        Msg::Write { len, .. } | Msg::Bitmap { len, .. } | Msg::Hashes { len, .. } => *len,
         _ => 0,
     };
     if want != pre.payload_len {
@@ -212,6 +259,9 @@ pub fn check_payload(msg: &Msg, payload: &[u8]) -> Result<(), FrameError> {
         }
         Msg::Bitmap { crc, .. } if crc32c::crc32c(payload) != *crc => {
             Err(FrameError::PayloadCrc { seq: 0 })
+        }
+        Msg::Hashes { seq, crc, .. } if crc32c::crc32c(payload) != *crc => {
+            Err(FrameError::PayloadCrc { seq: *seq })
         }
         _ => Ok(()),
     }
@@ -318,6 +368,81 @@ mod tests {
             },
             &[],
         );
+    }
+
+    #[test]
+    fn hash_frames_round_trip_and_are_checked() {
+        round_trip(
+            Msg::HashReq {
+                seq: 4,
+                offset: 1 << 20,
+                len: 65536,
+                block: 4096,
+            },
+            &[],
+        );
+        round_trip(
+            Msg::Equal {
+                seq: 5,
+                offset: 8192,
+                len: 4096,
+            },
+            &[],
+        );
+        let hashes = vec![9u8; 3 * HASH_LEN];
+        let msg = Msg::Hashes {
+            seq: 4,
+            len: hashes.len() as u32,
+            crc: crc32c::crc32c(&hashes),
+        };
+        round_trip(msg.clone(), &hashes);
+        let mut bad = hashes.clone();
+        bad[40] ^= 1;
+        assert_eq!(
+            check_payload(&msg, &bad),
+            Err(FrameError::PayloadCrc { seq: 4 })
+        );
+        assert_eq!(
+            Msg::HashReq {
+                seq: 7,
+                offset: 0,
+                len: 1,
+                block: 512
+            }
+            .seq(),
+            Some(7)
+        );
+        assert_eq!(
+            Msg::Equal {
+                seq: 8,
+                offset: 0,
+                len: 1
+            }
+            .seq(),
+            Some(8)
+        );
+        assert_eq!(
+            Msg::Hashes {
+                seq: 9,
+                len: 0,
+                crc: 0
+            }
+            .seq(),
+            None
+        );
+    }
+
+    #[test]
+    fn hash_count_bounds() {
+        assert_eq!(hash_count(4096, 4096), Some(1));
+        assert_eq!(hash_count(4097, 4096), Some(2));
+        assert_eq!(hash_count(1 << 20, 4096), Some(256));
+        assert_eq!(hash_count(MAX_HASH_SPAN, 4096), Some(1024));
+        assert_eq!(hash_count(MAX_HASH_SPAN + 1, 4096), None);
+        assert_eq!(hash_count(0, 4096), None);
+        assert_eq!(hash_count(4096, 3000), None);
+        assert_eq!(hash_count(4096, 256), None);
+        assert_eq!(hash_count(4096, 2 << 20), None);
     }
 
     #[test]
