@@ -46,6 +46,7 @@ cat > "$DIR/r0.toml" <<EOF
 name = "r0"
 protocol = "C"
 secret = "demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+encryption = "aes-256-gcm"
 journal-size = "64M"
 
 [node.alpha]

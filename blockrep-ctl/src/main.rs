@@ -448,8 +448,8 @@ fn status(cfg: &Config, json: bool) -> Result<()> {
     );
     if let Some(r) = &s.replication {
         println!(
-            "  peer {} connection:{} role:{} disk:{} protocol {}",
-            r.peer, r.connection, r.peer_role, r.peer_disk, r.protocol
+            "  peer {} connection:{} role:{} disk:{} protocol {} encryption {}",
+            r.peer, r.connection, r.peer_role, r.peer_disk, r.protocol, r.encryption
         );
         println!(
             "    seq written {} sent {} received {} applied {} durable {}  lag {} writes ({})  journal {}/{}  out-of-sync {}",

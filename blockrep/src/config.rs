@@ -109,6 +109,9 @@ pub struct Config {
     /// Checksum-based bitmap resync (DRBD's csums-alg): the target hashes each dirty region,
     /// the source sends only the regions whose hash differs.
     pub csums: bool,
+    /// Seal everything after the handshake in AES-256-GCM records (keys derived from the
+    /// secret and the connection's nonces).
+    pub encryption: bool,
     /// Hot 4 MiB extents the activity log keeps.
     pub al_extents: usize,
     /// Split-brain resolution when neither node is primary.
@@ -157,6 +160,7 @@ struct RawResource {
     resync_rate_min: Option<String>,
     csums: Option<bool>,
     csums_alg: Option<String>,
+    encryption: Option<String>,
     after_sb_0pri: Option<String>,
     al_extents: Option<u32>,
 }
@@ -328,6 +332,16 @@ impl Config {
             }
         }
         let csums = r.csums.unwrap_or(false);
+        let encryption = match r.encryption.as_deref() {
+            None | Some("none") => false,
+            Some(a) if a.eq_ignore_ascii_case("aes-256-gcm") => true,
+            Some(a) => {
+                return Err(key_err(
+                    "resource.encryption",
+                    format!("{a:?} is not supported (\"none\" or \"aes-256-gcm\")"),
+                ))
+            }
+        };
         let al_extents = match r.al_extents {
             None => 1237,
             Some(n) if (7..=16000).contains(&n) => n as usize,
@@ -503,6 +517,7 @@ impl Config {
             resync_rate,
             resync_rate_min,
             csums,
+            encryption,
             al_extents,
             after_sb_0pri,
             handlers: raw.handlers,
@@ -623,6 +638,19 @@ control = "/tmp/b.sock"
             .unwrap_err()
             .to_string();
         assert!(e.contains("csums"), "{e}");
+        assert!(!parse(&with(""), "alpha").unwrap().encryption);
+        assert!(
+            parse(&with("encryption = \"aes-256-gcm\""), "alpha")
+                .unwrap()
+                .encryption
+        );
+        let e = parse(&with("encryption = \"rot13\""), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("resource.encryption") && e.contains("rot13"),
+            "{e}"
+        );
     }
 
     #[test]

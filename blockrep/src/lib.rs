@@ -14,6 +14,7 @@ pub mod device;
 pub mod engine;
 pub mod journal;
 pub mod kernel;
+pub mod link;
 pub mod meta;
 pub mod nbd_server;
 pub mod peer;

@@ -17,14 +17,15 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use proto::peer::{self, Msg, NodeState, PREFIX_LEN};
+use proto::seal;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::bitmap::Bitmap;
 use crate::buf::Buf;
+use crate::link::{self, LinkKeys, LinkRead, LinkWrite};
 use crate::meta::{DiskState, Generations};
 use crate::replication::{Ranges, Record, Replication};
 use crate::resource::Resource;
@@ -171,7 +172,8 @@ async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, reason: String) -> LinkError {
 
 /// An authenticated connection and the peer's state at handshake.
 pub struct Established {
-    stream: TcpStream,
+    rd: BufReader<LinkRead>,
+    wr: LinkWrite,
     peer: NodeState,
     addr: SocketAddr,
 }
@@ -197,6 +199,7 @@ async fn handshake(
             resource: cfg.resource.clone(),
             node: cfg.me.name.clone(),
             nonce: my_nonce,
+            encryption: cfg.encryption,
         },
     )
     .await?;
@@ -207,6 +210,7 @@ async fn handshake(
             resource,
             node,
             nonce,
+            encryption,
         } => {
             if version != peer::PROTOCOL_VERSION {
                 return Err(refuse(
@@ -232,6 +236,19 @@ async fn handshake(
                 return Err(refuse(
                     &mut s,
                     format!("peer at {addr} calls itself {node:?}; expected {peer_name:?}"),
+                )
+                .await);
+            }
+            if encryption != cfg.encryption {
+                let name = |on: bool| if on { "aes-256-gcm" } else { "none" };
+                return Err(refuse(
+                    &mut s,
+                    format!(
+                        "encryption differs: {node} at {addr} has {:?}, {} has {:?}; set the same `encryption` on both nodes",
+                        name(encryption),
+                        cfg.me.name,
+                        name(cfg.encryption)
+                    ),
                 )
                 .await);
             }
@@ -266,8 +283,22 @@ async fn handshake(
         Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
         other => return Err(LinkError::Protocol(format!("expected auth, got {other:?}"))),
     }
-    write_msg(&mut s, &Msg::State(res.node_state())).await?;
-    let (msg, _, _) = timed("waiting for the peer's state", read_frame(&mut s, res)).await?;
+    // From here on, with encryption, every byte travels sealed, the state exchange included.
+    let _ = s.set_nodelay(true);
+    let keys = cfg.encryption.then(|| LinkKeys {
+        send: seal::derive_key(
+            &secret,
+            &cfg.resource,
+            &cfg.me.name,
+            &my_nonce,
+            &their_nonce,
+        ),
+        recv: seal::derive_key(&secret, &cfg.resource, &peer_name, &their_nonce, &my_nonce),
+    });
+    let (rd, mut wr) = link::split(s, keys);
+    let mut rd = BufReader::with_capacity(1 << 20, rd);
+    write_msg(&mut wr, &Msg::State(res.node_state())).await?;
+    let (msg, _, _) = timed("waiting for the peer's state", read_frame(&mut rd, res)).await?;
     let peer = match msg {
         Msg::State(st) => st,
         Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
@@ -277,12 +308,7 @@ async fn handshake(
             )))
         }
     };
-    let _ = s.set_nodelay(true);
-    Ok(Established {
-        stream: s,
-        peer,
-        addr,
-    })
+    Ok(Established { rd, wr, peer, addr })
 }
 
 /// Runs the link for the life of the resource: dials or accepts, handshakes, runs the
@@ -441,8 +467,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let me = res.node_state();
     let my_role = res.role();
     res.set_peer(Some(peer.clone()));
-    let (rd, mut wr) = est.stream.into_split();
-    let rd = BufReader::with_capacity(1 << 20, rd);
+    let (rd, mut wr) = (est.rd, est.wr);
     if me.primary && peer.primary {
         res.run_handler("split-brain");
         return Err(refuse(
@@ -646,8 +671,8 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
 
 async fn primary_side(
     res: &Arc<Resource>,
-    mut rd: BufReader<OwnedReadHalf>,
-    mut wr: OwnedWriteHalf,
+    mut rd: BufReader<LinkRead>,
+    mut wr: LinkWrite,
     peer: NodeState,
     me: NodeState,
     decision: SyncDecision,
@@ -1324,8 +1349,8 @@ impl Applier {
 
 async fn secondary_side(
     res: &Arc<Resource>,
-    mut rd: BufReader<OwnedReadHalf>,
-    mut wr: OwnedWriteHalf,
+    mut rd: BufReader<LinkRead>,
+    mut wr: LinkWrite,
     peer: NodeState,
 ) -> Result<(), LinkError> {
     let rep = res
@@ -1719,8 +1744,8 @@ async fn secondary_side(
 /// Both secondary: keep the link alive, watch for the peer's role changes.
 async fn idle_side(
     res: &Arc<Resource>,
-    mut rd: BufReader<OwnedReadHalf>,
-    mut wr: OwnedWriteHalf,
+    mut rd: BufReader<LinkRead>,
+    mut wr: LinkWrite,
 ) -> Result<(), LinkError> {
     res.set_link_state("connected", None);
     let pinger = async {

@@ -637,6 +637,12 @@ impl Resource {
             peer_role: peer_role.into(),
             peer_disk: peer_disk.into(),
             protocol: self.cfg.protocol.to_string(),
+            encryption: if self.cfg.encryption {
+                "aes-256-gcm"
+            } else {
+                "none"
+            }
+            .into(),
             seq_written: issued,
             seq_sent: rep
                 .stats

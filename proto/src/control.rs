@@ -61,6 +61,9 @@ pub struct PeerStatus {
     pub peer_role: String,
     pub peer_disk: String,
     pub protocol: String,
+    /// "aes-256-gcm" when the link is sealed, else "none".
+    #[serde(default)]
+    pub encryption: String,
     /// Highest sequence number assigned to a write on this node.
     pub seq_written: u64,
     /// Highest sequence number sent to the peer.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -79,6 +79,9 @@ pub enum Msg {
         resource: String,
         node: String,
         nonce: [u8; 32],
+        /// Whether this node seals the link after the handshake (`encryption`); both must
+        /// agree.
+        encryption: bool,
     },
     /// HMAC-SHA256 over the peer's challenge (see [`auth_mac`]).
     Auth {
@@ -357,6 +360,7 @@ mod tests {
                 resource: "r0".into(),
                 node: "alpha".into(),
                 nonce: [3; 32],
+                encryption: true,
             },
             &[],
         );

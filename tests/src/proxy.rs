@@ -21,6 +21,12 @@ struct Shared {
     accepted: AtomicU64,
     refused: AtomicU64,
     forwarded: AtomicU64,
+    /// Bytes to look for in the traffic (a test's plaintext marker) and whether they passed.
+    needle: Mutex<Vec<u8>>,
+    needle_seen: AtomicBool,
+    /// Flip one byte of the dialer's traffic once this many more bytes have passed (0: off).
+    corrupt_after: AtomicU64,
+    corrupted: AtomicU64,
 }
 
 impl Shared {
@@ -136,6 +142,28 @@ impl LinkProxy {
     pub fn bytes_forwarded(&self) -> u64 {
         self.shared.forwarded.load(Ordering::SeqCst)
     }
+
+    /// Watches the traffic, both ways, for `needle` from now on.
+    pub fn watch_for(&self, needle: &[u8]) {
+        *self.shared.needle.lock().unwrap_or_else(|p| p.into_inner()) = needle.to_vec();
+        self.shared.needle_seen.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the watched bytes passed through the proxy in the clear.
+    pub fn needle_seen(&self) -> bool {
+        self.shared.needle_seen.load(Ordering::SeqCst)
+    }
+
+    /// Flips one bit of the dialer-to-target traffic after `n` more bytes (a man in the
+    /// middle altering the stream).
+    pub fn corrupt_after(&self, n: u64) {
+        self.shared.corrupt_after.store(n.max(1), Ordering::SeqCst);
+    }
+
+    /// How many bytes the proxy altered so far.
+    pub fn corrupted(&self) -> u64 {
+        self.shared.corrupted.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for LinkProxy {
@@ -185,24 +213,50 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, target: Arc<Mutex<Soc
         let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
         shared.conns().push((id, c3, u3));
         shared.accepted.fetch_add(1, Ordering::SeqCst);
-        for (from, to) in [(client, u2), (upstream, c2)] {
+        for (from, to, outbound) in [(client, u2, true), (upstream, c2, false)] {
             let shared = shared.clone();
             let _ = std::thread::Builder::new()
                 .name(format!("proxy-conn-{id}"))
-                .spawn(move || pump(from, to, id, shared));
+                .spawn(move || pump(from, to, id, shared, outbound));
         }
     }
 }
 
 /// Copies `from` to `to` until either side fails; then closes both and forgets the connection.
-fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<Shared>) {
+/// `outbound`: the dialer-to-target direction (where corruption is injected).
+fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<Shared>, outbound: bool) {
     let mut buf = vec![0u8; 64 * 1024];
+    // The end of the previous chunk, so a needle split across two reads is still found.
+    let mut tail: Vec<u8> = Vec::new();
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 while shared.paused.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(2));
+                }
+                {
+                    let needle = shared.needle.lock().unwrap_or_else(|p| p.into_inner());
+                    if !needle.is_empty() {
+                        tail.extend_from_slice(&buf[..n]);
+                        if tail.windows(needle.len()).any(|w| w == &needle[..]) {
+                            shared.needle_seen.store(true, Ordering::SeqCst);
+                        }
+                        let keep = tail.len().min(needle.len() - 1);
+                        tail.drain(..tail.len() - keep);
+                    }
+                }
+                let left = shared.corrupt_after.load(Ordering::SeqCst);
+                if outbound && left > 0 {
+                    if left <= n as u64 {
+                        buf[left as usize - 1] ^= 0x10;
+                        shared.corrupt_after.store(0, Ordering::SeqCst);
+                        shared.corrupted.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        shared
+                            .corrupt_after
+                            .store(left - n as u64, Ordering::SeqCst);
+                    }
                 }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
