@@ -25,6 +25,8 @@
 #                        the build is retried (the tree may be mid-edit by someone else)
 #   BLOCKREP_IO_ENGINE=auto   io-engine in the generated configs (auto|io-uring|sync)
 #   BLOCKREP_DIRECT_IO=false  direct-io in the generated configs
+#   BLOCKREP_ENCRYPTION=none  encryption of the peer link in the pair configs
+#                        (none|aes-256-gcm): what sealing costs, against the same lone node
 #   BENCH_TMPDIR=DIR     where the temp dir is created (default: $TMPDIR or /tmp)
 #   KEEP_TMP=1           keep the temp dir (backing files, configs, logs, raw fio output)
 #
@@ -95,6 +97,7 @@ BUILD_TRIES=${BUILD_TRIES:-10}
 BUILD_RETRY_WAIT=${BUILD_RETRY_WAIT:-30}
 BLOCKREP_IO_ENGINE=${BLOCKREP_IO_ENGINE:-auto}
 BLOCKREP_DIRECT_IO=${BLOCKREP_DIRECT_IO:-false}
+BLOCKREP_ENCRYPTION=${BLOCKREP_ENCRYPTION:-none}
 KEEP_TMP=${KEEP_TMP:-0}
 RESOURCE=bench
 SECRET=bench-replication-secret
@@ -118,6 +121,7 @@ done
 [[ -n ${CONFIGS// /} ]] || die "CONFIGS is empty"
 case $BLOCKREP_IO_ENGINE in auto | io-uring | sync) ;; *) die "BLOCKREP_IO_ENGINE: auto|io-uring|sync" ;; esac
 case $BLOCKREP_DIRECT_IO in true | false) ;; *) die "BLOCKREP_DIRECT_IO: true|false" ;; esac
+case $BLOCKREP_ENCRYPTION in none | aes-256-gcm) ;; *) die "BLOCKREP_ENCRYPTION: none|aes-256-gcm" ;; esac
 
 FILE_SIZE=$(bench_size_bytes "$SIZE") || die "cannot parse SIZE=$SIZE"
 JOURNAL_BYTES=$(bench_size_bytes "$JOURNAL_SIZE") || die "cannot parse JOURNAL_SIZE=$JOURNAL_SIZE"
@@ -262,6 +266,7 @@ write_config() { # write_config CONFIG DIR
         echo "name = \"$RESOURCE\""
         echo "protocol = \"$protocol\""
         [[ $cfg == lone ]] || echo "secret = \"$SECRET\""
+        [[ $cfg == lone ]] || echo "encryption = \"$BLOCKREP_ENCRYPTION\""
         echo "io-engine = \"$BLOCKREP_IO_ENGINE\""
         echo "direct-io = $BLOCKREP_DIRECT_IO"
         echo "journal-size = \"$JOURNAL_SIZE\""
@@ -499,6 +504,7 @@ report_args=(report "$MANIFEST"
     --meta "git_rev=$GIT_REV"
     --meta "backing=sparse files (truncate), fresh per configuration, loopback peer link"
     --meta "blockrep_io_engine=$BLOCKREP_IO_ENGINE" --meta "blockrep_direct_io=$BLOCKREP_DIRECT_IO"
+    --meta "blockrep_encryption=$BLOCKREP_ENCRYPTION"
     "${LOG_ARGS[@]}")
 if [[ -n $BENCH_OUT ]]; then report_args+=(--json "$BENCH_OUT"); fi
 echo
