@@ -826,7 +826,7 @@ async fn run_resync(
 ) -> Result<(), LinkError> {
     let size = res.device().size();
     let rate = res.cfg().resync_rate;
-    let file = std::fs::File::open(&res.cfg().me.backing)?;
+    let file = crate::replication::open_for_resync(&res.cfg().me.backing)?;
     let started = std::time::Instant::now();
     if let Ok(mut p) = res.resync.lock() {
         *p = Some((total, 0, started));
