@@ -426,8 +426,13 @@ impl Engine for UringEngine {
         if let Ok(mut st) = self.state.lock() {
             // A buffered write that is not FUA is a copy into the page cache. Filesystems
             // without async buffered writes (ext4) make io_uring punt it to a kernel worker
-            // thread, a hand-off that costs more than the copy: do it here instead.
-            if st.buffered && matches!(op, IoOp::Write { fua: false, .. }) {
+            // thread, a hand-off that costs more than a small copy: do small ones here instead.
+            // Large ones go to the worker, so their copy runs beside the (single) runtime
+            // thread instead of holding up every other request.
+            if st.buffered
+                && matches!(op, IoOp::Write { fua: false, .. })
+                && buf.len() <= INLINE_WRITE_MAX
+            {
                 let fd = st.fd;
                 drop(st);
                 let result = do_sync(fd, op, &mut buf);
@@ -442,6 +447,9 @@ impl Engine for UringEngine {
         rx
     }
 }
+
+/// Largest buffered write copied into the page cache on the submitting thread.
+const INLINE_WRITE_MAX: usize = 64 * 1024;
 
 /// A request in the ring, with how far a short transfer has got.
 struct InFlight {

@@ -35,8 +35,14 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let cfg = blockrep::config::Config::load(&args.config, args.node.as_deref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs every task. A write's path hops between tasks (client reader, peer
+    // sender, ack reader, reply writer); on one thread these hops are plain queue operations,
+    // and work that arrives together is handled together (one send for many records). With a
+    // thread per core, every hop woke the other thread: on two cores shared with the client
+    // and the peer that was about half of the CPU a replicated 4 KiB write cost. Bulk copies
+    // still run in parallel: large writes go to the kernel's io_uring workers (see engine),
+    // blocking calls to tokio's blocking pool.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("blockrep")
         .enable_all()
         .build()

@@ -926,7 +926,7 @@ async fn run_verify(
     let block = res.cfg().bitmap_granularity;
     let span = (1u64 << 20).min(u64::from(peer::MAX_HASH_SPAN)).max(block);
     let rate = res.cfg().resync_rate;
-    let file = std::fs::File::open(&res.cfg().me.backing)?;
+    let file = crate::replication::open_for_resync(&res.cfg().me.backing)?;
     let started = std::time::Instant::now();
     let run = res.verify.lock().map(|v| v.run).unwrap_or(0);
     res.update_verify(|v| {
@@ -1007,7 +1007,7 @@ async fn run_resync(
     let rate = res.cfg().resync_rate;
     let csums = res.cfg().csums;
     let block = res.cfg().bitmap_granularity;
-    let file = std::fs::File::open(&res.cfg().me.backing)?;
+    let file = crate::replication::open_for_resync(&res.cfg().me.backing)?;
     let started = std::time::Instant::now();
     if let Ok(mut p) = res.resync.lock() {
         *p = Some((total, 0, started));
@@ -1397,7 +1397,7 @@ async fn secondary_side(
     // Answers to hash requests (checksum resync, verify), sent by the acker.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
     // Hash requests read this node's data through their own handle, off the async threads.
-    let hash_file = Arc::new(std::fs::File::open(&res.cfg().me.backing)?);
+    let hash_file = Arc::new(crate::replication::open_for_resync(&res.cfg().me.backing)?);
     // Hash requests read (up to MAX_HASH_SPAN each) a few at a time: bounded memory.
     let hash_reads = Arc::new(Semaphore::new(8));
     let acker = {
@@ -1564,6 +1564,7 @@ async fn secondary_side(
                                 use std::os::unix::fs::FileExt;
                                 let mut buf = vec![0u8; len as usize];
                                 file.read_exact_at(&mut buf, offset).map(|_| {
+                                    crate::replication::drop_cached(&file, offset, u64::from(len));
                                     buf.chunks(block as usize)
                                         .flat_map(crate::replication::sha256)
                                         .collect::<Vec<u8>>()
