@@ -82,8 +82,22 @@ impl Daemon {
     pub async fn handle(&self, req: Request) -> Reply {
         let r: Result<String, NodeError> = match req {
             Request::Status => {
-                let st = match self.res.lock().await.as_ref() {
-                    Some(r) => r.status(std::process::id()),
+                let res = self.res.lock().await.clone();
+                let st = match res {
+                    // Off the runtime thread: status reads the metadata, whose lock a commit
+                    // holds across its fdatasync (up to a second under writeback), and the
+                    // single runtime thread must keep serving I/O meanwhile.
+                    Some(r) => {
+                        let pid = std::process::id();
+                        match tokio::task::spawn_blocking(move || r.status(pid)).await {
+                            Ok(st) => st,
+                            Err(e) => {
+                                return Reply::Error {
+                                    message: format!("status task failed: {e}"),
+                                }
+                            }
+                        }
+                    }
                     None => self.down_status(),
                 };
                 return Reply::Status {
