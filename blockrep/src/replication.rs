@@ -37,53 +37,6 @@ pub struct Acks {
     pub durable: u64,
 }
 
-/// Which of the peer's marks a write waits for.
-#[derive(Clone, Copy)]
-enum Mark {
-    Received = 0,
-    Applied = 1,
-    Durable = 2,
-}
-
-impl Acks {
-    fn mark(&self, m: Mark) -> u64 {
-        match m {
-            Mark::Received => self.received,
-            Mark::Applied => self.applied,
-            Mark::Durable => self.durable,
-        }
-    }
-}
-
-/// Waiters per mark, keyed by the sequence they need. Bounded by the writes in flight.
-#[derive(Default)]
-struct AckWaiters {
-    by_mark: [std::collections::BTreeMap<u64, Vec<tokio::sync::oneshot::Sender<()>>>; 3],
-}
-
-impl AckWaiters {
-    /// Wakes every waiter the marks in `a` satisfy (all of them when the link is down).
-    fn release(&mut self, a: &Acks) {
-        for (i, q) in self.by_mark.iter_mut().enumerate() {
-            let mark = match i {
-                0 => a.received,
-                1 => a.applied,
-                _ => a.durable,
-            };
-            let keep = if a.connected {
-                q.split_off(&mark.saturating_add(1))
-            } else {
-                Default::default()
-            };
-            for (_, ws) in std::mem::replace(q, keep) {
-                for w in ws {
-                    let _ = w.send(());
-                }
-            }
-        }
-    }
-}
-
 #[derive(Default)]
 pub struct Stats {
     pub seq_sent: AtomicU64,
@@ -193,9 +146,6 @@ pub struct Replication {
     /// An in-flight range finished (wakes writes that overlap it).
     range_done: Notify,
     acks: watch::Sender<Acks>,
-    /// Client writes waiting for the peer's marks, by the sequence each needs: an ack wakes
-    /// exactly the writes it satisfies (a watch channel woke every waiter on every ack).
-    ack_waiters: Mutex<AckWaiters>,
     pub stats: Stats,
     /// A resync is sending the bitmap's regions: the bitmap must not be cleared wholesale.
     pub resyncing: std::sync::atomic::AtomicBool,
@@ -258,7 +208,6 @@ impl Replication {
             space: Notify::new(),
             range_done: Notify::new(),
             acks: watch::channel(Acks::default()).0,
-            ack_waiters: Mutex::new(AckWaiters::default()),
             stats: Stats::default(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
             verify_marked: std::sync::atomic::AtomicBool::new(false),
@@ -294,30 +243,17 @@ impl Replication {
             self.new_gen_pending
                 .store(false, std::sync::atomic::Ordering::SeqCst);
         }
-        {
-            // Under the waiters' lock: every write waiting on the old link is released (it is
-            // in the journal and the bitmap), and none that registers on the new one is.
-            let mut w = self.ack_waiters();
-            self.acks.send_modify(|a| {
-                a.connected = connected;
-                a.epoch += 1;
-                if connected {
-                    a.received = peer_applied;
-                    a.applied = peer_applied;
-                    a.durable = peer_applied;
-                }
-            });
-            w.release(&Acks {
-                connected: false,
-                ..self.acks()
-            });
-        }
-        // Writers waiting for space re-check against the new state.
+        self.acks.send_modify(|a| {
+            a.connected = connected;
+            a.epoch += 1;
+            if connected {
+                a.received = peer_applied;
+                a.applied = peer_applied;
+                a.durable = peer_applied;
+            }
+        });
+        // Writers waiting for space or acks re-check against the new state.
         self.space.notify_waiters();
-    }
-
-    fn ack_waiters(&self) -> MutexGuard<'_, AckWaiters> {
-        self.ack_waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The peer acknowledged: raise the marks, release what it applied.
@@ -340,8 +276,6 @@ impl Replication {
             }
             *a != before
         });
-        // After the marks moved (see wait_peer for why this order loses no wake-up).
-        self.ack_waiters().release(&self.acks());
         if moved {
             let mut g = self.lock();
             g.ring.release_through(applied);
@@ -620,28 +554,21 @@ impl Replication {
     /// Waits until the protocol lets `seq` be acknowledged. `barrier`: a flush, which under C
     /// needs the peer's disk to be durable, not only written.
     pub async fn wait_peer(&self, seq: u64, barrier: bool) {
-        let mark = match (self.protocol, barrier) {
+        let mut rx = self.acks.subscribe();
+        let start = *rx.borrow();
+        if !start.connected {
+            return;
+        }
+        let need: fn(&Acks) -> u64 = match (self.protocol, barrier) {
             (Protocol::A, _) => return,
-            (Protocol::B, _) => Mark::Received,
-            (Protocol::C, false) => Mark::Applied,
-            (Protocol::C, true) => Mark::Durable,
+            (Protocol::B, _) => |a| a.received,
+            (Protocol::C, false) => |a| a.applied,
+            (Protocol::C, true) => |a| a.durable,
         };
-        // The marks are read under the waiters' lock, and every change of them is followed
-        // by a release under that lock: a change lands either before this check (seen here)
-        // or after the registration (wakes it).
-        let rx = {
-            let mut w = self.ack_waiters();
-            let a = self.acks();
-            // A peer that goes away releases its waiters: the write is in the journal and
-            // the bitmap.
-            if !a.connected || a.mark(mark) >= seq {
-                return;
-            }
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            w.by_mark[mark as usize].entry(seq).or_default().push(tx);
-            rx
-        };
-        let _ = rx.await;
+        // A peer that goes away releases its waiters: the write is in the journal and bitmap.
+        let _ = rx
+            .wait_for(|a| !a.connected || a.epoch != start.epoch || need(a) >= seq)
+            .await;
     }
 
     /// Makes the journal durable: every record the peer has not released is on disk, behind a
@@ -1256,49 +1183,6 @@ pub fn differing_blocks(mine: &[[u8; 32]], peer: &[[u8; 32]]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ack_waiters_wake_exactly_what_the_marks_satisfy() {
-        let mut w = AckWaiters::default();
-        let mut rx = Vec::new();
-        for (m, seq) in [
-            (Mark::Applied, 5),
-            (Mark::Applied, 3),
-            (Mark::Applied, 4),
-            (Mark::Received, 9),
-            (Mark::Durable, 3),
-        ] {
-            let (tx, r) = tokio::sync::oneshot::channel();
-            w.by_mark[m as usize].entry(seq).or_default().push(tx);
-            rx.push((m as usize, seq, r));
-        }
-        let mut acks = Acks {
-            connected: true,
-            epoch: 1,
-            received: 8,
-            applied: 4,
-            durable: 2,
-        };
-        w.release(&acks);
-        let fired = |rx: &mut Vec<(usize, u64, tokio::sync::oneshot::Receiver<()>)>| {
-            let mut v: Vec<(usize, u64)> = Vec::new();
-            for (m, seq, r) in rx.iter_mut() {
-                if r.try_recv().is_ok() {
-                    v.push((*m, *seq));
-                }
-            }
-            v
-        };
-        assert_eq!(fired(&mut rx), vec![(1, 3), (1, 4)]);
-        acks.durable = 3;
-        w.release(&acks);
-        assert_eq!(fired(&mut rx), vec![(2, 3)]);
-        // The link goes down: everyone left is released.
-        acks.connected = false;
-        w.release(&acks);
-        assert_eq!(fired(&mut rx), vec![(1, 5), (0, 9)]);
-        assert!(w.by_mark.iter().all(|q| q.is_empty()));
-    }
 
     #[test]
     fn first_run_splits_equal_and_different() {
