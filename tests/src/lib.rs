@@ -22,6 +22,7 @@
 //!
 //! Tests run in parallel: every test gets its own directory, ports and resource name.
 
+pub mod blocks;
 mod cluster;
 mod cmd;
 mod data;

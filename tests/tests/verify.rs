@@ -9,12 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockrep_e2e::blocks::*;
 use blockrep_e2e::*;
 use serde_json::Value;
 
@@ -22,107 +23,7 @@ const MIB: u64 = 1 << 20;
 const BLK: u64 = 4096;
 
 // ---------------------------------------------------------------------------------------------
-// Helpers (local to this file, as in outages.rs: the shared harness is changed elsewhere).
-
-fn python() -> Option<PathBuf> {
-    let p = python_with_nbd();
-    if p.is_none() {
-        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
-    }
-    p
-}
-
-/// Writes each listed 4 KiB block with `pattern(tag, block)`: libnbd, 32 writes in flight, then
-/// a flush. Exits non-zero on any NBD error.
-const BLOCK_WRITER: &str = r#"
-import struct, sys
-import nbd
-
-uri, tag, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-blocks = [int(x) for x in open(path).read().split()]
-base = bytes(range(251)) * 18
-h = nbd.NBD()
-h.connect_uri(uri)
-pending = []
-
-def reap():
-    global pending
-    pending = [(c, b) for (c, b) in pending if not h.aio_command_completed(c)]
-
-for blk in blocks:
-    o = (tag * 131 + blk * 7 + 16) % 251
-    data = struct.pack("<QQ", tag, blk) + base[o:o + 4080]
-    buf = nbd.Buffer.from_bytearray(bytearray(data))
-    reap()
-    while len(pending) >= 32:
-        h.poll(-1)
-        reap()
-    pending.append((h.aio_pwrite(buf, blk * 4096), buf))
-while pending:
-    reap()
-    if pending:
-        h.poll(-1)
-h.flush()
-h.shutdown()
-"#;
-
-/// The content `write_blocks` gives `block` under `tag`.
-fn pattern(tag: u64, block: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(BLK as usize);
-    v.extend_from_slice(&tag.to_le_bytes());
-    v.extend_from_slice(&block.to_le_bytes());
-    for i in 16..BLK {
-        v.push(((tag * 131 + block * 7 + i) % 251) as u8);
-    }
-    v
-}
-
-static WRITES: AtomicUsize = AtomicUsize::new(0);
-
-fn write_blocks(py: &Path, dir: &Path, uri: &str, tag: u64, blocks: &[u64]) {
-    let n = WRITES.fetch_add(1, Ordering::SeqCst);
-    let script = dir.join("block_writer.py");
-    if !script.exists() {
-        std::fs::write(&script, BLOCK_WRITER).expect("write block_writer.py");
-    }
-    let list = dir.join(format!("blocks-{n}-tag{tag}.txt"));
-    let text: Vec<String> = blocks.iter().map(|b| b.to_string()).collect();
-    std::fs::write(&list, text.join("\n")).expect("write block list");
-    run_ok(
-        Command::new(py)
-            .arg(&script)
-            .arg(uri)
-            .arg(tag.to_string())
-            .arg(&list),
-        LONG_TIMEOUT,
-    );
-}
-
-fn tag_of(data: &[u8], b: u64) -> Option<u64> {
-    let blk = &data[(b * BLK) as usize..((b + 1) * BLK) as usize];
-    if blk.iter().all(|x| *x == 0) {
-        return Some(0);
-    }
-    let tag = u64::from_le_bytes(blk[..8].try_into().expect("8"));
-    (blk == pattern(tag, b).as_slice()).then_some(tag)
-}
-
-fn check_tags(data: &[u8], want: &BTreeMap<u64, u64>, what: &str) {
-    let bad: Vec<String> = want
-        .iter()
-        .filter_map(|(&b, &t)| {
-            let got = tag_of(data, b);
-            (got != Some(t)).then(|| format!("block {b}: want tag {t}, got {got:?}"))
-        })
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} blocks wrong, first: {:?}",
-        bad.len(),
-        want.len(),
-        &bad[..bad.len().min(8)]
-    );
-}
+// Helpers (the tagged-block writer and checks are in the harness: blockrep_e2e::blocks).
 
 fn seed() -> u64 {
     let s = std::time::SystemTime::now()
