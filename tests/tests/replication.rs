@@ -1197,27 +1197,32 @@ fn secondary_killed_and_restarted_catches_up() {
 
 /// Sends one 4 KiB write while the link is paused for `pause`; returns (whether the write
 /// was acknowledged before the link resumed, its latency).
-fn write_during_stall(c: &Cluster, offset: u64, pause: Duration) -> (bool, Duration) {
+/// Writes one block while the link is stalled for `pause`. Returns whether the write was
+/// acknowledged during the stall, its latency, and whether its reply came only after the
+/// stall ended (both instants taken on the same clock, so thread start-up skew cannot blur
+/// the order).
+fn write_during_stall(c: &Cluster, offset: u64, pause: Duration) -> (bool, Duration, bool) {
     let a = c.alpha();
     let mut r = a.raw_open();
     let block = random_bytes(4096);
     let done = std::sync::atomic::AtomicBool::new(false);
     c.proxy().pause();
-    let (before, lat) = std::thread::scope(|s| {
+    let (before, (lat, done_at), unpaused_at) = std::thread::scope(|s| {
         let h = s.spawn(|| {
             let t = Instant::now();
             r.write_at(offset, &block, 0)
                 .unwrap_or_else(|e| panic!("write during the stall failed: errno {e}"));
             done.store(true, std::sync::atomic::Ordering::SeqCst);
-            t.elapsed()
+            (t.elapsed(), Instant::now())
         });
         std::thread::sleep(pause);
         let before = done.load(std::sync::atomic::Ordering::SeqCst);
+        let unpaused_at = Instant::now();
         c.proxy().unpause();
-        (before, h.join().expect("writer thread"))
+        (before, h.join().expect("writer thread"), unpaused_at)
     });
     r.disconnect();
-    (before, lat)
+    (before, lat, done_at >= unpaused_at)
 }
 
 fn ack_timing(test: &str, protocol: &str) {
@@ -1227,7 +1232,7 @@ fn ack_timing(test: &str, protocol: &str) {
     c.wait_in_sync(SYNC_TIMEOUT);
 
     let pause = Duration::from_millis(1500);
-    let (acked_in_stall, lat) = write_during_stall(&c, MIB as u64, pause);
+    let (acked_in_stall, lat, after_stall) = write_during_stall(&c, MIB as u64, pause);
     if protocol == "A" {
         assert!(
             acked_in_stall && lat < Duration::from_millis(1000),
@@ -1235,7 +1240,7 @@ fn ack_timing(test: &str, protocol: &str) {
         );
     } else {
         assert!(
-            !acked_in_stall && lat >= pause,
+            !acked_in_stall && after_stall && lat >= pause - Duration::from_millis(100),
             "protocol {protocol}: the write was acknowledged after {lat:?} although the peer \
              could not have {} it (link stalled for {pause:?})",
             if protocol == "B" {
