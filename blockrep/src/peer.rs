@@ -659,7 +659,13 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
             peer.applied_seq, inner.issued
         )));
     }
-    if start <= inner.issued && (inner.overflowed || inner.ring.get(start).is_none()) {
+    if inner.overflowed {
+        return Err(LinkError::NeedsResync(format!(
+            "the bitmap holds {} bytes that no journal record carries: the journal overflowed, or verify marked them before a restart",
+            inner.bitmap.dirty_bytes()
+        )));
+    }
+    if start <= inner.issued && inner.ring.get(start).is_none() {
         return Err(LinkError::NeedsResync(format!(
             "the journal no longer holds sequence {start} (oldest kept: {:?}): the peer needs a bitmap resync of {} bytes",
             inner.ring.first_seq(),

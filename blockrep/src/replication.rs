@@ -592,7 +592,11 @@ impl Replication {
         let (ckpt, issued, overflowed) = {
             let g = self.lock();
             let first = g.ring.first_live_seq().unwrap_or(g.issued + 1);
-            ((g.ring.tail(), first), g.issued, g.overflowed)
+            // Regions `verify` marked are in the bitmap but in no journal record: recorded as
+            // an overflow, so that after a restart the journal is not trusted to bring the
+            // peer up to date and the next connect resyncs the bitmap, marks included.
+            let verify = self.verify_marked.load(std::sync::atomic::Ordering::SeqCst);
+            ((g.ring.tail(), first), g.issued, g.overflowed || verify)
         };
         let commit = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
