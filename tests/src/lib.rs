@@ -33,6 +33,7 @@ mod proxy;
 mod repl;
 mod stamp;
 mod testdir;
+pub mod watch;
 
 pub use cluster::{bin_dir, Cluster, ClusterBuilder, Export, ExportKind, Node};
 pub use cmd::{run, run_ok, run_quiet, CmdOutput};

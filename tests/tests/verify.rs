@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockrep_e2e::blocks::*;
+use blockrep_e2e::watch::*;
 use blockrep_e2e::*;
 use serde_json::Value;
 
@@ -63,61 +64,6 @@ fn pair(test: &str, f: impl FnOnce(ClusterBuilder) -> ClusterBuilder) -> Cluster
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
     c
-}
-
-/// Both nodes: connected, nothing out of sync, up to date; the primary has every write applied.
-fn pair_synced(sa: &Value, sb: &Value) -> bool {
-    [sa, sb].iter().all(|s| {
-        let r = &s["replication"];
-        let mut ok =
-            r["connection"] == "connected" && r["out_of_sync"] == 0 && s["disk"] == "up-to-date";
-        if s["role"] == "primary" {
-            ok = ok
-                && r["lag_writes"] == 0
-                && r["seq_applied"] == r["seq_written"]
-                && r["peer_disk"] == "up-to-date";
-        }
-        ok
-    })
-}
-
-/// Polls both nodes until `done`; returns the connection states alpha went through.
-fn watch(
-    c: &Cluster,
-    timeout: Duration,
-    what: &str,
-    mut done: impl FnMut(&Value, &Value) -> bool,
-) -> Vec<String> {
-    let (a, b) = (c.alpha(), c.beta());
-    let deadline = Instant::now() + timeout;
-    let mut seen: Vec<String> = Vec::new();
-    loop {
-        let sa = a.status_json();
-        let sb = b.status_json();
-        let st = sa["replication"]["connection"]
-            .as_str()
-            .unwrap_or("?")
-            .to_string();
-        if seen.last() != Some(&st) {
-            seen.push(st);
-        }
-        if done(&sa, &sb) {
-            return seen;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "not {what} after {timeout:?}\nalpha states: {seen:?}\nalpha: {sa}\nbeta: {sb}\n\
-                 --- alpha log ---\n{}\n--- beta log ---\n{}",
-                a.log_tail(30),
-                b.log_tail(30)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(30));
-    }
-}
-
-fn wait_synced(c: &Cluster, timeout: Duration, what: &str) -> Vec<String> {
-    watch(c, timeout, &format!("in sync ({what})"), pair_synced)
 }
 
 /// Cuts the link (the harness proxy in front of beta) and waits until alpha sees it down.
