@@ -677,10 +677,10 @@ impl Replication {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            let outcome = {
+            let (blocked, outcome) = {
                 let mut g = self.lock();
                 if g.ranges.blocked(u64::MAX, (offset, offset + len)) {
-                    None
+                    (true, None)
                 } else {
                     file.read_exact_at(buf, offset)?;
                     let seq = g.issued + 1;
@@ -707,56 +707,64 @@ impl Replication {
                             buf,
                         )
                     };
-                    let inner = &mut *g;
-                    let undurable = &mut inner.undurable;
-                    let durable = self.acks.borrow().durable;
-                    match journal::append_msg(&mut inner.ring, &msg, payload, |e| {
-                        if e.seq > durable && e.range.1 > e.range.0 {
-                            undurable.push_back((e.seq, e.range.0, e.range.1));
-                        }
-                    }) {
-                        Ok(_) => {
-                            inner.issued = seq;
-                            if std::mem::take(&mut inner.reserve) > 0 {
-                                // Writes held back for this chunk may go on.
-                                self.space.notify_waiters();
-                            }
-                            inner.resync_inflight.push_back((seq, offset, offset + len));
-                            Some(Ok((seq, zero)))
-                        }
-                        Err(AppendError::Full { need }) => {
-                            if self.below_floor(waiting, len) {
-                                // Below the rate floor: hold space back from application
-                                // writes until this chunk fits (a record may need padding
-                                // at the ring's end: twice its length covers it).
-                                inner.reserve = need.max(2 * (len + 128));
-                            }
-                            Some(Err(()))
-                        }
-                        Err(AppendError::TooBig) => {
-                            return Err(std::io::Error::other(
-                                "resync chunk larger than the journal",
-                            ))
-                        }
-                    }
+                    let appended =
+                        self.append_resync_locked(&mut g, &msg, payload, (offset, len), waiting)?;
+                    (false, appended.map(|seq| (seq, zero)))
                 }
             };
             match outcome {
-                Some(Ok(r)) => {
+                Some(r) => {
                     self.appended.notify_one();
                     drop_cached(file, offset, len);
                     return Ok(r);
                 }
                 // The journal is full: wait for the peer to apply some of it.
-                Some(Err(())) => {
-                    if !self.acks.borrow().connected {
+                None if !blocked => {
+                    if let Err(e) = self.wait_space(space).await {
                         self.lock().reserve = 0;
-                        return Err(std::io::Error::other("peer disconnected during resync"));
+                        return Err(e);
                     }
-                    let _ = tokio::time::timeout(Duration::from_secs(1), space).await;
                 }
                 None => done.await,
             }
+        }
+    }
+
+    /// Appends a resync record for `(offset, len)` under the caller's lock. Appended: it is
+    /// in flight (its bits clear when the peer applies it) and a reservation made for it is
+    /// given back; `None`: the journal is full, and a chunk below the rate floor reserves
+    /// space ahead of application writes.
+    fn append_resync_locked(
+        &self,
+        g: &mut Inner,
+        msg: &Msg,
+        payload: &[u8],
+        (offset, len): (u64, u64),
+        waiting: std::time::Instant,
+    ) -> std::io::Result<Option<u64>> {
+        let seq = g.issued + 1;
+        match self.append_locked(g, msg, payload) {
+            Ok(()) => {
+                g.issued = seq;
+                if std::mem::take(&mut g.reserve) > 0 {
+                    // Writes held back for this chunk may go on.
+                    self.space.notify_waiters();
+                }
+                g.resync_inflight.push_back((seq, offset, offset + len));
+                Ok(Some(seq))
+            }
+            Err(AppendError::Full { need }) => {
+                if self.below_floor(waiting, len) {
+                    // Below the rate floor: hold space back from application writes until
+                    // this chunk fits (a record may need padding at the ring's end: twice
+                    // its length covers it).
+                    g.reserve = need.max(2 * (len + 128));
+                }
+                Ok(None)
+            }
+            Err(AppendError::TooBig) => Err(std::io::Error::other(
+                "resync chunk larger than the journal",
+            )),
         }
     }
 
@@ -965,29 +973,19 @@ impl Replication {
                             data,
                         )
                     };
-                    match self.append_locked(&mut g, &msg, payload) {
-                        Ok(()) => {
-                            g.issued = seq;
-                            if std::mem::take(&mut g.reserve) > 0 {
-                                self.space.notify_waiters();
-                            }
-                            g.resync_inflight.push_back((seq, offset, offset + run_len));
-                            drop(g);
-                            self.appended.notify_one();
-                            return Ok((run_len, equal, zero));
-                        }
-                        Err(AppendError::Full { need }) => {
-                            if self.below_floor(waiting, run_len) {
-                                g.reserve = need.max(2 * (run_len + 128));
-                            }
-                            Some(())
-                        }
-                        Err(AppendError::TooBig) => {
-                            return Err(std::io::Error::other(
-                                "resync chunk larger than the journal",
-                            ))
-                        }
+                    let appended = self.append_resync_locked(
+                        &mut g,
+                        &msg,
+                        payload,
+                        (offset, run_len),
+                        waiting,
+                    )?;
+                    if appended.is_some() {
+                        drop(g);
+                        self.appended.notify_one();
+                        return Ok((run_len, equal, zero));
                     }
+                    Some(())
                 }
             };
             match full {
