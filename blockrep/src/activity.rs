@@ -19,6 +19,8 @@ pub struct ActivityLog {
     lru: VecDeque<u32>,
     /// Hot extent → unfinished writes in it.
     hot: HashMap<u32, u32>,
+    /// Extents that went cold so far (the caller compares before and after a `begin`).
+    pub evicted: u64,
 }
 
 /// The extents `[offset, offset+len)` touches.
@@ -34,6 +36,7 @@ impl ActivityLog {
             capacity: capacity.max(1),
             lru: VecDeque::new(),
             hot: HashMap::new(),
+            evicted: 0,
         }
     }
 
@@ -86,6 +89,7 @@ impl ActivityLog {
             if self.hot.get(&e).copied().unwrap_or(0) == 0 {
                 self.lru.remove(i);
                 self.hot.remove(&e);
+                self.evicted += 1;
             } else {
                 i += 1;
             }

@@ -8,6 +8,8 @@
 //! oldest record starts, so a restarted primary finds every record a flush covered.
 
 use std::collections::VecDeque;
+use std::ptr::NonNull;
+use std::sync::Arc;
 
 use proto::peer::{self, Msg, PREFIX_LEN};
 
@@ -32,28 +34,112 @@ pub enum AppendError {
     TooBig,
 }
 
+/// The ring's bytes, shared between the ring (under the replication lock) and at most one
+/// [`Lease`], through which the sender writes a run of records to the socket without copying
+/// them and without holding the lock.
+///
+/// Only raw pointers reach the allocation: a write into one range never borrows another, so
+/// an append may fill free space while the lease reads its pinned range. The ring guarantees
+/// that pinned bytes are never written (see [`Ring::append`]).
+struct RingMem {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: RingMem is a plain heap allocation; the ring's pinning rule (never write a pinned
+// range) is what makes concurrent access from the lease holder sound.
+unsafe impl Send for RingMem {}
+// SAFETY: as above.
+unsafe impl Sync for RingMem {}
+
+impl RingMem {
+    fn new(image: Vec<u8>) -> Arc<Self> {
+        let boxed = image.into_boxed_slice();
+        let len = boxed.len();
+        let ptr = NonNull::new(Box::into_raw(boxed) as *mut u8).unwrap_or(NonNull::dangling());
+        Arc::new(RingMem { ptr, len })
+    }
+
+    /// SAFETY: nobody writes `[off, off + len)` while the slice lives.
+    unsafe fn slice(&self, off: usize, len: usize) -> &[u8] {
+        assert!(
+            off <= self.len && len <= self.len - off,
+            "ring range out of bounds"
+        );
+        std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len)
+    }
+
+    /// SAFETY: nobody else reads or writes `[off, off + len)` while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, off: usize, len: usize) -> &mut [u8] {
+        assert!(
+            off <= self.len && len <= self.len - off,
+            "ring range out of bounds"
+        );
+        std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off), len)
+    }
+}
+
+impl Drop for RingMem {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len came from Box::into_raw of a boxed slice of exactly this length
+        // (an empty image never allocates: nothing to free).
+        if self.len > 0 {
+            unsafe {
+                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                    self.ptr.as_ptr(),
+                    self.len,
+                )))
+            };
+        }
+    }
+}
+
+/// A run of consecutive records the sender is writing to the peer, straight from the ring's
+/// memory. While it lives the ring does not reuse those bytes; give it back with
+/// [`Ring::unpin`].
+pub struct Lease {
+    mem: Arc<RingMem>,
+    off: usize,
+    len: usize,
+    /// Sequence of the last record in the run.
+    pub last_seq: u64,
+}
+
+impl Lease {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the ring never writes a pinned range, and the range was pinned when the
+        // lease was made (Ring::lease) until it is unpinned, which the holder does only
+        // after it is done with the bytes.
+        unsafe { self.mem.slice(self.off, self.len) }
+    }
+}
+
 /// The ring's memory image and its index. Pure: no I/O.
 ///
 /// Records up to `released` are no longer needed by the peer (it applied them): their space
 /// may be reused, but they stay readable until it is, so a reconnect after a short outage can
 /// still replay them.
 pub struct Ring {
-    buf: Vec<u8>,
+    mem: Arc<RingMem>,
     cap: u64,
     head: u64,
     recs: VecDeque<Rec>,
     released: u64,
+    /// Logical position of the first byte a [`Lease`] is reading: no append reaches it.
+    pinned: Option<u64>,
 }
 
 impl Ring {
     pub fn new(cap: u64) -> Self {
         assert!(cap >= 64 * 1024, "journal too small");
         Ring {
-            buf: vec![0u8; cap as usize],
+            mem: RingMem::new(vec![0u8; cap as usize]),
             cap,
             head: 0,
             recs: VecDeque::new(),
             released: 0,
+            pinned: None,
         }
     }
 
@@ -103,8 +189,43 @@ impl Ring {
 
     /// The frame bytes of a record.
     pub fn bytes(&self, r: &Rec) -> &[u8] {
-        let p = (r.pos % self.cap) as usize;
-        &self.buf[p..p + r.len as usize]
+        self.raw(r.pos % self.cap, r.pos % self.cap + u64::from(r.len))
+    }
+
+    /// Bytes no append may overwrite: what the peer still needs, and a lease's run.
+    fn occupied(&self) -> u64 {
+        let from = self.pinned.map_or(self.tail(), |p| p.min(self.tail()));
+        self.head - from
+    }
+
+    /// Lends the sender the records from `from_seq` on that lie one after the other in memory
+    /// (at least one, at most `max` bytes unless the first is larger), and pins them until
+    /// [`Self::unpin`]. `None` when `from_seq` is not in the ring. One lease at a time.
+    pub fn lease(&mut self, from_seq: u64, max: usize) -> Option<Lease> {
+        assert!(self.pinned.is_none(), "one journal lease at a time");
+        let first = self.get(from_seq)?;
+        let mut end = first.pos + u64::from(first.len);
+        let mut last_seq = first.seq;
+        while let Some(r) = self.get(last_seq + 1) {
+            // A pad (the end of the ring) breaks the run.
+            if r.pos != end || end + u64::from(r.len) - first.pos > max as u64 {
+                break;
+            }
+            end += u64::from(r.len);
+            last_seq = r.seq;
+        }
+        self.pinned = Some(first.pos);
+        Some(Lease {
+            mem: self.mem.clone(),
+            off: (first.pos % self.cap) as usize,
+            len: (end - first.pos) as usize,
+            last_seq,
+        })
+    }
+
+    /// The lease is over: its bytes may be reused.
+    pub fn unpin(&mut self) {
+        self.pinned = None;
     }
 
     /// Records with sequence in `[from, to]`, their lengths summed: (count, payload bytes).
@@ -147,7 +268,7 @@ impl Ring {
         } else {
             0
         };
-        let free = self.cap - self.used();
+        let free = self.cap - self.occupied();
         if pad + len64 > free {
             return Err(AppendError::Full { need: pad + len64 });
         }
@@ -169,7 +290,17 @@ impl Ring {
             self.head += pad;
         }
         let p = (self.head % self.cap) as usize;
-        fill(&mut self.buf[p..p + len]);
+        // The pinned run is behind the tail or the head but never in the bytes written now:
+        // `free` counted it as occupied.
+        if let Some(pin) = self.pinned {
+            assert!(
+                end <= pin + self.cap,
+                "append would overwrite a leased record"
+            );
+        }
+        // SAFETY: `[p, p + len)` is free space: not leased (asserted above), and no shared
+        // slice of the ring outlives a call that borrows it mutably.
+        fill(unsafe { self.mem.slice_mut(p, len) });
         let rec = Rec {
             seq,
             pos: self.head,
@@ -187,10 +318,12 @@ impl Ring {
     fn write_pad(&mut self, at: usize, n: usize) {
         let mut f = Vec::with_capacity(32);
         peer::encode_frame(&mut f, &Msg::Pad, &[]);
+        // SAFETY: the padded bytes are free space, as in append.
+        let dst = unsafe { self.mem.slice_mut(at, n) };
         if n >= f.len() {
-            self.buf[at..at + f.len()].copy_from_slice(&f);
+            dst[..f.len()].copy_from_slice(&f);
         } else {
-            self.buf[at..at + n].fill(0);
+            dst.fill(0);
         }
     }
 
@@ -213,7 +346,16 @@ impl Ring {
 
     /// The raw memory at physical range, for the disk writer.
     pub fn raw(&self, from: u64, to: u64) -> &[u8] {
-        &self.buf[from as usize..to as usize]
+        assert!(from <= to && to <= self.cap, "journal range out of bounds");
+        // SAFETY: writes need `&mut self`, which this shared borrow excludes; a lease only
+        // reads.
+        unsafe { self.mem.slice(from as usize, (to - from) as usize) }
+    }
+
+    /// A copy of the whole memory image (what the disk holds once persisted).
+    #[cfg(test)]
+    fn image(&self) -> Vec<u8> {
+        self.raw(0, self.cap).to_vec()
     }
 
     /// Rebuilds the ring from its on-disk image: walks from the checkpoint `(pos, seq)` while
@@ -222,11 +364,12 @@ impl Ring {
     pub fn recover(image: Vec<u8>, pos: u64, first_seq: u64) -> Self {
         let cap = image.len() as u64;
         let mut ring = Ring {
-            buf: image,
+            mem: RingMem::new(image),
             cap,
             head: pos,
             recs: VecDeque::new(),
             released: first_seq.saturating_sub(1),
+            pinned: None,
         };
         let mut expect = first_seq;
         let mut at = pos;
@@ -273,13 +416,14 @@ impl Ring {
 
     /// Parses and fully verifies the frame at a physical offset: (message, frame length).
     fn parse_at(&self, phys: usize) -> Option<(Msg, usize)> {
-        let p: &[u8; PREFIX_LEN] = self.buf.get(phys..phys + PREFIX_LEN)?.try_into().ok()?;
+        let buf = self.raw(0, self.cap);
+        let p: &[u8; PREFIX_LEN] = buf.get(phys..phys + PREFIX_LEN)?.try_into().ok()?;
         let pre = peer::parse_prefix(p).ok()?;
         let hs = phys + PREFIX_LEN;
-        let header = self.buf.get(hs..hs + pre.header_len)?;
+        let header = buf.get(hs..hs + pre.header_len)?;
         let msg = peer::decode_header(p, &pre, header).ok()?;
         let ps = hs + pre.header_len;
-        let payload = self.buf.get(ps..ps + pre.payload_len as usize)?;
+        let payload = buf.get(ps..ps + pre.payload_len as usize)?;
         peer::check_payload(&msg, payload).ok()?;
         Some((msg, PREFIX_LEN + pre.header_len + pre.payload_len as usize))
     }
@@ -411,7 +555,7 @@ mod tests {
         }
         let (pos, first) = (r.tail(), r.first_live_seq().unwrap());
         let last = r.last_seq().unwrap();
-        let image = r.buf.clone();
+        let image = r.image();
         let rec = Ring::recover(image.clone(), pos, first);
         assert_eq!(rec.first_seq(), Some(first));
         assert_eq!(rec.last_seq(), Some(last));
@@ -425,6 +569,64 @@ mod tests {
         // An empty image recovers nothing and does not panic.
         let rec = Ring::recover(vec![0u8; 64 * 1024], 0, 1);
         assert!(rec.is_empty());
+    }
+
+    #[test]
+    fn a_lease_pins_its_records_until_unpinned() {
+        let mut r = Ring::new(64 * 1024);
+        let data = vec![7u8; 8000];
+        for seq in 1..=4 {
+            append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).unwrap();
+        }
+        // Records 2..=3 fit in 20000 bytes; 4 would not.
+        let lease = r.lease(2, 20_000).unwrap();
+        assert_eq!(lease.last_seq, 3);
+        let expect: Vec<u8> = [r.bytes(&r.get(2).unwrap()), r.bytes(&r.get(3).unwrap())].concat();
+        assert_eq!(lease.bytes(), &expect[..]);
+        // Even released, the leased bytes are not reused while pinned: appends stop short.
+        r.release_through(4);
+        let other = vec![9u8; 8000];
+        let mut seq = 5;
+        while append_msg(&mut r, &write_msg(seq, &other), &other, |_| {}).is_ok() {
+            seq += 1;
+        }
+        assert_eq!(
+            lease.bytes(),
+            &expect[..],
+            "a leased record was overwritten"
+        );
+        assert!(r.get(2).is_some(), "a leased record was evicted");
+        // Unpinned, the space is reused.
+        r.unpin();
+        append_msg(&mut r, &write_msg(seq, &other), &other, |_| {}).unwrap();
+        assert_eq!(
+            r.lease(1, 1 << 20).map(|l| l.last_seq),
+            None,
+            "1 was evicted"
+        );
+    }
+
+    #[test]
+    fn a_lease_stops_at_the_end_of_the_ring() {
+        let mut r = Ring::new(64 * 1024);
+        let data = vec![3u8; 10_000];
+        let mut seq = 1;
+        // Fill, release everything, and append until a record wraps past the end (a pad).
+        while append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).is_ok() {
+            seq += 1;
+        }
+        r.release_through(seq - 1);
+        let first_new = seq;
+        append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).unwrap();
+        seq += 1;
+        append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).unwrap();
+        // From the last record before the wrap, the run ends before the pad.
+        let lease = r.lease(first_new - 1, 1 << 20).unwrap();
+        assert_eq!(lease.last_seq, first_new - 1);
+        r.unpin();
+        let lease = r.lease(first_new, 1 << 20).unwrap();
+        assert_eq!(lease.last_seq, seq);
+        r.unpin();
     }
 
     #[test]

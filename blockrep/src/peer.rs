@@ -36,12 +36,34 @@ const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// No frame for this long: the peer is dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(4);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Most journal bytes the sender writes to the socket in one call.
+const SEND_BATCH: usize = 2 << 20;
+
+/// The sender's lease on a run of journal records: unpinned when dropped, also when the
+/// connection ends in the middle of a write.
+struct SendLease<'a> {
+    rep: &'a Replication,
+    lease: crate::journal::Lease,
+}
+
+impl Drop for SendLease<'_> {
+    fn drop(&mut self) {
+        self.rep.lock().ring.unpin();
+    }
+}
+
 /// Writes applied concurrently on the secondary.
 const APPLY_WINDOW: usize = 128;
-/// The secondary makes applied writes durable at least this often (flushes in the stream do
-/// it at once). Journal space does not wait for it, so a long interval costs only replay
-/// length after a crash of the secondary, while a short one forces writeback storms.
-const DURABLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Between the flushes in the stream (which make everything before them durable at once, as
+/// DRBD's barriers do), the secondary checkpoints what it applied this often. Journal space
+/// does not wait for it (it is released on *applied*), and what the peer has not made durable
+/// stays tracked on the primary (its ranges go to the bitmap if the link drops), so the
+/// interval only bounds the resync after a crash of the secondary. A short one would force
+/// writeback that a lone node never pays; at the kernel's own expiry (30 s by default) the
+/// pages are being written back anyway.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// While a resync runs, progress survives a cut only once it is durable: checkpoint often.
+const RESYNC_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -763,8 +785,17 @@ async fn primary_side(
             if let Some(total) = resync {
                 res.run_handler("before-resync-source");
                 run_resync(&res, &rep, total, &replies).await?;
-            } else if journal_sync {
-                finish_sync(&res, &rep, std::time::Instant::now(), 0).await?;
+            } else {
+                // The journal replays what the bitmap recorded while the peer was away: once
+                // the peer is durable through a flush behind it, the bitmap is cleared, even
+                // if writes never pause.
+                if rep.lock().bitmap.dirty_bits() > 0 {
+                    let seq = rep.begin(Record::Flush).await;
+                    rep.lock().clear_at = Some(seq);
+                }
+                if journal_sync {
+                    finish_sync(&res, &rep, std::time::Instant::now(), 0).await?;
+                }
             }
             std::future::pending::<Result<(), LinkError>>().await
         }
@@ -773,32 +804,26 @@ async fn primary_side(
         let rep = rep.clone();
         async move {
             let mut next = start;
-            let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
             loop {
                 let n = rep.appended.notified();
                 tokio::pin!(n);
                 n.as_mut().enable();
-                buf.clear();
-                let mut last = None;
-                {
-                    let g = rep.lock();
-                    while buf.len() < (1 << 20) {
-                        match g.ring.get(next) {
-                            Some(r) => {
-                                buf.extend_from_slice(g.ring.bytes(&r));
-                                last = Some(next);
-                                next += 1;
-                            }
-                            None => break,
+                let lease = {
+                    let mut g = rep.lock();
+                    match g.ring.lease(next, SEND_BATCH) {
+                        Some(l) => Some(SendLease {
+                            rep: &rep,
+                            lease: l,
+                        }),
+                        None if next <= g.issued => {
+                            return Err(LinkError::NeedsResync(format!(
+                                "the journal lost sequence {next} while streaming (overflow)"
+                            )));
                         }
+                        None => None,
                     }
-                    if buf.is_empty() && next <= g.issued {
-                        return Err(LinkError::NeedsResync(format!(
-                            "the journal lost sequence {next} while streaming (overflow)"
-                        )));
-                    }
-                }
-                if buf.is_empty() {
+                };
+                let Some(lease) = lease else {
                     tokio::select! {
                         _ = &mut n => {}
                         _ = tokio::time::sleep(PING_INTERVAL) => {
@@ -806,16 +831,19 @@ async fn primary_side(
                         }
                     }
                     continue;
-                }
-                wr.write_all(&buf).await?;
-                if let Some(l) = last {
-                    rep.stats
-                        .seq_sent
-                        .store(l, std::sync::atomic::Ordering::Relaxed);
-                }
+                };
+                // Straight from the journal's memory: the records stay pinned until written.
+                let bytes = lease.lease.bytes();
+                wr.write_all(bytes).await?;
+                let (last, len) = (lease.lease.last_seq, bytes.len() as u64);
+                drop(lease);
+                next = last + 1;
+                rep.stats
+                    .seq_sent
+                    .store(last, std::sync::atomic::Ordering::Relaxed);
                 rep.stats
                     .bytes_sent
-                    .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
             }
         }
     };
@@ -1266,8 +1294,6 @@ impl HashReplies {
 /// Tracks the secondary's progress: which sequences finished, the contiguous mark, durability.
 struct ApplyState {
     ranges: Ranges,
-    /// Bytes applied since the last durability point.
-    undurable: u64,
     done: BTreeSet<u64>,
     received: u64,
     applied: u64,
@@ -1278,9 +1304,6 @@ struct Applier {
     res: Arc<Resource>,
     st: Mutex<ApplyState>,
     range_done: Notify,
-    /// Enough applied bytes are not yet durable: the primary's journal is holding them.
-    pressure: Notify,
-    pressure_bytes: u64,
     progress: watch::Sender<(u64, u64, u64)>,
     window: Arc<Semaphore>,
     persist: tokio::sync::Mutex<()>,
@@ -1304,16 +1327,11 @@ impl Applier {
         });
     }
 
-    /// Marks `seq` (of `bytes` bytes) applied and advances the contiguous mark.
-    fn finish(&self, seq: u64, bytes: u64) {
+    /// Marks `seq` applied and advances the contiguous mark.
+    fn finish(&self, seq: u64) {
         {
             let mut s = self.lock();
             s.ranges.remove(seq);
-            s.undurable += bytes;
-            if s.undurable >= self.pressure_bytes {
-                s.undurable = 0;
-                self.pressure.notify_one();
-            }
             s.done.insert(seq);
             while s.done.first() == Some(&(s.applied + 1)) {
                 s.applied += 1;
@@ -1368,15 +1386,12 @@ async fn secondary_side(
         res: res.clone(),
         st: Mutex::new(ApplyState {
             ranges: Ranges::default(),
-            undurable: 0,
             done: BTreeSet::new(),
             received: applied0,
             applied: applied0,
             durable: applied0,
         }),
         range_done: Notify::new(),
-        pressure: Notify::new(),
-        pressure_bytes: (res.cfg().journal_size / 2).max(1 << 20),
         progress: watch::channel((applied0, applied0, applied0)).0,
         window: Arc::new(Semaphore::new(APPLY_WINDOW)),
         persist: tokio::sync::Mutex::new(()),
@@ -1447,12 +1462,18 @@ async fn secondary_side(
     let durability = {
         let ap = ap.clone();
         async move {
+            let mut last = tokio::time::Instant::now();
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(DURABLE_INTERVAL) => {}
-                    _ = ap.pressure.notified() => {}
+                tokio::time::sleep(RESYNC_CHECKPOINT_INTERVAL).await;
+                let every = if ap.res.link_state() == "sync-target" {
+                    RESYNC_CHECKPOINT_INTERVAL
+                } else {
+                    CHECKPOINT_INTERVAL
+                };
+                if last.elapsed() >= every {
+                    ap.make_durable().await?;
+                    last = tokio::time::Instant::now();
                 }
-                ap.make_durable().await?;
             }
         }
     };
@@ -1592,7 +1613,7 @@ async fn secondary_side(
                                 }
                             };
                             drop(one);
-                            ap.finish(seq, 0);
+                            ap.finish(seq);
                             let mut f = Vec::with_capacity(payload.len() + 64);
                             peer::encode_frame(
                                 &mut f,
@@ -1618,7 +1639,7 @@ async fn secondary_side(
                             )));
                         }
                         // Checksum resync found the region equal: nothing to write.
-                        ap.finish(seq, 0);
+                        ap.finish(seq);
                         drop(permit);
                     }
                     Msg::SyncDone { gen, .. } => {
@@ -1653,7 +1674,7 @@ async fn secondary_side(
                                 tracing::info!("resync done: this node is up to date");
                                 ap.res.run_handler("after-resync-target");
                             }
-                            ap.finish(seq, 0);
+                            ap.finish(seq);
                             drop(permit);
                         });
                     }
@@ -1666,7 +1687,7 @@ async fn secondary_side(
                             if let Err(e) = ap.make_durable().await {
                                 tracing::error!("secondary flush failed: {e}");
                             }
-                            ap.finish(seq, 0);
+                            ap.finish(seq);
                             let _ = ap.make_durable().await;
                             drop(permit);
                         });
@@ -1722,7 +1743,7 @@ async fn secondary_side(
                                     .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
                                     .await;
                             }
-                            ap.finish(seq, len);
+                            ap.finish(seq);
                             drop(permit);
                         });
                         // Usually nothing overlaps and the page-cache write completes at once:

@@ -128,6 +128,9 @@ pub struct Inner {
     /// Journal bytes held back from application writes for a resync chunk that is below its
     /// rate floor (`resync-rate-min`); 0: none.
     pub reserve: u64,
+    /// A flush record in the stream after everything the bitmap records: once the peer is
+    /// durable through it, the bitmap can be cleared even while new writes keep coming.
+    pub clear_at: Option<u64>,
 }
 
 /// Where the journal and bitmap live on disk.
@@ -203,6 +206,7 @@ impl Replication {
                 disk_pos,
                 applied,
                 reserve: 0,
+                clear_at: None,
             }),
             appended: Notify::new(),
             space: Notify::new(),
@@ -293,16 +297,17 @@ impl Replication {
                 }
                 g.bitmap_dirty = true;
             }
-            // Everything issued is durable on the peer, and the journal carried all of it:
-            // the bitmap is no longer needed.
+            // Everything the bitmap records is durable on the peer, and the journal carried
+            // all of it: the bitmap is no longer needed.
             if !g.overflowed
-                && durable >= g.issued
+                && (durable >= g.issued || g.clear_at.is_some_and(|c| durable >= c))
                 && g.bitmap.dirty_bits() > 0
                 && !self.resyncing.load(std::sync::atomic::Ordering::SeqCst)
                 && !self.verify_marked.load(std::sync::atomic::Ordering::SeqCst)
             {
                 g.bitmap.clear_all();
                 g.bitmap_dirty = true;
+                g.clear_at = None;
             }
             drop(g);
             self.space.notify_waiters();
@@ -319,6 +324,7 @@ impl Replication {
         // Unapplied resync chunks keep their bits (never cleared); forget the tracking.
         inner.resync_inflight.clear();
         inner.reserve = 0;
+        inner.clear_at = None;
         self.resyncing
             .store(false, std::sync::atomic::Ordering::SeqCst);
         let mut n = 0;
@@ -352,7 +358,12 @@ impl Replication {
             self.start_new_generation().await;
         }
         if let Some((a, b)) = range {
-            self.al_begin(a, b - a).await;
+            if self.al_begin(a, b - a).await && self.acks().connected {
+                // An extent went cold: after a crash of this node only hot extents are
+                // resynced, so the peer must not keep the cold one's writes only in its cache
+                // for long. A flush in the stream makes it durable through here.
+                Box::pin(self.begin(Record::Flush)).await;
+            }
         }
         let (msg, payload): (Msg, &[u8]) = match rec {
             Record::Write { offset, data, fua } => (
@@ -415,6 +426,8 @@ impl Replication {
                         if let Some((_, a, b)) = inner.undurable.pop_front() {
                             inner.bitmap.set_range(a, b - a);
                             inner.bitmap_dirty = true;
+                            // Not behind the pending clear point: keep these bits.
+                            inner.clear_at = None;
                         }
                     }
                     r
@@ -471,23 +484,26 @@ impl Replication {
         seq
     }
 
-    /// Marks the extents of a write hot; returns once the activity log that says so is durable.
-    async fn al_begin(&self, offset: u64, len: u64) {
-        let (bytes, version) = {
+    /// Marks the extents of a write hot; returns once the activity log that says so is durable,
+    /// with whether some extent went cold on the way.
+    async fn al_begin(&self, offset: u64, len: u64) -> bool {
+        let (bytes, version, evicted) = {
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
+            let before = al.0.evicted;
             if al.0.begin(offset, len) {
                 al.1 += 1;
-                (al.0.encode(self.areas.layout.al_len as usize), al.1)
+                let evicted = al.0.evicted != before;
+                (al.0.encode(self.areas.layout.al_len as usize), al.1, evicted)
             } else {
-                (None, al.1)
+                (None, al.1, false)
             }
         };
         if *self.al_durable.borrow() >= version {
-            return;
+            return evicted;
         }
         let _io = self.al_io.lock().await;
         if *self.al_durable.borrow() >= version {
-            return;
+            return evicted;
         }
         // Write the newest log (it includes every change up to now).
         let (bytes, version) = {
@@ -499,7 +515,7 @@ impl Replication {
         };
         let Some(bytes) = bytes else {
             tracing::error!("activity log does not fit its area");
-            return;
+            return evicted;
         };
         let file = self.areas.file.clone();
         let off = self.areas.layout.al_offset;
@@ -519,6 +535,7 @@ impl Replication {
             Ok(Err(e)) => tracing::error!("activity log write failed: {e}"),
             Err(e) => tracing::error!("activity log task: {e}"),
         }
+        evicted
     }
 
     /// The write to the range is finished as far as the protocol goes.
