@@ -113,7 +113,9 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    // Requests come many to a read; a large write payload is read mostly straight into its
+    // buffer (a read bigger than this buffer bypasses it) instead of being copied out of it.
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
     let neg =
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &export)).await {

@@ -36,6 +36,8 @@ const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// No frame for this long: the peer is dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(4);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The link's read buffer (see where it is made).
+const LINK_READ_BUFFER: usize = 64 * 1024;
 /// Most journal bytes the sender writes to the socket in one call.
 const SEND_BATCH: usize = 2 << 20;
 
@@ -318,7 +320,9 @@ async fn handshake(
         recv: seal::derive_key(&secret, &cfg.resource, &peer_name, &their_nonce, &my_nonce),
     });
     let (rd, mut wr) = link::split(s, keys);
-    let mut rd = BufReader::with_capacity(1 << 20, rd);
+    // Small frames come many to a read; a large payload is read mostly straight into its
+    // buffer (a read bigger than the buffer bypasses it), not copied out of this one.
+    let mut rd = BufReader::with_capacity(LINK_READ_BUFFER, rd);
     write_msg(&mut wr, &Msg::State(res.node_state())).await?;
     let (msg, _, _) = timed("waiting for the peer's state", read_frame(&mut rd, res)).await?;
     let peer = match msg {

@@ -493,7 +493,11 @@ impl Replication {
             if al.0.begin(offset, len) {
                 al.1 += 1;
                 let evicted = al.0.evicted != before;
-                (al.0.encode(self.areas.layout.al_len as usize), al.1, evicted)
+                (
+                    al.0.encode(self.areas.layout.al_len as usize),
+                    al.1,
+                    evicted,
+                )
             } else {
                 (None, al.1, false)
             }

@@ -1,0 +1,212 @@
+//! When the secondary's copy becomes durable, and what the primary concludes from it.
+//!
+//! The secondary makes applied writes durable at the flushes in the stream (the client's own
+//! flushes, as DRBD's barriers), at a slow periodic checkpoint, and at the flush records the
+//! primary adds for its own bookkeeping: after a journal catch-up (so the dirty bitmap can be
+//! cleared while writes go on) and when an activity-log extent goes cold (after a crash of the
+//! primary only hot extents are resynced, so a cold extent's writes must be on the peer's
+//! disk). Real daemons, real TCP (the harness's proxy cuts the link), real NBD clients
+//! (python3 + libnbd, fio's nbd engine).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockrep_e2e::blocks::*;
+use blockrep_e2e::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const EXTENT: u64 = 4 * MIB;
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} is not a number in {v}"))
+}
+
+/// Writes 1 MiB at the start of each of `extents` 4 MiB extents through `uri` with libnbd,
+/// never flushing; touches `done` once every write was acknowledged, then keeps the connection
+/// open for `hold` seconds (so nothing at disconnect can flush for it).
+const UNFLUSHED_WRITER: &str = r#"
+import nbd, sys, time
+uri, extents, done, hold = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+h = nbd.NBD()
+h.connect_uri(uri)
+buf = bytearray(1 << 20)
+for e in range(extents):
+    buf[0:8] = (e + 1).to_bytes(8, "little")
+    h.pwrite(bytes(buf), e * (4 << 20))
+open(done, "w").close()
+time.sleep(hold)
+h.shutdown()
+"#;
+
+fn spawn_unflushed_writer(py: &Path, dir: &Path, uri: &str, extents: u64, tag: &str) -> ChildGuard {
+    let script = dir.join("unflushed_writer.py");
+    std::fs::write(&script, UNFLUSHED_WRITER).expect("write the writer script");
+    let done = dir.join(format!("written-{tag}"));
+    let _ = std::fs::remove_file(&done);
+    let log = dir.join(format!("writer-{tag}.log"));
+    let mut child = ChildGuard::spawn(
+        Command::new(py)
+            .arg(&script)
+            .arg(uri)
+            .arg(extents.to_string())
+            .arg(&done)
+            .arg("8"),
+        Some(&log),
+    );
+    let ok = wait_for(Duration::from_secs(30), || {
+        done.exists() || !child.running()
+    });
+    assert!(
+        ok && done.exists(),
+        "the writer did not finish its writes:\n{}",
+        child.log()
+    );
+    child
+}
+
+#[test]
+fn cold_activity_log_extents_reach_the_peers_disk_without_client_flushes() {
+    let Some(py) = python_with_nbd() else {
+        println!("SKIP: python3 with the libnbd bindings (python3-libnbd) is not installed");
+        return;
+    };
+    // 256 MiB of backing (64 of them journal), an activity log of 7 extents (the smallest
+    // allowed).
+    let c = Cluster::builder("dur-al-cold")
+        .nodes(2)
+        .backing_size(256 * MIB)
+        .protocol("C")
+        .resource_line("al-extents = 7")
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let a = c.alpha();
+    let connected_at = Instant::now();
+    let size = a.size();
+    assert!(
+        size >= 32 * EXTENT,
+        "export of {size} bytes has fewer than 32 extents"
+    );
+
+    // Writes that stay in 5 extents make none cold: the peer applies them (protocol C) but
+    // nothing asks it to make them durable, and its own checkpoint is far apart.
+    let d0 = a.repl_u64("seq_durable");
+    let mut hot = spawn_unflushed_writer(&py, c.dir().path(), &a.uri(), 5, "hot");
+    let w1 = a.repl_u64("seq_written");
+    std::thread::sleep(Duration::from_secs(3));
+    let d1 = a.repl_u64("seq_durable");
+    println!("5 hot extents: written {w1}, durable {d0} -> {d1}");
+    if connected_at.elapsed() < Duration::from_secs(20) {
+        assert!(
+            d1 < w1,
+            "the peer made writes durable with no flush and no extent gone cold \
+             (written {w1}, durable {d1}): is it syncing every second again?"
+        );
+    } else {
+        println!("(slow machine: the periodic checkpoint may have run; not checked)");
+    }
+    hot.kill();
+
+    // 32 extents through a log of 7: extents go cold one after the other, and each time the
+    // primary puts a flush in the stream. Without any client flush, the peer's durable mark
+    // must follow within seconds, up to the writes still in hot extents.
+    let mut cold = spawn_unflushed_writer(&py, c.dir().path(), &a.uri(), 32, "cold");
+    let w2 = a.repl_u64("seq_written");
+    let t = Instant::now();
+    let r = a.wait_repl(
+        Duration::from_secs(10),
+        "the peer durable through the cold extents",
+        |r| u(r, "seq_durable") + 8 >= w2,
+    );
+    println!(
+        "32 extents, al-extents 7: written {w2}, durable {} after {:?}",
+        u(&r, "seq_durable"),
+        t.elapsed()
+    );
+    assert!(
+        cold.running(),
+        "the writer exited (and may have flushed) too early"
+    );
+    cold.kill();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after the unflushed writes");
+}
+
+#[test]
+fn journal_catch_up_clears_the_bitmap_while_writes_go_on() {
+    let Some(py) = python_with_nbd() else {
+        println!("SKIP: python3 with the libnbd bindings (python3-libnbd) is not installed");
+        return;
+    };
+    if !have_tool("fio") {
+        println!("SKIP: fio is not installed");
+        return;
+    }
+    let c = Cluster::builder("dur-catchup")
+        .nodes(2)
+        .backing_size(256 * MIB)
+        .protocol("A")
+        .beta_via_proxy()
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let a = c.alpha();
+    let size = a.size();
+
+    // The peer goes away; writes while it is away land in the journal and the bitmap.
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    let blocks: Vec<u64> = (0..200).map(|i| i * 97 % (size / 4096)).collect();
+    write_blocks(&py, c.dir().path(), &a.uri(), 1, &blocks);
+    let oos = a.repl_u64("out_of_sync");
+    assert!(
+        oos > 0,
+        "writes while disconnected left no out-of-sync bytes"
+    );
+
+    // A writer that never pauses, then the link back.
+    let fio_log = c.dir().path().join("fio.log");
+    let mut fio = ChildGuard::spawn(
+        Command::new("fio")
+            .arg("--name=steady")
+            .arg("--ioengine=nbd")
+            .arg(format!("--uri={}", a.uri()))
+            .arg("--rw=randwrite")
+            .arg("--bs=4k")
+            .arg("--iodepth=4")
+            .arg("--time_based")
+            .arg("--runtime=15")
+            .arg(format!("--size={}", size / 2))
+            .arg("--offset=0"),
+        Some(&fio_log),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(fio.running(), "fio exited early:\n{}", fio.log());
+    c.proxy().resume();
+    let t = Instant::now();
+    let r = a.wait_repl(
+        Duration::from_secs(10),
+        "connected with nothing out of sync while fio writes",
+        |r| r["connection"] == "connected" && u(r, "out_of_sync") == 0,
+    );
+    println!(
+        "{oos} bytes out of sync cleared {:?} after the link came back, written {}, durable {}",
+        t.elapsed(),
+        u(&r, "seq_written"),
+        u(&r, "seq_durable")
+    );
+    assert!(
+        fio.running(),
+        "fio had finished before the bitmap cleared: this did not test writes going on"
+    );
+    assert!(
+        fio.wait_exit(Duration::from_secs(40)),
+        "fio did not finish:\n{}",
+        fio.log()
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after the catch-up under writes");
+}
