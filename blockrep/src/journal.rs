@@ -207,8 +207,12 @@ impl Ring {
         let mut end = first.pos + u64::from(first.len);
         let mut last_seq = first.seq;
         while let Some(r) = self.get(last_seq + 1) {
-            // A pad (the end of the ring) breaks the run.
-            if r.pos != end || end + u64::from(r.len) - first.pos > max as u64 {
+            // The end of the ring breaks the run: after a pad (`pos` jumps), and also when a
+            // record ended exactly at the end (the next starts at physical 0, no pad).
+            if r.pos != end
+                || r.pos % self.cap == 0
+                || end + u64::from(r.len) - first.pos > max as u64
+            {
                 break;
             }
             end += u64::from(r.len);
@@ -625,6 +629,47 @@ mod tests {
         assert_eq!(lease.last_seq, first_new - 1);
         r.unpin();
         let lease = r.lease(first_new, 1 << 20).unwrap();
+        assert_eq!(lease.last_seq, seq);
+        r.unpin();
+    }
+
+    #[test]
+    fn a_lease_stops_where_a_record_ends_exactly_at_the_end_of_the_ring() {
+        let mut r = Ring::new(64 * 1024);
+        // Payload sizes whose frames are exactly 16 KiB (headers are varint-encoded).
+        let frame = |seq: u64, n: usize| {
+            let d = vec![1u8; n];
+            let mut f = Vec::new();
+            proto::peer::encode_frame(&mut f, &write_msg(seq, &d), &d);
+            f.len()
+        };
+        let fit = |seq: u64| {
+            let mut n = 16 * 1024 - 64;
+            while frame(seq, n) < 16 * 1024 {
+                n += 1;
+            }
+            assert_eq!(frame(seq, n), 16 * 1024);
+            vec![1u8; n]
+        };
+        let mut seq = 1;
+        // Four 16 KiB records fill 64 KiB exactly: no pad before the next one.
+        for _ in 0..4 {
+            let data = fit(seq);
+            let rec = append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).unwrap();
+            assert_eq!(rec.len as usize, 16 * 1024);
+            seq += 1;
+        }
+        assert_eq!(r.head(), r.cap());
+        r.release_through(2);
+        let small = vec![2u8; 1000];
+        let wrapped = append_msg(&mut r, &write_msg(seq, &small), &small, |_| {}).unwrap();
+        assert_eq!(wrapped.pos, r.cap(), "the next record starts at physical 0");
+        // A run from record 3 ends with record 4, at the end of the ring.
+        let lease = r.lease(3, 1 << 20).unwrap();
+        assert_eq!(lease.last_seq, 4);
+        assert_eq!(lease.bytes().len(), 32 * 1024);
+        r.unpin();
+        let lease = r.lease(seq, 1 << 20).unwrap();
         assert_eq!(lease.last_seq, seq);
         r.unpin();
     }

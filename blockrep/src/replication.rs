@@ -159,6 +159,9 @@ pub struct Replication {
     /// waited for journal space longer than the floor allows gets space ahead of application
     /// writes.
     pub resync_floor: AtomicU64,
+    /// The flush record last added because the undurable list filled up (u64::MAX while it
+    /// is being added): another is asked for only once the peer is durable through it.
+    pressure_flush: AtomicU64,
     /// Hot extents, with a version bumped on every change, and the version known durable.
     al: Mutex<(ActivityLog, u64)>,
     al_durable: watch::Sender<u64>,
@@ -216,6 +219,7 @@ impl Replication {
             resyncing: std::sync::atomic::AtomicBool::new(false),
             verify_marked: std::sync::atomic::AtomicBool::new(false),
             resync_floor: AtomicU64::new(0),
+            pressure_flush: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
             al: Mutex::new((ActivityLog::new(al_extents), 0)),
             al_durable: watch::channel(0).0,
@@ -444,6 +448,16 @@ impl Replication {
                                 "journal cannot take seq {seq} ({e:?}): the peer will need a resync of the dirty bitmap"
                             );
                             g.overflowed = true;
+                            // The records dropped here may not be durable on the peer (not
+                            // even sent, when it is stuck): their ranges go to the bitmap.
+                            let inner = &mut *g;
+                            for r in inner.ring.records().filter(|r| r.seq > durable) {
+                                if r.range.1 > r.range.0 {
+                                    inner.bitmap.set_range(r.range.0, r.range.1 - r.range.0);
+                                }
+                            }
+                            inner.bitmap_dirty = true;
+                            inner.clear_at = None;
                             g.ring.clear(seq + 1);
                         }
                     }
@@ -470,6 +484,9 @@ impl Replication {
             }
         };
         self.appended.notify_one();
+        if range.is_some() {
+            self.ask_durable_if_pressed().await;
+        }
         if let Some(r) = range {
             loop {
                 let n = self.range_done.notified();
@@ -482,6 +499,24 @@ impl Replication {
             }
         }
         seq
+    }
+
+    /// The list of records the peer applied but has not made durable is half full: put a flush
+    /// in the stream (one at a time), so the peer's durable mark moves on before the list
+    /// spills into the bitmap (which `status` would show as out of sync).
+    async fn ask_durable_if_pressed(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let a = self.acks();
+        if !a.connected
+            || a.durable < self.pressure_flush.load(SeqCst)
+            || self.lock().undurable.len() < MAX_UNDURABLE / 2
+        {
+            return;
+        }
+        // Marked first: the flush's own `begin` must not ask again.
+        self.pressure_flush.store(u64::MAX, SeqCst);
+        let seq = Box::pin(self.begin(Record::Flush)).await;
+        self.pressure_flush.store(seq, SeqCst);
     }
 
     /// Marks the extents of a write hot; returns once the activity log that says so is durable,

@@ -849,6 +849,11 @@ impl Resource {
             t.abort();
         }
         if let Some(rep) = &self.rep {
+            // The link task was aborted above, before it could do this itself: what the peer
+            // has not made durable goes to the bitmap, which is persisted next.
+            if self.role() == Role::Primary && rep.acks().connected {
+                rep.on_disconnect();
+            }
             rep.set_connected(false, 0);
             if let Err(e) = rep.persist().await {
                 tracing::error!("journal sync at down: {e}");
