@@ -4,7 +4,9 @@
 //! written durably to the metadata area, so after a crash of a primary exactly the hot extents
 //! are treated as out of sync, never the whole device. An extent stays hot while any write in
 //! it is unfinished (until the peer acknowledged it as the protocol says), and goes cold in
-//! least-recently-used order once the log is over its capacity. Pure logic plus the on-disk
+//! least-recently-used order once the log is over its capacity, but only once the peer has
+//! made its last write durable: after a crash of both nodes the primary resyncs hot extents
+//! only, so a cold extent must hold the same bytes on both disks. Pure logic plus the on-disk
 //! encoding; the caller does the I/O.
 
 use std::collections::{HashMap, VecDeque};
@@ -17,8 +19,8 @@ pub struct ActivityLog {
     capacity: usize,
     /// Hot extents, least recently touched first.
     lru: VecDeque<u32>,
-    /// Hot extent → unfinished writes in it.
-    hot: HashMap<u32, u32>,
+    /// Hot extent → (unfinished writes in it, sequence of its last finished write).
+    hot: HashMap<u32, (u32, u64)>,
     /// Extents that went cold so far (the caller compares before and after a `begin`).
     pub evicted: u64,
 }
@@ -40,13 +42,14 @@ impl ActivityLog {
         }
     }
 
-    /// Starts a write to the range. Returns true when the log changed (it must be persisted
-    /// before the write goes ahead).
-    pub fn begin(&mut self, offset: u64, len: u64) -> bool {
+    /// Starts a write to the range; the peer is durable through sequence `durable` (u64::MAX
+    /// when the bitmap covers everything instead). Returns true when the log changed (it must
+    /// be persisted before the write goes ahead).
+    pub fn begin(&mut self, offset: u64, len: u64, durable: u64) -> bool {
         let mut changed = false;
         for e in extents(offset, len) {
             match self.hot.get_mut(&e) {
-                Some(n) => {
+                Some((n, _)) => {
                     *n += 1;
                     // Move to the most recent end (the log is small; a linear scan is fine).
                     if let Some(i) = self.lru.iter().position(|&x| x == e) {
@@ -55,7 +58,7 @@ impl ActivityLog {
                     self.lru.push_back(e);
                 }
                 None => {
-                    self.hot.insert(e, 1);
+                    self.hot.insert(e, (1, 0));
                     self.lru.push_back(e);
                     changed = true;
                 }
@@ -64,29 +67,58 @@ impl ActivityLog {
         // Also trim back to capacity once a burst (mkfs discarding everything) is over, so
         // the log on disk does not keep extents hot for ever.
         if changed || self.lru.len() > self.capacity {
-            let before = self.lru.len();
-            self.evict();
-            changed |= self.lru.len() != before;
+            changed |= self.trim(durable);
         }
         changed
     }
 
-    /// A write to the range finished (locally and as far as the protocol waits for the peer).
-    pub fn end(&mut self, offset: u64, len: u64) {
+    /// The write `seq` to the range finished (locally and as far as the protocol waits for the
+    /// peer).
+    pub fn end(&mut self, offset: u64, len: u64, seq: u64) {
         for e in extents(offset, len) {
-            if let Some(n) = self.hot.get_mut(&e) {
+            if let Some((n, last)) = self.hot.get_mut(&e) {
                 *n = n.saturating_sub(1);
+                *last = (*last).max(seq);
             }
         }
     }
 
-    /// Drops idle extents, oldest first, while over capacity. Busy extents are never dropped,
-    /// so the log may exceed its capacity while many extents have writes in flight.
-    fn evict(&mut self) {
+    /// Drops idle extents whose last write the peer made durable (through `durable`), oldest
+    /// first, while over capacity. Returns whether any went. Busy extents and extents the peer
+    /// may still lose are kept, so the log may exceed its capacity for a while.
+    pub fn trim(&mut self, durable: u64) -> bool {
+        let before = self.lru.len();
+        self.evict(durable);
+        self.lru.len() != before
+    }
+
+    /// Idle extents kept over capacity only because the peer has not made their last write
+    /// durable: a flush in the stream would let them go.
+    pub fn held_for_peer(&self, durable: u64) -> usize {
+        if self.lru.len() <= self.capacity {
+            return 0;
+        }
+        self.hot
+            .values()
+            .filter(|(n, last)| *n == 0 && *last > durable)
+            .count()
+    }
+
+    /// Extents over the capacity.
+    pub fn overshoot(&self) -> usize {
+        self.lru.len().saturating_sub(self.capacity)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn evict(&mut self, durable: u64) {
         let mut i = 0;
         while self.lru.len() > self.capacity && i < self.lru.len() {
             let e = self.lru[i];
-            if self.hot.get(&e).copied().unwrap_or(0) == 0 {
+            let (n, last) = self.hot.get(&e).copied().unwrap_or((0, 0));
+            if n == 0 && last <= durable {
                 self.lru.remove(i);
                 self.hot.remove(&e);
                 self.evicted += 1;
@@ -149,10 +181,13 @@ mod tests {
     #[test]
     fn new_extents_change_the_log() {
         let mut al = ActivityLog::new(4);
-        assert!(al.begin(0, 4096));
-        assert!(!al.begin(4096, 4096), "same extent: no persist needed");
+        assert!(al.begin(0, 4096, u64::MAX));
+        assert!(
+            !al.begin(4096, 4096, u64::MAX),
+            "same extent: no persist needed"
+        );
         // A write across an extent boundary touches two.
-        assert!(al.begin(EXTENT - 10, 20));
+        assert!(al.begin(EXTENT - 10, 20, u64::MAX));
         assert!(al.is_hot(0) && al.is_hot(1));
         assert_eq!(al.len(), 2);
     }
@@ -160,27 +195,46 @@ mod tests {
     #[test]
     fn busy_extents_are_never_evicted() {
         let mut al = ActivityLog::new(2);
-        al.begin(0, 1); // extent 0, busy
-        al.begin(EXTENT, 1); // extent 1, busy
-        al.begin(2 * EXTENT, 1); // extent 2: over capacity, but 0 and 1 are busy
+        al.begin(0, 1, u64::MAX); // extent 0, busy
+        al.begin(EXTENT, 1, u64::MAX); // extent 1, busy
+        al.begin(2 * EXTENT, 1, u64::MAX); // extent 2: over capacity, but 0 and 1 are busy
         assert_eq!(al.len(), 3);
-        al.end(0, 1);
-        al.begin(3 * EXTENT, 1); // now 0 is idle and oldest: evicted
+        al.end(0, 1, 1);
+        al.begin(3 * EXTENT, 1, u64::MAX); // now 0 is idle and oldest: evicted
         assert!(!al.is_hot(0));
         assert!(al.is_hot(1) && al.is_hot(2) && al.is_hot(3));
+    }
+
+    #[test]
+    fn an_extent_goes_cold_only_once_the_peer_is_durable_past_its_last_write() {
+        let mut al = ActivityLog::new(2);
+        al.begin(0, 1, 0);
+        al.end(0, 1, 10);
+        al.begin(EXTENT, 1, 0);
+        al.end(EXTENT, 1, 11);
+        // Over capacity, extent 0 idle, but the peer is durable only through 9.
+        al.begin(2 * EXTENT, 1, 9);
+        assert!(al.is_hot(0), "evicted before the peer made seq 10 durable");
+        assert_eq!(al.overshoot(), 1);
+        assert_eq!(al.held_for_peer(9), 2);
+        // Durable through 10: 0 can go, 1 cannot yet.
+        assert!(al.trim(10));
+        assert!(!al.is_hot(0) && al.is_hot(1) && al.is_hot(2));
+        assert_eq!(al.overshoot(), 0);
+        assert_eq!(al.held_for_peer(10), 0);
     }
 
     #[test]
     fn lru_order() {
         let mut al = ActivityLog::new(2);
         for e in 0..2u64 {
-            al.begin(e * EXTENT, 1);
-            al.end(e * EXTENT, 1);
+            al.begin(e * EXTENT, 1, u64::MAX);
+            al.end(e * EXTENT, 1, 1);
         }
         // Touch 0 again, so 1 is the least recent.
-        al.begin(0, 1);
-        al.end(0, 1);
-        al.begin(2 * EXTENT, 1);
+        al.begin(0, 1, u64::MAX);
+        al.end(0, 1, 1);
+        al.begin(2 * EXTENT, 1, u64::MAX);
         assert!(al.is_hot(0) && !al.is_hot(1) && al.is_hot(2));
     }
 
@@ -188,7 +242,7 @@ mod tests {
     fn encode_decode() {
         let mut al = ActivityLog::new(100);
         for e in [5u64, 9, 2] {
-            al.begin(e * EXTENT, 1);
+            al.begin(e * EXTENT, 1, u64::MAX);
         }
         let b = al.encode(64 * 1024).unwrap();
         assert_eq!(ActivityLog::decode(&b), vec![5, 9, 2]);

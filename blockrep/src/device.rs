@@ -153,7 +153,7 @@ impl Device {
         if r.is_ok() {
             rep.wait_peer(seq, fua).await;
         }
-        rep.al_end(offset, len);
+        rep.al_end(offset, len, seq);
         (r, buf)
     }
 
@@ -217,7 +217,7 @@ impl Device {
             if r.is_ok() {
                 rep.wait_peer(seq, fua).await;
             }
-            rep.al_end(offset, len);
+            rep.al_end(offset, len, seq);
         }
         r
     }

@@ -178,6 +178,10 @@ pub struct Replication {
 /// Ranges kept for records the peer applied but has not made durable (about 24 MiB of index).
 const MAX_UNDURABLE: usize = 1 << 20;
 
+/// Most activity-log extents kept over its capacity while the peer makes their writes
+/// durable (the on-disk log holds about 16,000).
+const AL_MAX_OVERSHOOT: usize = 256;
+
 /// How long a connected primary waits for journal space before treating the peer as stuck.
 const SPACE_WAIT: Duration = Duration::from_secs(30);
 
@@ -362,12 +366,7 @@ impl Replication {
             self.start_new_generation().await;
         }
         if let Some((a, b)) = range {
-            if self.al_begin(a, b - a).await && self.acks().connected {
-                // An extent went cold: after a crash of this node only hot extents are
-                // resynced, so the peer must not keep the cold one's writes only in its cache
-                // for long. A flush in the stream makes it durable through here.
-                Box::pin(self.begin(Record::Flush)).await;
-            }
+            self.al_begin(a, b - a).await;
         }
         let (msg, payload): (Msg, &[u8]) = match rec {
             Record::Write { offset, data, fua } => (
@@ -502,15 +501,20 @@ impl Replication {
     }
 
     /// The list of records the peer applied but has not made durable is half full: put a flush
-    /// in the stream (one at a time), so the peer's durable mark moves on before the list
-    /// spills into the bitmap (which `status` would show as out of sync).
+    /// in the stream, so the peer's durable mark moves on before the list spills into the
+    /// bitmap (which `status` would show as out of sync).
     async fn ask_durable_if_pressed(&self) {
+        if self.lock().undurable.len() >= MAX_UNDURABLE / 2 {
+            self.ask_durable().await;
+        }
+    }
+
+    /// Puts a flush in the stream so that the peer's durable mark moves on, unless one asked
+    /// for earlier is not durable yet (one at a time).
+    async fn ask_durable(&self) {
         use std::sync::atomic::Ordering::SeqCst;
         let a = self.acks();
-        if !a.connected
-            || a.durable < self.pressure_flush.load(SeqCst)
-            || self.lock().undurable.len() < MAX_UNDURABLE / 2
-        {
+        if !a.connected || a.durable < self.pressure_flush.load(SeqCst) {
             return;
         }
         // Marked first: the flush's own `begin` must not ask again.
@@ -519,23 +523,67 @@ impl Replication {
         self.pressure_flush.store(seq, SeqCst);
     }
 
+    /// Through which sequence the peer's copy is durable, for the activity log: everything
+    /// when the peer is away (the bitmap then records every write it lacks, and is written
+    /// with the log).
+    fn al_durable_mark(&self) -> u64 {
+        let a = self.acks();
+        if a.connected {
+            a.durable
+        } else {
+            u64::MAX
+        }
+    }
+
     /// Marks the extents of a write hot; returns once the activity log that says so is durable,
     /// with whether some extent went cold on the way.
+    ///
+    /// An idle extent goes cold only once the peer made its last write durable; until then the
+    /// log runs over its capacity and a flush in the stream is asked for. Past half the
+    /// capacity again, the write waits for the peer (bounded: the log fits its area).
     async fn al_begin(&self, offset: u64, len: u64) -> bool {
-        let (bytes, version, evicted) = {
+        let (evicted0, mut changed, held) = {
+            let durable = self.al_durable_mark();
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
             let before = al.0.evicted;
-            if al.0.begin(offset, len) {
-                al.1 += 1;
-                let evicted = al.0.evicted != before;
-                (
-                    al.0.encode(self.areas.layout.al_len as usize),
-                    al.1,
-                    evicted,
-                )
-            } else {
-                (None, al.1, false)
+            let changed = al.0.begin(offset, len, durable);
+            (before, changed, al.0.held_for_peer(durable) > 0)
+        };
+        if held {
+            self.ask_durable().await;
+            let mut rx = self.acks.subscribe();
+            loop {
+                let too_far = {
+                    let al = self.al.lock().unwrap_or_else(|p| p.into_inner());
+                    let durable = self.al_durable_mark();
+                    let limit = (al.0.capacity() / 2).clamp(8, AL_MAX_OVERSHOOT);
+                    al.0.overshoot() > limit && al.0.held_for_peer(durable) > 0
+                };
+                if !too_far {
+                    break;
+                }
+                // A flush is on its way (asked above, or by an earlier write): wait for the
+                // peer's durable mark, or for the link to drop (then the bitmap covers it).
+                let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                self.ask_durable().await;
+                let durable = self.al_durable_mark();
+                let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
+                changed |= al.0.trim(durable);
             }
+        }
+        let (bytes, version, evicted) = {
+            let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
+            if changed {
+                al.1 += 1;
+            }
+            let evicted = al.0.evicted != evicted0;
+            (
+                changed
+                    .then(|| al.0.encode(self.areas.layout.al_len as usize))
+                    .flatten(),
+                al.1,
+                evicted,
+            )
         };
         if *self.al_durable.borrow() >= version {
             return evicted;
@@ -556,9 +604,23 @@ impl Replication {
             tracing::error!("activity log does not fit its area");
             return evicted;
         };
+        // An extent that went cold while the peer was away is covered by the bitmap only: it
+        // goes to disk with the log, never after it.
+        let bitmap = evicted.then(|| {
+            let mut g = self.lock();
+            g.bitmap_dirty = false;
+            g.bitmap.to_bytes()
+        });
         let file = self.areas.file.clone();
         let off = self.areas.layout.al_offset;
+        let (bm_off, bm_len) = (
+            self.areas.layout.bitmap_offset,
+            self.areas.layout.bitmap_len as usize,
+        );
         let r = tokio::task::spawn_blocking(move || {
+            if let Some(b) = &bitmap {
+                file.write_all_at(&b[..b.len().min(bm_len)], bm_off)?;
+            }
             file.write_all_at(&bytes, off)?;
             file.sync_data()
         })
@@ -571,16 +633,22 @@ impl Replication {
                     changed
                 });
             }
-            Ok(Err(e)) => tracing::error!("activity log write failed: {e}"),
-            Err(e) => tracing::error!("activity log task: {e}"),
+            Ok(Err(e)) => {
+                tracing::error!("activity log write failed: {e}");
+                self.lock().bitmap_dirty = true;
+            }
+            Err(e) => {
+                tracing::error!("activity log task: {e}");
+                self.lock().bitmap_dirty = true;
+            }
         }
         evicted
     }
 
-    /// The write to the range is finished as far as the protocol goes.
-    pub fn al_end(&self, offset: u64, len: u64) {
+    /// The write `seq` to the range is finished as far as the protocol goes.
+    pub fn al_end(&self, offset: u64, len: u64, seq: u64) {
         let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-        al.0.end(offset, len);
+        al.0.end(offset, len, seq);
     }
 
     /// Persists a new current generation (the bitmap counts from the old one).
