@@ -387,8 +387,25 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         backoff = Duration::from_millis(50);
         let addr = est.addr;
         tracing::info!("peer {} connected from/to {addr}", peer_cfg.name);
+        // Its own task: a bug that panics in it ends this connection (reported, and the link
+        // torn down as after any other error) instead of leaving writers waiting on a link
+        // that nobody runs any more.
+        let mut conn = tokio::spawn({
+            let res = res.clone();
+            async move { connection(&res, est).await }
+        });
+        let joined = |j: Result<Result<(), LinkError>, tokio::task::JoinError>| match j {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => {
+                tracing::error!(
+                    "peer link task panicked (a bug): the link is dropped and restarted"
+                );
+                Err(LinkError::Closed("the link task panicked"))
+            }
+            Err(_) => Err(LinkError::Closed("the link task was cancelled")),
+        };
         let r = tokio::select! {
-            r = connection(&res, est) => r,
+            j = &mut conn => joined(j),
             // A fresh authenticated connection replaces this one (the peer restarted).
             e = in_rx.recv() => {
                 pending = e;
@@ -396,6 +413,11 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
             }
             _ = ctl.changed() => Err(LinkError::Closed("role change or admin command")),
         };
+        if !conn.is_finished() {
+            // Wait until it is gone (its state dropped) before the next one may start.
+            conn.abort();
+            let _ = (&mut conn).await;
+        }
         res.link_down().await;
         match r {
             Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
