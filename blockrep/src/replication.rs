@@ -392,7 +392,7 @@ impl Replication {
             Record::SyncDone { gen } => (Msg::SyncDone { seq: 0, gen }, &[]),
         };
         let deadline = tokio::time::Instant::now() + SPACE_WAIT;
-        let seq = loop {
+        let (seq, pressed) = loop {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
@@ -400,8 +400,10 @@ impl Replication {
                 let a = self.acks.borrow();
                 (a.connected, a.durable)
             };
-            // `None`: the journal is full and the connected peer is draining it; wait.
-            let issued: Option<u64> = {
+            // `None`: the journal is full and the connected peer is draining it; wait. With
+            // the sequence: whether the list of records the peer has not made durable is half
+            // full.
+            let issued: Option<(u64, bool)> = {
                 let mut g = self.lock();
                 let seq = g.issued + 1;
                 let msg = with_seq(&msg, seq);
@@ -471,11 +473,11 @@ impl Replication {
                             g.bitmap_dirty = true;
                         }
                     }
-                    Some(seq)
+                    Some((seq, g.undurable.len() >= MAX_UNDURABLE / 2))
                 }
             };
             match issued {
-                Some(seq) => break seq,
+                Some(issued) => break issued,
                 // Back-pressure: the peer is connected and draining the journal.
                 None => {
                     let _ = tokio::time::timeout_at(deadline, space).await;
@@ -483,8 +485,10 @@ impl Replication {
             }
         };
         self.appended.notify_one();
-        if range.is_some() {
-            self.ask_durable_if_pressed().await;
+        if pressed && range.is_some() {
+            // Half full: a flush in the stream moves the peer's durable mark on before the
+            // list spills into the bitmap (which `status` would show as out of sync).
+            self.ask_durable().await;
         }
         if let Some(r) = range {
             loop {
@@ -498,15 +502,6 @@ impl Replication {
             }
         }
         seq
-    }
-
-    /// The list of records the peer applied but has not made durable is half full: put a flush
-    /// in the stream, so the peer's durable mark moves on before the list spills into the
-    /// bitmap (which `status` would show as out of sync).
-    async fn ask_durable_if_pressed(&self) {
-        if self.lock().undurable.len() >= MAX_UNDURABLE / 2 {
-            self.ask_durable().await;
-        }
     }
 
     /// Puts a flush in the stream so that the peer's durable mark moves on, unless one asked
@@ -535,13 +530,12 @@ impl Replication {
         }
     }
 
-    /// Marks the extents of a write hot; returns once the activity log that says so is durable,
-    /// with whether some extent went cold on the way.
+    /// Marks the extents of a write hot; returns once the activity log that says so is durable.
     ///
     /// An idle extent goes cold only once the peer made its last write durable; until then the
     /// log runs over its capacity and a flush in the stream is asked for. Past half the
     /// capacity again, the write waits for the peer (bounded: the log fits its area).
-    async fn al_begin(&self, offset: u64, len: u64) -> bool {
+    async fn al_begin(&self, offset: u64, len: u64) {
         let (evicted0, mut changed, held) = {
             let durable = self.al_durable_mark();
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
@@ -586,11 +580,11 @@ impl Replication {
             )
         };
         if *self.al_durable.borrow() >= version {
-            return evicted;
+            return;
         }
         let _io = self.al_io.lock().await;
         if *self.al_durable.borrow() >= version {
-            return evicted;
+            return;
         }
         // Write the newest log (it includes every change up to now).
         let (bytes, version) = {
@@ -602,7 +596,7 @@ impl Replication {
         };
         let Some(bytes) = bytes else {
             tracing::error!("activity log does not fit its area");
-            return evicted;
+            return;
         };
         // An extent that went cold while the peer was away is covered by the bitmap only: it
         // goes to disk with the log, never after it.
@@ -642,7 +636,6 @@ impl Replication {
                 self.lock().bitmap_dirty = true;
             }
         }
-        evicted
     }
 
     /// The write `seq` to the range is finished as far as the protocol goes.

@@ -640,6 +640,18 @@ impl Node {
             .unwrap_or_else(|| panic!("status --json has no numeric size: {st}"))
     }
 
+    /// Copies `file` to the start of the export with `nbdcopy --flush` (a real client; the
+    /// data is durable and, under protocol C, on the peer when it returns).
+    pub fn nbdcopy_in(&self, file: &Path) {
+        run_ok(
+            Command::new("nbdcopy")
+                .arg("--flush")
+                .arg(file)
+                .arg(self.uri()),
+            crate::LONG_TIMEOUT,
+        );
+    }
+
     /// A raw NBD connection that completed NBD_OPT_GO.
     pub fn raw_open(&self) -> RawNbd {
         RawNbd::open(&self.export, &self.resource)

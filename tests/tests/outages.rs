@@ -1178,13 +1178,7 @@ fn resync_interrupted_and_resumed() {
     let n = 48 * MIB;
     let input = c.dir().join("in.bin");
     let data = write_random_file(&input, n as usize);
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(a.uri()),
-        LONG_TIMEOUT,
-    );
+    a.nbdcopy_in(&input);
     let oos0 = a.repl_u64("out_of_sync");
     assert_eq!(oos0, n, "out_of_sync after writing {n} bytes while cut");
 
@@ -1344,13 +1338,7 @@ fn invalidate_secondary_full_resync() {
     let n = 24 * MIB;
     let input = c.dir().join("in.bin");
     let data = write_random_file(&input, n as usize);
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(a.uri()),
-        LONG_TIMEOUT,
-    );
+    a.nbdcopy_in(&input);
     c.wait_in_sync(SYNC_TIMEOUT);
 
     // The secondary's disk goes bad behind the daemon's back.

@@ -250,13 +250,7 @@ fn bulk_replicates(test: &str, protocol: &str) {
     let n = 48 * MIB;
     let input = c.dir().join("in.bin");
     let data = write_random_file(&input, n);
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(a.uri()),
-        LONG_TIMEOUT,
-    );
+    a.nbdcopy_in(&input);
     let patch = random_bytes(3 * MIB);
     nbd_write(a, 40 * MIB as u64 + 512, &patch);
     let tail = random_bytes(MIB);

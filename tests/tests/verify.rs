@@ -298,13 +298,7 @@ fn verify_finds_blocks_changed_behind_the_back_and_resync_repairs_them() {
     let n = 16 * MIB;
     let input = c.dir().join("in.bin");
     let data = write_random_file(&input, n as usize);
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(a.uri()),
-        LONG_TIMEOUT,
-    );
+    a.nbdcopy_in(&input);
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(size, "before the corruption");
 
@@ -576,13 +570,7 @@ fn resync_rate_under_writes(py: &Path, test: &str, floor: &str) -> f64 {
     let dirty = 24 * MIB;
     let input = dir.join("dirty.bin");
     write_random_file(&input, dirty as usize);
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(a.uri()),
-        LONG_TIMEOUT,
-    );
+    a.nbdcopy_in(&input);
     // Application writes at 64..192 MiB, over and over, while the resync runs.
     let script = dir.join("app_writer.py");
     std::fs::write(&script, APP_WRITER).expect("write app_writer.py");
@@ -739,26 +727,14 @@ fn checksum_resync_interrupted_and_resumed() {
     let n = 48 * MIB;
     let input = c.dir().join("in.bin");
     let mut data = write_random_file(&input, n as usize);
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(a.uri()),
-        LONG_TIMEOUT,
-    );
+    a.nbdcopy_in(&input);
     c.wait_in_sync(SYNC_TIMEOUT);
     cut(&c);
     let sent0 = a.repl_u64("bytes_sent");
     let fresh = random_bytes((16 * MIB) as usize);
     data[(32 * MIB) as usize..].copy_from_slice(&fresh);
     std::fs::write(&input, &data).expect("rewrite input");
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(a.uri()),
-        LONG_TIMEOUT,
-    );
+    a.nbdcopy_in(&input);
     assert_eq!(a.repl_u64("out_of_sync"), n);
 
     c.proxy().resume();
@@ -806,13 +782,7 @@ fn verify_marks_survive_a_restart_of_the_primary() {
     let n = 4 * MIB;
     let input = c.dir().join("in.bin");
     let data = write_random_file(&input, n as usize);
-    run_ok(
-        Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(&input)
-            .arg(a.uri()),
-        LONG_TIMEOUT,
-    );
+    a.nbdcopy_in(&input);
     c.wait_in_sync(SYNC_TIMEOUT);
     pwrite_backing(b, 100 * BLK, &random_bytes(BLK as usize));
     pwrite_backing(b, 700 * BLK + 5, b"changed behind the back");
