@@ -137,6 +137,10 @@ pub struct Inner {
 pub struct MetaAreas {
     pub file: Arc<File>,
     pub layout: Layout,
+    /// The backing device, when the metadata lives elsewhere: an activity-log write that
+    /// lets an extent go cold must follow the local data's own fdatasync (with internal
+    /// metadata the log's fdatasync covers both: one file).
+    pub data: Option<Arc<File>>,
 }
 
 pub struct Replication {
@@ -606,12 +610,18 @@ impl Replication {
             g.bitmap.to_bytes()
         });
         let file = self.areas.file.clone();
+        let data = evicted.then(|| self.areas.data.clone()).flatten();
         let off = self.areas.layout.al_offset;
         let (bm_off, bm_len) = (
             self.areas.layout.bitmap_offset,
             self.areas.layout.bitmap_len as usize,
         );
         let r = tokio::task::spawn_blocking(move || {
+            // A cold extent is one both nodes hold the same: this node's part of that must be
+            // on disk before the log stops naming the extent.
+            if let Some(d) = &data {
+                d.sync_data()?;
+            }
             if let Some(b) = &bitmap {
                 file.write_all_at(&b[..b.len().min(bm_len)], bm_off)?;
             }

@@ -1003,6 +1003,10 @@ async fn open_replication(
     let meta2 = meta.clone();
     let protocol = cfg.protocol;
     let al_extents = cfg.al_extents;
+    let backing = match cfg.me.meta {
+        MetaLocation::Internal => None,
+        MetaLocation::External(_) => Some(cfg.me.backing.clone()),
+    };
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
         let m = meta2.lock().unwrap_or_else(|p| p.into_inner());
@@ -1054,12 +1058,19 @@ async fn open_replication(
         let overflowed = m.sb.journal_overflowed;
         let applied = m.sb.applied_seq;
         drop(m);
+        let data = match backing {
+            Some(p) => Some(Arc::new(
+                std::fs::File::open(&p).map_err(io_err("opening the backing device to sync it"))?,
+            )),
+            None => None,
+        };
         Ok(Replication::new(
             protocol,
             meta2,
             MetaAreas {
                 file: Arc::new(file),
                 layout: l,
+                data,
             },
             ring,
             issued,
