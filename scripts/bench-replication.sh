@@ -49,6 +49,13 @@
 # The blockrep binaries are copied into the temp dir first, so a rebuild of target/release
 # while the benchmark runs cannot mix binaries.
 #
+# Also, per run, the CPU each I/O cost (over the measured part of the run): fio (its own
+# usr+sys figures), each daemon (/proc/PID/stat: every thread, io_uring workers included),
+# the rest of the machine (kernel writeback, softirq threads, ...), and the idle share. "CPU
+# bound" is what the machine could do if it never idled: CPUs / (busy µs per I/O), also as a
+# ratio to the lone node's measured IOPS: the most that configuration's code could reach
+# here. A pair far below its bound waits (placement, latency) rather than works.
+#
 # Prints: workload | config | IOPS | MiB/s | p99 µs | ratio to lone (IOPS); the replication
 # details (lag at the end, bytes sent, drain time, identical replicas); "replicas identical:
 # yes/no" per configuration; the issue's goals (C >= 0.6 at 4k qd32 and >= 0.8 at 1M seq,
@@ -358,6 +365,18 @@ setup_config() {
     log "$cfg: alpha primary (pid ${DAEMON_PIDS[0]:-?}, engine $(jget "$st" engine)), exported size $DEV_SIZE of $FILE_SIZE"
 }
 
+# cpu_snapshot FILE: the machine's idle and total CPU ticks (/proc/stat), then the ticks
+# (user + system, every thread) of each daemon of the current config, one "name ticks" a line.
+cpu_snapshot() {
+    local i
+    {
+        awk '/^cpu /{t=0; for (i=2;i<=NF;i++) t+=$i; print "machine", $5+$6, t}' /proc/stat
+        for i in "${!DAEMON_PIDS[@]}"; do
+            awk -v n="${DAEMON_NAMES[$i]##*/}" '{print n, $14+$15}' "/proc/${DAEMON_PIDS[$i]}/stat" 2>/dev/null
+        done
+    } >"$1"
+}
+
 daemons_alive() {
     local p
     for p in "${DAEMON_PIDS[@]}"; do
@@ -394,6 +413,10 @@ run_one() {
         ) &
         SAMPLER_PID=$!
     fi
+    # CPU use over the measured part of the run (after the ramp, until fio exits)
+    rm -f "$rundir/cpu0" "$rundir/cpu1"
+    (sleep "$RAMP" && cpu_snapshot "$rundir/cpu0") &
+    local cpu_pid=$!
     rc=0
     timeout $((RUNTIME + RAMP + 120)) \
         fio --name="$w" --ioengine=nbd --uri="nbd://127.0.0.1:$EXPORT_PORT/$RESOURCE" \
@@ -401,6 +424,8 @@ run_one() {
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --norandommap --randrepeat=0 --scramble_buffers=1 \
         --output-format=json >"$raw" 2>"$raw.err" || rc=$?
+    cpu_snapshot "$rundir/cpu1"
+    wait "$cpu_pid" 2>/dev/null || true
     stop_sampler
     status_to alpha "$rundir/end.json" || log "$cfg: status after $w failed"
 
@@ -501,7 +526,7 @@ report_args=(report "$MANIFEST"
     --meta "configs=$(xargs <<<"$CONFIGS")" --meta "workloads=$(xargs <<<"$WORKLOADS")"
     --meta "host=$(hostname)" --meta "nproc=$(nproc)"
     --meta "blockrep_version=$BLOCKREP_VERSION" --meta "blockrep_sha256_16=$BLOCKREP_SHA"
-    --meta "git_rev=$GIT_REV"
+    --meta "git_rev=$GIT_REV" --meta "clk_tck=$(getconf CLK_TCK)"
     --meta "backing=sparse files (truncate), fresh per configuration, loopback peer link"
     --meta "blockrep_io_engine=$BLOCKREP_IO_ENGINE" --meta "blockrep_direct_io=$BLOCKREP_DIRECT_IO"
     --meta "blockrep_encryption=$BLOCKREP_ENCRYPTION"

@@ -22,7 +22,9 @@ pub struct Rec {
     pub len: u32,
     /// Payload bytes (for lag accounting).
     pub data: u32,
-    /// The data range the record changes (`start == end` for a flush).
+    /// The data range the record vouches for on the peer: written, zeroed or (a checksum
+    /// resync's `Equal`) found identical there. Until the peer made the record durable, this
+    /// range goes to the bitmap if the link drops (`start == end` for a flush).
     pub range: (u64, u64),
 }
 
@@ -433,11 +435,15 @@ impl Ring {
     }
 }
 
-/// The data range a stream record changes.
+/// The data range a stream record vouches for (see [`Rec::range`]). An `Equal` region clears
+/// its bits once applied, yet the peer's equal bytes may sit in its page cache only (applied
+/// from an earlier stream it never made durable): it is tracked like a write until durable.
 pub fn msg_range(m: &Msg) -> (u64, u64) {
     match *m {
         Msg::Write { offset, len, .. } => (offset, offset + u64::from(len)),
-        Msg::Zero { offset, len, .. } => (offset, offset.saturating_add(len)),
+        Msg::Zero { offset, len, .. } | Msg::Equal { offset, len, .. } => {
+            (offset, offset.saturating_add(len))
+        }
         _ => (0, 0),
     }
 }
@@ -488,6 +494,21 @@ mod tests {
             crc: crc32c::crc32c(data),
             fua: false,
         }
+    }
+
+    #[test]
+    fn equal_records_vouch_for_their_range() {
+        let mut r = Ring::new(64 * 1024);
+        let eq = Msg::Equal {
+            seq: 1,
+            offset: 8192,
+            len: 1 << 20,
+        };
+        append_msg(&mut r, &eq, &[], |_| {}).expect("append");
+        let flush = Msg::Flush { seq: 2 };
+        append_msg(&mut r, &flush, &[], |_| {}).expect("append");
+        let ranges: Vec<_> = r.records().map(|x| x.range).collect();
+        assert_eq!(ranges, vec![(8192, 8192 + (1 << 20)), (0, 0)]);
     }
 
     #[test]

@@ -411,7 +411,7 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                 pending = e;
                 Err(LinkError::Closed("replaced by a new connection from the peer"))
             }
-            _ = ctl.changed() => Err(LinkError::Closed("role change or admin command")),
+            _ = ctl.changed() => Err(LinkError::Closed(ADMIN_CLOSE)),
         };
         if !conn.is_finished() {
             // Wait until it is gone (its state dropped) before the next one may start.
@@ -435,8 +435,12 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
     }
 }
 
+/// Why a link closed because this node asked it to (not a fault: logged at info).
+const ADMIN_CLOSE: &str = "role change or admin command";
+
 fn log_link_error(res: &Resource, e: &LinkError) {
     match e {
+        LinkError::Closed(why) if *why == ADMIN_CLOSE => tracing::info!("peer link: {e}"),
         LinkError::Io(io)
             if matches!(
                 io.kind(),

@@ -185,6 +185,56 @@ def replication_facts(rundir, direction, raw):
     }
 
 
+def read_cpu(path):
+    """cpu_snapshot's file: {"machine": (idle, total), daemon name: ticks}."""
+    snap = {}
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] == "machine" and len(parts) == 3:
+                    snap["machine"] = (int(parts[1]), int(parts[2]))
+                elif len(parts) == 2:
+                    snap[parts[0]] = int(parts[1])
+    except (OSError, ValueError):
+        return None
+    return snap if "machine" in snap else None
+
+
+def cpu_facts(rundir, raw, direction, clk_tck, ncpu):
+    """CPU µs per I/O of fio, each daemon and the rest, idle share, over the measured run."""
+    a = read_cpu(os.path.join(rundir, "cpu0"))
+    b = read_cpu(os.path.join(rundir, "cpu1"))
+    if not a or not b or not clk_tck:
+        return None
+    try:
+        job = load_fio(raw)["jobs"][0]
+        d = job[direction]
+        ios = int(d["total_ios"])
+        runtime_s = float(d["runtime"]) / 1000.0
+        fio_busy = (float(job["usr_cpu"]) + float(job["sys_cpu"])) / 100.0 * runtime_s
+    except (KeyError, IndexError, TypeError, ValueError, OSError):
+        return None
+    idle0, total0 = a["machine"]
+    idle1, total1 = b["machine"]
+    if ios <= 0 or total1 <= total0:
+        return None
+    us = 1e6 / clk_tck / ios
+    daemons = {k: (b[k] - a[k]) * us for k in b if k != "machine" and k in a}
+    busy = (total1 - total0 - (idle1 - idle0)) * us
+    fio_us = fio_busy * 1e6 / ios
+    other = busy - fio_us - sum(daemons.values())
+    per_io = busy
+    return {
+        "fio_us": fio_us,
+        "daemons_us": daemons,
+        "other_us": other,
+        "idle_share": (idle1 - idle0) / (total1 - total0),
+        "busy_us_per_io": per_io,
+        "cpu_bound_iops": (ncpu * 1e6 / per_io) if per_io > 0 and ncpu else None,
+    }
+
+
 def scan_log(path):
     issues, counts = [], {}
     try:
@@ -269,6 +319,9 @@ def cmd_report(args):
                 r["ok"] = True
             except Exception as e:  # report the failure in the table, keep going
                 r["error"] = str(e)
+            if rundir and r["ok"]:
+                r["cpu"] = cpu_facts(rundir, raw, direction, meta.get("clk_tck"),
+                                     meta.get("nproc"))
             if rundir and config != BASELINE:
                 r["replication"] = replication_facts(rundir, direction, raw)
             elif rundir:
@@ -354,6 +407,34 @@ def cmd_report(args):
         for c in configs:
             if c in per_config:
                 print(f"replicas identical ({c}): {per_config[c]}")
+
+    # ---- CPU per I/O
+    cpu_rows = []
+    for w in workloads:
+        for c in configs:
+            r = by.get((w, c))
+            x = r.get("cpu") if r else None
+            if not x:
+                continue
+            base = by.get((w, BASELINE))
+            base_ok = bool(base and base["ok"] and base["iops"])
+            dm = x["daemons_us"]
+            bound = x["cpu_bound_iops"]
+            cpu_rows.append([
+                w, c, fmt_num(x["fio_us"], 1), fmt_num(dm.get("alpha"), 1),
+                fmt_num(dm.get("beta"), 1) if "beta" in dm else "-",
+                fmt_num(x["other_us"], 1), fmt_num(x["busy_us_per_io"], 1),
+                f"{100 * x['idle_share']:.0f} %", fmt_num(bound),
+                "-" if not bound or not base_ok else f"{bound / base['iops']:.2f}",
+            ])
+            x["cpu_bound_ratio_to_lone"] = (bound / base["iops"]) if bound and base_ok else None
+    if cpu_rows:
+        print()
+        print("CPU per I/O over the measured run (µs of CPU time; idle: share of all CPUs;"
+              " CPU bound: the IOPS if the busy µs per I/O filled every CPU, and that bound"
+              " as a ratio to the lone node's measured IOPS):")
+        table(["workload", "config", "fio", "alpha", "beta", "other", "busy", "idle",
+               "CPU bound IOPS", "bound / lone"], cpu_rows, {2, 3, 4, 5, 6, 7, 8, 9})
 
     # ---- goals
     goals = []
