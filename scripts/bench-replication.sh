@@ -10,6 +10,10 @@
 #   RAMP=2               fio ramp_time in seconds (not counted)
 #   CONFIGS="lone A B C" configurations, in this order: lone = one node without a peer,
 #                        A/B/C = two nodes with that replication protocol
+#   ROUNDS=1             run every configuration this many times, interleaved (lone A B C,
+#                        lone A B C, ...; fresh nodes each time); the tables show the round
+#                        with the median IOPS of each workload and configuration, and the
+#                        lowest and highest IOPS over the rounds
 #   WORKLOADS="..."      subset of: 4k-randwrite-qd32 4k-randwrite-qd1 1m-seqwrite-qd8
 #                        (default: all three, in that order)
 #   JOURNAL_SIZE=64M     resource journal-size (also in the lone config: same exported size)
@@ -90,6 +94,7 @@ esac
 
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
+ROUNDS=${ROUNDS:-1}
 RAMP=${RAMP:-2}
 ALL_CONFIGS="lone A B C"
 CONFIGS=${CONFIGS:-$ALL_CONFIGS}
@@ -112,6 +117,7 @@ SECRET=bench-replication-secret
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 is_pos() { [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 > 0)); }
 is_pos "$RUNTIME" || die "RUNTIME must be a positive integer (seconds)"
+is_pos "$ROUNDS" || die "ROUNDS must be a positive integer"
 is_uint "$RAMP" || die "RAMP must be a non-negative integer (seconds)"
 is_pos "$CONNECT_TIMEOUT" || die "CONNECT_TIMEOUT must be a positive integer"
 is_pos "$DRAIN_TIMEOUT" || die "DRAIN_TIMEOUT must be a positive integer"
@@ -305,7 +311,8 @@ write_config() { # write_config CONFIG DIR
 # setup_config CONFIG: backing files, config, create-md, up, primary, connected.
 # Returns non-zero (after logging why) instead of exiting, so other configs still run.
 setup_config() {
-    local cfg=$1 dir=$TMP_DIR/$1 node nodes st pid role size conn t0 deadline
+    local cfg=$1 dir node nodes st pid role size conn t0 deadline
+    dir=$(cfg_dir "$cfg")
     nodes=(alpha)
     [[ $cfg == lone ]] || nodes+=(beta)
     mkdir -p "$dir/runs" || return 1
@@ -387,7 +394,8 @@ daemons_alive() {
 FAILED=0
 # run_one CONFIG WORKLOAD
 run_one() {
-    local cfg=$1 w=$2 dir=$TMP_DIR/$1 rundir rw bs qd wdir raw rc load summary
+    local cfg=$1 w=$2 dir rundir rw bs qd wdir raw rc load summary
+    dir=$(cfg_dir "$cfg")
     local drained=skipped drain_s=- identical=skipped cmp_msg='' nonzero alive t0 deadline
     read -r rw bs qd wdir < <(workload_spec "$w")
     rundir=$dir/runs/$w
@@ -395,7 +403,7 @@ run_one() {
     raw=$rundir/fio.out
     if ! daemons_alive; then
         log "$cfg: a daemon is gone; $w not run"
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t%s\n' "$w" "$cfg" "$wdir" "$bs" "$qd" "$raw" 99 "$rundir" >>"$MANIFEST"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t%s\t%s\n' "$w" "$cfg" "$wdir" "$bs" "$qd" "$raw" 99 "$rundir" "$ROUND" >>"$MANIFEST"
         FAILED=1
         return 0
     fi
@@ -472,7 +480,7 @@ run_one() {
         echo "nonzero=$nonzero"
         echo "alive=$alive"
     } >"$rundir/check.env"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$cfg" "$wdir" "$bs" "$qd" "$raw" "$rc" "$load" "$rundir" >>"$MANIFEST"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$cfg" "$wdir" "$bs" "$qd" "$raw" "$rc" "$load" "$rundir" "$ROUND" >>"$MANIFEST"
     if ((rc == 0)) && summary=$(python3 "$SCRIPT_DIR/bench-lib/fio_report.py" one "$raw" "$wdir" 2>/dev/null); then
         if [[ $cfg == lone ]]; then
             log "    $summary"
@@ -491,8 +499,12 @@ DEV_SIZE=
 EXPORT_PORT=
 LOG_ARGS=()
 SETUP_FAILED=0
+ROUND=1
+cfg_dir() { echo "$TMP_DIR/$1-r$ROUND"; }
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
 for cfg in $CONFIGS; do
-    log "==== $cfg: $([[ $cfg == lone ]] && echo "one node, no peer" || echo "protocol $cfg, alpha -> beta")"
+    cdir=$(cfg_dir "$cfg")
+    log "==== $cfg: $([[ $cfg == lone ]] && echo "one node, no peer" || echo "protocol $cfg, alpha -> beta")$( ((ROUNDS > 1)) && echo ", round $ROUND of $ROUNDS")"
     if setup_config "$cfg"; then
         for w in $WORKLOADS; do
             run_one "$cfg" "$w"
@@ -502,19 +514,20 @@ for cfg in $CONFIGS; do
         FAILED=1
         for w in $WORKLOADS; do
             read -r _ bs qd wdir < <(workload_spec "$w")
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\n' "$w" "$cfg" "$wdir" "$bs" "$qd" "-" 98 >>"$MANIFEST"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\t%s\n' "$w" "$cfg" "$wdir" "$bs" "$qd" "-" 98 "$ROUND" >>"$MANIFEST"
         done
-        for f in "$TMP_DIR/$cfg"/*.log; do
+        for f in "$cdir"/*.log; do
             [[ -s $f ]] || continue
             log "---- tail of ${f#"$TMP_DIR"/} ----"
             tail -n 20 "$f" >&2
         done
     fi
     config_down
-    for f in "$TMP_DIR/$cfg"/*.log; do
+    for f in "$cdir"/*.log; do
         [[ -e $f ]] && LOG_ARGS+=(--log "$cfg=$f")
     done
-    [[ $KEEP_TMP == 1 ]] || rm -f "$TMP_DIR/$cfg"/*.img
+    [[ $KEEP_TMP == 1 ]] || rm -f "$cdir"/*.img
+done
 done
 CFG_FILE=
 
@@ -522,7 +535,7 @@ CFG_FILE=
 report_args=(report "$MANIFEST"
     --meta "file_size=$FILE_SIZE" --meta "device_size=${DEV_SIZE:-0}"
     --meta "journal_size=$JOURNAL_BYTES"
-    --meta "runtime_s=$RUNTIME" --meta "ramp_s=$RAMP"
+    --meta "runtime_s=$RUNTIME" --meta "ramp_s=$RAMP" --meta "rounds=$ROUNDS"
     --meta "configs=$(xargs <<<"$CONFIGS")" --meta "workloads=$(xargs <<<"$WORKLOADS")"
     --meta "host=$(hostname)" --meta "nproc=$(nproc)"
     --meta "blockrep_version=$BLOCKREP_VERSION" --meta "blockrep_sha256_16=$BLOCKREP_SHA"
@@ -533,7 +546,7 @@ report_args=(report "$MANIFEST"
     "${LOG_ARGS[@]}")
 if [[ -n $BENCH_OUT ]]; then report_args+=(--json "$BENCH_OUT"); fi
 echo
-echo "Replication benchmark: backing files $(numfmt --to=iec "$FILE_SIZE"), device ${DEV_SIZE:-?} bytes, journal $JOURNAL_SIZE, ${RUNTIME}s per run (+${RAMP}s ramp), $(nproc) CPUs, blockrep $GIT_REV"
+echo "Replication benchmark: backing files $(numfmt --to=iec "$FILE_SIZE"), device ${DEV_SIZE:-?} bytes, journal $JOURNAL_SIZE, ${RUNTIME}s per run (+${RAMP}s ramp), $ROUNDS round(s), $(nproc) CPUs, blockrep $GIT_REV"
 rc=0
 python3 "$REPORT_PY" "${report_args[@]}" || rc=$?
 if [[ -n $BENCH_OUT ]]; then log "results written to $BENCH_OUT"; fi

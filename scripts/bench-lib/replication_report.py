@@ -8,7 +8,9 @@ Subcommands:
                            replication.lag_writes == 0 and seq_applied == seq_written
   report MANIFEST [--json OUT] [--meta KEY=VALUE ...] [--log CONFIG=PATH ...]
                            MANIFEST has one tab-separated line per run:
-                             workload config dir bs iodepth rawfile rc loadavg rundir
+                             workload config dir bs iodepth rawfile rc loadavg rundir round
+                           With several rounds, each (workload, config) is shown by its
+                           round with the median IOPS, plus the lowest and highest IOPS.
                            rundir holds the run's status snapshots of the primary
                            (before.json, end.json, drained.json), the secondary's status
                            after the drain (beta.json), status samples taken during the run
@@ -296,10 +298,11 @@ def cmd_report(args):
             line = line.rstrip("\n")
             if not line:
                 continue
-            fields = line.split("\t") + [""] * 9
-            workload, config, direction, bs, iodepth, raw, rc, load, rundir = fields[:9]
+            fields = line.split("\t") + [""] * 10
+            workload, config, direction, bs, iodepth, raw, rc, load, rundir, rnd = fields[:10]
             r = {
                 "workload": workload, "config": config, "rw": direction, "bs": bs,
+                "round": int(rnd) if rnd.isdigit() else 1,
                 "iodepth": int(iodepth), "ok": False, "error": None,
                 "iops": None, "mib_s": None, "p99_us": None, "p50_us": None,
                 "mean_lat_us": None,
@@ -337,7 +340,19 @@ def cmd_report(args):
         if r["config"] not in configs:
             configs.append(r["config"])
     configs.sort(key=lambda c: CONFIG_ORDER.index(c) if c in CONFIG_ORDER else 99)
-    by = {(r["workload"], r["config"]): r for r in results}
+    # Several rounds: each (workload, config) is represented by its round with the median
+    # IOPS (all its facts stay those of one run); the spread is kept beside it.
+    groups = {}
+    for r in results:
+        groups.setdefault((r["workload"], r["config"]), []).append(r)
+    by = {}
+    for key, runs in groups.items():
+        ok = sorted((r for r in runs if r["ok"]), key=lambda r: r["iops"])
+        pick = ok[(len(ok) - 1) // 2] if ok else runs[-1]
+        pick["rounds_iops"] = [r["iops"] for r in ok]
+        pick["rounds_failed"] = len(runs) - len(ok)
+        by[key] = pick
+    rounds = max((r["round"] for r in results), default=1)
     for r in results:
         base = by.get((r["workload"], BASELINE))
         r["ratio_to_lone_iops"] = (r["iops"] / base["iops"]) if (
@@ -356,14 +371,23 @@ def cmd_report(args):
             r = by.get((w, c))
             if not r:
                 continue
+            spread = []
+            if rounds > 1:
+                ri = r.get("rounds_iops") or []
+                spread = [(f"{fmt_num(min(ri))} .. {fmt_num(max(ri))}" if ri else "-")
+                          + (f" ({r['rounds_failed']} failed)" if r.get("rounds_failed") else "")]
             if r["ok"]:
                 ratio = r["ratio_to_lone_iops"]
                 rows.append([w, c, fmt_num(r["iops"]), fmt_num(r["mib_s"], 1),
-                             fmt_num(r["p99_us"]), "-" if ratio is None else f"{ratio:.2f}"])
+                             fmt_num(r["p99_us"]), "-" if ratio is None else f"{ratio:.2f}"]
+                            + spread)
             else:
-                rows.append([w, c, "FAILED", "-", "-", r["error"] or ""])
-    table(["workload", "config", "IOPS", "MiB/s", "p99 µs", "ratio to lone (IOPS)"], rows,
-          {2, 3, 4, 5})
+                rows.append([w, c, "FAILED", "-", "-", r["error"] or ""] + spread)
+    if rounds > 1:
+        print(f"{rounds} rounds: each line is the round with the median IOPS; the last column"
+              " is the lowest and highest IOPS over the rounds")
+    table(["workload", "config", "IOPS", "MiB/s", "p99 µs", "ratio to lone (IOPS)"]
+          + (["IOPS over rounds"] if rounds > 1 else []), rows, {2, 3, 4, 5, 6})
 
     # ---- replication details
     per_config = {}
@@ -373,12 +397,13 @@ def cmd_report(args):
             continue
         verdicts = []
         for w in workloads:
+            for x in (r["replication"] for r in groups.get((w, c), []) if "replication" in r):
+                verdicts.append(x["identical"] if x["drained"] == "yes" else
+                                ("no" if x["identical"] == "no" else "not-drained"))
             r = by.get((w, c))
             if not r or "replication" not in r:
                 continue
             x = r["replication"]
-            verdicts.append(x["identical"] if x["drained"] == "yes" else
-                            ("no" if x["identical"] == "no" else "not-drained"))
             rep_rows.append([
                 w, c, fmt_num(x["lag_writes_end"]), fmt_num(x["max_lag_writes"]),
                 fmt_num(mib(x["max_journal_used"]), 1),
