@@ -167,7 +167,10 @@ impl ActivityLog {
             return Vec::new();
         };
         let end = 8 + 4 * n;
-        if n > b.len() / 4 || word(end) != Some(crc32c::crc32c(&b[..end])) {
+        let Some(body) = b.get(..end) else {
+            return Vec::new();
+        };
+        if word(end) != Some(crc32c::crc32c(body)) {
             return Vec::new();
         }
         (0..n).filter_map(|i| word(8 + 4 * i)).collect()

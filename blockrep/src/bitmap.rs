@@ -116,7 +116,9 @@ impl Bitmap {
     /// Bytes of data the set bits cover (the last region may be short).
     pub fn dirty_bytes(&self) -> u64 {
         let mut total = self.dirty_bits * self.granularity;
-        let last = self.size.div_ceil(self.granularity) - 1;
+        let Some(last) = self.size.div_ceil(self.granularity).checked_sub(1) else {
+            return 0;
+        };
         if self.is_set(last) {
             total -= last * self.granularity + self.granularity - self.size;
         }

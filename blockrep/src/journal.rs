@@ -380,24 +380,39 @@ impl Ring {
         let mut expect = first_seq;
         let mut at = pos;
         let mut scanned = 0u64;
+        // The walk never covers more than the ring holds: a filler or a chain that would run
+        // past the checkpoint again is not part of the journal (the bytes behind the head
+        // may be the oldest live record, which ends at the end of the ring). Counters at the
+        // end of their range end the walk instead of wrapping.
+        let within = |scanned: u64, n: u64| scanned.checked_add(n).is_some_and(|e| e <= cap);
         while scanned < cap {
             let phys = at % cap;
             let remain = cap - phys;
             let Some((msg, len)) = ring.parse_at(phys as usize) else {
-                if remain < 32 && phys != 0 {
+                if remain < 32 && phys != 0 && within(scanned, remain) {
                     // Zero filler at the end: wrap.
-                    at += remain;
+                    let Some(next) = at.checked_add(remain) else {
+                        break;
+                    };
+                    at = next;
                     scanned += remain;
                     continue;
                 }
                 break;
             };
             match msg {
-                Msg::Pad => {
-                    at += remain;
+                Msg::Pad if within(scanned, remain) => {
+                    let Some(next) = at.checked_add(remain) else {
+                        break;
+                    };
+                    at = next;
                     scanned += remain;
                 }
-                m if m.seq() == Some(expect) => {
+                m if m.seq() == Some(expect)
+                    && within(scanned, len as u64)
+                    && expect.checked_add(1).is_some()
+                    && at.checked_add(len as u64).is_some() =>
+                {
                     let data = match m {
                         Msg::Write { len, .. } => len,
                         _ => 0,
@@ -440,7 +455,7 @@ impl Ring {
 /// from an earlier stream it never made durable): it is tracked like a write until durable.
 pub fn msg_range(m: &Msg) -> (u64, u64) {
     match *m {
-        Msg::Write { offset, len, .. } => (offset, offset + u64::from(len)),
+        Msg::Write { offset, len, .. } => (offset, offset.saturating_add(u64::from(len))),
         Msg::Zero { offset, len, .. } | Msg::Equal { offset, len, .. } => {
             (offset, offset.saturating_add(len))
         }

@@ -197,6 +197,10 @@ pub struct Superblock {
     pub promoted_ms: u64,
 }
 
+/// Bound on the superblock's sequence counters and journal position (2^62: centuries of
+/// writes at millions per second).
+pub const COUNTER_LIMIT: u64 = 1 << 62;
+
 impl Superblock {
     /// Encodes into one slot: magic, version, payload length, postcard payload, crc32c.
     pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
@@ -233,7 +237,17 @@ impl Superblock {
         if crc32c::crc32c(&slot[..end]) != crc {
             return None;
         }
-        postcard::from_bytes(&slot[16..end]).ok()
+        let sb: Self = postcard::from_bytes(&slot[16..end]).ok()?;
+        // Counters that only ever count up by one per write, flush or commit: no real history
+        // comes near the top of their range, and one there would overflow the next step.
+        let counters = [
+            sb.seq,
+            sb.applied_seq,
+            sb.issued_seq,
+            sb.journal_pos,
+            sb.journal_seq,
+        ];
+        counters.iter().all(|&c| c < COUNTER_LIMIT).then_some(sb)
     }
 
     /// Picks the newer valid slot of the two.

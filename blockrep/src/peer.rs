@@ -181,15 +181,10 @@ async fn timed<T>(
         .map_err(|_| LinkError::Timeout(what))?
 }
 
-/// Refuses the peer with a reason it can log, then fails.
+/// Refuses the peer with a reason it can log (bounded: it may quote what the peer sent), then
+/// fails.
 async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, reason: String) -> LinkError {
-    let _ = write_msg(
-        w,
-        &Msg::Refuse {
-            reason: reason.clone(),
-        },
-    )
-    .await;
+    let _ = write_msg(w, &Msg::refuse(&reason)).await;
     let _ = w.flush().await;
     LinkError::Refused(reason)
 }

@@ -185,7 +185,25 @@ pub fn hash_count(len: u32, block: u32) -> Option<usize> {
     Some(len.div_ceil(block) as usize)
 }
 
+/// Longest refusal reason a `Refuse` carries: reasons quote what the peer sent (its resource
+/// and node names, escaped), and a frame header is bounded.
+pub const MAX_REFUSE_REASON: usize = 256;
+
 impl Msg {
+    /// A `Refuse` whose reason is cut to [`MAX_REFUSE_REASON`] bytes (at a character boundary),
+    /// so it always encodes within the header bound.
+    pub fn refuse(reason: &str) -> Msg {
+        let mut cut = reason.len().min(MAX_REFUSE_REASON);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut r = reason[..cut].to_string();
+        if cut < reason.len() {
+            r.push_str("...");
+        }
+        Msg::Refuse { reason: r }
+    }
+
     /// The sequence number of a stream record.
     pub fn seq(&self) -> Option<u64> {
         match self {
