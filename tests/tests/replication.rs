@@ -708,9 +708,24 @@ fn hostile_peers_are_refused_and_the_real_peer_still_connects() {
     big_payload.extend_from_slice(&u32::MAX.to_le_bytes());
     big_payload.extend_from_slice(&[0u8; 4]);
     let garbage = random_bytes(8192);
+    // A well-formed hello for a resource whose name, quoted back in the refusal, is larger
+    // than a frame header may be (this once tripped an assert before authentication).
+    let mut long_hello = Vec::new();
+    proto::peer::encode_frame(
+        &mut long_hello,
+        &proto::peer::Msg::Hello {
+            version: proto::peer::PROTOCOL_VERSION,
+            resource: "\u{1}".repeat(900),
+            node: "alpha".into(),
+            nonce: [7; 32],
+            encryption: false,
+        },
+        &[],
+    );
     for node in [a, b] {
         let addr = node.replication_addr();
         for (bytes, what) in [
+            (&long_hello[..], "is for resource"),
             (&garbage[..], "bad frame magic"),
             (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], "bad frame magic"),
             (&big_header[..], "exceeds the bound"),
