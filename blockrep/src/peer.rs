@@ -523,26 +523,13 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         )
         .await);
     }
-    // Size: the primary's export must fit on the secondary.
+    // Size: the primary's export must fit on the secondary (checked again below for whichever
+    // side a resync between two secondaries makes the source).
     if me.primary && peer.size < me.size {
-        return Err(refuse(
-            &mut wr,
-            format!(
-                "peer's device is too small: it has {} bytes of data, this primary exports {}",
-                peer.size, me.size
-            ),
-        )
-        .await);
+        return Err(refuse(&mut wr, too_small_peer(&me, &peer)).await);
     }
     if peer.primary && me.size < peer.size {
-        return Err(refuse(
-            &mut wr,
-            format!(
-                "this node's device is too small: it has {} bytes of data, the primary exports {}",
-                me.size, peer.size
-            ),
-        )
-        .await);
+        return Err(refuse(&mut wr, too_small_here(&me, &peer)).await);
     }
     let mut decision = state::compare_generations(&gens(&me.gen), &gens(&peer.gen));
     // The journal can bring the peer back only when the generations alone say so; every
@@ -631,6 +618,19 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         decision,
         SyncDecision::InSync | SyncDecision::SourceBitmap | SyncDecision::SourceFull
     );
+    // Whatever the roles said at the handshake, data only ever flows from the source to a
+    // target that can hold its export.
+    let sends = matches!(
+        (my_role, peer.primary),
+        (Role::Primary, false) | (Role::Secondary, false)
+    ) && source
+        && (my_role == Role::Primary || decision != SyncDecision::InSync);
+    if sends && peer.size < me.size {
+        return Err(refuse(&mut wr, too_small_peer(&me, &peer)).await);
+    }
+    if !source && my_role == Role::Secondary && me.size < peer.size {
+        return Err(refuse(&mut wr, too_small_here(&me, &peer)).await);
+    }
     match (my_role, peer.primary) {
         (Role::Primary, false) if source => {
             primary_side(res, rd, wr, peer, me, decision, journal_ok).await
@@ -655,6 +655,20 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         (Role::Secondary, false) if !source => secondary_side(res, rd, wr, peer).await,
         _ => idle_side(res, rd, wr).await,
     }
+}
+
+fn too_small_peer(me: &NodeState, peer: &NodeState) -> String {
+    format!(
+        "peer's device is too small: it has {} bytes of data, this node exports {}",
+        peer.size, me.size
+    )
+}
+
+fn too_small_here(me: &NodeState, peer: &NodeState) -> String {
+    format!(
+        "this node's device is too small: it has {} bytes of data, the peer exports {}",
+        me.size, peer.size
+    )
 }
 
 fn peer_name(res: &Resource) -> String {
