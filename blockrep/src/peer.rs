@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::bitmap::Bitmap;
 use crate::buf::Buf;
+use crate::config::Protocol;
 use crate::link::{self, LinkKeys, LinkRead, LinkWrite};
 use crate::meta::{DiskState, Generations};
 use crate::replication::{Ranges, Record, Replication};
@@ -198,6 +199,15 @@ pub struct Established {
 }
 
 /// Hello, mutual authentication, state exchange.
+/// The protocol as it travels in the hello.
+fn protocol_letter(p: Protocol) -> u8 {
+    match p {
+        Protocol::A => b'A',
+        Protocol::B => b'B',
+        Protocol::C => b'C',
+    }
+}
+
 async fn handshake(
     res: &Arc<Resource>,
     mut s: TcpStream,
@@ -219,6 +229,7 @@ async fn handshake(
             node: cfg.me.name.clone(),
             nonce: my_nonce,
             encryption: cfg.encryption,
+            protocol: protocol_letter(cfg.protocol),
         },
     )
     .await?;
@@ -230,6 +241,7 @@ async fn handshake(
             node,
             nonce,
             encryption,
+            protocol,
         } => {
             if version != peer::PROTOCOL_VERSION {
                 return Err(refuse(
@@ -267,6 +279,18 @@ async fn handshake(
                         name(encryption),
                         cfg.me.name,
                         name(cfg.encryption)
+                    ),
+                )
+                .await);
+            }
+            if protocol != protocol_letter(cfg.protocol) {
+                return Err(refuse(
+                    &mut s,
+                    format!(
+                        "replication protocol differs: {node} at {addr} has {}, {} has {}; set the same `protocol` on both nodes",
+                        char::from(protocol).escape_default(),
+                        cfg.me.name,
+                        cfg.protocol
                     ),
                 )
                 .await);
@@ -1346,6 +1370,9 @@ struct Applier {
     progress: watch::Sender<(u64, u64, u64)>,
     window: Arc<Semaphore>,
     persist: tokio::sync::Mutex<()>,
+    /// Protocol B: the receiver asks the acker to report a receipt before the write is
+    /// applied, because the primary's client is waiting for exactly that.
+    ack_receipt_now: std::sync::atomic::AtomicBool,
 }
 
 impl Applier {
@@ -1434,7 +1461,10 @@ async fn secondary_side(
         progress: watch::channel((applied0, applied0, applied0)).0,
         window: Arc::new(Semaphore::new(APPLY_WINDOW)),
         persist: tokio::sync::Mutex::new(()),
+        ack_receipt_now: std::sync::atomic::AtomicBool::new(false),
     });
+    // Under B the primary acknowledges a write once this node has received it.
+    let ack_on_receipt = res.cfg().protocol == Protocol::B;
     {
         let bytes = rep.lock().bitmap.to_bytes();
         let mut f = Vec::with_capacity(bytes.len() + 64);
@@ -1462,6 +1492,7 @@ async fn secondary_side(
     let hash_reads = Arc::new(Semaphore::new(8));
     let acker = {
         let mut rx = ap.progress.subscribe();
+        let ap = ap.clone();
         async move {
             let mut ack = true;
             loop {
@@ -1484,8 +1515,13 @@ async fn secondary_side(
                             return Ok::<(), LinkError>(());
                         }
                         // Let the applies queued behind this one finish first: one ack then
-                        // covers all of them.
-                        tokio::task::yield_now().await;
+                        // covers all of them; unless a receipt is to go out before its apply.
+                        if !ap
+                            .ack_receipt_now
+                            .swap(false, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            tokio::task::yield_now().await;
+                        }
                     }
                     Some(frame) = reply_rx.recv() => {
                         wr.write_all(&frame).await?;
@@ -1732,6 +1768,13 @@ async fn secondary_side(
                         });
                     }
                     Msg::Write { .. } | Msg::Zero { .. } => {
+                        if ack_on_receipt && rd.buffer().is_empty() {
+                            // Nothing more has arrived: the primary may be waiting on this
+                            // receipt. Let the acker (polled first) send it, then apply.
+                            ap.ack_receipt_now
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                            tokio::task::yield_now().await;
+                        }
                         let (offset, len, fua) = match msg {
                             Msg::Write {
                                 offset, len, fua, ..
@@ -1798,8 +1841,10 @@ async fn secondary_side(
         }
     };
     let r: Result<(), LinkError> = tokio::select! {
-        r = receiver => r,
+        // The acker first: a receipt the receiver yielded for goes out before its apply.
+        biased;
         r = acker => r,
+        r = receiver => r,
         r = durability => r,
     };
     // Let every write already started finish, so a new connection never overlaps them.

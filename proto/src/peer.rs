@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -82,6 +82,9 @@ pub enum Msg {
         /// Whether this node seals the link after the handshake (`encryption`); both must
         /// agree.
         encryption: bool,
+        /// The replication protocol as its letter (`b'A'`, `b'B'`, `b'C'`); both must agree,
+        /// as in DRBD: the secondary acknowledges receipt at once only under B.
+        protocol: u8,
     },
     /// HMAC-SHA256 over the peer's challenge (see [`auth_mac`]).
     Auth {
@@ -379,6 +382,7 @@ mod tests {
                 node: "alpha".into(),
                 nonce: [3; 32],
                 encryption: true,
+                protocol: b'B',
             },
             &[],
         );

@@ -109,6 +109,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             node: rng.string(60),
             nonce,
             encryption: rng.bool(),
+            protocol: rng.next() as u8,
         },
         1 => Msg::Auth { mac: nonce },
         2 => Msg::Refuse {
@@ -589,6 +590,7 @@ fn peer_hello_with_a_long_resource_name_decodes() {
         node: "n".into(),
         nonce: [0; 32],
         encryption: false,
+        protocol: b'C',
     };
     let f = encode(&hello, &[]);
     let ctx = Ctx {

@@ -719,6 +719,7 @@ fn hostile_peers_are_refused_and_the_real_peer_still_connects() {
             node: "alpha".into(),
             nonce: [7; 32],
             encryption: false,
+            protocol: b'C',
         },
         &[],
     );
@@ -1022,6 +1023,50 @@ fn peer_with_smaller_backing_is_refused() {
     assert_same_bytes(&a.backing_data(2 * MIB as u64), &data, "alpha's data");
     a.assert_alive();
     b.assert_alive();
+}
+
+/// The nodes' configs name different protocols (an admin edited one copy): the acks would
+/// not mean what either side's admin chose, so the link is refused, on both sides, naming
+/// both settings; once the configs agree the nodes connect.
+#[test]
+fn protocol_mismatch_is_refused_on_both_sides() {
+    let c = Cluster::builder("repl-proto-mismatch")
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol("B")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    b.create_md();
+    a.up();
+    a.primary_force();
+    let text = c.config_text();
+    let changed = text.replace("protocol = \"B\"", "protocol = \"C\"");
+    assert_ne!(
+        changed, text,
+        "the harness config should set the protocol: {text}"
+    );
+    c.write_config(&changed);
+    b.up();
+    for n in [a, b] {
+        let l = wait_log_line(
+            n,
+            &["replication protocol differs", "has B", "has C"],
+            Duration::from_secs(20),
+        );
+        assert!(l.contains("alpha") && l.contains("beta"), "{l}");
+    }
+    assert_ne!(a.repl()["connection"], "connected");
+    assert_ne!(b.repl()["connection"], "connected");
+    assert_eq!(u(&b.repl(), "seq_received"), 0, "no data before agreement");
+    c.write_config(&text);
+    b.down();
+    b.up();
+    a.wait_connected(CONNECT_TIMEOUT);
+    b.wait_connected(CONNECT_TIMEOUT);
+    nbd_write(a, 0, &random_bytes(MIB));
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(a.size(), "after the configs agree");
 }
 
 // ---------------------------------------------------------------------------------------------
