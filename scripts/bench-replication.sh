@@ -53,12 +53,15 @@
 # The blockrep binaries are copied into the temp dir first, so a rebuild of target/release
 # while the benchmark runs cannot mix binaries.
 #
-# Also, per run, the CPU each I/O cost (over the measured part of the run): fio (its own
-# usr+sys figures), each daemon (/proc/PID/stat: every thread, io_uring workers included),
+# Also, per run, the CPU each I/O cost (from the end of the ramp to half a second before fio
+# ends; I/Os in that window at fio's mean rate): fio and each daemon (/proc/PID/stat, fio's
+# process tree, every thread, io_uring workers included),
 # the rest of the machine (kernel writeback, softirq threads, ...), and the idle share. "CPU
 # bound" is what the machine could do if it never idled: CPUs / (busy µs per I/O), also as a
 # ratio to the lone node's measured IOPS: the most that configuration's code could reach
-# here. A pair far below its bound waits (placement, latency) rather than works.
+# here. A pair far below its bound waits (placement, latency) rather than works. The machine's
+# figures are sampled at the clock tick and the processes' are not, so "other" carries a few
+# µs of error either way at depth 1 (a few hundred ticks in the window).
 #
 # Prints: workload | config | IOPS | MiB/s | p99 µs | ratio to lone (IOPS); the replication
 # details (lag at the end, bytes sent, drain time, identical replicas); "replicas identical:
@@ -372,12 +375,27 @@ setup_config() {
     log "$cfg: alpha primary (pid ${DAEMON_PIDS[0]:-?}, engine $(jget "$st" engine)), exported size $DEV_SIZE of $FILE_SIZE"
 }
 
-# cpu_snapshot FILE: the machine's idle and total CPU ticks (/proc/stat), then the ticks
-# (user + system, every thread) of each daemon of the current config, one "name ticks" a line.
+# tree_ticks PID: user + system ticks of PID and all its descendants (every thread).
+tree_ticks() {
+    local p t=0 c
+    for p in $(pgrep -P "$1" 2>/dev/null); do
+        c=$(tree_ticks "$p")
+        t=$((t + c))
+    done
+    c=$(awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0)
+    echo $((t + ${c:-0}))
+}
+
+# cpu_snapshot FILE [FIO_PID]: the time (/proc/uptime), the machine's idle and total CPU ticks
+# (/proc/stat), the ticks (user + system, every thread) of fio's process tree and of each daemon
+# of the current config, one "name value" a line. Both snapshots are taken while fio runs, so
+# every figure covers the same window.
 cpu_snapshot() {
     local i
     {
+        awk '{print "now", $1}' /proc/uptime
         awk '/^cpu /{t=0; for (i=2;i<=NF;i++) t+=$i; print "machine", $5+$6, t}' /proc/stat
+        [[ -n ${2:-} ]] && echo "fio $(tree_ticks "$2")"
         for i in "${!DAEMON_PIDS[@]}"; do
             awk -v n="${DAEMON_NAMES[$i]##*/}" '{print n, $14+$15}' "/proc/${DAEMON_PIDS[$i]}/stat" 2>/dev/null
         done
@@ -421,18 +439,22 @@ run_one() {
         ) &
         SAMPLER_PID=$!
     fi
-    # CPU use over the measured part of the run (after the ramp, until fio exits)
     rm -f "$rundir/cpu0" "$rundir/cpu1"
-    (sleep "$RAMP" && cpu_snapshot "$rundir/cpu0") &
-    local cpu_pid=$!
     rc=0
     timeout $((RUNTIME + RAMP + 120)) \
         fio --name="$w" --ioengine=nbd --uri="nbd://127.0.0.1:$EXPORT_PORT/$RESOURCE" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --norandommap --randrepeat=0 --scramble_buffers=1 \
-        --output-format=json >"$raw" 2>"$raw.err" || rc=$?
-    cpu_snapshot "$rundir/cpu1"
+        --output-format=json >"$raw" 2>"$raw.err" &
+    local fio_pid=$!
+    # CPU use over the measured part of the run: from the end of the ramp until half a second
+    # before fio's end, both inside the run, fio's own process tree measured like the daemons
+    (sleep "$RAMP" && cpu_snapshot "$rundir/cpu0" "$fio_pid" &&
+        sleep "$(awk -v r="$RUNTIME" 'BEGIN{print (r > 1 ? r - 0.5 : r / 2)}')" &&
+        cpu_snapshot "$rundir/cpu1" "$fio_pid") &
+    local cpu_pid=$!
+    wait "$fio_pid" || rc=$?
     wait "$cpu_pid" 2>/dev/null || true
     stop_sampler
     status_to alpha "$rundir/end.json" || log "$cfg: status after $w failed"

@@ -188,7 +188,8 @@ def replication_facts(rundir, direction, raw):
 
 
 def read_cpu(path):
-    """cpu_snapshot's file: {"machine": (idle, total), daemon name: ticks}."""
+    """cpu_snapshot's file: {"now": seconds, "machine": (idle, total), "fio" and each daemon
+    name: ticks}."""
     snap = {}
     try:
         with open(path, "r", encoding="utf-8") as f:
@@ -196,6 +197,8 @@ def read_cpu(path):
                 parts = line.split()
                 if parts and parts[0] == "machine" and len(parts) == 3:
                     snap["machine"] = (int(parts[1]), int(parts[2]))
+                elif len(parts) == 2 and parts[0] == "now":
+                    snap["now"] = float(parts[1])
                 elif len(parts) == 2:
                     snap[parts[0]] = int(parts[1])
     except (OSError, ValueError):
@@ -214,15 +217,21 @@ def cpu_facts(rundir, raw, direction, clk_tck, ncpu):
         d = job[direction]
         ios = int(d["total_ios"])
         runtime_s = float(d["runtime"]) / 1000.0
+        iops = float(d["iops"])
         fio_busy = (float(job["usr_cpu"]) + float(job["sys_cpu"])) / 100.0 * runtime_s
     except (KeyError, IndexError, TypeError, ValueError, OSError):
         return None
     idle0, total0 = a["machine"]
     idle1, total1 = b["machine"]
+    if "now" in a and "now" in b and "fio" in a and "fio" in b and b["now"] > a["now"]:
+        # Both snapshots inside fio's run: the I/Os of that window at fio's mean rate, and
+        # fio's own ticks over the same window.
+        ios = iops * (b["now"] - a["now"])
+        fio_busy = (b["fio"] - a["fio"]) / clk_tck
     if ios <= 0 or total1 <= total0:
         return None
     us = 1e6 / clk_tck / ios
-    daemons = {k: (b[k] - a[k]) * us for k in b if k != "machine" and k in a}
+    daemons = {k: (b[k] - a[k]) * us for k in b if k not in ("machine", "now", "fio") and k in a}
     busy = (total1 - total0 - (idle1 - idle0)) * us
     fio_us = fio_busy * 1e6 / ios
     other = busy - fio_us - sum(daemons.values())
