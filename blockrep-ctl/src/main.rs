@@ -69,9 +69,10 @@ enum Cmd {
     Disconnect,
     /// Declare this node's data bad and fetch all of it from the peer (full resync).
     Invalidate,
-    /// Online verify (on the primary): compare the hashes of every region with the peer's
-    /// while I/O goes on, mark the differing regions out of sync and print how many differ.
-    /// A resync (`disconnect` then `connect`) repairs them.
+    /// Online verify (on either node of a connected pair; the primary runs it): compare the
+    /// hashes of every region with the peer's while I/O goes on, mark the differing regions
+    /// out of sync on the primary and print how many differ. A resync (`disconnect` then
+    /// `connect`) repairs them.
     Verify {
         /// Start it and return; follow it with `status`.
         #[arg(long)]
@@ -476,8 +477,13 @@ fn status(cfg: &Config, json: bool) -> Result<()> {
         }
         if let Some(v) = &r.verify {
             println!(
-                "    verify run {} {}: {} of {} compared, {} regions ({}) differ{}",
+                "    verify run {}{} {}: {} of {} compared, {} regions ({}) differ{}",
                 v.run,
+                v.source
+                    .as_deref()
+                    .filter(|src| *src != s.node)
+                    .map(|src| format!(" (on {src})"))
+                    .unwrap_or_default(),
                 v.state,
                 human_bytes(v.done),
                 human_bytes(v.total),

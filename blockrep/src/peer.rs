@@ -67,6 +67,8 @@ const APPLY_WINDOW: usize = 128;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// While a resync runs, progress survives a cut only once it is durable: checkpoint often.
 const RESYNC_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the primary reports on a verify the secondary asked for.
+const VERIFY_REPORT_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -840,6 +842,9 @@ async fn primary_side(
     // on) is a sync too: it ends, in stream order, with the same SyncDone as a bitmap resync.
     let journal_sync = resync.is_none() && decision != SyncDecision::InSync;
     let replies = Arc::new(HashReplies::default());
+    // Messages to the secondary beside the stream (verify reports); the sender writes them
+    // between journal batches.
+    let (side_tx, mut side_rx) = mpsc::channel::<Msg>(4);
     let resync_worker = {
         let rep = rep.clone();
         let res = res.clone();
@@ -886,9 +891,17 @@ async fn primary_side(
                         None => None,
                     }
                 };
+                if let Ok(m) = side_rx.try_recv() {
+                    drop(lease);
+                    write_msg(&mut wr, &m).await?;
+                    continue;
+                }
                 let Some(lease) = lease else {
                     tokio::select! {
                         _ = &mut n => {}
+                        Some(m) = side_rx.recv() => {
+                            write_msg(&mut wr, &m).await?;
+                        }
                         _ = tokio::time::sleep(PING_INTERVAL) => {
                             write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
                         }
@@ -947,6 +960,23 @@ async fn primary_side(
             }
         }
     };
+    // A verify the secondary asked for: its progress goes back a few times a second.
+    let verify_reporter = {
+        let side_tx = side_tx.clone();
+        async move {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(VERIFY_REPORT_INTERVAL).await;
+                let r = res.verify_report();
+                if r.is_some() && r != last {
+                    if let Some(m) = r.clone() {
+                        let _ = side_tx.send(Msg::VerifyProgress(m)).await;
+                    }
+                    last = r;
+                }
+            }
+        }
+    };
     let reader = async {
         loop {
             let (msg, payload, n) = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
@@ -975,6 +1005,20 @@ async fn primary_side(
                 } => rep.on_ack(received, applied, durable),
                 Msg::Ping { .. } => {}
                 Msg::State(st) => res.set_peer(Some(st)),
+                Msg::VerifyRequest => match res.start_verify_for_peer() {
+                    Ok(m) => tracing::info!("{m}"),
+                    Err(e) => {
+                        tracing::warn!("verify asked by the peer refused: {e}");
+                        let _ = side_tx.try_send(Msg::VerifyProgress(
+                            peer::VerifyReport {
+                                state: "failed".into(),
+                                error: format!("refused by the primary: {e}"),
+                                ..Default::default()
+                            }
+                            .bounded(),
+                        ));
+                    }
+                },
                 Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
                 other => {
                     return Err(LinkError::Protocol(format!(
@@ -989,6 +1033,7 @@ async fn primary_side(
         r = reader => r,
         r = resync_worker => r,
         r = verifier => r,
+        r = verify_reporter => r,
     };
     if let Ok(mut p) = res.resync.lock() {
         *p = None;
@@ -1510,6 +1555,18 @@ async fn secondary_side(
                 }
                 ack = true;
                 tokio::select! {
+                    _ = ap.res.verify_kick.notified() => {
+                        let ask = ap
+                            .res
+                            .verify
+                            .lock()
+                            .map(|v| v.on_peer && v.state == "pending")
+                            .unwrap_or(false);
+                        if ask {
+                            write_msg(&mut wr, &Msg::VerifyRequest).await?;
+                        }
+                        ack = false;
+                    }
                     r = rx.changed() => {
                         if r.is_err() {
                             return Ok::<(), LinkError>(());
@@ -1593,6 +1650,10 @@ async fn secondary_side(
                         }
                         Msg::State(st) => {
                             res.set_peer(Some(st));
+                            continue;
+                        }
+                        Msg::VerifyProgress(r) => {
+                            res.verify_reported(&r);
                             continue;
                         }
                         Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
@@ -1850,6 +1911,12 @@ async fn secondary_side(
     // Let every write already started finish, so a new connection never overlaps them.
     let _ = ap.window.acquire_many(APPLY_WINDOW as u32).await;
     let _ = ap.make_durable().await;
+    res.update_verify(|v| {
+        if v.on_peer && v.active() {
+            v.state = "interrupted";
+            v.error = Some("the link to the primary dropped during verify".into());
+        }
+    });
     r
 }
 

@@ -84,6 +84,10 @@ pub struct VerifyState {
     pub started: Option<std::time::Instant>,
     pub elapsed_ms: u64,
     pub error: Option<String>,
+    /// Secondary: the run executes on the primary, which reports its progress over the link.
+    pub on_peer: bool,
+    /// Primary: the secondary asked for this run; its progress goes to the peer.
+    pub for_peer: bool,
 }
 
 impl VerifyState {
@@ -362,24 +366,43 @@ impl Resource {
         ))
     }
 
-    /// `verify`: starts an online verify on the connected primary (the node that streams to
-    /// its peer); returns at once with the run's number. Progress and result are in status.
+    /// `verify`: starts an online verify; returns at once with the run's number. Progress and
+    /// result are in status. The comparison always runs on the primary (its hash requests
+    /// travel in the replication stream, in order with the writes); on a secondary this asks
+    /// the primary over the link and follows the primary's reports.
     pub fn start_verify(&self) -> Result<String, NodeError> {
-        if self.cfg.peer.is_none() {
+        self.begin_verify(false)
+    }
+
+    /// The secondary asked for a verify over the link (see [`Resource::start_verify`]).
+    pub fn start_verify_for_peer(&self) -> Result<String, NodeError> {
+        self.begin_verify(true)
+    }
+
+    fn begin_verify(&self, for_peer: bool) -> Result<String, NodeError> {
+        let Some(peer) = self.cfg.peer.as_ref() else {
             return Err(NodeError::Refused("no peer to verify against".into()));
-        }
-        if self.role() != Role::Primary {
-            return Err(NodeError::Refused(
-                "verify runs on the primary (the node that streams to its peer); run it there"
-                    .into(),
-            ));
-        }
-        let link = self.link().state;
+        };
+        let (link, peer_primary) = {
+            let l = self.link();
+            (l.state, l.peer.as_ref().is_some_and(|p| p.primary))
+        };
         if link != "connected" {
             return Err(NodeError::Refused(format!(
                 "verify needs a connected, up-to-date peer; the link is {link}"
             )));
         }
+        let on_peer = match self.role() {
+            Role::Primary => false,
+            Role::Secondary if !for_peer && peer_primary => true,
+            Role::Secondary => {
+                return Err(NodeError::Refused(
+                    "verify runs on a connected pair with a primary (the node whose stream \
+                     carries the hash requests); neither node is primary"
+                        .into(),
+                ))
+            }
+        };
         let mut v = self.verify.lock().unwrap_or_else(|p| p.into_inner());
         if v.active() {
             return Err(NodeError::Refused(format!(
@@ -393,15 +416,66 @@ impl Resource {
             state: "pending",
             total: self.device.size(),
             started: Some(std::time::Instant::now()),
+            on_peer,
+            for_peer,
             ..Default::default()
         };
         drop(v);
         self.verify_kick.notify_one();
-        Ok(format!(
-            "verify run {run} started on {} ({} bytes)",
-            self.cfg.me.name,
-            self.device.size()
-        ))
+        Ok(if on_peer {
+            format!(
+                "verify run {run} asked of the primary {} ({} bytes); differences are marked out of sync there",
+                peer.name,
+                self.device.size()
+            )
+        } else {
+            format!(
+                "verify run {run} started on {} ({} bytes){}",
+                self.cfg.me.name,
+                self.device.size(),
+                if for_peer { ", asked by the peer" } else { "" }
+            )
+        })
+    }
+
+    /// Secondary: the primary reported on the verify this node asked for.
+    pub fn verify_reported(&self, r: &proto::peer::VerifyReport) {
+        self.update_verify(|v| {
+            if !v.on_peer || !v.active() {
+                return;
+            }
+            v.state = match r.state.as_str() {
+                "pending" => "pending",
+                "running" => "running",
+                "done" => "done",
+                "interrupted" => "interrupted",
+                _ => "failed",
+            };
+            v.total = r.total;
+            v.done = r.done;
+            v.differ_regions = r.differ_regions;
+            v.differ_bytes = r.differ_bytes;
+            if !r.error.is_empty() {
+                v.error = Some(r.error.clone());
+            }
+        });
+    }
+
+    /// Primary: what to tell the secondary about the run it asked for, if anything.
+    pub fn verify_report(&self) -> Option<proto::peer::VerifyReport> {
+        let v = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+        v.for_peer.then(|| {
+            proto::peer::VerifyReport {
+                run: v.run,
+                state: v.state.into(),
+                total: v.total,
+                done: v.done,
+                differ_regions: v.differ_regions,
+                differ_bytes: v.differ_bytes,
+                error: v.error.clone().unwrap_or_default(),
+            }
+            .bounded()
+        })
     }
 
     /// Updates the verify state (the connection's verifier reports through this).
@@ -691,6 +765,15 @@ impl Resource {
                         _ => v.elapsed_ms,
                     },
                     error: v.error.clone(),
+                    source: Some(if v.on_peer {
+                        self.cfg
+                            .peer
+                            .as_ref()
+                            .map(|p| p.name.clone())
+                            .unwrap_or_default()
+                    } else {
+                        self.cfg.me.name.clone()
+                    }),
                 })
             },
         })

@@ -112,6 +112,10 @@ pub struct VerifyStatus {
     pub differ_bytes: u64,
     pub elapsed_ms: u64,
     pub error: Option<String>,
+    /// The node that runs the comparison and holds the differences in its bitmap: the
+    /// primary, also for a verify asked for on the secondary.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -165,6 +165,43 @@ pub enum Msg {
         offset: u64,
         len: u64,
     },
+    /// Secondary to primary: the admin ran `verify` on the secondary; the primary runs it (it
+    /// owns the stream the hash requests must travel in) and reports with
+    /// [`Msg::VerifyProgress`].
+    VerifyRequest,
+    /// Primary to secondary: the state of the verify the secondary asked for.
+    VerifyProgress(VerifyReport),
+}
+
+/// Progress of an online verify, as the primary reports it to the secondary that asked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct VerifyReport {
+    /// The primary's run number.
+    pub run: u64,
+    /// "pending", "running", "done", "interrupted" or "failed" (at most [`MAX_REFUSE_REASON`]
+    /// bytes, like `error`).
+    pub state: String,
+    pub total: u64,
+    pub done: u64,
+    pub differ_regions: u64,
+    pub differ_bytes: u64,
+    /// Why it failed or was refused ("" if it did not).
+    pub error: String,
+}
+
+impl VerifyReport {
+    /// Cuts the free-text fields to [`MAX_REFUSE_REASON`] bytes so the report always encodes
+    /// within the header bound.
+    pub fn bounded(mut self) -> Self {
+        for s in [&mut self.state, &mut self.error] {
+            let mut cut = s.len().min(MAX_REFUSE_REASON);
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+        }
+        self
+    }
 }
 
 /// Bytes of one block hash (SHA-256).

@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 16;
+const VARIANTS: usize = 18;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -83,6 +83,8 @@ fn variant(m: &Msg) -> usize {
         Msg::HashReq { .. } => 13,
         Msg::Hashes { .. } => 14,
         Msg::Equal { .. } => 15,
+        Msg::VerifyRequest => 16,
+        Msg::VerifyProgress(_) => 17,
     }
 }
 
@@ -187,11 +189,24 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             };
             return (msg, d);
         }
-        _ => Msg::Equal {
+        15 => Msg::Equal {
             seq: rng.u64_edge(),
             offset: rng.u64_edge(),
             len: rng.u64_edge(),
         },
+        16 => Msg::VerifyRequest,
+        _ => Msg::VerifyProgress(
+            peer::VerifyReport {
+                run: rng.u64_edge(),
+                state: rng.string(300),
+                total: rng.u64_edge(),
+                done: rng.u64_edge(),
+                differ_regions: rng.u64_edge(),
+                differ_bytes: rng.u64_edge(),
+                error: rng.string(300),
+            }
+            .bounded(),
+        ),
     };
     assert_eq!(variant(&msg), v);
     (msg, Vec::new())

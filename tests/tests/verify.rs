@@ -386,23 +386,88 @@ fn verify_of_identical_replicas_reports_zero() {
     println!("{line}");
     assert_eq!((regions, bytes), (0, 0));
     assert_eq!(a.repl_u64("out_of_sync"), 0);
-    // Refused where it cannot run: on the secondary, and while disconnected.
-    let out = b.ctl(&["verify"]);
-    assert!(
-        !out.success(),
-        "verify on the secondary:\n{}",
-        out.describe()
+    // Asked on the secondary, it runs on the primary and reports back.
+    let (regions, bytes, line) = run_verify(b);
+    println!("on the secondary: {line}");
+    assert_eq!((regions, bytes), (0, 0));
+    let v = b.repl()["verify"].clone();
+    assert_eq!(
+        (v["state"].as_str(), v["source"].as_str()),
+        (Some("done"), Some("alpha")),
+        "{v}"
     );
-    assert!(out.stderr.contains("primary"), "{}", out.describe());
+    // Refused while disconnected, on either node.
     a.ctl_ok(&["disconnect"]);
-    let out = a.ctl(&["verify"]);
-    assert!(
-        !out.success(),
-        "verify while standalone:\n{}",
-        out.describe()
-    );
+    for n in [a, b] {
+        let out = n.ctl(&["verify"]);
+        assert!(
+            !out.success() && out.stderr.contains("connected"),
+            "verify while standalone:\n{}",
+            out.describe()
+        );
+    }
     a.ctl_ok(&["connect"]);
     c.wait_in_sync(SYNC_TIMEOUT);
+}
+
+/// DRBD's `verify` runs from either node: asked on the secondary, the comparison runs on the
+/// primary (whose stream carries the hash requests), the secondary follows its progress, the
+/// differences are marked in the primary's bitmap, and a reconnect asked on the secondary
+/// repairs them. With neither node primary it is refused, clearly.
+#[test]
+fn verify_asked_on_the_secondary_runs_on_the_primary() {
+    let c = pair("verify-secondary", |b| b);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, 8 * MIB as usize);
+    a.nbdcopy_in(&input);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    pwrite_backing(b, 100 * BLK, &random_bytes(BLK as usize));
+    pwrite_backing(b, 1500 * BLK + 9, b"behind the back");
+
+    let (regions, bytes, line) = run_verify(b);
+    println!("{line}");
+    assert_eq!((regions, bytes), (2, 2 * BLK), "{line}");
+    let vb = b.repl()["verify"].clone();
+    assert_eq!(vb["source"], "alpha", "{vb}");
+    assert_eq!(u(&vb, "differ_regions"), 2, "{vb}");
+    let va = a.repl()["verify"].clone();
+    assert_eq!(
+        (va["state"].as_str(), u(&va, "differ_regions")),
+        (Some("done"), 2),
+        "{va}"
+    );
+    assert_eq!(a.repl_u64("out_of_sync"), 2 * BLK);
+    assert!(
+        !log_lines(a, "asked by the peer").is_empty(),
+        "alpha should log that beta asked"
+    );
+
+    b.ctl_ok(&["disconnect"]);
+    b.ctl_ok(&["connect"]);
+    wait_synced(&c, Duration::from_secs(30), "after verify on the secondary");
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after verify on the secondary and reconnect");
+    assert_same_bytes(
+        &b.backing_data(8 * MIB),
+        &data,
+        "beta's data after the repair",
+    );
+
+    // Neither node primary: nothing carries the hash requests; refused on both.
+    a.ctl_ok(&["secondary"]);
+    a.wait_repl(CONNECT_TIMEOUT, "both secondary and connected", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    for n in [a, b] {
+        let out = n.ctl(&["verify"]);
+        assert!(
+            !out.success() && out.stderr.contains("neither node is primary"),
+            "verify with two secondaries:\n{}",
+            out.describe()
+        );
+    }
 }
 
 /// Verify while application writes go on all over the device (protocol A, so the secondary
