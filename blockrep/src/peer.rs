@@ -33,6 +33,8 @@ use crate::resource::Resource;
 use crate::state::{self, Role, SyncDecision};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Incoming connections that may be in their handshake at once.
+const MAX_HANDSHAKES: usize = 16;
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// No frame for this long: the peer is dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(4);
@@ -56,7 +58,6 @@ impl Drop for SendLease<'_> {
 }
 
 /// Writes applied concurrently on the secondary.
-const APPLY_WINDOW: usize = 128;
 /// Between the flushes in the stream (which make everything before them durable at once, as
 /// DRBD's barriers do), the secondary checkpoints what it applied this often. Journal space
 /// does not wait for it (it is released on *applied*), and what the peer has not made durable
@@ -92,6 +93,8 @@ pub enum LinkError {
     SplitBrain(String),
     #[error("link closed: {0}")]
     Closed(&'static str),
+    #[error("this node's disk failed: {0}")]
+    LocalDisk(String),
 }
 
 /// What `status` shows about the link.
@@ -439,6 +442,9 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
             conn.abort();
             let _ = (&mut conn).await;
         }
+        // Writes the stream started here finish (and are made durable) before anything else
+        // may write this disk: the next connection's stream, or this node as primary.
+        res.settle_applies().await;
         res.link_down().await;
         match r {
             Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
@@ -446,7 +452,10 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                 log_link_error(&res, &e);
                 if matches!(
                     e,
-                    LinkError::NeedsResync(_) | LinkError::Refused(_) | LinkError::PeerRefused(_)
+                    LinkError::NeedsResync(_)
+                        | LinkError::Refused(_)
+                        | LinkError::PeerRefused(_)
+                        | LinkError::LocalDisk(_)
                 ) {
                     backoff = MAX_BACKOFF;
                 }
@@ -499,6 +508,9 @@ async fn accept_loop(
     tx: mpsc::Sender<Established>,
     ctl: watch::Receiver<LinkCtl>,
 ) {
+    // Connections still in their handshake: bounded, so a flood of clients that never speak
+    // cannot pile up tasks and sockets (each is cut off at the handshake timeout anyway).
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let (s, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -507,6 +519,12 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "replication connection from {addr} dropped: {MAX_HANDSHAKES} handshakes already in progress"
+            );
+            continue;
         };
         let res = res.clone();
         let tx = tx.clone();
@@ -521,7 +539,9 @@ async fn accept_loop(
                 .await;
                 return;
             }
-            match handshake(&res, s, addr).await {
+            let r = handshake(&res, s, addr).await;
+            drop(slot);
+            match r {
                 Ok(e) => {
                     let _ = tx.send(e).await;
                 }
@@ -829,7 +849,14 @@ async fn primary_side(
         "streaming to the peer from sequence {start} (issued {})",
         rep.lock().issued
     );
-    rep.set_connected(true, start - 1);
+    // A resync covers everything before its start; a journal catch-up counts only what the
+    // peer has synced as durable (what it applied may still be in its page cache).
+    let peer_durable = if resync.is_some() {
+        start - 1
+    } else {
+        peer.durable_seq
+    };
+    rep.set_connected(true, start - 1, peer_durable);
     res.set_link_state(
         if resync.is_some() {
             "sync-source"
@@ -1418,6 +1445,10 @@ struct Applier {
     /// Protocol B: the receiver asks the acker to report a receipt before the write is
     /// applied, because the primary's client is waiting for exactly that.
     ack_receipt_now: std::sync::atomic::AtomicBool,
+    /// A write, flush or commit of the stream failed on this disk. From then on nothing is
+    /// acknowledged and the link drops: the primary keeps every record this node did not
+    /// acknowledge, and puts it in its bitmap.
+    failed: watch::Sender<Option<String>>,
 }
 
 impl Applier {
@@ -1436,6 +1467,29 @@ impl Applier {
             *p = new;
             changed
         });
+    }
+
+    /// Records a local disk failure (the first one wins) and marks this replica inconsistent.
+    async fn fail(&self, why: String) {
+        tracing::error!("{why}; this replica is inconsistent and the link drops");
+        self.failed.send_if_modified(|f| {
+            let first = f.is_none();
+            if first {
+                *f = Some(why);
+            }
+            first
+        });
+        if let Err(e) = self
+            .res
+            .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
+            .await
+        {
+            tracing::error!("recording the inconsistent disk: {e}");
+        }
+    }
+
+    fn failure(&self) -> Option<LinkError> {
+        self.failed.borrow().clone().map(LinkError::LocalDisk)
     }
 
     /// Marks `seq` applied and advances the contiguous mark.
@@ -1461,21 +1515,34 @@ impl Applier {
 
     /// Makes everything applied so far durable: data fdatasync, then the applied mark in the
     /// superblock. Adopts the primary's generation once caught up.
+    ///
+    /// Never after a failure: a flush that fails may have dropped the dirty pages, so a later
+    /// one that succeeds proves nothing about them.
     async fn make_durable(&self) -> Result<u64, LinkError> {
         let _one = self.persist.lock().await;
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
         let upto = self.lock().applied;
         if upto <= self.lock().durable {
             return Ok(upto);
         }
-        self.res
-            .device()
-            .local_flush()
+        if let Err(e) = self.res.device().local_flush().await {
+            let why = format!(
+                "flushing the applied stream through sequence {upto} failed (NBD error {e})"
+            );
+            self.fail(why.clone()).await;
+            return Err(LinkError::LocalDisk(why));
+        }
+        if let Err(e) = self
+            .res
+            .commit_meta(move |sb| sb.applied_seq = sb.applied_seq.max(upto))
             .await
-            .map_err(|e| LinkError::Protocol(format!("local flush failed (NBD error {e})")))?;
-        self.res
-            .commit_meta(move |sb| sb.applied_seq = upto)
-            .await
-            .map_err(|e| LinkError::Protocol(format!("persisting applied sequence: {e}")))?;
+        {
+            let why = format!("persisting the applied sequence {upto}: {e}");
+            self.fail(why.clone()).await;
+            return Err(LinkError::LocalDisk(why));
+        }
         self.lock().durable = upto;
         self.publish();
         Ok(upto)
@@ -1492,7 +1559,12 @@ async fn secondary_side(
         .rep()
         .ok_or(LinkError::Closed("no replication state"))?
         .clone();
+    // Writes of an earlier stream are all finished before this one starts (they share the
+    // window), so none lands after a newer write to the same range.
+    rep.quiesce_applies().await;
     let applied0 = rep.lock().applied;
+    // Only what is synced and committed counts as durable, whatever an earlier stream did.
+    let durable0 = res.node_state().durable_seq;
     let ap = Arc::new(Applier {
         res: res.clone(),
         st: Mutex::new(ApplyState {
@@ -1500,14 +1572,17 @@ async fn secondary_side(
             done: BTreeSet::new(),
             received: applied0,
             applied: applied0,
-            durable: applied0,
+            durable: durable0,
         }),
         range_done: Notify::new(),
-        progress: watch::channel((applied0, applied0, applied0)).0,
-        window: Arc::new(Semaphore::new(APPLY_WINDOW)),
+        progress: watch::channel((applied0, applied0, durable0)).0,
+        window: rep.apply_window.clone(),
         persist: tokio::sync::Mutex::new(()),
         ack_receipt_now: std::sync::atomic::AtomicBool::new(false),
+        failed: watch::channel(None).0,
     });
+    // The earlier stream's tail becomes durable now, not at the next checkpoint.
+    ap.make_durable().await?;
     // Under B the primary acknowledges a write once this node has received it.
     let ack_on_receipt = res.cfg().protocol == Protocol::B;
     {
@@ -1537,10 +1612,15 @@ async fn secondary_side(
     let hash_reads = Arc::new(Semaphore::new(8));
     let acker = {
         let mut rx = ap.progress.subscribe();
+        let mut failed = ap.failed.subscribe();
         let ap = ap.clone();
         async move {
             let mut ack = true;
             loop {
+                // After a local disk failure nothing more is acknowledged.
+                if let Some(e) = ap.failure() {
+                    return Err(e);
+                }
                 if ack {
                     let (received, applied, durable) = *rx.borrow_and_update();
                     write_msg(
@@ -1555,6 +1635,7 @@ async fn secondary_side(
                 }
                 ack = true;
                 tokio::select! {
+                    _ = failed.changed() => {}
                     _ = ap.res.verify_kick.notified() => {
                         let ask = ap
                             .res
@@ -1627,6 +1708,11 @@ async fn secondary_side(
                     Some(s) => s,
                     None => match msg {
                         Msg::Ping { .. } => continue,
+                        Msg::SyncStart { seq: 0, .. } => {
+                            return Err(LinkError::Protocol(
+                                "resync start at sequence 0 (sequences start at 1)".into(),
+                            ))
+                        }
                         Msg::SyncStart { seq, full, bytes } => {
                             // This node becomes the sync target: inconsistent until SyncDone.
                             tracing::info!(
@@ -1784,18 +1870,26 @@ async fn secondary_side(
                         tokio::spawn(async move {
                             let mut rx = ap.progress.subscribe();
                             let _ = rx.wait_for(|p| p.1 >= seq - 1).await;
-                            if let Err(e) = ap.make_durable().await {
-                                tracing::error!("secondary flush at the end of resync: {e}");
-                                return;
-                            }
-                            let g = state::after_sync(gens(&gen));
-                            let r = ap
-                                .res
-                                .commit_meta(move |sb| {
-                                    sb.disk = DiskState::UpToDate;
-                                    sb.gen = g;
-                                })
-                                .await;
+                            let r = match ap.make_durable().await {
+                                // The failure is recorded: the link drops, the resync
+                                // starts again on the next connect.
+                                Err(_) => Err(()),
+                                Ok(_) => {
+                                    let g = state::after_sync(gens(&gen));
+                                    let r = ap
+                                        .res
+                                        .commit_meta(move |sb| {
+                                            sb.disk = DiskState::UpToDate;
+                                            sb.gen = g;
+                                        })
+                                        .await;
+                                    if let Err(e) = &r {
+                                        ap.fail(format!("committing the end of the resync: {e}"))
+                                            .await;
+                                    }
+                                    r.map_err(|_| ())
+                                }
+                            };
                             if r.is_ok() {
                                 if let Some(rep) = ap.res.rep() {
                                     let mut g = rep.lock();
@@ -1820,11 +1914,14 @@ async fn secondary_side(
                         tokio::spawn(async move {
                             let mut rx = ap.progress.subscribe();
                             let _ = rx.wait_for(|p| p.1 >= seq - 1).await;
-                            if let Err(e) = ap.make_durable().await {
-                                tracing::error!("secondary flush failed: {e}");
+                            // A failure is recorded by make_durable: the flush is never
+                            // acknowledged, the link drops.
+                            if ap.make_durable().await.is_ok() {
+                                ap.finish(seq);
+                                let _ = ap.make_durable().await;
+                            } else {
+                                ap.finish(seq);
                             }
-                            ap.finish(seq);
-                            let _ = ap.make_durable().await;
                             drop(permit);
                         });
                     }
@@ -1865,9 +1962,11 @@ async fn secondary_side(
                                 n.await;
                             }
                             let dev = ap.res.device();
+                            // FUA: made durable below together with everything before it
+                            // (one sync), which is what the primary waits for under C.
                             let r = match (msg, payload) {
                                 (Msg::Write { .. }, Some(buf)) => {
-                                    let (r, buf) = dev.local_write(offset, buf, fua).await;
+                                    let (r, buf) = dev.local_write(offset, buf, false).await;
                                     dev.pool.put(buf);
                                     r
                                 }
@@ -1877,16 +1976,21 @@ async fn secondary_side(
                                 _ => Ok(()),
                             };
                             if let Err(e) = r {
-                                // The replica is now damaged at this range: say so loudly.
-                                tracing::error!(
-                                    "secondary write seq {seq} at {offset}+{len} failed (NBD error {e}); this replica is inconsistent"
-                                );
-                                let _ = ap
-                                    .res
-                                    .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
-                                    .await;
+                                // Recorded before `finish`, so the acker never acknowledges
+                                // this write; `finish` only lets later ones stop waiting.
+                                ap.fail(format!(
+                                    "secondary write seq {seq} at {offset}+{len} failed (NBD error {e})"
+                                ))
+                                .await;
+                                ap.finish(seq);
+                            } else {
+                                ap.finish(seq);
+                                if fua {
+                                    let mut rx = ap.progress.subscribe();
+                                    let _ = rx.wait_for(|p| p.1 >= seq).await;
+                                    let _ = ap.make_durable().await;
+                                }
                             }
-                            ap.finish(seq);
                             drop(permit);
                         });
                         // Usually nothing overlaps and the page-cache write completes at once:
@@ -1909,7 +2013,7 @@ async fn secondary_side(
         r = durability => r,
     };
     // Let every write already started finish, so a new connection never overlaps them.
-    let _ = ap.window.acquire_many(APPLY_WINDOW as u32).await;
+    rep.quiesce_applies().await;
     let _ = ap.make_durable().await;
     res.update_verify(|v| {
         if v.on_peer && v.active() {

@@ -177,6 +177,11 @@ pub struct Replication {
     meta: Arc<Mutex<MetaStore>>,
     /// Serialises journal disk writes (one writer at a time, in position order).
     disk_lock: tokio::sync::Mutex<()>,
+    /// As secondary: one permit per stream record being applied. Shared by every connection,
+    /// so that the writes of a connection that ended (aborted, replaced) are all finished
+    /// before the next connection applies anything, or this node serves writes as primary:
+    /// an old write landing late would overwrite a newer one.
+    pub apply_window: Arc<tokio::sync::Semaphore>,
 }
 
 /// Ranges kept for records the peer applied but has not made durable (about 24 MiB of index).
@@ -185,6 +190,9 @@ const MAX_UNDURABLE: usize = 1 << 20;
 /// Most activity-log extents kept over its capacity while the peer makes their writes
 /// durable (the on-disk log holds about 16,000).
 const AL_MAX_OVERSHOOT: usize = 256;
+
+/// Stream records a secondary applies at once (bounds its memory and spawned tasks).
+pub const APPLY_WINDOW: usize = 128;
 
 /// How long a connected primary waits for journal space before treating the peer as stuck.
 const SPACE_WAIT: Duration = Duration::from_secs(30);
@@ -212,7 +220,10 @@ impl Replication {
                 ring,
                 ranges: Ranges::default(),
                 bitmap,
-                bitmap_dirty: false,
+                // Recovery may have marked regions (a crashed primary's hot extents, records a
+                // crash lost): written at the first persist, before a clean `down` could
+                // record that the crash was handled.
+                bitmap_dirty: true,
                 overflowed,
                 disk_pos,
                 applied,
@@ -235,7 +246,14 @@ impl Replication {
             areas,
             meta,
             disk_lock: tokio::sync::Mutex::new(()),
+            apply_window: Arc::new(tokio::sync::Semaphore::new(APPLY_WINDOW)),
         })
+    }
+
+    /// Waits until no stream record is being applied on this node (as secondary).
+    pub async fn quiesce_applies(&self) {
+        // The semaphore is never closed; the permits go back when this returns.
+        let _all = self.apply_window.acquire_many(APPLY_WINDOW as u32).await;
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -252,8 +270,10 @@ impl Replication {
         self.acks.subscribe()
     }
 
-    /// The link came up (`connected`) or went down.
-    pub fn set_connected(&self, connected: bool, peer_applied: u64) {
+    /// The link came up (`connected`) or went down. `peer_applied`: where the stream resumes
+    /// (the peer has everything before); `peer_durable`: how much of that it has made durable
+    /// (the rest may be lost if it crashes, so it counts as not durable until it says so).
+    pub fn set_connected(&self, connected: bool, peer_applied: u64, peer_durable: u64) {
         if connected {
             // The peer is back before any write diverged from it: no new generation.
             self.new_gen_pending
@@ -265,7 +285,7 @@ impl Replication {
             if connected {
                 a.received = peer_applied;
                 a.applied = peer_applied;
-                a.durable = peer_applied;
+                a.durable = peer_durable.min(peer_applied);
             }
         });
         // Writers waiting for space or acks re-check against the new state.
@@ -719,11 +739,23 @@ impl Replication {
         let (ckpt, issued, overflowed) = {
             let g = self.lock();
             let first = g.ring.first_live_seq().unwrap_or(g.issued + 1);
+            // The issued mark committed here must not run ahead of the records on disk, which
+            // are written after this commit: a restart resumes sequences after it, and a
+            // journal that ends before it has lost records.
+            let issued = if g.ring.head() <= g.disk_pos.max(g.ring.tail()) {
+                g.issued
+            } else {
+                g.ring
+                    .records()
+                    .take_while(|r| r.pos + u64::from(r.len) <= g.disk_pos)
+                    .last()
+                    .map_or(first.saturating_sub(1), |r| r.seq)
+            };
             // Regions `verify` marked are in the bitmap but in no journal record: recorded as
             // an overflow, so that after a restart the journal is not trusted to bring the
             // peer up to date and the next connect resyncs the bitmap, marks included.
             let verify = self.verify_marked.load(std::sync::atomic::Ordering::SeqCst);
-            ((g.ring.tail(), first), g.issued, g.overflowed || verify)
+            ((g.ring.tail(), first), issued, g.overflowed || verify)
         };
         let commit = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -733,7 +765,7 @@ impl Replication {
             MetaStore::update(&self.meta, |sb| {
                 sb.journal_pos = ckpt.0;
                 sb.journal_seq = ckpt.1;
-                sb.issued_seq = issued;
+                sb.issued_seq = sb.issued_seq.max(issued);
                 sb.journal_overflowed = overflowed;
                 Ok::<(), crate::meta::MetaError>(())
             })
@@ -1244,6 +1276,28 @@ fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
     }
 }
 
+/// After a restart: a journal whose records end before the issued mark lost its newest
+/// records (a crash between committing the mark and syncing them, or an older version that
+/// committed the mark first). The peer may lack those writes and no record can bring them:
+/// the ranges the journal still holds go to the bitmap, the journal starts again after
+/// `issued`, and the caller treats it as an overflow (the next connect resyncs the bitmap; a
+/// crashed primary's activity log covers the lost writes themselves). Returns whether
+/// records were lost.
+pub fn reconcile_recovered(ring: &mut Ring, bitmap: &mut Bitmap, issued: u64) -> bool {
+    match ring.last_seq() {
+        Some(last) if last < issued => {
+            for r in ring.records() {
+                if r.range.1 > r.range.0 {
+                    bitmap.set_range(r.range.0, r.range.1 - r.range.0);
+                }
+            }
+            ring.clear(issued + 1);
+            true
+        }
+        _ => false,
+    }
+}
+
 fn with_seq(msg: &Msg, seq: u64) -> Msg {
     let mut m = msg.clone();
     match &mut m {
@@ -1355,6 +1409,33 @@ mod tests {
         assert_eq!(differing_blocks(&a, &b), vec![1]);
         assert!(differing_blocks(&a, &a).is_empty());
         assert_eq!(differing_blocks(&a, &b[..2]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_journal_ending_before_the_issued_mark_is_reconciled() {
+        let write = |seq: u64, offset: u64| Msg::Write {
+            seq,
+            offset,
+            len: 4096,
+            crc: crc32c::crc32c(&[7u8; 4096]),
+            fua: false,
+        };
+        let mut ring = Ring::new(1 << 20);
+        for seq in 1..=3 {
+            journal::append_msg(&mut ring, &write(seq, seq * 65536), &[7u8; 4096], |_| {}).unwrap();
+        }
+        let mut bm = Bitmap::new(1 << 24, 4096);
+        // Records through the mark: nothing lost, nothing changed.
+        assert!(!reconcile_recovered(&mut ring, &mut bm, 3));
+        assert_eq!(bm.dirty_bytes(), 0);
+        assert_eq!(ring.last_seq(), Some(3));
+        // The mark says 5 were issued but the journal ends at 3.
+        assert!(reconcile_recovered(&mut ring, &mut bm, 5));
+        assert_eq!(bm.dirty_bytes(), 3 * 4096);
+        assert!(ring.is_empty());
+        // The next record follows the mark (appending 4 would break the sequence).
+        journal::append_msg(&mut ring, &write(6, 0), &[7u8; 4096], |_| {}).unwrap();
+        assert_eq!(ring.last_seq(), Some(6));
     }
 
     #[test]

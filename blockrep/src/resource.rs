@@ -292,11 +292,40 @@ impl Resource {
             .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
     }
 
+    /// After a stream from the peer ended, however it ended (a link task aborted does not
+    /// run its own end): waits until every write it started is finished, then makes them
+    /// durable and commits the applied mark, as a checkpoint would.
+    pub async fn settle_applies(&self) {
+        let Some(rep) = &self.rep else {
+            return;
+        };
+        rep.quiesce_applies().await;
+        let applied = rep.lock().applied;
+        let durable = self
+            .meta
+            .lock()
+            .map(|m| m.sb.applied_seq)
+            .unwrap_or(u64::MAX);
+        if applied <= durable {
+            return;
+        }
+        if let Err(e) = self.device.local_flush().await {
+            tracing::error!("flushing the applied stream failed (NBD error {e})");
+            return;
+        }
+        if let Err(e) = self
+            .commit_meta(move |sb| sb.applied_seq = sb.applied_seq.max(applied))
+            .await
+        {
+            tracing::error!("persisting the applied sequence: {e}");
+        }
+    }
+
     /// What this node tells its peer.
     pub fn node_state(&self) -> NodeState {
-        let (disk, gen, promoted_ms) = {
+        let (disk, gen, promoted_ms, durable) = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            (m.sb.disk, m.sb.gen, m.sb.promoted_ms)
+            (m.sb.disk, m.sb.gen, m.sb.promoted_ms, m.sb.applied_seq)
         };
         let (applied, issued, first, oos) = match &self.rep {
             Some(r) => {
@@ -324,6 +353,7 @@ impl Resource {
                 history: gen.history,
             },
             applied_seq: applied,
+            durable_seq: durable.min(applied),
             issued_seq: issued,
             journal_first_seq: first,
             out_of_sync: oos,
@@ -578,7 +608,7 @@ impl Resource {
         let was_connected = established(self.link().state);
         if let Some(r) = &self.rep {
             r.on_disconnect();
-            r.set_connected(false, 0);
+            r.set_connected(false, 0, 0);
         }
         if was_connected {
             self.run_handler("peer-lost");
@@ -846,6 +876,9 @@ impl Resource {
             Ok(())
         })
         .await?;
+        // A stream from the old primary may still be finishing writes: they land (and count
+        // as applied) before this node issues its own.
+        self.settle_applies().await;
         if let Some(rep) = &self.rep {
             // One sequence space per pair: a new primary continues after the highest sequence
             // its disk holds, whoever issued it.
@@ -937,7 +970,10 @@ impl Resource {
             if self.role() == Role::Primary && rep.acks().connected {
                 rep.on_disconnect();
             }
-            rep.set_connected(false, 0);
+            rep.set_connected(false, 0, 0);
+            // As secondary: the aborted stream's writes finish and are synced before the
+            // applied mark below is committed.
+            self.settle_applies().await;
             if let Err(e) = rep.persist().await {
                 tracing::error!("journal sync at down: {e}");
             }
@@ -1121,6 +1157,13 @@ async fn open_replication(
             if m.sb.journal_overflowed { ", journal overflowed" } else { "" }
         );
         let mut bitmap = bitmap;
+        let mut ring = ring;
+        let lost = crate::replication::reconcile_recovered(&mut ring, &mut bitmap, issued);
+        if lost {
+            tracing::warn!(
+                "journal ends before the issued sequence {issued}: its newest records were lost in a crash; the peer gets a resync of the bitmap"
+            );
+        }
         if m.sb.was_primary {
             // A crashed primary: writes in its hot extents (activity log) and whatever its
             // journal still holds may not have reached the peer.
@@ -1138,7 +1181,7 @@ async fn open_replication(
                 hot.len() as u64 * (crate::activity::EXTENT >> 20)
             );
         }
-        let overflowed = m.sb.journal_overflowed;
+        let overflowed = m.sb.journal_overflowed || lost;
         let applied = m.sb.applied_seq;
         drop(m);
         let data = match backing {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -54,8 +54,12 @@ pub struct NodeState {
     pub disk: u8,
     pub size: u64,
     pub gen: GenIds,
-    /// Highest sequence durably applied from the peer's stream (as a secondary).
+    /// Highest sequence applied from the peer's stream (as a secondary); it may sit in this
+    /// node's page cache only. Where the stream resumes.
     pub applied_seq: u64,
+    /// Highest sequence applied from the peer's stream and made durable (data synced, then
+    /// the mark committed): what the primary may count as safe on this node after a crash.
+    pub durable_seq: u64,
     /// Highest sequence this node issued (as a primary).
     pub issued_seq: u64,
     /// Oldest sequence still in this node's journal (as a primary; 0: empty).

@@ -125,6 +125,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             applied_seq: rng.u64_edge(),
             issued_seq: rng.u64_edge(),
             journal_first_seq: rng.u64_edge(),
+            durable_seq: rng.u64_edge(),
             out_of_sync: rng.u64_edge(),
             crashed_primary: rng.bool(),
             discard_my_data: rng.bool(),

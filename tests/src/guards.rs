@@ -356,6 +356,24 @@ impl Mount {
         }
     }
 
+    /// `mount -t tmpfs -o size=SIZE tmpfs DIR` (DIR is created): a small filesystem that
+    /// fills up, for disk-full faults.
+    pub fn tmpfs(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size}"))
+                .arg("tmpfs")
+                .arg(dir),
+            LONG_TIMEOUT,
+        );
+        Self {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -1708,3 +1708,158 @@ fn repeated_reconnects_without_writes_stay_in_sync() {
     }
     c.assert_replicas_identical(a.size(), "after three reconnects");
 }
+
+// ---------------------------------------------------------------------------------------------
+// FUA and failing secondary disks.
+
+/// Under C a FUA write is acknowledged once the secondary has made it durable, which it does
+/// at once (with everything before it), not at its next periodic checkpoint.
+#[test]
+fn protocol_c_fua_write_is_durable_on_the_peer_without_waiting_for_a_checkpoint() {
+    let c = pair("repl-fua-c", "C");
+    let a = c.alpha();
+    let mut r = a.raw_open();
+    // Plain writes first: applied on beta, in its page cache only.
+    for i in 0..8u64 {
+        r.write_at(i * 4096, &random_bytes(4096), 0)
+            .unwrap_or_else(|e| panic!("write {i}: errno {e}"));
+    }
+    let t = Instant::now();
+    r.write_at(MIB as u64, &random_bytes(4096), CMD_FLAG_FUA)
+        .unwrap_or_else(|e| panic!("FUA write: errno {e}"));
+    let lat = t.elapsed();
+    let ra = a.repl();
+    r.disconnect();
+    assert!(
+        lat < Duration::from_secs(5),
+        "a FUA write under C took {lat:?}: the peer made it durable only at a checkpoint"
+    );
+    // Acknowledged under C: the peer reported it (and everything before it) durable.
+    assert!(
+        u(&ra, "seq_durable") >= u(&ra, "seq_written"),
+        "FUA write acknowledged before the peer was durable through it: {ra}"
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(a.size(), "after FUA writes");
+}
+
+/// The secondary's disk fails mid-stream: its backing file sits on a small tmpfs that fills
+/// up. It must not acknowledge what it could not write: it marks itself inconsistent and
+/// drops the link, the primary keeps going and keeps what the peer lacks in its bitmap, and
+/// once the disk has room again a resync makes the replicas identical. (Before, the failed
+/// writes were acknowledged as applied and the replicas differed silently.)
+#[test]
+fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
+    let c = Cluster::builder("repl-beta-enospc")
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol("C")
+        .external_meta()
+        .build();
+    let b = c.beta();
+    let fs = c.dir().join("beta-fs");
+    // Room for the initial full sync (which allocates every block) first.
+    let tmpfs = Mount::tmpfs(&fs, "256m");
+    let on_tmpfs = fs.join("beta.img");
+    run_ok(
+        Command::new("truncate")
+            .arg("-s")
+            .arg(BACKING.to_string())
+            .arg(&on_tmpfs),
+        Duration::from_secs(10),
+    );
+    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
+    std::os::unix::fs::symlink(&on_tmpfs, b.backing_path()).expect("symlink beta.img");
+    c.start_pair();
+    let a = c.alpha();
+    let size = a.size();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    // Then the first 16 MiB of beta's file become holes again (they read as the zeroes they
+    // hold) and the tmpfs shrinks to 4 MiB more than it uses: writing them runs out of space.
+    run_ok(
+        Command::new("fallocate")
+            .args(["--punch-hole", "--offset", "0", "--length"])
+            .arg((16 * MIB).to_string())
+            .arg(&on_tmpfs),
+        Duration::from_secs(10),
+    );
+    let used = run_ok(
+        Command::new("df").args(["-B1", "--output=used"]).arg(&fs),
+        Duration::from_secs(10),
+    )
+    .stdout
+    .lines()
+    .filter_map(|l| l.trim().parse::<u64>().ok())
+    .next()
+    .expect("df: used bytes");
+    run_ok(
+        Command::new("mount")
+            .arg("-o")
+            .arg(format!("remount,size={}", used + (4 << 20)))
+            .arg(&fs),
+        Duration::from_secs(10),
+    );
+
+    // The primary is healthy: every write succeeds, although beta has room for ~4 MiB.
+    let d = random_bytes(16 * MIB);
+    nbd_write(a, 0, &d);
+    let line = wait_log_line(b, &["failed", "inconsistent"], Duration::from_secs(20));
+    assert!(
+        line.contains("ERROR"),
+        "beta's disk failure is not logged as an error: {line}"
+    );
+    // Beta never claims what it could not write: alpha's bitmap holds it (out of sync) while
+    // the link is down or resyncing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ra = a.repl();
+        if ra["out_of_sync"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alpha does not record what beta lacks after beta's disk failed: {ra}\n\
+             beta: {}\n--- beta log ---\n{}",
+            b.status_json(),
+            b.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        b.status_json()["disk"],
+        "inconsistent",
+        "{}",
+        b.status_json()
+    );
+
+    // Room again: the next connect resyncs what beta lacks.
+    run_ok(
+        Command::new("mount")
+            .arg("-o")
+            .arg("remount,size=512m")
+            .arg(&fs),
+        Duration::from_secs(10),
+    );
+    c.wait_in_sync(Duration::from_secs(60));
+    let rb = b.status_json();
+    assert_eq!(rb["disk"], "up-to-date", "{rb}");
+    c.assert_replicas_identical(size, "after beta's disk had room again");
+    assert_same_bytes(&b.backing_data(16 * MIB as u64), &d, "beta's data");
+    // Only what beta lacks was resent: a bitmap resync, not a full one.
+    let alog = log_text(a);
+    let last = alog
+        .lines()
+        .rfind(|l| l.contains("resync to the peer"))
+        .unwrap_or_else(|| panic!("alpha never resynced beta:\n{}", a.log_tail(30)));
+    assert!(
+        !last.contains(", full"),
+        "a full resync after a disk error: {last}"
+    );
+    a.assert_alive();
+    b.assert_alive();
+    // The daemons let go of the tmpfs before it is unmounted (on a failure, the drop of the
+    // mount guard unmounts it lazily and the cluster's drop stops the daemons).
+    a.down();
+    b.down();
+    tmpfs.close();
+}
