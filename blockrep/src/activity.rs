@@ -140,41 +140,112 @@ impl ActivityLog {
         self.hot.contains_key(&e)
     }
 
-    /// The on-disk form: magic, count, extents, crc32c; `None` if it does not fit `area`.
-    pub fn encode(&self, area: usize) -> Option<Vec<u8>> {
-        let mut b = Vec::with_capacity(12 + 4 * self.lru.len());
-        b.extend_from_slice(&MAGIC.to_le_bytes());
-        b.extend_from_slice(&(self.lru.len() as u32).to_le_bytes());
-        for e in &self.lru {
-            b.extend_from_slice(&e.to_le_bytes());
+    /// The on-disk form of one slot: magic, write number, count, extents, crc32c. The area
+    /// holds two slots written alternately (by write number), so a write torn by a crash
+    /// leaves the other slot, the previous log, intact: that one names every extent with a
+    /// write in flight, since a newly hot extent is written to only once its log is durable.
+    /// A log too long for a slot is written as "all extents" (a crash then resyncs the
+    /// whole device rather than miss one).
+    pub fn encode(&self, slot_len: usize, write_no: u64) -> Vec<u8> {
+        let fits = SLOT_HEADER + 4 * self.lru.len() + 4 <= slot_len;
+        let mut b = Vec::with_capacity(if fits { slot_len } else { SLOT_HEADER + 4 });
+        b.extend_from_slice(&MAGIC_SLOT.to_le_bytes());
+        b.extend_from_slice(&write_no.to_le_bytes());
+        if fits {
+            b.extend_from_slice(&(self.lru.len() as u32).to_le_bytes());
+            for e in &self.lru {
+                b.extend_from_slice(&e.to_le_bytes());
+            }
+        } else {
+            b.extend_from_slice(&ALL.to_le_bytes());
         }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
-        (b.len() <= area).then_some(b)
+        b
     }
 
-    /// Reads the extents back; an empty list for anything invalid (a fresh or torn area).
-    pub fn decode(b: &[u8]) -> Vec<u32> {
-        let word = |i: usize| -> Option<u32> {
-            b.get(i..i + 4)
-                .and_then(|s| s.try_into().ok())
-                .map(u32::from_le_bytes)
-        };
-        if word(0) != Some(MAGIC) {
-            return Vec::new();
-        }
-        let Some(n) = word(4).map(|n| n as usize) else {
-            return Vec::new();
-        };
-        let end = 8 + 4 * n;
-        let Some(body) = b.get(..end) else {
-            return Vec::new();
-        };
-        if word(end) != Some(crc32c::crc32c(body)) {
-            return Vec::new();
-        }
-        (0..n).filter_map(|i| word(8 + 4 * i)).collect()
+    /// Where write number `write_no` goes in an area of `area_len` bytes, and the slot's size.
+    pub fn slot(write_no: u64, area_len: u64) -> (u64, usize) {
+        let half = area_len / 2;
+        ((write_no % 2) * half, half as usize)
     }
+
+    /// Reads the log back from the whole area: the valid slot with the highest write number,
+    /// and that number. An area that was never written names no extent; one that holds no
+    /// valid slot (both torn, or garbage) names all of them.
+    pub fn decode(area: &[u8]) -> (OnDisk, u64) {
+        let half = area.len() / 2;
+        let best = [&area[..half], &area[half..]]
+            .into_iter()
+            .filter_map(parse_slot)
+            .max_by_key(|(n, _)| *n);
+        match best {
+            Some((n, log)) => (log, n),
+            None => match parse_v1(area) {
+                Some(v) => (OnDisk::Extents(v), 0),
+                None if area.iter().all(|&b| b == 0) => (OnDisk::Extents(Vec::new()), 0),
+                None => (OnDisk::All, 0),
+            },
+        }
+    }
+}
+
+/// What the activity log on disk says was hot at a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnDisk {
+    Extents(Vec<u32>),
+    /// Every extent: the log was too long for its slot, or unreadable.
+    All,
+}
+
+const MAGIC_SLOT: u32 = 0x3230_4c41; // "AL02"
+const SLOT_HEADER: usize = 16;
+/// The count that stands for "every extent".
+const ALL: u32 = u32::MAX;
+
+fn word(b: &[u8], i: usize) -> Option<u32> {
+    b.get(i..i.checked_add(4)?)
+        .and_then(|s| s.try_into().ok())
+        .map(u32::from_le_bytes)
+}
+
+/// One slot: (write number, log), or `None` if it is not a valid slot.
+fn parse_slot(b: &[u8]) -> Option<(u64, OnDisk)> {
+    if word(b, 0)? != MAGIC_SLOT {
+        return None;
+    }
+    let n = u64::from(word(b, 4)?) | (u64::from(word(b, 8)?) << 32);
+    let count = word(b, 12)?;
+    let body_len = if count == ALL {
+        SLOT_HEADER
+    } else {
+        SLOT_HEADER.checked_add(4usize.checked_mul(count as usize)?)?
+    };
+    let body = b.get(..body_len)?;
+    if word(b, body_len)? != crc32c::crc32c(body) {
+        return None;
+    }
+    if count == ALL {
+        return Some((n, OnDisk::All));
+    }
+    let v = (0..count as usize)
+        .filter_map(|i| word(b, SLOT_HEADER + 4 * i))
+        .collect();
+    Some((n, OnDisk::Extents(v)))
+}
+
+/// The single-slot format of earlier versions (magic, count, extents, crc32c at offset 0).
+fn parse_v1(b: &[u8]) -> Option<Vec<u32>> {
+    if word(b, 0)? != MAGIC {
+        return None;
+    }
+    let n = word(b, 4)? as usize;
+    let end = 8usize.checked_add(n.checked_mul(4)?)?;
+    let body = b.get(..end)?;
+    if word(b, end)? != crc32c::crc32c(body) {
+        return None;
+    }
+    Some((0..n).filter_map(|i| word(b, 8 + 4 * i)).collect())
 }
 
 #[cfg(test)]
@@ -242,22 +313,68 @@ mod tests {
     }
 
     #[test]
-    fn encode_decode() {
+    fn encode_decode_two_slots() {
+        const AREA: usize = 64 * 1024;
         let mut al = ActivityLog::new(100);
         for e in [5u64, 9, 2] {
             al.begin(e * EXTENT, 1, u64::MAX);
         }
-        let b = al.encode(64 * 1024).unwrap();
-        assert_eq!(ActivityLog::decode(&b), vec![5, 9, 2]);
-        let mut bad = b.clone();
-        bad[9] ^= 1;
-        assert!(ActivityLog::decode(&bad).is_empty());
-        assert!(ActivityLog::decode(&[0u8; 64]).is_empty());
-        assert!(ActivityLog::decode(&b[..5]).is_empty());
-        // A huge count does not panic or allocate.
-        let mut huge = b.clone();
-        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(ActivityLog::decode(&huge).is_empty());
-        assert!(al.encode(8).is_none());
+        let mut area = vec![0u8; AREA];
+        // Never written: nothing hot.
+        assert_eq!(ActivityLog::decode(&area), (OnDisk::Extents(vec![]), 0));
+        let put = |area: &mut Vec<u8>, al: &ActivityLog, n: u64| {
+            let (off, len) = ActivityLog::slot(n, AREA as u64);
+            let b = al.encode(len, n);
+            area[off as usize..off as usize + b.len()].copy_from_slice(&b);
+        };
+        put(&mut area, &al, 1);
+        assert_eq!(
+            ActivityLog::decode(&area),
+            (OnDisk::Extents(vec![5, 9, 2]), 1)
+        );
+        al.begin(7 * EXTENT, 1, u64::MAX);
+        put(&mut area, &al, 2);
+        assert_eq!(
+            ActivityLog::decode(&area),
+            (OnDisk::Extents(vec![5, 9, 2, 7]), 2)
+        );
+        // Write 3 (slot 1 again) torn: write 2 in the other slot is still there.
+        al.begin(11 * EXTENT, 1, u64::MAX);
+        put(&mut area, &al, 3);
+        let (off, _) = ActivityLog::slot(3, AREA as u64);
+        area[off as usize + 20] ^= 0xff;
+        assert_eq!(
+            ActivityLog::decode(&area),
+            (OnDisk::Extents(vec![5, 9, 2, 7]), 2)
+        );
+        // Both slots unreadable: every extent.
+        let (off2, _) = ActivityLog::slot(2, AREA as u64);
+        area[off2 as usize + 20] ^= 0xff;
+        assert_eq!(ActivityLog::decode(&area).0, OnDisk::All);
+        // A log too long for its slot is written as "all".
+        let mut small = vec![0u8; 64];
+        let b = al.encode(32, 4);
+        small[..b.len()].copy_from_slice(&b);
+        assert_eq!(ActivityLog::decode(&small), (OnDisk::All, 4));
+        // A huge count neither panics nor allocates: it is just invalid.
+        let mut huge = vec![0u8; AREA];
+        let b = al.encode(AREA / 2, 9);
+        huge[..b.len()].copy_from_slice(&b);
+        huge[12..16].copy_from_slice(&(u32::MAX - 1).to_le_bytes());
+        assert_eq!(ActivityLog::decode(&huge).0, OnDisk::All);
+    }
+
+    #[test]
+    fn the_earlier_single_slot_format_is_still_read() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC.to_le_bytes());
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(&8u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let mut area = vec![0u8; 64 * 1024];
+        area[..b.len()].copy_from_slice(&b);
+        assert_eq!(ActivityLog::decode(&area), (OnDisk::Extents(vec![4, 8]), 0));
     }
 }

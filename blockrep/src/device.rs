@@ -54,6 +54,10 @@ pub struct Device {
     align: u64,
     pub pool: BufPool,
     pub counters: Counters,
+    /// A sync of the backing device failed once. The kernel may have dropped the dirty pages
+    /// it could not write, so a later sync that succeeds proves nothing about them: every
+    /// flush fails from then on (restart the node, or fail over to the peer).
+    sync_failed: std::sync::atomic::AtomicBool,
 }
 
 fn errno_of(e: &std::io::Error) -> Errno {
@@ -78,6 +82,7 @@ impl Device {
             align: if direct { 4096 } else { 1 },
             pool: BufPool::new(512),
             counters: Counters::default(),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -141,17 +146,25 @@ impl Device {
         let Some(rep) = &self.rep else {
             return self.local_write(offset, buf, fua).await;
         };
-        let seq = rep
+        let seq = match rep
             .begin(Record::Write {
                 offset,
                 data: &buf,
                 fua,
             })
-            .await;
+            .await
+        {
+            Ok(seq) => seq,
+            Err(_) => return (self.fail(EIO), buf),
+        };
         let (r, buf) = self.local_write(offset, buf, fua).await;
         rep.done(seq);
         if r.is_ok() {
             rep.wait_peer(seq, fua).await;
+        } else {
+            // The record is already on its way to the peer, which will hold the new data
+            // while this disk may not: recorded, so a resync makes them agree.
+            rep.mark_out_of_sync(offset, len);
         }
         rep.al_end(offset, len, seq);
         (r, buf)
@@ -205,17 +218,22 @@ impl Device {
             return Ok(());
         }
         let seq = match &self.rep {
-            Some(rep) => Some(rep.begin(Record::Zero { offset, len, trim }).await),
+            Some(rep) => match rep.begin(Record::Zero { offset, len, trim }).await {
+                Ok(seq) => Some(seq),
+                Err(_) => return self.fail(EIO),
+            },
             None => None,
         };
         let mut r = self.local_zero(offset, len, trim).await;
         if r.is_ok() && fua {
-            r = self.simple(IoOp::Flush).await;
+            r = self.sync_backing().await;
         }
         if let (Some(rep), Some(seq)) = (&self.rep, seq) {
             rep.done(seq);
             if r.is_ok() {
                 rep.wait_peer(seq, fua).await;
+            } else {
+                rep.mark_out_of_sync(offset, len);
             }
             rep.al_end(offset, len, seq);
         }
@@ -228,10 +246,12 @@ impl Device {
     pub async fn flush(&self) -> Result<(), Errno> {
         self.counters.flushes.fetch_add(1, Relaxed);
         let Some(rep) = &self.rep else {
-            return self.simple(IoOp::Flush).await;
+            return self.sync_backing().await;
         };
-        let seq = rep.begin(Record::Flush).await;
-        self.simple(IoOp::Flush).await?;
+        let Ok(seq) = rep.begin(Record::Flush).await else {
+            return self.fail(EIO);
+        };
+        self.sync_backing().await?;
         if let Err(e) = rep.persist().await {
             tracing::error!("journal sync failed: {e}");
             return self.fail(EIO);
@@ -241,8 +261,23 @@ impl Device {
     }
 
     /// fdatasync of the backing device alone (the secondary's barrier).
+    /// fdatasync of the backing device; see `sync_failed`.
+    async fn sync_backing(&self) -> Result<(), Errno> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.sync_failed.load(SeqCst) {
+            return self.fail(EIO);
+        }
+        let r = self.simple(IoOp::Flush).await;
+        if r.is_err() && !self.sync_failed.swap(true, SeqCst) {
+            tracing::error!(
+                "syncing the backing device failed: writes may be lost on this disk; every flush fails from now on (restart the node or fail over)"
+            );
+        }
+        r
+    }
+
     pub async fn local_flush(&self) -> Result<(), Errno> {
-        self.simple(IoOp::Flush).await
+        self.sync_backing().await
     }
 
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {

@@ -134,6 +134,12 @@ fn write_zeros(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;
         let w = nix::sys::uio::pwrite(bfd, &zeros[..n], (offset + done) as i64)?;
+        if w == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the backing device took no bytes",
+            ));
+        }
         done += w as u64;
     }
     Ok(())

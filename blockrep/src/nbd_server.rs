@@ -467,6 +467,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         while let Some(r) = next.take() {
             hdr.clear();
             match (&r.data, neg.structured) {
+                // A zero-length read: an OFFSET_DATA chunk must carry at least one byte.
+                (Some((_, data)), true) if data.is_empty() => {
+                    nbd::encode_structured_done(&mut hdr, r.cookie)
+                }
                 (Some((off, data)), true) => {
                     nbd::encode_structured_read_header(&mut hdr, r.cookie, *off, data.len() as u32)
                 }

@@ -592,10 +592,12 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             SyncDecision::TargetBitmap
         };
     }
+    // It picks the direction only: a difference no bitmap covers (a fresh or replaced disk)
+    // still needs a full sync, and unrelated data is still refused.
     if me.discard_my_data && !me.primary {
-        decision = SyncDecision::TargetBitmap;
+        decision = state::discard_mine(decision);
     } else if peer.discard_my_data && !peer.primary {
-        decision = SyncDecision::SourceBitmap;
+        decision = state::discard_peers(decision);
     }
     tracing::info!(
         "generations: this node {:?}, peer {:?}: {decision:?}",
@@ -885,7 +887,7 @@ async fn primary_side(
                 // the peer is durable through a flush behind it, the bitmap is cleared, even
                 // if writes never pause.
                 if rep.lock().bitmap.dirty_bits() > 0 {
-                    let seq = rep.begin(Record::Flush).await;
+                    let seq = rep.begin(Record::Flush).await?;
                     rep.lock().clear_at = Some(seq);
                 }
                 if journal_sync {
@@ -1324,16 +1326,24 @@ async fn finish_sync(
     sent: u64,
 ) -> Result<(), LinkError> {
     let gen = res.node_state().gen;
-    let seq = rep.begin(Record::SyncDone { gen }).await;
+    let seq = rep.begin(Record::SyncDone { gen }).await?;
     let mut rx = rep.subscribe_acks();
     let _ = rx.wait_for(|a| !a.connected || a.applied >= seq).await;
     if rep.acks().applied >= seq {
         let secs = started.elapsed().as_secs_f64();
         tracing::info!("resync done: {sent} bytes in {secs:.1} s; the peer is up to date");
         res.set_link_state("connected", None);
-        res.commit_meta(|sb| sb.gen = state::after_sync(sb.gen))
-            .await
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        // A crashed primary that is secondary now: its crash is handled (its extents reached
+        // the peer), so a later crash as secondary is not taken for a primary's.
+        let secondary = res.role() != Role::Primary;
+        res.commit_meta(move |sb| {
+            sb.gen = state::after_sync(sb.gen);
+            if secondary {
+                sb.was_primary = false;
+            }
+        })
+        .await
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
         res.sync_source_done();
         res.run_handler("after-resync-source");
     }
@@ -1881,6 +1891,9 @@ async fn secondary_side(
                                         .commit_meta(move |sb| {
                                             sb.disk = DiskState::UpToDate;
                                             sb.gen = g;
+                                            // Whatever this node had as a crashed
+                                            // primary is overwritten by the peer's data.
+                                            sb.was_primary = false;
                                         })
                                         .await;
                                     if let Err(e) = &r {
@@ -1895,6 +1908,8 @@ async fn secondary_side(
                                     let mut g = rep.lock();
                                     g.bitmap.clear_all();
                                     g.bitmap_dirty = true;
+                                    // Nothing left that only a bitmap resync could bring.
+                                    g.overflowed = false;
                                     // Regions an earlier verify marked here were resynced too.
                                     rep.verify_marked
                                         .store(false, std::sync::atomic::Ordering::SeqCst);

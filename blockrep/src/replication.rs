@@ -175,8 +175,11 @@ pub struct Replication {
     pub new_gen_pending: std::sync::atomic::AtomicBool,
     areas: MetaAreas,
     meta: Arc<Mutex<MetaStore>>,
-    /// Serialises journal disk writes (one writer at a time, in position order).
+    /// Serialises journal disk writes (one writer at a time, in position order), and every
+    /// bitmap write.
     disk_lock: tokio::sync::Mutex<()>,
+    /// Activity-log writes so far (on disk too): the next one goes to the other slot.
+    al_writes: AtomicU64,
     /// As secondary: one permit per stream record being applied. Shared by every connection,
     /// so that the writes of a connection that ended (aborted, replaced) are all finished
     /// before the next connection applies anything, or this node serves writes as primary:
@@ -209,6 +212,7 @@ impl Replication {
         bitmap: Bitmap,
         overflowed: bool,
         al_extents: usize,
+        al_writes: u64,
     ) -> Arc<Self> {
         let disk_pos = ring.head();
         Arc::new(Replication {
@@ -246,6 +250,7 @@ impl Replication {
             areas,
             meta,
             disk_lock: tokio::sync::Mutex::new(()),
+            al_writes: AtomicU64::new(al_writes),
             apply_window: Arc::new(tokio::sync::Semaphore::new(APPLY_WINDOW)),
         })
     }
@@ -379,7 +384,9 @@ impl Replication {
 
     /// Journals a record and returns its sequence number; for writes, also waits until no
     /// earlier overlapping write is in flight. Call [`Self::done`] after the local I/O.
-    pub async fn begin(&self, rec: Record<'_>) -> u64 {
+    ///
+    /// Fails only for a write whose activity-log update could not be made durable.
+    pub async fn begin(&self, rec: Record<'_>) -> std::io::Result<u64> {
         let range = rec.range();
         if range.is_some()
             && self
@@ -390,7 +397,11 @@ impl Replication {
             self.start_new_generation().await;
         }
         if let Some((a, b)) = range {
-            self.al_begin(a, b - a).await;
+            if let Err(e) = self.al_begin(a, b - a).await {
+                // No write happens: the extent is not busy on its account.
+                self.al_end(a, b - a, 0);
+                return Err(e);
+            }
         }
         let (msg, payload): (Msg, &[u8]) = match rec {
             Record::Write { offset, data, fua } => (
@@ -525,7 +536,7 @@ impl Replication {
                 n.await;
             }
         }
-        seq
+        Ok(seq)
     }
 
     /// Puts a flush in the stream so that the peer's durable mark moves on, unless one asked
@@ -538,7 +549,10 @@ impl Replication {
         }
         // Marked first: the flush's own `begin` must not ask again.
         self.pressure_flush.store(u64::MAX, SeqCst);
-        let seq = Box::pin(self.begin(Record::Flush)).await;
+        // A flush record has no range: no activity-log update that could fail.
+        let Ok(seq) = Box::pin(self.begin(Record::Flush)).await else {
+            return;
+        };
         self.pressure_flush.store(seq, SeqCst);
     }
 
@@ -559,7 +573,10 @@ impl Replication {
     /// An idle extent goes cold only once the peer made its last write durable; until then the
     /// log runs over its capacity and a flush in the stream is asked for. Past half the
     /// capacity again, the write waits for the peer (bounded: the log fits its area).
-    async fn al_begin(&self, offset: u64, len: u64) {
+    ///
+    /// Fails when the log cannot be made durable: the write must not go ahead, since after a
+    /// crash nothing would say its extent may differ from the peer's.
+    async fn al_begin(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let (evicted0, mut changed, held) = {
             let durable = self.al_durable_mark();
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
@@ -589,41 +606,37 @@ impl Replication {
                 changed |= al.0.trim(durable);
             }
         }
-        let (bytes, version, evicted) = {
+        let (version, evicted) = {
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
             if changed {
                 al.1 += 1;
             }
-            let evicted = al.0.evicted != evicted0;
-            (
-                changed
-                    .then(|| al.0.encode(self.areas.layout.al_len as usize))
-                    .flatten(),
-                al.1,
-                evicted,
-            )
+            (al.1, al.0.evicted != evicted0)
         };
         if *self.al_durable.borrow() >= version {
-            return;
+            return Ok(());
         }
         let _io = self.al_io.lock().await;
         if *self.al_durable.borrow() >= version {
-            return;
+            return Ok(());
         }
-        // Write the newest log (it includes every change up to now).
+        // Write the newest log (it includes every change up to now), to the slot the last
+        // write did not use.
+        let write_no = self.al_writes.load(std::sync::atomic::Ordering::SeqCst) + 1;
+        let (slot_off, slot_len) = ActivityLog::slot(write_no, self.areas.layout.al_len);
         let (bytes, version) = {
             let al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                al.0.encode(self.areas.layout.al_len as usize).or(bytes),
-                al.1,
-            )
-        };
-        let Some(bytes) = bytes else {
-            tracing::error!("activity log does not fit its area");
-            return;
+            (al.0.encode(slot_len, write_no), al.1)
         };
         // An extent that went cold while the peer was away is covered by the bitmap only: it
-        // goes to disk with the log, never after it.
+        // goes to disk with the log, never after it. The journal writer writes the bitmap
+        // too: one at a time, each copy taken under the lock it is written under, so an older
+        // copy never lands after a newer one.
+        let _disk = if evicted {
+            Some(self.disk_lock.lock().await)
+        } else {
+            None
+        };
         let bitmap = evicted.then(|| {
             let mut g = self.lock();
             g.bitmap_dirty = false;
@@ -631,7 +644,7 @@ impl Replication {
         });
         let file = self.areas.file.clone();
         let data = evicted.then(|| self.areas.data.clone()).flatten();
-        let off = self.areas.layout.al_offset;
+        let off = self.areas.layout.al_offset + slot_off;
         let (bm_off, bm_len) = (
             self.areas.layout.bitmap_offset,
             self.areas.layout.bitmap_len as usize,
@@ -649,23 +662,25 @@ impl Replication {
             file.sync_data()
         })
         .await;
-        match r {
+        let e = match r {
             Ok(Ok(())) => {
+                self.al_writes
+                    .store(write_no, std::sync::atomic::Ordering::SeqCst);
                 self.al_durable.send_if_modified(|v| {
                     let changed = *v < version;
                     *v = (*v).max(version);
                     changed
                 });
+                return Ok(());
             }
-            Ok(Err(e)) => {
-                tracing::error!("activity log write failed: {e}");
-                self.lock().bitmap_dirty = true;
-            }
-            Err(e) => {
-                tracing::error!("activity log task: {e}");
-                self.lock().bitmap_dirty = true;
-            }
+            Ok(Err(e)) => e,
+            Err(e) => std::io::Error::other(e),
+        };
+        tracing::error!("activity log write failed: {e}; the write that needed it fails");
+        if evicted {
+            self.lock().bitmap_dirty = true;
         }
+        Err(e)
     }
 
     /// The write `seq` to the range is finished as far as the protocol goes.
@@ -792,17 +807,27 @@ impl Replication {
             };
             (to, pieces, bitmap)
         };
-        for (phys, bytes) in &pieces {
-            self.areas
-                .file
-                .write_all_at(bytes, l.journal_offset + phys)?;
-        }
-        if let Some(b) = &bitmap {
-            let n = b.len().min(l.bitmap_len as usize);
-            self.areas.file.write_all_at(&b[..n], l.bitmap_offset)?;
-        }
-        if !pieces.is_empty() || bitmap.is_some() {
-            self.areas.file.sync_data()?;
+        let written = (|| {
+            for (phys, bytes) in &pieces {
+                self.areas
+                    .file
+                    .write_all_at(bytes, l.journal_offset + phys)?;
+            }
+            if let Some(b) = &bitmap {
+                let n = b.len().min(l.bitmap_len as usize);
+                self.areas.file.write_all_at(&b[..n], l.bitmap_offset)?;
+            }
+            if !pieces.is_empty() || bitmap.is_some() {
+                self.areas.file.sync_data()?;
+            }
+            Ok::<(), std::io::Error>(())
+        })();
+        if let Err(e) = written {
+            // Not on disk: the next persist writes the bitmap again.
+            if bitmap.is_some() {
+                self.lock().bitmap_dirty = true;
+            }
+            return Err(e);
         }
         let mut g = self.lock();
         g.disk_pos = g.disk_pos.max(to);

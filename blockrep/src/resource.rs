@@ -124,6 +124,17 @@ impl Resource {
             .await
             .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))??
         };
+        // The bitmap on disk counts regions of the size create-md chose; read with another
+        // size (here, or by the peer, which decodes this node's bitmap with the shared
+        // config's) its bits would name the wrong regions.
+        if meta.sb.layout.granularity != cfg.bitmap_granularity {
+            return Err(NodeError::Refused(format!(
+                "bitmap-granularity is {} bytes in the config but the metadata on {} was created with {}: set it back, or run create-md again (which forgets what the bitmap records)",
+                cfg.bitmap_granularity,
+                cfg.me.name,
+                meta.sb.layout.granularity
+            )));
+        }
         let crashed = meta.sb.was_primary && cfg.peer.is_some();
         if meta.sb.was_primary {
             tracing::warn!(
@@ -1164,24 +1175,48 @@ async fn open_replication(
                 "journal ends before the issued sequence {issued}: its newest records were lost in a crash; the peer gets a resync of the bitmap"
             );
         }
+        let mut crash_marked = false;
+        let mut al = vec![0u8; l.al_len as usize];
+        file.read_exact_at(&mut al, l.al_offset)
+            .map_err(io_err("reading the activity log"))?;
+        // Later log writes follow the last one on disk (the newer slot must win).
+        let (on_disk, al_writes) = crate::activity::ActivityLog::decode(&al);
         if m.sb.was_primary {
             // A crashed primary: writes in its hot extents (activity log) and whatever its
-            // journal still holds may not have reached the peer.
-            let mut al = vec![0u8; l.al_len as usize];
-            file.read_exact_at(&mut al, l.al_offset)
-                .map_err(io_err("reading the activity log"))?;
-            let hot = crate::activity::ActivityLog::decode(&al);
-            for e in &hot {
-                let start = u64::from(*e) * crate::activity::EXTENT;
-                bitmap.set_range(start, crate::activity::EXTENT);
+            // journal still holds may not have reached the peer. No journal record carries
+            // them: recorded like an overflow, so the next connect resyncs the bitmap and
+            // never clears it after a journal replay.
+            crash_marked = true;
+            match on_disk {
+                crate::activity::OnDisk::Extents(hot) => {
+                    for e in &hot {
+                        let start = u64::from(*e) * crate::activity::EXTENT;
+                        bitmap.set_range(start, crate::activity::EXTENT);
+                    }
+                    tracing::warn!(
+                        "crashed primary: {} activity-log extents ({} MiB) marked out of sync",
+                        hot.len(),
+                        hot.len() as u64 * (crate::activity::EXTENT >> 20)
+                    );
+                }
+                crate::activity::OnDisk::All => {
+                    bitmap.set_range(0, size);
+                    tracing::warn!(
+                        "crashed primary: the activity log names every extent (too many were hot, or it is unreadable): the whole device is marked out of sync"
+                    );
+                }
             }
-            tracing::warn!(
-                "crashed primary: {} activity-log extents ({} MiB) marked out of sync",
-                hot.len(),
-                hot.len() as u64 * (crate::activity::EXTENT >> 20)
-            );
         }
-        let overflowed = m.sb.journal_overflowed || lost;
+        if crash_marked || lost {
+            // Durable before this node serves or connects: a log written from now on no
+            // longer names the old extents.
+            let bytes = bitmap.to_bytes();
+            let n = bytes.len().min(l.bitmap_len as usize);
+            file.write_all_at(&bytes[..n], l.bitmap_offset)
+                .and_then(|()| file.sync_data())
+                .map_err(io_err("writing the recovered bitmap"))?;
+        }
+        let overflowed = m.sb.journal_overflowed || lost || crash_marked;
         let applied = m.sb.applied_seq;
         drop(m);
         let data = match backing {
@@ -1204,6 +1239,7 @@ async fn open_replication(
             bitmap,
             overflowed,
             al_extents,
+            al_writes,
         ))
     })
     .await

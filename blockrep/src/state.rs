@@ -127,6 +127,21 @@ mod tests {
     }
 
     #[test]
+    fn discard_my_data_picks_the_direction_not_the_extent() {
+        use SyncDecision::*;
+        assert_eq!(discard_mine(SplitBrain), TargetBitmap);
+        assert_eq!(discard_mine(SourceBitmap), TargetBitmap);
+        assert_eq!(discard_mine(InSync), TargetBitmap);
+        // A fresh or replaced disk on either side: no bitmap covers it.
+        assert_eq!(discard_mine(SourceFull), TargetFull);
+        assert_eq!(discard_mine(TargetFull), TargetFull);
+        assert_eq!(discard_mine(Unrelated), Unrelated);
+        assert_eq!(discard_peers(SplitBrain), SourceBitmap);
+        assert_eq!(discard_peers(TargetFull), SourceFull);
+        assert_eq!(discard_peers(Unrelated), Unrelated);
+    }
+
+    #[test]
     fn unknown_peer_needs_force_and_starts_new_generation() {
         let g = Generations {
             current: 10,
@@ -254,6 +269,28 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
         return SplitBrain;
     }
     Unrelated
+}
+
+/// `connect --discard-my-data` on this node: it becomes the sync target whatever the
+/// generations say, with a full sync where no bitmap covers the difference. Unrelated data
+/// stays refused (another disk, or another resource's).
+pub fn discard_mine(d: SyncDecision) -> SyncDecision {
+    use SyncDecision::*;
+    match d {
+        Unrelated => Unrelated,
+        SourceFull | TargetFull => TargetFull,
+        InSync | SourceBitmap | TargetBitmap | SplitBrain => TargetBitmap,
+    }
+}
+
+/// The peer discards its data: this node is the sync source (see [`discard_mine`]).
+pub fn discard_peers(d: SyncDecision) -> SyncDecision {
+    use SyncDecision::*;
+    match discard_mine(d) {
+        TargetFull => SourceFull,
+        TargetBitmap => SourceBitmap,
+        other => other,
+    }
 }
 
 /// A primary that loses its peer (or is promoted without one) starts a new generation: the

@@ -7,7 +7,7 @@
 //! Deterministic: a tiny xorshift64 PRNG, fixed seeds, and one PRNG per iteration derived from
 //! (seed, iteration), so the `seed`/`iter` printed by a failing assertion reproduce it alone.
 
-use blockrep::activity::{ActivityLog, EXTENT};
+use blockrep::activity::{ActivityLog, OnDisk, EXTENT};
 use blockrep::bitmap::Bitmap;
 use blockrep::journal::{append_msg, AppendError, Rec, Ring};
 use blockrep::meta::{DiskState, Generations, Layout, Superblock, AL_AREA, MIN_DATA, SLOT_LEN};
@@ -202,13 +202,14 @@ fn superblock_mutations_are_caught() {
 // ---------------------------------------------------------------------------------------------
 // Activity log.
 
-/// The log's magic, as its encoder writes it (the constant is private).
+/// The log slot's magic, as its encoder writes it (the constant is private).
 fn al_magic() -> [u8; 4] {
-    let b = ActivityLog::new(1).encode(64).unwrap_or_default();
+    let b = ActivityLog::new(1).encode(64, 1);
     [b[0], b[1], b[2], b[3]]
 }
 
-/// A log with random extents, its extents as decoded, and its encoding.
+/// A log with random extents, its extents as decoded, and the whole area as on disk (the
+/// log in the slot its random write number picks, the other slot zero).
 fn random_al(rng: &mut Rng) -> (Vec<u32>, Vec<u8>) {
     let mut al = ActivityLog::new(1 + rng.index(64));
     for _ in 0..rng.index(100) {
@@ -222,17 +223,23 @@ fn random_al(rng: &mut Rng) -> (Vec<u32>, Vec<u8>) {
             al.end(e * EXTENT, 1, rng.next());
         }
     }
-    let b = al
-        .encode(AL_AREA as usize)
-        .unwrap_or_else(|| panic!("{} extents do not fit", al.len()));
-    let extents = ActivityLog::decode(&b);
+    let n = 1 + rng.below(1_000);
+    let (off, len) = ActivityLog::slot(n, AL_AREA);
+    let b = al.encode(len, n);
+    let mut area = vec![0u8; AL_AREA as usize];
+    area[off as usize..off as usize + b.len()].copy_from_slice(&b);
+    let (log, got_n) = ActivityLog::decode(&area);
+    assert_eq!(got_n, n);
+    let OnDisk::Extents(extents) = log else {
+        panic!("{} extents do not fit a slot", al.len());
+    };
     assert_eq!(extents.len(), al.len());
     assert!(extents.iter().all(|&e| al.is_hot(e)));
-    (extents, b)
+    (extents, area)
 }
 
 #[test]
-fn activity_log_garbage_and_mutations_decode_to_nothing() {
+fn activity_log_garbage_and_mutations_never_name_fewer_extents() {
     let seed = 0x5EED_1101;
     let magic = al_magic();
     // A pool of logs (building one is the slow part in a debug build): iteration i mutates
@@ -242,83 +249,86 @@ fn activity_log_garbage_and_mutations_decode_to_nothing() {
         .collect();
     for iter in 0..6_000 {
         let ctx = Ctx {
-            test: "activity_log_garbage_and_mutations_decode_to_nothing",
+            test: "activity_log_garbage_and_mutations_never_name_fewer_extents",
             seed,
             iter,
         };
         let mut rng = Rng::new(seed, iter);
-        let (extents, valid) = &logs[iter as usize % logs.len()];
-        // As on disk: the log at the start of a zeroed (or stale) area.
-        let area = if rng.one_in(4) {
-            let mut a = vec![0u8; AL_AREA as usize];
-            a[..valid.len()].copy_from_slice(valid);
-            a
-        } else {
-            valid.clone()
-        };
-        let (input, recomputed) = match rng.below(5) {
+        let (extents, area) = &logs[iter as usize % logs.len()];
+        let (input, recomputed) = match rng.below(4) {
             0 => {
                 let n = rng.garbage_len();
                 let mut b = rng.bytes(n);
-                if b.len() >= 8 && rng.bool() {
+                if b.len() >= 16 && rng.bool() {
                     b[..4].copy_from_slice(&magic);
                     let c = EXTREMES[rng.index(EXTREMES.len())] as u32;
-                    b[4..8].copy_from_slice(&c.to_le_bytes());
+                    b[12..16].copy_from_slice(&c.to_le_bytes());
                 }
                 (b, false)
             }
             1 => {
-                // The count at its extremes.
+                // The count of either slot at its extremes.
                 let mut b = area.clone();
                 let v = [
                     0,
                     1,
                     u64::from(u32::MAX),
-                    (b.len() / 4) as u64,
-                    16_383,
-                    16_384,
-                ][rng.index(6)];
-                put_uint(&mut b, 4, 4, v, false);
+                    u64::from(u32::MAX - 1),
+                    (b.len() / 8) as u64,
+                    8_188,
+                    8_189,
+                ][rng.index(7)];
+                let at = if rng.bool() { 0 } else { b.len() / 2 };
+                put_uint(&mut b, at + 12, 4, v, false);
                 (b, false)
             }
             2 => {
-                // A mutated log with a recomputed crc: whatever it says is taken as is.
-                let mut b = mutate(&mut rng, valid);
-                if b.len() >= 12 {
+                // A mutated slot with a recomputed crc: whatever it says is taken as is.
+                let mut b = mutate(&mut rng, &area[..area.len() / 2]);
+                if b.len() >= 20 {
                     let end = b.len() - 4;
                     let crc = crc32c::crc32c(&b[..end]);
                     b[end..].copy_from_slice(&crc.to_le_bytes());
                 }
                 (b, true)
             }
-            _ => (mutate(&mut rng, &area), false),
+            _ => (mutate(&mut rng, area), false),
         };
-        let got = ActivityLog::decode(&input);
-        assert!(got.len() * 4 + 12 <= input.len().max(12), "{ctx}");
-        if !recomputed && !got.is_empty() {
-            assert!(&got == extents, "{ctx}: a changed log decoded ({got:?})");
+        let (got, _) = ActivityLog::decode(&input);
+        if recomputed {
+            continue;
+        }
+        // A damaged log names at least the extents it held (or all of them); it names none
+        // only where nothing was ever written.
+        match got {
+            OnDisk::All => {}
+            OnDisk::Extents(v) if v.is_empty() => assert!(
+                input.iter().all(|&b| b == 0) || extents.is_empty(),
+                "{ctx}: a damaged log decoded to no extents"
+            ),
+            OnDisk::Extents(v) => {
+                assert!(&v == extents, "{ctx}: a changed log decoded ({v:?})")
+            }
         }
     }
 }
 
 #[test]
-fn activity_log_count_past_a_short_buffer_decodes_to_nothing() {
-    // blockrep/src/activity.rs, ActivityLog::decode: `n > b.len() / 4 || word(end) !=
-    // Some(crc32c(&b[..end]))` evaluates `&b[..end]` even when `word(end)` is None, so any
-    // count n with n <= len/4 < (8 + 4n)/4 slices out of bounds.
-    // 1. A log of 3 extents truncated to 16 bytes (a torn write): n = 3, end = 20 > 16.
+fn activity_log_count_past_a_short_buffer_is_all_extents() {
+    // A slot whose count runs past the buffer (a torn write, a short read, garbage): never a
+    // panic, and taken as unreadable.
     let mut al = ActivityLog::new(8);
     for e in 0..3 {
         al.begin(e * EXTENT, 1, u64::MAX);
     }
-    let b = al.encode(AL_AREA as usize).unwrap_or_default();
-    let _ = ActivityLog::decode(&b[..16]);
-    // 2. The 64 KiB area read at startup by a crashed primary (resource.rs) with the magic and
-    // a count of 16383 or 16384 in its first 8 bytes: end = 65540 or 65544 > 65536.
+    let b = al.encode(AL_AREA as usize / 2, 1);
+    assert_eq!(ActivityLog::decode(&b[..16]).0, OnDisk::All);
     let mut area = vec![0u8; AL_AREA as usize];
     area[..4].copy_from_slice(&al_magic());
-    area[4..8].copy_from_slice(&16_384u32.to_le_bytes());
-    let _ = ActivityLog::decode(&area);
+    for count in [8_188u32, 8_189, 16_384, u32::MAX - 1] {
+        area[12..16].copy_from_slice(&count.to_le_bytes());
+        assert_eq!(ActivityLog::decode(&area).0, OnDisk::All);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
