@@ -727,7 +727,7 @@ fn peer_name(res: &Resource) -> String {
         .unwrap_or_default()
 }
 
-fn gens(g: &peer::GenIds) -> Generations {
+pub fn gens(g: &peer::GenIds) -> Generations {
     Generations {
         current: g.current,
         bitmap: g.bitmap,

@@ -107,8 +107,8 @@ impl Ranges {
 pub struct Inner {
     /// Last sequence number issued by this node as primary.
     pub issued: u64,
-    /// Resync records sent but not yet applied by the peer: their bits are cleared only when
-    /// it applied them, so a cut or crash mid-resync never loses a region.
+    /// Resync records sent but not yet durable on the peer: their bits are cleared only when
+    /// it made them durable, so a cut or crash mid-resync never loses a region.
     pub resync_inflight: std::collections::VecDeque<(u64, u64, u64)>,
     /// Ranges of records whose journal space was reused after the peer applied them but
     /// before it made them durable: if the link drops now they go to the bitmap, because a
@@ -323,9 +323,12 @@ impl Replication {
             while g.undurable.front().is_some_and(|u| u.0 <= durable) {
                 g.undurable.pop_front();
             }
+            // A resync region's bits clear once the target made it durable, not merely
+            // applied: the bitmap on this disk must still name it if both nodes lose power
+            // before the target's next sync (the target syncs every second during a resync).
             let gran = g.bitmap.granularity();
             while let Some(&(seq, start, end)) = g.resync_inflight.front() {
-                if seq > applied {
+                if seq > durable {
                     break;
                 }
                 g.resync_inflight.pop_front();
@@ -1194,7 +1197,7 @@ impl Replication {
         g.bitmap_dirty = true;
     }
 
-    /// Resync chunks sent and not yet applied by the peer.
+    /// Resync chunks sent and not yet durable on the peer.
     pub fn resync_pending(&self) -> usize {
         self.lock().resync_inflight.len()
     }

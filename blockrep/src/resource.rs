@@ -874,7 +874,19 @@ impl Resource {
             peer = self.peer_view();
         }
         let new_id = random_id();
+        let peer_gen = match peer {
+            PeerView::Connected(_) => self.link().peer.as_ref().map(|p| crate::peer::gens(&p.gen)),
+            _ => None,
+        };
         self.update_meta(move |sb| {
+            // A connected peer with newer data (it is resyncing or catching this node up)
+            // would be overwritten by this node's older data once it writes as primary.
+            if let Some(pg) = peer_gen.filter(|pg| !force && state::peer_is_ahead(&sb.gen, pg)) {
+                return Err(NodeError::Refused(format!(
+                    "the peer has newer data (its generation {:016X}, this node's {:016X}): wait until it has brought this node up to date, or use --force to promote anyway (the peer's newer writes are then a split brain)",
+                    pg.current, sb.gen.current
+                )));
+            }
             let p =
                 state::promote(sb.disk, sb.gen, peer, force, new_id).map_err(NodeError::Refused)?;
             sb.disk = p.disk;
@@ -929,14 +941,36 @@ impl Resource {
         state::demote(clients, force).map_err(NodeError::Refused)?;
         self.stop_serving().await?;
         let issued = self.drain_to_peer().await;
+        // Writes the peer lacks (it was away, or did not catch up in time) make this node's
+        // data newer than the peer's: a new generation says so, so that the next connect
+        // brings them to the peer (as a resync between two secondaries, if need be) and the
+        // peer cannot be promoted over them without --force.
+        let lacks = self.rep.as_ref().is_some_and(|r| {
+            let durable = r.acks().durable;
+            let g = r.lock();
+            g.bitmap.dirty_bits() > 0 || g.overflowed || durable < g.issued
+        }) && self.cfg.peer.is_some();
+        let new_id = random_id();
         self.commit_meta(move |sb| {
             sb.was_primary = false;
             if let Some(i) = issued {
                 sb.applied_seq = sb.applied_seq.max(i);
                 sb.issued_seq = i;
             }
+            if lacks {
+                sb.gen = state::new_generation(sb.gen, new_id);
+            }
         })
         .await?;
+        if lacks {
+            if let Some(r) = &self.rep {
+                r.new_gen_pending
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+            tracing::warn!(
+                "the peer lacks writes of this node: new data generation {new_id:016X}, so the next connect sends them to it"
+            );
+        }
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }

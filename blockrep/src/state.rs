@@ -271,6 +271,15 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
     Unrelated
 }
 
+/// Whether a peer with generations `peer` has data this node lacks and no data of this
+/// node's is newer (it is the sync source): promoting this node over it would lose its writes.
+pub fn peer_is_ahead(me: &Generations, peer: &Generations) -> bool {
+    matches!(
+        compare_generations(me, peer),
+        SyncDecision::TargetBitmap | SyncDecision::TargetFull
+    )
+}
+
 /// `connect --discard-my-data` on this node: it becomes the sync target whatever the
 /// generations say, with a full sync where no bitmap covers the difference. Unrelated data
 /// stays refused (another disk, or another resource's).
