@@ -168,6 +168,14 @@ impl Daemon {
         })?;
         let listener = UnixListener::bind(&path)
             .map_err(|e| anyhow::anyhow!("binding control socket {}: {e}", path.display()))?;
+        // Whoever can connect can promote, invalidate or take the node down: its owner only,
+        // whatever the umask.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| anyhow::anyhow!("restricting control socket {}: {e}", path.display()),
+            )?;
+        }
         tracing::info!(
             "blockrep daemon for resource {} node {} (pid {}), control socket {}",
             self.cfg.resource,

@@ -38,6 +38,8 @@ const MAX_HANDSHAKES: usize = 16;
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// No frame for this long: the peer is dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long the primary waits for the secondary to take the next record (see `watchdog`).
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The link's read buffer (see where it is made).
 const LINK_READ_BUFFER: usize = 64 * 1024;
@@ -142,6 +144,37 @@ fn nonce() -> [u8; 32] {
     n
 }
 
+/// Reads one frame of the handshake, before the peer proved it knows the secret: nothing it
+/// says is worth a buffer, so a frame with a payload is refused before any is read.
+async fn read_frame_before_auth<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<(Msg, Option<Buf>, usize), LinkError> {
+    let mut p = [0u8; PREFIX_LEN];
+    r.read_exact(&mut p).await?;
+    let pre = peer::parse_prefix(&p)?;
+    if pre.payload_len != 0 {
+        return Err(LinkError::Protocol(format!(
+            "a {} byte payload before authentication",
+            pre.payload_len
+        )));
+    }
+    let mut h = [0u8; peer::MAX_HEADER_LEN];
+    r.read_exact(&mut h[..pre.header_len]).await?;
+    let msg = peer::decode_header(&p, &pre, &h[..pre.header_len])?;
+    Ok((msg, None, PREFIX_LEN + pre.header_len))
+}
+
+/// The reason a peer gave for refusing, as it may be logged and shown: printable, bounded
+/// (it may come from a peer that never authenticated).
+fn peer_refused(reason: String) -> LinkError {
+    let clean: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(400)
+        .collect();
+    LinkError::PeerRefused(clean)
+}
+
 /// Reads one frame; the payload (writes only) lands in a pooled, aligned buffer.
 async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -149,6 +182,39 @@ async fn read_frame<R: AsyncRead + Unpin>(
 ) -> Result<(Msg, Option<Buf>, usize), LinkError> {
     let mut p = [0u8; PREFIX_LEN];
     r.read_exact(&mut p).await?;
+    read_frame_rest(r, res, &p).await
+}
+
+/// Slowest link a frame's payload may take, for its timeout: a large record on a slow link
+/// is not a dead peer.
+const MIN_LINK_RATE: f64 = 256.0 * 1024.0;
+
+/// Reads one frame whose start must arrive within `first` (the liveness timeout: pings keep
+/// an idle link busy), and the rest within `first` plus its payload at MIN_LINK_RATE.
+async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    res: &Resource,
+    first: Duration,
+    what: &'static str,
+) -> Result<(Msg, Option<Buf>, usize), LinkError> {
+    let mut p = [0u8; PREFIX_LEN];
+    tokio::time::timeout(first, r.read_exact(&mut p))
+        .await
+        .map_err(|_| LinkError::Timeout(what))??;
+    let payload = peer::parse_prefix(&p).map_or(0, |pre| pre.payload_len);
+    let rest = first + Duration::from_secs_f64(f64::from(payload) / MIN_LINK_RATE);
+    tokio::time::timeout(rest, read_frame_rest(r, res, &p))
+        .await
+        .map_err(|_| LinkError::Timeout(what))?
+}
+
+/// The rest of a frame whose prefix `p` was read.
+async fn read_frame_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    res: &Resource,
+    p: &[u8; PREFIX_LEN],
+) -> Result<(Msg, Option<Buf>, usize), LinkError> {
+    let p = *p;
     let pre = peer::parse_prefix(&p)?;
     let mut h = [0u8; peer::MAX_HEADER_LEN];
     r.read_exact(&mut h[..pre.header_len]).await?;
@@ -213,10 +279,12 @@ fn protocol_letter(p: Protocol) -> u8 {
     }
 }
 
+/// `dialed`: this node opened the connection (the proofs say which side each made).
 async fn handshake(
     res: &Arc<Resource>,
     mut s: TcpStream,
     addr: SocketAddr,
+    dialed: bool,
 ) -> Result<Established, LinkError> {
     let cfg = res.cfg();
     let peer_name = cfg
@@ -238,7 +306,11 @@ async fn handshake(
         },
     )
     .await?;
-    let (msg, _, _) = timed("waiting for the peer's hello", read_frame(&mut s, res)).await?;
+    let (msg, _, _) = timed(
+        "waiting for the peer's hello",
+        read_frame_before_auth(&mut s),
+    )
+    .await?;
     let their_nonce = match msg {
         Msg::Hello {
             version,
@@ -302,22 +374,45 @@ async fn handshake(
             }
             nonce
         }
-        Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+        Msg::Refuse { reason } => return Err(peer_refused(reason)),
         other => {
             return Err(LinkError::Protocol(format!(
                 "expected hello, got {other:?}"
             )))
         }
     };
+    // Both hellos announced the same settings (checked above).
+    let party = |name, dialed| peer::AuthParty {
+        name,
+        dialed,
+        protocol: protocol_letter(cfg.protocol),
+        encryption: cfg.encryption,
+    };
     let proof = mac(
         &secret,
-        &peer::auth_input(&their_nonce, &my_nonce, &cfg.me.name, &cfg.resource),
+        &peer::auth_input(
+            &their_nonce,
+            &my_nonce,
+            &party(&cfg.me.name, dialed),
+            &peer_name,
+            &cfg.resource,
+        ),
     );
     write_msg(&mut s, &Msg::Auth { mac: proof }).await?;
-    let (msg, _, _) = timed("waiting for the peer's proof", read_frame(&mut s, res)).await?;
+    let (msg, _, _) = timed(
+        "waiting for the peer's proof",
+        read_frame_before_auth(&mut s),
+    )
+    .await?;
     match msg {
         Msg::Auth { mac: tag } => {
-            let input = peer::auth_input(&my_nonce, &their_nonce, &peer_name, &cfg.resource);
+            let input = peer::auth_input(
+                &my_nonce,
+                &their_nonce,
+                &party(&peer_name, !dialed),
+                &cfg.me.name,
+                &cfg.resource,
+            );
             if !verify(&secret, &input, &tag) {
                 if let Some(rep) = res.rep() {
                     rep.stats
@@ -328,7 +423,7 @@ async fn handshake(
                 return Err(LinkError::Auth);
             }
         }
-        Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+        Msg::Refuse { reason } => return Err(peer_refused(reason)),
         other => return Err(LinkError::Protocol(format!("expected auth, got {other:?}"))),
     }
     // From here on, with encryption, every byte travels sealed, the state exchange included.
@@ -351,7 +446,7 @@ async fn handshake(
     let (msg, _, _) = timed("waiting for the peer's state", read_frame(&mut rd, res)).await?;
     let peer = match msg {
         Msg::State(st) => st,
-        Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+        Msg::Refuse { reason } => return Err(peer_refused(reason)),
         other => {
             return Err(LinkError::Protocol(format!(
                 "expected state, got {other:?}"
@@ -499,7 +594,7 @@ async fn dial(
     let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| LinkError::Timeout("connecting"))??;
-    handshake(res, s, addr).await
+    handshake(res, s, addr, true).await
 }
 
 async fn accept_loop(
@@ -539,7 +634,7 @@ async fn accept_loop(
                 .await;
                 return;
             }
-            let r = handshake(&res, s, addr).await;
+            let r = handshake(&res, s, addr, false).await;
             drop(slot);
             match r {
                 Ok(e) => {
@@ -798,15 +893,20 @@ async fn primary_side(
         .ok_or(LinkError::Closed("no replication state"))?
         .clone();
     // The secondary sends its dirty bitmap first: regions it changed that this node lacks.
-    let (msg, payload, _) =
-        timed("waiting for the peer's bitmap", read_frame(&mut rd, res)).await?;
+    let (msg, payload, _) = read_frame_within(
+        &mut rd,
+        res,
+        HANDSHAKE_TIMEOUT,
+        "waiting for the peer's bitmap",
+    )
+    .await?;
     let peer_bitmap = match (msg, payload) {
         (Msg::Bitmap { .. }, Some(b)) => {
             let bm = Bitmap::from_bytes(res.device().size(), res.cfg().bitmap_granularity, &b);
             res.device().pool.put(b);
             bm
         }
-        (Msg::Refuse { reason }, _) => return Err(LinkError::PeerRefused(reason)),
+        (Msg::Refuse { reason }, _) => return Err(peer_refused(reason)),
         (other, _) => {
             return Err(LinkError::Protocol(format!(
                 "expected the peer's bitmap, got {other:?}"
@@ -1008,9 +1108,13 @@ async fn primary_side(
     };
     let reader = async {
         loop {
-            let (msg, payload, n) = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
-                .await
-                .map_err(|_| LinkError::Timeout("no frame from the peer (ping timeout)"))??;
+            let (msg, payload, n) = read_frame_within(
+                &mut rd,
+                res,
+                PEER_TIMEOUT,
+                "no frame from the peer (ping timeout)",
+            )
+            .await?;
             rep.stats
                 .bytes_received
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -1048,11 +1152,34 @@ async fn primary_side(
                         ));
                     }
                 },
-                Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+                Msg::Refuse { reason } => return Err(peer_refused(reason)),
                 other => {
                     return Err(LinkError::Protocol(format!(
                         "unexpected message from the secondary: {other:?}"
                     )))
+                }
+            }
+        }
+    };
+    // A peer that answers pings but takes no record (its disk hangs, it stopped reading)
+    // would hold every writer waiting on it: past PROGRESS_TIMEOUT without a receipt while
+    // records wait, the link drops and the bitmap takes over (DRBD's ko-count).
+    let watchdog = {
+        let rep = rep.clone();
+        async move {
+            let mut last = rep.acks().received;
+            let mut since = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let received = rep.acks().received;
+                let waiting = rep.lock().issued > received;
+                if received != last || !waiting {
+                    last = received;
+                    since = tokio::time::Instant::now();
+                } else if since.elapsed() >= PROGRESS_TIMEOUT {
+                    return Err::<(), _>(LinkError::Timeout(
+                        "the peer took no record for 60 s although it answers pings",
+                    ));
                 }
             }
         }
@@ -1063,6 +1190,7 @@ async fn primary_side(
         r = resync_worker => r,
         r = verifier => r,
         r = verify_reporter => r,
+        r = watchdog => r,
     };
     if let Ok(mut p) = res.resync.lock() {
         *p = None;
@@ -1705,12 +1833,13 @@ async fn secondary_side(
         let rep = rep.clone();
         async move {
             loop {
-                let (msg, payload, n) =
-                    tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
-                        .await
-                        .map_err(|_| {
-                            LinkError::Timeout("no frame from the primary (ping timeout)")
-                        })??;
+                let (msg, payload, n) = read_frame_within(
+                    &mut rd,
+                    res,
+                    PEER_TIMEOUT,
+                    "no frame from the primary (ping timeout)",
+                )
+                .await?;
                 rep.stats
                     .bytes_received
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -1752,7 +1881,7 @@ async fn secondary_side(
                             res.verify_reported(&r);
                             continue;
                         }
-                        Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+                        Msg::Refuse { reason } => return Err(peer_refused(reason)),
                         other => {
                             return Err(LinkError::Protocol(format!(
                                 "unexpected message from the primary: {other:?}"
@@ -2054,9 +2183,13 @@ async fn idle_side(
     };
     let reader = async {
         loop {
-            let (msg, _, _) = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut rd, res))
-                .await
-                .map_err(|_| LinkError::Timeout("no frame from the peer (ping timeout)"))??;
+            let (msg, _, _) = read_frame_within(
+                &mut rd,
+                res,
+                PEER_TIMEOUT,
+                "no frame from the peer (ping timeout)",
+            )
+            .await?;
             match msg {
                 Msg::State(st) => {
                     let primary = st.primary;
@@ -2066,7 +2199,7 @@ async fn idle_side(
                         return Err(LinkError::Closed("peer became primary"));
                     }
                 }
-                Msg::Refuse { reason } => return Err(LinkError::PeerRefused(reason)),
+                Msg::Refuse { reason } => return Err(peer_refused(reason)),
                 _ => {}
             }
         }

@@ -135,6 +135,16 @@ impl Resource {
                 meta.sb.layout.granularity
             )));
         }
+        // The bitmap crosses the link as one frame at every connect.
+        let bitmap_len = meta.sb.layout.bitmap_len;
+        if cfg.peer.is_some() && bitmap_len > u64::from(proto::peer::MAX_PAYLOAD_LEN) {
+            return Err(NodeError::Refused(format!(
+                "the dirty bitmap of this device is {} MiB at bitmap-granularity {} bytes, more than the {} MiB a peer link frame carries: run create-md with a larger bitmap-granularity (each doubling halves it)",
+                bitmap_len >> 20,
+                meta.sb.layout.granularity,
+                proto::peer::MAX_PAYLOAD_LEN >> 20
+            )));
+        }
         let crashed = meta.sb.was_primary && cfg.peer.is_some();
         if meta.sb.was_primary {
             tracing::warn!(

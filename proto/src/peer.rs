@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -364,23 +364,43 @@ pub fn frame_len(msg: &Msg, payload_len: usize) -> usize {
         + payload_len
 }
 
-/// The authentication input: the verifier's nonce, the prover's nonce, the prover's name and
-/// the resource. The verifier recomputes it from its own nonce, so a recorded answer is useless
-/// against a fresh challenge, and a reflected one fails because the names differ.
+/// The authentication input: the verifier's nonce, the prover's nonce, what the prover vouches
+/// for (its name, its side of the connection, its settings), the verifier's name and the
+/// resource. The verifier recomputes it from its own nonce, so a recorded answer is useless
+/// against a fresh challenge, a reflected one fails because the names differ, and a relayed
+/// one because the sides do.
 pub fn auth_input(
     verifier_nonce: &[u8; 32],
     prover_nonce: &[u8; 32],
-    prover: &str,
+    prover: &AuthParty<'_>,
+    verifier: &str,
     resource: &str,
 ) -> Vec<u8> {
-    let mut v = Vec::with_capacity(96 + prover.len() + resource.len());
-    v.extend_from_slice(b"blockrep-auth-v1\0");
+    let mut v = Vec::with_capacity(128 + prover.name.len() + verifier.len() + resource.len());
+    v.extend_from_slice(b"blockrep-auth-v2\0");
     v.extend_from_slice(verifier_nonce);
     v.extend_from_slice(prover_nonce);
-    v.extend_from_slice(&(prover.len() as u32).to_le_bytes());
-    v.extend_from_slice(prover.as_bytes());
-    v.extend_from_slice(resource.as_bytes());
+    // Who dialed: a proof made on one connection as the acceptor never passes as a dialer's
+    // on another, so a host relaying between two nodes that both accept gets nowhere.
+    v.push(u8::from(prover.dialed));
+    v.push(prover.protocol);
+    v.push(u8::from(prover.encryption));
+    for s in [prover.name, verifier, resource] {
+        v.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        v.extend_from_slice(s.as_bytes());
+    }
     v
+}
+
+/// What a node's proof of the shared secret vouches for, beside the two nonces: its name,
+/// whether it dialed this connection, and the settings its hello announced (so that an
+/// on-path rewrite of the hello fails authentication).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthParty<'a> {
+    pub name: &'a str,
+    pub dialed: bool,
+    pub protocol: u8,
+    pub encryption: bool,
 }
 
 #[cfg(test)]
@@ -573,10 +593,32 @@ mod tests {
     }
 
     #[test]
-    fn auth_input_binds_roles() {
-        let a = auth_input(&[1; 32], &[2; 32], "alpha", "r0");
-        let b = auth_input(&[2; 32], &[1; 32], "beta", "r0");
+    fn auth_input_binds_names_roles_and_settings() {
+        let p = |name, dialed| AuthParty {
+            name,
+            dialed,
+            protocol: b'C',
+            encryption: false,
+        };
+        let a = auth_input(&[1; 32], &[2; 32], &p("alpha", true), "beta", "r0");
+        let b = auth_input(&[2; 32], &[1; 32], &p("beta", false), "alpha", "r0");
         assert_ne!(a, b);
-        assert_ne!(a, auth_input(&[1; 32], &[2; 32], "alpha", "r1"));
+        assert_ne!(
+            a,
+            auth_input(&[1; 32], &[2; 32], &p("alpha", true), "beta", "r1")
+        );
+        // The same node, nonces and names, but as the acceptor: a relay between two
+        // accepting nodes cannot pass one's proof off as a dialer's.
+        assert_ne!(
+            a,
+            auth_input(&[1; 32], &[2; 32], &p("alpha", false), "beta", "r0")
+        );
+        // Settings from the hello are covered too.
+        let mut q = p("alpha", true);
+        q.protocol = b'A';
+        assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
+        q.protocol = b'C';
+        q.encryption = true;
+        assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
     }
 }

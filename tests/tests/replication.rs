@@ -1942,3 +1942,63 @@ fn demoted_primary_with_a_lagging_peer_brings_it_up_to_date() {
         "beta's export after failover",
     );
 }
+
+/// A host that reaches both replication ports relays a connection to alpha and one to beta
+/// into each other, so that each node's proof answers the other's challenge. The proofs say
+/// which side dialed, and on both relayed connections both nodes accepted: refused on both,
+/// and the real link is never replaced by the relayed one.
+#[test]
+fn relaying_between_two_accepting_nodes_does_not_authenticate() {
+    let c = pair("repl-relay", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    nbd_write(a, 0, &random_bytes(MIB));
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let fails_before = u(&a.repl(), "auth_failures") + u(&b.repl(), "auth_failures");
+
+    let to_a = TcpStream::connect(a.replication_addr()).expect("connect to alpha");
+    let to_b = TcpStream::connect(b.replication_addr()).expect("connect to beta");
+    let pipe = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        })
+    };
+    let t1 = pipe(
+        to_a.try_clone().expect("clone"),
+        to_b.try_clone().expect("clone"),
+    );
+    let t2 = pipe(to_b, to_a);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let fails = u(&a.repl(), "auth_failures") + u(&b.repl(), "auth_failures");
+        if fails > fails_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relayed handshakes were not refused as failed authentication\nalpha: {}\nbeta: {}\n--- alpha log ---\n{}\n--- beta log ---\n{}",
+            a.repl(),
+            b.repl(),
+            a.log_tail(15),
+            b.log_tail(15)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = t1.join();
+    let _ = t2.join();
+    for n in [a, b] {
+        let log = log_text(n);
+        assert!(
+            !log.contains("replaced by a new connection"),
+            "{}: the relayed connection replaced the real link:\n{}",
+            n.name(),
+            n.log_tail(20)
+        );
+    }
+    // The real link carries on.
+    let d = random_bytes(MIB);
+    nbd_write(a, MIB as u64, &d);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(a.size(), "after the relay attempt");
+}
