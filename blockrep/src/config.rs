@@ -414,6 +414,23 @@ impl Config {
             ));
         }
         let mut nodes = Vec::new();
+        // Node names travel in every hello and live in the superblock: the same bounds as the
+        // resource's name.
+        for name in raw.node.keys() {
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err(key_err(
+                    "node",
+                    format!(
+                        "{name:?} is not a valid node name (1-64 of letters, digits, '-', '_', '.')"
+                    ),
+                ));
+            }
+        }
         for (name, n) in raw.node {
             let k = |field: &str| format!("node.{name}.{field}");
             let meta = match n.meta.as_deref() {
@@ -592,6 +609,22 @@ control = "/tmp/b.sock"
             .unwrap_err()
             .to_string();
         assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn node_names_are_bounded() {
+        let long = "b".repeat(65);
+        let e = parse(
+            &GOOD.replace("[node.beta]", &format!("[node.{long}]")),
+            "alpha",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a valid node name"), "{e}");
+        let e = parse(&GOOD.replace("[node.beta]", "[node.\"b c\"]"), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a valid node name"), "{e}");
     }
 
     #[test]

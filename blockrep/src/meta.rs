@@ -358,20 +358,26 @@ impl MetaStore {
                 need: meta + MIN_DATA,
                 detail,
             })?;
-        if !force {
+        let old = {
             let meta_size = size_of(&file, &path)? / BLOCK * BLOCK;
-            let old = if meta_size >= SUPERBLOCK_AREA {
+            if meta_size >= SUPERBLOCK_AREA {
                 Self::read_sb(&file, &path, meta_size - SUPERBLOCK_AREA)?
             } else {
                 None
-            };
-            if let Some(old) = old {
-                return Err(MetaError::Exists {
-                    path,
-                    resource: old.resource,
-                    node: old.node,
-                });
             }
+        };
+        // An old superblock at the new one's place (the same layout) is outnumbered by the
+        // new ones, so a crash between the two slot writes leaves a new one current.
+        let old_seq = old
+            .as_ref()
+            .filter(|o| o.layout.sb_offset == layout.sb_offset)
+            .map_or(0, |o| o.seq);
+        if let (Some(old), false) = (old, force) {
+            return Err(MetaError::Exists {
+                path,
+                resource: old.resource,
+                node: old.node,
+            });
         }
         let io = |source| MetaError::Io {
             path: path.clone(),
@@ -380,16 +386,8 @@ impl MetaStore {
         if external.is_some() {
             file.set_len(layout.meta_len()).map_err(io)?;
         }
-        // Clear bitmap and activity log: a fresh device has nothing out of sync.
-        let zeros = vec![0u8; 1 << 20];
-        let mut off = layout.bitmap_offset;
-        while off < layout.journal_offset {
-            let n = (layout.journal_offset - off).min(zeros.len() as u64) as usize;
-            file.write_all_at(&zeros[..n], off).map_err(io)?;
-            off += n as u64;
-        }
         let sb = Superblock {
-            seq: 1,
+            seq: old_seq + 1,
             resource: resource.to_owned(),
             node: node.to_owned(),
             layout,
@@ -418,9 +416,28 @@ impl MetaStore {
             path,
             sb,
         };
-        // Write both slots so no stale superblock of an older format survives.
-        store.write_slot(0)?;
-        store.write_slot(1)?;
+        // Both slots, so no stale superblock of an older format survives; the superblocks
+        // first: a crash before the areas below are cleared leaves a fresh (inconsistent,
+        // just created) node, whose stale bitmap bits only add to its full sync, never an
+        // old superblock over a cleared bitmap.
+        let first = store.sb.clone();
+        store.write_slot(&first, first.seq % 2)?;
+        store.sb.seq += 1;
+        let second = store.sb.clone();
+        store.write_slot(&second, second.seq % 2)?;
+        // Clear bitmap and activity log: a fresh device has nothing out of sync.
+        let io = |source| MetaError::Io {
+            path: store.path.clone(),
+            source,
+        };
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = layout.bitmap_offset;
+        while off < layout.journal_offset {
+            let n = (layout.journal_offset - off).min(zeros.len() as u64) as usize;
+            store.file.write_all_at(&zeros[..n], off).map_err(io)?;
+            off += n as u64;
+        }
+        store.file.sync_data().map_err(io)?;
         Ok(store.sb)
     }
 
@@ -455,7 +472,9 @@ impl MetaStore {
         } else {
             l.data_size <= backing_size
         };
-        if !data_end_ok || l.sb_offset + SUPERBLOCK_AREA > size_of(&file, &path)? {
+        // The superblock must sit where its own layout puts it: found elsewhere (a device that
+        // grew by a block), the slot read may be a stale one.
+        if !data_end_ok || l.sb_offset + SUPERBLOCK_AREA != meta_size {
             return Err(MetaError::Layout {
                 path,
                 why: format!(
@@ -472,17 +491,17 @@ impl MetaStore {
         })
     }
 
-    fn write_slot(&mut self, slot: u64) -> Result<(), MetaError> {
+    fn write_slot(&self, sb: &Superblock, slot: u64) -> Result<(), MetaError> {
         let io = |source| MetaError::Io {
             path: self.path.clone(),
             source,
         };
-        let bytes = self.sb.encode().map_err(|e| MetaError::Layout {
+        let bytes = sb.encode().map_err(|e| MetaError::Layout {
             path: self.path.clone(),
             why: format!("cannot encode superblock: {e}"),
         })?;
         self.file
-            .write_all_at(&bytes, self.sb.layout.sb_offset + slot * SLOT_LEN)
+            .write_all_at(&bytes, sb.layout.sb_offset + slot * SLOT_LEN)
             .map_err(io)?;
         self.file.sync_data().map_err(io)
     }
@@ -492,9 +511,11 @@ impl MetaStore {
     /// the disk write: for single-owner use (create-md, tests); shared stores use
     /// [`MetaStore::update`].
     pub fn commit(&mut self) -> Result<(), MetaError> {
-        self.sb.seq += 1;
-        let slot = self.sb.seq % 2;
-        self.write_slot(slot)
+        let mut sb = self.sb.clone();
+        sb.seq += 1;
+        self.write_slot(&sb, sb.seq % 2)?;
+        self.sb = sb;
+        Ok(())
     }
 
     /// Changes the superblock of a shared store with `f` and makes the change durable before
@@ -511,8 +532,8 @@ impl MetaStore {
         let lock = || meta.lock().unwrap_or_else(|p| p.into_inner());
         let io = lock().io.clone();
         let _order = io.lock().unwrap_or_else(|p| p.into_inner());
-        let (t, file, path, offset, bytes) = {
-            let mut m = lock();
+        let (t, sb, file, path, offset, bytes) = {
+            let m = lock();
             // On a copy, so that a refusal leaves the store as it was.
             let mut sb = m.sb.clone();
             let t = f(&mut sb)?;
@@ -522,13 +543,15 @@ impl MetaStore {
                 why: format!("cannot encode superblock: {e}"),
             })?;
             let offset = sb.layout.sb_offset + (sb.seq % 2) * SLOT_LEN;
-            m.sb = sb;
-            (t, m.file.clone(), m.path.clone(), offset, bytes)
+            (t, sb, m.file.clone(), m.path.clone(), offset, bytes)
         };
         let io_err = |source| MetaError::Io { path, source };
         file.write_all_at(&bytes, offset)
             .and_then(|()| file.sync_data())
             .map_err(io_err)?;
+        // Only a durable superblock is the current one: after a failed write the other slot
+        // still holds it, and the next update overwrites the failed slot, never that one.
+        lock().sb = sb;
         Ok(t)
     }
 
@@ -685,6 +708,26 @@ mod tests {
             MetaStore::open(&img, None, "r0", "beta"),
             Err(MetaError::Mismatch { .. })
         ));
+        // create-md --force numbers its superblocks above the old ones: were it cut between
+        // its two slot writes, the old superblock could not win over the new.
+        let old_seq = MetaStore::open(&img, None, "r0", "alpha").unwrap().sb.seq;
+        let fresh = MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, true).unwrap();
+        assert_eq!(fresh.seq, old_seq + 2);
+        let reopened = MetaStore::open(&img, None, "r0", "alpha").unwrap();
+        assert_eq!(reopened.sb.applied_seq, 0);
+        assert_eq!(reopened.sb.disk, DiskState::Inconsistent);
+        // A device that grew by a block: its superblock is no longer where its layout says.
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.set_len((32 << 20) + 4096).unwrap();
+        let e = MetaStore::open(&img, None, "r0", "alpha")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.is_some(),
+            "metadata opened at the wrong place after the device grew"
+        );
+        f.set_len(32 << 20).unwrap();
+        assert!(MetaStore::open(&img, None, "r0", "alpha").is_ok());
         // Too small, with numbers.
         let small = dir.join("s.img");
         File::create(&small).unwrap().set_len(1 << 20).unwrap();

@@ -1196,7 +1196,8 @@ async fn primary_side(
         *p = None;
     }
     res.update_verify(|v| {
-        if v.state == "running" {
+        // A run still waiting to start ends too, or it would refuse every later one.
+        if v.state == "running" || v.state == "pending" {
             v.state = "interrupted";
             v.error = Some("the link to the peer dropped during verify".into());
             tracing::warn!(

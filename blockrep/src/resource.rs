@@ -399,6 +399,17 @@ impl Resource {
         if self.cfg.peer.is_none() {
             return Err(NodeError::Refused("no peer to fetch the data from".into()));
         }
+        // As in DRBD: only with a connected peer whose data is good, or neither node would
+        // be up to date afterwards.
+        let peer_good = {
+            let l = self.link();
+            established(l.state) && l.peer.as_ref().is_some_and(|p| p.disk == 2)
+        };
+        if !peer_good {
+            return Err(NodeError::Refused(
+                "the peer is not connected with up-to-date data: invalidating this node now would leave no good copy".into(),
+            ));
+        }
         self.commit_meta(|sb| {
             sb.disk = DiskState::Inconsistent;
             sb.gen = crate::meta::Generations {
