@@ -344,11 +344,13 @@ impl Config {
         };
         let al_extents = match r.al_extents {
             None => 1237,
-            Some(n) if (7..=16000).contains(&n) => n as usize,
+            // A slot of the on-disk log (32 KiB) holds 8187 extents, and the log may run up
+            // to 256 over its capacity while the peer catches up.
+            Some(n) if (7..=7900).contains(&n) => n as usize,
             Some(n) => {
                 return Err(key_err(
                     "resource.al-extents",
-                    format!("{n} is not between 7 and 16000"),
+                    format!("{n} is not between 7 and 7900"),
                 ))
             }
         };

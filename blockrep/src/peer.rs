@@ -33,8 +33,8 @@ use crate::resource::Resource;
 use crate::state::{self, Role, SyncDecision};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Incoming connections that may be in their handshake at once.
-const MAX_HANDSHAKES: usize = 16;
+/// Incoming connections that may be in their handshake at once (the oldest goes first).
+const MAX_HANDSHAKES: usize = 32;
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// No frame for this long: the peer is dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(4);
@@ -539,7 +539,7 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         }
         // Writes the stream started here finish (and are made durable) before anything else
         // may write this disk: the next connection's stream, or this node as primary.
-        res.settle_applies().await;
+        let _ = res.settle_applies().await;
         res.link_down().await;
         match r {
             Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
@@ -604,8 +604,9 @@ async fn accept_loop(
     ctl: watch::Receiver<LinkCtl>,
 ) {
     // Connections still in their handshake: bounded, so a flood of clients that never speak
-    // cannot pile up tasks and sockets (each is cut off at the handshake timeout anyway).
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    // cannot pile up tasks and sockets. A new one evicts the oldest rather than being turned
+    // away: a few idle connections must not keep the real peer out.
+    let mut handshakes: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
     loop {
         let (s, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -615,16 +616,19 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(slot) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(
-                "replication connection from {addr} dropped: {MAX_HANDSHAKES} handshakes already in progress"
-            );
-            continue;
-        };
+        handshakes.retain(|h| !h.is_finished());
+        if handshakes.len() >= MAX_HANDSHAKES {
+            if let Some(oldest) = handshakes.pop_front() {
+                oldest.abort();
+                tracing::warn!(
+                    "{MAX_HANDSHAKES} replication handshakes in progress: the oldest is dropped for one from {addr}"
+                );
+            }
+        }
         let res = res.clone();
         let tx = tx.clone();
         let standalone = ctl.borrow().standalone;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if standalone {
                 let mut s = s;
                 let _ = refuse(
@@ -635,7 +639,6 @@ async fn accept_loop(
                 return;
             }
             let r = handshake(&res, s, addr, false).await;
-            drop(slot);
             match r {
                 Ok(e) => {
                     let _ = tx.send(e).await;
@@ -646,6 +649,7 @@ async fn accept_loop(
                 }
             }
         });
+        handshakes.push_back(task.abort_handle());
     }
 }
 
@@ -689,9 +693,24 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     }
     // It picks the direction only: a difference no bitmap covers (a fresh or replaced disk)
     // still needs a full sync, and unrelated data is still refused.
+    // And only towards good data: never from a disk that is not up to date.
     if me.discard_my_data && !me.primary {
+        if peer.disk != 2 {
+            return Err(refuse(
+                &mut wr,
+                "discard-my-data: the peer's disk is not up to date, so there is no good data to take; this node keeps its own".into(),
+            )
+            .await);
+        }
         decision = state::discard_mine(decision);
     } else if peer.discard_my_data && !peer.primary {
+        if me.disk != 2 {
+            return Err(refuse(
+                &mut wr,
+                "discard-my-data on the peer: this node's disk is not up to date, so it cannot be the source".into(),
+            )
+            .await);
+        }
         decision = state::discard_peers(decision);
     }
     tracing::info!(
@@ -1756,12 +1775,18 @@ async fn secondary_side(
         async move {
             let mut ack = true;
             loop {
-                // After a local disk failure nothing more is acknowledged.
+                // After a local disk failure nothing more is acknowledged; the primary is
+                // told why, so that it backs off before trying again.
                 if let Some(e) = ap.failure() {
+                    let _ = write_msg(&mut wr, &Msg::refuse(&e.to_string())).await;
                     return Err(e);
                 }
                 if ack {
                     let (received, applied, durable) = *rx.borrow_and_update();
+                    if let Some(e) = ap.failure() {
+                        let _ = write_msg(&mut wr, &Msg::refuse(&e.to_string())).await;
+                        return Err(e);
+                    }
                     write_msg(
                         &mut wr,
                         &Msg::Ack {

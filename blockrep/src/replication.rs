@@ -180,6 +180,8 @@ pub struct Replication {
     disk_lock: tokio::sync::Mutex<()>,
     /// Activity-log writes so far (on disk too): the next one goes to the other slot.
     al_writes: AtomicU64,
+    /// An extent went cold but the log write carrying its bitmap failed.
+    al_evict_pending: std::sync::atomic::AtomicBool,
     /// As secondary: one permit per stream record being applied. Shared by every connection,
     /// so that the writes of a connection that ended (aborted, replaced) are all finished
     /// before the next connection applies anything, or this node serves writes as primary:
@@ -191,7 +193,7 @@ pub struct Replication {
 const MAX_UNDURABLE: usize = 1 << 20;
 
 /// Most activity-log extents kept over its capacity while the peer makes their writes
-/// durable (the on-disk log holds about 16,000).
+/// durable (a slot of the on-disk log holds 8187; `al-extents` is at most 7900).
 const AL_MAX_OVERSHOOT: usize = 256;
 
 /// Stream records a secondary applies at once (bounds its memory and spawned tasks).
@@ -251,6 +253,7 @@ impl Replication {
             meta,
             disk_lock: tokio::sync::Mutex::new(()),
             al_writes: AtomicU64::new(al_writes),
+            al_evict_pending: std::sync::atomic::AtomicBool::new(false),
             apply_window: Arc::new(tokio::sync::Semaphore::new(APPLY_WINDOW)),
         })
     }
@@ -616,6 +619,11 @@ impl Replication {
             }
             (al.1, al.0.evicted != evicted0)
         };
+        // An eviction whose log write failed still needs its bitmap on disk with the next log.
+        let evicted = evicted
+            || self
+                .al_evict_pending
+                .load(std::sync::atomic::Ordering::SeqCst);
         if *self.al_durable.borrow() >= version {
             return Ok(());
         }
@@ -669,6 +677,10 @@ impl Replication {
             Ok(Ok(())) => {
                 self.al_writes
                     .store(write_no, std::sync::atomic::Ordering::SeqCst);
+                if evicted {
+                    self.al_evict_pending
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                }
                 self.al_durable.send_if_modified(|v| {
                     let changed = *v < version;
                     *v = (*v).max(version);
@@ -682,6 +694,8 @@ impl Replication {
         tracing::error!("activity log write failed: {e}; the write that needed it fails");
         if evicted {
             self.lock().bitmap_dirty = true;
+            self.al_evict_pending
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         Err(e)
     }

@@ -316,9 +316,12 @@ impl Resource {
     /// After a stream from the peer ended, however it ended (a link task aborted does not
     /// run its own end): waits until every write it started is finished, then makes them
     /// durable and commits the applied mark, as a checkpoint would.
-    pub async fn settle_applies(&self) {
+    ///
+    /// Returns false when the flush failed: the writes may be lost, so the disk is marked
+    /// inconsistent (a resync will bring them) and the applied mark must not move past them.
+    pub async fn settle_applies(&self) -> bool {
         let Some(rep) = &self.rep else {
-            return;
+            return true;
         };
         rep.quiesce_applies().await;
         let applied = rep.lock().applied;
@@ -328,11 +331,19 @@ impl Resource {
             .map(|m| m.sb.applied_seq)
             .unwrap_or(u64::MAX);
         if applied <= durable {
-            return;
+            return true;
         }
         if let Err(e) = self.device.local_flush().await {
-            tracing::error!("flushing the applied stream failed (NBD error {e})");
-            return;
+            tracing::error!(
+                "flushing the applied stream failed (NBD error {e}): this replica is inconsistent"
+            );
+            if let Err(e) = self
+                .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
+                .await
+            {
+                tracing::error!("recording the inconsistent disk: {e}");
+            }
+            return false;
         }
         if let Err(e) = self
             .commit_meta(move |sb| sb.applied_seq = sb.applied_seq.max(applied))
@@ -340,6 +351,7 @@ impl Resource {
         {
             tracing::error!("persisting the applied sequence: {e}");
         }
+        true
     }
 
     /// What this node tells its peer.
@@ -921,8 +933,13 @@ impl Resource {
         })
         .await?;
         // A stream from the old primary may still be finishing writes: they land (and count
-        // as applied) before this node issues its own.
-        self.settle_applies().await;
+        // as applied) before this node issues its own. If they could not be made durable,
+        // the disk is inconsistent now and only --force promotes it.
+        if !self.settle_applies().await && !force {
+            return Err(NodeError::Refused(
+                "the writes last received from the peer could not be made durable here: this node's disk is inconsistent (use --force to promote it anyway)".into(),
+            ));
+        }
         if let Some(rep) = &self.rep {
             // One sequence space per pair: a new primary continues after the highest sequence
             // its disk holds, whoever issued it.
@@ -1017,6 +1034,7 @@ impl Resource {
 
     /// `down`: stop serving, persist, release the sockets.
     pub async fn down(&self) -> Result<(), NodeError> {
+        let mut marks = None;
         self.stop_serving().await?;
         if self.role() == Role::Primary {
             self.drain_to_peer().await;
@@ -1038,26 +1056,28 @@ impl Resource {
             }
             rep.set_connected(false, 0, 0);
             // As secondary: the aborted stream's writes finish and are synced before the
-            // applied mark below is committed.
-            self.settle_applies().await;
+            // applied mark below is committed (not at all if that failed).
+            let settled = self.settle_applies().await;
             if let Err(e) = rep.persist().await {
                 tracing::error!("journal sync at down: {e}");
             }
-            let (issued, applied) = {
-                let g = rep.lock();
-                (g.issued, g.applied)
-            };
-            self.with_meta(|m| {
-                m.sb.issued_seq = issued;
-                m.sb.applied_seq =
-                    m.sb.applied_seq
-                        .max(applied.min(m.sb.applied_seq.max(applied)));
-            })?;
+            let g = rep.lock();
+            marks = Some((g.issued, g.applied, settled));
         }
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
         }
-        self.commit_meta(|sb| sb.was_primary = false).await?;
+        // One commit, so that no concurrent update can undo part of it.
+        self.commit_meta(move |sb| {
+            if let Some((issued, applied, settled)) = marks {
+                sb.issued_seq = issued;
+                if settled {
+                    sb.applied_seq = sb.applied_seq.max(applied);
+                }
+            }
+            sb.was_primary = false;
+        })
+        .await?;
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }
