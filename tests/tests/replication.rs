@@ -2002,3 +2002,49 @@ fn relaying_between_two_accepting_nodes_does_not_authenticate() {
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(a.size(), "after the relay attempt");
 }
+
+/// A primary killed with writes its peer never got (protocol A, the link stalled, no flush:
+/// the journal on disk does not hold them either) comes back, is promoted with --force, then
+/// meets its peer. Only its activity log knows those extents: they must go to the peer as a
+/// bitmap resync, even though the generations alone would allow a journal catch-up and the
+/// forced promotion forgot the crash. (Before, the catch-up cleared the bitmap and the
+/// replicas differed while both said up to date.)
+#[test]
+fn crashed_primary_promoted_by_force_still_resyncs_its_hot_extents() {
+    let c = pair_via_proxy("repl-crash-force", "A");
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    nbd_write(a, 0, &random_bytes(MIB));
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    c.proxy().pause();
+    {
+        let mut r = a.raw_open();
+        let d = random_bytes(4 * MIB);
+        for (i, chunk) in d.chunks(MIB).enumerate() {
+            r.write_at((8 * MIB + i * MIB) as u64, chunk, 0)
+                .unwrap_or_else(|e| panic!("write {i}: errno {e}"));
+        }
+        // No flush, no disconnect: the daemon dies with the writes acknowledged.
+    }
+    let pid = a.status_json()["pid"].as_u64().expect("pid") as u32;
+    kill9(pid);
+    assert!(wait_pid_gone(pid, Duration::from_secs(5)));
+    c.proxy().cut_and_refuse();
+    b.wait_not_connected(Duration::from_secs(10));
+
+    a.up();
+    wait_log_line(
+        a,
+        &["crashed primary", "marked out of sync"],
+        Duration::from_secs(5),
+    );
+    a.primary_force();
+    c.proxy().unpause();
+    c.proxy().resume();
+    c.wait_in_sync(Duration::from_secs(60));
+    c.assert_replicas_identical(
+        size,
+        "after the crashed primary was forced back and met its peer",
+    );
+}
