@@ -194,20 +194,27 @@ impl Device {
     /// Zeroes (`trim`: may deallocate) on the backing device only.
     pub async fn local_zero(&self, offset: u64, len: u64, trim: bool) -> Result<(), Errno> {
         self.check(offset, len, true).or_else(|e| self.fail(e))?;
-        if len == 0 {
-            return Ok(());
+        // In pieces: where the backing device cannot zero a range at once, the engine writes
+        // zeros, and one request (up to the export's size) must not hold it for long.
+        const PIECE: u64 = 64 << 20;
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let (offset, len) = (at, PIECE.min(end - at));
+            let op = if trim {
+                IoOp::Discard { offset, len }
+            } else {
+                IoOp::Zero { offset, len }
+            };
+            match self.simple(op).await {
+                // A backing device that cannot punch holes still has to read back zeros, so
+                // that both replicas hold the same bytes.
+                Err(_) if trim => self.simple(IoOp::Zero { offset, len }).await?,
+                r => r?,
+            }
+            at += len;
         }
-        let op = if trim {
-            IoOp::Discard { offset, len }
-        } else {
-            IoOp::Zero { offset, len }
-        };
-        match self.simple(op).await {
-            // A backing device that cannot punch holes still has to read back zeros, so that
-            // both replicas hold the same bytes.
-            Err(_) if trim => self.simple(IoOp::Zero { offset, len }).await,
-            r => r,
-        }
+        Ok(())
     }
 
     /// A client TRIM or WRITE_ZEROES, mirrored like a write. Trim deallocates and reads back

@@ -76,7 +76,10 @@ fn do_sync(fd: RawFd, op: IoOp, buf: &mut Buf) -> io::Result<()> {
         IoOp::Read { offset } => {
             let mut done = 0usize;
             while done < buf.len() {
-                let n = pread(bfd, &mut buf[done..], (offset + done as u64) as i64)?;
+                let n = match pread(bfd, &mut buf[done..], (offset + done as u64) as i64) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    r => r?,
+                };
                 if n == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -90,7 +93,10 @@ fn do_sync(fd: RawFd, op: IoOp, buf: &mut Buf) -> io::Result<()> {
         IoOp::Write { offset, fua } => {
             let mut done = 0usize;
             while done < buf.len() {
-                let n = pwrite(bfd, &buf[done..], (offset + done as u64) as i64)?;
+                let n = match pwrite(bfd, &buf[done..], (offset + done as u64) as i64) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    r => r?,
+                };
                 if n == 0 {
                     return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
                 }
@@ -339,7 +345,16 @@ impl RingState {
                 continue;
             };
             let is_rw = matches!(f.req.op, IoOp::Read { .. } | IoOp::Write { .. });
-            let result = if res < 0 {
+            let result = if res == -libc::EAGAIN || res == -libc::EINTR {
+                // Transient (a nowait attempt, a signal): the same request again, not an
+                // error for the client.
+                let e = build_sqe(self.fd, slot, &mut f);
+                self.slots[slot] = Some(f);
+                // SAFETY: as in pump.
+                let _ = unsafe { self.ring.submission().push(&e) };
+                resubmit = true;
+                continue;
+            } else if res < 0 {
                 let err = -res;
                 match f.req.op {
                     // Filesystems without ZERO_RANGE: do it the slow way.
@@ -409,12 +424,29 @@ async fn reap(state: Arc<Mutex<RingState>>, afd: tokio::io::unix::AsyncFd<OwnedF
 impl Drop for UringEngine {
     fn drop(&mut self) {
         self.reaper.abort();
-        // The kernel may still write into buffers of in-flight reads: wait for all of them.
-        if let Ok(mut st) = self.state.lock() {
+        // The kernel may still write into buffers of in-flight reads: wait for all of them,
+        // through signals and a poisoned lock; only a ring the kernel refuses to wait on any
+        // more ends the wait (then the buffers are leaked, never freed under the kernel).
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        {
             let cap = st.slots.len();
             while st.free.len() < cap {
-                if st.ring.submit_and_wait(1).is_err() {
-                    break;
+                match st.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                        ) => {}
+                    Err(e) => {
+                        tracing::error!(
+                            "io_uring: cannot wait for in-flight I/O at shutdown ({e}): leaking its buffers"
+                        );
+                        for f in st.slots.iter_mut().filter_map(Option::take) {
+                            std::mem::forget(f);
+                        }
+                        break;
+                    }
                 }
                 st.reap();
             }

@@ -22,6 +22,12 @@ use crate::device::Device;
 pub const MAX_INFLIGHT: usize = 256;
 /// Payload bytes in flight per connection, in 4 KiB units (64 MiB).
 const BYTE_UNITS: usize = 16 * 1024;
+/// Payload bytes in flight over all connections, in 4 KiB units (256 MiB).
+const EXPORT_BYTE_UNITS: usize = 64 * 1024;
+/// Connections at once, handshakes included.
+const MAX_CONNECTIONS: u64 = 64;
+/// A client that takes no reply bytes for this long is disconnected (its buffers go back).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the export offers and whether it is open to new clients.
@@ -34,6 +40,11 @@ pub struct Export {
     idle: Notify,
     /// Bumped to make every connection stop reading and close after its in-flight requests.
     kick: watch::Sender<u64>,
+    /// Open connections, handshakes included (bounded by MAX_CONNECTIONS).
+    connections: AtomicU64,
+    /// Payload bytes in flight over every connection: memory stays bounded however many
+    /// clients there are.
+    bytes: Arc<Semaphore>,
 }
 
 impl Export {
@@ -45,6 +56,8 @@ impl Export {
             clients: AtomicU64::new(0),
             idle: Notify::new(),
             kick: watch::channel(0).0,
+            connections: AtomicU64::new(0),
+            bytes: Arc::new(Semaphore::new(EXPORT_BYTE_UNITS)),
         })
     }
 
@@ -79,11 +92,13 @@ impl Export {
         self.kick.send_modify(|k| *k += 1);
         let end = tokio::time::Instant::now() + deadline;
         loop {
-            let n = self.clients();
-            if n == 0 {
+            // Registered before the count is read, so the last client's wake-up is not lost.
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.clients() == 0 {
                 return 0;
             }
-            let notified = self.idle.notified();
             if tokio::time::timeout_at(end, notified).await.is_err() {
                 return self.clients();
             }
@@ -112,6 +127,20 @@ pub async fn serve<S>(stream: S, export: Arc<Export>, peer: String)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    struct Counted(Arc<Export>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let open = export.connections.fetch_add(1, Ordering::SeqCst) + 1;
+    let _counted = Counted(export.clone());
+    if open > MAX_CONNECTIONS {
+        tracing::warn!(
+            "nbd {peer}: {MAX_CONNECTIONS} connections already open: this one is closed"
+        );
+        return;
+    }
     let (rd, wr) = tokio::io::split(stream);
     // Requests come many to a read; a large write payload is read mostly straight into its
     // buffer (a read bigger than this buffer bypasses it) instead of being copied out of it.
@@ -302,7 +331,11 @@ struct Reply {
     error: u32,
     /// Read data (with its offset, for structured replies).
     data: Option<(u64, Buf)>,
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    _permits: (
+        OwnedSemaphorePermit,
+        OwnedSemaphorePermit,
+        OwnedSemaphorePermit,
+    ),
 }
 
 /// Serves the transmission phase on an already negotiated stream: after [`serve`]'s handshake,
@@ -362,13 +395,24 @@ pub async fn transmission<R, W>(
             _ => 0,
         };
         let units = (buf_len as usize).div_ceil(4096).max(1) as u32;
-        let (Ok(p1), Ok(p2)) = (
-            count.clone().acquire_owned().await,
-            bytes.clone().acquire_many_owned(units).await,
-        ) else {
+        // Waiting for room (this connection's, then the export's) still notices a kick or a
+        // writer that gave up on a client that stopped reading.
+        let acquired = tokio::select! {
+            biased;
+            _ = kick.changed() => break "disconnected by the node".to_string(),
+            _ = tx.closed() => break "reply writer stopped".to_string(),
+            p = async {
+                (
+                    count.clone().acquire_owned().await,
+                    bytes.clone().acquire_many_owned(units).await,
+                    export.bytes.clone().acquire_many_owned(units).await,
+                )
+            } => p,
+        };
+        let (Ok(p1), Ok(p2), Ok(p3)) = acquired else {
             break "semaphore closed".to_string();
         };
-        let permits = (p1, p2);
+        let permits = (p1, p2, p3);
         let mut buf = device.pool.get(buf_len as usize);
         if payload > 0 {
             if let Err(e) = rd.read_exact(&mut buf).await {
@@ -454,6 +498,19 @@ async fn execute(device: &Device, req: Request, buf: Buf) -> (u32, Option<(u64, 
     }
 }
 
+fn reply_timeout() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the client took no reply for 60 s",
+    )
+}
+
+async fn timed_write<W: AsyncWrite + Unpin>(wr: &mut W, b: &[u8]) -> std::io::Result<()> {
+    tokio::time::timeout(REPLY_TIMEOUT, wr.write_all(b))
+        .await
+        .unwrap_or_else(|_| Err(reply_timeout()))
+}
+
 async fn write_replies<W: AsyncWrite + Unpin>(
     wr: W,
     mut rx: mpsc::Receiver<Reply>,
@@ -488,9 +545,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 (None, true) => nbd::encode_structured_done(&mut hdr, r.cookie),
                 (None, false) => nbd::encode_simple_reply(&mut hdr, r.cookie, r.error),
             }
-            let mut res = wr.write_all(&hdr).await;
+            let mut res = timed_write(&mut wr, &hdr).await;
             if let (Ok(()), Some((_, data))) = (&res, &r.data) {
-                res = wr.write_all(data).await;
+                res = timed_write(&mut wr, data).await;
             }
             if let Some((_, data)) = r.data {
                 export.device.pool.put(data);
@@ -502,7 +559,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             next = rx.try_recv().ok();
         }
         // Nothing more queued right now: push the batch out.
-        if let Err(e) = wr.flush().await {
+        let flushed = tokio::time::timeout(REPLY_TIMEOUT, wr.flush())
+            .await
+            .unwrap_or_else(|_| Err(reply_timeout()));
+        if let Err(e) = flushed {
             tracing::warn!("nbd: reply flush failed: {e}");
             break;
         }

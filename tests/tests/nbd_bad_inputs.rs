@@ -341,3 +341,43 @@ fn handshake_churn_and_stalled_clients() {
     );
     good_client_still_works(&c, pid);
 }
+
+/// Connections are bounded per export (64, handshakes included): one over the bound is closed
+/// at once without a greeting, and once the others go, clients are served again.
+#[test]
+fn connections_over_the_bound_are_closed() {
+    let (c, pid) = setup("conn-bound");
+    let a = c.alpha();
+    let mut held: Vec<RawNbd> = (0..64)
+        .map(|_| {
+            let mut r = RawNbd::connect(a.export()).expect("connect");
+            r.read_greeting();
+            r
+        })
+        .collect();
+    let mut over = RawNbd::connect(a.export()).expect("connect");
+    let got = over.recv(8);
+    assert!(
+        got.as_ref().map_or(true, |b| b.is_empty()),
+        "the 65th connection was served: {got:?}"
+    );
+    wait_log_line_contains(a, "connections already open");
+    held.clear();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let mut r = RawNbd::connect(a.export()).expect("connect");
+            r.recv(8).is_ok_and(|b| !b.is_empty())
+        }),
+        "clients are not served again after the others left"
+    );
+    good_client_still_works(&c, pid);
+}
+
+fn wait_log_line_contains(n: &Node, needle: &str) {
+    assert!(
+        wait_for(CLOSE_WITHIN, || std::fs::read_to_string(n.log_path())
+            .is_ok_and(|t| t.contains(needle))),
+        "log has no {needle:?}:\n{}",
+        n.log_tail(20)
+    );
+}
