@@ -470,7 +470,20 @@ impl MetaStore {
         let data_end_ok = if external.is_none() {
             l.data_size <= l.bitmap_offset
         } else {
-            l.data_size <= backing_size
+            // External metadata names no device: at least a backing device of another size
+            // (a replaced or resized disk) is not taken for the one it describes.
+            if l.data_size != backing_size / BLOCK * BLOCK {
+                return Err(MetaError::Layout {
+                    path,
+                    why: format!(
+                        "this metadata describes a backing device of {} bytes, but {} has {}: another disk, or a resized one? For a new disk run create-md again",
+                        l.data_size,
+                        backing.display(),
+                        backing_size
+                    ),
+                });
+            }
+            true
         };
         // The superblock must sit where its own layout puts it: found elsewhere (a device that
         // grew by a block), the slot read may be a stale one.
@@ -728,6 +741,23 @@ mod tests {
         );
         f.set_len(32 << 20).unwrap();
         assert!(MetaStore::open(&img, None, "r0", "alpha").is_ok());
+        // External metadata on a backing device of another size (a replaced disk) is refused.
+        let data = dir.join("x.img");
+        let md = dir.join("x.md");
+        File::create(&data).unwrap().set_len(16 << 20).unwrap();
+        MetaStore::create(&data, Some(&md), "r0", "alpha", 1 << 20, 4096, false).unwrap();
+        assert!(MetaStore::open(&data, Some(&md), "r0", "alpha").is_ok());
+        File::options()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let e = MetaStore::open(&data, Some(&md), "r0", "alpha")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("another disk"), "{e}");
         // Too small, with numbers.
         let small = dir.join("s.img");
         File::create(&small).unwrap().set_len(1 << 20).unwrap();
