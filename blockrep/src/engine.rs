@@ -294,7 +294,11 @@ impl RingState {
                 break;
             };
             self.free.pop();
-            let mut f = InFlight { req, progress: 0 };
+            let mut f = InFlight {
+                req,
+                progress: 0,
+                retries: 0,
+            };
             let e = build_sqe(self.fd, slot, &mut f);
             self.slots[slot] = Some(f);
             // SAFETY: the buffer lives in `slots` until its completion is reaped.
@@ -345,7 +349,9 @@ impl RingState {
                 continue;
             };
             let is_rw = matches!(f.req.op, IoOp::Read { .. } | IoOp::Write { .. });
-            let result = if res == -libc::EAGAIN || res == -libc::EINTR {
+            let transient = res == -libc::EAGAIN || res == -libc::EINTR;
+            let result = if transient && f.retries < 16 {
+                f.retries += 1;
                 // Transient (a nowait attempt, a signal): the same request again, not an
                 // error for the client.
                 let e = build_sqe(self.fd, slot, &mut f);
@@ -493,6 +499,8 @@ const INLINE_WRITE_MAX: usize = 64 * 1024;
 struct InFlight {
     req: IoReq,
     progress: usize,
+    /// Resubmissions after EAGAIN/EINTR (bounded: a device that keeps refusing fails it).
+    retries: u8,
 }
 
 fn build_sqe(fd: RawFd, slot: usize, f: &mut InFlight) -> io_uring::squeue::Entry {

@@ -24,8 +24,9 @@ pub const MAX_INFLIGHT: usize = 256;
 const BYTE_UNITS: usize = 16 * 1024;
 /// Payload bytes in flight over all connections, in 4 KiB units (256 MiB).
 const EXPORT_BYTE_UNITS: usize = 64 * 1024;
-/// Connections at once, handshakes included.
-const MAX_CONNECTIONS: u64 = 64;
+/// Connections at once, handshakes included. Memory is bounded by the export's byte budget;
+/// this bounds sockets and tasks, and stays well above what real clients open.
+const MAX_CONNECTIONS: u64 = 256;
 /// A client that takes no reply bytes for this long is disconnected (its buffers go back).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -357,8 +358,14 @@ pub async fn transmission<R, W>(
     let bytes = Arc::new(Semaphore::new(BYTE_UNITS));
     let mut kick = export.kick.subscribe();
     let device = export.device.clone();
+    // Counted and subscribed first, then checked: a demotion that refused the export and
+    // kicked its clients while this one finished its handshake is seen here, or its kick is.
+    let late_refusal = export.refused();
 
     let reason = loop {
+        if let Some(why) = &late_refusal {
+            break format!("refused after the handshake: {why}");
+        }
         let mut h = [0u8; nbd::REQUEST_HEADER_LEN];
         tokio::select! {
             biased;
@@ -444,7 +451,9 @@ pub async fn transmission<R, W>(
     drop(tx);
     // The writer ends once every in-flight request has been answered.
     if let Ok(mut wr) = writer.await {
-        let _ = wr.shutdown().await;
+        // Bounded: a client that stopped reading must not keep this connection (and its
+        // place among the export's connections) for ever.
+        let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
     }
     if export.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
         export.idle.notify_waiters();

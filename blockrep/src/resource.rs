@@ -906,6 +906,10 @@ impl Resource {
             tokio::time::sleep(Duration::from_millis(50)).await;
             peer = self.peer_view();
         }
+        // A stream from the old primary may still be finishing writes: they land (and count
+        // as applied) before this node decides anything. If they could not be made durable,
+        // the disk is inconsistent now, and the promotion below refuses it without --force.
+        self.settle_applies().await;
         let new_id = random_id();
         let peer_gen = match peer {
             PeerView::Connected(_) => self.link().peer.as_ref().map(|p| crate::peer::gens(&p.gen)),
@@ -932,14 +936,6 @@ impl Resource {
             Ok(())
         })
         .await?;
-        // A stream from the old primary may still be finishing writes: they land (and count
-        // as applied) before this node issues its own. If they could not be made durable,
-        // the disk is inconsistent now and only --force promotes it.
-        if !self.settle_applies().await && !force {
-            return Err(NodeError::Refused(
-                "the writes last received from the peer could not be made durable here: this node's disk is inconsistent (use --force to promote it anyway)".into(),
-            ));
-        }
         if let Some(rep) = &self.rep {
             // One sequence space per pair: a new primary continues after the highest sequence
             // its disk holds, whoever issued it.

@@ -342,13 +342,13 @@ fn handshake_churn_and_stalled_clients() {
     good_client_still_works(&c, pid);
 }
 
-/// Connections are bounded per export (64, handshakes included): one over the bound is closed
+/// Connections are bounded per export (256, handshakes included): one over the bound is closed
 /// at once without a greeting, and once the others go, clients are served again.
 #[test]
 fn connections_over_the_bound_are_closed() {
     let (c, pid) = setup("conn-bound");
     let a = c.alpha();
-    let mut held: Vec<RawNbd> = (0..64)
+    let mut held: Vec<RawNbd> = (0..256)
         .map(|_| {
             let mut r = RawNbd::connect(a.export()).expect("connect");
             r.read_greeting();
@@ -359,7 +359,7 @@ fn connections_over_the_bound_are_closed() {
     let got = over.recv(8);
     assert!(
         got.as_ref().map_or(true, |b| b.is_empty()),
-        "the 65th connection was served: {got:?}"
+        "the 257th connection was served: {got:?}"
     );
     wait_log_line_contains(a, "connections already open");
     held.clear();
