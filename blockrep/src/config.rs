@@ -109,6 +109,9 @@ pub struct Config {
     /// Checksum-based bitmap resync (DRBD's csums-alg): the target hashes each dirty region,
     /// the source sends only the regions whose hash differs.
     pub csums: bool,
+    /// DRBD's ko-count: a peer that applies nothing for this many 4 s link timeouts while
+    /// records wait is dropped (its lack goes to the bitmap); 0: never.
+    pub ko_count: u32,
     /// Seal everything after the handshake in AES-256-GCM records (keys derived from the
     /// secret and the connection's nonces).
     pub encryption: bool,
@@ -160,6 +163,7 @@ struct RawResource {
     resync_rate_min: Option<String>,
     csums: Option<bool>,
     csums_alg: Option<String>,
+    ko_count: Option<u32>,
     encryption: Option<String>,
     after_sb_0pri: Option<String>,
     al_extents: Option<u32>,
@@ -536,6 +540,7 @@ impl Config {
             resync_rate,
             resync_rate_min,
             csums,
+            ko_count: r.ko_count.unwrap_or(15),
             encryption,
             al_extents,
             after_sb_0pri,

@@ -38,8 +38,6 @@ const MAX_HANDSHAKES: usize = 32;
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// No frame for this long: the peer is dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(4);
-/// How long the primary waits for the secondary to take the next record (see `watchdog`).
-const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The link's read buffer (see where it is made).
 const LINK_READ_BUFFER: usize = 64 * 1024;
@@ -97,6 +95,8 @@ pub enum LinkError {
     Closed(&'static str),
     #[error("this node's disk failed: {0}")]
     LocalDisk(String),
+    #[error("the peer applied nothing for {0} s although it answers pings (ko-count): dropped")]
+    PeerStuck(u64),
 }
 
 /// What `status` shows about the link.
@@ -1180,25 +1180,27 @@ async fn primary_side(
             }
         }
     };
-    // A peer that answers pings but takes no record (its disk hangs, it stopped reading)
-    // would hold every writer waiting on it: past PROGRESS_TIMEOUT without a receipt while
-    // records wait, the link drops and the bitmap takes over (DRBD's ko-count).
+    // A peer that answers pings but applies nothing (its disk hangs, it stopped reading)
+    // would hold every writer waiting on it: past ko-count link timeouts without progress
+    // while records wait, the link drops and the bitmap takes over (DRBD's ko-count).
     let watchdog = {
         let rep = rep.clone();
+        let limit = PEER_TIMEOUT * res.cfg().ko_count;
         async move {
-            let mut last = rep.acks().received;
+            if limit.is_zero() {
+                return std::future::pending::<Result<(), LinkError>>().await;
+            }
+            let mut last = rep.acks().applied;
             let mut since = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let received = rep.acks().received;
-                let waiting = rep.lock().issued > received;
-                if received != last || !waiting {
-                    last = received;
+                let applied = rep.acks().applied;
+                let waiting = rep.lock().issued > applied;
+                if applied != last || !waiting {
+                    last = applied;
                     since = tokio::time::Instant::now();
-                } else if since.elapsed() >= PROGRESS_TIMEOUT {
-                    return Err::<(), _>(LinkError::Timeout(
-                        "the peer took no record for 60 s although it answers pings",
-                    ));
+                } else if since.elapsed() >= limit {
+                    return Err(LinkError::PeerStuck(limit.as_secs()));
                 }
             }
         }

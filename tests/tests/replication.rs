@@ -2048,3 +2048,92 @@ fn crashed_primary_promoted_by_force_still_resyncs_its_hot_extents() {
         "after the crashed primary was forced back and met its peer",
     );
 }
+
+/// ko-count: the secondary's disk hangs while its daemon keeps answering pings (its backing
+/// file is an nbdfuse file served by nbdkit's pause filter, paused). Under C a write would wait
+/// for that disk for ever; after ko-count link timeouts (here 2 × 4 s) the primary drops the
+/// peer, the write is acknowledged with its range in the bitmap, and once the disk answers
+/// again a resync makes the replicas identical.
+#[test]
+fn a_secondary_whose_disk_hangs_is_dropped_after_ko_count() {
+    const SIZE: u64 = 64 << 20;
+    let c = Cluster::builder("repl-ko-count")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .io_engine("sync")
+        .external_meta()
+        .resource_line("ko-count = 2")
+        .build();
+    let sock = c.dir().join("beta-disk.sock");
+    let ctl = c.dir().join("beta-disk.ctl");
+    let fuse_dir = c.dir().join("beta-fuse");
+    std::fs::create_dir_all(&fuse_dir).expect("mkdir");
+    // The FUSE mount goes after nbdkit is killed (declared first, dropped last).
+    let fuse;
+    let mut kit = ChildGuard::spawn(
+        Command::new("nbdkit")
+            .args(["--foreground", "--exit-with-parent", "--unix"])
+            .arg(&sock)
+            .args(["--filter=pause", "memory"])
+            .arg(format!("size={SIZE}"))
+            .arg(format!("pause-control={}", ctl.display())),
+        Some(&c.dir().join("nbdkit.log")),
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || sock.exists() && ctl.exists()),
+        "nbdkit did not start: {}",
+        kit.log()
+    );
+    fuse = NbdFuseMount::start(
+        &fuse_dir,
+        &format!("nbd+unix:///?socket={}", sock.display()),
+    );
+    let b = c.beta();
+    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
+    std::os::unix::fs::symlink(fuse.file(), b.backing_path()).expect("symlink beta.img");
+    c.start_pair();
+    let a = c.alpha();
+    nbd_write(a, 0, &random_bytes(MIB));
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    let pause = |cmd: u8| {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&ctl).expect("pause control");
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        s.write_all(&[cmd]).expect("pause control write");
+        let mut r = [0u8; 1];
+        s.read_exact(&mut r).expect("pause control answer");
+        assert_eq!(r[0], cmd.to_ascii_uppercase());
+    };
+    pause(b'p');
+    let t = Instant::now();
+    let d = random_bytes(64 * 1024);
+    {
+        let mut r = a.raw_open();
+        r.write_at(4 * MIB as u64, &d, 0)
+            .unwrap_or_else(|e| panic!("write while beta's disk hangs: errno {e}"));
+        r.disconnect();
+    }
+    let waited = t.elapsed();
+    assert!(
+        waited < Duration::from_secs(30),
+        "a write under C waited {waited:?} for a peer whose disk hangs"
+    );
+    let line = wait_log_line(a, &["applied nothing", "ko-count"], Duration::from_secs(5));
+    assert!(line.contains("WARN"), "{line}");
+    b.assert_alive();
+    let ra = a.repl();
+    assert!(
+        u(&ra, "out_of_sync") > 0 || ra["connection"] != "connected",
+        "alpha forgot what beta lacks: {ra}"
+    );
+
+    pause(b'r');
+    c.wait_in_sync(Duration::from_secs(60));
+    c.assert_replicas_identical(a.size(), "after beta's disk answered again");
+    a.down();
+    b.down();
+    drop(fuse);
+    kit.kill();
+}
