@@ -462,6 +462,12 @@ pub async fn transmission<R, W>(
 
 /// Runs one request against the device. Returns the NBD error and, for reads, the data.
 async fn execute(device: &Device, req: Request, buf: Buf) -> (u32, Option<(u64, Buf)>) {
+    // Flags this server neither advertised nor understands (FAST_ZERO was not offered) are
+    // refused rather than ignored: a client relying on one must not think it was honoured.
+    const KNOWN: u16 = nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE | nbd::CMD_FLAG_DF;
+    if req.flags & !KNOWN != 0 {
+        return (nbd::EINVAL, None);
+    }
     let fua = req.flags & nbd::CMD_FLAG_FUA != 0;
     match req.command {
         Command::Read => {

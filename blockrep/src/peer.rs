@@ -1112,7 +1112,11 @@ async fn primary_side(
     let verify_reporter = {
         let side_tx = side_tx.clone();
         async move {
-            let mut last = None;
+            // A run that ended before this connection was reported on an earlier one, or its
+            // requester saw that link drop: sent again now, it would end a newer request.
+            let mut last = res
+                .verify_report()
+                .filter(|r| !matches!(r.state.as_str(), "pending" | "running"));
             loop {
                 tokio::time::sleep(VERIFY_REPORT_INTERVAL).await;
                 let r = res.verify_report();

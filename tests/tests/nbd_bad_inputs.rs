@@ -227,8 +227,20 @@ fn out_of_bounds_requests_get_errors_and_change_nothing() {
         Ok(()),
         "trim past the end"
     );
+    // A flag this server never offered (FAST_ZERO) or that does not exist: refused, not
+    // ignored, and nothing written.
+    assert_eq!(
+        r.write_at(size - 4096, &junk, 1 << 6),
+        Err(EINVAL),
+        "write with an undefined flag"
+    );
+    assert_ne!(
+        r.command(CMD_WRITE_ZEROES, 1 << 4, size - 4096, 4096),
+        Ok(()),
+        "zeroes with FAST_ZERO, never offered"
+    );
     r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
-    // Nothing of the crossing write landed.
+    // Nothing of the crossing write (nor the refused ones) landed.
     assert_same_bytes(
         &r.read_at(size - 4096, 4096).unwrap(),
         &tail,
