@@ -537,7 +537,14 @@ fn build_sqe(fd: RawFd, slot: usize, f: &mut InFlight) -> io_uring::squeue::Entr
             .mode(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
             .build(),
     };
-    e.user_data(slot as u64)
+    let e = e.user_data(slot as u64);
+    // A retry after EAGAIN goes to the kernel's workers, which may block: a busy device
+    // then waits instead of refusing the same attempt again at once.
+    if f.retries > 0 {
+        e.flags(io_uring::squeue::Flags::ASYNC)
+    } else {
+        e
+    }
 }
 
 /// Opens the engine the config asks for; `auto` tries io_uring and falls back to sync.

@@ -95,7 +95,7 @@ pub enum LinkError {
     Closed(&'static str),
     #[error("this node's disk failed: {0}")]
     LocalDisk(String),
-    #[error("the peer applied nothing for {0} s although it answers pings (ko-count): dropped")]
+    #[error("the peer applied nothing and took no record for {0} s although it answers pings (ko-count): dropped")]
     PeerStuck(u64),
 }
 
@@ -1184,9 +1184,10 @@ async fn primary_side(
             }
         }
     };
-    // A peer that answers pings but applies nothing (its disk hangs, it stopped reading)
-    // would hold every writer waiting on it: past ko-count link timeouts without progress
-    // while records wait, the link drops and the bitmap takes over (DRBD's ko-count).
+    // A peer that answers pings but neither takes nor applies a record (its disk hangs, it
+    // stopped reading) would hold every writer waiting on it: past ko-count link timeouts
+    // without progress while records wait, the link drops and the bitmap takes over (DRBD's
+    // ko-count).
     let watchdog = {
         let rep = rep.clone();
         let limit = PEER_TIMEOUT * res.cfg().ko_count;
@@ -1194,14 +1195,20 @@ async fn primary_side(
             if limit.is_zero() {
                 return std::future::pending::<Result<(), LinkError>>().await;
             }
-            let mut last = rep.acks().applied;
+            // Progress is either mark moving: a long flush on the peer holds its applied
+            // mark while it still takes new records, which is not stuck.
+            let marks = || {
+                let a = rep.acks();
+                (a.received, a.applied)
+            };
+            let mut last = marks();
             let mut since = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let applied = rep.acks().applied;
-                let waiting = rep.lock().issued > applied;
-                if applied != last || !waiting {
-                    last = applied;
+                let now = marks();
+                let waiting = rep.lock().issued > now.1;
+                if now != last || !waiting {
+                    last = now;
                     since = tokio::time::Instant::now();
                 } else if since.elapsed() >= limit {
                     return Err(LinkError::PeerStuck(limit.as_secs()));

@@ -908,8 +908,12 @@ impl Resource {
         }
         // A stream from the old primary may still be finishing writes: they land (and count
         // as applied) before this node decides anything. If they could not be made durable,
-        // the disk is inconsistent now, and the promotion below refuses it without --force.
-        self.settle_applies().await;
+        // this node's data is not good: only --force promotes it.
+        if !self.settle_applies().await && !force {
+            return Err(NodeError::Refused(
+                "the writes last received from the peer could not be made durable here: this node's disk is inconsistent (use --force to promote it anyway)".into(),
+            ));
+        }
         let new_id = random_id();
         let peer_gen = match peer {
             PeerView::Connected(_) => self.link().peer.as_ref().map(|p| crate::peer::gens(&p.gen)),

@@ -694,11 +694,21 @@ fn primary_killed_restarted_and_repromoted_resyncs_from_it() {
     let sa = a.status_json();
     assert_eq!(sa["role"], "secondary", "alpha after a crash and up: {sa}");
     // What alpha resyncs: its hot extents (and its journal's records), not the whole device.
-    wait_for(Duration::from_secs(10), || {
-        !resync_sizes(&log_since(a, ma)).is_empty() || a.repl()["connection"] == "connected"
+    let resynced = wait_for(Duration::from_secs(20), || {
+        !resync_sizes(&log_since(a, ma)).is_empty()
     });
     let la = log_since(a, ma);
-    let al = crashed_al_bytes(&la).unwrap_or(0);
+    assert!(
+        resynced,
+        "the restarted crashed primary never resynced its hot extents; its log since the restart:\n{}",
+        la.join("\n")
+    );
+    let al = crashed_al_bytes(&la).unwrap_or_else(|| {
+        panic!(
+            "no activity-log line after the crash; log since the restart:\n{}",
+            la.join("\n")
+        )
+    });
     let sizes = resync_sizes(&la);
     println!("alpha's hot extents: {al} bytes; resyncs it started: {sizes:?}");
     assert!(
