@@ -551,6 +551,7 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                         | LinkError::Refused(_)
                         | LinkError::PeerRefused(_)
                         | LinkError::LocalDisk(_)
+                        | LinkError::PeerStuck(_)
                 ) {
                     backoff = MAX_BACKOFF;
                 }
