@@ -201,20 +201,15 @@ impl Device {
         let end = offset + len;
         while at < end {
             let (offset, len) = (at, PIECE.min(end - at));
-            let op = if trim {
-                IoOp::Discard { offset, len }
-            } else {
-                IoOp::Zero { offset, len }
-            };
             if trim {
                 // A backing device that cannot punch holes still has to read back zeros, so
                 // that both replicas hold the same bytes: not an error if zeroing works.
-                let d = engine::run(&*self.engine, op, Buf::new(0)).await;
-                if d.result.is_err() {
+                let d = engine::run(&*self.engine, IoOp::Discard { offset, len }, Buf::new(0));
+                if d.await.result.is_err() {
                     self.simple(IoOp::Zero { offset, len }).await?;
                 }
             } else {
-                self.simple(op).await?;
+                self.simple(IoOp::Zero { offset, len }).await?;
             }
             at += len;
         }
@@ -271,7 +266,6 @@ impl Device {
         Ok(())
     }
 
-    /// fdatasync of the backing device alone (the secondary's barrier).
     /// fdatasync of the backing device; see `sync_failed`.
     async fn sync_backing(&self) -> Result<(), Errno> {
         use std::sync::atomic::Ordering::SeqCst;
@@ -287,6 +281,7 @@ impl Device {
         r
     }
 
+    /// fdatasync of the backing device alone (the secondary's barrier).
     pub async fn local_flush(&self) -> Result<(), Errno> {
         self.sync_backing().await
     }

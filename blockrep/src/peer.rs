@@ -695,24 +695,27 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // It picks the direction only: a difference no bitmap covers (a fresh or replaced disk)
     // still needs a full sync, and unrelated data is still refused.
     // And only towards good data: never from a disk that is not up to date.
-    if me.discard_my_data && !me.primary {
-        if peer.disk != 2 {
-            return Err(refuse(
-                &mut wr,
-                "discard-my-data: the peer's disk is not up to date, so there is no good data to take; this node keeps its own".into(),
-            )
-            .await);
-        }
-        decision = state::discard_mine(decision);
+    type Pick = fn(SyncDecision) -> SyncDecision;
+    let discard: Option<(u8, Pick, &str)> = if me.discard_my_data && !me.primary {
+        Some((
+            peer.disk,
+            state::discard_mine,
+            "discard-my-data: the peer's disk is not up to date, so there is no good data to take; this node keeps its own",
+        ))
     } else if peer.discard_my_data && !peer.primary {
-        if me.disk != 2 {
-            return Err(refuse(
-                &mut wr,
-                "discard-my-data on the peer: this node's disk is not up to date, so it cannot be the source".into(),
-            )
-            .await);
+        Some((
+            me.disk,
+            state::discard_peers,
+            "discard-my-data on the peer: this node's disk is not up to date, so it cannot be the source",
+        ))
+    } else {
+        None
+    };
+    if let Some((source_disk, pick, why)) = discard {
+        if source_disk != 2 {
+            return Err(refuse(&mut wr, why.into()).await);
         }
-        decision = state::discard_peers(decision);
+        decision = pick(decision);
     }
     tracing::info!(
         "generations: this node {:?}, peer {:?}: {decision:?}",
@@ -1789,14 +1792,11 @@ async fn secondary_side(
         async move {
             let mut ack = true;
             loop {
-                // After a local disk failure nothing more is acknowledged; the primary is
-                // told why, so that it backs off before trying again.
-                if let Some(e) = ap.failure() {
-                    let _ = write_msg(&mut wr, &Msg::refuse(&e.to_string())).await;
-                    return Err(e);
-                }
                 if ack {
                     let (received, applied, durable) = *rx.borrow_and_update();
+                    // After a local disk failure nothing more is acknowledged; the primary is
+                    // told why, so that it backs off before trying again. (A failure while
+                    // no ack was due wakes the select below, which then asks for one.)
                     if let Some(e) = ap.failure() {
                         let _ = write_msg(&mut wr, &Msg::refuse(&e.to_string())).await;
                         return Err(e);

@@ -156,8 +156,9 @@ pub struct Replication {
     pub stats: Stats,
     /// A resync is sending the bitmap's regions: the bitmap must not be cleared wholesale.
     pub resyncing: std::sync::atomic::AtomicBool,
-    /// `verify` marked regions out of sync: the bitmap holds differences the journal never
-    /// carried, so it must not be cleared wholesale, and the next connect resyncs them.
+    /// Regions were marked out of sync that the journal never carried (by `verify`, or a
+    /// local write that failed after its record left): the bitmap must not be cleared
+    /// wholesale, and the next connect resyncs them.
     pub verify_marked: std::sync::atomic::AtomicBool,
     /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
     /// waited for journal space longer than the floor allows gets space ahead of application
