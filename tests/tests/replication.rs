@@ -1858,8 +1858,8 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
     );
     a.assert_alive();
     b.assert_alive();
-    // The daemons let go of the tmpfs before it is unmounted (on a failure, the drop of the
-    // mount guard unmounts it lazily and the cluster's drop stops the daemons).
+    // The daemons let go of the tmpfs before it is unmounted (on a failure, `_stop` kills
+    // them before the mount guard unmounts it).
     a.down();
     b.down();
     tmpfs.close();
