@@ -121,7 +121,12 @@ fn run(args: Args) -> Result<()> {
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
         Cmd::Verify { no_wait, timeout } => verify(&cfg, no_wait, timeout),
-        Cmd::Status { json } => status(&cfg, json),
+        Cmd::Status { json } => {
+            if !status(&cfg, json)? {
+                std::process::exit(EXIT_NOT_UP);
+            }
+            Ok(())
+        }
         Cmd::WaitSync { timeout } => wait_sync(&cfg, timeout),
     }
 }
@@ -201,6 +206,12 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
             cfg.me.name
         );
     }
+    // What is on the device already, for the report below (create refuses to cut it).
+    let found = std::fs::File::open(&cfg.me.backing).ok().and_then(|f| {
+        blockrep::meta::probe_backing(&f, &cfg.me.backing)
+            .ok()
+            .flatten()
+    });
     let sb = MetaStore::create(
         &cfg.me.backing,
         external(cfg),
@@ -223,6 +234,21 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
         l.al_len,
         l.journal_len
     );
+    if let Some(f) = found {
+        if external(cfg).is_some() || !f.cut_by(l.data_size) {
+            println!(
+                "{} holds {}: it fits in the exported range and is kept",
+                cfg.me.backing.display(),
+                f.describe()
+            );
+        } else {
+            eprintln!(
+                "warning: {} held {}; --force wrote the metadata over its end",
+                cfg.me.backing.display(),
+                f.describe()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -392,8 +418,15 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-fn status(cfg: &Config, json: bool) -> Result<()> {
+/// Exit status of `status` when the resource is not up (the daemon is not running, or runs
+/// with the resource down): what LSB init scripts use for "not running", so that
+/// `blockrep-ctl status || alert` works. The report is printed all the same.
+const EXIT_NOT_UP: i32 = 3;
+
+/// Prints the status; `Ok(false)`: the resource is not up (exit [`EXIT_NOT_UP`]).
+fn status(cfg: &Config, json: bool) -> Result<bool> {
     let st = daemon_status(cfg);
+    let up = st.as_ref().is_some_and(|s| s.up);
     if json {
         let v = match &st {
             Some(s) => serde_json::to_value(s)?,
@@ -403,18 +436,18 @@ fn status(cfg: &Config, json: bool) -> Result<()> {
             }),
         };
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return Ok(up);
     }
     let Some(s) = st else {
         println!("{}", not_running(cfg));
-        return Ok(());
+        return Ok(false);
     };
     if !s.up {
         println!(
             "{} on {}: down (daemon pid {} running, resource not up)",
             s.resource, s.node, s.pid
         );
-        return Ok(());
+        return Ok(false);
     }
     println!("{} role:{} disk:{}", s.resource, s.role, s.disk);
     println!(
@@ -499,7 +532,7 @@ fn status(cfg: &Config, json: bool) -> Result<()> {
             println!("    last error: {e}");
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Whether the pair is in sync as this node sees it, with a one-line progress text.

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod engine;
+pub mod fsprobe;
 pub mod journal;
 pub mod kernel;
 pub mod link;

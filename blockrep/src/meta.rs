@@ -67,6 +67,17 @@ pub enum MetaError {
     },
     #[error("{path}: metadata layout does not fit this device ({why})")]
     Layout { path: PathBuf, why: String },
+    #[error(
+        "{path}: holds {what}; internal metadata would leave {data_size} bytes of data and \
+         overwrite the rest. Shrink it to at most {data_size} bytes first, or use external \
+         metadata (`meta = \"PATH\"` under the node in the config), or wipe the device; --force writes the metadata \
+         anyway and destroys the end of it"
+    )]
+    WouldCut {
+        path: PathBuf,
+        what: String,
+        data_size: u64,
+    },
 }
 
 /// Where each area lies, in bytes from the start of the metadata device.
@@ -287,6 +298,19 @@ fn size_of(file: &File, path: &Path) -> Result<u64, MetaError> {
 }
 
 /// Where the metadata lives and how big the device holding it is.
+/// What [`crate::fsprobe`] finds at the start of a backing device.
+pub fn probe_backing(file: &File, path: &Path) -> Result<Option<crate::fsprobe::Found>, MetaError> {
+    let size = size_of(file, path)?;
+    let n = (crate::fsprobe::PROBE_LEN as u64).min(size) as usize;
+    let mut head = vec![0u8; n];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|source| MetaError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(crate::fsprobe::probe(&head))
+}
+
 fn meta_target(
     backing: &Path,
     external: Option<&Path>,
@@ -378,6 +402,19 @@ impl MetaStore {
                 resource: old.resource,
                 node: old.node,
             });
+        }
+        // Internal metadata takes the end of the device: refuse to cut off a filesystem's
+        // tail (DRBD's create-md refuses too).
+        if external.is_none() && !force {
+            if let Some(found) = probe_backing(&file, &path)? {
+                if found.cut_by(layout.data_size) {
+                    return Err(MetaError::WouldCut {
+                        path,
+                        what: found.describe(),
+                        data_size: layout.data_size,
+                    });
+                }
+            }
         }
         let io = |source| MetaError::Io {
             path: path.clone(),

@@ -37,6 +37,86 @@ pub struct Acks {
     pub durable: u64,
 }
 
+/// The peer's marks a write can wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Received,
+    Applied,
+    Durable,
+}
+
+impl Acks {
+    fn mark(&self, m: Mark) -> u64 {
+        match m {
+            Mark::Received => self.received,
+            Mark::Applied => self.applied,
+            Mark::Durable => self.durable,
+        }
+    }
+}
+
+/// Writes waiting for the peer, one queue per mark, lowest sequence first. An ack wakes only
+/// the writes it covers; a watch would wake every waiting write on every ack (at depth 32
+/// that was 32 task polls per ack, for typically a handful of replies). A connect or
+/// disconnect wakes them all: the journal and the bitmap hold what a lost peer lacks.
+#[derive(Default)]
+struct PeerWaiters {
+    queues: [std::collections::BinaryHeap<PeerWaiter>; 3],
+}
+
+struct PeerWaiter {
+    seq: u64,
+    wake: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PartialEq for PeerWaiter {
+    fn eq(&self, o: &Self) -> bool {
+        self.seq == o.seq
+    }
+}
+impl Eq for PeerWaiter {}
+impl PartialOrd for PeerWaiter {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for PeerWaiter {
+    /// Reversed: the heap's top is the lowest sequence.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.seq.cmp(&self.seq)
+    }
+}
+
+impl PeerWaiters {
+    const MARKS: [Mark; 3] = [Mark::Received, Mark::Applied, Mark::Durable];
+
+    fn queue(&mut self, m: Mark) -> &mut std::collections::BinaryHeap<PeerWaiter> {
+        &mut self.queues[m as usize]
+    }
+
+    /// Wakes the waiters the marks in `a` cover.
+    fn wake_covered(&mut self, a: &Acks) {
+        for m in Self::MARKS {
+            let upto = a.mark(m);
+            let q = self.queue(m);
+            while q.peek().is_some_and(|w| w.seq <= upto) {
+                if let Some(w) = q.pop() {
+                    // The write may have given up waiting (its client went away): no matter.
+                    let _ = w.wake.send(());
+                }
+            }
+        }
+    }
+
+    fn wake_all(&mut self) {
+        for q in &mut self.queues {
+            for w in q.drain() {
+                let _ = w.wake.send(());
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Stats {
     pub seq_sent: AtomicU64,
@@ -153,6 +233,9 @@ pub struct Replication {
     /// An in-flight range finished (wakes writes that overlap it).
     range_done: Notify,
     acks: watch::Sender<Acks>,
+    /// Writes waiting for an ack (see [`PeerWaiters`]). Changed only after `acks`, and read
+    /// together with it under this lock, so a waiter never misses the ack that covers it.
+    peer_waiters: Mutex<PeerWaiters>,
     pub stats: Stats,
     /// A resync is sending the bitmap's regions: the bitmap must not be cleared wholesale.
     pub resyncing: std::sync::atomic::AtomicBool,
@@ -241,6 +324,7 @@ impl Replication {
             space: Notify::new(),
             range_done: Notify::new(),
             acks: watch::channel(Acks::default()).0,
+            peer_waiters: Mutex::new(PeerWaiters::default()),
             stats: Stats::default(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
             verify_marked: std::sync::atomic::AtomicBool::new(false),
@@ -297,6 +381,7 @@ impl Replication {
                 a.durable = peer_durable.min(peer_applied);
             }
         });
+        self.waiters().wake_all();
         // Writers waiting for space or acks re-check against the new state.
         self.space.notify_waiters();
     }
@@ -321,6 +406,10 @@ impl Replication {
             }
             *a != before
         });
+        {
+            let a = *self.acks.borrow();
+            self.waiters().wake_covered(&a);
+        }
         if moved {
             let mut g = self.lock();
             g.ring.release_through(applied);
@@ -734,21 +823,28 @@ impl Replication {
     /// Waits until the protocol lets `seq` be acknowledged. `barrier`: a flush, which under C
     /// needs the peer's disk to be durable, not only written.
     pub async fn wait_peer(&self, seq: u64, barrier: bool) {
-        let mut rx = self.acks.subscribe();
-        let start = *rx.borrow();
-        if !start.connected {
-            return;
-        }
-        let need: fn(&Acks) -> u64 = match (self.protocol, barrier) {
+        let mark = match (self.protocol, barrier) {
             (Protocol::A, _) => return,
-            (Protocol::B, _) => |a| a.received,
-            (Protocol::C, false) => |a| a.applied,
-            (Protocol::C, true) => |a| a.durable,
+            (Protocol::B, _) => Mark::Received,
+            (Protocol::C, false) => Mark::Applied,
+            (Protocol::C, true) => Mark::Durable,
         };
-        // A peer that goes away releases its waiters: the write is in the journal and bitmap.
-        let _ = rx
-            .wait_for(|a| !a.connected || a.epoch != start.epoch || need(a) >= seq)
-            .await;
+        let woken = {
+            let mut w = self.waiters();
+            let a = *self.acks.borrow();
+            // A peer that is away releases its waiters: the write is in the journal and bitmap.
+            if !a.connected || a.mark(mark) >= seq {
+                return;
+            }
+            let (wake, woken) = tokio::sync::oneshot::channel();
+            w.queue(mark).push(PeerWaiter { seq, wake });
+            woken
+        };
+        let _ = woken.await;
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, PeerWaiters> {
+        self.peer_waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Makes the journal durable: every record the peer has not released is on disk, behind a

@@ -529,9 +529,17 @@ impl Node {
         out
     }
 
-    /// `status --json` parsed; panics if the command fails or prints invalid JSON.
+    /// `status --json` parsed; panics if the command fails or prints invalid JSON. Exit 3
+    /// (the resource is not up) is not a failure here: the report says so.
     pub fn status_json(&self) -> Value {
-        let out = self.ctl_ok(&["status", "--json"]);
+        let out = self.ctl(&["status", "--json"]);
+        assert!(
+            matches!(out.code, Some(0 | 3)),
+            "blockrep-ctl status --json failed:\n{}\n--- {} log tail ---\n{}",
+            out.describe(),
+            self.name,
+            self.log_tail(40)
+        );
         let v: Value = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
             panic!(
                 "status --json printed invalid JSON ({e}):\n{}",

@@ -200,6 +200,76 @@ fn create_md_twice_needs_force() {
     assert!(nbdinfo_size(&a.uri()) > 0);
 }
 
+/// An admin turning a disk that holds a filesystem into a replicated device: internal
+/// metadata takes the end of the device, so create-md refuses to cut off a filesystem's tail
+/// (as DRBD's create-md does) and writes nothing; a filesystem that fits in the exported range
+/// is kept, and the export serves it intact.
+#[test]
+fn create_md_refuses_to_cut_a_filesystem_and_keeps_one_that_fits() {
+    let c = Cluster::builder("create-md-fs")
+        .backing_size(128 << 20)
+        .build();
+    let a = c.alpha();
+    let img = a.backing_path().to_owned();
+    let mkfs = |size: Option<&str>| {
+        let mut cmd = Command::new("mkfs.ext4");
+        cmd.args(["-q", "-F", "-L", "kept"]).arg(&img);
+        if let Some(s) = size {
+            cmd.arg(s);
+        }
+        run_ok(&mut cmd, LONG_TIMEOUT);
+    };
+    // A filesystem over the whole device: refused, naming it and the ways out.
+    mkfs(None);
+    let before = std::fs::read(&img).expect("read the backing file");
+    let out = a.ctl(&["create-md"]);
+    let err = assert_error(&out);
+    for w in [
+        "ext4 filesystem of 134217728 bytes",
+        "Shrink",
+        "meta =",
+        "--force",
+    ] {
+        assert!(
+            err.contains(w),
+            "error does not mention {w:?}\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        std::fs::read(&img).expect("read the backing file") == before,
+        "a refused create-md changed the device"
+    );
+    assert!(
+        !a.ctl(&["dump-md"]).success(),
+        "a refused create-md wrote metadata"
+    );
+
+    // Shrunk to fit (here: made smaller): kept, and said so.
+    mkfs(Some("48M"));
+    let out = a.ctl_ok(&["create-md"]);
+    assert!(
+        out.stdout.contains("ext4 filesystem of 50331648 bytes") && out.stdout.contains("kept"),
+        "create-md does not report the filesystem it kept\n{}",
+        out.describe()
+    );
+    run_ok(Command::new("e2fsck").arg("-fn").arg(&img), LONG_TIMEOUT);
+    // Served intact through the export (a real NBD client reads it back).
+    a.up();
+    a.primary_force();
+    let copy = c.dir().path().join("through-export.img");
+    run_ok(
+        Command::new("nbdcopy").arg(a.uri()).arg(&copy),
+        LONG_TIMEOUT,
+    );
+    let out = run_ok(Command::new("e2fsck").arg("-fn").arg(&copy), LONG_TIMEOUT);
+    assert!(
+        out.stdout.contains("kept"),
+        "e2fsck of the export:\n{}",
+        out.describe()
+    );
+}
+
 /// Decimal numbers in `s`.
 fn numbers(s: &str) -> Vec<u64> {
     s.split(|c: char| !c.is_ascii_digit())
@@ -286,8 +356,10 @@ fn status_of_a_stopped_node() {
             a.down();
         }
         let out = a.ctl_timeout(&["status"], Duration::from_secs(10));
-        assert!(
-            matches!(out.code, Some(0 | 1)),
+        // Not up: exit 3 (LSB "not running"), so `status || alert` works in scripts.
+        assert_eq!(
+            out.code,
+            Some(3),
             "{phase}: status exit code\n{}",
             out.describe()
         );
@@ -306,17 +378,15 @@ fn status_of_a_stopped_node() {
         );
 
         let out = a.ctl_timeout(&["status", "--json"], Duration::from_secs(10));
-        match out.code {
-            Some(0) => {
-                let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
-                    .unwrap_or_else(|e| panic!("{phase}: invalid JSON ({e})\n{}", out.describe()));
-                assert_eq!(v["up"], false, "{phase}: {v}");
-                assert_eq!(v["node"], "alpha", "{phase}: {v}");
-            }
-            Some(1) => {
-                assert_error(&out);
-            }
-            _ => panic!("{phase}: status --json exit code\n{}", out.describe()),
-        }
+        assert_eq!(
+            out.code,
+            Some(3),
+            "{phase}: status --json exit code\n{}",
+            out.describe()
+        );
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("{phase}: invalid JSON ({e})\n{}", out.describe()));
+        assert_eq!(v["up"], false, "{phase}: {v}");
+        assert_eq!(v["node"], "alpha", "{phase}: {v}");
     }
 }
