@@ -207,11 +207,9 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
         );
     }
     // What is on the device already, for the report below (create refuses to cut it).
-    let found = std::fs::File::open(&cfg.me.backing).ok().and_then(|f| {
-        blockrep::meta::probe_backing(&f, &cfg.me.backing)
-            .ok()
-            .flatten()
-    });
+    let found = blockrep::meta::probe_backing(&cfg.me.backing)
+        .ok()
+        .flatten();
     let sb = MetaStore::create(
         &cfg.me.backing,
         external(cfg),

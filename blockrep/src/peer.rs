@@ -1348,7 +1348,7 @@ async fn run_resync(
     if let Ok(mut p) = res.resync.lock() {
         *p = Some((total, 0, started));
     }
-    struct Done<'a>(&'a Replication);
+    struct Done<'a>(&'a Replication, &'a std::fs::File);
     impl Drop for Done<'_> {
         fn drop(&mut self) {
             self.0
@@ -1357,9 +1357,13 @@ async fn run_resync(
             self.0
                 .resync_floor
                 .store(0, std::sync::atomic::Ordering::SeqCst);
+            // Whatever readahead cached despite the per-chunk drops (a folio left marked by
+            // another reader ramps readahead up on this descriptor too), in large folios that
+            // a chunk's drop cannot split: gone now, clean pages only.
+            crate::replication::drop_cached(self.1, 0, 0);
         }
     }
-    let _done = Done(rep);
+    let _done = Done(rep, &file);
     rep.resync_floor.store(
         res.cfg().resync_rate_min,
         std::sync::atomic::Ordering::SeqCst,

@@ -1401,7 +1401,8 @@ pub fn drop_cached(file: &File, offset: u64, len: u64) {
     fadvise(file, offset, len, libc::POSIX_FADV_DONTNEED);
 }
 
-fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
+/// posix_fadvise, best effort.
+pub fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on a valid descriptor. Advice only: a failure changes nothing
     // but speed, so it is ignored.
