@@ -169,9 +169,38 @@ impl Control {
 }
 
 fn daemon_status(cfg: &Config) -> Option<Status> {
-    match Control::connect(cfg)?.call(&Request::Status).ok()? {
-        Reply::Status { status } => Some(*status),
-        _ => None,
+    query_status(cfg).ok().flatten()
+}
+
+/// The daemon's status: `Ok(None)` when no daemon listens (no control socket, or nobody
+/// accepts on it), an error when one may be there but did not answer (permissions, a hung
+/// daemon, a garbled reply): "not running" must not be said of a daemon that is running.
+fn query_status(cfg: &Config) -> Result<Option<Status>> {
+    let s = match UnixStream::connect(&cfg.me.control) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => {
+            return Err(anyhow!(
+                "connecting to the control socket {}: {e}",
+                cfg.me.control.display()
+            ))
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .context("setting a timeout on the control socket")?;
+    let mut c = Control {
+        stream: BufReader::new(s),
+    };
+    match c.call(&Request::Status)? {
+        Reply::Status { status } => Ok(Some(*status)),
+        other => Err(anyhow!("unexpected reply to status: {other:?}")),
     }
 }
 
@@ -199,7 +228,10 @@ fn simple(cfg: &Config, req: Request) -> Result<()> {
 }
 
 fn create_md(cfg: &Config, force: bool) -> Result<()> {
-    if daemon_status(cfg).is_some_and(|s| s.up) {
+    let st = query_status(cfg).context(
+        "cannot tell whether the daemon uses this device; metadata is written only when it is known to be down",
+    )?;
+    if st.is_some_and(|s| s.up) {
         bail!(
             "resource {} is up on {}: take it down before writing metadata",
             cfg.resource,
@@ -241,9 +273,14 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
             );
         } else {
             eprintln!(
-                "warning: {} held {}; --force wrote the metadata over its end",
+                "warning: {} held {}; --force wrote the metadata over {} end",
                 cfg.me.backing.display(),
-                f.describe()
+                f.describe(),
+                if f.bytes.is_some() {
+                    "its"
+                } else {
+                    "what may be its"
+                }
             );
         }
     }
@@ -420,10 +457,19 @@ fn human_bytes(b: u64) -> String {
 /// with the resource down): what LSB init scripts use for "not running", so that
 /// `blockrep-ctl status || alert` works. The report is printed all the same.
 const EXIT_NOT_UP: i32 = 3;
+/// Exit status of `status` when a daemon may be running but did not answer (LSB: "status
+/// unknown"); the error is printed.
+const EXIT_UNKNOWN: i32 = 4;
 
 /// Prints the status; `Ok(false)`: the resource is not up (exit [`EXIT_NOT_UP`]).
 fn status(cfg: &Config, json: bool) -> Result<bool> {
-    let st = daemon_status(cfg);
+    let st = match query_status(cfg) {
+        Ok(st) => st,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(EXIT_UNKNOWN);
+        }
+    };
     let up = st.as_ref().is_some_and(|s| s.up);
     if json {
         let v = match &st {
@@ -467,7 +513,7 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
     }
     let io = &s.io;
     println!(
-        "  clients {}  reads {} ({})  writes {} ({})  flushes {}  trims {}  zeroes {}  errors {}",
+        "  clients {}  reads {} ({})  writes {} ({})  flushes {}  trims {}  zeroes {}  errors {} (disk {})",
         s.clients,
         io.reads,
         human_bytes(io.bytes_read),
@@ -476,7 +522,8 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
         io.flushes,
         io.trims,
         io.zeroes,
-        io.errors
+        io.errors,
+        io.disk_errors
     );
     if let Some(r) = &s.replication {
         println!(

@@ -138,7 +138,7 @@ struct RawFile {
 }
 
 /// Events a handler can be configured for.
-pub const HANDLER_EVENTS: [&str; 7] = [
+pub const HANDLER_EVENTS: [&str; 8] = [
     "split-brain",
     "before-resync-target",
     "after-resync-target",
@@ -146,6 +146,7 @@ pub const HANDLER_EVENTS: [&str; 7] = [
     "after-resync-source",
     "peer-lost",
     "became-primary",
+    "local-io-error",
 ];
 
 #[derive(Deserialize)]

@@ -37,6 +37,7 @@ impl Counters {
             bytes_read: self.bytes_read.load(Relaxed),
             bytes_written: self.bytes_written.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            disk_errors: 0,
         }
     }
 }
@@ -58,6 +59,9 @@ pub struct Device {
     /// it could not write, so a later sync that succeeds proves nothing about them: every
     /// flush fails from then on (restart the node, or fail over to the peer).
     sync_failed: std::sync::atomic::AtomicBool,
+    /// Failed backing-device I/O so far; the resource watches it (the `local-io-error`
+    /// handler).
+    disk_errors: tokio::sync::watch::Sender<u64>,
 }
 
 fn errno_of(e: &std::io::Error) -> Errno {
@@ -83,7 +87,21 @@ impl Device {
             pool: BufPool::new(512),
             counters: Counters::default(),
             sync_failed: std::sync::atomic::AtomicBool::new(false),
+            disk_errors: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// The I/O counters, backing-device errors included.
+    pub fn io_counters(&self) -> IoCounters {
+        IoCounters {
+            disk_errors: *self.disk_errors.borrow(),
+            ..self.counters.snapshot()
+        }
+    }
+
+    /// Changes on every failed backing-device I/O.
+    pub fn subscribe_disk_errors(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.disk_errors.subscribe()
     }
 
     pub fn size(&self) -> u64 {
@@ -115,6 +133,12 @@ impl Device {
         Err(e)
     }
 
+    /// A failed I/O on the backing device (not a bad request): counted apart as well.
+    fn disk_fail<T>(&self, e: Errno) -> Result<T, Errno> {
+        self.disk_errors.send_modify(|n| *n += 1);
+        self.fail(e)
+    }
+
     /// Reads into `buf` (its length is the request length). Returns the buffer either way so it
     /// can go back to the pool.
     pub async fn read(&self, offset: u64, buf: Buf) -> (Result<(), Errno>, Buf) {
@@ -131,7 +155,7 @@ impl Device {
             }
             Err(e) => {
                 tracing::error!("backing read at {offset}+{len} failed: {e}");
-                (self.fail(errno_of(&e)), d.buf)
+                (self.disk_fail(errno_of(&e)), d.buf)
             }
         }
     }
@@ -186,7 +210,7 @@ impl Device {
             }
             Err(e) => {
                 tracing::error!("backing write at {offset}+{len} failed: {e}");
-                (self.fail(errno_of(&e)), d.buf)
+                (self.disk_fail(errno_of(&e)), d.buf)
             }
         }
     }
@@ -309,7 +333,7 @@ impl Device {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!("backing {op:?} failed: {e}");
-                self.fail(errno_of(&e))
+                self.disk_fail(errno_of(&e))
             }
         }
     }

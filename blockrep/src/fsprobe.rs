@@ -11,8 +11,8 @@
 /// Bytes read from the start of the device: covers btrfs's superblock at 64 KiB.
 pub const PROBE_LEN: usize = 0x10000 + 0x1000;
 
-/// What was found, and the bytes from the device's start that it uses (`None`: it uses the
-/// whole device, whatever its size, as a partition table's backup header or LUKS does).
+/// What was found, and the bytes from the device's start that it uses (`None`: it extends to
+/// the end of whatever device it is on and records no size, as a LUKS container does).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub kind: &'static str,
@@ -29,7 +29,10 @@ impl Found {
         };
         match self.bytes {
             Some(b) => format!("{article} {} of {b} bytes", self.kind),
-            None => format!("{article} {} (it uses the whole device)", self.kind),
+            None => format!(
+                "{article} {} (it extends to the end of the device)",
+                self.kind
+            ),
         }
     }
 
@@ -70,13 +73,73 @@ pub fn probe(head: &[u8]) -> Option<Found> {
                 bytes: None,
             })
         })
-        .or_else(|| {
-            // GPT keeps a backup header in the device's last sector.
-            has(head, 512, b"EFI PART").then_some(Found {
+        .or_else(|| gpt(head))
+        .or_else(|| lvm(head))
+        .or_else(|| mbr(head))
+}
+
+/// GPT: header "EFI PART" in LBA 1 (offset 512, or 4096 on 4K-sector disks); its alternate
+/// (backup) header's LBA at +0x28 is the device's last sector when the table was made.
+fn gpt(b: &[u8]) -> Option<Found> {
+    for sector in [512u64, 4096] {
+        let at = sector as usize;
+        if has(b, at, b"EFI PART") {
+            let backup = le64(b, at + 0x28)?;
+            return Some(Found {
                 kind: "GPT partition table",
-                bytes: None,
-            })
-        })
+                bytes: backup.checked_add(1).and_then(|n| n.checked_mul(sector)),
+            });
+        }
+    }
+    None
+}
+
+/// LVM2 physical volume: label "LABELONE" in one of the first four sectors, type "LVM2 001"
+/// at +24, the pv_header at the label's +20 offset, its device size (after a 32-byte UUID).
+fn lvm(b: &[u8]) -> Option<Found> {
+    for sector in 0..4usize {
+        let at = sector * 512;
+        if has(b, at, b"LABELONE") && has(b, at + 24, b"LVM2 001") {
+            let pv = at + le32(b, at + 20)? as usize;
+            return Some(Found {
+                kind: "LVM physical volume",
+                bytes: Some(le64(b, pv + 32)?).filter(|&n| n > 0),
+            });
+        }
+    }
+    None
+}
+
+/// DOS partition table: 0x55AA at 510 and four 16-byte entries at 446 (status 0x00 or 0x80,
+/// type at +4, first sector at +8, sector count at +12). A boot sector of a filesystem has
+/// the same signature, so only a table whose entries all look valid, with at least one
+/// partition, counts.
+fn mbr(b: &[u8]) -> Option<Found> {
+    if !has(b, 510, &[0x55, 0xAA]) {
+        return None;
+    }
+    let mut end = 0u64;
+    for i in 0..4 {
+        let e = 446 + 16 * i;
+        let status = *b.get(e)?;
+        let kind = *b.get(e + 4)?;
+        if status != 0 && status != 0x80 {
+            return None;
+        }
+        if kind == 0 {
+            continue;
+        }
+        let first = u64::from(le32(b, e + 8)?);
+        let count = u64::from(le32(b, e + 12)?);
+        if first == 0 || count == 0 {
+            return None;
+        }
+        end = end.max((first + count) * 512);
+    }
+    (end > 0).then_some(Found {
+        kind: "DOS partition table",
+        bytes: Some(end),
+    })
 }
 
 /// ext2/3/4: superblock at 1024, magic 0xEF53 at +56; blocks count lo at +4, hi at +0x150
@@ -96,7 +159,8 @@ fn ext(b: &[u8]) -> Option<Found> {
     if incompat & 0x80 != 0 {
         blocks |= u64::from(le32(b, SB + 0x150)?) << 32;
     }
-    let kind = if incompat & 0x40 != 0 || incompat & 0x80 != 0 {
+    // extents, 64bit, flex_bg: features only ext4 has.
+    let kind = if incompat & (0x40 | 0x80 | 0x200) != 0 {
         "ext4 filesystem"
     } else if le32(b, SB + 0x5C)? & 0x4 != 0 {
         "ext3 filesystem"
@@ -122,15 +186,18 @@ fn xfs(b: &[u8]) -> Option<Found> {
     })
 }
 
-/// btrfs: superblock at 64 KiB, magic "_BHRfS_M" at +0x40, total bytes at +0x70.
+/// btrfs: superblock at 64 KiB, magic "_BHRfS_M" at +0x40. What this device holds is its
+/// own device item's size (dev_item at +0xC9, total_bytes at +8 in it); the filesystem's total
+/// at +0x70 spans every device of a multi-device filesystem.
 fn btrfs(b: &[u8]) -> Option<Found> {
     const SB: usize = 0x10000;
     if !has(b, SB + 0x40, b"_BHRfS_M") {
         return None;
     }
+    let mine = le64(b, SB + 0xC9 + 8)?;
     Some(Found {
         kind: "btrfs filesystem",
-        bytes: Some(le64(b, SB + 0x70)?),
+        bytes: Some(if mine > 0 { mine } else { le64(b, SB + 0x70)? }),
     })
 }
 
@@ -198,7 +265,9 @@ mod tests {
 
         let mut b = blank();
         b[0x10040..0x10048].copy_from_slice(b"_BHRfS_M");
-        b[0x10070..0x10078].copy_from_slice(&(1u64 << 30).to_le_bytes());
+        b[0x10070..0x10078].copy_from_slice(&(3u64 << 30).to_le_bytes());
+        // This device's share of a multi-device filesystem.
+        b[0x100D1..0x100D9].copy_from_slice(&(1u64 << 30).to_le_bytes());
         assert_eq!(
             probe(&b),
             Some(Found {
@@ -217,9 +286,46 @@ mod tests {
         let f = probe(&b).expect("luks");
         assert!(f.cut_by(u64::MAX), "a LUKS container uses the whole device");
 
+        // GPT: the backup header's LBA gives the end, on 512- and 4096-byte sectors.
+        for sector in [512usize, 4096] {
+            let mut b = blank();
+            b[510] = 0x55;
+            b[511] = 0xAA;
+            b[446 + 4] = 0xEE; // the protective MBR does not hide the GPT
+            b[446 + 8] = 1;
+            b[446 + 12..446 + 16].copy_from_slice(&u32::MAX.to_le_bytes());
+            b[sector..sector + 8].copy_from_slice(b"EFI PART");
+            b[sector + 0x28..sector + 0x30].copy_from_slice(&999u64.to_le_bytes());
+            assert_eq!(
+                probe(&b),
+                Some(Found {
+                    kind: "GPT partition table",
+                    bytes: Some(1000 * sector as u64)
+                })
+            );
+        }
+
+        // LVM: the PV's recorded size.
         let mut b = blank();
-        b[512..520].copy_from_slice(b"EFI PART");
-        assert_eq!(probe(&b).map(|f| f.kind), Some("GPT partition table"));
+        b[512..520].copy_from_slice(b"LABELONE");
+        b[512 + 20..512 + 24].copy_from_slice(&32u32.to_le_bytes());
+        b[512 + 24..512 + 32].copy_from_slice(b"LVM2 001");
+        b[512 + 64..512 + 72].copy_from_slice(&(5u64 << 20).to_le_bytes());
+        assert_eq!(probe(&b).and_then(|f| f.bytes), Some(5 << 20));
+
+        // DOS partitions: the furthest end; a boot sector with junk entries is not a table.
+        let mut b = blank();
+        b[510] = 0x55;
+        b[511] = 0xAA;
+        for (i, (first, count)) in [(2048u32, 4096u32), (8192, 100)].iter().enumerate() {
+            let e = 446 + 16 * i;
+            b[e + 4] = 0x83;
+            b[e + 8..e + 12].copy_from_slice(&first.to_le_bytes());
+            b[e + 12..e + 16].copy_from_slice(&count.to_le_bytes());
+        }
+        assert_eq!(probe(&b).and_then(|f| f.bytes), Some(8292 * 512));
+        b[446] = 0x17;
+        assert_eq!(probe(&b), None);
     }
 
     #[test]

@@ -1359,8 +1359,12 @@ async fn run_resync(
                 .store(0, std::sync::atomic::Ordering::SeqCst);
             // Whatever readahead cached despite the per-chunk drops (a folio left marked by
             // another reader ramps readahead up on this descriptor too), in large folios that
-            // a chunk's drop cannot split: gone now, clean pages only.
-            crate::replication::drop_cached(self.1, 0, 0);
+            // a chunk's drop cannot split: gone now, clean pages only. Off the runtime's one
+            // thread: on a large device the walk (and the writeback it starts for dirty
+            // pages) takes a while.
+            if let (Ok(f), Ok(rt)) = (self.1.try_clone(), tokio::runtime::Handle::try_current()) {
+                rt.spawn_blocking(move || crate::replication::drop_cached(&f, 0, 0));
+            }
         }
     }
     let _done = Done(rep, &file);

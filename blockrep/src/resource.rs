@@ -266,6 +266,13 @@ impl Resource {
             kernel: tokio::sync::Mutex::new(None),
             kernel_note: Mutex::new(None),
         });
+        let watcher = tokio::spawn(watch_disk_errors(
+            Arc::downgrade(&res),
+            res.device.subscribe_disk_errors(),
+        ));
+        if let Ok(mut t) = res.tasks.lock() {
+            t.push(watcher);
+        }
         if let (Some(rep), Some(l)) = (rep, repl_listener) {
             let link = tokio::spawn(crate::peer::run(res.clone(), l, res.link_ctl.subscribe()));
             let persister = tokio::spawn(journal_persister(rep));
@@ -884,7 +891,7 @@ impl Resource {
                 .map(|p| p.display().to_string()),
             kernel_note: self.kernel_note.lock().ok().and_then(|n| n.clone()),
             clients: self.export.clients(),
-            io: self.device.counters.snapshot(),
+            io: self.device.io_counters(),
             replication: self.replication_status(),
         }
     }
@@ -1337,6 +1344,25 @@ async fn journal_persister(rep: Arc<Replication>) {
 }
 
 /// Removes a socket file left by a dead process; refuses if something still listens on it.
+/// The first failed I/O on the backing device since `up`: logged, and the `local-io-error`
+/// handler runs (DRBD's `on-io-error call-local-io-error`), so that an admin's script can
+/// alert or fail over. The error itself goes to the client that asked (DRBD's `pass_on`) and
+/// the resource stays up; later errors are counted in `status` (`disk_errors`).
+async fn watch_disk_errors(res: std::sync::Weak<Resource>, mut errors: watch::Receiver<u64>) {
+    if errors.changed().await.is_err() {
+        return;
+    }
+    let Some(res) = res.upgrade() else {
+        return;
+    };
+    tracing::error!(
+        "I/O error on the backing device {} (role {}): the request failed; running the local-io-error handler, if any",
+        res.cfg.me.backing.display(),
+        res.role().name()
+    );
+    res.run_handler("local-io-error");
+}
+
 pub async fn remove_stale_socket(path: &std::path::Path) -> Result<(), NodeError> {
     if !path.exists() {
         if let Some(dir) = path.parent() {

@@ -50,7 +50,12 @@ pub struct IoCounters {
     pub zeroes: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Failed requests: bad requests from clients and failed I/O on the backing device.
     pub errors: u64,
+    /// Of those, failed I/O on the backing device (reads, writes, zeroing, syncs), on either
+    /// role: the secondary's apply path counts too.
+    #[serde(default)]
+    pub disk_errors: u64,
 }
 
 /// Replication state, present when the resource names a peer.

@@ -36,6 +36,7 @@ fn check_status_contract(c: &Cluster, st: &Value) {
         "bytes_read",
         "bytes_written",
         "errors",
+        "disk_errors",
     ] {
         assert!(st["io"][k].as_u64().is_some(), "io.{k} missing: {st}");
     }

@@ -1771,6 +1771,26 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
     );
     std::fs::remove_file(b.backing_path()).expect("remove beta.img");
     std::os::unix::fs::symlink(&on_tmpfs, b.backing_path()).expect("symlink beta.img");
+    // The local-io-error handler (DRBD's call-local-io-error) logs its node and arguments.
+    let handler_log = c.dir().join("handlers.log");
+    let script = c.dir().join("local-io-error.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$BLOCKREP_NODE $1 $2 $3\" >> '{}'\n",
+            handler_log.display()
+        ),
+    )
+    .expect("write the handler");
+    run_ok(
+        Command::new("chmod").arg("755").arg(&script),
+        Duration::from_secs(10),
+    );
+    c.write_config(&format!(
+        "{}\n[handlers]\nlocal-io-error = \"{}\"\n",
+        c.config_text(),
+        script.display()
+    ));
     c.start_pair();
     let a = c.alpha();
     let size = a.size();
@@ -1832,6 +1852,27 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
         "{}",
         b.status_json()
     );
+    // Beta's failed writes are disk errors, and its handler ran once; alpha's disk is fine.
+    let sb = b.status_json();
+    assert!(
+        sb["io"]["disk_errors"].as_u64().unwrap_or(0) >= 1,
+        "beta's status does not count its disk errors: {sb}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let calls = loop {
+        let text = std::fs::read_to_string(&handler_log).unwrap_or_default();
+        if !text.is_empty() || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(calls.len(), 1, "local-io-error handler calls: {calls:?}");
+    assert!(
+        calls[0].starts_with("beta ") && calls[0].contains(" local-io-error alpha"),
+        "local-io-error handler call: {calls:?}"
+    );
+    assert_eq!(a.status_json()["io"]["disk_errors"], 0);
 
     // Room again: the next connect resyncs what beta lacks.
     run_ok(
@@ -1860,6 +1901,150 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
     b.assert_alive();
     // The daemons let go of the tmpfs before it is unmounted (on a failure, `_stop` kills
     // them before the mount guard unmounts it).
+    a.down();
+    b.down();
+    tmpfs.close();
+}
+
+/// The primary's own disk fails (its backing file is on a tmpfs that runs full): the client
+/// whose write could not be stored gets an error (never an acknowledgement), the node stays up
+/// and primary, counts the failure in `status`, runs the `local-io-error` handler (DRBD's
+/// call-local-io-error) once, and marks the range out of sync. The record had already gone to
+/// the peer, which may hold the new data: once the disk has room, a reconnect resyncs that
+/// range from the primary, so both replicas agree again and nothing the client was told is
+/// stored went missing.
+#[test]
+fn primary_disk_error_fails_the_write_runs_the_handler_and_resyncs_the_range() {
+    let c = Cluster::builder("repl-alpha-enospc")
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol("C")
+        .external_meta()
+        .build();
+    let a = c.alpha();
+    let fs = c.dir().join("alpha-fs");
+    let tmpfs = Mount::tmpfs(&fs, "256m");
+    let _stop = StopDaemons(&c);
+    let on_tmpfs = fs.join("alpha.img");
+    run_ok(
+        Command::new("truncate")
+            .arg("-s")
+            .arg(BACKING.to_string())
+            .arg(&on_tmpfs),
+        Duration::from_secs(10),
+    );
+    std::fs::remove_file(a.backing_path()).expect("remove alpha.img");
+    std::os::unix::fs::symlink(&on_tmpfs, a.backing_path()).expect("symlink alpha.img");
+    let handler_log = c.dir().join("handlers.log");
+    let script = c.dir().join("local-io-error.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$BLOCKREP_NODE $1 $2 $3\" >> '{}'\n",
+            handler_log.display()
+        ),
+    )
+    .expect("write the handler");
+    run_ok(
+        Command::new("chmod").arg("755").arg(&script),
+        Duration::from_secs(10),
+    );
+    c.write_config(&format!(
+        "{}\n[handlers]\nlocal-io-error = \"{}\"\n",
+        c.config_text(),
+        script.display()
+    ));
+    c.start_pair();
+    let b = c.beta();
+    let size = a.size();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let before = random_bytes(MIB);
+    nbd_write(a, 0, &before);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    // Room for about 1 MiB more on alpha's disk.
+    let used = run_ok(
+        Command::new("df").args(["-B1", "--output=used"]).arg(&fs),
+        Duration::from_secs(10),
+    )
+    .stdout
+    .lines()
+    .filter_map(|l| l.trim().parse::<u64>().ok())
+    .next()
+    .expect("df: used bytes");
+    run_ok(
+        Command::new("mount")
+            .arg("-o")
+            .arg(format!("remount,size={}", used + MIB as u64))
+            .arg(&fs),
+        Duration::from_secs(10),
+    );
+
+    // 8 MiB at 16 MiB: some 1 MiB writes fail, and each failure reaches the client.
+    let d = random_bytes(8 * MIB);
+    let mut r = a.raw_open();
+    let mut failed = Vec::new();
+    for (i, chunk) in d.chunks(MIB).enumerate() {
+        let off = 16 * MIB as u64 + (i * MIB) as u64;
+        if let Err(e) = r.write_at(off, chunk, 0) {
+            failed.push((off, e));
+        }
+    }
+    r.disconnect();
+    assert!(!failed.is_empty(), "no write failed on a full disk");
+    assert!(
+        failed
+            .iter()
+            .all(|&(_, e)| e == nbd_const::ENOSPC || e == nbd_const::EIO),
+        "failed writes' errors: {failed:?}"
+    );
+    let sa = a.status_json();
+    assert_eq!(sa["role"], "primary", "{sa}");
+    assert!(
+        sa["io"]["disk_errors"].as_u64().unwrap_or(0) >= failed.len() as u64,
+        "alpha's status does not count its disk errors ({} failed writes): {sa}",
+        failed.len()
+    );
+    assert!(
+        a.repl()["out_of_sync"].as_u64().unwrap_or(0) > 0,
+        "the failed ranges are not marked out of sync: {}",
+        a.repl()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let calls = loop {
+        let text = std::fs::read_to_string(&handler_log).unwrap_or_default();
+        if !text.is_empty() || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(calls.len(), 1, "local-io-error handler calls: {calls:?}");
+    assert!(
+        calls[0].starts_with("alpha ") && calls[0].contains(" local-io-error beta"),
+        "local-io-error handler call: {calls:?}"
+    );
+    // Reads of what was stored before still work.
+    assert_same_bytes(
+        &nbd_read(a, 0, MIB),
+        &before,
+        "alpha's data before the failure",
+    );
+
+    // Room again; a reconnect resyncs the marked ranges from the primary.
+    run_ok(
+        Command::new("mount")
+            .arg("-o")
+            .arg("remount,size=512m")
+            .arg(&fs),
+        Duration::from_secs(10),
+    );
+    a.ctl_ok(&["disconnect"]);
+    a.ctl_ok(&["connect"]);
+    c.wait_in_sync(Duration::from_secs(60));
+    c.assert_replicas_identical(size, "after alpha's disk had room again");
+    assert_eq!(a.repl()["out_of_sync"], 0, "{}", a.repl());
+    a.assert_alive();
+    b.assert_alive();
     a.down();
     b.down();
     tmpfs.close();
