@@ -9,7 +9,6 @@
 //! On the secondary, the same range ordering keeps overlapping writes in stream order while
 //! others are applied concurrently.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -158,29 +157,56 @@ impl Record<'_> {
 }
 
 /// In-flight ranges by sequence number: a new range waits for every earlier overlapping one.
+///
+/// A deque in sequence order rather than a map: sequences arrive in order (issue order on the
+/// primary, stream order on the secondary), so an insert is a push at the back, with no
+/// allocation once the deque has grown to the depth in flight. A finished range leaves a hole
+/// until every earlier one has finished too.
 #[derive(Default)]
 pub struct Ranges {
-    inflight: BTreeMap<u64, (u64, u64)>,
+    inflight: std::collections::VecDeque<(u64, Option<(u64, u64)>)>,
+    live: usize,
 }
-
 impl Ranges {
     pub fn insert(&mut self, seq: u64, range: (u64, u64)) {
-        self.inflight.insert(seq, range);
+        match self.inflight.back() {
+            Some(&(last, _)) if last >= seq => {
+                // Out of order (not expected): keep the deque sorted all the same.
+                let at = self.inflight.partition_point(|&(s, _)| s < seq);
+                if self.inflight.get(at).is_some_and(|&(s, _)| s == seq) {
+                    if self.inflight[at].1.replace(range).is_none() {
+                        self.live += 1;
+                    }
+                    return;
+                }
+                self.inflight.insert(at, (seq, Some(range)));
+            }
+            _ => self.inflight.push_back((seq, Some(range))),
+        }
+        self.live += 1;
     }
     pub fn remove(&mut self, seq: u64) {
-        self.inflight.remove(&seq);
+        if let Ok(at) = self.inflight.binary_search_by_key(&seq, |&(s, _)| s) {
+            if self.inflight[at].1.take().is_some() {
+                self.live -= 1;
+            }
+        }
+        while self.inflight.front().is_some_and(|&(_, r)| r.is_none()) {
+            self.inflight.pop_front();
+        }
     }
     /// Whether an earlier in-flight range overlaps `range`.
     pub fn blocked(&self, seq: u64, range: (u64, u64)) -> bool {
         self.inflight
-            .range(..seq)
-            .any(|(_, &(s, e))| s < range.1 && range.0 < e)
+            .iter()
+            .take_while(|&&(s, _)| s < seq)
+            .any(|&(_, r)| r.is_some_and(|(s, e)| s < range.1 && range.0 < e))
     }
     pub fn len(&self) -> usize {
-        self.inflight.len()
+        self.live
     }
     pub fn is_empty(&self) -> bool {
-        self.inflight.is_empty()
+        self.live == 0
     }
 }
 
@@ -523,10 +549,9 @@ impl Replication {
             Record::SyncDone { gen } => (Msg::SyncDone { seq: 0, gen }, &[]),
         };
         let deadline = tokio::time::Instant::now() + SPACE_WAIT;
-        let (seq, pressed) = loop {
-            let space = self.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
+        // One attempt to issue the record: `None` while the journal is full and the connected
+        // peer drains it.
+        let attempt = || -> Option<(u64, bool)> {
             let (connected, durable) = {
                 let a = self.acks.borrow();
                 (a.connected, a.durable)
@@ -577,8 +602,8 @@ impl Replication {
                     if let Err(e) = r {
                         if !g.overflowed {
                             tracing::warn!(
-                                "journal cannot take seq {seq} ({e:?}): the peer will need a resync of the dirty bitmap"
-                            );
+                                    "journal cannot take seq {seq} ({e:?}): the peer will need a resync of the dirty bitmap"
+                                );
                             g.overflowed = true;
                             // The records dropped here may not be durable on the peer (not
                             // even sent, when it is stuck): their ranges go to the bitmap.
@@ -607,13 +632,24 @@ impl Replication {
                     Some((seq, g.undurable.len() >= MAX_UNDURABLE / 2))
                 }
             };
-            match issued {
-                Some(issued) => break issued,
-                // Back-pressure: the peer is connected and draining the journal.
-                None => {
-                    let _ = tokio::time::timeout_at(deadline, space).await;
+            issued
+        };
+        // The common case first, with no waiter registered; then, while waiting for space, a
+        // waiter registered before each re-check so that a release in between is not missed.
+        let (seq, pressed) = match attempt() {
+            Some(issued) => issued,
+            None => loop {
+                let space = self.space.notified();
+                tokio::pin!(space);
+                space.as_mut().enable();
+                match attempt() {
+                    Some(issued) => break issued,
+                    // Back-pressure: the peer is connected and draining the journal.
+                    None => {
+                        let _ = tokio::time::timeout_at(deadline, space).await;
+                    }
                 }
-            }
+            },
         };
         self.appended.notify_one();
         if pressed && range.is_some() {
@@ -622,7 +658,8 @@ impl Replication {
             self.ask_durable().await;
         }
         if let Some(r) = range {
-            loop {
+            // Registered only when blocked (rare), before each re-check.
+            while self.lock().ranges.blocked(seq, r) {
                 let n = self.range_done.notified();
                 tokio::pin!(n);
                 n.as_mut().enable();
@@ -1590,5 +1627,35 @@ mod tests {
         assert!(!r.blocked(1, (0, 4096)));
         r.remove(1);
         assert!(!r.blocked(3, (0, 4096)));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn ranges_finish_out_of_order_and_accept_late_inserts() {
+        let mut r = Ranges::default();
+        for seq in 1..=4 {
+            r.insert(seq, (seq * 4096, seq * 4096 + 4096));
+        }
+        // A later one finishes first: the earlier ones still block.
+        r.remove(3);
+        assert_eq!(r.len(), 3);
+        assert!(!r.blocked(9, (3 * 4096, 4 * 4096)));
+        assert!(r.blocked(9, (4096, 4097)));
+        r.remove(1);
+        r.remove(2);
+        assert_eq!(r.len(), 1);
+        assert!(r.blocked(9, (4 * 4096, 4 * 4096 + 1)));
+        // Removing twice, or what was never there, changes nothing.
+        r.remove(2);
+        r.remove(77);
+        assert_eq!(r.len(), 1);
+        // An insert behind the back stays ordered: it blocks only later sequences.
+        r.insert(2, (0, 4096));
+        assert!(r.blocked(3, (0, 1)));
+        assert!(!r.blocked(2, (0, 1)));
+        r.remove(4);
+        r.remove(2);
+        assert!(r.is_empty());
+        assert!(!r.blocked(u64::MAX, (0, u64::MAX)));
     }
 }
