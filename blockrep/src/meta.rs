@@ -70,8 +70,8 @@ pub enum MetaError {
     #[error(
         "{path}: holds {what}; internal metadata would leave {data_size} bytes of data and \
          overwrite the rest. Shrink it to at most {data_size} bytes first, or use external \
-         metadata (`meta = \"PATH\"` under the node in the config), or wipe the device; --force writes the metadata \
-         anyway and destroys the end of it"
+         metadata (`meta = \"PATH\"` under the node in the config), or wipe the device; \
+         --force writes the metadata anyway and destroys the end of it"
     )]
     WouldCut {
         path: PathBuf,
@@ -297,7 +297,6 @@ fn size_of(file: &File, path: &Path) -> Result<u64, MetaError> {
     f.seek(std::io::SeekFrom::End(0)).map_err(io)
 }
 
-/// Where the metadata lives and how big the device holding it is.
 /// What [`crate::fsprobe`] finds at the start of a backing device.
 ///
 /// Reads through its own descriptor with readahead off, and drops what it read: a readahead
@@ -322,6 +321,7 @@ pub fn probe_backing(path: &Path) -> Result<Option<crate::fsprobe::Found>, MetaE
     Ok(crate::fsprobe::probe(&head))
 }
 
+/// Where the metadata lives and how big the device holding it is.
 fn meta_target(
     backing: &Path,
     external: Option<&Path>,

@@ -602,8 +602,8 @@ impl Replication {
                     if let Err(e) = r {
                         if !g.overflowed {
                             tracing::warn!(
-                                    "journal cannot take seq {seq} ({e:?}): the peer will need a resync of the dirty bitmap"
-                                );
+                                "journal cannot take seq {seq} ({e:?}): the peer will need a resync of the dirty bitmap"
+                            );
                             g.overflowed = true;
                             // The records dropped here may not be durable on the peer (not
                             // even sent, when it is stuck): their ranges go to the bitmap.

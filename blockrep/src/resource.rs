@@ -1343,7 +1343,6 @@ async fn journal_persister(rep: Arc<Replication>) {
     }
 }
 
-/// Removes a socket file left by a dead process; refuses if something still listens on it.
 /// The first failed I/O on the backing device since `up`: logged, and the `local-io-error`
 /// handler runs (DRBD's `on-io-error call-local-io-error`), so that an admin's script can
 /// alert or fail over. The error itself goes to the client that asked (DRBD's `pass_on`) and
@@ -1363,6 +1362,7 @@ async fn watch_disk_errors(res: std::sync::Weak<Resource>, mut errors: watch::Re
     res.run_handler("local-io-error");
 }
 
+/// Removes a socket file left by a dead process; refuses if something still listens on it.
 pub async fn remove_stale_socket(path: &std::path::Path) -> Result<(), NodeError> {
     if !path.exists() {
         if let Some(dir) = path.parent() {

@@ -344,6 +344,56 @@ fn down_twice_is_idempotent() {
     assert_ne!(out.code, Some(0), "export still served after down");
 }
 
+/// Something listens on the control socket but does not answer like a daemon (a hung or
+/// foreign process): `status` must not call the node "not running" (exit 3) but say it cannot
+/// tell (exit 4, with the error), and create-md must not write metadata under it.
+#[test]
+fn status_and_create_md_when_the_control_socket_answers_garbage() {
+    let c = Cluster::builder("status-garbage").build();
+    let a = c.alpha();
+    let path = a.control_path().to_owned();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("control socket dir");
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind control socket");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.write_all(b"this is not a daemon\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+    };
+    let out = a.ctl_timeout(&["status"], Duration::from_secs(10));
+    let json = a.ctl_timeout(&["status", "--json"], Duration::from_secs(10));
+    let md = a.ctl_timeout(&["create-md"], Duration::from_secs(10));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = server.join();
+    let _ = std::fs::remove_file(&path);
+    for out in [&out, &json] {
+        assert_eq!(out.code, Some(4), "status exit code\n{}", out.describe());
+        assert!(
+            out.stderr.contains("error:") && out.stderr.contains("decoding the daemon's reply"),
+            "status does not say why it cannot tell\n{}",
+            out.describe()
+        );
+    }
+    let err = assert_error(&md);
+    assert!(err.contains("cannot tell"), "{}", md.describe());
+    assert!(
+        !a.ctl(&["dump-md"]).success(),
+        "create-md wrote metadata while it could not tell whether a daemon runs"
+    );
+}
+
 #[test]
 fn status_of_a_stopped_node() {
     let c = Cluster::builder("status-stopped").build();
