@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -1757,40 +1758,10 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
         .external_meta()
         .build();
     let b = c.beta();
-    let fs = c.dir().join("beta-fs");
     // Room for the initial full sync (which allocates every block) first.
-    let tmpfs = Mount::tmpfs(&fs, "256m");
+    let (tmpfs, fs, on_tmpfs) = backing_on_tmpfs(&c, b, "256m");
     let _stop = StopDaemons(&c);
-    let on_tmpfs = fs.join("beta.img");
-    run_ok(
-        Command::new("truncate")
-            .arg("-s")
-            .arg(BACKING.to_string())
-            .arg(&on_tmpfs),
-        Duration::from_secs(10),
-    );
-    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
-    std::os::unix::fs::symlink(&on_tmpfs, b.backing_path()).expect("symlink beta.img");
-    // The local-io-error handler (DRBD's call-local-io-error) logs its node and arguments.
-    let handler_log = c.dir().join("handlers.log");
-    let script = c.dir().join("local-io-error.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$BLOCKREP_NODE $1 $2 $3\" >> '{}'\n",
-            handler_log.display()
-        ),
-    )
-    .expect("write the handler");
-    run_ok(
-        Command::new("chmod").arg("755").arg(&script),
-        Duration::from_secs(10),
-    );
-    c.write_config(&format!(
-        "{}\n[handlers]\nlocal-io-error = \"{}\"\n",
-        c.config_text(),
-        script.display()
-    ));
+    let handler_log = local_io_error_handler(&c);
     c.start_pair();
     let a = c.alpha();
     let size = a.size();
@@ -1804,15 +1775,7 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
             .arg(&on_tmpfs),
         Duration::from_secs(10),
     );
-    let used = run_ok(
-        Command::new("df").args(["-B1", "--output=used"]).arg(&fs),
-        Duration::from_secs(10),
-    )
-    .stdout
-    .lines()
-    .filter_map(|l| l.trim().parse::<u64>().ok())
-    .next()
-    .expect("df: used bytes");
+    let used = fs_used(&fs);
     run_ok(
         Command::new("mount")
             .arg("-o")
@@ -1858,15 +1821,7 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
         sb["io"]["disk_errors"].as_u64().unwrap_or(0) >= 1,
         "beta's status does not count its disk errors: {sb}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let calls = loop {
-        let text = std::fs::read_to_string(&handler_log).unwrap_or_default();
-        if !text.is_empty() || Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let calls: Vec<&str> = calls.lines().collect();
+    let calls = handler_calls(&handler_log);
     assert_eq!(calls.len(), 1, "local-io-error handler calls: {calls:?}");
     assert!(
         calls[0].starts_with("beta ") && calls[0].contains(" local-io-error alpha"),
@@ -1922,38 +1877,9 @@ fn primary_disk_error_fails_the_write_runs_the_handler_and_resyncs_the_range() {
         .external_meta()
         .build();
     let a = c.alpha();
-    let fs = c.dir().join("alpha-fs");
-    let tmpfs = Mount::tmpfs(&fs, "256m");
+    let (tmpfs, fs, _) = backing_on_tmpfs(&c, a, "256m");
     let _stop = StopDaemons(&c);
-    let on_tmpfs = fs.join("alpha.img");
-    run_ok(
-        Command::new("truncate")
-            .arg("-s")
-            .arg(BACKING.to_string())
-            .arg(&on_tmpfs),
-        Duration::from_secs(10),
-    );
-    std::fs::remove_file(a.backing_path()).expect("remove alpha.img");
-    std::os::unix::fs::symlink(&on_tmpfs, a.backing_path()).expect("symlink alpha.img");
-    let handler_log = c.dir().join("handlers.log");
-    let script = c.dir().join("local-io-error.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$BLOCKREP_NODE $1 $2 $3\" >> '{}'\n",
-            handler_log.display()
-        ),
-    )
-    .expect("write the handler");
-    run_ok(
-        Command::new("chmod").arg("755").arg(&script),
-        Duration::from_secs(10),
-    );
-    c.write_config(&format!(
-        "{}\n[handlers]\nlocal-io-error = \"{}\"\n",
-        c.config_text(),
-        script.display()
-    ));
+    let handler_log = local_io_error_handler(&c);
     c.start_pair();
     let b = c.beta();
     let size = a.size();
@@ -1962,15 +1888,7 @@ fn primary_disk_error_fails_the_write_runs_the_handler_and_resyncs_the_range() {
     nbd_write(a, 0, &before);
     c.wait_in_sync(SYNC_TIMEOUT);
     // Room for about 1 MiB more on alpha's disk.
-    let used = run_ok(
-        Command::new("df").args(["-B1", "--output=used"]).arg(&fs),
-        Duration::from_secs(10),
-    )
-    .stdout
-    .lines()
-    .filter_map(|l| l.trim().parse::<u64>().ok())
-    .next()
-    .expect("df: used bytes");
+    let used = fs_used(&fs);
     run_ok(
         Command::new("mount")
             .arg("-o")
@@ -2009,15 +1927,7 @@ fn primary_disk_error_fails_the_write_runs_the_handler_and_resyncs_the_range() {
         "the failed ranges are not marked out of sync: {}",
         a.repl()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let calls = loop {
-        let text = std::fs::read_to_string(&handler_log).unwrap_or_default();
-        if !text.is_empty() || Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let calls: Vec<&str> = calls.lines().collect();
+    let calls = handler_calls(&handler_log);
     assert_eq!(calls.len(), 1, "local-io-error handler calls: {calls:?}");
     assert!(
         calls[0].starts_with("alpha ") && calls[0].contains(" local-io-error beta"),
@@ -2328,6 +2238,75 @@ fn a_secondary_whose_disk_hangs_is_dropped_after_ko_count() {
     b.down();
     kit.kill();
     drop(fuse);
+}
+
+/// Moves `node`'s backing file onto a tmpfs of `size` (a symlink stays at the old path), so
+/// that a test can fill its disk. Returns the mount (unmounted on drop: declare a
+/// [`StopDaemons`] after it), its directory and the file on it.
+fn backing_on_tmpfs(c: &Cluster, node: &Node, size: &str) -> (Mount, PathBuf, PathBuf) {
+    let fs = c.dir().join(format!("{}-fs", node.name()));
+    let tmpfs = Mount::tmpfs(&fs, size);
+    let on_tmpfs = fs.join("backing.img");
+    run_ok(
+        Command::new("truncate")
+            .arg("-s")
+            .arg(BACKING.to_string())
+            .arg(&on_tmpfs),
+        Duration::from_secs(10),
+    );
+    std::fs::remove_file(node.backing_path()).expect("remove the backing file");
+    std::os::unix::fs::symlink(&on_tmpfs, node.backing_path()).expect("symlink the backing file");
+    (tmpfs, fs, on_tmpfs)
+}
+
+/// Adds a `local-io-error` handler (DRBD's call-local-io-error) to the config; it appends
+/// "NODE RESOURCE EVENT PEER" to the returned log.
+fn local_io_error_handler(c: &Cluster) -> PathBuf {
+    let log = c.dir().join("handlers.log");
+    let script = c.dir().join("local-io-error.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$BLOCKREP_NODE $1 $2 $3\" >> '{}'\n",
+            log.display()
+        ),
+    )
+    .expect("write the handler");
+    run_ok(
+        Command::new("chmod").arg("755").arg(&script),
+        Duration::from_secs(10),
+    );
+    c.write_config(&format!(
+        "{}\n[handlers]\nlocal-io-error = \"{}\"\n",
+        c.config_text(),
+        script.display()
+    ));
+    log
+}
+
+/// The handler's calls so far, once there is one (at most 10 s).
+fn handler_calls(log: &Path) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if !text.is_empty() || Instant::now() > deadline {
+            return text.lines().map(str::to_owned).collect();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Bytes used on the filesystem at `dir`.
+fn fs_used(dir: &Path) -> u64 {
+    run_ok(
+        Command::new("df").args(["-B1", "--output=used"]).arg(dir),
+        Duration::from_secs(10),
+    )
+    .stdout
+    .lines()
+    .filter_map(|l| l.trim().parse::<u64>().ok())
+    .next()
+    .expect("df: used bytes")
 }
 
 /// Kills a cluster's daemons when dropped: declared after a mount their files live on, it
