@@ -194,6 +194,11 @@ impl Ranges {
         while self.inflight.front().is_some_and(|&(_, r)| r.is_none()) {
             self.inflight.pop_front();
         }
+        // Holes behind an old write that is slow to finish: compact, so that the deque (and
+        // every `blocked` scan) stays proportional to what is in flight.
+        if self.inflight.len() > 2 * self.live + 64 {
+            self.inflight.retain(|&(_, r)| r.is_some());
+        }
     }
     /// Whether an earlier in-flight range overlaps `range`.
     pub fn blocked(&self, seq: u64, range: (u64, u64)) -> bool {
@@ -1657,5 +1662,20 @@ mod tests {
         r.remove(2);
         assert!(r.is_empty());
         assert!(!r.blocked(u64::MAX, (0, u64::MAX)));
+    }
+
+    #[test]
+    fn ranges_stay_bounded_behind_a_stuck_write() {
+        let mut r = Ranges::default();
+        r.insert(1, (0, 4096));
+        for seq in 2..100_000u64 {
+            r.insert(seq, (seq * 4096, seq * 4096 + 4096));
+            r.remove(seq);
+        }
+        assert_eq!(r.len(), 1);
+        assert!(r.inflight.len() <= 2 * r.live + 65, "{}", r.inflight.len());
+        assert!(r.blocked(u64::MAX, (0, 1)));
+        r.remove(1);
+        assert!(r.is_empty() && r.inflight.is_empty());
     }
 }

@@ -52,8 +52,9 @@ pub struct IoCounters {
     pub bytes_written: u64,
     /// Failed requests: bad requests from clients and failed I/O on the backing device.
     pub errors: u64,
-    /// Of those, failed I/O on the backing device (reads, writes, zeroing, syncs), on either
-    /// role: the secondary's apply path counts too.
+    /// Of those, failed I/O on the backing device in the data path: the export's reads,
+    /// writes, zeroing and syncs, and the secondary's applying of the stream. (Resync and
+    /// verify reads, and metadata I/O, fail their own operation and are logged, not counted.)
     #[serde(default)]
     pub disk_errors: u64,
 }

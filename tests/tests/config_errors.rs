@@ -364,8 +364,14 @@ fn status_and_create_md_when_the_control_socket_answers_garbage() {
             use std::io::Write;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.write_all(b"this is not a daemon\n");
+                    Ok((s, _)) => {
+                        use std::io::BufRead;
+                        // Reads the request first, so the client never fails to send it.
+                        let _ = s.set_nonblocking(false);
+                        let mut r = std::io::BufReader::new(s);
+                        let mut line = String::new();
+                        let _ = r.read_line(&mut line);
+                        let _ = r.get_mut().write_all(b"this is not a daemon\n");
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }

@@ -1852,6 +1852,11 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
         !last.contains(", full"),
         "a full resync after a disk error: {last}"
     );
+    assert_eq!(
+        handler_calls(&handler_log).len(),
+        1,
+        "the local-io-error handler ran again"
+    );
     a.assert_alive();
     b.assert_alive();
     // The daemons let go of the tmpfs before it is unmounted (on a failure, `_stop` kills
@@ -1953,6 +1958,12 @@ fn primary_disk_error_fails_the_write_runs_the_handler_and_resyncs_the_range() {
     c.wait_in_sync(Duration::from_secs(60));
     c.assert_replicas_identical(size, "after alpha's disk had room again");
     assert_eq!(a.repl()["out_of_sync"], 0, "{}", a.repl());
+    assert_eq!(b.status_json()["io"]["disk_errors"], 0);
+    assert_eq!(
+        handler_calls(&handler_log).len(),
+        1,
+        "the local-io-error handler ran again"
+    );
     a.assert_alive();
     b.assert_alive();
     a.down();
