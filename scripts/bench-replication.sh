@@ -17,6 +17,13 @@
 #   WORKLOADS="..."      subset of: 4k-randwrite-qd32 4k-randwrite-qd1 1m-seqwrite-qd8
 #                        (default: all three, in that order)
 #   JOURNAL_SIZE=64M     resource journal-size (also in the lone config: same exported size)
+#   INITIAL_SYNC=full    how the pair starts: full = primary --force on alpha, then the
+#                        initial full sync of the (all-zero) device runs to its end before
+#                        the workloads (beta's file then holds zeroed extents); skip = DRBD's
+#                        new-current-uuid --clear-bitmap on the two fresh secondaries, then
+#                        primary: no sync at all (beta's file stays sparse, so every first
+#                        write to a block allocates it, on both nodes)
+#   SYNC_WAIT=300        seconds to wait for the initial full sync
 #   CONNECT_TIMEOUT=30   seconds to wait for the peer link to show "connected"
 #   DRAIN_TIMEOUT=120    seconds to wait after a run for lag_writes == 0 and
 #                        seq_applied == seq_written before comparing the replicas
@@ -36,11 +43,12 @@
 #
 # What it does, per configuration:
 #   * fresh sparse backing files of SIZE (truncate), alpha.img and beta.img, identical
-#     (all zeroes: there is no initial full sync yet, so the replicas must start equal);
+#     (all zeroes);
 #   * a config with [node.alpha] and, except for lone, [node.beta], on free loopback ports
 #     (replication and export), control sockets and logs in the temp dir; internal metadata;
-#   * create-md on each node, up on each node, primary --force on alpha, and for A/B/C a wait
-#     until alpha's `status --json` shows .replication.connection == "connected";
+#   * create-md on each node, up on each node; lone: primary --force on alpha; A/B/C: see
+#     INITIAL_SYNC, then a wait until alpha's `status --json` shows
+#     .replication.connection == "connected" and, after a full sync, out_of_sync == 0;
 #   * the workloads on alpha's export (fio --ioengine=nbd --uri=nbd://127.0.0.1:PORT/bench,
 #     one job, time based, ramp RAMP, --norandommap --randrepeat=0, fio's random, non-zero
 #     buffers with --scramble_buffers=1, no --zero_buffers):
@@ -104,6 +112,8 @@ CONFIGS=${CONFIGS:-$ALL_CONFIGS}
 ALL_WORKLOADS="4k-randwrite-qd32 4k-randwrite-qd1 1m-seqwrite-qd8"
 WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
 JOURNAL_SIZE=${JOURNAL_SIZE:-64M}
+INITIAL_SYNC=${INITIAL_SYNC:-full}
+SYNC_WAIT=${SYNC_WAIT:-300}
 CONNECT_TIMEOUT=${CONNECT_TIMEOUT:-30}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-120}
 SAMPLE_INTERVAL=${SAMPLE_INTERVAL:-1}
@@ -343,7 +353,23 @@ setup_config() {
             log "$cfg: status of $node has no pid; relying on blockrep-ctl down"
         fi
     done
-    ctl alpha primary --force >&2 || { log "$cfg: primary --force on alpha failed"; return 1; }
+    if [[ $cfg == lone || $INITIAL_SYNC == full ]]; then
+        ctl alpha primary --force >&2 || { log "$cfg: primary --force on alpha failed"; return 1; }
+    else
+        # Both files are new and all zeroes: skip the initial full sync (DRBD's
+        # new-current-uuid --clear-bitmap), so that no resync runs beside the workloads and
+        # the lone node and the pair start from the same page-cache state. It needs the two
+        # secondaries connected.
+        deadline=$((SECONDS + CONNECT_TIMEOUT))
+        until ctl alpha new-current-uuid --clear-bitmap >&2; do
+            if ((SECONDS >= deadline)); then
+                log "$cfg: new-current-uuid --clear-bitmap on alpha kept failing"
+                return 1
+            fi
+            sleep 0.2
+        done
+        ctl alpha primary >&2 || { log "$cfg: primary on alpha failed"; return 1; }
+    fi
     st=$dir/status-alpha.json
     status_to alpha "$st" || return 1
     read -r role size < <(jget "$st" role size) || return 1
@@ -364,6 +390,18 @@ setup_config() {
             sleep 0.2
         done
         log "$cfg: connected after $(elapsed "$t0")s"
+        # The initial full sync (INITIAL_SYNC=full) ends before the workloads start.
+        while :; do
+            status_to alpha "$st" || return 1
+            oos=$(jget "$st" replication.out_of_sync) || return 1
+            [[ $oos == 0 ]] && break
+            if ((SECONDS >= deadline + SYNC_WAIT)); then
+                log "$cfg: the initial sync did not finish (out_of_sync $oos)"
+                return 1
+            fi
+            sleep 0.2
+        done
+        log "$cfg: in sync after $(elapsed "$t0")s"
         status_to beta "$dir/status-beta.json" || return 1
         read -r role size < <(jget "$dir/status-beta.json" role size) || return 1
         [[ $role == secondary ]] || { log "$cfg: beta's role is '$role'"; return 1; }

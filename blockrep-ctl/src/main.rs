@@ -69,6 +69,14 @@ enum Cmd {
     Disconnect,
     /// Declare this node's data bad and fetch all of it from the peer (full resync).
     Invalidate,
+    /// With --clear-bitmap (DRBD's way to skip the initial sync): on a connected pair of
+    /// freshly created secondaries whose disks are known to be identical (both new and
+    /// zeroed, say), make both up to date with one new generation, without copying anything.
+    NewCurrentUuid {
+        /// Required: declare both disks identical and clear the bitmap.
+        #[arg(long)]
+        clear_bitmap: bool,
+    },
     /// Online verify (on either node of a connected pair; the primary runs it): compare the
     /// hashes of every region with the peer's while I/O goes on, mark the differing regions
     /// out of sync on the primary and print how many differ. A resync (`disconnect` then
@@ -120,6 +128,14 @@ fn run(args: Args) -> Result<()> {
         Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
+        Cmd::NewCurrentUuid { clear_bitmap } => {
+            if !clear_bitmap {
+                bail!(
+                    "new-current-uuid is only supported with --clear-bitmap (skip the initial sync of two fresh, identical disks)"
+                );
+            }
+            simple(&cfg, Request::SkipInitialSync)
+        }
         Cmd::Verify { no_wait, timeout } => verify(&cfg, no_wait, timeout),
         Cmd::Status { json } => {
             if !status(&cfg, json)? {

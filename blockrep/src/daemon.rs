@@ -143,6 +143,10 @@ impl Daemon {
                 Ok(r) => r.invalidate().await,
                 Err(e) => Err(e),
             },
+            Request::SkipInitialSync => match self.resource().await {
+                Ok(r) => r.skip_initial_sync().await,
+                Err(e) => Err(e),
+            },
             Request::Disconnect => match self.resource().await {
                 Ok(_) if self.cfg.peer.is_none() => Err(NodeError::Refused(format!(
                     "resource {} has no peer configured",

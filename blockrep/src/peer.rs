@@ -2223,10 +2223,31 @@ async fn idle_side(
     mut wr: LinkWrite,
 ) -> Result<(), LinkError> {
     res.set_link_state("connected", None);
+    // The reader's answers to the peer's requests, written by the writer.
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Msg>(4);
     let pinger = async {
+        let mut ping = tokio::time::interval(PING_INTERVAL);
         loop {
-            write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
-            tokio::time::sleep(PING_INTERVAL).await;
+            tokio::select! {
+                _ = ping.tick() => {
+                    write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+                }
+                // The admin ran `new-current-uuid --clear-bitmap` here: ask the peer.
+                _ = res.skip_sync_kick.notified() => {
+                    let gen = res
+                        .skip_sync
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|(g, _)| *g);
+                    if let Some(gen) = gen {
+                        write_msg(&mut wr, &Msg::SkipSync { gen }).await?;
+                    }
+                }
+                Some(m) = reply_rx.recv() => {
+                    write_msg(&mut wr, &m).await?;
+                }
+            }
         }
     };
     let reader = async {
@@ -2248,6 +2269,23 @@ async fn idle_side(
                     }
                 }
                 Msg::Refuse { reason } => return Err(peer_refused(reason)),
+                Msg::SkipSync { gen } => {
+                    let r = res.skip_sync_for_peer(gen).await;
+                    if let Err(why) = &r {
+                        tracing::warn!("the peer asked to skip the initial sync; refused: {why}");
+                    }
+                    let _ = reply_tx.send(Msg::skip_sync_reply(r)).await;
+                }
+                Msg::SkipSyncReply { ok, reason } => {
+                    let waiting = res
+                        .skip_sync
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take();
+                    if let Some((_, answer)) = waiting {
+                        let _ = answer.send(if ok { Ok(()) } else { Err(reason) });
+                    }
+                }
                 _ => {}
             }
         }

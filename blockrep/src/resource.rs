@@ -44,6 +44,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
     move |source| NodeError::Io { what, source }
 }
 
+/// Where the peer's answer to `new-current-uuid --clear-bitmap` goes: done, or why not.
+pub type SkipSyncAnswer = tokio::sync::oneshot::Sender<Result<(), String>>;
+
 pub struct Resource {
     cfg: Config,
     meta: Arc<Mutex<MetaStore>>,
@@ -69,6 +72,11 @@ pub struct Resource {
     unix_path: Option<PathBuf>,
     kernel: tokio::sync::Mutex<Option<crate::kernel::Attachment>>,
     kernel_note: Mutex<Option<String>>,
+    /// `new-current-uuid --clear-bitmap` waiting for the idle link to ask the peer: the
+    /// generation both are to adopt, and where the peer's answer goes. `skip_sync_kick`
+    /// wakes the link's writer.
+    pub skip_sync: Mutex<Option<(u64, SkipSyncAnswer)>>,
+    pub skip_sync_kick: tokio::sync::Notify,
 }
 
 /// The latest online verify of this node (see [`Resource::start_verify`]).
@@ -265,6 +273,8 @@ impl Resource {
             unix_path,
             kernel: tokio::sync::Mutex::new(None),
             kernel_note: Mutex::new(None),
+            skip_sync: Mutex::new(None),
+            skip_sync_kick: tokio::sync::Notify::new(),
         });
         let watcher = tokio::spawn(watch_disk_errors(
             Arc::downgrade(&res),
@@ -445,6 +455,112 @@ impl Resource {
             "{} invalidated: a full resync from the peer starts when connected",
             self.cfg.me.name
         ))
+    }
+
+    /// This node as `new-current-uuid --clear-bitmap` sees it.
+    pub fn skip_sync_view(st: &NodeState) -> crate::state::SkipSyncView {
+        crate::state::SkipSyncView {
+            primary: st.primary,
+            disk: st.disk,
+            current: st.gen.current,
+        }
+    }
+
+    /// `new-current-uuid --clear-bitmap` (DRBD's): the admin declares the two freshly created
+    /// disks identical (both new and zeroed, say), so the initial full sync is skipped. Both
+    /// nodes adopt one new generation and become up to date: the peer first (asked over the
+    /// link), then this node. If anything fails between the two, the generations differ and
+    /// the next connect runs the full sync after all.
+    pub async fn skip_initial_sync(&self) -> Result<String, NodeError> {
+        let Some(peer_cfg) = self.cfg.peer.as_ref() else {
+            return Err(NodeError::Refused(
+                "no peer configured: there is no initial sync to skip (`primary --force` makes a lone node up to date)".into(),
+            ));
+        };
+        let peer = {
+            let l = self.link();
+            if l.state == "connected" {
+                l.peer.clone()
+            } else {
+                None
+            }
+        };
+        let me = self.node_state();
+        crate::state::can_skip_initial_sync(
+            Self::skip_sync_view(&me),
+            peer.as_ref().map(Self::skip_sync_view),
+        )
+        .map_err(NodeError::Refused)?;
+        let gen = random_id();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self.skip_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some((gen, tx));
+        self.skip_sync_kick.notify_one();
+        let answer = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        self.skip_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match answer {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(why))) => {
+                return Err(NodeError::Refused(format!(
+                    "{} refused to skip the initial sync: {why}",
+                    peer_cfg.name
+                )))
+            }
+            _ => {
+                return Err(NodeError::Refused(format!(
+                    "{} did not answer within 10 s; nothing changed on this node (if it did adopt the new generation, the next connect syncs in full)",
+                    peer_cfg.name
+                )))
+            }
+        }
+        self.adopt_skipped_sync(gen).await?;
+        // Reconnect, so that both sides exchange their new state.
+        self.announce_role().await;
+        Ok(format!(
+            "{} and {} are up to date with the new generation {gen:016X}; the initial sync is skipped (both disks are taken to hold the same data)",
+            self.cfg.me.name, peer_cfg.name
+        ))
+    }
+
+    /// The peer asked this node to skip the initial sync with generation `gen`.
+    pub async fn skip_sync_for_peer(&self, gen: u64) -> Result<(), String> {
+        let peer = self.link().peer.clone();
+        crate::state::can_skip_initial_sync(
+            Self::skip_sync_view(&self.node_state()),
+            peer.as_ref().map(Self::skip_sync_view),
+        )?;
+        if gen & (1 << 63) == 0 {
+            return Err(format!("{gen:016X} is not a generation id"));
+        }
+        self.adopt_skipped_sync(gen)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            "initial sync skipped at the peer's request (new-current-uuid --clear-bitmap): up to date with generation {gen:016X}"
+        );
+        Ok(())
+    }
+
+    /// Up to date with generation `gen` and an empty bitmap, on disk.
+    async fn adopt_skipped_sync(&self, gen: u64) -> Result<(), NodeError> {
+        if let Some(rep) = &self.rep {
+            {
+                let mut g = rep.lock();
+                g.bitmap.clear_all();
+                g.bitmap_dirty = true;
+            }
+            rep.persist()
+                .await
+                .map_err(io_err("writing the cleared bitmap"))?;
+        }
+        self.commit_meta(move |sb| {
+            sb.disk = DiskState::UpToDate;
+            sb.gen = crate::state::skipped_sync(gen);
+            sb.peer_up_to_date = true;
+        })
+        .await
     }
 
     /// `verify`: starts an online verify; returns at once with the run's number. Progress and

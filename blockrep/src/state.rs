@@ -302,6 +302,55 @@ pub fn discard_peers(d: SyncDecision) -> SyncDecision {
     }
 }
 
+/// What `new-current-uuid --clear-bitmap` needs to know of one node: its role, its disk
+/// (0 inconsistent, 1 outdated, 2 up-to-date, as on the wire) and its current generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkipSyncView {
+    pub primary: bool,
+    pub disk: u8,
+    pub current: u64,
+}
+
+/// `new-current-uuid --clear-bitmap` (DRBD's way to skip the initial sync of two disks the
+/// admin knows to be identical, e.g. both new and zeroed): allowed only between two
+/// connected secondaries whose disks are both inconsistent and were never written through
+/// blockrep since create-md (fresh generation). Anything else has data one side may lack.
+pub fn can_skip_initial_sync(me: SkipSyncView, peer: Option<SkipSyncView>) -> Result<(), String> {
+    use crate::meta::UUID_JUST_CREATED as FRESH;
+    let Some(peer) = peer else {
+        return Err("the peer is not connected: both nodes must take part".into());
+    };
+    for (who, n) in [("this node", me), ("the peer", peer)] {
+        if n.primary {
+            return Err(format!(
+                "{who} is primary: only two secondaries can skip the initial sync"
+            ));
+        }
+        if n.disk != 0 || n.current != FRESH {
+            return Err(format!(
+                "{who} is not freshly created (disk {}, generation {:016X}): its data may differ from the other's, so a sync is needed",
+                match n.disk {
+                    0 => "inconsistent",
+                    1 => "outdated",
+                    _ => "up-to-date",
+                },
+                n.current
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The generations of both nodes after `new-current-uuid --clear-bitmap`: the new id, coming
+/// from the fresh state, with no bitmap (nothing differs).
+pub fn skipped_sync(new_id: u64) -> Generations {
+    Generations {
+        current: new_id,
+        bitmap: 0,
+        history: [crate::meta::UUID_JUST_CREATED, 0],
+    }
+}
+
 /// A primary that loses its peer (or is promoted without one) starts a new generation: the
 /// bitmap from now on counts changes since the old one.
 pub fn new_generation(g: Generations, new_id: u64) -> Generations {
@@ -343,6 +392,41 @@ mod gen_tests {
             bitmap,
             history: [h0, h1],
         }
+    }
+
+    #[test]
+    fn skip_initial_sync_only_between_fresh_connected_secondaries() {
+        let fresh = SkipSyncView {
+            primary: false,
+            disk: 0,
+            current: FRESH,
+        };
+        assert_eq!(can_skip_initial_sync(fresh, Some(fresh)), Ok(()));
+        assert!(can_skip_initial_sync(fresh, None).is_err());
+        for bad in [
+            SkipSyncView {
+                primary: true,
+                ..fresh
+            },
+            SkipSyncView { disk: 2, ..fresh },
+            SkipSyncView { disk: 1, ..fresh },
+            SkipSyncView {
+                current: 0x8000_0000_0000_0001,
+                ..fresh
+            },
+        ] {
+            assert!(can_skip_initial_sync(bad, Some(fresh)).is_err(), "{bad:?}");
+            assert!(can_skip_initial_sync(fresh, Some(bad)).is_err(), "{bad:?}");
+        }
+        // Afterwards both are the same generation: in sync, and a later outage is a bitmap
+        // resync from the side that moved on.
+        let both = skipped_sync(0x8000_0000_0000_0042);
+        assert_eq!(compare_generations(&both, &both), InSync);
+        let moved = new_generation(both, 0x8000_0000_0000_0043);
+        assert_eq!(compare_generations(&moved, &both), SourceBitmap);
+        assert_eq!(compare_generations(&both, &moved), TargetBitmap);
+        // A node created afresh later gets everything.
+        assert_eq!(compare_generations(&both, &g(FRESH, 0, 0, 0)), SourceFull);
     }
 
     /// The decision seen from the other side is the mirror image.

@@ -30,6 +30,9 @@ pub enum Request {
     /// Online verify: compare the hashes of every region with the peer's, mark the differing
     /// ones out of sync. Returns at once; progress and result are in `status`.
     Verify,
+    /// `new-current-uuid --clear-bitmap`: skip the initial sync of two freshly created,
+    /// connected secondaries whose disks the admin knows to be identical.
+    SkipInitialSync,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -175,6 +175,18 @@ pub enum Msg {
     VerifyRequest,
     /// Primary to secondary: the state of the verify the secondary asked for.
     VerifyProgress(VerifyReport),
+    /// Between two secondaries, both freshly created and inconsistent (DRBD's
+    /// `new-current-uuid --clear-bitmap`): the admin declares both disks identical, so both
+    /// adopt generation `gen` as up to date and the initial full sync is skipped.
+    SkipSync {
+        gen: u64,
+    },
+    /// The answer to [`Msg::SkipSync`]: done, or why not (at most [`MAX_REFUSE_REASON`]
+    /// bytes).
+    SkipSyncReply {
+        ok: bool,
+        reason: String,
+    },
 }
 
 /// Progress of an online verify, as the primary reports it to the secondary that asked.
@@ -233,19 +245,40 @@ pub fn hash_count(len: u32, block: u32) -> Option<usize> {
 /// and node names, escaped), and a frame header is bounded.
 pub const MAX_REFUSE_REASON: usize = 256;
 
+/// `reason` cut to [`MAX_REFUSE_REASON`] bytes at a character boundary ("..." marks a cut).
+pub fn cut_reason(reason: &str) -> String {
+    let mut cut = reason.len().min(MAX_REFUSE_REASON);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut r = reason[..cut].to_string();
+    if cut < reason.len() {
+        r.push_str("...");
+    }
+    r
+}
+
 impl Msg {
     /// A `Refuse` whose reason is cut to [`MAX_REFUSE_REASON`] bytes (at a character boundary),
     /// so it always encodes within the header bound.
     pub fn refuse(reason: &str) -> Msg {
-        let mut cut = reason.len().min(MAX_REFUSE_REASON);
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
+        Msg::Refuse {
+            reason: cut_reason(reason),
         }
-        let mut r = reason[..cut].to_string();
-        if cut < reason.len() {
-            r.push_str("...");
+    }
+
+    /// A `SkipSyncReply` (its reason cut like a refusal's).
+    pub fn skip_sync_reply(result: Result<(), String>) -> Msg {
+        match result {
+            Ok(()) => Msg::SkipSyncReply {
+                ok: true,
+                reason: String::new(),
+            },
+            Err(why) => Msg::SkipSyncReply {
+                ok: false,
+                reason: cut_reason(&why),
+            },
         }
-        Msg::Refuse { reason: r }
     }
 
     /// The sequence number of a stream record.

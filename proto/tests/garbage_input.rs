@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 18;
+const VARIANTS: usize = 20;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -85,6 +85,8 @@ fn variant(m: &Msg) -> usize {
         Msg::Equal { .. } => 15,
         Msg::VerifyRequest => 16,
         Msg::VerifyProgress(_) => 17,
+        Msg::SkipSync { .. } => 18,
+        Msg::SkipSyncReply { .. } => 19,
     }
 }
 
@@ -196,6 +198,14 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             len: rng.u64_edge(),
         },
         16 => Msg::VerifyRequest,
+        18 => Msg::SkipSync {
+            gen: rng.u64_edge(),
+        },
+        19 => Msg::skip_sync_reply(if rng.one_in(2) {
+            Ok(())
+        } else {
+            Err(rng.string(300))
+        }),
         _ => Msg::VerifyProgress(
             peer::VerifyReport {
                 run: rng.u64_edge(),

@@ -1971,6 +1971,84 @@ fn primary_disk_error_fails_the_write_runs_the_handler_and_resyncs_the_range() {
     tmpfs.close();
 }
 
+/// DRBD's `new-current-uuid --clear-bitmap`: two freshly created nodes whose disks are known
+/// to be identical (here both new sparse files, all zeroes) skip the initial full sync. It is
+/// refused without the peer and once the nodes are no longer fresh; when done, both are up to
+/// date with one generation, a plain `primary` (no --force) works, no resync runs, and writes
+/// replicate as usual.
+#[test]
+fn new_current_uuid_clear_bitmap_skips_the_initial_sync() {
+    let c = Cluster::builder("repl-skip-sync")
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol("C")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    b.create_md();
+    a.up();
+    let refused = |out: &CmdOutput, why: &str| {
+        assert!(
+            !out.success() && out.stderr.contains(why),
+            "expected a refusal naming {why:?}\n{}",
+            out.describe()
+        );
+    };
+    refused(&a.ctl(&["new-current-uuid"]), "--clear-bitmap");
+    refused(
+        &a.ctl(&["new-current-uuid", "--clear-bitmap"]),
+        "not connected",
+    );
+    b.up();
+    a.wait_connected(CONNECT_TIMEOUT);
+    b.wait_connected(CONNECT_TIMEOUT);
+    let out = a.ctl_ok(&["new-current-uuid", "--clear-bitmap"]);
+    assert!(
+        out.stdout.contains("initial sync is skipped"),
+        "{}",
+        out.describe()
+    );
+    let gen = |n: &Node| {
+        let md = n.ctl_ok(&["dump-md"]).stdout;
+        md.lines()
+            .find(|l| l.starts_with("current-gen"))
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_owned())
+            .unwrap_or_else(|| panic!("dump-md has no current-gen:\n{md}"))
+    };
+    assert_eq!(
+        gen(a),
+        gen(b),
+        "the two nodes adopted different generations"
+    );
+    for n in [a, b] {
+        let st = n.status_json();
+        assert_eq!(st["disk"], "up-to-date", "{}: {st}", n.name());
+    }
+    // Not again: neither node is fresh any more.
+    refused(
+        &b.ctl(&["new-current-uuid", "--clear-bitmap"]),
+        "not freshly created",
+    );
+    // A plain promotion, no resync, and the stream works.
+    a.ctl_ok(&["primary"]);
+    a.wait_repl(CONNECT_TIMEOUT, "connected to a secondary peer", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    let size = a.size();
+    let d = random_bytes(4 * MIB);
+    nbd_write(a, MIB as u64, &d);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after skipping the initial sync");
+    assert_same_bytes(&b.backing_data(5 * MIB as u64)[MIB..], &d, "beta's data");
+    let alog = log_text(a);
+    assert!(
+        !alog.contains("resync to the peer"),
+        "a resync ran although the initial sync was skipped:\n{}",
+        a.log_tail(30)
+    );
+    assert_eq!(a.repl()["out_of_sync"], 0, "{}", a.repl());
+}
+
 /// A primary demoted while its peer is behind (protocol A, the link stalled so the drain
 /// times out) keeps the writes the peer lacks and says so with a new generation: once the
 /// link is back, the two secondaries resync from it, so the old secondary, promoted next,
