@@ -373,7 +373,7 @@ setup_config() {
     st=$dir/status-alpha.json
     status_to alpha "$st" || return 1
     read -r role size < <(jget "$st" role size) || return 1
-    [[ $role == primary ]] || { log "$cfg: alpha's role is '$role' after primary --force"; return 1; }
+    [[ $role == primary ]] || { log "$cfg: alpha's role is '$role' after its promotion"; return 1; }
     is_pos "$size" || { log "$cfg: alpha's status reports no size"; return 1; }
     DEV_SIZE=$size
     if [[ $cfg != lone ]]; then
@@ -382,7 +382,8 @@ setup_config() {
         while :; do
             status_to alpha "$st" || return 1
             conn=$(jget "$st" replication.connection) || return 1
-            [[ $conn == connected ]] && break
+            # (sync-source: connected, the initial full sync running)
+            [[ $conn == connected || $conn == sync-source ]] && break
             if ((SECONDS >= deadline)); then
                 log "$cfg: not connected after ${CONNECT_TIMEOUT}s (connection: $conn; last_error: $(jget "$st" replication.last_error))"
                 return 1
@@ -391,12 +392,14 @@ setup_config() {
         done
         log "$cfg: connected after $(elapsed "$t0")s"
         # The initial full sync (INITIAL_SYNC=full) ends before the workloads start.
+        deadline=$((SECONDS + SYNC_WAIT))
         while :; do
             status_to alpha "$st" || return 1
+            conn=$(jget "$st" replication.connection) || return 1
             oos=$(jget "$st" replication.out_of_sync) || return 1
-            [[ $oos == 0 ]] && break
-            if ((SECONDS >= deadline + SYNC_WAIT)); then
-                log "$cfg: the initial sync did not finish (out_of_sync $oos)"
+            [[ $conn == connected && $oos == 0 ]] && break
+            if ((SECONDS >= deadline)); then
+                log "$cfg: the initial sync did not finish within ${SYNC_WAIT}s (connection $conn, out_of_sync $oos)"
                 return 1
             fi
             sleep 0.2
