@@ -2274,14 +2274,18 @@ async fn idle_side(
                     if let Err(why) = &r {
                         tracing::warn!("the peer asked to skip the initial sync; refused: {why}");
                     }
-                    let _ = reply_tx.send(Msg::skip_sync_reply(r)).await;
+                    let _ = reply_tx.send(Msg::skip_sync_reply(gen, r)).await;
                 }
-                Msg::SkipSyncReply { ok, reason } => {
-                    let waiting = res
-                        .skip_sync
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take();
+                Msg::SkipSyncReply { gen, ok, reason } => {
+                    // Only the answer to the request still waiting here.
+                    let waiting = {
+                        let mut pending = res.skip_sync.lock().unwrap_or_else(|p| p.into_inner());
+                        if pending.as_ref().is_some_and(|(g, _)| *g == gen) {
+                            pending.take()
+                        } else {
+                            None
+                        }
+                    };
                     if let Some((_, answer)) = waiting {
                         let _ = answer.send(if ok { Ok(()) } else { Err(reason) });
                     }

@@ -493,31 +493,39 @@ impl Resource {
         .map_err(NodeError::Refused)?;
         let gen = random_id();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        *self.skip_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some((gen, tx));
+        {
+            let mut pending = self.skip_sync.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.is_some() {
+                return Err(NodeError::Refused(
+                    "another new-current-uuid is waiting for the peer".into(),
+                ));
+            }
+            *pending = Some((gen, tx));
+        }
         self.skip_sync_kick.notify_one();
         let answer = tokio::time::timeout(Duration::from_secs(10), rx).await;
-        self.skip_sync
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        match answer {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(why))) => {
-                return Err(NodeError::Refused(format!(
-                    "{} refused to skip the initial sync: {why}",
-                    peer_cfg.name
-                )))
-            }
-            _ => {
-                return Err(NodeError::Refused(format!(
-                    "{} did not answer within 10 s; nothing changed on this node (if it did adopt the new generation, the next connect syncs in full)",
-                    peer_cfg.name
-                )))
+        {
+            // Ours, unless the answer took it already.
+            let mut pending = self.skip_sync.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.as_ref().is_some_and(|(g, _)| *g == gen) {
+                pending.take();
             }
         }
-        self.adopt_skipped_sync(gen).await?;
-        // Reconnect, so that both sides exchange their new state.
+        let result = match answer {
+            Ok(Ok(Ok(()))) => self.adopt_skipped_sync(gen).await,
+            Ok(Ok(Err(why))) => Err(NodeError::Refused(format!(
+                "{} refused to skip the initial sync: {why}",
+                peer_cfg.name
+            ))),
+            _ => Err(NodeError::Refused(format!(
+                "{} did not answer within 10 s; nothing changed on this node (if the peer did adopt the new generation, the full sync runs after all)",
+                peer_cfg.name
+            ))),
+        };
+        // Reconnect whatever happened, so that both sides exchange their new state (and a
+        // half-done skip turns into the full sync).
         self.announce_role().await;
+        result?;
         Ok(format!(
             "{} and {} are up to date with the new generation {gen:016X}; the initial sync is skipped (both disks are taken to hold the same data)",
             self.cfg.me.name, peer_cfg.name
@@ -543,8 +551,30 @@ impl Resource {
         Ok(())
     }
 
-    /// Up to date with generation `gen` and an empty bitmap, on disk.
+    /// Up to date with generation `gen` and an empty bitmap, on disk. The precondition is
+    /// checked again in the same metadata update that commits, so a promotion (which always
+    /// leaves the fresh generation) in the meantime makes this fail rather than hide its
+    /// writes; the bitmap is cleared only after that commit.
     async fn adopt_skipped_sync(&self, gen: u64) -> Result<(), NodeError> {
+        if self.role() == Role::Primary {
+            return Err(NodeError::Refused("this node became primary".into()));
+        }
+        self.update_meta(move |sb| {
+            if sb.disk != DiskState::Inconsistent
+                || sb.gen.current != crate::meta::UUID_JUST_CREATED
+            {
+                return Err(NodeError::Refused(format!(
+                    "this node is no longer freshly created (disk {}, generation {:016X})",
+                    sb.disk.name(),
+                    sb.gen.current
+                )));
+            }
+            sb.disk = DiskState::UpToDate;
+            sb.gen = crate::state::skipped_sync(gen);
+            sb.peer_up_to_date = true;
+            Ok(())
+        })
+        .await?;
         if let Some(rep) = &self.rep {
             {
                 let mut g = rep.lock();
@@ -555,12 +585,7 @@ impl Resource {
                 .await
                 .map_err(io_err("writing the cleared bitmap"))?;
         }
-        self.commit_meta(move |sb| {
-            sb.disk = DiskState::UpToDate;
-            sb.gen = crate::state::skipped_sync(gen);
-            sb.peer_up_to_date = true;
-        })
-        .await
+        Ok(())
     }
 
     /// `verify`: starts an online verify; returns at once with the run's number. Progress and

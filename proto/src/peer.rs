@@ -181,9 +181,10 @@ pub enum Msg {
     SkipSync {
         gen: u64,
     },
-    /// The answer to [`Msg::SkipSync`]: done, or why not (at most [`MAX_REFUSE_REASON`]
-    /// bytes).
+    /// The answer to [`Msg::SkipSync`] for generation `gen`: done, or why not (cut to
+    /// [`MAX_REFUSE_REASON`] bytes plus "...").
     SkipSyncReply {
+        gen: u64,
         ok: bool,
         reason: String,
     },
@@ -268,13 +269,15 @@ impl Msg {
     }
 
     /// A `SkipSyncReply` (its reason cut like a refusal's).
-    pub fn skip_sync_reply(result: Result<(), String>) -> Msg {
+    pub fn skip_sync_reply(gen: u64, result: Result<(), String>) -> Msg {
         match result {
             Ok(()) => Msg::SkipSyncReply {
+                gen,
                 ok: true,
                 reason: String::new(),
             },
             Err(why) => Msg::SkipSyncReply {
+                gen,
                 ok: false,
                 reason: cut_reason(&why),
             },

@@ -201,11 +201,14 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         18 => Msg::SkipSync {
             gen: rng.u64_edge(),
         },
-        19 => Msg::skip_sync_reply(if rng.one_in(2) {
-            Ok(())
-        } else {
-            Err(rng.string(300))
-        }),
+        19 => Msg::skip_sync_reply(
+            rng.u64_edge(),
+            if rng.one_in(2) {
+                Ok(())
+            } else {
+                Err(rng.string(300))
+            },
+        ),
         _ => Msg::VerifyProgress(
             peer::VerifyReport {
                 run: rng.u64_edge(),
