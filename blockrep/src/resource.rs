@@ -77,6 +77,10 @@ pub struct Resource {
     /// wakes the link's writer.
     pub skip_sync: Mutex<Option<(u64, SkipSyncAnswer)>>,
     pub skip_sync_kick: tokio::sync::Notify,
+    /// Held by a promotion and by `new-current-uuid --clear-bitmap` from its check to its
+    /// commit, on both nodes: a node promoted in between would have its new writes' bitmap
+    /// cleared and its generation replaced.
+    skip_ops: tokio::sync::Mutex<()>,
 }
 
 /// The latest online verify of this node (see [`Resource::start_verify`]).
@@ -275,6 +279,7 @@ impl Resource {
             kernel_note: Mutex::new(None),
             skip_sync: Mutex::new(None),
             skip_sync_kick: tokio::sync::Notify::new(),
+            skip_ops: tokio::sync::Mutex::new(()),
         });
         let watcher = tokio::spawn(watch_disk_errors(
             Arc::downgrade(&res),
@@ -485,6 +490,7 @@ impl Resource {
                 None
             }
         };
+        let skip = self.skip_ops.lock().await;
         let me = self.node_state();
         crate::state::can_skip_initial_sync(
             Self::skip_sync_view(&me),
@@ -522,6 +528,7 @@ impl Resource {
                 peer_cfg.name
             ))),
         };
+        drop(skip);
         // Reconnect whatever happened, so that both sides exchange their new state (and a
         // half-done skip turns into the full sync).
         self.announce_role().await;
@@ -534,6 +541,14 @@ impl Resource {
 
     /// The peer asked this node to skip the initial sync with generation `gen`.
     pub async fn skip_sync_for_peer(&self, gen: u64) -> Result<(), String> {
+        // Never waits: the link's reader runs this, and a request of this node's own waits
+        // for that reader (both nodes asking at once would otherwise cross).
+        let Ok(_skip) = self.skip_ops.try_lock() else {
+            return Err(
+                "it is busy with a promotion or its own new-current-uuid (run it on one node only)"
+                    .into(),
+            );
+        };
         let peer = self.link().peer.clone();
         crate::state::can_skip_initial_sync(
             Self::skip_sync_view(&self.node_state()),
@@ -1038,6 +1053,8 @@ impl Resource {
     }
 
     pub async fn primary(&self, force: bool) -> Result<String, NodeError> {
+        // Not while the initial sync is being skipped (see `skip_ops`).
+        let _skip = self.skip_ops.lock().await;
         if self.role() == Role::Primary {
             return Ok(format!("{} is already primary", self.cfg.me.name));
         }
