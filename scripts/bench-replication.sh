@@ -131,6 +131,7 @@ is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 is_pos() { [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 > 0)); }
 is_pos "$RUNTIME" || die "RUNTIME must be a positive integer (seconds)"
 is_pos "$ROUNDS" || die "ROUNDS must be a positive integer"
+[[ $INITIAL_SYNC == full || $INITIAL_SYNC == skip ]] || die "INITIAL_SYNC must be full or skip"
 is_uint "$RAMP" || die "RAMP must be a non-negative integer (seconds)"
 is_pos "$CONNECT_TIMEOUT" || die "CONNECT_TIMEOUT must be a positive integer"
 is_pos "$DRAIN_TIMEOUT" || die "DRAIN_TIMEOUT must be a positive integer"

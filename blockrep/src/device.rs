@@ -26,22 +26,6 @@ pub struct Counters {
     pub errors: AtomicU64,
 }
 
-impl Counters {
-    pub fn snapshot(&self) -> IoCounters {
-        IoCounters {
-            reads: self.reads.load(Relaxed),
-            writes: self.writes.load(Relaxed),
-            flushes: self.flushes.load(Relaxed),
-            trims: self.trims.load(Relaxed),
-            zeroes: self.zeroes.load(Relaxed),
-            bytes_read: self.bytes_read.load(Relaxed),
-            bytes_written: self.bytes_written.load(Relaxed),
-            errors: self.errors.load(Relaxed),
-            disk_errors: 0,
-        }
-    }
-}
-
 /// An NBD error number (the spec's values).
 pub type Errno = u32;
 
@@ -93,9 +77,17 @@ impl Device {
 
     /// The I/O counters, backing-device errors included.
     pub fn io_counters(&self) -> IoCounters {
+        let c = &self.counters;
         IoCounters {
+            reads: c.reads.load(Relaxed),
+            writes: c.writes.load(Relaxed),
+            flushes: c.flushes.load(Relaxed),
+            trims: c.trims.load(Relaxed),
+            zeroes: c.zeroes.load(Relaxed),
+            bytes_read: c.bytes_read.load(Relaxed),
+            bytes_written: c.bytes_written.load(Relaxed),
+            errors: c.errors.load(Relaxed),
             disk_errors: *self.disk_errors.borrow(),
-            ..self.counters.snapshot()
         }
     }
 

@@ -1857,13 +1857,7 @@ fn secondary_disk_full_is_never_acknowledged_and_resyncs_once_it_has_room() {
         1,
         "the local-io-error handler ran again"
     );
-    a.assert_alive();
-    b.assert_alive();
-    // The daemons let go of the tmpfs before it is unmounted (on a failure, `_stop` kills
-    // them before the mount guard unmounts it).
-    a.down();
-    b.down();
-    tmpfs.close();
+    stop_pair_on_tmpfs(a, b, tmpfs);
 }
 
 /// The primary's own disk fails (its backing file is on a tmpfs that runs full): the client
@@ -1964,11 +1958,7 @@ fn primary_disk_error_fails_the_write_runs_the_handler_and_resyncs_the_range() {
         1,
         "the local-io-error handler ran again"
     );
-    a.assert_alive();
-    b.assert_alive();
-    a.down();
-    b.down();
-    tmpfs.close();
+    stop_pair_on_tmpfs(a, b, tmpfs);
 }
 
 /// DRBD's `new-current-uuid --clear-bitmap`: two freshly created nodes whose disks are known
@@ -2383,6 +2373,16 @@ fn handler_calls(log: &Path) -> Vec<String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Both daemons are still running; they are brought down before the tmpfs that holds a
+/// backing file is unmounted (on a failure, a [`StopDaemons`] kills them first instead).
+fn stop_pair_on_tmpfs(a: &Node, b: &Node, tmpfs: Mount) {
+    a.assert_alive();
+    b.assert_alive();
+    a.down();
+    b.down();
+    tmpfs.close();
 }
 
 /// Bytes used on the filesystem at `dir`.
