@@ -8,8 +8,20 @@
 #   SIZE=1G              size of each backing file (K/M/G suffixes, powers of 1024)
 #   RUNTIME=10           seconds per fio workload (time based)
 #   RAMP=2               fio ramp_time in seconds (not counted)
-#   CONFIGS="lone A B C" configurations, in this order: lone = one node without a peer,
-#                        A/B/C = two nodes with that replication protocol
+#   CONFIGS="lone A B C qemu qemu-mirror"
+#                        configurations, in this order: lone = one node without a peer,
+#                        A/B/C = two nodes with that replication protocol; and a reference
+#                        nobody here wrote, measured in the same run: qemu = QEMU's
+#                        qemu-storage-daemon exporting alpha's file over NBD (aio=io_uring,
+#                        page cache, as blockrep), qemu-mirror = the same daemon exporting
+#                        QEMU's quorum driver over two children, alpha's file and an NBD
+#                        client to a second qemu-storage-daemon that exports beta's file: a
+#                        write completes once both files have it (blockrep's protocol C,
+#                        without journal, bitmap or ordering). qemu-mirror's ratio is to qemu,
+#                        so "what mirroring costs on this machine" is read off a mature
+#                        implementation beside blockrep's. Default: all six when
+#                        qemu-storage-daemon is installed (Debian qemu-system-common /
+#                        qemu-utils), else the first four
 #   ROUNDS=1             run every configuration this many times, interleaved (lone A B C,
 #                        lone A B C, ...; fresh nodes each time); the tables show the round
 #                        with the median IOPS of each workload and configuration, and the
@@ -107,8 +119,15 @@ SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
 ROUNDS=${ROUNDS:-1}
 RAMP=${RAMP:-2}
-ALL_CONFIGS="lone A B C"
-CONFIGS=${CONFIGS:-$ALL_CONFIGS}
+ALL_CONFIGS="lone A B C qemu qemu-mirror"
+if [[ -z ${CONFIGS:-} ]]; then
+    if command -v qemu-storage-daemon >/dev/null 2>&1; then
+        CONFIGS=$ALL_CONFIGS
+    else
+        CONFIGS="lone A B C"
+        printf '[bench-replication] %s\n' "no qemu-storage-daemon: the QEMU reference (qemu, qemu-mirror) is left out" >&2
+    fi
+fi
 ALL_WORKLOADS="4k-randwrite-qd32 4k-randwrite-qd1 1m-seqwrite-qd8"
 WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
 JOURNAL_SIZE=${JOURNAL_SIZE:-64M}
@@ -168,6 +187,9 @@ if ((${#missing[@]})); then
     fi
 fi
 have fio || die "fio is required"
+if [[ " $CONFIGS " == *" qemu"* ]]; then
+    have qemu-storage-daemon || die "CONFIGS has a qemu reference but there is no qemu-storage-daemon"
+fi
 for t in python3 cmp numfmt truncate timeout; do
     have "$t" || die "$t is required"
 done
@@ -179,6 +201,7 @@ BIN=
 CTL=
 CFG_FILE=
 UP_NODES=()     # nodes of the current config that may be up, in down order (alpha first)
+QEMU_PIDS=()    # qemu-storage-daemon pids of the current config (stopped by pid)
 DAEMON_PIDS=()  # daemon pids of the current config (from status --json)
 DAEMON_NAMES=()
 SAMPLER_PID=
@@ -203,6 +226,10 @@ config_down() {
         node_down "$n"
     done
     UP_NODES=()
+    for i in "${!QEMU_PIDS[@]}"; do
+        stop_pid "${QEMU_PIDS[$i]}" "qemu-storage-daemon"
+    done
+    QEMU_PIDS=()
     for i in "${!DAEMON_PIDS[@]}"; do
         wait_pid_gone "${DAEMON_PIDS[$i]}" 10 || stop_pid "${DAEMON_PIDS[$i]}" "${DAEMON_NAMES[$i]}"
     done
@@ -417,6 +444,61 @@ setup_config() {
     log "$cfg: alpha primary (pid ${DAEMON_PIDS[0]:-?}, engine $(jget "$st" engine)), exported size $DEV_SIZE of $FILE_SIZE"
 }
 
+is_qemu() { [[ $1 == qemu || $1 == qemu-mirror ]]; }
+
+# qemu_daemon NAME DIR ARGS...: starts qemu-storage-daemon --daemonize with ARGS (its pid
+# file DIR/NAME.pid, its messages in DIR/NAME.log); records the pid for config_down.
+qemu_daemon() {
+    local name=$1 dir=$2 pid
+    shift 2
+    rm -f "$dir/$name.pid"
+    if ! qemu-storage-daemon "$@" --pidfile "$dir/$name.pid" --daemonize >"$dir/$name.log" 2>&1; then
+        log "qemu-storage-daemon ($name) failed: $(tail -n 3 "$dir/$name.log" | tr '\n' ' ')"
+        return 1
+    fi
+    pid=$(cat "$dir/$name.pid" 2>/dev/null) || return 1
+    is_pos "$pid" || return 1
+    QEMU_PIDS+=("$pid")
+    DAEMON_PIDS+=("$pid")
+    DAEMON_NAMES+=("qemu/$name")
+}
+
+# setup_qemu CONFIG: the QEMU reference. Its files are cut to the size blockrep exports (the
+# lone node's, when it ran first), so that fio spreads its writes over the same range.
+setup_qemu() {
+    local cfg=$1 dir ea eb node size
+    dir=$(cfg_dir "$cfg")
+    mkdir -p "$dir/runs" || return 1
+    size=${DEV_SIZE:-$FILE_SIZE}
+    read -r ea eb < <(free_ports 2) || return 1
+    EXPORT_PORT=$ea
+    for node in alpha beta; do
+        [[ $cfg == qemu && $node == beta ]] && continue
+        truncate -s "$size" "$dir/$node.img" || return 1
+    done
+    local file=(driver=file,filename="$dir/alpha.img",cache.direct=off,aio=io_uring)
+    if [[ $cfg == qemu ]]; then
+        qemu_daemon alpha "$dir" --blockdev "${file[0]},node-name=disk" \
+            --nbd-server "addr.type=inet,addr.host=127.0.0.1,addr.port=$ea" \
+            --export "type=nbd,id=exp,node-name=disk,name=$RESOURCE,writable=on" || return 1
+    else
+        qemu_daemon beta "$dir" \
+            --blockdev "driver=file,node-name=disk,filename=$dir/beta.img,cache.direct=off,aio=io_uring" \
+            --nbd-server "addr.type=inet,addr.host=127.0.0.1,addr.port=$eb" \
+            --export "type=nbd,id=exp,node-name=disk,name=$RESOURCE,writable=on" || return 1
+        # vote-threshold=2 of 2 children: a write is complete once both have it; reads
+        # (none here) from the first child only
+        qemu_daemon alpha "$dir" --blockdev "${file[0]},node-name=local" \
+            --blockdev "driver=nbd,node-name=peer,server.type=inet,server.host=127.0.0.1,server.port=$eb,export=$RESOURCE" \
+            --blockdev "driver=quorum,node-name=mirror,vote-threshold=2,read-pattern=fifo,children.0=local,children.1=peer" \
+            --nbd-server "addr.type=inet,addr.host=127.0.0.1,addr.port=$ea" \
+            --export "type=nbd,id=exp,node-name=mirror,name=$RESOURCE,writable=on" || return 1
+    fi
+    wait_port "$ea" "${QEMU_PIDS[-1]}" "qemu-storage-daemon ($cfg)"
+    QEMU_SIZE=$size
+    log "$cfg: qemu-storage-daemon $(qemu-storage-daemon --version | head -n1 | awk '{print $3}') exporting $size bytes on 127.0.0.1:$ea"
+}
+
 # tree_ticks PID: user + system ticks of PID and all its descendants (every thread).
 tree_ticks() {
     local p t=0 c
@@ -429,14 +511,14 @@ tree_ticks() {
 }
 
 # cpu_snapshot FILE [FIO_PID]: the time (/proc/uptime), the machine's idle and total CPU ticks
-# (/proc/stat), the ticks (user + system, every thread) of fio's process tree and of each daemon
+# (/proc/stat; and steal: time the hypervisor gave to others), the ticks (user + system, every thread) of fio's process tree and of each daemon
 # of the current config, one "name value" a line. Both snapshots are taken while fio runs, so
 # every figure covers the same window.
 cpu_snapshot() {
     local i
     {
         awk '{print "now", $1}' /proc/uptime
-        awk '/^cpu /{t=0; for (i=2;i<=NF;i++) t+=$i; print "machine", $5+$6, t}' /proc/stat
+        awk '/^cpu /{t=0; for (i=2;i<=NF;i++) t+=$i; print "machine", $5+$6, t, $9}' /proc/stat
         [[ -n ${2:-} ]] && echo "fio $(tree_ticks "$2")"
         for i in "${!DAEMON_PIDS[@]}"; do
             awk -v n="${DAEMON_NAMES[$i]##*/}" '{print n, $14+$15}' "/proc/${DAEMON_PIDS[$i]}/stat" 2>/dev/null
@@ -457,6 +539,8 @@ run_one() {
     local cfg=$1 w=$2 dir rundir rw bs qd wdir raw rc load summary
     dir=$(cfg_dir "$cfg")
     local drained=skipped drain_s=- identical=skipped cmp_msg='' nonzero alive t0 deadline
+    local size=$DEV_SIZE
+    is_qemu "$cfg" && size=$QEMU_SIZE
     read -r rw bs qd wdir < <(workload_spec "$w")
     rundir=$dir/runs/$w
     mkdir -p "$rundir"
@@ -468,11 +552,11 @@ run_one() {
         return 0
     fi
     log "$cfg: $w (${RUNTIME}s + ${RAMP}s ramp)"
-    status_to alpha "$rundir/before.json" || log "$cfg: status before $w failed"
+    is_qemu "$cfg" || status_to alpha "$rundir/before.json" || log "$cfg: status before $w failed"
     # write back what the previous run dirtied, so no run pays for another's writeback
-    if [[ $cfg == lone ]]; then sync "$dir/alpha.img"; else sync "$dir/alpha.img" "$dir/beta.img"; fi
+    if [[ -e $dir/beta.img ]]; then sync "$dir/alpha.img" "$dir/beta.img"; else sync "$dir/alpha.img"; fi
     load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || true)
-    if [[ $cfg != lone ]] && ((SAMPLE_INTERVAL > 0)); then
+    if [[ $cfg != lone ]] && ! is_qemu "$cfg" && ((SAMPLE_INTERVAL > 0)); then
         (
             while :; do
                 timeout 10 "$CTL" -c "$CFG_FILE" -n alpha status --json >>"$rundir/samples.json" 2>/dev/null || true
@@ -499,9 +583,20 @@ run_one() {
     wait "$fio_pid" || rc=$?
     wait "$cpu_pid" 2>/dev/null || true
     stop_sampler
-    status_to alpha "$rundir/end.json" || log "$cfg: status after $w failed"
+    is_qemu "$cfg" || status_to alpha "$rundir/end.json" || log "$cfg: status after $w failed"
 
-    if [[ $cfg != lone ]]; then
+    if [[ $cfg == qemu-mirror ]]; then
+        # QEMU's quorum completes a write only once both children have it: nothing lags
+        # behind fio's end, so the files are compared right away.
+        drained=yes
+        drain_s=0
+        if cmp_msg=$(cmp -n "$size" "$dir/alpha.img" "$dir/beta.img" 2>&1); then
+            identical=yes
+        else
+            identical=no
+            log "$cfg: REPLICAS DIFFER after $w: $cmp_msg"
+        fi
+    elif [[ $cfg != lone && $cfg != qemu ]]; then
         t0=$(now)
         deadline=$((SECONDS + DRAIN_TIMEOUT))
         drained=no
@@ -528,7 +623,7 @@ run_one() {
             log "$cfg: REPLICAS DIFFER after $w: $cmp_msg"
         fi
     fi
-    if cmp -s -n "$DEV_SIZE" "$dir/alpha.img" /dev/zero; then
+    if cmp -s -n "$size" "$dir/alpha.img" /dev/zero; then
         nonzero=no
         log "$cfg: alpha's exported range is still all zeroes after $w"
     else
@@ -546,7 +641,7 @@ run_one() {
     } >"$rundir/check.env"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$cfg" "$wdir" "$bs" "$qd" "$raw" "$rc" "$load" "$rundir" "$ROUND" >>"$MANIFEST"
     if ((rc == 0)) && summary=$(python3 "$SCRIPT_DIR/bench-lib/fio_report.py" one "$raw" "$wdir" 2>/dev/null); then
-        if [[ $cfg == lone ]]; then
+        if [[ $cfg == lone || $cfg == qemu ]]; then
             log "    $summary"
         else
             log "    $summary; lag at end $(jget "$rundir/end.json" replication.lag_writes 2>/dev/null || echo ?), drained $drained in ${drain_s}s, identical $identical"
@@ -560,6 +655,7 @@ run_one() {
 
 # ---------------------------------------------------------------- main loop
 DEV_SIZE=
+QEMU_SIZE=
 EXPORT_PORT=
 LOG_ARGS=()
 SETUP_FAILED=0
@@ -568,8 +664,15 @@ cfg_dir() { echo "$TMP_DIR/$1-r$ROUND"; }
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
 for cfg in $CONFIGS; do
     cdir=$(cfg_dir "$cfg")
-    log "==== $cfg: $([[ $cfg == lone ]] && echo "one node, no peer" || echo "protocol $cfg, alpha -> beta")$( ((ROUNDS > 1)) && echo ", round $ROUND of $ROUNDS")"
-    if setup_config "$cfg"; then
+    case $cfg in
+        lone) what="one node, no peer" ;;
+        qemu) what="reference: QEMU's qemu-storage-daemon, one node" ;;
+        qemu-mirror) what="reference: QEMU's quorum over alpha's file and beta's (NBD)" ;;
+        *) what="protocol $cfg, alpha -> beta" ;;
+    esac
+    log "==== $cfg: $what$( ((ROUNDS > 1)) && echo ", round $ROUND of $ROUNDS")"
+    if is_qemu "$cfg"; then setup=setup_qemu; else setup=setup_config; fi
+    if "$setup" "$cfg"; then
         for w in $WORKLOADS; do
             run_one "$cfg" "$w"
         done

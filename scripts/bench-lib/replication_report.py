@@ -36,7 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fio_report import fmt_num, load_fio, summarize  # noqa: E402
 
 BASELINE = "lone"
-CONFIG_ORDER = ["lone", "A", "B", "C"]
+CONFIG_ORDER = ["lone", "A", "B", "C", "qemu", "qemu-mirror"]
+# Configurations without a peer (no replication facts), and what each ratio is taken to:
+# QEMU's mirror is compared with QEMU alone, everything else with blockrep's lone node.
+SINGLE = ("lone", "qemu")
+RATIO_TO = {"qemu-mirror": "qemu"}
 # (config, workload, minimum IOPS ratio to lone): the targets of the replication issue
 GOALS = [
     ("C", "4k-randwrite-qd32", 0.6),
@@ -195,8 +199,10 @@ def read_cpu(path):
         with open(path, "r", encoding="utf-8") as f:
             for line in f:
                 parts = line.split()
-                if parts and parts[0] == "machine" and len(parts) == 3:
+                if parts and parts[0] == "machine" and len(parts) in (3, 4):
                     snap["machine"] = (int(parts[1]), int(parts[2]))
+                    if len(parts) == 4:
+                        snap["steal"] = int(parts[3])
                 elif len(parts) == 2 and parts[0] == "now":
                     snap["now"] = float(parts[1])
                 elif len(parts) == 2:
@@ -231,7 +237,8 @@ def cpu_facts(rundir, raw, direction, clk_tck, ncpu):
     if ios <= 0 or total1 <= total0:
         return None
     us = 1e6 / clk_tck / ios
-    daemons = {k: (b[k] - a[k]) * us for k in b if k not in ("machine", "now", "fio") and k in a}
+    daemons = {k: (b[k] - a[k]) * us for k in b
+               if k not in ("machine", "now", "fio", "steal") and k in a}
     busy = (total1 - total0 - (idle1 - idle0)) * us
     fio_us = fio_busy * 1e6 / ios
     other = busy - fio_us - sum(daemons.values())
@@ -241,6 +248,10 @@ def cpu_facts(rundir, raw, direction, clk_tck, ncpu):
         "daemons_us": daemons,
         "other_us": other,
         "idle_share": (idle1 - idle0) / (total1 - total0),
+        # The hypervisor's: counted as busy above (no process here ran in it), shown so
+        # that a run the host disturbed can be told apart.
+        "steal_share": ((b["steal"] - a["steal"]) / (total1 - total0)
+                        if "steal" in a and "steal" in b else None),
         "busy_us_per_io": per_io,
         "cpu_bound_iops": (ncpu * 1e6 / per_io) if per_io > 0 and ncpu else None,
     }
@@ -334,7 +345,7 @@ def cmd_report(args):
             if rundir and r["ok"]:
                 r["cpu"] = cpu_facts(rundir, raw, direction, meta.get("clk_tck"),
                                      meta.get("nproc"))
-            if rundir and config != BASELINE:
+            if rundir and config not in SINGLE:
                 r["replication"] = replication_facts(rundir, direction, raw)
             elif rundir:
                 env = load_env(os.path.join(rundir, "check.env"))
@@ -363,8 +374,9 @@ def cmd_report(args):
         by[key] = pick
     rounds = max((r["round"] for r in results), default=1)
     for r in results:
-        base = by.get((r["workload"], BASELINE))
-        r["ratio_to_lone_iops"] = (r["iops"] / base["iops"]) if (
+        r["ratio_to"] = RATIO_TO.get(r["config"], BASELINE)
+        base = by.get((r["workload"], r["ratio_to"]))
+        r["ratio_iops"] = (r["iops"] / base["iops"]) if (
             r["ok"] and base and base["ok"] and base["iops"]) else None
 
     loads = [r["loadavg_1m_before"] for r in results if r["loadavg_1m_before"] is not None]
@@ -386,7 +398,7 @@ def cmd_report(args):
                 spread = [(f"{fmt_num(min(ri))} .. {fmt_num(max(ri))}" if ri else "-")
                           + (f" ({r['rounds_failed']} failed)" if r.get("rounds_failed") else "")]
             if r["ok"]:
-                ratio = r["ratio_to_lone_iops"]
+                ratio = r["ratio_iops"]
                 rows.append([w, c, fmt_num(r["iops"]), fmt_num(r["mib_s"], 1),
                              fmt_num(r["p99_us"]), "-" if ratio is None else f"{ratio:.2f}"]
                             + spread)
@@ -395,14 +407,16 @@ def cmd_report(args):
     if rounds > 1:
         print(f"{rounds} rounds: each line is the round with the median IOPS; the last column"
               " is the lowest and highest IOPS over the rounds")
-    table(["workload", "config", "IOPS", "MiB/s", "p99 µs", "ratio to lone (IOPS)"]
+    if any(c in RATIO_TO for c in configs):
+        print("ratio: to blockrep's lone node; qemu-mirror's to qemu (QEMU alone)")
+    table(["workload", "config", "IOPS", "MiB/s", "p99 µs", "ratio (IOPS)"]
           + (["IOPS over rounds"] if rounds > 1 else []), rows, {2, 3, 4, 5, 6})
 
     # ---- replication details
     per_config = {}
     rep_rows = []
     for c in configs:
-        if c == BASELINE:
+        if c in SINGLE:
             continue
         verdicts = []
         for w in workloads:
@@ -450,31 +464,57 @@ def cmd_report(args):
             x = r.get("cpu") if r else None
             if not x:
                 continue
-            base = by.get((w, BASELINE))
+            base = by.get((w, RATIO_TO.get(c, BASELINE)))
             base_ok = bool(base and base["ok"] and base["iops"])
             dm = x["daemons_us"]
+            steal = x.get("steal_share")
             bound = x["cpu_bound_iops"]
             cpu_rows.append([
                 w, c, fmt_num(x["fio_us"], 1), fmt_num(dm.get("alpha"), 1),
                 fmt_num(dm.get("beta"), 1) if "beta" in dm else "-",
                 fmt_num(x["other_us"], 1), fmt_num(x["busy_us_per_io"], 1),
-                f"{100 * x['idle_share']:.0f} %", fmt_num(bound),
+                f"{100 * x['idle_share']:.0f} %",
+                "-" if steal is None else f"{100 * steal:.0f} %", fmt_num(bound),
                 "-" if not bound or not base_ok else f"{bound / base['iops']:.2f}",
             ])
             x["cpu_bound_ratio_to_lone"] = (bound / base["iops"]) if bound and base_ok else None
     if cpu_rows:
         print()
         print("CPU per I/O over the measured run (µs of CPU time; idle: share of all CPUs;"
+              " steal: share the hypervisor gave to other guests, inside busy and other;"
               " CPU bound: the IOPS if the busy µs per I/O filled every CPU, and that bound"
-              " as a ratio to the lone node's measured IOPS):")
-        table(["workload", "config", "fio", "alpha", "beta", "other", "busy", "idle",
-               "CPU bound IOPS", "bound / lone"], cpu_rows, {2, 3, 4, 5, 6, 7, 8, 9})
+              " as a ratio to the measured IOPS its ratio is taken to):")
+        table(["workload", "config", "fio", "alpha", "beta", "other", "busy", "idle", "steal",
+               "CPU bound IOPS", "bound / base"], cpu_rows, {2, 3, 4, 5, 6, 7, 8, 9, 10})
+
+    # ---- the reference: what mirroring costs a mature implementation on this machine
+    ref_rows, reference = [], []
+    for w in workloads:
+        qm, c = by.get((w, "qemu-mirror")), by.get((w, "C"))
+        if not qm or not qm["ok"] or qm.get("ratio_iops") is None:
+            continue
+        ours = {p: by.get((w, p)) for p in ("A", "B", "C")}
+        ratios = {p: (r["ratio_iops"] if r and r["ok"] else None) for p, r in ours.items()}
+        vs = (c["iops"] / qm["iops"]) if c and c["ok"] and qm["iops"] else None
+        reference.append({"workload": w, "qemu_mirror_ratio": qm["ratio_iops"],
+                          "blockrep_ratios": ratios, "c_iops_over_qemu_mirror": vs})
+        ref_rows.append([w] + ["-" if ratios[p] is None else f"{ratios[p]:.2f}"
+                               for p in ("A", "B", "C")]
+                        + [f"{qm['ratio_iops']:.2f}",
+                           "-" if vs is None else f"{vs:.2f}"])
+    if ref_rows:
+        print()
+        print("Mirroring cost beside a mature implementation (same run): blockrep's ratios to"
+              " its lone node, QEMU quorum's ratio to QEMU alone, and blockrep C's IOPS over"
+              " QEMU quorum's:")
+        table(["workload", "A / lone", "B / lone", "C / lone", "qemu-mirror / qemu",
+               "C / qemu-mirror"], ref_rows, {1, 2, 3, 4, 5})
 
     # ---- goals
     goals = []
     for c, w, target in GOALS:
         r = by.get((w, c))
-        ratio = r["ratio_to_lone_iops"] if r else None
+        ratio = r["ratio_iops"] if r else None
         if ratio is None:
             result = "n/a"
         elif per_config.get(c) != "yes":
@@ -518,6 +558,7 @@ def cmd_report(args):
             "results": results,
             "replicas_identical": per_config,
             "goals": goals,
+            "reference": reference,
             "daemon_logs": log_report,
         }
         with open(out, "w", encoding="utf-8") as f:
