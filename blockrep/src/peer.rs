@@ -38,6 +38,9 @@ const MAX_HANDSHAKES: usize = 32;
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// No frame for this long: the peer is dead.
 const PEER_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long the secondary may hold back an acknowledgement that no write on the primary
+/// waits for (see [`ack_is_urgent`]): the journal release and `status` can wait this long.
+const ACK_DEFER: Duration = Duration::from_millis(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The link's read buffer (see where it is made).
 const LINK_READ_BUFFER: usize = 64 * 1024;
@@ -1732,6 +1735,20 @@ impl Applier {
     }
 }
 
+/// Whether the secondary must acknowledge its progress now rather than within [`ACK_DEFER`]:
+/// when a mark moved that writes on the primary wait for. That is the durable mark under
+/// every protocol (flushes and FUA writes), the receipt under B and the write under C.
+/// Under A nothing waits: acknowledgements only release the journal.
+fn ack_is_urgent(protocol: Protocol, sent: (u64, u64, u64), now: (u64, u64, u64)) -> bool {
+    let (received, applied, durable) = now;
+    durable > sent.2
+        || match protocol {
+            Protocol::A => false,
+            Protocol::B => received > sent.0,
+            Protocol::C => applied > sent.1,
+        }
+}
+
 async fn secondary_side(
     res: &Arc<Resource>,
     mut rd: BufReader<LinkRead>,
@@ -1793,15 +1810,21 @@ async fn secondary_side(
     let hash_file = Arc::new(crate::replication::open_for_resync(&res.cfg().me.backing)?);
     // Hash requests read (up to MAX_HASH_SPAN each) a few at a time: bounded memory.
     let hash_reads = Arc::new(Semaphore::new(8));
+    let protocol = res.cfg().protocol;
     let acker = {
         let mut rx = ap.progress.subscribe();
         let mut failed = ap.failed.subscribe();
         let ap = ap.clone();
         async move {
             let mut ack = true;
+            // What the primary was last told, and until when a change it does not wait for
+            // may be held back (one ack then covers many such changes).
+            let mut sent: Option<(u64, u64, u64)> = None;
+            let mut deferred: Option<tokio::time::Instant> = None;
             loop {
                 if ack {
-                    let (received, applied, durable) = *rx.borrow_and_update();
+                    let marks = *rx.borrow_and_update();
+                    let (received, applied, durable) = marks;
                     // After a local disk failure nothing more is acknowledged; the primary is
                     // told why, so that it backs off before trying again. (A failure while
                     // no ack was due wakes the select below, which then asks for one.)
@@ -1809,18 +1832,33 @@ async fn secondary_side(
                         let _ = write_msg(&mut wr, &Msg::refuse(&e.to_string())).await;
                         return Err(e);
                     }
-                    write_msg(
-                        &mut wr,
-                        &Msg::Ack {
-                            received,
-                            applied,
-                            durable,
-                        },
-                    )
-                    .await?;
+                    let due = match sent {
+                        None => true,
+                        Some(last) => {
+                            ack_is_urgent(protocol, last, marks)
+                                || deferred
+                                    .is_some_and(|t| t <= tokio::time::Instant::now())
+                        }
+                    };
+                    if due {
+                        write_msg(
+                            &mut wr,
+                            &Msg::Ack {
+                                received,
+                                applied,
+                                durable,
+                            },
+                        )
+                        .await?;
+                        sent = Some(marks);
+                        deferred = None;
+                    } else if sent != Some(marks) && deferred.is_none() {
+                        deferred = Some(tokio::time::Instant::now() + ACK_DEFER);
+                    }
                 }
                 ack = true;
                 tokio::select! {
+                    _ = tokio::time::sleep_until(deferred.unwrap_or_else(tokio::time::Instant::now)), if deferred.is_some() => {}
                     _ = failed.changed() => {}
                     _ = ap.res.verify_kick.notified() => {
                         let ask = ap
@@ -2299,4 +2337,27 @@ async fn idle_side(
         r = reader => r,
     };
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_are_urgent_only_for_the_mark_the_protocol_waits_on() {
+        let sent = (10, 8, 5);
+        // Durable moves: flushes and FUA writes wait for it under every protocol.
+        for p in [Protocol::A, Protocol::B, Protocol::C] {
+            assert!(ack_is_urgent(p, sent, (10, 8, 6)));
+            assert!(!ack_is_urgent(p, sent, sent));
+        }
+        // A receipt: B's writes wait for it; A's and C's do not.
+        assert!(ack_is_urgent(Protocol::B, sent, (11, 8, 5)));
+        assert!(!ack_is_urgent(Protocol::C, sent, (11, 8, 5)));
+        assert!(!ack_is_urgent(Protocol::A, sent, (11, 8, 5)));
+        // A write on this disk: C's writes wait for it.
+        assert!(ack_is_urgent(Protocol::C, sent, (10, 9, 5)));
+        assert!(!ack_is_urgent(Protocol::B, sent, (10, 9, 5)));
+        assert!(!ack_is_urgent(Protocol::A, sent, (11, 9, 5)));
+    }
 }
