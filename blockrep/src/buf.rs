@@ -99,6 +99,9 @@ impl std::fmt::Debug for Buf {
 
 /// Size classes kept by the pool: requests above the largest are allocated and freed.
 const CLASSES: [usize; 4] = [4096, 64 * 1024, 1 << 20, 4 << 20];
+/// Most bytes the pool keeps per class, whatever its count limit: idle buffers of the large
+/// classes must not pin gigabytes after a burst.
+const CLASS_KEEP_BYTES: usize = 64 << 20;
 
 /// A bounded pool of buffers by size class.
 #[derive(Clone)]
@@ -117,6 +120,15 @@ impl BufPool {
 
     fn class(len: usize) -> Option<usize> {
         CLASSES.iter().position(|&c| len <= c)
+    }
+
+    /// The bytes a buffer of `len` really holds (its class, or `len` rounded to the
+    /// alignment above the classes): what a memory budget must be charged.
+    pub fn footprint(len: usize) -> usize {
+        match Self::class(len) {
+            Some(c) => CLASSES[c],
+            None => len.div_ceil(ALIGN) * ALIGN,
+        }
     }
 
     /// A buffer of `len` bytes. Its contents are whatever the last user left: callers fill it.
@@ -139,7 +151,7 @@ impl BufPool {
     pub fn put(&self, b: Buf) {
         if let Some(c) = CLASSES.iter().position(|&c| c == b.capacity()) {
             if let Ok(mut v) = self.inner[c].lock() {
-                if v.len() < self.per_class {
+                if v.len() < self.per_class.min(CLASS_KEEP_BYTES / CLASSES[c]) {
                     v.push(b);
                 }
             }
@@ -177,5 +189,20 @@ mod tests {
             p.put(Buf::new(4096));
         }
         assert_eq!(p.inner[0].lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn footprint_is_what_the_pool_hands_out_and_large_classes_keep_few() {
+        for len in [0, 1, 4096, 4097, 69_632, 1 << 20, (1 << 20) + 4096, 5 << 20] {
+            assert_eq!(BufPool::footprint(len), BufPool::new(1).get(len).capacity());
+        }
+        let p = BufPool::new(512);
+        for _ in 0..100 {
+            p.put(Buf::new(4 << 20));
+        }
+        assert_eq!(
+            p.inner[3].lock().unwrap().len(),
+            CLASS_KEEP_BYTES / (4 << 20)
+        );
     }
 }

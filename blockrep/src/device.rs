@@ -50,7 +50,8 @@ pub struct Device {
 
 fn errno_of(e: &std::io::Error) -> Errno {
     match e.raw_os_error() {
-        Some(libc::ENOSPC) => ENOSPC,
+        // The NBD spec: EDQUOT and EFBIG are reported as ENOSPC too.
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
         Some(libc::EINVAL) => EINVAL,
         _ => EIO,
     }
@@ -127,8 +128,14 @@ impl Device {
 
     /// A failed I/O on the backing device (not a bad request): counted apart as well.
     fn disk_fail<T>(&self, e: Errno) -> Result<T, Errno> {
-        self.disk_errors.send_modify(|n| *n += 1);
+        self.note_disk_error();
         self.fail(e)
+    }
+
+    /// Counts a failed I/O on the backing device outside the client's requests (a resync,
+    /// verify or hash read): `disk_errors` and the local-io-error handler see it too.
+    pub fn note_disk_error(&self) {
+        self.disk_errors.send_modify(|n| *n += 1);
     }
 
     /// Reads into `buf` (its length is the request length). Returns the buffer either way so it
@@ -304,6 +311,8 @@ impl Device {
 
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Errno> {
         self.counters.trims.fetch_add(1, Relaxed);
+        // A trim past the end is EINVAL (the spec's rule for reads and trims), not ENOSPC.
+        self.check(offset, len, false).or_else(|e| self.fail(e))?;
         self.zero_range(offset, len, true, fua).await
     }
 

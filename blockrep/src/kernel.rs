@@ -68,6 +68,11 @@ const DO_IT: Req = Req(nbd_io(3), "NBD_DO_IT");
 const CLEAR_SOCK: Req = Req(nbd_io(4), "NBD_CLEAR_SOCK");
 const SET_SIZE_BLOCKS: Req = Req(nbd_io(7), "NBD_SET_SIZE_BLOCKS");
 const DISCONNECT: Req = Req(nbd_io(8), "NBD_DISCONNECT");
+/// Not issued: on the ioctl path it is the kernel's per-request timeout, after which a
+/// single-connection device is declared dead and fails its I/O, and server-side waits (the
+/// peer, a full journal) can legitimately be longer. Left at 0 the kernel keeps waiting,
+/// as on the netlink path. Kept for the ioctl number check.
+#[cfg(test)]
 const SET_TIMEOUT: Req = Req(nbd_io(9), "NBD_SET_TIMEOUT");
 const SET_FLAGS: Req = Req(nbd_io(10), "NBD_SET_FLAGS");
 
@@ -217,7 +222,7 @@ struct Setup<'a> {
 
 /// Attaches `device` to `sock`, preferring netlink and falling back to ioctls. `flags` are the
 /// negotiated NBD transmission flags; `dead_conn_timeout` (seconds, 0 = kernel default) is the
-/// netlink dead-connection timeout, and the request timeout (`NBD_SET_TIMEOUT`) on the ioctl path.
+/// netlink dead-connection timeout (the ioctl path has none, and sets no request timeout).
 pub fn attach(
     device: &Path,
     sock: UnixStream,
@@ -302,9 +307,6 @@ fn ioctl_attach(s: &Setup) -> io::Result<DoIt> {
     ioctl(&dev, SET_BLKSIZE, bs)?;
     ioctl(&dev, SET_SIZE_BLOCKS, s.size / bs)?;
     ioctl(&dev, SET_FLAGS, s.flags.into())?;
-    if s.timeout > 0 {
-        ioctl(&dev, SET_TIMEOUT, s.timeout)?;
-    }
     let ebadf = |_| io::Error::from_raw_os_error(libc::EBADF);
     let fd = u64::try_from(s.sock.as_raw_fd()).map_err(ebadf)?;
     ioctl(&dev, SET_SOCK, fd)?;

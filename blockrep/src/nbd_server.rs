@@ -7,7 +7,7 @@
 //! connection.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ const EXPORT_BYTE_UNITS: usize = 64 * 1024;
 const MAX_CONNECTIONS: u64 = 256;
 /// A client that takes no reply bytes for this long is disconnected (its buffers go back).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// A write's payload must arrive within this time of its header.
+const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the export offers and whether it is open to new clients.
@@ -37,6 +39,8 @@ pub struct Export {
     pub device: Arc<Device>,
     /// `Some(reason)` while the node must not serve I/O (secondary, going down).
     refuse: RwLock<Option<String>>,
+    /// Whether `refuse` is set, readable without the lock on every request.
+    refuse_flag: AtomicBool,
     clients: AtomicU64,
     idle: Notify,
     /// Bumped to make every connection stop reading and close after its in-flight requests.
@@ -53,6 +57,7 @@ impl Export {
         Arc::new(Export {
             name,
             device,
+            refuse_flag: AtomicBool::new(refuse.is_some()),
             refuse: RwLock::new(refuse),
             clients: AtomicU64::new(0),
             idle: Notify::new(),
@@ -75,6 +80,7 @@ impl Export {
 
     pub fn set_refuse(&self, reason: Option<String>) {
         if let Ok(mut r) = self.refuse.write() {
+            self.refuse_flag.store(reason.is_some(), Ordering::SeqCst);
             *r = reason;
         }
     }
@@ -289,6 +295,28 @@ where
                         }
                         continue;
                     }
+                    let min_block = export.device.min_block();
+                    if opt == nbd::OPT_GO
+                        && min_block > 1
+                        && !req.requests.contains(&nbd::INFO_BLOCK_SIZE)
+                    {
+                        // With direct I/O only aligned requests can be served. A client
+                        // that did not ask for the block size would not know, and would
+                        // get EINVAL on its first 512-byte request: the spec lets the
+                        // server refuse it now, with the reason.
+                        let msg = format!(
+                            "this export needs requests aligned to {min_block} bytes: ask for NBD_INFO_BLOCK_SIZE (nbd-client: -b {min_block})"
+                        );
+                        nbd::encode_option_reply(
+                            &mut out,
+                            opt,
+                            nbd::REP_ERR_BLOCK_SIZE_REQD,
+                            msg.as_bytes(),
+                        );
+                        wr.write_all(&out).await?;
+                        wr.flush().await?;
+                        continue;
+                    }
                     let size = export.device.size();
                     nbd::encode_info_export(&mut out, opt, size, export.transmission_flags());
                     if req.requests.contains(&nbd::INFO_NAME) {
@@ -401,7 +429,11 @@ pub async fn transmission<R, W>(
             Command::Read if req.length <= nbd::MAX_REQUEST_LEN => req.length,
             _ => 0,
         };
-        let units = (buf_len as usize).div_ceil(4096).max(1) as u32;
+        // Charged what the buffer really holds (its pool class), not the request length: a
+        // 68 KiB read holds a 1 MiB buffer.
+        let units = crate::buf::BufPool::footprint(buf_len as usize)
+            .div_ceil(4096)
+            .max(1) as u32;
         // Waiting for room (this connection's, then the export's) still notices a kick or a
         // writer that gave up on a client that stopped reading.
         let acquired = tokio::select! {
@@ -422,9 +454,36 @@ pub async fn transmission<R, W>(
         let permits = (p1, p2, p3);
         let mut buf = device.pool.get(buf_len as usize);
         if payload > 0 {
-            if let Err(e) = rd.read_exact(&mut buf).await {
-                break format!("client closed mid-payload: {e}");
+            // Bounded, and still watching for a kick: a client that sends a header and then
+            // stalls must not hold its buffer space, nor delay a demotion, for ever.
+            tokio::select! {
+                biased;
+                _ = kick.changed() => break "disconnected by the node".to_string(),
+                _ = tx.closed() => break "reply writer stopped".to_string(),
+                r = tokio::time::timeout(PAYLOAD_TIMEOUT, rd.read_exact(&mut buf)) => match r {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => break format!("client closed mid-payload: {e}"),
+                    Err(_) => {
+                        break format!(
+                            "no write payload for {} s (closing)",
+                            PAYLOAD_TIMEOUT.as_secs()
+                        )
+                    }
+                },
             }
+        }
+        if req.command.modifies() && export.refuse_flag.load(Ordering::SeqCst) {
+            // Demoted (or going down) while this request was read: nothing reaches the disk.
+            let _ = tx
+                .send(Reply {
+                    cookie: req.cookie,
+                    error: nbd::ESHUTDOWN,
+                    data: None,
+                    _permits: permits,
+                })
+                .await;
+            device.pool.put(buf);
+            continue;
         }
         let tx = tx.clone();
         let device = device.clone();

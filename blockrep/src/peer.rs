@@ -567,6 +567,19 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
 /// Why a link closed because this node asked it to (not a fault: logged at info).
 const ADMIN_CLOSE: &str = "role change or admin command";
 
+/// The link error for a failed step of a resync or verify: a failed read of this node's disk
+/// is a disk error (counted in `disk_errors`, the local-io-error handler runs, and the log
+/// names the disk), not a network one.
+fn step_error(res: &Resource, e: std::io::Error) -> LinkError {
+    match crate::replication::DiskReadError::of(&e) {
+        Some(d) => {
+            res.device().note_disk_error();
+            LinkError::LocalDisk(d.to_string())
+        }
+        None => LinkError::Io(e),
+    }
+}
+
 fn log_link_error(res: &Resource, e: &LinkError) {
     match e {
         LinkError::Closed(why) if *why == ADMIN_CLOSE => tracing::info!("peer link: {e}"),
@@ -1285,7 +1298,8 @@ async fn run_verify(
             let len = span.min(size - at);
             let seq = rep
                 .verify_chunk(&file, at, len as u32, block as u32, &mut buf)
-                .await?;
+                .await
+                .map_err(|e| step_error(res, e))?;
             let mine = crate::replication::block_hashes(&buf[..len as usize], block as usize);
             replies.expect(seq, mine.len());
             pending.push_back((seq, at, len, mine));
@@ -1401,7 +1415,10 @@ async fn run_resync(
                 let count = peer::hash_count(len as u32, block as u32).ok_or_else(|| {
                     LinkError::Protocol(format!("resync region {off}+{len} out of hash bounds"))
                 })?;
-                let seq = rep.hash_request(off, len as u32, block as u32).await?;
+                let seq = rep
+                    .hash_request(off, len as u32, block as u32)
+                    .await
+                    .map_err(|e| step_error(res, e))?;
                 replies.expect(seq, count);
                 asked.push_back((seq, off, len));
                 at = off + len;
@@ -1421,7 +1438,8 @@ async fn run_resync(
                                 &hashes[first..],
                                 &mut buf,
                             )
-                            .await?;
+                            .await
+                            .map_err(|e| step_error(res, e))?;
                         pos += n;
                         sent += n;
                         if equal {
@@ -1437,7 +1455,10 @@ async fn run_resync(
         } else {
             match rep.next_dirty(at, chunk, size) {
                 Some((off, len)) => {
-                    let (_, zero) = rep.resync_chunk(&file, off, len, &mut buf).await?;
+                    let (_, zero) = rep
+                        .resync_chunk(&file, off, len, &mut buf)
+                        .await
+                        .map_err(|e| step_error(res, e))?;
                     at = (off + len).min(size);
                     sent += len;
                     if !zero {
@@ -1836,8 +1857,7 @@ async fn secondary_side(
                         None => true,
                         Some(last) => {
                             ack_is_urgent(protocol, last, marks)
-                                || deferred
-                                    .is_some_and(|t| t <= tokio::time::Instant::now())
+                                || deferred.is_some_and(|t| t <= tokio::time::Instant::now())
                         }
                     };
                     if due {
@@ -2051,7 +2071,12 @@ async fn secondary_side(
                                     // Unreadable here: answer hashes that match nothing, so
                                     // the source treats the range as different.
                                     let e = match other {
-                                        Ok(Err(e)) => e.to_string(),
+                                        Ok(Err(e)) => {
+                                            // This node's disk: counted, and the
+                                            // local-io-error handler runs.
+                                            ap.res.device().note_disk_error();
+                                            e.to_string()
+                                        }
                                         Err(e) => e.to_string(),
                                         Ok(Ok(_)) => String::new(),
                                     };

@@ -1022,7 +1022,7 @@ impl Replication {
                 if g.ranges.blocked(u64::MAX, (offset, offset + len)) {
                     (true, None)
                 } else {
-                    file.read_exact_at(buf, offset)?;
+                    read_backing(file, buf, offset)?;
                     let seq = g.issued + 1;
                     let zero = is_zero(buf);
                     let (msg, payload): (Msg, &[u8]) = if zero {
@@ -1208,7 +1208,7 @@ impl Replication {
                 {
                     None
                 } else {
-                    file.read_exact_at(buf, offset)?;
+                    read_backing(file, buf, offset)?;
                     drop_cached(file, offset, u64::from(len));
                     let seq = g.issued + 1;
                     let msg = Msg::HashReq {
@@ -1274,7 +1274,7 @@ impl Replication {
                         let s = i as u64 * block;
                         let e = (s + block).min(len);
                         let b = &mut buf[s as usize..e as usize];
-                        file.read_exact_at(b, offset + s)?;
+                        read_backing(file, b, offset + s)?;
                         drop_cached(file, offset + s, e - s);
                         Ok(sha256(b))
                     })?;
@@ -1423,6 +1423,37 @@ impl Replication {
             g.overflowed,
         )
     }
+}
+
+/// A read of this node's own backing device for a resync, a verify or a peer's hash request
+/// that failed: a disk error of this node, not a link error (the link layer counts it in
+/// `disk_errors` and runs the local-io-error handler).
+#[derive(Debug, thiserror::Error)]
+#[error("reading this node's backing device at {offset}+{len} failed: {source}")]
+pub struct DiskReadError {
+    pub offset: u64,
+    pub len: u64,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl DiskReadError {
+    /// The disk read error inside `e`, if that is what `e` is.
+    pub fn of(e: &std::io::Error) -> Option<&DiskReadError> {
+        e.get_ref().and_then(|x| x.downcast_ref::<DiskReadError>())
+    }
+}
+
+/// Reads `buf.len()` bytes of the backing device at `offset` (a short file is an error),
+/// wrapping a failure as a [`DiskReadError`].
+pub fn read_backing(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    file.read_exact_at(buf, offset).map_err(|source| {
+        std::io::Error::other(DiskReadError {
+            offset,
+            len: buf.len() as u64,
+            source,
+        })
+    })
 }
 
 /// Opens the backing device for the resync's reads. A resync reads the whole device, and

@@ -55,9 +55,10 @@ pub struct IoCounters {
     pub bytes_written: u64,
     /// Failed requests: bad requests from clients and failed I/O on the backing device.
     pub errors: u64,
-    /// Of those, failed I/O on the backing device in the data path: the export's reads,
-    /// writes, zeroing and syncs, and the secondary's applying of the stream. (Resync and
-    /// verify reads, and metadata I/O, fail their own operation and are logged, not counted.)
+    /// Failed I/O on the backing device: the export's reads, writes, zeroing and syncs (also
+    /// in `errors`), the secondary's applying of the stream, and the reads of a resync, a
+    /// verify or a peer's hash request (not client requests, so not in `errors`). Metadata
+    /// I/O fails its own operation and is logged, not counted.
     #[serde(default)]
     pub disk_errors: u64,
 }

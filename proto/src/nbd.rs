@@ -40,6 +40,7 @@ pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
 // NBD_INFO types.
@@ -255,6 +256,15 @@ impl Command {
             7 => Self::BlockStatus,
             x => Self::Other(x),
         }
+    }
+
+    /// Whether the command changes the device (or, for a flush, commits changes): what a node
+    /// that no longer serves I/O must refuse even for a request already read.
+    pub fn modifies(self) -> bool {
+        matches!(
+            self,
+            Self::Write | Self::Trim | Self::WriteZeroes | Self::Flush
+        )
     }
 }
 

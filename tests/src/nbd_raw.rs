@@ -38,8 +38,10 @@ pub mod nbd_const {
     pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
     pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
     pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+    pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 
     pub const INFO_EXPORT: u16 = 0;
+    pub const INFO_BLOCK_SIZE: u16 = 3;
 
     pub const TFLAG_HAS_FLAGS: u16 = 1;
     pub const TFLAG_READ_ONLY: u16 = 1 << 1;
@@ -232,17 +234,30 @@ impl RawNbd {
 
     /// The payload of NBD_OPT_GO / NBD_OPT_INFO for `name` with no info requests.
     pub fn go_payload(name: &str) -> Vec<u8> {
+        Self::go_payload_with(name, &[])
+    }
+
+    /// NBD_OPT_GO's payload asking for the info types in `requests`.
+    pub fn go_payload_with(name: &str, requests: &[u16]) -> Vec<u8> {
         let mut p = Vec::new();
         p.extend_from_slice(&(name.len() as u32).to_be_bytes());
         p.extend_from_slice(name.as_bytes());
-        p.extend_from_slice(&0u16.to_be_bytes());
+        p.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+        for r in requests {
+            p.extend_from_slice(&r.to_be_bytes());
+        }
         p
     }
 
     /// Sends NBD_OPT_GO and reads replies up to the final one. On ACK, records size and
     /// flags and returns Ok; on an error reply returns it.
     pub fn opt_go(&mut self, name: &str) -> Result<(u64, u16), Reply> {
-        self.send_option(OPT_GO, &Self::go_payload(name))
+        self.opt_go_with(name, &[])
+    }
+
+    /// [`Self::opt_go`], asking for the info types in `requests`.
+    pub fn opt_go_with(&mut self, name: &str, requests: &[u16]) -> Result<(u64, u16), Reply> {
+        self.send_option(OPT_GO, &Self::go_payload_with(name, requests))
             .expect("send NBD_OPT_GO");
         let mut got_export = None;
         loop {
@@ -272,6 +287,20 @@ impl RawNbd {
                 other => panic!("unexpected reply type {other:#x} to NBD_OPT_GO"),
             }
         }
+    }
+
+    /// [`Self::open`], asking for the block size (which a direct-io export requires).
+    pub fn open_with_block_size(export: &Export, name: &str) -> Self {
+        let mut c = Self::connect(export).unwrap_or_else(|e| panic!("connect {export:?}: {e}"));
+        c.start_handshake();
+        if let Err(r) = c.opt_go_with(name, &[INFO_BLOCK_SIZE]) {
+            panic!(
+                "NBD_OPT_GO {name:?} refused: type {:#x}, {:?}",
+                r.reply_type,
+                r.text()
+            );
+        }
+        c
     }
 
     /// Connects and completes the handshake with NBD_OPT_GO; panics on any failure.

@@ -1961,6 +1961,87 @@ fn primary_disk_error_fails_the_write_runs_the_handler_and_resyncs_the_range() {
     stop_pair_on_tmpfs(a, b, tmpfs);
 }
 
+/// A resync source whose own disk cannot be read (here its backing file lost its last 4 MiB,
+/// where the region to resync lies) reports a disk error, not a network one: `disk_errors`
+/// counts it, the local-io-error handler runs once, the log names the disk, and nothing is
+/// marked in sync. Once the disk reads again, the retried resync completes and the replicas
+/// are identical.
+#[test]
+fn resync_source_disk_read_error_is_a_disk_error_and_the_resync_resumes() {
+    let c = Cluster::builder("repl-resync-read-error")
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol("C")
+        .journal_size("1M")
+        .external_meta()
+        .build();
+    let _stop = StopDaemons(&c);
+    let handler_log = local_io_error_handler(&c);
+    c.start_pair();
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // Standalone, alpha writes 2 MiB near the end of the device, more than its 1 MiB
+    // journal holds: a bitmap resync (which reads alpha's disk) is due, not a journal replay.
+    a.ctl_ok(&["disconnect"]);
+    let off = size - 3 * MIB as u64;
+    nbd_write(a, off, &random_bytes(2 * MIB));
+    assert!(a.repl_u64("out_of_sync") >= 2 * MIB as u64, "{}", a.repl());
+    // The disk loses its end (a failing or shrunk device): the resync cannot read it.
+    let backing = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.backing_path())
+        .expect("open alpha's backing file");
+    backing
+        .set_len(BACKING - 4 * MIB as u64)
+        .expect("cut alpha's backing file");
+    a.ctl_ok(&["connect"]);
+    let counted = wait_for(Duration::from_secs(30), || {
+        a.status_json()["io"]["disk_errors"].as_u64().unwrap_or(0) >= 1
+    });
+    let st = a.status_json();
+    assert!(counted, "the failed resync read is not counted: {st}");
+    let err = st["replication"]["last_error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("backing device") && err.contains("disk"),
+        "the link error does not name the disk: {st}"
+    );
+    let calls = handler_calls(&handler_log);
+    assert_eq!(calls.len(), 1, "local-io-error handler calls: {calls:?}");
+    assert!(
+        calls[0].starts_with("alpha ") && calls[0].contains(" local-io-error beta"),
+        "local-io-error handler call: {calls:?}"
+    );
+    assert!(
+        a.repl_u64("out_of_sync") >= 2 * MIB as u64,
+        "the unread region was taken as synced: {}",
+        a.repl()
+    );
+    let log = std::fs::read_to_string(a.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("reading this node's backing device at"),
+        "alpha's log does not name the disk read:\n{}",
+        a.log_tail(20)
+    );
+
+    // The disk reads again (its lost end as zeroes): the retried resync completes.
+    backing
+        .set_len(BACKING)
+        .expect("restore alpha's backing file");
+    drop(backing);
+    c.wait_in_sync(Duration::from_secs(60));
+    c.assert_replicas_identical(size, "after alpha's disk read again");
+    assert_eq!(a.repl()["out_of_sync"], 0, "{}", a.repl());
+    assert_eq!(
+        handler_calls(&handler_log).len(),
+        1,
+        "the local-io-error handler ran again"
+    );
+    a.down();
+    b.down();
+}
+
 /// DRBD's `new-current-uuid --clear-bitmap`: two freshly created nodes whose disks are known
 /// to be identical (here both new sparse files, all zeroes) skip the initial full sync. It is
 /// refused without the peer and once the nodes are no longer fresh; when done, both are up to

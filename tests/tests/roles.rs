@@ -108,3 +108,47 @@ fn secondary_refuses_nbd_clients() {
     a.ctl_ok(&["secondary"]);
     assert_refuses_clients(&c, pid);
 }
+
+/// A client that sends a write header and then stalls its payload neither holds up a forced
+/// demotion nor gets its write onto the demoted node: `secondary --force` closes it at once,
+/// and the payload sent afterwards reaches nothing (the data stays as it was).
+#[test]
+fn forced_demotion_closes_a_client_stalled_mid_payload_and_writes_nothing() {
+    let c = Cluster::single_primary("demote-stalled-payload");
+    let a = c.alpha();
+    let before = {
+        let mut r = RawNbd::open(a.export(), c.resource());
+        let d = r.read_at(0, 4096).expect("read block 0");
+        r.disconnect();
+        d
+    };
+    let mut stalled = RawNbd::open(a.export(), c.resource());
+    // A 1 MiB write at 0 whose payload never comes (only its first 4 KiB).
+    stalled
+        .send_request(nbd_const::CMD_WRITE, 0, 0, 1 << 20, &[0xA5; 4096])
+        .expect("send the write header");
+    assert!(wait_for(Duration::from_secs(10), || a.status_json()
+        ["clients"]
+        == 1));
+    let t0 = std::time::Instant::now();
+    a.ctl_ok(&["secondary", "--force"]);
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the forced demotion waited {took:?} for the stalled client"
+    );
+    assert_eq!(a.status_json()["role"], "secondary");
+    // The rest of the payload, too late: the connection is closed, nothing is written.
+    let _ = stalled.send(&vec![0xA5; (1 << 20) - 4096]);
+    assert!(
+        stalled.expect_closed(Duration::from_secs(10)).is_ok(),
+        "the stalled client's connection is still open"
+    );
+    a.primary_force();
+    let mut r = RawNbd::open(a.export(), c.resource());
+    let after = r.read_at(0, 4096).expect("read block 0");
+    r.disconnect();
+    assert_eq!(after, before, "the stalled write reached the disk");
+    let st = a.status_json();
+    assert_eq!(st["io"]["writes"], 0, "{st}");
+}
