@@ -34,6 +34,9 @@ pub enum AppendError {
     Full { need: u64 },
     /// The record can never fit.
     TooBig,
+    /// The journal dropped records (it overflowed): nothing more is appended to it until the
+    /// peer has been brought back by a bitmap resync, or sequences would have a gap.
+    Overflowed,
 }
 
 /// The ring's bytes, shared between the ring (under the replication lock) and at most one

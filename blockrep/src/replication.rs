@@ -521,7 +521,13 @@ impl Replication {
                 .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
             // Before the data diverges from what the peer has, persist the new generation.
-            self.start_new_generation().await;
+            // Not persisted: this write fails and the next one tries again, so no write lands
+            // under the old generation (a later split brain would then go unnoticed).
+            if let Err(e) = self.start_new_generation().await {
+                self.new_gen_pending
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
         }
         if let Some((a, b)) = range {
             if let Err(e) = self.al_begin(a, b - a).await {
@@ -839,7 +845,7 @@ impl Replication {
     }
 
     /// Persists a new current generation (the bitmap counts from the old one).
-    async fn start_new_generation(&self) {
+    async fn start_new_generation(&self) -> std::io::Result<()> {
         let meta = self.meta.clone();
         let id = crate::resource::random_id();
         let r = tokio::task::spawn_blocking(move || {
@@ -849,11 +855,18 @@ impl Replication {
             })
         })
         .await;
-        match r {
-            Ok(Ok(())) => tracing::info!("peer away: new data generation {id:016X}"),
-            Ok(Err(e)) => tracing::error!("persisting the new generation: {e}"),
-            Err(e) => tracing::error!("persisting the new generation: {e}"),
-        }
+        let e = match r {
+            Ok(Ok(())) => {
+                tracing::info!("peer away: new data generation {id:016X}");
+                return Ok(());
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(
+            "persisting the new generation failed ({e}): the write fails, the next one tries again"
+        );
+        Err(std::io::Error::other(e))
     }
 
     /// The local I/O of `seq` finished.
@@ -1105,6 +1118,7 @@ impl Replication {
             Err(AppendError::TooBig) => Err(std::io::Error::other(
                 "resync chunk larger than the journal",
             )),
+            Err(AppendError::Overflowed) => Err(overflowed_error()),
         }
     }
 
@@ -1123,6 +1137,11 @@ impl Replication {
         msg: &Msg,
         payload: &[u8],
     ) -> Result<(), AppendError> {
+        if inner.overflowed {
+            // Writes after the overflow issued sequences without records: an append now
+            // would leave a gap in the ring.
+            return Err(AppendError::Overflowed);
+        }
         let durable = self.acks.borrow().durable;
         let undurable = &mut inner.undurable;
         journal::append_msg(&mut inner.ring, msg, payload, |e| {
@@ -1174,6 +1193,7 @@ impl Replication {
                             "hash request larger than the journal",
                         ))
                     }
+                    Err(AppendError::Overflowed) => return Err(overflowed_error()),
                 }
             }
             self.wait_space(space).await?;
@@ -1230,6 +1250,7 @@ impl Replication {
                                 "hash request larger than the journal",
                             ))
                         }
+                        Err(AppendError::Overflowed) => return Err(overflowed_error()),
                     }
                 }
             };
@@ -1423,6 +1444,12 @@ impl Replication {
             g.overflowed,
         )
     }
+}
+
+/// Why a resync or verify step stops when the journal overflowed meanwhile: the link drops,
+/// and the next connect resyncs the bitmap, which records everything the journal lost.
+fn overflowed_error() -> std::io::Error {
+    std::io::Error::other("the journal overflowed: the peer is brought back by a bitmap resync")
 }
 
 /// A read of this node's own backing device for a resync, a verify or a peer's hash request

@@ -495,6 +495,7 @@ fn random_ring(rng: &mut Rng) -> (Ring, u64, u64) {
                 }
             }
             Err(AppendError::TooBig) => {}
+            Err(AppendError::Overflowed) => unreachable!("the ring itself never overflows"),
         }
     }
     let pos = r.tail();
