@@ -259,8 +259,16 @@ impl Device {
         }
         if let (Some(rep), Some(seq)) = (&self.rep, seq) {
             rep.done(seq);
-            if r.is_ok() {
-                rep.wait_peer(seq, fua).await;
+            if r.is_ok() && fua {
+                // A zero record carries no FUA of its own: a flush right behind it makes the
+                // peer sync at this point of the stream, and under C the reply waits for
+                // that (without it, for the peer's next flush or checkpoint, up to 30 s).
+                match rep.begin(Record::Flush).await {
+                    Ok(flush) => rep.wait_peer(flush, true).await,
+                    Err(_) => r = self.fail(EIO),
+                }
+            } else if r.is_ok() {
+                rep.wait_peer(seq, false).await;
             } else {
                 rep.mark_out_of_sync(offset, len);
             }

@@ -296,6 +296,8 @@ async fn handshake(
         .map(|p| p.name.clone())
         .unwrap_or_default();
     let secret = cfg.secret.clone().unwrap_or_default();
+    // At most 1 MiB (the config's bound): fits the hello's field.
+    let granularity = u32::try_from(cfg.bitmap_granularity).unwrap_or(u32::MAX);
     let my_nonce = nonce();
     write_msg(
         &mut s,
@@ -306,6 +308,7 @@ async fn handshake(
             nonce: my_nonce,
             encryption: cfg.encryption,
             protocol: protocol_letter(cfg.protocol),
+            bitmap_granularity: granularity,
         },
     )
     .await?;
@@ -322,6 +325,7 @@ async fn handshake(
             nonce,
             encryption,
             protocol,
+            bitmap_granularity,
         } => {
             if version != peer::PROTOCOL_VERSION {
                 return Err(refuse(
@@ -375,6 +379,16 @@ async fn handshake(
                 )
                 .await);
             }
+            if bitmap_granularity != granularity {
+                return Err(refuse(
+                    &mut s,
+                    format!(
+                        "bitmap granularity differs: {node} at {addr} has {bitmap_granularity} bytes per bit, {} has {granularity}; set the same `bitmap-granularity` on both nodes",
+                        cfg.me.name
+                    ),
+                )
+                .await);
+            }
             nonce
         }
         Msg::Refuse { reason } => return Err(peer_refused(reason)),
@@ -390,6 +404,7 @@ async fn handshake(
         dialed,
         protocol: protocol_letter(cfg.protocol),
         encryption: cfg.encryption,
+        bitmap_granularity: granularity,
     };
     let proof = mac(
         &secret,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -89,6 +89,9 @@ pub enum Msg {
         /// The replication protocol as its letter (`b'A'`, `b'B'`, `b'C'`); both must agree,
         /// as in DRBD: the secondary acknowledges receipt at once only under B.
         protocol: u8,
+        /// Bytes per bit of the dirty bitmap; both must agree, since each node reads the
+        /// other's bitmap with its own.
+        bitmap_granularity: u32,
     },
     /// HMAC-SHA256 over the peer's challenge (see [`auth_mac`]).
     Auth {
@@ -421,6 +424,7 @@ pub fn auth_input(
     v.push(u8::from(prover.dialed));
     v.push(prover.protocol);
     v.push(u8::from(prover.encryption));
+    v.extend_from_slice(&prover.bitmap_granularity.to_le_bytes());
     for s in [prover.name, verifier, resource] {
         v.extend_from_slice(&(s.len() as u32).to_le_bytes());
         v.extend_from_slice(s.as_bytes());
@@ -437,6 +441,7 @@ pub struct AuthParty<'a> {
     pub dialed: bool,
     pub protocol: u8,
     pub encryption: bool,
+    pub bitmap_granularity: u32,
 }
 
 #[cfg(test)]
@@ -480,6 +485,7 @@ mod tests {
                 nonce: [3; 32],
                 encryption: true,
                 protocol: b'B',
+                bitmap_granularity: 65536,
             },
             &[],
         );
@@ -635,6 +641,7 @@ mod tests {
             dialed,
             protocol: b'C',
             encryption: false,
+            bitmap_granularity: 4096,
         };
         let a = auth_input(&[1; 32], &[2; 32], &p("alpha", true), "beta", "r0");
         let b = auth_input(&[2; 32], &[1; 32], &p("beta", false), "alpha", "r0");
@@ -655,6 +662,9 @@ mod tests {
         assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
         q.protocol = b'C';
         q.encryption = true;
+        assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
+        q.encryption = false;
+        q.bitmap_granularity = 65536;
         assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
     }
 }

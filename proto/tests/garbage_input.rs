@@ -114,6 +114,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             nonce,
             encryption: rng.bool(),
             protocol: rng.next() as u8,
+            bitmap_granularity: rng.u32_edge(),
         },
         1 => Msg::Auth { mac: nonce },
         2 => Msg::Refuse {
@@ -620,6 +621,7 @@ fn peer_hello_with_a_long_resource_name_decodes() {
         nonce: [0; 32],
         encryption: false,
         protocol: b'C',
+        bitmap_granularity: 4096,
     };
     let f = encode(&hello, &[]);
     let ctx = Ctx {

@@ -52,6 +52,9 @@ GOALS = [
 BENIGN_LOG = [
     re.compile(r"forced promotion of an? \w+ disk"),
 ]
+# A run in which the hypervisor took this share of the CPUs or more was disturbed by the
+# host: the median is taken over the undisturbed rounds when there are any.
+STEAL_LIMIT = 0.05
 LOG_ISSUE = re.compile(r"\b(ERROR|WARN)\b|panicked")
 TS_PREFIX = re.compile(r"^\S+Z\s+")
 
@@ -257,6 +260,11 @@ def cpu_facts(rundir, raw, direction, clk_tck, ncpu):
     }
 
 
+def steal_of(r):
+    cpu = r.get("cpu") or {}
+    return cpu.get("steal_share")
+
+
 def scan_log(path):
     issues, counts = [], {}
     try:
@@ -366,11 +374,16 @@ def cmd_report(args):
     for r in results:
         groups.setdefault((r["workload"], r["config"]), []).append(r)
     by = {}
+    left_out = 0
     for key, runs in groups.items():
         ok = sorted((r for r in runs if r["ok"]), key=lambda r: r["iops"])
-        pick = ok[(len(ok) - 1) // 2] if ok else runs[-1]
+        clean = [r for r in ok if (steal_of(r) or 0.0) < STEAL_LIMIT]
+        left_out += len(ok) - len(clean) if clean else 0
+        pool = clean or ok
+        pick = pool[(len(pool) - 1) // 2] if pool else runs[-1]
         pick["rounds_iops"] = [r["iops"] for r in ok]
         pick["rounds_failed"] = len(runs) - len(ok)
+        pick["disturbed"] = bool(ok) and not clean
         by[key] = pick
     rounds = max((r["round"] for r in results), default=1)
     for r in results:
@@ -399,7 +412,8 @@ def cmd_report(args):
                           + (f" ({r['rounds_failed']} failed)" if r.get("rounds_failed") else "")]
             if r["ok"]:
                 ratio = r["ratio_iops"]
-                rows.append([w, c, fmt_num(r["iops"]), fmt_num(r["mib_s"], 1),
+                rows.append([w, c + (" (steal)" if r.get("disturbed") else ""),
+                             fmt_num(r["iops"]), fmt_num(r["mib_s"], 1),
                              fmt_num(r["p99_us"]), "-" if ratio is None else f"{ratio:.2f}"]
                             + spread)
             else:
@@ -407,6 +421,11 @@ def cmd_report(args):
     if rounds > 1:
         print(f"{rounds} rounds: each line is the round with the median IOPS; the last column"
               " is the lowest and highest IOPS over the rounds")
+        print(f"rounds the host disturbed (steal >= {100 * STEAL_LIMIT:.0f} % of the CPUs) are"
+              f" left out of the median where another round was not: {left_out} left out")
+    if any(r.get("disturbed") for r in by.values()):
+        print(f"(steal): every round of that line had >= {100 * STEAL_LIMIT:.0f} % steal;"
+              " its figures are the host's as much as this machine's")
     if any(c in RATIO_TO for c in configs):
         print("ratio: to blockrep's lone node; qemu-mirror's to qemu (QEMU alone)")
     table(["workload", "config", "IOPS", "MiB/s", "p99 µs", "ratio (IOPS)"]

@@ -721,6 +721,7 @@ fn hostile_peers_are_refused_and_the_real_peer_still_connects() {
             nonce: [7; 32],
             encryption: false,
             protocol: b'C',
+            bitmap_granularity: 4096,
         },
         &[],
     );
@@ -1062,6 +1063,54 @@ fn protocol_mismatch_is_refused_on_both_sides() {
     assert_eq!(u(&b.repl(), "seq_received"), 0, "no data before agreement");
     c.write_config(&text);
     b.down();
+    b.up();
+    a.wait_connected(CONNECT_TIMEOUT);
+    b.wait_connected(CONNECT_TIMEOUT);
+    nbd_write(a, 0, &random_bytes(MIB));
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(a.size(), "after the configs agree");
+}
+
+/// Nodes whose bitmaps count different bytes per bit would read each other's bitmap wrongly
+/// (a resync of the wrong regions): refused at the handshake on both sides, with both
+/// values, and no data flows; with the same granularity they connect.
+#[test]
+fn bitmap_granularity_mismatch_is_refused_on_both_sides() {
+    let c = Cluster::builder("repl-gran-mismatch")
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol("C")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    a.up();
+    a.primary_force();
+    let text = c.config_text();
+    let changed = text.replace(
+        "bitmap-granularity = \"4K\"",
+        "bitmap-granularity = \"64K\"",
+    );
+    assert_ne!(
+        changed, text,
+        "the harness config should set the granularity: {text}"
+    );
+    c.write_config(&changed);
+    b.create_md();
+    b.up();
+    for n in [a, b] {
+        let l = wait_log_line(
+            n,
+            &["bitmap granularity differs", "4096", "65536"],
+            Duration::from_secs(20),
+        );
+        assert!(l.contains("alpha") && l.contains("beta"), "{l}");
+    }
+    assert_ne!(a.repl()["connection"], "connected");
+    assert_ne!(b.repl()["connection"], "connected");
+    assert_eq!(u(&b.repl(), "seq_received"), 0, "no data before agreement");
+    b.down();
+    c.write_config(&text);
+    b.ctl_ok(&["create-md", "--force"]);
     b.up();
     a.wait_connected(CONNECT_TIMEOUT);
     b.wait_connected(CONNECT_TIMEOUT);
@@ -1742,6 +1791,36 @@ fn protocol_c_fua_write_is_durable_on_the_peer_without_waiting_for_a_checkpoint(
     );
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(a.size(), "after FUA writes");
+}
+
+/// The same for FUA write-zeroes and trims: a zero record carries no FUA of its own, so the
+/// primary puts a flush behind it and, under C, answers once the peer is durable through it
+/// (it used to wait for the peer's next checkpoint, up to 30 s).
+#[test]
+fn protocol_c_fua_zeroes_and_trims_are_durable_on_the_peer_without_a_checkpoint() {
+    let c = pair("repl-fua-zero-c", "C");
+    let a = c.alpha();
+    let mut r = a.raw_open();
+    r.write_at(0, &random_bytes(64 * 1024), 0)
+        .unwrap_or_else(|e| panic!("write: errno {e}"));
+    for (cmd, what) in [(CMD_WRITE_ZEROES, "write-zeroes"), (CMD_TRIM, "trim")] {
+        let t = Instant::now();
+        r.command(cmd, CMD_FLAG_FUA, 0, 64 * 1024)
+            .unwrap_or_else(|e| panic!("FUA {what}: errno {e}"));
+        let lat = t.elapsed();
+        let ra = a.repl();
+        assert!(
+            lat < Duration::from_secs(5),
+            "a FUA {what} under C took {lat:?}: the peer made it durable only at a checkpoint"
+        );
+        assert!(
+            u(&ra, "seq_durable") >= u(&ra, "seq_written"),
+            "FUA {what} acknowledged before the peer was durable through it: {ra}"
+        );
+    }
+    r.disconnect();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(a.size(), "after FUA zeroes and trims");
 }
 
 /// The secondary's disk fails mid-stream: its backing file sits on a small tmpfs that fills
