@@ -1050,17 +1050,7 @@ fn protocol_mismatch_is_refused_on_both_sides() {
     );
     c.write_config(&changed);
     b.up();
-    for n in [a, b] {
-        let l = wait_log_line(
-            n,
-            &["replication protocol differs", "has B", "has C"],
-            Duration::from_secs(20),
-        );
-        assert!(l.contains("alpha") && l.contains("beta"), "{l}");
-    }
-    assert_ne!(a.repl()["connection"], "connected");
-    assert_ne!(b.repl()["connection"], "connected");
-    assert_eq!(u(&b.repl(), "seq_received"), 0, "no data before agreement");
+    assert_refused_on_both_sides(a, b, &["replication protocol differs", "has B", "has C"]);
     c.write_config(&text);
     b.down();
     b.up();
@@ -1069,6 +1059,18 @@ fn protocol_mismatch_is_refused_on_both_sides() {
     nbd_write(a, 0, &random_bytes(MIB));
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(a.size(), "after the configs agree");
+}
+
+/// Both nodes log the refusal (a line with every one of `needles`, naming both nodes), neither
+/// connects, and the secondary received nothing.
+fn assert_refused_on_both_sides(a: &Node, b: &Node, needles: &[&str]) {
+    for n in [a, b] {
+        let l = wait_log_line(n, needles, Duration::from_secs(20));
+        assert!(l.contains("alpha") && l.contains("beta"), "{l}");
+    }
+    assert_ne!(a.repl()["connection"], "connected");
+    assert_ne!(b.repl()["connection"], "connected");
+    assert_eq!(u(&b.repl(), "seq_received"), 0, "no data before agreement");
 }
 
 /// Nodes whose bitmaps count different bytes per bit would read each other's bitmap wrongly
@@ -1097,17 +1099,7 @@ fn bitmap_granularity_mismatch_is_refused_on_both_sides() {
     c.write_config(&changed);
     b.create_md();
     b.up();
-    for n in [a, b] {
-        let l = wait_log_line(
-            n,
-            &["bitmap granularity differs", "4096", "65536"],
-            Duration::from_secs(20),
-        );
-        assert!(l.contains("alpha") && l.contains("beta"), "{l}");
-    }
-    assert_ne!(a.repl()["connection"], "connected");
-    assert_ne!(b.repl()["connection"], "connected");
-    assert_eq!(u(&b.repl(), "seq_received"), 0, "no data before agreement");
+    assert_refused_on_both_sides(a, b, &["bitmap granularity differs", "4096", "65536"]);
     b.down();
     c.write_config(&text);
     b.ctl_ok(&["create-md", "--force"]);
