@@ -1774,7 +1774,9 @@ impl Applier {
 /// Whether the secondary must acknowledge its progress now rather than within [`ACK_DEFER`]:
 /// when a mark moved that writes on the primary wait for. That is the durable mark under
 /// every protocol (flushes and FUA writes), the receipt under B and the write under C.
-/// Under A nothing waits: acknowledgements only release the journal.
+/// Under A no client write waits for the peer; acknowledgements release the journal, so
+/// writers waiting for space in a full journal, and the end of a resync, wait up to
+/// [`ACK_DEFER`] longer.
 fn ack_is_urgent(protocol: Protocol, sent: (u64, u64, u64), now: (u64, u64, u64)) -> bool {
     let (received, applied, durable) = now;
     durable > sent.2
