@@ -65,6 +65,8 @@
 #     one job, time based, ramp RAMP, --norandommap --randrepeat=0, fio's random, non-zero
 #     buffers with --scramble_buffers=1, no --zero_buffers):
 #       4k randwrite qd32, 4k randwrite qd1, 1m sequential write qd8;
+#   * qemu / qemu-mirror: the daemons started with --daemonize and a pid file, the files cut
+#     to the size blockrep exports; after each qemu-mirror run the two files are compared;
 #   * after each replicated run: alpha's status right after fio (lag_writes at the end), a
 #     wait until the link drained, then bytes_sent over the run and `cmp -n DEVSIZE` of the two
 #     backing files (the exported range starts at offset 0; the metadata behind it differs by
@@ -76,16 +78,19 @@
 # Also, per run, the CPU each I/O cost (from the end of the ramp to half a second before fio
 # ends; I/Os in that window at fio's mean rate): fio and each daemon (/proc/PID/stat, fio's
 # process tree, every thread, io_uring workers included),
-# the rest of the machine (kernel writeback, softirq threads, ...), and the idle share. "CPU
+# the rest of the machine (kernel writeback, softirq threads, ...), the idle share, and the
+# steal share (CPU time the hypervisor gave to other guests: a run with 5 % or more was
+# disturbed by the host, and is left out of the median when another round was not). "CPU
 # bound" is what the machine could do if it never idled: CPUs / (busy µs per I/O), also as a
 # ratio to the lone node's measured IOPS: the most that configuration's code could reach
 # here. A pair far below its bound waits (placement, latency) rather than works. The machine's
 # figures are sampled at the clock tick and the processes' are not, so "other" carries a few
 # µs of error either way at depth 1 (a few hundred ticks in the window).
 #
-# Prints: workload | config | IOPS | MiB/s | p99 µs | ratio to lone (IOPS); the replication
-# details (lag at the end, bytes sent, drain time, identical replicas); "replicas identical:
-# yes/no" per configuration; the issue's goals (C >= 0.6 at 4k qd32 and >= 0.8 at 1M seq,
+# Prints: workload | config | IOPS | MiB/s | p99 µs | ratio (IOPS, to lone; qemu-mirror's to
+# qemu); the replication details (lag at the end, bytes sent, drain time, identical
+# replicas); "replicas identical: yes/no" per configuration; with the QEMU reference, the
+# mirroring cost of both side by side; the issue's goals (C >= 0.6 at 4k qd32 and >= 0.8 at 1M seq,
 # A >= 0.8 and >= 0.9) with PASS/FAIL (PASS also needs identical replicas); warnings and
 # errors found in the daemons' logs.
 #
