@@ -460,6 +460,17 @@ async fn handshake(
     // Small frames come many to a read; a large payload is read mostly straight into its
     // buffer (a read bigger than the buffer bypasses it), not copied out of this one.
     let mut rd = BufReader::with_capacity(LINK_READ_BUFFER, rd);
+    // A secondary reports its applied mark only once the writes of an earlier stream have all
+    // landed. The primary starts the stream after that mark (after its own crash, it issues
+    // new sequences above it), and a mark that moved on after the report would count records
+    // of the new stream as applied that this node never received.
+    if let Some(rep) = res.rep() {
+        timed("waiting for the earlier stream's writes to land", async {
+            rep.quiesce_applies().await;
+            Ok(())
+        })
+        .await?;
+    }
     write_msg(&mut wr, &Msg::State(res.node_state())).await?;
     let (msg, _, _) = timed("waiting for the peer's state", read_frame(&mut rd, res)).await?;
     let peer = match msg {
@@ -1051,6 +1062,10 @@ async fn primary_side(
             std::future::pending::<Result<(), LinkError>>().await
         }
     };
+    // The last sequence written to this connection: no acknowledgement counts beyond it (a
+    // peer's mark from an earlier stream must not cover records it has not been sent).
+    let sent_through = std::sync::atomic::AtomicU64::new(start - 1);
+    let sent_through = &sent_through;
     let sender = {
         let rep = rep.clone();
         async move {
@@ -1097,6 +1112,7 @@ async fn primary_side(
                 let (last, len) = (lease.lease.last_seq, bytes.len() as u64);
                 drop(lease);
                 next = last + 1;
+                sent_through.store(last, std::sync::atomic::Ordering::Relaxed);
                 rep.stats
                     .seq_sent
                     .store(last, std::sync::atomic::Ordering::Relaxed);
@@ -1193,7 +1209,10 @@ async fn primary_side(
                     received,
                     applied,
                     durable,
-                } => rep.on_ack(received, applied, durable),
+                } => {
+                    let cap = sent_through.load(std::sync::atomic::Ordering::Relaxed);
+                    rep.on_ack(received.min(cap), applied.min(cap), durable.min(cap))
+                }
                 Msg::Ping { .. } => {}
                 Msg::State(st) => res.set_peer(Some(st)),
                 Msg::VerifyRequest => match res.start_verify_for_peer() {
