@@ -247,7 +247,7 @@ cleanup() {
     local rc=$? f
     trap - EXIT INT TERM
     set +e
-    if [[ -n $CTL && -n $CFG_FILE ]]; then config_down; fi
+    if [[ -n $CTL && -n $CFG_FILE ]] || ((${#QEMU_PIDS[@]})); then config_down; fi
     if [[ -n $TMP_DIR && -d $TMP_DIR ]]; then
         if ((rc == 1)); then
             for f in "$TMP_DIR"/*/*.log; do
@@ -461,8 +461,13 @@ qemu_daemon() {
         log "qemu-storage-daemon ($name) failed: $(tail -n 3 "$dir/$name.log" | tr '\n' ' ')"
         return 1
     fi
-    pid=$(cat "$dir/$name.pid" 2>/dev/null) || return 1
-    is_pos "$pid" || return 1
+    pid=$(cat "$dir/$name.pid" 2>/dev/null || true)
+    if ! is_pos "$pid"; then
+        # Started, but no pid to stop it by: found by its pid file's path instead.
+        log "qemu-storage-daemon ($name): no pid in $dir/$name.pid; stopping it"
+        pkill -f -- "--pidfile $dir/$name.pid" 2>/dev/null || true
+        return 1
+    fi
     QEMU_PIDS+=("$pid")
     DAEMON_PIDS+=("$pid")
     DAEMON_NAMES+=("qemu/$name")
@@ -499,7 +504,12 @@ setup_qemu() {
             --nbd-server "addr.type=inet,addr.host=127.0.0.1,addr.port=$ea" \
             --export "type=nbd,id=exp,node-name=mirror,name=$RESOURCE,writable=on" || return 1
     fi
-    wait_port "$ea" "${QEMU_PIDS[-1]}" "qemu-storage-daemon ($cfg)"
+    local i
+    for ((i = 0; i < 300; i++)); do
+        port_busy "$ea" && break
+        sleep 0.1
+    done
+    port_busy "$ea" || { log "$cfg: qemu-storage-daemon is not listening on 127.0.0.1:$ea"; return 1; }
     QEMU_SIZE=$size
     log "$cfg: qemu-storage-daemon $(qemu-storage-daemon --version | head -n1 | awk '{print $3}') exporting $size bytes on 127.0.0.1:$ea"
 }
@@ -648,6 +658,8 @@ run_one() {
     if ((rc == 0)) && summary=$(python3 "$SCRIPT_DIR/bench-lib/fio_report.py" one "$raw" "$wdir" 2>/dev/null); then
         if [[ $cfg == lone || $cfg == qemu ]]; then
             log "    $summary"
+        elif [[ $cfg == qemu-mirror ]]; then
+            log "    $summary; identical $identical"
         else
             log "    $summary; lag at end $(jget "$rundir/end.json" replication.lag_writes 2>/dev/null || echo ?), drained $drained in ${drain_s}s, identical $identical"
         fi

@@ -68,12 +68,13 @@ const DO_IT: Req = Req(nbd_io(3), "NBD_DO_IT");
 const CLEAR_SOCK: Req = Req(nbd_io(4), "NBD_CLEAR_SOCK");
 const SET_SIZE_BLOCKS: Req = Req(nbd_io(7), "NBD_SET_SIZE_BLOCKS");
 const DISCONNECT: Req = Req(nbd_io(8), "NBD_DISCONNECT");
-/// Not issued: on the ioctl path it is the kernel's per-request timeout, after which a
-/// single-connection device is declared dead and fails its I/O, and server-side waits (the
-/// peer, a full journal) can legitimately be longer. Left at 0 the kernel keeps waiting,
-/// as on the netlink path. Kept for the ioctl number check.
-#[cfg(test)]
+/// On the ioctl path, the kernel's per-request timeout: a request that takes longer marks a
+/// single-connection device dead and fails its I/O. Left unset, older kernels apply blk-mq's
+/// 30 s, newer ones keep waiting; server-side waits (the peer, a full journal: 30 s) can be
+/// that long, so it is set generously instead: [`IOCTL_REQUEST_TIMEOUT_S`].
 const SET_TIMEOUT: Req = Req(nbd_io(9), "NBD_SET_TIMEOUT");
+/// Seconds (see [`SET_TIMEOUT`]): well above the longest wait inside the server.
+const IOCTL_REQUEST_TIMEOUT_S: u64 = 120;
 const SET_FLAGS: Req = Req(nbd_io(10), "NBD_SET_FLAGS");
 
 // nbd-netlink.h (index and fd are NLA_U32; sizes, flags and timeouts NLA_U64) and genetlink.h.
@@ -222,7 +223,8 @@ struct Setup<'a> {
 
 /// Attaches `device` to `sock`, preferring netlink and falling back to ioctls. `flags` are the
 /// negotiated NBD transmission flags; `dead_conn_timeout` (seconds, 0 = kernel default) is the
-/// netlink dead-connection timeout (the ioctl path has none, and sets no request timeout).
+/// netlink dead-connection timeout (the ioctl path has none; it sets a per-request timeout of
+/// at least [`IOCTL_REQUEST_TIMEOUT_S`]).
 pub fn attach(
     device: &Path,
     sock: UnixStream,
@@ -307,6 +309,7 @@ fn ioctl_attach(s: &Setup) -> io::Result<DoIt> {
     ioctl(&dev, SET_BLKSIZE, bs)?;
     ioctl(&dev, SET_SIZE_BLOCKS, s.size / bs)?;
     ioctl(&dev, SET_FLAGS, s.flags.into())?;
+    ioctl(&dev, SET_TIMEOUT, s.timeout.max(IOCTL_REQUEST_TIMEOUT_S))?;
     let ebadf = |_| io::Error::from_raw_os_error(libc::EBADF);
     let fd = u64::try_from(s.sock.as_raw_fd()).map_err(ebadf)?;
     ioctl(&dev, SET_SOCK, fd)?;

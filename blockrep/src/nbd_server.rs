@@ -153,23 +153,27 @@ where
     // buffer (a read bigger than this buffer bypasses it) instead of being copied out of it.
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-    let neg =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &export)).await {
-            Ok(Ok(Some(n))) => n,
-            Ok(Ok(None)) => return,
-            Ok(Err(ConnError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                tracing::debug!("nbd {peer}: closed during handshake");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!("nbd {peer}: handshake failed, closing: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!("nbd {peer}: handshake timed out, closing");
-                return;
-            }
-        };
+    let neg = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mut rd, &mut wr, &export, &peer),
+    )
+    .await
+    {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => return,
+        Ok(Err(ConnError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!("nbd {peer}: closed during handshake");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("nbd {peer}: handshake failed, closing: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("nbd {peer}: handshake timed out, closing");
+            return;
+        }
+    };
     tracing::info!(
         "nbd {peer}: client attached to export {} (structured replies: {})",
         export.name,
@@ -189,6 +193,7 @@ async fn handshake<R, W>(
     rd: &mut R,
     wr: &mut W,
     export: &Export,
+    peer: &str,
 ) -> Result<Option<Negotiated>, ConnError>
 where
     R: AsyncRead + Unpin,
@@ -300,22 +305,14 @@ where
                         && min_block > 1
                         && !req.requests.contains(&nbd::INFO_BLOCK_SIZE)
                     {
-                        // With direct I/O only aligned requests can be served. A client
-                        // that did not ask for the block size would not know, and would
-                        // get EINVAL on its first 512-byte request: the spec lets the
-                        // server refuse it now, with the reason.
-                        let msg = format!(
-                            "this export needs requests aligned to {min_block} bytes: ask for NBD_INFO_BLOCK_SIZE (nbd-client: -b {min_block})"
+                        // With direct I/O only aligned requests can be served, and this
+                        // client did not ask for the block size. Refusing it (the spec's
+                        // NBD_REP_ERR_BLOCK_SIZE_REQD) would lock out nbd-client, which never
+                        // asks even when told `-b 4096`: served, with unaligned requests
+                        // answered EINVAL, and said here.
+                        tracing::warn!(
+                            "nbd {peer}: the client did not ask for the block size; this export (direct-io) answers requests not aligned to {min_block} bytes with EINVAL (nbd-client: use -b {min_block})"
                         );
-                        nbd::encode_option_reply(
-                            &mut out,
-                            opt,
-                            nbd::REP_ERR_BLOCK_SIZE_REQD,
-                            msg.as_bytes(),
-                        );
-                        wr.write_all(&out).await?;
-                        wr.flush().await?;
-                        continue;
                     }
                     let size = export.device.size();
                     nbd::encode_info_export(&mut out, opt, size, export.transmission_flags());

@@ -460,10 +460,11 @@ async fn handshake(
     // Small frames come many to a read; a large payload is read mostly straight into its
     // buffer (a read bigger than the buffer bypasses it), not copied out of this one.
     let mut rd = BufReader::with_capacity(LINK_READ_BUFFER, rd);
-    // A secondary reports its applied mark only once the writes of an earlier stream have all
-    // landed. The primary starts the stream after that mark (after its own crash, it issues
-    // new sequences above it), and a mark that moved on after the report would count records
-    // of the new stream as applied that this node never received.
+    // A secondary reports its applied mark only once the writes in flight of an earlier stream
+    // have landed. The primary starts the stream after that mark (after its own crash, it
+    // issues new sequences above it), and a mark that moved on after the report would claim
+    // records of the new stream. (An earlier connection still open may apply a few more
+    // frames; the primary's acknowledgements are clamped to what it sent on this one.)
     if let Some(rep) = res.rep() {
         timed("waiting for the earlier stream's writes to land", async {
             rep.quiesce_applies().await;

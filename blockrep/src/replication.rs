@@ -521,11 +521,15 @@ impl Replication {
                 .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
             // Before the data diverges from what the peer has, persist the new generation.
-            // Not persisted: this write fails and the next one tries again, so no write lands
-            // under the old generation (a later split brain would then go unnoticed).
+            // Not persisted: this write fails, and (unless the peer came back meanwhile) the
+            // next one tries again, rather than writes going on under the old generation,
+            // which would hide a later split brain. (A write that starts while this persist
+            // is still running does not wait for it.)
             if let Err(e) = self.start_new_generation().await {
-                self.new_gen_pending
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                if !self.acks().connected {
+                    self.new_gen_pending
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 return Err(e);
             }
         }

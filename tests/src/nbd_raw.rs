@@ -38,7 +38,6 @@ pub mod nbd_const {
     pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
     pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
     pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
-    pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 
     pub const INFO_EXPORT: u16 = 0;
     pub const INFO_BLOCK_SIZE: u16 = 3;
