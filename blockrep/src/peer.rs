@@ -268,11 +268,10 @@ async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, reason: String) -> LinkError {
 pub struct Established {
     rd: BufReader<LinkRead>,
     wr: LinkWrite,
-    peer: NodeState,
     addr: SocketAddr,
 }
 
-/// Hello, mutual authentication, state exchange.
+/// Hello and mutual authentication (the states follow in [`connection`]).
 /// The protocol as it travels in the hello.
 fn protocol_letter(p: Protocol) -> u8 {
     match p {
@@ -456,34 +455,33 @@ async fn handshake(
         ),
         recv: seal::derive_key(&secret, &cfg.resource, &peer_name, &their_nonce, &my_nonce),
     });
-    let (rd, mut wr) = link::split(s, keys);
+    let (rd, wr) = link::split(s, keys);
     // Small frames come many to a read; a large payload is read mostly straight into its
     // buffer (a read bigger than the buffer bypasses it), not copied out of this one.
-    let mut rd = BufReader::with_capacity(LINK_READ_BUFFER, rd);
-    // A secondary reports its applied mark only once the writes in flight of an earlier stream
-    // have landed. The primary starts the stream after that mark (after its own crash, it
-    // issues new sequences above it), and a mark that moved on after the report would claim
-    // records of the new stream. (An earlier connection still open may apply a few more
-    // frames; the primary's acknowledgements are clamped to what it sent on this one.)
-    if let Some(rep) = res.rep() {
-        timed("waiting for the earlier stream's writes to land", async {
-            rep.quiesce_applies().await;
-            Ok(())
-        })
-        .await?;
+    let rd = BufReader::with_capacity(LINK_READ_BUFFER, rd);
+    // The states are exchanged by `connection`, once an earlier connection is gone.
+    Ok(Established { rd, wr, addr })
+}
+
+/// The state exchange that opens a connection. It runs only once an earlier connection has
+/// ended and its writes have landed (`run` settles them first): the primary starts the
+/// stream after the applied mark a secondary reports here (after its own crash, it issues
+/// new sequences above it), and a mark that moved on after the report would claim records
+/// of the new stream. (The primary also clamps acknowledgements to what it sent.)
+async fn exchange_states(
+    res: &Resource,
+    rd: &mut BufReader<LinkRead>,
+    wr: &mut LinkWrite,
+) -> Result<NodeState, LinkError> {
+    write_msg(wr, &Msg::State(res.node_state())).await?;
+    let (msg, _, _) = timed("waiting for the peer's state", read_frame(rd, res)).await?;
+    match msg {
+        Msg::State(st) => Ok(st),
+        Msg::Refuse { reason } => Err(peer_refused(reason)),
+        other => Err(LinkError::Protocol(format!(
+            "expected state, got {other:?}"
+        ))),
     }
-    write_msg(&mut wr, &Msg::State(res.node_state())).await?;
-    let (msg, _, _) = timed("waiting for the peer's state", read_frame(&mut rd, res)).await?;
-    let peer = match msg {
-        Msg::State(st) => st,
-        Msg::Refuse { reason } => return Err(peer_refused(reason)),
-        other => {
-            return Err(LinkError::Protocol(format!(
-                "expected state, got {other:?}"
-            )))
-        }
-    };
-    Ok(Established { rd, wr, peer, addr })
 }
 
 /// Runs the link for the life of the resource: dials or accepts, handshakes, runs the
@@ -699,11 +697,11 @@ async fn accept_loop(
 
 /// Runs one established connection until it fails or ends.
 async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
-    let peer = est.peer.clone();
+    let (mut rd, mut wr) = (est.rd, est.wr);
+    let peer = exchange_states(res, &mut rd, &mut wr).await?;
     let me = res.node_state();
     let my_role = res.role();
     res.set_peer(Some(peer.clone()));
-    let (rd, mut wr) = (est.rd, est.wr);
     if me.primary && peer.primary {
         res.run_handler("split-brain");
         return Err(refuse(
