@@ -518,10 +518,16 @@ pub async fn transmission<R, W>(
 
 /// Runs one request against the device. Returns the NBD error and, for reads, the data.
 async fn execute(device: &Device, req: Request, buf: Buf) -> (u32, Option<(u64, Buf)>) {
-    // Flags this server neither advertised nor understands (FAST_ZERO was not offered) are
-    // refused rather than ignored: a client relying on one must not think it was honoured.
-    const KNOWN: u16 = nbd::CMD_FLAG_FUA | nbd::CMD_FLAG_NO_HOLE | nbd::CMD_FLAG_DF;
-    if req.flags & !KNOWN != 0 {
+    // Flags a command does not take are refused rather than ignored (the spec's SHOULD): a
+    // client relying on one must not think it was honoured. FUA goes with every command;
+    // NO_HOLE only with WRITE_ZEROES; DF and FAST_ZERO were never offered.
+    let allowed = nbd::CMD_FLAG_FUA
+        | if req.command == Command::WriteZeroes {
+            nbd::CMD_FLAG_NO_HOLE
+        } else {
+            0
+        };
+    if req.flags & !allowed != 0 {
         return (nbd::EINVAL, None);
     }
     let fua = req.flags & nbd::CMD_FLAG_FUA != 0;

@@ -240,6 +240,25 @@ fn out_of_bounds_requests_get_errors_and_change_nothing() {
         Ok(()),
         "zeroes with FAST_ZERO, never offered"
     );
+    // Flags on commands that do not take them: NO_HOLE (WRITE_ZEROES only) and DF (never
+    // offered: no structured-read fragmentation control).
+    const NO_HOLE: u16 = 1 << 1;
+    const DF: u16 = 1 << 2;
+    assert_eq!(
+        r.write_at(size - 4096, &junk, NO_HOLE),
+        Err(EINVAL),
+        "write with NO_HOLE"
+    );
+    assert_eq!(
+        r.command(CMD_TRIM, NO_HOLE, size - 4096, 4096),
+        Err(EINVAL),
+        "trim with NO_HOLE"
+    );
+    assert_eq!(
+        r.command(CMD_READ, DF, size - 4096, 4096),
+        Err(EINVAL),
+        "read with DF, never offered"
+    );
     r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
     // Nothing of the crossing write (nor the refused ones) landed.
     assert_same_bytes(

@@ -104,6 +104,11 @@ fn nbdinfo_reports_size_name_and_flags() {
     raw.command(CMD_FLUSH, 0, 0, 0).expect("flush");
     raw.command(CMD_WRITE_ZEROES, 0, 0, 4096)
         .expect("write zeroes");
+    // NO_HOLE (zero, do not deallocate) goes with WRITE_ZEROES, FUA with every command.
+    raw.command(CMD_WRITE_ZEROES, 1 << 1, 0, 4096)
+        .expect("write zeroes with NO_HOLE");
+    raw.command(CMD_FLUSH, CMD_FLAG_FUA, 0, 0)
+        .expect("flush with FUA");
     raw.command(CMD_TRIM, 0, 65536, 65536).expect("trim");
     let back = raw.read_at(0, 8192).expect("read");
     assert_all_zero(&back[..4096], "after WRITE_ZEROES");
