@@ -920,7 +920,13 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
         )));
     }
     let inner = rep.lock();
-    let start = peer.applied_seq + 1;
+    // From the authenticated peer, but still input: no overflow on a nonsense mark.
+    let start = peer.applied_seq.checked_add(1).ok_or_else(|| {
+        LinkError::Protocol(format!(
+            "the peer reports applied sequence {}",
+            peer.applied_seq
+        ))
+    })?;
     if start > inner.issued + 1 {
         return Err(LinkError::NeedsResync(format!(
             "peer has applied sequence {} but this node issued only {}: it has writes this node lacks",
@@ -2036,13 +2042,13 @@ async fn secondary_side(
                         // Already have it (a replay after reconnect): skip.
                         continue;
                     }
-                    if seq != s.received + 1 {
+                    if Some(seq) != s.received.checked_add(1) {
                         rep.stats
                             .protocol_errors
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Err(LinkError::Protocol(format!(
                             "sequence gap: expected {}, got {seq}",
-                            s.received + 1
+                            s.received.saturating_add(1)
                         )));
                     }
                     s.received = seq;
