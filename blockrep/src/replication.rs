@@ -288,6 +288,9 @@ pub struct Replication {
     /// This primary lost its peer: the first write after that starts a new data generation
     /// (so a link that flaps with no writes does not churn generations).
     pub new_gen_pending: std::sync::atomic::AtomicBool,
+    /// Held while that new generation is persisted: every write waits for it, not only the
+    /// one that started it, so no write is acknowledged under the old generation.
+    gen_gate: tokio::sync::Mutex<()>,
     areas: MetaAreas,
     meta: Arc<Mutex<MetaStore>>,
     /// Serialises journal disk writes (one writer at a time, in position order), and every
@@ -362,6 +365,7 @@ impl Replication {
             resync_floor: AtomicU64::new(0),
             pressure_flush: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
+            gen_gate: tokio::sync::Mutex::new(()),
             al: Mutex::new((ActivityLog::new(al_extents), 0)),
             al_durable: watch::channel(0).0,
             al_io: tokio::sync::Mutex::new(()),
@@ -512,26 +516,12 @@ impl Replication {
     /// Journals a record and returns its sequence number; for writes, also waits until no
     /// earlier overlapping write is in flight. Call [`Self::done`] after the local I/O.
     ///
-    /// Fails only for a write whose activity-log update could not be made durable.
+    /// Fails only for a write whose new generation or activity-log update could not be made
+    /// durable.
     pub async fn begin(&self, rec: Record<'_>) -> std::io::Result<u64> {
         let range = rec.range();
-        if range.is_some()
-            && self
-                .new_gen_pending
-                .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            // Before the data diverges from what the peer has, persist the new generation.
-            // Not persisted: this write fails, and (unless the peer came back meanwhile) the
-            // next one tries again, rather than writes going on under the old generation,
-            // which would hide a later split brain. (A write that starts while this persist
-            // is still running does not wait for it.)
-            if let Err(e) = self.start_new_generation().await {
-                if !self.acks().connected {
-                    self.new_gen_pending
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                return Err(e);
-            }
+        if range.is_some() {
+            self.diverge_generation().await?;
         }
         if let Some((a, b)) = range {
             if let Err(e) = self.al_begin(a, b - a).await {
@@ -846,6 +836,30 @@ impl Replication {
     pub fn al_end(&self, offset: u64, len: u64, seq: u64) {
         let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
         al.0.end(offset, len, seq);
+    }
+
+    /// Before the first write that makes this primary's data diverge from its lost peer's,
+    /// persists a new generation. Every write passes the gate: one that starts while the
+    /// persist runs waits for it, so none is acknowledged under the old generation (which
+    /// would hide a later split brain). Not persisted: the write fails, and (unless the peer
+    /// came back meanwhile) the next one tries again.
+    async fn diverge_generation(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Uncontended except while a persist runs: a single atomic on the write path.
+        let _gate = match self.gen_gate.try_lock() {
+            Ok(g) => g,
+            Err(_) => self.gen_gate.lock().await,
+        };
+        if !self.new_gen_pending.swap(false, SeqCst) {
+            return Ok(());
+        }
+        if let Err(e) = self.start_new_generation().await {
+            if !self.acks().connected {
+                self.new_gen_pending.store(true, SeqCst);
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Persists a new current generation (the bitmap counts from the old one).
