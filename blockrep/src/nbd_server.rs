@@ -209,10 +209,35 @@ where
     loop {
         let mut h = [0u8; nbd::OPTION_HEADER_LEN];
         rd.read_exact(&mut h).await?;
-        let (opt, len) = nbd::parse_option_header(&h)?;
+        out.clear();
+        let (opt, len) = match nbd::parse_option_header(&h) {
+            Ok(v) => v,
+            // The option length lets a server skip what it will not take (the spec): too big
+            // to read is answered, not a reason to hang up, within a bound. EXPORT_NAME has
+            // no error reply, so it can only be closed.
+            Err(nbd::NbdError::OptionTooLong { option, len })
+                if len <= nbd::MAX_SKIPPED_OPTION_LEN && option != nbd::OPT_EXPORT_NAME =>
+            {
+                let skipped =
+                    tokio::io::copy(&mut (&mut *rd).take(u64::from(len)), &mut tokio::io::sink())
+                        .await?;
+                if skipped < u64::from(len) {
+                    return Ok(None);
+                }
+                tracing::debug!("nbd {peer}: option {option} of {len} bytes answered TOO_BIG");
+                let msg = format!(
+                    "option data of {len} bytes exceeds this server's bound of {}",
+                    nbd::MAX_OPTION_LEN
+                );
+                nbd::encode_option_reply(&mut out, option, nbd::REP_ERR_TOO_BIG, msg.as_bytes());
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         data.resize(len as usize, 0);
         rd.read_exact(&mut data).await?;
-        out.clear();
         let name_ok = |name: &str| name.is_empty() || name == export.name;
         match opt {
             nbd::OPT_EXPORT_NAME => {

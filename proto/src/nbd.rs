@@ -82,6 +82,9 @@ pub const ESHUTDOWN: u32 = 108;
 /// Largest option payload we accept. Export names are at most 4096 bytes by the spec; a few
 /// info requests on top fit easily. Anything bigger is hostile or broken.
 pub const MAX_OPTION_LEN: u32 = 8192;
+/// Largest option payload a server skips (answering `REP_ERR_TOO_BIG`) to stay in option
+/// haggling; past it the connection is closed rather than read for ever.
+pub const MAX_SKIPPED_OPTION_LEN: u32 = 1 << 20;
 /// Largest payload of one request (the spec's default maximum block size). A client that sends
 /// a bigger write cannot be resynchronised with, so such a connection is closed.
 pub const MAX_REQUEST_LEN: u32 = 32 * 1024 * 1024;

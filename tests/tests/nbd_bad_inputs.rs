@@ -155,6 +155,47 @@ fn one_gib_option_is_refused_without_reading_it() {
 }
 
 #[test]
+fn option_over_the_bound_is_answered_too_big_and_the_handshake_goes_on() {
+    let (c, pid) = setup("big-opt");
+    let a = c.alpha();
+    // A 64 KiB NBD_OPT_GO (a name far over the spec's 4096 bytes): the server skips the data
+    // the length announces, answers NBD_REP_ERR_TOO_BIG, and stays in option haggling.
+    let mut r = RawNbd::connect(a.export()).expect("connect");
+    r.start_handshake();
+    let mut junk = RawNbd::go_payload(&"x".repeat(64 * 1024 - 6));
+    junk.truncate(64 * 1024);
+    r.send_option(OPT_GO, &junk).expect("send a 64 KiB option");
+    let rep = r.read_option_reply().expect("a reply to the 64 KiB option");
+    assert_eq!(rep.option, OPT_GO, "{rep:?}");
+    assert_eq!(
+        rep.reply_type,
+        REP_ERR_TOO_BIG,
+        "expected NBD_REP_ERR_TOO_BIG, got {:#x} ({:?})",
+        rep.reply_type,
+        rep.text()
+    );
+    assert!(rep.text().contains("65536"), "message: {:?}", rep.text());
+    // The same connection goes on to a proper GO and serves I/O.
+    let (size, _) = r.opt_go(a.resource()).unwrap_or_else(|e| {
+        panic!(
+            "GO after TOO_BIG refused: {:#x} {:?}",
+            e.reply_type,
+            e.text()
+        )
+    });
+    assert_eq!(size, a.size());
+    let data = random_bytes(4096);
+    r.write_at(2 << 20, &data, 0).expect("write");
+    assert_same_bytes(
+        &r.read_at(2 << 20, 4096).expect("read"),
+        &data,
+        "after TOO_BIG",
+    );
+    r.disconnect();
+    good_client_still_works(&c, pid);
+}
+
+#[test]
 fn bad_request_magic_closes_connection() {
     let (c, pid) = setup("bad-req-magic");
     let mut r = c.alpha().raw_open();
