@@ -474,11 +474,24 @@ pub fn append_msg(
     evict: impl FnMut(&Rec),
 ) -> Result<Rec, AppendError> {
     let seq = msg.seq().expect("only stream records are journaled");
-    // Encode the header once, then place prefix+header+payload directly into the ring.
-    let mut head = Vec::with_capacity(64);
-    peer::encode_frame(&mut head, msg, &[]);
-    // encode_frame wrote payload_len 0 and a crc over that; redo the prefix for the payload.
-    let header_len = head.len() - PREFIX_LEN;
+    // Prefix and header on the stack (no allocation per write), then placed with the payload
+    // directly into the ring. Stream record headers are a few dozen bytes; the bound is only
+    // there for a type that would grow past it.
+    let mut stack = [0u8; 256];
+    let mut heap = Vec::new();
+    let n = match peer::encode_head(&mut stack, msg, payload.len()) {
+        Some(n) => n,
+        None => {
+            heap = vec![0u8; PREFIX_LEN + peer::MAX_HEADER_LEN];
+            peer::encode_head(&mut heap, msg, payload.len())
+                .expect("a stream record's header is within the frame bound")
+        }
+    };
+    let head = if heap.is_empty() {
+        &stack[..n]
+    } else {
+        &heap[..n]
+    };
     let total = head.len() + payload.len();
     let data = payload.len() as u32;
     ring.append(
@@ -487,14 +500,8 @@ pub fn append_msg(
         data,
         msg_range(msg),
         |dst| {
-            dst[..4].copy_from_slice(&head[..4]);
-            dst[4..6].copy_from_slice(&(header_len as u16).to_le_bytes());
-            dst[6..10].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-            let mut crc = crc32c::crc32c(&dst[..10]);
-            crc = crc32c::crc32c_append(crc, &head[PREFIX_LEN..]);
-            dst[10..14].copy_from_slice(&crc.to_le_bytes());
-            dst[PREFIX_LEN..PREFIX_LEN + header_len].copy_from_slice(&head[PREFIX_LEN..]);
-            dst[PREFIX_LEN + header_len..].copy_from_slice(payload);
+            dst[..head.len()].copy_from_slice(head);
+            dst[head.len()..].copy_from_slice(payload);
         },
         evict,
     )

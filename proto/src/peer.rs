@@ -380,18 +380,35 @@ pub fn encode_frame(out: &mut Vec<u8>, msg: &Msg, payload: &[u8]) -> usize {
     let out_taken = std::mem::take(out);
     *out = postcard::to_extend(msg, out_taken).unwrap_or_else(|_| Vec::new());
     let header_len = out.len() - before;
+    seal_prefix(&mut out[start..], header_len, payload.len());
+    out.extend_from_slice(payload);
+    out.len() - start
+}
+
+/// Encodes the prefix and header of `msg`'s frame into `dst`, for a payload of `payload_len`
+/// bytes that the caller places right behind them: no allocation, for the write path.
+/// Returns their length, or `None` when `dst` is too small for the header.
+pub fn encode_head(dst: &mut [u8], msg: &Msg, payload_len: usize) -> Option<usize> {
+    let header_len = postcard::to_slice(msg, dst.get_mut(PREFIX_LEN..)?)
+        .ok()?
+        .len();
+    seal_prefix(dst, header_len, payload_len);
+    Some(PREFIX_LEN + header_len)
+}
+
+/// Writes the prefix in front of a header already in `frame[PREFIX_LEN..]`: magic, lengths,
+/// and the crc over the prefix's first bytes and the header.
+fn seal_prefix(frame: &mut [u8], header_len: usize, payload_len: usize) {
     assert!(
         header_len <= MAX_HEADER_LEN,
         "peer header grew past its bound"
     );
-    out[start..start + 4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
-    out[start + 4..start + 6].copy_from_slice(&(header_len as u16).to_le_bytes());
-    out[start + 6..start + 10].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let mut crc = crc32c::crc32c(&out[start..start + 10]);
-    crc = crc32c::crc32c_append(crc, &out[before..]);
-    out[start + 10..start + 14].copy_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(payload);
-    out.len() - start
+    frame[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    frame[4..6].copy_from_slice(&(header_len as u16).to_le_bytes());
+    frame[6..10].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    let mut crc = crc32c::crc32c(&frame[0..10]);
+    crc = crc32c::crc32c_append(crc, &frame[PREFIX_LEN..PREFIX_LEN + header_len]);
+    frame[10..14].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Length of the frame of `msg` with `payload_len` payload bytes, without encoding the payload.
@@ -497,6 +514,30 @@ mod tests {
             },
             &[],
         );
+    }
+
+    #[test]
+    fn a_head_encoded_in_place_matches_the_whole_frame() {
+        let data = vec![5u8; 8192];
+        let msg = Msg::Write {
+            seq: u64::MAX,
+            offset: u64::MAX - 8192,
+            len: 8192,
+            crc: crc32c::crc32c(&data),
+            fua: false,
+        };
+        let mut whole = Vec::new();
+        encode_frame(&mut whole, &msg, &data);
+        let mut head = [0u8; 64];
+        let n = encode_head(&mut head, &msg, data.len()).expect("fits in 64 bytes");
+        assert_eq!(&head[..n], &whole[..n]);
+        assert_eq!(n + data.len(), whole.len());
+        // Too small for the header, or even the prefix: refused, never a panic.
+        assert_eq!(
+            encode_head(&mut head[..PREFIX_LEN + 3], &msg, data.len()),
+            None
+        );
+        assert_eq!(encode_head(&mut head[..4], &msg, data.len()), None);
     }
 
     #[test]
