@@ -182,8 +182,11 @@ impl Device {
         };
         let (r, buf) = self.local_write(offset, buf, fua).await;
         rep.done(seq);
+        let mut r = r;
         if r.is_ok() {
-            rep.wait_peer(seq, fua).await;
+            if rep.wait_peer(seq, fua).await.is_err() {
+                r = self.fail(EIO);
+            }
         } else {
             // The record is already on its way to the peer, which will hold the new data
             // while this disk may not: recorded, so a resync makes them agree.
@@ -263,12 +266,17 @@ impl Device {
                 // A zero record carries no FUA of its own: a flush right behind it makes the
                 // peer sync at this point of the stream, and under C the reply waits for
                 // that (without it, for the peer's next flush or checkpoint, up to 30 s).
-                match rep.begin(Record::Flush).await {
+                let waited = match rep.begin(Record::Flush).await {
                     Ok(flush) => rep.wait_peer(flush, true).await,
-                    Err(_) => r = self.fail(EIO),
+                    Err(e) => Err(e),
+                };
+                if waited.is_err() {
+                    r = self.fail(EIO);
                 }
             } else if r.is_ok() {
-                rep.wait_peer(seq, false).await;
+                if rep.wait_peer(seq, false).await.is_err() {
+                    r = self.fail(EIO);
+                }
             } else {
                 rep.mark_out_of_sync(offset, len);
             }
@@ -293,7 +301,9 @@ impl Device {
             tracing::error!("journal sync failed: {e}");
             return self.fail(EIO);
         }
-        rep.wait_peer(seq, true).await;
+        if rep.wait_peer(seq, true).await.is_err() {
+            return self.fail(EIO);
+        }
         Ok(())
     }
 

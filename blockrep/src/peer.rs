@@ -468,15 +468,17 @@ async fn handshake(
 /// stream after the applied mark a secondary reports here (after its own crash, it issues
 /// new sequences above it), and a mark that moved on after the report would claim records
 /// of the new stream. (The primary also clamps acknowledgements to what it sent.)
+/// Returns this node's state as sent, and the peer's: both sides decide on the same facts.
 async fn exchange_states(
     res: &Resource,
     rd: &mut BufReader<LinkRead>,
     wr: &mut LinkWrite,
-) -> Result<NodeState, LinkError> {
-    write_msg(wr, &Msg::State(res.node_state())).await?;
+) -> Result<(NodeState, NodeState), LinkError> {
+    let me = res.node_state();
+    write_msg(wr, &Msg::State(me.clone())).await?;
     let (msg, _, _) = timed("waiting for the peer's state", read_frame(rd, res)).await?;
     match msg {
-        Msg::State(st) => Ok(st),
+        Msg::State(st) => Ok((me, st)),
         Msg::Refuse { reason } => Err(peer_refused(reason)),
         other => Err(LinkError::Protocol(format!(
             "expected state, got {other:?}"
@@ -698,8 +700,7 @@ async fn accept_loop(
 /// Runs one established connection until it fails or ends.
 async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
     let (mut rd, mut wr) = (est.rd, est.wr);
-    let peer = exchange_states(res, &mut rd, &mut wr).await?;
-    let me = res.node_state();
+    let (me, peer) = exchange_states(res, &mut rd, &mut wr).await?;
     let my_role = res.role();
     res.set_peer(Some(peer.clone()));
     if me.primary && peer.primary {
@@ -1029,6 +1030,20 @@ async fn primary_side(
         peer.durable_seq
     };
     rep.set_connected(true, start - 1, peer_durable);
+    // A write while the peer was away may have started a new generation that reached the
+    // disk after this node's state went out: the peer would take the pair for in step at the
+    // old one. Waited out, then compared; the next connect compares the new one.
+    rep.generation_settled().await;
+    let now = res.node_state().gen.current;
+    if now != me.gen.current {
+        tracing::info!(
+            "the data generation moved on to {now:016X} while connecting (announced {:016X}): reconnecting",
+            me.gen.current
+        );
+        return Err(LinkError::Closed(
+            "the data generation changed while connecting",
+        ));
+    }
     res.set_link_state(
         if resync.is_some() {
             "sync-source"

@@ -288,8 +288,8 @@ pub struct Replication {
     /// This primary lost its peer: the first write after that starts a new data generation
     /// (so a link that flaps with no writes does not churn generations).
     pub new_gen_pending: std::sync::atomic::AtomicBool,
-    /// Held while that new generation is persisted: every write waits for it, not only the
-    /// one that started it, so no write is acknowledged under the old generation.
+    /// Held while that new generation is persisted: every write that comes meanwhile waits
+    /// for it, not only the one that started it.
     gen_gate: tokio::sync::Mutex<()>,
     areas: MetaAreas,
     meta: Arc<Mutex<MetaStore>>,
@@ -839,27 +839,31 @@ impl Replication {
     }
 
     /// Before the first write that makes this primary's data diverge from its lost peer's,
-    /// persists a new generation. Every write passes the gate: one that starts while the
-    /// persist runs waits for it, so none is acknowledged under the old generation (which
-    /// would hide a later split brain). Not persisted: the write fails, and (unless the peer
-    /// came back meanwhile) the next one tries again.
-    async fn diverge_generation(&self) -> std::io::Result<()> {
+    /// persists a new generation, so that no write is acknowledged under the old one (which
+    /// would hide a later split brain). Writes that come while the persist runs wait for it.
+    /// Not persisted: the write fails, and (unless the peer came back meanwhile) the next one
+    /// tries again.
+    pub async fn diverge_generation(&self) -> std::io::Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
-        // Uncontended except while a persist runs: a single atomic on the write path.
-        let _gate = match self.gen_gate.try_lock() {
-            Ok(g) => g,
-            Err(_) => self.gen_gate.lock().await,
-        };
-        if !self.new_gen_pending.swap(false, SeqCst) {
+        // The common case, connected or already diverged: one atomic load on the write path.
+        if !self.new_gen_pending.load(SeqCst) {
             return Ok(());
         }
-        if let Err(e) = self.start_new_generation().await {
-            if !self.acks().connected {
-                self.new_gen_pending.store(true, SeqCst);
-            }
-            return Err(e);
+        let _gate = self.gen_gate.lock().await;
+        // Persisted by another write while this one waited, or the peer is back.
+        if !self.new_gen_pending.load(SeqCst) {
+            return Ok(());
         }
+        // Cleared only once persisted: a failure leaves it for the next write.
+        self.start_new_generation().await?;
+        self.new_gen_pending.store(false, SeqCst);
         Ok(())
+    }
+
+    /// Returns once no new generation is being persisted (one that started earlier is on
+    /// disk): a connection compares the generation it announced with this.
+    pub async fn generation_settled(&self) {
+        drop(self.gen_gate.lock().await);
     }
 
     /// Persists a new current generation (the bitmap counts from the old one).
@@ -895,25 +899,36 @@ impl Replication {
 
     /// Waits until the protocol lets `seq` be acknowledged. `barrier`: a flush, which under C
     /// needs the peer's disk to be durable, not only written.
-    pub async fn wait_peer(&self, seq: u64, barrier: bool) {
+    ///
+    /// A peer that goes away before it has the write releases it: the write is in the journal
+    /// and the bitmap, and is acknowledged under a new generation (this node's data now
+    /// diverges from the peer's). Fails only when that generation cannot be persisted.
+    pub async fn wait_peer(&self, seq: u64, barrier: bool) -> std::io::Result<()> {
         let mark = match (self.protocol, barrier) {
-            (Protocol::A, _) => return,
+            (Protocol::A, _) => return Ok(()),
             (Protocol::B, _) => Mark::Received,
             (Protocol::C, false) => Mark::Applied,
             (Protocol::C, true) => Mark::Durable,
         };
-        let woken = {
-            let mut w = self.waiters();
-            let a = *self.acks.borrow();
-            // A peer that is away releases its waiters: the write is in the journal and bitmap.
-            if !a.connected || a.mark(mark) >= seq {
-                return;
-            }
-            let (wake, woken) = tokio::sync::oneshot::channel();
-            w.queue(mark).push(PeerWaiter { seq, wake });
-            woken
-        };
-        let _ = woken.await;
+        loop {
+            let woken = {
+                let mut w = self.waiters();
+                let a = *self.acks.borrow();
+                if a.mark(mark) >= seq {
+                    return Ok(());
+                }
+                if !a.connected {
+                    break;
+                }
+                let (wake, woken) = tokio::sync::oneshot::channel();
+                w.queue(mark).push(PeerWaiter { seq, wake });
+                woken
+            };
+            // Woken by an ack that covers it, or by a disconnect or reconnect (all waiters
+            // are): a peer that came back has the write in its new stream; wait again.
+            let _ = woken.await;
+        }
+        self.diverge_generation().await
     }
 
     fn waiters(&self) -> MutexGuard<'_, PeerWaiters> {

@@ -813,18 +813,20 @@ impl Resource {
     /// that loses its peer starts a new data generation, so the two can tell later who moved on.
     pub async fn link_down(&self) {
         let was_connected = established(self.link().state);
+        // Armed before the waiting writes are released: one the peer did not have is then
+        // acknowledged under a new generation (see `Replication::wait_peer`).
+        if was_connected && self.role() == Role::Primary {
+            if let Some(r) = &self.rep {
+                r.new_gen_pending
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
         if let Some(r) = &self.rep {
             r.on_disconnect();
             r.set_connected(false, 0, 0);
         }
         if was_connected {
             self.run_handler("peer-lost");
-        }
-        if was_connected && self.role() == Role::Primary {
-            if let Some(r) = &self.rep {
-                r.new_gen_pending
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
         }
         let mut l = self.link();
         if established(l.state) {
@@ -1165,11 +1167,13 @@ impl Resource {
             }
         })
         .await?;
+        // A secondary writes nothing of its own: no generation is left to start (a later
+        // `primary --force` starts its own).
+        if let Some(r) = &self.rep {
+            r.new_gen_pending
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         if lacks {
-            if let Some(r) = &self.rep {
-                r.new_gen_pending
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-            }
             tracing::warn!(
                 "the peer lacks writes of this node: new data generation {new_id:016X}, so the next connect sends them to it"
             );

@@ -2563,3 +2563,84 @@ impl Drop for StopDaemons<'_> {
         }
     }
 }
+
+/// This node's current data generation, as `dump-md` prints it (read from the metadata).
+fn current_gen(n: &Node) -> String {
+    let out = n.ctl_ok(&["dump-md"]);
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("current-gen").map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("dump-md has no current-gen:\n{}", out.stdout))
+}
+
+/// Under C a write that waits for the peer when the link drops is acknowledged from the
+/// journal and the bitmap. The primary's data now differs from the peer's, so a new
+/// generation must be on disk before that acknowledgement: without it (and with no later
+/// write to start one), a failover to the peer would make this node look merely behind, and
+/// the next connect would overwrite the acknowledged write instead of reporting a split brain.
+#[test]
+fn a_write_released_by_a_link_drop_is_acknowledged_under_a_new_generation() {
+    let c = pair_via_proxy("repl-gen-on-drop", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    c.wait_in_sync(Duration::from_secs(30));
+    let before = current_gen(a);
+    assert_eq!(
+        before,
+        current_gen(b),
+        "a pair in sync shares its generation"
+    );
+
+    c.proxy().pause();
+    let data = random_bytes(4096);
+    let writer = {
+        let mut r = a.raw_open();
+        let data = data.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let res = r.write_at(3 << 20, &data, 0);
+            r.disconnect();
+            (res, t.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !writer.is_finished(),
+        "under C a write was acknowledged while the link was stalled"
+    );
+    assert!(c.proxy().cut_and_refuse() >= 1, "no link connection to cut");
+    let (res, took) = writer.join().expect("writer thread");
+    assert_eq!(res, Ok(()), "the write released by the link drop failed");
+    assert!(
+        took >= Duration::from_millis(800),
+        "acknowledged after {took:?}"
+    );
+    // No other write has come: only the released one can have started the new generation.
+    let after = current_gen(a);
+    assert_ne!(
+        after,
+        before,
+        "the write was acknowledged after the link dropped, but alpha's generation is still \
+         the one beta has\n{}",
+        a.log_tail(20)
+    );
+    assert_eq!(current_gen(b), before, "beta moved without alpha");
+
+    // The peer comes back: alpha is newer, sends the write, and both end at one generation.
+    c.proxy().unpause();
+    c.proxy().resume();
+    c.wait_in_sync(Duration::from_secs(60));
+    let mut got = vec![0u8; 4096];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(b.backing_path())
+            .and_then(|f| f.read_exact_at(&mut got, 3 << 20))
+            .expect("read beta's backing file");
+    }
+    assert_same_bytes(&got, &data, "beta after the reconnect");
+    assert_eq!(
+        current_gen(b),
+        current_gen(a),
+        "one generation after the sync"
+    );
+    assert_eq!(current_gen(a), after, "alpha's generation moved again");
+}
