@@ -1040,10 +1040,17 @@ async fn primary_side(
             "the data generation moved on to {now:016X} while connecting (announced {:016X}): reconnecting",
             me.gen.current
         );
+        // Released here, so that the link's end does not arm yet another generation: the
+        // data has diverged under this one, and the next connect announces it (re-armed, a
+        // write during every handshake would keep moving it and the pair never connect).
+        rep.on_disconnect();
+        rep.set_connected(false, 0, 0);
         return Err(LinkError::Closed(
             "the data generation changed while connecting",
         ));
     }
+    // The peer is back before any write diverged from it: no new generation.
+    rep.disarm_new_generation();
     res.set_link_state(
         if resync.is_some() {
             "sync-source"

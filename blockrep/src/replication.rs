@@ -287,7 +287,7 @@ pub struct Replication {
     al_io: tokio::sync::Mutex<()>,
     /// This primary lost its peer: the first write after that starts a new data generation
     /// (so a link that flaps with no writes does not churn generations).
-    pub new_gen_pending: std::sync::atomic::AtomicBool,
+    new_gen_pending: std::sync::atomic::AtomicBool,
     /// Held while that new generation is persisted: every write that comes meanwhile waits
     /// for it, not only the one that started it.
     gen_gate: tokio::sync::Mutex<()>,
@@ -402,11 +402,6 @@ impl Replication {
     /// (the peer has everything before); `peer_durable`: how much of that it has made durable
     /// (the rest may be lost if it crashes, so it counts as not durable until it says so).
     pub fn set_connected(&self, connected: bool, peer_applied: u64, peer_durable: u64) {
-        if connected {
-            // The peer is back before any write diverged from it: no new generation.
-            self.new_gen_pending
-                .store(false, std::sync::atomic::Ordering::SeqCst);
-        }
         self.acks.send_modify(|a| {
             a.connected = connected;
             a.epoch += 1;
@@ -911,24 +906,47 @@ impl Replication {
             (Protocol::C, true) => Mark::Durable,
         };
         loop {
-            let woken = {
-                let mut w = self.waiters();
-                let a = *self.acks.borrow();
-                if a.mark(mark) >= seq {
-                    return Ok(());
-                }
-                if !a.connected {
-                    break;
-                }
-                let (wake, woken) = tokio::sync::oneshot::channel();
-                w.queue(mark).push(PeerWaiter { seq, wake });
-                woken
-            };
-            // Woken by an ack that covers it, or by a disconnect or reconnect (all waiters
-            // are): a peer that came back has the write in its new stream; wait again.
-            let _ = woken.await;
+            loop {
+                let woken = {
+                    let mut w = self.waiters();
+                    let a = *self.acks.borrow();
+                    if a.mark(mark) >= seq {
+                        return Ok(());
+                    }
+                    if !a.connected {
+                        break;
+                    }
+                    let (wake, woken) = tokio::sync::oneshot::channel();
+                    w.queue(mark).push(PeerWaiter { seq, wake });
+                    woken
+                };
+                // Woken by an ack that covers it, or by a disconnect or reconnect (all waiters
+                // are): a peer that came back has the write in its new stream; wait again.
+                let _ = woken.await;
+            }
+            self.diverge_generation().await?;
+            // Nothing was persisted if the peer came back meanwhile (it cleared the flag):
+            // then the write is in its new stream, and waits for it like any other.
+            let a = *self.acks.borrow();
+            if !a.connected || a.mark(mark) >= seq {
+                return Ok(());
+            }
         }
-        self.diverge_generation().await
+    }
+
+    /// The link to the peer is lost while this node is primary: the next write (or one that
+    /// was waiting for the peer) starts a new generation before it is acknowledged. Armed
+    /// before the waiting writes are released.
+    pub fn arm_new_generation(&self) {
+        self.new_gen_pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A connection was established at the generation this node announced: no write has
+    /// diverged from the peer, so none starts a new generation.
+    pub fn disarm_new_generation(&self) {
+        self.new_gen_pending
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn waiters(&self) -> MutexGuard<'_, PeerWaiters> {

@@ -814,14 +814,12 @@ impl Resource {
     pub async fn link_down(&self) {
         let was_connected = established(self.link().state);
         // Armed before the waiting writes are released: one the peer did not have is then
-        // acknowledged under a new generation (see `Replication::wait_peer`).
-        if was_connected && self.role() == Role::Primary {
-            if let Some(r) = &self.rep {
-                r.new_gen_pending
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
+        // acknowledged under a new generation (see `Replication::wait_peer`). Also when the
+        // connection ends between `set_connected` and being reported established.
         if let Some(r) = &self.rep {
+            if (was_connected || r.acks().connected) && self.role() == Role::Primary {
+                r.arm_new_generation();
+            }
             r.on_disconnect();
             r.set_connected(false, 0, 0);
         }
@@ -1170,8 +1168,7 @@ impl Resource {
         // A secondary writes nothing of its own: no generation is left to start (a later
         // `primary --force` starts its own).
         if let Some(r) = &self.rep {
-            r.new_gen_pending
-                .store(false, std::sync::atomic::Ordering::SeqCst);
+            r.disarm_new_generation();
         }
         if lacks {
             tracing::warn!(
@@ -1221,6 +1218,9 @@ impl Resource {
             // The link task was aborted above, before it could do this itself: what the peer
             // has not made durable goes to the bitmap, which is persisted next.
             if self.role() == Role::Primary && rep.acks().connected {
+                // Writes still waiting for the peer are released below: under a new
+                // generation, as at any loss of the peer.
+                rep.arm_new_generation();
                 rep.on_disconnect();
             }
             rep.set_connected(false, 0, 0);
