@@ -151,7 +151,11 @@ impl Drop for TestDir {
 static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 const PORT_LOCK_DIR: &str = "/tmp/bre2e-ports";
 
-/// A free TCP port on 127.0.0.1 (bind to port 0, read it, close).
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range where one exists.
+///
+/// Below it, because a daemon that a test restarts (after a kill -9, say) binds its ports
+/// again, and a port from the ephemeral range may meanwhile have become the source port of
+/// some other test's outgoing connection: `up` would then fail with "address in use".
 ///
 /// A port is handed out at most once per process, and once across concurrently running test
 /// processes (nextest runs each test in its own process): a lock file
@@ -162,8 +166,26 @@ pub fn free_port() -> u16 {
     let me = std::process::id();
     static SWEEP: std::sync::Once = std::sync::Once::new();
     SWEEP.call_once(sweep_stale_port_locks);
+    let (low, high) = port_range();
+    let mut seed = u64::from(me) << 32
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+        | 1;
     for _ in 0..1000 {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let candidate = if low < high {
+            // xorshift64: no dependency, distinct enough between processes.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            low + (seed % u64::from(high - low)) as u16
+        } else {
+            0
+        };
+        let Ok(l) = TcpListener::bind(("127.0.0.1", candidate)) else {
+            continue;
+        };
         let port = l.local_addr().expect("local_addr").port();
         drop(l);
         {
@@ -200,6 +222,21 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free TCP port found after 1000 attempts");
+}
+
+/// Where test ports come from: [20000, start of the ephemeral range), or (0, 0) (any port the
+/// kernel picks) when that range is too small.
+fn port_range() -> (u16, u16) {
+    const LOW: u16 = 20000;
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if start > LOW + 1000 {
+        (LOW, start)
+    } else {
+        (0, 0)
+    }
 }
 
 /// Removes port locks whose owner process is gone (once per process).
