@@ -817,11 +817,23 @@ impl Resource {
         // acknowledged under a new generation (see `Replication::wait_peer`). Also when the
         // connection ends between `set_connected` and being reported established.
         if let Some(r) = &self.rep {
-            if (was_connected || r.acks().connected) && self.role() == Role::Primary {
+            let armed = (was_connected || r.acks().connected) && self.role() == Role::Primary;
+            if armed {
                 r.arm_new_generation();
             }
             r.on_disconnect();
             r.set_connected(false, 0, 0);
+            // Writes the peer may not have made durable (acknowledged under A, or in flight):
+            // the data diverges now, not at the next write, which may never come before a
+            // crash and a failover that would then overwrite them silently. Failed: the next
+            // write tries again.
+            let behind = {
+                let durable = r.acks().durable;
+                durable < r.lock().issued
+            };
+            if armed && behind {
+                let _ = r.diverge_generation().await;
+            }
         }
         if was_connected {
             self.run_handler("peer-lost");

@@ -2644,3 +2644,51 @@ fn a_write_released_by_a_link_drop_is_acknowledged_under_a_new_generation() {
     );
     assert_eq!(current_gen(a), after, "alpha's generation moved again");
 }
+
+/// Under A a write is acknowledged before the peer has it. When the link then drops, the
+/// primary's data has already diverged: the new generation is persisted at once, not at the
+/// next write (which may never come before a crash and a failover, after which the next
+/// connect would overwrite the acknowledged write instead of reporting a split brain).
+#[test]
+fn protocol_a_link_drop_with_unreplicated_writes_starts_a_generation_at_once() {
+    let c = pair_via_proxy("repl-gen-a-drop", "A");
+    let (a, b) = (c.alpha(), c.beta());
+    c.wait_in_sync(Duration::from_secs(30));
+    let before = current_gen(a);
+    assert_eq!(
+        before,
+        current_gen(b),
+        "a pair in sync shares its generation"
+    );
+
+    c.proxy().pause();
+    let mut r = a.raw_open();
+    r.write_at(5 << 20, &random_bytes(4096), 0)
+        .expect("a write under A is acknowledged with the link stalled");
+    r.disconnect();
+    assert_eq!(current_gen(a), before, "no generation while connected");
+    assert!(c.proxy().cut_and_refuse() >= 1, "no link connection to cut");
+    // No write after the drop: the drop itself must start the generation.
+    let mut now = before.clone();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            now = current_gen(a);
+            now != before
+        }),
+        "the link dropped with a write the peer never got, but alpha's generation stays the \
+         one beta has\n{}",
+        a.log_tail(20)
+    );
+    assert_eq!(current_gen(b), before, "beta moved without alpha");
+
+    // Back: alpha is newer and brings beta to its generation.
+    c.proxy().unpause();
+    c.proxy().resume();
+    c.wait_in_sync(Duration::from_secs(60));
+    assert!(
+        wait_for(Duration::from_secs(10), || current_gen(b) == now),
+        "beta did not adopt alpha's generation {now}: {}",
+        current_gen(b)
+    );
+    c.assert_replicas_identical(a.size(), "after the reconnect");
+}
