@@ -900,7 +900,10 @@ impl Replication {
     /// diverges from the peer's). Fails only when that generation cannot be persisted.
     pub async fn wait_peer(&self, seq: u64, barrier: bool) -> std::io::Result<()> {
         let mark = match (self.protocol, barrier) {
-            (Protocol::A, _) => return Ok(()),
+            // Acknowledged without the peer, but not while a lost peer's new generation is
+            // still being persisted (a write in flight at the drop).
+            (Protocol::A, _) if self.acks.borrow().connected => return Ok(()),
+            (Protocol::A, _) => return self.diverge_generation().await,
             (Protocol::B, _) => Mark::Received,
             (Protocol::C, false) => Mark::Applied,
             (Protocol::C, true) => Mark::Durable,
@@ -932,6 +935,17 @@ impl Replication {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether the peer may lack a write of this node: a record it has not applied carries
+    /// data, or the journal lost records. (Flushes, hash requests and the like do not count.)
+    pub fn peer_lacks_writes(&self) -> bool {
+        let applied = self.acks().applied;
+        let g = self.lock();
+        g.overflowed
+            || g.ring
+                .records()
+                .any(|r| r.seq > applied && r.range.1 > r.range.0)
     }
 
     /// The link to the peer is lost while this node is primary: the next write (or one that

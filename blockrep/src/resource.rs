@@ -814,33 +814,37 @@ impl Resource {
     pub async fn link_down(&self) {
         let was_connected = established(self.link().state);
         // Armed before the waiting writes are released: one the peer did not have is then
-        // acknowledged under a new generation (see `Replication::wait_peer`). Also when the
-        // connection ends between `set_connected` and being reported established.
+        // acknowledged under a new generation (see `Replication::wait_peer`). Only for a
+        // connection this node ran as primary (also one that ended between `set_connected`
+        // and being reported established): a new primary ending its old secondary
+        // connection starts nothing.
+        let mut diverged = false;
         if let Some(r) = &self.rep {
-            let armed = (was_connected || r.acks().connected) && self.role() == Role::Primary;
-            if armed {
+            if r.acks().connected && self.role() == Role::Primary {
                 r.arm_new_generation();
+                diverged = r.peer_lacks_writes();
             }
             r.on_disconnect();
             r.set_connected(false, 0, 0);
-            // Writes the peer may not have made durable (acknowledged under A, or in flight):
-            // the data diverges now, not at the next write, which may never come before a
-            // crash and a failover that would then overwrite them silently. Failed: the next
-            // write tries again.
-            let behind = {
-                let durable = r.acks().durable;
-                durable < r.lock().issued
-            };
-            if armed && behind {
-                let _ = r.diverge_generation().await;
-            }
         }
         if was_connected {
             self.run_handler("peer-lost");
         }
-        let mut l = self.link();
-        if established(l.state) {
-            l.state = "connecting";
+        {
+            let mut l = self.link();
+            if established(l.state) {
+                l.state = "connecting";
+            }
+        }
+        // Writes the peer has not applied (acknowledged under A, or in flight): the data
+        // diverges now, not at the next write, which may never come before a crash and a
+        // failover that would then overwrite them silently.
+        if diverged {
+            if let Some(r) = &self.rep {
+                if let Err(e) = r.diverge_generation().await {
+                    tracing::warn!("the next write starts the new generation instead ({e})");
+                }
+            }
         }
     }
 
@@ -1213,6 +1217,8 @@ impl Resource {
     /// `down`: stop serving, persist, release the sockets.
     pub async fn down(&self) -> Result<(), NodeError> {
         let mut marks = None;
+        let mut lacks = false;
+        let new_id = random_id();
         self.stop_serving().await?;
         if self.role() == Role::Primary {
             self.drain_to_peer().await;
@@ -1235,6 +1241,14 @@ impl Resource {
                 rep.arm_new_generation();
                 rep.on_disconnect();
             }
+            // A primary going down with writes its peer lacks: the committed generation says
+            // so (as a demotion's does), or a failover to the peer would later overwrite them
+            // silently instead of a split brain being reported.
+            lacks = self.role() == Role::Primary && self.cfg.peer.is_some() && {
+                let durable = rep.acks().durable;
+                let g = rep.lock();
+                g.bitmap.dirty_bits() > 0 || g.overflowed || durable < g.issued
+            };
             rep.set_connected(false, 0, 0);
             // As secondary: the aborted stream's writes finish and are synced before the
             // applied mark below is committed (not at all if that failed).
@@ -1256,9 +1270,17 @@ impl Resource {
                     sb.applied_seq = sb.applied_seq.max(applied);
                 }
             }
+            if lacks {
+                sb.gen = state::new_generation(sb.gen, new_id);
+            }
             sb.was_primary = false;
         })
         .await?;
+        if lacks {
+            tracing::warn!(
+                "the peer lacks writes of this node: new data generation {new_id:016X}, so the next connect sends them to it"
+            );
+        }
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }

@@ -951,6 +951,27 @@ fn secondary_refuses_nbd_and_promotion_while_peer_is_primary() {
         &data2,
         "alpha after a write on the new primary",
     );
+    // A planned switchover between connected, up-to-date nodes starts no generation (the new
+    // primary ending its old secondary connection is no loss of a peer), so the way back is
+    // just as direct.
+    assert_eq!(
+        current_gen(a),
+        current_gen(b),
+        "a switchover moved one node's generation
+{}",
+        b.log_tail(20)
+    );
+    b.ctl_ok(&["secondary"]);
+    a.wait_repl(CONNECT_TIMEOUT, "seeing a secondary peer again", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    a.ctl_ok(&["primary"]);
+    b.wait_repl(
+        CONNECT_TIMEOUT,
+        "connected to alpha as primary again",
+        |r| r["connection"] == "connected" && r["peer_role"] == "primary",
+    );
+    assert_eq!(current_gen(a), current_gen(b), "after the switch back");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2691,4 +2712,47 @@ fn protocol_a_link_drop_with_unreplicated_writes_starts_a_generation_at_once() {
         current_gen(b)
     );
     c.assert_replicas_identical(a.size(), "after the reconnect");
+}
+
+/// A primary taken `down` while its peer lacks acknowledged writes (A, link stalled) commits a
+/// new generation with its shutdown, as a demotion does: a failover to the peer then ends in a
+/// reported split brain, never in those writes being overwritten by a resync.
+#[test]
+fn primary_down_with_writes_the_peer_lacks_commits_a_new_generation() {
+    let c = pair_via_proxy("repl-gen-down", "A");
+    let (a, b) = (c.alpha(), c.beta());
+    c.wait_in_sync(Duration::from_secs(30));
+    let before = current_gen(a);
+    assert_eq!(
+        before,
+        current_gen(b),
+        "a pair in sync shares its generation"
+    );
+
+    c.proxy().pause();
+    let mut r = a.raw_open();
+    r.write_at(7 << 20, &random_bytes(4096), 0)
+        .expect("a write under A is acknowledged with the link stalled");
+    r.disconnect();
+    let pid = a.pid().expect("alpha's pid");
+    // `down` waits (bounded) for the stalled peer (whose ping timeout may end the link
+    // first), then goes down without it.
+    a.down();
+    assert!(
+        wait_pid_gone(pid, Duration::from_secs(10)),
+        "alpha still runs after down"
+    );
+    let after = current_gen(a);
+    assert_ne!(
+        after,
+        before,
+        "alpha went down with a write beta never got, under the generation beta has\n{}",
+        a.log_tail(20)
+    );
+    wait_log_line(
+        a,
+        &["the peer lacks writes of this node"],
+        Duration::from_secs(1),
+    );
+    assert_eq!(current_gen(b), before, "beta moved without alpha");
 }
