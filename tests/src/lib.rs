@@ -62,6 +62,17 @@ pub fn have_tool(name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether every tool is on PATH; prints which one is missing (the test then skips itself).
+pub fn have_tools(names: &[&str]) -> bool {
+    match names.iter().find(|n| !have_tool(n)) {
+        Some(missing) => {
+            println!("SKIP: {missing} not installed");
+            false
+        }
+        None => true,
+    }
+}
+
 /// Runs `nbdinfo --json URI` and returns the JSON object of the (single) export.
 pub fn nbdinfo_json(uri: &str) -> serde_json::Value {
     let out = run_ok(

@@ -2585,6 +2585,28 @@ impl Drop for StopDaemons<'_> {
     }
 }
 
+/// A pair through the proxy, in sync on one generation (returned), then its link stalled.
+fn stalled_pair(test: &str, protocol: &str) -> (Cluster, String) {
+    let c = pair_via_proxy(test, protocol);
+    c.wait_in_sync(Duration::from_secs(30));
+    let before = current_gen(c.alpha());
+    assert_eq!(
+        before,
+        current_gen(c.beta()),
+        "a pair in sync shares its generation"
+    );
+    c.proxy().pause();
+    (c, before)
+}
+
+/// One 4 KiB write at `offset`, acknowledged (under A, with the link stalled).
+fn write_unreplicated(n: &Node, offset: u64) {
+    let mut r = n.raw_open();
+    r.write_at(offset, &random_bytes(4096), 0)
+        .expect("a write under A is acknowledged with the link stalled");
+    r.disconnect();
+}
+
 /// This node's current data generation, as `dump-md` prints it (read from the metadata).
 fn current_gen(n: &Node) -> String {
     let out = n.ctl_ok(&["dump-md"]);
@@ -2601,17 +2623,8 @@ fn current_gen(n: &Node) -> String {
 /// the next connect would overwrite the acknowledged write instead of reporting a split brain.
 #[test]
 fn a_write_released_by_a_link_drop_is_acknowledged_under_a_new_generation() {
-    let c = pair_via_proxy("repl-gen-on-drop", "C");
+    let (c, before) = stalled_pair("repl-gen-on-drop", "C");
     let (a, b) = (c.alpha(), c.beta());
-    c.wait_in_sync(Duration::from_secs(30));
-    let before = current_gen(a);
-    assert_eq!(
-        before,
-        current_gen(b),
-        "a pair in sync shares its generation"
-    );
-
-    c.proxy().pause();
     let data = random_bytes(4096);
     let writer = {
         let mut r = a.raw_open();
@@ -2672,21 +2685,9 @@ fn a_write_released_by_a_link_drop_is_acknowledged_under_a_new_generation() {
 /// connect would overwrite the acknowledged write instead of reporting a split brain).
 #[test]
 fn protocol_a_link_drop_with_unreplicated_writes_starts_a_generation_at_once() {
-    let c = pair_via_proxy("repl-gen-a-drop", "A");
+    let (c, before) = stalled_pair("repl-gen-a-drop", "A");
     let (a, b) = (c.alpha(), c.beta());
-    c.wait_in_sync(Duration::from_secs(30));
-    let before = current_gen(a);
-    assert_eq!(
-        before,
-        current_gen(b),
-        "a pair in sync shares its generation"
-    );
-
-    c.proxy().pause();
-    let mut r = a.raw_open();
-    r.write_at(5 << 20, &random_bytes(4096), 0)
-        .expect("a write under A is acknowledged with the link stalled");
-    r.disconnect();
+    write_unreplicated(a, 5 << 20);
     assert_eq!(current_gen(a), before, "no generation while connected");
     assert!(c.proxy().cut_and_refuse() >= 1, "no link connection to cut");
     // No write after the drop: the drop itself must start the generation.
@@ -2719,21 +2720,9 @@ fn protocol_a_link_drop_with_unreplicated_writes_starts_a_generation_at_once() {
 /// reported split brain, never in those writes being overwritten by a resync.
 #[test]
 fn primary_down_with_writes_the_peer_lacks_commits_a_new_generation() {
-    let c = pair_via_proxy("repl-gen-down", "A");
+    let (c, before) = stalled_pair("repl-gen-down", "A");
     let (a, b) = (c.alpha(), c.beta());
-    c.wait_in_sync(Duration::from_secs(30));
-    let before = current_gen(a);
-    assert_eq!(
-        before,
-        current_gen(b),
-        "a pair in sync shares its generation"
-    );
-
-    c.proxy().pause();
-    let mut r = a.raw_open();
-    r.write_at(7 << 20, &random_bytes(4096), 0)
-        .expect("a write under A is acknowledged with the link stalled");
-    r.disconnect();
+    write_unreplicated(a, 7 << 20);
     let pid = a.pid().expect("alpha's pid");
     // `down` waits (bounded) for the stalled peer (whose ping timeout may end the link
     // first), then goes down without it.
