@@ -1029,6 +1029,7 @@ async fn primary_side(
     } else {
         peer.durable_seq
     };
+    rep.set_link_as_primary(res.role() == Role::Primary);
     rep.set_connected(true, start - 1, peer_durable);
     // A write while the peer was away may have started a new generation that reached the
     // disk after this node's state went out: the peer would take the pair for in step at the

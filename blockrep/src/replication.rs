@@ -291,6 +291,13 @@ pub struct Replication {
     /// Held while that new generation is persisted: every write that comes meanwhile waits
     /// for it, not only the one that started it.
     gen_gate: tokio::sync::Mutex<()>,
+    /// At the loss of the peer: the first sequence the peer had not applied (`u64::MAX`:
+    /// none). A released write or flush below it diverges nothing: it is acknowledged
+    /// without a new generation.
+    unapplied_from: AtomicU64,
+    /// The current (or last) connection ran with this node as primary: only the loss of
+    /// such a connection is the loss of this primary's peer.
+    link_as_primary: std::sync::atomic::AtomicBool,
     areas: MetaAreas,
     meta: Arc<Mutex<MetaStore>>,
     /// Serialises journal disk writes (one writer at a time, in position order), and every
@@ -366,6 +373,8 @@ impl Replication {
             pressure_flush: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
             gen_gate: tokio::sync::Mutex::new(()),
+            unapplied_from: AtomicU64::new(u64::MAX),
+            link_as_primary: std::sync::atomic::AtomicBool::new(false),
             al: Mutex::new((ActivityLog::new(al_extents), 0)),
             al_durable: watch::channel(0).0,
             al_io: tokio::sync::Mutex::new(()),
@@ -515,9 +524,11 @@ impl Replication {
     /// durable.
     pub async fn begin(&self, rec: Record<'_>) -> std::io::Result<u64> {
         let range = rec.range();
-        if range.is_some() {
-            self.diverge_generation().await?;
-        }
+        // Any record issued while the peer is away, a flush too, takes a sequence number the
+        // peer never sees: if the peer is then promoted, its own records reuse those numbers,
+        // and only a new generation here stops a later connect from taking this node's
+        // applied mark as a point in the peer's stream.
+        self.diverge_generation().await?;
         if let Some((a, b)) = range {
             if let Err(e) = self.al_begin(a, b - a).await {
                 // No write happens: the extent is not busy on its account.
@@ -903,7 +914,7 @@ impl Replication {
             // Acknowledged without the peer, but not while a lost peer's new generation is
             // still being persisted (a write in flight at the drop).
             (Protocol::A, _) if self.acks.borrow().connected => return Ok(()),
-            (Protocol::A, _) => return self.diverge_generation().await,
+            (Protocol::A, _) => return self.diverge_if_lacking(seq).await,
             (Protocol::B, _) => Mark::Received,
             (Protocol::C, false) => Mark::Applied,
             (Protocol::C, true) => Mark::Durable,
@@ -927,7 +938,7 @@ impl Replication {
                 // are): a peer that came back has the write in its new stream; wait again.
                 let _ = woken.await;
             }
-            self.diverge_generation().await?;
+            self.diverge_if_lacking(seq).await?;
             // Nothing was persisted if the peer came back meanwhile (it cleared the flag):
             // then the write is in its new stream, and waits for it like any other.
             let a = *self.acks.borrow();
@@ -937,30 +948,69 @@ impl Replication {
         }
     }
 
-    /// Whether the peer may lack a write of this node: a record it has not applied carries
-    /// data, or the journal lost records. (Flushes, hash requests and the like do not count.)
-    pub fn peer_lacks_writes(&self) -> bool {
-        let applied = self.acks().applied;
+    /// A record `seq` released without the peer: under a new generation if the peer had
+    /// not applied it or an earlier record when the link was lost (see [`Self::begin`] for
+    /// why a flush counts too).
+    async fn diverge_if_lacking(&self, seq: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if seq >= self.unapplied_from.load(SeqCst) {
+            self.diverge_generation().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The first record after `mark` this node issued, if any; the journal having lost
+    /// records counts as right after `mark`.
+    pub fn issued_after(&self, mark: u64) -> Option<u64> {
         let g = self.lock();
-        g.overflowed
-            || g.ring
-                .records()
-                .any(|r| r.seq > applied && r.range.1 > r.range.0)
+        if g.overflowed {
+            return Some(mark.saturating_add(1));
+        }
+        (g.issued > mark).then(|| mark.saturating_add(1))
     }
 
-    /// The link to the peer is lost while this node is primary: the next write (or one that
-    /// was waiting for the peer) starts a new generation before it is acknowledged. Armed
-    /// before the waiting writes are released.
-    pub fn arm_new_generation(&self) {
-        self.new_gen_pending
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+    /// The connection this node ran as primary is lost (call before the marks are reset):
+    /// the next write, or one released from waiting for the peer that the peer lacked,
+    /// starts a new generation before it is acknowledged. Returns whether the peer lacks
+    /// records already (then the caller starts the generation at once).
+    pub fn peer_lost(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let from = self.issued_after(self.acks().applied).unwrap_or(u64::MAX);
+        self.unapplied_from.store(from, SeqCst);
+        self.new_gen_pending.store(true, SeqCst);
+        from != u64::MAX
     }
 
-    /// A connection was established at the generation this node announced: no write has
-    /// diverged from the peer, so none starts a new generation.
+    /// Whether the loss of the peer left a new generation to start that is not on disk yet
+    /// (its persist failed, or no write has come since data diverged).
+    pub fn divergence_pending(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.new_gen_pending.load(SeqCst) && self.unapplied_from.load(SeqCst) != u64::MAX
+    }
+
+    /// A connection starts; `as_primary`: with this node as primary (see
+    /// [`Self::link_ran_as_primary`]).
+    pub fn set_link_as_primary(&self, as_primary: bool) {
+        self.link_as_primary
+            .store(as_primary, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the connection being lost ran with this node as primary (a node promoted
+    /// while it was the source of a resync between secondaries did not).
+    pub fn link_ran_as_primary(&self) -> bool {
+        self.link_as_primary
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && self.acks().connected
+    }
+
+    /// A connection was established at the generation this node announced (or this node
+    /// is no longer primary): no write has diverged from the peer, so none starts a new
+    /// generation.
     pub fn disarm_new_generation(&self) {
-        self.new_gen_pending
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        self.new_gen_pending.store(false, SeqCst);
+        self.unapplied_from.store(u64::MAX, SeqCst);
     }
 
     fn waiters(&self) -> MutexGuard<'_, PeerWaiters> {

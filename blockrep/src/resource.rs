@@ -811,6 +811,23 @@ impl Resource {
 
     /// The connection ended: writes stop waiting for the peer and go to the bitmap. A primary
     /// that loses its peer starts a new data generation, so the two can tell later who moved on.
+    /// Whether a primary giving up its role (demotion, `down`) leaves records its peer
+    /// lacks under a generation the peer has. Connected: regions not yet resynced, or
+    /// records the peer has not made durable after the drain. Disconnected: the loss of the
+    /// peer (or the first record after it) already started a generation where the two
+    /// diverged; only one not persisted yet remains.
+    fn leaves_divergence(&self, rep: &Replication) -> bool {
+        if self.cfg.peer.is_none() || self.role() != Role::Primary {
+            return false;
+        }
+        if rep.link_ran_as_primary() {
+            let durable = rep.acks().durable;
+            rep.lock().bitmap.dirty_bits() > 0 || rep.issued_after(durable).is_some()
+        } else {
+            rep.divergence_pending()
+        }
+    }
+
     pub async fn link_down(&self) {
         let was_connected = established(self.link().state);
         // Armed before the waiting writes are released: one the peer did not have is then
@@ -820,9 +837,8 @@ impl Resource {
         // connection starts nothing.
         let mut diverged = false;
         if let Some(r) = &self.rep {
-            if r.acks().connected && self.role() == Role::Primary {
-                r.arm_new_generation();
-                diverged = r.peer_lacks_writes();
+            if r.link_ran_as_primary() && self.role() == Role::Primary {
+                diverged = r.peer_lost();
             }
             r.on_disconnect();
             r.set_connected(false, 0, 0);
@@ -1164,11 +1180,7 @@ impl Resource {
         // data newer than the peer's: a new generation says so, so that the next connect
         // brings them to the peer (as a resync between two secondaries, if need be) and the
         // peer cannot be promoted over them without --force.
-        let lacks = self.rep.as_ref().is_some_and(|r| {
-            let durable = r.acks().durable;
-            let g = r.lock();
-            g.bitmap.dirty_bits() > 0 || g.overflowed || durable < g.issued
-        }) && self.cfg.peer.is_some();
+        let lacks = self.rep.as_ref().is_some_and(|r| self.leaves_divergence(r));
         let new_id = random_id();
         self.commit_meta(move |sb| {
             sb.was_primary = false;
@@ -1235,20 +1247,17 @@ impl Resource {
         if let Some(rep) = &self.rep {
             // The link task was aborted above, before it could do this itself: what the peer
             // has not made durable goes to the bitmap, which is persisted next.
-            if self.role() == Role::Primary && rep.acks().connected {
+            // A primary going down with data its peer lacks: the committed generation says
+            // so (as a demotion's does), or a failover to the peer would later overwrite it
+            // silently instead of a split brain being reported. Decided before the link's
+            // end below marks what the peer has not made durable.
+            lacks = self.leaves_divergence(rep);
+            if self.role() == Role::Primary && rep.link_ran_as_primary() {
                 // Writes still waiting for the peer are released below: under a new
-                // generation, as at any loss of the peer.
-                rep.arm_new_generation();
+                // generation where the peer lacks them, as at any loss of the peer.
+                rep.peer_lost();
                 rep.on_disconnect();
             }
-            // A primary going down with writes its peer lacks: the committed generation says
-            // so (as a demotion's does), or a failover to the peer would later overwrite them
-            // silently instead of a split brain being reported.
-            lacks = self.role() == Role::Primary && self.cfg.peer.is_some() && {
-                let durable = rep.acks().durable;
-                let g = rep.lock();
-                g.bitmap.dirty_bits() > 0 || g.overflowed || durable < g.issued
-            };
             rep.set_connected(false, 0, 0);
             // As secondary: the aborted stream's writes finish and are synced before the
             // applied mark below is committed (not at all if that failed).

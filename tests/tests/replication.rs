@@ -2745,3 +2745,92 @@ fn primary_down_with_writes_the_peer_lacks_commits_a_new_generation() {
     );
     assert_eq!(current_gen(b), before, "beta moved without alpha");
 }
+
+/// A link lost while the peer had every record diverges nothing: a demotion afterwards
+/// starts no generation, so a failover to the peer (`primary --force` there) makes this node
+/// a plain sync target on reconnect, not one side of a false split brain.
+#[test]
+fn an_idle_link_loss_and_a_demotion_start_no_generation_and_the_failover_is_clean() {
+    let c = pair_via_proxy("repl-gen-idle-loss", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    nbd_write(a, 0, &random_bytes(MIB));
+    c.wait_in_sync(Duration::from_secs(30));
+    let before = current_gen(a);
+    assert_eq!(
+        before,
+        current_gen(b),
+        "a pair in sync shares its generation"
+    );
+
+    assert!(c.proxy().cut_and_refuse() >= 1, "no link connection to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    a.ctl_ok(&["secondary"]);
+    assert_eq!(
+        current_gen(a),
+        before,
+        "a demotion with nothing the peer lacks started a generation\n{}",
+        a.log_tail(20)
+    );
+
+    // Failover to beta, which writes; the link comes back: alpha follows beta.
+    b.wait_not_connected(Duration::from_secs(10));
+    b.primary_force();
+    let data = random_bytes(MIB);
+    nbd_write(b, 4 * MIB as u64, &data);
+    c.proxy().resume();
+    let rb = b.wait_repl(SYNC_TIMEOUT, "alpha in sync behind beta", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary" && r["out_of_sync"] == 0
+    });
+    a.wait_repl(SYNC_TIMEOUT, "applied beta's writes", |r| {
+        r["seq_applied"] == rb["seq_written"]
+    });
+    assert!(
+        !a.log_tail(200).contains("split brain"),
+        "a false split brain\n{}",
+        a.log_tail(30)
+    );
+    c.assert_replicas_identical(a.size(), "after the failover");
+}
+
+/// A flush while the peer is away puts no record in the stream (none would reach the peer,
+/// and its sequence number would collide with the records of a peer promoted meanwhile): it
+/// starts no generation, and after a failover this node follows the new primary, whose
+/// first writes it applies (none skipped), with no split brain.
+#[test]
+fn a_flush_while_the_peer_is_away_starts_no_generation_and_skips_no_write_after_failover() {
+    let c = pair_via_proxy("repl-gen-flush-away", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    nbd_write(a, 0, &random_bytes(MIB));
+    c.wait_in_sync(Duration::from_secs(30));
+    let before = current_gen(a);
+
+    assert!(c.proxy().cut_and_refuse() >= 1, "no link connection to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    let mut r = a.raw_open();
+    r.command(CMD_FLUSH, 0, 0, 0)
+        .expect("a flush with the peer away");
+    r.command(CMD_FLUSH, nbd_const::CMD_FLAG_FUA, 0, 0)
+        .expect("a FUA flush with the peer away");
+    r.disconnect();
+    assert_eq!(current_gen(a), before, "a flush started a generation");
+    a.ctl_ok(&["secondary"]);
+    assert_eq!(current_gen(a), before, "the demotion started a generation");
+
+    b.wait_not_connected(Duration::from_secs(10));
+    b.primary_force();
+    let data = random_bytes(MIB);
+    nbd_write(b, 4 * MIB as u64, &data);
+    c.proxy().resume();
+    let rb = b.wait_repl(SYNC_TIMEOUT, "alpha in sync behind beta", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary" && r["out_of_sync"] == 0
+    });
+    a.wait_repl(SYNC_TIMEOUT, "applied beta's writes", |r| {
+        r["seq_applied"] == rb["seq_written"]
+    });
+    assert_same_bytes(
+        &a.backing_data(5 * MIB as u64)[4 * MIB..],
+        &data,
+        "alpha after following the new primary",
+    );
+    c.assert_replicas_identical(a.size(), "after the failover");
+}
