@@ -262,10 +262,11 @@ impl Device {
         }
         if let (Some(rep), Some(seq)) = (&self.rep, seq) {
             rep.done(seq);
-            if r.is_ok() && fua {
+            if r.is_ok() && fua && rep.acks().connected {
                 // A zero record carries no FUA of its own: a flush right behind it makes the
                 // peer sync at this point of the stream, and under C the reply waits for
                 // that (without it, for the peer's next flush or checkpoint, up to 30 s).
+                // With the peer away there is no one to flush (see `flush`).
                 let waited = match rep.begin(Record::Flush).await {
                     Ok(flush) => rep.wait_peer(flush, true).await,
                     Err(e) => Err(e),

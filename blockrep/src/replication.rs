@@ -695,6 +695,8 @@ impl Replication {
         self.pressure_flush.store(u64::MAX, SeqCst);
         // A flush record has no range: no activity-log update that could fail.
         let Ok(seq) = Box::pin(self.begin(Record::Flush)).await else {
+            // Asked again by the next write under pressure.
+            self.pressure_flush.store(0, SeqCst);
             return;
         };
         self.pressure_flush.store(seq, SeqCst);
@@ -971,22 +973,38 @@ impl Replication {
     }
 
     /// The connection this node ran as primary is lost (call before the marks are reset):
-    /// the next write, or one released from waiting for the peer that the peer lacked,
-    /// starts a new generation before it is acknowledged. Returns whether the peer lacks
-    /// records already (then the caller starts the generation at once).
+    /// every record after the peer's applied mark, issued already or from now on, is one
+    /// the peer lacks, and the first one acknowledged (or released from waiting for the
+    /// peer) starts a new generation first. Returns whether such records exist already
+    /// (then the caller starts the generation at once).
     pub fn peer_lost(&self) -> bool {
+        let applied = self.acks().applied;
+        self.arm_from(applied.saturating_add(1));
+        self.issued_after(applied).is_some()
+    }
+
+    /// A new primary whose peer is not (or no longer) connected to it as its secondary:
+    /// from its next record on, until a connection as primary is established, a new
+    /// generation is started before anything is acknowledged.
+    pub fn arm_until_connected(&self) {
+        let next = self.lock().issued.saturating_add(1);
+        self.arm_from(next);
+    }
+
+    fn arm_from(&self, from: u64) {
         use std::sync::atomic::Ordering::SeqCst;
-        let from = self.issued_after(self.acks().applied).unwrap_or(u64::MAX);
         self.unapplied_from.store(from, SeqCst);
         self.new_gen_pending.store(true, SeqCst);
-        from != u64::MAX
     }
 
     /// Whether the loss of the peer left a new generation to start that is not on disk yet
-    /// (its persist failed, or no write has come since data diverged).
+    /// (its persist failed, or no record has come since the peer lacks some).
     pub fn divergence_pending(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
-        self.new_gen_pending.load(SeqCst) && self.unapplied_from.load(SeqCst) != u64::MAX
+        let from = self.unapplied_from.load(SeqCst);
+        self.new_gen_pending.load(SeqCst)
+            && from != u64::MAX
+            && self.issued_after(from.saturating_sub(1)).is_some()
     }
 
     /// A connection starts; `as_primary`: with this node as primary (see

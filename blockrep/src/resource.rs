@@ -1116,6 +1116,7 @@ impl Resource {
             PeerView::Connected(_) => self.link().peer.as_ref().map(|p| crate::peer::gens(&p.gen)),
             _ => None,
         };
+        let gen_before = self.node_state().gen.current;
         self.update_meta(move |sb| {
             // A connected peer with newer data (it is resyncing or catching this node up)
             // would be overwritten by this node's older data once it writes as primary.
@@ -1151,6 +1152,13 @@ impl Resource {
                 }
                 g.ring.clear(start + 1);
                 g.issued = start;
+            }
+            drop(g);
+            // Promoted without a new generation (the peer was connected as secondary): until
+            // this node runs a connection as primary, its records are ones the peer lacks
+            // (the connection that follows a promotion may never come up).
+            if self.node_state().gen.current == gen_before {
+                rep.arm_until_connected();
             }
         }
         self.crashed_primary
