@@ -543,6 +543,15 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
             let res = res.clone();
             async move { connection(&res, est).await }
         });
+        // Ended with this loop: `down` aborts the loop, and a connection left running would
+        // go on taking acks and issuing resync records after `down` read the marks.
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _conn_guard = AbortOnDrop(conn.abort_handle());
         let joined = |j: Result<Result<(), LinkError>, tokio::task::JoinError>| match j {
             Ok(r) => r,
             Err(e) if e.is_panic() => {

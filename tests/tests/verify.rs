@@ -396,8 +396,10 @@ fn verify_of_identical_replicas_reports_zero() {
         (Some("done"), Some("alpha")),
         "{v}"
     );
-    // Refused while disconnected, on either node.
+    // Refused while disconnected, on either node (once each has seen the link go: a verify
+    // asked of beta in the instant before is interrupted instead).
     a.ctl_ok(&["disconnect"]);
+    b.wait_not_connected(Duration::from_secs(10));
     for n in [a, b] {
         let out = n.ctl(&["verify"]);
         assert!(
