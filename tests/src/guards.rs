@@ -500,3 +500,85 @@ impl FsStack {
         }
     }
 }
+
+/// A file whose I/O an nbdkit plugin and filters decide (a disk that hangs or fails on
+/// demand): nbdkit serves it on a unix socket in `dir`, nbdfuse exposes it as a file.
+/// Dropped: nbdkit is killed first (so nbdfuse's pending requests fail), then the FUSE mount
+/// is released. Declare it before anything (daemons) that holds the file.
+pub struct NbdkitFile {
+    kit: ChildGuard,
+    fuse: Option<NbdFuseMount>,
+}
+
+impl NbdkitFile {
+    /// `nbdkit --foreground --exit-with-parent --unix DIR/NAME.sock ARGS...`, waiting (10 s)
+    /// for the socket and for every path in `ready` (a control socket, say), then nbdfuse
+    /// on `DIR/NAME-fuse`. Logs go to `DIR/NAME-nbdkit.log`.
+    pub fn start(dir: &Path, name: &str, args: &[String], ready: &[&Path]) -> Self {
+        let sock = dir.join(format!("{name}.sock"));
+        let kit = ChildGuard::spawn(
+            Command::new("nbdkit")
+                .args(["--foreground", "--exit-with-parent", "--unix"])
+                .arg(&sock)
+                .args(args),
+            Some(&dir.join(format!("{name}-nbdkit.log"))),
+        );
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                sock.exists() && ready.iter().all(|p| p.exists())
+            }),
+            "nbdkit {args:?} did not start: {}",
+            kit.log()
+        );
+        let fuse = NbdFuseMount::start(
+            &dir.join(format!("{name}-fuse")),
+            &format!("nbd+unix:///?socket={}", sock.display()),
+        );
+        Self {
+            kit,
+            fuse: Some(fuse),
+        }
+    }
+
+    /// The file exposing the export.
+    pub fn file(&self) -> PathBuf {
+        self.fuse
+            .as_ref()
+            .map(NbdFuseMount::file)
+            .unwrap_or_default()
+    }
+
+    /// nbdkit's output so far.
+    pub fn log(&self) -> String {
+        self.kit.log()
+    }
+
+    /// Stops nbdkit, then releases the FUSE mount; panics if that fails.
+    pub fn close(mut self) {
+        self.kit.kill();
+        if let Some(f) = self.fuse.take() {
+            f.close();
+        }
+    }
+}
+
+impl Drop for NbdkitFile {
+    fn drop(&mut self) {
+        self.kit.kill();
+        drop(self.fuse.take());
+    }
+}
+
+/// SIGKILLs, when dropped, every daemon still running with this cluster's config (never a
+/// reused pid): declared after an [`NbdkitFile`] a daemon uses, so that no daemon blocked on
+/// a hung file keeps its mount busy, on a panic too.
+pub struct StopDaemons<'a>(pub &'a crate::Cluster);
+
+impl Drop for StopDaemons<'_> {
+    fn drop(&mut self) {
+        for pid in crate::proc::pids_with_arg(&self.0.config_path().to_string_lossy()) {
+            kill9(pid);
+            crate::proc::wait_pid_gone(pid, Duration::from_secs(5));
+        }
+    }
+}

@@ -26,7 +26,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockrep_e2e::watch::{pair_synced, watch};
@@ -96,21 +95,6 @@ fn io_counter(st: &Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("io.{k} is not a number in {st}"))
 }
 
-/// Kills the cluster's daemons when dropped. Declared after the nbdkit and nbdfuse guards
-/// that alpha's metadata lives on, so it goes first (on a panic too): no daemon keeps the
-/// FUSE file open while it is unmounted.
-struct StopDaemons<'a>(&'a Cluster);
-
-impl Drop for StopDaemons<'_> {
-    fn drop(&mut self) {
-        // Only processes that still run with this cluster's config (never a reused pid).
-        for pid in pids_with_arg(&self.0.config_path().to_string_lossy()) {
-            kill9(pid);
-            wait_pid_gone(pid, Duration::from_secs(5));
-        }
-    }
-}
-
 /// Removes the error trigger when dropped (a failing test leaves no armed device behind,
 /// though the directory goes anyway).
 struct Trigger(PathBuf);
@@ -148,37 +132,26 @@ fn a_new_generation_that_cannot_be_persisted_fails_the_write_until_the_metadata_
     let (a, b) = (c.alpha(), c.beta());
     let meta = dir.join("alpha.meta");
     let meta_img = dir.join("alpha-meta.img");
-    let sock = dir.join("alpha-meta.sock");
     let trigger = Trigger(dir.join("alpha-meta.fail"));
-    let fuse_dir = dir.join("alpha-meta-fuse");
 
     // Alpha's metadata, written by create-md to a plain file, then moved behind nbdkit.
     a.create_md();
     std::fs::rename(&meta, &meta_img).expect("move alpha's metadata");
-    // Torn down in this order on any exit: the daemons, nbdkit, then the FUSE mount
-    // (declared in reverse).
-    let mut fuse: Option<NbdFuseMount> = None;
-    let mut kit = ChildGuard::spawn(
-        Command::new("nbdkit")
-            .args(["--foreground", "--exit-with-parent", "--unix"])
-            .arg(&sock)
-            .args(["--filter=error", "file"])
-            .arg(&meta_img)
-            .args(["error=EIO", "error-pwrite-rate=1"])
-            .arg(format!("error-pwrite-file={}", trigger.0.display())),
-        Some(&dir.join("nbdkit.log")),
+    // Torn down in this order on any exit: the daemons, then nbdkit and the FUSE mount.
+    let disk = NbdkitFile::start(
+        &dir,
+        "alpha-meta",
+        &[
+            "--filter=error".into(),
+            "file".into(),
+            meta_img.display().to_string(),
+            "error=EIO".into(),
+            "error-pwrite-rate=1".into(),
+            format!("error-pwrite-file={}", trigger.0.display()),
+        ],
+        &[],
     );
-    assert!(
-        wait_for(Duration::from_secs(10), || sock.exists()),
-        "nbdkit did not start: {}",
-        kit.log()
-    );
-    let file = fuse
-        .insert(NbdFuseMount::start(
-            &fuse_dir,
-            &format!("nbd+unix:///?socket={}", sock.display()),
-        ))
-        .file();
+    let file = disk.file();
     std::os::unix::fs::symlink(&file, &meta).expect("symlink alpha.meta");
     let _stop = StopDaemons(&c);
     // The metadata reads back through the new device.
@@ -357,11 +330,14 @@ fn a_new_generation_that_cannot_be_persisted_fails_the_write_until_the_metadata_
         other_errors.is_empty(),
         "other errors while alpha's metadata failed writes: {other_errors:?}"
     );
-    let injected = kit.log().matches("injecting EIO error into pwrite").count();
+    let injected = disk
+        .log()
+        .matches("injecting EIO error into pwrite")
+        .count();
     assert!(
         injected >= 2,
         "nbdkit injected {injected} write errors, not one per failed write:\n{}",
-        kit.log()
+        disk.log()
     );
 
     // The metadata takes writes again: the next write starts the new generation and succeeds.
@@ -484,6 +460,5 @@ fn a_new_generation_that_cannot_be_persisted_fails_the_write_until_the_metadata_
     println!("total {:?}", t0.elapsed());
     a.down();
     b.down();
-    kit.kill();
-    fuse.take().expect("fuse mount").close();
+    disk.close();
 }

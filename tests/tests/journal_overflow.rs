@@ -34,7 +34,7 @@
 //! test checks that records were still unsent just before the overflow.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -71,21 +71,6 @@ fn log_since(n: &Node, mark: usize) -> Vec<String> {
 /// The first line that contains every needle.
 fn find<'a>(lines: &'a [String], needles: &[&str]) -> Option<&'a String> {
     lines.iter().find(|l| needles.iter().all(|n| l.contains(n)))
-}
-
-/// Kills the cluster's daemons when dropped. Declared after the nbdkit and nbdfuse guards
-/// that beta's disk lives on, so it goes first: a daemon blocked on the hung FUSE file must
-/// not keep the mount busy, and nothing waits for a paused disk (on a panic too).
-struct StopDaemons<'a>(&'a Cluster);
-
-impl Drop for StopDaemons<'_> {
-    fn drop(&mut self) {
-        // Only processes that still run with this cluster's config (never a reused pid).
-        for pid in pids_with_arg(&self.0.config_path().to_string_lossy()) {
-            kill9(pid);
-            wait_pid_gone(pid, Duration::from_secs(5));
-        }
-    }
 }
 
 /// Sends one command to nbdkit's pause filter ('p' pause, 'r' resume) and waits for its
@@ -164,33 +149,20 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
         .resource_line("ko-count = 0")
         .build();
     let dir = c.dir().path().to_path_buf();
-    let sock = dir.join("beta-disk.sock");
     let ctl = dir.join("beta-disk.ctl");
-    let fuse_dir = dir.join("beta-fuse");
-    std::fs::create_dir_all(&fuse_dir).expect("mkdir");
-    // Torn down in this order on any exit: the daemons, nbdkit (so nbdfuse's pending requests
-    // fail), then the FUSE mount: declared in reverse.
-    let mut fuse: Option<NbdFuseMount> = None;
-    let mut kit = ChildGuard::spawn(
-        Command::new("nbdkit")
-            .args(["--foreground", "--exit-with-parent", "--unix"])
-            .arg(&sock)
-            .args(["--filter=pause", "memory"])
-            .arg(format!("size={SIZE}"))
-            .arg(format!("pause-control={}", ctl.display())),
-        Some(&dir.join("nbdkit.log")),
+    // Torn down in this order on any exit: the daemons, then nbdkit and the FUSE mount.
+    let disk = NbdkitFile::start(
+        &dir,
+        "beta-disk",
+        &[
+            "--filter=pause".into(),
+            "memory".into(),
+            format!("size={SIZE}"),
+            format!("pause-control={}", ctl.display()),
+        ],
+        &[&ctl],
     );
-    assert!(
-        wait_for(Duration::from_secs(10), || sock.exists() && ctl.exists()),
-        "nbdkit did not start: {}",
-        kit.log()
-    );
-    let file: PathBuf = fuse
-        .insert(NbdFuseMount::start(
-            &fuse_dir,
-            &format!("nbd+unix:///?socket={}", sock.display()),
-        ))
-        .file();
+    let file = disk.file();
     let _stop = StopDaemons(&c);
     let (a, b) = (c.alpha(), c.beta());
     std::fs::remove_file(b.backing_path()).expect("remove beta.img");
@@ -480,6 +452,5 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
     println!("total {:?}", t0.elapsed());
     a.down();
     b.down();
-    kit.kill();
-    drop(fuse);
+    disk.close();
 }

@@ -2413,33 +2413,21 @@ fn a_secondary_whose_disk_hangs_is_dropped_after_ko_count() {
         .external_meta()
         .resource_line("ko-count = 2")
         .build();
-    let sock = c.dir().join("beta-disk.sock");
     let ctl = c.dir().join("beta-disk.ctl");
-    let fuse_dir = c.dir().join("beta-fuse");
-    std::fs::create_dir_all(&fuse_dir).expect("mkdir");
-    // Torn down in this order on any exit: the daemons (which hold the FUSE file), nbdkit
-    // (so nbdfuse's pending requests fail), then the FUSE mount: declared in reverse.
-    let mut fuse: Option<NbdFuseMount> = None;
-    let mut kit = ChildGuard::spawn(
-        Command::new("nbdkit")
-            .args(["--foreground", "--exit-with-parent", "--unix"])
-            .arg(&sock)
-            .args(["--filter=pause", "memory"])
-            .arg(format!("size={SIZE}"))
-            .arg(format!("pause-control={}", ctl.display())),
-        Some(&c.dir().join("nbdkit.log")),
+    // Torn down in this order on any exit: the daemons (which hold the FUSE file), then
+    // nbdkit and the FUSE mount.
+    let disk = NbdkitFile::start(
+        c.dir().path(),
+        "beta-disk",
+        &[
+            "--filter=pause".into(),
+            "memory".into(),
+            format!("size={SIZE}"),
+            format!("pause-control={}", ctl.display()),
+        ],
+        &[&ctl],
     );
-    assert!(
-        wait_for(Duration::from_secs(10), || sock.exists() && ctl.exists()),
-        "nbdkit did not start: {}",
-        kit.log()
-    );
-    let file = fuse
-        .insert(NbdFuseMount::start(
-            &fuse_dir,
-            &format!("nbd+unix:///?socket={}", sock.display()),
-        ))
-        .file();
+    let file = disk.file();
     let _stop = StopDaemons(&c);
     let b = c.beta();
     std::fs::remove_file(b.backing_path()).expect("remove beta.img");
@@ -2488,8 +2476,7 @@ fn a_secondary_whose_disk_hangs_is_dropped_after_ko_count() {
     c.assert_replicas_identical(a.size(), "after beta's disk answered again");
     a.down();
     b.down();
-    kit.kill();
-    drop(fuse);
+    disk.close();
 }
 
 /// Moves `node`'s backing file onto a tmpfs of `size` (a symlink stays at the old path), so
@@ -2569,20 +2556,6 @@ fn fs_used(dir: &Path) -> u64 {
     .filter_map(|l| l.trim().parse::<u64>().ok())
     .next()
     .expect("df: used bytes")
-}
-
-/// Kills a cluster's daemons when dropped: declared after a mount their files live on, it
-/// goes first, so the mount is not busy when its guard unmounts it (on a panic too).
-struct StopDaemons<'a>(&'a Cluster);
-
-impl Drop for StopDaemons<'_> {
-    fn drop(&mut self) {
-        // Only processes that still run with this cluster's config (never a reused pid).
-        for pid in pids_with_arg(&self.0.config_path().to_string_lossy()) {
-            kill9(pid);
-            wait_pid_gone(pid, Duration::from_secs(5));
-        }
-    }
 }
 
 /// A pair through the proxy, in sync on one generation (returned), then its link stalled.
