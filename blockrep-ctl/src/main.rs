@@ -321,6 +321,7 @@ fn dump_md(cfg: &Config) -> Result<()> {
     );
     println!("peer-up-to-date {}", sb.peer_up_to_date);
     println!("applied-seq     {}", sb.applied_seq);
+    println!("applied-term    {:016X}", sb.applied_term);
     println!("issued-seq      {}", sb.issued_seq);
     println!("agreed-size     {}", sb.agreed_size);
     println!("data-size       {}", l.data_size);
@@ -332,6 +333,17 @@ fn dump_md(cfg: &Config) -> Result<()> {
     println!(
         "journal         offset {} len {}",
         l.journal_offset, l.journal_len
+    );
+    println!(
+        "journal-ckpt    pos {} seq {} prev-term {:016X}{}",
+        sb.journal_pos,
+        sb.journal_seq,
+        sb.journal_prev_term,
+        if sb.journal_overflowed {
+            " (overflowed)"
+        } else {
+            ""
+        }
     );
     println!("superblocks     offset {}", l.sb_offset);
     println!("created-unix    {}", sb.created_unix);

@@ -17,6 +17,8 @@ use proto::peer::{self, Msg, PREFIX_LEN};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rec {
     pub seq: u64,
+    /// The issuer's term ([`Msg::term`]): with `seq`, the record's identity.
+    pub term: u64,
     /// Logical position (monotonic; the physical offset is `pos % cap`).
     pub pos: u64,
     pub len: u32,
@@ -133,6 +135,10 @@ pub struct Ring {
     released: u64,
     /// Logical position of the first byte a [`Lease`] is reading: no append reaches it.
     pinned: Option<u64>,
+    /// `(seq, term)` of the record just before the oldest one kept (of the last one, when
+    /// none is kept): a peer that applied up to it can be caught up from here. Term 0: not
+    /// known (the ring was cleared after an overflow).
+    prev: (u64, u64),
 }
 
 impl Ring {
@@ -145,6 +151,7 @@ impl Ring {
             recs: VecDeque::new(),
             released: 0,
             pinned: None,
+            prev: (0, 0),
         }
     }
 
@@ -183,6 +190,25 @@ impl Ring {
     }
     pub fn is_empty(&self) -> bool {
         self.recs.is_empty()
+    }
+
+    /// The term of this node's record `seq`, if the ring can tell: a kept record, or the one
+    /// just before the oldest kept. Sequence 0 is the empty prefix every stream shares.
+    pub fn term_at(&self, seq: u64) -> Option<u64> {
+        if seq == 0 {
+            return Some(0);
+        }
+        let t = match self.get(seq) {
+            Some(r) => r.term,
+            None if seq == self.prev.0 => self.prev.1,
+            None => return None,
+        };
+        (t != 0).then_some(t)
+    }
+
+    /// `(seq, term)` of the record just before the oldest one kept.
+    pub fn prev(&self) -> (u64, u64) {
+        self.prev
     }
 
     /// The record with sequence `seq`, if still in the ring.
@@ -258,6 +284,7 @@ impl Ring {
     pub fn append(
         &mut self,
         seq: u64,
+        term: u64,
         len: usize,
         data: u32,
         range: (u64, u64),
@@ -292,6 +319,7 @@ impl Ring {
                 "overwriting a record the peer needs"
             );
             evict(f);
+            self.prev = (f.seq, f.term);
             self.recs.pop_front();
         }
         if pad > 0 {
@@ -312,6 +340,7 @@ impl Ring {
         fill(unsafe { self.mem.slice_mut(p, len) });
         let rec = Rec {
             seq,
+            term,
             pos: self.head,
             len: len as u32,
             data,
@@ -342,10 +371,12 @@ impl Ring {
         self.released = self.released.max(seq);
     }
 
-    /// Drops every record; the next one appended is `next_seq`.
-    pub fn clear(&mut self, next_seq: u64) {
+    /// Drops every record; the next one appended is `next_seq`, and the one before it had
+    /// term `prev_term` (0: not known).
+    pub fn clear(&mut self, next_seq: u64, prev_term: u64) {
         self.recs.clear();
         self.released = next_seq.saturating_sub(1);
+        self.prev = (next_seq.saturating_sub(1), prev_term);
     }
 
     /// Retained records (released or not), oldest first.
@@ -369,8 +400,9 @@ impl Ring {
 
     /// Rebuilds the ring from its on-disk image: walks from the checkpoint `(pos, seq)` while
     /// records are valid and their sequence numbers follow on. Anything after the first
-    /// invalid record was never covered by a flush and is dropped.
-    pub fn recover(image: Vec<u8>, pos: u64, first_seq: u64) -> Self {
+    /// invalid record was never covered by a flush and is dropped. `prev_term` is the term of
+    /// the record before the checkpoint (the superblock keeps it with the checkpoint).
+    pub fn recover(image: Vec<u8>, pos: u64, first_seq: u64, prev_term: u64) -> Self {
         let cap = image.len() as u64;
         let mut ring = Ring {
             mem: RingMem::new(image),
@@ -379,6 +411,7 @@ impl Ring {
             recs: VecDeque::new(),
             released: first_seq.saturating_sub(1),
             pinned: None,
+            prev: (first_seq.saturating_sub(1), prev_term),
         };
         let mut expect = first_seq;
         let mut at = pos;
@@ -422,6 +455,7 @@ impl Ring {
                     };
                     ring.recs.push_back(Rec {
                         seq: expect,
+                        term: m.term().unwrap_or(0),
                         pos: at,
                         len: len as u32,
                         data,
@@ -496,6 +530,7 @@ pub fn append_msg(
     let data = payload.len() as u32;
     ring.append(
         seq,
+        msg.term().unwrap_or(0),
         total,
         data,
         msg_range(msg),
@@ -514,6 +549,7 @@ mod tests {
     fn write_msg(seq: u64, data: &[u8]) -> Msg {
         Msg::Write {
             seq,
+            term: 0x7E57,
             offset: seq * 4096,
             len: data.len() as u32,
             crc: crc32c::crc32c(data),
@@ -521,16 +557,81 @@ mod tests {
         }
     }
 
+    fn termed(seq: u64, term: u64, data: &[u8]) -> Msg {
+        let mut m = write_msg(seq, data);
+        if let Msg::Write { term: t, .. } = &mut m {
+            *t = term;
+        }
+        m
+    }
+
+    fn flush(seq: u64, term: u64) -> Msg {
+        Msg::Flush { seq, term }
+    }
+
+    #[test]
+    fn a_record_is_named_by_its_sequence_and_term_after_eviction_clear_and_recovery() {
+        let mut r = Ring::new(64 * 1024);
+        assert_eq!(r.term_at(0), Some(0), "the empty prefix is every stream's");
+        assert_eq!(r.term_at(1), None);
+        // Terms change within one ring (a restart, a promotion).
+        let data = vec![3u8; 20_000];
+        for seq in 1..=3 {
+            let m = termed(seq, if seq < 3 { 0xA1 } else { 0xB2 }, &data);
+            append_msg(&mut r, &m, &data, |_| {}).unwrap();
+        }
+        assert_eq!(
+            (r.term_at(1), r.term_at(2), r.term_at(3), r.term_at(4)),
+            (Some(0xA1), Some(0xA1), Some(0xB2), None)
+        );
+        // Evicted after the peer applied it: the ring still names the record before the
+        // oldest kept, and nothing older.
+        r.release_through(3);
+        append_msg(&mut r, &flush(4, 0xB2), &[], |_| {}).unwrap();
+        let term_of = |seq: u64| if seq < 3 { 0xA1 } else { 0xB2 };
+        for seq in 5..=6 {
+            append_msg(&mut r, &termed(seq, 0xB2, &data), &data, |_| {}).unwrap();
+            r.release_through(seq - 1);
+            let first = r.first_seq().unwrap();
+            assert!(first > 1, "the wrap evicted the oldest records");
+            assert_eq!(r.prev(), (first - 1, term_of(first - 1)));
+            assert_eq!(r.term_at(first - 1), Some(term_of(first - 1)));
+            if first >= 3 {
+                assert_eq!(r.term_at(first - 2), None, "older than the ring can tell");
+            }
+        }
+        // Recovered from the image at a checkpoint, with the term the superblock kept.
+        let image = r.raw(0, r.cap()).to_vec();
+        let pos = r.get(5).unwrap().pos;
+        let rec = Ring::recover(image, pos, 5, 0xB2);
+        assert_eq!(
+            (rec.term_at(4), rec.term_at(5), rec.term_at(6)),
+            (Some(0xB2), Some(0xB2), Some(0xB2))
+        );
+        assert_eq!(rec.term_at(3), None);
+        // Cleared (a promotion, a resync): the next stream follows a named record, or one
+        // not known here (term 0 never matches a peer's record).
+        let mut c = rec;
+        c.clear(10, 0xC3);
+        assert_eq!((c.term_at(9), c.term_at(5)), (Some(0xC3), None));
+        c.clear(20, 0);
+        assert_eq!(c.term_at(19), None);
+    }
+
     #[test]
     fn equal_records_vouch_for_their_range() {
         let mut r = Ring::new(64 * 1024);
         let eq = Msg::Equal {
             seq: 1,
+            term: 0x7E57,
             offset: 8192,
             len: 1 << 20,
         };
         append_msg(&mut r, &eq, &[], |_| {}).expect("append");
-        let flush = Msg::Flush { seq: 2 };
+        let flush = Msg::Flush {
+            seq: 2,
+            term: 0x7E57,
+        };
         append_msg(&mut r, &flush, &[], |_| {}).expect("append");
         let ranges: Vec<_> = r.records().map(|x| x.range).collect();
         assert_eq!(ranges, vec![(8192, 8192 + (1 << 20)), (0, 0)]);
@@ -600,13 +701,22 @@ mod tests {
                 r.release_through(first + 3);
                 continue;
             }
-            append_msg(&mut r, &Msg::Flush { seq: seq + 1 }, &[], |_| {}).ok();
+            append_msg(
+                &mut r,
+                &Msg::Flush {
+                    seq: seq + 1,
+                    term: 0x7E57,
+                },
+                &[],
+                |_| {},
+            )
+            .ok();
             seq += 2;
         }
         let (pos, first) = (r.tail(), r.first_live_seq().unwrap());
         let last = r.last_seq().unwrap();
         let image = r.image();
-        let rec = Ring::recover(image.clone(), pos, first);
+        let rec = Ring::recover(image.clone(), pos, first, 0);
         assert_eq!(rec.first_seq(), Some(first));
         assert_eq!(rec.last_seq(), Some(last));
         assert_eq!(rec.head(), r.head());
@@ -614,10 +724,10 @@ mod tests {
         let mid = r.get(first + 2).unwrap();
         let mut torn = image;
         torn[(mid.pos % r.cap()) as usize + PREFIX_LEN + 2] ^= 0xff;
-        let rec = Ring::recover(torn, pos, first);
+        let rec = Ring::recover(torn, pos, first, 0);
         assert_eq!(rec.last_seq(), Some(first + 1));
         // An empty image recovers nothing and does not panic.
-        let rec = Ring::recover(vec![0u8; 64 * 1024], 0, 1);
+        let rec = Ring::recover(vec![0u8; 64 * 1024], 0, 1, 0);
         assert!(rec.is_empty());
     }
 

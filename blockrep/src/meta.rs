@@ -23,7 +23,11 @@ pub const AL_AREA: u64 = 64 * 1024;
 /// Smallest data area worth exporting.
 pub const MIN_DATA: u64 = 1 << 20;
 const MAGIC: u64 = 0x6272_6570_6d64_0001; // "brepmd" v1
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
+/// Format 1 had no record terms: its superblock is format 2's without the two trailing term
+/// fields, read as if they were 0 ("not known": the first connect after the upgrade resyncs
+/// the bitmap rather than trusting a journal catch-up it cannot check).
+const FORMAT_V1: u32 = 1;
 
 /// DRBD's "just created" current generation: both sides fresh, nothing written yet.
 pub const UUID_JUST_CREATED: u64 = 4;
@@ -206,6 +210,22 @@ pub struct Superblock {
     pub created_unix: u64,
     /// When this node was last promoted (unix milliseconds).
     pub promoted_ms: u64,
+    /// The term of the record at `applied_seq` (0: none, or not known). New fields go at the
+    /// end: an older format's payload is then a prefix of this one.
+    pub applied_term: u64,
+    /// The term of the record just before the journal checkpoint (0: not known).
+    pub journal_prev_term: u64,
+}
+
+impl Superblock {
+    /// Moves the durable applied mark to `(seq, term)` unless it is already past `seq` (the
+    /// newer of two marks at one sequence wins: it is the record this node holds now).
+    pub fn advance_applied(&mut self, (seq, term): (u64, u64)) {
+        if seq >= self.applied_seq {
+            self.applied_seq = seq;
+            self.applied_term = term;
+        }
+    }
 }
 
 /// Bound on the superblock's sequence counters and journal position (2^62: centuries of
@@ -236,7 +256,8 @@ impl Superblock {
         if slot.len() < 20 || u64::from_le_bytes(slot[0..8].try_into().ok()?) != MAGIC {
             return None;
         }
-        if u32::from_le_bytes(slot[8..12].try_into().ok()?) != FORMAT_VERSION {
+        let version = u32::from_le_bytes(slot[8..12].try_into().ok()?);
+        if version != FORMAT_VERSION && version != FORMAT_V1 {
             return None;
         }
         let len = u32::from_le_bytes(slot[12..16].try_into().ok()?) as usize;
@@ -248,7 +269,14 @@ impl Superblock {
         if crc32c::crc32c(&slot[..end]) != crc {
             return None;
         }
-        let sb: Self = postcard::from_bytes(&slot[16..end]).ok()?;
+        let sb: Self = if version == FORMAT_V1 {
+            // The two term fields as postcard encodes 0: one byte each.
+            let mut payload = slot[16..end].to_vec();
+            payload.extend_from_slice(&[0, 0]);
+            postcard::from_bytes(&payload).ok()?
+        } else {
+            postcard::from_bytes(&slot[16..end]).ok()?
+        };
         // Counters that only ever count up by one per write, flush or commit: no real history
         // comes near the top of their range, and one there would overflow the next step.
         let counters = [
@@ -457,6 +485,8 @@ impl MetaStore {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             promoted_ms: 0,
+            applied_term: 0,
+            journal_prev_term: 0,
         };
         let mut store = MetaStore {
             file: Arc::new(file),
@@ -652,6 +682,49 @@ mod tests {
             journal_overflowed: false,
             created_unix: 1,
             promoted_ms: 0,
+            applied_term: 0x8000_0000_0000_1111,
+            journal_prev_term: 0x8000_0000_0000_2222,
+        }
+    }
+
+    /// A slot of format 1 (no term fields), built by hand as that format wrote it.
+    fn v1_slot(sb: &Superblock) -> Vec<u8> {
+        let v2 = postcard::to_allocvec(sb).unwrap();
+        // Both terms 0: each is one byte at the end of the payload.
+        assert_eq!(&v2[v2.len() - 2..], &[0, 0]);
+        let payload = &v2[..v2.len() - 2];
+        let mut slot = Vec::new();
+        slot.extend_from_slice(&MAGIC.to_le_bytes());
+        slot.extend_from_slice(&FORMAT_V1.to_le_bytes());
+        slot.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        slot.extend_from_slice(payload);
+        let crc = crc32c::crc32c(&slot);
+        slot.extend_from_slice(&crc.to_le_bytes());
+        slot.resize(SLOT_LEN as usize, 0);
+        slot
+    }
+
+    #[test]
+    fn a_format_1_superblock_is_read_with_unknown_terms() {
+        let old = sb_with_zero_terms();
+        assert_eq!(Superblock::decode(&v1_slot(&old)), Some(old.clone()));
+        // Written back in the current format, terms and all.
+        let new = Superblock {
+            applied_term: 9,
+            ..old
+        };
+        assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
+        // An unknown format is still refused.
+        let mut slot = v1_slot(&sb_with_zero_terms());
+        slot[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(Superblock::decode(&slot), None);
+    }
+
+    fn sb_with_zero_terms() -> Superblock {
+        Superblock {
+            applied_term: 0,
+            journal_prev_term: 0,
+            ..sb()
         }
     }
 

@@ -956,6 +956,21 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
             inner.bitmap.dirty_bytes()
         )));
     }
+    // Sequence numbers are one space per pair: the peer's mark must name this node's record
+    // at that sequence, not one another node issued under the same number while the two were
+    // apart (a failover). Otherwise the records after it are not what the peer lacks.
+    let a = peer.applied_seq;
+    match inner.ring.term_at(a) {
+        Some(t) if t == peer.applied_term => {}
+        mine => {
+            return Err(LinkError::NeedsResync(format!(
+                "the peer's last applied record (sequence {a}, term {:016X}) is not this node's record there ({}): it followed another stream, so it gets a bitmap resync of {} bytes",
+                peer.applied_term,
+                mine.map_or_else(|| "not known here".to_string(), |t| format!("term {t:016X}")),
+                inner.bitmap.dirty_bytes()
+            )))
+        }
+    }
     Ok(start)
 }
 
@@ -1710,8 +1725,17 @@ struct ApplyState {
     done: BTreeSet<u64>,
     received: u64,
     applied: u64,
+    /// The term of the record at `applied`.
+    applied_term: u64,
+    /// Where the term changes among the records received: `(first sequence, term)`, the
+    /// first entry covering `applied`. Bounded by the apply window (received runs at most a
+    /// window ahead of applied), checked on receipt.
+    terms: std::collections::VecDeque<(u64, u64)>,
     durable: u64,
 }
+
+/// Most term changes among received but unapplied records: one per record at most.
+const MAX_TERM_CHANGES: usize = crate::replication::APPLY_WINDOW + 2;
 
 struct Applier {
     res: Arc<Resource>,
@@ -1782,9 +1806,16 @@ impl Applier {
                 s.done.remove(&a);
             }
             let a = s.applied;
+            while s.terms.get(1).is_some_and(|&(from, _)| from <= a) {
+                s.terms.pop_front();
+            }
+            let term = s.terms.front().map_or(s.applied_term, |&(_, t)| t);
+            s.applied_term = term;
             drop(s);
             if let Some(rep) = self.res.rep() {
-                rep.lock().applied = a;
+                let mut g = rep.lock();
+                g.applied = a;
+                g.applied_term = term;
             }
         }
         self.range_done.notify_waiters();
@@ -1801,7 +1832,10 @@ impl Applier {
         if let Some(e) = self.failure() {
             return Err(e);
         }
-        let upto = self.lock().applied;
+        let (upto, term) = {
+            let s = self.lock();
+            (s.applied, s.applied_term)
+        };
         if upto <= self.lock().durable {
             return Ok(upto);
         }
@@ -1814,7 +1848,7 @@ impl Applier {
         }
         if let Err(e) = self
             .res
-            .commit_meta(move |sb| sb.applied_seq = sb.applied_seq.max(upto))
+            .commit_meta(move |sb| sb.advance_applied((upto, term)))
             .await
         {
             let why = format!("persisting the applied sequence {upto}: {e}");
@@ -1856,7 +1890,7 @@ async fn secondary_side(
     // Writes of an earlier stream are all finished before this one starts (they share the
     // window), so none lands after a newer write to the same range.
     rep.quiesce_applies().await;
-    let applied0 = rep.lock().applied;
+    let (applied0, term0) = rep.applied_mark();
     // Only what is synced and committed counts as durable, whatever an earlier stream did.
     let durable0 = res.node_state().durable_seq;
     let ap = Arc::new(Applier {
@@ -1866,6 +1900,8 @@ async fn secondary_side(
             done: BTreeSet::new(),
             received: applied0,
             applied: applied0,
+            applied_term: term0,
+            terms: std::collections::VecDeque::from([(applied0, term0)]),
             durable: durable0,
         }),
         range_done: Notify::new(),
@@ -2042,13 +2078,21 @@ async fn secondary_side(
                             res.commit_meta(|sb| sb.disk = DiskState::Inconsistent)
                                 .await
                                 .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                            // The record before the resync's stream is not one this node
+                            // holds: term 0 until the stream's own records are applied.
                             {
                                 let mut s = ap.lock();
                                 s.received = seq - 1;
                                 s.applied = seq - 1;
+                                s.applied_term = 0;
+                                s.terms = std::collections::VecDeque::from([(seq - 1, 0)]);
                                 s.durable = seq - 1;
                             }
-                            rep.lock().applied = seq - 1;
+                            {
+                                let mut g = rep.lock();
+                                g.applied = seq - 1;
+                                g.applied_term = 0;
+                            }
                             ap.publish();
                             continue;
                         }
@@ -2084,6 +2128,15 @@ async fn secondary_side(
                         )));
                     }
                     s.received = seq;
+                    let term = msg.term().unwrap_or(0);
+                    if s.terms.back().map(|&(_, t)| t) != Some(term) {
+                        if s.terms.len() >= MAX_TERM_CHANGES {
+                            return Err(LinkError::Protocol(format!(
+                                "{MAX_TERM_CHANGES} term changes among unapplied records"
+                            )));
+                        }
+                        s.terms.push_back((seq, term));
+                    }
                 }
                 ap.publish();
                 let permit = ap

@@ -236,6 +236,11 @@ pub struct Inner {
     pub disk_pos: u64,
     /// Highest sequence this node has applied from the peer (as secondary).
     pub applied: u64,
+    /// The term of the record at `applied` (0: none, or not known).
+    pub applied_term: u64,
+    /// The term this node issues its records under ([`Msg::term`]): drawn at start and at
+    /// every promotion, so that no two records of one pair share a sequence and a term.
+    pub term: u64,
     /// Journal bytes held back from application writes for a resync chunk that is below its
     /// rate floor (`resync-rate-min`); 0: none.
     pub reserve: u64,
@@ -335,7 +340,7 @@ impl Replication {
         areas: MetaAreas,
         ring: Ring,
         issued: u64,
-        applied: u64,
+        (applied, applied_term): (u64, u64),
         bitmap: Bitmap,
         overflowed: bool,
         al_extents: usize,
@@ -358,6 +363,8 @@ impl Replication {
                 overflowed,
                 disk_pos,
                 applied,
+                applied_term,
+                term: crate::resource::random_id(),
                 reserve: 0,
                 clear_at: None,
             }),
@@ -385,6 +392,17 @@ impl Replication {
             al_evict_pending: std::sync::atomic::AtomicBool::new(false),
             apply_window: Arc::new(tokio::sync::Semaphore::new(APPLY_WINDOW)),
         })
+    }
+
+    /// `(applied, applied_term)`: the last record applied here, as the peer would name it.
+    pub fn applied_mark(&self) -> (u64, u64) {
+        let g = self.lock();
+        (g.applied, g.applied_term)
+    }
+
+    /// A new term for the records this node issues from now on (a promotion).
+    pub fn new_term(&self) {
+        self.lock().term = crate::resource::random_id();
     }
 
     /// Waits until no stream record is being applied on this node (as secondary).
@@ -540,6 +558,7 @@ impl Replication {
             Record::Write { offset, data, fua } => (
                 Msg::Write {
                     seq: 0,
+                    term: 0,
                     offset,
                     len: data.len() as u32,
                     crc: crc32c::crc32c(data),
@@ -550,14 +569,22 @@ impl Replication {
             Record::Zero { offset, len, trim } => (
                 Msg::Zero {
                     seq: 0,
+                    term: 0,
                     offset,
                     len,
                     trim,
                 },
                 &[],
             ),
-            Record::Flush => (Msg::Flush { seq: 0 }, &[]),
-            Record::SyncDone { gen } => (Msg::SyncDone { seq: 0, gen }, &[]),
+            Record::Flush => (Msg::Flush { seq: 0, term: 0 }, &[]),
+            Record::SyncDone { gen } => (
+                Msg::SyncDone {
+                    seq: 0,
+                    term: 0,
+                    gen,
+                },
+                &[],
+            ),
         };
         let deadline = tokio::time::Instant::now() + SPACE_WAIT;
         // One attempt to issue the record: `None` while the journal is full and the connected
@@ -573,7 +600,7 @@ impl Replication {
             let issued: Option<(u64, bool)> = {
                 let mut g = self.lock();
                 let seq = g.issued + 1;
-                let msg = with_seq(&msg, seq);
+                let msg = with_seq(&msg, seq, g.term);
                 let inner = &mut *g;
                 let r = if inner.overflowed {
                     Err(AppendError::TooBig)
@@ -626,7 +653,7 @@ impl Replication {
                             }
                             inner.bitmap_dirty = true;
                             inner.clear_at = None;
-                            g.ring.clear(seq + 1);
+                            g.ring.clear(seq + 1, 0);
                         }
                     }
                     g.issued = seq;
@@ -1072,16 +1099,25 @@ impl Replication {
             // an overflow, so that after a restart the journal is not trusted to bring the
             // peer up to date and the next connect resyncs the bitmap, marks included.
             let verify = self.verify_marked.load(std::sync::atomic::Ordering::SeqCst);
-            ((g.ring.tail(), first), issued, g.overflowed || verify)
+            // The term of the record before the checkpoint: a restart can still tell whether
+            // a peer that applied up to it followed this journal.
+            let prev_term = g.ring.term_at(first.saturating_sub(1)).unwrap_or(0);
+            (
+                (g.ring.tail(), first, prev_term),
+                issued,
+                g.overflowed || verify,
+            )
         };
         let commit = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            (m.sb.journal_pos, m.sb.journal_seq) != ckpt || m.sb.journal_overflowed != overflowed
+            (m.sb.journal_pos, m.sb.journal_seq, m.sb.journal_prev_term) != ckpt
+                || m.sb.journal_overflowed != overflowed
         };
         if commit {
             MetaStore::update(&self.meta, |sb| {
                 sb.journal_pos = ckpt.0;
                 sb.journal_seq = ckpt.1;
+                sb.journal_prev_term = ckpt.2;
                 sb.issued_seq = sb.issued_seq.max(issued);
                 sb.journal_overflowed = overflowed;
                 Ok::<(), crate::meta::MetaError>(())
@@ -1175,6 +1211,7 @@ impl Replication {
                         (
                             Msg::Zero {
                                 seq,
+                                term: g.term,
                                 offset,
                                 len,
                                 trim: false,
@@ -1185,6 +1222,7 @@ impl Replication {
                         (
                             Msg::Write {
                                 seq,
+                                term: g.term,
                                 offset,
                                 len: len as u32,
                                 crc: crc32c::crc32c(buf),
@@ -1309,6 +1347,7 @@ impl Replication {
                 let seq = g.issued + 1;
                 let msg = Msg::HashReq {
                     seq,
+                    term: g.term,
                     offset,
                     len,
                     block,
@@ -1366,6 +1405,7 @@ impl Replication {
                     let seq = g.issued + 1;
                     let msg = Msg::HashReq {
                         seq,
+                        term: g.term,
                         offset,
                         len,
                         block,
@@ -1440,6 +1480,7 @@ impl Replication {
                         (
                             Msg::Equal {
                                 seq,
+                                term: g.term,
                                 offset,
                                 len: run_len,
                             },
@@ -1449,6 +1490,7 @@ impl Replication {
                         (
                             Msg::Zero {
                                 seq,
+                                term: g.term,
                                 offset,
                                 len: run_len,
                                 trim: false,
@@ -1459,6 +1501,7 @@ impl Replication {
                         (
                             Msg::Write {
                                 seq,
+                                term: g.term,
                                 offset,
                                 len: run_len as u32,
                                 crc: crc32c::crc32c(data),
@@ -1555,7 +1598,10 @@ impl Replication {
         // Regions `verify` marked are in the bitmap: this resync owns them now.
         self.verify_marked
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        inner.ring.clear(next);
+        // The record before the new stream: this node's own last one, unless the stream
+        // jumped past it to what the peer has seen (then its term is not known here).
+        let prev_term = inner.ring.term_at(next - 1).unwrap_or(0);
+        inner.ring.clear(next, prev_term);
         inner.resync_inflight.clear();
         inner.overflowed = false;
         inner.bitmap_dirty = true;
@@ -1664,22 +1710,36 @@ pub fn reconcile_recovered(ring: &mut Ring, bitmap: &mut Bitmap, issued: u64) ->
                     bitmap.set_range(r.range.0, r.range.1 - r.range.0);
                 }
             }
-            ring.clear(issued + 1);
+            // Records lost in the crash: the one before the next is not known here.
+            ring.clear(issued + 1, 0);
             true
         }
         _ => false,
     }
 }
 
-fn with_seq(msg: &Msg, seq: u64) -> Msg {
+fn with_seq(msg: &Msg, seq: u64, term: u64) -> Msg {
     let mut m = msg.clone();
     match &mut m {
-        Msg::Write { seq: s, .. }
-        | Msg::Zero { seq: s, .. }
-        | Msg::Flush { seq: s }
-        | Msg::SyncDone { seq: s, .. }
-        | Msg::HashReq { seq: s, .. }
-        | Msg::Equal { seq: s, .. } => *s = seq,
+        Msg::Write {
+            seq: s, term: t, ..
+        }
+        | Msg::Zero {
+            seq: s, term: t, ..
+        }
+        | Msg::Flush { seq: s, term: t }
+        | Msg::SyncDone {
+            seq: s, term: t, ..
+        }
+        | Msg::HashReq {
+            seq: s, term: t, ..
+        }
+        | Msg::Equal {
+            seq: s, term: t, ..
+        } => {
+            *s = seq;
+            *t = term;
+        }
         _ => {}
     }
     m
@@ -1788,6 +1848,7 @@ mod tests {
     fn a_journal_ending_before_the_issued_mark_is_reconciled() {
         let write = |seq: u64, offset: u64| Msg::Write {
             seq,
+            term: 0x7E57,
             offset,
             len: 4096,
             crc: crc32c::crc32c(&[7u8; 4096]),

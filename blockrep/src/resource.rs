@@ -346,7 +346,8 @@ impl Resource {
             return true;
         };
         rep.quiesce_applies().await;
-        let applied = rep.lock().applied;
+        let mark = rep.applied_mark();
+        let applied = mark.0;
         let durable = self
             .meta
             .lock()
@@ -367,10 +368,7 @@ impl Resource {
             }
             return false;
         }
-        if let Err(e) = self
-            .commit_meta(move |sb| sb.applied_seq = sb.applied_seq.max(applied))
-            .await
-        {
+        if let Err(e) = self.commit_meta(move |sb| sb.advance_applied(mark)).await {
             tracing::error!("persisting the applied sequence: {e}");
         }
         true
@@ -382,17 +380,18 @@ impl Resource {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
             (m.sb.disk, m.sb.gen, m.sb.promoted_ms, m.sb.applied_seq)
         };
-        let (applied, issued, first, oos) = match &self.rep {
+        let (applied, applied_term, issued, first, oos) = match &self.rep {
             Some(r) => {
                 let g = r.lock();
                 (
                     g.applied,
+                    g.applied_term,
                     g.issued,
                     g.ring.first_seq().unwrap_or(0),
                     g.bitmap.dirty_bytes(),
                 )
             }
-            None => (0, 0, 0, 0),
+            None => (0, 0, 0, 0, 0),
         };
         NodeState {
             primary: self.role() == Role::Primary,
@@ -408,6 +407,7 @@ impl Resource {
                 history: gen.history,
             },
             applied_seq: applied,
+            applied_term,
             durable_seq: durable.min(applied),
             issued_seq: issued,
             journal_first_seq: first,
@@ -1150,10 +1150,14 @@ impl Resource {
                         g.ring.len()
                     );
                 }
-                g.ring.clear(start + 1);
+                // The stream goes on after the last record applied from the old primary.
+                let prev_term = g.applied_term;
+                g.ring.clear(start + 1, prev_term);
                 g.issued = start;
             }
             drop(g);
+            // Its records from here on are this node's, under a term no other node has.
+            rep.new_term();
             // Promoted without a new generation (the peer was connected as secondary): until
             // this node runs a connection as primary, its records are ones the peer lacks
             // (the connection that follows a promotion may never come up).
@@ -1192,8 +1196,9 @@ impl Resource {
         let new_id = random_id();
         self.commit_meta(move |sb| {
             sb.was_primary = false;
-            if let Some(i) = issued {
-                sb.applied_seq = sb.applied_seq.max(i);
+            if let Some((i, mark)) = issued {
+                // Its own records count as applied here, under its own term.
+                sb.advance_applied(mark);
                 sb.issued_seq = i;
             }
             if lacks {
@@ -1274,7 +1279,7 @@ impl Resource {
                 tracing::error!("journal sync at down: {e}");
             }
             let g = rep.lock();
-            marks = Some((g.issued, g.applied, settled));
+            marks = Some((g.issued, (g.applied, g.applied_term), settled));
         }
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
@@ -1284,7 +1289,7 @@ impl Resource {
             if let Some((issued, applied, settled)) = marks {
                 sb.issued_seq = issued;
                 if settled {
-                    sb.applied_seq = sb.applied_seq.max(applied);
+                    sb.advance_applied(applied);
                 }
             }
             if lacks {
@@ -1310,8 +1315,9 @@ impl Resource {
     }
 
     /// Before giving up the primary role: waits (bounded) until the peer has everything durably,
-    /// then counts this node's own writes as applied. Returns the last issued sequence.
-    async fn drain_to_peer(&self) -> Option<u64> {
+    /// then counts this node's own writes as applied. Returns the last issued sequence and
+    /// the applied mark that follows (sequence, term).
+    async fn drain_to_peer(&self) -> Option<(u64, (u64, u64))> {
         let rep = self.rep.as_ref()?;
         let issued = rep.lock().issued;
         let mut rx = rep.subscribe_acks();
@@ -1330,8 +1336,13 @@ impl Resource {
             );
         }
         let mut g = rep.lock();
-        g.applied = g.applied.max(issued);
-        Some(issued)
+        // Its own records count as applied here: a peer that follows them later is caught up
+        // after them (the term says they are this node's).
+        if issued > g.applied {
+            g.applied = issued;
+            g.applied_term = g.ring.term_at(issued).unwrap_or(0);
+        }
+        Some((issued, (g.applied, g.applied_term)))
     }
 
     /// Attaches the configured kernel device to a socketpair served by this export. Where the
@@ -1443,7 +1454,12 @@ async fn open_replication(
         let mut image = vec![0u8; l.journal_len as usize];
         file.read_exact_at(&mut image, l.journal_offset)
             .map_err(io_err("reading the journal"))?;
-        let ring = Ring::recover(image, m.sb.journal_pos, m.sb.journal_seq);
+        let ring = Ring::recover(
+            image,
+            m.sb.journal_pos,
+            m.sb.journal_seq,
+            m.sb.journal_prev_term,
+        );
         let mut bm = vec![0u8; l.bitmap_len as usize];
         file.read_exact_at(&mut bm, l.bitmap_offset)
             .map_err(io_err("reading the bitmap"))?;
@@ -1512,7 +1528,7 @@ async fn open_replication(
                 .map_err(io_err("writing the recovered bitmap"))?;
         }
         let overflowed = m.sb.journal_overflowed || lost || crash_marked;
-        let applied = m.sb.applied_seq;
+        let applied = (m.sb.applied_seq, m.sb.applied_term);
         drop(m);
         let data = match backing {
             Some(p) => Some(Arc::new(

@@ -53,6 +53,8 @@ fn random_superblock(rng: &mut Rng) -> Superblock {
         journal_overflowed: rng.bool(),
         created_unix: rng.u64_edge(),
         promoted_ms: rng.u64_edge(),
+        applied_term: rng.u64_edge(),
+        journal_prev_term: rng.u64_edge(),
     }
 }
 
@@ -431,6 +433,7 @@ fn random_record(rng: &mut Rng, seq: u64) -> (Msg, Vec<u8>) {
             let d = rng.bytes(n);
             let msg = Msg::Write {
                 seq,
+                term: rng.u64_edge(),
                 offset,
                 len: d.len() as u32,
                 crc: crc32c::crc32c(&d),
@@ -441,16 +444,24 @@ fn random_record(rng: &mut Rng, seq: u64) -> (Msg, Vec<u8>) {
         2 => (
             Msg::Zero {
                 seq,
+                term: rng.u64_edge(),
                 offset,
                 len: rng.u64_edge(),
                 trim: rng.bool(),
             },
             Vec::new(),
         ),
-        3 => (Msg::Flush { seq }, Vec::new()),
+        3 => (
+            Msg::Flush {
+                seq,
+                term: rng.u64_edge(),
+            },
+            Vec::new(),
+        ),
         4 => (
             Msg::Equal {
                 seq,
+                term: rng.u64_edge(),
                 offset,
                 len: rng.u64_edge(),
             },
@@ -461,6 +472,7 @@ fn random_record(rng: &mut Rng, seq: u64) -> (Msg, Vec<u8>) {
                 (
                     Msg::HashReq {
                         seq,
+                        term: rng.u64_edge(),
                         offset,
                         len: rng.u32_edge(),
                         block: rng.u32_edge(),
@@ -473,7 +485,14 @@ fn random_record(rng: &mut Rng, seq: u64) -> (Msg, Vec<u8>) {
                     bitmap: rng.next(),
                     history: [rng.next(), rng.next()],
                 };
-                (Msg::SyncDone { seq, gen }, Vec::new())
+                (
+                    Msg::SyncDone {
+                        seq,
+                        term: rng.u64_edge(),
+                        gen,
+                    },
+                    Vec::new(),
+                )
             }
         }
     }
@@ -556,7 +575,15 @@ fn check_recovered(ring: &mut Ring, pos: u64, first: u64, ctx: Ctx) {
     // The daemon appends after recovering: that must work too.
     let next = ring.last_seq().map_or(first, |s| s + 1);
     if cap > 0 && next < u64::MAX {
-        let _ = append_msg(ring, &Msg::Flush { seq: next }, &[], |_| {});
+        let _ = append_msg(
+            ring,
+            &Msg::Flush {
+                seq: next,
+                term: 0x7E57,
+            },
+            &[],
+            |_| {},
+        );
     }
 }
 
@@ -589,7 +616,7 @@ fn journal_recover_random_images() {
         // superblock's counter limit, as decode enforces; the top of the range is tested below).
         let pos = [0, rng.below(cap as u64 + 1), rng.below(1 << 62)][rng.index(3)];
         let first = [0, 1, rng.below(1 << 62)][rng.index(3)];
-        let mut ring = Ring::recover(image, pos, first);
+        let mut ring = Ring::recover(image, pos, first, 0);
         check_recovered(&mut ring, pos, first, ctx);
     }
 }
@@ -608,7 +635,7 @@ fn journal_recover_mutated_images_yields_a_prefix_of_the_records() {
             seed,
             iter,
         };
-        let mut got = Ring::recover(image.clone(), pos, first);
+        let mut got = Ring::recover(image.clone(), pos, first, 0);
         let recs: Vec<Rec> = got.records().copied().collect();
         assert!(
             recs == want,
@@ -634,7 +661,7 @@ fn journal_recover_mutated_images_yields_a_prefix_of_the_records() {
                 let (off, width) = [(4, 2), (6, 4)][rng.index(2)];
                 put_uint(&mut bad, at + off, width, EXTREMES[rng.index(5)], false);
             }
-            let mut got = Ring::recover(bad, pos, first);
+            let mut got = Ring::recover(bad, pos, first, 0);
             let recs: Vec<Rec> = got.records().copied().collect();
             // Any damage ends the chain at the damaged record: never a changed record.
             assert!(
@@ -655,7 +682,7 @@ fn journal_recover_mutated_images_yields_a_prefix_of_the_records() {
             if k % 2 == 1 {
                 img = mutate(&mut rng, &img);
             }
-            let mut got = Ring::recover(img, p, f);
+            let mut got = Ring::recover(img, p, f, 0);
             check_recovered(&mut got, p, f, ctx);
         }
     }
@@ -674,8 +701,14 @@ fn image_with(msg: &Msg, payload: &[u8]) -> Vec<u8> {
 fn journal_recover_with_the_last_sequence_stops() {
     // blockrep/src/journal.rs, Ring::recover: `expect += 1` after accepting a record of
     // sequence u64::MAX (checkpoint journal_seq = u64::MAX in a valid superblock).
-    let image = image_with(&Msg::Flush { seq: u64::MAX }, &[]);
-    let ring = Ring::recover(image, 0, u64::MAX);
+    let image = image_with(
+        &Msg::Flush {
+            seq: u64::MAX,
+            term: 0x7E57,
+        },
+        &[],
+    );
+    let ring = Ring::recover(image, 0, u64::MAX, 0);
     assert!(ring.len() <= 1);
 }
 
@@ -684,7 +717,7 @@ fn journal_recover_at_the_end_of_the_position_space_stops() {
     // blockrep/src/journal.rs, Ring::recover: pos = u64::MAX - 10 on a 64 KiB zeroed image:
     // phys 65525 has 11 bytes left, treated as filler, and `at += remain` wraps past u64::MAX.
     // (`at += len` does the same with a record there.)
-    let ring = Ring::recover(vec![0u8; 64 * 1024], u64::MAX - 10, 1);
+    let ring = Ring::recover(vec![0u8; 64 * 1024], u64::MAX - 10, 1, 0);
     assert!(ring.is_empty());
 }
 
@@ -696,12 +729,13 @@ fn journal_recover_of_a_write_at_the_end_of_the_address_space() {
     let d = vec![7u8; 4096];
     let msg = Msg::Write {
         seq: 1,
+        term: 0x7E57,
         offset: u64::MAX - 100,
         len: 4096,
         crc: crc32c::crc32c(&d),
         fua: false,
     };
-    let ring = Ring::recover(image_with(&msg, &d), 0, 1);
+    let ring = Ring::recover(image_with(&msg, &d), 0, 1, 0);
     assert_eq!(ring.len(), 1);
 }
 
@@ -709,9 +743,17 @@ fn journal_recover_of_a_write_at_the_end_of_the_address_space() {
 fn journal_recover_of_an_empty_image_then_append() {
     // A superblock whose layout says journal_len 0: Ring::new asserts >= 64 KiB, recover does
     // not; the append is refused as too big before `head % cap` would divide by zero.
-    let mut ring = Ring::recover(Vec::new(), 0, 1);
+    let mut ring = Ring::recover(Vec::new(), 0, 1, 0);
     assert!(ring.is_empty());
-    let r = append_msg(&mut ring, &Msg::Flush { seq: 1 }, &[], |_| {});
+    let r = append_msg(
+        &mut ring,
+        &Msg::Flush {
+            seq: 1,
+            term: 0x7E57,
+        },
+        &[],
+        |_| {},
+    );
     assert_eq!(r, Err(AppendError::TooBig));
 }
 
@@ -721,6 +763,7 @@ fn write_of_frame_len(seq: u64, frame: usize) -> (Msg, Vec<u8>) {
         let d = vec![0x55u8; n];
         let msg = Msg::Write {
             seq,
+            term: 0x7E57,
             offset: 0,
             len: n as u32,
             crc: crc32c::crc32c(&d),
@@ -736,17 +779,17 @@ fn write_of_frame_len(seq: u64, frame: usize) -> (Msg, Vec<u8>) {
 #[test]
 fn journal_recover_of_a_nearly_full_ring_keeps_it_within_its_capacity() {
     // Built with the public API only, as a primary would leave it: the oldest needed record (a
-    // 16-byte Flush) ends exactly at the end of the ring, the newest ends 24 bytes before the
-    // end, 8 bytes short of the tail. Recovery (blockrep/src/journal.rs, Ring::recover) took
+    // 17-byte Flush) ends exactly at the end of the ring, the newest ends 24 bytes before the
+    // end, 7 bytes short of the tail. Recovery (blockrep/src/journal.rs, Ring::recover) took
     // the 24 bytes after the head for end-of-ring filler (`remain < 32 && phys != 0`), jumps
-    // over them into the next lap, and sets head = tail + cap + 16. `used()` is then larger
+    // over them into the next lap, and sets head = tail + cap + 17. `used()` is then larger
     // than the ring, and Ring::append's `self.cap - self.occupied()` underflows (in a release
     // build it wraps: the append overwrites records the peer still needs).
     let cap = 64 * 1024u64;
     let mut r = Ring::new(cap);
-    let flush = Msg::Flush { seq: 4 };
+    let flush = Msg::Flush { seq: 4, term: 1 };
     let flush_len = peer::frame_len(&flush, 0) as u64;
-    assert_eq!(flush_len, 16);
+    assert_eq!(flush_len, 17);
     // Three writes up to cap - 16, then the flush up to cap.
     let mut at = 0;
     for seq in 1..=3 {
@@ -772,13 +815,21 @@ fn journal_recover_of_a_nearly_full_ring_keeps_it_within_its_capacity() {
     }
     assert_eq!(
         (r.tail(), r.head(), r.used()),
-        (f.pos, 2 * cap - 24, cap - 8)
+        (f.pos, 2 * cap - 24, cap - 7)
     );
-    let mut rec = Ring::recover(r.raw(0, cap).to_vec(), r.tail(), 4);
+    let mut rec = Ring::recover(r.raw(0, cap).to_vec(), r.tail(), 4, 0);
     assert_eq!(rec.last_seq(), Some(7), "every record comes back");
     assert_eq!(rec.head(), r.head(), "the head comes back where it was");
-    // (This used to come back with used = cap + 16: `cap - occupied` underflowed here.)
-    let _ = append_msg(&mut rec, &Msg::Flush { seq: 8 }, &[], |_| {});
+    // (This used to come back with used = cap + 17: `cap - occupied` underflowed here.)
+    let _ = append_msg(
+        &mut rec,
+        &Msg::Flush {
+            seq: 8,
+            term: 0x7E57,
+        },
+        &[],
+        |_| {},
+    );
     assert!(rec.used() <= cap, "used {} > cap {cap}", rec.used());
 }
 
@@ -811,6 +862,7 @@ fn journal_recover_stops_before_a_chain_longer_than_the_ring() {
         let d = image[PREFIX_LEN + hl..300].to_vec();
         let m = Msg::Write {
             seq,
+            term: 0x7E57,
             offset: 0,
             len: d.len() as u32,
             crc: crc32c::crc32c(&d),
@@ -826,11 +878,11 @@ fn journal_recover_stops_before_a_chain_longer_than_the_ring() {
         hl = hl + f.len() - 300;
     }
     assert!(done, "could not craft the wrapping record");
-    let mut ring = Ring::recover(image, 100, 10);
+    let mut ring = Ring::recover(image, 100, 10, 0);
     // The wrapping record would overlap the first: the walk stops before it.
     assert_eq!(ring.last_seq(), Some(seq - 1));
     // (This used to recover cap + 200 bytes of records: `cap - occupied` underflowed here.)
-    let _ = append_msg(&mut ring, &Msg::Flush { seq }, &[], |_| {});
+    let _ = append_msg(&mut ring, &Msg::Flush { seq, term: 0x7E57 }, &[], |_| {});
     assert!(
         ring.used() <= cap as u64,
         "used {} > cap {cap}",

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -57,6 +57,9 @@ pub struct NodeState {
     /// Highest sequence applied from the peer's stream (as a secondary); it may sit in this
     /// node's page cache only. Where the stream resumes.
     pub applied_seq: u64,
+    /// The term of the record at `applied_seq` (0: none applied): with it the peer knows
+    /// whether that record is the one its journal holds at that sequence.
+    pub applied_term: u64,
     /// Highest sequence applied from the peer's stream and made durable (data synced, then
     /// the mark committed): what the primary may count as safe on this node after a crash.
     pub durable_seq: u64,
@@ -105,6 +108,8 @@ pub enum Msg {
     /// A write of `len` payload bytes at `offset`.
     Write {
         seq: u64,
+        /// The issuer's term (see [`Msg::term`]).
+        term: u64,
         offset: u64,
         len: u32,
         crc: u32,
@@ -113,6 +118,8 @@ pub enum Msg {
     /// Zero a range (`trim`: the primary discarded it).
     Zero {
         seq: u64,
+        /// The issuer's term (see [`Msg::term`]).
+        term: u64,
         offset: u64,
         len: u64,
         trim: bool,
@@ -120,6 +127,8 @@ pub enum Msg {
     /// A barrier: apply everything before, make it durable, then acknowledge.
     Flush {
         seq: u64,
+        /// The issuer's term (see [`Msg::term`]).
+        term: u64,
     },
     /// Secondary to primary: highest sequence received, applied, durable.
     Ack {
@@ -141,6 +150,8 @@ pub enum Msg {
     /// Source to target: every region is sent once `seq` is applied; adopt `gen`.
     SyncDone {
         seq: u64,
+        /// The issuer's term (see [`Msg::term`]).
+        term: u64,
         gen: GenIds,
     },
     Ping {
@@ -154,6 +165,8 @@ pub enum Msg {
     /// online verify.
     HashReq {
         seq: u64,
+        /// The issuer's term (see [`Msg::term`]).
+        term: u64,
         offset: u64,
         len: u32,
         block: u32,
@@ -169,6 +182,8 @@ pub enum Msg {
     /// equal on both nodes; nothing to write.
     Equal {
         seq: u64,
+        /// The issuer's term (see [`Msg::term`]).
+        term: u64,
         offset: u64,
         len: u64,
     },
@@ -292,10 +307,27 @@ impl Msg {
         match self {
             Msg::Write { seq, .. }
             | Msg::Zero { seq, .. }
-            | Msg::Flush { seq }
+            | Msg::Flush { seq, .. }
             | Msg::SyncDone { seq, .. }
             | Msg::HashReq { seq, .. }
             | Msg::Equal { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// The term of a stream record: a random id its issuer drew when it started issuing
+    /// (daemon start, promotion, each connection it sends on). Sequence numbers are one space
+    /// per pair, so two nodes that issued apart can reuse one; `(seq, term)` is what names a
+    /// record, and a journal catch-up resumes only after the record the peer applied last
+    /// if this node's record at that sequence is the same one.
+    pub fn term(&self) -> Option<u64> {
+        match self {
+            Msg::Write { term, .. }
+            | Msg::Zero { term, .. }
+            | Msg::Flush { term, .. }
+            | Msg::SyncDone { term, .. }
+            | Msg::HashReq { term, .. }
+            | Msg::Equal { term, .. } => Some(*term),
             _ => None,
         }
     }
@@ -486,6 +518,7 @@ mod tests {
         round_trip(
             Msg::Write {
                 seq: 9,
+                term: 0x7E57,
                 offset: 4096,
                 len: 4096,
                 crc: crc32c::crc32c(&data),
@@ -493,7 +526,13 @@ mod tests {
             },
             &data,
         );
-        round_trip(Msg::Flush { seq: 10 }, &[]);
+        round_trip(
+            Msg::Flush {
+                seq: 10,
+                term: 0x7E57,
+            },
+            &[],
+        );
         round_trip(
             Msg::Hello {
                 version: 1,
@@ -521,6 +560,7 @@ mod tests {
         let data = vec![5u8; 8192];
         let msg = Msg::Write {
             seq: u64::MAX,
+            term: 0x7E57,
             offset: u64::MAX - 8192,
             len: 8192,
             crc: crc32c::crc32c(&data),
@@ -545,6 +585,7 @@ mod tests {
         round_trip(
             Msg::HashReq {
                 seq: 4,
+                term: 0x7E57,
                 offset: 1 << 20,
                 len: 65536,
                 block: 4096,
@@ -554,6 +595,7 @@ mod tests {
         round_trip(
             Msg::Equal {
                 seq: 5,
+                term: 0x7E57,
                 offset: 8192,
                 len: 4096,
             },
@@ -575,6 +617,7 @@ mod tests {
         assert_eq!(
             Msg::HashReq {
                 seq: 7,
+                term: 0x7E57,
                 offset: 0,
                 len: 1,
                 block: 512
@@ -585,6 +628,7 @@ mod tests {
         assert_eq!(
             Msg::Equal {
                 seq: 8,
+                term: 0x7E57,
                 offset: 0,
                 len: 1
             }
@@ -620,6 +664,7 @@ mod tests {
         let data = vec![1u8; 512];
         let msg = Msg::Write {
             seq: 1,
+            term: 0x7E57,
             offset: 0,
             len: 512,
             crc: crc32c::crc32c(&data),
@@ -664,7 +709,10 @@ mod tests {
 
     #[test]
     fn payload_length_must_match_message() {
-        let msg = Msg::Flush { seq: 1 };
+        let msg = Msg::Flush {
+            seq: 1,
+            term: 0x7E57,
+        };
         let mut b = Vec::new();
         encode_frame(&mut b, &msg, &[1, 2, 3]);
         let p: [u8; PREFIX_LEN] = b[..PREFIX_LEN].try_into().unwrap();

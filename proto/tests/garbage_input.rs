@@ -126,6 +126,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             size: rng.u64_edge(),
             gen: random_gen(rng),
             applied_seq: rng.u64_edge(),
+            applied_term: rng.u64_edge(),
             issued_seq: rng.u64_edge(),
             journal_first_seq: rng.u64_edge(),
             durable_seq: rng.u64_edge(),
@@ -138,6 +139,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             let d = data(rng, 1);
             let msg = Msg::Write {
                 seq: rng.u64_edge(),
+                term: rng.u64_edge(),
                 offset: rng.u64_edge(),
                 len: d.len() as u32,
                 crc: crc32c::crc32c(&d),
@@ -147,12 +149,14 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         }
         5 => Msg::Zero {
             seq: rng.u64_edge(),
+            term: rng.u64_edge(),
             offset: rng.u64_edge(),
             len: rng.u64_edge(),
             trim: rng.bool(),
         },
         6 => Msg::Flush {
             seq: rng.u64_edge(),
+            term: rng.u64_edge(),
         },
         7 => Msg::Ack {
             received: rng.u64_edge(),
@@ -174,12 +178,14 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         },
         10 => Msg::SyncDone {
             seq: rng.u64_edge(),
+            term: rng.u64_edge(),
             gen: random_gen(rng),
         },
         11 => Msg::Ping { id: rng.u64_edge() },
         12 => Msg::Pad,
         13 => Msg::HashReq {
             seq: rng.u64_edge(),
+            term: rng.u64_edge(),
             offset: rng.u64_edge(),
             len: rng.u32_edge(),
             block: rng.u32_edge(),
@@ -195,6 +201,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         }
         15 => Msg::Equal {
             seq: rng.u64_edge(),
+            term: rng.u64_edge(),
             offset: rng.u64_edge(),
             len: rng.u64_edge(),
         },
@@ -541,9 +548,14 @@ fn peer_payload_mutations_are_always_detected() {
         }
         let m = match m {
             Msg::Write {
-                seq, offset, fua, ..
+                seq,
+                term,
+                offset,
+                fua,
+                ..
             } => Msg::Write {
                 seq,
+                term,
                 offset,
                 len: payload.len() as u32,
                 crc: crc32c::crc32c(&payload),
