@@ -1055,6 +1055,10 @@ async fn primary_side(
     };
     rep.set_link_as_primary(res.role() == Role::Primary);
     rep.set_connected(true, start - 1, peer_durable);
+    // From here on every record goes to the peer in this stream: none diverges from it, so
+    // none starts a new generation (a write that came in between used to start one for
+    // nothing, and the check below then dropped the connection once).
+    rep.disarm_new_generation();
     // A write while the peer was away may have started a new generation that reached the
     // disk after this node's state went out: the peer would take the pair for in step at the
     // old one. Waited out, then compared; the next connect compares the new one.
@@ -1074,8 +1078,6 @@ async fn primary_side(
             "the data generation changed while connecting",
         ));
     }
-    // The peer is back before any write diverged from it: no new generation.
-    rep.disarm_new_generation();
     res.set_link_state(
         if resync.is_some() {
             "sync-source"
@@ -1619,10 +1621,28 @@ async fn finish_sync(
         // A crashed primary that is secondary now: its crash is handled (its extents reached
         // the peer), so a later crash as secondary is not taken for a primary's.
         let secondary = res.role() != Role::Primary;
+        // A secondary source's data is the stream it just sent (its records were read from
+        // it, or are its own earlier writes): it counts as applied here, under its own term,
+        // as a demoted primary's own writes do, so that a node promoted over this one later
+        // catches it up from the journal instead of resyncing. Synced first: the mark says
+        // the data is durable.
+        let own = if secondary && res.device().local_flush().await.is_ok() {
+            let mut g = rep.lock();
+            if seq > g.applied {
+                g.applied = seq;
+                g.applied_term = g.ring.term_at(seq).unwrap_or(0);
+            }
+            Some((g.applied, g.applied_term))
+        } else {
+            None
+        };
         res.commit_meta(move |sb| {
             sb.gen = state::after_sync(sb.gen);
             if secondary {
                 sb.was_primary = false;
+            }
+            if let Some(mark) = own {
+                sb.advance_applied(mark);
             }
         })
         .await
@@ -1728,13 +1748,13 @@ struct ApplyState {
     /// The term of the record at `applied`.
     applied_term: u64,
     /// Where the term changes among the records received: `(first sequence, term)`, the
-    /// first entry covering `applied`. Bounded by the apply window (received runs at most a
-    /// window ahead of applied), checked on receipt.
+    /// first entry covering `applied`. Terms change only at a restart or promotion of the
+    /// issuer, so an honest stream has a few; checked on receipt (the bound drops the link).
     terms: std::collections::VecDeque<(u64, u64)>,
     durable: u64,
 }
 
-/// Most term changes among received but unapplied records: one per record at most.
+/// Most term changes among received but unapplied records.
 const MAX_TERM_CHANGES: usize = crate::replication::APPLY_WINDOW + 2;
 
 struct Applier {
@@ -2240,7 +2260,7 @@ async fn secondary_side(
                         ap.finish(seq);
                         drop(permit);
                     }
-                    Msg::SyncDone { gen, .. } => {
+                    Msg::SyncDone { gen, term, .. } => {
                         // Everything before is applied: durable, then whole again.
                         let ap = ap.clone();
                         tokio::spawn(async move {
@@ -2257,6 +2277,11 @@ async fn secondary_side(
                                         .commit_meta(move |sb| {
                                             sb.disk = DiskState::UpToDate;
                                             sb.gen = g;
+                                            // SyncDone carries no data: the mark names
+                                            // it at once, with the rest (a crash before the
+                                            // next checkpoint must not leave an up-to-date
+                                            // disk whose mark no stream has).
+                                            sb.advance_applied((seq, term));
                                             // Whatever this node had as a crashed
                                             // primary is overwritten by the peer's data.
                                             sb.was_primary = false;

@@ -1598,10 +1598,11 @@ impl Replication {
         // Regions `verify` marked are in the bitmap: this resync owns them now.
         self.verify_marked
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        // The record before the new stream: this node's own last one, unless the stream
-        // jumped past it to what the peer has seen (then its term is not known here).
-        let prev_term = inner.ring.term_at(next - 1).unwrap_or(0);
-        inner.ring.clear(next, prev_term);
+        // The record before the resync's stream names no state the peer can be caught up
+        // from: until its SyncStart lands, the peer must be resynced again (the bitmap and
+        // `verify`'s marks, cleared above, are what it lacks), and after it the peer's mark
+        // is term 0 anyway.
+        inner.ring.clear(next, 0);
         inner.resync_inflight.clear();
         inner.overflowed = false;
         inner.bitmap_dirty = true;
@@ -1704,6 +1705,12 @@ pub fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
 /// records were lost.
 pub fn reconcile_recovered(ring: &mut Ring, bitmap: &mut Bitmap, issued: u64) -> bool {
     match ring.last_seq() {
+        // Not one record from the checkpoint on, though some were issued after it: lost in a
+        // crash, or written in an earlier format that is not read.
+        None if issued > ring.prev().0 => {
+            ring.clear(issued + 1, 0);
+            true
+        }
         Some(last) if last < issued => {
             for r in ring.records() {
                 if r.range.1 > r.range.0 {
@@ -1870,6 +1877,25 @@ mod tests {
         // The next record follows the mark (appending 4 would break the sequence).
         journal::append_msg(&mut ring, &write(6, 0), &[7u8; 4096], |_| {}).unwrap();
         assert_eq!(ring.last_seq(), Some(6));
+    }
+
+    #[test]
+    fn a_journal_with_no_record_after_its_checkpoint_is_reconciled_when_some_were_issued() {
+        let mut bm = Bitmap::new(1 << 24, 4096);
+        // Checkpoint at 11 (record 10 had term 0xA1), nothing readable from there.
+        let mut ring = Ring::recover(vec![0u8; 64 * 1024], 0, 11, 0xA1);
+        assert!(
+            !reconcile_recovered(&mut ring, &mut bm, 10),
+            "nothing issued after it"
+        );
+        assert_eq!(ring.term_at(10), Some(0xA1));
+        assert!(
+            reconcile_recovered(&mut ring, &mut bm, 14),
+            "11..=14 were issued"
+        );
+        // Lost: the record before the next one is not known here.
+        assert_eq!(ring.term_at(14), None);
+        assert_eq!(ring.prev(), (14, 0));
     }
 
     #[test]

@@ -1483,7 +1483,7 @@ async fn open_replication(
         let lost = crate::replication::reconcile_recovered(&mut ring, &mut bitmap, issued);
         if lost {
             tracing::warn!(
-                "journal ends before the issued sequence {issued}: its newest records were lost in a crash; the peer gets a resync of the bitmap"
+                "journal ends before the issued sequence {issued}: its newest records were lost in a crash, or written in an earlier format; the peer gets a resync of the bitmap"
             );
         }
         let mut crash_marked = false;

@@ -316,7 +316,7 @@ impl Msg {
     }
 
     /// The term of a stream record: a random id its issuer drew when it started issuing
-    /// (daemon start, promotion, each connection it sends on). Sequence numbers are one space
+    /// (daemon start, promotion). Sequence numbers are one space
     /// per pair, so two nodes that issued apart can reuse one; `(seq, term)` is what names a
     /// record, and a journal catch-up resumes only after the record the peer applied last
     /// if this node's record at that sequence is the same one.

@@ -309,3 +309,41 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
     assert_journal_catch_up(a, &since(a, ma), "after the upgrade and a restart");
     c.assert_replicas_identical(size, "after the upgrade and a restart");
 }
+
+#[test]
+fn after_a_sync_between_secondaries_a_switchover_is_caught_up_from_the_journal() {
+    let c = Cluster::builder("terms-secsync")
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol("C")
+        .beta_via_proxy()
+        .build();
+    c.start_pair();
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    nbd_write(a, 0, &random_bytes(2 * MIB));
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // alpha writes while beta is away, then is demoted: its data is newer (a new generation),
+    // and when the link is back it brings beta up to date as a secondary.
+    assert!(c.proxy().cut_and_refuse() >= 1, "no link connection to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    nbd_write(a, 4 * MIB as u64, &random_bytes(2 * MIB));
+    a.ctl_ok(&["secondary"]);
+    c.proxy().resume();
+    let ra = a.wait_repl(SYNC_TIMEOUT, "beta brought up to date", |r| {
+        r["connection"] == "connected" && r["out_of_sync"] == 0 && r["peer_disk"] == "up-to-date"
+    });
+    assert_eq!(ra["peer_role"], "secondary", "{ra}");
+
+    // Switchover to beta: what alpha reports is the end of the stream it sent itself, so
+    // beta's journal goes on right after it.
+    let mb = log_lines(b).len();
+    b.ctl_ok(&["primary"]);
+    nbd_write(b, 8 * MIB as u64, &random_bytes(MIB));
+    wait_following(b, a);
+    assert_journal_catch_up(b, &since(b, mb), "after the sync between secondaries");
+    c.assert_replicas_identical(size, "after the switchover");
+    a.assert_alive();
+    b.assert_alive();
+}
