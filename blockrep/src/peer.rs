@@ -1621,28 +1621,34 @@ async fn finish_sync(
         // A crashed primary that is secondary now: its crash is handled (its extents reached
         // the peer), so a later crash as secondary is not taken for a primary's.
         let secondary = res.role() != Role::Primary;
+        // A promotion while this runs commits was_primary and its time: then nothing below
+        // may touch either (a primary marked as not one would not be recovered as a crashed
+        // primary).
+        let promoted_ms = res.node_state().promoted_ms;
         // A secondary source's data is the stream it just sent (its records were read from
         // it, or are its own earlier writes): it counts as applied here, under its own term,
         // as a demoted primary's own writes do, so that a node promoted over this one later
         // catches it up from the journal instead of resyncing. Synced first: the mark says
         // the data is durable.
-        let own = if secondary && res.device().local_flush().await.is_ok() {
-            let mut g = rep.lock();
-            if seq > g.applied {
-                g.applied = seq;
-                g.applied_term = g.ring.term_at(seq).unwrap_or(0);
-            }
-            Some((g.applied, g.applied_term))
-        } else {
-            None
-        };
+        let own =
+            if secondary && res.device().local_flush().await.is_ok() && res.role() != Role::Primary
+            {
+                let mut g = rep.lock();
+                if seq > g.applied {
+                    g.applied = seq;
+                    g.applied_term = g.ring.term_at(seq).unwrap_or(0);
+                }
+                Some((g.applied, g.applied_term))
+            } else {
+                None
+            };
         res.commit_meta(move |sb| {
             sb.gen = state::after_sync(sb.gen);
-            if secondary {
+            if secondary && sb.promoted_ms == promoted_ms {
                 sb.was_primary = false;
-            }
-            if let Some(mark) = own {
-                sb.advance_applied(mark);
+                if let Some(mark) = own {
+                    sb.advance_applied(mark);
+                }
             }
         })
         .await

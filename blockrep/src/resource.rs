@@ -1233,15 +1233,21 @@ impl Resource {
         if left > 0 {
             tracing::warn!("{left} NBD connection(s) still draining after 20 s");
         }
-        self.device
-            .flush()
-            .await
-            .map_err(|e| NodeError::Refused(format!("flush failed (NBD error {e})")))
+        // A secondary has no writes of its own to order in a stream: a record from it (as
+        // the source of a finished sync, say) would only move the peer past the mark this
+        // node keeps, and the peer could no longer be caught up from its journal later.
+        let flushed = if self.role() == Role::Primary {
+            self.device.flush().await
+        } else {
+            self.device.local_flush().await
+        };
+        flushed.map_err(|e| NodeError::Refused(format!("flush failed (NBD error {e})")))
     }
 
     /// `down`: stop serving, persist, release the sockets.
     pub async fn down(&self) -> Result<(), NodeError> {
         let mut marks = None;
+        let mut persisted = true;
         let mut lacks = false;
         let new_id = random_id();
         self.stop_serving().await?;
@@ -1276,7 +1282,11 @@ impl Resource {
             // applied mark below is committed (not at all if that failed).
             let settled = self.settle_applies().await;
             if let Err(e) = rep.persist().await {
-                tracing::error!("journal sync at down: {e}");
+                // The journal and bitmap on disk may lack records the peer does not have:
+                // a primary stays marked as one, so that the next start recovers it as a
+                // crashed primary (its hot extents go to the bitmap).
+                tracing::error!("journal sync at down: {e}; the next start recovers this node as a crashed primary");
+                persisted = false;
             }
             let g = rep.lock();
             marks = Some((g.issued, (g.applied, g.applied_term), settled));
@@ -1295,7 +1305,9 @@ impl Resource {
             if lacks {
                 sb.gen = state::new_generation(sb.gen, new_id);
             }
-            sb.was_primary = false;
+            if persisted {
+                sb.was_primary = false;
+            }
         })
         .await?;
         if lacks {
