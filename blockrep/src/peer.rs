@@ -27,7 +27,7 @@ use crate::bitmap::Bitmap;
 use crate::buf::Buf;
 use crate::config::Protocol;
 use crate::link::{self, LinkKeys, LinkRead, LinkWrite};
-use crate::meta::{DiskState, Generations};
+use crate::meta::{DiskState, Generations, COUNTER_LIMIT};
 use crate::replication::{Ranges, Record, Replication};
 use crate::resource::Resource;
 use crate::state::{self, Role, SyncDecision};
@@ -478,7 +478,23 @@ async fn exchange_states(
     write_msg(wr, &Msg::State(me.clone())).await?;
     let (msg, _, _) = timed("waiting for the peer's state", read_frame(rd, res)).await?;
     match msg {
-        Msg::State(st) => Ok((me, st)),
+        Msg::State(st) => {
+            // Authenticated, but still input: the marks go into sequence arithmetic, and no
+            // real history comes near the bound the superblock keeps them under either.
+            let marks = [
+                st.applied_seq,
+                st.durable_seq,
+                st.issued_seq,
+                st.journal_first_seq,
+            ];
+            if marks.iter().any(|&m| m >= COUNTER_LIMIT) {
+                let why = format!(
+                    "the peer's sequence marks {marks:?} are out of bounds (limit {COUNTER_LIMIT})"
+                );
+                return Err(refuse(wr, why).await);
+            }
+            Ok((me, st))
+        }
         Msg::Refuse { reason } => Err(peer_refused(reason)),
         other => Err(LinkError::Protocol(format!(
             "expected state, got {other:?}"
@@ -2088,10 +2104,10 @@ async fn secondary_side(
                     Some(s) => s,
                     None => match msg {
                         Msg::Ping { .. } => continue,
-                        Msg::SyncStart { seq: 0, .. } => {
-                            return Err(LinkError::Protocol(
-                                "resync start at sequence 0 (sequences start at 1)".into(),
-                            ))
+                        Msg::SyncStart { seq, .. } if seq == 0 || seq >= COUNTER_LIMIT => {
+                            return Err(LinkError::Protocol(format!(
+                                "resync start at sequence {seq} (sequences run from 1 to {COUNTER_LIMIT})"
+                            )))
                         }
                         Msg::SyncStart { seq, full, bytes } => {
                             // This node becomes the sync target: inconsistent until SyncDone.
