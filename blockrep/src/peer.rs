@@ -478,28 +478,32 @@ async fn exchange_states(
     write_msg(wr, &Msg::State(me.clone())).await?;
     let (msg, _, _) = timed("waiting for the peer's state", read_frame(rd, res)).await?;
     match msg {
-        Msg::State(st) => {
-            // Authenticated, but still input: the marks go into sequence arithmetic, and no
-            // real history comes near the bound the superblock keeps them under either.
-            let marks = [
-                st.applied_seq,
-                st.durable_seq,
-                st.issued_seq,
-                st.journal_first_seq,
-            ];
-            if marks.iter().any(|&m| m >= COUNTER_LIMIT) {
-                let why = format!(
-                    "the peer's sequence marks {marks:?} are out of bounds (limit {COUNTER_LIMIT})"
-                );
-                return Err(refuse(wr, why).await);
-            }
-            Ok((me, st))
-        }
+        Msg::State(st) => match marks_in_bounds(&st) {
+            Ok(()) => Ok((me, st)),
+            Err(why) => Err(refuse(wr, why).await),
+        },
         Msg::Refuse { reason } => Err(peer_refused(reason)),
         other => Err(LinkError::Protocol(format!(
             "expected state, got {other:?}"
         ))),
     }
+}
+
+/// The peer's state is authenticated, but still input: its sequence marks go into sequence
+/// arithmetic, and no real history comes near the bound the superblock keeps them under.
+fn marks_in_bounds(st: &NodeState) -> Result<(), String> {
+    let marks = [
+        st.applied_seq,
+        st.durable_seq,
+        st.issued_seq,
+        st.journal_first_seq,
+    ];
+    if marks.iter().any(|&m| m >= COUNTER_LIMIT) {
+        return Err(format!(
+            "the peer's sequence marks (applied, durable, issued, journal) {marks:?} are out of bounds (limit {COUNTER_LIMIT})"
+        ));
+    }
+    Ok(())
 }
 
 /// Runs the link for the life of the resource: dials or accepts, handshakes, runs the
@@ -2540,6 +2544,48 @@ async fn idle_side(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_state_with_marks_past_the_counter_bound_is_refused() {
+        let ok = NodeState {
+            primary: false,
+            disk: 2,
+            size: 1 << 30,
+            gen: peer::GenIds::default(),
+            applied_seq: COUNTER_LIMIT - 1,
+            applied_term: 7,
+            durable_seq: 5,
+            issued_seq: 9,
+            journal_first_seq: 0,
+            out_of_sync: 0,
+            crashed_primary: false,
+            discard_my_data: false,
+            promoted_ms: 0,
+        };
+        assert_eq!(marks_in_bounds(&ok), Ok(()));
+        let bad = [
+            NodeState {
+                applied_seq: u64::MAX,
+                ..ok.clone()
+            },
+            NodeState {
+                issued_seq: COUNTER_LIMIT,
+                ..ok.clone()
+            },
+            NodeState {
+                durable_seq: u64::MAX,
+                ..ok.clone()
+            },
+            NodeState {
+                journal_first_seq: COUNTER_LIMIT,
+                ..ok.clone()
+            },
+        ];
+        for st in bad {
+            let e = marks_in_bounds(&st).unwrap_err();
+            assert!(e.contains("out of bounds"), "{e}");
+        }
+    }
 
     #[test]
     fn acks_are_urgent_only_for_the_mark_the_protocol_waits_on() {

@@ -77,15 +77,21 @@ fn assert_journal_catch_up(source: &Node, lines: &[String], what: &str) {
     );
 }
 
-#[test]
-fn journal_catch_ups_follow_the_terms_across_cuts_a_switchover_a_restart_and_a_failback() {
-    let c = Cluster::builder("terms-catchup")
+/// Alpha primary, beta secondary behind the link proxy (protocol C), started and in sync.
+fn pair_via_proxy(test: &str) -> Cluster {
+    let c = Cluster::builder(test)
         .nodes(2)
         .backing_size(BACKING)
         .protocol("C")
         .beta_via_proxy()
         .build();
     c.start_pair();
+    c
+}
+
+#[test]
+fn journal_catch_ups_follow_the_terms_across_cuts_a_switchover_a_restart_and_a_failback() {
+    let c = pair_via_proxy("terms-catchup");
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
     let mut want = vec![0u8; size as usize];
@@ -312,13 +318,7 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
 
 #[test]
 fn after_a_sync_between_secondaries_a_failover_is_caught_up_from_the_journal() {
-    let c = Cluster::builder("terms-secsync")
-        .nodes(2)
-        .backing_size(BACKING)
-        .protocol("C")
-        .beta_via_proxy()
-        .build();
-    c.start_pair();
+    let c = pair_via_proxy("terms-secsync");
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
     nbd_write(a, 0, &random_bytes(2 * MIB));

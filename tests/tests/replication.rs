@@ -1300,10 +1300,22 @@ fn secondary_killed_and_restarted_catches_up() {
     nbd_write(a, 40 * MIB as u64, &d2);
     want[40 * MIB..44 * MIB].copy_from_slice(&d2);
 
+    let mark = log_text(a).lines().count();
     b.up();
     let rb = b.status_json();
     assert_eq!(rb["role"], "secondary", "{rb}");
     c.wait_in_sync(SYNC_TIMEOUT);
+    // Beta's durable mark and the term of its record came back from its superblock: the
+    // journal (which holds every write of this test) brings it back, not a resync.
+    let since: Vec<String> = log_text(a).lines().skip(mark).map(str::to_string).collect();
+    assert!(
+        since
+            .iter()
+            .any(|l| l.contains("streaming to the peer from sequence"))
+            && !since.iter().any(|l| l.contains("resync to the peer")),
+        "beta was not caught up from the journal after its restart:\n{}",
+        since.join("\n")
+    );
     c.assert_replicas_identical(size, "after the secondary's restart");
     assert_same_bytes(&b.backing_data(size), &want, "beta's data");
 }
