@@ -310,6 +310,15 @@ fn dump_md(cfg: &Config) -> Result<()> {
     println!("# blockrep metadata on {}", m.path().display());
     println!("resource        {}", sb.resource);
     println!("node            {}", sb.node);
+    println!(
+        "format          {}{}",
+        m.format,
+        if m.format < blockrep::meta::FORMAT_VERSION {
+            " (an earlier one: terms not known; the next metadata commit writes the current one)"
+        } else {
+            ""
+        }
+    );
     println!("superblock-seq  {}", sb.seq);
     println!("disk            {}", sb.disk.name());
     println!("was-primary     {}", sb.was_primary);

@@ -23,7 +23,7 @@ pub const AL_AREA: u64 = 64 * 1024;
 /// Smallest data area worth exporting.
 pub const MIN_DATA: u64 = 1 << 20;
 const MAGIC: u64 = 0x6272_6570_6d64_0001; // "brepmd" v1
-const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 2;
 /// Format 1 had no record terms: its superblock is format 2's without the two trailing term
 /// fields, read as if they were 0 ("not known": the first connect after the upgrade resyncs
 /// the bitmap rather than trusting a journal catch-up it cannot check).
@@ -308,6 +308,9 @@ pub struct MetaStore {
     io: Arc<Mutex<()>>,
     path: PathBuf,
     pub sb: Superblock,
+    /// The format of the superblock as read from disk (the next commit writes
+    /// [`FORMAT_VERSION`]).
+    pub format: u32,
 }
 
 fn size_of(file: &File, path: &Path) -> Result<u64, MetaError> {
@@ -383,6 +386,15 @@ fn meta_target(
 impl MetaStore {
     /// Reads the newest valid superblock; `Ok(None)` when there is none.
     fn read_sb(file: &File, path: &Path, sb_offset: u64) -> Result<Option<Superblock>, MetaError> {
+        Ok(Self::read_sb_format(file, path, sb_offset)?.map(|(sb, _)| sb))
+    }
+
+    /// The newer valid superblock of the two slots, and its format.
+    fn read_sb_format(
+        file: &File,
+        path: &Path,
+        sb_offset: u64,
+    ) -> Result<Option<(Superblock, u32)>, MetaError> {
         let mut buf = vec![0u8; SUPERBLOCK_AREA as usize];
         match file.read_exact_at(&mut buf, sb_offset) {
             Ok(()) => {}
@@ -395,10 +407,14 @@ impl MetaStore {
             }
         }
         let (a, b) = buf.split_at(SLOT_LEN as usize);
-        Ok(Superblock::pick(
-            Superblock::decode(a),
-            Superblock::decode(b),
-        ))
+        let read = |slot: &[u8]| {
+            let sb = Superblock::decode(slot)?;
+            Some((sb, u32::from_le_bytes(slot[8..12].try_into().ok()?)))
+        };
+        Ok(match (read(a), read(b)) {
+            (Some(x), Some(y)) => Some(if x.0.seq >= y.0.seq { x } else { y }),
+            (x, y) => x.or(y),
+        })
     }
 
     /// `create-md`: writes fresh metadata. Refuses to overwrite valid metadata without `force`.
@@ -493,6 +509,7 @@ impl MetaStore {
             io: Arc::default(),
             path,
             sb,
+            format: FORMAT_VERSION,
         };
         // Both slots, so no stale superblock of an older format survives; the superblocks
         // first: a crash before the areas below are cleared leaves a fresh (inconsistent,
@@ -530,11 +547,11 @@ impl MetaStore {
         // The superblock area is the last 8 KiB of the 4 KiB-aligned metadata device.
         let meta_size = size_of(&file, &path)? / BLOCK * BLOCK;
         let sb = if meta_size >= SUPERBLOCK_AREA {
-            Self::read_sb(&file, &path, meta_size - SUPERBLOCK_AREA)?
+            Self::read_sb_format(&file, &path, meta_size - SUPERBLOCK_AREA)?
         } else {
             None
         };
-        let sb = sb.ok_or(MetaError::NotFound { path: path.clone() })?;
+        let (sb, format) = sb.ok_or(MetaError::NotFound { path: path.clone() })?;
         if sb.resource != resource || sb.node != node {
             return Err(MetaError::Mismatch {
                 path,
@@ -579,6 +596,7 @@ impl MetaStore {
             io: Arc::default(),
             path,
             sb,
+            format,
         })
     }
 

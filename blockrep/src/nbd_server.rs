@@ -97,14 +97,20 @@ impl Export {
     /// gone. Returns how many were still open at the deadline.
     pub async fn disconnect_all(&self, deadline: Duration) -> u64 {
         self.kick.send_modify(|k| *k += 1);
+        self.wait_clients(0, deadline).await
+    }
+
+    /// Waits (bounded) until at most `at_most` connections are open; returns how many are.
+    pub async fn wait_clients(&self, at_most: u64, deadline: Duration) -> u64 {
         let end = tokio::time::Instant::now() + deadline;
         loop {
-            // Registered before the count is read, so the last client's wake-up is not lost.
+            // Registered before the count is read, so a departure's wake-up is not lost.
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.clients() == 0 {
-                return 0;
+            let n = self.clients();
+            if n <= at_most {
+                return n;
             }
             if tokio::time::timeout_at(end, notified).await.is_err() {
                 return self.clients();
@@ -536,9 +542,8 @@ pub async fn transmission<R, W>(
         // place among the export's connections) for ever.
         let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
     }
-    if export.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
-        export.idle.notify_waiters();
-    }
+    export.clients.fetch_sub(1, Ordering::SeqCst);
+    export.idle.notify_waiters();
 }
 
 /// Runs one request against the device. Returns the NBD error and, for reads, the data.

@@ -26,6 +26,10 @@ use crate::peer::{LinkCtl, LinkInfo};
 use crate::replication::{MetaAreas, Replication};
 use crate::state::{self, PeerView, Role};
 
+/// How long `secondary` waits for NBD clients that are already disconnecting before it
+/// refuses because clients are attached.
+const CLIENTS_LEAVING_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Error)]
 pub enum NodeError {
     #[error(transparent)]
@@ -1183,8 +1187,18 @@ impl Resource {
         if self.role() == Role::Secondary {
             return Ok(format!("{} is already secondary", self.cfg.me.name));
         }
-        let kernel_attached = self.kernel.lock().await.is_some();
-        let clients = self.export.clients() - u64::from(kernel_attached);
+        let kernel_attached = u64::from(self.kernel.lock().await.is_some());
+        // A client that just sent its disconnect (an unmount, then `secondary` at once) is
+        // still finishing: a moment for it to go, so that only clients still attached refuse
+        // the demotion.
+        let open = if force {
+            self.export.clients()
+        } else {
+            self.export
+                .wait_clients(kernel_attached, CLIENTS_LEAVING_WAIT)
+                .await
+        };
+        let clients = open.saturating_sub(kernel_attached);
         state::demote(clients, force).map_err(NodeError::Refused)?;
         self.stop_serving().await?;
         let issued = self.drain_to_peer().await;

@@ -264,7 +264,8 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
         rewrite_as_format_1(n.backing_path(), offset);
         let dump = n.ctl_ok(&["dump-md"]).stdout;
         assert!(
-            dump.contains("applied-term    0000000000000000"),
+            dump.contains("format          1 (an earlier one")
+                && dump.contains("applied-term    0000000000000000"),
             "{}: the format-1 superblock was not read with unknown terms:\n{dump}",
             n.name()
         );
@@ -314,6 +315,18 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
     wait_following(a, b);
     assert_journal_catch_up(a, &since(a, ma), "after the upgrade and a restart");
     c.assert_replicas_identical(size, "after the upgrade and a restart");
+    // Both superblocks are in the current format now, with known terms.
+    a.down();
+    b.down();
+    for n in [a, b] {
+        let dump = n.ctl_ok(&["dump-md"]).stdout;
+        assert!(
+            dump.contains("format          2\n")
+                && !dump.contains("applied-term    0000000000000000"),
+            "{}: not upgraded:\n{dump}",
+            n.name()
+        );
+    }
 }
 
 #[test]

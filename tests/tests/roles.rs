@@ -152,3 +152,44 @@ fn forced_demotion_closes_a_client_stalled_mid_payload_and_writes_nothing() {
     let st = a.status_json();
     assert_eq!(st["io"]["writes"], 0, "{st}");
 }
+
+/// An unmount followed at once by `secondary`: the client that just disconnected may still be
+/// finishing on the node, and the demotion waits a moment for it instead of refusing. A client
+/// that stays attached still refuses it, after that moment.
+#[test]
+fn secondary_right_after_a_client_disconnects_succeeds_and_an_attached_client_refuses_it() {
+    let c = Cluster::single_primary("demote-after-disc");
+    let a = c.alpha();
+    let held = RawNbd::open(a.export(), c.resource());
+    let t0 = std::time::Instant::now();
+    let out = a.ctl(&["secondary"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "secondary with a client attached\n{}",
+        out.describe()
+    );
+    assert!(
+        out.describe().contains("NBD client(s) attached"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the refusal took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(a.status_json()["role"], "primary");
+    held.disconnect();
+    for round in 0..5 {
+        // A write and its flush, the client gone, and the demotion at once.
+        let mut w = RawNbd::open(a.export(), c.resource());
+        w.write_at(4096 * round, &[round as u8 + 1; 4096], 0)
+            .expect("write");
+        w.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        w.disconnect();
+        a.ctl_ok(&["secondary"]);
+        assert_eq!(a.status_json()["role"], "secondary");
+        a.ctl_ok(&["primary"]);
+    }
+}
