@@ -540,6 +540,25 @@ impl NbdkitFile {
         }
     }
 
+    /// A RAM disk of `size` bytes behind nbdkit's `pause` filter: its I/O hangs while
+    /// `DIR/NAME.ctl` is told to pause and goes on when told to resume. Returns the disk and
+    /// that control socket.
+    pub fn paused_memory(dir: &Path, name: &str, size: u64) -> (Self, PathBuf) {
+        let ctl = dir.join(format!("{name}.ctl"));
+        let disk = Self::start(
+            dir,
+            name,
+            &[
+                "--filter=pause".into(),
+                "memory".into(),
+                format!("size={size}"),
+                format!("pause-control={}", ctl.display()),
+            ],
+            &[&ctl],
+        );
+        (disk, ctl)
+    }
+
     /// The file exposing the export.
     pub fn file(&self) -> PathBuf {
         self.fuse

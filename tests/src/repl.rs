@@ -79,9 +79,14 @@ impl Cluster {
     /// Both nodes: `create-md`, `up`; alpha `primary --force`; waits until both report the
     /// link connected with alpha primary and beta secondary.
     pub fn start_pair(&self) {
+        self.alpha().create_md();
+        self.beta().create_md();
+        self.up_pair();
+    }
+
+    /// [`Self::start_pair`] on nodes whose metadata exists already.
+    pub fn up_pair(&self) {
         let (a, b) = (self.alpha(), self.beta());
-        a.create_md();
-        b.create_md();
         a.up();
         b.up();
         a.primary_force();

@@ -160,12 +160,7 @@ fn a_new_generation_that_cannot_be_persisted_fails_the_write_until_the_metadata_
 
     // The pair, as `start_pair` makes it (alpha's metadata exists already).
     b.create_md();
-    a.up();
-    b.up();
-    a.primary_force();
-    a.wait_repl(CONNECT_TIMEOUT, "connected to a secondary peer", |r| {
-        r["connection"] == "connected" && r["peer_role"] == "secondary"
-    });
+    c.up_pair();
     assert!(
         c.proxy().accepted() >= 1,
         "alpha did not dial through the proxy"

@@ -149,19 +149,8 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
         .resource_line("ko-count = 0")
         .build();
     let dir = c.dir().path().to_path_buf();
-    let ctl = dir.join("beta-disk.ctl");
     // Torn down in this order on any exit: the daemons, then nbdkit and the FUSE mount.
-    let disk = NbdkitFile::start(
-        &dir,
-        "beta-disk",
-        &[
-            "--filter=pause".into(),
-            "memory".into(),
-            format!("size={SIZE}"),
-            format!("pause-control={}", ctl.display()),
-        ],
-        &[&ctl],
-    );
+    let (disk, ctl) = NbdkitFile::paused_memory(&dir, "beta-disk", SIZE);
     let file = disk.file();
     let _stop = StopDaemons(&c);
     let (a, b) = (c.alpha(), c.beta());

@@ -2425,20 +2425,9 @@ fn a_secondary_whose_disk_hangs_is_dropped_after_ko_count() {
         .external_meta()
         .resource_line("ko-count = 2")
         .build();
-    let ctl = c.dir().join("beta-disk.ctl");
     // Torn down in this order on any exit: the daemons (which hold the FUSE file), then
     // nbdkit and the FUSE mount.
-    let disk = NbdkitFile::start(
-        c.dir().path(),
-        "beta-disk",
-        &[
-            "--filter=pause".into(),
-            "memory".into(),
-            format!("size={SIZE}"),
-            format!("pause-control={}", ctl.display()),
-        ],
-        &[&ctl],
-    );
+    let (disk, ctl) = NbdkitFile::paused_memory(c.dir().path(), "beta-disk", SIZE);
     let file = disk.file();
     let _stop = StopDaemons(&c);
     let b = c.beta();
