@@ -1765,6 +1765,26 @@ impl HashReplies {
     }
 }
 
+/// Counts a task among the waiters of an [`ApplyState`] counter while it waits (also when
+/// its future is dropped mid-wait).
+struct Waiting<'a> {
+    ap: &'a Applier,
+    counter: fn(&mut ApplyState) -> &mut usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(ap: &'a Applier, counter: fn(&mut ApplyState) -> &mut usize) -> Self {
+        *counter(&mut ap.lock()) += 1;
+        Waiting { ap, counter }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        *(self.counter)(&mut self.ap.lock()) -= 1;
+    }
+}
+
 /// Tracks the secondary's progress: which sequences finished, the contiguous mark, durability.
 struct ApplyState {
     ranges: Ranges,
@@ -1778,6 +1798,11 @@ struct ApplyState {
     /// issuer, so an honest stream has a few; checked on receipt (the bound drops the link).
     terms: std::collections::VecDeque<(u64, u64)>,
     durable: u64,
+    /// Tasks waiting for an earlier overlapping write ([`Applier::wait_turn`]) and for the
+    /// applied mark ([`Applier::wait_applied`]): a finished record wakes them only when
+    /// there are any (usually none: a wake-up per record would cost more than its apply).
+    range_waiters: usize,
+    mark_waiters: usize,
 }
 
 /// Most term changes among received but unapplied records.
@@ -1787,7 +1812,11 @@ struct Applier {
     res: Arc<Resource>,
     st: Mutex<ApplyState>,
     range_done: Notify,
-    progress: watch::Sender<(u64, u64, u64)>,
+    /// Wakes the acker when a mark moved (one waiter, so a permit is kept: no change is
+    /// missed, and many changes before it runs cost one wake-up).
+    progressed: Notify,
+    /// Wakes the tasks waiting for the applied mark (flushes, FUA writes, SyncDone).
+    mark_moved: Notify,
     window: Arc<Semaphore>,
     persist: tokio::sync::Mutex<()>,
     /// Protocol B: the receiver asks the acker to report a receipt before the write is
@@ -1804,17 +1833,55 @@ impl Applier {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The marks the acker reports: (received, applied, durable).
+    fn marks(&self) -> (u64, u64, u64) {
+        let s = self.lock();
+        (s.received, s.applied, s.durable)
+    }
+
+    /// Tells the acker, and any task waiting for the applied mark, that a mark moved.
     fn publish(&self) {
-        let (r, a, d) = {
-            let s = self.lock();
-            (s.received, s.applied, s.durable)
-        };
-        self.progress.send_if_modified(|p| {
-            let new = (r, a, d);
-            let changed = *p != new;
-            *p = new;
-            changed
-        });
+        let waiters = self.lock().mark_waiters;
+        self.progressed.notify_one();
+        if waiters > 0 {
+            self.mark_moved.notify_waiters();
+        }
+    }
+
+    /// Returns once every record through `seq` is applied.
+    async fn wait_applied(&self, seq: u64) {
+        if self.lock().applied >= seq {
+            return;
+        }
+        let _counted = Waiting::new(self, |s| &mut s.mark_waiters);
+        loop {
+            // Registered before the re-check, so that a publish in between is not missed.
+            let n = self.mark_moved.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.lock().applied >= seq {
+                break;
+            }
+            n.await;
+        }
+    }
+
+    /// Returns once no earlier record with an overlapping range is in flight: overlapping
+    /// records are applied in stream order.
+    async fn wait_turn(&self, seq: u64, range: (u64, u64)) {
+        if !self.lock().ranges.blocked(seq, range) {
+            return;
+        }
+        let _counted = Waiting::new(self, |s| &mut s.range_waiters);
+        loop {
+            let n = self.range_done.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if !self.lock().ranges.blocked(seq, range) {
+                break;
+            }
+            n.await;
+        }
     }
 
     /// Records a local disk failure (the first one wins) and marks this replica inconsistent.
@@ -1842,10 +1909,15 @@ impl Applier {
 
     /// Marks `seq` applied and advances the contiguous mark.
     fn finish(&self, seq: u64) {
-        {
+        let range_waiters = {
             let mut s = self.lock();
             s.ranges.remove(seq);
-            s.done.insert(seq);
+            // Usually the next record in order: no detour through the set.
+            if seq == s.applied + 1 {
+                s.applied = seq;
+            } else {
+                s.done.insert(seq);
+            }
             while s.done.first() == Some(&(s.applied + 1)) {
                 s.applied += 1;
                 let a = s.applied;
@@ -1857,14 +1929,18 @@ impl Applier {
             }
             let term = s.terms.front().map_or(s.applied_term, |&(_, t)| t);
             s.applied_term = term;
+            let range_waiters = s.range_waiters;
             drop(s);
             if let Some(rep) = self.res.rep() {
                 let mut g = rep.lock();
                 g.applied = a;
                 g.applied_term = term;
             }
+            range_waiters
+        };
+        if range_waiters > 0 {
+            self.range_done.notify_waiters();
         }
-        self.range_done.notify_waiters();
         self.publish();
     }
 
@@ -1949,9 +2025,12 @@ async fn secondary_side(
             applied_term: term0,
             terms: std::collections::VecDeque::from([(applied0, term0)]),
             durable: durable0,
+            range_waiters: 0,
+            mark_waiters: 0,
         }),
         range_done: Notify::new(),
-        progress: watch::channel((applied0, applied0, durable0)).0,
+        progressed: Notify::new(),
+        mark_moved: Notify::new(),
         window: rep.apply_window.clone(),
         persist: tokio::sync::Mutex::new(()),
         ack_receipt_now: std::sync::atomic::AtomicBool::new(false),
@@ -1988,7 +2067,6 @@ async fn secondary_side(
     let hash_reads = Arc::new(Semaphore::new(8));
     let protocol = res.cfg().protocol;
     let acker = {
-        let mut rx = ap.progress.subscribe();
         let mut failed = ap.failed.subscribe();
         let ap = ap.clone();
         async move {
@@ -1999,7 +2077,7 @@ async fn secondary_side(
             let mut deferred: Option<tokio::time::Instant> = None;
             loop {
                 if ack {
-                    let marks = *rx.borrow_and_update();
+                    let marks = ap.marks();
                     let (received, applied, durable) = marks;
                     // After a local disk failure nothing more is acknowledged; the primary is
                     // told why, so that it backs off before trying again. (A failure while
@@ -2047,10 +2125,7 @@ async fn secondary_side(
                         }
                         ack = false;
                     }
-                    r = rx.changed() => {
-                        if r.is_err() {
-                            return Ok::<(), LinkError>(());
-                        }
+                    _ = ap.progressed.notified() => {
                         // Let the applies queued behind this one finish first: one ack then
                         // covers all of them; unless a receipt is to go out before its apply.
                         if !ap
@@ -2216,15 +2291,7 @@ async fn secondary_side(
                         let file = hash_file.clone();
                         let reads = hash_reads.clone();
                         tokio::spawn(async move {
-                            loop {
-                                let n = ap.range_done.notified();
-                                tokio::pin!(n);
-                                n.as_mut().enable();
-                                if !ap.lock().ranges.blocked(seq, (offset, end)) {
-                                    break;
-                                }
-                                n.await;
-                            }
+                            ap.wait_turn(seq, (offset, end)).await;
                             let one = reads.acquire_owned().await;
                             let hashes = tokio::task::spawn_blocking(move || {
                                 use std::os::unix::fs::FileExt;
@@ -2290,8 +2357,7 @@ async fn secondary_side(
                         // Everything before is applied: durable, then whole again.
                         let ap = ap.clone();
                         tokio::spawn(async move {
-                            let mut rx = ap.progress.subscribe();
-                            let _ = rx.wait_for(|p| p.1 >= seq - 1).await;
+                            ap.wait_applied(seq - 1).await;
                             let r = match ap.make_durable().await {
                                 // The failure is recorded: the link drops, the resync
                                 // starts again on the next connect.
@@ -2344,8 +2410,7 @@ async fn secondary_side(
                         // Everything before the barrier applied, then durable, then acked.
                         let ap = ap.clone();
                         tokio::spawn(async move {
-                            let mut rx = ap.progress.subscribe();
-                            let _ = rx.wait_for(|p| p.1 >= seq - 1).await;
+                            ap.wait_applied(seq - 1).await;
                             // A failure is recorded by make_durable: the flush is never
                             // acknowledged, the link drops.
                             if ap.make_durable().await.is_ok() {
@@ -2384,15 +2449,7 @@ async fn secondary_side(
                         ap.lock().ranges.insert(seq, (offset, offset + len));
                         let ap = ap.clone();
                         let mut fut = Box::pin(async move {
-                            loop {
-                                let n = ap.range_done.notified();
-                                tokio::pin!(n);
-                                n.as_mut().enable();
-                                if !ap.lock().ranges.blocked(seq, (offset, offset + len)) {
-                                    break;
-                                }
-                                n.await;
-                            }
+                            ap.wait_turn(seq, (offset, offset + len)).await;
                             let dev = ap.res.device();
                             // FUA: made durable below together with everything before it
                             // (one sync), which is what the primary waits for under C.
@@ -2418,8 +2475,7 @@ async fn secondary_side(
                             } else {
                                 ap.finish(seq);
                                 if fua {
-                                    let mut rx = ap.progress.subscribe();
-                                    let _ = rx.wait_for(|p| p.1 >= seq).await;
+                                    ap.wait_applied(seq).await;
                                     let _ = ap.make_durable().await;
                                 }
                             }
