@@ -418,121 +418,116 @@ pub async fn transmission<R, W>(
     // kicked its clients while this one finished its handshake is seen here, or its kick is.
     let late_refusal = export.refused();
 
-    let reason = loop {
-        if let Some(why) = &late_refusal {
-            break format!("refused after the handshake: {why}");
-        }
-        let mut h = [0u8; nbd::REQUEST_HEADER_LEN];
-        tokio::select! {
-            biased;
-            _ = kick.changed() => break "disconnected by the node".to_string(),
-            _ = tx.closed() => break "reply writer stopped".to_string(),
-            r = rd.read_exact(&mut h) => {
-                if let Err(e) = r {
-                    break if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        "client closed the connection".to_string()
-                    } else {
-                        format!("read error: {e}")
-                    };
+    // A kick (demotion, down) and a reply writer that gave up end the connection wherever
+    // the request loop waits: both are watched once for the whole connection, not re-armed
+    // at every request.
+    let requests = async {
+        loop {
+            let mut h = [0u8; nbd::REQUEST_HEADER_LEN];
+            if let Err(e) = rd.read_exact(&mut h).await {
+                return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    "client closed the connection".to_string()
+                } else {
+                    format!("read error: {e}")
+                };
+            }
+            let req = match Request::parse(&h) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("nbd {peer}: malformed request, closing connection: {e}");
+                    return format!("malformed request: {e}");
                 }
+            };
+            if req.command == Command::Disc {
+                return "client sent DISC".to_string();
             }
-        }
-        let req = match Request::parse(&h) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("nbd {peer}: malformed request, closing connection: {e}");
-                break format!("malformed request: {e}");
-            }
-        };
-        if req.command == Command::Disc {
-            break "client sent DISC".to_string();
-        }
-        let payload = if req.command == Command::Write {
-            req.length
-        } else {
-            0
-        };
-        let buf_len = match req.command {
-            Command::Write => req.length,
-            Command::Read if req.length <= nbd::MAX_REQUEST_LEN => req.length,
-            _ => 0,
-        };
-        // Charged what the buffer really holds (its pool class), not the request length: a
-        // 68 KiB read holds a 1 MiB buffer.
-        let units = crate::buf::BufPool::footprint(buf_len as usize)
-            .div_ceil(4096)
-            .max(1) as u32;
-        // Waiting for room (this connection's, then the export's) still notices a kick or a
-        // writer that gave up on a client that stopped reading.
-        let acquired = tokio::select! {
-            biased;
-            _ = kick.changed() => break "disconnected by the node".to_string(),
-            _ = tx.closed() => break "reply writer stopped".to_string(),
-            p = async {
-                (
-                    count.clone().acquire_owned().await,
-                    bytes.clone().acquire_many_owned(units).await,
-                    export.bytes.clone().acquire_many_owned(units).await,
-                )
-            } => p,
-        };
-        let (Ok(p1), Ok(p2), Ok(p3)) = acquired else {
-            break "semaphore closed".to_string();
-        };
-        let permits = (p1, p2, p3);
-        let mut buf = device.pool.get(buf_len as usize);
-        if payload > 0 {
-            // Bounded, and still watching for a kick: a client that sends a header and then
-            // stalls must not hold its buffer space, nor delay a demotion, for ever.
-            tokio::select! {
-                biased;
-                _ = kick.changed() => break "disconnected by the node".to_string(),
-                _ = tx.closed() => break "reply writer stopped".to_string(),
-                r = tokio::time::timeout(PAYLOAD_TIMEOUT, rd.read_exact(&mut buf)) => match r {
+            let payload = if req.command == Command::Write {
+                req.length
+            } else {
+                0
+            };
+            let buf_len = match req.command {
+                Command::Write => req.length,
+                Command::Read if req.length <= nbd::MAX_REQUEST_LEN => req.length,
+                _ => 0,
+            };
+            // Charged what the buffer really holds (its pool class), not the request length: a
+            // 68 KiB read holds a 1 MiB buffer.
+            let units = crate::buf::BufPool::footprint(buf_len as usize)
+                .div_ceil(4096)
+                .max(1) as u32;
+            // Room (this connection's, then the export's); a kick or a writer that gave up on
+            // a client that stopped reading still ends the wait (see below).
+            let acquired = (
+                count.clone().acquire_owned().await,
+                bytes.clone().acquire_many_owned(units).await,
+                export.bytes.clone().acquire_many_owned(units).await,
+            );
+            let (Ok(p1), Ok(p2), Ok(p3)) = acquired else {
+                return "semaphore closed".to_string();
+            };
+            let permits = (p1, p2, p3);
+            let mut buf = device.pool.get(buf_len as usize);
+            if payload > 0 {
+                // Bounded (and a kick still ends it): a client that sends a header and then
+                // stalls must not hold its buffer space, nor delay a demotion, for ever.
+                match tokio::time::timeout(PAYLOAD_TIMEOUT, rd.read_exact(&mut buf)).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => break format!("client closed mid-payload: {e}"),
+                    Ok(Err(e)) => return format!("client closed mid-payload: {e}"),
                     Err(_) => {
-                        break format!(
+                        return format!(
                             "no write payload for {} s (closing)",
                             PAYLOAD_TIMEOUT.as_secs()
                         )
                     }
-                },
+                }
+            }
+            if req.command.modifies() && export.refuse_flag.load(Ordering::SeqCst) {
+                // Demoted (or going down) while this request was read: nothing reaches the disk.
+                let _ = tx
+                    .send(Reply {
+                        cookie: req.cookie,
+                        error: nbd::ESHUTDOWN,
+                        data: None,
+                        _permits: permits,
+                    })
+                    .await;
+                device.pool.put(buf);
+                continue;
+            }
+            let tx = tx.clone();
+            let device = device.clone();
+            let mut fut = Box::pin(async move {
+                let (error, data) = execute(&device, req, buf).await;
+                let _ = tx
+                    .send(Reply {
+                        cookie: req.cookie,
+                        error,
+                        data,
+                        _permits: permits,
+                    })
+                    .await;
+            });
+            // Most requests finish on their first poll (page-cache I/O completes inline in the
+            // ring); only those that must wait (the peer, the disk, a conflicting write) become
+            // tasks of their own. Every future here re-registers its waker when polled again.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if fut.as_mut().poll(&mut cx).is_pending() {
+                tokio::spawn(fut);
             }
         }
-        if req.command.modifies() && export.refuse_flag.load(Ordering::SeqCst) {
-            // Demoted (or going down) while this request was read: nothing reaches the disk.
-            let _ = tx
-                .send(Reply {
-                    cookie: req.cookie,
-                    error: nbd::ESHUTDOWN,
-                    data: None,
-                    _permits: permits,
-                })
-                .await;
-            device.pool.put(buf);
-            continue;
+    };
+    let reason = match &late_refusal {
+        Some(why) => {
+            drop(requests);
+            format!("refused after the handshake: {why}")
         }
-        let tx = tx.clone();
-        let device = device.clone();
-        let mut fut = Box::pin(async move {
-            let (error, data) = execute(&device, req, buf).await;
-            let _ = tx
-                .send(Reply {
-                    cookie: req.cookie,
-                    error,
-                    data,
-                    _permits: permits,
-                })
-                .await;
-        });
-        // Most requests finish on their first poll (page-cache I/O completes inline in the
-        // ring); only those that must wait (the peer, the disk, a conflicting write) become
-        // tasks of their own. Every future here re-registers its waker when polled again.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if fut.as_mut().poll(&mut cx).is_pending() {
-            tokio::spawn(fut);
-        }
+        None => tokio::select! {
+            biased;
+            _ = kick.changed() => "disconnected by the node".to_string(),
+            _ = tx.closed() => "reply writer stopped".to_string(),
+            r = requests => r,
+        },
     };
     tracing::info!("nbd {peer}: connection ends: {reason}");
     drop(tx);
