@@ -71,7 +71,7 @@ const DISCONNECT: Req = Req(nbd_io(8), "NBD_DISCONNECT");
 /// On the ioctl path, the kernel's per-request timeout: a request that takes longer marks a
 /// single-connection device dead and fails its I/O. Left unset, older kernels apply blk-mq's
 /// 30 s, newer ones keep waiting; server-side waits (the peer, a full journal: 30 s) can be
-/// that long, so it is set generously instead: [`IOCTL_REQUEST_TIMEOUT_S`].
+/// that long, so it is set generously instead: `IOCTL_REQUEST_TIMEOUT_S`.
 const SET_TIMEOUT: Req = Req(nbd_io(9), "NBD_SET_TIMEOUT");
 /// Seconds (see [`SET_TIMEOUT`]): well above the longest wait inside the server.
 const IOCTL_REQUEST_TIMEOUT_S: u64 = 120;
@@ -224,7 +224,7 @@ struct Setup<'a> {
 /// Attaches `device` to `sock`, preferring netlink and falling back to ioctls. `flags` are the
 /// negotiated NBD transmission flags; `dead_conn_timeout` (seconds, 0 = kernel default) is the
 /// netlink dead-connection timeout (the ioctl path has none; it sets a per-request timeout of
-/// at least [`IOCTL_REQUEST_TIMEOUT_S`]).
+/// at least `IOCTL_REQUEST_TIMEOUT_S`).
 pub fn attach(
     device: &Path,
     sock: UnixStream,

@@ -1,0 +1,795 @@
+//! The peer link: one authenticated TCP connection between the two nodes of a resource.
+//!
+//! The node whose name sorts first dials, the other accepts, so both may start in any order
+//! and never race two connections. Every inbound connection is handshaken on its own task, so a
+//! client speaking garbage or holding the socket open cannot delay the real peer.
+//!
+//! Handshake: both send `Hello` (version, resource, node, fresh nonce); both prove the secret
+//! with an HMAC-SHA256 over the other's nonce; both send `State`. Then the primary streams its
+//! journal from the record after the peer's last applied one, and the secondary applies the
+//! stream in order and acknowledges receipt, application and durability.
+//!
+//! Here: the link's life (dial or accept, backoff, one connection at a time), framing with
+//! bounds, and the choice of what a new connection does (journal catch-up, resync, idle).
+//! `handshake` authenticates and exchanges states, `primary` streams, `secondary`
+//! applies.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use proto::peer::{self, Msg, NodeState, PREFIX_LEN};
+use proto::seal;
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+use crate::bitmap::Bitmap;
+use crate::buf::Buf;
+use crate::config::Protocol;
+use crate::link::{self, LinkKeys, LinkRead, LinkWrite};
+use crate::meta::{DiskState, Generations, COUNTER_LIMIT};
+use crate::replication::{Ranges, Record, Replication};
+use crate::resource::Resource;
+use crate::state::{self, Role, SyncDecision};
+
+mod handshake;
+mod primary;
+mod secondary;
+
+use handshake::Established;
+use handshake::{exchange_states, handshake, too_small_here, too_small_peer};
+use primary::primary_side;
+use secondary::secondary_side;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Incoming connections that may be in their handshake at once (the oldest goes first).
+const MAX_HANDSHAKES: usize = 32;
+const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// No frame for this long: the peer is dead.
+const PEER_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long the secondary may hold back an acknowledgement that no write on the primary
+/// waits for (see [`secondary::ack_is_urgent`]): the journal release and `status` can wait this long.
+const ACK_DEFER: Duration = Duration::from_millis(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The link's read buffer (see where it is made).
+const LINK_READ_BUFFER: usize = 64 * 1024;
+/// Most journal bytes the sender writes to the socket in one call.
+const SEND_BATCH: usize = 2 << 20;
+
+/// Between the flushes in the stream (which make everything before them durable at once, as
+/// DRBD's barriers do), the secondary checkpoints what it applied this often. Journal space
+/// does not wait for it (it is released on *applied*), and what the peer has not made durable
+/// stays tracked on the primary (its ranges go to the bitmap if the link drops), so the
+/// interval only bounds the resync after a crash of the secondary. A short one would force
+/// writeback that a lone node never pays; at the kernel's own expiry (30 s by default) the
+/// pages are being written back anyway.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// While a resync runs, progress survives a cut only once it is durable: checkpoint often.
+const RESYNC_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the primary reports on a verify the secondary asked for.
+const VERIFY_REPORT_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] peer::FrameError),
+    #[error("peer refused: {0}")]
+    PeerRefused(String),
+    #[error("refused peer: {0}")]
+    Refused(String),
+    #[error("authentication failed: the peer does not know the shared secret")]
+    Auth,
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    NeedsResync(String),
+    #[error("{0}")]
+    SplitBrain(String),
+    #[error("link closed: {0}")]
+    Closed(&'static str),
+    #[error("this node's disk failed: {0}")]
+    LocalDisk(String),
+    #[error("the peer applied nothing and took no record for {0} s although it answers pings (ko-count): dropped")]
+    PeerStuck(u64),
+}
+
+/// What `status` shows about the link.
+#[derive(Debug, Clone, Default)]
+pub struct LinkInfo {
+    pub state: &'static str,
+    pub peer: Option<NodeState>,
+    pub last_error: Option<String>,
+}
+
+/// Admin control of the link: `disconnect` makes it standalone; `bump` forces a reconnect
+/// (after a role change, so the new handshake sets the stream direction).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCtl {
+    pub standalone: bool,
+    pub bump: u64,
+}
+
+/// Reads one frame of the handshake, before the peer proved it knows the secret: nothing it
+/// says is worth a buffer, so a frame with a payload is refused before any is read.
+async fn read_frame_before_auth<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<(Msg, Option<Buf>, usize), LinkError> {
+    let mut p = [0u8; PREFIX_LEN];
+    r.read_exact(&mut p).await?;
+    let pre = peer::parse_prefix(&p)?;
+    if pre.payload_len != 0 {
+        return Err(LinkError::Protocol(format!(
+            "a {} byte payload before authentication",
+            pre.payload_len
+        )));
+    }
+    let mut h = [0u8; peer::MAX_HEADER_LEN];
+    r.read_exact(&mut h[..pre.header_len]).await?;
+    let msg = peer::decode_header(&p, &pre, &h[..pre.header_len])?;
+    Ok((msg, None, PREFIX_LEN + pre.header_len))
+}
+
+/// The reason a peer gave for refusing, as it may be logged and shown: printable, bounded
+/// (it may come from a peer that never authenticated).
+fn peer_refused(reason: String) -> LinkError {
+    let clean: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(400)
+        .collect();
+    LinkError::PeerRefused(clean)
+}
+
+/// Reads one frame; the payload (writes only) lands in a pooled, aligned buffer.
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    res: &Resource,
+) -> Result<(Msg, Option<Buf>, usize), LinkError> {
+    let mut p = [0u8; PREFIX_LEN];
+    r.read_exact(&mut p).await?;
+    read_frame_rest(r, res, &p).await
+}
+
+/// Slowest link a frame's payload may take, for its timeout: a large record on a slow link
+/// is not a dead peer.
+const MIN_LINK_RATE: f64 = 256.0 * 1024.0;
+
+/// Reads one frame whose start must arrive within `first` (the liveness timeout: pings keep
+/// an idle link busy), and the rest within `first` plus its payload at MIN_LINK_RATE.
+async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    res: &Resource,
+    first: Duration,
+    what: &'static str,
+) -> Result<(Msg, Option<Buf>, usize), LinkError> {
+    let mut p = [0u8; PREFIX_LEN];
+    tokio::time::timeout(first, r.read_exact(&mut p))
+        .await
+        .map_err(|_| LinkError::Timeout(what))??;
+    let payload = peer::parse_prefix(&p).map_or(0, |pre| pre.payload_len);
+    let rest = first + Duration::from_secs_f64(f64::from(payload) / MIN_LINK_RATE);
+    tokio::time::timeout(rest, read_frame_rest(r, res, &p))
+        .await
+        .map_err(|_| LinkError::Timeout(what))?
+}
+
+/// The rest of a frame whose prefix `p` was read.
+async fn read_frame_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    res: &Resource,
+    p: &[u8; PREFIX_LEN],
+) -> Result<(Msg, Option<Buf>, usize), LinkError> {
+    let p = *p;
+    let pre = peer::parse_prefix(&p)?;
+    let mut h = [0u8; peer::MAX_HEADER_LEN];
+    r.read_exact(&mut h[..pre.header_len]).await?;
+    let msg = peer::decode_header(&p, &pre, &h[..pre.header_len])?;
+    let n = PREFIX_LEN + pre.header_len + pre.payload_len as usize;
+    if pre.payload_len == 0 {
+        return Ok((msg, None, n));
+    }
+    let mut buf = res.device().pool.get(pre.payload_len as usize);
+    r.read_exact(&mut buf).await?;
+    if let Err(e) = peer::check_payload(&msg, &buf) {
+        if let Some(rep) = res.rep() {
+            rep.stats
+                .crc_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        res.device().pool.put(buf);
+        return Err(e.into());
+    }
+    Ok((msg, Some(buf), n))
+}
+
+async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<usize, LinkError> {
+    let mut b = Vec::with_capacity(128);
+    let n = peer::encode_frame(&mut b, msg, &[]);
+    w.write_all(&b).await?;
+    Ok(n)
+}
+
+async fn timed<T>(
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, f)
+        .await
+        .map_err(|_| LinkError::Timeout(what))?
+}
+
+/// Refuses the peer with a reason it can log (bounded: it may quote what the peer sent), then
+/// fails.
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, reason: String) -> LinkError {
+    let _ = write_msg(w, &Msg::refuse(&reason)).await;
+    let _ = w.flush().await;
+    LinkError::Refused(reason)
+}
+
+/// Runs the link for the life of the resource: dials or accepts, handshakes, runs the
+/// connection, and starts over after it ends.
+pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Receiver<LinkCtl>) {
+    let cfg = res.cfg().clone();
+    let Some(peer_cfg) = cfg.peer.clone() else {
+        return;
+    };
+    let dialer = cfg.me.name < peer_cfg.name;
+    let dial_addr = peer_cfg.connect_address.or(peer_cfg.replication);
+    let (in_tx, mut in_rx) = mpsc::channel::<Established>(1);
+    {
+        let res = res.clone();
+        let ctl = ctl.clone();
+        tokio::spawn(accept_loop(res, listener, in_tx, ctl));
+    }
+    let mut backoff = Duration::from_millis(50);
+    let mut pending: Option<Established> = None;
+    loop {
+        let c = *ctl.borrow_and_update();
+        if c.standalone {
+            res.set_link_state("standalone", None);
+            if ctl.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        res.set_link_state("connecting", None);
+        let est = if let Some(e) = pending.take() {
+            Ok(e)
+        } else {
+            tokio::select! {
+                e = in_rx.recv() => match e {
+                    Some(e) => Ok(e),
+                    None => return,
+                },
+                r = dial(&res, dial_addr, dialer, backoff) => r,
+                _ = ctl.changed() => continue,
+            }
+        };
+        let est = match est {
+            Ok(e) => e,
+            Err(e) => {
+                log_link_error(&res, &e);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let addr = est.addr;
+        tracing::info!("peer {} connected from/to {addr}", peer_cfg.name);
+        // Its own task: a bug that panics in it ends this connection (reported, and the link
+        // torn down as after any other error) instead of leaving writers waiting on a link
+        // that nobody runs any more.
+        let mut conn = tokio::spawn({
+            let res = res.clone();
+            async move { connection(&res, est).await }
+        });
+        // Ended with this loop: `down` aborts the loop, and a connection left running would
+        // go on taking acks and issuing resync records after `down` read the marks.
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _conn_guard = AbortOnDrop(conn.abort_handle());
+        let joined = |j: Result<Result<(), LinkError>, tokio::task::JoinError>| match j {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => {
+                tracing::error!(
+                    "peer link task panicked (a bug): the link is dropped and restarted"
+                );
+                Err(LinkError::Closed("the link task panicked"))
+            }
+            Err(_) => Err(LinkError::Closed("the link task was cancelled")),
+        };
+        let r = tokio::select! {
+            j = &mut conn => joined(j),
+            // A fresh authenticated connection replaces this one (the peer restarted).
+            e = in_rx.recv() => {
+                pending = e;
+                Err(LinkError::Closed("replaced by a new connection from the peer"))
+            }
+            _ = ctl.changed() => Err(LinkError::Closed(ADMIN_CLOSE)),
+        };
+        if !conn.is_finished() {
+            // Wait until it is gone (its state dropped) before the next one may start.
+            conn.abort();
+            let _ = (&mut conn).await;
+        }
+        // Writes the stream started here finish (and are made durable) before anything else
+        // may write this disk: the next connection's stream, or this node as primary.
+        let _ = res.settle_applies().await;
+        res.link_down().await;
+        match r {
+            Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
+            Err(e) => {
+                log_link_error(&res, &e);
+                if matches!(
+                    e,
+                    LinkError::NeedsResync(_)
+                        | LinkError::Refused(_)
+                        | LinkError::PeerRefused(_)
+                        | LinkError::LocalDisk(_)
+                        | LinkError::PeerStuck(_)
+                ) {
+                    backoff = MAX_BACKOFF;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Why a link closed because this node asked it to (not a fault: logged at info).
+const ADMIN_CLOSE: &str = "role change or admin command";
+
+/// The link error for a failed step of a resync or verify: a failed read of this node's disk
+/// is a disk error (counted in `disk_errors`, the local-io-error handler runs, and the log
+/// names the disk), not a network one.
+fn step_error(res: &Resource, e: std::io::Error) -> LinkError {
+    match crate::replication::DiskReadError::of(&e) {
+        Some(d) => {
+            res.device().note_disk_error();
+            LinkError::LocalDisk(d.to_string())
+        }
+        None => LinkError::Io(e),
+    }
+}
+
+fn log_link_error(res: &Resource, e: &LinkError) {
+    match e {
+        LinkError::Closed(why) if *why == ADMIN_CLOSE => tracing::info!("peer link: {e}"),
+        LinkError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            tracing::debug!("peer link: {e}")
+        }
+        _ => tracing::warn!("peer link: {e}"),
+    }
+    res.set_link_state("connecting", Some(e.to_string()));
+}
+
+async fn dial(
+    res: &Arc<Resource>,
+    addr: Option<SocketAddr>,
+    dialer: bool,
+    backoff: Duration,
+) -> Result<Established, LinkError> {
+    let Some(addr) = addr.filter(|_| dialer) else {
+        // The acceptor side waits for the peer to dial.
+        std::future::pending::<()>().await;
+        unreachable!();
+    };
+    tokio::time::sleep(backoff).await;
+    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| LinkError::Timeout("connecting"))??;
+    handshake(res, s, addr, true).await
+}
+
+async fn accept_loop(
+    res: Arc<Resource>,
+    listener: TcpListener,
+    tx: mpsc::Sender<Established>,
+    ctl: watch::Receiver<LinkCtl>,
+) {
+    // Connections still in their handshake: bounded, so a flood of clients that never speak
+    // cannot pile up tasks and sockets. A new one evicts the oldest rather than being turned
+    // away: a few idle connections must not keep the real peer out.
+    let mut handshakes: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
+    loop {
+        let (s, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("replication accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        handshakes.retain(|h| !h.is_finished());
+        if handshakes.len() >= MAX_HANDSHAKES {
+            if let Some(oldest) = handshakes.pop_front() {
+                oldest.abort();
+                tracing::warn!(
+                    "{MAX_HANDSHAKES} replication handshakes in progress: the oldest is dropped for one from {addr}"
+                );
+            }
+        }
+        let res = res.clone();
+        let tx = tx.clone();
+        let standalone = ctl.borrow().standalone;
+        let task = tokio::spawn(async move {
+            if standalone {
+                let mut s = s;
+                let _ = refuse(
+                    &mut s,
+                    "node is standalone (blockrep-ctl disconnect)".into(),
+                )
+                .await;
+                return;
+            }
+            let r = handshake(&res, s, addr, false).await;
+            match r {
+                Ok(e) => {
+                    let _ = tx.send(e).await;
+                }
+                Err(e) => {
+                    tracing::warn!("replication connection from {addr} refused: {e}");
+                    res.set_link_error(format!("connection from {addr}: {e}"));
+                }
+            }
+        });
+        handshakes.push_back(task.abort_handle());
+    }
+}
+
+/// Runs one established connection until it fails or ends.
+async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
+    let (mut rd, mut wr) = (est.rd, est.wr);
+    let (me, peer) = exchange_states(res, &mut rd, &mut wr).await?;
+    let my_role = res.role();
+    res.set_peer(Some(peer.clone()));
+    if me.primary && peer.primary {
+        res.run_handler("split-brain");
+        return Err(refuse(
+            &mut wr,
+            "split brain: both nodes are primary; demote one (blockrep-ctl secondary)".into(),
+        )
+        .await);
+    }
+    // Size: the primary's export must fit on the secondary (checked again below for whichever
+    // side a resync between two secondaries makes the source).
+    if me.primary && peer.size < me.size {
+        return Err(refuse(&mut wr, too_small_peer(&me, &peer)).await);
+    }
+    if peer.primary && me.size < peer.size {
+        return Err(refuse(&mut wr, too_small_here(&me, &peer)).await);
+    }
+    let mut decision = state::compare_generations(&gens(&me.gen), &gens(&peer.gen));
+    // The journal can bring the peer back only when the generations alone say so; every
+    // override below (crashed primary, discard, policy) means regions the journal never saw.
+    let journal_ok = matches!(decision, SyncDecision::InSync | SyncDecision::SourceBitmap);
+    // `connect --discard-my-data` on one side settles a split brain (or any difference) in
+    // favour of the other.
+    // Same generation, but one side crashed as primary: its hot extents may hold writes the
+    // other never got (DRBD's crashed-primary rule): it is the source for them.
+    if decision == SyncDecision::InSync && me.crashed_primary != peer.crashed_primary {
+        decision = if me.crashed_primary {
+            SyncDecision::SourceBitmap
+        } else {
+            SyncDecision::TargetBitmap
+        };
+    }
+    // It picks the direction only: a difference no bitmap covers (a fresh or replaced disk)
+    // still needs a full sync, and unrelated data is still refused.
+    // And only towards good data: never from a disk that is not up to date.
+    type Pick = fn(SyncDecision) -> SyncDecision;
+    let discard: Option<(u8, Pick, &str)> = if me.discard_my_data && !me.primary {
+        Some((
+            peer.disk,
+            state::discard_mine,
+            "discard-my-data: the peer's disk is not up to date, so there is no good data to take; this node keeps its own",
+        ))
+    } else if peer.discard_my_data && !peer.primary {
+        Some((
+            me.disk,
+            state::discard_peers,
+            "discard-my-data on the peer: this node's disk is not up to date, so it cannot be the source",
+        ))
+    } else {
+        None
+    };
+    if let Some((source_disk, pick, why)) = discard {
+        if source_disk != 2 {
+            return Err(refuse(&mut wr, why.into()).await);
+        }
+        decision = pick(decision);
+    }
+    tracing::info!(
+        "generations: this node {:?}, peer {:?}: {decision:?}",
+        me.gen,
+        peer.gen
+    );
+    if decision == SyncDecision::SplitBrain && !me.primary && !peer.primary {
+        let facts = |s: &NodeState, name: &'static str| state::SbFacts {
+            name,
+            changes: s.out_of_sync,
+            promoted_ms: s.promoted_ms,
+        };
+        let (mn, pn) = (res.cfg().me.name.clone(), peer_name(res));
+        let mine = state::SbFacts {
+            name: &mn,
+            ..facts(&me, "")
+        };
+        let theirs = state::SbFacts {
+            name: &pn,
+            ..facts(&peer, "")
+        };
+        match state::resolve_split_brain(res.cfg().after_sb_0pri, mine, theirs) {
+            Some(true) => {
+                tracing::warn!(
+                    "split brain resolved by after-sb-0pri {:?}: this node discards its changes",
+                    res.cfg().after_sb_0pri
+                );
+                res.run_handler("split-brain");
+                decision = SyncDecision::TargetBitmap;
+            }
+            Some(false) => {
+                tracing::warn!(
+                    "split brain resolved by after-sb-0pri {:?}: the peer discards its changes",
+                    res.cfg().after_sb_0pri
+                );
+                res.run_handler("split-brain");
+                decision = SyncDecision::SourceBitmap;
+            }
+            None => {}
+        }
+    }
+    match decision {
+        SyncDecision::SplitBrain => {
+            res.set_link_state("split-brain", None);
+            let why = format!(
+                "split brain: both nodes changed the data since generation {:016X}; no data moves. \
+                 Resolve with `blockrep-ctl connect --discard-my-data` on the node whose changes are to be dropped",
+                me.gen.bitmap
+            );
+            tracing::error!("{why}");
+            res.run_handler("split-brain");
+            return Err(LinkError::SplitBrain(
+                refuse(&mut wr, why).await.to_string(),
+            ));
+        }
+        SyncDecision::Unrelated => {
+            let why = format!(
+                "unrelated data: generation {:016X} here, {:016X} on the peer, no common history",
+                me.gen.current, peer.gen.current
+            );
+            return Err(refuse(&mut wr, why).await);
+        }
+        _ => {}
+    }
+    let source = matches!(
+        decision,
+        SyncDecision::InSync | SyncDecision::SourceBitmap | SyncDecision::SourceFull
+    );
+    // Whatever the roles said at the handshake, data only ever flows from the source to a
+    // target that can hold its export.
+    let sends = matches!(
+        (my_role, peer.primary),
+        (Role::Primary, false) | (Role::Secondary, false)
+    ) && source
+        && (my_role == Role::Primary || decision != SyncDecision::InSync);
+    if sends && peer.size < me.size {
+        return Err(refuse(&mut wr, too_small_peer(&me, &peer)).await);
+    }
+    if !source && my_role == Role::Secondary && me.size < peer.size {
+        return Err(refuse(&mut wr, too_small_here(&me, &peer)).await);
+    }
+    match (my_role, peer.primary) {
+        (Role::Primary, false) if source => {
+            primary_side(res, rd, wr, peer, me, decision, journal_ok).await
+        }
+        (Role::Primary, false) => Err(refuse(
+            &mut wr,
+            "the primary has older data than its peer (generations say the peer moved on): demote it and promote the peer".into(),
+        )
+        .await),
+        (Role::Secondary, true) if !matches!(decision, SyncDecision::SourceBitmap | SyncDecision::SourceFull) => {
+            secondary_side(res, rd, wr, peer).await
+        }
+        (Role::Secondary, true) => Err(refuse(
+            &mut wr,
+            "this secondary has newer data than the primary: demote the primary and promote this node, or discard this node's data".into(),
+        )
+        .await),
+        // Neither is primary: a resync still runs, from the node with the good data.
+        (Role::Secondary, false) if source && decision != SyncDecision::InSync => {
+            primary_side(res, rd, wr, peer, me, decision, journal_ok).await
+        }
+        (Role::Secondary, false) if !source => secondary_side(res, rd, wr, peer).await,
+        _ => idle_side(res, rd, wr).await,
+    }
+}
+
+fn peer_name(res: &Resource) -> String {
+    res.cfg()
+        .peer
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_default()
+}
+
+pub fn gens(g: &peer::GenIds) -> Generations {
+    Generations {
+        current: g.current,
+        bitmap: g.bitmap,
+        history: g.history,
+    }
+}
+
+/// Decides where the stream starts for a secondary that applied up to `peer.applied_seq`.
+fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64, LinkError> {
+    let rep = res.rep().ok_or(LinkError::Closed("no replication state"))?;
+    if rep.verify_marked.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(LinkError::NeedsResync(format!(
+            "verify found {} bytes out of sync",
+            rep.lock().bitmap.dirty_bytes()
+        )));
+    }
+    if me.crashed_primary {
+        return Err(LinkError::NeedsResync(
+            "this node crashed as primary: its activity-log extents go to the peer".into(),
+        ));
+    }
+    if peer.crashed_primary || peer.out_of_sync > 0 || peer.discard_my_data {
+        return Err(LinkError::NeedsResync(format!(
+            "the peer has changes of its own ({} bytes{}): resync",
+            peer.out_of_sync,
+            if peer.crashed_primary {
+                ", crashed as primary"
+            } else {
+                ""
+            }
+        )));
+    }
+    let inner = rep.lock();
+    // From the authenticated peer, but still input: no overflow on a nonsense mark.
+    let start = peer.applied_seq.checked_add(1).ok_or_else(|| {
+        LinkError::Protocol(format!(
+            "the peer reports applied sequence {}",
+            peer.applied_seq
+        ))
+    })?;
+    if start > inner.issued + 1 {
+        return Err(LinkError::NeedsResync(format!(
+            "peer has applied sequence {} but this node issued only {}: it has writes this node lacks",
+            peer.applied_seq, inner.issued
+        )));
+    }
+    if inner.overflowed {
+        return Err(LinkError::NeedsResync(format!(
+            "the bitmap holds {} bytes that no journal record carries: the journal overflowed, or verify marked them before a restart",
+            inner.bitmap.dirty_bytes()
+        )));
+    }
+    if start <= inner.issued && inner.ring.get(start).is_none() {
+        return Err(LinkError::NeedsResync(format!(
+            "the journal no longer holds sequence {start} (oldest kept: {:?}): the peer needs a bitmap resync of {} bytes",
+            inner.ring.first_seq(),
+            inner.bitmap.dirty_bytes()
+        )));
+    }
+    // Sequence numbers are one space per pair: the peer's mark must name this node's record
+    // at that sequence, not one another node issued under the same number while the two were
+    // apart (a failover). Otherwise the records after it are not what the peer lacks.
+    let a = peer.applied_seq;
+    match inner.ring.term_at(a) {
+        Some(t) if t == peer.applied_term => {}
+        mine => {
+            return Err(LinkError::NeedsResync(format!(
+                "the peer's last applied record (sequence {a}, term {:016X}) is not this node's record there ({}): it followed another stream, so it gets a bitmap resync of {} bytes",
+                peer.applied_term,
+                mine.map_or_else(|| "not known here".to_string(), |t| format!("term {t:016X}")),
+                inner.bitmap.dirty_bytes()
+            )))
+        }
+    }
+    Ok(start)
+}
+
+/// Both secondary: keep the link alive, watch for the peer's role changes.
+async fn idle_side(
+    res: &Arc<Resource>,
+    mut rd: BufReader<LinkRead>,
+    mut wr: LinkWrite,
+) -> Result<(), LinkError> {
+    res.set_link_state("connected", None);
+    // The reader's answers to the peer's requests, written by the writer.
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Msg>(4);
+    let pinger = async {
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = ping.tick() => {
+                    write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+                }
+                // The admin ran `new-current-uuid --clear-bitmap` here: ask the peer.
+                _ = res.skip_sync_kick.notified() => {
+                    let gen = res
+                        .skip_sync
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|(g, _)| *g);
+                    if let Some(gen) = gen {
+                        write_msg(&mut wr, &Msg::SkipSync { gen }).await?;
+                    }
+                }
+                Some(m) = reply_rx.recv() => {
+                    write_msg(&mut wr, &m).await?;
+                }
+            }
+        }
+    };
+    let reader = async {
+        loop {
+            let (msg, _, _) = read_frame_within(
+                &mut rd,
+                res,
+                PEER_TIMEOUT,
+                "no frame from the peer (ping timeout)",
+            )
+            .await?;
+            match msg {
+                Msg::State(st) => {
+                    let primary = st.primary;
+                    res.set_peer(Some(st));
+                    if primary {
+                        // The peer was promoted: reconnect so the stream starts.
+                        return Err(LinkError::Closed("peer became primary"));
+                    }
+                }
+                Msg::Refuse { reason } => return Err(peer_refused(reason)),
+                Msg::SkipSync { gen } => {
+                    let r = res.skip_sync_for_peer(gen).await;
+                    if let Err(why) = &r {
+                        tracing::warn!("the peer asked to skip the initial sync; refused: {why}");
+                    }
+                    let _ = reply_tx.send(Msg::skip_sync_reply(gen, r)).await;
+                }
+                Msg::SkipSyncReply { gen, ok, reason } => {
+                    // Only the answer to the request still waiting here.
+                    let waiting = {
+                        let mut pending = res.skip_sync.lock().unwrap_or_else(|p| p.into_inner());
+                        if pending.as_ref().is_some_and(|(g, _)| *g == gen) {
+                            pending.take()
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some((_, answer)) = waiting {
+                        let _ = answer.send(if ok { Ok(()) } else { Err(reason) });
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    let r: Result<(), LinkError> = tokio::select! {
+        r = pinger => r,
+        r = reader => r,
+    };
+    r
+}

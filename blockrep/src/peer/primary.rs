@@ -1,0 +1,788 @@
+//! The primary's side of a connection: the journal stream to the peer, acknowledgements back,
+//! and the resync and verify runs that go through the same ordered stream.
+
+use super::*;
+
+/// The sender's lease on a run of journal records: unpinned when dropped, also when the
+/// connection ends in the middle of a write.
+pub(super) struct SendLease<'a> {
+    rep: &'a Replication,
+    lease: crate::journal::Lease,
+}
+
+impl Drop for SendLease<'_> {
+    fn drop(&mut self) {
+        self.rep.lock().ring.unpin();
+    }
+}
+
+pub(super) async fn primary_side(
+    res: &Arc<Resource>,
+    mut rd: BufReader<LinkRead>,
+    mut wr: LinkWrite,
+    peer: NodeState,
+    me: NodeState,
+    decision: SyncDecision,
+    journal_ok: bool,
+) -> Result<(), LinkError> {
+    let rep = res
+        .rep()
+        .ok_or(LinkError::Closed("no replication state"))?
+        .clone();
+    // The secondary sends its dirty bitmap first: regions it changed that this node lacks.
+    let (msg, payload, _) = read_frame_within(
+        &mut rd,
+        res,
+        HANDSHAKE_TIMEOUT,
+        "waiting for the peer's bitmap",
+    )
+    .await?;
+    let peer_bitmap = match (msg, payload) {
+        (Msg::Bitmap { .. }, Some(b)) => {
+            let bm = Bitmap::from_bytes(res.device().size(), res.cfg().bitmap_granularity, &b);
+            res.device().pool.put(b);
+            bm
+        }
+        (Msg::Refuse { reason }, _) => return Err(peer_refused(reason)),
+        (other, _) => {
+            return Err(LinkError::Protocol(format!(
+                "expected the peer's bitmap, got {other:?}"
+            )))
+        }
+    };
+    let journal = match decision {
+        _ if peer.disk == 0 => Err(LinkError::NeedsResync(
+            "the peer is inconsistent (an interrupted resync)".into(),
+        )),
+        SyncDecision::InSync | SyncDecision::SourceBitmap if journal_ok => {
+            stream_start(res, &peer, &me)
+        }
+        SyncDecision::SourceFull => Err(LinkError::NeedsResync("full sync".into())),
+        _ => Err(LinkError::NeedsResync("generations diverged".into())),
+    };
+    let (start, resync) = match journal {
+        Ok(s) => (s, None),
+        Err(e) => {
+            let full = decision == SyncDecision::SourceFull;
+            let seen = peer.applied_seq.max(peer.issued_seq);
+            let start = rep.start_resync(Some(&peer_bitmap), full, res.device().size(), seen);
+            let bytes = rep.lock().bitmap.dirty_bytes();
+            tracing::info!(
+                "resync to the peer ({}): {bytes} bytes{}",
+                e,
+                if full { ", full" } else { "" }
+            );
+            write_msg(
+                &mut wr,
+                &Msg::SyncStart {
+                    seq: start,
+                    full,
+                    bytes,
+                },
+            )
+            .await?;
+            (start, Some(bytes))
+        }
+    };
+    tracing::info!(
+        "streaming to the peer from sequence {start} (issued {})",
+        rep.lock().issued
+    );
+    // A resync covers everything before its start; a journal catch-up counts only what the
+    // peer has synced as durable (what it applied may still be in its page cache).
+    let peer_durable = if resync.is_some() {
+        start - 1
+    } else {
+        peer.durable_seq
+    };
+    rep.set_link_as_primary(res.role() == Role::Primary);
+    rep.set_connected(true, start - 1, peer_durable);
+    // From here on every record goes to the peer in this stream: none diverges from it, so
+    // none starts a new generation (a write that came in between used to start one for
+    // nothing, and the check below then dropped the connection once).
+    rep.disarm_new_generation();
+    // A write while the peer was away may have started a new generation that reached the
+    // disk after this node's state went out: the peer would take the pair for in step at the
+    // old one. Waited out, then compared; the next connect compares the new one.
+    rep.generation_settled().await;
+    let now = res.node_state().gen.current;
+    if now != me.gen.current {
+        tracing::info!(
+            "the data generation moved on to {now:016X} while connecting (announced {:016X}): reconnecting",
+            me.gen.current
+        );
+        // Released here, so that the link's end does not arm yet another generation: the
+        // data has diverged under this one, and the next connect announces it (re-armed, a
+        // write during every handshake would keep moving it and the pair never connect).
+        rep.on_disconnect();
+        rep.set_connected(false, 0, 0);
+        return Err(LinkError::Closed(
+            "the data generation changed while connecting",
+        ));
+    }
+    res.set_link_state(
+        if resync.is_some() {
+            "sync-source"
+        } else {
+            "connected"
+        },
+        None,
+    );
+    // A journal catch-up after the generations diverged (this primary lost the peer and moved
+    // on) is a sync too: it ends, in stream order, with the same SyncDone as a bitmap resync.
+    let journal_sync = resync.is_none() && decision != SyncDecision::InSync;
+    let replies = Arc::new(HashReplies::default());
+    // Messages to the secondary beside the stream (verify reports); the sender writes them
+    // between journal batches.
+    let (side_tx, mut side_rx) = mpsc::channel::<Msg>(4);
+    let resync_worker = {
+        let rep = rep.clone();
+        let res = res.clone();
+        let replies = replies.clone();
+        async move {
+            if let Some(total) = resync {
+                res.run_handler("before-resync-source");
+                run_resync(&res, &rep, total, &replies).await?;
+            } else {
+                // The journal replays what the bitmap recorded while the peer was away: once
+                // the peer is durable through a flush behind it, the bitmap is cleared, even
+                // if writes never pause.
+                if rep.lock().bitmap.dirty_bits() > 0 {
+                    let seq = rep.begin(Record::Flush).await?;
+                    rep.lock().clear_at = Some(seq);
+                }
+                if journal_sync {
+                    finish_sync(&res, &rep, std::time::Instant::now(), 0).await?;
+                }
+            }
+            std::future::pending::<Result<(), LinkError>>().await
+        }
+    };
+    // The last sequence written to this connection: no acknowledgement counts beyond it (a
+    // peer's mark from an earlier stream must not cover records it has not been sent).
+    let sent_through = std::sync::atomic::AtomicU64::new(start - 1);
+    let sent_through = &sent_through;
+    let sender = {
+        let rep = rep.clone();
+        async move {
+            let mut next = start;
+            loop {
+                let n = rep.appended.notified();
+                tokio::pin!(n);
+                n.as_mut().enable();
+                let lease = {
+                    let mut g = rep.lock();
+                    match g.ring.lease(next, SEND_BATCH) {
+                        Some(l) => Some(SendLease {
+                            rep: &rep,
+                            lease: l,
+                        }),
+                        None if next <= g.issued => {
+                            return Err(LinkError::NeedsResync(format!(
+                                "the journal lost sequence {next} while streaming (overflow)"
+                            )));
+                        }
+                        None => None,
+                    }
+                };
+                if let Ok(m) = side_rx.try_recv() {
+                    drop(lease);
+                    write_msg(&mut wr, &m).await?;
+                    continue;
+                }
+                let Some(lease) = lease else {
+                    tokio::select! {
+                        _ = &mut n => {}
+                        Some(m) = side_rx.recv() => {
+                            write_msg(&mut wr, &m).await?;
+                        }
+                        _ = tokio::time::sleep(PING_INTERVAL) => {
+                            write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+                        }
+                    }
+                    continue;
+                };
+                // Straight from the journal's memory: the records stay pinned until written.
+                let bytes = lease.lease.bytes();
+                wr.write_all(bytes).await?;
+                let (last, len) = (lease.lease.last_seq, bytes.len() as u64);
+                drop(lease);
+                next = last + 1;
+                sent_through.store(last, std::sync::atomic::Ordering::Relaxed);
+                rep.stats
+                    .seq_sent
+                    .store(last, std::sync::atomic::Ordering::Relaxed);
+                rep.stats
+                    .bytes_sent
+                    .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    };
+    let verifier = {
+        let rep = rep.clone();
+        let res = res.clone();
+        let replies = replies.clone();
+        async move {
+            loop {
+                let pending = res
+                    .verify
+                    .lock()
+                    .map(|v| v.state == "pending")
+                    .unwrap_or(false);
+                if !pending {
+                    res.verify_kick.notified().await;
+                    continue;
+                }
+                let link = res.link_state();
+                if link != "connected" {
+                    // A verify asked for on an earlier connection; this one is a resync.
+                    res.update_verify(|v| {
+                        v.state = "interrupted";
+                        v.error = Some(format!(
+                            "the link came back as {link}; run verify after the resync"
+                        ));
+                    });
+                    continue;
+                }
+                if let Err(e) = run_verify(&res, &rep, &replies).await {
+                    res.update_verify(|v| {
+                        v.state = "failed";
+                        v.error = Some(e.to_string());
+                    });
+                    tracing::error!("verify failed: {e}");
+                    return Err(e);
+                }
+            }
+        }
+    };
+    // A verify the secondary asked for: its progress goes back a few times a second.
+    let verify_reporter = {
+        let side_tx = side_tx.clone();
+        async move {
+            // A run that ended before this connection was reported on an earlier one, or its
+            // requester saw that link drop: sent again now, it would end a newer request.
+            let mut last = res
+                .verify_report()
+                .filter(|r| !matches!(r.state.as_str(), "pending" | "running"));
+            loop {
+                tokio::time::sleep(VERIFY_REPORT_INTERVAL).await;
+                let r = res.verify_report();
+                if r.is_some() && r != last {
+                    if let Some(m) = r.clone() {
+                        let _ = side_tx.send(Msg::VerifyProgress(m)).await;
+                    }
+                    last = r;
+                }
+            }
+        }
+    };
+    let reader = async {
+        loop {
+            let (msg, payload, n) = read_frame_within(
+                &mut rd,
+                res,
+                PEER_TIMEOUT,
+                "no frame from the peer (ping timeout)",
+            )
+            .await?;
+            rep.stats
+                .bytes_received
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            if let Some(b) = payload {
+                let r = match msg {
+                    Msg::Hashes { seq, .. } => replies.deliver(seq, &b),
+                    _ => Ok(()),
+                };
+                res.device().pool.put(b);
+                r?;
+                if matches!(msg, Msg::Hashes { .. }) {
+                    continue;
+                }
+            }
+            match msg {
+                Msg::Hashes { seq, .. } => replies.deliver(seq, &[])?,
+                Msg::Ack {
+                    received,
+                    applied,
+                    durable,
+                } => {
+                    let cap = sent_through.load(std::sync::atomic::Ordering::Relaxed);
+                    rep.on_ack(received.min(cap), applied.min(cap), durable.min(cap))
+                }
+                Msg::Ping { .. } => {}
+                Msg::State(st) => res.set_peer(Some(st)),
+                Msg::VerifyRequest => match res.start_verify_for_peer() {
+                    Ok(m) => tracing::info!("{m}"),
+                    Err(e) => {
+                        tracing::warn!("verify asked by the peer refused: {e}");
+                        let _ = side_tx.try_send(Msg::VerifyProgress(
+                            peer::VerifyReport {
+                                state: "failed".into(),
+                                error: format!("refused by the primary: {e}"),
+                                ..Default::default()
+                            }
+                            .bounded(),
+                        ));
+                    }
+                },
+                Msg::Refuse { reason } => return Err(peer_refused(reason)),
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "unexpected message from the secondary: {other:?}"
+                    )))
+                }
+            }
+        }
+    };
+    // A peer that answers pings but neither takes nor applies a record (its disk hangs, it
+    // stopped reading) would hold every writer waiting on it: past ko-count link timeouts
+    // without progress while records wait, the link drops and the bitmap takes over (DRBD's
+    // ko-count).
+    let watchdog = {
+        let rep = rep.clone();
+        let limit = PEER_TIMEOUT * res.cfg().ko_count;
+        async move {
+            if limit.is_zero() {
+                return std::future::pending::<Result<(), LinkError>>().await;
+            }
+            // Progress is either mark moving: a long flush on the peer holds its applied
+            // mark while it still takes new records, which is not stuck.
+            let marks = || {
+                let a = rep.acks();
+                (a.received, a.applied)
+            };
+            let mut last = marks();
+            let mut since = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = marks();
+                let waiting = rep.lock().issued > now.1;
+                if now != last || !waiting {
+                    last = now;
+                    since = tokio::time::Instant::now();
+                } else if since.elapsed() >= limit {
+                    return Err(LinkError::PeerStuck(limit.as_secs()));
+                }
+            }
+        }
+    };
+    let r: Result<(), LinkError> = tokio::select! {
+        r = sender => r,
+        r = reader => r,
+        r = resync_worker => r,
+        r = verifier => r,
+        r = verify_reporter => r,
+        r = watchdog => r,
+    };
+    if let Ok(mut p) = res.resync.lock() {
+        *p = None;
+    }
+    res.update_verify(|v| {
+        // A run still waiting to start ends too, or it would refuse every later one.
+        if v.state == "running" || v.state == "pending" {
+            v.state = "interrupted";
+            v.error = Some("the link to the peer dropped during verify".into());
+            tracing::warn!(
+                "verify run {} interrupted by the link: {} of {} bytes compared, {} regions differ so far",
+                v.run,
+                v.done,
+                v.total,
+                v.differ_regions
+            );
+        }
+    });
+    r
+}
+
+/// Online verify as the stream's source: every region of the device is read here at a point
+/// of the stream (see [`Replication::verify_chunk`]) and the peer hashes its copy at the
+/// same point (a `HashReq` record it handles in order), so writes that go on meanwhile are on
+/// both sides of the comparison or on neither. Differing blocks are marked out of sync here;
+/// the next connect resyncs them.
+pub(super) async fn run_verify(
+    res: &Arc<Resource>,
+    rep: &Arc<Replication>,
+    replies: &HashReplies,
+) -> Result<(), LinkError> {
+    let size = res.device().size();
+    let block = res.cfg().bitmap_granularity;
+    let span = (1u64 << 20).min(u64::from(peer::MAX_HASH_SPAN)).max(block);
+    let rate = res.cfg().resync_rate;
+    let file = crate::replication::open_for_resync(&res.cfg().me.backing)?;
+    let started = std::time::Instant::now();
+    let run = res.verify.lock().map(|v| v.run).unwrap_or(0);
+    res.update_verify(|v| {
+        v.state = "running";
+        v.total = size;
+    });
+    tracing::info!("verify run {run}: comparing {size} bytes with the peer");
+    /// Requests in flight: enough to keep both disks and the link busy.
+    const WINDOW: usize = 8;
+    let mut pending: std::collections::VecDeque<(u64, u64, u64, Vec<[u8; 32]>)> =
+        std::collections::VecDeque::new();
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    let (mut done, mut regions, mut bytes) = (0u64, 0u64, 0u64);
+    loop {
+        while pending.len() < WINDOW && at < size {
+            let len = span.min(size - at);
+            let seq = rep
+                .verify_chunk(&file, at, len as u32, block as u32, &mut buf)
+                .await
+                .map_err(|e| step_error(res, e))?;
+            let mine = crate::replication::block_hashes(&buf[..len as usize], block as usize);
+            replies.expect(seq, mine.len());
+            pending.push_back((seq, at, len, mine));
+            at += len;
+        }
+        let Some((seq, off, len, mine)) = pending.pop_front() else {
+            break;
+        };
+        let theirs = replies.take(seq).await?;
+        for i in crate::replication::differing_blocks(&mine, &theirs) {
+            let s = off + i as u64 * block;
+            let n = block.min(off + len - s);
+            rep.mark_out_of_sync(s, n);
+            regions += 1;
+            bytes += n;
+            tracing::warn!("verify: {s}+{n} differs on the peer");
+        }
+        done += len;
+        res.update_verify(|v| {
+            v.done = done;
+            v.differ_regions = regions;
+            v.differ_bytes = bytes;
+        });
+        if rate > 0 {
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            let el = started.elapsed();
+            if due > el {
+                tokio::time::sleep(due - el).await;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "verify run {run} done: {regions} regions ({bytes} bytes) differ, {size} bytes compared in {secs:.1} s{}",
+        if regions > 0 {
+            "; they are marked out of sync: disconnect and connect to resync them"
+        } else {
+            ""
+        }
+    );
+    res.update_verify(|v| {
+        v.state = "done";
+        v.done = size;
+    });
+    Ok(())
+}
+
+/// The source's resync: every dirty region goes out as a stream record, paced by the
+/// configured rate; then a SyncDone record, and once the target applied it, the bitmap
+/// generation is forgotten.
+pub(super) async fn run_resync(
+    res: &Arc<Resource>,
+    rep: &Arc<Replication>,
+    total: u64,
+    replies: &HashReplies,
+) -> Result<(), LinkError> {
+    let size = res.device().size();
+    let rate = res.cfg().resync_rate;
+    let csums = res.cfg().csums;
+    let block = res.cfg().bitmap_granularity;
+    let file = crate::replication::open_for_resync(&res.cfg().me.backing)?;
+    let started = std::time::Instant::now();
+    if let Ok(mut p) = res.resync.lock() {
+        *p = Some((total, 0, started));
+    }
+    struct Done<'a>(&'a Replication, &'a std::fs::File);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0
+                .resyncing
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            self.0
+                .resync_floor
+                .store(0, std::sync::atomic::Ordering::SeqCst);
+            // Whatever readahead cached despite the per-chunk drops (a folio left marked by
+            // another reader ramps readahead up on this descriptor too), in large folios that
+            // a chunk's drop cannot split: gone now, clean pages only. Off the runtime's one
+            // thread: on a large device the walk (and the writeback it starts for dirty
+            // pages) takes a while.
+            if let (Ok(f), Ok(rt)) = (self.1.try_clone(), tokio::runtime::Handle::try_current()) {
+                rt.spawn_blocking(move || crate::replication::drop_cached(&f, 0, 0));
+            }
+        }
+    }
+    let _done = Done(rep, &file);
+    rep.resync_floor.store(
+        res.cfg().resync_rate_min,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    let mut sent = 0u64;
+    let mut data_bytes = 0u64;
+    let mut equal_bytes = 0u64;
+    // A chunk is one journal record: keep it well inside the journal.
+    let chunk = (1u64 << 20)
+        .min(res.cfg().journal_size / 8)
+        .max(block)
+        .min(u64::from(peer::MAX_HASH_SPAN));
+    // Checksum resync: hash requests in flight ahead of the regions being decided.
+    const CSUM_WINDOW: usize = 16;
+    let mut asked: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
+    if csums {
+        tracing::info!("checksum resync (sha256 per {block} bytes): only differing regions move");
+    }
+    loop {
+        // One region (or, with checksums, one answered hash request) per turn.
+        let progressed = if csums {
+            while asked.len() < CSUM_WINDOW {
+                let Some((off, len)) = rep.next_dirty(at, chunk, size) else {
+                    break;
+                };
+                let count = peer::hash_count(len as u32, block as u32).ok_or_else(|| {
+                    LinkError::Protocol(format!("resync region {off}+{len} out of hash bounds"))
+                })?;
+                let seq = rep
+                    .hash_request(off, len as u32, block as u32)
+                    .await
+                    .map_err(|e| step_error(res, e))?;
+                replies.expect(seq, count);
+                asked.push_back((seq, off, len));
+                at = off + len;
+            }
+            match asked.pop_front() {
+                Some((seq, off, len)) => {
+                    let hashes = replies.take(seq).await?;
+                    let mut pos = 0u64;
+                    while pos < len {
+                        let first = (pos / block) as usize;
+                        let (n, equal, zero) = rep
+                            .resync_csum_chunk(
+                                &file,
+                                off + pos,
+                                len - pos,
+                                block,
+                                &hashes[first..],
+                                &mut buf,
+                            )
+                            .await
+                            .map_err(|e| step_error(res, e))?;
+                        pos += n;
+                        sent += n;
+                        if equal {
+                            equal_bytes += n;
+                        } else if !zero {
+                            data_bytes += n;
+                        }
+                    }
+                    true
+                }
+                None => false,
+            }
+        } else {
+            match rep.next_dirty(at, chunk, size) {
+                Some((off, len)) => {
+                    let (_, zero) = rep
+                        .resync_chunk(&file, off, len, &mut buf)
+                        .await
+                        .map_err(|e| step_error(res, e))?;
+                    at = (off + len).min(size);
+                    sent += len;
+                    if !zero {
+                        data_bytes += len;
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
+        if !progressed {
+            if at == 0 {
+                break;
+            }
+            // End of a sweep: once what was sent is applied, sweep again for what is left
+            // (regions re-dirtied meanwhile).
+            let mut rx = rep.subscribe_acks();
+            while rep.resync_pending() > 0 {
+                if !rep.acks().connected {
+                    return Err(LinkError::Closed("peer lost during resync"));
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+            }
+            at = 0;
+            continue;
+        }
+        if let Ok(mut p) = res.resync.lock() {
+            *p = Some((total.max(sent), sent, started));
+        }
+        // Rate limit on the data that travels (zero and equal regions are a header each).
+        if rate > 0 {
+            let due = Duration::from_secs_f64(data_bytes as f64 / rate as f64);
+            let el = started.elapsed();
+            if due > el {
+                tokio::time::sleep(due - el).await;
+            }
+        }
+        // The sender and the ack reader share this task: a chunk that needed no waiting (a
+        // zero region, journal space free) must not keep them from running, or the peer sees
+        // no frame, not even a ping, for the whole sweep.
+        tokio::task::yield_now().await;
+    }
+    if csums {
+        tracing::info!(
+            "checksum resync: {sent} bytes checked, {equal_bytes} equal (not sent), {data_bytes} sent as data, {} zero",
+            sent - equal_bytes - data_bytes
+        );
+    }
+    finish_sync(res, rep, started, sent).await?;
+    if let Ok(mut p) = res.resync.lock() {
+        *p = None;
+    }
+    Ok(())
+}
+
+/// Ends a sync: a SyncDone record after everything sent; once the target applied it, both
+/// sides are on this node's generation and the bitmap generation is forgotten.
+pub(super) async fn finish_sync(
+    res: &Arc<Resource>,
+    rep: &Arc<Replication>,
+    started: std::time::Instant,
+    sent: u64,
+) -> Result<(), LinkError> {
+    let gen = res.node_state().gen;
+    let seq = rep.begin(Record::SyncDone { gen }).await?;
+    let mut rx = rep.subscribe_acks();
+    let _ = rx.wait_for(|a| !a.connected || a.applied >= seq).await;
+    if rep.acks().applied >= seq {
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!("resync done: {sent} bytes in {secs:.1} s; the peer is up to date");
+        res.set_link_state("connected", None);
+        // A crashed primary that is secondary now: its crash is handled (its extents reached
+        // the peer), so a later crash as secondary is not taken for a primary's.
+        let secondary = res.role() != Role::Primary;
+        // A promotion while this runs commits was_primary and its time: then nothing below
+        // may touch either (a primary marked as not one would not be recovered as a crashed
+        // primary).
+        let promoted_ms = res.node_state().promoted_ms;
+        // A secondary source's data is the stream it just sent (its records were read from
+        // it, or are its own earlier writes): it counts as applied here, under its own term,
+        // as a demoted primary's own writes do, so that a node promoted over this one later
+        // catches it up from the journal instead of resyncing. Synced first: the mark says
+        // the data is durable.
+        let own =
+            if secondary && res.device().local_flush().await.is_ok() && res.role() != Role::Primary
+            {
+                let mut g = rep.lock();
+                if seq > g.applied {
+                    g.applied = seq;
+                    g.applied_term = g.ring.term_at(seq).unwrap_or(0);
+                }
+                Some((g.applied, g.applied_term))
+            } else {
+                None
+            };
+        res.commit_meta(move |sb| {
+            sb.gen = state::after_sync(sb.gen);
+            if secondary && sb.promoted_ms == promoted_ms {
+                sb.was_primary = false;
+                if let Some(mark) = own {
+                    sb.advance_applied(mark);
+                }
+            }
+        })
+        .await
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        res.sync_source_done();
+        res.run_handler("after-resync-source");
+    }
+    if let Ok(mut p) = res.resync.lock() {
+        *p = None;
+    }
+    Ok(())
+}
+
+/// How long the source waits for the answer to one hash request.
+pub(super) const HASH_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Expected hash answers: request sequence → (number of hashes, the answer once arrived).
+pub(super) type ReplyMap = std::collections::HashMap<u64, (usize, Option<Vec<[u8; 32]>>)>;
+
+/// Hash answers (`Msg::Hashes`) the source waits for, by request sequence. Answers nobody
+/// waits for (a request replayed from the journal after a reconnect) are dropped, so memory
+/// is bounded by what the workers asked for.
+#[derive(Default)]
+pub(super) struct HashReplies {
+    st: Mutex<ReplyMap>,
+    arrived: Notify,
+}
+
+impl HashReplies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplyMap> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request of sequence `seq` for `count` block hashes went out.
+    fn expect(&self, seq: u64, count: usize) {
+        self.lock().insert(seq, (count, None));
+    }
+
+    /// An answer arrived (its payload crc already checked). A wrong number of hashes is a
+    /// protocol error.
+    fn deliver(&self, seq: u64, payload: &[u8]) -> Result<(), LinkError> {
+        let mut g = self.lock();
+        let Some((count, slot)) = g.get_mut(&seq) else {
+            return Ok(());
+        };
+        if payload.len() != *count * peer::HASH_LEN || slot.is_some() {
+            return Err(LinkError::Protocol(format!(
+                "hash answer for sequence {seq}: {} bytes, expected {} hashes",
+                payload.len(),
+                count
+            )));
+        }
+        *slot = Some(
+            payload
+                .chunks_exact(peer::HASH_LEN)
+                .map(|c| {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(c);
+                    h
+                })
+                .collect(),
+        );
+        drop(g);
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+
+    /// Waits for the answer to `seq` (the connection's end drops the waiting worker); a peer
+    /// that stays silent much longer than its stream could take ends the connection.
+    async fn take(&self, seq: u64) -> Result<Vec<[u8; 32]>, LinkError> {
+        tokio::time::timeout(HASH_ANSWER_TIMEOUT, self.wait(seq))
+            .await
+            .map_err(|_| {
+                self.lock().remove(&seq);
+                LinkError::Timeout("no answer to a hash request")
+            })
+    }
+
+    async fn wait(&self, seq: u64) -> Vec<[u8; 32]> {
+        loop {
+            let n = self.arrived.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if let Some((_, Some(_))) = g.get(&seq) {
+                    if let Some((_, Some(h))) = g.remove(&seq) {
+                        return h;
+                    }
+                }
+            }
+            n.await;
+        }
+    }
+}

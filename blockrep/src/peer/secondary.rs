@@ -1,0 +1,778 @@
+//! The secondary's side of a connection: the stream applied in order (overlapping writes in
+//! sequence, the rest concurrently), its progress acknowledged, durability checkpointed.
+
+use super::*;
+
+/// Counts a task among the waiters of an [`ApplyState`] counter while it waits (also when
+/// its future is dropped mid-wait).
+pub(super) struct Waiting<'a> {
+    ap: &'a Applier,
+    counter: fn(&mut ApplyState) -> &mut usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(ap: &'a Applier, counter: fn(&mut ApplyState) -> &mut usize) -> Self {
+        *counter(&mut ap.lock()) += 1;
+        Waiting { ap, counter }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        *(self.counter)(&mut self.ap.lock()) -= 1;
+    }
+}
+
+/// Tracks the secondary's progress: which sequences finished, the contiguous mark, durability.
+pub(super) struct ApplyState {
+    ranges: Ranges,
+    done: BTreeSet<u64>,
+    received: u64,
+    applied: u64,
+    /// The term of the record at `applied`.
+    applied_term: u64,
+    /// Where the term changes among the records received: `(first sequence, term)`, the
+    /// first entry covering `applied`. Terms change only at a restart or promotion of the
+    /// issuer, so an honest stream has a few; checked on receipt (the bound drops the link).
+    terms: std::collections::VecDeque<(u64, u64)>,
+    durable: u64,
+    /// Tasks waiting for an earlier overlapping write ([`Applier::wait_turn`]) and for the
+    /// applied mark ([`Applier::wait_applied`]): a finished record wakes them only when
+    /// there are any (usually none: a wake-up per record would cost more than its apply).
+    range_waiters: usize,
+    mark_waiters: usize,
+}
+
+/// Most term changes among received but unapplied records.
+pub(super) const MAX_TERM_CHANGES: usize = crate::replication::APPLY_WINDOW + 2;
+
+pub(super) struct Applier {
+    res: Arc<Resource>,
+    st: Mutex<ApplyState>,
+    range_done: Notify,
+    /// Wakes the acker when a mark moved (one waiter, so a permit is kept: no change is
+    /// missed, and many changes before it runs cost one wake-up).
+    progressed: Notify,
+    /// Wakes the tasks waiting for the applied mark (flushes, FUA writes, SyncDone).
+    mark_moved: Notify,
+    window: Arc<Semaphore>,
+    persist: tokio::sync::Mutex<()>,
+    /// Protocol B: the receiver asks the acker to report a receipt before the write is
+    /// applied, because the primary's client is waiting for exactly that.
+    ack_receipt_now: std::sync::atomic::AtomicBool,
+    /// A write, flush or commit of the stream failed on this disk. From then on nothing is
+    /// acknowledged and the link drops: the primary keeps every record this node did not
+    /// acknowledge, and puts it in its bitmap.
+    failed: watch::Sender<Option<String>>,
+}
+
+impl Applier {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ApplyState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The marks the acker reports: (received, applied, durable).
+    fn marks(&self) -> (u64, u64, u64) {
+        let s = self.lock();
+        (s.received, s.applied, s.durable)
+    }
+
+    /// Tells the acker, and any task waiting for the applied mark, that a mark moved.
+    fn publish(&self) {
+        let waiters = self.lock().mark_waiters;
+        self.progressed.notify_one();
+        if waiters > 0 {
+            self.mark_moved.notify_waiters();
+        }
+    }
+
+    /// Returns once every record through `seq` is applied.
+    async fn wait_applied(&self, seq: u64) {
+        if self.lock().applied >= seq {
+            return;
+        }
+        let _counted = Waiting::new(self, |s| &mut s.mark_waiters);
+        loop {
+            // Registered before the re-check, so that a publish in between is not missed.
+            let n = self.mark_moved.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.lock().applied >= seq {
+                break;
+            }
+            n.await;
+        }
+    }
+
+    /// Returns once no earlier record with an overlapping range is in flight: overlapping
+    /// records are applied in stream order.
+    async fn wait_turn(&self, seq: u64, range: (u64, u64)) {
+        if !self.lock().ranges.blocked(seq, range) {
+            return;
+        }
+        let _counted = Waiting::new(self, |s| &mut s.range_waiters);
+        loop {
+            let n = self.range_done.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if !self.lock().ranges.blocked(seq, range) {
+                break;
+            }
+            n.await;
+        }
+    }
+
+    /// Records a local disk failure (the first one wins) and marks this replica inconsistent.
+    async fn fail(&self, why: String) {
+        tracing::error!("{why}; this replica is inconsistent and the link drops");
+        self.failed.send_if_modified(|f| {
+            let first = f.is_none();
+            if first {
+                *f = Some(why);
+            }
+            first
+        });
+        if let Err(e) = self
+            .res
+            .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
+            .await
+        {
+            tracing::error!("recording the inconsistent disk: {e}");
+        }
+    }
+
+    fn failure(&self) -> Option<LinkError> {
+        self.failed.borrow().clone().map(LinkError::LocalDisk)
+    }
+
+    /// Marks `seq` applied and advances the contiguous mark.
+    fn finish(&self, seq: u64) {
+        let range_waiters = {
+            let mut s = self.lock();
+            s.ranges.remove(seq);
+            // Usually the next record in order: no detour through the set.
+            if seq == s.applied + 1 {
+                s.applied = seq;
+            } else {
+                s.done.insert(seq);
+            }
+            while s.done.first() == Some(&(s.applied + 1)) {
+                s.applied += 1;
+                let a = s.applied;
+                s.done.remove(&a);
+            }
+            let a = s.applied;
+            while s.terms.get(1).is_some_and(|&(from, _)| from <= a) {
+                s.terms.pop_front();
+            }
+            let term = s.terms.front().map_or(s.applied_term, |&(_, t)| t);
+            s.applied_term = term;
+            let range_waiters = s.range_waiters;
+            drop(s);
+            if let Some(rep) = self.res.rep() {
+                let mut g = rep.lock();
+                g.applied = a;
+                g.applied_term = term;
+            }
+            range_waiters
+        };
+        if range_waiters > 0 {
+            self.range_done.notify_waiters();
+        }
+        self.publish();
+    }
+
+    /// Makes everything applied so far durable: data fdatasync, then the applied mark in the
+    /// superblock. Adopts the primary's generation once caught up.
+    ///
+    /// Never after a failure: a flush that fails may have dropped the dirty pages, so a later
+    /// one that succeeds proves nothing about them.
+    async fn make_durable(&self) -> Result<u64, LinkError> {
+        let _one = self.persist.lock().await;
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        let (upto, term) = {
+            let s = self.lock();
+            (s.applied, s.applied_term)
+        };
+        if upto <= self.lock().durable {
+            return Ok(upto);
+        }
+        if let Err(e) = self.res.device().local_flush().await {
+            let why = format!(
+                "flushing the applied stream through sequence {upto} failed (NBD error {e})"
+            );
+            self.fail(why.clone()).await;
+            return Err(LinkError::LocalDisk(why));
+        }
+        if let Err(e) = self
+            .res
+            .commit_meta(move |sb| sb.advance_applied((upto, term)))
+            .await
+        {
+            let why = format!("persisting the applied sequence {upto}: {e}");
+            self.fail(why.clone()).await;
+            return Err(LinkError::LocalDisk(why));
+        }
+        self.lock().durable = upto;
+        self.publish();
+        Ok(upto)
+    }
+}
+
+/// Whether the secondary must acknowledge its progress now rather than within [`ACK_DEFER`]:
+/// when a mark moved that writes on the primary wait for. That is the durable mark under
+/// every protocol (flushes and FUA writes), the receipt under B and the write under C.
+/// Under A no client write waits for the peer; acknowledgements release the journal, so
+/// writers waiting for space in a full journal, and the end of a resync, wait up to
+/// [`ACK_DEFER`] longer.
+pub(super) fn ack_is_urgent(
+    protocol: Protocol,
+    sent: (u64, u64, u64),
+    now: (u64, u64, u64),
+) -> bool {
+    let (received, applied, durable) = now;
+    durable > sent.2
+        || match protocol {
+            Protocol::A => false,
+            Protocol::B => received > sent.0,
+            Protocol::C => applied > sent.1,
+        }
+}
+
+pub(super) async fn secondary_side(
+    res: &Arc<Resource>,
+    mut rd: BufReader<LinkRead>,
+    mut wr: LinkWrite,
+    peer: NodeState,
+) -> Result<(), LinkError> {
+    let rep = res
+        .rep()
+        .ok_or(LinkError::Closed("no replication state"))?
+        .clone();
+    // Writes of an earlier stream are all finished before this one starts (they share the
+    // window), so none lands after a newer write to the same range.
+    rep.quiesce_applies().await;
+    let (applied0, term0) = rep.applied_mark();
+    // Only what is synced and committed counts as durable, whatever an earlier stream did.
+    let durable0 = res.node_state().durable_seq;
+    let ap = Arc::new(Applier {
+        res: res.clone(),
+        st: Mutex::new(ApplyState {
+            ranges: Ranges::default(),
+            done: BTreeSet::new(),
+            received: applied0,
+            applied: applied0,
+            applied_term: term0,
+            terms: std::collections::VecDeque::from([(applied0, term0)]),
+            durable: durable0,
+            range_waiters: 0,
+            mark_waiters: 0,
+        }),
+        range_done: Notify::new(),
+        progressed: Notify::new(),
+        mark_moved: Notify::new(),
+        window: rep.apply_window.clone(),
+        persist: tokio::sync::Mutex::new(()),
+        ack_receipt_now: std::sync::atomic::AtomicBool::new(false),
+        failed: watch::channel(None).0,
+    });
+    // The earlier stream's tail becomes durable now, not at the next checkpoint.
+    ap.make_durable().await?;
+    // Under B the primary acknowledges a write once this node has received it.
+    let ack_on_receipt = res.cfg().protocol == Protocol::B;
+    {
+        let bytes = rep.lock().bitmap.to_bytes();
+        let mut f = Vec::with_capacity(bytes.len() + 64);
+        peer::encode_frame(
+            &mut f,
+            &Msg::Bitmap {
+                len: bytes.len() as u32,
+                crc: crc32c::crc32c(&bytes),
+            },
+            &bytes,
+        );
+        wr.write_all(&f).await?;
+    }
+    tracing::info!(
+        "receiving from the primary from sequence {} (primary issued {})",
+        applied0 + 1,
+        peer.issued_seq
+    );
+    res.set_link_state("connected", None);
+    // Answers to hash requests (checksum resync, verify), sent by the acker.
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
+    // Hash requests read this node's data through their own handle, off the async threads.
+    let hash_file = Arc::new(crate::replication::open_for_resync(&res.cfg().me.backing)?);
+    // Hash requests read (up to MAX_HASH_SPAN each) a few at a time: bounded memory.
+    let hash_reads = Arc::new(Semaphore::new(8));
+    let protocol = res.cfg().protocol;
+    let acker = {
+        let mut failed = ap.failed.subscribe();
+        let ap = ap.clone();
+        async move {
+            let mut ack = true;
+            // What the primary was last told, and until when a change it does not wait for
+            // may be held back (one ack then covers many such changes).
+            let mut sent: Option<(u64, u64, u64)> = None;
+            let mut deferred: Option<tokio::time::Instant> = None;
+            loop {
+                if ack {
+                    let marks = ap.marks();
+                    let (received, applied, durable) = marks;
+                    // After a local disk failure nothing more is acknowledged; the primary is
+                    // told why, so that it backs off before trying again. (A failure while
+                    // no ack was due wakes the select below, which then asks for one.)
+                    if let Some(e) = ap.failure() {
+                        let _ = write_msg(&mut wr, &Msg::refuse(&e.to_string())).await;
+                        return Err(e);
+                    }
+                    let due = match sent {
+                        None => true,
+                        Some(last) => {
+                            ack_is_urgent(protocol, last, marks)
+                                || deferred.is_some_and(|t| t <= tokio::time::Instant::now())
+                        }
+                    };
+                    if due {
+                        write_msg(
+                            &mut wr,
+                            &Msg::Ack {
+                                received,
+                                applied,
+                                durable,
+                            },
+                        )
+                        .await?;
+                        sent = Some(marks);
+                        deferred = None;
+                    } else if sent != Some(marks) && deferred.is_none() {
+                        deferred = Some(tokio::time::Instant::now() + ACK_DEFER);
+                    }
+                }
+                ack = true;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deferred.unwrap_or_else(tokio::time::Instant::now)), if deferred.is_some() => {}
+                    _ = failed.changed() => {}
+                    _ = ap.res.verify_kick.notified() => {
+                        let ask = ap
+                            .res
+                            .verify
+                            .lock()
+                            .map(|v| v.on_peer && v.state == "pending")
+                            .unwrap_or(false);
+                        if ask {
+                            write_msg(&mut wr, &Msg::VerifyRequest).await?;
+                        }
+                        ack = false;
+                    }
+                    _ = ap.progressed.notified() => {
+                        // Let the applies queued behind this one finish first: one ack then
+                        // covers all of them; unless a receipt is to go out before its apply.
+                        if !ap
+                            .ack_receipt_now
+                            .swap(false, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    Some(frame) = reply_rx.recv() => {
+                        wr.write_all(&frame).await?;
+                        ack = false;
+                    }
+                    _ = tokio::time::sleep(PING_INTERVAL) => {
+                        write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+                    }
+                }
+            }
+        }
+    };
+    let durability = {
+        let ap = ap.clone();
+        async move {
+            let mut last = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(RESYNC_CHECKPOINT_INTERVAL).await;
+                let every = if ap.res.link_state() == "sync-target" {
+                    RESYNC_CHECKPOINT_INTERVAL
+                } else {
+                    CHECKPOINT_INTERVAL
+                };
+                if last.elapsed() >= every {
+                    ap.make_durable().await?;
+                    last = tokio::time::Instant::now();
+                }
+            }
+        }
+    };
+    let receiver = {
+        let ap = ap.clone();
+        let rep = rep.clone();
+        async move {
+            loop {
+                let (msg, payload, n) = read_frame_within(
+                    &mut rd,
+                    res,
+                    PEER_TIMEOUT,
+                    "no frame from the primary (ping timeout)",
+                )
+                .await?;
+                rep.stats
+                    .bytes_received
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                let seq = match msg.seq() {
+                    Some(s) => s,
+                    None => match msg {
+                        Msg::Ping { .. } => continue,
+                        Msg::SyncStart { seq, .. } if seq == 0 || seq >= COUNTER_LIMIT => {
+                            return Err(LinkError::Protocol(format!(
+                                "resync start at sequence {seq} (sequences run from 1 to {COUNTER_LIMIT})"
+                            )))
+                        }
+                        Msg::SyncStart { seq, full, bytes } => {
+                            // This node becomes the sync target: inconsistent until SyncDone.
+                            tracing::info!(
+                                "resync from the primary: {bytes} bytes{}, stream from sequence {seq}",
+                                if full { ", full" } else { "" }
+                            );
+                            res.run_handler("before-resync-target");
+                            res.set_link_state("sync-target", None);
+                            res.commit_meta(|sb| sb.disk = DiskState::Inconsistent)
+                                .await
+                                .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                            // The record before the resync's stream is not one this node
+                            // holds: term 0 until the stream's own records are applied.
+                            {
+                                let mut s = ap.lock();
+                                s.received = seq - 1;
+                                s.applied = seq - 1;
+                                s.applied_term = 0;
+                                s.terms = std::collections::VecDeque::from([(seq - 1, 0)]);
+                                s.durable = seq - 1;
+                            }
+                            {
+                                let mut g = rep.lock();
+                                g.applied = seq - 1;
+                                g.applied_term = 0;
+                            }
+                            ap.publish();
+                            continue;
+                        }
+                        Msg::State(st) => {
+                            res.set_peer(Some(st));
+                            continue;
+                        }
+                        Msg::VerifyProgress(r) => {
+                            res.verify_reported(&r);
+                            continue;
+                        }
+                        Msg::Refuse { reason } => return Err(peer_refused(reason)),
+                        other => {
+                            return Err(LinkError::Protocol(format!(
+                                "unexpected message from the primary: {other:?}"
+                            )))
+                        }
+                    },
+                };
+                {
+                    let mut s = ap.lock();
+                    if seq <= s.received {
+                        // Already have it (a replay after reconnect): skip.
+                        continue;
+                    }
+                    if Some(seq) != s.received.checked_add(1) {
+                        rep.stats
+                            .protocol_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Err(LinkError::Protocol(format!(
+                            "sequence gap: expected {}, got {seq}",
+                            s.received.saturating_add(1)
+                        )));
+                    }
+                    s.received = seq;
+                    let term = msg.term().unwrap_or(0);
+                    if s.terms.back().map(|&(_, t)| t) != Some(term) {
+                        if s.terms.len() >= MAX_TERM_CHANGES {
+                            return Err(LinkError::Protocol(format!(
+                                "{MAX_TERM_CHANGES} term changes among unapplied records"
+                            )));
+                        }
+                        s.terms.push_back((seq, term));
+                    }
+                }
+                ap.publish();
+                let permit = ap
+                    .window
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| LinkError::Closed("apply window closed"))?;
+                match msg {
+                    Msg::HashReq {
+                        offset, len, block, ..
+                    } => {
+                        let count = peer::hash_count(len, block);
+                        let end = offset.checked_add(u64::from(len));
+                        let (Some(count), Some(end)) = (count, end) else {
+                            return Err(LinkError::Protocol(format!(
+                                "hash request {offset}+{len} in blocks of {block} is out of bounds"
+                            )));
+                        };
+                        if end > res.device().size() {
+                            return Err(LinkError::Protocol(format!(
+                                "hash request at {offset}+{len} is past this device's {} bytes",
+                                res.device().size()
+                            )));
+                        }
+                        // In stream order: earlier writes to the range are applied first,
+                        // later ones wait until it is read.
+                        ap.lock().ranges.insert(seq, (offset, end));
+                        let ap = ap.clone();
+                        let tx = reply_tx.clone();
+                        let file = hash_file.clone();
+                        let reads = hash_reads.clone();
+                        tokio::spawn(async move {
+                            ap.wait_turn(seq, (offset, end)).await;
+                            let one = reads.acquire_owned().await;
+                            let hashes = tokio::task::spawn_blocking(move || {
+                                use std::os::unix::fs::FileExt;
+                                let mut buf = vec![0u8; len as usize];
+                                file.read_exact_at(&mut buf, offset).map(|_| {
+                                    crate::replication::drop_cached(&file, offset, u64::from(len));
+                                    buf.chunks(block as usize)
+                                        .flat_map(crate::replication::sha256)
+                                        .collect::<Vec<u8>>()
+                                })
+                            })
+                            .await;
+                            let payload = match hashes {
+                                Ok(Ok(h)) => h,
+                                other => {
+                                    // Unreadable here: answer hashes that match nothing, so
+                                    // the source treats the range as different.
+                                    let e = match other {
+                                        Ok(Err(e)) => {
+                                            // This node's disk: counted, and the
+                                            // local-io-error handler runs.
+                                            ap.res.device().note_disk_error();
+                                            e.to_string()
+                                        }
+                                        Err(e) => e.to_string(),
+                                        Ok(Ok(_)) => String::new(),
+                                    };
+                                    tracing::error!("hash request {offset}+{len}: reading this node's data: {e}");
+                                    vec![0u8; count * peer::HASH_LEN]
+                                }
+                            };
+                            drop(one);
+                            ap.finish(seq);
+                            let mut f = Vec::with_capacity(payload.len() + 64);
+                            peer::encode_frame(
+                                &mut f,
+                                &Msg::Hashes {
+                                    seq,
+                                    len: payload.len() as u32,
+                                    crc: crc32c::crc32c(&payload),
+                                },
+                                &payload,
+                            );
+                            let _ = tx.send(f).await;
+                            drop(permit);
+                        });
+                    }
+                    Msg::Equal { offset, len, .. } => {
+                        if offset
+                            .checked_add(len)
+                            .is_none_or(|e| e > res.device().size())
+                        {
+                            return Err(LinkError::Protocol(format!(
+                                "equal region {offset}+{len} is past this device's {} bytes",
+                                res.device().size()
+                            )));
+                        }
+                        // Checksum resync found the region equal: nothing to write.
+                        ap.finish(seq);
+                        drop(permit);
+                    }
+                    Msg::SyncDone { gen, term, .. } => {
+                        // Everything before is applied: durable, then whole again.
+                        let ap = ap.clone();
+                        tokio::spawn(async move {
+                            ap.wait_applied(seq - 1).await;
+                            let r = match ap.make_durable().await {
+                                // The failure is recorded: the link drops, the resync
+                                // starts again on the next connect.
+                                Err(_) => Err(()),
+                                Ok(_) => {
+                                    let g = state::after_sync(gens(&gen));
+                                    let r = ap
+                                        .res
+                                        .commit_meta(move |sb| {
+                                            sb.disk = DiskState::UpToDate;
+                                            sb.gen = g;
+                                            // SyncDone carries no data: the mark names
+                                            // it at once, with the rest (a crash before the
+                                            // next checkpoint must not leave an up-to-date
+                                            // disk whose mark no stream has).
+                                            sb.advance_applied((seq, term));
+                                            // Whatever this node had as a crashed
+                                            // primary is overwritten by the peer's data.
+                                            sb.was_primary = false;
+                                        })
+                                        .await;
+                                    if let Err(e) = &r {
+                                        ap.fail(format!("committing the end of the resync: {e}"))
+                                            .await;
+                                    }
+                                    r.map_err(|_| ())
+                                }
+                            };
+                            if r.is_ok() {
+                                if let Some(rep) = ap.res.rep() {
+                                    let mut g = rep.lock();
+                                    g.bitmap.clear_all();
+                                    g.bitmap_dirty = true;
+                                    // Nothing left that only a bitmap resync could bring.
+                                    g.overflowed = false;
+                                    // Regions an earlier verify marked here were resynced too.
+                                    rep.verify_marked
+                                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                                }
+                                ap.res.sync_target_done();
+                                ap.res.set_link_state("connected", None);
+                                tracing::info!("resync done: this node is up to date");
+                                ap.res.run_handler("after-resync-target");
+                            }
+                            ap.finish(seq);
+                            drop(permit);
+                        });
+                    }
+                    Msg::Flush { .. } => {
+                        // Everything before the barrier applied, then durable, then acked.
+                        let ap = ap.clone();
+                        tokio::spawn(async move {
+                            ap.wait_applied(seq - 1).await;
+                            // A failure is recorded by make_durable: the flush is never
+                            // acknowledged, the link drops.
+                            if ap.make_durable().await.is_ok() {
+                                ap.finish(seq);
+                                let _ = ap.make_durable().await;
+                            } else {
+                                ap.finish(seq);
+                            }
+                            drop(permit);
+                        });
+                    }
+                    Msg::Write { .. } | Msg::Zero { .. } => {
+                        if ack_on_receipt && rd.buffer().is_empty() {
+                            // Nothing more has arrived: the primary may be waiting on this
+                            // receipt. Let the acker (polled first) send it, then apply.
+                            ap.ack_receipt_now
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                            tokio::task::yield_now().await;
+                        }
+                        let (offset, len, fua) = match msg {
+                            Msg::Write {
+                                offset, len, fua, ..
+                            } => (offset, u64::from(len), fua),
+                            Msg::Zero { offset, len, .. } => (offset, len, false),
+                            _ => (0, 0, false),
+                        };
+                        if offset
+                            .checked_add(len)
+                            .is_none_or(|e| e > res.device().size())
+                        {
+                            return Err(LinkError::Protocol(format!(
+                                "write at {offset}+{len} is past this device's {} bytes",
+                                res.device().size()
+                            )));
+                        }
+                        ap.lock().ranges.insert(seq, (offset, offset + len));
+                        let ap = ap.clone();
+                        let mut fut = Box::pin(async move {
+                            ap.wait_turn(seq, (offset, offset + len)).await;
+                            let dev = ap.res.device();
+                            // FUA: made durable below together with everything before it
+                            // (one sync), which is what the primary waits for under C.
+                            let r = match (msg, payload) {
+                                (Msg::Write { .. }, Some(buf)) => {
+                                    let (r, buf) = dev.local_write(offset, buf, false).await;
+                                    dev.pool.put(buf);
+                                    r
+                                }
+                                (Msg::Zero { trim, .. }, _) => {
+                                    dev.local_zero(offset, len, trim).await
+                                }
+                                _ => Ok(()),
+                            };
+                            if let Err(e) = r {
+                                // Recorded before `finish`, so the acker never acknowledges
+                                // this write; `finish` only lets later ones stop waiting.
+                                ap.fail(format!(
+                                    "secondary write seq {seq} at {offset}+{len} failed (NBD error {e})"
+                                ))
+                                .await;
+                                ap.finish(seq);
+                            } else {
+                                ap.finish(seq);
+                                if fua {
+                                    ap.wait_applied(seq).await;
+                                    let _ = ap.make_durable().await;
+                                }
+                            }
+                            drop(permit);
+                        });
+                        // Usually nothing overlaps and the page-cache write completes at once:
+                        // apply inline. Otherwise it becomes a task and waits its turn.
+                        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                        if fut.as_mut().poll(&mut cx).is_pending() {
+                            tokio::spawn(fut);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
+    let r: Result<(), LinkError> = tokio::select! {
+        // The acker first: a receipt the receiver yielded for goes out before its apply.
+        biased;
+        r = acker => r,
+        r = receiver => r,
+        r = durability => r,
+    };
+    // Let every write already started finish, so a new connection never overlaps them.
+    rep.quiesce_applies().await;
+    let _ = ap.make_durable().await;
+    res.update_verify(|v| {
+        if v.on_peer && v.active() {
+            v.state = "interrupted";
+            v.error = Some("the link to the primary dropped during verify".into());
+        }
+    });
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_are_urgent_only_for_the_mark_the_protocol_waits_on() {
+        let sent = (10, 8, 5);
+        // Durable moves: flushes and FUA writes wait for it under every protocol.
+        for p in [Protocol::A, Protocol::B, Protocol::C] {
+            assert!(ack_is_urgent(p, sent, (10, 8, 6)));
+            assert!(!ack_is_urgent(p, sent, sent));
+        }
+        // A receipt: B's writes wait for it; A's and C's do not.
+        assert!(ack_is_urgent(Protocol::B, sent, (11, 8, 5)));
+        assert!(!ack_is_urgent(Protocol::C, sent, (11, 8, 5)));
+        assert!(!ack_is_urgent(Protocol::A, sent, (11, 8, 5)));
+        // A write on this disk: C's writes wait for it.
+        assert!(ack_is_urgent(Protocol::C, sent, (10, 9, 5)));
+        assert!(!ack_is_urgent(Protocol::B, sent, (10, 9, 5)));
+        assert!(!ack_is_urgent(Protocol::A, sent, (11, 9, 5)));
+    }
+}
