@@ -64,6 +64,9 @@ pub struct Resource {
     crashed_primary: std::sync::atomic::AtomicBool,
     /// `connect --discard-my-data`: become the sync target at the next connect.
     discard_my_data: std::sync::atomic::AtomicBool,
+    /// A split brain was logged and its handler run; reconnects that find it again only
+    /// back off (the handler is not run again until a connection gets past it).
+    pub split_brain_reported: std::sync::atomic::AtomicBool,
     /// Resync progress as the source: (total bytes, bytes sent, start).
     pub resync: Mutex<Option<(u64, u64, std::time::Instant)>>,
     /// Online verify: the latest run's state; `verify_kick` wakes the connection's verifier.
@@ -271,6 +274,7 @@ impl Resource {
             connections: std::sync::atomic::AtomicU64::new(0),
             crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
+            split_brain_reported: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
@@ -916,8 +920,26 @@ impl Resource {
 
     /// `connect` / `disconnect`. A disconnect returns once the link is down, so that what the
     /// admin does next (a forced promotion, say) sees it down on both sides.
+    /// Either is a no-op when the link is already so (DRBD's habit: `connect` on a connected
+    /// resource must not cut the link under writes).
     pub async fn set_standalone(&self, standalone: bool) -> String {
-        self.link_ctl.send_modify(|c| c.standalone = standalone);
+        let changed = self.link_ctl.send_if_modified(|c| {
+            let changed = c.standalone != standalone;
+            c.standalone = standalone;
+            changed
+        });
+        if !changed {
+            return format!(
+                "{} is already {} (link {})",
+                self.cfg.me.name,
+                if standalone {
+                    "disconnected"
+                } else {
+                    "connecting or connected"
+                },
+                self.link().state
+            );
+        }
         if standalone {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while self.link().state != "standalone" && tokio::time::Instant::now() < deadline {
@@ -949,7 +971,11 @@ impl Resource {
         let (peer_role, peer_disk) = match (&l.peer, connected) {
             (Some(p), true) => (
                 if p.primary { "primary" } else { "secondary" },
-                if self.role() == Role::Primary {
+                // A resync target holds a mix of old and new regions until its end (DRBD's
+                // SyncSource shows the peer Inconsistent), whatever its disk was before.
+                if l.state == "sync-source" {
+                    "inconsistent"
+                } else if self.role() == Role::Primary {
                     if lag_w == 0 && !overflowed {
                         "up-to-date"
                     } else {

@@ -198,6 +198,14 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
     let mark_a = log_text(a).lines().count();
     let mark_b = log_text(b).lines().count();
     pause_ctl(&ctl, b'p');
+    // A resync target holds old and new regions until the end: the source must not show it
+    // up to date (a cluster manager checks that before a switchover).
+    let ra = a.repl();
+    assert_eq!(ra["connection"], "sync-source", "{ra}");
+    assert_eq!(
+        ra["peer_disk"], "inconsistent",
+        "the target's disk as the source shows it: {ra}"
+    );
     println!(
         "{:?}: beta's disk paused during the resync: {}",
         t0.elapsed(),

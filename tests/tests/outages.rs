@@ -947,6 +947,27 @@ fn split_brain_detected_nothing_moves_then_discard_my_data_resolves() {
     );
     // Let the link retry for a while: still refused, no data moves.
     std::thread::sleep(Duration::from_secs(3));
+    // Told once, not at every retry: one handler run and one error line per node (the retries
+    // back off and log at debug level).
+    let text = std::fs::read_to_string(&hlog).unwrap_or_default();
+    for n in [a, b] {
+        let runs = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{} {} split-brain", n.name(), c.resource())))
+            .count();
+        assert_eq!(runs, 1, "split-brain handler runs on {}:\n{text}", n.name());
+        let errors = log_lines(n, "split brain")
+            .into_iter()
+            .filter(|l| l.contains("ERROR"))
+            .count();
+        assert_eq!(
+            errors,
+            1,
+            "split-brain error lines on {}:\n{}",
+            n.name(),
+            n.log_tail(30)
+        );
+    }
     for (n, snap) in [(a, &alpha_snap), (b, &beta_snap)] {
         let s = n.status_json();
         let r = &s["replication"];

@@ -193,3 +193,58 @@ fn secondary_right_after_a_client_disconnects_succeeds_and_an_attached_client_re
         a.ctl_ok(&["primary"]);
     }
 }
+
+/// DRBD's habit: `connect` on a connected resource and `disconnect` on a disconnected one
+/// change nothing. The link is not cut (no new connection, no new data generation on the
+/// primary, no resync), and each says so.
+#[test]
+fn connect_when_connected_and_disconnect_when_disconnected_are_no_ops() {
+    let c = Cluster::builder("connect-noop").nodes(2).build();
+    c.start_pair();
+    c.wait_in_sync(Duration::from_secs(60));
+    let (a, b) = (c.alpha(), c.beta());
+    let count = |n: &Node, needle: &str| {
+        std::fs::read_to_string(n.log_path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    let connects = (count(a, "connected from/to"), count(b, "connected from/to"));
+    let gens = count(a, "new data generation");
+    for n in [a, b] {
+        let out = n.ctl_ok(&["connect"]);
+        assert!(
+            out.stdout.contains("already connecting or connected"),
+            "{}",
+            out.describe()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        (count(a, "connected from/to"), count(b, "connected from/to")),
+        connects,
+        "connect on a connected pair reconnected:\n{}\n{}",
+        a.log_tail(20),
+        b.log_tail(20)
+    );
+    assert_eq!(count(a, "admin command"), 0, "{}", a.log_tail(20));
+    assert_eq!(a.repl()["connection"], "connected");
+    assert_eq!(
+        count(a, "new data generation"),
+        gens,
+        "a new data generation on the primary:\n{}",
+        a.log_tail(20)
+    );
+
+    b.ctl_ok(&["disconnect"]);
+    let out = b.ctl_ok(&["disconnect"]);
+    assert!(
+        out.stdout.contains("already disconnected"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(b.repl()["connection"], "standalone");
+    b.ctl_ok(&["connect"]);
+    b.wait_connected(Duration::from_secs(30));
+}

@@ -340,6 +340,7 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                         | LinkError::PeerRefused(_)
                         | LinkError::LocalDisk(_)
                         | LinkError::PeerStuck(_)
+                        | LinkError::SplitBrain(_)
                 ) {
                     backoff = MAX_BACKOFF;
                 }
@@ -375,6 +376,14 @@ fn log_link_error(res: &Resource, e: &LinkError) {
             ) =>
         {
             tracing::debug!("peer link: {e}")
+        }
+        // Logged where it was found (see `split_brain_found`).
+        LinkError::SplitBrain(_) => tracing::debug!("peer link: {e}"),
+        LinkError::Refused(why) if why.contains("split brain") => {
+            tracing::debug!("peer link: {e}")
+        }
+        LinkError::PeerRefused(why) if why.contains("split brain") => {
+            split_brain_found(res, &e.to_string())
         }
         _ => tracing::warn!("peer link: {e}"),
     }
@@ -455,6 +464,22 @@ async fn accept_loop(
     }
 }
 
+/// A split brain was found here or reported by the peer: logged, and the split-brain handler
+/// run, once per split brain on each node. The link keeps trying (backing off) so that the
+/// admin's resolution on either node (`secondary`, `connect --discard-my-data`) is taken up
+/// at once, but the retries that find it again are logged at debug level only.
+fn split_brain_found(res: &Resource, why: &str) {
+    if res
+        .split_brain_reported
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        tracing::debug!("{why}");
+    } else {
+        tracing::error!("{why}");
+        res.run_handler("split-brain");
+    }
+}
+
 /// Runs one established connection until it fails or ends.
 async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
     let (mut rd, mut wr) = (est.rd, est.wr);
@@ -462,12 +487,9 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let my_role = res.role();
     res.set_peer(Some(peer.clone()));
     if me.primary && peer.primary {
-        res.run_handler("split-brain");
-        return Err(refuse(
-            &mut wr,
-            "split brain: both nodes are primary; demote one (blockrep-ctl secondary)".into(),
-        )
-        .await);
+        let why = "split brain: both nodes are primary; demote one (blockrep-ctl secondary)";
+        split_brain_found(res, why);
+        return Err(refuse(&mut wr, why.into()).await);
     }
     // Size: the primary's export must fit on the secondary (checked again below for whichever
     // side a resync between two secondaries makes the source).
@@ -565,20 +587,23 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
                  Resolve with `blockrep-ctl connect --discard-my-data` on the node whose changes are to be dropped",
                 me.gen.bitmap
             );
-            tracing::error!("{why}");
-            res.run_handler("split-brain");
+            split_brain_found(res, &why);
             return Err(LinkError::SplitBrain(
                 refuse(&mut wr, why).await.to_string(),
             ));
         }
         SyncDecision::Unrelated => {
+            res.split_brain_reported
+                .store(false, std::sync::atomic::Ordering::SeqCst);
             let why = format!(
                 "unrelated data: generation {:016X} here, {:016X} on the peer, no common history",
                 me.gen.current, peer.gen.current
             );
             return Err(refuse(&mut wr, why).await);
         }
-        _ => {}
+        _ => res
+            .split_brain_reported
+            .store(false, std::sync::atomic::Ordering::SeqCst),
     }
     let source = matches!(
         decision,
