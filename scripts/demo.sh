@@ -31,7 +31,7 @@ cleanup() {
     kill "$FUSE_PID" 2>/dev/null
     wait "$FUSE_PID" 2>/dev/null
   fi
-  for n in alpha beta; do blockrep-ctl -c "$DIR/r0.toml" -n "$n" down >/dev/null 2>&1; done
+  for n in alpha beta; do blockrep-ctl -c "$DIR/r0.toml" -n "$n" down --force >/dev/null 2>&1; done
   rm -rf "$DIR"
 }
 trap cleanup EXIT INT TERM

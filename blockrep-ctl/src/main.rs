@@ -47,15 +47,25 @@ enum Cmd {
     },
     /// Start the daemon if needed and bring the resource up.
     Up,
-    /// Drain, flush and close the resource, and stop the daemon.
-    Down,
+    /// Drain, flush and close the resource, and stop the daemon. Refused while NBD clients are
+    /// attached (unmount first), unless --force.
+    Down {
+        /// Disconnect attached NBD clients (their outstanding requests fail) instead of
+        /// refusing.
+        #[arg(long)]
+        force: bool,
+    },
     /// Promote this node; --force declares its data good (first promotion, failover).
     Primary {
+        /// Promote even though this node's data is not known to be up to date (first
+        /// promotion of fresh metadata, failover from a dead primary).
         #[arg(long)]
         force: bool,
     },
     /// Demote this node; --force disconnects attached NBD clients.
     Secondary {
+        /// Disconnect attached NBD clients (their outstanding requests fail) instead of
+        /// refusing.
         #[arg(long)]
         force: bool,
     },
@@ -122,7 +132,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::CreateMd { force } => create_md(&cfg, force),
         Cmd::DumpMd => dump_md(&cfg),
         Cmd::Up => up(&cfg),
-        Cmd::Down => down(&cfg),
+        Cmd::Down { force } => down(&cfg, force),
         Cmd::Primary { force } => simple(&cfg, Request::Primary { force }),
         Cmd::Secondary { force } => simple(&cfg, Request::Secondary { force }),
         Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
@@ -154,17 +164,26 @@ fn external(cfg: &Config) -> Option<&Path> {
     }
 }
 
+/// How long a command waits for the daemon's answer: role changes and `down` may wait for
+/// the disk and the peer.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `status` waits: the daemon answers it off its runtime thread, so only a hung
+/// daemon (or a disk stalled under its metadata lock) takes longer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A connection to the daemon's control socket, if one answers.
 struct Control {
     stream: BufReader<UnixStream>,
+    timeout: Duration,
 }
 
 impl Control {
     fn connect(cfg: &Config) -> Option<Control> {
         let s = UnixStream::connect(&cfg.me.control).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+        s.set_read_timeout(Some(COMMAND_TIMEOUT)).ok()?;
         Some(Control {
             stream: BufReader::new(s),
+            timeout: COMMAND_TIMEOUT,
         })
     }
 
@@ -174,9 +193,18 @@ impl Control {
             .write_all(req.to_line().as_bytes())
             .context("sending to the daemon")?;
         let mut line = String::new();
-        self.stream
-            .read_line(&mut line)
-            .context("reading the daemon's reply")?;
+        if let Err(e) = self.stream.read_line(&mut line) {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                bail!(
+                    "the daemon did not answer within {} s (hung, or stalled on its disk)",
+                    self.timeout.as_secs()
+                );
+            }
+            return Err(anyhow::Error::new(e).context("reading the daemon's reply"));
+        }
         if line.is_empty() {
             bail!("the daemon closed the control connection");
         }
@@ -209,10 +237,11 @@ fn query_status(cfg: &Config) -> Result<Option<Status>> {
             ))
         }
     };
-    s.set_read_timeout(Some(Duration::from_secs(120)))
+    s.set_read_timeout(Some(STATUS_TIMEOUT))
         .context("setting a timeout on the control socket")?;
     let mut c = Control {
         stream: BufReader::new(s),
+        timeout: STATUS_TIMEOUT,
     };
     match c.call(&Request::Status)? {
         Reply::Status { status } => Ok(Some(*status)),
@@ -444,7 +473,7 @@ fn pid_alive(pid: u32) -> bool {
     pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
-fn down(cfg: &Config) -> Result<()> {
+fn down(cfg: &Config, force: bool) -> Result<()> {
     let Some(mut c) = Control::connect(cfg) else {
         println!("{}", not_running(cfg));
         return Ok(());
@@ -453,7 +482,7 @@ fn down(cfg: &Config) -> Result<()> {
         Reply::Status { status } => status.pid,
         _ => 0,
     };
-    let msg = expect_ok(c.call(&Request::Down)?)?;
+    let msg = expect_ok(c.call(&Request::Down { force })?)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while pid_alive(pid) && !is_zombie(pid) {
         if Instant::now() > deadline {

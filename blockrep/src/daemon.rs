@@ -41,7 +41,12 @@ impl Daemon {
     }
 
     /// Takes the resource down and tells the daemon to exit.
-    pub async fn down(&self) -> Result<String, NodeError> {
+    pub async fn down(&self, force: bool) -> Result<String, NodeError> {
+        // Checked before the resource is taken: a refused `down` leaves it serving.
+        let up = self.res.lock().await.clone();
+        if let Some(r) = up {
+            r.refuse_down_while_clients(force).await?;
+        }
         let r = self.res.lock().await.take();
         let msg = match r {
             Some(r) => {
@@ -105,7 +110,7 @@ impl Daemon {
                 };
             }
             Request::Up => self.up().await,
-            Request::Down => self.down().await,
+            Request::Down { force } => self.down(force).await,
             Request::Primary { force } => match self.resource().await {
                 Ok(r) => r.primary(force).await,
                 Err(e) => Err(e),
@@ -201,12 +206,14 @@ impl Daemon {
                 _ = stop.wait_for(|s| *s) => break,
                 _ = term.recv() => {
                     tracing::info!("SIGTERM: taking the resource down");
-                    let _ = self.down().await;
+                    // A signal is the service manager stopping the node: no refusal.
+                    let _ = self.down(true).await;
                     break;
                 }
                 _ = int.recv() => {
                     tracing::info!("SIGINT: taking the resource down");
-                    let _ = self.down().await;
+                    // A signal is the service manager stopping the node: no refusal.
+                    let _ = self.down(true).await;
                     break;
                 }
                 a = listener.accept() => match a {

@@ -24,7 +24,21 @@ struct Args {
     up: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are logged in one line with their causes (`{:#}`), never printed as `Debug`: with
+/// `RUST_BACKTRACE` set that appends a backtrace, and `blockrep-ctl up` shows only the tail
+/// of the log, where the reason would then be cut off.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The subscriber is set up first thing in `run`, so this reaches the log.
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -49,9 +63,6 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     let daemon = blockrep::daemon::Daemon::new(cfg);
     let r = rt.block_on(daemon.run(args.up));
-    if let Err(e) = &r {
-        tracing::error!("{e:#}");
-    }
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     r
 }

@@ -1209,6 +1209,21 @@ impl Resource {
         Ok(format!("{} is now primary", self.cfg.me.name))
     }
 
+    /// `down` without --force, like `secondary`, leaves attached NBD clients alone (a mounted
+    /// filesystem would lose its disk): refused while any is attached (the node's own kernel
+    /// device excepted, which `down` detaches), after a moment for those already leaving.
+    pub async fn refuse_down_while_clients(&self, force: bool) -> Result<(), NodeError> {
+        if force {
+            return Ok(());
+        }
+        let kernel_attached = u64::from(self.kernel.lock().await.is_some());
+        let open = self
+            .export
+            .wait_clients(kernel_attached, CLIENTS_LEAVING_WAIT)
+            .await;
+        state::demote(open.saturating_sub(kernel_attached), false).map_err(NodeError::Refused)
+    }
+
     pub async fn secondary(&self, force: bool) -> Result<String, NodeError> {
         if self.role() == Role::Secondary {
             return Ok(format!("{} is already secondary", self.cfg.me.name));

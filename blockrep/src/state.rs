@@ -51,7 +51,7 @@ pub fn promote(
     match disk {
         DiskState::UpToDate => {}
         d if force => {
-            tracing::warn!("forced promotion of a {} disk", d.name());
+            tracing::warn!("forced promotion: this disk is {}", d.name());
         }
         d => {
             return Err(format!(

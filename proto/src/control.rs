@@ -12,8 +12,12 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub enum Request {
     /// Bring the resource up: open backing device, check metadata, open the export.
     Up,
-    /// Drain, flush, close, and stop the daemon.
-    Down,
+    /// Drain, flush, close, and stop the daemon. Refused while NBD clients are attached
+    /// unless `force` (DRBD's "held open").
+    Down {
+        #[serde(default)]
+        force: bool,
+    },
     Status,
     Primary {
         force: bool,
@@ -183,6 +187,9 @@ mod tests {
             let back: Request = serde_json::from_str(line.trim_end()).unwrap();
             assert_eq!(back, r);
         }
+        // An older CLI's `down` (no force field) is a plain down.
+        let old: Request = serde_json::from_str(r#"{"cmd":"down"}"#).unwrap();
+        assert_eq!(old, Request::Down { force: false });
         let rep = Reply::Status {
             status: Box::default(),
         };

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -146,6 +146,11 @@ pub enum Msg {
         seq: u64,
         full: bool,
         bytes: u64,
+        /// A full sync: the source's bitmap generation, which the target takes as its current
+        /// one (committed before it applies anything). The source's bitmap counts from it, so
+        /// a full sync cut midway resumes as a bitmap resync of what is left. 0: the target's
+        /// generations stay as they are (a bitmap resync).
+        from: u64,
     },
     /// Source to target: every region is sent once `seq` is applied; adopt `gen`.
     SyncDone {

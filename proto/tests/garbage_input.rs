@@ -175,6 +175,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             seq: rng.u64_edge(),
             full: rng.bool(),
             bytes: rng.u64_edge(),
+            from: rng.u64_edge(),
         },
         10 => Msg::SyncDone {
             seq: rng.u64_edge(),
@@ -1109,7 +1110,8 @@ fn requests() -> Vec<control::Request> {
     use control::Request as R;
     vec![
         R::Up,
-        R::Down,
+        R::Down { force: false },
+        R::Down { force: true },
         R::Status,
         R::Primary { force: true },
         R::Secondary { force: false },

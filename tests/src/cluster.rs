@@ -706,7 +706,11 @@ impl Drop for Node {
         let panicking = std::thread::panicking();
         let mut down_ok = true;
         if self.up_attempted.load(Ordering::SeqCst) || !self.pids().is_empty() {
-            match run_quiet(&mut self.ctl_command(&["down"]), Duration::from_secs(10)) {
+            // --force: cleanup must not be refused by a client a failed test left attached.
+            match run_quiet(
+                &mut self.ctl_command(&["down", "--force"]),
+                Duration::from_secs(10),
+            ) {
                 Some(o) if o.success() => {}
                 Some(o) => {
                     down_ok = false;

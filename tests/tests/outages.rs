@@ -1289,6 +1289,93 @@ fn resync_interrupted_and_resumed() {
     assert_same_bytes(&b.backing_data(n), &data, "beta's data");
 }
 
+/// A full sync (after `invalidate`) cut midway resumes with what is left, as a bitmap resync:
+/// the target took the source's bitmap generation at the start, so the ids no longer say
+/// "full". (It restarted from zero before: on a large device every link blip during the
+/// initial sync began it again.)
+#[test]
+fn full_sync_interrupted_resumes_with_what_is_left() {
+    let c = pair("out-full-resume", "", |b| {
+        b.backing_size(64 << 20)
+            .journal_size("2M")
+            .resource_line("resync-rate = \"8M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let n = 24 * MIB;
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, n as usize);
+    a.nbdcopy_in(&input);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    let mark = log_mark(a);
+    b.ctl_ok(&["invalidate"]);
+    let mut first_total = 0;
+    watch(
+        &c,
+        Duration::from_secs(30),
+        "a quarter of the full sync",
+        |sa, _| {
+            let r = &sa["replication"];
+            if r["connection"] == "sync-source" {
+                first_total = u(r, "resync_total");
+                u(r, "resync_done") >= first_total / 4 && first_total > 0
+            } else {
+                false
+            }
+        },
+    );
+    assert!(
+        first_total >= size - MIB,
+        "invalidate should start a full sync of {size} bytes, total {first_total}"
+    );
+    let applied = a.repl_u64("seq_applied");
+    a.wait_repl(
+        Duration::from_secs(30),
+        "the quarter durable on beta",
+        |r| u(r, "seq_durable") >= applied,
+    );
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    let left = a.repl_u64("out_of_sync");
+    println!("full sync of {first_total} bytes cut with {left} bytes left");
+    assert!(
+        left > 0 && left < first_total - first_total / 8,
+        "after the cut {left} of {first_total} bytes are out of sync: the progress was not kept"
+    );
+
+    c.proxy().resume();
+    let seen = wait_synced(&c, Duration::from_secs(40), "after the resumed full sync");
+    assert_identical(&c, size, "full sync interrupted and resumed", &seen);
+    let starts: Vec<String> = log_since(a, mark)
+        .into_iter()
+        .filter(|l| l.contains("resync to the peer"))
+        .collect();
+    println!("alpha's resync starts: {starts:#?}");
+    assert_eq!(starts.len(), 2, "{starts:#?}");
+    assert!(starts[0].ends_with(", full"), "{starts:#?}");
+    assert!(
+        !starts[1].ends_with(", full"),
+        "the second part started a full sync again: {starts:#?}"
+    );
+    let second: u64 = starts[1]
+        .split("): ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        second <= left + MIB,
+        "the resumed part resynced {second} bytes with {left} left at the cut"
+    );
+    assert_eq!(b.status_json()["disk"], "up-to-date");
+    c.assert_replicas_identical(size, "after the resumed full sync");
+    assert_same_bytes(&b.backing_data(n), &data, "beta's data");
+    wait_same_generation(&c);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Application writes to the regions being resynced.
 

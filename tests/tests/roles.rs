@@ -248,3 +248,75 @@ fn connect_when_connected_and_disconnect_when_disconnected_are_no_ops() {
     b.ctl_ok(&["connect"]);
     b.wait_connected(Duration::from_secs(30));
 }
+
+/// DRBD's "held open": `down` of a primary with an NBD client attached is refused (a mounted
+/// filesystem would lose its disk), the node keeps serving it; `down --force` cuts it off
+/// and a write the client acknowledged before is on disk.
+#[test]
+fn down_with_a_client_attached_is_refused_unless_forced() {
+    let c = Cluster::single_primary("down-held-open");
+    let a = c.alpha();
+    let pid = a.pid().expect("daemon pid");
+    let mut held = RawNbd::open(a.export(), c.resource());
+    held.write_at(0, &[7u8; 4096], 0).expect("write");
+    let out = a.ctl(&["down"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "down with a client attached\n{}",
+        out.describe()
+    );
+    assert!(
+        out.describe().contains("NBD client(s) attached"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(a.status_json()["role"], "primary");
+    // Still served after the refusal.
+    held.write_at(4096, &[8u8; 4096], 0)
+        .expect("a write after the refused down");
+    held.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    a.ctl_ok(&["down", "--force"]);
+    assert!(
+        wait_for(Duration::from_secs(10), || !pid_alive(pid)),
+        "the daemon is still running after down --force"
+    );
+    let data = std::fs::read(a.backing_path()).expect("read backing");
+    assert!(data[..4096].iter().all(|&b| b == 7) && data[4096..8192].iter().all(|&b| b == 8));
+}
+
+/// `status` against a hung daemon gives up within its bound (not the two minutes a role
+/// change may take) and says why, with exit code 4 ("may be running, did not answer").
+#[test]
+fn status_of_a_stopped_daemon_gives_up_within_its_bound() {
+    let c = Cluster::single_primary("status-hung");
+    let a = c.alpha();
+    let pid = a.pid().expect("daemon pid");
+    /// Resumes the daemon whatever happens, so its cleanup can stop it.
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _cont = Cont(pid);
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .expect("kill -STOP")
+        .success());
+    let t0 = std::time::Instant::now();
+    let out = a.ctl_timeout(&["status"], Duration::from_secs(60));
+    let took = t0.elapsed();
+    assert_eq!(out.code, Some(4), "{}", out.describe());
+    assert!(
+        out.stderr.contains("did not answer within"),
+        "{}",
+        out.describe()
+    );
+    assert!(took < Duration::from_secs(30), "status took {took:?}");
+    drop(_cont);
+    assert_eq!(a.status_json()["role"], "primary");
+}

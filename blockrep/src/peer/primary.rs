@@ -51,13 +51,15 @@ pub(super) async fn primary_side(
         }
     };
     let journal = match decision {
+        SyncDecision::SourceFull => Err(LinkError::NeedsResync(
+            "full sync: no bitmap covers what the peer lacks".into(),
+        )),
         _ if peer.disk == 0 => Err(LinkError::NeedsResync(
-            "the peer is inconsistent (an interrupted resync)".into(),
+            "the peer is inconsistent (a resync that did not finish)".into(),
         )),
         SyncDecision::InSync | SyncDecision::SourceBitmap if journal_ok => {
             stream_start(res, &peer, &me)
         }
-        SyncDecision::SourceFull => Err(LinkError::NeedsResync("full sync".into())),
         _ => Err(LinkError::NeedsResync("generations diverged".into())),
     };
     let (start, resync) = match journal {
@@ -67,6 +69,27 @@ pub(super) async fn primary_side(
             let seen = peer.applied_seq.max(peer.issued_seq);
             let start = rep.start_resync(Some(&peer_bitmap), full, res.device().size(), seen);
             let bytes = rep.lock().bitmap.dirty_bytes();
+            // A full sync counts from a bitmap generation the target takes as its own (see
+            // `Msg::SyncStart::from`): every bit is set, so the bitmap trivially records all
+            // that differs from it, and a cut leaves the pair at a bitmap resync of the rest.
+            let from = if full {
+                // Every bit set is on disk first: a crash after the target took the
+                // generation must not leave a bitmap that says less than "everything".
+                rep.persist().await.map_err(|e| {
+                    LinkError::LocalDisk(format!("writing the bitmap of a full sync: {e}"))
+                })?;
+                let id = crate::resource::random_id();
+                res.commit_meta(move |sb| {
+                    if sb.gen.bitmap == 0 {
+                        sb.gen.bitmap = id;
+                    }
+                })
+                .await
+                .map_err(|e| LinkError::LocalDisk(format!("starting a full sync: {e}")))?;
+                res.node_state().gen.bitmap
+            } else {
+                0
+            };
             tracing::info!(
                 "resync to the peer ({}): {bytes} bytes{}",
                 e,
@@ -78,6 +101,7 @@ pub(super) async fn primary_side(
                     seq: start,
                     full,
                     bytes,
+                    from,
                 },
             )
             .await?;

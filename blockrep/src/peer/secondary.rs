@@ -430,7 +430,12 @@ pub(super) async fn secondary_side(
                                 "resync start at sequence {seq} (sequences run from 1 to {COUNTER_LIMIT})"
                             )))
                         }
-                        Msg::SyncStart { seq, full, bytes } => {
+                        Msg::SyncStart {
+                            seq,
+                            full,
+                            bytes,
+                            from,
+                        } => {
                             // This node becomes the sync target: inconsistent until SyncDone.
                             tracing::info!(
                                 "resync from the primary: {bytes} bytes{}, stream from sequence {seq}",
@@ -438,9 +443,19 @@ pub(super) async fn secondary_side(
                             );
                             res.run_handler("before-resync-target");
                             res.set_link_state("sync-target", None);
-                            res.commit_meta(|sb| sb.disk = DiskState::Inconsistent)
-                                .await
-                                .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                            // A full sync: from here on this node's data counts from the
+                            // source's bitmap generation (whatever it held before is being
+                            // replaced), so that a cut resumes with what is left. Committed
+                            // before anything of the stream is applied.
+                            res.commit_meta(move |sb| {
+                                sb.disk = DiskState::Inconsistent;
+                                if full && from != 0 {
+                                    sb.gen.current = from;
+                                    sb.gen.bitmap = 0;
+                                }
+                            })
+                            .await
+                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
                             // The record before the resync's stream is not one this node
                             // holds: term 0 until the stream's own records are applied.
                             {
