@@ -542,7 +542,7 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
             Some(s) => serde_json::to_value(s)?,
             None => serde_json::json!({
                 "resource": cfg.resource, "node": cfg.me.name, "pid": 0, "up": false,
-                "running": false, "role": "secondary", "disk": "diskless",
+                "running": false, "role": "unknown", "disk": "unknown",
             }),
         };
         println!("{}", serde_json::to_string_pretty(&v)?);

@@ -196,6 +196,25 @@ pub fn parse_size(s: &str) -> Option<u64> {
     num.trim().parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// A TOML error in one line: where (line, column and the line's text, which names the key)
+/// and what, instead of the parser's multi-line snippet.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let at = span.start.min(text.len());
+            let line_no = text[..at].matches('\n').count() + 1;
+            let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            let column = text[line_start..at].chars().count() + 1;
+            let line = text[line_start..].lines().next().unwrap_or("").trim();
+            format!(
+                "line {line_no}, column {column} (`{line}`): {}",
+                e.message().trim_end()
+            )
+        }
+        None => e.message().trim_end().to_string(),
+    }
+}
+
 impl Config {
     /// Loads `file` and selects node `node` (default: the host name).
     pub fn load(file: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
@@ -209,7 +228,7 @@ impl Config {
     pub fn parse(file: &Path, text: &str, node: Option<&str>) -> Result<Self, ConfigError> {
         let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " | "),
+            message: toml_error(text, &e),
         })?;
         let key_err = |key: &str, message: String| ConfigError::Key {
             file: file.to_owned(),
@@ -243,6 +262,7 @@ impl Config {
                 ))
             }
         };
+        let secret_from_file = r.secret_file.is_some();
         let secret = match (r.secret, r.secret_file) {
             (Some(_), Some(_)) => {
                 return Err(key_err(
@@ -261,7 +281,12 @@ impl Config {
             (None, None) => None,
         };
         if secret.as_ref().is_some_and(|s| s.is_empty()) {
-            return Err(key_err("resource.secret", "the secret is empty".into()));
+            let key = if secret_from_file {
+                "resource.secret-file"
+            } else {
+                "resource.secret"
+            };
+            return Err(key_err(key, "the secret is empty".into()));
         }
         let io_engine = match r.io_engine.as_deref().unwrap_or("auto") {
             "auto" => IoEngineChoice::Auto,
@@ -528,6 +553,16 @@ impl Config {
                     "both nodes use the same control socket".into(),
                 ));
             }
+            // The node that dials would reach itself.
+            if p.replication == me.replication {
+                return Err(key_err(
+                    &k(p, "replication"),
+                    format!(
+                        "both nodes use {}: each node needs its own replication address",
+                        p.replication.map(|a| a.to_string()).unwrap_or_default()
+                    ),
+                ));
+            }
         }
         Ok(Config {
             file: file.to_owned(),
@@ -617,6 +652,57 @@ control = "/tmp/b.sock"
             .unwrap_err()
             .to_string();
         assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_are_one_line_naming_the_line_and_its_text() {
+        let e = parse(
+            &GOOD.replace("protocol = \"B\"", "protocl = \"B\""),
+            "alpha",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !e.contains('\n') && e.contains("line 4, column 1 (`protocl = \"B\"`)"),
+            "{e}"
+        );
+        assert!(e.contains("unknown field `protocl`"), "{e}");
+        let e = parse(
+            &GOOD.replace("[node.alpha]", "ko-count = \"15\"\n[node.alpha]"),
+            "alpha",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("(`ko-count = \"15\"`)"), "{e}");
+    }
+
+    #[test]
+    fn both_nodes_on_one_replication_address_are_refused() {
+        let e = parse(&GOOD.replace("127.0.0.1:7001", "127.0.0.1:7000"), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("node.beta.replication") && e.contains("127.0.0.1:7000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_empty_secret_file_is_named_as_such() {
+        let dir = std::env::temp_dir().join(format!("blockrep-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("secret");
+        std::fs::write(&f, "\n").unwrap();
+        let text = GOOD.replace(
+            "secret = \"x\"",
+            &format!("secret-file = \"{}\"", f.display()),
+        );
+        let e = parse(&text, "alpha").unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            e.contains("resource.secret-file") && e.contains("empty"),
+            "{e}"
+        );
     }
 
     #[test]

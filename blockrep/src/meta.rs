@@ -34,10 +34,12 @@ pub const UUID_JUST_CREATED: u64 = 4;
 
 #[derive(Debug, Error)]
 pub enum MetaError {
-    #[error("{path}: {source}")]
+    /// The cause is part of the message (not a `source`), so that a chain printed with
+    /// `{:#}` does not say it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{path}: too small: {size} bytes; metadata needs {meta} bytes ({detail}) and the data at \
@@ -316,7 +318,7 @@ pub struct MetaStore {
 fn size_of(file: &File, path: &Path) -> Result<u64, MetaError> {
     let io = |source| MetaError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     let md = file.metadata().map_err(io)?;
     if md.file_type().is_file() {
@@ -339,7 +341,7 @@ fn size_of(file: &File, path: &Path) -> Result<u64, MetaError> {
 pub fn probe_backing(path: &Path) -> Result<Option<crate::fsprobe::Found>, MetaError> {
     let io = |source| MetaError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     let file = File::open(path).map_err(io)?;
     let size = size_of(&file, path)?;
@@ -360,7 +362,10 @@ fn meta_target(
 ) -> Result<(File, PathBuf, u64), MetaError> {
     let io = |p: &Path| {
         let p = p.to_owned();
-        move |source| MetaError::Io { path: p, source }
+        move |source| MetaError::Io {
+            path: p,
+            error: source,
+        }
     };
     let bf = OpenOptions::new()
         .read(true)
@@ -402,7 +407,7 @@ impl MetaStore {
             Err(source) => {
                 return Err(MetaError::Io {
                     path: path.to_owned(),
-                    source,
+                    error: source,
                 })
             }
         }
@@ -473,7 +478,7 @@ impl MetaStore {
         }
         let io = |source| MetaError::Io {
             path: path.clone(),
-            source,
+            error: source,
         };
         if external.is_some() {
             file.set_len(layout.meta_len()).map_err(io)?;
@@ -523,7 +528,7 @@ impl MetaStore {
         // Clear bitmap and activity log: a fresh device has nothing out of sync.
         let io = |source| MetaError::Io {
             path: store.path.clone(),
-            source,
+            error: source,
         };
         let zeros = vec![0u8; 1 << 20];
         let mut off = layout.bitmap_offset;
@@ -603,7 +608,7 @@ impl MetaStore {
     fn write_slot(&self, sb: &Superblock, slot: u64) -> Result<(), MetaError> {
         let io = |source| MetaError::Io {
             path: self.path.clone(),
-            source,
+            error: source,
         };
         let bytes = sb.encode().map_err(|e| MetaError::Layout {
             path: self.path.clone(),
@@ -654,7 +659,10 @@ impl MetaStore {
             let offset = sb.layout.sb_offset + (sb.seq % 2) * SLOT_LEN;
             (t, sb, m.file.clone(), m.path.clone(), offset, bytes)
         };
-        let io_err = |source| MetaError::Io { path, source };
+        let io_err = |source| MetaError::Io {
+            path,
+            error: source,
+        };
         file.write_all_at(&bytes, offset)
             .and_then(|()| file.sync_data())
             .map_err(io_err)?;

@@ -34,18 +34,16 @@ const CLIENTS_LEAVING_WAIT: Duration = Duration::from_secs(2);
 pub enum NodeError {
     #[error(transparent)]
     Meta(#[from] MetaError),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    /// The cause is in the message, not a `source` (see `MetaError::Io`).
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     #[error("{0}")]
     Refused(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
     let what = what.into();
-    move |source| NodeError::Io { what, source }
+    move |error| NodeError::Io { what, error }
 }
 
 /// Where the peer's answer to `new-current-uuid --clear-bitmap` goes: done, or why not.

@@ -387,7 +387,15 @@ fn log_link_error(res: &Resource, e: &LinkError) {
         }
         _ => tracing::warn!("peer link: {e}"),
     }
-    res.set_link_state("connecting", Some(e.to_string()));
+    // What `status` shows as the last error: a peer that went down cleanly is not a fault.
+    let shown = match e {
+        LinkError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the peer closed the connection (it went down or restarted, or the network cut it)"
+                .to_string()
+        }
+        _ => e.to_string(),
+    };
+    res.set_link_state("connecting", Some(shown));
 }
 
 async fn dial(
