@@ -997,6 +997,12 @@ impl Resource {
                 }
                 None => (0, 0, 0),
             };
+        // A resync target's own bitmap is empty: what it lacks is what the source has left.
+        let oos = if l.state == "sync-target" {
+            oos.max(resync_total.saturating_sub(resync_done))
+        } else {
+            oos
+        };
         let applied = if self.role() == Role::Primary {
             acks.applied
         } else {

@@ -211,6 +211,12 @@ pub enum Msg {
         ok: bool,
         reason: String,
     },
+    /// Source to target, a few times a second during a resync: how far it is, so that the
+    /// target's `status` (and `wait-sync` there) shows the progress the source sees.
+    SyncProgress {
+        total: u64,
+        done: u64,
+    },
 }
 
 /// Progress of an online verify, as the primary reports it to the secondary that asked.

@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 20;
+const VARIANTS: usize = 21;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -87,6 +87,7 @@ fn variant(m: &Msg) -> usize {
         Msg::VerifyProgress(_) => 17,
         Msg::SkipSync { .. } => 18,
         Msg::SkipSyncReply { .. } => 19,
+        Msg::SyncProgress { .. } => 20,
     }
 }
 
@@ -207,6 +208,10 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             len: rng.u64_edge(),
         },
         16 => Msg::VerifyRequest,
+        20 => Msg::SyncProgress {
+            total: rng.u64_edge(),
+            done: rng.u64_edge(),
+        },
         18 => Msg::SkipSync {
             gen: rng.u64_edge(),
         },

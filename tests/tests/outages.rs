@@ -1330,6 +1330,17 @@ fn full_sync_interrupted_resumes_with_what_is_left() {
         first_total >= size - MIB,
         "invalidate should start a full sync of {size} bytes, total {first_total}"
     );
+    // The target shows the progress too (the source reports it over the link).
+    let rb = b.wait_repl(
+        Duration::from_secs(5),
+        "resync progress on the target",
+        |r| r["connection"] == "sync-target" && u(r, "resync_done") > 0,
+    );
+    assert_eq!(u(&rb, "resync_total"), first_total, "{rb}");
+    assert!(
+        u(&rb, "out_of_sync") > 0 && u(&rb, "out_of_sync") < first_total,
+        "the target's out_of_sync during its resync: {rb}"
+    );
     let applied = a.repl_u64("seq_applied");
     a.wait_repl(
         Duration::from_secs(30),

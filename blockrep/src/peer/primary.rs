@@ -288,6 +288,8 @@ pub(super) async fn primary_side(
             let mut last = res
                 .verify_report()
                 .filter(|r| !matches!(r.state.as_str(), "pending" | "running"));
+            // A resync's progress goes to the target the same way, whoever asked.
+            let mut last_sync = None;
             loop {
                 tokio::time::sleep(VERIFY_REPORT_INTERVAL).await;
                 let r = res.verify_report();
@@ -296,6 +298,17 @@ pub(super) async fn primary_side(
                         let _ = side_tx.send(Msg::VerifyProgress(m)).await;
                     }
                     last = r;
+                }
+                let sync = res
+                    .resync
+                    .lock()
+                    .ok()
+                    .and_then(|p| p.map(|(total, done, _)| (total, done)));
+                if let Some((total, done)) = sync {
+                    if last_sync != sync {
+                        let _ = side_tx.send(Msg::SyncProgress { total, done }).await;
+                        last_sync = sync;
+                    }
                 }
             }
         }

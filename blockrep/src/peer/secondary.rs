@@ -443,6 +443,9 @@ pub(super) async fn secondary_side(
                             );
                             res.run_handler("before-resync-target");
                             res.set_link_state("sync-target", None);
+                            if let Ok(mut p) = res.resync.lock() {
+                                *p = Some((bytes, 0, std::time::Instant::now()));
+                            }
                             // A full sync: from here on this node's data counts from the
                             // source's bitmap generation (whatever it held before is being
                             // replaced), so that a cut resumes with what is left. Committed
@@ -480,6 +483,17 @@ pub(super) async fn secondary_side(
                         }
                         Msg::VerifyProgress(r) => {
                             res.verify_reported(&r);
+                            continue;
+                        }
+                        Msg::SyncProgress { total, done } => {
+                            // Shown by `status` only: nothing here depends on it.
+                            if res.link_state() == "sync-target" {
+                                if let Ok(mut p) = res.resync.lock() {
+                                    let started =
+                                        p.map_or_else(std::time::Instant::now, |(_, _, s)| s);
+                                    *p = Some((total, done.min(total), started));
+                                }
+                            }
                             continue;
                         }
                         Msg::Refuse { reason } => return Err(peer_refused(reason)),
@@ -655,6 +669,9 @@ pub(super) async fn secondary_side(
                                         .store(false, std::sync::atomic::Ordering::SeqCst);
                                 }
                                 ap.res.sync_target_done();
+                                if let Ok(mut p) = ap.res.resync.lock() {
+                                    *p = None;
+                                }
                                 ap.res.set_link_state("connected", None);
                                 tracing::info!("resync done: this node is up to date");
                                 ap.res.run_handler("after-resync-target");
@@ -760,6 +777,10 @@ pub(super) async fn secondary_side(
     // Let every write already started finish, so a new connection never overlaps them.
     rep.quiesce_applies().await;
     let _ = ap.make_durable().await;
+    // A resync cut here is no longer running (its progress resumes with the next one).
+    if let Ok(mut p) = res.resync.lock() {
+        *p = None;
+    }
     res.update_verify(|v| {
         if v.on_peer && v.active() {
             v.state = "interrupted";
