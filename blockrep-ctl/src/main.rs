@@ -216,6 +216,21 @@ fn daemon_status(cfg: &Config) -> Option<Status> {
     query_status(cfg).ok().flatten()
 }
 
+/// For commands that poll the status until something happens (`wait-sync`, `verify`): `None`
+/// when a daemon is there but did not answer this time (a disk stalled under its metadata
+/// lock, say: noted, and the caller polls again until its own deadline), an error only when
+/// no daemon runs.
+fn poll_status(cfg: &Config) -> Result<Option<Status>> {
+    match query_status(cfg) {
+        Ok(Some(s)) => Ok(Some(s)),
+        Ok(None) => Err(anyhow!(not_running(cfg))),
+        Err(e) => {
+            eprintln!("status: {e:#}; asking again");
+            Ok(None)
+        }
+    }
+}
+
 /// The daemon's status: `Ok(None)` when no daemon listens (no control socket, or nobody
 /// accepts on it), an error when one may be there but did not answer (permissions, a hung
 /// daemon, a garbled reply): "not running" must not be said of a daemon that is running.
@@ -676,7 +691,12 @@ fn wait_sync(cfg: &Config, timeout: u64) -> Result<()> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last = String::new();
     loop {
-        let st = daemon_status(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+        let Some(st) = poll_status(cfg)? else {
+            if Instant::now() > deadline {
+                bail!("not in sync after {timeout} s: the daemon did not answer");
+            }
+            continue;
+        };
         if !st.up {
             bail!("resource {} is not up on {}", cfg.resource, cfg.me.name);
         }
@@ -719,7 +739,12 @@ fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     loop {
-        let st = daemon_status(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+        let Some(st) = poll_status(cfg)? else {
+            if Instant::now() > deadline {
+                bail!("verify not done after {timeout} s (it goes on; see status)");
+            }
+            continue;
+        };
         if let Some(v) = verify_of(&st).filter(|v| v.run > r0) {
             match v.state.as_str() {
                 "done" => {

@@ -115,6 +115,27 @@ enum Via {
 }
 
 impl Attachment {
+    /// What holds the attached device open, if anything a detach would pull it from under:
+    /// a mount (`/proc/self/mountinfo`) or a stacked device (`holders` in sysfs: LVM, dm).
+    pub fn in_use(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&self.device).ok()?.rdev();
+        let majmin = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+        if let Some(at) = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|mi| mounted_at(&mi, &majmin).map(str::to_string))
+        {
+            return Some(format!("{} is mounted on {at}", self.device.display()));
+        }
+        let holders = std::fs::read_dir(format!("/sys/dev/block/{majmin}/holders")).ok()?;
+        let names: Vec<String> = holders
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        (!names.is_empty())
+            .then(|| format!("{} is held by {}", self.device.display(), names.join(", ")))
+    }
+
     /// "netlink" or "ioctl", for status and logs.
     pub fn method(&self) -> &'static str {
         match self.via {
@@ -472,8 +493,30 @@ impl Genl {
 /// Netlink attributes as (type, payload).
 type Attrs = Vec<(u16, Vec<u8>)>;
 
+/// Where the block device `major:minor` is mounted, from the text of a `mountinfo` file
+/// (field 3 is the device, field 5 the mount point).
+fn mounted_at<'a>(mountinfo: &'a str, majmin: &str) -> Option<&'a str> {
+    mountinfo.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&majmin))
+            .then(|| f.get(4).copied())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use super::mounted_at;
+
+    #[test]
+    fn a_mounted_device_is_found_by_its_numbers() {
+        let mi = "22 1 0:21 / /proc rw - proc proc rw\n\
+                  36 29 43:0 / /srv rw,relatime - ext4 /dev/nbd0 rw\n";
+        assert_eq!(mounted_at(mi, "43:0"), Some("/srv"));
+        assert_eq!(mounted_at(mi, "43:1"), None);
+        assert_eq!(mounted_at("garbage\n\n", "43:0"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -62,9 +62,10 @@ pub struct Resource {
     crashed_primary: std::sync::atomic::AtomicBool,
     /// `connect --discard-my-data`: become the sync target at the next connect.
     discard_my_data: std::sync::atomic::AtomicBool,
-    /// A split brain was logged and its handler run; reconnects that find it again only
-    /// back off (the handler is not run again until a connection gets past it).
-    pub split_brain_reported: std::sync::atomic::AtomicBool,
+    /// The kind of split brain last logged with its handler run (0: none; see
+    /// `peer::SplitBrainKind`): reconnects that find the same one again only back off, and
+    /// the link shows `split-brain` until a connection gets past it.
+    pub split_brain_reported: std::sync::atomic::AtomicU8,
     /// Resync progress as the source: (total bytes, bytes sent, start).
     pub resync: Mutex<Option<(u64, u64, std::time::Instant)>>,
     /// Online verify: the latest run's state; `verify_kick` wakes the connection's verifier.
@@ -272,7 +273,7 @@ impl Resource {
             connections: std::sync::atomic::AtomicU64::new(0),
             crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
-            split_brain_reported: std::sync::atomic::AtomicBool::new(false),
+            split_brain_reported: std::sync::atomic::AtomicU8::new(0),
             resync: Mutex::new(None),
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
@@ -926,31 +927,34 @@ impl Resource {
             c.standalone = standalone;
             changed
         });
-        if !changed {
-            return format!(
-                "{} is already {} (link {})",
-                self.cfg.me.name,
-                if standalone {
-                    "disconnected"
-                } else {
-                    "connecting or connected"
-                },
-                self.link().state
-            );
+        if !standalone {
+            return if changed {
+                format!("{} connecting to its peer", self.cfg.me.name)
+            } else {
+                format!(
+                    "{} is already connecting or connected (link {})",
+                    self.cfg.me.name,
+                    self.link().state
+                )
+            };
         }
-        if standalone {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while self.link().state != "standalone" && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        // Also when asked again: an earlier `disconnect` may have returned before the link
+        // was down (its wait is bounded), and the admin's next step counts on it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.link().state != "standalone" && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if standalone {
+        if changed {
             format!(
                 "{} disconnected from its peer (standalone)",
                 self.cfg.me.name
             )
         } else {
-            format!("{} connecting to its peer", self.cfg.me.name)
+            format!(
+                "{} is already disconnected (link {})",
+                self.cfg.me.name,
+                self.link().state
+            )
         }
     }
 
@@ -1220,6 +1224,7 @@ impl Resource {
         if force {
             return Ok(());
         }
+        self.refuse_while_kernel_device_in_use().await?;
         let kernel_attached = u64::from(self.kernel.lock().await.is_some());
         let open = self
             .export
@@ -1228,9 +1233,25 @@ impl Resource {
         state::demote(open.saturating_sub(kernel_attached), false).map_err(NodeError::Refused)
     }
 
+    /// The node's own kernel device (`/dev/nbdX`) is not counted among the clients (a
+    /// detach is part of `down` and `secondary`), but pulling it from under a mount or a
+    /// stacked device loses that filesystem's writes: refused without --force, as DRBD
+    /// refuses with "held open".
+    async fn refuse_while_kernel_device_in_use(&self) -> Result<(), NodeError> {
+        match self.kernel.lock().await.as_ref().and_then(|k| k.in_use()) {
+            Some(why) => Err(NodeError::Refused(format!(
+                "{why}: unmount it first, or use --force to detach it anyway"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub async fn secondary(&self, force: bool) -> Result<String, NodeError> {
         if self.role() == Role::Secondary {
             return Ok(format!("{} is already secondary", self.cfg.me.name));
+        }
+        if !force {
+            self.refuse_while_kernel_device_in_use().await?;
         }
         let kernel_attached = u64::from(self.kernel.lock().await.is_some());
         // A client that just sent its disconnect (an unmount, then `secondary` at once) is

@@ -979,6 +979,12 @@ fn split_brain_detected_nothing_moves_then_discard_my_data_resolves() {
             "{} connected despite the split brain: {s}",
             n.name()
         );
+        assert_eq!(
+            r["connection"],
+            "split-brain",
+            "{} does not show the split brain: {s}",
+            n.name()
+        );
         assert_eq!(s["role"], "primary", "{s}");
         assert_same_bytes(
             &n.backing_data(size),

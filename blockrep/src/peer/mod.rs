@@ -261,7 +261,12 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
             }
             continue;
         }
-        res.set_link_state("connecting", None);
+        // Until a connection gets past a split brain, the link says so.
+        let split = res
+            .split_brain_reported
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != 0;
+        res.set_link_state(if split { "split-brain" } else { "connecting" }, None);
         let est = if let Some(e) = pending.take() {
             Ok(e)
         } else {
@@ -383,7 +388,12 @@ fn log_link_error(res: &Resource, e: &LinkError) {
             tracing::debug!("peer link: {e}")
         }
         LinkError::PeerRefused(why) if why.contains("split brain") => {
-            split_brain_found(res, &e.to_string())
+            let kind = if why.contains("both nodes are primary") {
+                SplitBrainKind::BothPrimary
+            } else {
+                SplitBrainKind::Diverged
+            };
+            split_brain_found(res, kind, &e.to_string())
         }
         _ => tracing::warn!("peer link: {e}"),
     }
@@ -472,14 +482,24 @@ async fn accept_loop(
     }
 }
 
+/// The two split brains an admin resolves differently: both nodes primary (demote one), and
+/// data changed on both sides (`connect --discard-my-data` on one): each is reported once.
+#[derive(Clone, Copy)]
+enum SplitBrainKind {
+    BothPrimary = 1,
+    Diverged = 2,
+}
+
 /// A split brain was found here or reported by the peer: logged, and the split-brain handler
 /// run, once per split brain on each node. The link keeps trying (backing off) so that the
 /// admin's resolution on either node (`secondary`, `connect --discard-my-data`) is taken up
 /// at once, but the retries that find it again are logged at debug level only.
-fn split_brain_found(res: &Resource, why: &str) {
+fn split_brain_found(res: &Resource, kind: SplitBrainKind, why: &str) {
+    let kind = kind as u8;
     if res
         .split_brain_reported
-        .swap(true, std::sync::atomic::Ordering::SeqCst)
+        .swap(kind, std::sync::atomic::Ordering::SeqCst)
+        == kind
     {
         tracing::debug!("{why}");
     } else {
@@ -496,7 +516,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     res.set_peer(Some(peer.clone()));
     if me.primary && peer.primary {
         let why = "split brain: both nodes are primary; demote one (blockrep-ctl secondary)";
-        split_brain_found(res, why);
+        split_brain_found(res, SplitBrainKind::BothPrimary, why);
         return Err(refuse(&mut wr, why.into()).await);
     }
     // Size: the primary's export must fit on the secondary (checked again below for whichever
@@ -595,14 +615,14 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
                  Resolve with `blockrep-ctl connect --discard-my-data` on the node whose changes are to be dropped",
                 me.gen.bitmap
             );
-            split_brain_found(res, &why);
+            split_brain_found(res, SplitBrainKind::Diverged, &why);
             return Err(LinkError::SplitBrain(
                 refuse(&mut wr, why).await.to_string(),
             ));
         }
         SyncDecision::Unrelated => {
             res.split_brain_reported
-                .store(false, std::sync::atomic::Ordering::SeqCst);
+                .store(0, std::sync::atomic::Ordering::SeqCst);
             let why = format!(
                 "unrelated data: generation {:016X} here, {:016X} on the peer, no common history",
                 me.gen.current, peer.gen.current
@@ -611,7 +631,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         }
         _ => res
             .split_brain_reported
-            .store(false, std::sync::atomic::Ordering::SeqCst),
+            .store(0, std::sync::atomic::Ordering::SeqCst),
     }
     let source = matches!(
         decision,
