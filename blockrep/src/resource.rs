@@ -26,6 +26,14 @@ use crate::peer::{LinkCtl, LinkInfo};
 use crate::replication::{MetaAreas, Replication};
 use crate::state::{self, PeerView, Role};
 
+/// The refusal of a promotion over a connected peer with newer data.
+fn peer_ahead(peer: &crate::meta::Generations, mine: &crate::meta::Generations) -> NodeError {
+    NodeError::Refused(format!(
+        "the peer has newer data (its generation {:016X}, this node's {:016X}): wait until it has brought this node up to date, or use --force to promote anyway (the peer's newer writes are then a split brain)",
+        peer.current, mine.current
+    ))
+}
+
 /// How long `secondary` waits for NBD clients that are already disconnecting before it
 /// refuses because clients are attached.
 const CLIENTS_LEAVING_WAIT: Duration = Duration::from_secs(2);
@@ -66,6 +74,9 @@ pub struct Resource {
     /// `peer::SplitBrainKind`): reconnects that find the same one again only back off, and
     /// the link shows `split-brain` until a connection gets past it.
     pub split_brain_reported: std::sync::atomic::AtomicU8,
+    /// A promotion is under way: the stream from the peer must not write this disk any
+    /// more (see [`Resource::stream_held`]).
+    stream_hold: std::sync::atomic::AtomicBool,
     /// Resync progress as the source: (total bytes, bytes sent, start).
     pub resync: Mutex<Option<(u64, u64, std::time::Instant)>>,
     /// Online verify: the latest run's state; `verify_kick` wakes the connection's verifier.
@@ -274,6 +285,7 @@ impl Resource {
             crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
+            stream_hold: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
@@ -1149,20 +1161,61 @@ impl Resource {
                 "the writes last received from the peer could not be made durable here: this node's disk is inconsistent (use --force to promote it anyway)".into(),
             ));
         }
+        // A connected peer that cannot hold this node's export would be refused right after
+        // the promotion (its writes then only in the bitmap): said now, with the numbers, as
+        // a structural mismatch that --force does not change (disconnect first to run alone).
+        if let (PeerView::Connected(_), Some(p)) = (peer, self.link().peer.as_ref()) {
+            let mine = self.device().size();
+            if p.size < mine {
+                return Err(NodeError::Refused(format!(
+                    "the peer's device holds {} bytes, this node exports {mine}: it cannot take this node's writes (promote the peer instead, or `disconnect` first to run without it)",
+                    p.size
+                )));
+            }
+        }
         let new_id = random_id();
         let peer_gen = match peer {
             PeerView::Connected(_) => self.link().peer.as_ref().map(|p| crate::peer::gens(&p.gen)),
             _ => None,
         };
         let gen_before = self.node_state().gen.current;
+        // A stream from the peer (a resync between secondaries, say) stops writing this disk
+        // before the promotion is committed: its records are refused from here on, and those
+        // already applying (a SyncDone's commit among them) finish first, so none lands over
+        // a client's write or over the promotion's generation.
+        // (A primary peer's stream goes on: the promotion is refused below.) What would refuse
+        // the promotion is checked first, so that a refused one does not cut the stream.
+        if !force {
+            let (disk, gen) = {
+                let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+                (m.sb.disk, m.sb.gen)
+            };
+            if let Some(pg) = peer_gen.filter(|pg| state::peer_is_ahead(&gen, pg)) {
+                return Err(peer_ahead(&pg, &gen));
+            }
+            state::promote(disk, gen, peer, false, new_id).map_err(NodeError::Refused)?;
+        }
+        struct Release<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _release = if peer != PeerView::Connected(Role::Primary) {
+            self.stream_hold
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(rep) = &self.rep {
+                rep.quiesce_applies().await;
+            }
+            Some(Release(&self.stream_hold))
+        } else {
+            None
+        };
         self.update_meta(move |sb| {
             // A connected peer with newer data (it is resyncing or catching this node up)
             // would be overwritten by this node's older data once it writes as primary.
             if let Some(pg) = peer_gen.filter(|pg| !force && state::peer_is_ahead(&sb.gen, pg)) {
-                return Err(NodeError::Refused(format!(
-                    "the peer has newer data (its generation {:016X}, this node's {:016X}): wait until it has brought this node up to date, or use --force to promote anyway (the peer's newer writes are then a split brain)",
-                    pg.current, sb.gen.current
-                )));
+                return Err(peer_ahead(&pg, &sb.gen));
             }
             let p =
                 state::promote(sb.disk, sb.gen, peer, force, new_id).map_err(NodeError::Refused)?;
@@ -1215,6 +1268,12 @@ impl Resource {
         tracing::info!("{} promoted to primary", self.cfg.me.name);
         self.run_handler("became-primary");
         Ok(format!("{} is now primary", self.cfg.me.name))
+    }
+
+    /// Whether the stream from the peer must stop writing this disk: this node is primary, or
+    /// is being promoted.
+    pub fn stream_held(&self) -> bool {
+        self.stream_hold.load(std::sync::atomic::Ordering::SeqCst) || self.role() == Role::Primary
     }
 
     /// `down` without --force, like `secondary`, leaves attached NBD clients alone (a mounted

@@ -74,19 +74,34 @@ pub(super) async fn primary_side(
             // that differs from it, and a cut leaves the pair at a bitmap resync of the rest.
             let from = if full {
                 // Every bit set is on disk first: a crash after the target took the
-                // generation must not leave a bitmap that says less than "everything".
-                rep.persist().await.map_err(|e| {
-                    LinkError::LocalDisk(format!("writing the bitmap of a full sync: {e}"))
-                })?;
-                let id = crate::resource::random_id();
-                res.commit_meta(move |sb| {
-                    if sb.gen.bitmap == 0 {
-                        sb.gen.bitmap = id;
+                // generation must not leave a bitmap that says less than "everything". Two
+                // syncs of this disk, which a busy one may take seconds for: the peer hears
+                // pings meanwhile, or it would give up on a silent link.
+                let prepare = async {
+                    rep.persist().await.map_err(|e| {
+                        LinkError::LocalDisk(format!("writing the bitmap of a full sync: {e}"))
+                    })?;
+                    if res.node_state().gen.bitmap == 0 {
+                        let id = crate::resource::random_id();
+                        res.commit_meta(move |sb| {
+                            if sb.gen.bitmap == 0 {
+                                sb.gen.bitmap = id;
+                            }
+                        })
+                        .await
+                        .map_err(|e| LinkError::LocalDisk(format!("starting a full sync: {e}")))?;
                     }
-                })
-                .await
-                .map_err(|e| LinkError::LocalDisk(format!("starting a full sync: {e}")))?;
-                res.node_state().gen.bitmap
+                    Ok::<u64, LinkError>(res.node_state().gen.bitmap)
+                };
+                tokio::pin!(prepare);
+                loop {
+                    tokio::select! {
+                        r = &mut prepare => break r?,
+                        _ = tokio::time::sleep(PING_INTERVAL) => {
+                            write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+                        }
+                    }
+                }
             } else {
                 0
             };

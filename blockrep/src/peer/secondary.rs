@@ -430,6 +430,9 @@ pub(super) async fn secondary_side(
                                 "resync start at sequence {seq} (sequences run from 1 to {COUNTER_LIMIT})"
                             )))
                         }
+                        Msg::SyncStart { .. } if res.stream_held() => {
+                            return Err(LinkError::Closed("this node is being promoted"))
+                        }
                         Msg::SyncStart {
                             seq,
                             full,
@@ -504,6 +507,10 @@ pub(super) async fn secondary_side(
                         }
                     },
                 };
+                // A promotion under way: no stream record may write this disk any more.
+                if res.stream_held() {
+                    return Err(LinkError::Closed("this node is being promoted"));
+                }
                 {
                     let mut s = ap.lock();
                     if seq <= s.received {
@@ -537,6 +544,11 @@ pub(super) async fn secondary_side(
                     .acquire_owned()
                     .await
                     .map_err(|_| LinkError::Closed("apply window closed"))?;
+                // Checked again with the permit: a promotion that waited out the applies in
+                // flight may have started while this record waited for its turn.
+                if res.stream_held() {
+                    return Err(LinkError::Closed("this node is being promoted"));
+                }
                 match msg {
                     Msg::HashReq {
                         offset, len, block, ..
