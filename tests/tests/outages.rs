@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockrep_e2e::blocks::*;
+use blockrep_e2e::nbd_const::*;
 use blockrep_e2e::watch::*;
 use blockrep_e2e::*;
 use serde_json::Value;
@@ -1391,6 +1392,60 @@ fn full_sync_interrupted_resumes_with_what_is_left() {
     c.assert_replicas_identical(size, "after the resumed full sync");
     assert_same_bytes(&b.backing_data(n), &data, "beta's data");
     wait_same_generation(&c);
+}
+
+/// A resync target forced primary midway (a resync between two secondaries): the stream
+/// stops before the promotion commits, so a client's write on the new primary is never
+/// overwritten by a resync record; the two nodes then show a split brain (both moved on from
+/// the full sync's generation), which `connect --discard-my-data` on the forced node settles.
+#[test]
+fn a_resync_target_forced_primary_midway_keeps_its_client_writes_and_is_a_split_brain() {
+    let c = pair("out-force-target", "", |b| {
+        b.backing_size(64 << 20)
+            .journal_size("2M")
+            .resource_line("resync-rate = \"6M\"")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, (16 * MIB) as usize);
+    a.nbdcopy_in(&input);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    a.ctl_ok(&["secondary"]);
+    a.wait_repl(Duration::from_secs(20), "connected as secondaries", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    b.ctl_ok(&["invalidate"]);
+    b.wait_repl(Duration::from_secs(20), "a quarter of the resync", |r| {
+        r["connection"] == "sync-target" && u(r, "resync_done") >= size / 4
+    });
+    b.ctl_ok(&["primary", "--force"]);
+    // Client writes on the new primary, over regions the resync had not reached yet.
+    let mut w = RawNbd::open(b.export(), c.resource());
+    let tail = size - 4 * MIB;
+    for i in 0..16u64 {
+        w.write_at(tail + i * 65536, &[0xA5; 65536], 0)
+            .expect("write");
+    }
+    w.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    w.disconnect();
+    std::thread::sleep(Duration::from_secs(3));
+    let on_b = b.backing_data(size);
+    assert!(
+        on_b[tail as usize..(tail + MIB) as usize]
+            .iter()
+            .all(|&x| x == 0xA5),
+        "a client write on the forced primary was overwritten"
+    );
+    wait_split_brain_reported(a, Duration::from_secs(15));
+    wait_split_brain_reported(b, Duration::from_secs(15));
+
+    // Settled by hand: the forced node drops its changes and gets alpha's data back.
+    b.ctl_ok(&["secondary"]);
+    b.ctl_ok(&["connect", "--discard-my-data"]);
+    let seen = wait_synced(&c, Duration::from_secs(60), "after --discard-my-data");
+    assert_identical(&c, size, "forced target settled", &seen);
+    assert_same_bytes(&b.backing_data(16 * MIB), &data, "beta has alpha's data");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -320,3 +320,37 @@ fn status_of_a_stopped_daemon_gives_up_within_its_bound() {
     drop(_cont);
     assert_eq!(a.status_json()["role"], "primary");
 }
+
+/// Two connected secondaries whose devices differ: promoting the larger is refused at once,
+/// with both sizes (the smaller peer could not take its writes; it used to be refused only by
+/// the link after the promotion), and the smaller one can be promoted.
+#[test]
+fn the_larger_of_two_connected_secondaries_is_not_promoted_over_a_smaller_peer() {
+    let c = Cluster::builder("promote-size")
+        .nodes(2)
+        .node_backing_size("beta", 256 * 1024 * 1024 - (16 << 20))
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    b.create_md();
+    a.up();
+    b.up();
+    a.wait_connected(Duration::from_secs(30));
+    b.wait_connected(Duration::from_secs(30));
+    let (sa, sb) = (a.size(), b.size());
+    assert!(sb < sa, "beta {sb} vs alpha {sa}");
+    let out = a.ctl(&["primary", "--force"]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    let text = out.describe();
+    assert!(
+        text.contains("cannot take this node's writes")
+            && text.contains(&sa.to_string())
+            && text.contains(&sb.to_string()),
+        "{text}"
+    );
+    assert_eq!(a.status_json()["role"], "secondary");
+    b.ctl_ok(&["primary", "--force"]);
+    b.wait_repl(Duration::from_secs(30), "connected as primary", |r| {
+        r["connection"] != "connecting" && r["peer_role"] == "secondary"
+    });
+}
