@@ -50,7 +50,7 @@ GOALS = [
 ]
 # log lines that are expected in every run of this benchmark
 BENIGN_LOG = [
-    re.compile(r"forced promotion of an? \w+ disk"),
+    re.compile(r"forced promotion: this disk is \w+"),
 ]
 # A run in which the hypervisor took this share of the CPUs or more was disturbed by the
 # host: the median is taken over the undisturbed rounds when there are any.

@@ -38,7 +38,7 @@ TS_PREFIX = re.compile(r"^\S+Z\s+")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # log lines this benchmark provokes on purpose
 BENIGN_LOG = [
-    re.compile(r"forced promotion of an? \w+ disk"),          # primary --force on a fresh pair
+    re.compile(r"forced promotion: this disk is \w+"),          # primary --force on a fresh pair
     re.compile(r"link closed: role change or admin command"),  # primary --force, disconnect
     re.compile(r"journal cannot take seq \d+ .*resync of the dirty bitmap"),  # the outage
 ]
