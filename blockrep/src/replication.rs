@@ -119,6 +119,8 @@ impl PeerWaiters {
 #[derive(Default)]
 pub struct Stats {
     pub seq_sent: AtomicU64,
+    /// As a secondary: the last stream record received (for `status`).
+    pub seq_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub crc_errors: AtomicU64,

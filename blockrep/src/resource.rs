@@ -1019,10 +1019,21 @@ impl Resource {
         } else {
             oos
         };
-        let applied = if self.role() == Role::Primary {
-            acks.applied
+        // A primary (or a resync source) shows its stream and the peer's marks; a secondary
+        // its own: what it
+        // received, applied and made durable (its journal's issued mark is an earlier
+        // term's, and the acks are what it last told a peer).
+        let streaming = self.role() == Role::Primary || l.state == "sync-source";
+        let (written, received, applied, durable) = if streaming {
+            (issued, acks.received, acks.applied, acks.durable)
         } else {
-            rep.lock().applied
+            let st = self.node_state();
+            let received = rep
+                .stats
+                .seq_received
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(st.applied_seq);
+            (received, received, st.applied_seq, st.durable_seq)
         };
         Some(PeerStatus {
             peer: peer.name.clone(),
@@ -1036,14 +1047,14 @@ impl Resource {
                 "none"
             }
             .into(),
-            seq_written: issued,
+            seq_written: written,
             seq_sent: rep
                 .stats
                 .seq_sent
                 .load(std::sync::atomic::Ordering::Relaxed),
-            seq_received: acks.received,
+            seq_received: received,
             seq_applied: applied,
-            seq_durable: acks.durable,
+            seq_durable: durable,
             lag_writes: lag_w,
             lag_bytes: lag_b,
             bytes_sent: rep

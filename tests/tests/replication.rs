@@ -942,9 +942,19 @@ fn secondary_refuses_nbd_and_promotion_while_peer_is_primary() {
             && r["lag_writes"] == 0
             && r["seq_applied"] == r["seq_written"]
     });
-    a.wait_repl(SYNC_TIMEOUT, "applied the new primary's writes", |r| {
+    let ra = a.wait_repl(SYNC_TIMEOUT, "applied the new primary's writes", |r| {
         r["seq_applied"] == rb["seq_written"]
     });
+    // A secondary shows its own marks, not its earlier term's journal or stale acks.
+    assert_eq!(
+        ra["seq_received"], ra["seq_applied"],
+        "alpha as secondary: {ra}"
+    );
+    assert_eq!(
+        ra["seq_written"], ra["seq_applied"],
+        "alpha as secondary: {ra}"
+    );
+    assert!(u(&ra, "seq_durable") <= u(&ra, "seq_applied"), "{ra}");
     c.assert_replicas_identical(size, "after the switchover");
     assert_same_bytes(
         &a.backing_data(17 * MIB as u64)[16 * MIB..],

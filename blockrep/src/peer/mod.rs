@@ -567,10 +567,17 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         }
         decision = pick(decision);
     }
+    // In hex, as dump-md and the error messages show them.
+    let hex = |g: &peer::GenIds| {
+        format!(
+            "current {:016X} bitmap {:016X} history {:016X} {:016X}",
+            g.current, g.bitmap, g.history[0], g.history[1]
+        )
+    };
     tracing::info!(
-        "generations: this node {:?}, peer {:?}: {decision:?}",
-        me.gen,
-        peer.gen
+        "generations: this node {}, peer {}: {decision:?}",
+        hex(&me.gen),
+        hex(&peer.gen)
     );
     if decision == SyncDecision::SplitBrain && !me.primary && !peer.primary {
         let facts = |s: &NodeState, name: &'static str| state::SbFacts {

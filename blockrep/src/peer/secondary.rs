@@ -527,6 +527,9 @@ pub(super) async fn secondary_side(
                         )));
                     }
                     s.received = seq;
+                    rep.stats
+                        .seq_received
+                        .store(seq, std::sync::atomic::Ordering::Relaxed);
                     let term = msg.term().unwrap_or(0);
                     if s.terms.back().map(|&(_, t)| t) != Some(term) {
                         if s.terms.len() >= MAX_TERM_CHANGES {
