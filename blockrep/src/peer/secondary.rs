@@ -88,34 +88,44 @@ impl Applier {
 
     /// Returns once every record through `seq` is applied.
     async fn wait_applied(&self, seq: u64) {
-        if self.lock().applied >= seq {
-            return;
-        }
-        let _counted = Waiting::new(self, |s| &mut s.mark_waiters);
-        loop {
-            // Registered before the re-check, so that a publish in between is not missed.
-            let n = self.mark_moved.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.lock().applied >= seq {
-                break;
-            }
-            n.await;
-        }
+        self.wait_until(
+            &self.mark_moved,
+            |s| &mut s.mark_waiters,
+            |s| s.applied >= seq,
+        )
+        .await
     }
 
     /// Returns once no earlier record with an overlapping range is in flight: overlapping
     /// records are applied in stream order.
     async fn wait_turn(&self, seq: u64, range: (u64, u64)) {
-        if !self.lock().ranges.blocked(seq, range) {
+        self.wait_until(
+            &self.range_done,
+            |s| &mut s.range_waiters,
+            |s| !s.ranges.blocked(seq, range),
+        )
+        .await
+    }
+
+    /// Returns once `ready` holds, woken by `notify`; counted in `counter` while it waits, so
+    /// that the side that changes the state notifies only when someone waits.
+    async fn wait_until(
+        &self,
+        notify: &Notify,
+        counter: fn(&mut ApplyState) -> &mut usize,
+        ready: impl Fn(&ApplyState) -> bool,
+    ) {
+        if ready(&self.lock()) {
             return;
         }
-        let _counted = Waiting::new(self, |s| &mut s.range_waiters);
+        let _counted = Waiting::new(self, counter);
         loop {
-            let n = self.range_done.notified();
+            // Registered before the re-check, so that a notification in between is not
+            // missed.
+            let n = notify.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            if !self.lock().ranges.blocked(seq, range) {
+            if ready(&self.lock()) {
                 break;
             }
             n.await;
