@@ -1020,6 +1020,27 @@ fn split_brain_detected_nothing_moves_then_discard_my_data_resolves() {
     );
     wait_same_generation(&c);
 
+    // The victim's own records of the split are history the resync replaced: cut off again,
+    // it names nothing as out of sync and its journal holds none of them.
+    a.ctl_ok(&["disconnect"]);
+    a.wait_repl(Duration::from_secs(10), "standalone", |r| {
+        r["connection"] == "standalone"
+    });
+    let s = a.status_json();
+    let r = &s["replication"];
+    assert_eq!(
+        u(r, "out_of_sync"),
+        0,
+        "the victim after the resolution: {s}"
+    );
+    assert_eq!(
+        u(r, "journal_used"),
+        0,
+        "the victim after the resolution: {s}"
+    );
+    a.ctl_ok(&["connect"]);
+    wait_synced(&c, Duration::from_secs(30), "after reconnecting the victim");
+
     // The split-brain handler ran on both nodes, with RESOURCE EVENT PEER.
     let ok = wait_for(Duration::from_secs(5), || {
         let t = std::fs::read_to_string(&hlog).unwrap_or_default();

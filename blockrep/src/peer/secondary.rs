@@ -689,6 +689,17 @@ pub(super) async fn secondary_side(
                                     g.bitmap_dirty = true;
                                     // Nothing left that only a bitmap resync could bring.
                                     g.overflowed = false;
+                                    // This node's own records (an earlier term's, a split
+                                    // brain's victim's) are history the resync replaced:
+                                    // kept, a later cut would count them as the peer's lack.
+                                    if !g.ring.is_empty() {
+                                        tracing::info!(
+                                            "dropping {} journal records of an earlier term: the resync replaced them",
+                                            g.ring.len()
+                                        );
+                                        let next = g.issued + 1;
+                                        g.ring.clear(next, 0);
+                                    }
                                     // Regions an earlier verify marked here were resynced too.
                                     rep.verify_marked
                                         .store(false, std::sync::atomic::Ordering::SeqCst);
