@@ -713,15 +713,25 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
             "this node crashed as primary: its activity-log extents go to the peer".into(),
         ));
     }
-    if peer.crashed_primary || peer.out_of_sync > 0 || peer.discard_my_data {
+    if peer.discard_my_data {
+        return Err(LinkError::NeedsResync(
+            "the peer discards its data (connect --discard-my-data)".into(),
+        ));
+    }
+    if peer.crashed_primary {
         return Err(LinkError::NeedsResync(format!(
-            "the peer has changes of its own ({} bytes{}): resync",
-            peer.out_of_sync,
-            if peer.crashed_primary {
-                ", crashed as primary"
+            "the peer crashed as primary: its activity-log extents{} are resynced from here",
+            if peer.out_of_sync > 0 {
+                format!(" and the {} bytes its bitmap names", peer.out_of_sync)
             } else {
-                ""
+                String::new()
             }
+        )));
+    }
+    if peer.out_of_sync > 0 {
+        return Err(LinkError::NeedsResync(format!(
+            "the peer's bitmap names {} bytes that may differ from this node",
+            peer.out_of_sync
         )));
     }
     let inner = rep.lock();
