@@ -94,6 +94,9 @@ pub struct Resource {
     /// wakes the link's writer.
     pub skip_sync: Mutex<Option<(u64, SkipSyncAnswer)>>,
     pub skip_sync_kick: tokio::sync::Notify,
+    /// The key the link authenticates with, stretched from the configured secret once (see
+    /// `proto::seal::link_key`); `None` without a peer.
+    link_key: Option<[u8; 32]>,
     /// Held by a promotion and by `new-current-uuid --clear-bitmap` from its check to its
     /// commit, on both nodes: a node promoted in between would have its new writes' bitmap
     /// cleared and its generation replaced.
@@ -298,6 +301,10 @@ impl Resource {
             kernel_note: Mutex::new(None),
             skip_sync: Mutex::new(None),
             skip_sync_kick: tokio::sync::Notify::new(),
+            link_key: cfg
+                .secret
+                .as_deref()
+                .map(|secret| proto::seal::link_key(secret, &cfg.resource)),
             skip_ops: tokio::sync::Mutex::new(()),
         });
         let watcher = tokio::spawn(watch_disk_errors(
@@ -320,6 +327,12 @@ impl Resource {
 
     pub fn cfg(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The key the peer link authenticates with and derives its session keys from: the
+    /// configured secret, stretched once at start.
+    pub fn link_key(&self) -> Option<&[u8; 32]> {
+        self.link_key.as_ref()
     }
 
     pub fn device(&self) -> &Arc<Device> {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -96,7 +96,9 @@ pub enum Msg {
         /// other's bitmap with its own.
         bitmap_granularity: u32,
     },
-    /// HMAC-SHA256 over the peer's challenge (see [`auth_mac`]).
+    /// HMAC-SHA256, under the stretched secret (`seal::link_key`), over [`auth_input`]. The
+    /// dialing node sends its proof first; the dialed node answers with its own only after
+    /// checking it (protocol 10), so a stranger who connects learns nothing to guess with.
     Auth {
         mac: [u8; 32],
     },

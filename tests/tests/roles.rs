@@ -212,6 +212,8 @@ fn connect_when_connected_and_disconnect_when_disconnected_are_no_ops() {
     };
     let connects = (count(a, "connected from/to"), count(b, "connected from/to"));
     let gens = count(a, "new data generation");
+    // The promotion in start_pair may have closed an early connection: only what follows counts.
+    let closed = count(a, "admin command");
     for n in [a, b] {
         let out = n.ctl_ok(&["connect"]);
         assert!(
@@ -228,7 +230,7 @@ fn connect_when_connected_and_disconnect_when_disconnected_are_no_ops() {
         a.log_tail(20),
         b.log_tail(20)
     );
-    assert_eq!(count(a, "admin command"), 0, "{}", a.log_tail(20));
+    assert_eq!(count(a, "admin command"), closed, "{}", a.log_tail(20));
     assert_eq!(a.repl()["connection"], "connected");
     assert_eq!(
         count(a, "new data generation"),

@@ -1,8 +1,9 @@
 //! The handshake: who the peer is, that it holds the secret, and what state it is in.
 //!
 //! Both send `Hello` (version, resource, node, fresh nonce); both prove the secret with an
-//! HMAC-SHA256 over the other's nonce; both send `State`, which is checked against what this
-//! node can accept (sizes, sequence bounds) before anything else is exchanged.
+//! HMAC-SHA256 over both nonces, the dialing node first (the dialed one answers only a valid
+//! proof); both send `State`, which is checked against what this node can accept (sizes,
+//! sequence bounds) before anything else is exchanged.
 
 use super::*;
 
@@ -65,7 +66,9 @@ pub(super) async fn handshake(
         .as_ref()
         .map(|p| p.name.clone())
         .unwrap_or_default();
-    let secret = cfg.secret.clone().unwrap_or_default();
+    let Some(secret) = res.link_key().copied() else {
+        return Err(LinkError::Closed("no shared secret configured"));
+    };
     // At most 1 MiB (the config's bound): fits the hello's field.
     let granularity = u32::try_from(cfg.bitmap_granularity).unwrap_or(u32::MAX);
     let my_nonce = nonce();
@@ -161,7 +164,7 @@ pub(super) async fn handshake(
             }
             nonce
         }
-        Msg::Refuse { reason } => return Err(peer_refused(reason)),
+        Msg::Refuse { reason } => return Err(refused_before_auth(reason)),
         other => {
             return Err(LinkError::Protocol(format!(
                 "expected hello, got {other:?}"
@@ -186,7 +189,12 @@ pub(super) async fn handshake(
             &cfg.resource,
         ),
     );
-    write_msg(&mut s, &Msg::Auth { mac: proof }).await?;
+    // The dialing node proves first and the node that was dialed only after it has checked
+    // that proof: whoever connects to the replication port gets no HMAC to test guesses of
+    // the secret against. (The dialer chose whom to contact: its configured peer.)
+    if dialed {
+        write_msg(&mut s, &Msg::Auth { mac: proof }).await?;
+    }
     let (msg, _, _) = timed(
         "waiting for the peer's proof",
         read_frame_before_auth(&mut s),
@@ -211,8 +219,22 @@ pub(super) async fn handshake(
                 return Err(LinkError::Auth);
             }
         }
-        Msg::Refuse { reason } => return Err(peer_refused(reason)),
+        Msg::Refuse { reason } => {
+            // The node this one dialed found the proof wrong: the secrets differ (counted on
+            // both nodes, as when this node checks a proof itself).
+            if dialed && reason.contains("authentication failed") {
+                if let Some(rep) = res.rep() {
+                    rep.stats
+                        .auth_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            return Err(refused_before_auth(reason));
+        }
         other => return Err(LinkError::Protocol(format!("expected auth, got {other:?}"))),
+    }
+    if !dialed {
+        write_msg(&mut s, &Msg::Auth { mac: proof }).await?;
     }
     // From here on, with encryption, every byte travels sealed, the state exchange included.
     let _ = s.set_nodelay(true);

@@ -82,6 +82,10 @@ pub enum LinkError {
     Frame(#[from] peer::FrameError),
     #[error("peer refused: {0}")]
     PeerRefused(String),
+    /// A refusal from a peer that had not proved the secret yet: only logged, never taken
+    /// as the peer's state (a split brain, say), since anyone could have sent it.
+    #[error("peer refused before authenticating: {0}")]
+    RefusedBeforeAuth(String),
     #[error("refused peer: {0}")]
     Refused(String),
     #[error("authentication failed: the peer does not know the shared secret")]
@@ -141,12 +145,21 @@ async fn read_frame_before_auth<R: AsyncRead + Unpin>(
 /// The reason a peer gave for refusing, as it may be logged and shown: printable, bounded
 /// (it may come from a peer that never authenticated).
 fn peer_refused(reason: String) -> LinkError {
-    let clean: String = reason
+    LinkError::PeerRefused(printable(&reason))
+}
+
+/// See [`LinkError::RefusedBeforeAuth`].
+fn refused_before_auth(reason: String) -> LinkError {
+    LinkError::RefusedBeforeAuth(printable(&reason))
+}
+
+/// A peer's text as one bounded log line.
+fn printable(reason: &str) -> String {
+    reason
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(400)
-        .collect();
-    LinkError::PeerRefused(clean)
+        .collect()
 }
 
 /// Reads one frame; the payload (writes only) lands in a pooled, aligned buffer.
@@ -343,6 +356,7 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                     LinkError::NeedsResync(_)
                         | LinkError::Refused(_)
                         | LinkError::PeerRefused(_)
+                        | LinkError::RefusedBeforeAuth(_)
                         | LinkError::LocalDisk(_)
                         | LinkError::PeerStuck(_)
                         | LinkError::SplitBrain(_)
