@@ -71,6 +71,8 @@ pub enum MetaError {
         resource: String,
         node: String,
     },
+    #[error("{path} is in use: {why}")]
+    InUse { path: PathBuf, why: String },
     #[error("{path}: metadata layout does not fit this device ({why})")]
     Layout { path: PathBuf, why: String },
     #[error(
@@ -84,6 +86,71 @@ pub enum MetaError {
         what: String,
         data_size: u64,
     },
+}
+
+/// The devices of one node, held for as long as a daemon (or `create-md`) uses them: an
+/// exclusive `flock` on each, and for a block device the kernel's exclusive claim (`O_EXCL`,
+/// which mount, mkfs and device-mapper take too). A second daemon started on the same disk
+/// (another config with other sockets, say) stops here, before crash recovery or anything
+/// else writes a byte, as DRBD's attach does on a device held open.
+#[derive(Debug)]
+pub struct Claim {
+    _held: Vec<File>,
+}
+
+/// Takes the [`Claim`] on the backing device and the external metadata file, if any.
+pub fn claim(backing: &Path, external: Option<&Path>) -> Result<Claim, MetaError> {
+    let mut held = vec![claim_one(backing)?];
+    // An external metadata file create-md has yet to make holds nothing to protect.
+    if let Some(p) = external.filter(|p| p.exists()) {
+        held.push(claim_one(p)?);
+    }
+    Ok(Claim { _held: held })
+}
+
+fn claim_one(path: &Path) -> Result<File, MetaError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let in_use = |why: String| MetaError::InUse {
+        path: path.to_owned(),
+        why,
+    };
+    let io = |error| MetaError::Io {
+        path: path.to_owned(),
+        error,
+    };
+    let block = std::fs::metadata(path)
+        .map_err(io)?
+        .file_type()
+        .is_block_device();
+    let mut oo = OpenOptions::new();
+    oo.read(true);
+    if block {
+        oo.custom_flags(libc::O_EXCL);
+    }
+    let f = match oo.open(path) {
+        Ok(f) => f,
+        Err(e) if block && e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(in_use(
+                "the kernel reports it busy: mounted, or held by another process, a loop or                  device-mapper/LVM stack"
+                    .into(),
+            ))
+        }
+        Err(e) => return Err(io(e)),
+    };
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            in_use(
+                "another blockrep daemon (or create-md) holds it; a second daemon on one disk                  would corrupt it (`blockrep-ctl status` with that daemon's config finds it)"
+                    .into(),
+            )
+        } else {
+            io(e)
+        });
+    }
+    Ok(f)
 }
 
 /// Where each area lies, in bytes from the start of the metadata device.

@@ -97,6 +97,8 @@ pub struct Resource {
     /// The key the link authenticates with, stretched from the configured secret once (see
     /// `proto::seal::link_key`); `None` without a peer.
     link_key: Option<[u8; 32]>,
+    /// This node's disks, held exclusively while the resource is up.
+    _claim: crate::meta::Claim,
     /// Held by a promotion and by `new-current-uuid --clear-bitmap` from its check to its
     /// commit, on both nodes: a node promoted in between would have its new writes' bitmap
     /// cleared and its generation replaced.
@@ -142,6 +144,13 @@ impl Resource {
         let external = match &cfg.me.meta {
             MetaLocation::Internal => None,
             MetaLocation::External(p) => Some(p.clone()),
+        };
+        // Before anything reads or writes the metadata: no other daemon may hold the disk.
+        let claim = {
+            let (backing, external) = (cfg.me.backing.clone(), external.clone());
+            tokio::task::spawn_blocking(move || crate::meta::claim(&backing, external.as_deref()))
+                .await
+                .map_err(|e| NodeError::Refused(format!("claiming the disk failed: {e}")))??
         };
         let meta = {
             let cfg = cfg.clone();
@@ -301,6 +310,7 @@ impl Resource {
             kernel_note: Mutex::new(None),
             skip_sync: Mutex::new(None),
             skip_sync_kick: tokio::sync::Notify::new(),
+            _claim: claim,
             link_key: cfg
                 .secret
                 .as_deref()

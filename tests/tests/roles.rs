@@ -356,3 +356,104 @@ fn the_larger_of_two_connected_secondaries_is_not_promoted_over_a_smaller_peer()
         r["connection"] != "connecting" && r["peer_role"] == "secondary"
     });
 }
+
+/// Takes down, on drop, whatever daemon a test started from a second config (only one that
+/// should have been refused; a pass leaves nothing to stop).
+struct DownOnDrop(std::path::PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = run(
+            Command::new(bin_dir().join("blockrep-ctl"))
+                .arg("-c")
+                .arg(&self.0)
+                .args(["-n", "alpha", "down", "--force"]),
+            CMD_TIMEOUT,
+        );
+    }
+}
+
+/// A second daemon for a disk a running daemon holds (a copy of the config with other sockets
+/// and ports, the way an admin could start one by mistake) is refused before it reads or
+/// writes the metadata, and so is `create-md --force` through it; the running pair is
+/// untouched and goes on replicating.
+#[test]
+fn a_second_daemon_on_a_disk_in_use_is_refused_and_writes_nothing() {
+    let c = Cluster::builder("disk-in-use").nodes(2).build();
+    c.start_pair();
+    c.wait_in_sync(Duration::from_secs(60));
+    let a = c.alpha();
+    let size = a.size();
+    let text = std::fs::read_to_string(c.config_path()).unwrap();
+    let mut copy = String::new();
+    let mut in_alpha = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_alpha = line.trim() == "[node.alpha]";
+        }
+        let key = line.split('=').next().unwrap_or("").trim();
+        let line = match (in_alpha, key) {
+            (true, "replication" | "export") => {
+                format!("{key} = \"127.0.0.1:{}\"", free_port())
+            }
+            (true, "control") => {
+                format!("control = {:?}", c.dir().path().join("alpha2.ctl"))
+            }
+            (true, "log-file") => {
+                format!("log-file = {:?}", c.dir().path().join("alpha2.log"))
+            }
+            _ => line.to_string(),
+        };
+        copy.push_str(&line);
+        copy.push('\n');
+    }
+    let copy_path = c.dir().path().join("copy.toml");
+    std::fs::write(&copy_path, copy).unwrap();
+    let _guard = DownOnDrop(copy_path.clone());
+    let ctl = |args: &[&str]| {
+        run(
+            Command::new(bin_dir().join("blockrep-ctl"))
+                .arg("-c")
+                .arg(&copy_path)
+                .args(["-n", "alpha"])
+                .args(args),
+            CMD_TIMEOUT,
+        )
+    };
+    let before = a.status_json();
+
+    for args in [&["up"][..], &["create-md", "--force"][..]] {
+        let out = ctl(args);
+        assert_ne!(
+            out.code,
+            Some(0),
+            "{args:?} on a disk in use\n{}",
+            out.describe()
+        );
+        let said = format!("{}{}", out.stdout, out.stderr);
+        assert!(
+            said.contains("in use") && said.contains("alpha.img"),
+            "{args:?}: the refusal should name the disk and say it is in use\n{}",
+            out.describe()
+        );
+    }
+    let second_log = std::fs::read_to_string(c.dir().path().join("alpha2.log")).unwrap_or_default();
+    for needle in ["activity-log", "was primary", "journal:", "up on node"] {
+        assert!(
+            !second_log.contains(needle),
+            "the refused daemon went as far as {needle:?}:\n{second_log}"
+        );
+    }
+
+    // The running node is as it was, and the pair goes on.
+    let s = a.status_json();
+    assert_eq!(s["role"], "primary", "{s}");
+    assert_eq!(s["pid"], before["pid"], "{s}");
+    assert_eq!(s["replication"]["out_of_sync"], 0, "{s}");
+    let mut r = a.raw_open();
+    r.write_at(0, &vec![0x5a; 1 << 20], 0).expect("write");
+    r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    r.disconnect();
+    c.wait_in_sync(Duration::from_secs(30));
+    c.assert_replicas_identical(size, "after the refused second daemon");
+}
