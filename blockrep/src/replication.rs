@@ -312,8 +312,10 @@ pub struct Replication {
     disk_lock: tokio::sync::Mutex<()>,
     /// Activity-log writes so far (on disk too): the next one goes to the other slot.
     al_writes: AtomicU64,
-    /// An extent went cold but the log write carrying its bitmap failed.
-    al_evict_pending: std::sync::atomic::AtomicBool,
+    /// The activity log's eviction count (`ActivityLog::evicted`) as of the last log written
+    /// with the bitmap: a log written while this differs from the count it encodes takes the
+    /// bitmap along, whichever write's eviction it was (see `al_begin`).
+    al_evicted_on_disk: AtomicU64,
     /// As secondary: one permit per stream record being applied. Shared by every connection,
     /// so that the writes of a connection that ended (aborted, replaced) are all finished
     /// before the next connection applies anything, or this node serves writes as primary:
@@ -391,7 +393,7 @@ impl Replication {
             meta,
             disk_lock: tokio::sync::Mutex::new(()),
             al_writes: AtomicU64::new(al_writes),
-            al_evict_pending: std::sync::atomic::AtomicBool::new(false),
+            al_evicted_on_disk: AtomicU64::new(0),
             apply_window: Arc::new(tokio::sync::Semaphore::new(APPLY_WINDOW)),
         })
     }
@@ -752,12 +754,11 @@ impl Replication {
     /// Fails when the log cannot be made durable: the write must not go ahead, since after a
     /// crash nothing would say its extent may differ from the peer's.
     async fn al_begin(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        let (evicted0, mut changed, held) = {
+        let (mut changed, held) = {
             let durable = self.al_durable_mark();
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-            let before = al.0.evicted;
             let changed = al.0.begin(offset, len, durable);
-            (before, changed, al.0.held_for_peer(durable) > 0)
+            (changed, al.0.held_for_peer(durable) > 0)
         };
         if held {
             self.ask_durable().await;
@@ -781,18 +782,13 @@ impl Replication {
                 changed |= al.0.trim(durable);
             }
         }
-        let (version, evicted) = {
+        let version = {
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
             if changed {
                 al.1 += 1;
             }
-            (al.1, al.0.evicted != evicted0)
+            al.1
         };
-        // An eviction whose log write failed still needs its bitmap on disk with the next log.
-        let evicted = evicted
-            || self
-                .al_evict_pending
-                .load(std::sync::atomic::Ordering::SeqCst);
         if *self.al_durable.borrow() >= version {
             return Ok(());
         }
@@ -804,10 +800,18 @@ impl Replication {
         // write did not use.
         let write_no = self.al_writes.load(std::sync::atomic::Ordering::SeqCst) + 1;
         let (slot_off, slot_len) = ActivityLog::slot(write_no, self.areas.layout.al_len);
-        let (bytes, version) = {
+        let (bytes, version, evictions) = {
             let al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-            (al.0.encode(slot_len, write_no), al.1)
+            (al.0.encode(slot_len, write_no), al.1, al.0.evicted)
         };
+        // Whether this log drops an extent that no log written with the bitmap dropped: it may
+        // be another write's eviction (that write then finds its version durable and returns
+        // at once), so this is decided here, from what this log encodes, not per write. An
+        // eviction whose log write failed is still pending here too.
+        let evicted = evictions
+            != self
+                .al_evicted_on_disk
+                .load(std::sync::atomic::Ordering::SeqCst);
         // An extent that went cold while the peer was away is covered by the bitmap only: it
         // goes to disk with the log, never after it. The journal writer writes the bitmap
         // too: one at a time, each copy taken under the lock it is written under, so an older
@@ -847,8 +851,8 @@ impl Replication {
                 self.al_writes
                     .store(write_no, std::sync::atomic::Ordering::SeqCst);
                 if evicted {
-                    self.al_evict_pending
-                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    self.al_evicted_on_disk
+                        .store(evictions, std::sync::atomic::Ordering::SeqCst);
                 }
                 self.al_durable.send_if_modified(|v| {
                     let changed = *v < version;
@@ -863,8 +867,6 @@ impl Replication {
         tracing::error!("activity log write failed: {e}; the write that needed it fails");
         if evicted {
             self.lock().bitmap_dirty = true;
-            self.al_evict_pending
-                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         Err(e)
     }
