@@ -583,6 +583,21 @@ impl MetaStore {
             sb,
             format: FORMAT_VERSION,
         };
+        let io = |source| MetaError::Io {
+            path: store.path.clone(),
+            error: source,
+        };
+        let zeros = vec![0u8; 1 << 20];
+        // The new superblock names a journal that starts at position 0 with sequence 1, and
+        // recovery reads records from there for as long as they check out: a journal of the
+        // device's earlier life that had not yet wrapped would still read as this one's (and
+        // go to the peer as new writes). Its head is destroyed first, which ends that chain.
+        let head = layout.journal_len.min(zeros.len() as u64) as usize;
+        store
+            .file
+            .write_all_at(&zeros[..head], layout.journal_offset)
+            .map_err(io)?;
+        store.file.sync_data().map_err(io)?;
         // Both slots, so no stale superblock of an older format survives; the superblocks
         // first: a crash before the areas below are cleared leaves a fresh (inconsistent,
         // just created) node, whose stale bitmap bits only add to its full sync, never an
@@ -593,11 +608,6 @@ impl MetaStore {
         let second = store.sb.clone();
         store.write_slot(&second, second.seq % 2)?;
         // Clear bitmap and activity log: a fresh device has nothing out of sync.
-        let io = |source| MetaError::Io {
-            path: store.path.clone(),
-            error: source,
-        };
-        let zeros = vec![0u8; 1 << 20];
         let mut off = layout.bitmap_offset;
         while off < layout.journal_offset {
             let n = (layout.journal_offset - off).min(zeros.len() as u64) as usize;
@@ -884,6 +894,49 @@ mod tests {
         assert_eq!(Superblock::pick(Some(a.clone()), None).unwrap().seq, 7);
         assert_eq!(Superblock::pick(None, Some(b)).unwrap().seq, 8);
         assert!(Superblock::pick(None, None).is_none());
+    }
+
+    #[test]
+    fn create_md_force_ends_the_journal_of_the_device_s_earlier_life() {
+        use crate::journal::{append_msg, Ring};
+        let dir = std::env::temp_dir().join(format!("brmeta-j-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        File::create(&img).unwrap().set_len(32 << 20).unwrap();
+        let l = MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false)
+            .unwrap()
+            .layout;
+        // The earlier life's first lap, as persisted: records from sequence 1 at position 0,
+        // just what a fresh superblock's checkpoint (position 0, sequence 1) reads.
+        let mut ring = Ring::new(l.journal_len);
+        for seq in 1..=5u64 {
+            let d = vec![seq as u8; 4096];
+            let msg = proto::peer::Msg::Write {
+                seq,
+                term: 7,
+                offset: seq * 4096,
+                len: 4096,
+                crc: crc32c::crc32c(&d),
+                fua: false,
+            };
+            append_msg(&mut ring, &msg, &d, |_| {}).unwrap();
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        f.write_all_at(ring.raw(0, l.journal_len), l.journal_offset)
+            .unwrap();
+        let journal = |f: &File| {
+            let mut v = vec![0u8; l.journal_len as usize];
+            f.read_exact_at(&mut v, l.journal_offset).unwrap();
+            v
+        };
+        assert_eq!(Ring::recover(journal(&f), 0, 1, 0).len(), 5);
+        MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, true).unwrap();
+        assert!(Ring::recover(journal(&f), 0, 1, 0).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
