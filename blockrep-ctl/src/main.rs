@@ -541,6 +541,8 @@ fn human_bytes(b: u64) -> String {
 /// with the resource down): what LSB init scripts use for "not running", so that
 /// `blockrep-ctl status || alert` works. The report is printed all the same.
 const EXIT_NOT_UP: i32 = 3;
+/// `verify` ran to its end and found regions that differ.
+const EXIT_DIFFER: i32 = 2;
 /// Exit status of `status` when a daemon may be running but did not answer (LSB: "status
 /// unknown"); the error is printed.
 const EXIT_UNKNOWN: i32 = 4;
@@ -762,6 +764,8 @@ fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
                         eprintln!(
                             "they are marked out of sync; `blockrep-ctl disconnect` then `connect` resyncs them"
                         );
+                        // For cron and monitoring: the replicas differ (not a failure to run).
+                        std::process::exit(EXIT_DIFFER);
                     }
                     return Ok(());
                 }

@@ -105,6 +105,21 @@ impl Device {
         self.align as u32
     }
 
+    /// The largest request to advertise (NBD_INFO_BLOCK_SIZE's maximum): the protocol's
+    /// bound, and below what one journal record can hold (half the ring, less a frame's head),
+    /// so that a client that honours it never sends a write the journal can only take by
+    /// overflowing (which drops the link and resyncs). A multiple of the minimum block.
+    pub fn max_request(&self) -> u32 {
+        let Some(rep) = &self.rep else {
+            return proto::nbd::MAX_REQUEST_LEN;
+        };
+        let head = (proto::peer::PREFIX_LEN + proto::peer::MAX_HEADER_LEN) as u64;
+        let fits = (rep.lock().ring.cap() / 2).saturating_sub(head);
+        let unit = u64::from(self.min_block()).max(4096);
+        let max = (fits / unit * unit).clamp(unit, u64::from(proto::nbd::MAX_REQUEST_LEN));
+        u32::try_from(max).unwrap_or(proto::nbd::MAX_REQUEST_LEN)
+    }
+
     pub fn engine_name(&self) -> &'static str {
         self.engine.name()
     }

@@ -363,7 +363,7 @@ where
                         opt,
                         export.device.min_block(),
                         4096,
-                        nbd::MAX_REQUEST_LEN,
+                        export.device.max_request(),
                     );
                     nbd::encode_option_reply(&mut out, opt, nbd::REP_ACK, &[]);
                     if opt == nbd::OPT_GO {

@@ -251,6 +251,31 @@ pub struct Inner {
     pub clear_at: Option<u64>,
 }
 
+impl Inner {
+    /// Marks in the bitmap every retained record past the peer's `durable` mark, and every
+    /// record it applied but had not made durable whose journal space was reused: what the
+    /// peer may lack after a crash of its own. Returns how many ranges it marked.
+    fn cover_undurable(&mut self, durable: u64) -> usize {
+        let mut n = 0;
+        for r in self.ring.records().filter(|r| r.seq > durable) {
+            if r.range.1 > r.range.0 {
+                self.bitmap.set_range(r.range.0, r.range.1 - r.range.0);
+                n += 1;
+            }
+        }
+        for &(seq, start, end) in &self.undurable {
+            if seq > durable {
+                self.bitmap.set_range(start, end - start);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.bitmap_dirty = true;
+        }
+        n
+    }
+}
+
 /// Where the journal and bitmap live on disk.
 pub struct MetaAreas {
     pub file: Arc<File>,
@@ -521,22 +546,15 @@ impl Replication {
         inner.clear_at = None;
         self.resyncing
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        let mut n = 0;
-        for r in inner.ring.records().filter(|r| r.seq > durable) {
-            if r.range.1 > r.range.0 {
-                inner.bitmap.set_range(r.range.0, r.range.1 - r.range.0);
-                n += 1;
-            }
-        }
-        for (seq, start, end) in inner.undurable.drain(..) {
-            if seq > durable {
-                inner.bitmap.set_range(start, end - start);
-                n += 1;
-            }
-        }
-        if n > 0 {
-            inner.bitmap_dirty = true;
-        }
+        inner.cover_undurable(durable);
+        inner.undurable.clear();
+    }
+
+    /// Marks in the bitmap (in memory) every write the peer has not made durable: see
+    /// [`Inner::cover_undurable`]. Returns how many ranges it marked.
+    pub fn cover_undurable(&self) -> usize {
+        let durable = self.acks().durable;
+        self.lock().cover_undurable(durable)
     }
 
     /// Journals a record and returns its sequence number; for writes, also waits until no

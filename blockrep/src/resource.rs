@@ -79,6 +79,10 @@ pub struct Resource {
     stream_hold: std::sync::atomic::AtomicBool,
     /// Resync progress as the source: (total bytes, bytes sent, start).
     pub resync: Mutex<Option<(u64, u64, std::time::Instant)>>,
+    /// As the target of a resync that was cut: the bytes it had left, shown as out of sync
+    /// until a resync completes (or a forced promotion declares the data good); the target's
+    /// own bitmap does not name them.
+    pub resync_left: std::sync::atomic::AtomicU64,
     /// Online verify: the latest run's state; `verify_kick` wakes the connection's verifier.
     pub verify: Mutex<VerifyState>,
     pub verify_kick: tokio::sync::Notify,
@@ -299,6 +303,7 @@ impl Resource {
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
+            resync_left: std::sync::atomic::AtomicU64::new(0),
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
@@ -843,6 +848,11 @@ impl Resource {
         }
     }
 
+    /// The link's last error, as `status` shows it.
+    pub fn link_error(&self) -> Option<String> {
+        self.link().last_error.clone()
+    }
+
     pub fn set_link_error(&self, err: String) {
         self.link().last_error = Some(err);
     }
@@ -1040,7 +1050,7 @@ impl Resource {
         let oos = if l.state == "sync-target" {
             oos.max(resync_total.saturating_sub(resync_done))
         } else {
-            oos
+            oos.max(self.resync_left.load(std::sync::atomic::Ordering::Relaxed))
         };
         // A primary (or a resync source) shows its stream and the peer's marks; a secondary
         // its own: what it
@@ -1245,6 +1255,7 @@ impl Resource {
         } else {
             None
         };
+        let disk_before = self.meta.lock().unwrap_or_else(|p| p.into_inner()).sb.disk;
         self.update_meta(move |sb| {
             // A connected peer with newer data (it is resyncing or catching this node up)
             // would be overwritten by this node's older data once it writes as primary.
@@ -1292,6 +1303,10 @@ impl Resource {
         }
         self.crashed_primary
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        // Declared good: nothing is left to receive (its peer lacks what differs, as the
+        // new generation says).
+        self.resync_left
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Primary;
         }
@@ -1299,9 +1314,29 @@ impl Resource {
         // Reconnect so the new handshake sets the stream's direction.
         self.announce_role().await;
         self.attach_kernel().await;
-        tracing::info!("{} promoted to primary", self.cfg.me.name);
+        let gen_now = self.node_state().gen.current;
+        let name = &self.cfg.me.name;
+        let note = if !force {
+            tracing::info!("{name} promoted to primary");
+            String::new()
+        } else if disk_before != DiskState::UpToDate {
+            let disk = disk_before.name();
+            // (state::promote warned about the disk already.)
+            tracing::info!(
+                "{name} promoted to primary by force with its disk {disk}: new data generation {gen_now:016X}"
+            );
+            format!(
+                " (forced: its disk was {disk}, so its data may not be a complete copy of any \
+                 node's; new data generation {gen_now:016X})"
+            )
+        } else {
+            tracing::info!(
+                "{name} promoted to primary by force: new data generation {gen_now:016X}"
+            );
+            format!(" (forced: new data generation {gen_now:016X})")
+        };
         self.run_handler("became-primary");
-        Ok(format!("{} is now primary", self.cfg.me.name))
+        Ok(format!("{name} is now primary{note}"))
     }
 
     /// Whether the stream from the peer must stop writing this disk: this node is primary, or
@@ -1366,6 +1401,19 @@ impl Resource {
         // brings them to the peer (as a resync between two secondaries, if need be) and the
         // peer cannot be promoted over them without --force.
         let lacks = self.rep.as_ref().is_some_and(|r| self.leaves_divergence(r));
+        // Writes the peer has not made durable (it is away, or did not confirm in time) go to
+        // the bitmap on disk before this node stops being a crashed primary: past the commit
+        // below its activity log no longer counts, and were both nodes to crash the bitmap is
+        // all that would name them (as `down` does).
+        if let Some(r) = &self.rep {
+            if r.cover_undurable() > 0 {
+                r.persist().await.map_err(|e| {
+                    NodeError::Refused(format!(
+                        "writing the bitmap of the writes the peer lacks failed: {e}; not demoted"
+                    ))
+                })?;
+            }
+        }
         let new_id = random_id();
         self.commit_meta(move |sb| {
             sb.was_primary = false;

@@ -1286,6 +1286,15 @@ fn resync_interrupted_and_resumed() {
         oos1 > 0 && oos1 < oos0 - n / 8,
         "after the cut, out_of_sync is {oos1} of {oos0}: the progress was not kept"
     );
+    // The target, cut off midway, says what it still lacks (its own bitmap does not name it).
+    b.wait_not_connected(Duration::from_secs(10));
+    let sb = b.status_json();
+    assert_eq!(sb["disk"], "inconsistent", "{sb}");
+    let left = u(&sb["replication"], "out_of_sync");
+    assert!(
+        left > 0 && left <= oos0,
+        "the cut target shows {left} bytes out of sync (the source {oos1}): {sb}"
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     // Second part.

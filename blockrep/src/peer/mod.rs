@@ -295,7 +295,7 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         let est = match est {
             Ok(e) => e,
             Err(e) => {
-                log_link_error(&res, &e);
+                log_link_error(&res, &e, false);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
@@ -346,11 +346,12 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         // Writes the stream started here finish (and are made durable) before anything else
         // may write this disk: the next connection's stream, or this node as primary.
         let _ = res.settle_applies().await;
+        let was_established = crate::resource::established(res.link_state());
         res.link_down().await;
         match r {
             Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
             Err(e) => {
-                log_link_error(&res, &e);
+                log_link_error(&res, &e, was_established);
                 if matches!(
                     e,
                     LinkError::NeedsResync(_)
@@ -385,16 +386,35 @@ fn step_error(res: &Resource, e: std::io::Error) -> LinkError {
     }
 }
 
-fn log_link_error(res: &Resource, e: &LinkError) {
+/// Logs why a connection attempt or a connection (`established`) ended, and shows it in
+/// `status`.
+fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
+    // What `status` shows as the last error: a peer that went down cleanly is not a fault.
+    let shown = match e {
+        LinkError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the peer closed the connection (it went down or restarted, or the network cut it)"
+                .to_string()
+        }
+        _ => e.to_string(),
+    };
+    // The same error at every retry (a peer kept standalone, a wrong secret) is logged once
+    // as a warning; `status` keeps showing it.
+    let repeated = res.link_error().as_deref() == Some(shown.as_str());
     match e {
         LinkError::Closed(why) if *why == ADMIN_CLOSE => tracing::info!("peer link: {e}"),
+        // A peer that is down refuses or closes every attempt: not worth a line each time.
+        // An established connection that ends is (on a secondary, the primary's loss).
         LinkError::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::UnexpectedEof
-            ) =>
+            if !established
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::UnexpectedEof
+                ) =>
         {
             tracing::debug!("peer link: {e}")
+        }
+        LinkError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::warn!("peer link lost: {shown}")
         }
         // Logged where it was found (see `split_brain_found`).
         LinkError::SplitBrain(_) => tracing::debug!("peer link: {e}"),
@@ -409,16 +429,9 @@ fn log_link_error(res: &Resource, e: &LinkError) {
             };
             split_brain_found(res, kind, &e.to_string())
         }
+        _ if repeated => tracing::debug!("peer link: {e}"),
         _ => tracing::warn!("peer link: {e}"),
     }
-    // What `status` shows as the last error: a peer that went down cleanly is not a fault.
-    let shown = match e {
-        LinkError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            "the peer closed the connection (it went down or restarted, or the network cut it)"
-                .to_string()
-        }
-        _ => e.to_string(),
-    };
     res.set_link_state("connecting", Some(shown));
 }
 

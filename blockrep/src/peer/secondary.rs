@@ -708,6 +708,9 @@ pub(super) async fn secondary_side(
                                 if let Ok(mut p) = ap.res.resync.lock() {
                                     *p = None;
                                 }
+                                ap.res
+                                    .resync_left
+                                    .store(0, std::sync::atomic::Ordering::Relaxed);
                                 ap.res.set_link_state("connected", None);
                                 tracing::info!("resync done: this node is up to date");
                                 ap.res.run_handler("after-resync-target");
@@ -813,9 +816,15 @@ pub(super) async fn secondary_side(
     // Let every write already started finish, so a new connection never overlaps them.
     rep.quiesce_applies().await;
     let _ = ap.make_durable().await;
-    // A resync cut here is no longer running (its progress resumes with the next one).
+    // A resync cut here is no longer running (its progress resumes with the next one); what
+    // it had left stays out of sync in `status` meanwhile.
     if let Ok(mut p) = res.resync.lock() {
-        *p = None;
+        if let Some((total, done, _)) = p.take() {
+            res.resync_left.store(
+                total.saturating_sub(done),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
     }
     res.update_verify(|v| {
         if v.on_peer && v.active() {
