@@ -217,6 +217,14 @@ impl Daemon {
                     break;
                 }
                 a = listener.accept() => match a {
+                    // The socket's mode is set just after it is bound: one who connected in
+                    // between is still checked here, by the credentials the kernel gives.
+                    Ok((s, _)) if !control_peer_allowed(&s) => {
+                        tracing::warn!(
+                            "control connection refused: uid {:?} is neither root nor this daemon's",
+                            s.peer_cred().ok().map(|c| c.uid())
+                        );
+                    }
                     Ok((s, _)) => {
                         let me = self.clone();
                         tokio::spawn(async move { me.serve_control(s).await });
@@ -267,4 +275,11 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Whether a control connection comes from root or from the daemon's own user: whoever can
+/// talk to the daemon can promote, invalidate or take the node down.
+fn control_peer_allowed(s: &UnixStream) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    s.peer_cred().is_ok_and(|c| c.uid() == 0 || c.uid() == me)
 }

@@ -457,3 +457,44 @@ fn a_second_daemon_on_a_disk_in_use_is_refused_and_writes_nothing() {
     c.wait_in_sync(Duration::from_secs(30));
     c.assert_replicas_identical(size, "after the refused second daemon");
 }
+
+/// The control socket admits root and the daemon's own user only, by the credentials the
+/// kernel gives, even when its mode would let others in (as in the instant between bind and
+/// chmod, or after an admin's chmod).
+#[test]
+fn the_control_socket_refuses_other_users() {
+    let c = Cluster::builder("ctl-cred").nodes(1).build();
+    let n = c.node("alpha");
+    n.create_md();
+    n.up();
+    let sock = n.control_path().to_path_buf();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(c.dir().path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(10)\ns.connect({:?})\n\
+         s.sendall(b'{{\"cmd\":\"status\"}}\\n')\ntry:\n    print(repr(s.recv(4096)))\n\
+         except ConnectionResetError:\n    print('reset')\n",
+        sock.to_string_lossy()
+    );
+    let out = run(
+        Command::new("runuser").args(["-u", "nobody", "--", "python3", "-c", &script]),
+        CMD_TIMEOUT,
+    );
+    assert!(
+        out.success() && matches!(out.stdout.trim(), "b''" | "reset"),
+        "a connection from nobody got an answer (or could not be tried):\n{}",
+        out.describe()
+    );
+    assert!(
+        std::fs::read_to_string(n.log_path())
+            .unwrap_or_default()
+            .contains("control connection refused: uid Some(65534)"),
+        "{}",
+        n.log_tail(10)
+    );
+    // Root still gets its answers.
+    assert_eq!(n.status_json()["up"], true);
+}
