@@ -382,6 +382,20 @@ impl Resource {
             .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
     }
 
+    /// A write or flush of this node's disk failed: the replica is inconsistent. On disk if
+    /// the superblock can still be written; in memory in any case, so that the next handshake
+    /// says so (and the peer resyncs what it never heard acknowledged) rather than offering
+    /// an applied mark that passed the failed write.
+    pub async fn mark_inconsistent(&self) {
+        if let Err(e) = self
+            .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
+            .await
+        {
+            tracing::error!("recording the inconsistent disk: {e}; kept in memory");
+            self.meta.lock().unwrap_or_else(|p| p.into_inner()).sb.disk = DiskState::Inconsistent;
+        }
+    }
+
     /// After a stream from the peer ended, however it ended (a link task aborted does not
     /// run its own end): waits until every write it started is finished, then makes them
     /// durable and commits the applied mark, as a checkpoint would.
@@ -407,12 +421,7 @@ impl Resource {
             tracing::error!(
                 "flushing the applied stream failed (NBD error {e}): this replica is inconsistent"
             );
-            if let Err(e) = self
-                .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
-                .await
-            {
-                tracing::error!("recording the inconsistent disk: {e}");
-            }
+            self.mark_inconsistent().await;
             return false;
         }
         if let Err(e) = self.commit_meta(move |sb| sb.advance_applied(mark)).await {

@@ -142,13 +142,7 @@ impl Applier {
             }
             first
         });
-        if let Err(e) = self
-            .res
-            .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
-            .await
-        {
-            tracing::error!("recording the inconsistent disk: {e}");
-        }
+        self.res.mark_inconsistent().await;
     }
 
     fn failure(&self) -> Option<LinkError> {
