@@ -252,6 +252,22 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// Sets the range's bits for a reason a resync chunk in flight does not cover (a local
+    /// write that failed, a verify difference, a record spilled from `undurable`): a chunk
+    /// over the same bits, read before, must not clear them when the peer makes it durable,
+    /// so it stops counting for them (its region is resynced again next time).
+    fn set_pinned(&mut self, offset: u64, len: u64) {
+        self.bitmap.set_range(offset, len);
+        self.bitmap_dirty = true;
+        if self.resync_inflight.is_empty() || len == 0 {
+            return;
+        }
+        let gran = self.bitmap.granularity();
+        let (first, end) = (offset / gran, (offset + len).div_ceil(gran));
+        self.resync_inflight
+            .retain(|&(_, s, e)| e.div_ceil(gran) <= first || s / gran >= end);
+    }
+
     /// Marks in the bitmap every retained record past the peer's `durable` mark, and every
     /// record it applied but had not made durable whose journal space was reused: what the
     /// peer may lack after a crash of its own. Returns how many ranges it marked.
@@ -645,8 +661,7 @@ impl Replication {
                     // Bounded: past the limit the oldest go to the bitmap right away.
                     while inner.undurable.len() > MAX_UNDURABLE {
                         if let Some((_, a, b)) = inner.undurable.pop_front() {
-                            inner.bitmap.set_range(a, b - a);
-                            inner.bitmap_dirty = true;
+                            inner.set_pinned(a, b - a);
                             // Not behind the pending clear point: keep these bits.
                             inner.clear_at = None;
                         }
@@ -1565,8 +1580,7 @@ impl Replication {
         let mut g = self.lock();
         self.verify_marked
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        g.bitmap.set_range(offset, len);
-        g.bitmap_dirty = true;
+        g.set_pinned(offset, len);
     }
 
     /// Resync chunks sent and not yet durable on the peer.
