@@ -46,6 +46,11 @@ pub(super) struct ApplyState {
 /// Most term changes among received but unapplied records.
 pub(super) const MAX_TERM_CHANGES: usize = crate::replication::APPLY_WINDOW + 2;
 
+/// Bytes of received payload being applied at once, at most (one record larger than this
+/// takes the whole budget): 64 MiB, counted in units of 64 KiB.
+const APPLY_BYTES_UNIT: usize = 64 << 10;
+const APPLY_BYTES_UNITS: u32 = 1024;
+
 pub(super) struct Applier {
     res: Arc<Resource>,
     st: Mutex<ApplyState>,
@@ -56,6 +61,9 @@ pub(super) struct Applier {
     /// Wakes the tasks waiting for the applied mark (flushes, FUA writes, SyncDone).
     mark_moved: Notify,
     window: Arc<Semaphore>,
+    /// Payload bytes of the records being applied, in [`APPLY_BYTES_UNIT`]s: the window
+    /// counts records, and 128 of the largest would be gigabytes.
+    bytes: Arc<Semaphore>,
     persist: tokio::sync::Mutex<()>,
     /// Protocol B: the receiver asks the acker to report a receipt before the write is
     /// applied, because the primary's client is waiting for exactly that.
@@ -278,6 +286,7 @@ pub(super) async fn secondary_side(
         progressed: Notify::new(),
         mark_moved: Notify::new(),
         window: rep.apply_window.clone(),
+        bytes: Arc::new(Semaphore::new(APPLY_BYTES_UNITS as usize)),
         persist: tokio::sync::Mutex::new(()),
         ack_receipt_now: std::sync::atomic::AtomicBool::new(false),
         failed: watch::channel(None).0,
@@ -545,12 +554,31 @@ pub(super) async fn secondary_side(
                     }
                 }
                 ap.publish();
-                let permit = ap
-                    .window
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| LinkError::Closed("apply window closed"))?;
+                let units = payload.as_ref().map_or(0, |p| {
+                    u32::try_from(p.len().div_ceil(APPLY_BYTES_UNIT))
+                        .unwrap_or(u32::MAX)
+                        .min(APPLY_BYTES_UNITS)
+                });
+                let bytes = if units > 0 {
+                    Some(
+                        ap.bytes
+                            .clone()
+                            .acquire_many_owned(units)
+                            .await
+                            .map_err(|_| LinkError::Closed("apply budget closed"))?,
+                    )
+                } else {
+                    None
+                };
+                // Dropped together, when the record is applied.
+                let permit = (
+                    ap.window
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| LinkError::Closed("apply window closed"))?,
+                    bytes,
+                );
                 // Checked again with the permit: a promotion that waited out the applies in
                 // flight may have started while this record waited for its turn.
                 if res.stream_held() {
