@@ -1649,7 +1649,13 @@ impl Replication {
     pub fn numbers(&self) -> (u64, u64, u64, u64, u64, u64, bool) {
         let applied = self.acks().applied;
         let g = self.lock();
-        let (lag_w, lag_b) = g.ring.lag(applied);
+        let (mut lag_w, mut lag_b) = g.ring.lag(applied);
+        if g.overflowed {
+            // The journal no longer holds what the peer lacks: the writes count from the
+            // sequence marks, the bytes are what the bitmap records.
+            lag_w = lag_w.max(g.issued.saturating_sub(applied));
+            lag_b = lag_b.max(g.bitmap.dirty_bytes());
+        }
         (
             g.issued,
             g.ring.used(),

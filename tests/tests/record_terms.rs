@@ -53,6 +53,14 @@ fn wait_following(primary: &Node, secondary: &Node) -> Value {
     secondary.wait_repl(SYNC_TIMEOUT, "applied the primary's writes", |r| {
         r["seq_applied"] == rp["seq_written"]
     });
+    // Whatever the primary's history (a switchover, a failover), its stream counts what it
+    // sent from the peer's mark on: never "sent 0" beside everything applied.
+    assert_eq!(
+        rp["seq_sent"],
+        rp["seq_written"],
+        "{}: {rp}",
+        primary.name()
+    );
     rp
 }
 

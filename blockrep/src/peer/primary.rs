@@ -136,6 +136,11 @@ pub(super) async fn primary_side(
     };
     rep.set_link_as_primary(res.role() == Role::Primary);
     rep.set_connected(true, start - 1, peer_durable);
+    // Everything before the stream's start the peer has (or the resync brings): counted as
+    // sent, so that a new primary's `status` does not say "sent 0" beside its applied mark.
+    rep.stats
+        .seq_sent
+        .store(start - 1, std::sync::atomic::Ordering::Relaxed);
     // From here on every record goes to the peer in this stream: none diverges from it, so
     // none starts a new generation (a write that came in between used to start one for
     // nothing, and the check below then dropped the connection once).
