@@ -552,6 +552,14 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
     let st = match query_status(cfg) {
         Ok(st) => st,
         Err(e) => {
+            if json {
+                // Monitoring parses stdout: an object there too, saying the state is unknown.
+                let v = serde_json::json!({
+                    "resource": cfg.resource, "node": cfg.me.name, "up": null,
+                    "role": "unknown", "disk": "unknown", "error": format!("{e:#}"),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
             eprintln!("error: {e:#}");
             std::process::exit(EXIT_UNKNOWN);
         }

@@ -221,8 +221,8 @@ impl Daemon {
                     // between is still checked here, by the credentials the kernel gives.
                     Ok((s, _)) if !control_peer_allowed(&s) => {
                         tracing::warn!(
-                            "control connection refused: uid {:?} is neither root nor this daemon's",
-                            s.peer_cred().ok().map(|c| c.uid())
+                            "control connection refused: uid {} is neither root nor this daemon's",
+                            s.peer_cred().map_or("unknown".to_string(), |c| c.uid().to_string())
                         );
                     }
                     Ok((s, _)) => {

@@ -30,14 +30,17 @@ pub struct Rec {
     pub range: (u64, u64),
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AppendError {
     /// Not enough free space now; `need` bytes.
+    #[error("the journal is full: the record needs {need} bytes the peer has not released")]
     Full { need: u64 },
     /// The record can never fit.
+    #[error("the record is larger than half the journal")]
     TooBig,
     /// The journal dropped records (it overflowed): nothing more is appended to it until the
     /// peer has been brought back by a bitmap resync, or sequences would have a gap.
+    #[error("the journal overflowed earlier")]
     Overflowed,
 }
 

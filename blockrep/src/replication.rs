@@ -677,7 +677,7 @@ impl Replication {
                     if let Err(e) = r {
                         if !g.overflowed {
                             tracing::warn!(
-                                "journal cannot take seq {seq} ({e:?}): the peer will need a resync of the dirty bitmap"
+                                "journal cannot take seq {seq} ({e}): the peer will need a resync of the dirty bitmap"
                             );
                             g.overflowed = true;
                             // The records dropped here may not be durable on the peer (not

@@ -1573,7 +1573,8 @@ impl Resource {
             tracing::info!("peer has every write up to sequence {issued}");
         } else if r.is_err() || !a.connected {
             tracing::warn!(
-                "peer lacks writes after sequence {} of {issued}: they stay in the journal and bitmap",
+                "the peer {} not confirmed the writes after sequence {} (this node issued up to {issued}): the journal and bitmap keep them for its next connect",
+                if a.connected { "has" } else { "is not connected and has" },
                 a.durable
             );
         }
@@ -1712,10 +1713,12 @@ async fn open_replication(
             .max(ring.last_seq().unwrap_or(0))
             .max(m.sb.journal_seq.saturating_sub(1));
         tracing::info!(
-            "journal: {} records recovered (sequences {:?}..{:?}), issued {issued}, applied {}, bitmap {} bytes out of sync{}",
+            "journal: {} records recovered{}, issued {issued}, applied {}, bitmap {} bytes out of sync{}",
             ring.len(),
-            ring.first_seq(),
-            ring.last_seq(),
+            match (ring.first_seq(), ring.last_seq()) {
+                (Some(a), Some(b)) => format!(" (sequences {a}..{b})"),
+                _ => String::new(),
+            },
             m.sb.applied_seq,
             bitmap.dirty_bytes(),
             if m.sb.journal_overflowed { ", journal overflowed" } else { "" }

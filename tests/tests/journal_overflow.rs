@@ -317,7 +317,7 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
         )
     });
     assert!(
-        overflow.contains("WARN") && overflow.contains("Full"),
+        overflow.contains("WARN") && overflow.contains("the journal is full"),
         "{overflow}"
     );
     let overflow_after = overflow_after.expect("overflow seen while polling");

@@ -413,8 +413,9 @@ fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
         {
             tracing::debug!("peer link: {e}")
         }
+        // Info, not a warning: the peer also closes for a role change or a `down`.
         LinkError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            tracing::warn!("peer link lost: {shown}")
+            tracing::info!("peer link ended: {shown}")
         }
         // Logged where it was found (see `split_brain_found`).
         LinkError::SplitBrain(_) => tracing::debug!("peer link: {e}"),
