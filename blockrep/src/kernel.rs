@@ -114,7 +114,29 @@ enum Via {
     },
 }
 
+/// The `max_sectors_kb` to set for requests of at most `max_bytes`, given the queue's current
+/// value: never raised (the kernel bounds it by the hardware limit), at least one page.
+fn max_sectors_kb(current: u64, max_bytes: u32) -> u64 {
+    (u64::from(max_bytes) / 1024).clamp(4, current.max(4))
+}
+
 impl Attachment {
+    /// Caps the requests the kernel sends at `max_bytes` (the export's advertised maximum,
+    /// which the kernel's nbd driver does not read: a larger write would not fit one journal
+    /// record). Through sysfs; where it fails, requests stay at the kernel's limit.
+    pub fn limit_requests(&self, max_bytes: u32) -> io::Result<u64> {
+        let path = format!("/sys/block/nbd{}/queue/max_sectors_kb", self.index);
+        let current: u64 = std::fs::read_to_string(&path)?
+            .trim()
+            .parse()
+            .map_err(|e| io::Error::other(format!("{path}: {e}")))?;
+        let want = max_sectors_kb(current, max_bytes);
+        if want < current {
+            std::fs::write(&path, want.to_string())?;
+        }
+        Ok(want)
+    }
+
     /// What holds the attached device open, if anything a detach would pull it from under:
     /// a mount (`/proc/self/mountinfo`) or a stacked device (`holders` in sysfs: LVM, dm).
     pub fn in_use(&self) -> Option<String> {
@@ -506,6 +528,17 @@ fn mounted_at<'a>(mountinfo: &'a str, majmin: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn request_cap_is_never_raised_and_at_least_a_page() {
+        use super::max_sectors_kb;
+        // 64 MiB journal: 32 MiB less a frame head; the kernel's 1280 KiB stays.
+        assert_eq!(max_sectors_kb(1280, (32 << 20) - 4096), 1280);
+        // 1 MiB journal: 508 KiB, below the kernel's 1280.
+        assert_eq!(max_sectors_kb(1280, 508 << 10), 508);
+        assert_eq!(max_sectors_kb(1280, 1024), 4);
+        assert_eq!(max_sectors_kb(0, 1 << 20), 4);
+    }
+
     use super::mounted_at;
 
     #[test]

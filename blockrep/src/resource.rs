@@ -1646,6 +1646,13 @@ impl Resource {
                     dev.display(),
                     a.method()
                 );
+                let max = self.device.max_request();
+                if let Err(e) = a.limit_requests(max) {
+                    tracing::warn!(
+                        "could not cap {}'s requests at {max} bytes (queue/max_sectors_kb): {e}; larger writes overflow the journal",
+                        dev.display()
+                    );
+                }
                 *self.kernel.lock().await = Some(a);
             }
             Ok(Err(e)) => {
