@@ -300,7 +300,7 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
     }
     // Held until the metadata is written: a daemon started meanwhile (or already running
     // from another config) waits for nothing and writes nothing over it.
-    let _claim = blockrep::meta::claim(&cfg.me.backing, external(cfg))?;
+    let _claim = blockrep::meta::claim(&cfg.me.backing, external(cfg), false)?;
     // What is on the device already, for the report below (create refuses to cut it).
     let found = blockrep::meta::probe_backing(&cfg.me.backing)
         .ok()

@@ -93,24 +93,40 @@ pub enum MetaError {
 /// which mount, mkfs and device-mapper take too). A second daemon started on the same disk
 /// (another config with other sockets, say) stops here, before crash recovery or anything
 /// else writes a byte, as DRBD's attach does on a device held open.
+///
+/// The backing device's descriptor is the one its I/O must go through ([`Claim::backing`]):
+/// the kernel lets only the holder of an exclusive claim discard or zero a range of a block
+/// device whose page cache is dirty (anyone else gets EBUSY).
 #[derive(Debug)]
 pub struct Claim {
-    _held: Vec<File>,
+    backing: Arc<File>,
+    _others: Vec<File>,
+}
+
+impl Claim {
+    /// The claimed backing device, open for reading and writing (with `O_DIRECT` if asked).
+    pub fn backing(&self) -> Arc<File> {
+        self.backing.clone()
+    }
 }
 
 /// Takes the [`Claim`] on the backing device and the external metadata file, if any.
-pub fn claim(backing: &Path, external: Option<&Path>) -> Result<Claim, MetaError> {
-    let mut held = vec![claim_one(backing)?];
+pub fn claim(backing: &Path, external: Option<&Path>, direct_io: bool) -> Result<Claim, MetaError> {
+    let b = claim_one(backing, direct_io)?;
+    let mut others = Vec::new();
     // An external metadata file create-md has yet to make holds nothing to protect.
     if let Some(p) = external.filter(|p| p.exists()) {
-        held.push(claim_one(p)?);
+        others.push(claim_one(p, false)?);
     }
-    Ok(Claim { _held: held })
+    Ok(Claim {
+        backing: Arc::new(b),
+        _others: others,
+    })
 }
 
-fn claim_one(path: &Path) -> Result<File, MetaError> {
+fn claim_one(path: &Path, direct_io: bool) -> Result<File, MetaError> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
     let in_use = |why: String| MetaError::InUse {
         path: path.to_owned(),
         why,
@@ -119,20 +135,33 @@ fn claim_one(path: &Path) -> Result<File, MetaError> {
         path: path.to_owned(),
         error,
     };
-    let block = std::fs::metadata(path)
-        .map_err(io)?
-        .file_type()
-        .is_block_device();
-    let mut oo = OpenOptions::new();
-    oo.read(true);
-    if block {
-        oo.custom_flags(libc::O_EXCL);
+    let md = std::fs::metadata(path).map_err(io)?;
+    let block = md.file_type().is_block_device();
+    if !block {
+        if let Some(dev) = loop_device_over(md.dev(), md.ino()) {
+            return Err(in_use(format!(
+                "it is the backing file of {dev}: whatever uses that loop device (a daemon \
+                 configured with it, a mount) shares these bytes; detach it (losetup -d) or \
+                 configure the loop device instead"
+            )));
+        }
     }
+    let mut oo = OpenOptions::new();
+    oo.read(true).write(true);
+    let mut flags = 0;
+    if block {
+        flags |= libc::O_EXCL;
+    }
+    if direct_io {
+        flags |= libc::O_DIRECT;
+    }
+    oo.custom_flags(flags);
     let f = match oo.open(path) {
         Ok(f) => f,
         Err(e) if block && e.raw_os_error() == Some(libc::EBUSY) => {
             return Err(in_use(
-                "the kernel reports it busy: mounted, or held by another process, a loop or                  device-mapper/LVM stack"
+                "the kernel reports it busy: mounted, or held by another process, a loop \
+                 or device-mapper/LVM stack"
                     .into(),
             ))
         }
@@ -143,7 +172,8 @@ fn claim_one(path: &Path) -> Result<File, MetaError> {
         let e = std::io::Error::last_os_error();
         return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
             in_use(
-                "another blockrep daemon (or create-md) holds it; a second daemon on one disk                  would corrupt it (`blockrep-ctl status` with that daemon's config finds it)"
+                "another blockrep daemon (or create-md) holds it; a second daemon on one disk \
+                 would corrupt it (`blockrep-ctl status` with that daemon's config finds it)"
                     .into(),
             )
         } else {
@@ -151,6 +181,26 @@ fn claim_one(path: &Path) -> Result<File, MetaError> {
         });
     }
     Ok(f)
+}
+
+/// The loop device (`/dev/loopN`) whose backing file is the file `(dev, ino)`, if any.
+fn loop_device_over(dev: u64, ino: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let file = text.trim_end_matches('\n');
+        if std::fs::metadata(file).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+            return Some(format!("/dev/{name}"));
+        }
+    }
+    None
 }
 
 /// Where each area lies, in bytes from the start of the metadata device.

@@ -1,8 +1,6 @@
 //! A resource that is up on this node: backing device, metadata, engine, export, role.
 //! `up` builds it, `down` takes it apart in order (refuse, drain, flush, persist).
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -152,9 +150,12 @@ impl Resource {
         // Before anything reads or writes the metadata: no other daemon may hold the disk.
         let claim = {
             let (backing, external) = (cfg.me.backing.clone(), external.clone());
-            tokio::task::spawn_blocking(move || crate::meta::claim(&backing, external.as_deref()))
-                .await
-                .map_err(|e| NodeError::Refused(format!("claiming the disk failed: {e}")))??
+            let direct = cfg.direct_io;
+            tokio::task::spawn_blocking(move || {
+                crate::meta::claim(&backing, external.as_deref(), direct)
+            })
+            .await
+            .map_err(|e| NodeError::Refused(format!("claiming the disk failed: {e}")))??
         };
         let meta = {
             let cfg = cfg.clone();
@@ -206,15 +207,9 @@ impl Resource {
             None => None,
             Some(_) => Some(open_replication(cfg, &meta, size).await?),
         };
-        let mut oo = OpenOptions::new();
-        oo.read(true).write(true);
-        if cfg.direct_io {
-            oo.custom_flags(libc::O_DIRECT);
-        }
-        let file = oo
-            .open(&cfg.me.backing)
-            .map_err(io_err(format!("opening {}", cfg.me.backing.display())))?;
-        let engine = crate::engine::open(Arc::new(file), cfg.io_engine)
+        // The claim's descriptor: only the holder of a block device's exclusive claim may
+        // discard or zero its ranges.
+        let engine = crate::engine::open(claim.backing(), cfg.io_engine)
             .map_err(io_err("starting the I/O engine"))?;
         let device = Arc::new(Device::new(engine, rep.clone(), size, cfg.direct_io));
         let export = Export::new(

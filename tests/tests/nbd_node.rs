@@ -441,3 +441,77 @@ fn direct_io_export_serves_aligned_io_and_says_what_it_needs() {
     );
     r.disconnect();
 }
+
+/// A node whose backing device is a loop device (a block device, as in production): the
+/// node holds the kernel's exclusive claim on it, and zero and trim still work over writes
+/// not yet flushed (only the claim's holder may discard a range with dirty page cache: the
+/// engine's I/O goes through the claim's descriptor). The loop device's own file is refused
+/// as another node's backing: it is the same disk.
+#[test]
+fn a_loop_device_backing_is_claimed_and_zero_and_trim_work_over_unflushed_writes() {
+    /// Fields drop in order: the daemon is stopped before its loop device is detached.
+    struct Fixture {
+        c: Cluster,
+        lo: LoopDev,
+    }
+    let c = Cluster::builder("loop-backing")
+        .nodes(1)
+        .no_backing_files()
+        .build();
+    let file = c.dir().path().join("alpha-file.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(BACKING)
+        .unwrap();
+    let lo = LoopDev::attach(&file);
+    let f = Fixture { c, lo };
+    let n = f.c.alpha();
+    std::os::unix::fs::symlink(f.lo.dev(), n.backing_path()).unwrap();
+    n.make_primary();
+
+    let mut r = n.raw_open();
+    for round in 0..20u64 {
+        let off = round * 65536;
+        r.write_at(off, &[0x5a; 8192], 0).expect("write");
+        r.command(CMD_WRITE_ZEROES, 0, off, 4096)
+            .unwrap_or_else(|e| panic!("write-zeroes over an unflushed write: errno {e}"));
+        r.command(CMD_TRIM, 0, off + 4096, 4096)
+            .unwrap_or_else(|e| panic!("trim over an unflushed write: errno {e}"));
+        let back = r.read_at(off, 8192).expect("read");
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "round {round}: not zero after zero+trim"
+        );
+    }
+    r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    r.disconnect();
+    let st = n.status_json();
+    assert_eq!(st["io"]["errors"], 0, "{st}");
+
+    // The loop device's file, configured as a backing of its own: refused, as in use.
+    let text = std::fs::read_to_string(f.c.config_path()).unwrap();
+    let copy = text
+        .replace(
+            &format!("{:?}", n.backing_path().to_string_lossy()),
+            &format!("{:?}", file.to_string_lossy()),
+        )
+        .replace("alpha.ctl", "alpha2.ctl")
+        .replace("alpha.log", "alpha2.log");
+    assert!(copy.contains("alpha-file.img"), "{copy}");
+    let copy_path = f.c.dir().path().join("copy.toml");
+    std::fs::write(&copy_path, copy).unwrap();
+    let out = run(
+        Command::new(bin_dir().join("blockrep-ctl"))
+            .arg("-c")
+            .arg(&copy_path)
+            .args(["-n", "alpha", "create-md", "--force"]),
+        CMD_TIMEOUT,
+    );
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stderr.contains("in use") && out.stderr.contains(f.lo.dev()),
+        "the refusal should name the loop device:\n{}",
+        out.describe()
+    );
+    assert_eq!(n.status_json()["role"], "primary");
+}
