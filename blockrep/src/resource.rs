@@ -852,6 +852,11 @@ impl Resource {
         }
     }
 
+    /// Connections established so far.
+    pub fn connections_established(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The link's last error, as `status` shows it.
     pub fn link_error(&self) -> Option<String> {
         self.link().last_error.clone()
@@ -885,7 +890,6 @@ impl Resource {
     }
 
     pub async fn link_down(&self) {
-        let was_connected = established(self.link().state);
         // Armed before the waiting writes are released: one the peer did not have is then
         // acknowledged under a new generation (see `Replication::wait_peer`). Only for a
         // connection this node ran as primary (also one that ended between `set_connected`
@@ -898,9 +902,6 @@ impl Resource {
             }
             r.on_disconnect();
             r.set_connected(false, 0, 0);
-        }
-        if was_connected {
-            self.run_handler("peer-lost");
         }
         {
             let mut l = self.link();

@@ -348,6 +348,21 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         let _ = res.settle_applies().await;
         let was_established = crate::resource::established(res.link_state());
         res.link_down().await;
+        if was_established {
+            // A role change or a `connect` reconnects at once (the handshake sets the
+            // stream's direction): only a link that stays down is the peer lost, for the
+            // handler that pages someone.
+            let res = res.clone();
+            let seen = res.connections_established();
+            tokio::spawn(async move {
+                tokio::time::sleep(PEER_LOST_GRACE).await;
+                if res.connections_established() == seen
+                    && !crate::resource::established(res.link_state())
+                {
+                    res.run_handler("peer-lost");
+                }
+            });
+        }
         match r {
             Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
             Err(e) => {
@@ -369,6 +384,9 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// How long a link that was up may stay down before the `peer-lost` handler runs.
+const PEER_LOST_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a link closed because this node asked it to (not a fault: logged at info).
 const ADMIN_CLOSE: &str = "role change or admin command";
