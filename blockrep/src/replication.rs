@@ -272,23 +272,23 @@ impl Inner {
     /// record it applied but had not made durable whose journal space was reused: what the
     /// peer may lack after a crash of its own. Returns how many ranges it marked.
     fn cover_undurable(&mut self, durable: u64) -> usize {
-        let mut n = 0;
-        for r in self.ring.records().filter(|r| r.seq > durable) {
-            if r.range.1 > r.range.0 {
-                self.bitmap.set_range(r.range.0, r.range.1 - r.range.0);
-                n += 1;
-            }
+        let ranges: Vec<(u64, u64)> = self
+            .ring
+            .records()
+            .filter(|r| r.seq > durable && r.range.1 > r.range.0)
+            .map(|r| r.range)
+            .chain(
+                self.undurable
+                    .iter()
+                    .filter(|u| u.0 > durable)
+                    .map(|&(_, a, b)| (a, b)),
+            )
+            .collect();
+        // Pinned: a resync chunk in flight over them must not clear them.
+        for &(a, b) in &ranges {
+            self.set_pinned(a, b - a);
         }
-        for &(seq, start, end) in &self.undurable {
-            if seq > durable {
-                self.bitmap.set_range(start, end - start);
-                n += 1;
-            }
-        }
-        if n > 0 {
-            self.bitmap_dirty = true;
-        }
-        n
+        ranges.len()
     }
 }
 
@@ -690,6 +690,10 @@ impl Replication {
                             }
                             inner.bitmap_dirty = true;
                             inner.clear_at = None;
+                            // A resync chunk in flight no longer clears its bits when the
+                            // peer makes it durable: they now also name writes this journal
+                            // dropped, which the peer never got (as at a disconnect).
+                            inner.resync_inflight.clear();
                             g.ring.clear(seq + 1, 0);
                         }
                     }

@@ -1054,8 +1054,13 @@ impl Resource {
         // A resync target's own bitmap is empty: what it lacks is what the source has left.
         let oos = if l.state == "sync-target" {
             oos.max(resync_total.saturating_sub(resync_done))
-        } else {
+        } else if self
+            .with_meta(|m| m.sb.disk == DiskState::Inconsistent)
+            .unwrap_or(false)
+        {
             oos.max(self.resync_left.load(std::sync::atomic::Ordering::Relaxed))
+        } else {
+            oos
         };
         // A primary (or a resync source) shows its stream and the peer's marks; a secondary
         // its own: what it
@@ -1086,10 +1091,14 @@ impl Resource {
             }
             .into(),
             seq_written: written,
-            seq_sent: rep
-                .stats
-                .seq_sent
-                .load(std::sync::atomic::Ordering::Relaxed),
+            // A secondary sends no stream: what it sent as an earlier primary is stale.
+            seq_sent: if streaming {
+                rep.stats
+                    .seq_sent
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            } else {
+                written
+            },
             seq_received: received,
             seq_applied: applied,
             seq_durable: durable,
@@ -1410,18 +1419,25 @@ impl Resource {
         // the bitmap on disk before this node stops being a crashed primary: past the commit
         // below its activity log no longer counts, and were both nodes to crash the bitmap is
         // all that would name them (as `down` does).
+        // The export is closed by now, so the demotion goes on either way; when the bitmap
+        // could not be written, this node stays marked as a primary that did not go down
+        // cleanly, and after a crash its activity log names those regions instead (as `down`).
+        let mut covered = true;
         if let Some(r) = &self.rep {
             if r.cover_undurable() > 0 {
-                r.persist().await.map_err(|e| {
-                    NodeError::Refused(format!(
-                        "writing the bitmap of the writes the peer lacks failed: {e}; not demoted"
-                    ))
-                })?;
+                if let Err(e) = r.persist().await {
+                    tracing::error!(
+                        "writing the bitmap of the writes the peer lacks failed: {e}; the activity log keeps naming them"
+                    );
+                    covered = false;
+                }
             }
         }
         let new_id = random_id();
         self.commit_meta(move |sb| {
-            sb.was_primary = false;
+            if covered {
+                sb.was_primary = false;
+            }
             if let Some((i, mark)) = issued {
                 // Its own records count as applied here, under its own term.
                 sb.advance_applied(mark);

@@ -1335,6 +1335,45 @@ fn resync_interrupted_and_resumed() {
 /// the target took the source's bitmap generation at the start, so the ids no longer say
 /// "full". (It restarted from zero before: on a large device every link blip during the
 /// initial sync began it again.)
+/// A resync target disconnected midway by the admin (its link task is cut short, not ended by
+/// an error) still says what it lacks while standalone, and nothing once a resync completed.
+#[test]
+fn a_resync_target_disconnected_midway_shows_what_it_lacks() {
+    let c = pair("out-target-disc", "", |b| {
+        b.journal_size("2M")
+            .resource_line("resync-rate = \"10M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    assert!(c.proxy().cut_and_refuse() >= 1);
+    a.wait_not_connected(Duration::from_secs(10));
+    let n = 32 * MIB;
+    let input = c.dir().join("in.bin");
+    write_random_file(&input, n as usize);
+    a.nbdcopy_in(&input);
+    c.proxy().resume();
+    b.wait_repl(Duration::from_secs(30), "resyncing", |r| {
+        r["connection"] == "sync-target" && u(r, "resync_done") > 0
+    });
+    b.ctl_ok(&["disconnect"]);
+    let r = b.wait_repl(Duration::from_secs(10), "standalone", |r| {
+        r["connection"] == "standalone"
+    });
+    let s = b.status_json();
+    assert_eq!(s["disk"], "inconsistent", "{s}");
+    let left = u(&r, "out_of_sync");
+    assert!(
+        left > 0 && left <= n,
+        "a target cut off midway shows {left} out of sync: {s}"
+    );
+    assert_eq!(u(&r, "resync_total"), 0, "no resync is running: {r}");
+    b.ctl_ok(&["connect"]);
+    let seen = wait_synced(&c, Duration::from_secs(60), "after reconnecting the target");
+    assert_identical(&c, a.size(), "target reconnected", &seen);
+    let r = b.repl();
+    assert_eq!(u(&r, "out_of_sync"), 0, "{r}");
+}
+
 #[test]
 fn full_sync_interrupted_resumes_with_what_is_left() {
     let c = pair("out-full-resume", "", |b| {

@@ -487,8 +487,8 @@ fn the_control_socket_refuses_other_users() {
     }
     let script = format!(
         "import socket\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(10)\ns.connect({:?})\n\
-         s.sendall(b'{{\"cmd\":\"status\"}}\\n')\ntry:\n    print(repr(s.recv(4096)))\n\
-         except ConnectionResetError:\n    print('reset')\n",
+         try:\n    s.sendall(b'{{\"cmd\":\"status\"}}\\n')\n    print(repr(s.recv(4096)))\n\
+         except (ConnectionResetError, BrokenPipeError):\n    print('reset')\n",
         sock.to_string_lossy()
     );
     let out = run(

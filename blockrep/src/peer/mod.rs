@@ -346,7 +346,19 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         // Writes the stream started here finish (and are made durable) before anything else
         // may write this disk: the next connection's stream, or this node as primary.
         let _ = res.settle_applies().await;
-        let was_established = crate::resource::established(res.link_state());
+        let was_state = res.link_state();
+        let was_established = crate::resource::established(was_state);
+        // A resync cut here, however the connection ended (an aborted link task runs none of
+        // its own ends), is no longer running; a target keeps what it had left as out of sync
+        // in `status` until a resync completes.
+        if let Some((total, done, _)) = res.resync.lock().ok().and_then(|mut p| p.take()) {
+            if was_state == "sync-target" {
+                res.resync_left.store(
+                    total.saturating_sub(done),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        }
         res.link_down().await;
         if was_established {
             // A role change or a `connect` reconnects at once (the handshake sets the

@@ -838,16 +838,6 @@ pub(super) async fn secondary_side(
     // Let every write already started finish, so a new connection never overlaps them.
     rep.quiesce_applies().await;
     let _ = ap.make_durable().await;
-    // A resync cut here is no longer running (its progress resumes with the next one); what
-    // it had left stays out of sync in `status` meanwhile.
-    if let Ok(mut p) = res.resync.lock() {
-        if let Some((total, done, _)) = p.take() {
-            res.resync_left.store(
-                total.saturating_sub(done),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
-    }
     res.update_verify(|v| {
         if v.on_peer && v.active() {
             v.state = "interrupted";
