@@ -183,6 +183,34 @@ fn claim_one(path: &Path, direct_io: bool) -> Result<File, MetaError> {
     Ok(f)
 }
 
+/// Makes `len` bytes at `offset` read as zeros: a hole punched in a file (no space used), or
+/// zeros written where that is not possible (a block device, a filesystem without holes).
+fn clear_area(file: &File, offset: u64, len: u64, zeros: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let is_file = file.metadata()?.file_type().is_file();
+    if is_file {
+        // SAFETY: fallocate on an open descriptor with a range inside the file.
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    let mut off = offset;
+    while off < offset + len {
+        let n = (offset + len - off).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 /// The loop device (`/dev/loopN`) whose backing file is the file `(dev, ino)`, if any.
 fn loop_device_over(dev: u64, ino: u64) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
@@ -639,14 +667,17 @@ impl MetaStore {
         };
         let zeros = vec![0u8; 1 << 20];
         // The new superblock names a journal that starts at position 0 with sequence 1, and
-        // recovery reads records from there for as long as they check out: a journal of the
-        // device's earlier life that had not yet wrapped would still read as this one's (and
-        // go to the peer as new writes). Its head is destroyed first, which ends that chain.
-        let head = layout.journal_len.min(zeros.len() as u64) as usize;
-        store
-            .file
-            .write_all_at(&zeros[..head], layout.journal_offset)
-            .map_err(io)?;
+        // recovery reads records from a checkpoint for as long as they check out: records of
+        // the device's earlier life would still read as this one's wherever a position and a
+        // sequence number happen to line up (the same mkfs after create-md, say) and go to the
+        // peer as new writes. The whole area is cleared first.
+        clear_area(
+            &store.file,
+            layout.journal_offset,
+            layout.journal_len,
+            &zeros,
+        )
+        .map_err(io)?;
         store.file.sync_data().map_err(io)?;
         // Both slots, so no stale superblock of an older format survives; the superblocks
         // first: a crash before the areas below are cleared leaves a fresh (inconsistent,
@@ -953,7 +984,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let img = dir.join("a.img");
         File::create(&img).unwrap().set_len(32 << 20).unwrap();
-        let l = MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false)
+        let l = MetaStore::create(&img, None, "r0", "alpha", 4 << 20, 4096, false)
             .unwrap()
             .layout;
         // The earlier life's first lap, as persisted: records from sequence 1 at position 0,
@@ -984,8 +1015,15 @@ mod tests {
             v
         };
         assert_eq!(Ring::recover(journal(&f), 0, 1, 0).len(), 5);
-        MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, true).unwrap();
+        // And a lap of it further on, past the first MiB.
+        f.write_all_at(ring.raw(0, 1 << 20), l.journal_offset + (2 << 20))
+            .unwrap();
+        MetaStore::create(&img, None, "r0", "alpha", 4 << 20, 4096, true).unwrap();
         assert!(Ring::recover(journal(&f), 0, 1, 0).is_empty());
+        assert!(
+            journal(&f).iter().all(|&b| b == 0),
+            "create-md left bytes of the earlier journal"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
