@@ -702,7 +702,6 @@ fn in_sync(s: &Status) -> (bool, String) {
 fn wait_sync(cfg: &Config, timeout: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut last = String::new();
     loop {
         let Some(st) = poll_status(cfg)? else {
             if Instant::now() > deadline {
@@ -721,14 +720,16 @@ fn wait_sync(cfg: &Config, timeout: u64) -> Result<()> {
             println!("in sync: {text}");
             return Ok(());
         }
+        // Progress on a terminal only: from cron, a wait that ends in sync says nothing on
+        // stderr (the outcome is on stdout, or the error).
         if tty {
             eprint!("\r{text}\x1b[K");
-        } else if text != last {
-            eprintln!("{text}");
         }
-        last = text;
         if Instant::now() > deadline {
-            bail!("not in sync after {timeout} s: {last}");
+            if tty {
+                eprintln!();
+            }
+            bail!("not in sync after {timeout} s: {text}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -748,9 +749,11 @@ fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
         println!("{msg}");
         return Ok(());
     }
-    eprintln!("{msg}");
-    let deadline = Instant::now() + Duration::from_secs(timeout);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if tty {
+        eprintln!("{msg}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(timeout);
     loop {
         let Some(st) = poll_status(cfg)? else {
             if Instant::now() > deadline {

@@ -97,6 +97,8 @@ pub struct Config {
     pub resource: String,
     pub protocol: Protocol,
     pub secret: Option<Vec<u8>>,
+    /// Where the secret was read from (`secret-file`), if not inline.
+    pub secret_file: Option<PathBuf>,
     pub io_engine: IoEngineChoice,
     pub direct_io: bool,
     pub journal_size: u64,
@@ -263,6 +265,7 @@ impl Config {
             }
         };
         let secret_from_file = r.secret_file.is_some();
+        let secret_file = r.secret_file.clone();
         let secret = match (r.secret, r.secret_file) {
             (Some(_), Some(_)) => {
                 return Err(key_err(
@@ -569,6 +572,7 @@ impl Config {
             resource: r.name,
             protocol,
             secret,
+            secret_file,
             io_engine,
             direct_io: r.direct_io.unwrap_or(false),
             journal_size,

@@ -192,6 +192,18 @@ impl Daemon {
             std::process::id(),
             path.display()
         );
+        if let Some(p) = &self.cfg.secret_file {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(p) {
+                let mode = m.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        "secret-file {} is readable by others (mode {mode:03o}): chmod 600 it",
+                        p.display()
+                    );
+                }
+            }
+        }
         if up_now {
             if let Err(e) = self.up().await {
                 let _ = std::fs::remove_file(&path);

@@ -101,6 +101,7 @@ pub struct ClusterBuilder {
     node_backing_sizes: Vec<(String, u64)>,
     resource_name: Option<String>,
     secret: String,
+    secret_file: Option<PathBuf>,
     beta_proxy: bool,
 }
 
@@ -139,6 +140,11 @@ impl ClusterBuilder {
     /// The resource name (default: unique per test, `r-TAG`).
     pub fn resource_name(mut self, name: &str) -> Self {
         self.resource_name = Some(name.to_string());
+        self
+    }
+    /// `secret-file = PATH` instead of an inline secret.
+    pub fn secret_file(mut self, path: &Path) -> Self {
+        self.secret_file = Some(path.to_path_buf());
         self
     }
     /// The shared secret (default "e2e-shared-secret").
@@ -221,7 +227,13 @@ impl ClusterBuilder {
         text.push_str("[resource]\n");
         text.push_str(&format!("name = {}\n", toml_str(&resource)));
         text.push_str(&format!("protocol = {}\n", toml_str(&self.protocol)));
-        text.push_str(&format!("secret = {}\n", toml_str(&self.secret)));
+        match &self.secret_file {
+            Some(p) => text.push_str(&format!(
+                "secret-file = {}\n",
+                toml_str(&p.to_string_lossy())
+            )),
+            None => text.push_str(&format!("secret = {}\n", toml_str(&self.secret))),
+        }
         text.push_str(&format!("io-engine = {}\n", toml_str(&self.io_engine)));
         text.push_str(&format!("direct-io = {}\n", self.direct_io));
         text.push_str(&format!(
@@ -362,6 +374,7 @@ impl Cluster {
             node_backing_sizes: Vec::new(),
             resource_name: None,
             secret: "e2e-shared-secret".into(),
+            secret_file: None,
             beta_proxy: false,
         }
     }

@@ -168,3 +168,34 @@ fn altered_sealed_traffic_is_dropped_not_written() {
     println!("beta wrote {written} bytes for a 1 MiB write sent twice");
     assert!(b.repl()["crc_errors"].as_u64().is_some());
 }
+
+/// A secret read from `secret-file`: both nodes authenticate with it and replicate; a file
+/// others can read is warned about at start (and one only root reads is not).
+#[test]
+fn a_secret_file_works_and_a_readable_one_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TestDir::new("enc-secret-file");
+    let secret = tmp.path().join("r0.secret");
+    std::fs::write(&secret, "c2VjcmV0LWZyb20tYS1maWxl\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = Cluster::builder("enc-secret-file")
+        .nodes(2)
+        .backing_size(BACKING)
+        .secret_file(&secret)
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    a.up();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    b.create_md();
+    b.up();
+    a.primary_force();
+    a.wait_connected(Duration::from_secs(30));
+    let data = random_bytes(MIB);
+    write(a, 0, &data);
+    c.wait_in_sync(Duration::from_secs(60));
+    c.assert_replicas_identical(a.size(), "with a secret from a file");
+    let warned = |n: &Node| log_text(n).contains("is readable by others (mode 644)");
+    assert!(warned(a), "{}", a.log_tail(10));
+    assert!(!warned(b), "{}", b.log_tail(10));
+}

@@ -554,15 +554,19 @@ enum SplitBrainKind {
 /// at once, but the retries that find it again are logged at debug level only.
 fn split_brain_found(res: &Resource, kind: SplitBrainKind, why: &str) {
     let kind = kind as u8;
-    if res
+    match res
         .split_brain_reported
         .swap(kind, std::sync::atomic::Ordering::SeqCst)
-        == kind
     {
-        tracing::debug!("{why}");
-    } else {
-        tracing::error!("{why}");
-        res.run_handler("split-brain");
+        // The retries of one split brain: quiet.
+        k if k == kind => tracing::debug!("{why}"),
+        // Still the same incident, seen differently (both primary, then one demoted on the
+        // way to `--discard-my-data`): said, but neither an error nor a handler run again.
+        0 => {
+            tracing::error!("{why}");
+            res.run_handler("split-brain");
+        }
+        _ => tracing::warn!("{why}"),
     }
 }
 
@@ -573,7 +577,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let my_role = res.role();
     res.set_peer(Some(peer.clone()));
     if me.primary && peer.primary {
-        let why = "split brain: both nodes are primary; demote one (blockrep-ctl secondary)";
+        let why = "split brain: both nodes are primary; on the node whose changes are to be dropped: unmount, `blockrep-ctl secondary`, then `blockrep-ctl connect --discard-my-data`";
         split_brain_found(res, SplitBrainKind::BothPrimary, why);
         return Err(refuse(&mut wr, why.into()).await);
     }

@@ -337,9 +337,12 @@ pub(super) async fn secondary_side(
                     // After a local disk failure nothing more is acknowledged; the primary is
                     // told why, so that it backs off before trying again. (A failure while
                     // no ack was due wakes the select below, which then asks for one.)
-                    if let Some(e) = ap.failure() {
-                        let _ = write_msg(&mut wr, &Msg::refuse(&e.to_string())).await;
-                        return Err(e);
+                    let failed = ap.failed.borrow().clone();
+                    if let Some(d) = failed {
+                        // Named for the reader on the other node ("this node" would be it).
+                        let why = format!("{}'s disk failed: {d}", ap.res.cfg().me.name);
+                        let _ = write_msg(&mut wr, &Msg::refuse(&why)).await;
+                        return Err(LinkError::LocalDisk(d));
                     }
                     let due = match sent {
                         None => true,
