@@ -147,6 +147,20 @@ impl Resource {
             MetaLocation::Internal => None,
             MetaLocation::External(p) => Some(p.clone()),
         };
+        // A tenth of a second of hashing, off the runtime's thread.
+        let link_key = match cfg.secret.clone() {
+            Some(secret) => {
+                let resource = cfg.resource.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || proto::seal::link_key(&secret, &resource))
+                        .await
+                        .map_err(|e| {
+                            NodeError::Refused(format!("deriving the link key failed: {e}"))
+                        })?,
+                )
+            }
+            None => None,
+        };
         // Before anything reads or writes the metadata: no other daemon may hold the disk.
         let claim = {
             let (backing, external) = (cfg.me.backing.clone(), external.clone());
@@ -311,10 +325,7 @@ impl Resource {
             skip_sync: Mutex::new(None),
             skip_sync_kick: tokio::sync::Notify::new(),
             _claim: claim,
-            link_key: cfg
-                .secret
-                .as_deref()
-                .map(|secret| proto::seal::link_key(secret, &cfg.resource)),
+            link_key,
             skip_ops: tokio::sync::Mutex::new(()),
         });
         let watcher = tokio::spawn(watch_disk_errors(
