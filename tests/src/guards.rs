@@ -294,6 +294,11 @@ impl LoopDev {
         self.attached = false;
         let mut last = String::new();
         let ok = wait_for(Duration::from_secs(10), || {
+            // Once our binding is gone (an earlier attempt took effect when the last opener
+            // closed), the device may already be another test's: never detach that one.
+            if !self.still_bound() {
+                return true;
+            }
             match run_quiet(
                 Command::new("losetup").arg("-d").arg(&self.dev),
                 Duration::from_secs(10),
