@@ -1429,10 +1429,9 @@ impl Resource {
         // Writes the peer has not made durable (it is away, or did not confirm in time) go to
         // the bitmap on disk before this node stops being a crashed primary: past the commit
         // below its activity log no longer counts, and were both nodes to crash the bitmap is
-        // all that would name them (as `down` does).
-        // The export is closed by now, so the demotion goes on either way; when the bitmap
-        // could not be written, this node stays marked as a primary that did not go down
-        // cleanly, and after a crash its activity log names those regions instead (as `down`).
+        // all that would name them. The export is closed by now, so the demotion goes on if
+        // that write fails, but the node stays marked as a primary that did not go down
+        // cleanly, whose activity log names those regions after a crash (as `down` does).
         let mut covered = true;
         if let Some(r) = &self.rep {
             if r.cover_undurable() > 0 {
