@@ -50,7 +50,12 @@ impl Daemon {
         let r = self.res.lock().await.take();
         let msg = match r {
             Some(r) => {
-                r.down().await?;
+                if let Err(e) = r.down().await {
+                    // Still there (its tasks, its claim on the disk): shown as up, and a
+                    // later `down` tries again.
+                    *self.res.lock().await = Some(r);
+                    return Err(e);
+                }
                 format!(
                     "resource {} down on {}",
                     self.cfg.resource, self.cfg.me.name
