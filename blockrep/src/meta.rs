@@ -689,12 +689,13 @@ impl MetaStore {
         let second = store.sb.clone();
         store.write_slot(&second, second.seq % 2)?;
         // Clear bitmap and activity log: a fresh device has nothing out of sync.
-        let mut off = layout.bitmap_offset;
-        while off < layout.journal_offset {
-            let n = (layout.journal_offset - off).min(zeros.len() as u64) as usize;
-            store.file.write_all_at(&zeros[..n], off).map_err(io)?;
-            off += n as u64;
-        }
+        clear_area(
+            &store.file,
+            layout.bitmap_offset,
+            layout.journal_offset - layout.bitmap_offset,
+            &zeros,
+        )
+        .map_err(io)?;
         store.file.sync_data().map_err(io)?;
         Ok(store.sb)
     }
