@@ -37,6 +37,8 @@ pub struct Device {
     size: u64,
     /// Required alignment of offsets and lengths (4096 under O_DIRECT, else 1).
     align: u64,
+    /// The largest write taken (see [`Self::max_request`]); fixed, as the journal's size is.
+    max_write: u32,
     pub pool: BufPool,
     pub counters: Counters,
     /// A sync of the backing device failed once. The kernel may have dropped the dirty pages
@@ -64,11 +66,14 @@ impl Device {
         size: u64,
         direct: bool,
     ) -> Self {
+        let align: u64 = if direct { 4096 } else { 1 };
+        let max_write = Self::max_write(rep.as_deref(), align);
         Device {
             engine,
             rep,
             size,
-            align: if direct { 4096 } else { 1 },
+            align,
+            max_write,
             pool: BufPool::new(512),
             counters: Counters::default(),
             sync_failed: std::sync::atomic::AtomicBool::new(false),
@@ -109,13 +114,18 @@ impl Device {
     /// bound, and below what one journal record can hold (half the ring, less a frame's head),
     /// so that a client that honours it never sends a write the journal can only take by
     /// overflowing (which drops the link and resyncs). A multiple of the minimum block.
+    /// A longer write is refused with EINVAL (see [`Self::write`]).
     pub fn max_request(&self) -> u32 {
-        let Some(rep) = &self.rep else {
+        self.max_write
+    }
+
+    fn max_write(rep: Option<&Replication>, align: u64) -> u32 {
+        let Some(rep) = rep else {
             return proto::nbd::MAX_REQUEST_LEN;
         };
         let head = (proto::peer::PREFIX_LEN + proto::peer::MAX_HEADER_LEN) as u64;
         let fits = (rep.lock().ring.cap() / 2).saturating_sub(head);
-        let unit = u64::from(self.min_block()).max(4096);
+        let unit = align.max(4096);
         let max = (fits / unit * unit).clamp(unit, u64::from(proto::nbd::MAX_REQUEST_LEN));
         u32::try_from(max).unwrap_or(proto::nbd::MAX_REQUEST_LEN)
     }
@@ -180,6 +190,15 @@ impl Device {
         let len = buf.len() as u64;
         if let Err(e) = self.check(offset, len, true) {
             return (self.fail(e), buf);
+        }
+        if len > u64::from(self.max_write) {
+            // A client that ignores the advertised maximum: refused, not taken by overflowing
+            // the journal (which would cut the peer off and resync).
+            tracing::warn!(
+                "refused a {len}-byte write at {offset}: larger than the advertised maximum of {} bytes",
+                self.max_write
+            );
+            return (self.fail(EINVAL), buf);
         }
         let Some(rep) = &self.rep else {
             return self.local_write(offset, buf, fua).await;
