@@ -170,6 +170,18 @@ fn claim_one(path: &Path, direct_io: bool) -> Result<File, MetaError> {
     // SAFETY: flock on a descriptor this function owns.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
+        ) {
+            // A filesystem without locks (NFS with no lock daemon, say): the disk is still
+            // usable, only unguarded against a second daemon.
+            tracing::warn!(
+                "{}: cannot be locked ({e}): a second daemon started on it would not be stopped",
+                path.display()
+            );
+            return Ok(f);
+        }
         return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
             in_use(
                 "another blockrep daemon (or create-md) holds it; a second daemon on one disk \
