@@ -37,7 +37,8 @@ pub struct Device {
     size: u64,
     /// Required alignment of offsets and lengths (4096 under O_DIRECT, else 1).
     align: u64,
-    /// The largest write taken (see [`Self::max_request`]); fixed, as the journal's size is.
+    /// The largest request advertised (see [`Self::max_request`]); fixed, as the journal's
+    /// size is.
     max_write: u32,
     pub pool: BufPool,
     pub counters: Counters,
@@ -114,7 +115,9 @@ impl Device {
     /// bound, and below what one journal record can hold (half the ring, less a frame's head),
     /// so that a client that honours it never sends a write the journal can only take by
     /// overflowing (which drops the link and resyncs). A multiple of the minimum block.
-    /// A longer write is refused with EINVAL (see [`Self::write`]).
+    /// A longer write is still taken, not refused: clients that ignore the maximum exist
+    /// (nbdfuse sends its 1 MiB writes whatever the server says), and the journal's
+    /// overflow keeps the data safe (the peer is resynced from the bitmap).
     pub fn max_request(&self) -> u32 {
         self.max_write
     }
@@ -190,15 +193,6 @@ impl Device {
         let len = buf.len() as u64;
         if let Err(e) = self.check(offset, len, true) {
             return (self.fail(e), buf);
-        }
-        if len > u64::from(self.max_write) {
-            // A client that ignores the advertised maximum: refused, not taken by overflowing
-            // the journal (which would cut the peer off and resync).
-            tracing::warn!(
-                "refused a {len}-byte write at {offset}: larger than the advertised maximum of {} bytes",
-                self.max_write
-            );
-            return (self.fail(EINVAL), buf);
         }
         let Some(rep) = &self.rep else {
             return self.local_write(offset, buf, fua).await;

@@ -878,6 +878,9 @@ impl Replication {
             }
             if let Some(b) = &bitmap {
                 file.write_all_at(&b[..b.len().min(bm_len)], bm_off)?;
+                // Synced on its own: a disk with a volatile cache may otherwise keep the new
+                // log and lose the bitmap, and the dropped extent would be in neither.
+                file.sync_data()?;
             }
             file.write_all_at(&bytes, off)?;
             file.sync_data()
@@ -1041,14 +1044,20 @@ impl Replication {
     }
 
     /// The connection this node ran as primary is lost (call before the marks are reset):
-    /// every record after the peer's applied mark, issued already or from now on, is one
-    /// the peer lacks, and the first one acknowledged (or released from waiting for the
+    /// every record after the peer's durable mark, issued already or from now on, is one
+    /// the peer may lack, and the first one acknowledged (or released from waiting for the
     /// peer) starts a new generation first. Returns whether such records exist already
     /// (then the caller starts the generation at once).
+    ///
+    /// Durable, not applied: a peer that applied records but lost power before syncing them
+    /// comes back without them, at the generation it had. If this node stayed at that
+    /// generation too, the two would look in sync with only this node's bitmap knowing
+    /// better, and a later promotion of the peer would resync those regions from it,
+    /// overwriting writes this node acknowledged and flushed.
     pub fn peer_lost(&self) -> bool {
-        let applied = self.acks().applied;
-        self.arm_from(applied.saturating_add(1));
-        self.issued_after(applied).is_some()
+        let durable = self.acks().durable;
+        self.arm_from(durable.saturating_add(1));
+        self.issued_after(durable).is_some()
     }
 
     /// A new primary whose peer is not (or no longer) connected to it as its secondary:

@@ -1546,6 +1546,9 @@ impl Resource {
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
         }
+        let crashed = self
+            .crashed_primary
+            .load(std::sync::atomic::Ordering::SeqCst);
         // One commit, so that no concurrent update can undo part of it.
         self.commit_meta(move |sb| {
             if let Some((issued, applied, settled)) = marks {
@@ -1557,7 +1560,10 @@ impl Resource {
             if lacks {
                 sb.gen = state::new_generation(sb.gen, new_id);
             }
-            if persisted {
+            // A node that crashed as primary and has not yet brought its peer its hot
+            // extents stays marked as one: a clean stop must not turn it into a peer whose
+            // bitmap the next connect ignores (both at one generation look in sync).
+            if persisted && !crashed {
                 sb.was_primary = false;
             }
         })

@@ -536,6 +536,8 @@ pub struct SbFacts<'a> {
     pub changes: u64,
     /// When it was last promoted (unix milliseconds).
     pub promoted_ms: u64,
+    /// Its disk is up to date (not the target of a resync that did not finish).
+    pub up_to_date: bool,
 }
 
 /// Decides an automatic resolution: `Some(true)` when this node discards its changes,
@@ -549,6 +551,19 @@ pub fn resolve_split_brain(policy: AfterSb0Pri, me: SbFacts, peer: SbFacts) -> O
             me.name > peer.name
         }
     };
+    if policy == AfterSb0Pri::Disconnect {
+        return None;
+    }
+    // Whatever the policy: only an up-to-date disk can be the source. A node an earlier
+    // resolution made the target, cut off midway, is inconsistent; its bitmap has not
+    // shrunk as the source's did while the resync ran, so counting changes again could now
+    // pick it as the source and spread its half-written regions over the other's changes.
+    match (me.up_to_date, peer.up_to_date) {
+        (true, true) => {}
+        (false, true) => return Some(true),
+        (true, false) => return Some(false),
+        (false, false) => return None,
+    }
     match policy {
         AfterSb0Pri::Disconnect => None,
         AfterSb0Pri::DiscardYoungerPrimary => Some(younger()),
@@ -575,6 +590,14 @@ mod sb_tests {
             name,
             changes,
             promoted_ms,
+            up_to_date: true,
+        }
+    }
+
+    fn inconsistent(f: SbFacts<'_>) -> SbFacts<'_> {
+        SbFacts {
+            up_to_date: false,
+            ..f
         }
     }
 
@@ -586,6 +609,11 @@ mod sb_tests {
             (f("alpha", 0, 300), f("beta", 20, 200)),
             (f("alpha", 5, 100), f("beta", 5, 100)),
             (f("alpha", 0, 1), f("beta", 0, 1)),
+            (inconsistent(f("alpha", 50, 100)), f("beta", 10, 200)),
+            (
+                inconsistent(f("alpha", 5, 100)),
+                inconsistent(f("beta", 10, 200)),
+            ),
         ];
         for p in [
             AfterSb0Pri::Disconnect,
@@ -624,6 +652,32 @@ mod sb_tests {
         assert_eq!(
             resolve_split_brain(AfterSb0Pri::DiscardZeroChanges, z, b),
             Some(true)
+        );
+    }
+
+    /// A resolution's target cut off midway is inconsistent, with more bits left than the
+    /// source it was taking data from: it stays the target under every policy but
+    /// `disconnect`, and two inconsistent disks are left to the admin.
+    #[test]
+    fn an_inconsistent_disk_is_never_the_source() {
+        let source = f("alpha", 8, 300);
+        let target = inconsistent(f("beta", 10, 100));
+        for p in [
+            AfterSb0Pri::DiscardYoungerPrimary,
+            AfterSb0Pri::DiscardLeastChanges,
+            AfterSb0Pri::DiscardZeroChanges,
+        ] {
+            assert_eq!(resolve_split_brain(p, source, target), Some(false), "{p:?}");
+            assert_eq!(resolve_split_brain(p, target, source), Some(true), "{p:?}");
+            assert_eq!(
+                resolve_split_brain(p, inconsistent(source), target),
+                None,
+                "{p:?}"
+            );
+        }
+        assert_eq!(
+            resolve_split_brain(AfterSb0Pri::Disconnect, source, target),
+            None
         );
     }
 }

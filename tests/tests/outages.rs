@@ -761,6 +761,145 @@ fn primary_killed_restarted_and_repromoted_resyncs_from_it() {
     check_stamps(&b.backing_data(8 * MIB), &log, "beta at the end");
 }
 
+/// A crashed primary that is stopped cleanly before it could bring its peer its hot extents
+/// stays a crashed primary: at the next start it says so again, and when the link comes back
+/// it is the source of those extents. Before, the clean `down` cleared the mark; both nodes
+/// then stood at one generation, looked in sync, and a later promotion of the peer resynced
+/// the extents from it, over writes the crashed node had acknowledged.
+#[test]
+fn a_crashed_primary_stopped_cleanly_before_it_reconnected_is_still_the_source_of_its_extents() {
+    let Some(py) = python() else { return };
+    let c = pair("out-crash-down-up", "", |b| {
+        b.backing_size(256 << 20)
+            .journal_size("8M")
+            .beta_via_proxy()
+            .resource_line(&format!("al-extents = {AL_EXTENTS}"))
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let log = kill_alpha_during_writes(&c, &py);
+    // The link stays down: alpha (the dialer) reaches beta only through the proxy.
+    c.proxy().cut_and_refuse();
+    b.wait_not_connected(Duration::from_secs(10));
+    let alpha_before = a.backing_data(size);
+
+    let ma = log_mark(a);
+    a.up();
+    assert!(
+        crashed_al_bytes(&log_since(a, ma)).is_some(),
+        "the first start after the crash did not recover alpha as a crashed primary:\n{}",
+        log_since(a, ma).join("\n")
+    );
+    a.down();
+    let md = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("was-primary") && l.trim_end().ends_with("true")),
+        "a clean down cleared the crashed primary's mark before its peer had its extents:\n{md}"
+    );
+
+    let ma = log_mark(a);
+    a.up();
+    assert!(
+        log_since(a, ma)
+            .iter()
+            .any(|l| l.contains("was primary when it stopped last")),
+        "the second start forgot the crash:\n{}",
+        log_since(a, ma).join("\n")
+    );
+    c.proxy().resume();
+    let seen = wait_synced(&c, Duration::from_secs(40), "beta resynced from alpha");
+    let la = log_since(a, ma);
+    assert!(
+        la.iter()
+            .any(|l| l
+                .contains("this node crashed as primary: its activity-log extents go to the peer")),
+        "alpha did not resync its hot extents to beta; its log:\n{}",
+        la.join("\n")
+    );
+    assert!(
+        !Seen::has(&seen.alpha, "sync-target"),
+        "alpha was resynced from beta: {seen:?}"
+    );
+    assert_identical(&c, size, "the crashed primary's extents resynced", &seen);
+    assert_same_bytes(
+        &b.backing_data(size),
+        &alpha_before,
+        "beta must end with the crashed primary's data",
+    );
+    check_stamps(&b.backing_data(8 * MIB), &log, "beta at the end");
+    let md = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("was-primary") && l.trim_end().ends_with("false")),
+        "the mark outlived the resync that settled it:\n{md}"
+    );
+}
+
+/// The secondary applies a write (protocol C acknowledges it) and loses power before syncing
+/// it: it comes back without it, at the generation it had. The primary, cut off, flushes the
+/// write locally and is demoted. Its loss of the peer started a new generation, because the
+/// peer had not made the write durable: when the peer comes back the old primary is the
+/// source of the write, and the peer promoted afterwards holds it. Before, the loss of the
+/// peer started a generation only for writes the peer had not applied: both nodes stood at
+/// one generation, looked in sync, and the promoted peer resynced the region from its stale
+/// disk over the write on the old primary.
+#[test]
+fn a_write_the_peer_applied_but_lost_in_a_power_cut_comes_back_from_the_old_primary() {
+    let c = pair("out-peer-powercut", "", |b| {
+        b.backing_size(64 << 20).journal_size("8M")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let off = 4 * MIB;
+    let stale = b.backing_data(off + MIB)[off as usize..].to_vec();
+    let data = random_bytes(MIB as usize);
+    let mut r = a.raw_open();
+    r.write_at(off, &data, 0).expect("write");
+    let ra = a.repl();
+    assert_eq!(ra["seq_applied"], ra["seq_written"], "protocol C: {ra}");
+    assert!(
+        u(&ra, "seq_durable") < u(&ra, "seq_written"),
+        "beta synced the write already (its checkpoint ran): the power cut cannot lose it: {ra}"
+    );
+    // The power cut: beta dies, and the write's range on its disk holds what it held before
+    // (its page cache never reached the disk; its metadata's applied mark is its last sync).
+    kill_node(b);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(b.backing_path())
+            .expect("open beta's backing");
+        f.write_all_at(&stale, off).expect("roll back beta's disk");
+        f.sync_all().expect("sync");
+    }
+    a.wait_not_connected(Duration::from_secs(10));
+    r.command(CMD_FLUSH, 0, 0, 0)
+        .expect("a flush with the peer away");
+    r.disconnect();
+    a.ctl_ok(&["secondary"]);
+
+    b.up();
+    let seen = wait_synced(&c, Duration::from_secs(40), "beta resynced from alpha");
+    assert!(
+        !Seen::has(&seen.alpha, "sync-target"),
+        "alpha was resynced from beta: {seen:?}"
+    );
+    b.ctl_ok(&["primary"]);
+    let seen = wait_synced(&c, Duration::from_secs(40), "in sync behind beta");
+    assert_identical(&c, a.size(), "beta promoted after the power cut", &seen);
+    assert_same_bytes(
+        &a.backing_data(off + MIB)[off as usize..],
+        &data,
+        "alpha's acknowledged and flushed write",
+    );
+    assert_same_bytes(
+        &b.backing_data(off + MIB)[off as usize..],
+        &data,
+        "beta after it came back and was promoted",
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Failover and failback with a filesystem.
 
@@ -1379,7 +1518,10 @@ fn full_sync_interrupted_resumes_with_what_is_left() {
     let c = pair("out-full-resume", "", |b| {
         b.backing_size(64 << 20)
             .journal_size("2M")
-            .resource_line("resync-rate = \"8M\"")
+            // Slow enough that the cut below comes before the end on a loaded machine (at 8M
+            // the 24 MiB of data took 3 s, and waiting for the quarter to be durable on the
+            // target once outran it).
+            .resource_line("resync-rate = \"4M\"")
             .beta_via_proxy()
     });
     let (a, b) = (c.alpha(), c.beta());

@@ -646,6 +646,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             name,
             changes: s.out_of_sync,
             promoted_ms: s.promoted_ms,
+            up_to_date: s.disk == 2,
         };
         let (mn, pn) = (res.cfg().me.name.clone(), peer_name(res));
         let mine = state::SbFacts {
@@ -656,10 +657,16 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             name: &pn,
             ..facts(&peer, "")
         };
+        // Said when the disk states decided rather than the policy's own rule.
+        let by_disk = match (mine.up_to_date, theirs.up_to_date) {
+            (false, true) => " (this node's disk is inconsistent: a resync into it did not finish)",
+            (true, false) => " (the peer's disk is inconsistent: a resync into it did not finish)",
+            _ => "",
+        };
         match state::resolve_split_brain(res.cfg().after_sb_0pri, mine, theirs) {
             Some(true) => {
                 tracing::warn!(
-                    "split brain resolved by after-sb-0pri {:?}: this node discards its changes",
+                    "split brain resolved by after-sb-0pri {:?}: this node discards its changes{by_disk}",
                     res.cfg().after_sb_0pri
                 );
                 res.run_handler("split-brain");
@@ -667,7 +674,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             }
             Some(false) => {
                 tracing::warn!(
-                    "split brain resolved by after-sb-0pri {:?}: the peer discards its changes",
+                    "split brain resolved by after-sb-0pri {:?}: the peer discards its changes{by_disk}",
                     res.cfg().after_sb_0pri
                 );
                 res.run_handler("split-brain");
