@@ -46,6 +46,8 @@ pub struct Device {
     /// it could not write, so a later sync that succeeds proves nothing about them: every
     /// flush fails from then on (restart the node, or fail over to the peer).
     sync_failed: std::sync::atomic::AtomicBool,
+    /// Set once `sync_failed` is (see [`Self::subscribe_sync_failed`]).
+    sync_failed_tx: tokio::sync::watch::Sender<bool>,
     /// Failed backing-device I/O so far; the resource watches it (the `local-io-error`
     /// handler).
     disk_errors: tokio::sync::watch::Sender<u64>,
@@ -78,6 +80,7 @@ impl Device {
             pool: BufPool::new(512),
             counters: Counters::default(),
             sync_failed: std::sync::atomic::AtomicBool::new(false),
+            sync_failed_tx: tokio::sync::watch::channel(false).0,
             disk_errors: tokio::sync::watch::channel(0).0,
         }
     }
@@ -346,6 +349,17 @@ impl Device {
         Ok(())
     }
 
+    /// Becomes true when a sync of the backing device fails (once per `up`).
+    pub fn subscribe_sync_failed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.sync_failed_tx.subscribe()
+    }
+
+    /// Whether a sync of the backing device has failed since `up`: writes may be lost on
+    /// this disk, and nothing says which.
+    pub fn sync_failed(&self) -> bool {
+        self.sync_failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// fdatasync of the backing device; see `sync_failed`.
     async fn sync_backing(&self) -> Result<(), Errno> {
         use std::sync::atomic::Ordering::SeqCst;
@@ -355,8 +369,9 @@ impl Device {
         let r = self.simple(IoOp::Flush).await;
         if r.is_err() && !self.sync_failed.swap(true, SeqCst) {
             tracing::error!(
-                "syncing the backing device failed: writes may be lost on this disk; every flush fails from now on (restart the node or fail over)"
+                "syncing the backing device failed: writes may be lost on this disk; every flush fails from now on (fail over to the peer)"
             );
+            self.sync_failed_tx.send_replace(true);
         }
         r
     }

@@ -66,6 +66,9 @@ pub struct Resource {
     connections: std::sync::atomic::AtomicU64,
     /// Came up after going down as primary without `down`: only a resync brings it back.
     crashed_primary: std::sync::atomic::AtomicBool,
+    /// Counts [`Self::mark_inconsistent`] calls: the end of a resync commits the disk up to
+    /// date only if none came while it was finishing (see `SyncDone` in peer/secondary.rs).
+    pub disk_failures: std::sync::atomic::AtomicU64,
     /// `connect --discard-my-data`: become the sync target at the next connect.
     discard_my_data: std::sync::atomic::AtomicBool,
     /// The kind of split brain last logged with its handler run (0: none; see
@@ -184,6 +187,16 @@ impl Resource {
             .await
             .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))??
         };
+        // The journal's size is the metadata's, set by create-md: a changed config is not
+        // applied (it would move the areas), but said, not silently ignored.
+        let journal_len = meta.sb.layout.journal_len;
+        if cfg.peer.is_some() && journal_len != cfg.journal_size.div_ceil(4096) * 4096 {
+            tracing::warn!(
+                "journal-size is {} bytes in the config, but the metadata on {} was created with a {journal_len}-byte journal, which is used: `create-md` applies a new size (it forgets what the bitmap records: run it on a secondary, which then takes a full sync)",
+                cfg.journal_size,
+                cfg.me.name
+            );
+        }
         // The bitmap on disk counts regions of the size create-md chose; read with another
         // size (here, or by the peer, which decodes this node's bitmap with the shared
         // config's) its bits would name the wrong regions.
@@ -308,6 +321,7 @@ impl Resource {
             }),
             connections: std::sync::atomic::AtomicU64::new(0),
             crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
+            disk_failures: std::sync::atomic::AtomicU64::new(0),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
@@ -332,8 +346,13 @@ impl Resource {
             Arc::downgrade(&res),
             res.device.subscribe_disk_errors(),
         ));
+        let lost = tokio::spawn(watch_sync_failed(
+            Arc::downgrade(&res),
+            res.device.subscribe_sync_failed(),
+        ));
         if let Ok(mut t) = res.tasks.lock() {
             t.push(watcher);
+            t.push(lost);
         }
         if let (Some(rep), Some(l)) = (rep, repl_listener) {
             let link = tokio::spawn(crate::peer::run(res.clone(), l, res.link_ctl.subscribe()));
@@ -393,6 +412,9 @@ impl Resource {
     /// says so (and the peer resyncs what it never heard acknowledged) rather than offering
     /// an applied mark that passed the failed write.
     pub async fn mark_inconsistent(&self) {
+        // Counted before the commit: a resync's end that commits after it sees the count.
+        self.disk_failures
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self
             .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
             .await
@@ -400,6 +422,33 @@ impl Resource {
             tracing::error!("recording the inconsistent disk: {e}; kept in memory");
             self.meta.lock().unwrap_or_else(|p| p.into_inner()).sb.disk = DiskState::Inconsistent;
         }
+    }
+
+    /// A sync of the backing device failed: the kernel may have dropped written pages, and
+    /// nothing says which (DRBD would detach the disk). With a peer, this disk must never be
+    /// a sync source again before the peer has given it everything: it is marked
+    /// inconsistent and every region out of sync (pinned, on disk as far as the disk still
+    /// takes writes), so the next connect makes it the target of a full resync, whatever its
+    /// role and the generations. Before, a restart found it up to date and, as a crashed
+    /// primary, resynced its damaged extents over the peer's good copy.
+    pub async fn disk_lost_writes(&self) {
+        let Some(rep) = &self.rep else {
+            return;
+        };
+        rep.mark_out_of_sync(0, self.device.size());
+        self.mark_inconsistent().await;
+        if let Err(e) = rep.persist().await {
+            tracing::error!("recording the failed disk's bitmap: {e}");
+        }
+        tracing::error!(
+            "{}'s disk lost writes: it is now inconsistent and takes a full resync from the peer at the next connect; {}",
+            self.cfg.me.name,
+            if self.role() == Role::Primary {
+                "fail over: `blockrep-ctl secondary --force` here, then `blockrep-ctl primary` on the peer"
+            } else {
+                "replace or repair it, then `blockrep-ctl down` and `up` here"
+            }
+        );
     }
 
     /// After a stream from the peer ended, however it ended (a link task aborted does not
@@ -1039,7 +1088,10 @@ impl Resource {
                 if l.state == "sync-source" {
                     "inconsistent"
                 } else if self.role() == Role::Primary {
-                    if lag_w == 0 && !overflowed {
+                    // The writes in flight on a healthy link are not a state worth a
+                    // monitor's alarm (under C every write is briefly one): behind is a lag
+                    // past what the peer applies at once, or a journal that overflowed.
+                    if lag_w <= BEHIND_AFTER_WRITES && !overflowed {
                         "up-to-date"
                     } else {
                         "behind"
@@ -1493,7 +1545,18 @@ impl Resource {
         } else {
             self.device.local_flush().await
         };
-        flushed.map_err(|e| NodeError::Refused(format!("flush failed (NBD error {e})")))
+        match flushed {
+            Ok(()) => Ok(()),
+            // A disk whose sync failed never syncs again (see `Device::sync_failed`): refusing
+            // would leave no way down but a signal. It is marked for a full resync already.
+            Err(e) if self.device.sync_failed() => {
+                tracing::warn!(
+                    "flush failed (NBD error {e}) on a disk that lost writes: going on (it takes a full resync from the peer)"
+                );
+                Ok(())
+            }
+            Err(e) => Err(NodeError::Refused(format!("flush failed (NBD error {e})"))),
+        }
     }
 
     /// `down`: stop serving, persist, release the sockets.
@@ -1703,6 +1766,10 @@ impl Resource {
     }
 }
 
+/// A primary shows its peer `behind` past this many writes not applied there (more than the
+/// secondary's apply window takes at once); fewer are the normal flight of a healthy link.
+const BEHIND_AFTER_WRITES: u64 = 128;
+
 /// Whether a link state means an authenticated connection is up.
 pub fn established(state: &str) -> bool {
     matches!(state, "connected" | "sync-source" | "sync-target")
@@ -1869,6 +1936,16 @@ async fn watch_disk_errors(res: std::sync::Weak<Resource>, mut errors: watch::Re
         res.role().name()
     );
     res.run_handler("local-io-error");
+}
+
+/// A sync of the backing device failed (see [`Resource::disk_lost_writes`]).
+async fn watch_sync_failed(res: std::sync::Weak<Resource>, mut failed: watch::Receiver<bool>) {
+    if failed.wait_for(|f| *f).await.is_err() {
+        return;
+    }
+    if let Some(res) = res.upgrade() {
+        res.disk_lost_writes().await;
+    }
 }
 
 /// Removes a socket file left by a dead process; refuses if something still listens on it.

@@ -446,3 +446,28 @@ fn status_of_a_stopped_node() {
         assert_eq!(v["node"], "alpha", "{phase}: {v}");
     }
 }
+
+/// `journal-size` is fixed by `create-md`: a config changed afterwards is not applied (the
+/// metadata's size is used, nothing moves), and `up` says so instead of ignoring it silently.
+#[test]
+fn a_journal_size_changed_after_create_md_is_named_at_up() {
+    let c = Cluster::builder("cfg-journal-size").nodes(2).build();
+    let a = c.alpha();
+    a.create_md();
+    edit_config(&c, "journal-size = \"64M\"", "journal-size = \"16M\"");
+    a.up();
+    let st = a.status_json();
+    assert_eq!(
+        st["replication"]["journal_size"].as_u64(),
+        Some(64 << 20),
+        "the metadata's journal is used: {st}"
+    );
+    let log = std::fs::read_to_string(a.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("journal-size is 16777216 bytes in the config")
+            && log.contains("67108864-byte journal"),
+        "up does not say the config's journal-size is not the metadata's:\n{}",
+        a.log_tail(10)
+    );
+    a.down();
+}

@@ -300,7 +300,10 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        // Reset only once the connection has lasted (see below): one that fails at once
+        // every time (a peer whose disk fails each resync) must not be redialled 20 times a
+        // second.
+        let started = tokio::time::Instant::now();
         let addr = est.addr;
         tracing::info!("peer {} connected from/to {addr}", peer_cfg.name);
         // Its own task: a bug that panics in it ends this connection (reported, and the link
@@ -375,6 +378,17 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                 }
             });
         }
+        let failed_early = started.elapsed() < HEALTHY_CONNECTION
+            && match &r {
+                Ok(()) => false,
+                Err(LinkError::Closed(why)) => *why != ADMIN_CLOSE && !why.starts_with("replaced"),
+                Err(_) => true,
+            };
+        backoff = if failed_early {
+            (backoff * 2).min(MAX_BACKOFF)
+        } else {
+            Duration::from_millis(50)
+        };
         match r {
             Ok(()) => tracing::info!("peer {} disconnected", peer_cfg.name),
             Err(e) => {
@@ -396,6 +410,9 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A connection that lasted this long was healthy: the next one is dialled without delay.
+const HEALTHY_CONNECTION: Duration = Duration::from_secs(10);
 
 /// How long a link that was up may stay down before the `peer-lost` handler runs.
 const PEER_LOST_GRACE: Duration = Duration::from_secs(2);
@@ -604,6 +621,28 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             SyncDecision::TargetBitmap
         };
     }
+    // Only towards good data: a disk that is not up to date (a sync of it failed, so writes
+    // may be lost on it; or a resync into it did not finish) is never the source while the
+    // peer's is, whatever the generations say. At one generation, a crashed primary whose
+    // disk failed would otherwise resync its damaged extents over the peer's good copy.
+    // Both sides apply the rule mirrored, so they agree.
+    match (me.disk == 2, peer.disk == 2) {
+        (false, true) => {
+            decision = match decision {
+                SyncDecision::InSync | SyncDecision::SourceBitmap => SyncDecision::TargetBitmap,
+                SyncDecision::SourceFull => SyncDecision::TargetFull,
+                d => d,
+            }
+        }
+        (true, false) => {
+            decision = match decision {
+                SyncDecision::InSync | SyncDecision::TargetBitmap => SyncDecision::SourceBitmap,
+                SyncDecision::TargetFull => SyncDecision::SourceFull,
+                d => d,
+            }
+        }
+        _ => {}
+    }
     // It picks the direction only: a difference no bitmap covers (a fresh or replaced disk)
     // still needs a full sync, and unrelated data is still refused.
     // And only towards good data: never from a disk that is not up to date.
@@ -730,6 +769,14 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         (Role::Primary, false) if source => {
             primary_side(res, rd, wr, peer, me, decision, journal_ok).await
         }
+        (Role::Primary, false) if me.disk != 2 => Err(refuse(
+            &mut wr,
+            format!(
+                "this primary's disk is {} (a sync of it failed: writes may be lost on it) and the peer's is up to date: demote it (`secondary --force`) and promote the peer; it then takes a full resync",
+                disk_name(me.disk)
+            ),
+        )
+        .await),
         (Role::Primary, false) => Err(refuse(
             &mut wr,
             "the primary has older data than its peer (generations say the peer moved on): demote it and promote the peer".into(),
@@ -749,6 +796,15 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         }
         (Role::Secondary, false) if !source => secondary_side(res, rd, wr, peer).await,
         _ => idle_side(res, rd, wr).await,
+    }
+}
+
+/// A disk state as the handshake carries it, by name.
+fn disk_name(disk: u8) -> &'static str {
+    match disk {
+        2 => "up-to-date",
+        1 => "outdated",
+        _ => "inconsistent",
     }
 }
 

@@ -182,9 +182,13 @@ impl Applier {
             let range_waiters = s.range_waiters;
             drop(s);
             if let Some(rep) = self.res.rep() {
+                // Only ever raised: two finishes on the engine's threads may get here out of
+                // order once the apply lock is released.
                 let mut g = rep.lock();
-                g.applied = a;
-                g.applied_term = term;
+                if a >= g.applied {
+                    g.applied = a;
+                    g.applied_term = term;
+                }
             }
             range_waiters
         };
@@ -201,13 +205,15 @@ impl Applier {
     /// one that succeeds proves nothing about them.
     async fn make_durable(&self) -> Result<u64, LinkError> {
         let _one = self.persist.lock().await;
-        if let Some(e) = self.failure() {
-            return Err(e);
-        }
+        // The mark first, then the failure check: a failed write records its failure before
+        // it finishes, so a mark that passed it is always seen with the failure.
         let (upto, term) = {
             let s = self.lock();
             (s.applied, s.applied_term)
         };
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
         if upto <= self.lock().durable {
             return Ok(upto);
         }
@@ -678,6 +684,10 @@ pub(super) async fn secondary_side(
                         // Everything before is applied: durable, then whole again.
                         let ap = ap.clone();
                         tokio::spawn(async move {
+                            let failures = ap
+                                .res
+                                .disk_failures
+                                .load(std::sync::atomic::Ordering::SeqCst);
                             ap.wait_applied(seq - 1).await;
                             let r = match ap.make_durable().await {
                                 // The failure is recorded: the link drops, the resync
@@ -685,9 +695,22 @@ pub(super) async fn secondary_side(
                                 Err(_) => Err(()),
                                 Ok(_) => {
                                     let g = state::after_sync(gens(&gen));
+                                    let res = ap.res.clone();
                                     let r = ap
                                         .res
-                                        .commit_meta(move |sb| {
+                                        .update_meta(move |sb| {
+                                            // A later write that failed while this finished
+                                            // marked the disk inconsistent: it stays so.
+                                            if res
+                                                .disk_failures
+                                                .load(std::sync::atomic::Ordering::SeqCst)
+                                                != failures
+                                            {
+                                                return Err(crate::resource::NodeError::Refused(
+                                                    "a write failed while the resync was finishing"
+                                                        .into(),
+                                                ));
+                                            }
                                             sb.disk = DiskState::UpToDate;
                                             sb.gen = g;
                                             // SyncDone carries no data: the mark names
@@ -698,6 +721,7 @@ pub(super) async fn secondary_side(
                                             // Whatever this node had as a crashed
                                             // primary is overwritten by the peer's data.
                                             sb.was_primary = false;
+                                            Ok(())
                                         })
                                         .await;
                                     if let Err(e) = &r {

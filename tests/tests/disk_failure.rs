@@ -1,0 +1,189 @@
+//! A primary's backing disk fails a sync: the kernel may have dropped written pages, and
+//! nothing says which. The disk must never be a sync source again before the peer has given it
+//! everything (DRBD detaches it), and the node must still be able to go down.
+//!
+//! How the sync fails: alpha's backing (internal metadata, so the superblock too) is a loop
+//! device over an nbdfuse file served by nbdkit's `file` plugin behind the `error` filter with
+//! `error-pwrite-rate=1` and `error-pwrite-file=TRIGGER`. The loop device buffers writes in its
+//! page cache, so a write still completes while TRIGGER exists; its writeback fails, and the
+//! next fdatasync reports EIO (the kernel may drop those pages), as a failing disk does.
+//!
+//! Before the fix (found by a fault trial): `secondary` and `down` were refused ("flush
+//! failed"), the only way down was a signal, and the restarted node, up to date and a crashed
+//! primary, resynced its damaged extents over the peer's good copy.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use blockrep_e2e::nbd_const::*;
+use blockrep_e2e::watch::{wait_synced, Seen};
+use blockrep_e2e::*;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+
+/// The error filter's trigger file: flushes fail while it exists.
+struct Trigger(PathBuf);
+
+impl Trigger {
+    fn arm(&self) {
+        std::fs::write(&self.0, b"").expect("create the error trigger");
+    }
+    fn disarm(&self) {
+        std::fs::remove_file(&self.0).expect("remove the error trigger");
+    }
+}
+
+impl Drop for Trigger {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn log_text(n: &Node) -> String {
+    std::fs::read(n.log_path())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_peer() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    let c = Cluster::builder("disk-lost")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .build();
+    let dir = c.dir().path().to_path_buf();
+    let (a, b) = (c.alpha(), c.beta());
+    let img = dir.join("alpha-disk.img");
+    let trigger = Trigger(dir.join("alpha-disk.fail"));
+
+    // Alpha's disk, made by create-md as a plain file, then moved behind nbdkit and a loop
+    // device. Torn down in this order on any exit: the daemons, the loop device, then nbdkit
+    // and the FUSE mount.
+    a.create_md();
+    std::fs::rename(a.backing_path(), &img).expect("move alpha's disk");
+    let disk = NbdkitFile::start(
+        &dir,
+        "alpha-disk",
+        &[
+            "--filter=error".into(),
+            "file".into(),
+            img.display().to_string(),
+            "error=EIO".into(),
+            "error-pwrite-rate=1".into(),
+            format!("error-pwrite-file={}", trigger.0.display()),
+        ],
+        &[],
+    );
+    let lo = LoopDev::attach(&disk.file());
+    std::os::unix::fs::symlink(lo.dev(), a.backing_path()).expect("symlink alpha.img");
+    let _stop = StopDaemons(&c);
+    b.create_md();
+    c.up_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let size = a.size();
+
+    let base = random_bytes(MIB as usize);
+    let mut r = a.raw_open();
+    r.write_at(MIB, &base, 0).expect("base write");
+    r.command(CMD_FLUSH, 0, 0, 0)
+        .expect("a flush while the disk works");
+
+    // The disk starts failing its syncs: a write still completes (protocol C: beta has it),
+    // the flush after it fails.
+    trigger.arm();
+    let lost = random_bytes(MIB as usize);
+    r.write_at(3 * MIB, &lost, 0)
+        .expect("a write before the failing flush");
+    assert_eq!(
+        r.command(CMD_FLUSH, 0, 0, 0),
+        Err(EIO),
+        "a flush on a disk whose sync fails"
+    );
+    r.disconnect();
+    let mut st = a.status_json();
+    let marked = wait_for(Duration::from_secs(10), || {
+        st = a.status_json();
+        st["disk"] == "inconsistent"
+    });
+    assert!(marked, "alpha's failed disk is not shown: {st}");
+    assert_eq!(st["role"], "primary", "{st}");
+    assert!(
+        st["replication"]["out_of_sync"].as_u64() >= Some(size - MIB),
+        "the failed disk's every region is out of sync: {st}"
+    );
+    assert!(
+        log_text(a).contains("disk lost writes"),
+        "alpha's log does not say its disk lost writes:\n{}",
+        a.log_tail(20)
+    );
+    assert_same_bytes(
+        &b.backing_data(4 * MIB)[3 * MIB as usize..],
+        &lost,
+        "beta holds the write",
+    );
+
+    // The disk takes syncs again; the node is restarted. `down` must work although the
+    // flush that stopping the export does fails (every sync after a failed one does).
+    trigger.disarm();
+    a.ctl_ok(&["down"]);
+    // What the kernel dropped: the write's range on alpha's disk holds its old bytes
+    // (written through the FUSE file, so that no cache on the way keeps the new ones; the
+    // loop device's cache went with the daemon's last descriptor).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk.file())
+        .expect("open alpha's disk");
+    f.write_all_at(&vec![0u8; MIB as usize], 3 * MIB)
+        .expect("drop the write on alpha's disk");
+    f.sync_all().expect("sync alpha's disk image");
+    drop(f);
+    let md = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("disk") && l.contains("inconsistent")),
+        "the failed disk is not recorded as inconsistent:\n{md}"
+    );
+
+    let mb = log_text(b).lines().count();
+    a.up();
+    let st = a.status_json();
+    assert_eq!(st["role"], "secondary", "{st}");
+    assert_eq!(st["disk"], "inconsistent", "{st}");
+    let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
+    assert!(
+        Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.alpha, "sync-source"),
+        "alpha must be the target: {seen:?}"
+    );
+    let lb: Vec<String> = log_text(b).lines().skip(mb).map(str::to_string).collect();
+    let full = lb.iter().any(|l| {
+        l.contains("resync to the peer")
+            && l.rsplit("): ")
+                .next()
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= size - MIB)
+    });
+    assert!(
+        full,
+        "beta did not resync the whole device to alpha:\n{}",
+        lb.join("\n")
+    );
+    c.assert_replicas_identical(size, "after alpha's full resync");
+    assert_same_bytes(
+        &a.backing_data(4 * MIB)[3 * MIB as usize..],
+        &lost,
+        "alpha got the write it lost back from beta",
+    );
+    assert_same_bytes(
+        &a.backing_data(2 * MIB)[MIB as usize..],
+        &base,
+        "alpha's earlier write",
+    );
+}
