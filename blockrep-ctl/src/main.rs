@@ -619,6 +619,12 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
         io.errors,
         io.disk_errors
     );
+    if io.stalled_s >= 5 {
+        println!(
+            "  DISK STALLED: {} request(s) in flight, none completed for {} s",
+            io.inflight, io.stalled_s
+        );
+    }
     if let Some(r) = &s.replication {
         println!(
             "  peer {} connection:{} role:{} disk:{} protocol {} encryption {}",

@@ -51,6 +51,22 @@ pub struct Device {
     /// Failed backing-device I/O so far; the resource watches it (the `local-io-error`
     /// handler).
     disk_errors: tokio::sync::watch::Sender<u64>,
+    /// Backing-device requests in flight, and when the device last made progress (ms after
+    /// `epoch`: the last completion, or the start that made it busy): a hung disk shows in
+    /// `status` and the log instead of only as clients that wait (see [`Self::stalled`]).
+    inflight: AtomicU64,
+    progress_ms: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+/// Counts one backing-device request in flight until dropped (also when its future is).
+struct InFlight<'a>(&'a Device);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.progress_ms.store(self.0.now_ms(), Relaxed);
+        self.0.inflight.fetch_sub(1, Relaxed);
+    }
 }
 
 fn errno_of(e: &std::io::Error) -> Errno {
@@ -82,7 +98,36 @@ impl Device {
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             sync_failed_tx: tokio::sync::watch::channel(false).0,
             disk_errors: tokio::sync::watch::channel(0).0,
+            inflight: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// One request to the backing device, counted in flight.
+    async fn io(&self, op: IoOp, buf: Buf) -> engine::IoDone {
+        if self.inflight.fetch_add(1, Relaxed) == 0 {
+            self.progress_ms.store(self.now_ms(), Relaxed);
+        }
+        let _counted = InFlight(self);
+        engine::run(&*self.engine, op, buf).await
+    }
+
+    /// Requests in flight on the backing device, and for how long (ms) it has completed none
+    /// of them (0 when idle).
+    pub fn stalled(&self) -> (u64, u64) {
+        let n = self.inflight.load(Relaxed);
+        if n == 0 {
+            return (0, 0);
+        }
+        (
+            n,
+            self.now_ms().saturating_sub(self.progress_ms.load(Relaxed)),
+        )
     }
 
     /// The I/O counters, backing-device errors included.
@@ -98,6 +143,8 @@ impl Device {
             bytes_written: c.bytes_written.load(Relaxed),
             errors: c.errors.load(Relaxed),
             disk_errors: *self.disk_errors.borrow(),
+            inflight: self.stalled().0,
+            stalled_s: self.stalled().1 / 1000,
         }
     }
 
@@ -176,7 +223,7 @@ impl Device {
             return (self.fail(e), buf);
         }
         let len = buf.len() as u64;
-        let d = engine::run(&*self.engine, IoOp::Read { offset }, buf).await;
+        let d = self.io(IoOp::Read { offset }, buf).await;
         match d.result {
             Ok(()) => {
                 self.counters.reads.fetch_add(1, Relaxed);
@@ -234,7 +281,7 @@ impl Device {
         if let Err(e) = self.check(offset, len, true) {
             return (self.fail(e), buf);
         }
-        let d = engine::run(&*self.engine, IoOp::Write { offset, fua }, buf).await;
+        let d = self.io(IoOp::Write { offset, fua }, buf).await;
         match d.result {
             Ok(()) => {
                 self.counters.writes.fetch_add(1, Relaxed);
@@ -261,7 +308,7 @@ impl Device {
             if trim {
                 // A backing device that cannot punch holes still has to read back zeros, so
                 // that both replicas hold the same bytes: not an error if zeroing works.
-                let d = engine::run(&*self.engine, IoOp::Discard { offset, len }, Buf::new(0));
+                let d = self.io(IoOp::Discard { offset, len }, Buf::new(0));
                 if d.await.result.is_err() {
                     self.simple(IoOp::Zero { offset, len }).await?;
                 }
@@ -401,7 +448,7 @@ impl Device {
     }
 
     async fn simple(&self, op: IoOp) -> Result<(), Errno> {
-        let d = engine::run(&*self.engine, op, Buf::new(0)).await;
+        let d = self.io(op, Buf::new(0)).await;
         match d.result {
             Ok(()) => Ok(()),
             Err(e) => {

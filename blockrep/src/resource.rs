@@ -350,9 +350,11 @@ impl Resource {
             Arc::downgrade(&res),
             res.device.subscribe_sync_failed(),
         ));
+        let stall = tokio::spawn(watch_stalls(Arc::downgrade(&res)));
         if let Ok(mut t) = res.tasks.lock() {
             t.push(watcher);
             t.push(lost);
+            t.push(stall);
         }
         if let (Some(rep), Some(l)) = (rep, repl_listener) {
             let link = tokio::spawn(crate::peer::run(res.clone(), l, res.link_ctl.subscribe()));
@@ -1936,6 +1938,37 @@ async fn watch_disk_errors(res: std::sync::Weak<Resource>, mut errors: watch::Re
         res.role().name()
     );
     res.run_handler("local-io-error");
+}
+
+/// A backing device that completes nothing for this long while requests wait is logged as
+/// stalled (DRBD would count the requests as pending; a hung disk otherwise shows only as
+/// clients that wait).
+const STALL_WARN: Duration = Duration::from_secs(30);
+
+/// Logs a stalled backing device once, and once more when it completes I/O again.
+async fn watch_stalls(res: std::sync::Weak<Resource>) {
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let Some(res) = res.upgrade() else {
+            return;
+        };
+        let (n, ms) = res.device.stalled();
+        if !warned && ms >= STALL_WARN.as_millis() as u64 {
+            warned = true;
+            tracing::warn!(
+                "the backing device {} has completed no I/O for {} s with {n} request(s) in flight: a hung disk? (`status` shows it while it lasts)",
+                res.cfg.me.backing.display(),
+                ms / 1000
+            );
+        } else if warned && ms < STALL_WARN.as_millis() as u64 {
+            warned = false;
+            tracing::info!(
+                "the backing device {} completes I/O again",
+                res.cfg.me.backing.display()
+            );
+        }
+    }
 }
 
 /// A sync of the backing device failed (see [`Resource::disk_lost_writes`]).

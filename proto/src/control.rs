@@ -65,6 +65,12 @@ pub struct IoCounters {
     /// I/O fails its own operation and is logged, not counted.
     #[serde(default)]
     pub disk_errors: u64,
+    /// Requests in flight on the backing device (clients' and, on a secondary, the stream's).
+    #[serde(default)]
+    pub inflight: u64,
+    /// Seconds the backing device has completed none of them (0 when idle): a hung disk.
+    #[serde(default)]
+    pub stalled_s: u64,
 }
 
 /// Replication state, present when the resource names a peer.

@@ -187,3 +187,92 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
         "alpha's earlier write",
     );
 }
+
+/// A secondary's disk hangs (nbdkit's pause filter under its backing file): its `status` shows
+/// the stream's writes in flight and for how long the disk has completed none (DRBD's
+/// pending count), in the JSON and as a line of the text; once the disk goes on, both clear
+/// and the write that waited (protocol C) completes.
+#[test]
+fn a_hung_disk_shows_in_status_and_clears_when_it_goes_on() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    let c = Cluster::builder("disk-hung")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        // The sync engine's threads wait on the hung disk; with io_uring a small write is
+        // copied into the page cache on the daemon's thread (a FUSE file: written through),
+        // and the whole daemon waits, `status` included (it then exits 4, "hung, or stalled
+        // on its disk").
+        .io_engine("sync")
+        .journal_size("8M")
+        .external_meta()
+        .resource_line("ko-count = 0")
+        .build();
+    // Torn down in this order on any exit: the daemons (which hold the FUSE file), then
+    // nbdkit and the FUSE mount.
+    let (disk, ctl) = NbdkitFile::paused_memory(c.dir().path(), "beta-disk", SIZE);
+    let _stop = StopDaemons(&c);
+    let (a, b) = (c.alpha(), c.beta());
+    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
+    std::os::unix::fs::symlink(disk.file(), b.backing_path()).expect("symlink beta.img");
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let io = b.status_json()["io"].clone();
+    assert_eq!(io["stalled_s"], 0, "an idle disk is not stalled: {io}");
+
+    let pause = |cmd: u8| {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&ctl).expect("pause control");
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        s.write_all(&[cmd]).expect("pause control write");
+        let mut r = [0u8; 1];
+        s.read_exact(&mut r).expect("pause control answer");
+        assert_eq!(r[0], cmd.to_ascii_uppercase());
+    };
+    pause(b'p');
+    let data = random_bytes(64 * 1024);
+    let uri = a.export().clone();
+    let name = c.resource().to_string();
+    let writer = std::thread::spawn({
+        let data = data.clone();
+        move || {
+            let mut r = RawNbd::open(&uri, &name);
+            let res = r.write_at(2 * MIB, &data, 0);
+            r.disconnect();
+            res
+        }
+    });
+    let mut io = b.status_json()["io"].clone();
+    let stalled = wait_for(Duration::from_secs(20), || {
+        io = b.status_json()["io"].clone();
+        io["inflight"].as_u64() >= Some(1) && io["stalled_s"].as_u64() >= Some(6)
+    });
+    assert!(stalled, "beta's hung disk does not show: {io}");
+    let text = b.ctl_ok(&["status"]).stdout;
+    assert!(
+        text.contains("DISK STALLED"),
+        "the text status does not say the disk is stalled:\n{text}"
+    );
+    assert!(
+        !writer.is_finished(),
+        "the write completed on a hung peer disk under C"
+    );
+
+    pause(b'r');
+    let done = writer.join().expect("writer thread");
+    assert_eq!(done, Ok(()), "the write after the disk went on");
+    let mut io = b.status_json()["io"].clone();
+    let cleared = wait_for(Duration::from_secs(10), || {
+        io = b.status_json()["io"].clone();
+        io["stalled_s"] == 0
+    });
+    assert!(cleared, "the stall did not clear: {io}");
+    c.wait_in_sync(SYNC_TIMEOUT);
+    assert_same_bytes(
+        &b.backing_data(2 * MIB + data.len() as u64)[2 * MIB as usize..],
+        &data,
+        "beta after its disk went on",
+    );
+}
