@@ -322,6 +322,9 @@ pub struct Replication {
     /// local write that failed after its record left): the bitmap must not be cleared
     /// wholesale, and the next connect resyncs them.
     pub verify_marked: std::sync::atomic::AtomicBool,
+    /// The highest sequence the peer has reported durable since this daemon started: a peer
+    /// that comes back reporting less lost writes it had made durable (see `stream_start`).
+    pub peer_durable_high: AtomicU64,
     /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
     /// waited for journal space longer than the floor allows gets space ahead of application
     /// writes.
@@ -421,6 +424,7 @@ impl Replication {
             stats: Stats::default(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
             verify_marked: std::sync::atomic::AtomicBool::new(false),
+            peer_durable_high: AtomicU64::new(0),
             resync_floor: AtomicU64::new(0),
             pressure_flush: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
@@ -494,6 +498,8 @@ impl Replication {
     /// peer's writes, not of its disk flushes. Released records stay readable until their space
     /// is reused; one reused before the peer made it durable has its range put in the bitmap.
     pub fn on_ack(&self, received: u64, applied: u64, durable: u64) {
+        self.peer_durable_high
+            .fetch_max(durable, std::sync::atomic::Ordering::SeqCst);
         let mut moved = false;
         self.acks.send_if_modified(|a| {
             let before = *a;

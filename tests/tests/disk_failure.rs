@@ -276,3 +276,64 @@ fn a_hung_disk_shows_in_status_and_clears_when_it_goes_on() {
         "beta after its disk went on",
     );
 }
+
+/// A secondary's disk goes back in time (restored from a snapshot taken before writes it
+/// had acknowledged as durable: a VM rollback, or a write cache that ignored flushes). The
+/// generations match, so they say nothing; the primary remembers what the peer made durable
+/// and resyncs everything, instead of taking the peer for caught up by a short catch-up
+/// (before: "in sync" with thousands of stale blocks that only `verify` found).
+#[test]
+fn a_secondary_disk_restored_from_an_old_snapshot_is_fully_resynced() {
+    let c = Cluster::builder("disk-rollback")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let write = |off: u64, data: &[u8]| {
+        let mut r = a.raw_open();
+        for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+            r.write_at(off + i as u64 * MIB, chunk, 0).expect("write");
+        }
+        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        r.disconnect();
+    };
+    write(0, &random_bytes(2 * MIB as usize));
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    b.down();
+    let snap = c.dir().join("beta-snapshot.img");
+    std::fs::copy(b.backing_path(), &snap).expect("snapshot beta's disk");
+    b.up();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let later = random_bytes(8 * MIB as usize);
+    write(4 * MIB, &later);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    b.down();
+    std::fs::copy(&snap, b.backing_path()).expect("restore beta's old disk");
+    let mark = log_text(a).lines().count();
+    b.up();
+    let seen = wait_synced(
+        &c,
+        Duration::from_secs(60),
+        "beta resynced after its rollback",
+    );
+    let la: Vec<String> = log_text(a).lines().skip(mark).map(str::to_string).collect();
+    assert!(
+        la.iter()
+            .any(|l| l.contains("lost writes it had made durable")),
+        "alpha did not notice beta's rollback ({seen:?}):\n{}",
+        la.join("\n")
+    );
+    c.assert_replicas_identical(size, "after beta's rollback and resync");
+    assert_same_bytes(
+        &b.backing_data(12 * MIB)[4 * MIB as usize..],
+        &later,
+        "beta has the writes its old disk lacked",
+    );
+}

@@ -859,6 +859,22 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
             peer.out_of_sync
         )));
     }
+    // The peer acknowledged more than this as durable earlier (since this daemon started):
+    // its disk went back in time (a restored snapshot, a write cache that ignored flushes).
+    // Nothing here says which regions it lost, and at one generation the pair would look in
+    // sync: everything is resynced.
+    let high = rep
+        .peer_durable_high
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if peer.durable_seq < high {
+        let why = format!(
+            "the peer reports its writes durable through sequence {} but acknowledged {high} as durable before: its disk lost writes it had made durable (a restored snapshot, or a write cache that ignores flushes); full resync",
+            peer.durable_seq
+        );
+        tracing::warn!("{why}");
+        rep.mark_out_of_sync(0, res.device().size());
+        return Err(LinkError::NeedsResync(why));
+    }
     let inner = rep.lock();
     // From the authenticated peer, but still input: no overflow on a nonsense mark.
     let start = peer.applied_seq.checked_add(1).ok_or_else(|| {
