@@ -432,6 +432,9 @@ pub(super) async fn secondary_side(
         let ap = ap.clone();
         let rep = rep.clone();
         async move {
+            // A resync starts a stream, never joins one: a SyncStart after records would
+            // reset the marks over writes in flight.
+            let mut records_seen = false;
             loop {
                 let (msg, payload, n) = read_frame_within(
                     &mut rd,
@@ -440,6 +443,9 @@ pub(super) async fn secondary_side(
                     "no frame from the primary (ping timeout)",
                 )
                 .await?;
+                if msg.seq().is_some() {
+                    records_seen = true;
+                }
                 rep.stats
                     .bytes_received
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -450,6 +456,11 @@ pub(super) async fn secondary_side(
                         Msg::SyncStart { seq, .. } if seq == 0 || seq >= COUNTER_LIMIT => {
                             return Err(LinkError::Protocol(format!(
                                 "resync start at sequence {seq} (sequences run from 1 to {COUNTER_LIMIT})"
+                            )))
+                        }
+                        Msg::SyncStart { seq, .. } if records_seen => {
+                            return Err(LinkError::Protocol(format!(
+                                "resync start at sequence {seq} in the middle of the stream"
                             )))
                         }
                         Msg::SyncStart { .. } if res.stream_held() => {
@@ -483,7 +494,9 @@ pub(super) async fn secondary_side(
                                 }
                             })
                             .await
-                            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                            .map_err(|e| {
+                                LinkError::LocalDisk(format!("recording the resync's start: {e}"))
+                            })?;
                             // The record before the resync's stream is not one this node
                             // holds: term 0 until the stream's own records are applied.
                             {
