@@ -587,7 +587,17 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
         );
         return Ok(false);
     }
-    println!("{} role:{} disk:{}", s.resource, s.role, s.disk);
+    println!(
+        "{} role:{} disk:{}{}",
+        s.resource,
+        s.role,
+        s.disk,
+        if s.disk_failed {
+            " (FAILED: a sync of the backing device failed; fail over, see the runbook)"
+        } else {
+            ""
+        }
+    );
     println!(
         "  node {} (pid {})  export {}  size {}  engine {}",
         s.node,

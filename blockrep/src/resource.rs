@@ -453,6 +453,55 @@ impl Resource {
         );
     }
 
+    /// A metadata commit that a role change or `down` needs failed. On a disk that lost
+    /// writes (its sync failed) that is expected, and refusing would leave no way out but a
+    /// signal: the change goes on in memory (the peer keeps the good copy, see
+    /// [`Self::peer_disk_failed`]). Otherwise the error stands.
+    fn tolerate_on_failed_disk(&self, e: NodeError, what: &str) -> Result<(), NodeError> {
+        if !self.device.sync_failed() {
+            return Err(e);
+        }
+        tracing::error!("recording {what} on the failed disk: {e}; going on without it");
+        Ok(())
+    }
+
+    /// The peer, primary, reports its disk not up to date at this node's generation while
+    /// this node's is: its disk failed (a primary's disk is otherwise always up to date).
+    /// Its own metadata may not be able to record that, and if it then restarts as a crashed
+    /// primary at this generation it would be the sync source of its damaged extents. So this
+    /// node records it in the only way both sides read at every connect: it starts a new
+    /// generation of its own (the peer's is its bitmap generation) with every region out of
+    /// sync, which makes it the source of a full resync to the peer whatever the peer's
+    /// metadata says. The stream goes on (the peer's writes still land here). Returns whether
+    /// it did.
+    pub async fn peer_disk_failed(&self, peer: &NodeState) -> bool {
+        let Some(rep) = &self.rep else {
+            return false;
+        };
+        let me = self.node_state();
+        if !peer.primary || peer.disk == 2 || me.disk != 2 || peer.gen.current != me.gen.current {
+            return false;
+        }
+        rep.mark_out_of_sync(0, self.device.size());
+        let id = random_id();
+        if let Err(e) = self
+            .commit_meta(move |sb| sb.gen = state::new_generation(sb.gen, id))
+            .await
+        {
+            tracing::error!("recording the peer's failed disk: {e}");
+            return false;
+        }
+        if let Err(e) = rep.persist().await {
+            tracing::error!("writing the bitmap after the peer's disk failed: {e}");
+        }
+        let peer_name = self.cfg.peer.as_ref().map_or("", |p| p.name.as_str());
+        tracing::error!(
+            "{peer_name}'s disk failed (it reports it {}): this node keeps the good copy under new data generation {id:016X}, and {peer_name} takes a full resync from here; fail over: `secondary --force` on {peer_name}, then `primary` here",
+            if peer.disk == 1 { "outdated" } else { "inconsistent" }
+        );
+        true
+    }
+
     /// After a stream from the peer ended, however it ended (a link task aborted does not
     /// run its own end): waits until every write it started is finished, then makes them
     /// durable and commits the applied mark, as a checkpoint would.
@@ -940,7 +989,9 @@ impl Resource {
     /// peer (or the first record after it) already started a generation where the two
     /// diverged; only one not persisted yet remains.
     fn leaves_divergence(&self, rep: &Replication) -> bool {
-        if self.cfg.peer.is_none() || self.role() != Role::Primary {
+        // A disk that lost writes takes a full resync from the peer, whatever: a new
+        // generation here would only turn that into a split brain.
+        if self.cfg.peer.is_none() || self.role() != Role::Primary || self.device.sync_failed() {
             return false;
         }
         if rep.link_ran_as_primary() {
@@ -959,7 +1010,8 @@ impl Resource {
         // connection starts nothing.
         let mut diverged = false;
         if let Some(r) = &self.rep {
-            if r.link_ran_as_primary() && self.role() == Role::Primary {
+            if r.link_ran_as_primary() && self.role() == Role::Primary && !self.device.sync_failed()
+            {
                 diverged = r.peer_lost();
             }
             r.on_disconnect();
@@ -1241,6 +1293,7 @@ impl Resource {
             up: true,
             role: self.role().name().into(),
             disk,
+            disk_failed: self.device.sync_failed(),
             export: self.cfg.me.export.to_string(),
             size: self.device.size(),
             engine: self.device.engine_name().into(),
@@ -1511,7 +1564,8 @@ impl Resource {
                 sb.gen = state::new_generation(sb.gen, new_id);
             }
         })
-        .await?;
+        .await
+        .or_else(|e| self.tolerate_on_failed_disk(e, "the demotion"))?;
         // A secondary writes nothing of its own: no generation is left to start (a later
         // `primary --force` starts its own).
         if let Some(r) = &self.rep {
@@ -1632,7 +1686,8 @@ impl Resource {
                 sb.was_primary = false;
             }
         })
-        .await?;
+        .await
+        .or_else(|e| self.tolerate_on_failed_disk(e, "the stop"))?;
         if lacks {
             tracing::warn!(
                 "the peer lacks writes of this node: new data generation {new_id:016X}, so the next connect sends them to it"

@@ -146,6 +146,10 @@ pub struct Status {
     pub up: bool,
     pub role: String,
     pub disk: String,
+    /// A sync of the backing device failed since `up`: writes may be lost on it (`disk` is
+    /// then `inconsistent` too, as on a resync target; this tells the two apart).
+    #[serde(default)]
+    pub disk_failed: bool,
     pub export: String,
     pub size: u64,
     pub engine: String,

@@ -114,6 +114,9 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
     });
     assert!(marked, "alpha's failed disk is not shown: {st}");
     assert_eq!(st["role"], "primary", "{st}");
+    assert_eq!(st["disk_failed"], true, "{st}");
+    let text = a.ctl_ok(&["status"]).stdout;
+    assert!(text.contains("FAILED"), "the text status hides it:\n{text}");
     assert!(
         st["replication"]["out_of_sync"].as_u64() >= Some(size - MIB),
         "the failed disk's every region is out of sync: {st}"
@@ -156,6 +159,10 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
     let st = a.status_json();
     assert_eq!(st["role"], "secondary", "{st}");
     assert_eq!(st["disk"], "inconsistent", "{st}");
+    assert_eq!(
+        st["disk_failed"], false,
+        "a new start has seen no failure yet: {st}"
+    );
     let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
     assert!(
         Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.alpha, "sync-source"),
@@ -335,5 +342,113 @@ fn a_secondary_disk_restored_from_an_old_snapshot_is_fully_resynced() {
         &b.backing_data(12 * MIB)[4 * MIB as usize..],
         &later,
         "beta has the writes its old disk lacked",
+    );
+}
+
+/// The primary's disk fails for good (writes fail, so its metadata cannot record it): the
+/// secondary learns it over the link, shows it, and keeps the good copy under a generation
+/// of its own. The failed primary can be demoted although its metadata writes fail; killed
+/// and restarted with its stale metadata (up to date, a crashed primary), it is still the
+/// target of a full resync, never the source of its damaged extents (a fault trial saw beta's
+/// good blocks overwritten this way).
+#[test]
+fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    let c = Cluster::builder("disk-dead")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .build();
+    let dir = c.dir().path().to_path_buf();
+    let (a, b) = (c.alpha(), c.beta());
+    let img = dir.join("alpha-disk.img");
+    let trigger = Trigger(dir.join("alpha-disk.fail"));
+    a.create_md();
+    std::fs::rename(a.backing_path(), &img).expect("move alpha's disk");
+    let disk = NbdkitFile::start(
+        &dir,
+        "alpha-disk",
+        &[
+            "--filter=error".into(),
+            "file".into(),
+            img.display().to_string(),
+            "error=EIO".into(),
+            "error-pwrite-rate=1".into(),
+            format!("error-pwrite-file={}", trigger.0.display()),
+        ],
+        &[],
+    );
+    let lo = LoopDev::attach(&disk.file());
+    std::os::unix::fs::symlink(lo.dev(), a.backing_path()).expect("symlink alpha.img");
+    let _stop = StopDaemons(&c);
+    b.create_md();
+    c.up_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let size = a.size();
+
+    let mut r = a.raw_open();
+    r.write_at(MIB, &random_bytes(MIB as usize), 0)
+        .expect("base write");
+    r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    trigger.arm();
+    let lost = random_bytes(MIB as usize);
+    r.write_at(3 * MIB, &lost, 0)
+        .expect("a write before the failing flush");
+    assert_eq!(r.command(CMD_FLUSH, 0, 0, 0), Err(EIO), "the failing flush");
+    r.disconnect();
+
+    // Beta hears of it over the link, shows it, and keeps the good copy.
+    let mut rb = b.repl();
+    let shown = wait_for(Duration::from_secs(10), || {
+        rb = b.repl();
+        rb["peer_disk"] == "inconsistent"
+    });
+    assert!(shown, "beta does not show alpha's failed disk: {rb}");
+    assert!(
+        log_text(b).contains("keeps the good copy"),
+        "beta's log does not say it keeps the good copy:\n{}",
+        b.log_tail(20)
+    );
+
+    // The runbook: demote the failed primary (its metadata writes fail), then it dies.
+    a.ctl_ok(&["secondary", "--force"]);
+    let pids = a.pids();
+    a.kill9();
+    for p in pids {
+        assert!(
+            wait_pid_gone(p, Duration::from_secs(10)),
+            "alpha's daemon {p} survived kill -9"
+        );
+    }
+    trigger.disarm();
+    // What the kernel dropped on alpha's disk: the write's range holds its old bytes.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk.file())
+        .expect("open alpha's disk");
+    f.write_all_at(&vec![0u8; MIB as usize], 3 * MIB)
+        .expect("drop the write on alpha's disk");
+    f.sync_all().expect("sync alpha's disk");
+    drop(f);
+
+    a.up();
+    let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
+    assert!(
+        Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.alpha, "sync-source"),
+        "alpha must be the target: {seen:?}"
+    );
+    c.assert_replicas_identical(size, "after alpha's restart");
+    assert_same_bytes(
+        &b.backing_data(4 * MIB)[3 * MIB as usize..],
+        &lost,
+        "beta kept the write",
+    );
+    assert_same_bytes(
+        &a.backing_data(4 * MIB)[3 * MIB as usize..],
+        &lost,
+        "alpha got the write back from beta",
     );
 }

@@ -606,6 +606,13 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     if peer.primary && me.size < peer.size {
         return Err(refuse(&mut wr, too_small_here(&me, &peer)).await);
     }
+    // A primary whose disk failed: this node keeps the good copy (a new generation of its
+    // own, which the comparison below then sees).
+    let me = if res.peer_disk_failed(&peer).await {
+        res.node_state()
+    } else {
+        me
+    };
     let mut decision = state::compare_generations(&gens(&me.gen), &gens(&peer.gen));
     // The journal can bring the peer back only when the generations alone say so; every
     // override below (crashed primary, discard, policy) means regions the journal never saw.

@@ -310,8 +310,16 @@ pub(super) async fn primary_side(
                 .filter(|r| !matches!(r.state.as_str(), "pending" | "running"));
             // A resync's progress goes to the target the same way, whoever asked.
             let mut last_sync = None;
+            // So does this node's disk state when it changes (a disk that failed): the peer
+            // shows it, and keeps the good copy (see `Resource::peer_disk_failed`).
+            let mut last_disk = me.disk;
             loop {
                 tokio::time::sleep(VERIFY_REPORT_INTERVAL).await;
+                let now = res.node_state();
+                if now.disk != last_disk {
+                    last_disk = now.disk;
+                    let _ = side_tx.send(Msg::State(now)).await;
+                }
                 let r = res.verify_report();
                 if r.is_some() && r != last {
                     if let Some(m) = r.clone() {

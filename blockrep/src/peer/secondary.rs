@@ -516,6 +516,7 @@ pub(super) async fn secondary_side(
                             continue;
                         }
                         Msg::State(st) => {
+                            res.peer_disk_failed(&st).await;
                             res.set_peer(Some(st));
                             continue;
                         }
