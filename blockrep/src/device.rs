@@ -133,6 +133,7 @@ impl Device {
     /// The I/O counters, backing-device errors included.
     pub fn io_counters(&self) -> IoCounters {
         let c = &self.counters;
+        let stalled = self.stalled();
         IoCounters {
             reads: c.reads.load(Relaxed),
             writes: c.writes.load(Relaxed),
@@ -143,8 +144,8 @@ impl Device {
             bytes_written: c.bytes_written.load(Relaxed),
             errors: c.errors.load(Relaxed),
             disk_errors: *self.disk_errors.borrow(),
-            inflight: self.stalled().0,
-            stalled_s: self.stalled().1 / 1000,
+            inflight: stalled.0,
+            stalled_s: stalled.1 / 1000,
         }
     }
 

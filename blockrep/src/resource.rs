@@ -69,6 +69,8 @@ pub struct Resource {
     /// Counts [`Self::mark_inconsistent`] calls: the end of a resync commits the disk up to
     /// date only if none came while it was finishing (see `SyncDone` in peer/secondary.rs).
     pub disk_failures: std::sync::atomic::AtomicU64,
+    /// [`Self::disk_lost_writes`] ran (once per `up`).
+    disk_lost_marked: std::sync::atomic::AtomicBool,
     /// `connect --discard-my-data`: become the sync target at the next connect.
     discard_my_data: std::sync::atomic::AtomicBool,
     /// The kind of split brain last logged with its handler run (0: none; see
@@ -322,6 +324,7 @@ impl Resource {
             connections: std::sync::atomic::AtomicU64::new(0),
             crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
             disk_failures: std::sync::atomic::AtomicU64::new(0),
+            disk_lost_marked: std::sync::atomic::AtomicBool::new(false),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
@@ -437,6 +440,12 @@ impl Resource {
         let Some(rep) = &self.rep else {
             return;
         };
+        if self
+            .disk_lost_marked
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         rep.mark_out_of_sync(0, self.device.size());
         self.mark_inconsistent().await;
         if let Err(e) = rep.persist().await {
@@ -1609,6 +1618,8 @@ impl Resource {
                 tracing::warn!(
                     "flush failed (NBD error {e}) on a disk that lost writes: going on (it takes a full resync from the peer)"
                 );
+                // Marked here, not only by the watcher task: `down` aborts the tasks next.
+                self.disk_lost_writes().await;
                 Ok(())
             }
             Err(e) => Err(NodeError::Refused(format!("flush failed (NBD error {e})"))),

@@ -280,6 +280,36 @@ pub fn peer_is_ahead(me: &Generations, peer: &Generations) -> bool {
     )
 }
 
+/// What the two disk states make of the generations' decision (see [`by_disk_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskRule {
+    /// The decision stands.
+    Keep,
+    /// The direction is set by the disks: this decision instead.
+    Set(SyncDecision),
+    /// This node holds writes the peer lacks but its disk is not up to date.
+    MineNewerButBad,
+    /// The peer holds writes this node lacks but its disk is not up to date.
+    PeersNewerButBad,
+}
+
+/// Only towards good data: a disk that is not up to date (a sync of it failed, so writes may
+/// be lost on it; or a resync into it did not finish) is never the source while the peer's
+/// is. At one generation the good disk is the source (a crashed primary whose disk failed
+/// would otherwise resync its damaged extents over the peer's good copy). When the
+/// generations say the bad disk holds newer data, no copy holds everything: the admin
+/// chooses. Mirrored: the two sides always agree.
+pub fn by_disk_state(me_good: bool, peer_good: bool, by_generations: SyncDecision) -> DiskRule {
+    use SyncDecision::*;
+    match (me_good, peer_good, by_generations) {
+        (false, true, InSync) => DiskRule::Set(TargetBitmap),
+        (true, false, InSync) => DiskRule::Set(SourceBitmap),
+        (false, true, SourceBitmap | SourceFull) => DiskRule::MineNewerButBad,
+        (true, false, TargetBitmap | TargetFull) => DiskRule::PeersNewerButBad,
+        _ => DiskRule::Keep,
+    }
+}
+
 /// `connect --discard-my-data` on this node: it becomes the sync target whatever the
 /// generations say, with a full sync where no bitmap covers the difference. Unrelated data
 /// stays refused (another disk, or another resource's).
@@ -652,6 +682,58 @@ mod sb_tests {
         assert_eq!(
             resolve_split_brain(AfterSb0Pri::DiscardZeroChanges, z, b),
             Some(true)
+        );
+    }
+
+    /// The disk rule agrees on both sides for every pair of disk states and every decision
+    /// the generations can give, and never makes a bad disk the source of a good one.
+    #[test]
+    fn the_disk_rule_is_mirrored_and_never_sources_a_bad_disk() {
+        use SyncDecision::*;
+        let mirror = |d: SyncDecision| match d {
+            SourceBitmap => TargetBitmap,
+            TargetBitmap => SourceBitmap,
+            SourceFull => TargetFull,
+            TargetFull => SourceFull,
+            d => d,
+        };
+        let source = |d: SyncDecision| matches!(d, SourceBitmap | SourceFull);
+        for d in [
+            InSync,
+            SourceBitmap,
+            TargetBitmap,
+            SourceFull,
+            TargetFull,
+            SplitBrain,
+            Unrelated,
+        ] {
+            for me in [false, true] {
+                for peer in [false, true] {
+                    let mine = by_disk_state(me, peer, d);
+                    let theirs = by_disk_state(peer, me, mirror(d));
+                    let (m, t) = match (mine, theirs) {
+                        (DiskRule::Keep, DiskRule::Keep) => (d, mirror(d)),
+                        (DiskRule::Set(a), DiskRule::Set(b)) => (a, b),
+                        (DiskRule::MineNewerButBad, DiskRule::PeersNewerButBad)
+                        | (DiskRule::PeersNewerButBad, DiskRule::MineNewerButBad) => continue,
+                        other => panic!("{d:?} me {me} peer {peer}: sides disagree: {other:?}"),
+                    };
+                    assert_eq!(m, mirror(t), "{d:?} me {me} peer {peer}");
+                    if me != peer {
+                        // Only the good disk can be the source.
+                        assert!(me || !source(m), "{d:?}: bad disk {m:?}");
+                        assert!(peer || !source(t), "{d:?}: bad peer disk {t:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            by_disk_state(false, true, InSync),
+            DiskRule::Set(TargetBitmap)
+        );
+        assert_eq!(
+            by_disk_state(false, true, SourceBitmap),
+            DiskRule::MineNewerButBad
         );
     }
 

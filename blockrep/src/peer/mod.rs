@@ -385,7 +385,9 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                 Err(_) => true,
             };
         backoff = if failed_early {
-            (backoff * 2).min(MAX_BACKOFF)
+            // Below PEER_LOST_GRACE: a role change's reconnect (the peer closes at once) must
+            // not look like a lost peer.
+            (backoff * 2).min(EARLY_FAILURE_BACKOFF)
         } else {
             Duration::from_millis(50)
         };
@@ -410,6 +412,9 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The most a connection that failed early delays the next dial.
+const EARLY_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A connection that lasted this long was healthy: the next one is dialled without delay.
 const HEALTHY_CONNECTION: Duration = Duration::from_secs(10);
@@ -614,6 +619,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         me
     };
     let mut decision = state::compare_generations(&gens(&me.gen), &gens(&peer.gen));
+    let by_generations = decision;
     // The journal can bring the peer back only when the generations alone say so; every
     // override below (crashed primary, discard, policy) means regions the journal never saw.
     let journal_ok = matches!(decision, SyncDecision::InSync | SyncDecision::SourceBitmap);
@@ -628,27 +634,33 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             SyncDecision::TargetBitmap
         };
     }
-    // Only towards good data: a disk that is not up to date (a sync of it failed, so writes
-    // may be lost on it; or a resync into it did not finish) is never the source while the
-    // peer's is, whatever the generations say. At one generation, a crashed primary whose
-    // disk failed would otherwise resync its damaged extents over the peer's good copy.
-    // Both sides apply the rule mirrored, so they agree.
-    match (me.disk == 2, peer.disk == 2) {
-        (false, true) => {
-            decision = match decision {
-                SyncDecision::InSync | SyncDecision::SourceBitmap => SyncDecision::TargetBitmap,
-                SyncDecision::SourceFull => SyncDecision::TargetFull,
-                d => d,
+    // Only towards good data (see `state::by_disk_state`); `--discard-my-data` has its own
+    // checks below.
+    if !me.discard_my_data && !peer.discard_my_data {
+        match state::by_disk_state(me.disk == 2, peer.disk == 2, by_generations) {
+            state::DiskRule::Keep => {}
+            state::DiskRule::Set(d) => decision = d,
+            state::DiskRule::MineNewerButBad => {
+                return Err(refuse(
+                    &mut wr,
+                    format!(
+                        "this node has writes the peer lacks, but its disk is {} (it failed, or a resync into it did not finish): no copy holds everything. To keep the peer's older data, `connect --discard-my-data` on this node",
+                        disk_name(me.disk)
+                    ),
+                )
+                .await);
+            }
+            state::DiskRule::PeersNewerButBad => {
+                return Err(refuse(
+                    &mut wr,
+                    format!(
+                        "the peer has writes this node lacks, but its disk is {} (it failed, or a resync into it did not finish): no copy holds everything. To keep this node's older data, `connect --discard-my-data` on the peer",
+                        disk_name(peer.disk)
+                    ),
+                )
+                .await);
             }
         }
-        (true, false) => {
-            decision = match decision {
-                SyncDecision::InSync | SyncDecision::TargetBitmap => SyncDecision::SourceBitmap,
-                SyncDecision::TargetFull => SyncDecision::SourceFull,
-                d => d,
-            }
-        }
-        _ => {}
     }
     // It picks the direction only: a difference no bitmap covers (a fresh or replaced disk)
     // still needs a full sync, and unrelated data is still refused.

@@ -717,6 +717,13 @@ pub(super) async fn finish_sync(
     started: std::time::Instant,
     sent: u64,
 ) -> Result<(), LinkError> {
+    // A source whose disk lost writes during the resync may have sent damaged regions: the
+    // target must not be declared up to date from them.
+    if res.device().sync_failed() {
+        return Err(LinkError::LocalDisk(
+            "this node's disk lost writes during the resync: the peer is not declared up to date from it".into(),
+        ));
+    }
     let gen = res.node_state().gen;
     let seq = rep.begin(Record::SyncDone { gen }).await?;
     let mut rx = rep.subscribe_acks();
