@@ -217,6 +217,20 @@ pub enum SyncDecision {
     Unrelated,
 }
 
+impl SyncDecision {
+    /// The same decision as the peer sees it: both sides compute it, and must agree.
+    pub fn mirror(self) -> Self {
+        use SyncDecision::*;
+        match self {
+            SourceBitmap => TargetBitmap,
+            TargetBitmap => SourceBitmap,
+            SourceFull => TargetFull,
+            TargetFull => SourceFull,
+            x => x,
+        }
+    }
+}
+
 /// Compares generation identifiers. `me`/`peer`: each side's ids. The rules, in order:
 /// both fresh → in sync (no data written since create-md on either); one fresh → full sync from
 /// the other; same current → in sync; one's bitmap id is the other's current → bitmap resync
@@ -459,15 +473,8 @@ mod gen_tests {
         assert_eq!(compare_generations(&both, &g(FRESH, 0, 0, 0)), SourceFull);
     }
 
-    /// The decision seen from the other side is the mirror image.
     fn mirror(d: SyncDecision) -> SyncDecision {
-        match d {
-            SourceBitmap => TargetBitmap,
-            TargetBitmap => SourceBitmap,
-            SourceFull => TargetFull,
-            TargetFull => SourceFull,
-            x => x,
-        }
+        d.mirror()
     }
 
     fn check(a: Generations, b: Generations, want: SyncDecision) {
@@ -690,13 +697,7 @@ mod sb_tests {
     #[test]
     fn the_disk_rule_is_mirrored_and_never_sources_a_bad_disk() {
         use SyncDecision::*;
-        let mirror = |d: SyncDecision| match d {
-            SourceBitmap => TargetBitmap,
-            TargetBitmap => SourceBitmap,
-            SourceFull => TargetFull,
-            TargetFull => SourceFull,
-            d => d,
-        };
+        let mirror = SyncDecision::mirror;
         let source = |d: SyncDecision| matches!(d, SourceBitmap | SourceFull);
         for d in [
             InSync,

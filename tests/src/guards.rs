@@ -593,6 +593,38 @@ impl Drop for NbdkitFile {
     }
 }
 
+/// The trigger file of nbdkit's `error` filter (`error-*-file=PATH`): its errors happen
+/// while the file exists. Removed when dropped.
+pub struct ErrorTrigger(pub PathBuf);
+
+impl ErrorTrigger {
+    pub fn arm(&self) {
+        std::fs::write(&self.0, b"").expect("create the error trigger");
+    }
+    pub fn disarm(&self) {
+        std::fs::remove_file(&self.0).expect("remove the error trigger");
+    }
+}
+
+impl Drop for ErrorTrigger {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Tells the control socket of nbdkit's `pause` filter (see [`NbdkitFile::paused_memory`])
+/// to pause (`b'p'`) or resume (`b'r'`) its I/O, and checks the answer (for a pause: once
+/// the requests already received have completed).
+pub fn pause_control(ctl: &Path, cmd: u8) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(ctl).expect("pause control");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    s.write_all(&[cmd]).expect("pause control write");
+    let mut r = [0u8; 1];
+    s.read_exact(&mut r).expect("pause control answer");
+    assert_eq!(r[0], cmd.to_ascii_uppercase(), "pause filter answer");
+}
+
 /// SIGKILLs, when dropped, every daemon still running with this cluster's config (never a
 /// reused pid): declared after an [`NbdkitFile`] a daemon uses, so that no daemon blocked on
 /// a hung file keeps its mount busy, on a panic too.

@@ -38,7 +38,10 @@ pub mod watch;
 pub use cluster::{bin_dir, Cluster, ClusterBuilder, Export, ExportKind, Node};
 pub use cmd::{run, run_ok, run_quiet, CmdOutput};
 pub use data::{random_bytes, write_random_file, XorShift};
-pub use guards::{ChildGuard, FsStack, LoopDev, Mount, NbdFuseMount, NbdkitFile, StopDaemons};
+pub use guards::{
+    pause_control, ChildGuard, ErrorTrigger, FsStack, LoopDev, Mount, NbdFuseMount, NbdkitFile,
+    StopDaemons,
+};
 pub use nbd_raw::{nbd_const, RawNbd, Reply};
 pub use proc::{fd_count, kill9, pid_alive, pids_with_arg, wait_for, wait_pid_gone};
 pub use proxy::LinkProxy;

@@ -13,7 +13,6 @@
 //! primary, resynced its damaged extents over the peer's good copy.
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use blockrep_e2e::nbd_const::*;
@@ -23,49 +22,21 @@ use blockrep_e2e::*;
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 
-/// The error filter's trigger file: flushes fail while it exists.
-struct Trigger(PathBuf);
-
-impl Trigger {
-    fn arm(&self) {
-        std::fs::write(&self.0, b"").expect("create the error trigger");
-    }
-    fn disarm(&self) {
-        std::fs::remove_file(&self.0).expect("remove the error trigger");
-    }
-}
-
-impl Drop for Trigger {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn log_text(n: &Node) -> String {
     std::fs::read(n.log_path())
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
 }
 
-#[test]
-fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_peer() {
-    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
-        return;
-    }
-    let c = Cluster::builder("disk-lost")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+/// Alpha's disk, made by create-md as a plain file (`DIR/alpha-disk.img`), then put behind
+/// nbdkit's error filter (writes fail while the trigger exists) and a loop device, which
+/// `alpha.img` then names. Returns them in the order they must be torn down last to first:
+/// declare the daemons' guard after them.
+fn failing_alpha_disk(c: &Cluster) -> (ErrorTrigger, NbdkitFile, LoopDev) {
     let dir = c.dir().path().to_path_buf();
-    let (a, b) = (c.alpha(), c.beta());
+    let a = c.alpha();
     let img = dir.join("alpha-disk.img");
-    let trigger = Trigger(dir.join("alpha-disk.fail"));
-
-    // Alpha's disk, made by create-md as a plain file, then moved behind nbdkit and a loop
-    // device. Torn down in this order on any exit: the daemons, the loop device, then nbdkit
-    // and the FUSE mount.
+    let trigger = ErrorTrigger(dir.join("alpha-disk.fail"));
     a.create_md();
     std::fs::rename(a.backing_path(), &img).expect("move alpha's disk");
     let disk = NbdkitFile::start(
@@ -83,6 +54,35 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
     );
     let lo = LoopDev::attach(&disk.file());
     std::os::unix::fs::symlink(lo.dev(), a.backing_path()).expect("symlink alpha.img");
+    (trigger, disk, lo)
+}
+
+/// Overwrites `[off, off + len)` of alpha's disk with zeros, as the pages the kernel dropped
+/// after a failed writeback (through the FUSE file, so that no cache on the way keeps the
+/// new bytes; the loop device's cache went with the daemon's last descriptor).
+fn drop_on_alpha_disk(disk: &NbdkitFile, off: u64, len: usize) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk.file())
+        .expect("open alpha's disk");
+    f.write_all_at(&vec![0u8; len], off)
+        .expect("drop the write on alpha's disk");
+    f.sync_all().expect("sync alpha's disk");
+}
+
+#[test]
+fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_peer() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    let c = Cluster::builder("disk-lost")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    let (trigger, disk, _lo) = failing_alpha_disk(&c);
     let _stop = StopDaemons(&c);
     b.create_md();
     c.up_pair();
@@ -136,17 +136,8 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
     // flush that stopping the export does fails (every sync after a failed one does).
     trigger.disarm();
     a.ctl_ok(&["down"]);
-    // What the kernel dropped: the write's range on alpha's disk holds its old bytes
-    // (written through the FUSE file, so that no cache on the way keeps the new ones; the
-    // loop device's cache went with the daemon's last descriptor).
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(disk.file())
-        .expect("open alpha's disk");
-    f.write_all_at(&vec![0u8; MIB as usize], 3 * MIB)
-        .expect("drop the write on alpha's disk");
-    f.sync_all().expect("sync alpha's disk image");
-    drop(f);
+    // What the kernel dropped: the write's range on alpha's disk holds its old bytes.
+    drop_on_alpha_disk(&disk, 3 * MIB, MIB as usize);
     let md = a.ctl_ok(&["dump-md"]).stdout;
     assert!(
         md.lines()
@@ -229,15 +220,7 @@ fn a_hung_disk_shows_in_status_and_clears_when_it_goes_on() {
     let io = b.status_json()["io"].clone();
     assert_eq!(io["stalled_s"], 0, "an idle disk is not stalled: {io}");
 
-    let pause = |cmd: u8| {
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&ctl).expect("pause control");
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        s.write_all(&[cmd]).expect("pause control write");
-        let mut r = [0u8; 1];
-        s.read_exact(&mut r).expect("pause control answer");
-        assert_eq!(r[0], cmd.to_ascii_uppercase());
-    };
+    let pause = |cmd: u8| pause_control(&ctl, cmd);
     pause(b'p');
     let data = random_bytes(64 * 1024);
     let uri = a.export().clone();
@@ -362,27 +345,8 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
         .protocol("C")
         .journal_size("8M")
         .build();
-    let dir = c.dir().path().to_path_buf();
     let (a, b) = (c.alpha(), c.beta());
-    let img = dir.join("alpha-disk.img");
-    let trigger = Trigger(dir.join("alpha-disk.fail"));
-    a.create_md();
-    std::fs::rename(a.backing_path(), &img).expect("move alpha's disk");
-    let disk = NbdkitFile::start(
-        &dir,
-        "alpha-disk",
-        &[
-            "--filter=error".into(),
-            "file".into(),
-            img.display().to_string(),
-            "error=EIO".into(),
-            "error-pwrite-rate=1".into(),
-            format!("error-pwrite-file={}", trigger.0.display()),
-        ],
-        &[],
-    );
-    let lo = LoopDev::attach(&disk.file());
-    std::os::unix::fs::symlink(lo.dev(), a.backing_path()).expect("symlink alpha.img");
+    let (trigger, disk, _lo) = failing_alpha_disk(&c);
     let _stop = StopDaemons(&c);
     b.create_md();
     c.up_pair();
@@ -425,14 +389,7 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
     }
     trigger.disarm();
     // What the kernel dropped on alpha's disk: the write's range holds its old bytes.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(disk.file())
-        .expect("open alpha's disk");
-    f.write_all_at(&vec![0u8; MIB as usize], 3 * MIB)
-        .expect("drop the write on alpha's disk");
-    f.sync_all().expect("sync alpha's disk");
-    drop(f);
+    drop_on_alpha_disk(&disk, 3 * MIB, MIB as usize);
 
     a.up();
     let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");

@@ -25,7 +25,7 @@
 //! that dials), refusing new connections until the test resumes it.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blockrep_e2e::watch::{pair_synced, watch};
@@ -95,25 +95,6 @@ fn io_counter(st: &Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("io.{k} is not a number in {st}"))
 }
 
-/// Removes the error trigger when dropped (a failing test leaves no armed device behind,
-/// though the directory goes anyway).
-struct Trigger(PathBuf);
-
-impl Trigger {
-    fn arm(&self) {
-        std::fs::write(&self.0, b"").expect("create the error trigger");
-    }
-    fn disarm(&self) {
-        std::fs::remove_file(&self.0).expect("remove the error trigger");
-    }
-}
-
-impl Drop for Trigger {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn a_new_generation_that_cannot_be_persisted_fails_the_write_until_the_metadata_takes_it() {
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
@@ -132,7 +113,7 @@ fn a_new_generation_that_cannot_be_persisted_fails_the_write_until_the_metadata_
     let (a, b) = (c.alpha(), c.beta());
     let meta = dir.join("alpha.meta");
     let meta_img = dir.join("alpha-meta.img");
-    let trigger = Trigger(dir.join("alpha-meta.fail"));
+    let trigger = ErrorTrigger(dir.join("alpha-meta.fail"));
 
     // Alpha's metadata, written by create-md to a plain file, then moved behind nbdkit.
     a.create_md();

@@ -73,18 +73,6 @@ fn find<'a>(lines: &'a [String], needles: &[&str]) -> Option<&'a String> {
     lines.iter().find(|l| needles.iter().all(|n| l.contains(n)))
 }
 
-/// Sends one command to nbdkit's pause filter ('p' pause, 'r' resume) and waits for its
-/// answer (for 'p': once the requests already received have completed).
-fn pause_ctl(ctl: &Path, cmd: u8) {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(ctl).expect("pause control");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    s.write_all(&[cmd]).expect("pause control write");
-    let mut r = [0u8; 1];
-    s.read_exact(&mut r).expect("pause control answer");
-    assert_eq!(r[0], cmd.to_ascii_uppercase(), "pause filter answer");
-}
-
 /// Starts `blocks::BLOCK_WRITER` (libnbd, 32 writes in flight, then a flush) in the
 /// background: `pattern(tag, b)` to every block `b`. Killed on drop of the guard.
 fn spawn_block_writer(py: &Path, dir: &Path, uri: &str, tag: u64, blocks: &[u64]) -> ChildGuard {
@@ -197,7 +185,7 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
     });
     let mark_a = log_text(a).lines().count();
     let mark_b = log_text(b).lines().count();
-    pause_ctl(&ctl, b'p');
+    pause_control(&ctl, b'p');
     // A resync target holds old and new regions until the end: the source must not show it
     // up to date (a cluster manager checks that before a switchover).
     let ra = a.repl();
@@ -406,7 +394,7 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
     // Beta's disk answers again: the link comes back, a bitmap resync runs, the pair ends in
     // sync with identical replicas holding every write.
     let mark_a2 = log_text(a).lines().count();
-    pause_ctl(&ctl, b'r');
+    pause_control(&ctl, b'r');
     println!("{:?}: beta's disk resumed", t0.elapsed());
     let seen = watch(
         &c,

@@ -2588,15 +2588,7 @@ fn a_secondary_whose_disk_hangs_is_dropped_after_ko_count() {
     nbd_write(a, 0, &random_bytes(MIB));
     c.wait_in_sync(SYNC_TIMEOUT);
 
-    let pause = |cmd: u8| {
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&ctl).expect("pause control");
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        s.write_all(&[cmd]).expect("pause control write");
-        let mut r = [0u8; 1];
-        s.read_exact(&mut r).expect("pause control answer");
-        assert_eq!(r[0], cmd.to_ascii_uppercase());
-    };
+    let pause = |cmd: u8| pause_control(&ctl, cmd);
     pause(b'p');
     let t = Instant::now();
     let d = random_bytes(64 * 1024);
