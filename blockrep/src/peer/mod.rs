@@ -846,6 +846,23 @@ pub fn gens(g: &peer::GenIds) -> Generations {
 /// Decides where the stream starts for a secondary that applied up to `peer.applied_seq`.
 fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64, LinkError> {
     let rep = res.rep().ok_or(LinkError::Closed("no replication state"))?;
+    // First: every other reason below resyncs only what a bitmap names. The peer
+    // acknowledged more than this as durable earlier (since this daemon started):
+    // its disk went back in time (a restored snapshot, a write cache that ignored flushes).
+    // Nothing here says which regions it lost, and at one generation the pair would look in
+    // sync: everything is resynced.
+    let high = rep
+        .peer_durable_high
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if peer.durable_seq < high {
+        let why = format!(
+            "the peer reports its writes durable through sequence {} but acknowledged {high} as durable before: its disk lost writes it had made durable (a restored snapshot, or a write cache that ignores flushes); full resync",
+            peer.durable_seq
+        );
+        tracing::warn!("{why}");
+        rep.mark_out_of_sync(0, res.device().size());
+        return Err(LinkError::NeedsResync(why));
+    }
     if rep.verify_marked.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(LinkError::NeedsResync(format!(
             "verify found {} bytes out of sync",
@@ -877,22 +894,6 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
             "the peer's bitmap names {} bytes that may differ from this node",
             peer.out_of_sync
         )));
-    }
-    // The peer acknowledged more than this as durable earlier (since this daemon started):
-    // its disk went back in time (a restored snapshot, a write cache that ignored flushes).
-    // Nothing here says which regions it lost, and at one generation the pair would look in
-    // sync: everything is resynced.
-    let high = rep
-        .peer_durable_high
-        .load(std::sync::atomic::Ordering::SeqCst);
-    if peer.durable_seq < high {
-        let why = format!(
-            "the peer reports its writes durable through sequence {} but acknowledged {high} as durable before: its disk lost writes it had made durable (a restored snapshot, or a write cache that ignores flushes); full resync",
-            peer.durable_seq
-        );
-        tracing::warn!("{why}");
-        rep.mark_out_of_sync(0, res.device().size());
-        return Err(LinkError::NeedsResync(why));
     }
     let inner = rep.lock();
     // From the authenticated peer, but still input: no overflow on a nonsense mark.
