@@ -640,22 +640,19 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         match state::by_disk_state(me.disk == 2, peer.disk == 2, by_generations) {
             state::DiskRule::Keep => {}
             state::DiskRule::Set(d) => decision = d,
-            state::DiskRule::MineNewerButBad => {
+            rule => {
+                let (newer, bad, older, disk, fix) = if rule == state::DiskRule::MineNewerButBad {
+                    let newer = "this node has writes the peer lacks";
+                    (newer, "its", "the peer's", me.disk, "this node")
+                } else {
+                    let newer = "the peer has writes this node lacks";
+                    (newer, "the peer's", "this node's", peer.disk, "the peer")
+                };
                 return Err(refuse(
                     &mut wr,
                     format!(
-                        "this node has writes the peer lacks, but its disk is {} (it failed, or a resync into it did not finish): no copy holds everything. To keep the peer's older data, `connect --discard-my-data` on this node",
-                        disk_name(me.disk)
-                    ),
-                )
-                .await);
-            }
-            state::DiskRule::PeersNewerButBad => {
-                return Err(refuse(
-                    &mut wr,
-                    format!(
-                        "the peer has writes this node lacks, but its disk is {} (it failed, or a resync into it did not finish): no copy holds everything. To keep this node's older data, `connect --discard-my-data` on the peer",
-                        disk_name(peer.disk)
+                        "{newer}, but {bad} disk is {} (it failed, or a resync into it did not finish): no copy holds everything. To keep {older} older data, `connect --discard-my-data` on {fix}",
+                        disk_name(disk)
                     ),
                 )
                 .await);
