@@ -1974,14 +1974,39 @@ async fn open_replication(
 
 /// Once a second, makes the bitmap durable and, while the peer is away, the journal too, so a
 /// client that rarely flushes does not leave them far behind on disk.
+///
+/// A disk that keeps failing is logged at the first failure, then once a minute with the count
+/// of failed attempts (status shows the disk state meanwhile), and once more when it works again.
 async fn journal_persister(rep: Arc<Replication>) {
+    const REPEAT_LOG: Duration = Duration::from_secs(60);
+    // The failing stretch: when it was last logged, and the failures since.
+    let mut failing: Option<(std::time::Instant, u64)> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Flushes make the journal durable; this keeps the bitmap and, while the peer is away,
         // the journal from lagging far behind on disk when clients rarely flush.
-        if rep.needs_persist() {
-            if let Err(e) = rep.persist().await {
-                tracing::error!("journal write failed: {e}");
+        if !rep.needs_persist() {
+            continue;
+        }
+        match (rep.persist().await, &mut failing) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(_)) => {
+                tracing::info!("journal and bitmap written again");
+                failing = None;
+            }
+            (Err(e), None) => {
+                tracing::error!("journal write failed: {e} (retried every second)");
+                failing = Some((std::time::Instant::now(), 0));
+            }
+            (Err(e), Some((logged, count))) => {
+                *count += 1;
+                if logged.elapsed() >= REPEAT_LOG {
+                    tracing::error!(
+                        "journal write still failing: {e} ({count} more failed attempts)"
+                    );
+                    *logged = std::time::Instant::now();
+                    *count = 0;
+                }
             }
         }
     }

@@ -28,20 +28,20 @@ fn log_text(n: &Node) -> String {
         .unwrap_or_default()
 }
 
-/// Alpha's disk, made by create-md as a plain file (`DIR/alpha-disk.img`), then put behind
-/// nbdkit's error filter (writes fail while the trigger exists) and a loop device, which
-/// `alpha.img` then names. Returns them in the order they must be torn down last to first:
-/// declare the daemons' guard after them.
-fn failing_alpha_disk(c: &Cluster) -> (ErrorTrigger, NbdkitFile, LoopDev) {
+/// A node's disk, made by create-md as a plain file (`DIR/NAME-disk.img`), then put behind
+/// nbdkit's error filter (writes fail while the trigger exists) and a loop device, which the
+/// node's backing path then names. Returns them in the order they must be torn down last to
+/// first: declare the daemons' guard after them.
+fn failing_disk(c: &Cluster, node: &Node) -> (ErrorTrigger, NbdkitFile, LoopDev) {
     let dir = c.dir().path().to_path_buf();
-    let a = c.alpha();
-    let img = dir.join("alpha-disk.img");
-    let trigger = ErrorTrigger(dir.join("alpha-disk.fail"));
-    a.create_md();
-    std::fs::rename(a.backing_path(), &img).expect("move alpha's disk");
+    let name = node.name();
+    let img = dir.join(format!("{name}-disk.img"));
+    let trigger = ErrorTrigger(dir.join(format!("{name}-disk.fail")));
+    node.create_md();
+    std::fs::rename(node.backing_path(), &img).expect("move the node's disk");
     let disk = NbdkitFile::start(
         &dir,
-        "alpha-disk",
+        &format!("{name}-disk"),
         &[
             "--filter=error".into(),
             "file".into(),
@@ -53,21 +53,25 @@ fn failing_alpha_disk(c: &Cluster) -> (ErrorTrigger, NbdkitFile, LoopDev) {
         &[],
     );
     let lo = LoopDev::attach(&disk.file());
-    std::os::unix::fs::symlink(lo.dev(), a.backing_path()).expect("symlink alpha.img");
+    std::os::unix::fs::symlink(lo.dev(), node.backing_path()).expect("symlink the backing path");
     (trigger, disk, lo)
 }
 
-/// Overwrites `[off, off + len)` of alpha's disk with zeros, as the pages the kernel dropped
+fn failing_alpha_disk(c: &Cluster) -> (ErrorTrigger, NbdkitFile, LoopDev) {
+    failing_disk(c, c.alpha())
+}
+
+/// Overwrites `[off, off + len)` of a failing disk with zeros, as the pages the kernel dropped
 /// after a failed writeback (through the FUSE file, so that no cache on the way keeps the
 /// new bytes; the loop device's cache went with the daemon's last descriptor).
-fn drop_on_alpha_disk(disk: &NbdkitFile, off: u64, len: usize) {
+fn drop_on_disk(disk: &NbdkitFile, off: u64, len: usize) {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(disk.file())
-        .expect("open alpha's disk");
+        .expect("open the failing disk");
     f.write_all_at(&vec![0u8; len], off)
-        .expect("drop the write on alpha's disk");
-    f.sync_all().expect("sync alpha's disk");
+        .expect("drop the write on the disk");
+    f.sync_all().expect("sync the disk");
 }
 
 #[test]
@@ -137,7 +141,7 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
     trigger.disarm();
     a.ctl_ok(&["down"]);
     // What the kernel dropped: the write's range on alpha's disk holds its old bytes.
-    drop_on_alpha_disk(&disk, 3 * MIB, MIB as usize);
+    drop_on_disk(&disk, 3 * MIB, MIB as usize);
     let md = a.ctl_ok(&["dump-md"]).stdout;
     assert!(
         md.lines()
@@ -389,7 +393,7 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
     }
     trigger.disarm();
     // What the kernel dropped on alpha's disk: the write's range holds its old bytes.
-    drop_on_alpha_disk(&disk, 3 * MIB, MIB as usize);
+    drop_on_disk(&disk, 3 * MIB, MIB as usize);
 
     a.up();
     let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
@@ -407,5 +411,88 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
         &a.backing_data(4 * MIB)[3 * MIB as usize..],
         &lost,
         "alpha got the write back from beta",
+    );
+}
+
+/// A secondary's disk fails a flush: it can make no stream durable from then on, so it says
+/// why at every connect and the primary shows that cause (before, the primary showed only "the
+/// peer closed the connection", once a second). The primary goes on writing, with what beta
+/// lacks in its bitmap; once beta's disk is repaired (`down`, `up` there), the catch-up brings
+/// back what the failing disk dropped.
+#[test]
+fn a_secondary_whose_disk_fails_tells_the_primary_why_and_catches_up_after_repair() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    let c = Cluster::builder("disk-sec-dead")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    let (trigger, disk, _lo) = failing_disk(&c, b);
+    let _stop = StopDaemons(&c);
+    a.create_md();
+    c.up_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let size = a.size();
+
+    let mut r = a.raw_open();
+    trigger.arm();
+    let lost = random_bytes(MIB as usize);
+    r.write_at(3 * MIB, &lost, 0)
+        .expect("a write while beta's disk starts failing");
+    // Beta's flush of the stream fails: its disk is marked failed and the link drops. The
+    // primary's own flush still succeeds (its disk holds the data; the bitmap holds what beta
+    // lacks).
+    r.command(CMD_FLUSH, 0, 0, 0)
+        .expect("the primary's flush with a failed peer disk");
+
+    let mut ra = a.repl();
+    let told = wait_for(Duration::from_secs(20), || {
+        ra = a.repl();
+        ra["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("beta's disk failed a flush"))
+    });
+    assert!(told, "alpha does not show why beta's disk refuses: {ra}");
+    let text = a.ctl_ok(&["status"]).stdout;
+    assert!(
+        text.contains("beta's disk failed a flush"),
+        "alpha's text status hides the cause:\n{text}"
+    );
+    let rb = b.status_json();
+    assert_eq!(rb["disk_failed"], true, "beta shows its failed disk: {rb}");
+    // The primary goes on: a write after the failure is taken and recorded for beta.
+    let after = random_bytes(MIB as usize);
+    r.write_at(9 * MIB, &after, 0)
+        .expect("a write while beta's disk is failed");
+    r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    r.disconnect();
+    assert!(
+        a.repl_u64("out_of_sync") >= 2 * MIB,
+        "alpha's bitmap names what beta lacks: {}",
+        a.repl()
+    );
+
+    // Repair: beta goes down (its metadata writes fail: tolerated), the disk works again but
+    // lost the pages the failed writeback held; beta comes back up and is resynced.
+    b.ctl_ok(&["down"]);
+    trigger.disarm();
+    drop_on_disk(&disk, 3 * MIB, MIB as usize);
+    b.up();
+    // Beta's metadata could not record the failure, so it comes back at its last durable
+    // applied mark: the journal replays the stream from there (the dropped write included).
+    let seen = wait_synced(&c, Duration::from_secs(60), "beta caught up after repair");
+    assert!(
+        !Seen::has(&seen.beta, "sync-source"),
+        "beta must not be a source: {seen:?}"
+    );
+    c.assert_replicas_identical(size, "after beta's repair");
+    assert_same_bytes(
+        &b.backing_data(4 * MIB)[3 * MIB as usize..],
+        &lost,
+        "beta got the dropped write back",
     );
 }

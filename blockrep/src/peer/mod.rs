@@ -603,6 +603,16 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         split_brain_found(res, SplitBrainKind::BothPrimary, why);
         return Err(refuse(&mut wr, why.into()).await);
     }
+    // A secondary whose disk failed a sync cannot make a stream durable (every later flush
+    // fails): it says why, so the primary shows the cause instead of a connection that keeps
+    // closing. A failed primary still streams its writes to the good copy.
+    if !me.primary && res.device().sync_failed() {
+        let why = format!(
+            "{}'s disk failed a flush (writes may be lost on it): it takes no stream until repaired or replaced (there: `down`, `create-md` on a new disk, `up`; a full sync follows)",
+            res.cfg().me.name
+        );
+        return Err(refuse(&mut wr, why).await);
+    }
     // Size: the primary's export must fit on the secondary (checked again below for whichever
     // side a resync between two secondaries makes the source).
     if me.primary && peer.size < me.size {
