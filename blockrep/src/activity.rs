@@ -19,10 +19,14 @@ pub struct ActivityLog {
     capacity: usize,
     /// Hot extents, least recently touched first.
     lru: VecDeque<u32>,
-    /// Hot extent → (unfinished writes in it, sequence of its last finished write).
-    hot: HashMap<u32, (u32, u64)>,
+    /// Hot extent → (unfinished writes in it, sequence of its last finished write, the
+    /// version of the log that first named it this time).
+    hot: HashMap<u32, (u32, u64, u64)>,
     /// Extents that went cold so far (the caller compares before and after a `begin`).
     pub evicted: u64,
+    /// Raised at every change: a log written at version `v` names every extent a `begin`
+    /// that returned `v` or less needs.
+    version: u64,
 }
 
 /// The extents `[offset, offset+len)` touches.
@@ -39,18 +43,29 @@ impl ActivityLog {
             lru: VecDeque::new(),
             hot: HashMap::new(),
             evicted: 0,
+            version: 0,
         }
     }
 
+    /// The version of the log as it is now (see [`Self::begin`]).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Starts a write to the range; the peer is durable through sequence `durable` (u64::MAX
-    /// when the bitmap covers everything instead). Returns true when the log changed (it must
-    /// be persisted before the write goes ahead).
-    pub fn begin(&mut self, offset: u64, len: u64, durable: u64) -> bool {
+    /// when the bitmap covers everything instead). Returns the version of the log that must
+    /// be durable before the write goes ahead: the one that first named the newest of its
+    /// extents. A write to an extent that another write just made hot waits for that log too,
+    /// not only a write that changes the log itself.
+    pub fn begin(&mut self, offset: u64, len: u64, durable: u64) -> u64 {
+        let next = self.version + 1;
         let mut changed = false;
+        let mut needed = 0;
         for e in extents(offset, len) {
             match self.hot.get_mut(&e) {
-                Some((n, _)) => {
+                Some((n, _, since)) => {
                     *n += 1;
+                    needed = needed.max(*since);
                     // Move to the most recent end (the log is small; a linear scan is fine).
                     if let Some(i) = self.lru.iter().position(|&x| x == e) {
                         self.lru.remove(i);
@@ -58,25 +73,31 @@ impl ActivityLog {
                     self.lru.push_back(e);
                 }
                 None => {
-                    self.hot.insert(e, (1, 0));
+                    self.hot.insert(e, (1, 0, next));
                     self.lru.push_back(e);
                     changed = true;
+                    needed = next;
                 }
             }
         }
         // Also trim back to capacity once a burst (mkfs discarding everything) is over, so
         // the log on disk does not keep extents hot for ever.
         if changed || self.lru.len() > self.capacity {
-            changed |= self.trim(durable);
+            let before = self.lru.len();
+            self.evict(durable);
+            changed |= self.lru.len() != before;
         }
-        changed
+        if changed {
+            self.version = next;
+        }
+        needed
     }
 
     /// The write `seq` to the range finished (locally and as far as the protocol waits for the
     /// peer).
     pub fn end(&mut self, offset: u64, len: u64, seq: u64) {
         for e in extents(offset, len) {
-            if let Some((n, last)) = self.hot.get_mut(&e) {
+            if let Some((n, last, _)) = self.hot.get_mut(&e) {
                 *n = n.saturating_sub(1);
                 *last = (*last).max(seq);
             }
@@ -85,11 +106,16 @@ impl ActivityLog {
 
     /// Drops idle extents whose last write the peer made durable (through `durable`), oldest
     /// first, while over capacity. Returns whether any went. Busy extents and extents the peer
-    /// may still lose are kept, so the log may exceed its capacity for a while.
+    /// may still lose are kept, so the log may exceed its capacity for a while. No write
+    /// waits for the shorter log (a longer one on disk only names more).
     pub fn trim(&mut self, durable: u64) -> bool {
         let before = self.lru.len();
         self.evict(durable);
-        self.lru.len() != before
+        let changed = self.lru.len() != before;
+        if changed {
+            self.version += 1;
+        }
+        changed
     }
 
     /// Idle extents kept over capacity only because the peer has not made their last write
@@ -100,7 +126,7 @@ impl ActivityLog {
         }
         self.hot
             .values()
-            .filter(|(n, last)| *n == 0 && *last > durable)
+            .filter(|(n, last, _)| *n == 0 && *last > durable)
             .count()
     }
 
@@ -117,7 +143,7 @@ impl ActivityLog {
         let mut i = 0;
         while self.lru.len() > self.capacity && i < self.lru.len() {
             let e = self.lru[i];
-            let (n, last) = self.hot.get(&e).copied().unwrap_or((0, 0));
+            let (n, last, _) = self.hot.get(&e).copied().unwrap_or((0, 0, 0));
             if n == 0 && last <= durable {
                 self.lru.remove(i);
                 self.hot.remove(&e);
@@ -255,15 +281,46 @@ mod tests {
     #[test]
     fn new_extents_change_the_log() {
         let mut al = ActivityLog::new(4);
-        assert!(al.begin(0, 4096, u64::MAX));
-        assert!(
-            !al.begin(4096, 4096, u64::MAX),
-            "same extent: no persist needed"
+        assert_eq!(al.begin(0, 4096, u64::MAX), 1);
+        assert_eq!(al.version(), 1);
+        assert_eq!(
+            al.begin(4096, 4096, u64::MAX),
+            1,
+            "same extent: the log that named it, nothing newer"
         );
+        assert_eq!(al.version(), 1, "same extent: the log did not change");
         // A write across an extent boundary touches two.
-        assert!(al.begin(EXTENT - 10, 20, u64::MAX));
+        assert_eq!(al.begin(EXTENT - 10, 20, u64::MAX), 2);
         assert!(al.is_hot(0) && al.is_hot(1));
         assert_eq!(al.len(), 2);
+    }
+
+    /// A second write to an extent the first one just made hot needs the log that names it,
+    /// although it changes nothing itself (a review found such a write going ahead while the
+    /// first waited, before any log naming the extent was on disk).
+    #[test]
+    fn a_write_to_a_newly_hot_extent_needs_the_log_that_named_it() {
+        let mut al = ActivityLog::new(4);
+        al.begin(0, 1, u64::MAX);
+        al.end(0, 1, 1);
+        // Extent 0's log is version 1; now extent 1 goes hot at version 2.
+        assert_eq!(al.begin(EXTENT, 1, u64::MAX), 2);
+        assert_eq!(
+            al.begin(EXTENT + 8, 1, u64::MAX),
+            2,
+            "the second write to it"
+        );
+        assert_eq!(al.begin(0, 1, u64::MAX), 1, "extent 0 was named earlier");
+        // Across both: the newer of the two.
+        assert_eq!(al.begin(EXTENT - 1, 2, u64::MAX), 2);
+        // A trim changes the version, but no write waits for it.
+        let mut small = ActivityLog::new(1);
+        small.begin(0, 1, 0);
+        small.end(0, 1, 5);
+        assert_eq!(small.begin(EXTENT, 1, 0), 2, "extent 0 held for the peer");
+        assert!(small.trim(5));
+        assert_eq!(small.version(), 3);
+        assert_eq!(small.begin(EXTENT, 1, 5), 2);
     }
 
     #[test]

@@ -332,8 +332,8 @@ pub struct Replication {
     /// The flush record last added because the undurable list filled up (u64::MAX while it
     /// is being added): another is asked for only once the peer is durable through it.
     pressure_flush: AtomicU64,
-    /// Hot extents, with a version bumped on every change, and the version known durable.
-    al: Mutex<(ActivityLog, u64)>,
+    /// Hot extents (with a version raised at every change), and the version known durable.
+    al: Mutex<ActivityLog>,
     al_durable: watch::Sender<u64>,
     al_io: tokio::sync::Mutex<()>,
     /// This primary lost its peer: the first write after that starts a new data generation
@@ -431,7 +431,7 @@ impl Replication {
             gen_gate: tokio::sync::Mutex::new(()),
             unapplied_from: AtomicU64::new(u64::MAX),
             link_as_primary: std::sync::atomic::AtomicBool::new(false),
-            al: Mutex::new((ActivityLog::new(al_extents), 0)),
+            al: Mutex::new(ActivityLog::new(al_extents)),
             al_durable: watch::channel(0).0,
             al_io: tokio::sync::Mutex::new(()),
             areas,
@@ -561,6 +561,10 @@ impl Replication {
     pub fn on_disconnect(&self) {
         let durable = self.acks().durable;
         let mut g = self.lock();
+        // Down from here for every record issued after this (see `begin`); the epoch moves
+        // and the waiters wake in `set_connected`, which follows.
+        self.acks
+            .send_if_modified(|a| std::mem::replace(&mut a.connected, false));
         let inner = &mut *g;
         // Unapplied resync chunks keep their bits (never cleared); forget the tracking.
         inner.resync_inflight.clear();
@@ -634,15 +638,19 @@ impl Replication {
         // One attempt to issue the record: `None` while the journal is full and the connected
         // peer drains it.
         let attempt = || -> Option<(u64, bool)> {
-            let (connected, durable) = {
-                let a = self.acks.borrow();
-                (a.connected, a.durable)
-            };
             // `None`: the journal is full and the connected peer is draining it; wait. With
             // the sequence: whether the list of records the peer has not made durable is half
             // full.
             let issued: Option<(u64, bool)> = {
                 let mut g = self.lock();
+                // Read under the lock `on_disconnect` marks the undurable records under (and
+                // clears `connected` under): a record is either in that list when it runs, or
+                // sees the link down and goes to the bitmap itself. Read before, a record
+                // appended just after the disconnect would be in neither.
+                let (connected, durable) = {
+                    let a = self.acks.borrow();
+                    (a.connected, a.durable)
+                };
                 let seq = g.issued + 1;
                 let msg = with_seq(&msg, seq, g.term);
                 let inner = &mut *g;
@@ -797,11 +805,14 @@ impl Replication {
     /// Fails when the log cannot be made durable: the write must not go ahead, since after a
     /// crash nothing would say its extent may differ from the peer's.
     async fn al_begin(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        let (mut changed, held) = {
+        // The version is taken in the same lock section as the change: a write that finds its
+        // extent hot waits for the log that named it even while that log's writer is still
+        // waiting below for the peer.
+        let (version, held) = {
             let durable = self.al_durable_mark();
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-            let changed = al.0.begin(offset, len, durable);
-            (changed, al.0.held_for_peer(durable) > 0)
+            let needed = al.begin(offset, len, durable);
+            (needed, al.held_for_peer(durable) > 0)
         };
         if held {
             self.ask_durable().await;
@@ -810,8 +821,8 @@ impl Replication {
                 let too_far = {
                     let al = self.al.lock().unwrap_or_else(|p| p.into_inner());
                     let durable = self.al_durable_mark();
-                    let limit = (al.0.capacity() / 2).clamp(8, AL_MAX_OVERSHOOT);
-                    al.0.overshoot() > limit && al.0.held_for_peer(durable) > 0
+                    let limit = (al.capacity() / 2).clamp(8, AL_MAX_OVERSHOOT);
+                    al.overshoot() > limit && al.held_for_peer(durable) > 0
                 };
                 if !too_far {
                     break;
@@ -822,16 +833,10 @@ impl Replication {
                 self.ask_durable().await;
                 let durable = self.al_durable_mark();
                 let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-                changed |= al.0.trim(durable);
+                // Shorter: written with the next log that some write needs.
+                al.trim(durable);
             }
         }
-        let version = {
-            let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-            if changed {
-                al.1 += 1;
-            }
-            al.1
-        };
         if *self.al_durable.borrow() >= version {
             return Ok(());
         }
@@ -845,7 +850,7 @@ impl Replication {
         let (slot_off, slot_len) = ActivityLog::slot(write_no, self.areas.layout.al_len);
         let (bytes, version, evictions) = {
             let al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-            (al.0.encode(slot_len, write_no), al.1, al.0.evicted)
+            (al.encode(slot_len, write_no), al.version(), al.evicted)
         };
         // Whether this log drops an extent that no log written with the bitmap dropped: it may
         // be another write's eviction (that write then finds its version durable and returns
@@ -920,7 +925,7 @@ impl Replication {
     /// The write `seq` to the range is finished as far as the protocol goes.
     pub fn al_end(&self, offset: u64, len: u64, seq: u64) {
         let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-        al.0.end(offset, len, seq);
+        al.end(offset, len, seq);
     }
 
     /// Before the first write that makes this primary's data diverge from its lost peer's,
@@ -1184,7 +1189,10 @@ impl Replication {
         let (to, pieces, bitmap) = {
             let mut g = self.lock();
             let from = g.disk_pos.max(g.ring.tail());
-            let to = g.ring.head();
+            // Not past one ring from the checkpoint just committed: records appended since
+            // (into space released since) would overwrite the oldest ones it names, and a
+            // crash before the next commit would find a broken journal. The rest goes next time.
+            let to = g.ring.head().min(ckpt.0 + cap);
             let mut pieces = Vec::new();
             let mut at = from;
             while at < to {
