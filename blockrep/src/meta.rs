@@ -306,6 +306,46 @@ impl Layout {
         })
     }
 
+    /// What any layout `compute` made holds: areas in order without overlap, a bitmap
+    /// with a bit for every region of the data, an activity log of whole blocks, a journal within
+    /// the configurable bounds. A superblock whose crc is right but whose layout is not (a
+    /// bug, or a foreign tool) is refused here, before a length from it sizes a buffer.
+    pub fn check(&self) -> Result<(), String> {
+        let g = self.granularity;
+        if !(g.is_power_of_two() && (BLOCK..=1 << 20).contains(&g)) {
+            return Err(format!("bitmap granularity {g}"));
+        }
+        let bits_needed = self.data_size.div_ceil(g);
+        if self.bitmap_len.saturating_mul(8) < bits_needed {
+            return Err(format!(
+                "a bitmap of {} bytes for {} bytes of data at {g} bytes a bit",
+                self.bitmap_len, self.data_size
+            ));
+        }
+        if !self.al_len.is_multiple_of(BLOCK) || !(BLOCK..=1 << 20).contains(&self.al_len) {
+            return Err(format!("an activity log of {} bytes", self.al_len));
+        }
+        if !self.journal_len.is_multiple_of(BLOCK)
+            || !(BLOCK..=16 << 30).contains(&self.journal_len)
+        {
+            return Err(format!("a journal of {} bytes", self.journal_len));
+        }
+        let ordered = [
+            (self.bitmap_offset, self.bitmap_len, self.al_offset),
+            (self.al_offset, self.al_len, self.journal_offset),
+            (self.journal_offset, self.journal_len, self.sb_offset),
+        ]
+        .iter()
+        .all(|&(at, len, next)| at.checked_add(len).is_some_and(|end| end <= next));
+        if !ordered || self.sb_offset.checked_add(SUPERBLOCK_AREA).is_none() {
+            return Err(format!(
+                "areas out of order: bitmap at {}, activity log at {}, journal at {}, superblocks at {}",
+                self.bitmap_offset, self.al_offset, self.journal_offset, self.sb_offset
+            ));
+        }
+        Ok(())
+    }
+
     /// Bytes the metadata occupies.
     pub fn meta_len(&self) -> u64 {
         self.sb_offset + SUPERBLOCK_AREA - self.bitmap_offset
@@ -575,7 +615,18 @@ impl MetaStore {
         };
         Ok(match (read(a), read(b)) {
             (Some(x), Some(y)) => Some(if x.0.seq >= y.0.seq { x } else { y }),
-            (x, y) => x.or(y),
+            (x, y) => {
+                // One slot unreadable but not blank: a write torn by a crash (expected now and
+                // then), or damage. The other slot is one update older; worth a line.
+                let (bad, good) = if x.is_some() { (b, &x) } else { (a, &y) };
+                if good.is_some() && bad.iter().any(|&c| c != 0) {
+                    tracing::warn!(
+                        "{}: one superblock slot is damaged (a torn write?): using the other, one update older",
+                        path.display()
+                    );
+                }
+                x.or(y)
+            }
         })
     }
 
@@ -738,6 +789,12 @@ impl MetaStore {
             });
         }
         let l = sb.layout;
+        if let Err(why) = l.check() {
+            return Err(MetaError::Layout {
+                path,
+                why: format!("the recorded layout is not valid: {why}; restore the metadata or run create-md"),
+            });
+        }
         let data_end_ok = if external.is_none() {
             l.data_size <= l.bitmap_offset
         } else {
@@ -922,6 +979,46 @@ mod tests {
             applied_term: 0,
             journal_prev_term: 0,
             ..sb()
+        }
+    }
+
+    #[test]
+    fn every_computed_layout_passes_its_check_and_a_broken_one_fails() {
+        for (size, internal, journal, gran) in [
+            (1u64 << 30, true, 64u64 << 20, 4096u64),
+            (3 << 20, true, 1 << 20, 4096),
+            (10 << 30, false, 16 << 30, 1 << 20),
+            ((1 << 30) + 12345, true, 4 << 20, 65536),
+        ] {
+            let l = Layout::compute(size, internal, journal, gran).unwrap();
+            assert_eq!(l.check(), Ok(()), "{l:?}");
+        }
+        let good = Layout::compute(1 << 30, true, 64 << 20, 4096).unwrap();
+        let broken = [
+            Layout {
+                journal_len: u64::MAX / 2,
+                ..good
+            },
+            Layout { al_len: 0, ..good },
+            Layout {
+                bitmap_len: 4096,
+                ..good
+            },
+            Layout {
+                granularity: 3,
+                ..good
+            },
+            Layout {
+                al_offset: good.bitmap_offset,
+                ..good
+            },
+            Layout {
+                sb_offset: u64::MAX,
+                ..good
+            },
+        ];
+        for l in broken {
+            assert!(l.check().is_err(), "{l:?}");
         }
     }
 
