@@ -479,9 +479,10 @@ impl Resource {
     /// Its own metadata may not be able to record that, and if it then restarts as a crashed
     /// primary at this generation it would be the sync source of its damaged extents. So this
     /// node records it in the only way both sides read at every connect: it starts a new
-    /// generation of its own (the peer's is its bitmap generation) with every region out of
-    /// sync, which makes it the source of a full resync to the peer whatever the peer's
-    /// metadata says. The stream goes on (the peer's writes still land here). Returns whether
+    /// generation of its own with the peer's in its history and no bitmap generation (every
+    /// region is marked out of sync too), which makes it the source of a full resync to the
+    /// peer whatever the peer's metadata says, in one commit (the bitmap written after it may
+    /// not reach the disk before a crash). The stream goes on (the peer's writes still land here). Returns whether
     /// it did.
     pub async fn peer_disk_failed(&self, peer: &NodeState) -> bool {
         let Some(rep) = &self.rep else {
@@ -494,7 +495,7 @@ impl Resource {
         rep.mark_out_of_sync(0, self.device.size());
         let id = random_id();
         if let Err(e) = self
-            .commit_meta(move |sb| sb.gen = state::new_generation(sb.gen, id))
+            .commit_meta(move |sb| sb.gen = state::new_generation_full(sb.gen, id))
             .await
         {
             tracing::error!("recording the peer's failed disk: {e}");

@@ -410,6 +410,18 @@ fn new_generation_of(g: Generations, new_id: u64) -> Generations {
     }
 }
 
+/// A new generation that a node still at `g.current` can reach only by a full sync: no
+/// bitmap generation, the old current in the history. For a peer whose disk failed: the one
+/// commit says "full" on its own, whether or not the bitmap written after it (every region)
+/// reaches the disk.
+pub fn new_generation_full(g: Generations, new_id: u64) -> Generations {
+    Generations {
+        current: new_id,
+        bitmap: 0,
+        history: [g.current, g.history[0]],
+    }
+}
+
 /// After a resync completes, the target adopts the source's generation and both forget the
 /// bitmap generation.
 pub fn after_sync(source: Generations) -> Generations {
@@ -503,6 +515,18 @@ mod gen_tests {
         let alpha2 = new_generation(alpha, 12);
         assert_eq!(alpha2.bitmap, 10);
         check(alpha2, g(10, 0, 9, 0), SourceBitmap);
+    }
+
+    #[test]
+    fn a_generation_started_for_a_failed_peer_disk_means_a_full_sync() {
+        let both = g(10, 0, 9, 0);
+        let good = new_generation_full(both, 11);
+        check(good, both, SourceFull);
+        // Moving on later (a failover, then writes without the peer): the bitmap counts from
+        // 11, and holds every region from the failure on.
+        let later = new_generation(good, 12);
+        assert_eq!(later, g(12, 11, 11, 10));
+        check(later, g(11, 0, 10, 9), SourceBitmap);
     }
 
     #[test]
