@@ -361,13 +361,16 @@ fn dump_md(cfg: &Config) -> Result<()> {
         "format          {}{}",
         m.format,
         if m.format < blockrep::meta::FORMAT_VERSION {
-            " (an earlier one: terms not known; the next metadata commit writes the current one)"
+            " (an earlier one: the next metadata commit writes the current one)"
         } else {
             ""
         }
     );
     println!("superblock-seq  {}", sb.seq);
     println!("disk            {}", sb.disk.name());
+    if sb.lost_writes {
+        println!("lost-writes     yes (a sync of this disk failed: every region out of sync until a resync ends)");
+    }
     println!("was-primary     {}", sb.was_primary);
     println!("current-gen     {:016X}", sb.gen.current);
     println!("bitmap-gen      {:016X}", sb.gen.bitmap);

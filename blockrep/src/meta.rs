@@ -23,11 +23,13 @@ pub const AL_AREA: u64 = 64 * 1024;
 /// Smallest data area worth exporting.
 pub const MIN_DATA: u64 = 1 << 20;
 const MAGIC: u64 = 0x6272_6570_6d64_0001; // "brepmd" v1
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Format 1 had no record terms: its superblock is format 2's without the two trailing term
 /// fields, read as if they were 0 ("not known": the first connect after the upgrade resyncs
 /// the bitmap rather than trusting a journal catch-up it cannot check).
 const FORMAT_V1: u32 = 1;
+/// Format 2 had no `lost_writes`: read as false (one byte at the end of the payload).
+const FORMAT_V2: u32 = 2;
 
 /// DRBD's "just created" current generation: both sides fresh, nothing written yet.
 pub const UUID_JUST_CREATED: u64 = 4;
@@ -414,6 +416,12 @@ pub struct Superblock {
     pub applied_term: u64,
     /// The term of the record just before the journal checkpoint (0: not known).
     pub journal_prev_term: u64,
+    /// This disk lost writes (a sync of it failed): every region is out of sync until a
+    /// resync makes it up to date. Committed with `disk = Inconsistent` in one superblock
+    /// write, so no crash can leave the inconsistent mark with only part of the bitmap that
+    /// goes with it; a start rebuilds that bitmap from this. Cleared by any commit that
+    /// leaves the disk not inconsistent (see [`MetaStore::update`]).
+    pub lost_writes: bool,
 }
 
 impl Superblock {
@@ -456,7 +464,7 @@ impl Superblock {
             return None;
         }
         let version = u32::from_le_bytes(slot[8..12].try_into().ok()?);
-        if version != FORMAT_VERSION && version != FORMAT_V1 {
+        if ![FORMAT_VERSION, FORMAT_V2, FORMAT_V1].contains(&version) {
             return None;
         }
         let len = u32::from_le_bytes(slot[12..16].try_into().ok()?) as usize;
@@ -468,10 +476,16 @@ impl Superblock {
         if crc32c::crc32c(&slot[..end]) != crc {
             return None;
         }
-        let sb: Self = if version == FORMAT_V1 {
-            // The two term fields as postcard encodes 0: one byte each.
+        let sb: Self = if version != FORMAT_VERSION {
+            // The fields an older format lacks, as postcard encodes 0 and false: one byte
+            // each (format 1: the two terms and `lost_writes`; format 2: `lost_writes`).
+            let missing: &[u8] = if version == FORMAT_V1 {
+                &[0, 0, 0]
+            } else {
+                &[0]
+            };
             let mut payload = slot[16..end].to_vec();
-            payload.extend_from_slice(&[0, 0]);
+            payload.extend_from_slice(missing);
             postcard::from_bytes(&payload).ok()?
         } else {
             postcard::from_bytes(&slot[16..end]).ok()?
@@ -716,6 +730,7 @@ impl MetaStore {
             promoted_ms: 0,
             applied_term: 0,
             journal_prev_term: 0,
+            lost_writes: false,
         };
         let mut store = MetaStore {
             file: Arc::new(file),
@@ -871,6 +886,34 @@ impl MetaStore {
         meta: &Mutex<MetaStore>,
         f: impl FnOnce(&mut Superblock) -> Result<T, E>,
     ) -> Result<T, E> {
+        Self::update_inner(meta, f, false)
+    }
+
+    /// [`Self::update`] for a mark that must hold for the rest of this run whatever the disk
+    /// does (an inconsistent disk): when the write fails, the change is kept in memory anyway,
+    /// under the lock that orders the writes, so that every later update builds on it (and
+    /// writes it, if the disk takes that one). Set after the lock, a later update that had
+    /// copied the superblock before would write over it. The kept superblock keeps the old
+    /// sequence number, so the next write still goes to the slot that failed.
+    pub fn update_or_keep(
+        meta: &Mutex<MetaStore>,
+        f: impl FnOnce(&mut Superblock),
+    ) -> Result<(), MetaError> {
+        Self::update_inner(
+            meta,
+            |sb| {
+                f(sb);
+                Ok::<(), MetaError>(())
+            },
+            true,
+        )
+    }
+
+    fn update_inner<T, E: From<MetaError>>(
+        meta: &Mutex<MetaStore>,
+        f: impl FnOnce(&mut Superblock) -> Result<T, E>,
+        keep_on_failure: bool,
+    ) -> Result<T, E> {
         let lock = || meta.lock().unwrap_or_else(|p| p.into_inner());
         let io = lock().io.clone();
         let _order = io.lock().unwrap_or_else(|p| p.into_inner());
@@ -879,6 +922,11 @@ impl MetaStore {
             // On a copy, so that a refusal leaves the store as it was.
             let mut sb = m.sb.clone();
             let t = f(&mut sb)?;
+            if sb.disk != DiskState::Inconsistent {
+                // Made up to date (a resync's end, a forced promotion, a skipped sync) or
+                // outdated by a decision: the lost writes no longer stand for anything.
+                sb.lost_writes = false;
+            }
             sb.seq += 1;
             let bytes = sb.encode().map_err(|e| MetaError::Layout {
                 path: m.path.clone(),
@@ -891,9 +939,18 @@ impl MetaStore {
             path,
             error: source,
         };
-        file.write_all_at(&bytes, offset)
+        if let Err(e) = file
+            .write_all_at(&bytes, offset)
             .and_then(|()| file.sync_data())
-            .map_err(io_err)?;
+        {
+            if keep_on_failure {
+                lock().sb = Superblock {
+                    seq: sb.seq - 1,
+                    ..sb
+                };
+            }
+            return Err(io_err(e).into());
+        }
         // Only a durable superblock is the current one: after a failed write the other slot
         // still holds it, and the next update overwrites the failed slot, never that one.
         lock().sb = sb;
@@ -938,18 +995,25 @@ mod tests {
             promoted_ms: 0,
             applied_term: 0x8000_0000_0000_1111,
             journal_prev_term: 0x8000_0000_0000_2222,
+            lost_writes: true,
         }
     }
 
-    /// A slot of format 1 (no term fields), built by hand as that format wrote it.
+    /// A slot of format 1 (no term fields, no `lost_writes`), built by hand as that format
+    /// wrote it.
     fn v1_slot(sb: &Superblock) -> Vec<u8> {
-        let v2 = postcard::to_allocvec(sb).unwrap();
-        // Both terms 0: each is one byte at the end of the payload.
-        assert_eq!(&v2[v2.len() - 2..], &[0, 0]);
-        let payload = &v2[..v2.len() - 2];
+        old_slot(sb, FORMAT_V1, 3)
+    }
+
+    /// A slot of an older format: the current payload without its last `missing` bytes
+    /// (which must encode zeros and false).
+    fn old_slot(sb: &Superblock, format: u32, missing: usize) -> Vec<u8> {
+        let v = postcard::to_allocvec(sb).unwrap();
+        assert!(v[v.len() - missing..].iter().all(|&b| b == 0));
+        let payload = &v[..v.len() - missing];
         let mut slot = Vec::new();
         slot.extend_from_slice(&MAGIC.to_le_bytes());
-        slot.extend_from_slice(&FORMAT_V1.to_le_bytes());
+        slot.extend_from_slice(&format.to_le_bytes());
         slot.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         slot.extend_from_slice(payload);
         let crc = crc32c::crc32c(&slot);
@@ -970,14 +1034,32 @@ mod tests {
         assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
         // An unknown format is still refused.
         let mut slot = v1_slot(&sb_with_zero_terms());
-        slot[8..12].copy_from_slice(&3u32.to_le_bytes());
+        slot[8..12].copy_from_slice(&4u32.to_le_bytes());
         assert_eq!(Superblock::decode(&slot), None);
+    }
+
+    #[test]
+    fn a_format_2_superblock_is_read_without_lost_writes() {
+        let old = Superblock {
+            lost_writes: false,
+            ..sb()
+        };
+        assert_eq!(
+            Superblock::decode(&old_slot(&old, FORMAT_V2, 1)),
+            Some(old.clone())
+        );
+        let new = Superblock {
+            lost_writes: true,
+            ..old
+        };
+        assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
     }
 
     fn sb_with_zero_terms() -> Superblock {
         Superblock {
             applied_term: 0,
             journal_prev_term: 0,
+            lost_writes: false,
             ..sb()
         }
     }

@@ -417,15 +417,27 @@ impl Resource {
     /// says so (and the peer resyncs what it never heard acknowledged) rather than offering
     /// an applied mark that passed the failed write.
     pub async fn mark_inconsistent(&self) {
+        self.mark_inconsistent_with(false).await
+    }
+
+    /// [`Self::mark_inconsistent`]; `lost_writes`: and every region out of sync, in the same
+    /// superblock commit (see `Superblock::lost_writes`).
+    async fn mark_inconsistent_with(&self, lost_writes: bool) {
         // Counted before the commit: a resync's end that commits after it sees the count.
         self.disk_failures
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if let Err(e) = self
-            .commit_meta(|sb| sb.disk = DiskState::Inconsistent)
-            .await
-        {
-            tracing::error!("recording the inconsistent disk: {e}; kept in memory");
-            self.meta.lock().unwrap_or_else(|p| p.into_inner()).sb.disk = DiskState::Inconsistent;
+        let meta = self.meta.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            MetaStore::update_or_keep(&meta, |sb| {
+                sb.disk = DiskState::Inconsistent;
+                sb.lost_writes |= lost_writes;
+            })
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("recording the inconsistent disk: {e}; kept in memory"),
+            Err(e) => tracing::error!("recording the inconsistent disk: {e}"),
         }
     }
 
@@ -447,7 +459,9 @@ impl Resource {
             return;
         }
         rep.mark_out_of_sync(0, self.device.size());
-        self.mark_inconsistent().await;
+        // The bitmap written next may not reach the disk before a crash; the superblock says
+        // it on its own (a start sets every bit again).
+        self.mark_inconsistent_with(true).await;
         if let Err(e) = rep.persist().await {
             tracing::error!("recording the failed disk's bitmap: {e}");
         }
@@ -1934,7 +1948,16 @@ async fn open_replication(
                 }
             }
         }
-        if crash_marked || lost {
+        // A disk that lost writes before this start: every region, whatever the bitmap on
+        // disk got to say before the crash or the disk's failure.
+        let disk_lost = m.sb.lost_writes;
+        if disk_lost {
+            bitmap.set_range(0, size);
+            tracing::warn!(
+                "this disk lost writes before this start (a sync of it failed): every region is out of sync until a resync from the peer ends"
+            );
+        }
+        if crash_marked || lost || disk_lost {
             // Durable before this node serves or connects: a log written from now on no
             // longer names the old extents.
             let bytes = bitmap.to_bytes();
@@ -1943,7 +1966,7 @@ async fn open_replication(
                 .and_then(|()| file.sync_data())
                 .map_err(io_err("writing the recovered bitmap"))?;
         }
-        let overflowed = m.sb.journal_overflowed || lost || crash_marked;
+        let overflowed = m.sb.journal_overflowed || lost || crash_marked || disk_lost;
         let applied = (m.sb.applied_seq, m.sb.applied_term);
         drop(m);
         let data = match backing {

@@ -55,6 +55,7 @@ fn random_superblock(rng: &mut Rng) -> Superblock {
         promoted_ms: rng.u64_edge(),
         applied_term: rng.u64_edge(),
         journal_prev_term: rng.u64_edge(),
+        lost_writes: false,
     }
 }
 

@@ -496,3 +496,112 @@ fn a_secondary_whose_disk_fails_tells_the_primary_why_and_catches_up_after_repai
         "beta got the dropped write back",
     );
 }
+
+/// A primary's disk fails while the peer is away, so the peer never hears of it; the
+/// superblock records the failure, but the bitmap written after it is lost (a crash between
+/// the two writes, or a bitmap write the failing disk refused). The superblock alone must still
+/// bring a full resync: before, the restart found an inconsistent disk with a partial bitmap,
+/// and the resync copied only that, leaving the pages the kernel dropped stale on a disk then
+/// declared up to date (a review found it).
+#[test]
+fn a_disk_that_lost_writes_is_fully_resynced_even_if_its_bitmap_never_reached_the_disk() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    let c = Cluster::builder("disk-lost-bm")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    let (trigger, disk, _lo) = failing_alpha_disk(&c);
+    let _stop = StopDaemons(&c);
+    b.create_md();
+    c.up_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let size = a.size();
+    let base = random_bytes(MIB as usize);
+    let mut r = a.raw_open();
+    r.write_at(3 * MIB, &base, 0)
+        .expect("a write both nodes get");
+    r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    c.wait_in_sync(SYNC_TIMEOUT);
+    // The peer goes away: it will not hear of the failure. (A first write without it
+    // commits the new generation while the disk still works.)
+    b.ctl_ok(&["down"]);
+    r.write_at(8 * MIB, &random_bytes(4096), 0)
+        .expect("a write without the peer");
+    r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    trigger.arm();
+    r.write_at(3 * MIB, &random_bytes(MIB as usize), 0)
+        .expect("a write before the failing flush");
+    assert_eq!(r.command(CMD_FLUSH, 0, 0, 0), Err(EIO), "the failing flush");
+    r.disconnect();
+    // The disk works again; the failure is committed by the metadata writes of the way down.
+    trigger.disarm();
+    a.ctl_ok(&["secondary", "--force"]);
+    a.ctl_ok(&["down"]);
+    let md = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("lost-writes") && l.contains("yes")),
+        "the superblock does not record the lost writes:\n{md}"
+    );
+    // The bitmap that went with it never reached the disk, and the kernel dropped the
+    // failed write's pages: alpha's disk holds neither the new write nor a bit for it.
+    let bitmap_at = md
+        .lines()
+        .find_map(|l| l.strip_prefix("bitmap "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no bitmap offset in dump-md:\n{md}"));
+    let bitmap_len = md
+        .lines()
+        .find_map(|l| l.strip_prefix("bitmap "))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no bitmap length in dump-md:\n{md}"));
+    drop_on_disk(&disk, bitmap_at, bitmap_len);
+    // And pages of a write synced long ago whose writeback failed later (its error reported
+    // to another descriptor): stale bytes that no journal record or bit names.
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(disk.file())
+            .expect("open alpha's disk");
+        f.write_all_at(&random_bytes(MIB as usize), 20 * MIB)
+            .expect("stale bytes");
+        f.sync_all().expect("sync");
+    }
+
+    b.up();
+    a.up();
+    // Alpha also wrote without beta before its disk failed: no copy holds everything, both
+    // refuse, and the admin keeps beta's data.
+    let mut st = a.repl();
+    let refused = wait_for(Duration::from_secs(20), || {
+        st = a.repl();
+        st["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no copy holds everything"))
+    });
+    assert!(refused, "alpha does not refuse: {st}");
+    a.ctl_ok(&["connect", "--discard-my-data"]);
+    let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
+    assert!(
+        Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.alpha, "sync-source"),
+        "alpha must be the target: {seen:?}"
+    );
+    assert_same_bytes(
+        &a.backing_data(4 * MIB)[3 * MIB as usize..],
+        &base,
+        "alpha has beta's copy of the region its disk lost",
+    );
+    c.assert_replicas_identical(size, "after alpha's resync");
+    assert!(
+        log_text(a).contains("lost writes before this start"),
+        "alpha's log does not say why every region is out of sync:\n{}",
+        a.log_tail(20)
+    );
+}
