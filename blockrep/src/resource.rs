@@ -1095,6 +1095,13 @@ impl Resource {
         tracing::warn!("peer did not reconnect within 5 s after the role change");
     }
 
+    /// A `connect --discard-my-data` that does not apply (no split brain), or that a
+    /// promotion overrides: not kept for a later connect.
+    pub fn clear_discard_my_data(&self) {
+        self.discard_my_data
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// `connect --discard-my-data`: this node will become the sync target of its peer.
     pub fn set_discard_my_data(&self) {
         self.discard_my_data
@@ -1466,6 +1473,9 @@ impl Resource {
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Primary;
         }
+        // A primary's data is the data: an earlier `connect --discard-my-data` no longer
+        // stands (kept, it would discard the writes made from now on at a later connect).
+        self.clear_discard_my_data();
         self.export.set_refuse(None);
         // Reconnect so the new handshake sets the stream's direction.
         self.announce_role().await;

@@ -1793,3 +1793,81 @@ fn invalidate_secondary_full_resync() {
     assert_same_bytes(&b.backing_data(n), &data, "beta's data after invalidate");
     wait_same_generation(&c);
 }
+
+/// `connect --discard-my-data` on the node with the newer data, when there is no split brain
+/// (the other node wrote nothing since they parted): as in DRBD, the flag settles only a split
+/// brain, so the generations decide and the newer node stays the source. Before (found by an
+/// admin trial), it made that node the target and its acknowledged writes were overwritten on
+/// both nodes. A forced promotion after the flag also drops it.
+#[test]
+fn discard_my_data_without_a_split_brain_keeps_the_newer_data() {
+    let c = pair("out-discard-nosb", "", |b| {
+        b.backing_size(64 << 20).journal_size("4M")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    // Alpha goes standalone and writes nothing more (a flush first, so that beta has made
+    // durable everything alpha issued: alpha's data does not diverge); beta takes over and
+    // writes.
+    {
+        let mut r = a.raw_open();
+        r.command(CMD_FLUSH, 0, 0, 0).expect("flush on alpha");
+        r.disconnect();
+    }
+    a.ctl_ok(&["disconnect"]);
+    a.ctl_ok(&["secondary"]);
+    b.ctl_ok(&["primary", "--force"]);
+    let newer = random_bytes(MIB as usize);
+    {
+        let mut r = b.raw_open();
+        r.write_at(2 * MIB, &newer, 0).expect("beta's write");
+        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        r.disconnect();
+    }
+    b.ctl_ok(&["secondary"]);
+    // The admin asks beta to discard, though alpha has nothing beta lacks.
+    b.ctl_ok(&["connect", "--discard-my-data"]);
+    a.ctl_ok(&["connect"]);
+    let seen = wait_synced(&c, Duration::from_secs(30), "after the reconnect");
+    assert!(
+        Seen::has(&seen.beta, "sync-source") || !Seen::has(&seen.beta, "sync-target"),
+        "beta, with the newer data, must not be the target: {seen:?}"
+    );
+    assert_same_bytes(
+        &b.backing_data(3 * MIB)[2 * MIB as usize..],
+        &newer,
+        "beta kept its acknowledged write",
+    );
+    c.assert_replicas_identical(size, "after the reconnect");
+    assert!(
+        !log_lines(b, "discard-my-data is not used").is_empty(),
+        "beta's log does not say the flag was not used:\n{}",
+        b.log_tail(20)
+    );
+
+    // A flag set while the peer is away, then a forced promotion and writes: dropped at the
+    // promotion, so the writes are not discarded at the next connect.
+    a.ctl_ok(&["down"]);
+    b.ctl_ok(&["connect", "--discard-my-data"]);
+    b.ctl_ok(&["primary", "--force"]);
+    let later = random_bytes(MIB as usize);
+    {
+        let mut r = b.raw_open();
+        r.write_at(5 * MIB, &later, 0).expect("beta's later write");
+        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        r.disconnect();
+    }
+    b.ctl_ok(&["secondary"]);
+    a.up();
+    let seen = wait_synced(&c, Duration::from_secs(30), "after alpha's return");
+    assert!(
+        !Seen::has(&seen.beta, "sync-target"),
+        "beta must not be the target: {seen:?}"
+    );
+    assert_same_bytes(
+        &a.backing_data(6 * MIB)[5 * MIB as usize..],
+        &later,
+        "alpha got beta's later write",
+    );
+    c.assert_replicas_identical(size, "after alpha's return");
+}

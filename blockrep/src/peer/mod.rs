@@ -644,10 +644,30 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             SyncDecision::TargetBitmap
         };
     }
+    // `--discard-my-data` settles what the nodes cannot settle themselves, as in DRBD: a split
+    // brain, or newer writes on a disk that is not up to date (no copy holds everything).
+    // Anywhere else the generations decide, and the node with newer data stays the source
+    // (before, the flag made it the target and its acknowledged writes were discarded).
+    let disk_rule = state::by_disk_state(me.disk == 2, peer.disk == 2, by_generations);
+    let unsettled = by_generations == SyncDecision::SplitBrain
+        || matches!(
+            disk_rule,
+            state::DiskRule::MineNewerButBad | state::DiskRule::PeersNewerButBad
+        );
+    let discard_asked =
+        (me.discard_my_data && !me.primary) || (peer.discard_my_data && !peer.primary);
+    if discard_asked && !unsettled {
+        tracing::warn!(
+            "discard-my-data is not used: there is no split brain ({}); the generations decide ({decision:?})",
+            if me.discard_my_data { "asked here" } else { "asked on the peer" }
+        );
+        res.clear_discard_my_data();
+    }
+    let discard_applies = discard_asked && unsettled;
     // Only towards good data (see `state::by_disk_state`); `--discard-my-data` has its own
     // checks below.
-    if !me.discard_my_data && !peer.discard_my_data {
-        match state::by_disk_state(me.disk == 2, peer.disk == 2, by_generations) {
+    if !discard_applies {
+        match disk_rule {
             state::DiskRule::Keep => {}
             state::DiskRule::Set(d) => decision = d,
             rule => {
@@ -673,7 +693,9 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // still needs a full sync, and unrelated data is still refused.
     // And only towards good data: never from a disk that is not up to date.
     type Pick = fn(SyncDecision) -> SyncDecision;
-    let discard: Option<(u8, Pick, &str)> = if me.discard_my_data && !me.primary {
+    let discard: Option<(u8, Pick, &str)> = if !discard_applies {
+        None
+    } else if me.discard_my_data && !me.primary {
         Some((
             peer.disk,
             state::discard_mine,
