@@ -188,8 +188,9 @@ fn crc32c(data: &[u8]) -> u32 {
 }
 
 /// Rewrites both superblock slots of the node's metadata (internal, at `offset` in the
-/// backing file) as format 1 wrote them: version 1, and the payload without the two trailing
-/// term fields. Only slots whose terms are both 0 could be rewritten exactly, so the terms
+/// backing file) as format 1 wrote them: version 1, and the payload without the fields added
+/// since (format 2's two terms, format 3's `lost_writes` flag, one byte, last). Only slots
+/// whose terms are both 0 could be rewritten exactly, so the terms
 /// are dropped whatever they were (format 1 did not have them).
 fn rewrite_as_format_1(backing: &Path, offset: u64) {
     use std::os::unix::fs::FileExt;
@@ -204,7 +205,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         f.read_exact_at(&mut slot, slot_at).unwrap();
         let version = u32::from_le_bytes(slot[8..12].try_into().unwrap());
         let len = u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
-        if version != 2 || 16 + len + 4 > slot.len() {
+        if !(2..=3).contains(&version) || 16 + len + 4 > slot.len() {
             continue;
         }
         let crc = u32::from_le_bytes(slot[16 + len..20 + len].try_into().unwrap());
@@ -212,6 +213,11 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         // The two terms are the last fields: postcard varints, 1 to 10 bytes each, ending
         // in a byte below 0x80. Cut them off from the end.
         let mut end = 16 + len;
+        if version == 3 {
+            // `lost_writes`: one byte, false on a healthy disk.
+            assert_eq!(slot[end - 1], 0, "slot at {slot_at}: lost_writes set");
+            end -= 1;
+        }
         for _ in 0..2 {
             end -= 1;
             while end > 16 && slot[end - 1] >= 0x80 {
@@ -231,7 +237,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
     f.sync_all().unwrap();
     assert!(
         rewritten >= 1,
-        "{}: no format-2 superblock",
+        "{}: no format-2 or format-3 superblock",
         backing.display()
     );
 }
@@ -329,7 +335,7 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
     for n in [a, b] {
         let dump = n.ctl_ok(&["dump-md"]).stdout;
         assert!(
-            dump.contains("format          2\n")
+            dump.contains("format          3\n")
                 && !dump.contains("applied-term    0000000000000000"),
             "{}: not upgraded:\n{dump}",
             n.name()
