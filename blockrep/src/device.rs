@@ -167,8 +167,8 @@ impl Device {
     /// so that a client that honours it never sends a write the journal can only take by
     /// overflowing (which drops the link and resyncs). A multiple of the minimum block.
     /// A longer write is still taken, not refused: clients that ignore the maximum exist
-    /// (nbdfuse sends its 1 MiB writes whatever the server says), and the journal's
-    /// overflow keeps the data safe (the peer is resynced from the bitmap).
+    /// (nbdfuse sends its 1 MiB writes whatever the server says); it is journaled in parts
+    /// (see [`Self::write_in_parts`]).
     pub fn max_request(&self) -> u32 {
         self.max_write
     }
@@ -248,6 +248,9 @@ impl Device {
         let Some(rep) = &self.rep else {
             return self.local_write(offset, buf, fua).await;
         };
+        if len > u64::from(self.max_write) {
+            return self.write_in_parts(rep, offset, buf, fua).await;
+        }
         let seq = match rep
             .begin(Record::Write {
                 offset,
@@ -273,6 +276,56 @@ impl Device {
         }
         rep.al_end(offset, len, seq);
         (r, buf)
+    }
+
+    /// A write longer than one journal record holds, from a client that ignores the advertised
+    /// maximum (nbdfuse and the kernel send 1 MiB writes whatever it is): written as
+    /// consecutive writes of at most the maximum, one after the other, each its own record
+    /// and each waited for as the protocol says. Before, the one record overflowed the
+    /// journal, the link dropped for a resync, and the write was acknowledged without the
+    /// peer even under protocol C. A rare path: each part is copied into a buffer of its own.
+    async fn write_in_parts(
+        &self,
+        rep: &Replication,
+        offset: u64,
+        buf: Buf,
+        fua: bool,
+    ) -> (Result<(), Errno>, Buf) {
+        let part_len = self.max_write as usize;
+        for (i, data) in buf.chunks(part_len).enumerate() {
+            let at = offset + (i * part_len) as u64;
+            let n = data.len() as u64;
+            let seq = match rep
+                .begin(Record::Write {
+                    offset: at,
+                    data,
+                    fua,
+                })
+                .await
+            {
+                Ok(seq) => seq,
+                Err(_) => return (self.fail(EIO), buf),
+            };
+            let mut part = self.pool.get(data.len());
+            part.copy_from_slice(data);
+            let (r, part) = self.local_write(at, part, fua).await;
+            self.pool.put(part);
+            rep.done(seq);
+            let r = match r {
+                Ok(()) if rep.wait_peer(seq, fua).await.is_err() => self.fail(EIO),
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // As for a whole write: the peer gets the record, this disk may not.
+                    rep.mark_out_of_sync(at, n);
+                    Err(e)
+                }
+            };
+            rep.al_end(at, n, seq);
+            if r.is_err() {
+                return (r, buf);
+            }
+        }
+        (Ok(()), buf)
     }
 
     /// A write to the backing device only: the secondary's apply path, and the primary's

@@ -765,6 +765,38 @@ impl Replication {
         Ok(seq)
     }
 
+    /// Before an admin's `disconnect` on the primary: a flush in the stream, and a wait (at
+    /// most `within`) until the peer has made everything before it durable. Without it the
+    /// peer's last writes count as possibly lost (see `peer_lost`), the next write starts a
+    /// new generation, and a failover meant as planned becomes a split brain. Returns whether
+    /// the peer got there.
+    pub async fn settle_peer(&self, within: Duration) -> bool {
+        if !self.acks().connected {
+            return false;
+        }
+        let Ok(seq) = self.begin(Record::Flush).await else {
+            return false;
+        };
+        let mut rx = self.acks.subscribe();
+        let reached = async {
+            loop {
+                {
+                    let a = *rx.borrow_and_update();
+                    if a.durable >= seq {
+                        return true;
+                    }
+                    if !a.connected {
+                        return false;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(within, reached).await.unwrap_or(false)
+    }
+
     /// Puts a flush in the stream so that the peer's durable mark moves on, unless one asked
     /// for earlier is not durable yet (one at a time).
     async fn ask_durable(&self) {

@@ -1117,6 +1117,17 @@ impl Resource {
     /// Either is a no-op when the link is already so (DRBD's habit: `connect` on a connected
     /// resource must not cut the link under writes).
     pub async fn set_standalone(&self, standalone: bool) -> String {
+        // A primary lets the peer make its writes durable first (bounded), as DRBD's graceful
+        // disconnect does: the pair parts at one point of the stream that both hold.
+        if standalone && self.role() == Role::Primary && !self.link_ctl.borrow().standalone {
+            if let Some(rep) = &self.rep {
+                if rep.acks().connected && !rep.settle_peer(Duration::from_secs(5)).await {
+                    tracing::warn!(
+                        "disconnect: the peer did not confirm every write durable within 5 s; it may lack the last ones (the bitmap records them)"
+                    );
+                }
+            }
+        }
         let changed = self.link_ctl.send_if_modified(|c| {
             let changed = c.standalone != standalone;
             c.standalone = standalone;
