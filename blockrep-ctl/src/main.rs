@@ -468,6 +468,9 @@ fn up(cfg: &Config) -> Result<()> {
                     st.export,
                     cfg.me.log_file.display()
                 );
+                for w in &st.warnings {
+                    println!("warning: {w}");
+                }
                 return Ok(());
             }
         }
@@ -609,6 +612,9 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
         human_bytes(s.size),
         s.engine
     );
+    for w in &s.warnings {
+        println!("  warning: {w}");
+    }
     if let Some(k) = &s.kernel_device {
         println!(
             "  kernel device {}: {}",

@@ -33,9 +33,15 @@ impl Daemon {
         if res.is_some() {
             return Ok(format!("resource {} is already up", self.cfg.resource));
         }
-        *res = Some(Resource::up(&self.cfg).await?);
+        let r = Resource::up(&self.cfg).await?;
+        let warnings: String = r
+            .up_warnings()
+            .iter()
+            .map(|w| format!("\nwarning: {w}"))
+            .collect();
+        *res = Some(r);
         Ok(format!(
-            "resource {} up on {} (export {})",
+            "resource {} up on {} (export {}){warnings}",
             self.cfg.resource, self.cfg.me.name, self.cfg.me.export
         ))
     }

@@ -412,6 +412,27 @@ impl Resource {
             .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
     }
 
+    /// What `up` should tell the admin beyond "up": settings of the config that the metadata
+    /// overrides (also logged).
+    pub fn up_warnings(&self) -> Vec<String> {
+        let journal_len = self
+            .meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sb
+            .layout
+            .journal_len;
+        let wanted = self.cfg.journal_size.div_ceil(4096) * 4096;
+        if self.cfg.peer.is_some() && journal_len != wanted {
+            vec![format!(
+                "journal-size is {} bytes in the config, but the metadata holds a {journal_len}-byte journal, which is used (`create-md` applies a new size; see the log)",
+                self.cfg.journal_size
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// A write or flush of this node's disk failed: the replica is inconsistent. On disk if
     /// the superblock can still be written; in memory in any case, so that the next handshake
     /// says so (and the peer resyncs what it never heard acknowledged) rather than offering
@@ -1336,6 +1357,7 @@ impl Resource {
             role: self.role().name().into(),
             disk,
             disk_failed: self.device.sync_failed(),
+            warnings: self.up_warnings(),
             export: self.cfg.me.export.to_string(),
             size: self.device.size(),
             engine: self.device.engine_name().into(),

@@ -150,6 +150,10 @@ pub struct Status {
     /// then `inconsistent` too, as on a resync target; this tells the two apart).
     #[serde(default)]
     pub disk_failed: bool,
+    /// Settings of the config that this node does not apply (the metadata's win), said at
+    /// `up` and kept here; empty when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     pub export: String,
     pub size: u64,
     pub engine: String,

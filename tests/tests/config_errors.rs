@@ -455,12 +455,21 @@ fn a_journal_size_changed_after_create_md_is_named_at_up() {
     let a = c.alpha();
     a.create_md();
     edit_config(&c, "journal-size = \"64M\"", "journal-size = \"16M\"");
-    a.up();
+    let out = a.ctl_ok(&["up"]).stdout;
+    assert!(
+        out.contains("warning: journal-size is 16777216 bytes in the config"),
+        "up's answer does not name the overridden journal-size:\n{out}"
+    );
     let st = a.status_json();
     assert_eq!(
         st["replication"]["journal_size"].as_u64(),
         Some(64 << 20),
         "the metadata's journal is used: {st}"
+    );
+    let text = a.ctl_ok(&["status"]).stdout;
+    assert!(
+        text.contains("warning: journal-size is 16777216 bytes"),
+        "status does not keep the warning:\n{text}"
     );
     let log = std::fs::read_to_string(a.log_path()).unwrap_or_default();
     assert!(
