@@ -1648,7 +1648,23 @@ impl Resource {
         }
         self.announce_role().await;
         tracing::info!("{} demoted to secondary", self.cfg.me.name);
-        Ok(format!("{} is now secondary", self.cfg.me.name))
+        let lacking = self
+            .rep
+            .as_ref()
+            .map_or(0, |r| r.lock().bitmap.dirty_bytes());
+        let name = &self.cfg.me.name;
+        Ok(if lacks || lacking > 0 {
+            format!(
+                "{name} is now secondary; the peer lacks writes of this node ({lacking} bytes out of sync{}): the next connect sends them to it, so do not promote the peer with --force before that",
+                if lacks {
+                    format!(", new data generation {new_id:016X}")
+                } else {
+                    String::new()
+                }
+            )
+        } else {
+            format!("{name} is now secondary")
+        })
     }
 
     /// Refuses new clients, detaches the kernel device, drains and closes every connection,

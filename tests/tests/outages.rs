@@ -1852,7 +1852,11 @@ fn discard_my_data_without_a_split_brain_keeps_the_newer_data() {
         r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
         r.disconnect();
     }
-    b.ctl_ok(&["secondary"]);
+    let out = b.ctl_ok(&["secondary"]).stdout;
+    assert!(
+        out.contains("the peer lacks writes of this node"),
+        "the demotion does not say alpha lacks beta's writes:\n{out}"
+    );
     a.up();
     let seen = wait_synced(&c, Duration::from_secs(30), "after alpha's return");
     assert!(
