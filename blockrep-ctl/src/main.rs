@@ -686,10 +686,14 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
                 human_bytes(v.total),
                 v.differ_regions,
                 human_bytes(v.differ_bytes),
-                v.error
-                    .as_deref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
+                if v.resynced {
+                    " (resynced since)".to_string()
+                } else {
+                    v.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                }
             );
         }
         if let Some(e) = &r.last_error {

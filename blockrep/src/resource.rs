@@ -129,6 +129,8 @@ pub struct VerifyState {
     pub on_peer: bool,
     /// Primary: the secondary asked for this run; its progress goes to the peer.
     pub for_peer: bool,
+    /// A resync to the peer ended after this run found differences: they are repaired.
+    pub resynced: bool,
 }
 
 impl VerifyState {
@@ -973,6 +975,13 @@ impl Resource {
     pub fn sync_source_done(&self) {
         self.crashed_primary
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        // The differences a finished verify marked went with it: `status` says so rather
+        // than showing them next to an empty bitmap.
+        self.update_verify(|v| {
+            if v.state == "done" && v.differ_regions > 0 && !v.on_peer {
+                v.resynced = true;
+            }
+        });
     }
 
     /// A resync as target completed: the node is whole again.
@@ -1322,6 +1331,7 @@ impl Resource {
                         _ => v.elapsed_ms,
                     },
                     error: v.error.clone(),
+                    resynced: v.resynced,
                     source: Some(if v.on_peer {
                         self.cfg
                             .peer

@@ -136,6 +136,9 @@ pub struct VerifyStatus {
     /// primary, also for a verify asked for on the secondary.
     #[serde(default)]
     pub source: Option<String>,
+    /// A resync to the peer ended after this run: the regions it found are repaired.
+    #[serde(default)]
+    pub resynced: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -377,6 +377,20 @@ fn verify_finds_blocks_changed_behind_the_back_and_resync_repairs_them() {
     );
     c.assert_replicas_identical(size, "after verify and resync");
     assert_same_bytes(&b.backing_data(n), &data, "beta's data after the repair");
+    // The verify's line no longer reads as differences still there.
+    let mut st = a.repl();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            st = a.repl();
+            st["verify"]["resynced"] == true
+        }),
+        "the verify is not shown as resynced: {st}"
+    );
+    let text = a.ctl_ok(&["status"]).stdout;
+    assert!(
+        text.contains("(resynced since)"),
+        "the text status does not say the verify's differences are repaired:\n{text}"
+    );
     let (regions, _, line) = run_verify(a);
     assert_eq!(regions, 0, "a second verify after the repair: {line}");
 }
