@@ -660,7 +660,16 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
             human_bytes(r.lag_bytes),
             human_bytes(r.journal_used),
             human_bytes(r.journal_size),
-            human_bytes(r.out_of_sync)
+            // An inconsistent disk whose peer is away may lack more than this node's bitmap
+            // says (the peer's bitmap names what a cut resync left): not shown as 0.
+            if r.out_of_sync == 0
+                && s.disk == "inconsistent"
+                && !matches!(r.connection.as_str(), "connected" | "sync-source" | "sync-target")
+            {
+                "unknown (inconsistent: the peer knows)".to_string()
+            } else {
+                human_bytes(r.out_of_sync)
+            }
         );
         if r.resync_total > 0 {
             println!(

@@ -1579,6 +1579,15 @@ fn full_sync_interrupted_resumes_with_what_is_left() {
         left > 0 && left < first_total - first_total / 8,
         "after the cut {left} of {first_total} bytes are out of sync: the progress was not kept"
     );
+    // The target restarted while the source is away: what is left is in the source's
+    // bitmap, so its status says it does not know rather than 0 B.
+    b.ctl_ok(&["down"]);
+    b.up();
+    let text = b.ctl_ok(&["status"]).stdout;
+    assert!(
+        text.contains("disk:inconsistent") && text.contains("out-of-sync unknown"),
+        "beta, inconsistent with its peer away, shows an amount it cannot know:\n{text}"
+    );
 
     c.proxy().resume();
     let seen = wait_synced(&c, Duration::from_secs(40), "after the resumed full sync");
