@@ -940,7 +940,7 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
     }
     if inner.overflowed {
         return Err(LinkError::NeedsResync(format!(
-            "the bitmap holds {} bytes that no journal record carries: the journal overflowed, or verify marked them before a restart",
+            "the bitmap holds {} bytes that no journal record carries (the journal overflowed or was dropped: a long outage, a crash, a failed disk, a split-brain resolution or a verify's marks)",
             inner.bitmap.dirty_bytes()
         )));
     }
