@@ -143,7 +143,7 @@ impl Daemon {
                     } else {
                         r.set_discard_my_data();
                         Ok(format!(
-                            "{} will discard its changes and resync from its peer",
+                            "{} will discard its changes and resync from its peer if the next connect finds a split brain (otherwise the generations decide, as in DRBD, and the log says so)",
                             self.cfg.me.name
                         ))
                     }

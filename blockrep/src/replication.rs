@@ -771,12 +771,23 @@ impl Replication {
     /// new generation, and a failover meant as planned becomes a split brain. Returns whether
     /// the peer got there.
     pub async fn settle_peer(&self, within: Duration) -> bool {
-        if !self.acks().connected {
-            return false;
-        }
-        let Ok(seq) = self.begin(Record::Flush).await else {
-            return false;
+        // Issued only while connected, checked under the lock that `on_disconnect` clears
+        // `connected` under (through `begin`, a flush issued just after the link dropped
+        // would start a new generation for nothing), and never waiting for journal space.
+        let seq = {
+            let mut g = self.lock();
+            if !self.acks.borrow().connected {
+                return false;
+            }
+            let seq = g.issued + 1;
+            let msg = Msg::Flush { seq, term: g.term };
+            if self.append_locked(&mut g, &msg, &[]).is_err() {
+                return false;
+            }
+            g.issued = seq;
+            seq
         };
+        self.appended.notify_one();
         let mut rx = self.acks.subscribe();
         let reached = async {
             loop {

@@ -628,6 +628,7 @@ impl Resource {
                 .discard_my_data
                 .load(std::sync::atomic::Ordering::SeqCst),
             promoted_ms,
+            disk_failed: self.device.sync_failed(),
         }
     }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -76,6 +76,9 @@ pub struct NodeState {
     pub discard_my_data: bool,
     /// When this node was last promoted (unix milliseconds; split-brain policies).
     pub promoted_ms: u64,
+    /// A sync of this node's disk failed since its `up` (protocol 11): it can take no data
+    /// until repaired, so two secondaries stay connected without a resync.
+    pub disk_failed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -135,6 +135,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             crashed_primary: rng.bool(),
             discard_my_data: rng.bool(),
             promoted_ms: rng.u64_edge(),
+            disk_failed: rng.bool(),
         }),
         4 => {
             let d = data(rng, 1);

@@ -381,8 +381,16 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
         b.log_tail(20)
     );
 
-    // The runbook: demote the failed primary (its metadata writes fail), then it dies.
+    // The runbook: demote the failed primary (its metadata writes fail), then a plain
+    // `primary` on beta (alpha is a connected secondary, no --force needed); then alpha dies.
     a.ctl_ok(&["secondary", "--force"]);
+    let mut last = String::new();
+    let promoted = wait_for(Duration::from_secs(20), || {
+        let out = b.ctl(&["primary"]);
+        last = format!("{}{}", out.stdout, out.stderr);
+        out.success()
+    });
+    assert!(promoted, "a plain `primary` on beta is refused: {last}");
     let pids = a.pids();
     a.kill9();
     for p in pids {

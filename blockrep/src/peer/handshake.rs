@@ -333,6 +333,7 @@ mod tests {
             crashed_primary: false,
             discard_my_data: false,
             promoted_ms: 0,
+            disk_failed: false,
         };
         assert_eq!(marks_in_bounds(&ok), Ok(()));
         let bad = [

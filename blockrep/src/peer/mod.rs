@@ -603,15 +603,32 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         split_brain_found(res, SplitBrainKind::BothPrimary, why);
         return Err(refuse(&mut wr, why.into()).await);
     }
-    // A secondary whose disk failed a sync cannot make a stream durable (every later flush
-    // fails): it says why, so the primary shows the cause instead of a connection that keeps
-    // closing. A failed primary still streams its writes to the good copy.
-    if !me.primary && res.device().sync_failed() {
+    // A secondary whose disk failed a sync cannot make a primary's stream durable (every
+    // later flush fails): it says why, so the primary shows the cause instead of a connection
+    // that keeps closing. A failed primary still streams its writes to the good copy; and
+    // between two secondaries the connection goes on, so that the good node sees this one as
+    // a connected secondary and a plain `primary` there works (the runbook's failover).
+    if !me.primary && peer.primary && res.device().sync_failed() {
         let why = format!(
             "{}'s disk failed a flush (writes may be lost on it): it takes no stream until repaired or replaced (there: `down`, `create-md` on a new disk, `up`; a full sync follows)",
             res.cfg().me.name
         );
         return Err(refuse(&mut wr, why).await);
+    }
+    // Two secondaries, one with a failed disk: connected, and nothing moves (the failed disk
+    // can take nothing, and is never a source). Both sides see it in the states they just
+    // exchanged, so both go idle; the good node sees a connected secondary, so a plain
+    // `primary` there works, and then the failed node refuses its stream (above).
+    if !me.primary && !peer.primary && (me.disk_failed || peer.disk_failed) {
+        let failed = if me.disk_failed {
+            res.cfg().me.name.clone()
+        } else {
+            peer_name(res)
+        };
+        tracing::warn!(
+            "connected without a resync: {failed}'s disk failed a flush and takes no data until it is repaired or replaced (there: `down`, `create-md` on a new disk, `up`)"
+        );
+        return idle_side(res, rd, wr).await;
     }
     // Size: the primary's export must fit on the secondary (checked again below for whichever
     // side a resync between two secondaries makes the source).
@@ -835,7 +852,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         }
         (Role::Secondary, true) => Err(refuse(
             &mut wr,
-            "this secondary has newer data than the primary: demote the primary and promote this node, or discard this node's data".into(),
+            "this secondary has newer data than the primary: demote the primary and promote this node (its newer data then goes to the other), or, to drop this node's newer data, `down` here, `create-md --force`, `up` (a full sync from the primary follows)".into(),
         )
         .await),
         // Neither is primary: a resync still runs, from the node with the good data.
