@@ -623,10 +623,25 @@ impl MetaStore {
             }
         }
         let (a, b) = buf.split_at(SLOT_LEN as usize);
+        // A format this build does not know, written by a newer one: said as such, not as
+        // "no metadata" (which would suggest create-md over it).
+        let newer = [a, b].into_iter().find_map(|slot| {
+            let magic = u64::from_le_bytes(slot[0..8].try_into().ok()?);
+            let version = u32::from_le_bytes(slot[8..12].try_into().ok()?);
+            (magic == MAGIC && version > FORMAT_VERSION && version < 1 << 16).then_some(version)
+        });
         let read = |slot: &[u8]| {
             let sb = Superblock::decode(slot)?;
             Some((sb, u32::from_le_bytes(slot[8..12].try_into().ok()?)))
         };
+        if let (None, None, Some(v)) = (read(a), read(b), newer) {
+            return Err(MetaError::Layout {
+                path: path.to_owned(),
+                why: format!(
+                    "the metadata is of format {v}, newer than this build's {FORMAT_VERSION}: run the blockrep that wrote it"
+                ),
+            });
+        }
         Ok(match (read(a), read(b)) {
             (Some(x), Some(y)) => Some(if x.0.seq >= y.0.seq { x } else { y }),
             (x, y) => {
@@ -666,10 +681,16 @@ impl MetaStore {
             })?;
         let old = {
             let meta_size = size_of(&file, &path)? / BLOCK * BLOCK;
-            if meta_size >= SUPERBLOCK_AREA {
-                Self::read_sb(&file, &path, meta_size - SUPERBLOCK_AREA)?
-            } else {
+            if meta_size < SUPERBLOCK_AREA {
                 None
+            } else {
+                match Self::read_sb(&file, &path, meta_size - SUPERBLOCK_AREA) {
+                    Ok(old) => old,
+                    // Metadata this build cannot read (a newer format): --force overwrites
+                    // both slots all the same.
+                    Err(MetaError::Layout { .. }) if force => None,
+                    Err(e) => return Err(e),
+                }
             }
         };
         // An old superblock at the new one's place (the same layout) is outnumbered by the
@@ -1036,6 +1057,40 @@ mod tests {
         let mut slot = v1_slot(&sb_with_zero_terms());
         slot[8..12].copy_from_slice(&4u32.to_le_bytes());
         assert_eq!(Superblock::decode(&slot), None);
+    }
+
+    #[test]
+    fn metadata_of_a_newer_format_is_named_not_taken_for_none() {
+        let dir = std::env::temp_dir().join(format!("brmeta-newer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("d.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap();
+        let sb_at = MetaStore::open(&img, None, "r0", "alpha")
+            .unwrap()
+            .sb
+            .layout
+            .sb_offset;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        for slot in 0..2 {
+            f.write_all_at(
+                &(FORMAT_VERSION + 1).to_le_bytes(),
+                sb_at + slot * SLOT_LEN + 8,
+            )
+            .unwrap();
+        }
+        let e = MetaStore::open(&img, None, "r0", "alpha")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("newer than this build"), "{e}");
+        assert!(MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).is_err());
+        MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, true).unwrap();
+        assert!(MetaStore::open(&img, None, "r0", "alpha").is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
