@@ -660,13 +660,11 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
             human_bytes(r.lag_bytes),
             human_bytes(r.journal_used),
             human_bytes(r.journal_size),
-            // An inconsistent disk whose peer is away may lack more than this node's bitmap
-            // says (the peer's bitmap names what a cut resync left): not shown as 0.
-            if r.out_of_sync == 0
-                && s.disk == "inconsistent"
-                && !matches!(r.connection.as_str(), "connected" | "sync-source" | "sync-target")
-            {
-                "unknown (inconsistent: the peer knows)".to_string()
+            // An inconsistent disk may lack more than this node's bitmap says (the peer's
+            // bitmap names what a cut resync left; a fresh one lacks everything): not shown as
+            // 0 (the JSON keeps the bitmap's count; `disk` says it is not the whole story).
+            if r.out_of_sync == 0 && s.disk == "inconsistent" && r.connection != "sync-target" {
+                "unknown (inconsistent)".to_string()
             } else {
                 human_bytes(r.out_of_sync)
             }

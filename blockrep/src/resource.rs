@@ -570,6 +570,11 @@ impl Resource {
         if applied <= durable {
             return true;
         }
+        if self.device.sync_failed() {
+            // Marked when the sync failed (see `disk_lost_writes`); every flush fails from
+            // then on, and saying so at each reconnect is only noise.
+            return false;
+        }
         if let Err(e) = self.device.local_flush().await {
             tracing::error!(
                 "flushing the applied stream failed (NBD error {e}): this replica is inconsistent"
@@ -1519,7 +1524,12 @@ impl Resource {
         }
         // A primary's data is the data: an earlier `connect --discard-my-data` no longer
         // stands (kept, it would discard the writes made from now on at a later connect).
-        self.clear_discard_my_data();
+        let dropped_discard = self
+            .discard_my_data
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if dropped_discard {
+            tracing::info!("the pending `connect --discard-my-data` is dropped by the promotion");
+        }
         self.export.set_refuse(None);
         // Reconnect so the new handshake sets the stream's direction.
         self.announce_role().await;
@@ -1546,6 +1556,11 @@ impl Resource {
             format!(" (forced: new data generation {gen_now:016X})")
         };
         self.run_handler("became-primary");
+        let note = if dropped_discard {
+            format!("{note}; the pending `connect --discard-my-data` is dropped")
+        } else {
+            note
+        };
         Ok(format!("{name} is now primary{note}"))
     }
 
@@ -1664,7 +1679,13 @@ impl Resource {
             .as_ref()
             .map_or(0, |r| r.lock().bitmap.dirty_bytes());
         let name = &self.cfg.me.name;
-        Ok(if lacks || lacking > 0 {
+        Ok(if self.device.sync_failed() {
+            // Its bitmap names every region because its own disk may have lost them, not
+            // because the peer lacks anything acknowledged.
+            format!(
+                "{name} is now secondary; its disk failed a flush, so the peer holds the good copy (every acknowledged write): promote the peer (a plain `primary` there), then repair or replace this disk (`down`, `create-md` on a new one, `up`)"
+            )
+        } else if lacks || lacking > 0 {
             format!(
                 "{name} is now secondary; the peer lacks writes of this node ({lacking} bytes out of sync{}): the next connect sends them to it, so do not promote the peer with --force before that",
                 if lacks {

@@ -383,7 +383,11 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
 
     // The runbook: demote the failed primary (its metadata writes fail), then a plain
     // `primary` on beta (alpha is a connected secondary, no --force needed); then alpha dies.
-    a.ctl_ok(&["secondary", "--force"]);
+    let out = a.ctl_ok(&["secondary", "--force"]).stdout;
+    assert!(
+        out.contains("the peer holds the good copy"),
+        "the demotion of the failed primary does not point at the good copy:\n{out}"
+    );
     let mut last = String::new();
     let promoted = wait_for(Duration::from_secs(20), || {
         let out = b.ctl(&["primary"]);

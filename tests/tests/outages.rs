@@ -1854,7 +1854,11 @@ fn discard_my_data_without_a_split_brain_keeps_the_newer_data() {
     // pending would settle against beta's writes: it must be reported instead.
     a.ctl_ok(&["down"]);
     b.ctl_ok(&["connect", "--discard-my-data"]);
-    b.ctl_ok(&["primary", "--force"]);
+    let out = b.ctl_ok(&["primary", "--force"]).stdout;
+    assert!(
+        out.contains("the pending `connect --discard-my-data` is dropped"),
+        "the promotion does not say it drops the flag:\n{out}"
+    );
     let later = random_bytes(MIB as usize);
     {
         let mut r = b.raw_open();
