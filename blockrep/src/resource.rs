@@ -519,8 +519,8 @@ impl Resource {
     /// generation of its own with the peer's in its history and no bitmap generation (every
     /// region is marked out of sync too), which makes it the source of a full resync to the
     /// peer whatever the peer's metadata says, in one commit (the bitmap written after it may
-    /// not reach the disk before a crash). The stream goes on (the peer's writes still land here). Returns whether
-    /// it did.
+    /// not reach the disk before a crash). The stream goes on (the peer's writes still land
+    /// here). Returns whether it did.
     pub async fn peer_disk_failed(&self, peer: &NodeState) -> bool {
         let Some(rep) = &self.rep else {
             return false;

@@ -61,6 +61,24 @@ fn failing_alpha_disk(c: &Cluster) -> (ErrorTrigger, NbdkitFile, LoopDev) {
     failing_disk(c, c.alpha())
 }
 
+/// The pair these tests use: protocol C, an 8 MiB journal, `SIZE` backing files.
+fn pair_cluster(name: &str) -> Cluster {
+    Cluster::builder(name)
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .build()
+}
+
+/// After `failing_disk` made the other node's metadata: `good`'s too, both up (alpha
+/// primary), and the initial sync finished.
+fn start_in_sync(c: &Cluster, good: &Node) {
+    good.create_md();
+    c.up_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+}
+
 /// Overwrites `[off, off + len)` of a failing disk with zeros, as the pages the kernel dropped
 /// after a failed writeback (through the FUSE file, so that no cache on the way keeps the
 /// new bytes; the loop device's cache went with the daemon's last descriptor).
@@ -79,18 +97,11 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
         return;
     }
-    let c = Cluster::builder("disk-lost")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+    let c = pair_cluster("disk-lost");
     let (a, b) = (c.alpha(), c.beta());
     let (trigger, disk, _lo) = failing_alpha_disk(&c);
     let _stop = StopDaemons(&c);
-    b.create_md();
-    c.up_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    start_in_sync(&c, b);
     let size = a.size();
 
     let base = random_bytes(MIB as usize);
@@ -278,12 +289,7 @@ fn a_hung_disk_shows_in_status_and_clears_when_it_goes_on() {
 /// (before: "in sync" with thousands of stale blocks that only `verify` found).
 #[test]
 fn a_secondary_disk_restored_from_an_old_snapshot_is_fully_resynced() {
-    let c = Cluster::builder("disk-rollback")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+    let c = pair_cluster("disk-rollback");
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
     let (a, b) = (c.alpha(), c.beta());
@@ -343,18 +349,11 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
         return;
     }
-    let c = Cluster::builder("disk-dead")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+    let c = pair_cluster("disk-dead");
     let (a, b) = (c.alpha(), c.beta());
     let (trigger, disk, _lo) = failing_alpha_disk(&c);
     let _stop = StopDaemons(&c);
-    b.create_md();
-    c.up_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    start_in_sync(&c, b);
     let size = a.size();
 
     let mut r = a.raw_open();
@@ -436,18 +435,11 @@ fn a_secondary_whose_disk_fails_tells_the_primary_why_and_catches_up_after_repai
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
         return;
     }
-    let c = Cluster::builder("disk-sec-dead")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+    let c = pair_cluster("disk-sec-dead");
     let (a, b) = (c.alpha(), c.beta());
     let (trigger, disk, _lo) = failing_disk(&c, b);
     let _stop = StopDaemons(&c);
-    a.create_md();
-    c.up_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    start_in_sync(&c, a);
     let size = a.size();
 
     let mut r = a.raw_open();
@@ -520,18 +512,11 @@ fn a_disk_that_lost_writes_is_fully_resynced_even_if_its_bitmap_never_reached_th
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
         return;
     }
-    let c = Cluster::builder("disk-lost-bm")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+    let c = pair_cluster("disk-lost-bm");
     let (a, b) = (c.alpha(), c.beta());
     let (trigger, disk, _lo) = failing_alpha_disk(&c);
     let _stop = StopDaemons(&c);
-    b.create_md();
-    c.up_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    start_in_sync(&c, b);
     let size = a.size();
     let base = random_bytes(MIB as usize);
     let mut r = a.raw_open();
