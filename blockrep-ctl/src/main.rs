@@ -79,6 +79,11 @@ enum Cmd {
     Disconnect,
     /// Declare this node's data bad and fetch all of it from the peer (full resync).
     Invalidate,
+    /// Declare this node's disk outdated (what a primary's fence-peer handler runs here by
+    /// another path): `primary` then needs --force until a connect to an up-to-date peer
+    /// brings it up to date. Refused on a primary and while connected; works on a node that
+    /// is down too (it writes the metadata).
+    Outdate,
     /// With --clear-bitmap (DRBD's way to skip the initial sync): on a connected pair of
     /// freshly created secondaries whose disks are known to be identical (both new and
     /// zeroed, say), make both up to date with one new generation, without copying anything.
@@ -138,6 +143,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
+        Cmd::Outdate => outdate(&cfg),
         Cmd::NewCurrentUuid { clear_bitmap } => {
             if !clear_bitmap {
                 bail!(
@@ -344,6 +350,42 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
                 } else {
                     "what may be its"
                 }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `outdate`: through the daemon when it runs; otherwise in the metadata itself (a fence-peer
+/// handler must be able to outdate a node whose daemon is down, or it would come up later
+/// looking up to date).
+fn outdate(cfg: &Config) -> Result<()> {
+    if Control::connect(cfg).is_some() {
+        return simple(cfg, Request::Outdate);
+    }
+    let st = query_status(cfg).context(
+        "cannot tell whether the daemon uses this device; the metadata is written only when it is known to be down",
+    )?;
+    if st.is_some() {
+        return simple(cfg, Request::Outdate);
+    }
+    let _claim = blockrep::meta::claim(&cfg.me.backing, external(cfg), false)?;
+    let mut m = MetaStore::open(&cfg.me.backing, external(cfg), &cfg.resource, &cfg.me.name)?;
+    let what = blockrep::state::outdate(m.sb.was_primary, false, m.sb.disk)
+        .map_err(|e| anyhow!("{} (in its metadata: it went down as primary)", e))?;
+    let me = &cfg.me.name;
+    match what {
+        blockrep::state::Outdate::AlreadyOutdated => {
+            println!("{me}'s disk is already outdated (daemon not running)")
+        }
+        blockrep::state::Outdate::AlreadyInconsistent => println!(
+            "{me}'s disk is inconsistent, which is worse than outdated: nothing to do (daemon not running)"
+        ),
+        blockrep::state::Outdate::Commit => {
+            m.sb.disk = blockrep::meta::DiskState::Outdated;
+            m.commit()?;
+            println!(
+                "{me}'s disk is now outdated in its metadata (daemon not running): `primary` needs --force there until a connect to an up-to-date peer brings it up to date"
             );
         }
     }
@@ -600,6 +642,8 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
         s.disk,
         if s.disk_failed {
             " (FAILED: a sync of the backing device failed; fail over, see the runbook)"
+        } else if s.disk == "outdated" {
+            " (its peer went on writing without it: connect to catch up; `primary` needs --force)"
         } else {
             ""
         }
@@ -702,6 +746,9 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
                         .unwrap_or_default()
                 }
             );
+        }
+        if let Some(f) = &r.fence {
+            println!("    fence-peer: {f}");
         }
         if let Some(e) = &r.last_error {
             println!("    last error: {e}");

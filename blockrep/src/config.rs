@@ -121,6 +121,8 @@ pub struct Config {
     pub al_extents: usize,
     /// Split-brain resolution when neither node is primary.
     pub after_sb_0pri: crate::state::AfterSb0Pri,
+    /// Resource-level fencing (DRBD's `fencing`).
+    pub fencing: crate::state::Fencing,
     /// Event name → command run on that event.
     pub handlers: BTreeMap<String, PathBuf>,
     /// This node.
@@ -140,8 +142,9 @@ struct RawFile {
 }
 
 /// Events a handler can be configured for.
-pub const HANDLER_EVENTS: [&str; 8] = [
+pub const HANDLER_EVENTS: [&str; 9] = [
     "split-brain",
+    "fence-peer",
     "before-resync-target",
     "after-resync-target",
     "before-resync-source",
@@ -169,6 +172,7 @@ struct RawResource {
     ko_count: Option<u32>,
     encryption: Option<String>,
     after_sb_0pri: Option<String>,
+    fencing: Option<String>,
     al_extents: Option<u32>,
 }
 
@@ -401,6 +405,18 @@ impl Config {
                 ))
             }
         };
+        let fencing = match r.fencing.as_deref().unwrap_or("dont-care") {
+            "dont-care" => crate::state::Fencing::DontCare,
+            "resource-only" => crate::state::Fencing::ResourceOnly,
+            other => {
+                return Err(key_err(
+                    "resource.fencing",
+                    format!(
+                        "{other:?} is not a fencing policy (dont-care, resource-only; resource-and-stonith is not supported: blockrep does not freeze I/O)"
+                    ),
+                ))
+            }
+        };
         for (event, cmd) in &raw.handlers {
             if !HANDLER_EVENTS.contains(&event.as_str()) {
                 return Err(key_err(
@@ -584,6 +600,7 @@ impl Config {
             encryption,
             al_extents,
             after_sb_0pri,
+            fencing,
             handlers: raw.handlers,
             me,
             peer,
@@ -678,6 +695,29 @@ control = "/tmp/b.sock"
         .unwrap_err()
         .to_string();
         assert!(e.contains("(`ko-count = \"15\"`)"), "{e}");
+    }
+
+    #[test]
+    fn fencing_is_dont_care_by_default_and_names_what_it_takes() {
+        assert_eq!(
+            parse(GOOD, "alpha").unwrap().fencing,
+            crate::state::Fencing::DontCare
+        );
+        let text = GOOD.replace(
+            "protocol = \"B\"",
+            "protocol = \"B\"\nfencing = \"resource-only\"",
+        );
+        assert_eq!(
+            parse(&text, "alpha").unwrap().fencing,
+            crate::state::Fencing::ResourceOnly
+        );
+        let e = parse(&text.replace("resource-only", "stonith"), "alpha")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("resource.fencing") && e.contains("dont-care, resource-only"),
+            "{e}"
+        );
     }
 
     #[test]

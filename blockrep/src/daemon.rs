@@ -159,6 +159,10 @@ impl Daemon {
                 Ok(r) => r.invalidate().await,
                 Err(e) => Err(e),
             },
+            Request::Outdate => match self.resource().await {
+                Ok(r) => r.outdate().await,
+                Err(e) => Err(e),
+            },
             Request::SkipInitialSync => match self.resource().await {
                 Ok(r) => r.skip_initial_sync().await,
                 Err(e) => Err(e),

@@ -36,6 +36,9 @@ fn peer_ahead(peer: &crate::meta::Generations, mine: &crate::meta::Generations) 
 /// refuses because clients are attached.
 const CLIENTS_LEAVING_WAIT: Duration = Duration::from_secs(2);
 
+/// The longest a `fence-peer` handler may run before it is killed and counted as failed.
+const FENCE_PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Error)]
 pub enum NodeError {
     #[error(transparent)]
@@ -425,14 +428,20 @@ impl Resource {
             .layout
             .journal_len;
         let wanted = self.cfg.journal_size.div_ceil(4096) * 4096;
+        let mut w = Vec::new();
         if self.cfg.peer.is_some() && journal_len != wanted {
-            vec![format!(
+            w.push(format!(
                 "journal-size is {} bytes in the config, but the metadata holds a {journal_len}-byte journal, which is used (`create-md` applies a new size; see the log)",
                 self.cfg.journal_size
-            )]
-        } else {
-            Vec::new()
+            ));
         }
+        if self.cfg.peer.is_some()
+            && self.cfg.fencing == state::Fencing::ResourceOnly
+            && !self.cfg.handlers.contains_key("fence-peer")
+        {
+            w.push("fencing is resource-only but no fence-peer handler is configured: a primary that loses its peer cannot outdate it (only a secondary that is disconnected by the admin outdates itself)".into());
+        }
+        w
     }
 
     /// A write or flush of this node's disk failed: the replica is inconsistent. On disk if
@@ -634,6 +643,98 @@ impl Resource {
                 .load(std::sync::atomic::Ordering::SeqCst),
             promoted_ms,
             disk_failed: self.device.sync_failed(),
+        }
+    }
+
+    /// `outdate` (DRBD's `drbdadm outdate`, what a primary's `fence-peer` handler calls on
+    /// this node by another path): this disk is declared older than the peer's, so `primary`
+    /// needs `--force` here, and the next connect to an up-to-date peer makes it the target.
+    pub async fn outdate(&self) -> Result<String, NodeError> {
+        let me = &self.cfg.me.name;
+        let connected = established(self.link().state);
+        let disk = self.with_meta(|m| m.sb.disk)?;
+        let what = state::outdate(self.role() == Role::Primary, connected, disk)
+            .map_err(NodeError::Refused)?;
+        match what {
+            state::Outdate::AlreadyOutdated => {
+                return Ok(format!("{me}'s disk is already outdated"))
+            }
+            state::Outdate::AlreadyInconsistent => {
+                return Ok(format!(
+                    "{me}'s disk is inconsistent, which is worse than outdated: nothing to do"
+                ))
+            }
+            state::Outdate::Commit => {}
+        }
+        // Under the metadata lock, so a concurrent commit (a promotion, a resync's end) is
+        // either before it (and then seen here) or after it.
+        let changed = self
+            .update_meta(|sb| {
+                if sb.disk == DiskState::UpToDate && !sb.was_primary {
+                    sb.disk = DiskState::Outdated;
+                    Ok(true)
+                } else {
+                    Ok(false)
+                }
+            })
+            .await?;
+        if !changed || self.role() == Role::Primary {
+            return Err(NodeError::Refused(format!(
+                "{me}'s state changed meanwhile (now {}, {}): not outdated",
+                self.with_meta(|m| m.sb.disk.name()).unwrap_or("unknown"),
+                self.role().name()
+            )));
+        }
+        tracing::warn!("disk outdated by `outdate` (fencing): `primary` needs --force here until a connect to an up-to-date peer brings it up to date");
+        // A handshake that began before the commit told the peer "up to date": reconnect, so
+        // that the next one carries the outdated disk and the peer brings it up to date.
+        if established(self.link().state) {
+            self.link_ctl.send_modify(|c| c.bump += 1);
+        }
+        Ok(format!(
+            "{me}'s disk is now outdated: `primary` needs --force here; a connect to an up-to-date peer brings it up to date"
+        ))
+    }
+
+    /// With resource-level fencing, a secondary that the admin takes away from its primary
+    /// (`disconnect`, `down`) says first that it will lack the writes that follow: its disk is
+    /// outdated before the link goes, so no moment exists when it is cut off and still looks
+    /// promotable (DRBD's graceful disconnect under `fencing resource-only`).
+    async fn outdate_before_leaving(&self) {
+        let (connected, peer_primary) = {
+            let l = self.link();
+            (
+                established(l.state),
+                l.peer.as_ref().is_some_and(|p| p.primary),
+            )
+        };
+        let Ok(disk) = self.with_meta(|m| m.sb.disk) else {
+            return;
+        };
+        if !state::outdates_itself_on_leaving(
+            self.cfg.fencing,
+            self.role() == Role::Primary,
+            peer_primary,
+            connected,
+            disk,
+        ) {
+            return;
+        }
+        let r = self
+            .update_meta(|sb| {
+                if sb.disk == DiskState::UpToDate {
+                    sb.disk = DiskState::Outdated;
+                }
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(()) => tracing::info!(
+                "fencing resource-only: leaving the primary, so this node's disk is outdated (it lacks what the primary writes from now on)"
+            ),
+            Err(e) => tracing::warn!(
+                "fencing resource-only: leaving the primary, but the outdated disk state could not be recorded ({e})"
+            ),
         }
     }
 
@@ -939,18 +1040,25 @@ impl Resource {
         }
     }
 
-    /// Runs the configured handler for `event`, if any, without waiting for it: arguments
+    /// The configured handler for `event`, if any, as a command: arguments
     /// `RESOURCE EVENT PEER`, and the same in `BLOCKREP_RESOURCE`, `BLOCKREP_EVENT`,
-    /// `BLOCKREP_PEER`, `BLOCKREP_NODE`. Its exit status is logged.
-    pub fn run_handler(&self, event: &'static str) {
-        let Some(cmd) = self.cfg.handlers.get(event).cloned() else {
-            return;
-        };
-        let peer = self
+    /// `BLOCKREP_PEER`, `BLOCKREP_NODE`, plus `BLOCKREP_PEER_ADDRESS` (where this node dials
+    /// the peer, for a handler that reaches its node another way).
+    fn handler_command(&self, event: &'static str) -> Option<(tokio::process::Command, PathBuf)> {
+        let cmd = self.cfg.handlers.get(event).cloned()?;
+        let (peer, peer_addr) = self
             .cfg
             .peer
             .as_ref()
-            .map(|p| p.name.clone())
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.connect_address
+                        .or(p.replication)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                )
+            })
             .unwrap_or_default();
         let mut c = tokio::process::Command::new(&cmd);
         c.arg(&self.cfg.resource)
@@ -959,8 +1067,84 @@ impl Resource {
             .env("BLOCKREP_RESOURCE", &self.cfg.resource)
             .env("BLOCKREP_EVENT", event)
             .env("BLOCKREP_PEER", &peer)
+            .env("BLOCKREP_PEER_ADDRESS", &peer_addr)
             .env("BLOCKREP_NODE", &self.cfg.me.name)
-            .stdin(std::process::Stdio::null());
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        Some((c, cmd))
+    }
+
+    /// With `fencing = "resource-only"`: this primary lost its up-to-date peer, which could
+    /// now be promoted over the writes that follow. The `fence-peer` handler outdates it by
+    /// another path (`blockrep-ctl outdate` on its node; exit 4, as in DRBD); writes go on
+    /// meanwhile (resource-only does not freeze I/O). The outcome is logged and shown in
+    /// `status` until the link is back.
+    pub fn fence_peer(self: &Arc<Self>) {
+        if self.cfg.fencing != state::Fencing::ResourceOnly {
+            return;
+        }
+        let attempt = self.connections.load(std::sync::atomic::Ordering::SeqCst);
+        let Some((mut cmd, path)) = self.handler_command("fence-peer") else {
+            let o = state::FenceOutcome::Failed("no fence-peer handler is configured".into());
+            tracing::warn!("fencing resource-only: the peer was lost and {}: it may be promoted with data older than this node's", o.describe());
+            self.link().fence = Some((o.describe(), None));
+            return;
+        };
+        self.link().fence = Some(("fence-peer handler running".into(), None));
+        tracing::info!(
+            "fencing resource-only: the peer was lost; running fence-peer ({})",
+            path.display()
+        );
+        let res = self.clone();
+        tokio::spawn(async move {
+            let code = match cmd.spawn() {
+                Ok(mut child) => match tokio::time::timeout(FENCE_PEER_TIMEOUT, child.wait()).await
+                {
+                    Ok(Ok(st)) => st.code(),
+                    Ok(Err(e)) => {
+                        tracing::warn!("fence-peer ({}): {e}", path.display());
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "fence-peer ({}) still running after {} s: killed",
+                            path.display(),
+                            FENCE_PEER_TIMEOUT.as_secs()
+                        );
+                        let _ = child.kill().await;
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("fence-peer: cannot run {}: {e}", path.display());
+                    None
+                }
+            };
+            let outcome = state::FenceOutcome::from_exit(code);
+            if outcome.fenced() {
+                tracing::info!("fence-peer: {}", outcome.describe());
+            } else {
+                tracing::warn!(
+                    "fence-peer: {}: the peer may be promoted with data older than this node's",
+                    outcome.describe()
+                );
+            }
+            let mut l = res.link();
+            // Only for the loss it was run for: a link back since then knows better.
+            if !established(l.state)
+                && res.connections.load(std::sync::atomic::Ordering::SeqCst) == attempt
+            {
+                l.fence = Some((outcome.describe(), outcome.peer_disk()));
+            }
+        });
+    }
+
+    /// Runs the configured handler for `event`, if any, without waiting for it (see
+    /// [`Self::handler_command`]). Its exit status is logged.
+    pub fn run_handler(&self, event: &'static str) {
+        let Some((mut c, cmd)) = self.handler_command(event) else {
+            return;
+        };
         match c.spawn() {
             Ok(mut child) => {
                 tokio::spawn(async move {
@@ -1016,6 +1200,7 @@ impl Resource {
         }
         if established(state) {
             l.last_error = None;
+            l.fence = None;
             if !established(was) {
                 self.connections
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1164,6 +1349,9 @@ impl Resource {
                 }
             }
         }
+        if standalone && !self.link_ctl.borrow().standalone {
+            self.outdate_before_leaving().await;
+        }
         let changed = self.link_ctl.send_if_modified(|c| {
             let changed = c.standalone != standalone;
             c.standalone = standalone;
@@ -1236,7 +1424,11 @@ impl Resource {
                     }
                 },
             ),
-            _ => ("unknown", "unknown"),
+            // After a lost link, what the fence-peer handler made of the peer's disk.
+            _ => (
+                "unknown",
+                l.fence.as_ref().and_then(|f| f.1).unwrap_or("unknown"),
+            ),
         };
         let (resync_total, resync_done, resync_rate) =
             match self.resync.lock().ok().and_then(|p| *p) {
@@ -1323,6 +1515,11 @@ impl Resource {
             resync_rate,
             resync_eta_s: oos.checked_div(resync_rate).unwrap_or(0),
             last_error: l.last_error.clone(),
+            fence: if connected {
+                None
+            } else {
+                l.fence.as_ref().map(|f| f.0.clone())
+            },
             verify: {
                 let v = self.verify.lock().unwrap_or_else(|p| p.into_inner());
                 (v.run > 0).then(|| proto::control::VerifyStatus {
@@ -1539,6 +1736,13 @@ impl Resource {
         let note = if !force {
             tracing::info!("{name} promoted to primary");
             String::new()
+        } else if disk_before == DiskState::Outdated {
+            tracing::warn!(
+                "{name} promoted to primary by force with an outdated disk: writes its peer made after it was outdated are not here; new data generation {gen_now:016X}"
+            );
+            format!(
+                " (forced: its disk was outdated, so it lacks the writes its peer made after                  that; if the peer comes back they are a split brain, not a resync; new data                  generation {gen_now:016X})"
+            )
         } else if disk_before != DiskState::UpToDate {
             let disk = disk_before.name();
             // (state::promote warned about the disk already.)
@@ -1741,6 +1945,8 @@ impl Resource {
         self.stop_serving().await?;
         if self.role() == Role::Primary {
             self.drain_to_peer().await;
+        } else {
+            self.outdate_before_leaving().await;
         }
         self.listener.abort();
         for t in self

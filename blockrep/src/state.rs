@@ -53,6 +53,11 @@ pub fn promote(
         d if force => {
             tracing::warn!("forced promotion: this disk is {}", d.name());
         }
+        DiskState::Outdated => {
+            return Err(
+                "this node's disk is outdated: its peer went on writing without it (fencing). Promote the peer, or connect to it to bring this disk up to date; --force declares this data good and the peer's later writes lost".into(),
+            )
+        }
         d => {
             return Err(format!(
             "this node's disk is {}; refusing to promote it (use --force to declare its data good)",
@@ -88,6 +93,132 @@ pub fn demote(clients: u64, force: bool) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// DRBD's resource-level fencing (`fencing` in the config): how a secondary comes to know it
+/// is outdated, so that nobody promotes it over writes it lacks without saying `--force`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fencing {
+    /// No fencing (DRBD's default): a secondary cut off from its primary stays up-to-date.
+    DontCare,
+    /// A secondary that the admin disconnects from a primary (`disconnect`, `down`) outdates
+    /// itself first, and a primary that loses its up-to-date secondary runs the `fence-peer`
+    /// handler, which outdates the peer by another path (`blockrep-ctl outdate` there).
+    ResourceOnly,
+}
+
+/// What `outdate` does on a node whose disk is `disk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outdate {
+    /// The disk is up to date: it becomes outdated.
+    Commit,
+    /// It already is.
+    AlreadyOutdated,
+    /// It is inconsistent, which is worse: nothing to do.
+    AlreadyInconsistent,
+}
+
+/// Decides `outdate` (DRBD's `drbdadm outdate`): a node may be declared outdated only when it
+/// writes nothing (not primary, and for metadata read offline not a node that went down as
+/// primary, whose data may hold writes the peer lacks) and no primary's stream keeps it
+/// current (not connected).
+pub fn outdate(primary: bool, connected: bool, disk: DiskState) -> Result<Outdate, String> {
+    if primary {
+        return Err(
+            "this node is (or went down as) primary: its data is the newest there is, it cannot be outdated; demote it first"
+                .into(),
+        );
+    }
+    if connected {
+        return Err(
+            "refusing to outdate while connected: the peer's stream keeps this disk current (`disconnect` first)"
+                .into(),
+        );
+    }
+    Ok(match disk {
+        DiskState::UpToDate => Outdate::Commit,
+        DiskState::Outdated => Outdate::AlreadyOutdated,
+        DiskState::Inconsistent => Outdate::AlreadyInconsistent,
+    })
+}
+
+/// Whether a secondary the admin disconnects (`disconnect`, `down`) outdates itself first:
+/// with resource-level fencing, while connected to a primary that will go on writing
+/// without it (DRBD's graceful disconnect under `fencing resource-only`).
+pub fn outdates_itself_on_leaving(
+    fencing: Fencing,
+    me_primary: bool,
+    peer_primary: bool,
+    connected: bool,
+    disk: DiskState,
+) -> bool {
+    fencing == Fencing::ResourceOnly
+        && !me_primary
+        && peer_primary
+        && connected
+        && disk == DiskState::UpToDate
+}
+
+/// What the `fence-peer` handler's exit status says about the peer (DRBD's codes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceOutcome {
+    /// 3: its disk was inconsistent already.
+    PeerInconsistent,
+    /// 4: its disk is now outdated (or was).
+    PeerOutdated,
+    /// 5: its node could not be reached: taken for down, so outdated when it comes back only
+    /// if it was told so; the handler vouches for it.
+    PeerUnreachable,
+    /// 6: it refused, being primary.
+    PeerPrimary,
+    /// 7: its node was fenced off (powered down).
+    PeerFenced,
+    /// Anything else: the fencing failed; the peer may still be promoted with stale data.
+    Failed(String),
+}
+
+impl FenceOutcome {
+    /// From the handler's exit code (`None`: killed by a signal, or not run at all).
+    pub fn from_exit(code: Option<i32>) -> Self {
+        match code {
+            Some(3) => FenceOutcome::PeerInconsistent,
+            Some(4) => FenceOutcome::PeerOutdated,
+            Some(5) => FenceOutcome::PeerUnreachable,
+            Some(6) => FenceOutcome::PeerPrimary,
+            Some(7) => FenceOutcome::PeerFenced,
+            Some(c) => FenceOutcome::Failed(format!("exit code {c}")),
+            None => FenceOutcome::Failed("no exit code".into()),
+        }
+    }
+
+    /// The peer's disk as `status` shows it while disconnected (`None`: unknown).
+    pub fn peer_disk(&self) -> Option<&'static str> {
+        match self {
+            FenceOutcome::PeerInconsistent => Some("inconsistent"),
+            FenceOutcome::PeerOutdated
+            | FenceOutcome::PeerUnreachable
+            | FenceOutcome::PeerFenced => Some("outdated"),
+            FenceOutcome::PeerPrimary | FenceOutcome::Failed(_) => None,
+        }
+    }
+
+    /// Whether the peer is known not to be promoted with stale data without a `--force`.
+    pub fn fenced(&self) -> bool {
+        self.peer_disk().is_some()
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            FenceOutcome::PeerInconsistent => "the peer's disk was inconsistent already (3)".into(),
+            FenceOutcome::PeerOutdated => "the peer's disk is outdated (4)".into(),
+            FenceOutcome::PeerUnreachable => {
+                "the peer's node could not be reached; taken for down (5)".into()
+            }
+            FenceOutcome::PeerPrimary => "the peer refused: it is primary (6)".into(),
+            FenceOutcome::PeerFenced => "the peer's node was fenced off (7)".into(),
+            FenceOutcome::Failed(why) => format!("fencing failed ({why})"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -182,6 +313,63 @@ mod tests {
         };
         let p = promote(DiskState::UpToDate, g, PeerView::None, false, 12).unwrap();
         assert_eq!(p.gen.current, 12);
+    }
+
+    #[test]
+    fn outdate_only_a_disconnected_non_primary_and_only_a_good_disk() {
+        use DiskState::*;
+        assert!(outdate(true, false, UpToDate).is_err());
+        assert!(outdate(false, true, UpToDate)
+            .unwrap_err()
+            .contains("connected"));
+        assert_eq!(outdate(false, false, UpToDate), Ok(Outdate::Commit));
+        assert_eq!(
+            outdate(false, false, Outdated),
+            Ok(Outdate::AlreadyOutdated)
+        );
+        assert_eq!(
+            outdate(false, false, Inconsistent),
+            Ok(Outdate::AlreadyInconsistent)
+        );
+    }
+
+    #[test]
+    fn a_secondary_outdates_itself_on_leaving_a_primary_only_with_fencing() {
+        use DiskState::*;
+        use Fencing::*;
+        assert!(outdates_itself_on_leaving(
+            ResourceOnly,
+            false,
+            true,
+            true,
+            UpToDate
+        ));
+        for (f, me_p, peer_p, conn, disk) in [
+            (DontCare, false, true, true, UpToDate),
+            (ResourceOnly, true, false, true, UpToDate),
+            (ResourceOnly, false, false, true, UpToDate),
+            (ResourceOnly, false, true, false, UpToDate),
+            (ResourceOnly, false, true, true, Inconsistent),
+            (ResourceOnly, false, true, true, Outdated),
+        ] {
+            assert!(
+                !outdates_itself_on_leaving(f, me_p, peer_p, conn, disk),
+                "{f:?} {me_p} {peer_p} {conn} {disk:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fence_peer_exit_codes_as_drbd_defines_them() {
+        let o = FenceOutcome::from_exit;
+        assert_eq!(o(Some(4)).peer_disk(), Some("outdated"));
+        assert_eq!(o(Some(5)).peer_disk(), Some("outdated"));
+        assert_eq!(o(Some(7)).peer_disk(), Some("outdated"));
+        assert_eq!(o(Some(3)).peer_disk(), Some("inconsistent"));
+        for failed in [Some(0), Some(1), Some(6), Some(255), None] {
+            assert!(!o(failed).fenced(), "{failed:?}");
+        }
+        assert!(o(Some(1)).describe().contains("exit code 1"));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum Request {
     Disconnect,
     /// Discard this node's data; fetch everything from the peer.
     Invalidate,
+    /// Declare this node's disk outdated (what a primary's fence-peer handler asks for):
+    /// `primary` then needs `--force` here. Refused on a primary and while connected.
+    Outdate,
     /// Online verify: compare the hashes of every region with the peer's, mark the differing
     /// ones out of sync. Returns at once; progress and result are in `status`.
     Verify,
@@ -112,6 +115,10 @@ pub struct PeerStatus {
     pub resync_rate: u64,
     pub resync_eta_s: u64,
     pub last_error: Option<String>,
+    /// With `fencing = "resource-only"`, after the link to an up-to-date peer was lost on the
+    /// primary: what the fence-peer handler did (cleared when the link is back).
+    #[serde(default)]
+    pub fence: Option<String>,
     /// The latest online verify started on this node, if any.
     #[serde(default)]
     pub verify: Option<VerifyStatus>,

@@ -8,7 +8,7 @@
 #   after-resync-target = "/usr/local/lib/blockrep/notify-admin.sh"
 #
 # blockrep calls it with RESOURCE EVENT PEER as arguments (and BLOCKREP_RESOURCE, BLOCKREP_EVENT,
-# BLOCKREP_PEER, BLOCKREP_NODE in the environment) and does not wait for it.
+# BLOCKREP_PEER, BLOCKREP_NODE, BLOCKREP_PEER_ADDRESS in the environment) and does not wait for it.
 # Set BLOCKREP_MAILTO to mail someone (needs a working `mail` command).
 set -u
 resource=${1:-$BLOCKREP_RESOURCE}

@@ -112,6 +112,9 @@ pub struct LinkInfo {
     pub state: &'static str,
     pub peer: Option<NodeState>,
     pub last_error: Option<String>,
+    /// The `fence-peer` handler's run since the link was lost: what it said, and the peer's
+    /// disk as it leaves it (`None`: unknown). Cleared when the link is back.
+    pub fence: Option<(String, Option<&'static str>)>,
 }
 
 /// Admin control of the link: `disconnect` makes it standalone; `bump` forces a reconnect
@@ -363,6 +366,11 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
             }
         }
         res.link_down().await;
+        // With resource-level fencing, a primary that lost its up-to-date peer (not a resync
+        // target: that one is inconsistent anyway) has it outdated by another path.
+        if was_state == "connected" && res.role() == crate::state::Role::Primary {
+            res.fence_peer();
+        }
         if was_established {
             // A role change or a `connect` reconnects at once (the handshake sets the
             // stream's direction): only a link that stays down is the peer lost, for the
@@ -698,7 +706,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
                 return Err(refuse(
                     &mut wr,
                     format!(
-                        "{newer}, but {bad} disk is {} (it failed, or a resync into it did not finish): no copy holds everything. To keep {older} older data, `connect --discard-my-data` on {fix}",
+                        "{newer}, but {bad} disk is {} (it failed, a resync into it did not finish, or it was outdated): no copy holds everything. To keep {older} older data, `connect --discard-my-data` on {fix}",
                         disk_name(disk)
                     ),
                 )
@@ -763,9 +771,9 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         };
         // Said when the disk states decided rather than the policy's own rule.
         let by_disk = match (mine.up_to_date, theirs.up_to_date) {
-            (false, true) => " (this node's disk is inconsistent: a resync into it did not finish)",
-            (true, false) => " (the peer's disk is inconsistent: a resync into it did not finish)",
-            _ => "",
+            (false, true) => format!(" (this node's disk is {})", disk_name(me.disk)),
+            (true, false) => format!(" (the peer's disk is {})", disk_name(peer.disk)),
+            _ => String::new(),
         };
         match state::resolve_split_brain(res.cfg().after_sb_0pri, mine, theirs) {
             Some(true) => {

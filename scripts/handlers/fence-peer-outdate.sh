@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Example fence-peer handler for `fencing = "resource-only"` (DRBD's resource-level fencing):
+# the primary lost its peer over the replication link, so it reaches the peer's node another
+# way (here ssh over a second network) and runs `blockrep-ctl outdate` there. That works
+# whether the peer's daemon runs (a cut link) or not (it writes the metadata), and makes
+# `primary` on the peer refuse without --force until it has caught up again.
+#
+#   [resource]
+#   fencing = "resource-only"
+#   [handlers]
+#   fence-peer = "/usr/local/lib/blockrep/fence-peer-outdate.sh"
+#
+# blockrep calls it with RESOURCE EVENT PEER as arguments (and BLOCKREP_RESOURCE,
+# BLOCKREP_EVENT, BLOCKREP_PEER, BLOCKREP_NODE, BLOCKREP_PEER_ADDRESS in the environment), waits
+# for it (60 s at most) and reads its exit code as DRBD does:
+#   3 the peer's disk was inconsistent already, 4 the peer is outdated, 5 the peer's node could
+#   not be reached (taken for down), 6 the peer refused (it is primary), 7 it was fenced off;
+#   anything else: fencing failed (logged; the peer may be promoted with older data).
+# Settings (environment of the daemon, or edit here):
+#   BLOCKREP_FENCE_HOST   where to ssh to (default: the host of BLOCKREP_PEER_ADDRESS; better a
+#                         second network than the replication link that just failed)
+#   BLOCKREP_FENCE_CONFIG the config path on the peer (default /etc/blockrep/$RESOURCE.toml)
+set -u
+resource=${1:-$BLOCKREP_RESOURCE}
+peer=${3:-${BLOCKREP_PEER:-}}
+addr=${BLOCKREP_PEER_ADDRESS:-}
+host=${BLOCKREP_FENCE_HOST:-${addr%:*}}
+config=${BLOCKREP_FENCE_CONFIG:-/etc/blockrep/$resource.toml}
+if [ -z "$host" ]; then
+  echo "fence-peer: no host to reach $peer" >&2
+  exit 1
+fi
+# A cut link is seen by the peer a moment later: retry a refusal for a few seconds.
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  out=$(ssh -o BatchMode=yes -o ConnectTimeout=5 "$host" \
+    blockrep-ctl -c "$config" -n "$peer" outdate 2>&1)
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    case "$out" in
+      *inconsistent*) exit 3 ;;
+      *) exit 4 ;;
+    esac
+  fi
+  # ssh itself failed (255): the node is unreachable.
+  if [ $rc -eq 255 ]; then
+    echo "fence-peer: $host unreachable: $out" >&2
+    exit 5
+  fi
+  case "$out" in
+    *"is (or went down as) primary"*) echo "fence-peer: $out" >&2; exit 6 ;;
+  esac
+  sleep 0.5
+done
+echo "fence-peer: $peer on $host refused: $out" >&2
+exit 1

@@ -1,0 +1,359 @@
+//! Resource-level fencing and the outdated disk state (DRBD's `outdate`, `fencing
+//! resource-only`, the `fence-peer` handler): a secondary that lacks the primary's latest
+//! writes says so, `primary` refuses it without `--force`, and a connect to the up-to-date
+//! peer brings it back.
+//!
+//! Real daemons, real TCP (a proxy in front of beta where the link is cut), real NBD clients
+//! (nbdcopy); the fence-peer handler is a shell script that runs `blockrep-ctl outdate` for
+//! the peer node, as a real one would over ssh.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use blockrep_e2e::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A two-node pair (alpha primary), `extra_toml` appended to the config, in sync.
+fn pair(test: &str, extra_toml: &str, f: impl FnOnce(ClusterBuilder) -> ClusterBuilder) -> Cluster {
+    let c = f(Cluster::builder(test)
+        .nodes(2)
+        .backing_size(128 << 20)
+        .journal_size("8M"))
+    .build();
+    if !extra_toml.is_empty() {
+        c.write_config(&format!("{}\n{extra_toml}\n", c.config_text()));
+    }
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c
+}
+
+fn disk(n: &Node) -> String {
+    n.status_json()["disk"].as_str().unwrap_or("?").to_string()
+}
+
+fn wait_disk(n: &Node, want: &str, timeout: Duration) {
+    let mut last = String::new();
+    let ok = wait_for(timeout, || {
+        last = disk(n);
+        last == want
+    });
+    assert!(
+        ok,
+        "{}'s disk is {last}, not {want}, after {timeout:?}\n{}\n--- log ---\n{}",
+        n.name(),
+        n.status_json(),
+        n.log_tail(30)
+    );
+}
+
+/// Writes `mib` MiB of random data at the start of `n`'s export; returns it.
+fn write_data(n: &Node, dir: &Path, name: &str, mib: usize) -> Vec<u8> {
+    let f = dir.join(name);
+    let data = write_random_file(&f, mib * MIB as usize);
+    n.nbdcopy_in(&f);
+    data
+}
+
+/// `dump-md`'s value for `key`.
+fn md_field(n: &Node, key: &str) -> String {
+    let out = n.ctl_ok(&["dump-md"]);
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("dump-md has no {key}:\n{}", out.stdout))
+}
+
+/// The fence-peer handler shipped in `scripts/handlers/`, run as configured in the README,
+/// with `ssh` replaced by a shim that runs the command here (the peer's node is this machine):
+/// a wrapper logs each run and its exit code to `DIR/fence.log`. Returns the `[handlers]`
+/// table and the log path.
+fn fence_handler(dir: &Path, c: &Cluster) -> (String, PathBuf) {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/handlers/fence-peer-outdate.sh")
+        .canonicalize()
+        .expect("scripts/handlers/fence-peer-outdate.sh");
+    let log = dir.join("fence.log");
+    let shims = dir.join("shims");
+    std::fs::create_dir_all(&shims).expect("shim dir");
+    std::fs::write(
+        shims.join("ssh"),
+        "#!/bin/sh
+\
+         while [ $# -gt 0 ]; do case \"$1\" in -o) shift 2;; -*) shift;; *) break;; esac; done
+\
+         shift
+\
+         exec \"$@\"
+",
+    )
+    .expect("write the ssh shim");
+    let wrapper = dir.join("fence-peer.sh");
+    let bin = c.beta().ctl_path();
+    let bin = bin.parent().expect("bin dir");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh
+\
+             echo \"run $BLOCKREP_NODE $1 $2 $3 addr=$BLOCKREP_PEER_ADDRESS\" >> '{log}'
+\
+             PATH='{shims}:{bin}':$PATH BLOCKREP_FENCE_CONFIG='{cfg}' '{shipped}' \"$@\" >> '{log}' 2>&1
+\
+             rc=$?
+\
+             echo \"exit $rc\" >> '{log}'
+\
+             exit $rc
+",
+            log = log.display(),
+            shims = shims.display(),
+            bin = bin.display(),
+            cfg = c.config_path().display(),
+            shipped = shipped.display(),
+        ),
+    )
+    .expect("write fence-peer.sh");
+    run_ok(
+        Command::new("chmod")
+            .arg("755")
+            .arg(&wrapper)
+            .arg(shims.join("ssh")),
+        CMD_TIMEOUT,
+    );
+    (
+        format!("[handlers]\nfence-peer = \"{}\"\n", wrapper.display()),
+        log,
+    )
+}
+
+/// The admin's `outdate`: refused where it would be wrong, then a disconnected secondary is
+/// outdated (also with its daemon down, in the metadata), refuses a plain `primary`, and a
+/// connect brings it up to date with the data written meanwhile.
+#[test]
+fn outdate_marks_a_disconnected_secondary_until_a_connect_brings_it_up_to_date() {
+    let c = pair("fence-outdate", "", |b| b);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+
+    // Refused on the primary, and on a connected secondary.
+    let out = a.ctl(&["outdate"]);
+    assert!(
+        !out.success() && out.stderr.contains("primary"),
+        "{}",
+        out.describe()
+    );
+    let out = b.ctl(&["outdate"]);
+    assert!(
+        !out.success() && out.stderr.contains("connected"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(disk(b), "up-to-date");
+
+    // Without fencing a disconnect leaves the secondary up to date (DRBD's dont-care).
+    b.ctl_ok(&["disconnect"]);
+    assert_eq!(disk(b), "up-to-date", "{}", b.status_json());
+    let out = b.ctl_ok(&["outdate"]);
+    assert!(out.stdout.contains("outdated"), "{}", out.describe());
+    assert_eq!(disk(b), "outdated");
+    let text = b.ctl_ok(&["status"]).stdout;
+    assert!(text.contains("disk:outdated"), "{text}");
+    let out = b.ctl_ok(&["outdate"]);
+    assert!(
+        out.stdout.contains("already outdated"),
+        "{}",
+        out.describe()
+    );
+
+    // The primary writes without it; a plain promotion of the outdated node is refused.
+    let data = write_data(a, dir, "while-away.bin", 4);
+    let out = b.ctl(&["primary"]);
+    assert!(
+        !out.success() && out.stderr.contains("outdated"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(b.status_json()["role"], "secondary");
+
+    // A connect makes it the target of the up-to-date primary: up to date, same data.
+    b.ctl_ok(&["connect"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    c.assert_replicas_identical(size, "after the outdated secondary caught up");
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
+
+    // Down: outdated in the metadata by the CLI itself, and still so when it comes up.
+    b.down();
+    let out = b.ctl_ok(&["outdate"]);
+    assert!(out.stdout.contains("in its metadata"), "{}", out.describe());
+    assert_eq!(md_field(b, "disk"), "outdated");
+    let data2 = write_data(a, dir, "while-down.bin", 2);
+    b.ctl_ok(&["up"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    c.assert_replicas_identical(size, "after the offline-outdated secondary caught up");
+    assert_eq!(&b.backing_data(data2.len() as u64), &data2);
+
+    // Outdated with nothing written meanwhile (one generation on both): the connect still
+    // takes it as the target, and it ends up to date.
+    b.ctl_ok(&["disconnect"]);
+    b.ctl_ok(&["outdate"]);
+    assert_eq!(disk(b), "outdated");
+    b.ctl_ok(&["connect"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    c.assert_replicas_identical(
+        size,
+        "after an outdated secondary reconnected at one generation",
+    );
+}
+
+/// `fencing = "resource-only"`: the link to an up-to-date secondary is cut; the primary runs
+/// its fence-peer handler, which outdates the peer; the primary shows the peer outdated, the
+/// peer refuses a plain `primary`, and once the link is back it is brought up to date.
+#[test]
+fn a_primary_that_loses_its_peer_has_it_outdated_by_the_fence_peer_handler() {
+    let tmp = TestDir::new("fence-handler");
+    // The handler needs the cluster's paths: written after the build, before `up`.
+    let c = Cluster::builder("fence-handler")
+        .nodes(2)
+        .backing_size(128 << 20)
+        .journal_size("8M")
+        .resource_line("fencing = \"resource-only\"")
+        .beta_via_proxy()
+        .build();
+    let (handlers, log) = fence_handler(tmp.path(), &c);
+    c.write_config(&format!("{}\n{handlers}\n", c.config_text()));
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+    let warnings = a.status_json()["warnings"].to_string();
+    assert!(!warnings.contains("fence-peer"), "{warnings}");
+
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    wait_disk(b, "outdated", Duration::from_secs(30));
+    let ra = a.wait_repl(Duration::from_secs(20), "the fence outcome", |r| {
+        r["peer_disk"] == "outdated"
+    });
+    assert!(
+        ra["fence"]
+            .as_str()
+            .is_some_and(|f| f.contains("outdated (4)")),
+        "{ra}"
+    );
+    let text = a.ctl_ok(&["status"]).stdout;
+    assert!(
+        text.contains("fence-peer: the peer's disk is outdated"),
+        "{text}"
+    );
+    let hlog = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        hlog.starts_with(&format!(
+            "run alpha {} fence-peer beta addr=127.0.0.1:",
+            c.resource()
+        )) && hlog.contains("exit 4"),
+        "fence log:\n{hlog}"
+    );
+    assert_eq!(hlog.matches("run ").count(), 1, "one run per loss:\n{hlog}");
+
+    // Writes go on; the outdated peer cannot be promoted without --force.
+    let data = write_data(a, dir, "while-cut.bin", 4);
+    let out = b.ctl(&["primary"]);
+    assert!(
+        !out.success() && out.stderr.contains("outdated"),
+        "{}",
+        out.describe()
+    );
+
+    // The link heals: beta is brought up to date and the fence note goes.
+    c.proxy().resume();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    let ra = a.repl();
+    assert!(ra["fence"].is_null(), "{ra}");
+    assert_eq!(ra["peer_disk"], "up-to-date", "{ra}");
+    c.assert_replicas_identical(size, "after the fenced peer caught up");
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
+
+    // The peer's node dies (kill -9): the handler outdates it in its metadata, so it comes
+    // back outdated instead of promotable, and catches up.
+    let pids = b.pids();
+    b.kill9();
+    for p in pids {
+        assert!(
+            wait_pid_gone(p, Duration::from_secs(10)),
+            "pid {p} survived"
+        );
+    }
+    let ok = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.matches("exit 4").count() == 2)
+    });
+    assert!(
+        ok,
+        "fence log:\n{}\n--- alpha ---\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        a.log_tail(20)
+    );
+    assert_eq!(md_field(b, "disk"), "outdated");
+    let data = write_data(a, dir, "while-dead.bin", 2);
+    b.ctl_ok(&["up"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    c.assert_replicas_identical(size, "after the killed peer came back and caught up");
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
+}
+
+/// `fencing = "resource-only"` without a handler: `up` warns; a secondary the admin
+/// disconnects (or takes down) from its primary outdates itself before the link goes; the
+/// primary says it could not fence; a connect (or `up`) brings the secondary back.
+#[test]
+fn a_secondary_disconnected_from_its_primary_outdates_itself_under_resource_only_fencing() {
+    let c = pair("fence-leave", "", |b| {
+        b.resource_line("fencing = \"resource-only\"")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+    let warnings = a.status_json()["warnings"].to_string();
+    assert!(warnings.contains("no fence-peer handler"), "{warnings}");
+
+    b.ctl_ok(&["disconnect"]);
+    assert_eq!(disk(b), "outdated", "{}", b.status_json());
+    let ra = a.wait_repl(Duration::from_secs(20), "the fence outcome", |r| {
+        r["fence"].as_str().is_some()
+    });
+    assert!(
+        ra["fence"]
+            .as_str()
+            .is_some_and(|f| f.contains("no fence-peer handler")),
+        "{ra}"
+    );
+    assert_eq!(ra["peer_disk"], "unknown", "{ra}");
+    let data = write_data(a, dir, "after-disconnect.bin", 2);
+    b.ctl_ok(&["connect"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
+
+    // `down` of the connected secondary: outdated in its metadata.
+    b.down();
+    assert_eq!(md_field(b, "disk"), "outdated");
+    let data = write_data(a, dir, "after-down.bin", 2);
+    b.ctl_ok(&["up"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    c.assert_replicas_identical(size, "after the secondary that went down caught up");
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
+
+    // The primary's own `disconnect` does not outdate itself.
+    a.ctl_ok(&["disconnect"]);
+    assert_eq!(disk(a), "up-to-date");
+    a.ctl_ok(&["connect"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+}
