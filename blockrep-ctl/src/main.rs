@@ -360,19 +360,22 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
 /// handler must be able to outdate a node whose daemon is down, or it would come up later
 /// looking up to date).
 fn outdate(cfg: &Config) -> Result<()> {
-    if Control::connect(cfg).is_some() {
-        return simple(cfg, Request::Outdate);
-    }
     let st = query_status(cfg).context(
         "cannot tell whether the daemon uses this device; the metadata is written only when it is known to be down",
     )?;
-    if st.is_some() {
+    if st.is_some_and(|s| s.up) {
         return simple(cfg, Request::Outdate);
     }
+    if cfg.peer.is_none() {
+        bail!("the resource has no peer: there is nothing this disk could be older than");
+    }
+    // A daemon whose resource is down holds neither device; one that starts meanwhile
+    // waits for this claim (or fails its `up`), so nothing is written under it.
     let _claim = blockrep::meta::claim(&cfg.me.backing, external(cfg), false)?;
     let mut m = MetaStore::open(&cfg.me.backing, external(cfg), &cfg.resource, &cfg.me.name)?;
-    let what = blockrep::state::outdate(m.sb.was_primary, false, m.sb.disk)
-        .map_err(|e| anyhow!("{} (in its metadata: it went down as primary)", e))?;
+    // Not running, so not primary: a node that went down as one may be outdated too (the
+    // peer that asks takes over; this copy is then the older).
+    let what = blockrep::state::outdate(false, false, m.sb.disk).map_err(|e| anyhow!(e))?;
     let me = &cfg.me.name;
     match what {
         blockrep::state::Outdate::AlreadyOutdated => {

@@ -148,7 +148,7 @@ impl Daemon {
                         ))
                     }
                 }
-                Ok(r) => Ok(r.set_standalone(false).await),
+                Ok(r) => r.set_standalone(false).await,
                 Err(e) => Err(e),
             },
             Request::Verify => match self.resource().await {
@@ -172,7 +172,7 @@ impl Daemon {
                     "resource {} has no peer configured",
                     self.cfg.resource
                 ))),
-                Ok(r) => Ok(r.set_standalone(true).await),
+                Ok(r) => r.set_standalone(true).await,
                 Err(e) => Err(e),
             },
         };

@@ -76,6 +76,11 @@ pub struct Resource {
     disk_lost_marked: std::sync::atomic::AtomicBool,
     /// `connect --discard-my-data`: become the sync target at the next connect.
     discard_my_data: std::sync::atomic::AtomicBool,
+    /// Set while this secondary outdates itself on leaving its primary (until the next
+    /// stream starts): a resync end still being applied must not commit up-to-date over it.
+    pub leaving_outdated: std::sync::atomic::AtomicBool,
+    /// One fence-peer run at a time (a flapping link, a promotion).
+    fence_lock: tokio::sync::Mutex<()>,
     /// The kind of split brain last logged with its handler run (0: none; see
     /// `peer::SplitBrainKind`): reconnects that find the same one again only back off, and
     /// the link shows `split-brain` until a connection gets past it.
@@ -331,6 +336,8 @@ impl Resource {
             disk_failures: std::sync::atomic::AtomicU64::new(0),
             disk_lost_marked: std::sync::atomic::AtomicBool::new(false),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
+            leaving_outdated: std::sync::atomic::AtomicBool::new(false),
+            fence_lock: tokio::sync::Mutex::new(()),
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
@@ -439,7 +446,12 @@ impl Resource {
             && self.cfg.fencing == state::Fencing::ResourceOnly
             && !self.cfg.handlers.contains_key("fence-peer")
         {
-            w.push("fencing is resource-only but no fence-peer handler is configured: a primary that loses its peer cannot outdate it (only a secondary that is disconnected by the admin outdates itself)".into());
+            w.push("fencing is resource-only but no fence-peer handler is configured: a primary that loses its peer cannot outdate it, and a disconnected secondary is not promoted without --force (only a secondary that is disconnected by the admin outdates itself)".into());
+        }
+        if self.cfg.fencing == state::Fencing::DontCare
+            && self.cfg.handlers.contains_key("fence-peer")
+        {
+            w.push("a fence-peer handler is configured but fencing is dont-care: it never runs (set fencing = \"resource-only\")".into());
         }
         w
     }
@@ -651,6 +663,11 @@ impl Resource {
     /// needs `--force` here, and the next connect to an up-to-date peer makes it the target.
     pub async fn outdate(&self) -> Result<String, NodeError> {
         let me = &self.cfg.me.name;
+        if self.cfg.peer.is_none() {
+            return Err(NodeError::Refused(
+                "the resource has no peer: there is nothing this disk could be older than".into(),
+            ));
+        }
         let connected = established(self.link().state);
         let disk = self.with_meta(|m| m.sb.disk)?;
         let what = state::outdate(self.role() == Role::Primary, connected, disk)
@@ -670,7 +687,7 @@ impl Resource {
         // either before it (and then seen here) or after it.
         let changed = self
             .update_meta(|sb| {
-                if sb.disk == DiskState::UpToDate && !sb.was_primary {
+                if sb.disk == DiskState::UpToDate {
                     sb.disk = DiskState::Outdated;
                     Ok(true)
                 } else {
@@ -686,9 +703,10 @@ impl Resource {
             )));
         }
         tracing::warn!("disk outdated by `outdate` (fencing): `primary` needs --force here until a connect to an up-to-date peer brings it up to date");
-        // A handshake that began before the commit told the peer "up to date": reconnect, so
-        // that the next one carries the outdated disk and the peer brings it up to date.
-        if established(self.link().state) {
+        // A handshake that began before the commit (it may not be established yet) told the
+        // peer "up to date": reconnect, so that the next one carries the outdated disk and
+        // the peer brings it up to date.
+        if !self.link_ctl.borrow().standalone {
             self.link_ctl.send_modify(|c| c.bump += 1);
         }
         Ok(format!(
@@ -700,7 +718,7 @@ impl Resource {
     /// (`disconnect`, `down`) says first that it will lack the writes that follow: its disk is
     /// outdated before the link goes, so no moment exists when it is cut off and still looks
     /// promotable (DRBD's graceful disconnect under `fencing resource-only`).
-    async fn outdate_before_leaving(&self) {
+    async fn outdate_before_leaving(&self) -> Result<(), String> {
         let (connected, peer_primary) = {
             let l = self.link();
             (
@@ -709,7 +727,7 @@ impl Resource {
             )
         };
         let Ok(disk) = self.with_meta(|m| m.sb.disk) else {
-            return;
+            return Ok(());
         };
         if !state::outdates_itself_on_leaving(
             self.cfg.fencing,
@@ -718,8 +736,12 @@ impl Resource {
             connected,
             disk,
         ) {
-            return;
+            return Ok(());
         }
+        // Before the commit, read under the metadata lock by a resync's end that may still
+        // be applying: it then keeps the disk outdated instead of declaring it up to date.
+        self.leaving_outdated
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let r = self
             .update_meta(|sb| {
                 if sb.disk == DiskState::UpToDate {
@@ -729,12 +751,20 @@ impl Resource {
             })
             .await;
         match r {
-            Ok(()) => tracing::info!(
-                "fencing resource-only: leaving the primary, so this node's disk is outdated (it lacks what the primary writes from now on)"
-            ),
-            Err(e) => tracing::warn!(
-                "fencing resource-only: leaving the primary, but the outdated disk state could not be recorded ({e})"
-            ),
+            Ok(()) => {
+                tracing::info!(
+                    "fencing resource-only: leaving the primary, so this node's disk is outdated (it lacks what the primary writes from now on)"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "fencing resource-only: leaving the primary, but the outdated disk state could not be recorded ({e})"
+                );
+                Err(format!(
+                    "fencing resource-only: this disk must be marked outdated before it leaves the primary, and that failed ({e})"
+                ))
+            }
         }
     }
 
@@ -1069,66 +1099,36 @@ impl Resource {
             .env("BLOCKREP_PEER", &peer)
             .env("BLOCKREP_PEER_ADDRESS", &peer_addr)
             .env("BLOCKREP_NODE", &self.cfg.me.name)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
+            .stdin(std::process::Stdio::null());
         Some((c, cmd))
     }
 
-    /// With `fencing = "resource-only"`: this primary lost its up-to-date peer, which could
-    /// now be promoted over the writes that follow. The `fence-peer` handler outdates it by
-    /// another path (`blockrep-ctl outdate` on its node; exit 4, as in DRBD); writes go on
-    /// meanwhile (resource-only does not freeze I/O). The outcome is logged and shown in
-    /// `status` until the link is back.
+    /// With `fencing = "resource-only"`: this primary lost its peer (a connection it ran as
+    /// primary), which could now be promoted over the writes that follow. The `fence-peer`
+    /// handler outdates it by another path (`blockrep-ctl outdate` on its node; exit 4, as
+    /// in DRBD); writes go on meanwhile (resource-only does not freeze I/O). The outcome is
+    /// logged and shown in `status` until the link is back. Not when this node's own disk is
+    /// not up to date (it failed): the peer then holds the good copy.
     pub fn fence_peer(self: &Arc<Self>) {
         if self.cfg.fencing != state::Fencing::ResourceOnly {
             return;
         }
-        let attempt = self.connections.load(std::sync::atomic::Ordering::SeqCst);
-        let Some((mut cmd, path)) = self.handler_command("fence-peer") else {
-            let o = state::FenceOutcome::Failed("no fence-peer handler is configured".into());
-            tracing::warn!("fencing resource-only: the peer was lost and {}: it may be promoted with data older than this node's", o.describe());
-            self.link().fence = Some((o.describe(), None));
+        let disk = self
+            .with_meta(|m| m.sb.disk)
+            .unwrap_or(DiskState::Inconsistent);
+        if self.device.sync_failed() || disk != DiskState::UpToDate {
+            tracing::warn!(
+                "fencing resource-only: the peer was lost, but this node's disk is {} (failed: {}): the peer holds the good copy and is not fenced",
+                disk.name(),
+                self.device.sync_failed()
+            );
             return;
-        };
+        }
+        let attempt = self.connections.load(std::sync::atomic::Ordering::SeqCst);
         self.link().fence = Some(("fence-peer handler running".into(), None));
-        tracing::info!(
-            "fencing resource-only: the peer was lost; running fence-peer ({})",
-            path.display()
-        );
         let res = self.clone();
         tokio::spawn(async move {
-            let code = match cmd.spawn() {
-                Ok(mut child) => match tokio::time::timeout(FENCE_PEER_TIMEOUT, child.wait()).await
-                {
-                    Ok(Ok(st)) => st.code(),
-                    Ok(Err(e)) => {
-                        tracing::warn!("fence-peer ({}): {e}", path.display());
-                        None
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            "fence-peer ({}) still running after {} s: killed",
-                            path.display(),
-                            FENCE_PEER_TIMEOUT.as_secs()
-                        );
-                        let _ = child.kill().await;
-                        None
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!("fence-peer: cannot run {}: {e}", path.display());
-                    None
-                }
-            };
-            let outcome = state::FenceOutcome::from_exit(code);
-            if outcome.fenced() {
-                tracing::info!("fence-peer: {}", outcome.describe());
-            } else {
-                tracing::warn!(
-                    "fence-peer: {}: the peer may be promoted with data older than this node's",
-                    outcome.describe()
-                );
-            }
+            let outcome = res.run_fence_peer().await;
             let mut l = res.link();
             // Only for the loss it was run for: a link back since then knows better.
             if !established(l.state)
@@ -1137,6 +1137,64 @@ impl Resource {
                 l.fence = Some((outcome.describe(), outcome.peer_disk()));
             }
         });
+    }
+
+    /// Runs the `fence-peer` handler and waits for it (at most [`FENCE_PEER_TIMEOUT`], then
+    /// its whole process group is killed); one run at a time. Logs and returns the outcome.
+    async fn run_fence_peer(&self) -> state::FenceOutcome {
+        let _one = self.fence_lock.lock().await;
+        let Some((mut cmd, path)) = self.handler_command("fence-peer") else {
+            let o = state::FenceOutcome::Failed("no fence-peer handler is configured".into());
+            tracing::warn!(
+                "fencing resource-only: {}: the peer may be promoted with data older than this node's",
+                o.describe()
+            );
+            return o;
+        };
+        tracing::info!(
+            "fencing resource-only: running fence-peer ({})",
+            path.display()
+        );
+        // Its own process group, so that a timeout kills what it started (ssh) too.
+        cmd.process_group(0).kill_on_drop(true);
+        let code = match cmd.spawn() {
+            Ok(mut child) => match tokio::time::timeout(FENCE_PEER_TIMEOUT, child.wait()).await {
+                Ok(Ok(st)) => st.code(),
+                Ok(Err(e)) => {
+                    tracing::warn!("fence-peer ({}): {e}", path.display());
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "fence-peer ({}) still running after {} s: killed",
+                        path.display(),
+                        FENCE_PEER_TIMEOUT.as_secs()
+                    );
+                    if let Some(pid) = child.id() {
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    let _ = child.kill().await;
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!("fence-peer: cannot run {}: {e}", path.display());
+                None
+            }
+        };
+        let outcome = state::FenceOutcome::from_exit(code);
+        if outcome.fenced() {
+            tracing::info!("fence-peer: {}", outcome.describe());
+        } else {
+            tracing::warn!(
+                "fence-peer: {}: the peer may be promoted with data older than this node's",
+                outcome.describe()
+            );
+        }
+        outcome
     }
 
     /// Runs the configured handler for `event`, if any, without waiting for it (see
@@ -1337,7 +1395,7 @@ impl Resource {
     /// admin does next (a forced promotion, say) sees it down on both sides.
     /// Either is a no-op when the link is already so (DRBD's habit: `connect` on a connected
     /// resource must not cut the link under writes).
-    pub async fn set_standalone(&self, standalone: bool) -> String {
+    pub async fn set_standalone(&self, standalone: bool) -> Result<String, NodeError> {
         // A primary lets the peer make its writes durable first (bounded), as DRBD's graceful
         // disconnect does: the pair parts at one point of the stream that both hold.
         if standalone && self.role() == Role::Primary && !self.link_ctl.borrow().standalone {
@@ -1350,7 +1408,11 @@ impl Resource {
             }
         }
         if standalone && !self.link_ctl.borrow().standalone {
-            self.outdate_before_leaving().await;
+            // DRBD refuses such a disconnect too: cut off and still up to date is what
+            // fencing exists to prevent.
+            if let Err(e) = self.outdate_before_leaving().await {
+                return Err(NodeError::Refused(format!("disconnect refused: {e}")));
+            }
         }
         let changed = self.link_ctl.send_if_modified(|c| {
             let changed = c.standalone != standalone;
@@ -1358,7 +1420,7 @@ impl Resource {
             changed
         });
         if !standalone {
-            return if changed {
+            return Ok(if changed {
                 format!("{} connecting to its peer", self.cfg.me.name)
             } else {
                 format!(
@@ -1366,7 +1428,7 @@ impl Resource {
                     self.cfg.me.name,
                     self.link().state
                 )
-            };
+            });
         }
         // Also when asked again: an earlier `disconnect` may have returned before the link
         // was down (its wait is bounded), and the admin's next step counts on it.
@@ -1374,7 +1436,7 @@ impl Resource {
         while self.link().state != "standalone" && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if changed {
+        Ok(if changed {
             format!(
                 "{} disconnected from its peer (standalone)",
                 self.cfg.me.name
@@ -1385,7 +1447,7 @@ impl Resource {
                 self.cfg.me.name,
                 self.link().state
             )
-        }
+        })
     }
 
     fn replication_status(&self) -> Option<PeerStatus> {
@@ -1638,6 +1700,10 @@ impl Resource {
         // a client's write or over the promotion's generation.
         // (A primary peer's stream goes on: the promotion is refused below.) What would refuse
         // the promotion is checked first, so that a refused one does not cut the stream.
+        // With resource-level fencing a disconnected node is promoted without --force once
+        // the peer is fenced (DRBD's fenced failover): checked as if it were, then fenced.
+        let fencing = self.cfg.fencing == state::Fencing::ResourceOnly;
+        let mut fence_note = String::new();
         if !force {
             let (disk, gen) = {
                 let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -1646,7 +1712,28 @@ impl Resource {
             if let Some(pg) = peer_gen.filter(|pg| state::peer_is_ahead(&gen, pg)) {
                 return Err(peer_ahead(&pg, &gen));
             }
-            state::promote(disk, gen, peer, false, new_id).map_err(NodeError::Refused)?;
+            let view = if fencing && peer == PeerView::Unknown {
+                PeerView::Fenced
+            } else {
+                peer
+            };
+            state::promote(disk, gen, view, false, new_id).map_err(NodeError::Refused)?;
+            if view == PeerView::Fenced {
+                let outcome = self.run_fence_peer().await;
+                if !outcome.fenced() {
+                    let advice = if outcome == state::FenceOutcome::PeerPrimary {
+                        "the peer is still primary: demote it, or this would be a split brain"
+                    } else {
+                        "its data may be newer than this node's; --force promotes anyway"
+                    };
+                    return Err(NodeError::Refused(format!(
+                        "the peer is not connected and could not be fenced: {}; {advice}",
+                        outcome.describe()
+                    )));
+                }
+                fence_note = format!("; the peer was fenced first: {}", outcome.describe());
+                peer = PeerView::Fenced;
+            }
         }
         struct Release<'a>(&'a std::sync::atomic::AtomicBool);
         impl Drop for Release<'_> {
@@ -1734,14 +1821,18 @@ impl Resource {
         let gen_now = self.node_state().gen.current;
         let name = &self.cfg.me.name;
         let note = if !force {
-            tracing::info!("{name} promoted to primary");
-            String::new()
+            tracing::info!("{name} promoted to primary{fence_note}");
+            if fence_note.is_empty() {
+                String::new()
+            } else {
+                format!(" (new data generation {gen_now:016X}{fence_note})")
+            }
         } else if disk_before == DiskState::Outdated {
             tracing::warn!(
                 "{name} promoted to primary by force with an outdated disk: writes its peer made after it was outdated are not here; new data generation {gen_now:016X}"
             );
             format!(
-                " (forced: its disk was outdated, so it lacks the writes its peer made after                  that; if the peer comes back they are a split brain, not a resync; new data                  generation {gen_now:016X})"
+                " (forced: its disk was outdated, so it lacks the writes its peer made after that; if the peer comes back they are a split brain, not a resync; new data generation {gen_now:016X})"
             )
         } else if disk_before != DiskState::UpToDate {
             let disk = disk_before.name();
@@ -1945,8 +2036,9 @@ impl Resource {
         self.stop_serving().await?;
         if self.role() == Role::Primary {
             self.drain_to_peer().await;
-        } else {
-            self.outdate_before_leaving().await;
+        } else if let Err(e) = self.outdate_before_leaving().await {
+            // Going down anyway (the disk may be failing): said loudly.
+            tracing::error!("{e}; going down without it");
         }
         self.listener.abort();
         for t in self

@@ -34,6 +34,10 @@ pub enum PeerView {
     Connected(Role),
     /// Configured but not connected: we cannot know what it does.
     Unknown,
+    /// Not connected, and the `fence-peer` handler just outdated it (or found its node down
+    /// or fenced off): with resource-level fencing that makes a plain promotion safe, as in
+    /// DRBD, where a fenced failover needs no `--force`.
+    Fenced,
 }
 
 /// Decides `primary [--force]`. `new_id` is a fresh random generation id, used when the data
@@ -119,13 +123,13 @@ pub enum Outdate {
 }
 
 /// Decides `outdate` (DRBD's `drbdadm outdate`): a node may be declared outdated only when it
-/// writes nothing (not primary, and for metadata read offline not a node that went down as
-/// primary, whose data may hold writes the peer lacks) and no primary's stream keeps it
-/// current (not connected).
+/// writes nothing (not running as primary) and no primary's stream keeps it current (not
+/// connected). A node that went down as primary may be: the peer that asks (its fence-peer
+/// handler, before a failover) takes over, and this node's data is then the older.
 pub fn outdate(primary: bool, connected: bool, disk: DiskState) -> Result<Outdate, String> {
     if primary {
         return Err(
-            "this node is (or went down as) primary: its data is the newest there is, it cannot be outdated; demote it first"
+            "this node is primary: its data is the newest there is, it cannot be outdated; demote it first"
                 .into(),
         );
     }
@@ -331,6 +335,21 @@ mod tests {
             outdate(false, false, Inconsistent),
             Ok(Outdate::AlreadyInconsistent)
         );
+    }
+
+    #[test]
+    fn a_fenced_peer_lets_an_up_to_date_disk_be_promoted_without_force_and_nothing_else() {
+        let g = Generations {
+            current: 7,
+            ..Default::default()
+        };
+        let p = promote(DiskState::UpToDate, g, PeerView::Fenced, false, 8).unwrap();
+        assert_eq!(p.gen.current, 8, "a fenced failover starts a new generation");
+        assert_eq!(p.gen.bitmap, 7);
+        for d in [DiskState::Outdated, DiskState::Inconsistent] {
+            assert!(promote(d, g, PeerView::Fenced, false, 8).is_err(), "{d:?}");
+        }
+        assert!(promote(DiskState::UpToDate, g, PeerView::Unknown, false, 8).is_err());
     }
 
     #[test]

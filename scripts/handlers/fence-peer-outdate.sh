@@ -25,6 +25,9 @@ resource=${1:-$BLOCKREP_RESOURCE}
 peer=${3:-${BLOCKREP_PEER:-}}
 addr=${BLOCKREP_PEER_ADDRESS:-}
 host=${BLOCKREP_FENCE_HOST:-${addr%:*}}
+# An IPv6 address comes bracketed ([::1]:7789): ssh wants it bare.
+host=${host#[}
+host=${host%]}
 config=${BLOCKREP_FENCE_CONFIG:-/etc/blockrep/$resource.toml}
 if [ -z "$host" ]; then
   echo "fence-peer: no host to reach $peer" >&2
@@ -41,13 +44,21 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
       *) exit 4 ;;
     esac
   fi
-  # ssh itself failed (255): the node is unreachable.
+  # ssh itself failed (255). Only a node that does not answer is taken for down (5); a
+  # refused key, a failed login or an unknown host name is a failed fence (1): the node may
+  # well be up and promotable.
   if [ $rc -eq 255 ]; then
-    echo "fence-peer: $host unreachable: $out" >&2
-    exit 5
+    case "$out" in
+      *"timed out"*|*"No route to host"*|*"Network is unreachable"*|*"Connection refused"*)
+        echo "fence-peer: $host unreachable: $out" >&2
+        exit 5 ;;
+      *)
+        echo "fence-peer: ssh to $host failed: $out" >&2
+        exit 1 ;;
+    esac
   fi
   case "$out" in
-    *"is (or went down as) primary"*) echo "fence-peer: $out" >&2; exit 6 ;;
+    *"this node is primary"*) echo "fence-peer: $out" >&2; exit 6 ;;
   esac
   sleep 0.5
 done

@@ -210,6 +210,16 @@ fn outdate_marks_a_disconnected_secondary_until_a_connect_brings_it_up_to_date()
         size,
         "after an outdated secondary reconnected at one generation",
     );
+
+    // A forced promotion of an outdated disk says what it costs.
+    b.ctl_ok(&["disconnect"]);
+    b.ctl_ok(&["outdate"]);
+    let out = b.ctl_ok(&["primary", "--force"]);
+    assert!(
+        out.stdout.contains("its disk was outdated") && out.stdout.contains("split brain"),
+        "{}",
+        out.describe()
+    );
 }
 
 /// `fencing = "resource-only"`: the link to an up-to-date secondary is cut; the primary runs
@@ -356,4 +366,108 @@ fn a_secondary_disconnected_from_its_primary_outdates_itself_under_resource_only
     assert_eq!(disk(a), "up-to-date");
     a.ctl_ok(&["connect"]);
     c.wait_in_sync(SYNC_TIMEOUT);
+}
+
+/// With `fencing = "resource-only"` and the shipped handler: a planned switchover fences
+/// nobody; a disconnected secondary whose peer is still primary is refused (the handler's
+/// `outdate` there answers 6); and when the primary dies, the failover is a plain `primary`
+/// (the handler outdates the dead node in its metadata), after which the old primary comes
+/// back outdated and is brought up to date.
+#[test]
+fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion() {
+    let tmp = TestDir::new("fence-failover");
+    let c = Cluster::builder("fence-failover")
+        .nodes(2)
+        .backing_size(128 << 20)
+        .journal_size("8M")
+        .resource_line("fencing = \"resource-only\"")
+        .beta_via_proxy()
+        .build();
+    let (handlers, log) = fence_handler(tmp.path(), &c);
+    c.write_config(&format!("{}\n{handlers}\n", c.config_text()));
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+    let runs = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("run ")
+            .count()
+    };
+
+    // A planned switchover and back: every role change reconnects the link, and no fence
+    // runs (only a connection run as primary that is lost is fenced).
+    a.ctl_ok(&["secondary"]);
+    b.ctl_ok(&["primary"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    b.ctl_ok(&["secondary"]);
+    a.ctl_ok(&["primary"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        runs(),
+        0,
+        "fence log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(disk(a), "up-to-date");
+    assert_eq!(disk(b), "up-to-date");
+
+    // Cut between two secondaries (nothing to fence), then alpha forced primary alone: a
+    // plain `primary` on beta runs the handler, whose `outdate` alpha refuses as primary (6),
+    // so beta is refused and stays secondary.
+    a.ctl_ok(&["secondary"]);
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    b.wait_not_connected(Duration::from_secs(10));
+    a.ctl_ok(&["primary", "--force"]);
+    let out = b.ctl(&["primary"]);
+    assert!(
+        !out.success() && out.stderr.contains("still primary") && out.stderr.contains("(6)"),
+        "{}\nfence log:\n{}",
+        out.describe(),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(b.status_json()["role"], "secondary");
+    assert_eq!(disk(a), "up-to-date");
+
+    // Heal; alpha primary and in sync. Then alpha dies: a plain `primary` on beta fences it
+    // (outdated in its metadata, exit 4) and promotes.
+    c.proxy().resume();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    let before = write_data(a, dir, "before-crash.bin", 2);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let pids = a.pids();
+    a.kill9();
+    for p in pids {
+        assert!(
+            wait_pid_gone(p, Duration::from_secs(10)),
+            "pid {p} survived"
+        );
+    }
+    b.wait_not_connected(Duration::from_secs(20));
+    let out = b.ctl_ok(&["primary"]);
+    assert!(
+        out.stdout.contains("fenced first") && out.stdout.contains("outdated (4)"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(md_field(a, "disk"), "outdated");
+    let after = write_data(b, dir, "after-failover.bin", 2);
+
+    // The old primary comes back outdated, refuses a plain promotion, and is brought up to
+    // date from beta.
+    a.ctl_ok(&["up"]);
+    let out = a.ctl(&["primary"]);
+    assert!(!out.success(), "{}", out.describe());
+    b.wait_repl(SYNC_TIMEOUT, "the old primary caught up", |r| {
+        r["connection"] == "connected" && r["out_of_sync"] == 0 && r["lag_writes"] == 0
+    });
+    wait_disk(a, "up-to-date", Duration::from_secs(30));
+    c.assert_replicas_identical(size, "after the fenced failover and failback");
+    assert_eq!(&a.backing_data(after.len() as u64), &after);
+    assert_ne!(before, after);
 }

@@ -365,10 +365,14 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
                 );
             }
         }
+        // Read before `link_down` ends it: whether this node ran the connection as primary
+        // (from `set_connected` on, a resync or catch-up included), not whether it is one
+        // now (a promotion's reconnect ends a connection run as secondary).
+        let ran_as_primary = res.rep().is_some_and(|r| r.link_ran_as_primary());
         res.link_down().await;
-        // With resource-level fencing, a primary that lost its up-to-date peer (not a resync
-        // target: that one is inconsistent anyway) has it outdated by another path.
-        if was_state == "connected" && res.role() == crate::state::Role::Primary {
+        // With resource-level fencing, a primary that lost its peer has it outdated by
+        // another path (a resync target is inconsistent: the handler says so, harmlessly).
+        if ran_as_primary && res.role() == crate::state::Role::Primary {
             res.fence_peer();
         }
         if was_established {

@@ -272,6 +272,11 @@ pub(super) async fn secondary_side(
     // Writes of an earlier stream are all finished before this one starts (they share the
     // window), so none lands after a newer write to the same range.
     rep.quiesce_applies().await;
+    // A new stream: the handshake carried the disk as it is, outdated included, and the
+    // resync this stream may end with is what brings it up to date.
+    res.leaving_outdated
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let source_disk = peer.disk;
     let (applied0, term0) = rep.applied_mark();
     // Only what is synced and committed counts as durable, whatever an earlier stream did.
     let durable0 = res.node_state().durable_seq;
@@ -725,7 +730,20 @@ pub(super) async fn secondary_side(
                                                         .into(),
                                                 ));
                                             }
-                                            sb.disk = DiskState::UpToDate;
+                                            // No better than the source: an outdated one
+                                            // (fenced) leaves this copy outdated too. And not
+                                            // over the outdated mark of a secondary leaving
+                                            // its primary meanwhile (fencing).
+                                            let leaving = res
+                                                .leaving_outdated
+                                                .load(std::sync::atomic::Ordering::SeqCst);
+                                            sb.disk = if source_disk == 1
+                                                || (leaving && sb.disk == DiskState::Outdated)
+                                            {
+                                                DiskState::Outdated
+                                            } else {
+                                                DiskState::UpToDate
+                                            };
                                             sb.gen = g;
                                             // SyncDone carries no data: the mark names
                                             // it at once, with the rest (a crash before the
