@@ -176,6 +176,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long `status` waits: the daemon answers it off its runtime thread, so only a hung
 /// daemon (or a disk stalled under its metadata lock) takes longer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `outdate` waits (its status question and the commit itself).
+const OUTDATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection to the daemon's control socket, if one answers.
 struct Control {
@@ -241,6 +243,11 @@ fn poll_status(cfg: &Config) -> Result<Option<Status>> {
 /// accepts on it), an error when one may be there but did not answer (permissions, a hung
 /// daemon, a garbled reply): "not running" must not be said of a daemon that is running.
 fn query_status(cfg: &Config) -> Result<Option<Status>> {
+    query_status_within(cfg, STATUS_TIMEOUT)
+}
+
+/// [`query_status`] with its own bound.
+fn query_status_within(cfg: &Config, timeout: Duration) -> Result<Option<Status>> {
     let s = match UnixStream::connect(&cfg.me.control) {
         Ok(s) => s,
         Err(e)
@@ -258,11 +265,11 @@ fn query_status(cfg: &Config) -> Result<Option<Status>> {
             ))
         }
     };
-    s.set_read_timeout(Some(STATUS_TIMEOUT))
+    s.set_read_timeout(Some(timeout))
         .context("setting a timeout on the control socket")?;
     let mut c = Control {
         stream: BufReader::new(s),
-        timeout: STATUS_TIMEOUT,
+        timeout,
     };
     match c.call(&Request::Status)? {
         Reply::Status { status } => Ok(Some(*status)),
@@ -360,11 +367,20 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
 /// handler must be able to outdate a node whose daemon is down, or it would come up later
 /// looking up to date).
 fn outdate(cfg: &Config) -> Result<()> {
-    let st = query_status(cfg).context(
+    // Bounded: a fence-peer handler waits for this, and a hung daemon must fail it in
+    // seconds (the handler then says it could not fence), not after minutes.
+    let st = query_status_within(cfg, OUTDATE_TIMEOUT).context(
         "cannot tell whether the daemon uses this device; the metadata is written only when it is known to be down",
     )?;
     if st.is_some_and(|s| s.up) {
-        return simple(cfg, Request::Outdate);
+        let mut c = Control::connect(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+        c.stream
+            .get_ref()
+            .set_read_timeout(Some(OUTDATE_TIMEOUT))
+            .context("setting a timeout on the control socket")?;
+        c.timeout = OUTDATE_TIMEOUT;
+        println!("{}", expect_ok(c.call(&Request::Outdate)?)?);
+        return Ok(());
     }
     if cfg.peer.is_none() {
         bail!("the resource has no peer: there is nothing this disk could be older than");
@@ -646,7 +662,7 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
         if s.disk_failed {
             " (FAILED: a sync of the backing device failed; fail over, see the runbook)"
         } else if s.disk == "outdated" {
-            " (its peer went on writing without it: connect to catch up; `primary` needs --force)"
+            " (it may lack writes its peer made since: connect to catch up; `primary` needs --force)"
         } else {
             ""
         }

@@ -1223,6 +1223,16 @@ impl Resource {
     pub fn sync_source_done(&self) {
         self.crashed_primary
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        // The target took this node's disk state (no better than its source): `status` on a
+        // secondary source reads the peer's disk from the handshake, which said inconsistent.
+        let mine = match self.with_meta(|m| m.sb.disk) {
+            Ok(DiskState::UpToDate) => 2,
+            Ok(DiskState::Outdated) => 1,
+            _ => 0,
+        };
+        if let Some(p) = self.link().peer.as_mut() {
+            p.disk = mine;
+        }
         // The differences a finished verify marked went with it: `status` says so rather
         // than showing them next to an empty bitmap.
         self.update_verify(|v| {
@@ -1436,10 +1446,21 @@ impl Resource {
         while self.link().state != "standalone" && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let outdated = self
+            .leaving_outdated
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && self
+                .with_meta(|m| m.sb.disk == DiskState::Outdated)
+                .unwrap_or(false);
         Ok(if changed {
             format!(
-                "{} disconnected from its peer (standalone)",
-                self.cfg.me.name
+                "{} disconnected from its peer (standalone){}",
+                self.cfg.me.name,
+                if outdated {
+                    "; fencing: its disk is now outdated (the primary writes on without it)"
+                } else {
+                    ""
+                }
             )
         } else {
             format!(
@@ -1832,7 +1853,7 @@ impl Resource {
                 "{name} promoted to primary by force with an outdated disk: writes its peer made after it was outdated are not here; new data generation {gen_now:016X}"
             );
             format!(
-                " (forced: its disk was outdated, so it lacks the writes its peer made after that; if the peer comes back they are a split brain, not a resync; new data generation {gen_now:016X})"
+                " (forced: its disk was outdated, so it may lack writes its peer made after that; if the peer comes back with such writes, that is a split brain; new data generation {gen_now:016X})"
             )
         } else if disk_before != DiskState::UpToDate {
             let disk = disk_before.name();

@@ -59,7 +59,7 @@ pub fn promote(
         }
         DiskState::Outdated => {
             return Err(
-                "this node's disk is outdated: its peer went on writing without it (fencing). Promote the peer, or connect to it to bring this disk up to date; --force declares this data good and the peer's later writes lost".into(),
+                "this node's disk is outdated (fencing, or `outdate`): it may lack writes its peer made since. Promote the peer, or connect to it to bring this disk up to date; --force declares this data good and any such writes lost".into(),
             )
         }
         d => {
@@ -344,7 +344,10 @@ mod tests {
             ..Default::default()
         };
         let p = promote(DiskState::UpToDate, g, PeerView::Fenced, false, 8).unwrap();
-        assert_eq!(p.gen.current, 8, "a fenced failover starts a new generation");
+        assert_eq!(
+            p.gen.current, 8,
+            "a fenced failover starts a new generation"
+        );
         assert_eq!(p.gen.bitmap, 7);
         for d in [DiskState::Outdated, DiskState::Inconsistent] {
             assert!(promote(d, g, PeerView::Fenced, false, 8).is_err(), "{d:?}");
@@ -630,12 +633,14 @@ pub fn new_generation_full(g: Generations, new_id: u64) -> Generations {
 }
 
 /// After a resync completes, the target adopts the source's generation and both forget the
-/// bitmap generation.
+/// bitmap generation. The bitmap generation goes into the history unless it is there already
+/// (a generation started on losing the peer puts the old current in both): one id twice
+/// would push the older one out.
 pub fn after_sync(source: Generations) -> Generations {
     Generations {
         current: source.current,
         bitmap: 0,
-        history: if source.bitmap != 0 {
+        history: if source.bitmap != 0 && source.bitmap != source.history[0] {
             [source.bitmap, source.history[0]]
         } else {
             source.history
@@ -755,7 +760,7 @@ mod gen_tests {
     fn resync_end_adopts_source() {
         let alpha = new_generation(g(10, 0, 9, 0), 11);
         let done = after_sync(alpha);
-        assert_eq!(done, g(11, 0, 10, 10));
+        assert_eq!(done, g(11, 0, 10, 9), "no id twice in the history");
         check(done, done, InSync);
     }
 

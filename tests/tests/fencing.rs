@@ -471,3 +471,47 @@ fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion
     assert_eq!(&a.backing_data(after.len() as u64), &after);
     assert_ne!(before, after);
 }
+
+/// A resync between two secondaries: the source's `status` shows the target's disk as it
+/// ends (it read "inconsistent" from the handshake for ever), and the target ends no better
+/// than its source: a full sync from an outdated node leaves an outdated copy, which a plain
+/// `primary` then refuses (it was declared up to date, and promotable, before).
+#[test]
+fn a_resync_between_secondaries_leaves_the_target_no_better_than_its_source() {
+    let c = pair("fence-source", "", |b| b);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+    let data = write_data(a, dir, "data.bin", 4);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    a.ctl_ok(&["secondary"]);
+
+    // Up-to-date source: the target ends up to date, and the source's status says so.
+    b.ctl_ok(&["invalidate"]);
+    wait_disk(b, "up-to-date", Duration::from_secs(30));
+    let ra = a.wait_repl(Duration::from_secs(10), "the target's disk", |r| {
+        r["connection"] == "connected" && r["peer_disk"] == "up-to-date"
+    });
+    assert_eq!(ra["peer_role"], "secondary", "{ra}");
+    c.assert_replicas_identical(size, "after a resync between secondaries");
+
+    // Outdated source, fresh target (its disk replaced): a full sync, and an outdated copy.
+    a.ctl_ok(&["disconnect"]);
+    a.ctl_ok(&["outdate"]);
+    b.down();
+    b.ctl_ok(&["create-md", "--force"]);
+    b.ctl_ok(&["up"]);
+    a.ctl_ok(&["connect"]);
+    a.wait_repl(Duration::from_secs(30), "the full sync's end", |r| {
+        r["connection"] == "connected" && r["peer_disk"] == "outdated"
+    });
+    wait_disk(b, "outdated", Duration::from_secs(30));
+    assert_eq!(disk(a), "outdated");
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
+    let out = b.ctl(&["primary"]);
+    assert!(
+        !out.success() && out.stderr.contains("outdated"),
+        "{}",
+        out.describe()
+    );
+}

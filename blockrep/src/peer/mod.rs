@@ -752,11 +752,25 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             g.current, g.bitmap, g.history[0], g.history[1]
         )
     };
-    tracing::info!(
-        "generations: this node {}, peer {}: {decision:?}",
-        hex(&me.gen),
-        hex(&peer.gen)
-    );
+    // A split brain already reported is retried every 2 s, quietly (see `split_brain_found`).
+    let again = decision == SyncDecision::SplitBrain
+        && res
+            .split_brain_reported
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != 0;
+    if again {
+        tracing::debug!(
+            "generations: this node {}, peer {}: {decision:?}",
+            hex(&me.gen),
+            hex(&peer.gen)
+        );
+    } else {
+        tracing::info!(
+            "generations: this node {}, peer {}: {decision:?}",
+            hex(&me.gen),
+            hex(&peer.gen)
+        );
+    }
     if decision == SyncDecision::SplitBrain && !me.primary && !peer.primary {
         let facts = |s: &NodeState, name: &'static str| state::SbFacts {
             name,
