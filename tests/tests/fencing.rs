@@ -129,6 +129,36 @@ fn fence_handler(dir: &Path, c: &Cluster) -> (String, PathBuf) {
     )
 }
 
+/// A pair with `fencing = "resource-only"`, the shipped fence-peer handler (see
+/// [`fence_handler`], its log in `tmp`) and beta behind the link proxy; alpha primary, in sync.
+fn fenced_pair(test: &str, tmp: &TestDir) -> (Cluster, PathBuf) {
+    let c = Cluster::builder(test)
+        .nodes(2)
+        .backing_size(128 << 20)
+        .journal_size("8M")
+        .resource_line("fencing = \"resource-only\"")
+        .beta_via_proxy()
+        .build();
+    // The handler needs the cluster's paths: written after the build, before `up`.
+    let (handlers, log) = fence_handler(tmp.path(), &c);
+    c.write_config(&format!("{}\n{handlers}\n", c.config_text()));
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    (c, log)
+}
+
+/// SIGKILLs `n`'s daemon and waits until it is gone.
+fn kill_node(n: &Node) {
+    let pids = n.pids();
+    n.kill9();
+    for p in pids {
+        assert!(
+            wait_pid_gone(p, Duration::from_secs(10)),
+            "pid {p} survived"
+        );
+    }
+}
+
 /// The admin's `outdate`: refused where it would be wrong, then a disconnected secondary is
 /// outdated (also with its daemon down, in the metadata), refuses a plain `primary`, and a
 /// connect brings it up to date with the data written meanwhile.
@@ -228,18 +258,7 @@ fn outdate_marks_a_disconnected_secondary_until_a_connect_brings_it_up_to_date()
 #[test]
 fn a_primary_that_loses_its_peer_has_it_outdated_by_the_fence_peer_handler() {
     let tmp = TestDir::new("fence-handler");
-    // The handler needs the cluster's paths: written after the build, before `up`.
-    let c = Cluster::builder("fence-handler")
-        .nodes(2)
-        .backing_size(128 << 20)
-        .journal_size("8M")
-        .resource_line("fencing = \"resource-only\"")
-        .beta_via_proxy()
-        .build();
-    let (handlers, log) = fence_handler(tmp.path(), &c);
-    c.write_config(&format!("{}\n{handlers}\n", c.config_text()));
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let (c, log) = fenced_pair("fence-handler", &tmp);
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
     let dir = c.dir().path();
@@ -293,14 +312,7 @@ fn a_primary_that_loses_its_peer_has_it_outdated_by_the_fence_peer_handler() {
 
     // The peer's node dies (kill -9): the handler outdates it in its metadata, so it comes
     // back outdated instead of promotable, and catches up.
-    let pids = b.pids();
-    b.kill9();
-    for p in pids {
-        assert!(
-            wait_pid_gone(p, Duration::from_secs(10)),
-            "pid {p} survived"
-        );
-    }
+    kill_node(b);
     let ok = wait_for(Duration::from_secs(30), || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.matches("exit 4").count() == 2)
     });
@@ -376,17 +388,7 @@ fn a_secondary_disconnected_from_its_primary_outdates_itself_under_resource_only
 #[test]
 fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion() {
     let tmp = TestDir::new("fence-failover");
-    let c = Cluster::builder("fence-failover")
-        .nodes(2)
-        .backing_size(128 << 20)
-        .journal_size("8M")
-        .resource_line("fencing = \"resource-only\"")
-        .beta_via_proxy()
-        .build();
-    let (handlers, log) = fence_handler(tmp.path(), &c);
-    c.write_config(&format!("{}\n{handlers}\n", c.config_text()));
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let (c, log) = fenced_pair("fence-failover", &tmp);
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
     let dir = c.dir().path();
@@ -440,14 +442,7 @@ fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion
     wait_disk(b, "up-to-date", Duration::from_secs(20));
     let before = write_data(a, dir, "before-crash.bin", 2);
     c.wait_in_sync(SYNC_TIMEOUT);
-    let pids = a.pids();
-    a.kill9();
-    for p in pids {
-        assert!(
-            wait_pid_gone(p, Duration::from_secs(10)),
-            "pid {p} survived"
-        );
-    }
+    kill_node(a);
     b.wait_not_connected(Duration::from_secs(20));
     let out = b.ctl_ok(&["primary"]);
     assert!(
