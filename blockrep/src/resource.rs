@@ -1157,6 +1157,7 @@ impl Resource {
         );
         // Its own process group, so that a timeout kills what it started (ssh) too.
         cmd.process_group(0).kill_on_drop(true);
+        let mut timed_out = false;
         let code = match cmd.spawn() {
             Ok(mut child) => match tokio::time::timeout(FENCE_PEER_TIMEOUT, child.wait()).await {
                 Ok(Ok(st)) => st.code(),
@@ -1170,6 +1171,7 @@ impl Resource {
                         path.display(),
                         FENCE_PEER_TIMEOUT.as_secs()
                     );
+                    timed_out = true;
                     if let Some(pid) = child.id() {
                         let _ = nix::sys::signal::killpg(
                             nix::unistd::Pid::from_raw(pid as i32),
@@ -1185,7 +1187,14 @@ impl Resource {
                 None
             }
         };
-        let outcome = state::FenceOutcome::from_exit(code);
+        let outcome = if timed_out {
+            state::FenceOutcome::Failed(format!(
+                "timed out after {} s, killed",
+                FENCE_PEER_TIMEOUT.as_secs()
+            ))
+        } else {
+            state::FenceOutcome::from_exit(code)
+        };
         if outcome.fenced() {
             tracing::info!("fence-peer: {}", outcome.describe());
         } else {
@@ -1752,7 +1761,15 @@ impl Resource {
                         outcome.describe()
                     )));
                 }
+                // The peer may have come back while the handler ran (a slow one): its
+                // answer is then stale, and the peer may be primary. Decided again, with it.
+                if self.peer_view() != PeerView::Unknown {
+                    return Err(NodeError::Refused(
+                        "the peer connected while it was being fenced: run `primary` again to decide with it connected".into(),
+                    ));
+                }
                 fence_note = format!("; the peer was fenced first: {}", outcome.describe());
+                self.link().fence = Some((outcome.describe(), outcome.peer_disk()));
                 peer = PeerView::Fenced;
             }
         }

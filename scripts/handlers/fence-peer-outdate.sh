@@ -33,8 +33,11 @@ if [ -z "$host" ]; then
   echo "fence-peer: no host to reach $peer" >&2
   exit 1
 fi
-# A cut link is seen by the peer a moment later: retry a refusal for a few seconds.
-for _ in 1 2 3 4 5 6 7 8 9 10; do
+# A cut link is seen by the peer a moment later: retry a refusal for a few seconds, within
+# 40 s in all (blockrep kills the handler at 60 s; `outdate` itself gives up after 10 s on a
+# hung daemon).
+deadline=$((SECONDS + 40))
+while [ "$SECONDS" -lt "$deadline" ]; do
   out=$(ssh -o BatchMode=yes -o ConnectTimeout=5 "$host" \
     blockrep-ctl -c "$config" -n "$peer" outdate 2>&1)
   rc=$?
@@ -45,11 +48,11 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
     esac
   fi
   # ssh itself failed (255). Only a node that does not answer is taken for down (5); a
-  # refused key, a failed login or an unknown host name is a failed fence (1): the node may
-  # well be up and promotable.
+  # refused connection, a refused key, a failed login or an unknown host name is a failed
+  # fence (1): the node answered, or may well be up, and its daemon may still be primary.
   if [ $rc -eq 255 ]; then
     case "$out" in
-      *"timed out"*|*"No route to host"*|*"Network is unreachable"*|*"Connection refused"*)
+      *"Connection timed out"*|*"No route to host"*|*"Network is unreachable"*)
         echo "fence-peer: $host unreachable: $out" >&2
         exit 5 ;;
       *)

@@ -80,34 +80,38 @@ fn fence_handler(dir: &Path, c: &Cluster) -> (String, PathBuf) {
     std::fs::create_dir_all(&shims).expect("shim dir");
     std::fs::write(
         shims.join("ssh"),
-        "#!/bin/sh
-\
-         while [ $# -gt 0 ]; do case \"$1\" in -o) shift 2;; -*) shift;; *) break;; esac; done
-\
-         shift
-\
-         exec \"$@\"
-",
+        [
+            "#!/bin/sh",
+            r#"while [ $# -gt 0 ]; do case "$1" in -o) shift 2;; -*) shift;; *) break;; esac; done"#,
+            "shift",
+            r#"exec "$@""#,
+            "",
+        ]
+        .join("\n"),
     )
     .expect("write the ssh shim");
     let wrapper = dir.join("fence-peer.sh");
     let bin = c.beta().ctl_path();
     let bin = bin.parent().expect("bin dir");
+    // `fence.stub` ("SECONDS CODE"), when a test writes it, stands in for the handler: a
+    // slow one with a chosen answer.
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh
-\
-             echo \"run $BLOCKREP_NODE $1 $2 $3 addr=$BLOCKREP_PEER_ADDRESS\" >> '{log}'
-\
-             PATH='{shims}:{bin}':$PATH BLOCKREP_FENCE_CONFIG='{cfg}' '{shipped}' \"$@\" >> '{log}' 2>&1
-\
-             rc=$?
-\
-             echo \"exit $rc\" >> '{log}'
-\
-             exit $rc
-",
+            r#"#!/bin/sh
+echo "run $BLOCKREP_NODE $1 $2 $3 addr=$BLOCKREP_PEER_ADDRESS" >> '{log}'
+if [ -f '{stub}' ]; then
+  read secs code < '{stub}'
+  sleep "$secs"
+  echo "exit $code (stub)" >> '{log}'
+  exit "$code"
+fi
+PATH='{shims}:{bin}':$PATH BLOCKREP_FENCE_CONFIG='{cfg}' '{shipped}' "$@" >> '{log}' 2>&1
+rc=$?
+echo "exit $rc" >> '{log}'
+exit $rc
+"#,
+            stub = dir.join("fence.stub").display(),
             log = log.display(),
             shims = shims.display(),
             bin = bin.display(),
@@ -435,9 +439,43 @@ fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion
     assert_eq!(b.status_json()["role"], "secondary");
     assert_eq!(disk(a), "up-to-date");
 
-    // Heal; alpha primary and in sync. Then alpha dies: a plain `primary` on beta fences it
-    // (outdated in its metadata, exit 4) and promotes.
+    // A slow handler that answers "unreachable" (5) after the link came back (alpha primary):
+    // its answer is stale, and beta must not be promoted next to a live primary.
+    let stub = tmp.path().join("fence.stub");
+    std::fs::write(&stub, "4 5\n").expect("write fence.stub");
+    let promote = {
+        let cfg = c.config_path().to_path_buf();
+        let ctl = b.ctl_path();
+        std::thread::spawn(move || {
+            run(
+                Command::new(ctl)
+                    .arg("-c")
+                    .arg(cfg)
+                    .arg("-n")
+                    .arg("beta")
+                    .arg("primary"),
+                Duration::from_secs(60),
+            )
+        })
+    };
+    let ok = wait_for(Duration::from_secs(15), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.matches("run ").count() >= 2)
+    });
+    assert!(ok, "the promotion did not run the handler");
     c.proxy().resume();
+    b.wait_connected(Duration::from_secs(20));
+    let out = promote.join().expect("the promotion thread");
+    assert!(
+        !out.success() && out.stderr.contains("connected while it was being fenced"),
+        "{}",
+        out.describe()
+    );
+    std::fs::remove_file(&stub).expect("remove fence.stub");
+    assert_eq!(b.status_json()["role"], "secondary");
+    assert_eq!(a.status_json()["role"], "primary");
+
+    // Healed; alpha primary and in sync. Then alpha dies: a plain `primary` on beta fences it
+    // (outdated in its metadata, exit 4) and promotes.
     c.wait_in_sync(SYNC_TIMEOUT);
     wait_disk(b, "up-to-date", Duration::from_secs(20));
     let before = write_data(a, dir, "before-crash.bin", 2);

@@ -308,7 +308,16 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         // second.
         let started = tokio::time::Instant::now();
         let addr = est.addr;
-        tracing::info!("peer {} connected from/to {addr}", peer_cfg.name);
+        // A split brain already reported is retried every 2 s, quietly.
+        if res
+            .split_brain_reported
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != 0
+        {
+            tracing::debug!("peer {} connected from/to {addr}", peer_cfg.name);
+        } else {
+            tracing::info!("peer {} connected from/to {addr}", peer_cfg.name);
+        }
         // Its own task: a bug that panics in it ends this connection (reported, and the link
         // torn down as after any other error) instead of leaving writers waiting on a link
         // that nobody runs any more.

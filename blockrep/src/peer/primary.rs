@@ -730,7 +730,17 @@ pub(super) async fn finish_sync(
     let _ = rx.wait_for(|a| !a.connected || a.applied >= seq).await;
     if rep.acks().applied >= seq {
         let secs = started.elapsed().as_secs_f64();
-        tracing::info!("resync done: {sent} bytes in {secs:.1} s; the peer is up to date");
+        // The target ends no better than this node's disk (an outdated source leaves an
+        // outdated copy).
+        let disk = res.node_state().disk;
+        tracing::info!(
+            "resync done: {sent} bytes in {secs:.1} s; the peer is {}",
+            if disk == 2 {
+                "up to date"
+            } else {
+                "in sync with this node, and outdated like it"
+            }
+        );
         res.set_link_state("connected", None);
         // A crashed primary that is secondary now: its crash is handled (its extents reached
         // the peer), so a later crash as secondary is not taken for a primary's.

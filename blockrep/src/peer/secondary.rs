@@ -320,7 +320,7 @@ pub(super) async fn secondary_side(
         wr.write_all(&f).await?;
     }
     tracing::info!(
-        "receiving from the primary from sequence {} (primary issued {})",
+        "receiving from the peer from sequence {} (it issued {})",
         applied0 + 1,
         peer.issued_seq
     );
@@ -793,7 +793,15 @@ pub(super) async fn secondary_side(
                                     .resync_left
                                     .store(0, std::sync::atomic::Ordering::Relaxed);
                                 ap.res.set_link_state("connected", None);
-                                tracing::info!("resync done: this node is up to date");
+                                let outdated = ap.res.node_state().disk == 1;
+                                tracing::info!(
+                                    "resync done: this node is {}",
+                                    if outdated {
+                                        "in sync with its peer, and outdated like it (or leaving it)"
+                                    } else {
+                                        "up to date"
+                                    }
+                                );
                                 ap.res.run_handler("after-resync-target");
                             }
                             ap.finish(seq);
