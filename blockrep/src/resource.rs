@@ -669,7 +669,7 @@ impl Resource {
             ));
         }
         let connected = established(self.link().state);
-        let disk = self.with_meta(|m| m.sb.disk)?;
+        let (disk, promoted_before) = self.with_meta(|m| (m.sb.disk, m.sb.promoted_ms))?;
         let what = state::outdate(self.role() == Role::Primary, connected, disk)
             .map_err(NodeError::Refused)?;
         match what {
@@ -686,8 +686,11 @@ impl Resource {
         // Under the metadata lock, so a concurrent commit (a promotion, a resync's end) is
         // either before it (and then seen here) or after it.
         let changed = self
-            .update_meta(|sb| {
-                if sb.disk == DiskState::UpToDate {
+            .update_meta(move |sb| {
+                // A promotion committed since the check above: this node is primary now, and
+                // a primary is never outdated (it would then fence nobody, and hand its
+                // outdated mark to every resync target).
+                if sb.disk == DiskState::UpToDate && sb.promoted_ms == promoted_before {
                     sb.disk = DiskState::Outdated;
                     Ok(true)
                 } else {
@@ -729,6 +732,17 @@ impl Resource {
         let Ok(disk) = self.with_meta(|m| m.sb.disk) else {
             return Ok(());
         };
+        // Whatever the disk is now (a resync into it may be ending): set before the commit,
+        // and read under the metadata lock by a resync's end that may still be applying,
+        // which then leaves the disk outdated instead of declaring it up to date.
+        if self.cfg.fencing == state::Fencing::ResourceOnly
+            && self.role() != Role::Primary
+            && peer_primary
+            && connected
+        {
+            self.leaving_outdated
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         if !state::outdates_itself_on_leaving(
             self.cfg.fencing,
             self.role() == Role::Primary,
@@ -738,10 +752,6 @@ impl Resource {
         ) {
             return Ok(());
         }
-        // Before the commit, read under the metadata lock by a resync's end that may still
-        // be applying: it then keeps the disk outdated instead of declaring it up to date.
-        self.leaving_outdated
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         let r = self
             .update_meta(|sb| {
                 if sb.disk == DiskState::UpToDate {
@@ -761,6 +771,9 @@ impl Resource {
                 tracing::warn!(
                     "fencing resource-only: leaving the primary, but the outdated disk state could not be recorded ({e})"
                 );
+                // The disconnect is refused and the stream goes on: its resync ends count.
+                self.leaving_outdated
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 Err(format!(
                     "fencing resource-only: this disk must be marked outdated before it leaves the primary, and that failed ({e})"
                 ))
@@ -1300,7 +1313,17 @@ impl Resource {
     }
 
     pub fn set_peer(&self, peer: Option<NodeState>) {
-        self.link().peer = peer;
+        let mut l = self.link();
+        if peer.is_some() {
+            l.handshakes += 1;
+        }
+        l.peer = peer;
+    }
+
+    /// Handshakes that got as far as the peer's state, established or not (a fence-peer
+    /// answer given while one happened is stale).
+    fn handshakes(&self) -> u64 {
+        self.link().handshakes
     }
 
     /// The connection ended: writes stop waiting for the peer and go to the bitmap. A primary
@@ -1749,6 +1772,7 @@ impl Resource {
             };
             state::promote(disk, gen, view, false, new_id).map_err(NodeError::Refused)?;
             if view == PeerView::Fenced {
+                let links_before = self.handshakes();
                 let outcome = self.run_fence_peer().await;
                 if !outcome.fenced() {
                     let advice = if outcome == state::FenceOutcome::PeerPrimary {
@@ -1763,7 +1787,7 @@ impl Resource {
                 }
                 // The peer may have come back while the handler ran (a slow one): its
                 // answer is then stale, and the peer may be primary. Decided again, with it.
-                if self.peer_view() != PeerView::Unknown {
+                if self.peer_view() != PeerView::Unknown || self.handshakes() != links_before {
                     return Err(NodeError::Refused(
                         "the peer connected while it was being fenced: run `primary` again to decide with it connected".into(),
                     ));

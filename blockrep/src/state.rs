@@ -634,13 +634,13 @@ pub fn new_generation_full(g: Generations, new_id: u64) -> Generations {
 
 /// After a resync completes, the target adopts the source's generation and both forget the
 /// bitmap generation. The bitmap generation goes into the history unless it is there already
-/// (a generation started on losing the peer puts the old current in both): one id twice
-/// would push the older one out.
+/// (a generation started on losing the peer puts the old current in both): one id twice, or
+/// an older id ahead of a newer one, would push the newer history out.
 pub fn after_sync(source: Generations) -> Generations {
     Generations {
         current: source.current,
         bitmap: 0,
-        history: if source.bitmap != 0 && source.bitmap != source.history[0] {
+        history: if source.bitmap != 0 && !source.history.contains(&source.bitmap) {
             [source.bitmap, source.history[0]]
         } else {
             source.history

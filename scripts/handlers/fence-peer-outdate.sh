@@ -17,14 +17,19 @@
 #   not be reached (taken for down), 6 the peer refused (it is primary), 7 it was fenced off;
 #   anything else: fencing failed (logged; the peer may be promoted with older data).
 # Settings (environment of the daemon, or edit here):
-#   BLOCKREP_FENCE_HOST   where to ssh to (default: the host of BLOCKREP_PEER_ADDRESS; better a
-#                         second network than the replication link that just failed)
+#   BLOCKREP_FENCE_HOST   where to ssh to: a name or address of the peer's node on ANOTHER
+#                         network than the replication link. Default: the host of
+#                         BLOCKREP_PEER_ADDRESS, the link that just failed; then a node that
+#                         does not answer is a failed fence (1), never "down" (5): when only
+#                         that link broke, both nodes would otherwise take the other for dead
+#                         and a plain `primary` would make two primaries.
 #   BLOCKREP_FENCE_CONFIG the config path on the peer (default /etc/blockrep/$RESOURCE.toml)
 set -u
 resource=${1:-$BLOCKREP_RESOURCE}
 peer=${3:-${BLOCKREP_PEER:-}}
 addr=${BLOCKREP_PEER_ADDRESS:-}
 host=${BLOCKREP_FENCE_HOST:-${addr%:*}}
+separate=${BLOCKREP_FENCE_HOST:+yes}
 # An IPv6 address comes bracketed ([::1]:7789): ssh wants it bare.
 host=${host#[}
 host=${host%]}
@@ -37,9 +42,12 @@ fi
 # 40 s in all (blockrep kills the handler at 60 s; `outdate` itself gives up after 10 s on a
 # hung daemon).
 deadline=$((SECONDS + 40))
+out=""
 while [ "$SECONDS" -lt "$deadline" ]; do
-  out=$(ssh -o BatchMode=yes -o ConnectTimeout=5 "$host" \
-    blockrep-ctl -c "$config" -n "$peer" outdate 2>&1)
+  left=$((deadline - SECONDS))
+  [ "$left" -lt 5 ] && break
+  out=$(timeout "$left" ssh -o BatchMode=yes -o ConnectTimeout=5 -o ServerAliveInterval=5 \
+    -o ServerAliveCountMax=2 "$host" blockrep-ctl -c "$config" -n "$peer" outdate 2>&1)
   rc=$?
   if [ $rc -eq 0 ]; then
     case "$out" in
@@ -51,8 +59,8 @@ while [ "$SECONDS" -lt "$deadline" ]; do
   # refused connection, a refused key, a failed login or an unknown host name is a failed
   # fence (1): the node answered, or may well be up, and its daemon may still be primary.
   if [ $rc -eq 255 ]; then
-    case "$out" in
-      *"Connection timed out"*|*"No route to host"*|*"Network is unreachable"*)
+    case "$separate:$out" in
+      yes:*"Connection timed out"*|yes:*"No route to host"*)
         echo "fence-peer: $host unreachable: $out" >&2
         exit 5 ;;
       *)

@@ -115,6 +115,8 @@ pub struct LinkInfo {
     /// The `fence-peer` handler's run since the link was lost: what it said, and the peer's
     /// disk as it leaves it (`None`: unknown). Cleared when the link is back.
     pub fence: Option<(String, Option<&'static str>)>,
+    /// Handshakes that exchanged states (see `Resource::set_peer`).
+    pub handshakes: u64,
 }
 
 /// Admin control of the link: `disconnect` makes it standalone; `bump` forces a reconnect

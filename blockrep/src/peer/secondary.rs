@@ -737,9 +737,7 @@ pub(super) async fn secondary_side(
                                             let leaving = res
                                                 .leaving_outdated
                                                 .load(std::sync::atomic::Ordering::SeqCst);
-                                            sb.disk = if source_disk == 1
-                                                || (leaving && sb.disk == DiskState::Outdated)
-                                            {
+                                            sb.disk = if source_disk == 1 || leaving {
                                                 DiskState::Outdated
                                             } else {
                                                 DiskState::UpToDate
