@@ -1702,7 +1702,7 @@ impl Resource {
         }
     }
 
-    pub async fn primary(&self, force: bool) -> Result<String, NodeError> {
+    pub async fn primary(self: &Arc<Self>, force: bool) -> Result<String, NodeError> {
         // Not while the initial sync is being skipped (see `skip_ops`).
         let _skip = self.skip_ops.lock().await;
         if self.role() == Role::Primary {
@@ -1879,6 +1879,16 @@ impl Resource {
         self.export.set_refuse(None);
         // Reconnect so the new handshake sets the stream's direction.
         self.announce_role().await;
+        // With fencing: a peer that was connected as secondary but did not come back for the
+        // new handshake lacks what this node writes from now on, and no connection run as
+        // primary will end to fence it: fenced here. A forced promotion of a node whose peer
+        // is unknown runs the handler too, as DRBD does; `--force` only overrides its answer.
+        if fencing
+            && !established(self.link().state)
+            && (peer == PeerView::Connected(Role::Secondary) || force && peer == PeerView::Unknown)
+        {
+            self.fence_peer();
+        }
         self.attach_kernel().await;
         let gen_now = self.node_state().gen.current;
         let name = &self.cfg.me.name;

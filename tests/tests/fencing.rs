@@ -148,6 +148,15 @@ fn fenced_pair(test: &str, tmp: &TestDir) -> (Cluster, PathBuf) {
     c.write_config(&format!("{}\n{handlers}\n", c.config_text()));
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
+    // The initial `primary --force` with the peer not yet connected ran the handler too
+    // (as DRBD's does; the fresh peer answers "inconsistent", 3): once it ended, the log
+    // starts afresh for the test.
+    let settled = wait_for(Duration::from_secs(30), || {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.matches("run ").count() == l.matches("exit ").count()
+    });
+    assert!(settled, "a fence-peer run of the set-up did not end");
+    std::fs::write(&log, "").expect("truncate the fence log");
     (c, log)
 }
 
@@ -421,14 +430,29 @@ fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion
     assert_eq!(disk(a), "up-to-date");
     assert_eq!(disk(b), "up-to-date");
 
-    // Cut between two secondaries (nothing to fence), then alpha forced primary alone: a
-    // plain `primary` on beta runs the handler, whose `outdate` alpha refuses as primary (6),
-    // so beta is refused and stays secondary.
+    // Cut between two secondaries (nothing to fence), then alpha forced primary alone. A
+    // forced promotion runs the handler too (as DRBD): here a stub that fails, so beta stays
+    // up to date, and alpha's status says so. Then a plain `primary` on beta runs the shipped
+    // handler, whose `outdate` alpha refuses as primary (6), so beta is refused.
     a.ctl_ok(&["secondary"]);
     assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
     a.wait_not_connected(Duration::from_secs(10));
     b.wait_not_connected(Duration::from_secs(10));
+    let stub = tmp.path().join("fence.stub");
+    std::fs::write(&stub, "0 1\n").expect("write fence.stub");
     a.ctl_ok(&["primary", "--force"]);
+    a.wait_repl(
+        Duration::from_secs(20),
+        "the forced promotion's fence",
+        |r| {
+            r["fence"]
+                .as_str()
+                .is_some_and(|f| f.contains("fencing failed (exit code 1)"))
+        },
+    );
+    assert_eq!(runs(), 1);
+    std::fs::remove_file(&stub).expect("remove fence.stub");
+    assert_eq!(disk(b), "up-to-date");
     let out = b.ctl(&["primary"]);
     assert!(
         !out.success() && out.stderr.contains("still primary") && out.stderr.contains("(6)"),
@@ -441,8 +465,8 @@ fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion
 
     // A slow handler that answers "unreachable" (5) after the link came back (alpha primary):
     // its answer is stale, and beta must not be promoted next to a live primary.
-    let stub = tmp.path().join("fence.stub");
     std::fs::write(&stub, "4 5\n").expect("write fence.stub");
+    let runs_before = runs();
     let promote = {
         let cfg = c.config_path().to_path_buf();
         let ctl = b.ctl_path();
@@ -458,9 +482,7 @@ fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion
             )
         })
     };
-    let ok = wait_for(Duration::from_secs(15), || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.matches("run ").count() >= 2)
-    });
+    let ok = wait_for(Duration::from_secs(15), || runs() > runs_before);
     assert!(ok, "the promotion did not run the handler");
     c.proxy().resume();
     b.wait_connected(Duration::from_secs(20));
