@@ -111,6 +111,20 @@ pub enum Fencing {
     ResourceOnly,
 }
 
+/// The disk state (0 inconsistent, 1 outdated, 2 up to date, as on the wire) that a connect
+/// counts for a node. An outdated node that crashed as primary, met at the generation its
+/// peer is at, counts as up to date: its mark came from a fence for a failover that did not
+/// happen (the peer never moved on), while its hot extents may hold writes the peer lacks,
+/// acknowledged under protocol A, of which DRBD's crashed-primary rule makes it the source.
+/// The mark must not turn that around and overwrite them.
+pub fn effective_disk(disk: u8, crashed_primary: bool, same_generation: bool) -> u8 {
+    if disk == 1 && crashed_primary && same_generation {
+        2
+    } else {
+        disk
+    }
+}
+
 /// What `outdate` does on a node whose disk is `disk`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outdate {
@@ -379,6 +393,19 @@ mod tests {
                 "{f:?} {me_p} {peer_p} {conn} {disk:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_outdated_crashed_primary_counts_as_up_to_date_only_at_one_generation() {
+        assert_eq!(effective_disk(1, true, true), 2);
+        assert_eq!(
+            effective_disk(1, true, false),
+            1,
+            "the peer moved on: outdated"
+        );
+        assert_eq!(effective_disk(1, false, true), 1, "not a crashed primary");
+        assert_eq!(effective_disk(0, true, true), 0, "inconsistent stays so");
+        assert_eq!(effective_disk(2, false, false), 2);
     }
 
     #[test]

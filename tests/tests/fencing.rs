@@ -570,3 +570,51 @@ fn a_resync_between_secondaries_leaves_the_target_no_better_than_its_source() {
         out.describe()
     );
 }
+
+/// A primary that crashed with writes its peer never got (protocol A, the link stalled) and
+/// was then outdated (a fence for a failover that did not happen) is still the source of its
+/// hot extents when it comes back at its peer's generation: its acknowledged writes reach the
+/// peer instead of being overwritten by the peer's older data (DRBD's crashed-primary rule).
+#[test]
+fn an_outdated_crashed_primary_keeps_its_acknowledged_writes_when_no_failover_happened() {
+    let c = pair("fence-crashed", "", |b| b.protocol("A").beta_via_proxy());
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+    write_data(a, dir, "base.bin", 2);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // Acknowledged under A while the link is stalled, then alpha dies and the link with it.
+    c.proxy().pause();
+    let data = write_data(a, dir, "unreplicated.bin", 2);
+    kill_node(a);
+    c.proxy().cut_and_refuse();
+    c.proxy().unpause();
+    b.wait_not_connected(Duration::from_secs(20));
+    assert_ne!(
+        &b.backing_data(data.len() as u64),
+        &data,
+        "beta got the writes through the stalled link: nothing to test"
+    );
+
+    // Outdated while down (as a fence-peer handler would), then back, and no failover.
+    a.ctl_ok(&["outdate"]);
+    assert_eq!(md_field(a, "disk"), "outdated");
+    a.ctl_ok(&["up"]);
+    c.proxy().resume();
+    b.wait_connected(Duration::from_secs(30));
+    wait_disk(a, "up-to-date", Duration::from_secs(30));
+    wait_disk(b, "up-to-date", Duration::from_secs(30));
+    let ok = wait_for(Duration::from_secs(30), || {
+        b.backing_data(data.len() as u64) == data
+    });
+    assert!(
+        ok,
+        "alpha's acknowledged writes did not reach beta\n--- alpha ---\n{}\n--- beta ---\n{}",
+        a.log_tail(20),
+        b.log_tail(20)
+    );
+    a.ctl_ok(&["primary"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after the crashed primary's extents were resynced");
+}

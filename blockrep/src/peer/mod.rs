@@ -688,7 +688,25 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // brain, or newer writes on a disk that is not up to date (no copy holds everything).
     // Anywhere else the generations decide, and the node with newer data stays the source
     // (before, the flag made it the target and its acknowledged writes were discarded).
-    let disk_rule = state::by_disk_state(me.disk == 2, peer.disk == 2, by_generations);
+    // An outdated crashed primary at one generation keeps its hot extents (see
+    // `state::effective_disk`): its premature mark goes, and it is the source as before.
+    let same_gen = by_generations == SyncDecision::InSync;
+    let me_disk = state::effective_disk(me.disk, me.crashed_primary, same_gen);
+    let peer_disk = state::effective_disk(peer.disk, peer.crashed_primary, same_gen);
+    if me_disk != me.disk {
+        tracing::warn!(
+            "this node crashed as primary and was outdated since, but the peer is still at its generation (no failover happened): the mark is dropped and this node is the source of its hot extents"
+        );
+        res.update_meta(|sb| {
+            if sb.disk == DiskState::Outdated {
+                sb.disk = DiskState::UpToDate;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| LinkError::LocalDisk(format!("dropping the outdated mark: {e}")))?;
+    }
+    let disk_rule = state::by_disk_state(me_disk == 2, peer_disk == 2, by_generations);
     let unsettled = by_generations == SyncDecision::SplitBrain
         || matches!(
             disk_rule,

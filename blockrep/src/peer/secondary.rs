@@ -276,7 +276,12 @@ pub(super) async fn secondary_side(
     // resync this stream may end with is what brings it up to date.
     res.leaving_outdated
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let source_disk = peer.disk;
+    // As the connect counted it (an outdated crashed primary at this generation is good).
+    let source_disk = state::effective_disk(
+        peer.disk,
+        peer.crashed_primary,
+        peer.gen.current == res.node_state().gen.current,
+    );
     let (applied0, term0) = rep.applied_mark();
     // Only what is synced and committed counts as durable, whatever an earlier stream did.
     let durable0 = res.node_state().durable_seq;
