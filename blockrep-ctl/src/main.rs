@@ -171,8 +171,8 @@ fn external(cfg: &Config) -> Option<&Path> {
 }
 
 /// How long a command waits for the daemon's answer: role changes and `down` may wait for
-/// the disk and the peer.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// the disk and the peer, and a fenced promotion for one or two fence-peer runs (60 s each).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long `status` waits: the daemon answers it off its runtime thread, so only a hung
 /// daemon (or a disk stalled under its metadata lock) takes longer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1171,30 +1171,46 @@ impl Resource {
         // Its own process group, so that a timeout kills what it started (ssh) too.
         cmd.process_group(0).kill_on_drop(true);
         let mut timed_out = false;
-        let code = match cmd.spawn() {
-            Ok(mut child) => match tokio::time::timeout(FENCE_PEER_TIMEOUT, child.wait()).await {
-                Ok(Ok(st)) => st.code(),
-                Ok(Err(e)) => {
-                    tracing::warn!("fence-peer ({}): {e}", path.display());
-                    None
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        "fence-peer ({}) still running after {} s: killed",
-                        path.display(),
-                        FENCE_PEER_TIMEOUT.as_secs()
+        /// Kills the handler's whole process group (ssh and what it started, not only the
+        /// shell) if its wait ends early: a timeout, or the daemon going down.
+        struct KillGroup(Option<u32>);
+        impl Drop for KillGroup {
+            fn drop(&mut self) {
+                if let Some(pid) = self.0 {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
                     );
-                    timed_out = true;
-                    if let Some(pid) = child.id() {
-                        let _ = nix::sys::signal::killpg(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    let _ = child.kill().await;
-                    None
                 }
-            },
+            }
+        }
+        let code = match cmd.spawn() {
+            Ok(mut child) => {
+                let mut group = KillGroup(child.id());
+                let r = match tokio::time::timeout(FENCE_PEER_TIMEOUT, child.wait()).await {
+                    Ok(Ok(st)) => {
+                        // Exited: its group is not ours to kill any more (the id may be reused).
+                        group.0 = None;
+                        st.code()
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("fence-peer ({}): {e}", path.display());
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "fence-peer ({}) still running after {} s: killed",
+                            path.display(),
+                            FENCE_PEER_TIMEOUT.as_secs()
+                        );
+                        timed_out = true;
+                        None
+                    }
+                };
+                drop(group);
+                let _ = child.kill().await;
+                r
+            }
             Err(e) => {
                 tracing::warn!("fence-peer: cannot run {}: {e}", path.display());
                 None
