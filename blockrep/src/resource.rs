@@ -81,6 +81,12 @@ pub struct Resource {
     pub leaving_outdated: std::sync::atomic::AtomicBool,
     /// One fence-peer run at a time (a flapping link, a promotion).
     fence_lock: tokio::sync::Mutex<()>,
+    /// This connection found this node an outdated crashed primary at the peer's
+    /// generation (see `state::effective_disk`): the end of its resync as source drops the mark.
+    pub premature_outdate: std::sync::atomic::AtomicBool,
+    /// Handshakes that got as far as the peer's state, established or not: a fence-peer
+    /// answer given while one happened is stale.
+    handshakes: Arc<std::sync::atomic::AtomicU64>,
     /// The kind of split brain last logged with its handler run (0: none; see
     /// `peer::SplitBrainKind`): reconnects that find the same one again only back off, and
     /// the link shows `split-brain` until a connection gets past it.
@@ -338,6 +344,8 @@ impl Resource {
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
             leaving_outdated: std::sync::atomic::AtomicBool::new(false),
             fence_lock: tokio::sync::Mutex::new(()),
+            premature_outdate: std::sync::atomic::AtomicBool::new(false),
+            handshakes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
@@ -771,9 +779,6 @@ impl Resource {
                 tracing::warn!(
                     "fencing resource-only: leaving the primary, but the outdated disk state could not be recorded ({e})"
                 );
-                // The disconnect is refused and the stream goes on: its resync ends count.
-                self.leaving_outdated
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 Err(format!(
                     "fencing resource-only: this disk must be marked outdated before it leaves the primary, and that failed ({e})"
                 ))
@@ -1329,17 +1334,16 @@ impl Resource {
     }
 
     pub fn set_peer(&self, peer: Option<NodeState>) {
-        let mut l = self.link();
         if peer.is_some() {
-            l.handshakes += 1;
+            self.handshakes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        l.peer = peer;
+        self.link().peer = peer;
     }
 
-    /// Handshakes that got as far as the peer's state, established or not (a fence-peer
-    /// answer given while one happened is stale).
+    /// See the field.
     fn handshakes(&self) -> u64 {
-        self.link().handshakes
+        self.handshakes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The connection ended: writes stop waiting for the peer and go to the bitmap. A primary
@@ -1469,6 +1473,9 @@ impl Resource {
             // DRBD refuses such a disconnect too: cut off and still up to date is what
             // fencing exists to prevent.
             if let Err(e) = self.outdate_before_leaving().await {
+                // The stream goes on: its resync ends count again.
+                self.leaving_outdated
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 return Err(NodeError::Refused(format!("disconnect refused: {e}")));
             }
         }
@@ -1773,6 +1780,8 @@ impl Resource {
         // the peer is fenced (DRBD's fenced failover): checked as if it were, then fenced.
         let fencing = self.cfg.fencing == state::Fencing::ResourceOnly;
         let mut fence_note = String::new();
+        // Handshakes seen when the fence answered: checked again under the commit.
+        let mut fenced_at: Option<u64> = None;
         if !force {
             let (disk, gen) = {
                 let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -1808,6 +1817,7 @@ impl Resource {
                         "the peer connected while it was being fenced: run `primary` again to decide with it connected".into(),
                     ));
                 }
+                fenced_at = Some(links_before);
                 fence_note = format!("; the peer was fenced first: {}", outcome.describe());
                 self.link().fence = Some((outcome.describe(), outcome.peer_disk()));
                 peer = PeerView::Fenced;
@@ -1830,7 +1840,15 @@ impl Resource {
             None
         };
         let disk_before = self.meta.lock().unwrap_or_else(|p| p.into_inner()).sb.disk;
+        let handshakes = self.handshakes.clone();
         self.update_meta(move |sb| {
+            // A handshake since the fence answered (while the stream was quiesced, say): the
+            // answer is stale, the peer may be primary.
+            if fenced_at.is_some_and(|n| n != handshakes.load(std::sync::atomic::Ordering::SeqCst)) {
+                return Err(NodeError::Refused(
+                    "the peer connected while it was being fenced: run `primary` again to decide with it connected".into(),
+                ));
+            }
             // A connected peer with newer data (it is resyncing or catching this node up)
             // would be overwritten by this node's older data once it writes as primary.
             if let Some(pg) = peer_gen.filter(|pg| !force && state::peer_is_ahead(&sb.gen, pg)) {

@@ -46,9 +46,15 @@ out=""
 while [ "$SECONDS" -lt "$deadline" ]; do
   left=$((deadline - SECONDS))
   [ "$left" -lt 5 ] && break
-  out=$(timeout "$left" ssh -o BatchMode=yes -o ConnectTimeout=5 -o ServerAliveInterval=5 \
+  # --foreground: ssh stays in the handler's process group, which blockrep kills whole
+  # when it gives up on the handler.
+  out=$(timeout --foreground "$left" ssh -o BatchMode=yes -o ConnectTimeout=5 -o ServerAliveInterval=5 \
     -o ServerAliveCountMax=2 "$host" blockrep-ctl -c "$config" -n "$peer" outdate 2>&1)
   rc=$?
+  case $rc in
+    124) echo "fence-peer: no answer from $host within the time left" >&2; exit 1 ;;
+    125|126|127) echo "fence-peer: cannot run ssh or timeout (exit $rc): $out" >&2; exit 1 ;;
+  esac
   if [ $rc -eq 0 ]; then
     case "$out" in
       *inconsistent*) exit 3 ;;
@@ -60,7 +66,9 @@ while [ "$SECONDS" -lt "$deadline" ]; do
   # fence (1): the node answered, or may well be up, and its daemon may still be primary.
   if [ $rc -eq 255 ]; then
     case "$separate:$out" in
-      yes:*"Connection timed out"*|yes:*"No route to host"*)
+      # Only a failure to connect at all: "Connection timed out during banner exchange"
+      # means the node answered (its sshd is slow), so it is up.
+      yes:*"connect to host "*": Connection timed out"*|yes:*"connect to host "*": No route to host"*)
         echo "fence-peer: $host unreachable: $out" >&2
         exit 5 ;;
       *)

@@ -115,8 +115,6 @@ pub struct LinkInfo {
     /// The `fence-peer` handler's run since the link was lost: what it said, and the peer's
     /// disk as it leaves it (`None`: unknown). Cleared when the link is back.
     pub fence: Option<(String, Option<&'static str>)>,
-    /// Handshakes that exchanged states (see `Resource::set_peer`).
-    pub handshakes: u64,
 }
 
 /// Admin control of the link: `disconnect` makes it standalone; `bump` forces a reconnect
@@ -690,21 +688,27 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // (before, the flag made it the target and its acknowledged writes were discarded).
     // An outdated crashed primary at one generation keeps its hot extents (see
     // `state::effective_disk`): its premature mark goes, and it is the source as before.
+    // Only one-sided: two crashed primaries at one generation are left as they were.
     let same_gen = by_generations == SyncDecision::InSync;
-    let me_disk = state::effective_disk(me.disk, me.crashed_primary, same_gen);
-    let peer_disk = state::effective_disk(peer.disk, peer.crashed_primary, same_gen);
+    let me_disk = state::effective_disk(
+        me.disk,
+        me.crashed_primary && !peer.crashed_primary,
+        same_gen,
+    );
+    let peer_disk = state::effective_disk(
+        peer.disk,
+        peer.crashed_primary && !me.crashed_primary,
+        same_gen,
+    );
+    // The mark goes only once the resync of the hot extents has ended (the source's end
+    // commits it): dropped now, a connection refused below would leave this node up to date
+    // and unfenced at an old generation.
+    res.premature_outdate
+        .store(me_disk != me.disk, std::sync::atomic::Ordering::SeqCst);
     if me_disk != me.disk {
         tracing::warn!(
-            "this node crashed as primary and was outdated since, but the peer is still at its generation (no failover happened): the mark is dropped and this node is the source of its hot extents"
+            "this node crashed as primary and was outdated since, but the peer is still at its generation (no failover happened): it is the source of its hot extents, and up to date once they are resynced"
         );
-        res.update_meta(|sb| {
-            if sb.disk == DiskState::Outdated {
-                sb.disk = DiskState::UpToDate;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| LinkError::LocalDisk(format!("dropping the outdated mark: {e}")))?;
     }
     let disk_rule = state::by_disk_state(me_disk == 2, peer_disk == 2, by_generations);
     let unsettled = by_generations == SyncDecision::SplitBrain

@@ -766,8 +766,16 @@ pub(super) async fn finish_sync(
             } else {
                 None
             };
+        // An outdated crashed primary at the peer's generation was the source of its hot
+        // extents (see `state::effective_disk`): with them resynced, its mark goes.
+        let premature = res
+            .premature_outdate
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
         res.commit_meta(move |sb| {
             sb.gen = state::after_sync(sb.gen);
+            if premature && sb.disk == crate::meta::DiskState::Outdated {
+                sb.disk = crate::meta::DiskState::UpToDate;
+            }
             if secondary && sb.promoted_ms == promoted_ms {
                 sb.was_primary = false;
                 if let Some(mark) = own {

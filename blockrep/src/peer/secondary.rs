@@ -277,10 +277,11 @@ pub(super) async fn secondary_side(
     res.leaving_outdated
         .store(false, std::sync::atomic::Ordering::SeqCst);
     // As the connect counted it (an outdated crashed primary at this generation is good).
+    let mine = res.node_state();
     let source_disk = state::effective_disk(
         peer.disk,
-        peer.crashed_primary,
-        peer.gen.current == res.node_state().gen.current,
+        peer.crashed_primary && !mine.crashed_primary,
+        peer.gen.current == mine.gen.current,
     );
     let (applied0, term0) = rep.applied_mark();
     // Only what is synced and committed counts as durable, whatever an earlier stream did.
