@@ -732,10 +732,14 @@ pub(super) async fn finish_sync(
         let secs = started.elapsed().as_secs_f64();
         // The target ends no better than this node's disk (an outdated source leaves an
         // outdated copy).
-        let disk = res.node_state().disk;
+        // (An outdated crashed primary's mark goes with this resync: see below.)
+        let good = res.node_state().disk == 2
+            || res
+                .premature_outdate
+                .load(std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
             "resync done: {sent} bytes in {secs:.1} s; the peer is {}",
-            if disk == 2 {
+            if good {
                 "up to date"
             } else {
                 "in sync with this node, and outdated like it"
