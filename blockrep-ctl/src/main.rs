@@ -187,11 +187,16 @@ struct Control {
 
 impl Control {
     fn connect(cfg: &Config) -> Option<Control> {
+        Self::connect_within(cfg, COMMAND_TIMEOUT)
+    }
+
+    /// [`Self::connect`] with its own bound on the answer.
+    fn connect_within(cfg: &Config, timeout: Duration) -> Option<Control> {
         let s = UnixStream::connect(&cfg.me.control).ok()?;
-        s.set_read_timeout(Some(COMMAND_TIMEOUT)).ok()?;
+        s.set_read_timeout(Some(timeout)).ok()?;
         Some(Control {
             stream: BufReader::new(s),
-            timeout: COMMAND_TIMEOUT,
+            timeout,
         })
     }
 
@@ -373,12 +378,8 @@ fn outdate(cfg: &Config) -> Result<()> {
         "cannot tell whether the daemon uses this device; the metadata is written only when it is known to be down",
     )?;
     if st.is_some_and(|s| s.up) {
-        let mut c = Control::connect(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
-        c.stream
-            .get_ref()
-            .set_read_timeout(Some(OUTDATE_TIMEOUT))
-            .context("setting a timeout on the control socket")?;
-        c.timeout = OUTDATE_TIMEOUT;
+        let mut c = Control::connect_within(cfg, OUTDATE_TIMEOUT)
+            .ok_or_else(|| anyhow!(not_running(cfg)))?;
         println!("{}", expect_ok(c.call(&Request::Outdate)?)?);
         return Ok(());
     }

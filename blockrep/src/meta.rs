@@ -363,6 +363,15 @@ pub enum DiskState {
 }
 
 impl DiskState {
+    /// As the peer link carries it (`NodeState.disk`): 0 inconsistent, 1 outdated, 2 up to date.
+    pub fn wire(self) -> u8 {
+        match self {
+            DiskState::Inconsistent => 0,
+            DiskState::Outdated => 1,
+            DiskState::UpToDate => 2,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DiskState::Inconsistent => "inconsistent",

@@ -638,11 +638,7 @@ impl Resource {
         };
         NodeState {
             primary: self.role() == Role::Primary,
-            disk: match disk {
-                DiskState::Inconsistent => 0,
-                DiskState::Outdated => 1,
-                DiskState::UpToDate => 2,
-            },
+            disk: disk.wire(),
             size: self.device.size(),
             gen: GenIds {
                 current: gen.current,
@@ -743,11 +739,12 @@ impl Resource {
         // Whatever the disk is now (a resync into it may be ending): set before the commit,
         // and read under the metadata lock by a resync's end that may still be applying,
         // which then leaves the disk outdated instead of declaring it up to date.
-        if self.cfg.fencing == state::Fencing::ResourceOnly
-            && self.role() != Role::Primary
-            && peer_primary
-            && connected
-        {
+        if state::leaves_a_primary(
+            self.cfg.fencing,
+            self.role() == Role::Primary,
+            peer_primary,
+            connected,
+        ) {
             self.leaving_outdated
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
@@ -1268,11 +1265,7 @@ impl Resource {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         // The target took this node's disk state (no better than its source): `status` on a
         // secondary source reads the peer's disk from the handshake, which said inconsistent.
-        let mine = match self.with_meta(|m| m.sb.disk) {
-            Ok(DiskState::UpToDate) => 2,
-            Ok(DiskState::Outdated) => 1,
-            _ => 0,
-        };
+        let mine = self.with_meta(|m| m.sb.disk).map_or(0, DiskState::wire);
         if let Some(p) = self.link().peer.as_mut() {
             p.disk = mine;
         }

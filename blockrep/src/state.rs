@@ -160,9 +160,20 @@ pub fn outdate(primary: bool, connected: bool, disk: DiskState) -> Result<Outdat
     })
 }
 
-/// Whether a secondary the admin disconnects (`disconnect`, `down`) outdates itself first:
-/// with resource-level fencing, while connected to a primary that will go on writing
-/// without it (DRBD's graceful disconnect under `fencing resource-only`).
+/// Whether a secondary the admin disconnects (`disconnect`, `down`) leaves, under
+/// resource-level fencing, a connected primary that will go on writing without it: from
+/// then on no resync end may declare it up to date.
+pub fn leaves_a_primary(
+    fencing: Fencing,
+    me_primary: bool,
+    peer_primary: bool,
+    connected: bool,
+) -> bool {
+    fencing == Fencing::ResourceOnly && !me_primary && peer_primary && connected
+}
+
+/// Whether such a secondary ([`leaves_a_primary`]) outdates itself first: when its disk is
+/// up to date (DRBD's graceful disconnect under `fencing resource-only`).
 pub fn outdates_itself_on_leaving(
     fencing: Fencing,
     me_primary: bool,
@@ -170,11 +181,7 @@ pub fn outdates_itself_on_leaving(
     connected: bool,
     disk: DiskState,
 ) -> bool {
-    fencing == Fencing::ResourceOnly
-        && !me_primary
-        && peer_primary
-        && connected
-        && disk == DiskState::UpToDate
+    leaves_a_primary(fencing, me_primary, peer_primary, connected) && disk == DiskState::UpToDate
 }
 
 /// What the `fence-peer` handler's exit status says about the peer (DRBD's codes).

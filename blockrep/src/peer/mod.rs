@@ -308,16 +308,10 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         // second.
         let started = tokio::time::Instant::now();
         let addr = est.addr;
-        // A split brain already reported is retried every 2 s, quietly.
-        if res
-            .split_brain_reported
-            .load(std::sync::atomic::Ordering::SeqCst)
-            != 0
-        {
-            tracing::debug!("peer {} connected from/to {addr}", peer_cfg.name);
-        } else {
-            tracing::info!("peer {} connected from/to {addr}", peer_cfg.name);
-        }
+        info_unless(
+            split_brain_retry(&res),
+            format_args!("peer {} connected from/to {addr}", peer_cfg.name),
+        );
         // Its own task: a bug that panics in it ends this connection (reported, and the link
         // torn down as after any other error) instead of leaving writers waiting on a link
         // that nobody runs any more.
@@ -613,6 +607,22 @@ fn split_brain_found(res: &Resource, kind: SplitBrainKind, why: &str) {
     }
 }
 
+/// Whether a split brain is already reported: its retries (every 2 s) are quiet.
+fn split_brain_retry(res: &Resource) -> bool {
+    res.split_brain_reported
+        .load(std::sync::atomic::Ordering::SeqCst)
+        != 0
+}
+
+/// Logs `msg` at info level, or at debug level when `quiet`.
+fn info_unless(quiet: bool, msg: std::fmt::Arguments) {
+    if quiet {
+        tracing::debug!("{msg}");
+    } else {
+        tracing::info!("{msg}");
+    }
+}
+
 /// Runs one established connection until it fails or ends.
 async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
     let (mut rd, mut wr) = (est.rd, est.wr);
@@ -785,25 +795,14 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             g.current, g.bitmap, g.history[0], g.history[1]
         )
     };
-    // A split brain already reported is retried every 2 s, quietly (see `split_brain_found`).
-    let again = decision == SyncDecision::SplitBrain
-        && res
-            .split_brain_reported
-            .load(std::sync::atomic::Ordering::SeqCst)
-            != 0;
-    if again {
-        tracing::debug!(
+    info_unless(
+        decision == SyncDecision::SplitBrain && split_brain_retry(res),
+        format_args!(
             "generations: this node {}, peer {}: {decision:?}",
             hex(&me.gen),
             hex(&peer.gen)
-        );
-    } else {
-        tracing::info!(
-            "generations: this node {}, peer {}: {decision:?}",
-            hex(&me.gen),
-            hex(&peer.gen)
-        );
-    }
+        ),
+    );
     if decision == SyncDecision::SplitBrain && !me.primary && !peer.primary {
         let facts = |s: &NodeState, name: &'static str| state::SbFacts {
             name,

@@ -731,8 +731,7 @@ pub(super) async fn finish_sync(
     if rep.acks().applied >= seq {
         let secs = started.elapsed().as_secs_f64();
         // The target ends no better than this node's disk (an outdated source leaves an
-        // outdated copy).
-        // (An outdated crashed primary's mark goes with this resync: see below.)
+        // outdated copy), unless this resync ends an outdated crashed primary's mark (below).
         let good = res.node_state().disk == 2
             || res
                 .premature_outdate
