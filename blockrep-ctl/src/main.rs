@@ -173,6 +173,8 @@ fn external(cfg: &Config) -> Option<&Path> {
 /// How long a command waits for the daemon's answer: role changes and `down` may wait for
 /// the disk and the peer, and a fenced promotion for one or two fence-peer runs (60 s each).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long `up` waits for a daemon that hangs up on it to go away before starting a new one.
+const DYING_DAEMON_WAIT: Duration = Duration::from_secs(10);
 /// How long `status` waits: the daemon answers it off its runtime thread, so only a hung
 /// daemon (or a disk stalled under its metadata lock) takes longer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
@@ -201,10 +203,12 @@ impl Control {
     }
 
     fn call(&mut self, req: &Request) -> Result<Reply> {
-        self.stream
-            .get_mut()
-            .write_all(req.to_line().as_bytes())
-            .context("sending to the daemon")?;
+        if let Err(e) = self.stream.get_mut().write_all(req.to_line().as_bytes()) {
+            if is_hangup(&e) {
+                return Err(anyhow::Error::new(DaemonHungUp));
+            }
+            return Err(anyhow::Error::new(e).context("sending to the daemon"));
+        }
         let mut line = String::new();
         if let Err(e) = self.stream.read_line(&mut line) {
             if matches!(
@@ -216,13 +220,37 @@ impl Control {
                     self.timeout.as_secs()
                 );
             }
+            if is_hangup(&e) {
+                return Err(anyhow::Error::new(DaemonHungUp));
+            }
             return Err(anyhow::Error::new(e).context("reading the daemon's reply"));
         }
         if line.is_empty() {
-            bail!("the daemon closed the control connection");
+            return Err(anyhow::Error::new(DaemonHungUp));
         }
         serde_json::from_str(line.trim_end()).context("decoding the daemon's reply")
     }
+}
+
+/// The daemon dropped a control connection without answering: it is going down, or it was
+/// killed and its last threads still held the socket when we connected (a kill -9 makes the
+/// process a zombie before every thread has closed its files).
+#[derive(Debug)]
+struct DaemonHungUp;
+
+impl std::fmt::Display for DaemonHungUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the daemon closed the control connection without answering")
+    }
+}
+
+impl std::error::Error for DaemonHungUp {}
+
+fn is_hangup(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 fn daemon_status(cfg: &Config) -> Option<Status> {
@@ -491,9 +519,20 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 fn up(cfg: &Config) -> Result<()> {
-    if let Some(mut c) = Control::connect(cfg) {
-        println!("{}", expect_ok(c.call(&Request::Up)?)?);
-        return Ok(());
+    // A daemon that hangs up without answering is on its way out (a `down` in progress, or a
+    // kill -9 whose last threads still hold the socket): wait for it to go, then start anew.
+    let dying_since = Instant::now();
+    while let Some(mut c) = Control::connect(cfg) {
+        match c.call(&Request::Up) {
+            Ok(reply) => {
+                println!("{}", expect_ok(reply)?);
+                return Ok(());
+            }
+            Err(e) if e.is::<DaemonHungUp>() && dying_since.elapsed() < DYING_DAEMON_WAIT => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
     }
     if let Some(dir) = cfg.me.log_file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

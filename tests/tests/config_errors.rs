@@ -400,6 +400,54 @@ fn status_and_create_md_when_the_control_socket_answers_garbage() {
     );
 }
 
+/// A daemon on its way out (a `down` in progress, or a kill -9 whose last threads still hold
+/// the control socket after the process already shows as a zombie) accepts a connection and
+/// drops it unanswered: `up` must wait for it to go and then start a daemon, not fail with
+/// "connection reset by peer".
+#[test]
+fn up_waits_out_a_daemon_that_hangs_up_on_it() {
+    let c = Cluster::builder("up-dying").nodes(1).build();
+    let a = c.node("alpha");
+    a.create_md();
+    let path = a.control_path().to_owned();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("control socket dir");
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind control socket");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let hung_up = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let dying = {
+        let hung_up = hung_up.clone();
+        std::thread::spawn(move || {
+            let until = std::time::Instant::now() + Duration::from_millis(1500);
+            while std::time::Instant::now() < until {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        drop(s);
+                        hung_up.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            // The listener closes here and its socket file stays behind, as a dead
+            // daemon's does.
+        })
+    };
+    let out = a.ctl_timeout(&["up"], Duration::from_secs(60));
+    let _ = dying.join();
+    assert!(
+        hung_up.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the dying daemon never saw up's connection"
+    );
+    assert!(
+        out.success(),
+        "up failed on a dying daemon\n{}",
+        out.describe()
+    );
+    assert_eq!(a.status_json()["up"], true);
+    a.down();
+}
+
 #[test]
 fn status_of_a_stopped_node() {
     let c = Cluster::builder("status-stopped").build();
