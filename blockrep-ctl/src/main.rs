@@ -118,6 +118,16 @@ enum Cmd {
     },
     /// Print the metadata in readable form.
     DumpMd,
+    /// Read the config file again and apply what changed to the running node (DRBD's
+    /// `adjust`): protocol, resync rates, ko-count, fencing and handlers at once; csums from
+    /// the next resync; encryption, secret, after-sb-0pri and the peer's addresses from the
+    /// next connection. Disks, addresses this node binds, I/O engine and metadata sizes need
+    /// `down` and `up` and are only reported. Brings a resource that is not up up.
+    Adjust {
+        /// Print what would change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() {
@@ -144,6 +154,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
         Cmd::Outdate => outdate(&cfg),
+        Cmd::Adjust { dry_run } => adjust(&cfg, dry_run),
         Cmd::NewCurrentUuid { clear_bitmap } => {
             if !clear_bitmap {
                 bail!(
@@ -329,6 +340,31 @@ fn not_running(cfg: &Config) -> String {
 
 fn simple(cfg: &Config, req: Request) -> Result<()> {
     let mut c = Control::connect(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+    println!("{}", expect_ok(c.call(&req)?)?);
+    Ok(())
+}
+
+fn adjust(cfg: &Config, dry_run: bool) -> Result<()> {
+    let Some(mut c) = Control::connect(cfg) else {
+        if dry_run {
+            println!(
+                "resource {} is not up on {}: adjust would bring it up",
+                cfg.resource, cfg.me.name
+            );
+            return Ok(());
+        }
+        println!(
+            "resource {} is not up on {}: bringing it up",
+            cfg.resource, cfg.me.name
+        );
+        return up(cfg);
+    };
+    // The daemon reads the file itself (and the secret file it names), by its full path.
+    let config = std::fs::canonicalize(&cfg.file).unwrap_or_else(|_| cfg.file.clone());
+    let req = Request::Adjust {
+        config: config.to_string_lossy().into_owned(),
+        dry_run,
+    };
     println!("{}", expect_ok(c.call(&req)?)?);
     Ok(())
 }

@@ -608,6 +608,283 @@ impl Config {
     }
 }
 
+/// When a changed setting takes effect on a running node (`blockrep-ctl adjust`, DRBD's
+/// `drbdadm adjust`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakesEffect {
+    /// At once (the next write, resync step or event reads it).
+    Now,
+    /// When the next resync starts.
+    NextResync,
+    /// At the next connection to the peer (`disconnect` then `connect` applies it now).
+    NextConnection,
+    /// Only when the resource comes up again (`down` then `up`): what the daemon opened or
+    /// bound at start, or what the metadata was created with.
+    NextUp,
+}
+
+impl fmt::Display for TakesEffect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TakesEffect::Now => "now",
+            TakesEffect::NextResync => "from the next resync",
+            TakesEffect::NextConnection => "from the next connection to the peer",
+            TakesEffect::NextUp => "not applied: needs `down` and `up`",
+        })
+    }
+}
+
+/// One setting that differs between the running configuration and the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingChange {
+    /// The key as written in the file (`resource.protocol`, `node.alpha.export`).
+    pub key: String,
+    pub from: String,
+    pub to: String,
+    pub when: TakesEffect,
+}
+
+/// What `adjust` does: the changes, and the configuration to run from now on (the file's,
+/// except for the settings that need a `down`/`up`, which keep their running values so that
+/// `status` and the node's behaviour stay true to what is open).
+#[derive(Debug, Clone)]
+pub struct AdjustPlan {
+    pub changes: Vec<SettingChange>,
+    pub running: Config,
+}
+
+/// `ResourceOnly` -> `resource-only`, as the config file spells it.
+fn kebab(debug: impl fmt::Debug) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{debug:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('-');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn opt_path(p: &Option<PathBuf>) -> String {
+    p.as_ref()
+        .map_or_else(|| "(none)".into(), |p| p.display().to_string())
+}
+
+fn opt_addr(a: &Option<SocketAddr>) -> String {
+    a.map_or_else(|| "(none)".into(), |a| a.to_string())
+}
+
+fn meta_loc(m: &MetaLocation) -> String {
+    match m {
+        MetaLocation::Internal => "internal".into(),
+        MetaLocation::External(p) => p.display().to_string(),
+    }
+}
+
+/// Compares the running configuration with a newly read one (the same resource and node, or
+/// an error) and says what changes when. Plain logic: the daemon applies the plan.
+pub fn plan_adjust(old: &Config, new: &Config) -> Result<AdjustPlan, String> {
+    if new.resource != old.resource {
+        return Err(format!(
+            "{} is the config of resource {}, this daemon runs resource {}",
+            new.file.display(),
+            new.resource,
+            old.resource
+        ));
+    }
+    if new.me.name != old.me.name {
+        return Err(format!(
+            "{} was read for node {}, this daemon runs node {}",
+            new.file.display(),
+            new.me.name,
+            old.me.name
+        ));
+    }
+    let mut changes = Vec::new();
+    let mut running = new.clone();
+    let mut note = |key: String, from: String, to: String, when: TakesEffect| {
+        if from != to {
+            changes.push(SettingChange {
+                key,
+                from,
+                to,
+                when,
+            });
+        }
+    };
+    use TakesEffect::*;
+    let r = |k: &str| format!("resource.{k}");
+    note(
+        r("protocol"),
+        old.protocol.to_string(),
+        new.protocol.to_string(),
+        Now,
+    );
+    note(
+        r("resync-rate"),
+        old.resync_rate.to_string(),
+        new.resync_rate.to_string(),
+        Now,
+    );
+    note(
+        r("resync-rate-min"),
+        old.resync_rate_min.to_string(),
+        new.resync_rate_min.to_string(),
+        Now,
+    );
+    note(
+        r("ko-count"),
+        old.ko_count.to_string(),
+        new.ko_count.to_string(),
+        Now,
+    );
+    note(r("fencing"), kebab(old.fencing), kebab(new.fencing), Now);
+    note(
+        r("csums"),
+        old.csums.to_string(),
+        new.csums.to_string(),
+        NextResync,
+    );
+    note(
+        r("after-sb-0pri"),
+        kebab(old.after_sb_0pri),
+        kebab(new.after_sb_0pri),
+        NextConnection,
+    );
+    let enc = |e: bool| if e { "aes-256-gcm" } else { "none" }.to_string();
+    note(
+        r("encryption"),
+        enc(old.encryption),
+        enc(new.encryption),
+        NextConnection,
+    );
+    // Never the secret itself: only that it changed.
+    if old.secret != new.secret {
+        note(r("secret"), "(old)".into(), "(new)".into(), NextConnection);
+    }
+    let events: std::collections::BTreeSet<&String> =
+        old.handlers.keys().chain(new.handlers.keys()).collect();
+    for ev in events {
+        note(
+            format!("handlers.{ev}"),
+            opt_path(&old.handlers.get(ev).cloned()),
+            opt_path(&new.handlers.get(ev).cloned()),
+            Now,
+        );
+    }
+    // Fixed while up: the disk and its metadata, what the daemon bound, how it does I/O.
+    note(
+        r("io-engine"),
+        kebab(old.io_engine),
+        kebab(new.io_engine),
+        NextUp,
+    );
+    note(
+        r("direct-io"),
+        old.direct_io.to_string(),
+        new.direct_io.to_string(),
+        NextUp,
+    );
+    note(
+        r("journal-size"),
+        old.journal_size.to_string(),
+        new.journal_size.to_string(),
+        NextUp,
+    );
+    note(
+        r("bitmap-granularity"),
+        old.bitmap_granularity.to_string(),
+        new.bitmap_granularity.to_string(),
+        NextUp,
+    );
+    note(
+        r("al-extents"),
+        old.al_extents.to_string(),
+        new.al_extents.to_string(),
+        NextUp,
+    );
+    running.io_engine = old.io_engine;
+    running.direct_io = old.direct_io;
+    running.journal_size = old.journal_size;
+    running.bitmap_granularity = old.bitmap_granularity;
+    running.al_extents = old.al_extents;
+    let n = |k: &str| format!("node.{}.{k}", old.me.name);
+    let (o, w) = (&old.me, &new.me);
+    note(
+        n("backing"),
+        o.backing.display().to_string(),
+        w.backing.display().to_string(),
+        NextUp,
+    );
+    note(n("meta"), meta_loc(&o.meta), meta_loc(&w.meta), NextUp);
+    note(
+        n("replication"),
+        opt_addr(&o.replication),
+        opt_addr(&w.replication),
+        NextUp,
+    );
+    note(
+        n("export"),
+        o.export.to_string(),
+        w.export.to_string(),
+        NextUp,
+    );
+    note(
+        n("control"),
+        o.control.display().to_string(),
+        w.control.display().to_string(),
+        NextUp,
+    );
+    note(
+        n("kernel-device"),
+        opt_path(&o.kernel_device),
+        opt_path(&w.kernel_device),
+        NextUp,
+    );
+    note(
+        n("log-file"),
+        o.log_file.display().to_string(),
+        w.log_file.display().to_string(),
+        NextUp,
+    );
+    // The peer's connect-address in this node's own section is the peer's business.
+    running.me = NodeConfig {
+        connect_address: w.connect_address,
+        ..o.clone()
+    };
+    match (&old.peer, &new.peer) {
+        (Some(op), Some(np)) if op.name == np.name => {
+            let p = |k: &str| format!("node.{}.{k}", op.name);
+            // Where this node dials the peer: read at each try.
+            note(
+                p("replication"),
+                opt_addr(&op.replication),
+                opt_addr(&np.replication),
+                NextConnection,
+            );
+            note(
+                p("connect-address"),
+                opt_addr(&op.connect_address),
+                opt_addr(&np.connect_address),
+                NextConnection,
+            );
+        }
+        (op, np) => {
+            let name = |p: &Option<NodeConfig>| {
+                p.as_ref()
+                    .map_or_else(|| "(none)".to_string(), |p| p.name.clone())
+            };
+            note("peer".into(), name(op), name(np), NextUp);
+            running.peer = old.peer.clone();
+        }
+    }
+    Ok(AdjustPlan { changes, running })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,6 +909,110 @@ control = "/tmp/b.sock"
 
     fn parse(text: &str, node: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/r0.toml"), text, Some(node))
+    }
+
+    fn plan(old: &str, new: &str) -> AdjustPlan {
+        plan_adjust(&parse(old, "alpha").unwrap(), &parse(new, "alpha").unwrap()).unwrap()
+    }
+
+    fn when(p: &AdjustPlan, key: &str) -> Option<TakesEffect> {
+        p.changes.iter().find(|c| c.key == key).map(|c| c.when)
+    }
+
+    #[test]
+    fn adjust_of_the_same_file_changes_nothing() {
+        let p = plan(GOOD, GOOD);
+        assert!(p.changes.is_empty(), "{:?}", p.changes);
+    }
+
+    #[test]
+    fn adjust_applies_what_a_running_node_can_take() {
+        let new = GOOD
+            .replace("protocol = \"B\"", "protocol = \"C\"\nresync-rate = \"10M\"\nko-count = 3\ncsums = true\nfencing = \"resource-only\"\nafter-sb-0pri = \"discard-zero-changes\"")
+            .replace("secret = \"x\"", "secret = \"y\"")
+            .replace("127.0.0.1:7001", "127.0.0.2:7001")
+            + "[handlers]\nfence-peer = \"/bin/true\"\n";
+        let p = plan(GOOD, &new);
+        assert_eq!(when(&p, "resource.protocol"), Some(TakesEffect::Now));
+        assert_eq!(when(&p, "resource.resync-rate"), Some(TakesEffect::Now));
+        assert_eq!(when(&p, "resource.ko-count"), Some(TakesEffect::Now));
+        assert_eq!(when(&p, "resource.fencing"), Some(TakesEffect::Now));
+        assert_eq!(when(&p, "handlers.fence-peer"), Some(TakesEffect::Now));
+        assert_eq!(when(&p, "resource.csums"), Some(TakesEffect::NextResync));
+        assert_eq!(
+            when(&p, "resource.after-sb-0pri"),
+            Some(TakesEffect::NextConnection)
+        );
+        assert_eq!(
+            when(&p, "resource.secret"),
+            Some(TakesEffect::NextConnection)
+        );
+        assert_eq!(
+            when(&p, "node.beta.replication"),
+            Some(TakesEffect::NextConnection)
+        );
+        assert_eq!(p.changes.len(), 9, "{:?}", p.changes);
+        // The secret is never shown.
+        let secret = p
+            .changes
+            .iter()
+            .find(|c| c.key == "resource.secret")
+            .unwrap();
+        assert_eq!(
+            (secret.from.as_str(), secret.to.as_str()),
+            ("(old)", "(new)")
+        );
+        assert_eq!(p.running.protocol, Protocol::C);
+        assert_eq!(p.running.resync_rate, 10 << 20);
+        assert_eq!(p.running.secret.as_deref(), Some(&b"y"[..]));
+        assert_eq!(
+            p.running.peer.as_ref().unwrap().replication,
+            Some("127.0.0.2:7001".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn adjust_keeps_what_needs_down_and_up_and_says_so() {
+        let new = GOOD
+            .replace("/tmp/a.img", "/tmp/other.img")
+            .replace("127.0.0.1:10809", "127.0.0.1:10900")
+            .replace("127.0.0.1:7000", "127.0.0.1:7100")
+            .replace(
+                "protocol = \"B\"",
+                "protocol = \"B\"\njournal-size = \"128M\"\nio-engine = \"sync\"",
+            );
+        let p = plan(GOOD, &new);
+        for key in [
+            "node.alpha.backing",
+            "node.alpha.export",
+            "node.alpha.replication",
+            "resource.journal-size",
+            "resource.io-engine",
+        ] {
+            assert_eq!(
+                when(&p, key),
+                Some(TakesEffect::NextUp),
+                "{key}: {:?}",
+                p.changes
+            );
+        }
+        let old = parse(GOOD, "alpha").unwrap();
+        assert_eq!(p.running.me.backing, old.me.backing);
+        assert_eq!(p.running.me.export, old.me.export);
+        assert_eq!(p.running.me.replication, old.me.replication);
+        assert_eq!(p.running.journal_size, old.journal_size);
+        assert_eq!(p.running.io_engine, old.io_engine);
+    }
+
+    #[test]
+    fn adjust_refuses_another_resource_or_node() {
+        let old = parse(GOOD, "alpha").unwrap();
+        let other = parse(&GOOD.replace("\"r0\"", "\"r1\""), "alpha").unwrap();
+        assert!(plan_adjust(&old, &other)
+            .unwrap_err()
+            .contains("resource r1"));
+        let beta = parse(GOOD, "beta").unwrap();
+        assert!(plan_adjust(&old, &beta).unwrap_err().contains("node beta"));
     }
 
     #[test]

@@ -163,6 +163,15 @@ impl Daemon {
                 Ok(r) => r.outdate().await,
                 Err(e) => Err(e),
             },
+            Request::Adjust { config, dry_run } => match self.resource().await {
+                Ok(r) => {
+                    match Config::load(std::path::Path::new(&config), Some(&self.cfg.me.name)) {
+                        Ok(new) => r.adjust(&new, dry_run).await,
+                        Err(e) => Err(NodeError::Refused(format!("{e}: nothing changed"))),
+                    }
+                }
+                Err(e) => Err(e),
+            },
             Request::SkipInitialSync => match self.resource().await {
                 Ok(r) => r.skip_initial_sync().await,
                 Err(e) => Err(e),

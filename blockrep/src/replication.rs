@@ -303,7 +303,9 @@ pub struct MetaAreas {
 }
 
 pub struct Replication {
-    pub protocol: Protocol,
+    /// The acknowledgement rule (a `Protocol` as u8: `adjust` changes it while writes run;
+    /// a write reads it once, when it waits for the peer).
+    protocol: std::sync::atomic::AtomicU8,
     inner: Mutex<Inner>,
     /// New records in the journal (wakes the sender).
     pub appended: Notify,
@@ -396,7 +398,7 @@ impl Replication {
     ) -> Arc<Self> {
         let disk_pos = ring.head();
         Arc::new(Replication {
-            protocol,
+            protocol: std::sync::atomic::AtomicU8::new(protocol as u8),
             inner: Mutex::new(Inner {
                 issued,
                 undurable: std::collections::VecDeque::new(),
@@ -1030,6 +1032,21 @@ impl Replication {
         self.range_done.notify_waiters();
     }
 
+    /// The acknowledgement rule writes wait by now.
+    pub fn protocol(&self) -> Protocol {
+        match self.protocol.load(std::sync::atomic::Ordering::Relaxed) {
+            x if x == Protocol::A as u8 => Protocol::A,
+            x if x == Protocol::B as u8 => Protocol::B,
+            _ => Protocol::C,
+        }
+    }
+
+    /// From the next write that waits for the peer on (`adjust`).
+    pub fn set_protocol(&self, p: Protocol) {
+        self.protocol
+            .store(p as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Waits until the protocol lets `seq` be acknowledged. `barrier`: a flush, which under C
     /// needs the peer's disk to be durable, not only written.
     ///
@@ -1037,7 +1054,7 @@ impl Replication {
     /// and the bitmap, and is acknowledged under a new generation (this node's data now
     /// diverges from the peer's). Fails only when that generation cannot be persisted.
     pub async fn wait_peer(&self, seq: u64, barrier: bool) -> std::io::Result<()> {
-        let mark = match (self.protocol, barrier) {
+        let mark = match (self.protocol(), barrier) {
             // Acknowledged without the peer, but not while a lost peer's new generation is
             // still being persisted (a write in flight at the drop).
             (Protocol::A, _) if self.acks.borrow().connected => return Ok(()),

@@ -59,7 +59,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
 pub type SkipSyncAnswer = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 pub struct Resource {
-    cfg: Config,
+    /// The running configuration: `adjust` replaces it with one whose fields that need a
+    /// `down`/`up` are still the running ones (see `config::plan_adjust`).
+    cfg: std::sync::RwLock<Arc<Config>>,
     meta: Arc<Mutex<MetaStore>>,
     device: Arc<Device>,
     rep: Option<Arc<Replication>>,
@@ -117,7 +119,7 @@ pub struct Resource {
     pub skip_sync_kick: tokio::sync::Notify,
     /// The key the link authenticates with, stretched from the configured secret once (see
     /// `proto::seal::link_key`); `None` without a peer.
-    link_key: Option<[u8; 32]>,
+    link_key: std::sync::RwLock<Option<[u8; 32]>>,
     /// This node's disks, held exclusively while the resource is up.
     _claim: crate::meta::Claim,
     /// Held by a promotion and by `new-current-uuid --clear-bitmap` from its check to its
@@ -328,7 +330,7 @@ impl Resource {
             device.engine_name()
         );
         let res = Arc::new(Resource {
-            cfg: cfg.clone(),
+            cfg: std::sync::RwLock::new(Arc::new(cfg.clone())),
             meta,
             device,
             rep: rep.clone(),
@@ -362,7 +364,7 @@ impl Resource {
             skip_sync: Mutex::new(None),
             skip_sync_kick: tokio::sync::Notify::new(),
             _claim: claim,
-            link_key,
+            link_key: std::sync::RwLock::new(link_key),
             skip_ops: tokio::sync::Mutex::new(()),
         });
         let watcher = tokio::spawn(watch_disk_errors(
@@ -390,14 +392,102 @@ impl Resource {
         Ok(res)
     }
 
-    pub fn cfg(&self) -> &Config {
-        &self.cfg
+    /// The running configuration (a snapshot: `adjust` may replace it).
+    pub fn cfg(&self) -> Arc<Config> {
+        self.cfg
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// DRBD's `adjust`: applies what differs between the running configuration and `new`
+    /// (see `config::plan_adjust` for what takes effect when) and says what it did.
+    pub async fn adjust(&self, new: &Config, dry_run: bool) -> Result<String, NodeError> {
+        let old = self.cfg();
+        let plan = crate::config::plan_adjust(&old, new)
+            .map_err(|e| NodeError::Refused(format!("{e}: nothing changed")))?;
+        if plan.changes.is_empty() {
+            return Ok(format!(
+                "resource {} on {}: nothing to change ({} is what runs)",
+                old.resource,
+                old.me.name,
+                new.file.display()
+            ));
+        }
+        let lines: String = plan
+            .changes
+            .iter()
+            .map(|c| format!("\n  {}: {} -> {} ({})", c.key, c.from, c.to, c.when))
+            .collect();
+        let both_ends = plan.changes.iter().any(|c| {
+            matches!(
+                c.key.as_str(),
+                "resource.protocol" | "resource.encryption" | "resource.secret"
+            )
+        });
+        let peer_note = match (&old.peer, both_ends) {
+            (Some(p), true) => format!(
+                "\n{} must have the same protocol, encryption and secret: adjust it too (a connection is refused while they differ)",
+                p.name
+            ),
+            _ => String::new(),
+        };
+        if dry_run {
+            return Ok(format!(
+                "resource {} on {} would change:{lines}{peer_note}",
+                old.resource, old.me.name
+            ));
+        }
+        if plan.running.secret != old.secret {
+            let key = match plan.running.secret.clone() {
+                Some(secret) => {
+                    let resource = plan.running.resource.clone();
+                    Some(
+                        tokio::task::spawn_blocking(move || {
+                            proto::seal::link_key(&secret, &resource)
+                        })
+                        .await
+                        .map_err(|e| {
+                            NodeError::Refused(format!("deriving the link key failed: {e}"))
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            *self
+                .link_key
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = key;
+        }
+        let protocol = plan.running.protocol;
+        *self
+            .cfg
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(plan.running);
+        if let Some(rep) = &self.rep {
+            rep.set_protocol(protocol);
+        }
+        for c in &plan.changes {
+            tracing::info!("adjust: {}: {} -> {} ({})", c.key, c.from, c.to, c.when);
+        }
+        let warnings: String = self
+            .up_warnings()
+            .iter()
+            .map(|w| format!("\nwarning: {w}"))
+            .collect();
+        Ok(format!(
+            "resource {} adjusted on {}:{lines}{peer_note}{warnings}",
+            old.resource, old.me.name
+        ))
     }
 
     /// The key the peer link authenticates with and derives its session keys from: the
     /// configured secret, stretched once at start.
-    pub fn link_key(&self) -> Option<&[u8; 32]> {
-        self.link_key.as_ref()
+    pub fn link_key(&self) -> Option<[u8; 32]> {
+        *self
+            .link_key
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn device(&self) -> &Arc<Device> {
@@ -442,22 +532,22 @@ impl Resource {
             .sb
             .layout
             .journal_len;
-        let wanted = self.cfg.journal_size.div_ceil(4096) * 4096;
+        let wanted = self.cfg().journal_size.div_ceil(4096) * 4096;
         let mut w = Vec::new();
-        if self.cfg.peer.is_some() && journal_len != wanted {
+        if self.cfg().peer.is_some() && journal_len != wanted {
             w.push(format!(
                 "journal-size is {} bytes in the config, but the metadata holds a {journal_len}-byte journal, which is used (`create-md` applies a new size; see the log)",
-                self.cfg.journal_size
+                self.cfg().journal_size
             ));
         }
-        if self.cfg.peer.is_some()
-            && self.cfg.fencing == state::Fencing::ResourceOnly
-            && !self.cfg.handlers.contains_key("fence-peer")
+        if self.cfg().peer.is_some()
+            && self.cfg().fencing == state::Fencing::ResourceOnly
+            && !self.cfg().handlers.contains_key("fence-peer")
         {
             w.push("fencing is resource-only but no fence-peer handler is configured: a primary that loses its peer cannot outdate it, and a disconnected secondary is not promoted without --force (only a secondary that is disconnected by the admin outdates itself)".into());
         }
-        if self.cfg.fencing == state::Fencing::DontCare
-            && self.cfg.handlers.contains_key("fence-peer")
+        if self.cfg().fencing == state::Fencing::DontCare
+            && self.cfg().handlers.contains_key("fence-peer")
         {
             w.push("a fence-peer handler is configured but fencing is dont-care: it never runs (set fencing = \"resource-only\")".into());
         }
@@ -519,7 +609,7 @@ impl Resource {
         }
         tracing::error!(
             "{}'s disk lost writes: it is now inconsistent and takes a full resync from the peer at the next connect; {}",
-            self.cfg.me.name,
+            self.cfg().me.name,
             if self.role() == Role::Primary {
                 "fail over: `blockrep-ctl secondary --force` here, then `blockrep-ctl primary` on the peer"
             } else {
@@ -570,7 +660,8 @@ impl Resource {
         if let Err(e) = rep.persist().await {
             tracing::error!("writing the bitmap after the peer's disk failed: {e}");
         }
-        let peer_name = self.cfg.peer.as_ref().map_or("", |p| p.name.as_str());
+        let cfg = self.cfg();
+        let peer_name = cfg.peer.as_ref().map_or("", |p| p.name.as_str());
         tracing::error!(
             "{peer_name}'s disk failed (it reports it {}): this node keeps the good copy under new data generation {id:016X}, and {peer_name} takes a full resync from here; fail over: `secondary --force` on {peer_name}, then `primary` here",
             if peer.disk == 1 { "outdated" } else { "inconsistent" }
@@ -666,8 +757,8 @@ impl Resource {
     /// this node by another path): this disk is declared older than the peer's, so `primary`
     /// needs `--force` here, and the next connect to an up-to-date peer makes it the target.
     pub async fn outdate(&self) -> Result<String, NodeError> {
-        let me = &self.cfg.me.name;
-        if self.cfg.peer.is_none() {
+        let me = &self.cfg().me.name;
+        if self.cfg().peer.is_none() {
             return Err(NodeError::Refused(
                 "the resource has no peer: there is nothing this disk could be older than".into(),
             ));
@@ -740,7 +831,7 @@ impl Resource {
         // and read under the metadata lock by a resync's end that may still be applying,
         // which then leaves the disk outdated instead of declaring it up to date.
         if state::leaves_a_primary(
-            self.cfg.fencing,
+            self.cfg().fencing,
             self.role() == Role::Primary,
             peer_primary,
             connected,
@@ -749,7 +840,7 @@ impl Resource {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if !state::outdates_itself_on_leaving(
-            self.cfg.fencing,
+            self.cfg().fencing,
             self.role() == Role::Primary,
             peer_primary,
             connected,
@@ -791,7 +882,7 @@ impl Resource {
                 "a primary cannot invalidate its own data: demote it first".into(),
             ));
         }
-        if self.cfg.peer.is_none() {
+        if self.cfg().peer.is_none() {
             return Err(NodeError::Refused("no peer to fetch the data from".into()));
         }
         // As in DRBD: only with a connected peer whose data is good, or neither node would
@@ -819,7 +910,7 @@ impl Resource {
         });
         Ok(format!(
             "{} invalidated: a full resync from the peer starts when connected",
-            self.cfg.me.name
+            self.cfg().me.name
         ))
     }
 
@@ -838,7 +929,8 @@ impl Resource {
     /// link), then this node. If anything fails between the two, the generations differ and
     /// the next connect runs the full sync after all.
     pub async fn skip_initial_sync(&self) -> Result<String, NodeError> {
-        let Some(peer_cfg) = self.cfg.peer.as_ref() else {
+        let cfg = self.cfg();
+        let Some(peer_cfg) = cfg.peer.as_ref() else {
             return Err(NodeError::Refused(
                 "no peer configured: there is no initial sync to skip (`primary --force` makes a lone node up to date)".into(),
             ));
@@ -896,7 +988,7 @@ impl Resource {
         result?;
         Ok(format!(
             "{} and {} are up to date with the new generation {gen:016X}; the initial sync is skipped (both disks are taken to hold the same data)",
-            self.cfg.me.name, peer_cfg.name
+            self.cfg().me.name, peer_cfg.name
         ))
     }
 
@@ -978,7 +1070,8 @@ impl Resource {
     }
 
     fn begin_verify(&self, for_peer: bool) -> Result<String, NodeError> {
-        let Some(peer) = self.cfg.peer.as_ref() else {
+        let cfg = self.cfg();
+        let Some(peer) = cfg.peer.as_ref() else {
             return Err(NodeError::Refused("no peer to verify against".into()));
         };
         let (link, peer_primary) = {
@@ -1029,7 +1122,7 @@ impl Resource {
         } else {
             format!(
                 "verify run {run} started on {} ({} bytes){}",
-                self.cfg.me.name,
+                self.cfg().me.name,
                 self.device.size(),
                 if for_peer { ", asked by the peer" } else { "" }
             )
@@ -1090,9 +1183,9 @@ impl Resource {
     /// `BLOCKREP_PEER`, `BLOCKREP_NODE`, plus `BLOCKREP_PEER_ADDRESS` (where this node dials
     /// the peer, for a handler that reaches its node another way).
     fn handler_command(&self, event: &'static str) -> Option<(tokio::process::Command, PathBuf)> {
-        let cmd = self.cfg.handlers.get(event).cloned()?;
+        let cmd = self.cfg().handlers.get(event).cloned()?;
         let (peer, peer_addr) = self
-            .cfg
+            .cfg()
             .peer
             .as_ref()
             .map(|p| {
@@ -1106,14 +1199,14 @@ impl Resource {
             })
             .unwrap_or_default();
         let mut c = tokio::process::Command::new(&cmd);
-        c.arg(&self.cfg.resource)
+        c.arg(&self.cfg().resource)
             .arg(event)
             .arg(&peer)
-            .env("BLOCKREP_RESOURCE", &self.cfg.resource)
+            .env("BLOCKREP_RESOURCE", &self.cfg().resource)
             .env("BLOCKREP_EVENT", event)
             .env("BLOCKREP_PEER", &peer)
             .env("BLOCKREP_PEER_ADDRESS", &peer_addr)
-            .env("BLOCKREP_NODE", &self.cfg.me.name)
+            .env("BLOCKREP_NODE", &self.cfg().me.name)
             .stdin(std::process::Stdio::null());
         Some((c, cmd))
     }
@@ -1125,7 +1218,7 @@ impl Resource {
     /// logged and shown in `status` until the link is back. Not when this node's own disk is
     /// not up to date (it failed): the peer then holds the good copy.
     pub fn fence_peer(self: &Arc<Self>) {
-        if self.cfg.fencing != state::Fencing::ResourceOnly {
+        if self.cfg().fencing != state::Fencing::ResourceOnly {
             return;
         }
         let disk = self
@@ -1349,7 +1442,7 @@ impl Resource {
     fn leaves_divergence(&self, rep: &Replication) -> bool {
         // A disk that lost writes takes a full resync from the peer, whatever: a new
         // generation here would only turn that into a split brain.
-        if self.cfg.peer.is_none() || self.role() != Role::Primary || self.device.sync_failed() {
+        if self.cfg().peer.is_none() || self.role() != Role::Primary || self.device.sync_failed() {
             return false;
         }
         if rep.link_ran_as_primary() {
@@ -1394,7 +1487,7 @@ impl Resource {
     }
 
     fn peer_view(&self) -> PeerView {
-        if self.cfg.peer.is_none() {
+        if self.cfg().peer.is_none() {
             return PeerView::None;
         }
         let l = self.link();
@@ -1479,11 +1572,11 @@ impl Resource {
         });
         if !standalone {
             return Ok(if changed {
-                format!("{} connecting to its peer", self.cfg.me.name)
+                format!("{} connecting to its peer", self.cfg().me.name)
             } else {
                 format!(
                     "{} is already connecting or connected (link {})",
-                    self.cfg.me.name,
+                    self.cfg().me.name,
                     self.link().state
                 )
             });
@@ -1503,7 +1596,7 @@ impl Resource {
         Ok(if changed {
             format!(
                 "{} disconnected from its peer (standalone){}",
-                self.cfg.me.name,
+                self.cfg().me.name,
                 if outdated {
                     "; fencing: its disk is now outdated (the primary writes on without it)"
                 } else {
@@ -1513,7 +1606,7 @@ impl Resource {
         } else {
             format!(
                 "{} is already disconnected (link {})",
-                self.cfg.me.name,
+                self.cfg().me.name,
                 self.link().state
             )
         })
@@ -1521,7 +1614,8 @@ impl Resource {
 
     fn replication_status(&self) -> Option<PeerStatus> {
         let rep = self.rep.as_ref()?;
-        let peer = self.cfg.peer.as_ref()?;
+        let cfg = self.cfg();
+        let peer = cfg.peer.as_ref()?;
         let acks = rep.acks();
         let (issued, used, size, mut lag_w, mut lag_b, oos, overflowed) = rep.numbers();
         if self.role() != Role::Primary {
@@ -1601,8 +1695,8 @@ impl Resource {
             connection: l.state.into(),
             peer_role: peer_role.into(),
             peer_disk: peer_disk.into(),
-            protocol: self.cfg.protocol.to_string(),
-            encryption: if self.cfg.encryption {
+            protocol: self.cfg().protocol.to_string(),
+            encryption: if self.cfg().encryption {
                 "aes-256-gcm"
             } else {
                 "none"
@@ -1667,13 +1761,13 @@ impl Resource {
                     error: v.error.clone(),
                     resynced: v.resynced,
                     source: Some(if v.on_peer {
-                        self.cfg
+                        self.cfg()
                             .peer
                             .as_ref()
                             .map(|p| p.name.clone())
                             .unwrap_or_default()
                     } else {
-                        self.cfg.me.name.clone()
+                        self.cfg().me.name.clone()
                     }),
                 })
             },
@@ -1694,19 +1788,19 @@ impl Resource {
             .with_meta(|m| (m.sb.disk.name().to_string(), m.sb.gen))
             .unwrap_or_else(|_| ("unknown".into(), Default::default()));
         Status {
-            resource: self.cfg.resource.clone(),
-            node: self.cfg.me.name.clone(),
+            resource: self.cfg().resource.clone(),
+            node: self.cfg().me.name.clone(),
             pid,
             up: true,
             role: self.role().name().into(),
             disk,
             disk_failed: self.device.sync_failed(),
             warnings: self.up_warnings(),
-            export: self.cfg.me.export.to_string(),
+            export: self.cfg().me.export.to_string(),
             size: self.device.size(),
             engine: self.device.engine_name().into(),
             kernel_device: self
-                .cfg
+                .cfg()
                 .me
                 .kernel_device
                 .as_ref()
@@ -1722,7 +1816,7 @@ impl Resource {
         // Not while the initial sync is being skipped (see `skip_ops`).
         let _skip = self.skip_ops.lock().await;
         if self.role() == Role::Primary {
-            return Ok(format!("{} is already primary", self.cfg.me.name));
+            return Ok(format!("{} is already primary", self.cfg().me.name));
         }
         // A role change on either side reconnects the link; give a reconnecting peer a moment
         // rather than calling it unknown.
@@ -1771,7 +1865,7 @@ impl Resource {
         // the promotion is checked first, so that a refused one does not cut the stream.
         // With resource-level fencing a disconnected node is promoted without --force once
         // the peer is fenced (DRBD's fenced failover): checked as if it were, then fenced.
-        let fencing = self.cfg.fencing == state::Fencing::ResourceOnly;
+        let fencing = self.cfg().fencing == state::Fencing::ResourceOnly;
         let mut fence_note = String::new();
         // Handshakes seen when the fence answered: checked again under the commit.
         let mut fenced_at: Option<u64> = None;
@@ -1918,7 +2012,7 @@ impl Resource {
         }
         self.attach_kernel().await;
         let gen_now = self.node_state().gen.current;
-        let name = &self.cfg.me.name;
+        let name = &self.cfg().me.name;
         let note = if !force {
             tracing::info!("{name} promoted to primary{fence_note}");
             if fence_note.is_empty() {
@@ -1995,7 +2089,7 @@ impl Resource {
 
     pub async fn secondary(&self, force: bool) -> Result<String, NodeError> {
         if self.role() == Role::Secondary {
-            return Ok(format!("{} is already secondary", self.cfg.me.name));
+            return Ok(format!("{} is already secondary", self.cfg().me.name));
         }
         if !force {
             self.refuse_while_kernel_device_in_use().await?;
@@ -2067,12 +2161,12 @@ impl Resource {
             *r = Role::Secondary;
         }
         self.announce_role().await;
-        tracing::info!("{} demoted to secondary", self.cfg.me.name);
+        tracing::info!("{} demoted to secondary", self.cfg().me.name);
         let lacking = self
             .rep
             .as_ref()
             .map_or(0, |r| r.lock().bitmap.dirty_bytes());
-        let name = &self.cfg.me.name;
+        let name = &self.cfg().me.name;
         Ok(if self.device.sync_failed() {
             // Its bitmap names every region because its own disk may have lost them, not
             // because the peer lacks anything acknowledged.
@@ -2096,7 +2190,7 @@ impl Resource {
     /// Refuses new clients, detaches the kernel device, drains and closes every connection,
     /// and makes everything written durable.
     async fn stop_serving(&self) -> Result<(), NodeError> {
-        self.export.set_refuse(Some(secondary_reason(&self.cfg)));
+        self.export.set_refuse(Some(secondary_reason(&self.cfg())));
         self.detach_kernel().await;
         let left = self.export.disconnect_all(Duration::from_secs(20)).await;
         if left > 0 {
@@ -2212,8 +2306,8 @@ impl Resource {
         }
         tracing::info!(
             "resource {} down on {}",
-            self.cfg.resource,
-            self.cfg.me.name
+            self.cfg().resource,
+            self.cfg().me.name
         );
         Ok(())
     }
@@ -2253,7 +2347,7 @@ impl Resource {
     /// Attaches the configured kernel device to a socketpair served by this export. Where the
     /// kernel has no nbd driver this is noted in status and the socket export keeps serving.
     async fn attach_kernel(&self) {
-        let Some(dev) = self.cfg.me.kernel_device.clone() else {
+        let Some(dev) = self.cfg().me.kernel_device.clone() else {
             return;
         };
         let note = |s: String| {
@@ -2327,7 +2421,7 @@ impl Resource {
 
     async fn detach_kernel(&self) {
         if let Some(a) = self.kernel.lock().await.take() {
-            let dev = self.cfg.me.kernel_device.clone().unwrap_or_default();
+            let dev = self.cfg().me.kernel_device.clone().unwrap_or_default();
             match tokio::task::spawn_blocking(move || a.detach()).await {
                 Ok(Ok(())) => tracing::info!("kernel device {} detached", dev.display()),
                 Ok(Err(e)) => tracing::warn!("kernel detach of {}: {e}", dev.display()),
@@ -2537,7 +2631,7 @@ async fn watch_disk_errors(res: std::sync::Weak<Resource>, mut errors: watch::Re
     };
     tracing::error!(
         "I/O error on the backing device {} (role {}): the request failed; running the local-io-error handler, if any",
-        res.cfg.me.backing.display(),
+        res.cfg().me.backing.display(),
         res.role().name()
     );
     res.run_handler("local-io-error");
@@ -2561,14 +2655,14 @@ async fn watch_stalls(res: std::sync::Weak<Resource>) {
             warned = true;
             tracing::warn!(
                 "the backing device {} has completed no I/O for {} s with {n} request(s) in flight: a hung disk? (`status` shows it while it lasts)",
-                res.cfg.me.backing.display(),
+                res.cfg().me.backing.display(),
                 ms / 1000
             );
         } else if warned && ms < STALL_WARN.as_millis() as u64 {
             warned = false;
             tracing::info!(
                 "the backing device {} completes I/O again",
-                res.cfg.me.backing.display()
+                res.cfg().me.backing.display()
             );
         }
     }

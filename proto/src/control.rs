@@ -40,6 +40,13 @@ pub enum Request {
     /// `new-current-uuid --clear-bitmap`: skip the initial sync of two freshly created,
     /// connected secondaries whose disks the admin knows to be identical.
     SkipInitialSync,
+    /// DRBD's `adjust`: read the config file again and apply what changed that a running node
+    /// can take (the rest is reported as needing `down`/`up`). `dry_run`: only report.
+    Adjust {
+        config: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

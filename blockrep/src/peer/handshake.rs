@@ -66,7 +66,7 @@ pub(super) async fn handshake(
         .as_ref()
         .map(|p| p.name.clone())
         .unwrap_or_default();
-    let Some(secret) = res.link_key().copied() else {
+    let Some(secret) = res.link_key() else {
         return Err(LinkError::Closed("no shared secret configured"));
     };
     // At most 1 MiB (the config's bound): fits the hello's field.

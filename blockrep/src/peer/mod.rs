@@ -259,7 +259,6 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         return;
     };
     let dialer = cfg.me.name < peer_cfg.name;
-    let dial_addr = peer_cfg.connect_address.or(peer_cfg.replication);
     let (in_tx, mut in_rx) = mpsc::channel::<Established>(1);
     {
         let res = res.clone();
@@ -283,6 +282,12 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
             .load(std::sync::atomic::Ordering::SeqCst)
             != 0;
         res.set_link_state(if split { "split-brain" } else { "connecting" }, None);
+        // Read at each try: `adjust` may have moved the peer.
+        let dial_addr = res
+            .cfg()
+            .peer
+            .as_ref()
+            .and_then(|p| p.connect_address.or(p.replication));
         let est = if let Some(e) = pending.take() {
             Ok(e)
         } else {

@@ -405,11 +405,8 @@ pub(super) async fn primary_side(
     // ko-count).
     let watchdog = {
         let rep = rep.clone();
-        let limit = PEER_TIMEOUT * res.cfg().ko_count;
+        let res = res.clone();
         async move {
-            if limit.is_zero() {
-                return std::future::pending::<Result<(), LinkError>>().await;
-            }
             // Progress is either mark moving: a long flush on the peer holds its applied
             // mark while it still takes new records, which is not stuck.
             let marks = || {
@@ -422,7 +419,9 @@ pub(super) async fn primary_side(
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = marks();
                 let waiting = rep.lock().issued > now.1;
-                if now != last || !waiting {
+                // Read each time: `adjust` may change it (0: never).
+                let limit = PEER_TIMEOUT * res.cfg().ko_count;
+                if now != last || !waiting || limit.is_zero() {
                     last = now;
                     since = tokio::time::Instant::now();
                 } else if since.elapsed() >= limit {
@@ -472,7 +471,7 @@ pub(super) async fn run_verify(
     let size = res.device().size();
     let block = res.cfg().bitmap_granularity;
     let span = (1u64 << 20).min(u64::from(peer::MAX_HASH_SPAN)).max(block);
-    let rate = res.cfg().resync_rate;
+    let mut pace = Pace::new(res.cfg().resync_rate);
     let file = crate::replication::open_for_resync(&res.cfg().me.backing)?;
     let started = std::time::Instant::now();
     let run = res.verify.lock().map(|v| v.run).unwrap_or(0);
@@ -518,13 +517,8 @@ pub(super) async fn run_verify(
             v.differ_regions = regions;
             v.differ_bytes = bytes;
         });
-        if rate > 0 {
-            let due = Duration::from_secs_f64(done as f64 / rate as f64);
-            let el = started.elapsed();
-            if due > el {
-                tokio::time::sleep(due - el).await;
-            }
-        }
+        pace.set(res.cfg().resync_rate, done);
+        pace.wait(done).await;
     }
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
@@ -545,6 +539,47 @@ pub(super) async fn run_verify(
 /// The source's resync: every dirty region goes out as a stream record, paced by the
 /// configured rate; then a SyncDone record, and once the target applied it, the bitmap
 /// generation is forgotten.
+/// Paces a resync or verify to a rate in bytes per second (0: unlimited), counted from the
+/// last change of rate, so that `adjust` takes effect at once in either direction.
+struct Pace {
+    rate: u64,
+    since: std::time::Instant,
+    base: u64,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Self {
+        Pace {
+            rate,
+            since: std::time::Instant::now(),
+            base: 0,
+        }
+    }
+
+    /// A new rate from here on (`bytes`: what was counted so far).
+    fn set(&mut self, rate: u64, bytes: u64) {
+        if rate != self.rate {
+            *self = Pace {
+                rate,
+                since: std::time::Instant::now(),
+                base: bytes,
+            };
+        }
+    }
+
+    /// Sleeps until `bytes` (counted as in [`Self::set`]) are due at the rate.
+    async fn wait(&self, bytes: u64) {
+        if self.rate > 0 {
+            let due =
+                Duration::from_secs_f64(bytes.saturating_sub(self.base) as f64 / self.rate as f64);
+            let el = self.since.elapsed();
+            if due > el {
+                tokio::time::sleep(due - el).await;
+            }
+        }
+    }
+}
+
 pub(super) async fn run_resync(
     res: &Arc<Resource>,
     rep: &Arc<Replication>,
@@ -552,7 +587,6 @@ pub(super) async fn run_resync(
     replies: &HashReplies,
 ) -> Result<(), LinkError> {
     let size = res.device().size();
-    let rate = res.cfg().resync_rate;
     let csums = res.cfg().csums;
     let block = res.cfg().bitmap_granularity;
     let file = crate::replication::open_for_resync(&res.cfg().me.backing)?;
@@ -588,6 +622,7 @@ pub(super) async fn run_resync(
     let mut at = 0u64;
     let mut sent = 0u64;
     let mut data_bytes = 0u64;
+    let mut pace = Pace::new(res.cfg().resync_rate);
     let mut equal_bytes = 0u64;
     // A chunk is one journal record: keep it well inside the journal.
     let chunk = (1u64 << 20)
@@ -684,13 +719,13 @@ pub(super) async fn run_resync(
             *p = Some((total.max(sent), sent, started));
         }
         // Rate limit on the data that travels (zero and equal regions are a header each).
-        if rate > 0 {
-            let due = Duration::from_secs_f64(data_bytes as f64 / rate as f64);
-            let el = started.elapsed();
-            if due > el {
-                tokio::time::sleep(due - el).await;
-            }
-        }
+        // Read each turn: `adjust` may change the rate (and the floor) mid-resync.
+        pace.set(res.cfg().resync_rate, data_bytes);
+        rep.resync_floor.store(
+            res.cfg().resync_rate_min,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        pace.wait(data_bytes).await;
         // The sender and the ack reader share this task: a chunk that needed no waiting (a
         // zero region, journal space free) must not keep them from running, or the peer sees
         // no frame, not even a ping, for the whole sweep.

@@ -1,0 +1,211 @@
+//! `adjust` (DRBD's `drbdadm adjust`): a running pair takes an edited config file without
+//! going down. The protocol and the resync rate change at once (a running resync speeds up),
+//! settings that need `down`/`up` are reported and left as they run, a config that is not
+//! this resource's is refused with nothing changed, and `adjust` on a node that is down
+//! brings it up.
+//!
+//! Real daemons, real TCP, real NBD clients (nbdcopy, nbdinfo).
+
+use std::process::Command;
+use std::time::Duration;
+
+use blockrep_e2e::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Replaces the first `from` with `to` in the shared config file.
+fn edit_config(c: &Cluster, from: &str, to: &str) {
+    let text = c.config_text();
+    assert!(text.contains(from), "the config has no {from:?}:\n{text}");
+    c.write_config(&text.replacen(from, to, 1));
+}
+
+/// How many connections to its peer `n` has logged so far.
+fn connections_logged(n: &Node, peer: &str) -> usize {
+    std::fs::read_to_string(n.log_path())
+        .unwrap_or_default()
+        .matches(&format!("peer {peer} connected from/to"))
+        .count()
+}
+
+fn protocol(n: &Node) -> String {
+    n.repl()["protocol"].as_str().unwrap_or("?").to_string()
+}
+
+#[test]
+fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
+    let c = Cluster::builder("adjust-live")
+        .nodes(2)
+        .backing_size(128 << 20)
+        .journal_size("8M")
+        .protocol("C")
+        .resource_line("resync-rate = \"1M\"")
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    assert_eq!(protocol(a), "C");
+    let links = connections_logged(a, "beta");
+    let pid = a.pid().expect("alpha's pid");
+
+    // Protocol C -> A: a dry run changes nothing, then both nodes take it, the link stays.
+    edit_config(&c, "protocol = \"C\"", "protocol = \"A\"");
+    let dry = a.ctl_ok(&["adjust", "--dry-run"]).stdout;
+    assert!(
+        dry.contains("would change") && dry.contains("resource.protocol: C -> A (now)"),
+        "{dry}"
+    );
+    assert!(
+        dry.contains("beta must have the same protocol"),
+        "the dry run does not say the peer needs it too:\n{dry}"
+    );
+    assert_eq!(protocol(a), "C", "a dry run changed the protocol");
+    let out = a.ctl_ok(&["adjust"]).stdout;
+    assert!(
+        out.contains("adjusted on alpha") && out.contains("resource.protocol: C -> A (now)"),
+        "{out}"
+    );
+    assert_eq!(protocol(a), "A");
+    let out = b.ctl_ok(&["adjust"]).stdout;
+    assert!(out.contains("resource.protocol: C -> A (now)"), "{out}");
+    assert_eq!(protocol(b), "A");
+    let again = a.ctl_ok(&["adjust"]).stdout;
+    assert!(again.contains("nothing to change"), "{again}");
+    assert_eq!(a.repl()["connection"], "connected");
+    assert_eq!(
+        connections_logged(a, "beta"),
+        links,
+        "adjusting the protocol dropped the link\n{}",
+        a.log_tail(20)
+    );
+    assert_eq!(a.pid(), Some(pid), "the daemon was restarted");
+    // Under A a write waits for nothing on the peer: with beta's daemon stopped, 4 MiB go
+    // through at once (under C they would wait for the link's timeout to drop beta).
+    let first = write_random_file(&c.dir().path().join("first"), 4 * MIB as usize);
+    let beta_pid = nix::unistd::Pid::from_raw(b.pid().expect("beta's pid") as i32);
+    nix::sys::signal::kill(beta_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP beta");
+    let t = std::time::Instant::now();
+    a.nbdcopy_in(&c.dir().path().join("first"));
+    let took = t.elapsed();
+    nix::sys::signal::kill(beta_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT beta");
+    assert!(
+        took < Duration::from_secs(2),
+        "writes waited {took:?} for a stopped peer under protocol A"
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    assert_eq!(
+        &b.backing_data(4 * MIB)[..],
+        &first[..],
+        "beta lacks writes made under A"
+    );
+
+    // A resync paced at 1 MiB/s speeds up at once when the rate is lifted.
+    b.ctl_ok(&["disconnect"]);
+    a.wait_not_connected(CONNECT_TIMEOUT);
+    let data = c.dir().path().join("second");
+    write_random_file(&data, 24 * MIB as usize);
+    a.nbdcopy_in(&data);
+    b.ctl_ok(&["connect"]);
+    a.wait_repl(CONNECT_TIMEOUT, "resyncing", |r| {
+        r["connection"] == "sync-source" && r["out_of_sync"].as_u64().unwrap_or(0) > 0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let left = a.repl_u64("out_of_sync");
+    assert!(
+        left > 16 * MIB,
+        "the resync is not paced at 1 MiB/s: {left} bytes left after 2 s"
+    );
+    edit_config(&c, "resync-rate = \"1M\"", "resync-rate = \"0\"");
+    let out = a.ctl_ok(&["adjust"]).stdout;
+    assert!(
+        out.contains("resource.resync-rate: 1048576 -> 0 (now)"),
+        "{out}"
+    );
+    // 1 MiB/s would need 16 s and more for what is left.
+    c.wait_in_sync(Duration::from_secs(12));
+    c.assert_replicas_identical(size, "after the resync the adjust sped up");
+    assert!(
+        std::fs::read_to_string(a.log_path())
+            .unwrap_or_default()
+            .contains("adjust: resource.resync-rate: 1048576 -> 0 (now)"),
+        "alpha's log does not record the change\n{}",
+        a.log_tail(20)
+    );
+}
+
+#[test]
+fn adjust_reports_what_needs_down_and_up_and_refuses_another_resource() {
+    let c = Cluster::builder("adjust-fixed")
+        .nodes(2)
+        .backing_size(64 << 20)
+        .journal_size("8M")
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let uri = a.uri();
+    let export = a.status_json()["export"].clone();
+    let original = c.config_text();
+
+    // A new export address cannot be taken by a running node: said, and left as it runs.
+    let port = a.uri();
+    let old_port = port
+        .rsplit(':')
+        .next()
+        .and_then(|s| s.split('/').next())
+        .expect("port in the export URI")
+        .to_string();
+    let free = free_port().to_string();
+    edit_config(&c, &format!(":{old_port}\""), &format!(":{free}\""));
+    let out = a.ctl_ok(&["adjust"]).stdout;
+    assert!(
+        out.contains("node.alpha.export") && out.contains("not applied: needs `down` and `up`"),
+        "{out}"
+    );
+    assert_eq!(a.status_json()["export"], export, "the export moved");
+    let info = run(Command::new("nbdinfo").arg("--size").arg(&uri), CMD_TIMEOUT);
+    assert!(
+        info.success(),
+        "the running export stopped serving\n{}",
+        info.describe()
+    );
+
+    // Another resource's config (same control socket): refused, nothing changed.
+    c.write_config(
+        &original
+            .replacen(
+                &format!("name = \"{}\"", c.resource()),
+                "name = \"other\"",
+                1,
+            )
+            .replacen("protocol = \"C\"", "protocol = \"A\"", 1),
+    );
+    let out = a.ctl(&["adjust"]);
+    assert!(
+        !out.success(),
+        "adjust took another resource's config\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("is the config of resource other") && out.stderr.contains("nothing"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(a.repl()["protocol"], "C");
+
+    // A malformed file: a clear error from the CLI, the node runs on.
+    c.write_config("[resource\nname = ");
+    let out = a.ctl(&["adjust"]);
+    assert!(!out.success(), "{}", out.describe());
+    assert!(out.stderr.contains("error:"), "{}", out.describe());
+    c.write_config(&original);
+    assert_eq!(a.repl()["connection"], "connected");
+
+    // On a node that is down, adjust brings it up (as DRBD's does).
+    b.down();
+    let out = b.ctl_ok(&["adjust"]).stdout;
+    assert!(out.contains("bringing it up"), "{out}");
+    assert_eq!(b.status_json()["up"], true);
+    c.wait_in_sync(SYNC_TIMEOUT);
+}
