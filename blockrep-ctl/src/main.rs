@@ -206,8 +206,13 @@ impl Control {
     /// [`Self::connect`] with its own bound on the answer.
     fn connect_within(cfg: &Config, timeout: Duration) -> Option<Control> {
         let s = UnixStream::connect(&cfg.me.control).ok()?;
-        s.set_read_timeout(Some(timeout)).ok()?;
-        Some(Control {
+        Self::over(s, timeout).ok()
+    }
+
+    /// A control connection over a socket already connected.
+    fn over(s: UnixStream, timeout: Duration) -> std::io::Result<Control> {
+        s.set_read_timeout(Some(timeout))?;
+        Ok(Control {
             stream: BufReader::new(s),
             timeout,
         })
@@ -345,28 +350,57 @@ fn simple(cfg: &Config, req: Request) -> Result<()> {
 }
 
 fn adjust(cfg: &Config, dry_run: bool) -> Result<()> {
-    let Some(mut c) = Control::connect(cfg) else {
-        if dry_run {
-            println!(
-                "resource {} is not up on {}: adjust would bring it up",
-                cfg.resource, cfg.me.name
-            );
-            return Ok(());
-        }
-        println!(
-            "resource {} is not up on {}: bringing it up",
-            cfg.resource, cfg.me.name
-        );
-        return up(cfg);
-    };
     // The daemon reads the file itself (and the secret file it names), by its full path.
     let config = std::fs::canonicalize(&cfg.file).unwrap_or_else(|_| cfg.file.clone());
     let req = Request::Adjust {
         config: config.to_string_lossy().into_owned(),
+        node: cfg.me.name.clone(),
         dry_run,
     };
-    println!("{}", expect_ok(c.call(&req)?)?);
-    Ok(())
+    let dying_since = Instant::now();
+    loop {
+        let s = match UnixStream::connect(&cfg.me.control) {
+            Ok(s) => s,
+            // Nobody listens: no daemon runs for this node (DRBD's adjust brings it up).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                if dry_run {
+                    println!(
+                        "resource {} is not up on {}: adjust would bring it up",
+                        cfg.resource, cfg.me.name
+                    );
+                    return Ok(());
+                }
+                println!(
+                    "resource {} is not up on {}: bringing it up",
+                    cfg.resource, cfg.me.name
+                );
+                return up(cfg);
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "reaching the daemon at {}",
+                    cfg.me.control.display()
+                )))
+            }
+        };
+        let mut c = Control::over(s, COMMAND_TIMEOUT).context("control socket")?;
+        match c.call(&req) {
+            Ok(reply) => {
+                println!("{}", expect_ok(reply)?);
+                return Ok(());
+            }
+            // A daemon on its way out: wait for it to go, then bring the resource up.
+            Err(e) if e.is::<DaemonHungUp>() && dying_since.elapsed() < DYING_DAEMON_WAIT => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn create_md(cfg: &Config, force: bool) -> Result<()> {

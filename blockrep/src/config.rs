@@ -619,8 +619,11 @@ pub enum TakesEffect {
     /// At the next connection to the peer (`disconnect` then `connect` applies it now).
     NextConnection,
     /// Only when the resource comes up again (`down` then `up`): what the daemon opened or
-    /// bound at start, or what the metadata was created with.
+    /// bound at start.
     NextUp,
+    /// What the metadata was created with, or where it is: `down`, `create-md` (which
+    /// forgets the bitmap, so a full sync follows) and `up`.
+    NeedsCreateMd,
 }
 
 impl fmt::Display for TakesEffect {
@@ -630,6 +633,9 @@ impl fmt::Display for TakesEffect {
             TakesEffect::NextResync => "from the next resync",
             TakesEffect::NextConnection => "from the next connection to the peer",
             TakesEffect::NextUp => "not applied: needs `down` and `up`",
+            TakesEffect::NeedsCreateMd => {
+                "not applied: needs `down`, `create-md` (a full sync follows) and `up`"
+            }
         })
     }
 }
@@ -667,6 +673,16 @@ fn kebab(debug: impl fmt::Debug) -> String {
         }
     }
     out
+}
+
+/// A rate as the file writes it: `100M`, `512K`, or `0 (unlimited)`.
+fn rate(r: u64) -> String {
+    match r {
+        0 => "0 (unlimited)".into(),
+        r if r % (1 << 20) == 0 => format!("{}M", r >> 20),
+        r if r % (1 << 10) == 0 => format!("{}K", r >> 10),
+        r => r.to_string(),
+    }
 }
 
 fn opt_path(p: &Option<PathBuf>) -> String {
@@ -726,14 +742,14 @@ pub fn plan_adjust(old: &Config, new: &Config) -> Result<AdjustPlan, String> {
     );
     note(
         r("resync-rate"),
-        old.resync_rate.to_string(),
-        new.resync_rate.to_string(),
+        rate(old.resync_rate),
+        rate(new.resync_rate),
         Now,
     );
     note(
         r("resync-rate-min"),
-        old.resync_rate_min.to_string(),
-        new.resync_rate_min.to_string(),
+        rate(old.resync_rate_min),
+        rate(new.resync_rate_min),
         Now,
     );
     note(
@@ -793,13 +809,13 @@ pub fn plan_adjust(old: &Config, new: &Config) -> Result<AdjustPlan, String> {
         r("journal-size"),
         old.journal_size.to_string(),
         new.journal_size.to_string(),
-        NextUp,
+        NeedsCreateMd,
     );
     note(
         r("bitmap-granularity"),
         old.bitmap_granularity.to_string(),
         new.bitmap_granularity.to_string(),
-        NextUp,
+        NeedsCreateMd,
     );
     note(
         r("al-extents"),
@@ -818,9 +834,14 @@ pub fn plan_adjust(old: &Config, new: &Config) -> Result<AdjustPlan, String> {
         n("backing"),
         o.backing.display().to_string(),
         w.backing.display().to_string(),
-        NextUp,
+        NeedsCreateMd,
     );
-    note(n("meta"), meta_loc(&o.meta), meta_loc(&w.meta), NextUp);
+    note(
+        n("meta"),
+        meta_loc(&o.meta),
+        meta_loc(&w.meta),
+        NeedsCreateMd,
+    );
     note(
         n("replication"),
         opt_addr(&o.replication),
@@ -880,6 +901,16 @@ pub fn plan_adjust(old: &Config, new: &Config) -> Result<AdjustPlan, String> {
             };
             note("peer".into(), name(op), name(np), NextUp);
             running.peer = old.peer.clone();
+        }
+    }
+    // The running address with the file's peer: the node would dial itself.
+    if let Some(p) = &running.peer {
+        if p.replication == running.me.replication {
+            return Err(format!(
+                "node.{}.replication would be {}, the address this node listens on until its `down`/`up`",
+                p.name,
+                opt_addr(&p.replication)
+            ));
         }
     }
     Ok(AdjustPlan { changes, running })
@@ -982,19 +1013,14 @@ control = "/tmp/b.sock"
                 "protocol = \"B\"\njournal-size = \"128M\"\nio-engine = \"sync\"",
             );
         let p = plan(GOOD, &new);
-        for key in [
-            "node.alpha.backing",
-            "node.alpha.export",
-            "node.alpha.replication",
-            "resource.journal-size",
-            "resource.io-engine",
+        for (key, want) in [
+            ("node.alpha.backing", TakesEffect::NeedsCreateMd),
+            ("node.alpha.export", TakesEffect::NextUp),
+            ("node.alpha.replication", TakesEffect::NextUp),
+            ("resource.journal-size", TakesEffect::NeedsCreateMd),
+            ("resource.io-engine", TakesEffect::NextUp),
         ] {
-            assert_eq!(
-                when(&p, key),
-                Some(TakesEffect::NextUp),
-                "{key}: {:?}",
-                p.changes
-            );
+            assert_eq!(when(&p, key), Some(want), "{key}: {:?}", p.changes);
         }
         let old = parse(GOOD, "alpha").unwrap();
         assert_eq!(p.running.me.backing, old.me.backing);
@@ -1002,6 +1028,33 @@ control = "/tmp/b.sock"
         assert_eq!(p.running.me.replication, old.me.replication);
         assert_eq!(p.running.journal_size, old.journal_size);
         assert_eq!(p.running.io_engine, old.io_engine);
+    }
+
+    #[test]
+    fn adjust_refuses_a_peer_address_this_node_still_listens_on() {
+        // alpha keeps 7000 until down/up; beta moved there.
+        let new = GOOD
+            .replace("127.0.0.1:7000", "127.0.0.1:7100")
+            .replace("127.0.0.1:7001", "127.0.0.1:7000");
+        let e = plan_adjust(
+            &parse(GOOD, "alpha").unwrap(),
+            &parse(&new, "alpha").unwrap(),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("node.beta.replication") && e.contains("127.0.0.1:7000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn adjust_shows_rates_as_the_file_writes_them() {
+        let p = plan(
+            GOOD,
+            &GOOD.replace("protocol = \"B\"", "protocol = \"B\"\nresync-rate = \"0\""),
+        );
+        let c = &p.changes[0];
+        assert_eq!((c.from.as_str(), c.to.as_str()), ("100M", "0 (unlimited)"));
     }
 
     #[test]

@@ -163,13 +163,19 @@ impl Daemon {
                 Ok(r) => r.outdate().await,
                 Err(e) => Err(e),
             },
-            Request::Adjust { config, dry_run } => match self.resource().await {
-                Ok(r) => {
-                    match Config::load(std::path::Path::new(&config), Some(&self.cfg.me.name)) {
-                        Ok(new) => r.adjust(&new, dry_run).await,
-                        Err(e) => Err(NodeError::Refused(format!("{e}: nothing changed"))),
-                    }
-                }
+            Request::Adjust {
+                config,
+                node,
+                dry_run,
+            } => match self.resource().await {
+                Ok(_) if node != self.cfg.me.name => Err(NodeError::Refused(format!(
+                    "this is the daemon of node {}, not {node} (are the control sockets in {config} swapped?): nothing changed",
+                    self.cfg.me.name
+                ))),
+                Ok(r) => match Config::load(std::path::Path::new(&config), Some(&node)) {
+                    Ok(new) => r.adjust(&new, dry_run).await,
+                    Err(e) => Err(NodeError::Refused(format!("{e}: nothing changed"))),
+                },
                 Err(e) => Err(e),
             },
             Request::SkipInitialSync => match self.resource().await {

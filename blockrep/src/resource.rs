@@ -120,6 +120,11 @@ pub struct Resource {
     /// The key the link authenticates with, stretched from the configured secret once (see
     /// `proto::seal::link_key`); `None` without a peer.
     link_key: std::sync::RwLock<Option<[u8; 32]>>,
+    /// The current connection is sealed (it may differ from `encryption` after an
+    /// `adjust`, until the next connection).
+    pub link_sealed: std::sync::atomic::AtomicBool,
+    /// One `adjust` at a time: each plans from the configuration the last one left.
+    adjust_lock: tokio::sync::Mutex<()>,
     /// This node's disks, held exclusively while the resource is up.
     _claim: crate::meta::Claim,
     /// Held by a promotion and by `new-current-uuid --clear-bitmap` from its check to its
@@ -365,6 +370,8 @@ impl Resource {
             skip_sync_kick: tokio::sync::Notify::new(),
             _claim: claim,
             link_key: std::sync::RwLock::new(link_key),
+            link_sealed: std::sync::atomic::AtomicBool::new(false),
+            adjust_lock: tokio::sync::Mutex::new(()),
             skip_ops: tokio::sync::Mutex::new(()),
         });
         let watcher = tokio::spawn(watch_disk_errors(
@@ -403,6 +410,7 @@ impl Resource {
     /// DRBD's `adjust`: applies what differs between the running configuration and `new`
     /// (see `config::plan_adjust` for what takes effect when) and says what it did.
     pub async fn adjust(&self, new: &Config, dry_run: bool) -> Result<String, NodeError> {
+        let _one = self.adjust_lock.lock().await;
         let old = self.cfg();
         let plan = crate::config::plan_adjust(&old, new)
             .map_err(|e| NodeError::Refused(format!("{e}: nothing changed")))?;
@@ -1695,13 +1703,16 @@ impl Resource {
             connection: l.state.into(),
             peer_role: peer_role.into(),
             peer_disk: peer_disk.into(),
-            protocol: self.cfg().protocol.to_string(),
-            encryption: if self.cfg().encryption {
-                "aes-256-gcm"
-            } else {
-                "none"
-            }
-            .into(),
+            protocol: rep.protocol().to_string(),
+            // A connection's own (an `adjust` applies a new value from the next one).
+            encryption: {
+                let sealed = if matches!(l.state, "connecting" | "standalone" | "split-brain") {
+                    cfg.encryption
+                } else {
+                    self.link_sealed.load(std::sync::atomic::Ordering::Relaxed)
+                };
+                if sealed { "aes-256-gcm" } else { "none" }.into()
+            },
             seq_written: written,
             // A secondary sends no stream: what it sent as an earlier primary is stale.
             seq_sent: if streaming {

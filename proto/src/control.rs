@@ -44,6 +44,8 @@ pub enum Request {
     /// can take (the rest is reported as needing `down`/`up`). `dry_run`: only report.
     Adjust {
         config: String,
+        /// The node the file is read for: a daemon of another node refuses.
+        node: String,
         #[serde(default)]
         dry_run: bool,
     },

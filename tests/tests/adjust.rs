@@ -20,6 +20,23 @@ fn edit_config(c: &Cluster, from: &str, to: &str) {
     c.write_config(&text.replacen(from, to, 1));
 }
 
+/// SIGSTOPs a daemon; SIGCONTs it when dropped (also when the test fails).
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// How many connections to its peer `n` has logged so far.
 fn connections_logged(n: &Node, peer: &str) -> usize {
     std::fs::read_to_string(n.log_path())
@@ -81,18 +98,23 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     );
     assert_eq!(a.pid(), Some(pid), "the daemon was restarted");
     // Under A a write waits for nothing on the peer: with beta's daemon stopped, 4 MiB go
-    // through at once (under C they would wait for the link's timeout to drop beta).
+    // through while the link still stands and beta has applied none of them (under C they
+    // would wait until the link's timeout dropped beta).
     let first = write_random_file(&c.dir().path().join("first"), 4 * MIB as usize);
-    let beta_pid = nix::unistd::Pid::from_raw(b.pid().expect("beta's pid") as i32);
-    nix::sys::signal::kill(beta_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP beta");
-    let t = std::time::Instant::now();
-    a.nbdcopy_in(&c.dir().path().join("first"));
-    let took = t.elapsed();
-    nix::sys::signal::kill(beta_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT beta");
-    assert!(
-        took < Duration::from_secs(2),
-        "writes waited {took:?} for a stopped peer under protocol A"
-    );
+    let written_before = a.repl_u64("seq_written");
+    {
+        let _stopped = Stopped::new(b.pid().expect("beta's pid"));
+        a.nbdcopy_in(&c.dir().path().join("first"));
+        let r = a.repl();
+        let (written, applied) = (
+            r["seq_written"].as_u64().unwrap_or(0),
+            r["seq_applied"].as_u64().unwrap_or(u64::MAX),
+        );
+        assert!(
+            r["connection"] == "connected" && written > written_before && applied < written,
+            "the writes under A waited for the stopped peer (or never reached the journal): {r}"
+        );
+    }
     c.wait_in_sync(SYNC_TIMEOUT);
     assert_eq!(
         &b.backing_data(4 * MIB)[..],
@@ -119,7 +141,7 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     edit_config(&c, "resync-rate = \"1M\"", "resync-rate = \"0\"");
     let out = a.ctl_ok(&["adjust"]).stdout;
     assert!(
-        out.contains("resource.resync-rate: 1048576 -> 0 (now)"),
+        out.contains("resource.resync-rate: 1M -> 0 (unlimited) (now)"),
         "{out}"
     );
     // 1 MiB/s would need 16 s and more for what is left.
@@ -128,7 +150,7 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     assert!(
         std::fs::read_to_string(a.log_path())
             .unwrap_or_default()
-            .contains("adjust: resource.resync-rate: 1048576 -> 0 (now)"),
+            .contains("adjust: resource.resync-rate: 1M -> 0 (unlimited) (now)"),
         "alpha's log does not record the change\n{}",
         a.log_tail(20)
     );
@@ -198,9 +220,45 @@ fn adjust_reports_what_needs_down_and_up_and_refuses_another_resource() {
     c.write_config("[resource\nname = ");
     let out = a.ctl(&["adjust"]);
     assert!(!out.success(), "{}", out.describe());
-    assert!(out.stderr.contains("error:"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("error:") && out.stderr.contains("blockrep.toml: line 1"),
+        "{}",
+        out.describe()
+    );
     c.write_config(&original);
     assert_eq!(a.repl()["connection"], "connected");
+    assert_eq!(a.repl()["protocol"], "C");
+
+    // A new secret on one node: from the next connection, which it then refuses until the
+    // peer has it too.
+    let secret_line = original
+        .lines()
+        .find(|l| l.starts_with("secret"))
+        .expect("a secret line")
+        .to_string();
+    c.write_config(&original.replacen(&secret_line, "secret = \"a new shared secret\"", 1));
+    let out = a.ctl_ok(&["adjust"]).stdout;
+    assert!(
+        out.contains("resource.secret: (old) -> (new) (from the next connection to the peer)")
+            && out.contains("beta must have the same protocol, encryption and secret")
+            && !out.contains("a new shared secret"),
+        "{out}"
+    );
+    assert_eq!(
+        a.repl()["connection"],
+        "connected",
+        "the secret dropped the link"
+    );
+    a.ctl_ok(&["disconnect"]);
+    a.ctl_ok(&["connect"]);
+    b.wait_repl(CONNECT_TIMEOUT, "refusing alpha's new secret", |r| {
+        r["auth_failures"].as_u64().unwrap_or(0) > 0
+    });
+    assert_ne!(a.repl()["connection"], "connected");
+    let out = b.ctl_ok(&["adjust"]).stdout;
+    assert!(out.contains("resource.secret"), "{out}");
+    a.wait_connected(CONNECT_TIMEOUT);
+    c.wait_in_sync(SYNC_TIMEOUT);
 
     // On a node that is down, adjust brings it up (as DRBD's does).
     b.down();

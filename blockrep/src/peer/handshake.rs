@@ -41,6 +41,8 @@ pub(super) struct Established {
     pub(super) rd: BufReader<LinkRead>,
     pub(super) wr: LinkWrite,
     pub(super) addr: SocketAddr,
+    /// Every byte after the handshake is sealed (`encryption` as both nodes had it then).
+    pub(super) sealed: bool,
 }
 
 /// The protocol as it travels in the hello.
@@ -248,12 +250,18 @@ pub(super) async fn handshake(
         ),
         recv: seal::derive_key(&secret, &cfg.resource, &peer_name, &their_nonce, &my_nonce),
     });
+    let sealed = keys.is_some();
     let (rd, wr) = link::split(s, keys);
     // Small frames come many to a read; a large payload is read mostly straight into its
     // buffer (a read bigger than the buffer bypasses it), not copied out of this one.
     let rd = BufReader::with_capacity(LINK_READ_BUFFER, rd);
     // The states are exchanged by `connection`, once an earlier connection is gone.
-    Ok(Established { rd, wr, addr })
+    Ok(Established {
+        rd,
+        wr,
+        addr,
+        sealed,
+    })
 }
 
 /// The state exchange that opens a connection. It runs only once an earlier connection has

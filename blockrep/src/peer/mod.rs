@@ -631,6 +631,8 @@ fn info_unless(quiet: bool, msg: std::fmt::Arguments) {
 /// Runs one established connection until it fails or ends.
 async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
     let (mut rd, mut wr) = (est.rd, est.wr);
+    res.link_sealed
+        .store(est.sealed, std::sync::atomic::Ordering::Relaxed);
     let (me, peer) = exchange_states(res, &mut rd, &mut wr).await?;
     let my_role = res.role();
     res.set_peer(Some(peer.clone()));

@@ -517,8 +517,7 @@ pub(super) async fn run_verify(
             v.differ_regions = regions;
             v.differ_bytes = bytes;
         });
-        pace.set(res.cfg().resync_rate, done);
-        pace.wait(done).await;
+        pace.wait(done, || res.cfg().resync_rate).await;
     }
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
@@ -567,15 +566,22 @@ impl Pace {
         }
     }
 
-    /// Sleeps until `bytes` (counted as in [`Self::set`]) are due at the rate.
-    async fn wait(&self, bytes: u64) {
-        if self.rate > 0 {
+    /// Sleeps until `bytes` (counted as in [`Self::set`]) are due at the rate, which
+    /// `rate` reads again every fifth of a second: a chunk paced at a low rate may owe
+    /// minutes, and an `adjust` must not wait for them.
+    async fn wait(&mut self, bytes: u64, rate: impl Fn() -> u64) {
+        loop {
+            self.set(rate(), bytes);
+            if self.rate == 0 {
+                return;
+            }
             let due =
                 Duration::from_secs_f64(bytes.saturating_sub(self.base) as f64 / self.rate as f64);
             let el = self.since.elapsed();
-            if due > el {
-                tokio::time::sleep(due - el).await;
+            if due <= el {
+                return;
             }
+            tokio::time::sleep((due - el).min(Duration::from_millis(200))).await;
         }
     }
 }
@@ -720,12 +726,11 @@ pub(super) async fn run_resync(
         }
         // Rate limit on the data that travels (zero and equal regions are a header each).
         // Read each turn: `adjust` may change the rate (and the floor) mid-resync.
-        pace.set(res.cfg().resync_rate, data_bytes);
         rep.resync_floor.store(
             res.cfg().resync_rate_min,
             std::sync::atomic::Ordering::SeqCst,
         );
-        pace.wait(data_bytes).await;
+        pace.wait(data_bytes, || res.cfg().resync_rate).await;
         // The sender and the ack reader share this task: a chunk that needed no waiting (a
         // zero region, journal space free) must not keep them from running, or the peer sees
         // no frame, not even a ping, for the whole sweep.

@@ -310,8 +310,6 @@ pub(super) async fn secondary_side(
     });
     // The earlier stream's tail becomes durable now, not at the next checkpoint.
     ap.make_durable().await?;
-    // Under B the primary acknowledges a write once this node has received it.
-    let ack_on_receipt = res.cfg().protocol == Protocol::B;
     {
         let bytes = rep.lock().bitmap.to_bytes();
         let mut f = Vec::with_capacity(bytes.len() + 64);
@@ -337,8 +335,8 @@ pub(super) async fn secondary_side(
     let hash_file = Arc::new(crate::replication::open_for_resync(&res.cfg().me.backing)?);
     // Hash requests read (up to MAX_HASH_SPAN each) a few at a time: bounded memory.
     let hash_reads = Arc::new(Semaphore::new(8));
-    let protocol = res.cfg().protocol;
     let acker = {
+        let rep = rep.clone();
         let mut failed = ap.failed.subscribe();
         let ap = ap.clone();
         async move {
@@ -364,7 +362,8 @@ pub(super) async fn secondary_side(
                     let due = match sent {
                         None => true,
                         Some(last) => {
-                            ack_is_urgent(protocol, last, marks)
+                            // Read each time: `adjust` may change it.
+                            ack_is_urgent(rep.protocol(), last, marks)
                                 || deferred.is_some_and(|t| t <= tokio::time::Instant::now())
                         }
                     };
@@ -829,7 +828,9 @@ pub(super) async fn secondary_side(
                         });
                     }
                     Msg::Write { .. } | Msg::Zero { .. } => {
-                        if ack_on_receipt && rd.buffer().is_empty() {
+                        // Under B the primary acknowledges a write once this node has
+                        // received it.
+                        if rep.protocol() == Protocol::B && rd.buffer().is_empty() {
                             // Nothing more has arrived: the primary may be waiting on this
                             // receipt. Let the acker (polled first) send it, then apply.
                             ap.ack_receipt_now
