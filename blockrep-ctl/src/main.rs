@@ -2,6 +2,8 @@
 //! `primary`, `secondary`, `status`, `dump-md`. Offline commands (create-md, dump-md) work on
 //! the backing device directly; the rest talk to the node's daemon over its control socket.
 
+mod events;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -118,6 +120,16 @@ enum Cmd {
     },
     /// Print the metadata in readable form.
     DumpMd,
+    /// Print the node's state as lines (`exists ...`, then `exists -`), then a line for every
+    /// change of it (`change`, `create`, `destroy`), until stopped: DRBD's `drbdsetup
+    /// events2`, for monitoring scripts. Objects: resource (up, role), device (disk, disk
+    /// failed, stalled, clients), connection (state, peer role), peer-device (peer disk, out
+    /// of sync, fence outcome, verify). A daemon that stops is followed until it is back.
+    Events {
+        /// Print the current state and exit.
+        #[arg(long)]
+        now: bool,
+    },
     /// Read the config file again and apply what changed to the running node (DRBD's
     /// `adjust`): protocol, resync rates, ko-count, fencing and handlers at once; csums from
     /// the next resync; encryption, secret, after-sb-0pri and the peer's addresses from the
@@ -155,6 +167,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
         Cmd::Outdate => outdate(&cfg),
         Cmd::Adjust { dry_run } => adjust(&cfg, dry_run),
+        Cmd::Events { now } => follow_events(&cfg, now),
         Cmd::NewCurrentUuid { clear_bitmap } => {
             if !clear_bitmap {
                 bail!(
@@ -347,6 +360,37 @@ fn simple(cfg: &Config, req: Request) -> Result<()> {
     let mut c = Control::connect(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
     println!("{}", expect_ok(c.call(&req)?)?);
     Ok(())
+}
+
+/// How often `events` asks for the status: a change is printed within this.
+const EVENTS_POLL: Duration = Duration::from_millis(200);
+
+fn follow_events(cfg: &Config, now: bool) -> Result<()> {
+    let snapshot = || -> Result<Vec<events::Object>> {
+        let st = query_status(cfg)?;
+        Ok(events::objects(&cfg.resource, &cfg.me.name, st.as_ref()))
+    };
+    let mut last = snapshot()?;
+    let mut out = std::io::stdout().lock();
+    for l in events::exists(&last) {
+        writeln!(out, "{l}")?;
+    }
+    out.flush()?;
+    if now {
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(EVENTS_POLL);
+        // A daemon that does not answer this time (stalled on its disk) changes nothing.
+        let Ok(next) = snapshot() else {
+            continue;
+        };
+        for l in events::diff(&last, &next) {
+            writeln!(out, "{l}")?;
+        }
+        out.flush()?;
+        last = next;
+    }
 }
 
 fn adjust(cfg: &Config, dry_run: bool) -> Result<()> {

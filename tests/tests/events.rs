@@ -1,0 +1,113 @@
+//! `blockrep-ctl events` (DRBD's `drbdsetup events2`): a monitoring script reads the node's
+//! state and then one line per change, across a disconnect, a role change and a restart of
+//! the daemon.
+//!
+//! Real daemons, real TCP; the events reader is the real CLI, run in the background.
+
+use std::process::Command;
+use std::time::Duration;
+
+use blockrep_e2e::*;
+
+/// Waits until a line of the events log after byte `from` contains `needle`; returns the
+/// offset just past that line.
+fn wait_line(ev: &ChildGuard, from: usize, needle: &str) -> usize {
+    let find = |log: &str| -> Option<usize> {
+        let mut at = from;
+        for line in log.get(from..)?.split_inclusive('\n') {
+            at += line.len();
+            if line.ends_with('\n') && line.contains(needle) {
+                return Some(at);
+            }
+        }
+        None
+    };
+    let mut log = String::new();
+    let found = wait_for(Duration::from_secs(20), || {
+        log = ev.log();
+        find(&log).is_some()
+    });
+    assert!(
+        found,
+        "no {needle:?} after byte {from} of the events:\n{log}"
+    );
+    find(&log).unwrap_or(from)
+}
+
+#[test]
+fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
+    let c = Cluster::builder("events")
+        .nodes(2)
+        .backing_size(64 << 20)
+        .journal_size("8M")
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let r = c.resource().to_string();
+
+    let now = a.ctl_ok(&["events", "--now"]).stdout;
+    let want = [
+        format!("exists resource name:{r} node:alpha up:yes role:primary"),
+        format!("exists device name:{r} disk:up-to-date disk-failed:no stalled:no clients:0"),
+        format!("exists connection name:{r} conn-name:beta connection:connected role:secondary"),
+        format!("exists peer-device name:{r} conn-name:beta peer-disk:up-to-date out-of-sync:no"),
+        "exists -".to_string(),
+    ];
+    assert_eq!(now.lines().collect::<Vec<_>>(), want, "{now}");
+
+    let log = c.dir().path().join("events.log");
+    let mut cmd = Command::new(a.ctl_path());
+    cmd.arg("-c")
+        .arg(a.config_path())
+        .arg("-n")
+        .arg("alpha")
+        .arg("events");
+    let mut ev = ChildGuard::spawn(&mut cmd, Some(&log));
+    let mut at = wait_line(&ev, 0, "exists -");
+
+    // The peer leaves and comes back.
+    b.ctl_ok(&["disconnect"]);
+    at = wait_line(
+        &ev,
+        at,
+        &format!("change connection name:{r} conn-name:beta connection:connecting role:unknown"),
+    );
+    b.ctl_ok(&["connect"]);
+    at = wait_line(
+        &ev,
+        at,
+        &format!("change connection name:{r} conn-name:beta connection:connected role:secondary"),
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // A demotion, then the daemon stops and starts again.
+    a.ctl_ok(&["secondary"]);
+    at = wait_line(&ev, at, &format!("change resource name:{r} role:secondary"));
+    a.down();
+    at = wait_line(
+        &ev,
+        at,
+        &format!("destroy connection name:{r} conn-name:beta"),
+    );
+    at = wait_line(&ev, at, &format!("change resource name:{r} up:no"));
+    a.up();
+    at = wait_line(
+        &ev,
+        at,
+        &format!("change resource name:{r} up:yes role:secondary"),
+    );
+    // Created connecting or connected, depending on the poll; connected in the end.
+    wait_line(
+        &ev,
+        at,
+        &format!("create connection name:{r} conn-name:beta"),
+    );
+    wait_line(
+        &ev,
+        at,
+        "conn-name:beta connection:connected role:secondary",
+    );
+    assert!(ev.running(), "events stopped:\n{}", ev.log());
+    ev.kill();
+}
