@@ -19,6 +19,8 @@ pub struct ChildGuard {
     child: Option<Child>,
     what: String,
     log: Option<PathBuf>,
+    /// How it exited, once [`Self::wait_exit`] saw it.
+    exited: Option<std::process::ExitStatus>,
 }
 
 impl ChildGuard {
@@ -47,6 +49,7 @@ impl ChildGuard {
             child: Some(child),
             what,
             log: log.map(Path::to_path_buf),
+            exited: None,
         }
     }
 
@@ -78,8 +81,9 @@ impl ChildGuard {
         };
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(Some(_)) = c.try_wait() {
+            if let Ok(Some(st)) = c.try_wait() {
                 self.child = None;
+                self.exited = Some(st);
                 return true;
             }
             if Instant::now() >= deadline {
@@ -87,6 +91,12 @@ impl ChildGuard {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Its exit code, once [`Self::wait_exit`] saw it exit (`None` before, or if a signal
+    /// ended it).
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exited.and_then(|s| s.code())
     }
 
     /// SIGKILLs and reaps the process.
