@@ -123,6 +123,9 @@ pub struct Resource {
     /// The current connection is sealed (it may differ from `encryption` after an
     /// `adjust`, until the next connection).
     pub link_sealed: std::sync::atomic::AtomicBool,
+    /// A resync to this node started (its SyncStart ran before-resync-target): its SyncDone
+    /// runs after-resync-target.
+    pub resync_target_started: std::sync::atomic::AtomicBool,
     /// One `adjust` at a time: each plans from the configuration the last one left.
     adjust_lock: tokio::sync::Mutex<()>,
     /// This node's disks, held exclusively while the resource is up.
@@ -372,6 +375,7 @@ impl Resource {
             link_key: std::sync::RwLock::new(link_key),
             link_sealed: std::sync::atomic::AtomicBool::new(false),
             adjust_lock: tokio::sync::Mutex::new(()),
+            resync_target_started: std::sync::atomic::AtomicBool::new(false),
             skip_ops: tokio::sync::Mutex::new(()),
         });
         let watcher = tokio::spawn(watch_disk_errors(

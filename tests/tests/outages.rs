@@ -1898,3 +1898,82 @@ fn discard_my_data_without_a_split_brain_keeps_the_newer_data() {
         "alpha kept its write through the split brain",
     );
 }
+
+/// The resync handlers come in pairs, as DRBD's do (a `before-resync-target` that takes a
+/// snapshot and an `after-resync-target` that drops it): both run for a resync, neither for
+/// the journal catch-up that follows a switchover.
+#[test]
+fn resync_handlers_run_in_pairs_and_not_for_a_journal_catch_up() {
+    let tmp = TestDir::new("out-handler-pairs");
+    let (handlers, hlog) = handler_table(tmp.path());
+    let c = pair("out-handler-pairs", &handlers, |b| {
+        b.backing_size(64 << 20).journal_size("8M")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let r = c.resource().to_string();
+    let count = |node: &str, event: &str| -> usize {
+        std::fs::read_to_string(&hlog)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{node} {r} {event} ")))
+            .count()
+    };
+    let pairs = |n: usize| {
+        count("alpha", "before-resync-source") == n
+            && count("alpha", "after-resync-source") == n
+            && count("beta", "before-resync-target") == n
+            && count("beta", "after-resync-target") == n
+    };
+    // The initial full sync: one pair on each side.
+    assert!(
+        wait_for(Duration::from_secs(10), || pairs(1)),
+        "the initial sync's handlers:\n{}",
+        std::fs::read_to_string(&hlog).unwrap_or_default()
+    );
+
+    // An outage shorter than the journal: alpha writes on alone (a new data generation),
+    // and beta catches up from the journal.
+    b.ctl_ok(&["disconnect"]);
+    a.wait_not_connected(CONNECT_TIMEOUT);
+    let f = c.dir().path().join("outage");
+    write_random_file(&f, 1 << 20);
+    a.nbdcopy_in(&f);
+    b.ctl_ok(&["connect"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    assert!(
+        log_lines(b, "catch").len() + log_lines(a, "journal").len() > 0,
+        "no journal catch-up logged\n{}",
+        a.log_tail(20)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let text = std::fs::read_to_string(&hlog).unwrap_or_default();
+    assert!(
+        pairs(1),
+        "resync handlers ran for a journal catch-up:\n{text}"
+    );
+
+    // A switchover, then writes on beta that alpha catches up on from the journal.
+    a.ctl_ok(&["secondary"]);
+    b.ctl_ok(&["primary"]);
+    let f = c.dir().path().join("data");
+    write_random_file(&f, 2 << 20);
+    b.nbdcopy_in(&f);
+    b.wait_repl(SYNC_TIMEOUT, "caught up", |r| {
+        r["connection"] == "connected"
+            && r["lag_writes"] == 0
+            && r["out_of_sync"] == 0
+            && r["seq_applied"] == r["seq_written"]
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let text = std::fs::read_to_string(&hlog).unwrap_or_default();
+    assert!(
+        pairs(1),
+        "resync handlers ran for a journal catch-up:\n{text}"
+    );
+    for ev in ["before-resync-source", "after-resync-source"] {
+        assert_eq!(count("beta", ev), 0, "{text}");
+    }
+    for ev in ["before-resync-target", "after-resync-target"] {
+        assert_eq!(count("alpha", ev), 0, "{text}");
+    }
+}

@@ -196,7 +196,7 @@ pub(super) async fn primary_side(
                     rep.lock().clear_at = Some(seq);
                 }
                 if journal_sync {
-                    finish_sync(&res, &rep, std::time::Instant::now(), 0).await?;
+                    finish_sync(&res, &rep, std::time::Instant::now(), 0, false).await?;
                 }
             }
             std::future::pending::<Result<(), LinkError>>().await
@@ -742,7 +742,7 @@ pub(super) async fn run_resync(
             sent - equal_bytes - data_bytes
         );
     }
-    finish_sync(res, rep, started, sent).await?;
+    finish_sync(res, rep, started, sent, true).await?;
     if let Ok(mut p) = res.resync.lock() {
         *p = None;
     }
@@ -750,12 +750,14 @@ pub(super) async fn run_resync(
 }
 
 /// Ends a sync: a SyncDone record after everything sent; once the target applied it, both
-/// sides are on this node's generation and the bitmap generation is forgotten.
+/// sides are on this node's generation and the bitmap generation is forgotten. `resync`: a
+/// bitmap resync, which ran `before-resync-source` (a journal catch-up runs neither handler).
 pub(super) async fn finish_sync(
     res: &Arc<Resource>,
     rep: &Arc<Replication>,
     started: std::time::Instant,
     sent: u64,
+    resync: bool,
 ) -> Result<(), LinkError> {
     // A source whose disk lost writes during the resync may have sent damaged regions: the
     // target must not be declared up to date from them.
@@ -829,7 +831,9 @@ pub(super) async fn finish_sync(
         .await
         .map_err(|e| LinkError::Protocol(e.to_string()))?;
         res.sync_source_done();
-        res.run_handler("after-resync-source");
+        if resync {
+            res.run_handler("after-resync-source");
+        }
     }
     if let Ok(mut p) = res.resync.lock() {
         *p = None;

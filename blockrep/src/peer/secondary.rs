@@ -488,6 +488,8 @@ pub(super) async fn secondary_side(
                                 if full { ", full" } else { "" }
                             );
                             res.run_handler("before-resync-target");
+                            res.resync_target_started
+                                .store(true, std::sync::atomic::Ordering::SeqCst);
                             res.set_link_state("sync-target", None);
                             if let Ok(mut p) = res.resync.lock() {
                                 *p = Some((bytes, 0, std::time::Instant::now()));
@@ -805,7 +807,15 @@ pub(super) async fn secondary_side(
                                         "up to date"
                                     }
                                 );
-                                ap.res.run_handler("after-resync-target");
+                                // Paired with before-resync-target: a journal catch-up
+                                // (no SyncStart) ends with a SyncDone too, and runs neither.
+                                if ap
+                                    .res
+                                    .resync_target_started
+                                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                                {
+                                    ap.res.run_handler("after-resync-target");
+                                }
                             }
                             ap.finish(seq);
                             drop(permit);
