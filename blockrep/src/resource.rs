@@ -2169,7 +2169,7 @@ impl Resource {
         }
         if lacks {
             tracing::warn!(
-                "the peer lacks writes of this node: new data generation {new_id:016X}, so the next connect sends them to it"
+                "the peer lacks writes of this node: new data generation {new_id:016X}, so a connect sends them to it (unless the peer changed its data too: a split brain)"
             );
         }
         if let Ok(mut r) = self.role.lock() {
@@ -2189,14 +2189,25 @@ impl Resource {
                 "{name} is now secondary; its disk failed a flush, so the peer holds the good copy (every acknowledged write): promote the peer (a plain `primary` there), then repair or replace this disk (`down`, `create-md` on a new one, `up`)"
             )
         } else if lacks || lacking > 0 {
-            format!(
-                "{name} is now secondary; the peer lacks writes of this node ({lacking} bytes out of sync{}): the next connect sends them to it, so do not promote the peer with --force before that",
-                if lacks {
-                    format!(", new data generation {new_id:016X}")
-                } else {
-                    String::new()
-                }
-            )
+            let generation = if lacks {
+                format!(", new data generation {new_id:016X}")
+            } else {
+                String::new()
+            };
+            if self
+                .split_brain_reported
+                .load(std::sync::atomic::Ordering::SeqCst)
+                != 0
+            {
+                // Both changed the data: a connect moves nothing until one side gives up.
+                format!(
+                    "{name} is now secondary; it and the peer both changed the data (a split brain: {lacking} bytes of this node's changes{generation}): a connect is refused until one side discards its changes (`connect --discard-my-data` on the node whose changes go)"
+                )
+            } else {
+                format!(
+                    "{name} is now secondary; the peer lacks writes of this node ({lacking} bytes out of sync{generation}): a connect sends them to it (unless the peer changed its data too: a split brain), so do not promote the peer with --force before that"
+                )
+            }
         } else {
             format!("{name} is now secondary")
         })
@@ -2313,7 +2324,7 @@ impl Resource {
         .or_else(|e| self.tolerate_on_failed_disk(e, "the stop"))?;
         if lacks {
             tracing::warn!(
-                "the peer lacks writes of this node: new data generation {new_id:016X}, so the next connect sends them to it"
+                "the peer lacks writes of this node: new data generation {new_id:016X}, so a connect sends them to it (unless the peer changed its data too: a split brain)"
             );
         }
         if let Ok(mut r) = self.role.lock() {

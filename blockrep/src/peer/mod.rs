@@ -938,7 +938,7 @@ fn disk_name(disk: u8) -> &'static str {
     }
 }
 
-fn peer_name(res: &Resource) -> String {
+pub(super) fn peer_name(res: &Resource) -> String {
     res.cfg()
         .peer
         .as_ref()

@@ -778,14 +778,18 @@ pub(super) async fn finish_sync(
             || res
                 .premature_outdate
                 .load(std::sync::atomic::Ordering::SeqCst);
-        tracing::info!(
-            "resync done: {sent} bytes in {secs:.1} s; the peer is {}",
-            if good {
-                "up to date"
-            } else {
-                "in sync with this node, and outdated like it"
-            }
-        );
+        let peer_is = if good {
+            "up to date"
+        } else {
+            "in sync with this node, and outdated like it"
+        };
+        if resync {
+            tracing::info!("resync done: {sent} bytes in {secs:.1} s; the peer is {peer_is}");
+        } else {
+            tracing::info!(
+                "journal catch-up done: the peer applied every write through sequence {seq} in {secs:.1} s; it is {peer_is}"
+            );
+        }
         res.set_link_state("connected", None);
         // A crashed primary that is secondary now: its crash is handled (its extents reached
         // the peer), so a later crash as secondary is not taken for a primary's.

@@ -484,7 +484,8 @@ pub(super) async fn secondary_side(
                         } => {
                             // This node becomes the sync target: inconsistent until SyncDone.
                             tracing::info!(
-                                "resync from the primary: {bytes} bytes{}, stream from sequence {seq}",
+                                "resync from {}: {bytes} bytes{}, stream from sequence {seq}",
+                                peer_name(&res),
                                 if full { ", full" } else { "" }
                             );
                             res.run_handler("before-resync-target");
@@ -799,21 +800,22 @@ pub(super) async fn secondary_side(
                                     .store(0, std::sync::atomic::Ordering::Relaxed);
                                 ap.res.set_link_state("connected", None);
                                 let outdated = ap.res.node_state().disk == 1;
+                                // Paired with before-resync-target: a journal catch-up
+                                // (no SyncStart) ends with a SyncDone too, and runs neither.
+                                let resync = ap
+                                    .res
+                                    .resync_target_started
+                                    .swap(false, std::sync::atomic::Ordering::SeqCst);
                                 tracing::info!(
-                                    "resync done: this node is {}",
+                                    "{} done: this node is {}",
+                                    if resync { "resync" } else { "journal catch-up" },
                                     if outdated {
                                         "in sync with its peer, and outdated like it (or leaving it)"
                                     } else {
                                         "up to date"
                                     }
                                 );
-                                // Paired with before-resync-target: a journal catch-up
-                                // (no SyncStart) ends with a SyncDone too, and runs neither.
-                                if ap
-                                    .res
-                                    .resync_target_started
-                                    .swap(false, std::sync::atomic::Ordering::SeqCst)
-                                {
+                                if resync {
                                     ap.res.run_handler("after-resync-target");
                                 }
                             }
