@@ -485,7 +485,7 @@ pub(super) async fn secondary_side(
                             // This node becomes the sync target: inconsistent until SyncDone.
                             tracing::info!(
                                 "resync from {}: {bytes} bytes{}, stream from sequence {seq}",
-                                peer_name(&res),
+                                peer_name(res),
                                 if full { ", full" } else { "" }
                             );
                             res.run_handler("before-resync-target");
