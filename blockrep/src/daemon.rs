@@ -57,6 +57,7 @@ impl Daemon {
         let msg = match r {
             Some(r) => {
                 if let Err(e) = r.down().await {
+                    r.cancel_leaving();
                     // Still there (its tasks, its claim on the disk): shown as up, and a
                     // later `down` tries again.
                     *self.res.lock().await = Some(r);

@@ -126,6 +126,12 @@ pub struct Resource {
     /// A resync to this node started (its SyncStart ran before-resync-target): its SyncDone
     /// runs after-resync-target.
     pub resync_target_started: std::sync::atomic::AtomicBool,
+    /// The side channel of a connection run as primary (see peer/primary.rs): `down` tells
+    /// the peer through it that this node goes down cleanly.
+    pub leave_tx: Mutex<Option<tokio::sync::mpsc::Sender<proto::peer::Msg>>>,
+    /// A primary going down cleanly told its peer so: the link starts no new connection and
+    /// losing the peer fences nobody.
+    leaving: std::sync::atomic::AtomicBool,
     /// One `adjust` at a time: each plans from the configuration the last one left.
     adjust_lock: tokio::sync::Mutex<()>,
     /// This node's disks, held exclusively while the resource is up.
@@ -375,6 +381,8 @@ impl Resource {
             link_key: std::sync::RwLock::new(link_key),
             link_sealed: std::sync::atomic::AtomicBool::new(false),
             adjust_lock: tokio::sync::Mutex::new(()),
+            leave_tx: Mutex::new(None),
+            leaving: std::sync::atomic::AtomicBool::new(false),
             resync_target_started: std::sync::atomic::AtomicBool::new(false),
             skip_ops: tokio::sync::Mutex::new(()),
         });
@@ -1432,11 +1440,61 @@ impl Resource {
     }
 
     pub fn set_peer(&self, peer: Option<NodeState>) {
+        let mut l = self.link();
         if peer.is_some() {
             self.handshakes
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Heard from again: whatever it said when it left is history.
+            l.peer_left = None;
         }
-        self.link().peer = peer;
+        l.peer = peer;
+    }
+
+    /// The primary went down cleanly, and this node holds its every write through `issued`
+    /// durably (see `Msg::Leaving`).
+    pub fn peer_left_cleanly(&self, issued: u64) {
+        self.link().peer_left = Some(issued);
+    }
+
+    /// This node, a primary going down, told its peer so (see [`Self::tell_peer_leaving`]).
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A primary's `down`, once the peer made every write durable: tells the peer this node
+    /// goes down cleanly, so that it may be promoted without `--force` (it closes the link
+    /// once it has taken this in). From here on the link starts no new connection, which
+    /// would show this node to the peer as primary again.
+    async fn tell_peer_leaving(&self) {
+        let Some(rep) = &self.rep else { return };
+        let issued = rep.lock().issued;
+        let a = rep.acks();
+        if !(a.connected && a.durable >= issued) {
+            return;
+        }
+        let Some(tx) = self.leave_tx.lock().ok().and_then(|t| t.clone()) else {
+            return;
+        };
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if tx.send(proto::peer::Msg::Leaving { issued }).await.is_err() {
+            return;
+        }
+        let mut rx = rep.subscribe_acks();
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|a| !a.connected)).await;
+        if rep.acks().connected {
+            tracing::warn!(
+                "the peer did not take in that this node goes down: it will see a lost primary"
+            );
+        } else {
+            tracing::info!("the peer knows this node goes down cleanly, with every write");
+        }
+    }
+
+    /// A `down` that failed after [`Self::tell_peer_leaving`]: the link may connect again.
+    pub fn cancel_leaving(&self) {
+        self.leaving
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// See the field.
@@ -1509,6 +1567,7 @@ impl Resource {
             } else {
                 Role::Secondary
             }),
+            _ if l.peer_left.is_some() => PeerView::LeftCleanly,
             _ => PeerView::Unknown,
         }
     }
@@ -1892,7 +1951,7 @@ impl Resource {
             if let Some(pg) = peer_gen.filter(|pg| state::peer_is_ahead(&gen, pg)) {
                 return Err(peer_ahead(&pg, &gen));
             }
-            let view = if fencing && peer == PeerView::Unknown {
+            let view = if fencing && matches!(peer, PeerView::Unknown | PeerView::LeftCleanly) {
                 PeerView::Fenced
             } else {
                 peer
@@ -1914,7 +1973,9 @@ impl Resource {
                 }
                 // The peer may have come back while the handler ran (a slow one): its
                 // answer is then stale, and the peer may be primary. Decided again, with it.
-                if self.peer_view() != PeerView::Unknown || self.handshakes() != links_before {
+                if !matches!(self.peer_view(), PeerView::Unknown | PeerView::LeftCleanly)
+                    || self.handshakes() != links_before
+                {
                     return Err(NodeError::Refused(
                         "the peer connected while it was being fenced: run `primary` again to decide with it connected".into(),
                     ));
@@ -1923,6 +1984,11 @@ impl Resource {
                 fence_note = format!("; the peer was fenced first: {}", outcome.describe());
                 self.link().fence = Some((outcome.describe(), outcome.peer_disk()));
                 peer = PeerView::Fenced;
+            } else if view == PeerView::LeftCleanly {
+                // Checked again under the commit: the peer heard from since is no longer
+                // known to be down.
+                fenced_at = Some(self.handshakes());
+                fence_note = "; the peer had gone down cleanly, handing over every write".into();
             }
         }
         struct Release<'a>(&'a std::sync::atomic::AtomicBool);
@@ -1948,7 +2014,7 @@ impl Resource {
             // answer is stale, the peer may be primary.
             if fenced_at.is_some_and(|n| n != handshakes.load(std::sync::atomic::Ordering::SeqCst)) {
                 return Err(NodeError::Refused(
-                    "the peer connected while it was being fenced: run `primary` again to decide with it connected".into(),
+                    "the peer connected while this promotion was being decided: run `primary` again to decide with it connected".into(),
                 ));
             }
             // A connected peer with newer data (it is resyncing or catching this node up)
@@ -2255,6 +2321,7 @@ impl Resource {
         self.stop_serving().await?;
         if self.role() == Role::Primary {
             self.drain_to_peer().await;
+            self.tell_peer_leaving().await;
         } else if let Err(e) = self.outdate_before_leaving().await {
             // Going down anyway (the disk may be failing): said loudly.
             tracing::error!("{e}; going down without it");
@@ -2353,10 +2420,14 @@ impl Resource {
         let a = rep.acks();
         if a.connected && a.durable >= issued {
             tracing::info!("peer has every write up to sequence {issued}");
-        } else if r.is_err() || !a.connected {
+        } else if !a.connected {
+            // Its marks are an earlier connection's: not worth quoting.
             tracing::warn!(
-                "the peer {} not confirmed the writes after sequence {} (this node issued up to {issued}): the journal and bitmap keep them for its next connect",
-                if a.connected { "has" } else { "is not connected and has" },
+                "the peer is not connected: the journal and bitmap keep what it lacks of this node's writes (up to sequence {issued}) for its next connect"
+            );
+        } else if r.is_err() {
+            tracing::warn!(
+                "the peer has not confirmed the writes after sequence {} within 10 s (this node issued up to {issued}): the journal and bitmap keep them for its next connect",
                 a.durable
             );
         }

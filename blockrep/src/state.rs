@@ -34,6 +34,10 @@ pub enum PeerView {
     Connected(Role),
     /// Configured but not connected: we cannot know what it does.
     Unknown,
+    /// Not connected since the peer, a primary, went down cleanly with this node holding its
+    /// every write (`Msg::Leaving`), and nothing heard from it since: a plain promotion is
+    /// safe (the peer can only come back as a secondary).
+    LeftCleanly,
     /// Not connected, and the `fence-peer` handler just outdated it (or found its node down
     /// or fenced off): with resource-level fencing that makes a plain promotion safe, as in
     /// DRBD, where a fenced failover needs no `--force`.
@@ -309,6 +313,24 @@ mod tests {
         assert_eq!(p.gen.current, 11);
         assert_eq!(p.gen.history, [10, 9]);
         assert_eq!(p.gen.bitmap, 10);
+    }
+
+    #[test]
+    fn a_peer_that_went_down_cleanly_needs_no_force_but_a_new_generation() {
+        let g = Generations {
+            current: 10,
+            bitmap: 0,
+            history: [9, 8],
+        };
+        let p = promote(DiskState::UpToDate, g, PeerView::LeftCleanly, false, 11).unwrap();
+        assert_eq!(p.gen.current, 11);
+        assert_eq!(
+            p.gen.bitmap, 10,
+            "the bitmap counts what the peer lacks from here"
+        );
+        // Not a disk that is not up to date.
+        assert!(promote(DiskState::Outdated, g, PeerView::LeftCleanly, false, 11).is_err());
+        assert!(promote(DiskState::Inconsistent, g, PeerView::LeftCleanly, false, 11).is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -221,6 +221,12 @@ pub enum Msg {
     SyncProgress {
         total: u64,
         done: u64,
+    },
+    /// Primary to secondary, at its `down` (protocol 12), once the secondary made every
+    /// write through `issued` durable: the primary goes down cleanly and will not write on.
+    /// The secondary closes the connection and may then be promoted without `--force`.
+    Leaving {
+        issued: u64,
     },
 }
 

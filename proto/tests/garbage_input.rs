@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 21;
+const VARIANTS: usize = 22;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -88,6 +88,7 @@ fn variant(m: &Msg) -> usize {
         Msg::SkipSync { .. } => 18,
         Msg::SkipSyncReply { .. } => 19,
         Msg::SyncProgress { .. } => 20,
+        Msg::Leaving { .. } => 21,
     }
 }
 
@@ -212,6 +213,9 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         20 => Msg::SyncProgress {
             total: rng.u64_edge(),
             done: rng.u64_edge(),
+        },
+        21 => Msg::Leaving {
+            issued: rng.u64_edge(),
         },
         18 => Msg::SkipSync {
             gen: rng.u64_edge(),

@@ -510,3 +510,73 @@ fn the_control_socket_refuses_other_users() {
     // Root still gets its answers.
     assert_eq!(n.status_json()["up"], true);
 }
+
+/// A primary that goes down cleanly (a service stop: SIGTERM is a forced `down`) hands its
+/// peer every write and tells it so; the peer is then promoted with a plain `primary`, as an
+/// admin used to DRBD expects after a planned shutdown. The old primary comes back as the
+/// catch-up target. A primary killed with -9 still leaves its peer needing `--force`.
+#[test]
+fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
+    let c = Cluster::builder("clean-leave")
+        .nodes(2)
+        .backing_size(64 << 20)
+        .journal_size("8M")
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let first = c.dir().path().join("first");
+    let data = write_random_file(&first, 4 << 20);
+    a.nbdcopy_in(&first);
+
+    // The service stop, at once after the writes (the down hands them over).
+    let pid = a.pid().expect("alpha's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(
+        wait_pid_gone(pid, Duration::from_secs(30)),
+        "alpha did not stop"
+    );
+    b.wait_repl(CONNECT_TIMEOUT, "told that alpha went down cleanly", |r| {
+        r["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("went down cleanly"))
+    });
+    let out = b.ctl_ok(&["primary"]).stdout;
+    assert!(out.contains("gone down cleanly"), "{out}");
+    assert_eq!(
+        &b.backing_data(4 << 20)[..],
+        &data[..],
+        "beta lacks alpha's last writes"
+    );
+    let second = c.dir().path().join("second");
+    write_random_file(&second, 2 << 20);
+    b.nbdcopy_in(&second);
+
+    // Alpha comes back as a secondary and catches up from beta.
+    a.up();
+    b.wait_repl(SYNC_TIMEOUT, "alpha caught up", |r| {
+        r["connection"] == "connected"
+            && r["lag_writes"] == 0
+            && r["out_of_sync"] == 0
+            && r["seq_applied"] == r["seq_written"]
+    });
+    c.assert_replicas_identical(size, "after alpha came back");
+    assert_eq!(a.status_json()["role"], "secondary");
+
+    // A crash is not a clean leave: alpha needs --force.
+    let pid = b.pid().expect("beta's pid");
+    b.kill9();
+    assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+    a.wait_not_connected(CONNECT_TIMEOUT);
+    let out = a.ctl(&["primary"]);
+    assert!(
+        !out.success() && out.stderr.contains("--force"),
+        "a plain primary after the peer's crash:\n{}",
+        out.describe()
+    );
+}

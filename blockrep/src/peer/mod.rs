@@ -115,6 +115,10 @@ pub struct LinkInfo {
     /// The `fence-peer` handler's run since the link was lost: what it said, and the peer's
     /// disk as it leaves it (`None`: unknown). Cleared when the link is back.
     pub fence: Option<(String, Option<&'static str>)>,
+    /// The primary said it went down cleanly (`Msg::Leaving`) once this node held its every
+    /// write through this sequence durably: a plain `primary` may then follow. Cleared as
+    /// soon as the peer is heard from again.
+    pub peer_left: Option<u64>,
 }
 
 /// Admin control of the link: `disconnect` makes it standalone; `bump` forces a reconnect
@@ -268,6 +272,11 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
     let mut backoff = Duration::from_millis(50);
     let mut pending: Option<Established> = None;
     loop {
+        // Going down cleanly (see `Resource::tell_peer_leaving`): no new connection, which
+        // would show the peer this node as primary again.
+        while res.is_leaving() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let c = *ctl.borrow_and_update();
         if c.standalone {
             res.set_link_state("standalone", None);
@@ -380,7 +389,7 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         res.link_down().await;
         // With resource-level fencing, a primary that lost its peer has it outdated by
         // another path (a resync target is inconsistent: the handler says so, harmlessly).
-        if ran_as_primary && res.role() == crate::state::Role::Primary {
+        if ran_as_primary && res.role() == crate::state::Role::Primary && !res.is_leaving() {
             res.fence_peer();
         }
         if was_established {
@@ -445,6 +454,9 @@ const PEER_LOST_GRACE: Duration = Duration::from_secs(2);
 /// Why a link closed because this node asked it to (not a fault: logged at info).
 const ADMIN_CLOSE: &str = "role change or admin command";
 
+/// Why a secondary closed its link: its primary went down cleanly (`Msg::Leaving`).
+pub(super) const PEER_LEFT: &str = "the peer went down cleanly";
+
 /// The link error for a failed step of a resync or verify: a failed read of this node's disk
 /// is a disk error (counted in `disk_errors`, the local-io-error handler runs, and the log
 /// names the disk), not a network one.
@@ -463,6 +475,9 @@ fn step_error(res: &Resource, e: std::io::Error) -> LinkError {
 fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
     // What `status` shows as the last error: a peer that went down cleanly is not a fault.
     let shown = match e {
+        LinkError::Closed(why) if *why == PEER_LEFT => {
+            "the peer went down cleanly, handing over every write".to_string()
+        }
         LinkError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             "the peer closed the connection (it went down or restarted, or the network cut it)"
                 .to_string()

@@ -537,6 +537,23 @@ pub(super) async fn secondary_side(
                             res.verify_reported(&r);
                             continue;
                         }
+                        Msg::Leaving { issued } => {
+                            // The primary goes down cleanly. Only if this node holds its every
+                            // write durably may it be promoted without --force afterwards.
+                            let durable = ap.lock().durable;
+                            let peer = peer_name(res);
+                            if durable >= issued {
+                                tracing::info!(
+                                    "{peer} goes down cleanly: this node holds every write it made (through sequence {issued}), durably; `primary` here needs no --force"
+                                );
+                                res.peer_left_cleanly(issued);
+                            } else {
+                                tracing::warn!(
+                                    "{peer} goes down, but this node made its writes durable only through sequence {durable} of {issued}"
+                                );
+                            }
+                            return Err(LinkError::Closed(PEER_LEFT));
+                        }
                         Msg::SyncProgress { total, done } => {
                             // Shown by `status` only: nothing here depends on it.
                             if res.link_state() == "sync-target" {
