@@ -1450,6 +1450,12 @@ impl Resource {
         l.peer = peer;
     }
 
+    /// The peer was heard from (a Hello naming it, authenticated or not): it is up again,
+    /// so whatever it said when it left is history.
+    pub fn peer_heard(&self) {
+        self.link().peer_left = None;
+    }
+
     /// The primary went down cleanly, and this node holds its every write through `issued`
     /// durably (see `Msg::Leaving`).
     pub fn peer_left_cleanly(&self, issued: u64) {
@@ -1469,7 +1475,12 @@ impl Resource {
         let Some(rep) = &self.rep else { return };
         let issued = rep.lock().issued;
         let a = rep.acks();
-        if !(a.connected && a.durable >= issued) {
+        // Only a connection run as primary, with the peer durable through every write and
+        // nothing else it lacks (bitmap regions: an overflow, a resync not finished, verify
+        // marks): otherwise the down starts a new generation and a promotion of the peer is
+        // a split brain to report, not a clean hand-over.
+        let handed_over = a.connected && a.durable >= issued && rep.link_ran_as_primary();
+        if !handed_over || self.device.sync_failed() || self.leaves_divergence(rep) {
             return;
         }
         let Some(tx) = self.leave_tx.lock().ok().and_then(|t| t.clone()) else {
@@ -1477,7 +1488,16 @@ impl Resource {
         };
         self.leaving
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        if tx.send(proto::peer::Msg::Leaving { issued }).await.is_err() {
+        // Bounded: a peer that still pings but takes nothing holds the sender.
+        let sent = tokio::time::timeout(
+            Duration::from_secs(2),
+            tx.send(proto::peer::Msg::Leaving { issued }),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::warn!(
+                "could not tell the peer that this node goes down: it will see a lost primary"
+            );
             return;
         }
         let mut rx = rep.subscribe_acks();
@@ -1491,7 +1511,9 @@ impl Resource {
         }
     }
 
-    /// A `down` that failed after [`Self::tell_peer_leaving`]: the link may connect again.
+    /// A `down` that failed after [`Self::tell_peer_leaving`]. The link task is gone by then
+    /// (a later `down` tries again; the node serves nothing meanwhile); this only keeps the
+    /// flag true to what happened.
     pub fn cancel_leaving(&self) {
         self.leaving
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1813,7 +1835,14 @@ impl Resource {
             resync_done,
             resync_rate,
             resync_eta_s: oos.checked_div(resync_rate).unwrap_or(0),
-            last_error: l.last_error.clone(),
+            // Redials to a peer that is down must not hide what it said when it left.
+            last_error: match l.peer_left {
+                Some(_) if !established(l.state) => Some(
+                    "the peer went down cleanly, handing over every write (a plain `primary` promotes this node)"
+                        .into(),
+                ),
+                _ => l.last_error.clone(),
+            },
             fence: if connected {
                 None
             } else {
@@ -1905,6 +1934,8 @@ impl Resource {
             tokio::time::sleep(Duration::from_millis(50)).await;
             peer = self.peer_view();
         }
+        // Handshakes seen with this view (no await between): any later one makes it stale.
+        let view_handshakes = self.handshakes();
         // A stream from the old primary may still be finishing writes: they land (and count
         // as applied) before this node decides anything. If they could not be made durable,
         // this node's data is not good: only --force promotes it.
@@ -1987,7 +2018,7 @@ impl Resource {
             } else if view == PeerView::LeftCleanly {
                 // Checked again under the commit: the peer heard from since is no longer
                 // known to be down.
-                fenced_at = Some(self.handshakes());
+                fenced_at = Some(view_handshakes);
                 fence_note = "; the peer had gone down cleanly, handing over every write".into();
             }
         }
@@ -2281,7 +2312,8 @@ impl Resource {
 
     /// Refuses new clients, detaches the kernel device, drains and closes every connection,
     /// and makes everything written durable.
-    async fn stop_serving(&self) -> Result<(), NodeError> {
+    /// Returns how many NBD connections were still draining when it gave up waiting.
+    async fn stop_serving(&self) -> Result<u64, NodeError> {
         self.export.set_refuse(Some(secondary_reason(&self.cfg())));
         self.detach_kernel().await;
         let left = self.export.disconnect_all(Duration::from_secs(20)).await;
@@ -2297,7 +2329,7 @@ impl Resource {
             self.device.local_flush().await
         };
         match flushed {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(left),
             // A disk whose sync failed never syncs again (see `Device::sync_failed`): refusing
             // would leave no way down but a signal. It is marked for a full resync already.
             Err(e) if self.device.sync_failed() => {
@@ -2306,7 +2338,7 @@ impl Resource {
                 );
                 // Marked here, not only by the watcher task: `down` aborts the tasks next.
                 self.disk_lost_writes().await;
-                Ok(())
+                Ok(left)
             }
             Err(e) => Err(NodeError::Refused(format!("flush failed (NBD error {e})"))),
         }
@@ -2318,10 +2350,13 @@ impl Resource {
         let mut persisted = true;
         let mut lacks = false;
         let new_id = random_id();
-        self.stop_serving().await?;
+        let draining = self.stop_serving().await?;
         if self.role() == Role::Primary {
             self.drain_to_peer().await;
-            self.tell_peer_leaving().await;
+            // A client still draining may yet write: no clean hand-over then.
+            if draining == 0 {
+                self.tell_peer_leaving().await;
+            }
         } else if let Err(e) = self.outdate_before_leaving().await {
             // Going down anyway (the disk may be failing): said loudly.
             tracing::error!("{e}; going down without it");

@@ -1145,6 +1145,14 @@ fn split_brain_detected_nothing_moves_then_discard_my_data_resolves() {
     a.ctl_ok(&["connect", "--discard-my-data"]);
     let seen = wait_synced(&c, Duration::from_secs(30), "after --discard-my-data");
     assert_identical(&c, size, "split brain resolved by --discard-my-data", &seen);
+    for n in [a, b] {
+        assert!(
+            !log_lines(n, "discard-my-data: alpha's changes since the split").is_empty(),
+            "{}'s log does not say whose changes were given up:\n{}",
+            n.name(),
+            n.log_tail(30)
+        );
+    }
     println!("states seen: {seen:?}");
     assert_eq!(b.status_json()["role"], "primary");
     c.assert_replicas_identical(size, "after resolving the split brain");

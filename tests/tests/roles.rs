@@ -511,10 +511,37 @@ fn the_control_socket_refuses_other_users() {
     assert_eq!(n.status_json()["up"], true);
 }
 
+/// SIGTERMs `n`'s daemon (a service stop: a forced `down`) and waits for it to exit.
+fn service_stop(n: &Node) {
+    let pid = n.pid().expect("daemon pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(
+        wait_pid_gone(pid, Duration::from_secs(30)),
+        "{} did not stop",
+        n.name()
+    );
+}
+
+/// Waits until the primary `p` has its peer connected with every write applied.
+fn wait_caught_up(p: &Node) {
+    p.wait_repl(SYNC_TIMEOUT, "the peer caught up", |r| {
+        r["connection"] == "connected"
+            && r["lag_writes"] == 0
+            && r["out_of_sync"] == 0
+            && r["seq_applied"] == r["seq_written"]
+    });
+}
+
 /// A primary that goes down cleanly (a service stop: SIGTERM is a forced `down`) hands its
 /// peer every write and tells it so; the peer is then promoted with a plain `primary`, as an
-/// admin used to DRBD expects after a planned shutdown. The old primary comes back as the
-/// catch-up target. A primary killed with -9 still leaves its peer needing `--force`.
+/// admin used to DRBD expects after a planned shutdown, and `status` says why while the peer
+/// stays down (also on the node that dials, whose redials fail meanwhile). The old primary
+/// comes back as the catch-up target. A primary killed with -9 still leaves its peer needing
+/// `--force`.
 #[test]
 fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
     let c = Cluster::builder("clean-leave")
@@ -526,54 +553,57 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
     c.wait_in_sync(SYNC_TIMEOUT);
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
-    let first = c.dir().path().join("first");
-    let data = write_random_file(&first, 4 << 20);
-    a.nbdcopy_in(&first);
+    // Alpha (the node that dials: its name sorts first) goes down, then beta.
+    for (round, (p, s)) in [(a, b), (b, a)].into_iter().enumerate() {
+        let file = c.dir().path().join(format!("data{round}"));
+        let data = write_random_file(&file, 4 << 20);
+        p.nbdcopy_in(&file);
+        // At once after the writes: the down hands them over.
+        service_stop(p);
+        s.wait_repl(
+            CONNECT_TIMEOUT,
+            "told that its primary went down cleanly",
+            |r| {
+                r["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("went down cleanly"))
+            },
+        );
+        // Still said after the redials to the stopped node have failed for a while.
+        std::thread::sleep(Duration::from_secs(2));
+        let r = s.repl();
+        assert!(
+            r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("went down cleanly")),
+            "{}: {r}",
+            s.name()
+        );
+        let out = s.ctl_ok(&["primary"]).stdout;
+        assert!(out.contains("gone down cleanly"), "{out}");
+        assert_eq!(
+            &s.backing_data(4 << 20)[..],
+            &data[..],
+            "{} lacks {}'s last writes",
+            s.name(),
+            p.name()
+        );
+        let more = c.dir().path().join(format!("more{round}"));
+        write_random_file(&more, 2 << 20);
+        s.nbdcopy_in(&more);
+        // The old primary comes back as a secondary and catches up.
+        p.up();
+        wait_caught_up(s);
+        c.assert_replicas_identical(size, &format!("after {} came back", p.name()));
+        assert_eq!(p.status_json()["role"], "secondary");
+    }
 
-    // The service stop, at once after the writes (the down hands them over).
+    // A crash is not a clean leave: beta needs --force.
     let pid = a.pid().expect("alpha's pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    assert!(
-        wait_pid_gone(pid, Duration::from_secs(30)),
-        "alpha did not stop"
-    );
-    b.wait_repl(CONNECT_TIMEOUT, "told that alpha went down cleanly", |r| {
-        r["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("went down cleanly"))
-    });
-    let out = b.ctl_ok(&["primary"]).stdout;
-    assert!(out.contains("gone down cleanly"), "{out}");
-    assert_eq!(
-        &b.backing_data(4 << 20)[..],
-        &data[..],
-        "beta lacks alpha's last writes"
-    );
-    let second = c.dir().path().join("second");
-    write_random_file(&second, 2 << 20);
-    b.nbdcopy_in(&second);
-
-    // Alpha comes back as a secondary and catches up from beta.
-    a.up();
-    b.wait_repl(SYNC_TIMEOUT, "alpha caught up", |r| {
-        r["connection"] == "connected"
-            && r["lag_writes"] == 0
-            && r["out_of_sync"] == 0
-            && r["seq_applied"] == r["seq_written"]
-    });
-    c.assert_replicas_identical(size, "after alpha came back");
-    assert_eq!(a.status_json()["role"], "secondary");
-
-    // A crash is not a clean leave: alpha needs --force.
-    let pid = b.pid().expect("beta's pid");
-    b.kill9();
+    a.kill9();
     assert!(wait_pid_gone(pid, Duration::from_secs(10)));
-    a.wait_not_connected(CONNECT_TIMEOUT);
-    let out = a.ctl(&["primary"]);
+    b.wait_not_connected(CONNECT_TIMEOUT);
+    let out = b.ctl(&["primary"]);
     assert!(
         !out.success() && out.stderr.contains("--force"),
         "a plain primary after the peer's crash:\n{}",

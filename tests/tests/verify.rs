@@ -887,8 +887,16 @@ fn verify_marks_survive_a_restart_of_the_primary() {
     assert_eq!(regions, 2, "{line}");
 
     // The primary restarts before anyone resyncs: the marks must not be forgotten (a journal
-    // catch-up with nothing to replay would otherwise declare the pair in sync).
+    // catch-up with nothing to replay would otherwise declare the pair in sync). Its down is
+    // no clean hand-over: beta lacks the marked blocks, so a plain `primary` there is refused
+    // (promoted, it would make alpha's good blocks the target of its bad ones).
     a.down();
+    let out = b.ctl(&["primary"]);
+    assert!(
+        !out.success() && out.stderr.contains("--force"),
+        "beta promoted plainly although it lacks the marked blocks:\n{}",
+        out.describe()
+    );
     a.up();
     a.ctl_ok(&["primary"]);
     let seen = wait_synced(&c, Duration::from_secs(30), "after the restart");

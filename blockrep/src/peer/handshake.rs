@@ -102,6 +102,11 @@ pub(super) async fn handshake(
             protocol,
             bitmap_granularity,
         } => {
+            // Whatever follows (a refusal included), the peer is up: a clean leave it
+            // announced earlier no longer makes a plain promotion here safe.
+            if node == peer_name {
+                res.peer_heard();
+            }
             if version != peer::PROTOCOL_VERSION {
                 return Err(refuse(
                     &mut s,

@@ -488,7 +488,9 @@ fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
     // as a warning; `status` keeps showing it.
     let repeated = res.link_error().as_deref() == Some(shown.as_str());
     match e {
-        LinkError::Closed(why) if *why == ADMIN_CLOSE => tracing::info!("peer link: {e}"),
+        LinkError::Closed(why) if *why == ADMIN_CLOSE || *why == PEER_LEFT => {
+            tracing::info!("peer link: {e}")
+        }
         // A peer that is down refuses or closes every attempt: not worth a line each time.
         // An established connection that ends is (on a secondary, the primary's loss).
         LinkError::Io(io)
@@ -809,6 +811,15 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             return Err(refuse(&mut wr, why.into()).await);
         }
         decision = pick(decision);
+        // Said once, plainly: the one step in which data is knowingly given up.
+        let (loser, changes) = if me.discard_my_data && !me.primary {
+            (res.cfg().me.name.clone(), me.out_of_sync)
+        } else {
+            (peer_name(res), peer.out_of_sync)
+        };
+        tracing::warn!(
+            "discard-my-data: {loser}'s changes since the split ({changes} bytes by its bitmap) are overwritten from the other node ({decision:?})"
+        );
     }
     // In hex, as dump-md and the error messages show them.
     let hex = |g: &peer::GenIds| {

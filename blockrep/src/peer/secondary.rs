@@ -542,17 +542,19 @@ pub(super) async fn secondary_side(
                             // write durably may it be promoted without --force afterwards.
                             let durable = ap.lock().durable;
                             let peer = peer_name(res);
-                            if durable >= issued {
+                            if durable >= issued && res.node_state().disk == 2 {
                                 tracing::info!(
                                     "{peer} goes down cleanly: this node holds every write it made (through sequence {issued}), durably; `primary` here needs no --force"
                                 );
                                 res.peer_left_cleanly(issued);
-                            } else {
-                                tracing::warn!(
-                                    "{peer} goes down, but this node made its writes durable only through sequence {durable} of {issued}"
-                                );
+                                return Err(LinkError::Closed(PEER_LEFT));
                             }
-                            return Err(LinkError::Closed(PEER_LEFT));
+                            tracing::warn!(
+                                "{peer} goes down, but this node does not hold its every write durably and up to date (durable through sequence {durable} of {issued})"
+                            );
+                            return Err(LinkError::Closed(
+                                "the peer went down before this node held its every write",
+                            ));
                         }
                         Msg::SyncProgress { total, done } => {
                             // Shown by `status` only: nothing here depends on it.
