@@ -308,24 +308,30 @@ fn query_status(cfg: &Config) -> Result<Option<Status>> {
     query_status_within(cfg, STATUS_TIMEOUT)
 }
 
-/// [`query_status`] with its own bound.
-fn query_status_within(cfg: &Config, timeout: Duration) -> Result<Option<Status>> {
-    let s = match UnixStream::connect(&cfg.me.control) {
-        Ok(s) => s,
+/// The node's control socket: `Ok(None)` when no daemon listens (no socket, or nobody
+/// accepts on it); an error for anything else (permissions, say), never "not running".
+fn connect_control(cfg: &Config) -> Result<Option<UnixStream>> {
+    match UnixStream::connect(&cfg.me.control) {
+        Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Ok(None)
+            Ok(None)
         }
-        Err(e) => {
-            return Err(anyhow!(
-                "connecting to the control socket {}: {e}",
-                cfg.me.control.display()
-            ))
-        }
+        Err(e) => Err(anyhow!(
+            "connecting to the control socket {}: {e}",
+            cfg.me.control.display()
+        )),
+    }
+}
+
+/// [`query_status`] with its own bound.
+fn query_status_within(cfg: &Config, timeout: Duration) -> Result<Option<Status>> {
+    let Some(s) = connect_control(cfg)? else {
+        return Ok(None);
     };
     s.set_read_timeout(Some(timeout))
         .context("setting a timeout on the control socket")?;
@@ -401,44 +407,43 @@ fn adjust(cfg: &Config, dry_run: bool) -> Result<()> {
         node: cfg.me.name.clone(),
         dry_run,
     };
+    match ask_running_daemon(cfg, &req)? {
+        Some(reply) => {
+            println!("{}", expect_ok(reply)?);
+            Ok(())
+        }
+        // No daemon runs for this node: DRBD's adjust brings the resource up.
+        None if dry_run => {
+            println!(
+                "resource {} is not up on {}: adjust would bring it up",
+                cfg.resource, cfg.me.name
+            );
+            Ok(())
+        }
+        None => {
+            println!(
+                "resource {} is not up on {}: bringing it up",
+                cfg.resource, cfg.me.name
+            );
+            up(cfg)
+        }
+    }
+}
+
+/// Sends `req` to the node's daemon and returns its answer; `Ok(None)` when no daemon
+/// listens (no socket, or nobody accepts on it). A daemon that hangs up without answering is
+/// on its way out (a `down` in progress, or a kill -9 whose last threads still hold the
+/// socket): waited out, then taken as gone. Any other failure to reach it (permissions, say)
+/// is an error, never "not running".
+fn ask_running_daemon(cfg: &Config, req: &Request) -> Result<Option<Reply>> {
     let dying_since = Instant::now();
     loop {
-        let s = match UnixStream::connect(&cfg.me.control) {
-            Ok(s) => s,
-            // Nobody listens: no daemon runs for this node (DRBD's adjust brings it up).
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                if dry_run {
-                    println!(
-                        "resource {} is not up on {}: adjust would bring it up",
-                        cfg.resource, cfg.me.name
-                    );
-                    return Ok(());
-                }
-                println!(
-                    "resource {} is not up on {}: bringing it up",
-                    cfg.resource, cfg.me.name
-                );
-                return up(cfg);
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "reaching the daemon at {}",
-                    cfg.me.control.display()
-                )))
-            }
+        let Some(s) = connect_control(cfg)? else {
+            return Ok(None);
         };
         let mut c = Control::over(s, COMMAND_TIMEOUT).context("control socket")?;
-        match c.call(&req) {
-            Ok(reply) => {
-                println!("{}", expect_ok(reply)?);
-                return Ok(());
-            }
-            // A daemon on its way out: wait for it to go, then bring the resource up.
+        match c.call(req) {
+            Ok(reply) => return Ok(Some(reply)),
             Err(e) if e.is::<DaemonHungUp>() && dying_since.elapsed() < DYING_DAEMON_WAIT => {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -633,20 +638,9 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 fn up(cfg: &Config) -> Result<()> {
-    // A daemon that hangs up without answering is on its way out (a `down` in progress, or a
-    // kill -9 whose last threads still hold the socket): wait for it to go, then start anew.
-    let dying_since = Instant::now();
-    while let Some(mut c) = Control::connect(cfg) {
-        match c.call(&Request::Up) {
-            Ok(reply) => {
-                println!("{}", expect_ok(reply)?);
-                return Ok(());
-            }
-            Err(e) if e.is::<DaemonHungUp>() && dying_since.elapsed() < DYING_DAEMON_WAIT => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e),
-        }
+    if let Some(reply) = ask_running_daemon(cfg, &Request::Up)? {
+        println!("{}", expect_ok(reply)?);
+        return Ok(());
     }
     if let Some(dir) = cfg.me.log_file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

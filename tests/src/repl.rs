@@ -84,6 +84,23 @@ impl Cluster {
         self.up_pair();
     }
 
+    /// A two-node pair with `bytes` of backing each and an 8 MiB journal, `f` adding to its
+    /// builder: started (alpha primary) and in sync.
+    pub fn synced_pair(
+        test: &str,
+        bytes: u64,
+        f: impl FnOnce(crate::cluster::ClusterBuilder) -> crate::cluster::ClusterBuilder,
+    ) -> Cluster {
+        let c = f(Cluster::builder(test)
+            .nodes(2)
+            .backing_size(bytes)
+            .journal_size("8M"))
+        .build();
+        c.start_pair();
+        c.wait_in_sync(SYNC_TIMEOUT);
+        c
+    }
+
     /// [`Self::start_pair`] on nodes whose metadata exists already.
     pub fn up_pair(&self) {
         let (a, b) = (self.alpha(), self.beta());

@@ -51,15 +51,9 @@ fn protocol(n: &Node) -> String {
 
 #[test]
 fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
-    let c = Cluster::builder("adjust-live")
-        .nodes(2)
-        .backing_size(128 << 20)
-        .journal_size("8M")
-        .protocol("C")
-        .resource_line("resync-rate = \"1M\"")
-        .build();
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let c = Cluster::synced_pair("adjust-live", 128 << 20, |b| {
+        b.protocol("C").resource_line("resync-rate = \"1M\"")
+    });
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
     assert_eq!(protocol(a), "C");
@@ -158,13 +152,7 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
 
 #[test]
 fn adjust_reports_what_needs_down_and_up_and_refuses_another_resource() {
-    let c = Cluster::builder("adjust-fixed")
-        .nodes(2)
-        .backing_size(64 << 20)
-        .journal_size("8M")
-        .build();
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let c = Cluster::synced_pair("adjust-fixed", 64 << 20, |b| b);
     let (a, b) = (c.alpha(), c.beta());
     let uri = a.uri();
     let export = a.status_json()["export"].clone();

@@ -36,13 +36,7 @@ fn wait_line(ev: &ChildGuard, from: usize, needle: &str) -> usize {
 
 #[test]
 fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
-    let c = Cluster::builder("events")
-        .nodes(2)
-        .backing_size(64 << 20)
-        .journal_size("8M")
-        .build();
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let c = Cluster::synced_pair("events", 64 << 20, |b| b);
     let (a, b) = (c.alpha(), c.beta());
     let r = c.resource().to_string();
 

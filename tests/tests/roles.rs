@@ -544,13 +544,7 @@ fn wait_caught_up(p: &Node) {
 /// `--force`.
 #[test]
 fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
-    let c = Cluster::builder("clean-leave")
-        .nodes(2)
-        .backing_size(64 << 20)
-        .journal_size("8M")
-        .build();
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let c = Cluster::synced_pair("clean-leave", 64 << 20, |b| b);
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
     // Alpha (the node that dials: its name sorts first) goes down, then beta.
