@@ -132,6 +132,10 @@ pub struct Resource {
     /// A primary going down cleanly told its peer so: the link starts no new connection and
     /// losing the peer fences nobody.
     leaving: std::sync::atomic::AtomicBool,
+    /// The link's epoch (see `Acks`) when this node was promoted without a connected peer
+    /// (`u64::MAX`: connected then): until the next connection, the peer's marks that
+    /// `status` would show are an earlier period's.
+    promoted_epoch: std::sync::atomic::AtomicU64,
     /// One `adjust` at a time: each plans from the configuration the last one left.
     adjust_lock: tokio::sync::Mutex<()>,
     /// This node's disks, held exclusively while the resource is up.
@@ -383,6 +387,7 @@ impl Resource {
             adjust_lock: tokio::sync::Mutex::new(()),
             leave_tx: Mutex::new(None),
             leaving: std::sync::atomic::AtomicBool::new(false),
+            promoted_epoch: std::sync::atomic::AtomicU64::new(u64::MAX),
             resync_target_started: std::sync::atomic::AtomicBool::new(false),
             skip_ops: tokio::sync::Mutex::new(()),
         });
@@ -1519,6 +1524,15 @@ impl Resource {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Promoted without a connected peer, and no connection since (see `promoted_epoch`).
+    fn no_link_since_promotion(&self, acks: &crate::replication::Acks) -> bool {
+        !acks.connected
+            && acks.epoch
+                == self
+                    .promoted_epoch
+                    .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// See the field.
     fn handshakes(&self) -> u64 {
         self.handshakes.load(std::sync::atomic::Ordering::SeqCst)
@@ -1773,7 +1787,13 @@ impl Resource {
         // term's, and the acks are what it last told a peer).
         let streaming = self.role() == Role::Primary || l.state == "sync-source";
         let (written, received, applied, durable) = if streaming {
-            (issued, acks.received, acks.applied, acks.durable)
+            if self.no_link_since_promotion(&acks) {
+                // The peer's marks are an earlier period's (this node was secondary, or
+                // primary before): not this primary's stream.
+                (issued, 0, 0, 0)
+            } else {
+                (issued, acks.received, acks.applied, acks.durable)
+            }
         } else {
             let st = self.node_state();
             let received = rep
@@ -1800,7 +1820,9 @@ impl Resource {
             },
             seq_written: written,
             // A secondary sends no stream: what it sent as an earlier primary is stale.
-            seq_sent: if streaming {
+            seq_sent: if streaming && self.no_link_since_promotion(&acks) {
+                0
+            } else if streaming {
                 rep.stats
                     .seq_sent
                     .load(std::sync::atomic::Ordering::Relaxed)
@@ -2100,6 +2122,13 @@ impl Resource {
             .store(0, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Primary;
+        }
+        if let Some(rep) = &self.rep {
+            let a = rep.acks();
+            self.promoted_epoch.store(
+                if a.connected { u64::MAX } else { a.epoch },
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         // A primary's data is the data: an earlier `connect --discard-my-data` no longer
         // stands (kept, it would discard the writes made from now on at a later connect).

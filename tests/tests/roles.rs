@@ -575,6 +575,14 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
         );
         let out = s.ctl_ok(&["primary"]).stdout;
         assert!(out.contains("gone down cleanly"), "{out}");
+        // No peer has taken anything of this primary's stream yet: no marks of an earlier
+        // period (as a secondary, or an earlier primary) shown as if they were.
+        let r = s.repl();
+        assert!(
+            r["seq_sent"] == 0 && r["seq_received"] == 0 && r["seq_applied"] == 0,
+            "{}'s status after its promotion: {r}",
+            s.name()
+        );
         assert_eq!(
             &s.backing_data(4 << 20)[..],
             &data[..],
@@ -592,6 +600,18 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
         assert_eq!(p.status_json()["role"], "secondary");
     }
 
+    // A switchover there and back, so that beta was primary once in this daemon's life.
+    a.ctl_ok(&["secondary"]);
+    b.ctl_ok(&["primary"]);
+    let file = c.dir().path().join("switched");
+    write_random_file(&file, 1 << 20);
+    b.nbdcopy_in(&file);
+    wait_caught_up(b);
+    b.ctl_ok(&["secondary"]);
+    a.ctl_ok(&["primary"]);
+    a.nbdcopy_in(&file);
+    wait_caught_up(a);
+
     // A crash is not a clean leave: beta needs --force.
     let pid = a.pid().expect("alpha's pid");
     a.kill9();
@@ -602,5 +622,12 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
         !out.success() && out.stderr.contains("--force"),
         "a plain primary after the peer's crash:\n{}",
         out.describe()
+    );
+    b.ctl_ok(&["primary", "--force"]);
+    // Its marks as the primary it was before are not this primary's stream.
+    let r = b.repl();
+    assert!(
+        r["seq_sent"] == 0 && r["seq_received"] == 0 && r["seq_applied"] == 0,
+        "beta's status after its forced promotion: {r}"
     );
 }
