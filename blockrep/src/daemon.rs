@@ -56,15 +56,18 @@ impl Daemon {
         let r = self.res.lock().await.take();
         let msg = match r {
             Some(r) => {
-                if let Err(e) = r.down().await {
-                    r.cancel_leaving();
-                    // Still there (its tasks, its claim on the disk): shown as up, and a
-                    // later `down` tries again.
-                    *self.res.lock().await = Some(r);
-                    return Err(e);
-                }
+                let note = match r.down().await {
+                    Ok(note) => note,
+                    Err(e) => {
+                        r.cancel_leaving();
+                        // Still there (its tasks, its claim on the disk): shown as up, and a
+                        // later `down` tries again.
+                        *self.res.lock().await = Some(r);
+                        return Err(e);
+                    }
+                };
                 format!(
-                    "resource {} down on {}",
+                    "resource {} down on {}{note}",
                     self.cfg.resource, self.cfg.me.name
                 )
             }

@@ -1476,20 +1476,29 @@ impl Resource {
     /// goes down cleanly, so that it may be promoted without `--force` (it closes the link
     /// once it has taken this in). From here on the link starts no new connection, which
     /// would show this node to the peer as primary again.
-    async fn tell_peer_leaving(&self) {
-        let Some(rep) = &self.rep else { return };
+    ///
+    /// Returns what the admin should know of the peer after this `down`.
+    async fn tell_peer_leaving(&self) -> &'static str {
+        const NOT_TOLD: &str =
+            "; the peer was not told this node goes down cleanly: promoting it needs --force";
+        let Some(rep) = &self.rep else {
+            return "";
+        };
         let issued = rep.lock().issued;
         let a = rep.acks();
         // Only a connection run as primary, with the peer durable through every write and
         // nothing else it lacks (bitmap regions: an overflow, a resync not finished, verify
         // marks): otherwise the down starts a new generation and a promotion of the peer is
         // a split brain to report, not a clean hand-over.
-        let handed_over = a.connected && a.durable >= issued && rep.link_ran_as_primary();
+        if !a.connected {
+            return "; the peer is not connected: promoting it needs --force (it may lack what this node wrote since the link was lost)";
+        }
+        let handed_over = a.durable >= issued && rep.link_ran_as_primary();
         if !handed_over || self.device.sync_failed() || self.leaves_divergence(rep) {
-            return;
+            return "; the peer lacks writes of this node (or regions a resync or verify marked): promoting it needs --force, and a connect with this node afterwards is a split brain";
         }
         let Some(tx) = self.leave_tx.lock().ok().and_then(|t| t.clone()) else {
-            return;
+            return NOT_TOLD;
         };
         self.leaving
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1503,7 +1512,7 @@ impl Resource {
             tracing::warn!(
                 "could not tell the peer that this node goes down: it will see a lost primary"
             );
-            return;
+            return NOT_TOLD;
         }
         let mut rx = rep.subscribe_acks();
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|a| !a.connected)).await;
@@ -1511,8 +1520,10 @@ impl Resource {
             tracing::warn!(
                 "the peer did not take in that this node goes down: it will see a lost primary"
             );
+            NOT_TOLD
         } else {
             tracing::info!("the peer knows this node goes down cleanly, with every write");
+            "; the peer holds every write and knows this node went down cleanly: a plain `primary` there promotes it"
         }
     }
 
@@ -2004,7 +2015,9 @@ impl Resource {
             if let Some(pg) = peer_gen.filter(|pg| state::peer_is_ahead(&gen, pg)) {
                 return Err(peer_ahead(&pg, &gen));
             }
-            let view = if fencing && matches!(peer, PeerView::Unknown | PeerView::LeftCleanly) {
+            // A peer that went down cleanly, handing over every write, needs no fence: it
+            // can only come back as a secondary.
+            let view = if fencing && peer == PeerView::Unknown {
                 PeerView::Fenced
             } else {
                 peer
@@ -2014,6 +2027,8 @@ impl Resource {
                 let links_before = self.handshakes();
                 let outcome = self.run_fence_peer().await;
                 if !outcome.fenced() {
+                    // Shown in `status` (and `events`) as a fence after a lost link is.
+                    self.link().fence = Some((outcome.describe(), outcome.peer_disk()));
                     let advice = if outcome == state::FenceOutcome::PeerPrimary {
                         "the peer is still primary: demote it, or this would be a split brain"
                     } else {
@@ -2026,9 +2041,7 @@ impl Resource {
                 }
                 // The peer may have come back while the handler ran (a slow one): its
                 // answer is then stale, and the peer may be primary. Decided again, with it.
-                if !matches!(self.peer_view(), PeerView::Unknown | PeerView::LeftCleanly)
-                    || self.handshakes() != links_before
-                {
+                if self.peer_view() != PeerView::Unknown || self.handshakes() != links_before {
                     return Err(NodeError::Refused(
                         "the peer connected while it was being fenced: run `primary` again to decide with it connected".into(),
                     ));
@@ -2374,7 +2387,9 @@ impl Resource {
     }
 
     /// `down`: stop serving, persist, release the sockets.
-    pub async fn down(&self) -> Result<(), NodeError> {
+    /// Returns a note on the peer for the admin ("" when there is none to give).
+    pub async fn down(&self) -> Result<&'static str, NodeError> {
+        let mut note = "";
         let mut marks = None;
         let mut persisted = true;
         let mut lacks = false;
@@ -2383,9 +2398,11 @@ impl Resource {
         if self.role() == Role::Primary {
             self.drain_to_peer().await;
             // A client still draining may yet write: no clean hand-over then.
-            if draining == 0 {
-                self.tell_peer_leaving().await;
-            }
+            note = if draining == 0 {
+                self.tell_peer_leaving().await
+            } else {
+                "; NBD connections were still draining: the peer was not told this node goes down cleanly (promoting it needs --force)"
+            };
         } else if let Err(e) = self.outdate_before_leaving().await {
             // Going down anyway (the disk may be failing): said loudly.
             tracing::error!("{e}; going down without it");
@@ -2466,7 +2483,7 @@ impl Resource {
             self.cfg().resource,
             self.cfg().me.name
         );
-        Ok(())
+        Ok(if self.cfg().peer.is_some() { note } else { "" })
     }
 
     /// Before giving up the primary role: waits (bounded) until the peer has everything durably,

@@ -618,3 +618,26 @@ fn an_outdated_crashed_primary_keeps_its_acknowledged_writes_when_no_failover_ha
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(size, "after the crashed primary's extents were resynced");
 }
+
+/// A primary that goes down cleanly under resource-only fencing: its peer, which holds every
+/// write and was told, is promoted with a plain `primary` without running the fence-peer
+/// handler (a planned reboot, where the handler could not reach the node, must not block it).
+#[test]
+fn a_peer_that_went_down_cleanly_needs_no_fence_to_promote() {
+    let tmp = TestDir::new("fence-clean-leave");
+    let (c, log) = fenced_pair("fence-clean-leave", &tmp);
+    let (a, b) = (c.alpha(), c.beta());
+    let data = write_data(a, c.dir().path(), "data", 2);
+    // A handler that fails, as one that cannot reach a rebooting node does.
+    std::fs::write(tmp.path().join("fence.stub"), "0 1\n").expect("write fence.stub");
+    let down = a.ctl_ok(&["down"]).stdout;
+    assert!(down.contains("went down cleanly"), "{down}");
+    let out = b.ctl_ok(&["primary"]).stdout;
+    assert!(out.contains("gone down cleanly"), "{out}");
+    assert_eq!(&b.backing_data(2 << 20)[..], &data[..]);
+    let runs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !runs.contains("run "),
+        "fence-peer ran for a peer that went down cleanly:\n{runs}"
+    );
+}

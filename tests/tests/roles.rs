@@ -600,6 +600,17 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
         assert_eq!(p.status_json()["role"], "secondary");
     }
 
+    // `down` says what it left the peer (here, through the CLI rather than a signal).
+    let file = c.dir().path().join("said");
+    write_random_file(&file, 1 << 20);
+    a.nbdcopy_in(&file);
+    let down = a.ctl_ok(&["down"]).stdout;
+    assert!(
+        down.contains("knows this node went down cleanly: a plain `primary` there promotes it"),
+        "{down}"
+    );
+    a.up();
+    wait_caught_up(a);
     // A switchover there and back, so that beta was primary once in this daemon's life.
     a.ctl_ok(&["secondary"]);
     b.ctl_ok(&["primary"]);

@@ -890,7 +890,11 @@ fn verify_marks_survive_a_restart_of_the_primary() {
     // catch-up with nothing to replay would otherwise declare the pair in sync). Its down is
     // no clean hand-over: beta lacks the marked blocks, so a plain `primary` there is refused
     // (promoted, it would make alpha's good blocks the target of its bad ones).
-    a.down();
+    let down = a.ctl_ok(&["down"]).stdout;
+    assert!(
+        down.contains("the peer lacks writes of this node") && down.contains("--force"),
+        "down does not say the peer lacks the marked blocks: {down}"
+    );
     let out = b.ctl(&["primary"]);
     assert!(
         !out.success() && out.stderr.contains("--force"),
