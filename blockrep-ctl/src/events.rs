@@ -75,6 +75,8 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
             fields: vec![
                 ("connection", r.connection.clone()),
                 ("role", r.peer_role.clone()),
+                // A planned stop of the peer, not a fault (see `primary`).
+                ("left-cleanly", yes_no(r.peer_left)),
             ],
         });
         let mut f = vec![
@@ -87,6 +89,7 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
         }
         if let Some(v) = &r.verify {
             f.push(("verify", v.state.clone()));
+            f.push(("verify-differ", v.differ_bytes.to_string()));
         }
         out.push(Object {
             kind: "peer-device",
@@ -122,6 +125,12 @@ pub fn diff(before: &[Object], now: &[Object]) -> Vec<String> {
         }
     }
     lines
+}
+
+/// The line for a daemon that stopped answering `status` (hung, or stalled on its disk), or
+/// answers again.
+pub fn answering(resource: &str, yes: bool) -> String {
+    format!("change resource name:{resource} answering:{}", yes_no(yes))
 }
 
 /// The first poll's lines: every object, then `exists -`.
@@ -167,7 +176,7 @@ mod tests {
             vec![
                 "exists resource name:r0 node:alpha up:yes role:primary",
                 "exists device name:r0 disk:up-to-date disk-failed:no stalled:no clients:0",
-                "exists connection name:r0 conn-name:beta connection:connected role:secondary",
+                "exists connection name:r0 conn-name:beta connection:connected role:secondary left-cleanly:no",
                 "exists peer-device name:r0 conn-name:beta peer-disk:up-to-date out-of-sync:no",
                 "exists -",
             ]

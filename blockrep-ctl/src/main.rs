@@ -385,12 +385,23 @@ fn follow_events(cfg: &Config, now: bool) -> Result<()> {
     if now {
         return Ok(());
     }
+    let mut answering = true;
     loop {
         std::thread::sleep(EVENTS_POLL);
-        // A daemon that does not answer this time (stalled on its disk) changes nothing.
+        // A daemon that does not answer (hung, or stalled on its disk) is said once; what
+        // it shows then is its last state.
         let Ok(next) = snapshot() else {
+            if answering {
+                answering = false;
+                writeln!(out, "{}", events::answering(&cfg.resource, false))?;
+                out.flush()?;
+            }
             continue;
         };
+        if !answering {
+            answering = true;
+            writeln!(out, "{}", events::answering(&cfg.resource, true))?;
+        }
         for l in events::diff(&last, &next) {
             writeln!(out, "{l}")?;
         }

@@ -1876,6 +1876,7 @@ impl Resource {
                 ),
                 _ => l.last_error.clone(),
             },
+            peer_left: l.peer_left.is_some() && !established(l.state),
             fence: if connected {
                 None
             } else {

@@ -131,6 +131,10 @@ pub struct PeerStatus {
     /// The latest online verify started on this node, if any.
     #[serde(default)]
     pub verify: Option<VerifyStatus>,
+    /// The peer, a primary, went down cleanly handing over every write, and was not heard
+    /// from since: a plain `primary` promotes this node.
+    #[serde(default)]
+    pub peer_left: bool,
 }
 
 /// Progress and result of an online verify (`blockrep-ctl verify`).

@@ -23,7 +23,7 @@ fn wait_line(ev: &ChildGuard, from: usize, needle: &str) -> usize {
         None
     };
     let mut log = String::new();
-    let found = wait_for(Duration::from_secs(20), || {
+    let found = wait_for(Duration::from_secs(30), || {
         log = ev.log();
         find(&log).is_some()
     });
@@ -44,7 +44,9 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
     let want = [
         format!("exists resource name:{r} node:alpha up:yes role:primary"),
         format!("exists device name:{r} disk:up-to-date disk-failed:no stalled:no clients:0"),
-        format!("exists connection name:{r} conn-name:beta connection:connected role:secondary"),
+        format!(
+            "exists connection name:{r} conn-name:beta connection:connected role:secondary left-cleanly:no"
+        ),
         format!("exists peer-device name:{r} conn-name:beta peer-disk:up-to-date out-of-sync:no"),
         "exists -".to_string(),
     ];
@@ -97,11 +99,30 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
         at,
         &format!("create connection name:{r} conn-name:beta"),
     );
-    wait_line(
+    at = wait_line(
         &ev,
         at,
         "conn-name:beta connection:connected role:secondary",
     );
+
+    // Beta, primary now, goes down cleanly: alpha's reader says it was planned.
+    b.ctl_ok(&["primary"]);
+    b.down();
+    at = wait_line(
+        &ev,
+        at,
+        &format!("change connection name:{r} conn-name:beta connection:connecting role:unknown left-cleanly:yes"),
+    );
+
+    // A daemon that stops answering is said once, and again when it answers.
+    let pid = nix::unistd::Pid::from_raw(a.pid().expect("alpha's pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let hung = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_line(&ev, at, &format!("change resource name:{r} answering:no"))
+    }));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    let at = hung.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    wait_line(&ev, at, &format!("change resource name:{r} answering:yes"));
     assert!(ev.running(), "events stopped:\n{}", ev.log());
     ev.kill();
 }
