@@ -614,6 +614,8 @@ impl Config {
 pub enum TakesEffect {
     /// At once (the next write, resync step or event reads it).
     Now,
+    /// At once, where this node is the resync (or verify) source: the source paces.
+    NowAsSource,
     /// When the next resync starts.
     NextResync,
     /// At the next connection to the peer (`disconnect` then `connect` applies it now).
@@ -630,6 +632,9 @@ impl fmt::Display for TakesEffect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             TakesEffect::Now => "now",
+            TakesEffect::NowAsSource => {
+                "now, for the resyncs and verifies this node runs as source: adjust the peer too"
+            }
             TakesEffect::NextResync => "from the next resync",
             TakesEffect::NextConnection => "from the next connection to the peer",
             TakesEffect::NextUp => "not applied: needs `down` and `up`",
@@ -744,13 +749,13 @@ pub fn plan_adjust(old: &Config, new: &Config) -> Result<AdjustPlan, String> {
         r("resync-rate"),
         rate(old.resync_rate),
         rate(new.resync_rate),
-        Now,
+        NowAsSource,
     );
     note(
         r("resync-rate-min"),
         rate(old.resync_rate_min),
         rate(new.resync_rate_min),
-        Now,
+        NowAsSource,
     );
     note(
         r("ko-count"),
@@ -965,7 +970,10 @@ control = "/tmp/b.sock"
             + "[handlers]\nfence-peer = \"/bin/true\"\n";
         let p = plan(GOOD, &new);
         assert_eq!(when(&p, "resource.protocol"), Some(TakesEffect::Now));
-        assert_eq!(when(&p, "resource.resync-rate"), Some(TakesEffect::Now));
+        assert_eq!(
+            when(&p, "resource.resync-rate"),
+            Some(TakesEffect::NowAsSource)
+        );
         assert_eq!(when(&p, "resource.ko-count"), Some(TakesEffect::Now));
         assert_eq!(when(&p, "resource.fencing"), Some(TakesEffect::Now));
         assert_eq!(when(&p, "handlers.fence-peer"), Some(TakesEffect::Now));

@@ -429,8 +429,15 @@ impl Resource {
     pub async fn adjust(&self, new: &Config, dry_run: bool) -> Result<String, NodeError> {
         let _one = self.adjust_lock.lock().await;
         let old = self.cfg();
-        let plan = crate::config::plan_adjust(&old, new)
+        // Compared with what runs: the journal is the metadata's (a config that differs was
+        // said at `up`, and is still the file's in the running config for that warning).
+        let mut running = (*old).clone();
+        running.journal_size = self
+            .with_meta(|m| m.sb.layout.journal_len)
+            .unwrap_or(old.journal_size);
+        let mut plan = crate::config::plan_adjust(&running, new)
             .map_err(|e| NodeError::Refused(format!("{e}: nothing changed")))?;
+        plan.running.journal_size = new.journal_size;
         if plan.changes.is_empty() {
             return Ok(format!(
                 "resource {} on {}: nothing to change ({} is what runs)",
@@ -452,7 +459,7 @@ impl Resource {
         });
         let peer_note = match (&old.peer, both_ends) {
             (Some(p), true) => format!(
-                "\n{} must have the same protocol, encryption and secret: adjust it too (a connection is refused while they differ)",
+                "\n{} must have the same protocol, encryption and secret: adjust it too if it has not been (a connection is refused while they differ)",
                 p.name
             ),
             _ => String::new(),

@@ -135,7 +135,7 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     edit_config(&c, "resync-rate = \"1M\"", "resync-rate = \"0\"");
     let out = a.ctl_ok(&["adjust"]).stdout;
     assert!(
-        out.contains("resource.resync-rate: 1M -> 0 (unlimited) (now)"),
+        out.contains("resource.resync-rate: 1M -> 0 (unlimited) (now, for the resyncs"),
         "{out}"
     );
     // 1 MiB/s would need 16 s and more for what is left.
@@ -144,7 +144,7 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     assert!(
         std::fs::read_to_string(a.log_path())
             .unwrap_or_default()
-            .contains("adjust: resource.resync-rate: 1M -> 0 (unlimited) (now)"),
+            .contains("adjust: resource.resync-rate: 1M -> 0 (unlimited) (now, for the resyncs"),
         "alpha's log does not record the change\n{}",
         a.log_tail(20)
     );
@@ -180,6 +180,17 @@ fn adjust_reports_what_needs_down_and_up_and_refuses_another_resource() {
         "the running export stopped serving\n{}",
         info.describe()
     );
+
+    // A journal size of another metadata: it needs create-md, and says so each time.
+    edit_config(&c, "journal-size = \"8M\"", "journal-size = \"16M\"");
+    for _ in 0..2 {
+        let out = a.ctl_ok(&["adjust"]).stdout;
+        assert!(
+            out.contains("resource.journal-size: 8388608 -> 16777216 (not applied: needs `down`, `create-md`"),
+            "{out}"
+        );
+    }
+    c.write_config(&original);
 
     // Another resource's config (same control socket): refused, nothing changed.
     c.write_config(
