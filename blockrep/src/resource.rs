@@ -128,7 +128,7 @@ pub struct Resource {
     pub resync_target_started: std::sync::atomic::AtomicBool,
     /// The side channel of a connection run as primary (see peer/primary.rs): `down` tells
     /// the peer through it that this node goes down cleanly.
-    pub leave_tx: Mutex<Option<tokio::sync::mpsc::Sender<proto::peer::Msg>>>,
+    pub leave_tx: Mutex<Option<crate::peer::LeaveTx>>,
     /// A primary going down cleanly told its peer so: the link starts no new connection and
     /// losing the peer fences nobody.
     leaving: std::sync::atomic::AtomicBool,
@@ -1515,7 +1515,7 @@ impl Resource {
             tx.send(proto::peer::Msg::Leaving { issued }),
         )
         .await;
-        if !matches!(sent, Ok(Ok(()))) {
+        if !matches!(sent, Ok(true)) {
             tracing::warn!(
                 "could not tell the peer that this node goes down: it will see a lost primary"
             );
@@ -1532,6 +1532,65 @@ impl Resource {
             tracing::info!("the peer knows this node goes down cleanly, with every write");
             "; the peer holds every write and knows this node went down cleanly: a plain `primary` there promotes it"
         }
+    }
+
+    /// A secondary's `down` (DRBD's habit: `secondary`, then `down`): when connected to an
+    /// idle secondary peer with the same data (one generation, both up to date, nothing out of
+    /// sync either way), tells it this node goes down cleanly, so that it may be promoted
+    /// without `--force`. Returns what the admin should know of the peer.
+    async fn tell_secondary_peer_leaving(&self) -> &'static str {
+        if self.rep.is_none() {
+            return "";
+        }
+        let (state, peer) = {
+            let l = self.link();
+            (l.state, l.peer.clone())
+        };
+        let Some(peer) = peer.filter(|_| established(state)) else {
+            return "";
+        };
+        if peer.primary {
+            // Its primary goes on: nothing to hand over.
+            return "";
+        }
+        let me = self.node_state();
+        let lacking = self
+            .rep
+            .as_ref()
+            .is_some_and(|r| r.lock().bitmap.dirty_bits() > 0);
+        let same = state == "connected"
+            && me.disk == 2
+            && peer.disk == 2
+            && me.gen.current == peer.gen.current
+            && peer.out_of_sync == 0
+            && !lacking
+            && !self.device.sync_failed();
+        if !same {
+            return "; the peer does not hold the same data as this node (a resync, or data only one of them has): promoting it needs --force";
+        }
+        let Some(tx) = self.leave_tx.lock().ok().and_then(|t| t.clone()) else {
+            return "";
+        };
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let sent = tokio::time::timeout(
+            Duration::from_secs(2),
+            tx.send(proto::peer::Msg::Leaving { issued: 0 }),
+        )
+        .await;
+        if !matches!(sent, Ok(true)) {
+            return "; the peer was not told this node goes down cleanly: promoting it needs --force";
+        }
+        // It closes the connection once it has taken it in.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while established(self.link().state) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if established(self.link().state) {
+            return "; the peer was not told this node goes down cleanly: promoting it needs --force";
+        }
+        tracing::info!("the peer knows this node goes down cleanly, with the same data");
+        "; the peer holds the same data and knows this node went down cleanly: a plain `primary` there promotes it"
     }
 
     /// A `down` that failed after [`Self::tell_peer_leaving`]. The link task is gone by then
@@ -1878,7 +1937,7 @@ impl Resource {
             // Redials to a peer that is down must not hide what it said when it left.
             last_error: match l.peer_left {
                 Some(_) if !established(l.state) => Some(
-                    "the peer went down cleanly, handing over every write (a plain `primary` promotes this node)"
+                    "the peer went down cleanly, leaving this node every write (a plain `primary` promotes this node)"
                         .into(),
                 ),
                 _ => l.last_error.clone(),
@@ -2062,7 +2121,8 @@ impl Resource {
                 // Checked again under the commit: the peer heard from since is no longer
                 // known to be down.
                 fenced_at = Some(view_handshakes);
-                fence_note = "; the peer had gone down cleanly, handing over every write".into();
+                fence_note =
+                    "; the peer had gone down cleanly, leaving this node every write".into();
             }
         }
         struct Release<'a>(&'a std::sync::atomic::AtomicBool);
@@ -2414,6 +2474,8 @@ impl Resource {
         } else if let Err(e) = self.outdate_before_leaving().await {
             // Going down anyway (the disk may be failing): said loudly.
             tracing::error!("{e}; going down without it");
+        } else {
+            note = self.tell_secondary_peer_leaving().await;
         }
         self.listener.abort();
         for t in self

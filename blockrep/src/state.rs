@@ -34,9 +34,9 @@ pub enum PeerView {
     Connected(Role),
     /// Configured but not connected: we cannot know what it does.
     Unknown,
-    /// Not connected since the peer, a primary, went down cleanly with this node holding its
-    /// every write (`Msg::Leaving`), and nothing heard from it since: a plain promotion is
-    /// safe (the peer can only come back as a secondary).
+    /// Not connected since the peer went down cleanly (`Msg::Leaving`: a primary whose every
+    /// write this node holds durably, or a secondary with the same data), and nothing heard
+    /// from it since: a plain promotion is safe (the peer can only come back as a secondary).
     LeftCleanly,
     /// Not connected, and the `fence-peer` handler just outdated it (or found its node down
     /// or fenced off): with resource-level fencing that makes a plain promotion safe, as in

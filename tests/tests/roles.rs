@@ -642,3 +642,48 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
         "beta's status after its forced promotion: {r}"
     );
 }
+
+/// DRBD's habit for a planned stop: `secondary`, then `down` on the old primary. With both
+/// nodes holding the same data, the one left is told, and a plain `primary` promotes it.
+/// A secondary that goes down while it lacks data (here: it was disconnected while the
+/// primary wrote) tells nothing, and its peer still needs `--force`.
+#[test]
+fn a_secondary_that_goes_down_with_the_same_data_leaves_its_peer_promotable() {
+    let c = Cluster::synced_pair("secondary-leave", 64 << 20, |b| b);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let file = c.dir().path().join("data");
+    write_random_file(&file, 2 << 20);
+    a.nbdcopy_in(&file);
+    wait_caught_up(a);
+    a.ctl_ok(&["secondary"]);
+    b.wait_repl(CONNECT_TIMEOUT, "connected to a secondary", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    let down = a.ctl_ok(&["down"]).stdout;
+    assert!(
+        down.contains("holds the same data and knows this node went down cleanly"),
+        "{down}"
+    );
+    let out = b.ctl_ok(&["primary"]).stdout;
+    assert!(out.contains("gone down cleanly"), "{out}");
+    b.nbdcopy_in(&file);
+    a.up();
+    wait_caught_up(b);
+    c.assert_replicas_identical(size, "after alpha came back");
+
+    // Beta (primary) goes on without alpha, then demotes: alpha, back, lacks its writes
+    // until the catch-up; its down before that tells nothing.
+    a.ctl_ok(&["disconnect"]);
+    b.wait_not_connected(CONNECT_TIMEOUT);
+    b.nbdcopy_in(&file);
+    b.ctl_ok(&["secondary"]);
+    let down = a.ctl_ok(&["down"]).stdout;
+    assert!(!down.contains("went down cleanly"), "{down}");
+    let out = b.ctl(&["primary"]);
+    assert!(
+        !out.success() && out.stderr.contains("--force"),
+        "a plain primary after a down that handed nothing over:\n{}",
+        out.describe()
+    );
+}

@@ -121,6 +121,73 @@ pub struct LinkInfo {
     pub peer_left: Option<u64>,
 }
 
+/// Where `down` puts its `Msg::Leaving` for the running connection: the channel of the task
+/// that writes to the peer (messages, or frames already encoded).
+#[derive(Clone)]
+pub enum LeaveTx {
+    Msg(mpsc::Sender<Msg>),
+    Frame(mpsc::Sender<Vec<u8>>),
+}
+
+impl LeaveTx {
+    /// Queues `m` for the peer (bounded by the caller); false when the connection is gone.
+    pub async fn send(&self, m: Msg) -> bool {
+        match self {
+            LeaveTx::Msg(tx) => tx.send(m).await.is_ok(),
+            LeaveTx::Frame(tx) => {
+                let mut f = Vec::with_capacity(64);
+                peer::encode_frame(&mut f, &m, &[]);
+                tx.send(f).await.is_ok()
+            }
+        }
+    }
+}
+
+/// Offers a connection's channel to `down` (see [`LeaveTx`]) for as long as it lives.
+pub(super) struct LeaveGuard<'a>(&'a Resource);
+
+impl<'a> LeaveGuard<'a> {
+    pub(super) fn offer(res: &'a Resource, tx: LeaveTx) -> Self {
+        if let Ok(mut t) = res.leave_tx.lock() {
+            *t = Some(tx);
+        }
+        LeaveGuard(res)
+    }
+}
+
+impl Drop for LeaveGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.0.leave_tx.lock() {
+            *t = None;
+        }
+    }
+}
+
+/// The peer says it goes down cleanly (`Msg::Leaving`, through sequence `issued` of its
+/// stream; 0 from a secondary): recorded if this node then holds everything it had, so that
+/// a plain `primary` may follow. Ends the connection either way.
+pub(super) fn peer_leaving(res: &Resource, issued: u64, durable: u64) -> LinkError {
+    let peer = peer_name(res);
+    if durable >= issued && res.node_state().disk == 2 {
+        tracing::info!(
+            "{peer} goes down cleanly{}: `primary` here needs no --force",
+            if issued > 0 {
+                format!(
+                    ", and this node holds every write it made (through sequence {issued}) durably"
+                )
+            } else {
+                " as a secondary in sync with this node".to_string()
+            }
+        );
+        res.peer_left_cleanly(issued);
+        return LinkError::Closed(PEER_LEFT);
+    }
+    tracing::warn!(
+        "{peer} goes down, but this node does not hold its every write durably and up to date (durable through sequence {durable} of {issued})"
+    );
+    LinkError::Closed("the peer went down before this node held its every write")
+}
+
 /// Admin control of the link: `disconnect` makes it standalone; `bump` forces a reconnect
 /// (after a role change, so the new handshake sets the stream direction).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -476,7 +543,7 @@ fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
     // What `status` shows as the last error: a peer that went down cleanly is not a fault.
     let shown = match e {
         LinkError::Closed(why) if *why == PEER_LEFT => {
-            "the peer went down cleanly, handing over every write".to_string()
+            "the peer went down cleanly, leaving this node every write".to_string()
         }
         LinkError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             "the peer closed the connection (it went down or restarted, or the network cut it)"
@@ -1086,6 +1153,7 @@ async fn idle_side(
     res.set_link_state("connected", None);
     // The reader's answers to the peer's requests, written by the writer.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Msg>(4);
+    let _leave = LeaveGuard::offer(res, LeaveTx::Msg(reply_tx.clone()));
     let pinger = async {
         let mut ping = tokio::time::interval(PING_INTERVAL);
         loop {
@@ -1130,6 +1198,7 @@ async fn idle_side(
                     }
                 }
                 Msg::Refuse { reason } => return Err(peer_refused(reason)),
+                Msg::Leaving { issued } => return Err(peer_leaving(res, issued, issued)),
                 Msg::SkipSync { gen } => {
                     let r = res.skip_sync_for_peer(gen).await;
                     if let Err(why) = &r {

@@ -181,18 +181,7 @@ pub(super) async fn primary_side(
     let (side_tx, mut side_rx) = mpsc::channel::<Msg>(4);
     // `down` tells the peer through it that this node goes down cleanly (only while this
     // connection runs: dropped with it).
-    struct LeaveTx<'a>(&'a Resource);
-    impl Drop for LeaveTx<'_> {
-        fn drop(&mut self) {
-            if let Ok(mut t) = self.0.leave_tx.lock() {
-                *t = None;
-            }
-        }
-    }
-    if let Ok(mut t) = res.leave_tx.lock() {
-        *t = Some(side_tx.clone());
-    }
-    let _leave_tx = LeaveTx(res);
+    let _leave = LeaveGuard::offer(res, LeaveTx::Msg(side_tx.clone()));
     let resync_worker = {
         let rep = rep.clone();
         let res = res.clone();

@@ -331,6 +331,8 @@ pub(super) async fn secondary_side(
     res.set_link_state("connected", None);
     // Answers to hash requests (checksum resync, verify), sent by the acker.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
+    // A secondary's `down` tells an idle secondary peer through it (see `LeaveTx`).
+    let _leave = LeaveGuard::offer(res, LeaveTx::Frame(reply_tx.clone()));
     // Hash requests read this node's data through their own handle, off the async threads.
     let hash_file = Arc::new(crate::replication::open_for_resync(&res.cfg().me.backing)?);
     // Hash requests read (up to MAX_HASH_SPAN each) a few at a time: bounded memory.
@@ -538,23 +540,8 @@ pub(super) async fn secondary_side(
                             continue;
                         }
                         Msg::Leaving { issued } => {
-                            // The primary goes down cleanly. Only if this node holds its every
-                            // write durably may it be promoted without --force afterwards.
                             let durable = ap.lock().durable;
-                            let peer = peer_name(res);
-                            if durable >= issued && res.node_state().disk == 2 {
-                                tracing::info!(
-                                    "{peer} goes down cleanly: this node holds every write it made (through sequence {issued}), durably; `primary` here needs no --force"
-                                );
-                                res.peer_left_cleanly(issued);
-                                return Err(LinkError::Closed(PEER_LEFT));
-                            }
-                            tracing::warn!(
-                                "{peer} goes down, but this node does not hold its every write durably and up to date (durable through sequence {durable} of {issued})"
-                            );
-                            return Err(LinkError::Closed(
-                                "the peer went down before this node held its every write",
-                            ));
+                            return Err(peer_leaving(res, issued, durable));
                         }
                         Msg::SyncProgress { total, done } => {
                             // Shown by `status` only: nothing here depends on it.
