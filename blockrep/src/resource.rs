@@ -435,7 +435,10 @@ impl Resource {
         running.journal_size = self
             .with_meta(|m| m.sb.layout.journal_len)
             .unwrap_or(old.journal_size);
-        let mut plan = crate::config::plan_adjust(&running, new)
+        // As create-md would lay it out.
+        let mut wanted = new.clone();
+        wanted.journal_size = new.journal_size.div_ceil(4096) * 4096;
+        let mut plan = crate::config::plan_adjust(&running, &wanted)
             .map_err(|e| NodeError::Refused(format!("{e}: nothing changed")))?;
         plan.running.journal_size = new.journal_size;
         if plan.changes.is_empty() {
@@ -1474,7 +1477,8 @@ impl Resource {
         self.link().peer_left = Some(issued);
     }
 
-    /// This node, a primary going down, told its peer so (see [`Self::tell_peer_leaving`]).
+    /// This node, going down, told its peer so (see [`Self::tell_peer_leaving`] and
+    /// [`Self::tell_secondary_peer_leaving`]).
     pub fn is_leaving(&self) -> bool {
         self.leaving.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -1512,7 +1516,10 @@ impl Resource {
         // Bounded: a peer that still pings but takes nothing holds the sender.
         let sent = tokio::time::timeout(
             Duration::from_secs(2),
-            tx.send(proto::peer::Msg::Leaving { issued }),
+            tx.send(proto::peer::Msg::Leaving {
+                issued,
+                gen: self.node_state().gen.current,
+            }),
         )
         .await;
         if !matches!(sent, Ok(true)) {
@@ -1539,7 +1546,10 @@ impl Resource {
     /// sync either way), tells it this node goes down cleanly, so that it may be promoted
     /// without `--force`. Returns what the admin should know of the peer.
     async fn tell_secondary_peer_leaving(&self) -> &'static str {
-        if self.rep.is_none() {
+        // Not while a promotion of this node is under way (it holds this from its checks to
+        // its commit): a node that is primary by the time it sends would hand over nothing.
+        let _no_promotion = self.skip_ops.lock().await;
+        if self.rep.is_none() || self.role() != Role::Secondary {
             return "";
         }
         let (state, peer) = {
@@ -1558,11 +1568,12 @@ impl Resource {
             .rep
             .as_ref()
             .is_some_and(|r| r.lock().bitmap.dirty_bits() > 0);
+        // What the peer said at the handshake may be older than a resync since (its
+        // generation, its bitmap): the receiver checks those against its own and refuses the
+        // leave otherwise; here, this node's own side and a link that is not resyncing.
         let same = state == "connected"
             && me.disk == 2
             && peer.disk == 2
-            && me.gen.current == peer.gen.current
-            && peer.out_of_sync == 0
             && !lacking
             && !self.device.sync_failed();
         if !same {
@@ -1575,7 +1586,10 @@ impl Resource {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let sent = tokio::time::timeout(
             Duration::from_secs(2),
-            tx.send(proto::peer::Msg::Leaving { issued: 0 }),
+            tx.send(proto::peer::Msg::Leaving {
+                issued: 0,
+                gen: me.gen.current,
+            }),
         )
         .await;
         if !matches!(sent, Ok(true)) {

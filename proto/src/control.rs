@@ -131,8 +131,8 @@ pub struct PeerStatus {
     /// The latest online verify started on this node, if any.
     #[serde(default)]
     pub verify: Option<VerifyStatus>,
-    /// The peer, a primary, went down cleanly handing over every write, and was not heard
-    /// from since: a plain `primary` promotes this node.
+    /// The peer went down cleanly (a primary handing over every write, or a secondary with
+    /// the same data) and was not heard from since: a plain `primary` promotes this node.
     #[serde(default)]
     pub peer_left: bool,
 }

@@ -222,11 +222,15 @@ pub enum Msg {
         total: u64,
         done: u64,
     },
-    /// Primary to secondary, at its `down` (protocol 12), once the secondary made every
-    /// write through `issued` durable: the primary goes down cleanly and will not write on.
-    /// The secondary closes the connection and may then be promoted without `--force`.
+    /// At a node's `down` (protocol 12): it goes down cleanly and will not write on. From a
+    /// primary once the secondary made every write through `issued` durable; from a
+    /// secondary (`issued` 0) connected to an idle secondary with the same data. `gen`: the
+    /// sender's current data generation, which the receiver must have too. The receiver
+    /// closes the connection (refusing it with a reason if it does not hold that data) and
+    /// may then be promoted without `--force`.
     Leaving {
         issued: u64,
+        gen: u64,
     },
 }
 

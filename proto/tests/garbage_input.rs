@@ -216,6 +216,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         },
         21 => Msg::Leaving {
             issued: rng.u64_edge(),
+            gen: rng.u64_edge(),
         },
         18 => Msg::SkipSync {
             gen: rng.u64_edge(),

@@ -644,16 +644,19 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
 }
 
 /// DRBD's habit for a planned stop: `secondary`, then `down` on the old primary. With both
-/// nodes holding the same data, the one left is told, and a plain `primary` promotes it.
-/// A secondary that goes down while it lacks data (here: it was disconnected while the
-/// primary wrote) tells nothing, and its peer still needs `--force`.
+/// nodes holding the same data, the one left is told, and a plain `primary` promotes it;
+/// also when the node going down was the target of a resync from its (secondary) peer. A
+/// node that goes down while it lacks data (in the middle of that resync) tells nothing,
+/// and its peer still needs `--force`.
 #[test]
 fn a_secondary_that_goes_down_with_the_same_data_leaves_its_peer_promotable() {
-    let c = Cluster::synced_pair("secondary-leave", 64 << 20, |b| b);
+    let c = Cluster::synced_pair("secondary-leave", 64 << 20, |b| {
+        b.resource_line("resync-rate = \"2M\"")
+    });
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
     let file = c.dir().path().join("data");
-    write_random_file(&file, 2 << 20);
+    write_random_file(&file, 8 << 20);
     a.nbdcopy_in(&file);
     wait_caught_up(a);
     a.ctl_ok(&["secondary"]);
@@ -672,18 +675,41 @@ fn a_secondary_that_goes_down_with_the_same_data_leaves_its_peer_promotable() {
     wait_caught_up(b);
     c.assert_replicas_identical(size, "after alpha came back");
 
-    // Beta (primary) goes on without alpha, then demotes: alpha, back, lacks its writes
-    // until the catch-up; its down before that tells nothing.
-    a.ctl_ok(&["disconnect"]);
-    b.wait_not_connected(CONNECT_TIMEOUT);
-    b.nbdcopy_in(&file);
+    // Two secondaries; alpha fetches everything from beta (a resync paced at 2 MiB/s, so
+    // several seconds for its 8 MiB of data) and goes down in the middle: it lacks data, so
+    // it tells nothing.
     b.ctl_ok(&["secondary"]);
+    a.wait_repl(CONNECT_TIMEOUT, "connected to a secondary", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    a.ctl_ok(&["invalidate"]);
+    a.wait_repl(CONNECT_TIMEOUT, "resyncing", |r| {
+        r["connection"] == "sync-target"
+    });
     let down = a.ctl_ok(&["down"]).stdout;
     assert!(!down.contains("went down cleanly"), "{down}");
     let out = b.ctl(&["primary"]);
     assert!(
         !out.success() && out.stderr.contains("--force"),
-        "a plain primary after a down that handed nothing over:\n{}",
+        "a plain primary after a down in the middle of a resync:\n{}",
         out.describe()
     );
+
+    // Back, the resync ends (alpha its target, beta a secondary source); then alpha's down
+    // hands over again.
+    a.up();
+    a.wait_repl(Duration::from_secs(60), "resynced", |r| {
+        r["connection"] == "connected" && r["out_of_sync"] == 0
+    });
+    b.wait_repl(SYNC_TIMEOUT, "resynced", |r| {
+        r["connection"] == "connected" && r["out_of_sync"] == 0
+    });
+    c.assert_replicas_identical(size, "after the resync from a secondary");
+    let down = a.ctl_ok(&["down"]).stdout;
+    assert!(
+        down.contains("holds the same data and knows this node went down cleanly"),
+        "{down}"
+    );
+    let out = b.ctl_ok(&["primary"]).stdout;
+    assert!(out.contains("gone down cleanly"), "{out}");
 }

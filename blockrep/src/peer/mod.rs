@@ -164,28 +164,44 @@ impl Drop for LeaveGuard<'_> {
 }
 
 /// The peer says it goes down cleanly (`Msg::Leaving`, through sequence `issued` of its
-/// stream; 0 from a secondary): recorded if this node then holds everything it had, so that
+/// stream, or 0 from a secondary; at generation `gen`): recorded if this node, a secondary,
+/// then holds everything it had (`durable`: its durable mark of the peer's stream), so that
 /// a plain `primary` may follow. Ends the connection either way.
-pub(super) fn peer_leaving(res: &Resource, issued: u64, durable: u64) -> LinkError {
+pub(super) fn peer_leaving(res: &Resource, issued: u64, gen: u64, durable: u64) -> LinkError {
     let peer = peer_name(res);
-    if durable >= issued && res.node_state().disk == 2 {
-        tracing::info!(
-            "{peer} goes down cleanly{}: `primary` here needs no --force",
-            if issued > 0 {
-                format!(
-                    ", and this node holds every write it made (through sequence {issued}) durably"
-                )
-            } else {
-                " as a secondary in sync with this node".to_string()
-            }
-        );
-        res.peer_left_cleanly(issued);
-        return LinkError::Closed(PEER_LEFT);
+    let me = res.node_state();
+    let clean = res.rep().is_none_or(|r| r.lock().bitmap.dirty_bits() == 0);
+    let why = if res.role() != crate::state::Role::Secondary {
+        Some("this node is primary")
+    } else if me.disk != 2 {
+        Some("this node's disk is not up to date")
+    } else if me.gen.current != gen {
+        Some("this node is at another data generation")
+    } else if durable < issued {
+        Some("this node has not made every write durable")
+    } else if issued == 0 && !clean {
+        Some("this node has regions out of sync")
+    } else {
+        None
+    };
+    match why {
+        None => {
+            tracing::info!(
+                "{peer} goes down cleanly{}: `primary` here needs no --force",
+                if issued > 0 {
+                    format!(", and this node holds every write it made (through sequence {issued}) durably")
+                } else {
+                    " as a secondary with the same data as this node".to_string()
+                }
+            );
+            res.peer_left_cleanly(issued);
+            LinkError::Closed(PEER_LEFT)
+        }
+        Some(why) => {
+            tracing::warn!("{peer} goes down, but {why}: promoting this node needs --force");
+            LinkError::Closed("the peer went down, leaving this node without all of its data")
+        }
     }
-    tracing::warn!(
-        "{peer} goes down, but this node does not hold its every write durably and up to date (durable through sequence {durable} of {issued})"
-    );
-    LinkError::Closed("the peer went down before this node held its every write")
 }
 
 /// Admin control of the link: `disconnect` makes it standalone; `bump` forces a reconnect
@@ -1198,7 +1214,7 @@ async fn idle_side(
                     }
                 }
                 Msg::Refuse { reason } => return Err(peer_refused(reason)),
-                Msg::Leaving { issued } => return Err(peer_leaving(res, issued, issued)),
+                Msg::Leaving { issued, gen } => return Err(peer_leaving(res, issued, gen, issued)),
                 Msg::SkipSync { gen } => {
                     let r = res.skip_sync_for_peer(gen).await;
                     if let Err(why) = &r {

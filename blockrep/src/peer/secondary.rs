@@ -539,9 +539,9 @@ pub(super) async fn secondary_side(
                             res.verify_reported(&r);
                             continue;
                         }
-                        Msg::Leaving { issued } => {
+                        Msg::Leaving { issued, gen } => {
                             let durable = ap.lock().durable;
-                            return Err(peer_leaving(res, issued, durable));
+                            return Err(peer_leaving(res, issued, gen, durable));
                         }
                         Msg::SyncProgress { total, done } => {
                             // Shown by `status` only: nothing here depends on it.
