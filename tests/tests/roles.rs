@@ -643,6 +643,18 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
     );
 }
 
+/// `down` on the secondary `leaving` says it handed over, and a plain `primary` then
+/// promotes `peer`.
+fn down_then_plain_primary(leaving: &Node, peer: &Node) {
+    let down = leaving.ctl_ok(&["down"]).stdout;
+    assert!(
+        down.contains("holds the same data and knows this node went down cleanly"),
+        "{down}"
+    );
+    let out = peer.ctl_ok(&["primary"]).stdout;
+    assert!(out.contains("gone down cleanly"), "{out}");
+}
+
 /// DRBD's habit for a planned stop: `secondary`, then `down` on the old primary. With both
 /// nodes holding the same data, the one left is told, and a plain `primary` promotes it;
 /// also when the node going down was the target of a resync from its (secondary) peer. A
@@ -663,13 +675,7 @@ fn a_secondary_that_goes_down_with_the_same_data_leaves_its_peer_promotable() {
     b.wait_repl(CONNECT_TIMEOUT, "connected to a secondary", |r| {
         r["connection"] == "connected" && r["peer_role"] == "secondary"
     });
-    let down = a.ctl_ok(&["down"]).stdout;
-    assert!(
-        down.contains("holds the same data and knows this node went down cleanly"),
-        "{down}"
-    );
-    let out = b.ctl_ok(&["primary"]).stdout;
-    assert!(out.contains("gone down cleanly"), "{out}");
+    down_then_plain_primary(a, b);
     b.nbdcopy_in(&file);
     a.up();
     wait_caught_up(b);
@@ -705,11 +711,5 @@ fn a_secondary_that_goes_down_with_the_same_data_leaves_its_peer_promotable() {
         r["connection"] == "connected" && r["out_of_sync"] == 0
     });
     c.assert_replicas_identical(size, "after the resync from a secondary");
-    let down = a.ctl_ok(&["down"]).stdout;
-    assert!(
-        down.contains("holds the same data and knows this node went down cleanly"),
-        "{down}"
-    );
-    let out = b.ctl_ok(&["primary"]).stdout;
-    assert!(out.contains("gone down cleanly"), "{out}");
+    down_then_plain_primary(a, b);
 }
