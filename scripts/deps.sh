@@ -13,6 +13,7 @@ have mkfs.ext4 || need+=(e2fsprogs)
 have qemu-io   || need+=(qemu-utils)
 have losetup   || need+=(mount)
 have rsync     || need+=(rsync)
+have systemd-analyze || need+=(systemd)   # verifies the shipped unit (not started)
 { python3 -c 'import nbd' 2>/dev/null || /usr/bin/python3 -c 'import nbd' 2>/dev/null; } || need+=(python3-libnbd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]} (Debian packages)"

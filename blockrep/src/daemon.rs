@@ -59,7 +59,6 @@ impl Daemon {
                 let note = match r.down().await {
                     Ok(note) => note,
                     Err(e) => {
-                        r.cancel_leaving();
                         // Still there (its tasks, its claim on the disk): shown as up, and a
                         // later `down` tries again.
                         *self.res.lock().await = Some(r);

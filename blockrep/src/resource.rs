@@ -1455,18 +1455,15 @@ impl Resource {
     }
 
     pub fn set_peer(&self, peer: Option<NodeState>) {
-        let mut l = self.link();
         if peer.is_some() {
             self.handshakes
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            // Heard from again: whatever it said when it left is history.
-            l.peer_left = None;
         }
-        l.peer = peer;
+        self.link().peer = peer;
     }
 
-    /// The peer was heard from (a Hello naming it, authenticated or not): it is up again,
-    /// so whatever it said when it left is history.
+    /// The peer was heard from (a Hello naming it, authenticated or not, which comes before
+    /// anything else it sends): it is up again, so whatever it said when it left is history.
     pub fn peer_heard(&self) {
         self.link().peer_left = None;
     }
@@ -1605,14 +1602,6 @@ impl Resource {
         }
         tracing::info!("the peer knows this node goes down cleanly, with the same data");
         "; the peer holds the same data and knows this node went down cleanly: a plain `primary` there promotes it"
-    }
-
-    /// A `down` that failed after [`Self::tell_peer_leaving`]. The link task is gone by then
-    /// (a later `down` tries again; the node serves nothing meanwhile); this only keeps the
-    /// flag true to what happened.
-    pub fn cancel_leaving(&self) {
-        self.leaving
-            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Promoted without a connected peer, and no connection since (see `promoted_epoch`).
@@ -2086,8 +2075,9 @@ impl Resource {
         // the peer is fenced (DRBD's fenced failover): checked as if it were, then fenced.
         let fencing = self.cfg().fencing == state::Fencing::ResourceOnly;
         let mut fence_note = String::new();
-        // Handshakes seen when the fence answered: checked again under the commit.
-        let mut fenced_at: Option<u64> = None;
+        // Handshakes seen when the peer's view was decided (the fence's answer, or a clean
+        // leave): any since makes it stale, checked again under the commit.
+        let mut decided_at: Option<u64> = None;
         if !force {
             let (disk, gen) = {
                 let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -2127,14 +2117,14 @@ impl Resource {
                         "the peer connected while it was being fenced: run `primary` again to decide with it connected".into(),
                     ));
                 }
-                fenced_at = Some(links_before);
+                decided_at = Some(links_before);
                 fence_note = format!("; the peer was fenced first: {}", outcome.describe());
                 self.link().fence = Some((outcome.describe(), outcome.peer_disk()));
                 peer = PeerView::Fenced;
             } else if view == PeerView::LeftCleanly {
                 // Checked again under the commit: the peer heard from since is no longer
                 // known to be down.
-                fenced_at = Some(view_handshakes);
+                decided_at = Some(view_handshakes);
                 fence_note =
                     "; the peer had gone down cleanly, leaving this node every write".into();
             }
@@ -2160,7 +2150,7 @@ impl Resource {
         self.update_meta(move |sb| {
             // A handshake since the fence answered (while the stream was quiesced, say): the
             // answer is stale, the peer may be primary.
-            if fenced_at.is_some_and(|n| n != handshakes.load(std::sync::atomic::Ordering::SeqCst)) {
+            if decided_at.is_some_and(|n| n != handshakes.load(std::sync::atomic::Ordering::SeqCst)) {
                 return Err(NodeError::Refused(
                     "the peer connected while this promotion was being decided: run `primary` again to decide with it connected".into(),
                 ));
