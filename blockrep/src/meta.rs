@@ -23,13 +23,15 @@ pub const AL_AREA: u64 = 64 * 1024;
 /// Smallest data area worth exporting.
 pub const MIN_DATA: u64 = 1 << 20;
 const MAGIC: u64 = 0x6272_6570_6d64_0001; // "brepmd" v1
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Format 1 had no record terms: its superblock is format 2's without the two trailing term
 /// fields, read as if they were 0 ("not known": the first connect after the upgrade resyncs
 /// the bitmap rather than trusting a journal catch-up it cannot check).
 const FORMAT_V1: u32 = 1;
 /// Format 2 had no `lost_writes`: read as false (one byte at the end of the payload).
 const FORMAT_V2: u32 = 2;
+/// Format 3 had no `peer_left`: read as false (one byte at the end of the payload).
+const FORMAT_V3: u32 = 3;
 
 /// DRBD's "just created" current generation: both sides fresh, nothing written yet.
 pub const UUID_JUST_CREATED: u64 = 4;
@@ -431,6 +433,12 @@ pub struct Superblock {
     /// goes with it; a start rebuilds that bitmap from this. Cleared by any commit that
     /// leaves the disk not inconsistent (see [`MetaStore::update`]).
     pub lost_writes: bool,
+    /// The peer went down cleanly, leaving this node every write it had (its `Leaving`,
+    /// accepted: see `peer::peer_leaving`), and has not been heard from since: a plain
+    /// `primary` here needs no fence and no --force, after a restart of this node too (DRBD
+    /// keeps its "peer outdated" flag in the metadata for the same reason). Committed before
+    /// the peer's next handshake goes on, so that no record outlives the peer's return.
+    pub peer_left: bool,
 }
 
 impl Superblock {
@@ -473,7 +481,7 @@ impl Superblock {
             return None;
         }
         let version = u32::from_le_bytes(slot[8..12].try_into().ok()?);
-        if ![FORMAT_VERSION, FORMAT_V2, FORMAT_V1].contains(&version) {
+        if ![FORMAT_VERSION, FORMAT_V3, FORMAT_V2, FORMAT_V1].contains(&version) {
             return None;
         }
         let len = u32::from_le_bytes(slot[12..16].try_into().ok()?) as usize;
@@ -487,11 +495,12 @@ impl Superblock {
         }
         let sb: Self = if version != FORMAT_VERSION {
             // The fields an older format lacks, as postcard encodes 0 and false: one byte
-            // each (format 1: the two terms and `lost_writes`; format 2: `lost_writes`).
-            let missing: &[u8] = if version == FORMAT_V1 {
-                &[0, 0, 0]
-            } else {
-                &[0]
+            // each (format 1: the two terms, `lost_writes` and `peer_left`; format 2:
+            // `lost_writes` and `peer_left`; format 3: `peer_left`).
+            let missing: &[u8] = match version {
+                FORMAT_V1 => &[0, 0, 0, 0],
+                FORMAT_V2 => &[0, 0],
+                _ => &[0],
             };
             let mut payload = slot[16..end].to_vec();
             payload.extend_from_slice(missing);
@@ -761,6 +770,7 @@ impl MetaStore {
             applied_term: 0,
             journal_prev_term: 0,
             lost_writes: false,
+            peer_left: false,
         };
         let mut store = MetaStore {
             file: Arc::new(file),
@@ -1026,13 +1036,14 @@ mod tests {
             applied_term: 0x8000_0000_0000_1111,
             journal_prev_term: 0x8000_0000_0000_2222,
             lost_writes: true,
+            peer_left: true,
         }
     }
 
     /// A slot of format 1 (no term fields, no `lost_writes`), built by hand as that format
     /// wrote it.
     fn v1_slot(sb: &Superblock) -> Vec<u8> {
-        old_slot(sb, FORMAT_V1, 3)
+        old_slot(sb, FORMAT_V1, 4)
     }
 
     /// A slot of an older format: the current payload without its last `missing` bytes
@@ -1064,7 +1075,7 @@ mod tests {
         assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
         // An unknown format is still refused.
         let mut slot = v1_slot(&sb_with_zero_terms());
-        slot[8..12].copy_from_slice(&4u32.to_le_bytes());
+        slot[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         assert_eq!(Superblock::decode(&slot), None);
     }
 
@@ -1106,14 +1117,32 @@ mod tests {
     fn a_format_2_superblock_is_read_without_lost_writes() {
         let old = Superblock {
             lost_writes: false,
+            peer_left: false,
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V2, 1)),
+            Superblock::decode(&old_slot(&old, FORMAT_V2, 2)),
             Some(old.clone())
         );
         let new = Superblock {
             lost_writes: true,
+            ..old
+        };
+        assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
+    }
+
+    #[test]
+    fn a_format_3_superblock_is_read_without_a_clean_leave() {
+        let old = Superblock {
+            peer_left: false,
+            ..sb()
+        };
+        assert_eq!(
+            Superblock::decode(&old_slot(&old, FORMAT_V3, 1)),
+            Some(old.clone())
+        );
+        let new = Superblock {
+            peer_left: true,
             ..old
         };
         assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
@@ -1124,6 +1153,7 @@ mod tests {
             applied_term: 0,
             journal_prev_term: 0,
             lost_writes: false,
+            peer_left: false,
             ..sb()
         }
     }

@@ -138,6 +138,9 @@ pub struct Resource {
     promoted_epoch: std::sync::atomic::AtomicU64,
     /// One `adjust` at a time: each plans from the configuration the last one left.
     adjust_lock: tokio::sync::Mutex<()>,
+    /// Counts the peer's Hellos (see [`Self::peer_heard`]): a clean leave decided before one
+    /// is not recorded after it.
+    peer_heard_count: Arc<std::sync::atomic::AtomicU64>,
     /// This node's disks, held exclusively while the resource is up.
     _claim: crate::meta::Claim,
     /// Held by a promotion and by `new-current-uuid --clear-bitmap` from its check to its
@@ -267,6 +270,14 @@ impl Resource {
             0 => meta.sb.layout.data_size,
             a => a.min(meta.sb.layout.data_size),
         };
+        // A clean leave the peer announced before this node went down (see
+        // `Superblock::peer_left`): still true until the peer is heard from.
+        let peer_left = (meta.sb.peer_left && cfg.peer.is_some()).then_some(0);
+        if peer_left.is_some() {
+            tracing::info!(
+                "the peer went down cleanly before this node stopped, leaving it every write, and has not been heard from since: a plain `primary` promotes this node"
+            );
+        }
         let meta = Arc::new(Mutex::new(meta));
         let rep = match &cfg.peer {
             None => None,
@@ -355,6 +366,7 @@ impl Resource {
             link_ctl: watch::channel(LinkCtl::default()).0,
             link_info: Mutex::new(LinkInfo {
                 state: "standalone",
+                peer_left,
                 ..Default::default()
             }),
             connections: std::sync::atomic::AtomicU64::new(0),
@@ -366,6 +378,7 @@ impl Resource {
             fence_lock: tokio::sync::Mutex::new(()),
             premature_outdate: std::sync::atomic::AtomicBool::new(false),
             handshakes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            peer_heard_count: Arc::default(),
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
@@ -1216,7 +1229,9 @@ impl Resource {
     /// The configured handler for `event`, if any, as a command: arguments
     /// `RESOURCE EVENT PEER`, and the same in `BLOCKREP_RESOURCE`, `BLOCKREP_EVENT`,
     /// `BLOCKREP_PEER`, `BLOCKREP_NODE`, plus `BLOCKREP_PEER_ADDRESS` (where this node dials
-    /// the peer, for a handler that reaches its node another way).
+    /// the peer, for a handler that reaches its node another way) and
+    /// `BLOCKREP_PEER_LEFT_CLEANLY` (`yes`: the peer went down cleanly, a planned stop, so a
+    /// `peer-lost` handler need not page anyone).
     fn handler_command(&self, event: &'static str) -> Option<(tokio::process::Command, PathBuf)> {
         let cmd = self.cfg().handlers.get(event).cloned()?;
         let (peer, peer_addr) = self
@@ -1242,6 +1257,14 @@ impl Resource {
             .env("BLOCKREP_PEER", &peer)
             .env("BLOCKREP_PEER_ADDRESS", &peer_addr)
             .env("BLOCKREP_NODE", &self.cfg().me.name)
+            .env(
+                "BLOCKREP_PEER_LEFT_CLEANLY",
+                if self.link().peer_left.is_some() {
+                    "yes"
+                } else {
+                    "no"
+                },
+            )
             .stdin(std::process::Stdio::null());
         Some((c, cmd))
     }
@@ -1464,14 +1487,58 @@ impl Resource {
 
     /// The peer was heard from (a Hello naming it, authenticated or not, which comes before
     /// anything else it sends): it is up again, so whatever it said when it left is history.
-    pub fn peer_heard(&self) {
+    /// The metadata's record of it is cleared before the handshake goes on (an error here
+    /// ends the handshake): a peer that connects may be promoted afterwards, and a record
+    /// that outlived that would let a restart of this node promote it too.
+    pub async fn peer_heard(&self) -> Result<(), NodeError> {
+        self.peer_heard_count
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.link().peer_left = None;
+        if self
+            .meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sb
+            .peer_left
+        {
+            self.update_meta(|sb| {
+                sb.peer_left = false;
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// The primary went down cleanly, and this node holds its every write through `issued`
-    /// durably (see `Msg::Leaving`).
-    pub fn peer_left_cleanly(&self, issued: u64) {
-        self.link().peer_left = Some(issued);
+    /// durably (see `Msg::Leaving`): recorded, in the metadata too, so that a restart of this
+    /// node before its promotion still knows. Not recorded if the peer was heard from since
+    /// the leave was decided (`heard`: [`Self::peer_heard_count`] then), in memory or on disk.
+    pub async fn peer_left_cleanly(&self, issued: u64, heard: u64) {
+        let count = self.peer_heard_count.clone();
+        let committed = self
+            .update_meta(move |sb| {
+                // Under the metadata's write order: a clear that ran first has counted.
+                if count.load(std::sync::atomic::Ordering::SeqCst) == heard {
+                    sb.peer_left = true;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = committed {
+            // Only the restart case is lost: the record in memory still stands.
+            tracing::warn!("recording the peer's clean leave in the metadata: {e}");
+        }
+        let mut l = self.link();
+        if self.peer_heard_count() == heard {
+            l.peer_left = Some(issued);
+        }
+    }
+
+    /// How many times the peer was heard from (see [`Self::peer_heard`]).
+    pub fn peer_heard_count(&self) -> u64 {
+        self.peer_heard_count
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// This node, going down, told its peer so (see [`Self::tell_peer_leaving`] and

@@ -56,6 +56,7 @@ fn random_superblock(rng: &mut Rng) -> Superblock {
         applied_term: rng.u64_edge(),
         journal_prev_term: rng.u64_edge(),
         lost_writes: false,
+        peer_left: rng.bool(),
     }
 }
 

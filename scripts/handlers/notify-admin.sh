@@ -8,7 +8,8 @@
 #   after-resync-target = "/usr/local/lib/blockrep/notify-admin.sh"
 #
 # blockrep calls it with RESOURCE EVENT PEER as arguments (and BLOCKREP_RESOURCE, BLOCKREP_EVENT,
-# BLOCKREP_PEER, BLOCKREP_NODE, BLOCKREP_PEER_ADDRESS in the environment) and does not wait for it.
+# BLOCKREP_PEER, BLOCKREP_NODE, BLOCKREP_PEER_ADDRESS, BLOCKREP_PEER_LEFT_CLEANLY in the
+# environment) and does not wait for it.
 # Set BLOCKREP_MAILTO to mail someone (needs a working `mail` command).
 set -u
 resource=${1:-$BLOCKREP_RESOURCE}
@@ -21,7 +22,12 @@ echo "$(date -Is) $msg" >> "${BLOCKREP_HANDLER_LOG:-/var/log/blockrep-events.log
 if [ -n "${BLOCKREP_MAILTO:-}" ] && command -v mail >/dev/null 2>&1; then
   case "$event" in
     split-brain) body="Split brain: both nodes changed the data. Nothing was moved. Pick the victim and run: blockrep-ctl secondary; blockrep-ctl connect --discard-my-data" ;;
-    peer-lost) body="The peer link is down. The primary keeps serving and records what the peer misses; it catches up when the link is back." ;;
+    peer-lost)
+      if [ "${BLOCKREP_PEER_LEFT_CLEANLY:-no}" = yes ]; then
+        body="The peer went down cleanly (a planned stop), leaving this node every write: a plain 'blockrep-ctl primary' promotes this node if needed."
+      else
+        body="The peer link is down. The primary keeps serving and records what the peer misses; it catches up when the link is back."
+      fi ;;
     *) body="$msg" ;;
   esac
   printf '%s\n' "$body" | mail -s "$msg" "$BLOCKREP_MAILTO" || true

@@ -713,3 +713,109 @@ fn a_secondary_that_goes_down_with_the_same_data_leaves_its_peer_promotable() {
     c.assert_replicas_identical(size, "after the resync from a secondary");
     down_then_plain_primary(a, b);
 }
+
+/// What the survivor of a clean leave was told is kept in its metadata: a restart of the
+/// survivor (here a kill -9, so only what was made durable counts) still promotes it with a
+/// plain `primary`, and says why. The `peer-lost` handler hears that the stop was planned
+/// (`BLOCKREP_PEER_LEFT_CLEANLY=yes`; `no` after a crash). Once the peer is back the record
+/// is gone from the metadata too: after the peer's later crash, a restarted survivor needs
+/// `--force` again (a record that outlived the peer's return would promote it over the
+/// writes the peer made since).
+#[test]
+fn a_clean_leave_is_remembered_across_a_restart_of_the_survivor_until_the_peer_returns() {
+    let c = Cluster::builder("clean-leave-kept")
+        .nodes(2)
+        .backing_size(64 << 20)
+        .journal_size("8M")
+        .build();
+    let hlog = c.dir().path().join("peer-lost.log");
+    let script = c.dir().path().join("peer-lost.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$BLOCKREP_NODE $BLOCKREP_EVENT left-cleanly=$BLOCKREP_PEER_LEFT_CLEANLY\" >> '{}'\n",
+            hlog.display()
+        ),
+    )
+    .expect("write peer-lost.sh");
+    run_ok(Command::new("chmod").arg("755").arg(&script), CMD_TIMEOUT);
+    c.write_config(&format!(
+        "{}\n[handlers]\npeer-lost = \"{}\"\n",
+        c.config_text(),
+        script.display()
+    ));
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let handler_said = |line: &str| {
+        let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&hlog).unwrap_or_default();
+            if text.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no handler line {line:?}; the log has:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    let file = c.dir().path().join("data");
+    let data = write_random_file(&file, 4 << 20);
+    a.nbdcopy_in(&file);
+    let down = a.ctl_ok(&["down"]).stdout;
+    assert!(down.contains("knows this node went down cleanly"), "{down}");
+    handler_said("beta peer-lost left-cleanly=yes");
+
+    // The survivor crashes and comes back before anyone promotes it.
+    let pid = b.pid().expect("beta's pid");
+    b.kill9();
+    assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+    b.up();
+    let r = b.repl();
+    assert!(
+        r["peer_left"] == true
+            && r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("went down cleanly")),
+        "beta's status after its restart: {r}"
+    );
+    let out = b.ctl_ok(&["primary"]).stdout;
+    assert!(out.contains("gone down cleanly"), "{out}");
+    assert_eq!(
+        &b.backing_data(4 << 20)[..],
+        &data[..],
+        "beta lacks alpha's writes"
+    );
+
+    // Alpha returns (its handshake clears beta's record), catches up, and takes over in a
+    // planned switchover; then it crashes with writes beta holds too, but was never told
+    // about as a leave.
+    a.up();
+    wait_caught_up(b);
+    b.ctl_ok(&["secondary"]);
+    a.ctl_ok(&["primary"]);
+    let more = c.dir().path().join("more");
+    write_random_file(&more, 2 << 20);
+    a.nbdcopy_in(&more);
+    wait_caught_up(a);
+    c.assert_replicas_identical(size, "after the switchover");
+    let pid = a.pid().expect("alpha's pid");
+    a.kill9();
+    assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+    handler_said("beta peer-lost left-cleanly=no");
+    let pid = b.pid().expect("beta's pid");
+    b.kill9();
+    assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+    b.up();
+    assert_eq!(b.repl()["peer_left"], false, "{}", b.repl());
+    let out = b.ctl(&["primary"]);
+    assert!(
+        !out.success() && out.stderr.contains("--force"),
+        "a plain primary after the returned peer's crash:\n{}",
+        out.describe()
+    );
+}

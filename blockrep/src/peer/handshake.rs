@@ -105,7 +105,11 @@ pub(super) async fn handshake(
             // Whatever follows (a refusal included), the peer is up: a clean leave it
             // announced earlier no longer makes a plain promotion here safe.
             if node == peer_name {
-                res.peer_heard();
+                if let Err(e) = res.peer_heard().await {
+                    return Err(LinkError::LocalDisk(format!(
+                        "clearing the record of the peer's clean leave in the metadata: {e}"
+                    )));
+                }
             }
             if version != peer::PROTOCOL_VERSION {
                 return Err(refuse(

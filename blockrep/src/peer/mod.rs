@@ -167,8 +167,9 @@ impl Drop for LeaveGuard<'_> {
 /// stream, or 0 from a secondary; at generation `gen`): recorded if this node, a secondary,
 /// then holds everything it had (`durable`: its durable mark of the peer's stream), so that
 /// a plain `primary` may follow. Ends the connection either way.
-pub(super) fn peer_leaving(res: &Resource, issued: u64, gen: u64, durable: u64) -> LinkError {
+pub(super) async fn peer_leaving(res: &Resource, issued: u64, gen: u64, durable: u64) -> LinkError {
     let peer = peer_name(res);
+    let heard = res.peer_heard_count();
     let me = res.node_state();
     let clean = res.rep().is_none_or(|r| r.lock().bitmap.dirty_bits() == 0);
     let why = if res.role() != crate::state::Role::Secondary {
@@ -194,7 +195,7 @@ pub(super) fn peer_leaving(res: &Resource, issued: u64, gen: u64, durable: u64) 
                     " as a secondary with the same data as this node".to_string()
                 }
             );
-            res.peer_left_cleanly(issued);
+            res.peer_left_cleanly(issued, heard).await;
             LinkError::Closed(PEER_LEFT)
         }
         Some(why) => {
@@ -1214,7 +1215,9 @@ async fn idle_side(
                     }
                 }
                 Msg::Refuse { reason } => return Err(peer_refused(reason)),
-                Msg::Leaving { issued, gen } => return Err(peer_leaving(res, issued, gen, issued)),
+                Msg::Leaving { issued, gen } => {
+                    return Err(peer_leaving(res, issued, gen, issued).await)
+                }
                 Msg::SkipSync { gen } => {
                     let r = res.skip_sync_for_peer(gen).await;
                     if let Err(why) = &r {

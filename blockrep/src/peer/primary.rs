@@ -396,7 +396,7 @@ pub(super) async fn primary_side(
                 Msg::Refuse { reason } => return Err(peer_refused(reason)),
                 // A secondary source (its resync done): the target goes down cleanly.
                 Msg::Leaving { issued: 0, gen } if res.role() == Role::Secondary => {
-                    return Err(peer_leaving(res, 0, gen, 0))
+                    return Err(peer_leaving(res, 0, gen, 0).await)
                 }
                 other => {
                     return Err(LinkError::Protocol(format!(

@@ -541,7 +541,7 @@ pub(super) async fn secondary_side(
                         }
                         Msg::Leaving { issued, gen } => {
                             let durable = ap.lock().durable;
-                            return Err(peer_leaving(res, issued, gen, durable));
+                            return Err(peer_leaving(res, issued, gen, durable).await);
                         }
                         Msg::SyncProgress { total, done } => {
                             // Shown by `status` only: nothing here depends on it.
