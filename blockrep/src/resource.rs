@@ -1917,9 +1917,16 @@ impl Resource {
                 }
                 None => (0, 0, 0),
             };
-        // A resync target's own bitmap is empty: what it lacks is what the source has left.
+        // A resync target lacks what the source has left. Its own bitmap went to the source
+        // at the handshake, which resyncs those regions too (a split brain's victim's
+        // changes, say), and is cleared only at the end: counted, it would still show them
+        // out of sync with the resync done.
         let oos = if l.state == "sync-target" {
-            oos.max(resync_total.saturating_sub(resync_done))
+            if resync_total > 0 {
+                resync_total.saturating_sub(resync_done)
+            } else {
+                oos
+            }
         } else if self
             .with_meta(|m| m.sb.disk == DiskState::Inconsistent)
             .unwrap_or(false)

@@ -1140,10 +1140,42 @@ fn split_brain_detected_nothing_moves_then_discard_my_data_resolves() {
     assert_eq!(a.repl_u64("bytes_sent"), sent_a0, "alpha sent data");
     assert_eq!(b.repl_u64("bytes_sent"), sent_b0, "beta sent data");
 
-    // Resolution: alpha (the victim) drops its changes.
+    // Resolution: alpha (the victim) drops its changes. The resync is paced (the source's
+    // rate, adjusted live) so that its progress can be watched: the victim's out-of-sync
+    // follows what the source has left, including the victim's own changes, and is not
+    // left showing them when the resync is done.
+    c.write_config(&c.config_text().replacen(
+        "[resource]\n",
+        "[resource]\nresync-rate = \"512K\"\n",
+        1,
+    ));
+    b.ctl_ok(&["adjust"]);
     a.ctl_ok(&["secondary"]);
     a.ctl_ok(&["connect", "--discard-my-data"]);
-    let seen = wait_synced(&c, Duration::from_secs(30), "after --discard-my-data");
+    let mut progress_seen = 0;
+    let seen = watch(
+        &c,
+        Duration::from_secs(60),
+        "in sync after --discard-my-data",
+        |sa, sb| {
+            let r = &sa["replication"];
+            if r["connection"] == "sync-target" && r["resync_total"].as_u64().unwrap_or(0) > 0 {
+                progress_seen += 1;
+                let left = r["resync_total"].as_u64().unwrap_or(0)
+                    - r["resync_done"].as_u64().unwrap_or(0);
+                assert_eq!(
+                    r["out_of_sync"].as_u64(),
+                    Some(left),
+                    "the victim's out-of-sync is not what its resync has left: {r}"
+                );
+            }
+            pair_synced(sa, sb)
+        },
+    );
+    assert!(
+        progress_seen > 0,
+        "the paced resync was never seen running: {seen:?}"
+    );
     assert_identical(&c, size, "split brain resolved by --discard-my-data", &seen);
     for n in [a, b] {
         assert!(
