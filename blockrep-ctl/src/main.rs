@@ -131,10 +131,11 @@ enum Cmd {
         now: bool,
     },
     /// Read the config file again and apply what changed to the running node (DRBD's
-    /// `adjust`): protocol, resync rates, ko-count, fencing and handlers at once; csums from
-    /// the next resync; encryption, secret, after-sb-0pri and the peer's addresses from the
-    /// next connection. Disks, addresses this node binds, I/O engine and metadata sizes need
-    /// `down` and `up` and are only reported. Brings a resource that is not up up.
+    /// `adjust`): protocol (a connected peer is told it), resync rates, ko-count, fencing and
+    /// handlers at once; csums from the next resync; encryption, secret, after-sb-0pri and the
+    /// peer's addresses from the next connection. Disks, addresses this node binds,
+    /// al-extents, I/O engine, direct-io and metadata sizes need `down` and `up` and are only
+    /// reported. Brings a resource that is not up up.
     Adjust {
         /// Print what would change and change nothing.
         #[arg(long)]

@@ -126,9 +126,9 @@ pub struct Resource {
     /// A resync to this node started (its SyncStart ran before-resync-target): its SyncDone
     /// runs after-resync-target.
     pub resync_target_started: std::sync::atomic::AtomicBool,
-    /// The side channel of a connection run as primary (see peer/primary.rs): `down` tells
-    /// the peer through it that this node goes down cleanly.
-    pub leave_tx: Mutex<Option<crate::peer::LeaveTx>>,
+    /// The side channel of the running connection (see `peer::PeerTx`): `down` tells the
+    /// peer through it that this node goes down cleanly, `adjust` a new protocol.
+    pub peer_tx: Mutex<Option<crate::peer::PeerTx>>,
     /// A primary going down cleanly told its peer so: the link starts no new connection and
     /// losing the peer fences nobody.
     leaving: std::sync::atomic::AtomicBool,
@@ -398,7 +398,7 @@ impl Resource {
             link_key: std::sync::RwLock::new(link_key),
             link_sealed: std::sync::atomic::AtomicBool::new(false),
             adjust_lock: tokio::sync::Mutex::new(()),
-            leave_tx: Mutex::new(None),
+            peer_tx: Mutex::new(None),
             leaving: std::sync::atomic::AtomicBool::new(false),
             promoted_epoch: std::sync::atomic::AtomicU64::new(u64::MAX),
             resync_target_started: std::sync::atomic::AtomicBool::new(false),
@@ -467,23 +467,50 @@ impl Resource {
             .iter()
             .map(|c| format!("\n  {}: {} -> {} ({})", c.key, c.from, c.to, c.when))
             .collect();
-        let both_ends = plan.changes.iter().any(|c| {
-            matches!(
-                c.key.as_str(),
-                "resource.protocol" | "resource.encryption" | "resource.secret"
-            )
-        });
-        let peer_note = match (&old.peer, both_ends) {
-            (Some(p), true) => format!(
-                "\n{} must have the same protocol, encryption and secret: adjust it too if it has not been (a connection is refused while they differ)",
-                p.name
-            ),
-            _ => String::new(),
+        // What the peer needs: the same encryption and secret (from the next connection), and
+        // the same protocol, which a connected peer is told over the link.
+        let new_protocol = plan.running.protocol;
+        let protocol_changed = new_protocol != old.protocol;
+        let connected = established(self.link().state);
+        let keys_changed = plan
+            .changes
+            .iter()
+            .any(|c| matches!(c.key.as_str(), "resource.encryption" | "resource.secret"));
+        let peer_note = |protocol_told: Option<bool>| -> String {
+            let Some(p) = &old.peer else {
+                return String::new();
+            };
+            let mut note = String::new();
+            if protocol_changed {
+                note.push_str(&match protocol_told {
+                    Some(true) => format!(
+                        "\n{} was told over the link and runs protocol {:?} too; set it in its config file (its next `up` or `adjust` applies the file's)",
+                        p.name, new_protocol
+                    ),
+                    None if connected => format!(
+                        "\n{} is connected: it would be told the new protocol over the link",
+                        p.name
+                    ),
+                    _ => format!(
+                        "\n{} was not told the new protocol (not connected): adjust it too before it connects (a connection is refused while the protocols differ)",
+                        p.name
+                    ),
+                });
+            }
+            if keys_changed {
+                note.push_str(&format!(
+                    "\n{} must have the same encryption and secret: adjust it too if it has not been (a connection is refused while they differ)",
+                    p.name
+                ));
+            }
+            note
         };
         if dry_run {
             return Ok(format!(
-                "resource {} on {} would change:{lines}{peer_note}",
-                old.resource, old.me.name
+                "resource {} on {} would change:{lines}{}",
+                old.resource,
+                old.me.name,
+                peer_note(None)
             ));
         }
         if plan.running.secret != old.secret {
@@ -515,6 +542,23 @@ impl Resource {
         if let Some(rep) = &self.rep {
             rep.set_protocol(protocol);
         }
+        // The peer takes a new protocol from the running connection, as DRBD's does (its
+        // config file is the admin's to change). Bounded: a peer that reads nothing for a
+        // while (its own adjust waiting on this node, say) is not waited for.
+        let mut protocol_told = Some(false);
+        if protocol_changed && established(self.link().state) {
+            if let Some(tx) = self.peer_tx.lock().ok().and_then(|t| t.clone()) {
+                let told = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tx.send(proto::peer::Msg::Protocol {
+                        protocol: crate::peer::protocol_letter(protocol),
+                    }),
+                )
+                .await;
+                protocol_told = Some(matches!(told, Ok(true)));
+            }
+        }
+        let peer_note = peer_note(protocol_told);
         for c in &plan.changes {
             tracing::info!("adjust: {}: {} -> {} ({})", c.key, c.from, c.to, c.when);
         }
@@ -527,6 +571,30 @@ impl Resource {
             "resource {} adjusted on {}:{lines}{peer_note}{warnings}",
             old.resource, old.me.name
         ))
+    }
+
+    /// The peer's `adjust` changed its replication protocol (`Msg::Protocol`): this node runs
+    /// `p` too, for this connection and the next ones, until its own `adjust` or restart
+    /// (which apply its config file, as DRBD's do).
+    pub async fn adopt_peer_protocol(&self, p: crate::config::Protocol) {
+        let _one = self.adjust_lock.lock().await;
+        let old = self.cfg();
+        if old.protocol == p {
+            return;
+        }
+        let mut running = (*old).clone();
+        running.protocol = p;
+        *self
+            .cfg
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(running);
+        if let Some(rep) = &self.rep {
+            rep.set_protocol(p);
+        }
+        tracing::info!(
+            "protocol {:?} -> {p:?}, as the peer's adjust set it: set `protocol = \"{p:?}\"` in this node's config file too (its next `up` or `adjust` applies the file's)",
+            old.protocol
+        );
     }
 
     /// The key the peer link authenticates with and derives its session keys from: the
@@ -1572,7 +1640,7 @@ impl Resource {
         if !handed_over || self.device.sync_failed() || self.leaves_divergence(rep) {
             return "; the peer lacks writes of this node (or regions a resync or verify marked): promoting it needs --force, and a connect with this node afterwards is a split brain";
         }
-        let Some(tx) = self.leave_tx.lock().ok().and_then(|t| t.clone()) else {
+        let Some(tx) = self.peer_tx.lock().ok().and_then(|t| t.clone()) else {
             return NOT_TOLD;
         };
         self.leaving
@@ -1643,7 +1711,7 @@ impl Resource {
         if !same {
             return "; the peer does not hold the same data as this node (a resync, or data only one of them has): promoting it needs --force";
         }
-        let Some(tx) = self.leave_tx.lock().ok().and_then(|t| t.clone()) else {
+        let Some(tx) = self.peer_tx.lock().ok().and_then(|t| t.clone()) else {
             return "";
         };
         self.leaving

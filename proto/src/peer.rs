@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -231,6 +231,14 @@ pub enum Msg {
     Leaving {
         issued: u64,
         gen: u64,
+    },
+    /// After an `adjust` that changed the sender's replication protocol (protocol 13): the
+    /// letter (`A`, `B` or `C`) it runs from now on. The receiver takes it for this
+    /// connection and the next ones until its own `adjust` or restart, as DRBD's protocol
+    /// update does, so that a reconnect between the two nodes' adjusts is not refused for
+    /// protocols that differ, and the secondary acknowledges as the primary's protocol needs.
+    Protocol {
+        protocol: u8,
     },
 }
 

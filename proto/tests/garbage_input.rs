@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 22;
+const VARIANTS: usize = 23;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -89,6 +89,7 @@ fn variant(m: &Msg) -> usize {
         Msg::SkipSyncReply { .. } => 19,
         Msg::SyncProgress { .. } => 20,
         Msg::Leaving { .. } => 21,
+        Msg::Protocol { .. } => 22,
     }
 }
 
@@ -217,6 +218,9 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         21 => Msg::Leaving {
             issued: rng.u64_edge(),
             gen: rng.u64_edge(),
+        },
+        22 => Msg::Protocol {
+            protocol: rng.below(256) as u8,
         },
         18 => Msg::SkipSync {
             gen: rng.u64_edge(),

@@ -68,19 +68,26 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
         "{dry}"
     );
     assert!(
-        dry.contains("beta must have the same protocol"),
-        "the dry run does not say the peer needs it too:\n{dry}"
+        dry.contains("beta is connected: it would be told the new protocol over the link"),
+        "the dry run does not say the peer is told:\n{dry}"
     );
     assert_eq!(protocol(a), "C", "a dry run changed the protocol");
+    assert_eq!(protocol(b), "C", "a dry run told the peer");
+    // Adjusted on alpha only: beta is told over the link, as DRBD's peer is.
     let out = a.ctl_ok(&["adjust"]).stdout;
     assert!(
-        out.contains("adjusted on alpha") && out.contains("resource.protocol: C -> A (now)"),
+        out.contains("adjusted on alpha")
+            && out.contains("resource.protocol: C -> A (now)")
+            && out.contains("beta was told over the link and runs protocol A too"),
         "{out}"
     );
     assert_eq!(protocol(a), "A");
+    b.wait_repl(CONNECT_TIMEOUT, "running the protocol alpha set", |r| {
+        r["protocol"] == "A"
+    });
+    // Its own adjust then finds the file is what runs.
     let out = b.ctl_ok(&["adjust"]).stdout;
-    assert!(out.contains("resource.protocol: C -> A (now)"), "{out}");
-    assert_eq!(protocol(b), "A");
+    assert!(out.contains("nothing to change"), "{out}");
     let again = a.ctl_ok(&["adjust"]).stdout;
     assert!(again.contains("nothing to change"), "{again}");
     assert_eq!(a.repl()["connection"], "connected");
@@ -141,6 +148,56 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     // 1 MiB/s would need 16 s and more for what is left.
     c.wait_in_sync(Duration::from_secs(12));
     c.assert_replicas_identical(size, "after the resync the adjust sped up");
+
+    // Back to C, adjusted on the secondary this time: the primary is told, acknowledges
+    // under C again, and a reconnect before the other node's own adjust is not refused.
+    edit_config(&c, "protocol = \"A\"", "protocol = \"C\"");
+    let out = b.ctl_ok(&["adjust"]).stdout;
+    assert!(
+        out.contains("alpha was told over the link and runs protocol C too"),
+        "{out}"
+    );
+    a.wait_repl(CONNECT_TIMEOUT, "running the protocol beta set", |r| {
+        r["protocol"] == "C"
+    });
+    assert!(
+        std::fs::read_to_string(a.log_path())
+            .unwrap_or_default()
+            .contains("protocol A -> C, as the peer's adjust set it"),
+        "alpha's log does not say the peer set its protocol\n{}",
+        a.log_tail(20)
+    );
+    let links = connections_logged(a, "beta");
+    a.ctl_ok(&["disconnect"]);
+    a.wait_not_connected(CONNECT_TIMEOUT);
+    a.ctl_ok(&["connect"]);
+    a.wait_repl(CONNECT_TIMEOUT, "reconnected", |r| {
+        r["connection"] == "connected"
+    });
+    assert!(connections_logged(a, "beta") > links, "{}", a.log_tail(20));
+    // Under C again: with beta stopped, a write is not answered (until beta goes on, or
+    // the link's timeout drops it).
+    let mut client = a.raw_open();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let stopped = Stopped::new(b.pid().expect("beta's pid"));
+        let writer = std::thread::spawn(move || {
+            let r = client.write_at(0, &[7u8; 4096], 0);
+            let _ = done_tx.send(());
+            (client, r)
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(800)).is_err(),
+            "a write under C was answered while the peer was stopped: {}",
+            a.repl()
+        );
+        drop(stopped);
+        writer
+    };
+    let (client, r) = writer.join().expect("the writer thread");
+    assert_eq!(r, Ok(()), "the write under C failed");
+    client.disconnect();
+    c.wait_in_sync(SYNC_TIMEOUT);
     assert!(
         std::fs::read_to_string(a.log_path())
             .unwrap_or_default()
@@ -239,7 +296,7 @@ fn adjust_reports_what_needs_down_and_up_and_refuses_another_resource() {
     let out = a.ctl_ok(&["adjust"]).stdout;
     assert!(
         out.contains("resource.secret: (old) -> (new) (from the next connection to the peer)")
-            && out.contains("beta must have the same protocol, encryption and secret")
+            && out.contains("beta must have the same encryption and secret")
             && !out.contains("a new shared secret"),
         "{out}"
     );

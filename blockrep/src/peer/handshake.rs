@@ -46,12 +46,19 @@ pub(super) struct Established {
 }
 
 /// The protocol as it travels in the hello.
-pub(super) fn protocol_letter(p: Protocol) -> u8 {
+pub(crate) fn protocol_letter(p: Protocol) -> u8 {
     match p {
         Protocol::A => b'A',
         Protocol::B => b'B',
         Protocol::C => b'C',
     }
+}
+
+/// The protocol of a letter from the peer (`None`: not one).
+pub(super) fn protocol_of_letter(l: u8) -> Option<Protocol> {
+    [Protocol::A, Protocol::B, Protocol::C]
+        .into_iter()
+        .find(|&p| protocol_letter(p) == l)
 }
 
 /// `dialed`: this node opened the connection (the proofs say which side each made).

@@ -41,6 +41,7 @@ mod handshake;
 mod primary;
 mod secondary;
 
+pub(crate) use handshake::protocol_letter;
 use handshake::Established;
 use handshake::{exchange_states, handshake, too_small_here, too_small_peer};
 use primary::primary_side;
@@ -121,20 +122,21 @@ pub struct LinkInfo {
     pub peer_left: Option<u64>,
 }
 
-/// Where `down` puts its `Msg::Leaving` for the running connection: the channel of the task
-/// that writes to the peer (messages, or frames already encoded).
+/// Where `down` puts its `Msg::Leaving`, and `adjust` its `Msg::Protocol`, for the running
+/// connection: the channel of the task that writes to the peer (messages, or frames already
+/// encoded).
 #[derive(Clone)]
-pub enum LeaveTx {
+pub enum PeerTx {
     Msg(mpsc::Sender<Msg>),
     Frame(mpsc::Sender<Vec<u8>>),
 }
 
-impl LeaveTx {
+impl PeerTx {
     /// Queues `m` for the peer (bounded by the caller); false when the connection is gone.
     pub async fn send(&self, m: Msg) -> bool {
         match self {
-            LeaveTx::Msg(tx) => tx.send(m).await.is_ok(),
-            LeaveTx::Frame(tx) => {
+            PeerTx::Msg(tx) => tx.send(m).await.is_ok(),
+            PeerTx::Frame(tx) => {
                 let mut f = Vec::with_capacity(64);
                 peer::encode_frame(&mut f, &m, &[]);
                 tx.send(f).await.is_ok()
@@ -143,21 +145,22 @@ impl LeaveTx {
     }
 }
 
-/// Offers a connection's channel to `down` (see [`LeaveTx`]) for as long as it lives.
-pub(super) struct LeaveGuard<'a>(&'a Resource);
+/// Offers a connection's channel to `down` and `adjust` (see [`PeerTx`]) for as long as it
+/// lives.
+pub(super) struct PeerTxGuard<'a>(&'a Resource);
 
-impl<'a> LeaveGuard<'a> {
-    pub(super) fn offer(res: &'a Resource, tx: LeaveTx) -> Self {
-        if let Ok(mut t) = res.leave_tx.lock() {
+impl<'a> PeerTxGuard<'a> {
+    pub(super) fn offer(res: &'a Resource, tx: PeerTx) -> Self {
+        if let Ok(mut t) = res.peer_tx.lock() {
             *t = Some(tx);
         }
-        LeaveGuard(res)
+        PeerTxGuard(res)
     }
 }
 
-impl Drop for LeaveGuard<'_> {
+impl Drop for PeerTxGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut t) = self.0.leave_tx.lock() {
+        if let Ok(mut t) = self.0.peer_tx.lock() {
             *t = None;
         }
     }
@@ -202,6 +205,22 @@ pub(super) async fn peer_leaving(res: &Resource, issued: u64, gen: u64, durable:
             tracing::warn!("{peer} goes down, but {why}: promoting this node needs --force");
             LinkError::Closed("the peer went down, leaving this node without all of its data")
         }
+    }
+}
+
+/// The peer's `adjust` changed its replication protocol (`Msg::Protocol`): this node takes
+/// it too (see [`Resource::adopt_peer_protocol`]). A letter that names no protocol is a
+/// protocol error.
+pub(super) async fn peer_protocol(res: &Resource, letter: u8) -> Result<(), LinkError> {
+    match handshake::protocol_of_letter(letter) {
+        Some(p) => {
+            res.adopt_peer_protocol(p).await;
+            Ok(())
+        }
+        None => Err(LinkError::Protocol(format!(
+            "the peer changed to an unknown replication protocol {:?}",
+            char::from(letter).escape_default().to_string()
+        ))),
     }
 }
 
@@ -1170,7 +1189,7 @@ async fn idle_side(
     res.set_link_state("connected", None);
     // The reader's answers to the peer's requests, written by the writer.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Msg>(4);
-    let _leave = LeaveGuard::offer(res, LeaveTx::Msg(reply_tx.clone()));
+    let _leave = PeerTxGuard::offer(res, PeerTx::Msg(reply_tx.clone()));
     let pinger = async {
         let mut ping = tokio::time::interval(PING_INTERVAL);
         loop {
@@ -1218,6 +1237,7 @@ async fn idle_side(
                 Msg::Leaving { issued, gen } => {
                     return Err(peer_leaving(res, issued, gen, issued).await)
                 }
+                Msg::Protocol { protocol } => peer_protocol(res, protocol).await?,
                 Msg::SkipSync { gen } => {
                     let r = res.skip_sync_for_peer(gen).await;
                     if let Err(why) = &r {

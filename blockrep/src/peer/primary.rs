@@ -181,7 +181,7 @@ pub(super) async fn primary_side(
     let (side_tx, mut side_rx) = mpsc::channel::<Msg>(4);
     // `down` tells the peer through it that this node goes down cleanly (only while this
     // connection runs: dropped with it).
-    let _leave = LeaveGuard::offer(res, LeaveTx::Msg(side_tx.clone()));
+    let _leave = PeerTxGuard::offer(res, PeerTx::Msg(side_tx.clone()));
     let resync_worker = {
         let rep = rep.clone();
         let res = res.clone();
@@ -398,6 +398,7 @@ pub(super) async fn primary_side(
                 Msg::Leaving { issued: 0, gen } if res.role() == Role::Secondary => {
                     return Err(peer_leaving(res, 0, gen, 0).await)
                 }
+                Msg::Protocol { protocol } => peer_protocol(res, protocol).await?,
                 other => {
                     return Err(LinkError::Protocol(format!(
                         "unexpected message from the secondary: {other:?}"

@@ -331,8 +331,8 @@ pub(super) async fn secondary_side(
     res.set_link_state("connected", None);
     // Answers to hash requests (checksum resync, verify), sent by the acker.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
-    // A secondary's `down` tells an idle secondary peer through it (see `LeaveTx`).
-    let _leave = LeaveGuard::offer(res, LeaveTx::Frame(reply_tx.clone()));
+    // A secondary's `down` tells an idle secondary peer through it (see `PeerTx`).
+    let _leave = PeerTxGuard::offer(res, PeerTx::Frame(reply_tx.clone()));
     // Hash requests read this node's data through their own handle, off the async threads.
     let hash_file = Arc::new(crate::replication::open_for_resync(&res.cfg().me.backing)?);
     // Hash requests read (up to MAX_HASH_SPAN each) a few at a time: bounded memory.
@@ -542,6 +542,10 @@ pub(super) async fn secondary_side(
                         Msg::Leaving { issued, gen } => {
                             let durable = ap.lock().durable;
                             return Err(peer_leaving(res, issued, gen, durable).await);
+                        }
+                        Msg::Protocol { protocol } => {
+                            peer_protocol(res, protocol).await?;
+                            continue;
                         }
                         Msg::SyncProgress { total, done } => {
                             // Shown by `status` only: nothing here depends on it.
