@@ -956,7 +956,9 @@ fn in_sync(s: &Status) -> (bool, String) {
         && if s.role == "primary" {
             r.lag_writes == 0 && r.out_of_sync == 0 && r.seq_applied >= r.seq_written
         } else {
-            s.disk == "up-to-date"
+            // Its own marks too: regions a verify found different (the primary marks both
+            // sides) are out of sync until a resync.
+            s.disk == "up-to-date" && r.out_of_sync == 0
         };
     (done, text)
 }

@@ -1920,6 +1920,18 @@ pub fn first_run(
 
 /// Verify's comparison: the blocks (indices) whose hashes differ; a reply with a different
 /// number of hashes counts every block of the range as different.
+/// Runs of consecutive indices in an ascending list: `(first, count)` each.
+pub fn runs(indices: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &i in indices {
+        match out.last_mut() {
+            Some((first, count)) if *first + *count == i => *count += 1,
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
 pub fn differing_blocks(mine: &[[u8; 32]], peer: &[[u8; 32]]) -> Vec<usize> {
     if mine.len() != peer.len() {
         return (0..mine.len().max(peer.len())).collect();
@@ -1978,6 +1990,13 @@ mod tests {
         assert_eq!(differing_blocks(&a, &b), vec![1]);
         assert!(differing_blocks(&a, &a).is_empty());
         assert_eq!(differing_blocks(&a, &b[..2]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn runs_group_consecutive_indices() {
+        assert_eq!(runs(&[]), vec![]);
+        assert_eq!(runs(&[3]), vec![(3, 1)]);
+        assert_eq!(runs(&[0, 1, 2, 5, 7, 8]), vec![(0, 3), (5, 1), (7, 2)]);
     }
 
     #[test]

@@ -2412,11 +2412,25 @@ impl Resource {
             format!(" (forced: new data generation {gen_now:016X})")
         };
         self.run_handler("became-primary");
-        let note = if dropped_discard {
+        let mut note = if dropped_discard {
             format!("{note}; the pending `connect --discard-my-data` is dropped")
         } else {
             note
         };
+        // Regions a verify found different and no resync has repaired yet (marked by this
+        // node's own verify, or by its primary's): which copy is good is not known, and the
+        // peer's goes when it connects, as in DRBD. The admin should know before writing.
+        if let Some(rep) = &self.rep {
+            if rep.verify_marked.load(std::sync::atomic::Ordering::SeqCst) {
+                let bytes = rep.lock().bitmap.dirty_bytes();
+                tracing::warn!(
+                    "{name} promoted with regions a verify found different from the peer: {bytes} bytes out of sync, resynced from this node when the peer connects"
+                );
+                note.push_str(&format!(
+                    "; warning: a verify found regions of this node different from the peer, not repaired yet: the peer's copy of them ({bytes} bytes out of sync) is overwritten with this node's when it connects"
+                ));
+            }
+        }
         Ok(format!("{name} is now primary{note}"))
     }
 

@@ -240,6 +240,13 @@ pub enum Msg {
     Protocol {
         protocol: u8,
     },
+    /// Primary to secondary (protocol 13): its online verify found `[offset, offset+len)`
+    /// different on the two nodes (DRBD's P_OUT_OF_SYNC): the secondary marks it out of sync
+    /// too, so that its `status` says so and its next connect resyncs it.
+    OutOfSync {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// Progress of an online verify, as the primary reports it to the secondary that asked.

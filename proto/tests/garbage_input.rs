@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 23;
+const VARIANTS: usize = 24;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -90,6 +90,7 @@ fn variant(m: &Msg) -> usize {
         Msg::SyncProgress { .. } => 20,
         Msg::Leaving { .. } => 21,
         Msg::Protocol { .. } => 22,
+        Msg::OutOfSync { .. } => 23,
     }
 }
 
@@ -221,6 +222,10 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         },
         22 => Msg::Protocol {
             protocol: rng.below(256) as u8,
+        },
+        23 => Msg::OutOfSync {
+            offset: rng.u64_edge(),
+            len: rng.u64_edge(),
         },
         18 => Msg::SkipSync {
             gen: rng.u64_edge(),

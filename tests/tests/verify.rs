@@ -353,6 +353,23 @@ fn verify_finds_blocks_changed_behind_the_back_and_resync_repairs_them() {
     // The marks survive acknowledgements (they are not journal lag).
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(a.repl_u64("out_of_sync"), bad_blocks.len() as u64 * BLK);
+    // The secondary is told (DRBD marks both sides): its status shows the same marks, its
+    // log names them, and its wait-sync does not call the pair in sync.
+    b.wait_repl(CONNECT_TIMEOUT, "the verify's marks", |r| {
+        r["out_of_sync"].as_u64() == Some(bad_blocks.len() as u64 * BLK)
+    });
+    assert_eq!(
+        log_lines(b, "marked out of sync here too").len(),
+        bad_blocks.len(),
+        "{}",
+        b.log_tail(20)
+    );
+    let w = b.ctl(&["wait-sync", "--timeout", "2"]);
+    assert!(
+        !w.success() && !w.stdout.contains("in sync:"),
+        "wait-sync on the secondary with the verify's marks:\n{}",
+        w.describe()
+    );
 
     // A resync repairs them: DRBD's disconnect + connect.
     let sent0 = a.repl_u64("bytes_sent");
@@ -905,7 +922,9 @@ fn verify_marks_survive_a_restart_of_the_primary() {
     a.ctl_ok(&["primary"]);
     let seen = wait_synced(&c, Duration::from_secs(30), "after the restart");
     c.wait_in_sync(SYNC_TIMEOUT);
-    let started = log_lines(a, "no journal record carries");
+    // Either node's marks start it: alpha's (recorded as a journal that no longer carries
+    // what its bitmap holds) or beta's (told by the verify, and sent with its bitmap).
+    let started = log_lines(a, "resync to the peer (");
     assert!(
         started
             .iter()

@@ -269,6 +269,7 @@ pub(super) async fn primary_side(
         let rep = rep.clone();
         let res = res.clone();
         let replies = replies.clone();
+        let side_tx = side_tx.clone();
         async move {
             loop {
                 let pending = res
@@ -291,7 +292,7 @@ pub(super) async fn primary_side(
                     });
                     continue;
                 }
-                if let Err(e) = run_verify(&res, &rep, &replies).await {
+                if let Err(e) = run_verify(&res, &rep, &replies, &side_tx).await {
                     res.update_verify(|v| {
                         v.state = "failed";
                         v.error = Some(e.to_string());
@@ -469,12 +470,14 @@ pub(super) async fn primary_side(
 /// Online verify as the stream's source: every region of the device is read here at a point
 /// of the stream (see [`Replication::verify_chunk`]) and the peer hashes its copy at the
 /// same point (a `HashReq` record it handles in order), so writes that go on meanwhile are on
-/// both sides of the comparison or on neither. Differing blocks are marked out of sync here;
-/// the next connect resyncs them.
+/// both sides of the comparison or on neither. Differing blocks are marked out of sync here,
+/// and on the peer (`Msg::OutOfSync` through `side_tx`, as DRBD marks both sides), so that
+/// its `status` and `wait-sync` do not call it in sync; the next connect resyncs them.
 pub(super) async fn run_verify(
     res: &Arc<Resource>,
     rep: &Arc<Replication>,
     replies: &HashReplies,
+    side_tx: &mpsc::Sender<Msg>,
 ) -> Result<(), LinkError> {
     let size = res.device().size();
     let block = res.cfg().bitmap_granularity;
@@ -511,13 +514,16 @@ pub(super) async fn run_verify(
             break;
         };
         let theirs = replies.take(seq).await?;
-        for i in crate::replication::differing_blocks(&mine, &theirs) {
-            let s = off + i as u64 * block;
-            let n = block.min(off + len - s);
+        let differ = crate::replication::differing_blocks(&mine, &theirs);
+        regions += differ.len() as u64;
+        for (first, count) in crate::replication::runs(&differ) {
+            let s = off + first as u64 * block;
+            let n = (count as u64 * block).min(off + len - s);
             rep.mark_out_of_sync(s, n);
-            regions += 1;
             bytes += n;
             tracing::warn!("verify: {s}+{n} differs on the peer");
+            // A connection that ends meanwhile is no loss: the next one resyncs the marks.
+            let _ = side_tx.send(Msg::OutOfSync { offset: s, len: n }).await;
         }
         done += len;
         res.update_verify(|v| {

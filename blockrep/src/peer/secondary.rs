@@ -547,6 +547,22 @@ pub(super) async fn secondary_side(
                             peer_protocol(res, protocol).await?;
                             continue;
                         }
+                        Msg::OutOfSync { offset, len } => {
+                            let size = res.device().size();
+                            if len == 0 || offset.checked_add(len).is_none_or(|end| end > size)
+                            {
+                                return Err(LinkError::Protocol(format!(
+                                    "out-of-sync mark {offset}+{len} outside the {size}-byte device"
+                                )));
+                            }
+                            if let Some(rep) = res.rep() {
+                                rep.mark_out_of_sync(offset, len);
+                            }
+                            tracing::warn!(
+                                "the primary's verify found {offset}+{len} different on the two nodes: marked out of sync here too (disconnect and connect to resync it from the primary)"
+                            );
+                            continue;
+                        }
                         Msg::SyncProgress { total, done } => {
                             // Shown by `status` only: nothing here depends on it.
                             if res.link_state() == "sync-target" {
