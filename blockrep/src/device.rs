@@ -477,8 +477,10 @@ impl Device {
         r
     }
 
-    /// fdatasync of the backing device alone (the secondary's barrier).
+    /// fdatasync of the backing device alone (the secondary's barrier): counted with the
+    /// flushes, as the stream's writes it applies are with the writes.
     pub async fn local_flush(&self) -> Result<(), Errno> {
+        self.counters.flushes.fetch_add(1, Relaxed);
         self.sync_backing().await
     }
 

@@ -2078,7 +2078,12 @@ impl Resource {
             resync_total,
             resync_done,
             resync_rate,
-            resync_eta_s: oos.checked_div(resync_rate).unwrap_or(0),
+            // Rounded up: "0 s left" only when nothing is.
+            resync_eta_s: if resync_rate > 0 {
+                oos.div_ceil(resync_rate)
+            } else {
+                0
+            },
             // Redials to a peer that is down must not hide what it said when it left.
             last_error: match l.peer_left {
                 Some(_) if !established(l.state) => Some(
