@@ -33,8 +33,9 @@ pub struct Device {
     engine: Arc<dyn Engine>,
     /// Set when the resource has a peer: client writes are journaled and mirrored.
     rep: Option<Arc<Replication>>,
-    /// Exported bytes; the metadata beyond is never reachable through this type.
-    size: u64,
+    /// Exported bytes; the metadata beyond is never reachable through this type. Only ever
+    /// lowered, on a node that serves no client (see [`Self::shrink_to`]).
+    size: AtomicU64,
     /// Required alignment of offsets and lengths (4096 under O_DIRECT, else 1).
     align: u64,
     /// The largest request advertised (see [`Self::max_request`]); fixed, as the journal's
@@ -90,7 +91,7 @@ impl Device {
         Device {
             engine,
             rep,
-            size,
+            size: AtomicU64::new(size),
             align,
             max_write,
             pool: BufPool::new(512),
@@ -155,7 +156,15 @@ impl Device {
     }
 
     pub fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Exports `size` bytes from now on (DRBD's size negotiation: the smaller of a pair's
+    /// two disks). Only lowers, and only on a node that serves no NBD client (a secondary),
+    /// so no client ever saw the larger size.
+    pub fn shrink_to(&self, size: u64) {
         self.size
+            .fetch_min(size, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn min_block(&self) -> u32 {
@@ -191,7 +200,7 @@ impl Device {
     /// Checks a range against the export; the error is the spec's for the command.
     fn check(&self, offset: u64, len: u64, is_write: bool) -> Result<(), Errno> {
         let end = offset.checked_add(len);
-        if end.is_none_or(|e| e > self.size) {
+        if end.is_none_or(|e| e > self.size()) {
             return Err(if is_write { ENOSPC } else { EINVAL });
         }
         if !offset.is_multiple_of(self.align) || !len.is_multiple_of(self.align) {

@@ -573,6 +573,37 @@ impl Resource {
         ))
     }
 
+    /// DRBD's size negotiation: a connected pair exports the smaller of its two sizes,
+    /// `peer_size` or this node's, from then on. Kept in the metadata (`agreed_size`), so that
+    /// a later `up` exports it too, and the larger node, promoted after a failover, exports
+    /// no more than the other can take back (whose return would be refused as too small).
+    /// The larger node is a secondary here (a primary larger than its peer is refused before
+    /// this): it serves no client, so its export shrinks at once.
+    pub async fn agree_size(&self, peer_size: u64) -> Result<(), NodeError> {
+        let mine = self.device.size();
+        let agreed = mine.min(peer_size);
+        if agreed < mine {
+            if self.role() == Role::Primary {
+                return Err(NodeError::Refused(format!(
+                    "this primary exports {mine} bytes, more than the peer's {peer_size}"
+                )));
+            }
+            self.device.shrink_to(agreed);
+            tracing::info!(
+                "exporting {agreed} bytes from now on, the size of the peer's disk (this node's holds {mine}): a pair exports the smaller of its two sizes"
+            );
+        }
+        let stored = self.with_meta(|m| m.sb.agreed_size)?;
+        if stored != agreed {
+            self.update_meta(move |sb| {
+                sb.agreed_size = agreed;
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The peer's `adjust` changed its replication protocol (`Msg::Protocol`): this node runs
     /// `p` too, for this connection and the next ones, until its own `adjust` or restart
     /// (which apply its config file, as DRBD's do).

@@ -335,12 +335,14 @@ fn status_of_a_stopped_daemon_gives_up_within_its_bound() {
     assert_eq!(a.status_json()["role"], "primary");
 }
 
-/// Two connected secondaries whose devices differ: promoting the larger is refused at once,
-/// with both sizes (the smaller peer could not take its writes; it used to be refused only by
-/// the link after the promotion), and the smaller one can be promoted.
+/// Two nodes whose devices differ (DRBD's size negotiation): from their first connect the
+/// pair exports the smaller size, on the larger node too, which can then be promoted (its
+/// clients see the agreed size); the agreement is kept in the metadata, so the larger node
+/// still exports it after a restart and a failover, and the smaller node's failback is not
+/// refused as too small.
 #[test]
-fn the_larger_of_two_connected_secondaries_is_not_promoted_over_a_smaller_peer() {
-    let c = Cluster::builder("promote-size")
+fn a_pair_exports_the_smaller_size_from_its_first_connect() {
+    let c = Cluster::builder("agreed-size")
         .nodes(2)
         .node_backing_size("beta", 256 * 1024 * 1024 - (16 << 20))
         .build();
@@ -348,25 +350,50 @@ fn the_larger_of_two_connected_secondaries_is_not_promoted_over_a_smaller_peer()
     a.create_md();
     b.create_md();
     a.up();
+    let alone = a.size();
     b.up();
     a.wait_connected(Duration::from_secs(30));
     b.wait_connected(Duration::from_secs(30));
-    let (sa, sb) = (a.size(), b.size());
-    assert!(sb < sa, "beta {sb} vs alpha {sa}");
-    let out = a.ctl(&["primary", "--force"]);
-    assert_eq!(out.code, Some(1), "{}", out.describe());
-    let text = out.describe();
+    let small = b.size();
+    assert!(small < alone, "beta {small} vs alpha {alone}");
+    assert_eq!(a.size(), small, "alpha does not export the agreed size");
     assert!(
-        text.contains("cannot take this node's writes")
-            && text.contains(&sa.to_string())
-            && text.contains(&sb.to_string()),
-        "{text}"
+        std::fs::read_to_string(a.log_path())
+            .unwrap_or_default()
+            .contains(&format!("exporting {small} bytes from now on")),
+        "{}",
+        a.log_tail(20)
     );
-    assert_eq!(a.status_json()["role"], "secondary");
-    b.ctl_ok(&["primary", "--force"]);
-    b.wait_repl(Duration::from_secs(30), "connected as primary", |r| {
-        r["connection"] != "connecting" && r["peer_role"] == "secondary"
-    });
+    a.ctl_ok(&["primary", "--force"]);
+    let out = run_ok(
+        Command::new("nbdinfo").arg("--size").arg(a.uri()),
+        CMD_TIMEOUT,
+    );
+    assert_eq!(out.stdout.trim(), small.to_string(), "the client's size");
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let file = c.dir().path().join("data");
+    write_random_file(&file, 4 << 20);
+    a.nbdcopy_in(&file);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // Kept across a restart: alpha comes back at the agreed size before any connect.
+    a.ctl_ok(&["secondary"]);
+    a.ctl_ok(&["down"]);
+    let md = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(
+        md.contains(&format!("agreed-size     {small}")),
+        "dump-md:\n{md}"
+    );
+    b.ctl_ok(&["down"]);
+    a.up();
+    assert_eq!(a.size(), small, "alpha's size after a restart");
+    // Failover to alpha with beta away, then beta's failback: connected, not refused.
+    a.ctl_ok(&["primary", "--force"]);
+    a.nbdcopy_in(&file);
+    b.up();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    assert_eq!(b.status_json()["role"], "secondary");
+    c.assert_replicas_identical(small, "after beta's failback");
 }
 
 /// Takes down, on drop, whatever daemon a test started from a second config (only one that
