@@ -189,7 +189,8 @@ fn crc32c(data: &[u8]) -> u32 {
 
 /// Rewrites both superblock slots of the node's metadata (internal, at `offset` in the
 /// backing file) as format 1 wrote them: version 1, and the payload without the fields added
-/// since (format 2's two terms, format 3's `lost_writes` flag, one byte, last). Only slots
+/// since (format 2's two terms, format 3's `lost_writes` flag and format 4's `peer_left`
+/// flag, one byte each, last). Only slots
 /// whose terms are both 0 could be rewritten exactly, so the terms
 /// are dropped whatever they were (format 1 did not have them).
 fn rewrite_as_format_1(backing: &Path, offset: u64) {
@@ -205,7 +206,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         f.read_exact_at(&mut slot, slot_at).unwrap();
         let version = u32::from_le_bytes(slot[8..12].try_into().unwrap());
         let len = u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
-        if !(2..=3).contains(&version) || 16 + len + 4 > slot.len() {
+        if !(2..=4).contains(&version) || 16 + len + 4 > slot.len() {
             continue;
         }
         let crc = u32::from_le_bytes(slot[16 + len..20 + len].try_into().unwrap());
@@ -213,7 +214,13 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         // The two terms are the last fields: postcard varints, 1 to 10 bytes each, ending
         // in a byte below 0x80. Cut them off from the end.
         let mut end = 16 + len;
-        if version == 3 {
+        if version >= 4 {
+            // `peer_left`: one byte (0 or 1: a node whose peer went down cleanly before it
+            // did records that), which format 1 did not have.
+            assert!(slot[end - 1] <= 1, "slot at {slot_at}: peer_left");
+            end -= 1;
+        }
+        if version >= 3 {
             // `lost_writes`: one byte, false on a healthy disk.
             assert_eq!(slot[end - 1], 0, "slot at {slot_at}: lost_writes set");
             end -= 1;
@@ -237,7 +244,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
     f.sync_all().unwrap();
     assert!(
         rewritten >= 1,
-        "{}: no format-2 or format-3 superblock",
+        "{}: no superblock of format 2 to 4",
         backing.display()
     );
 }
@@ -335,7 +342,7 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
     for n in [a, b] {
         let dump = n.ctl_ok(&["dump-md"]).stdout;
         assert!(
-            dump.contains("format          3\n")
+            dump.contains("format          4\n")
                 && !dump.contains("applied-term    0000000000000000"),
             "{}: not upgraded:\n{dump}",
             n.name()
