@@ -573,35 +573,38 @@ impl Resource {
         ))
     }
 
-    /// DRBD's size negotiation: a connected pair exports the smaller of its two sizes,
-    /// `peer_size` or this node's, from then on. Kept in the metadata (`agreed_size`), so that
-    /// a later `up` exports it too, and the larger node, promoted after a failover, exports
-    /// no more than the other can take back (whose return would be refused as too small).
-    /// The larger node is a secondary here (a primary larger than its peer is refused before
-    /// this): it serves no client, so its export shrinks at once.
-    pub async fn agree_size(&self, peer_size: u64) -> Result<(), NodeError> {
+    /// DRBD's size negotiation, at a connect: a node whose disk holds no usable data
+    /// (inconsistent: new, or a resync target that has not finished) and is larger than its
+    /// peer shrinks its export to the peer's size at once (a secondary serves no client);
+    /// a node with data never shrinks at a connect (as in DRBD: a primary larger than its
+    /// peer is refused before this, a secondary keeps what it exports). The size this node
+    /// then exports, if no larger than the peer's, is kept in the metadata (`agreed_size`),
+    /// so that a later `up` exports it too and the larger node, promoted after a failover,
+    /// exports no more than the other can take back. Returns this node's export size.
+    pub async fn agree_size(&self, peer_size: u64) -> Result<u64, NodeError> {
         let mine = self.device.size();
-        let agreed = mine.min(peer_size);
-        if agreed < mine {
-            if self.role() == Role::Primary {
-                return Err(NodeError::Refused(format!(
-                    "this primary exports {mine} bytes, more than the peer's {peer_size}"
-                )));
-            }
-            self.device.shrink_to(agreed);
+        if peer_size < mine && Self::shrinks_at_connect(&self.node_state(), self.role()) {
+            self.device.shrink_to(peer_size);
             tracing::info!(
-                "exporting {agreed} bytes from now on, the size of the peer's disk (this node's holds {mine}): a pair exports the smaller of its two sizes"
+                "exporting {peer_size} bytes from now on, the size of the peer's disk (this node's holds {mine}, and no data yet): a pair exports the smaller of its two sizes"
             );
         }
+        let now = self.device.size();
         let stored = self.with_meta(|m| m.sb.agreed_size)?;
-        if stored != agreed {
+        if now <= peer_size && stored != now {
             self.update_meta(move |sb| {
-                sb.agreed_size = agreed;
+                sb.agreed_size = now;
                 Ok(())
             })
             .await?;
         }
-        Ok(())
+        Ok(now)
+    }
+
+    /// Whether a node in state `st` shrinks its export to a smaller peer's at a connect (see
+    /// [`Self::agree_size`]); also how this node predicts its peer's side.
+    pub fn shrinks_at_connect(st: &NodeState, role: Role) -> bool {
+        role != Role::Primary && !st.primary && st.disk == 0
     }
 
     /// The peer's `adjust` changed its replication protocol (`Msg::Protocol`): this node runs

@@ -394,6 +394,29 @@ fn a_pair_exports_the_smaller_size_from_its_first_connect() {
     c.wait_in_sync(SYNC_TIMEOUT);
     assert_eq!(b.status_json()["role"], "secondary");
     c.assert_replicas_identical(small, "after beta's failback");
+
+    // A replacement disk for beta that is smaller still: alpha, which holds the data, does
+    // not shrink to it; beta is refused with both sizes.
+    b.ctl_ok(&["down"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(b.backing_path())
+        .expect("beta's backing file");
+    f.set_len(256 * 1024 * 1024 - (32 << 20))
+        .expect("shrink beta's file");
+    drop(f);
+    b.ctl_ok(&["create-md", "--force"]);
+    b.up();
+    a.wait_repl(CONNECT_TIMEOUT, "refusing the smaller disk", |r| {
+        r["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("too small") && e.contains(&small.to_string()))
+    });
+    assert_eq!(
+        a.size(),
+        small,
+        "alpha shrank to a smaller replacement disk"
+    );
 }
 
 /// Takes down, on drop, whatever daemon a test started from a second config (only one that

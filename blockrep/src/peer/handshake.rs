@@ -320,6 +320,15 @@ pub(super) fn marks_in_bounds(st: &NodeState) -> Result<(), String> {
             "the peer's sequence marks (applied, durable, issued, journal) {marks:?} are out of bounds (limit {COUNTER_LIMIT})"
         ));
     }
+    // Its size may shrink this node's export (see `Resource::agree_size`): no smaller than
+    // any device create-md accepts.
+    if st.size < crate::meta::MIN_DATA {
+        return Err(format!(
+            "the peer reports a device of {} bytes (at least {} are exported)",
+            st.size,
+            crate::meta::MIN_DATA
+        ));
+    }
     Ok(())
 }
 

@@ -797,16 +797,21 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         return Err(refuse(&mut wr, too_small_here(&me, &peer)).await);
     }
     // From the first connect on, the pair exports the smaller size (DRBD's negotiation).
-    // The larger side is a secondary (a larger primary was refused above, on either side),
-    // which does the same on its side: both run at the smaller size from here.
-    if let Err(e) = res.agree_size(peer.size).await {
-        return Err(LinkError::LocalDisk(format!(
-            "agreeing on the exported size: {e}"
-        )));
-    }
+    // Sizes (DRBD's negotiation): a larger side without usable data shrinks to the other's;
+    // each side decides for itself, and predicts the other's decision from its state.
+    let mine = match res.agree_size(peer.size).await {
+        Ok(size) => size,
+        Err(e) => {
+            return Err(LinkError::LocalDisk(format!(
+                "agreeing on the exported size: {e}"
+            )))
+        }
+    };
     let (mut me, mut peer) = (me, peer);
-    let agreed = me.size.min(peer.size);
-    (me.size, peer.size) = (agreed, agreed);
+    if peer.size > me.size && Resource::shrinks_at_connect(&peer, Role::Secondary) {
+        peer.size = me.size;
+    }
+    me.size = mine;
     // A primary whose disk failed: this node keeps the good copy (a new generation of its
     // own, which the comparison below then sees).
     let me = if res.peer_disk_failed(&peer).await {
