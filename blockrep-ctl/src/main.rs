@@ -604,6 +604,9 @@ fn dump_md(cfg: &Config) -> Result<()> {
     println!("applied-term    {:016X}", sb.applied_term);
     println!("issued-seq      {}", sb.issued_seq);
     println!("agreed-size     {}", sb.agreed_size);
+    // A clean `down` of either side (see the README's runbook).
+    println!("peer-left       {}", sb.peer_left);
+    println!("handed-over     {}", sb.handed_over);
     println!("data-size       {}", l.data_size);
     println!(
         "bitmap          offset {} len {} ({} B/bit)",

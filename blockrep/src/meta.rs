@@ -30,7 +30,8 @@ pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_V1: u32 = 1;
 /// Format 2 had no `lost_writes`: read as false (one byte at the end of the payload).
 const FORMAT_V2: u32 = 2;
-/// Format 3 had no `peer_left`: read as false (one byte at the end of the payload).
+/// Format 3 had no `peer_left` and `handed_over`: read as false (one byte each at the end of
+/// the payload).
 const FORMAT_V3: u32 = 3;
 
 /// DRBD's "just created" current generation: both sides fresh, nothing written yet.
@@ -439,6 +440,11 @@ pub struct Superblock {
     /// keeps its "peer outdated" flag in the metadata for the same reason). Committed before
     /// the peer's next handshake goes on, so that no record outlives the peer's return.
     pub peer_left: bool,
+    /// This node went down cleanly and told its peer it held every write (the other side of
+    /// `peer_left`): the peer may have been promoted since, so until the two connect again
+    /// this node is not promoted without --force (not by a fence either: an unreachable peer
+    /// may be the primary now).
+    pub handed_over: bool,
 }
 
 impl Superblock {
@@ -495,12 +501,12 @@ impl Superblock {
         }
         let sb: Self = if version != FORMAT_VERSION {
             // The fields an older format lacks, as postcard encodes 0 and false: one byte
-            // each (format 1: the two terms, `lost_writes` and `peer_left`; format 2:
-            // `lost_writes` and `peer_left`; format 3: `peer_left`).
+            // each (format 1: the two terms, `lost_writes`, `peer_left` and `handed_over`;
+            // format 2: the last three; format 3: the last two).
             let missing: &[u8] = match version {
-                FORMAT_V1 => &[0, 0, 0, 0],
-                FORMAT_V2 => &[0, 0],
-                _ => &[0],
+                FORMAT_V1 => &[0, 0, 0, 0, 0],
+                FORMAT_V2 => &[0, 0, 0],
+                _ => &[0, 0],
             };
             let mut payload = slot[16..end].to_vec();
             payload.extend_from_slice(missing);
@@ -527,6 +533,17 @@ impl Superblock {
             (a, b) => a.or(b),
         }
     }
+}
+
+/// How [`MetaStore::update_inner`] commits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Always writes.
+    Write,
+    /// On a failed write, keeps the change in memory (see [`MetaStore::update_or_keep`]).
+    KeepOnFailure,
+    /// Writes only a change (see [`MetaStore::update_if_changed`]).
+    SkipUnchanged,
 }
 
 /// The metadata device of a node, opened: a handle for superblock and area I/O.
@@ -771,6 +788,7 @@ impl MetaStore {
             journal_prev_term: 0,
             lost_writes: false,
             peer_left: false,
+            handed_over: false,
         };
         let mut store = MetaStore {
             file: Arc::new(file),
@@ -926,7 +944,17 @@ impl MetaStore {
         meta: &Mutex<MetaStore>,
         f: impl FnOnce(&mut Superblock) -> Result<T, E>,
     ) -> Result<T, E> {
-        Self::update_inner(meta, f, false)
+        Self::update_inner(meta, f, Mode::Write)
+    }
+
+    /// [`Self::update`] that writes nothing when `f` changes nothing (a flag cleared that was
+    /// not set): decided under the same order as every write, so a change committed just
+    /// before is seen.
+    pub fn update_if_changed<T, E: From<MetaError>>(
+        meta: &Mutex<MetaStore>,
+        f: impl FnOnce(&mut Superblock) -> Result<T, E>,
+    ) -> Result<T, E> {
+        Self::update_inner(meta, f, Mode::SkipUnchanged)
     }
 
     /// [`Self::update`] for a mark that must hold for the rest of this run whatever the disk
@@ -945,14 +973,14 @@ impl MetaStore {
                 f(sb);
                 Ok::<(), MetaError>(())
             },
-            true,
+            Mode::KeepOnFailure,
         )
     }
 
     fn update_inner<T, E: From<MetaError>>(
         meta: &Mutex<MetaStore>,
         f: impl FnOnce(&mut Superblock) -> Result<T, E>,
-        keep_on_failure: bool,
+        mode: Mode,
     ) -> Result<T, E> {
         let lock = || meta.lock().unwrap_or_else(|p| p.into_inner());
         let io = lock().io.clone();
@@ -966,6 +994,9 @@ impl MetaStore {
                 // Made up to date (a resync's end, a forced promotion, a skipped sync) or
                 // outdated by a decision: the lost writes no longer stand for anything.
                 sb.lost_writes = false;
+            }
+            if mode == Mode::SkipUnchanged && sb == m.sb {
+                return Ok(t);
             }
             sb.seq += 1;
             let bytes = sb.encode().map_err(|e| MetaError::Layout {
@@ -983,7 +1014,7 @@ impl MetaStore {
             .write_all_at(&bytes, offset)
             .and_then(|()| file.sync_data())
         {
-            if keep_on_failure {
+            if mode == Mode::KeepOnFailure {
                 lock().sb = Superblock {
                     seq: sb.seq - 1,
                     ..sb
@@ -1037,13 +1068,14 @@ mod tests {
             journal_prev_term: 0x8000_0000_0000_2222,
             lost_writes: true,
             peer_left: true,
+            handed_over: true,
         }
     }
 
     /// A slot of format 1 (no term fields, no `lost_writes`), built by hand as that format
     /// wrote it.
     fn v1_slot(sb: &Superblock) -> Vec<u8> {
-        old_slot(sb, FORMAT_V1, 4)
+        old_slot(sb, FORMAT_V1, 5)
     }
 
     /// A slot of an older format: the current payload without its last `missing` bytes
@@ -1118,10 +1150,11 @@ mod tests {
         let old = Superblock {
             lost_writes: false,
             peer_left: false,
+            handed_over: false,
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V2, 2)),
+            Superblock::decode(&old_slot(&old, FORMAT_V2, 3)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1135,14 +1168,16 @@ mod tests {
     fn a_format_3_superblock_is_read_without_a_clean_leave() {
         let old = Superblock {
             peer_left: false,
+            handed_over: false,
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V3, 1)),
+            Superblock::decode(&old_slot(&old, FORMAT_V3, 2)),
             Some(old.clone())
         );
         let new = Superblock {
             peer_left: true,
+            handed_over: true,
             ..old
         };
         assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
@@ -1154,6 +1189,7 @@ mod tests {
             journal_prev_term: 0,
             lost_writes: false,
             peer_left: false,
+            handed_over: false,
             ..sb()
         }
     }

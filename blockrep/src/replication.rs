@@ -1918,8 +1918,6 @@ pub fn first_run(
     Ok((n, equal))
 }
 
-/// Verify's comparison: the blocks (indices) whose hashes differ; a reply with a different
-/// number of hashes counts every block of the range as different.
 /// Runs of consecutive indices in an ascending list: `(first, count)` each.
 pub fn runs(indices: &[usize]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
@@ -1932,6 +1930,8 @@ pub fn runs(indices: &[usize]) -> Vec<(usize, usize)> {
     out
 }
 
+/// Verify's comparison: the blocks (indices) whose hashes differ; a reply with a different
+/// number of hashes counts every block of the range as different.
 pub fn differing_blocks(mine: &[[u8; 32]], peer: &[[u8; 32]]) -> Vec<usize> {
     if mine.len() != peer.len() {
         return (0..mine.len().max(peer.len())).collect();

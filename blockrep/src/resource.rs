@@ -484,7 +484,7 @@ impl Resource {
             if protocol_changed {
                 note.push_str(&match protocol_told {
                     Some(true) => format!(
-                        "\n{} was told over the link and runs protocol {:?} too; set it in its config file (its next `up` or `adjust` applies the file's)",
+                        "\n{} was sent the new protocol over the link and runs protocol {:?} too; set it in its config file (its next `up` or `adjust` applies the file's)",
                         p.name, new_protocol
                     ),
                     None if connected => format!(
@@ -625,7 +625,7 @@ impl Resource {
         if let Some(rep) = &self.rep {
             rep.set_protocol(p);
         }
-        tracing::info!(
+        tracing::warn!(
             "protocol {:?} -> {p:?}, as the peer's adjust set it: set `protocol = \"{p:?}\"` in this node's config file too (its next `up` or `adjust` applies the file's)",
             old.protocol
         );
@@ -668,6 +668,18 @@ impl Resource {
     ) -> Result<T, NodeError> {
         let meta = self.meta.clone();
         tokio::task::spawn_blocking(move || MetaStore::update(&meta, f))
+            .await
+            .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
+    }
+
+    /// [`Self::update_meta`] that writes nothing when nothing changes (see
+    /// `MetaStore::update_if_changed`).
+    pub async fn update_meta_if_changed<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Superblock) -> Result<T, NodeError> + Send + 'static,
+    ) -> Result<T, NodeError> {
+        let meta = self.meta.clone();
+        tokio::task::spawn_blocking(move || MetaStore::update_if_changed(&meta, f))
             .await
             .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
     }
@@ -1596,20 +1608,44 @@ impl Resource {
         self.peer_heard_count
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.link().peer_left = None;
-        if self
-            .meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sb
-            .peer_left
-        {
-            self.update_meta(|sb| {
-                sb.peer_left = false;
+        // Decided in the metadata's write order, not from the store as last installed: a
+        // leave being committed right now is seen, and cleared after it.
+        self.update_meta_if_changed(|sb| {
+            sb.peer_left = false;
+            Ok(())
+        })
+        .await
+    }
+
+    /// This node is about to tell its peer it goes down cleanly (see
+    /// `Superblock::handed_over`): recorded first, so that no crash leaves the peer told and
+    /// this node unaware. `false`: it could not be recorded, and the peer is not told.
+    async fn record_handed_over(&self) -> bool {
+        match self
+            .update_meta(|sb| {
+                sb.handed_over = true;
                 Ok(())
             })
-            .await?;
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "recording the hand-over in the metadata: {e}: the peer is not told"
+                );
+                false
+            }
         }
-        Ok(())
+    }
+
+    /// An authenticated peer exchanged states with this node: whatever this node handed over
+    /// when it went down, the connection now decides who has what.
+    pub async fn peer_met_again(&self) -> Result<(), NodeError> {
+        self.update_meta_if_changed(|sb| {
+            sb.handed_over = false;
+            Ok(())
+        })
+        .await
     }
 
     /// The primary went down cleanly, and this node holds its every write through `issued`
@@ -1677,6 +1713,9 @@ impl Resource {
         let Some(tx) = self.peer_tx.lock().ok().and_then(|t| t.clone()) else {
             return NOT_TOLD;
         };
+        if !self.record_handed_over().await {
+            return NOT_TOLD;
+        }
         self.leaving
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // Bounded: a peer that still pings but takes nothing holds the sender.
@@ -1748,6 +1787,9 @@ impl Resource {
         let Some(tx) = self.peer_tx.lock().ok().and_then(|t| t.clone()) else {
             return "";
         };
+        if !self.record_handed_over().await {
+            return "; the peer was not told this node goes down cleanly: promoting it needs --force";
+        }
         self.leaving
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let sent = tokio::time::timeout(
@@ -2260,12 +2302,25 @@ impl Resource {
         // leave): any since makes it stale, checked again under the commit.
         let mut decided_at: Option<u64> = None;
         if !force {
-            let (disk, gen) = {
+            let (disk, gen, handed_over) = {
                 let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-                (m.sb.disk, m.sb.gen)
+                (m.sb.disk, m.sb.gen, m.sb.handed_over)
             };
             if let Some(pg) = peer_gen.filter(|pg| state::peer_is_ahead(&gen, pg)) {
                 return Err(peer_ahead(&pg, &gen));
+            }
+            // This node went down cleanly, telling the peer it could take over: no fence's
+            // answer ("unreachable") says whether it did.
+            if handed_over && !matches!(peer, PeerView::Connected(_)) {
+                let p = self
+                    .cfg()
+                    .peer
+                    .as_ref()
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default();
+                return Err(NodeError::Refused(format!(
+                    "this node went down cleanly before and told {p} it held every write, so {p} may have been promoted since; bring {p} up and let the two connect (this node then catches up), or --force if you know {p} was not promoted"
+                )));
             }
             // A peer that went down cleanly, handing over every write, needs no fence: it
             // can only come back as a secondary.
@@ -2336,6 +2391,15 @@ impl Resource {
                     "the peer connected while this promotion was being decided: run `primary` again to decide with it connected".into(),
                 ));
             }
+            // The clean leave it relies on still stands: a Hello from the peer clears it in
+            // this same write order (even one whose connection was then refused).
+            if peer == PeerView::LeftCleanly && !sb.peer_left {
+                return Err(NodeError::Refused(
+                    "the peer was heard from while this promotion was being decided: run `primary` again".into(),
+                ));
+            }
+            // Promoted, this node's data is the data: what it handed over is history.
+            sb.handed_over = false;
             // A connected peer with newer data (it is resyncing or catching this node up)
             // would be overwritten by this node's older data once it writes as primary.
             if let Some(pg) = peer_gen.filter(|pg| !force && state::peer_is_ahead(&sb.gen, pg)) {

@@ -57,6 +57,7 @@ fn random_superblock(rng: &mut Rng) -> Superblock {
         journal_prev_term: rng.u64_edge(),
         lost_writes: false,
         peer_left: rng.bool(),
+        handed_over: rng.bool(),
     }
 }
 

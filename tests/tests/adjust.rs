@@ -78,7 +78,7 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     assert!(
         out.contains("adjusted on alpha")
             && out.contains("resource.protocol: C -> A (now)")
-            && out.contains("beta was told over the link and runs protocol A too"),
+            && out.contains("beta was sent the new protocol over the link and runs protocol A too"),
         "{out}"
     );
     assert_eq!(protocol(a), "A");
@@ -154,7 +154,7 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     edit_config(&c, "protocol = \"A\"", "protocol = \"C\"");
     let out = b.ctl_ok(&["adjust"]).stdout;
     assert!(
-        out.contains("alpha was told over the link and runs protocol C too"),
+        out.contains("alpha was sent the new protocol over the link and runs protocol C too"),
         "{out}"
     );
     a.wait_repl(CONNECT_TIMEOUT, "running the protocol beta set", |r| {

@@ -189,8 +189,8 @@ fn crc32c(data: &[u8]) -> u32 {
 
 /// Rewrites both superblock slots of the node's metadata (internal, at `offset` in the
 /// backing file) as format 1 wrote them: version 1, and the payload without the fields added
-/// since (format 2's two terms, format 3's `lost_writes` flag and format 4's `peer_left`
-/// flag, one byte each, last). Only slots
+/// since (format 2's two terms, format 3's `lost_writes` flag and format 4's `peer_left` and
+/// `handed_over` flags, one byte each, last). Only slots
 /// whose terms are both 0 could be rewritten exactly, so the terms
 /// are dropped whatever they were (format 1 did not have them).
 fn rewrite_as_format_1(backing: &Path, offset: u64) {
@@ -215,10 +215,15 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         // in a byte below 0x80. Cut them off from the end.
         let mut end = 16 + len;
         if version >= 4 {
-            // `peer_left`: one byte (0 or 1: a node whose peer went down cleanly before it
-            // did records that), which format 1 did not have.
-            assert!(slot[end - 1] <= 1, "slot at {slot_at}: peer_left");
-            end -= 1;
+            // `peer_left` and `handed_over`: one byte each (0 or 1: the nodes record a clean
+            // leave of either side), which format 1 did not have.
+            for _ in 0..2 {
+                assert!(
+                    slot[end - 1] <= 1,
+                    "slot at {slot_at}: peer_left/handed_over"
+                );
+                end -= 1;
+            }
         }
         if version >= 3 {
             // `lost_writes`: one byte, false on a healthy disk.

@@ -833,6 +833,28 @@ fn a_clean_leave_is_remembered_across_a_restart_of_the_survivor_until_the_peer_r
                 .is_some_and(|e| e.contains("went down cleanly")),
         "beta's status after its restart: {r}"
     );
+    // The other side of it: alpha, which handed over, is not promoted alone (beta may have
+    // been promoted meanwhile; no fence could tell), until the two meet again.
+    b.ctl_ok(&["down"]);
+    let md = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(
+        md.contains("handed-over     true"),
+        "alpha's dump-md:\n{md}"
+    );
+    a.up();
+    let out = a.ctl(&["primary"]);
+    assert!(
+        !out.success()
+            && out
+                .stderr
+                .contains("went down cleanly before and told beta")
+            && out.stderr.contains("--force"),
+        "alpha promoted alone after handing over:\n{}",
+        out.describe()
+    );
+    a.ctl_ok(&["down"]);
+    b.up();
+    assert_eq!(b.repl()["peer_left"], true, "{}", b.repl());
     let out = b.ctl_ok(&["primary"]).stdout;
     assert!(out.contains("gone down cleanly"), "{out}");
     assert_eq!(
@@ -841,11 +863,16 @@ fn a_clean_leave_is_remembered_across_a_restart_of_the_survivor_until_the_peer_r
         "beta lacks alpha's writes"
     );
 
-    // Alpha returns (its handshake clears beta's record), catches up, and takes over in a
-    // planned switchover; then it crashes with writes beta holds too, but was never told
-    // about as a leave.
+    // Alpha returns (its handshake clears beta's record, and alpha's own), catches up, and
+    // takes over in a planned switchover; then it crashes with writes beta holds too, but
+    // was never told about as a leave.
     a.up();
     wait_caught_up(b);
+    let md = a.ctl(&["dump-md"]).stdout;
+    assert!(
+        md.contains("handed-over     false"),
+        "alpha's dump-md:\n{md}"
+    );
     b.ctl_ok(&["secondary"]);
     a.ctl_ok(&["primary"]);
     let more = c.dir().path().join("more");

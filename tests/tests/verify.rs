@@ -918,7 +918,17 @@ fn verify_marks_survive_a_restart_of_the_primary() {
         "beta promoted plainly although it lacks the marked blocks:\n{}",
         out.describe()
     );
+    // Alpha's own marks are back with it, before the peer connects (beta's, which the
+    // verify also told it, would start the same resync: this is alpha's side).
+    b.ctl_ok(&["disconnect"]);
     a.up();
+    let r = a.repl();
+    assert_eq!(
+        u(&r, "out_of_sync"),
+        2 * BLK,
+        "alpha's marks after its restart: {r}"
+    );
+    b.ctl_ok(&["connect"]);
     a.ctl_ok(&["primary"]);
     let seen = wait_synced(&c, Duration::from_secs(30), "after the restart");
     c.wait_in_sync(SYNC_TIMEOUT);

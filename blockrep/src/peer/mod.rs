@@ -754,6 +754,13 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     res.link_sealed
         .store(est.sealed, std::sync::atomic::Ordering::Relaxed);
     let (me, peer) = exchange_states(res, &mut rd, &mut wr).await?;
+    // Authenticated and heard: what this node handed over at a clean `down` is settled by
+    // this connection from here (see `Superblock::handed_over`).
+    if let Err(e) = res.peer_met_again().await {
+        return Err(LinkError::LocalDisk(format!(
+            "clearing the hand-over record in the metadata: {e}"
+        )));
+    }
     let my_role = res.role();
     res.set_peer(Some(peer.clone()));
     if me.primary && peer.primary {
