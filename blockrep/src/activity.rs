@@ -20,8 +20,11 @@ pub struct ActivityLog {
     /// Hot extents, least recently touched first.
     lru: VecDeque<u32>,
     /// Hot extent → (unfinished writes in it, sequence of its last finished write, the
-    /// version of the log that first named it this time).
-    hot: HashMap<u32, (u32, u64, u64)>,
+    /// version of the log that first named it this time, the cooling round it was last
+    /// touched in).
+    hot: HashMap<u32, (u32, u64, u64, u64)>,
+    /// The cooling round (see [`Self::cool`]).
+    round: u64,
     /// Extents that went cold so far (the caller compares before and after a `begin`).
     pub evicted: u64,
     /// Raised at every change: a log written at version `v` names every extent a `begin`
@@ -44,6 +47,7 @@ impl ActivityLog {
             hot: HashMap::new(),
             evicted: 0,
             version: 0,
+            round: 0,
         }
     }
 
@@ -63,8 +67,9 @@ impl ActivityLog {
         let mut needed = 0;
         for e in extents(offset, len) {
             match self.hot.get_mut(&e) {
-                Some((n, _, since)) => {
+                Some((n, _, since, touched)) => {
                     *n += 1;
+                    *touched = self.round;
                     needed = needed.max(*since);
                     // Move to the most recent end (the log is small; a linear scan is fine).
                     if let Some(i) = self.lru.iter().position(|&x| x == e) {
@@ -73,7 +78,7 @@ impl ActivityLog {
                     self.lru.push_back(e);
                 }
                 None => {
-                    self.hot.insert(e, (1, 0, next));
+                    self.hot.insert(e, (1, 0, next, self.round));
                     self.lru.push_back(e);
                     changed = true;
                     needed = next;
@@ -97,7 +102,7 @@ impl ActivityLog {
     /// peer).
     pub fn end(&mut self, offset: u64, len: u64, seq: u64) {
         for e in extents(offset, len) {
-            if let Some((n, last, _)) = self.hot.get_mut(&e) {
+            if let Some((n, last, _, _)) = self.hot.get_mut(&e) {
                 *n = n.saturating_sub(1);
                 *last = (*last).max(seq);
             }
@@ -118,6 +123,34 @@ impl ActivityLog {
         changed
     }
 
+    /// Ends a cooling round: drops the extents no write touched during it that are idle and
+    /// whose last write the peer made durable (through `durable`), whatever the capacity.
+    /// Returns whether any went. Called every few seconds (see
+    /// `Replication::cool_activity_log`): on a device smaller than the log's capacity nothing
+    /// else ever lets an extent go cold, and a crash of the primary would then resync every
+    /// extent written since `up`, a full copy at worst (DRBD's log behaves so too). A
+    /// working set that moves on costs one log write per round.
+    pub fn cool(&mut self, durable: u64) -> bool {
+        let round = self.round;
+        self.round += 1;
+        let before = self.lru.len();
+        let hot = &mut self.hot;
+        self.lru.retain(|e| {
+            let (n, last, _, touched) = hot.get(e).copied().unwrap_or((0, 0, 0, 0));
+            let cold = n == 0 && last <= durable && touched < round;
+            if cold {
+                hot.remove(e);
+            }
+            !cold
+        });
+        let went = (before - self.lru.len()) as u64;
+        self.evicted += went;
+        if went > 0 {
+            self.version += 1;
+        }
+        went > 0
+    }
+
     /// Idle extents kept over capacity only because the peer has not made their last write
     /// durable: a flush in the stream would let them go.
     pub fn held_for_peer(&self, durable: u64) -> usize {
@@ -126,7 +159,7 @@ impl ActivityLog {
         }
         self.hot
             .values()
-            .filter(|(n, last, _)| *n == 0 && *last > durable)
+            .filter(|(n, last, _, _)| *n == 0 && *last > durable)
             .count()
     }
 
@@ -143,7 +176,7 @@ impl ActivityLog {
         let mut i = 0;
         while self.lru.len() > self.capacity && i < self.lru.len() {
             let e = self.lru[i];
-            let (n, last, _) = self.hot.get(&e).copied().unwrap_or((0, 0, 0));
+            let (n, last, _, _) = self.hot.get(&e).copied().unwrap_or((0, 0, 0, 0));
             if n == 0 && last <= durable {
                 self.lru.remove(i);
                 self.hot.remove(&e);
@@ -353,6 +386,34 @@ mod tests {
         assert!(!al.is_hot(0) && al.is_hot(1) && al.is_hot(2));
         assert_eq!(al.overshoot(), 0);
         assert_eq!(al.held_for_peer(10), 0);
+    }
+
+    #[test]
+    fn cooling_drops_extents_idle_for_a_whole_round_once_the_peer_is_durable() {
+        let mut al = ActivityLog::new(100);
+        al.begin(0, 4096, 0); // extent 0
+        al.end(0, 4096, 1);
+        al.begin(EXTENT, 4096, 0); // extent 1, still in flight
+                                   // Touched in the round that ends now: kept.
+        assert!(!al.cool(10));
+        al.begin(2 * EXTENT, 4096, 0); // extent 2, touched in the next round
+        al.end(2 * EXTENT, 4096, 2);
+        let v = al.version();
+        // Extent 0 was idle a whole round and is durable on the peer: it goes; extent 1 is
+        // busy, extent 2 was touched this round.
+        assert!(al.cool(10));
+        assert!(!al.is_hot(0) && al.is_hot(1) && al.is_hot(2));
+        assert!(al.version() > v);
+        // Extent 2 idle for a round, but the peer is not durable past its write yet.
+        assert!(!al.cool(1));
+        assert!(al.is_hot(2));
+        assert!(al.cool(2));
+        assert!(!al.is_hot(2));
+        // The long write ends: idle and durable, its extent goes at the next round.
+        al.end(EXTENT, 4096, 3);
+        assert!(al.cool(10));
+        assert!(al.is_empty());
+        assert_eq!(al.evicted, 3);
     }
 
     #[test]

@@ -882,6 +882,28 @@ impl Replication {
                 al.trim(durable);
             }
         }
+        self.al_write(version).await
+    }
+
+    /// One cooling round of the activity log (see `ActivityLog::cool`), every few seconds:
+    /// the extents that went cold are written out at once (behind the bitmap when the peer
+    /// is away, as any eviction), so that a crash after a quiet spell resyncs only what was
+    /// written since, not every extent written since `up`.
+    pub async fn cool_activity_log(&self) -> std::io::Result<()> {
+        let version = {
+            let durable = self.al_durable_mark();
+            let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
+            if !al.cool(durable) {
+                return Ok(());
+            }
+            al.version()
+        };
+        self.al_write(version).await
+    }
+
+    /// Returns once a log of at least `version` is durable, writing the newest one if no
+    /// other write did.
+    async fn al_write(&self, version: u64) -> std::io::Result<()> {
         if *self.al_durable.borrow() >= version {
             return Ok(());
         }

@@ -3094,12 +3094,25 @@ async fn open_replication(
 ///
 /// A disk that keeps failing is logged at the first failure, then once a minute with the count
 /// of failed attempts (status shows the disk state meanwhile), and once more when it works again.
+/// Seconds per cooling round of the activity log (see `Replication::cool_activity_log`): an
+/// extent idle for a whole round goes cold.
+const AL_COOLING_SECS: u64 = 5;
+
 async fn journal_persister(rep: Arc<Replication>) {
     const REPEAT_LOG: Duration = Duration::from_secs(60);
     // The failing stretch: when it was last logged, and the failures since.
     let mut failing: Option<(std::time::Instant, u64)> = None;
+    let mut ticks = 0u64;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        ticks += 1;
+        if ticks.is_multiple_of(AL_COOLING_SECS) {
+            // A failure is the activity log's: the next write that needs the log fails and
+            // says so; the next round tries again.
+            if let Err(e) = rep.cool_activity_log().await {
+                tracing::warn!("activity log: writing the cooled log failed: {e}");
+            }
+        }
         // Flushes make the journal durable; this keeps the bitmap and, while the peer is away,
         // the journal from lagging far behind on disk when clients rarely flush.
         if !rep.needs_persist() {

@@ -597,6 +597,45 @@ fn check_stamps(data: &[u8], log: &WriterLog, what: &str) {
     }
 }
 
+/// The activity log cools: on a device smaller than `al-extents` covers (the default's 4.8 GiB
+/// against 256 MiB here), a primary that wrote everywhere, then went quiet for a while, then
+/// wrote to two extents and crashed, resyncs those extents after its restart, not every
+/// extent it wrote since `up` (a full copy at worst; found by an admin trial's failback).
+#[test]
+fn a_primary_crashed_after_a_quiet_spell_resyncs_only_its_recent_extents() {
+    let Some(py) = python() else { return };
+    let c = pair("out-al-cooling", "", |b| {
+        b.backing_size(256 << 20).journal_size("8M")
+    });
+    let a = c.alpha();
+    let size = a.size();
+    let extents = size / (4 * MIB);
+    let everywhere: Vec<u64> = (0..extents).map(|e| e * (4 * MIB / BLK)).collect();
+    write_blocks(&py, c.dir().path(), &a.uri(), 1, &everywhere);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    // Two cooling rounds of 5 s: every extent idle for a whole one, its writes durable on beta.
+    std::thread::sleep(Duration::from_secs(12));
+    let recent = [1u64, 4 * MIB / BLK + 1];
+    write_blocks(&py, c.dir().path(), &a.uri(), 2, &recent);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let pid = a.pid().expect("alpha's pid");
+    a.kill9();
+    assert!(wait_pid_gone(pid, Duration::from_secs(10)));
+    let ma = log_mark(a);
+    a.up();
+    let seen = wait_synced(&c, Duration::from_secs(40), "alpha's hot extents resynced");
+    assert_identical(&c, size, "after the crashed primary's restart", &seen);
+    let la = log_since(a, ma);
+    let al = crashed_al_bytes(&la)
+        .unwrap_or_else(|| panic!("no crashed-primary line in alpha's log:\n{}", la.join("\n")));
+    assert!(
+        al <= 3 * 4 * MIB,
+        "alpha marked {al} bytes of hot extents after a quiet spell ({extents} extents written \
+         before it, 2 after); its log:\n{}",
+        la.join("\n")
+    );
+}
+
 /// Failover: alpha dies, beta is promoted with --force and writes; alpha comes back with `up`
 /// as secondary and is resynced from beta, only the regions that changed.
 #[test]
