@@ -151,6 +151,15 @@ impl ActivityLog {
         went > 0
     }
 
+    /// Idle extents whose last write the peer has not made durable (through `durable`): a
+    /// cooling round keeps them, and asks for a flush in the stream so the next one can go.
+    pub fn idle_not_durable(&self, durable: u64) -> usize {
+        self.hot
+            .values()
+            .filter(|(n, last, _, _)| *n == 0 && *last > durable)
+            .count()
+    }
+
     /// Idle extents kept over capacity only because the peer has not made their last write
     /// durable: a flush in the stream would let them go.
     pub fn held_for_peer(&self, durable: u64) -> usize {

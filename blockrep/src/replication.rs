@@ -889,16 +889,23 @@ impl Replication {
     /// the extents that went cold are written out at once (behind the bitmap when the peer
     /// is away, as any eviction), so that a crash after a quiet spell resyncs only what was
     /// written since, not every extent written since `up`.
-    pub async fn cool_activity_log(&self) -> std::io::Result<()> {
-        let version = {
+    /// `primary`: this node is primary, so it may ask for a flush in its stream.
+    pub async fn cool_activity_log(&self, primary: bool) -> std::io::Result<()> {
+        let (cooled, waiting) = {
             let durable = self.al_durable_mark();
             let mut al = self.al.lock().unwrap_or_else(|p| p.into_inner());
-            if !al.cool(durable) {
-                return Ok(());
-            }
-            al.version()
+            let cooled = al.cool(durable).then(|| al.version());
+            (cooled, al.idle_not_durable(durable) > 0)
         };
-        self.al_write(version).await
+        // Extents kept only for the peer's durable mark, which a quiet client would move
+        // only at the next checkpoint: a flush in the stream lets them go next round.
+        if waiting && primary {
+            self.ask_durable().await;
+        }
+        match cooled {
+            Some(version) => self.al_write(version).await,
+            None => Ok(()),
+        }
     }
 
     /// Returns once a log of at least `version` is durable, writing the newest one if no

@@ -420,7 +420,7 @@ impl Resource {
         }
         if let (Some(rep), Some(l)) = (rep, repl_listener) {
             let link = tokio::spawn(crate::peer::run(res.clone(), l, res.link_ctl.subscribe()));
-            let persister = tokio::spawn(journal_persister(rep));
+            let persister = tokio::spawn(journal_persister(rep, Arc::downgrade(&res)));
             if let Ok(mut t) = res.tasks.lock() {
                 t.push(link);
                 t.push(persister);
@@ -573,9 +573,10 @@ impl Resource {
         ))
     }
 
-    /// DRBD's size negotiation, at a connect: a node whose disk holds no usable data
-    /// (inconsistent: new, or a resync target that has not finished) and is larger than its
-    /// peer shrinks its export to the peer's size at once (a secondary serves no client);
+    /// DRBD's size negotiation, at a connect: a node whose disk holds no data yet (fresh
+    /// from create-md: inconsistent, at the just-created generation; not a resync target
+    /// half way, nor a disk that failed) and is larger than its peer shrinks its export to
+    /// the peer's size at once (a secondary serves no client);
     /// a node with data never shrinks at a connect (as in DRBD: a primary larger than its
     /// peer is refused before this, a secondary keeps what it exports). The size this node
     /// then exports, if no larger than the peer's, is kept in the metadata (`agreed_size`),
@@ -604,7 +605,10 @@ impl Resource {
     /// Whether a node in state `st` shrinks its export to a smaller peer's at a connect (see
     /// [`Self::agree_size`]); also how this node predicts its peer's side.
     pub fn shrinks_at_connect(st: &NodeState, role: Role) -> bool {
-        role != Role::Primary && !st.primary && st.disk == 0
+        role != Role::Primary
+            && !st.primary
+            && st.disk == 0
+            && st.gen.current == crate::meta::UUID_JUST_CREATED
     }
 
     /// The peer's `adjust` changed its replication protocol (`Msg::Protocol`): this node runs
@@ -1638,11 +1642,19 @@ impl Resource {
         }
     }
 
-    /// An authenticated peer exchanged states with this node: whatever this node handed over
-    /// when it went down, the connection now decides who has what.
-    pub async fn peer_met_again(&self) -> Result<(), NodeError> {
-        self.update_meta_if_changed(|sb| {
-            sb.handed_over = false;
+    /// An authenticated peer exchanged states with this node (`peer`): if it is a secondary
+    /// with no newer data, it was not promoted after this node handed over, and the record
+    /// goes. Otherwise it stays until this node, the resync's target, has the peer's data
+    /// (the SyncDone commit clears it): a connection that drops before would leave this node
+    /// up to date at the old generation, and a fence answering "unreachable" must not
+    /// promote it over the peer's writes.
+    pub async fn peer_met_again(&self, peer: &NodeState) -> Result<(), NodeError> {
+        let peer_gen = crate::peer::gens(&peer.gen);
+        let peer_primary = peer.primary;
+        self.update_meta_if_changed(move |sb| {
+            if !peer_primary && !state::peer_is_ahead(&sb.gen, &peer_gen) {
+                sb.handed_over = false;
+            }
             Ok(())
         })
         .await
@@ -1664,8 +1676,11 @@ impl Resource {
             })
             .await;
         if let Err(e) = committed {
-            // Only the restart case is lost: the record in memory still stands.
-            tracing::warn!("recording the peer's clean leave in the metadata: {e}");
+            // Not kept in memory either: a promotion checks the metadata's record.
+            tracing::warn!(
+                "recording the peer's clean leave in the metadata: {e}: promoting this node needs --force"
+            );
+            return;
         }
         let mut l = self.link();
         if self.peer_heard_count() == heard {
@@ -1694,6 +1709,8 @@ impl Resource {
     async fn tell_peer_leaving(&self) -> &'static str {
         const NOT_TOLD: &str =
             "; the peer was not told this node goes down cleanly: promoting it needs --force";
+        // After the hand-over was recorded here: the peer may have taken it in all the same.
+        const NOT_TOLD_RECORDED: &str = "; the peer did not confirm it was told this node goes down cleanly: promoting it needs --force, and so does promoting this node alone (it recorded the hand-over)";
         let Some(rep) = &self.rep else {
             return "";
         };
@@ -1731,7 +1748,7 @@ impl Resource {
             tracing::warn!(
                 "could not tell the peer that this node goes down: it will see a lost primary"
             );
-            return NOT_TOLD;
+            return NOT_TOLD_RECORDED;
         }
         let mut rx = rep.subscribe_acks();
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|a| !a.connected)).await;
@@ -1739,7 +1756,7 @@ impl Resource {
             tracing::warn!(
                 "the peer did not take in that this node goes down: it will see a lost primary"
             );
-            NOT_TOLD
+            NOT_TOLD_RECORDED
         } else {
             tracing::info!("the peer knows this node goes down cleanly, with every write");
             "; the peer holds every write and knows this node went down cleanly: a plain `primary` there promotes it"
@@ -1800,8 +1817,9 @@ impl Resource {
             }),
         )
         .await;
+        const NOT_TOLD_RECORDED: &str = "; the peer did not confirm it was told this node goes down cleanly: promoting it needs --force, and so does promoting this node alone (it recorded the hand-over)";
         if !matches!(sent, Ok(true)) {
-            return "; the peer was not told this node goes down cleanly: promoting it needs --force";
+            return NOT_TOLD_RECORDED;
         }
         // It closes the connection once it has taken it in.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -1809,7 +1827,7 @@ impl Resource {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if established(self.link().state) {
-            return "; the peer was not told this node goes down cleanly: promoting it needs --force";
+            return NOT_TOLD_RECORDED;
         }
         tracing::info!("the peer knows this node goes down cleanly, with the same data");
         "; the peer holds the same data and knows this node went down cleanly: a plain `primary` there promotes it"
@@ -3089,16 +3107,17 @@ async fn open_replication(
     .map_err(|e| NodeError::Refused(format!("journal task failed: {e}")))?
 }
 
-/// Once a second, makes the bitmap durable and, while the peer is away, the journal too, so a
-/// client that rarely flushes does not leave them far behind on disk.
-///
-/// A disk that keeps failing is logged at the first failure, then once a minute with the count
-/// of failed attempts (status shows the disk state meanwhile), and once more when it works again.
 /// Seconds per cooling round of the activity log (see `Replication::cool_activity_log`): an
 /// extent idle for a whole round goes cold.
 const AL_COOLING_SECS: u64 = 5;
 
-async fn journal_persister(rep: Arc<Replication>) {
+/// Once a second, makes the bitmap durable and, while the peer is away, the journal too, so a
+/// client that rarely flushes does not leave them far behind on disk; every
+/// [`AL_COOLING_SECS`], cools the activity log.
+///
+/// A disk that keeps failing is logged at the first failure, then once a minute with the count
+/// of failed attempts (status shows the disk state meanwhile), and once more when it works again.
+async fn journal_persister(rep: Arc<Replication>, res: std::sync::Weak<Resource>) {
     const REPEAT_LOG: Duration = Duration::from_secs(60);
     // The failing stretch: when it was last logged, and the failures since.
     let mut failing: Option<(std::time::Instant, u64)> = None;
@@ -3109,7 +3128,9 @@ async fn journal_persister(rep: Arc<Replication>) {
         if ticks.is_multiple_of(AL_COOLING_SECS) {
             // A failure is the activity log's: the next write that needs the log fails and
             // says so; the next round tries again.
-            if let Err(e) = rep.cool_activity_log().await {
+            // Only a primary's stream may carry the flush it asks for.
+            let primary = res.upgrade().is_some_and(|r| r.role() == Role::Primary);
+            if let Err(e) = rep.cool_activity_log(primary).await {
                 tracing::warn!("activity log: writing the cooled log failed: {e}");
             }
         }

@@ -640,4 +640,27 @@ fn a_peer_that_went_down_cleanly_needs_no_fence_to_promote() {
         !runs.contains("run "),
         "fence-peer ran for a peer that went down cleanly:\n{runs}"
     );
+
+    // Beta, promoted, writes and then dies. Alpha, which handed over, comes back alone: a
+    // fence that cannot reach beta ("unreachable", 5) must not promote it over beta's
+    // writes; it is refused before any fence runs, and --force is the admin's call.
+    write_data(b, c.dir().path(), "later", 1);
+    kill_node(b);
+    std::fs::write(tmp.path().join("fence.stub"), "0 5\n").expect("write fence.stub");
+    a.up();
+    let out = a.ctl(&["primary"]);
+    assert!(
+        !out.success()
+            && out
+                .stderr
+                .contains("went down cleanly before and told beta"),
+        "alpha promoted alone after handing over to beta:\n{}",
+        out.describe()
+    );
+    assert_eq!(a.status_json()["role"], "secondary");
+    let runs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !runs.contains("run alpha"),
+        "fence-peer ran on alpha, which handed over:\n{runs}"
+    );
 }

@@ -756,7 +756,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let (me, peer) = exchange_states(res, &mut rd, &mut wr).await?;
     // Authenticated and heard: what this node handed over at a clean `down` is settled by
     // this connection from here (see `Superblock::handed_over`).
-    if let Err(e) = res.peer_met_again().await {
+    if let Err(e) = res.peer_met_again(&peer).await {
         return Err(LinkError::LocalDisk(format!(
             "clearing the hand-over record in the metadata: {e}"
         )));

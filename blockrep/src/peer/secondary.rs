@@ -785,6 +785,9 @@ pub(super) async fn secondary_side(
                                             // Whatever this node had as a crashed
                                             // primary is overwritten by the peer's data.
                                             sb.was_primary = false;
+                                            // And whatever it handed over at a clean
+                                            // `down`: it holds the peer's data now.
+                                            sb.handed_over = false;
                                             Ok(())
                                         })
                                         .await;
