@@ -151,12 +151,15 @@ impl ActivityLog {
         went > 0
     }
 
-    /// Idle extents whose last write the peer has not made durable (through `durable`): a
-    /// cooling round keeps them, and asks for a flush in the stream so the next one can go.
+    /// After a cooling round: the extents idle for the whole round that it kept only because
+    /// the peer has not made their last write durable (through `durable`); the caller asks
+    /// for a flush in the stream, so that the next round lets them go. Extents written
+    /// during the round do not count: a busy working set asks for nothing.
     pub fn idle_not_durable(&self, durable: u64) -> usize {
+        let ended = self.round.saturating_sub(1);
         self.hot
             .values()
-            .filter(|(n, last, _, _)| *n == 0 && *last > durable)
+            .filter(|(n, last, _, touched)| *n == 0 && *last > durable && *touched < ended)
             .count()
     }
 
@@ -418,11 +421,19 @@ mod tests {
         assert!(al.is_hot(2));
         assert!(al.cool(2));
         assert!(!al.is_hot(2));
+        // Kept for the peer: counted as waiting only once idle for a whole round.
+        al.begin(3 * EXTENT, 4096, 0);
+        al.end(3 * EXTENT, 4096, 20);
+        assert!(!al.cool(10));
+        assert_eq!(al.idle_not_durable(10), 0, "written during the round");
+        assert!(!al.cool(10));
+        assert_eq!(al.idle_not_durable(10), 1);
+        assert!(al.cool(20));
         // The long write ends: idle and durable, its extent goes at the next round.
         al.end(EXTENT, 4096, 3);
         assert!(al.cool(10));
         assert!(al.is_empty());
-        assert_eq!(al.evicted, 3);
+        assert_eq!(al.evicted, 4);
     }
 
     #[test]
