@@ -105,6 +105,11 @@ pub struct Resource {
     /// Online verify: the latest run's state; `verify_kick` wakes the connection's verifier.
     pub verify: Mutex<VerifyState>,
     pub verify_kick: tokio::sync::Notify,
+    /// `down` of a secondary connected to its primary asks the connection to make everything
+    /// it applied durable and say so (see [`Self::final_ack_to_primary`]); answered on
+    /// `final_acked`.
+    pub final_ack: tokio::sync::Notify,
+    pub final_acked: tokio::sync::Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     export: Arc<Export>,
     role: Mutex<Role>,
@@ -385,6 +390,8 @@ impl Resource {
             resync_left: std::sync::atomic::AtomicU64::new(0),
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
+            final_ack: tokio::sync::Notify::new(),
+            final_acked: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             export,
             role: Mutex::new(Role::Secondary),
@@ -1763,6 +1770,29 @@ impl Resource {
         }
     }
 
+    /// A secondary going down while its primary goes on: everything it applied is made
+    /// durable and acknowledged first (bounded), so that the primary does not count the tail
+    /// of its stream as lacking and resend it at the next connect.
+    async fn final_ack_to_primary(&self) {
+        let to_primary = {
+            let l = self.link();
+            established(l.state) && l.peer.as_ref().is_some_and(|p| p.primary)
+        };
+        if !to_primary || self.role() != Role::Secondary {
+            return;
+        }
+        let done = self.final_acked.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        self.final_ack.notify_one();
+        match tokio::time::timeout(Duration::from_secs(2), done).await {
+            Ok(()) => tracing::info!("everything applied here is durable and acknowledged to the primary"),
+            Err(_) => tracing::warn!(
+                "the primary was not sent a last acknowledgement: it resends what it cannot count as durable here at the next connect"
+            ),
+        }
+    }
+
     /// A secondary's `down` (DRBD's habit: `secondary`, then `down`): when connected to an
     /// idle secondary peer with the same data (one generation, both up to date, nothing out of
     /// sync either way), tells it this node goes down cleanly, so that it may be promoted
@@ -2752,11 +2782,13 @@ impl Resource {
             } else {
                 "; NBD connections were still draining: the peer was not told this node goes down cleanly (promoting it needs --force)"
             };
-        } else if let Err(e) = self.outdate_before_leaving().await {
-            // Going down anyway (the disk may be failing): said loudly.
-            tracing::error!("{e}; going down without it");
         } else {
-            note = self.tell_secondary_peer_leaving().await;
+            self.final_ack_to_primary().await;
+            match self.outdate_before_leaving().await {
+                // Going down anyway (the disk may be failing): said loudly.
+                Err(e) => tracing::error!("{e}; going down without it"),
+                Ok(()) => note = self.tell_secondary_peer_leaving().await,
+            }
         }
         self.listener.abort();
         for t in self

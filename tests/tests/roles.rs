@@ -896,3 +896,44 @@ fn a_clean_leave_is_remembered_across_a_restart_of_the_survivor_until_the_peer_r
         out.describe()
     );
 }
+
+/// A secondary's `down` while its primary goes on: what it applied is made durable and
+/// acknowledged first, so the primary counts nothing of its stream as lacking (it used to
+/// resend the tail the secondary had not yet made durable, as an admin trial saw: a bitmap
+/// resync at the next connect for nothing).
+#[test]
+fn a_secondary_that_goes_down_acknowledges_everything_it_applied() {
+    let c = Cluster::synced_pair("secondary-down-ack", 64 << 20, |b| b.protocol("C"));
+    let (a, b) = (c.alpha(), c.beta());
+    // Writes with no flush and no FUA: beta applies them (protocol C) but has no reason to
+    // make them durable before its next checkpoint.
+    let mut client = a.raw_open();
+    for i in 0..64u64 {
+        client
+            .write_at(i * 65536, &[i as u8 + 1; 65536], 0)
+            .expect("write");
+    }
+    client.disconnect();
+    let r = a.repl();
+    assert!(
+        r["seq_durable"].as_u64() < r["seq_applied"].as_u64(),
+        "beta made the writes durable already (a checkpoint ran?): {r}"
+    );
+    b.ctl_ok(&["down"]);
+    a.wait_not_connected(CONNECT_TIMEOUT);
+    let r = a.repl();
+    assert_eq!(
+        r["out_of_sync"], 0,
+        "alpha counts writes beta applied as lacking after beta's down: {r}"
+    );
+    assert!(
+        std::fs::read_to_string(b.log_path())
+            .unwrap_or_default()
+            .contains("everything applied here is durable and acknowledged to the primary"),
+        "{}",
+        b.log_tail(20)
+    );
+    b.up();
+    wait_caught_up(a);
+    c.assert_replicas_identical(a.size(), "after beta's down and up");
+}

@@ -415,6 +415,23 @@ pub(super) async fn secondary_side(
                         wr.write_all(&frame).await?;
                         ack = false;
                     }
+                    _ = ap.res.final_ack.notified() => {
+                        // This node goes down (see `Resource::final_ack_to_primary`).
+                        ap.make_durable().await?;
+                        let (received, applied, durable) = ap.marks();
+                        write_msg(
+                            &mut wr,
+                            &Msg::Ack {
+                                received,
+                                applied,
+                                durable,
+                            },
+                        )
+                        .await?;
+                        sent = Some((received, applied, durable));
+                        ap.res.final_acked.notify_waiters();
+                        ack = false;
+                    }
                     _ = tokio::time::sleep(PING_INTERVAL) => {
                         write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
                     }
