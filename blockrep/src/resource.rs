@@ -1716,8 +1716,6 @@ impl Resource {
     async fn tell_peer_leaving(&self) -> &'static str {
         const NOT_TOLD: &str =
             "; the peer was not told this node goes down cleanly: promoting it needs --force";
-        // After the hand-over was recorded here: the peer may have taken it in all the same.
-        const NOT_TOLD_RECORDED: &str = "; the peer did not confirm it was told this node goes down cleanly: promoting it needs --force, and so does promoting this node alone (it recorded the hand-over)";
         let Some(rep) = &self.rep else {
             return "";
         };
@@ -1847,7 +1845,6 @@ impl Resource {
             }),
         )
         .await;
-        const NOT_TOLD_RECORDED: &str = "; the peer did not confirm it was told this node goes down cleanly: promoting it needs --force, and so does promoting this node alone (it recorded the hand-over)";
         if !matches!(sent, Ok(true)) {
             return NOT_TOLD_RECORDED;
         }
@@ -3138,6 +3135,10 @@ async fn open_replication(
     .await
     .map_err(|e| NodeError::Refused(format!("journal task failed: {e}")))?
 }
+
+/// What `down` says when the hand-over was recorded here but the peer did not confirm it
+/// took the leave in (it may have all the same).
+const NOT_TOLD_RECORDED: &str = "; the peer did not confirm it was told this node goes down cleanly: promoting it needs --force, and so does promoting this node alone (it recorded the hand-over)";
 
 /// Seconds per cooling round of the activity log (see `Replication::cool_activity_log`): an
 /// extent idle for a whole round goes cold.
