@@ -239,6 +239,15 @@ impl Applier {
     }
 }
 
+/// The acknowledgement of marks `(received, applied, durable)`.
+fn ack_of((received, applied, durable): (u64, u64, u64)) -> Msg {
+    Msg::Ack {
+        received,
+        applied,
+        durable,
+    }
+}
+
 /// Whether the secondary must acknowledge its progress now rather than within [`ACK_DEFER`]:
 /// when a mark moved that writes on the primary wait for. That is the durable mark under
 /// every protocol (flushes and FUA writes), the receipt under B and the write under C.
@@ -350,7 +359,6 @@ pub(super) async fn secondary_side(
             loop {
                 if ack {
                     let marks = ap.marks();
-                    let (received, applied, durable) = marks;
                     // After a local disk failure nothing more is acknowledged; the primary is
                     // told why, so that it backs off before trying again. (A failure while
                     // no ack was due wakes the select below, which then asks for one.)
@@ -370,15 +378,7 @@ pub(super) async fn secondary_side(
                         }
                     };
                     if due {
-                        write_msg(
-                            &mut wr,
-                            &Msg::Ack {
-                                received,
-                                applied,
-                                durable,
-                            },
-                        )
-                        .await?;
+                        write_msg(&mut wr, &ack_of(marks)).await?;
                         sent = Some(marks);
                         deferred = None;
                     } else if sent != Some(marks) && deferred.is_none() {
@@ -418,17 +418,9 @@ pub(super) async fn secondary_side(
                     _ = ap.res.final_ack.notified() => {
                         // This node goes down (see `Resource::final_ack_to_primary`).
                         ap.make_durable().await?;
-                        let (received, applied, durable) = ap.marks();
-                        write_msg(
-                            &mut wr,
-                            &Msg::Ack {
-                                received,
-                                applied,
-                                durable,
-                            },
-                        )
-                        .await?;
-                        sent = Some((received, applied, durable));
+                        let marks = ap.marks();
+                        write_msg(&mut wr, &ack_of(marks)).await?;
+                        sent = Some(marks);
                         ap.res.final_acked.notify_waiters();
                         ack = false;
                     }
