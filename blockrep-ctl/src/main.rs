@@ -897,12 +897,20 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
         );
         if r.resync_total > 0 {
             println!(
-                "    resync {} of {} ({:.0}%) at {}/s, about {} s left",
+                "    resync {} of {} ({:.0}%){}",
                 human_bytes(r.resync_done),
                 human_bytes(r.resync_total),
                 100.0 * r.resync_done as f64 / r.resync_total.max(1) as f64,
-                human_bytes(r.resync_rate),
-                r.resync_eta_s
+                // Nothing measured yet at the start: no rate, no guess.
+                if r.resync_rate == 0 {
+                    ", starting".to_string()
+                } else {
+                    format!(
+                        " at {}/s, about {} s left",
+                        human_bytes(r.resync_rate),
+                        r.resync_eta_s
+                    )
+                }
             );
         }
         if let Some(v) = &r.verify {

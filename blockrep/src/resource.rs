@@ -1384,7 +1384,7 @@ impl Resource {
             .env("BLOCKREP_NODE", &self.cfg().me.name)
             .env(
                 "BLOCKREP_PEER_LEFT_CLEANLY",
-                if self.link().peer_left.is_some() {
+                if self.link().peer_left.is_some() || self.link().peer_stopped {
                     "yes"
                 } else {
                     "no"
@@ -1556,6 +1556,13 @@ impl Resource {
 
     /// A resync as target completed: the node is whole again.
     pub fn sync_target_done(&self) {
+        // The differences the primary's verify reported went with the resync, as on the
+        // source (see `sync_source_done`).
+        self.update_verify(|v| {
+            if v.state == "done" && v.differ_regions > 0 && v.on_peer {
+                v.resynced = true;
+            }
+        });
         self.crashed_primary
             .store(false, std::sync::atomic::Ordering::SeqCst);
         self.discard_my_data
@@ -1618,7 +1625,11 @@ impl Resource {
     pub async fn peer_heard(&self) -> Result<(), NodeError> {
         self.peer_heard_count
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.link().peer_left = None;
+        {
+            let mut l = self.link();
+            l.peer_left = None;
+            l.peer_stopped = false;
+        }
         // Decided in the metadata's write order, not from the store as last installed: a
         // leave being committed right now is seen, and cleared after it.
         self.update_meta_if_changed(|sb| {
@@ -1693,6 +1704,14 @@ impl Resource {
         if self.peer_heard_count() == heard {
             l.peer_left = Some(issued);
         }
+    }
+
+    /// The secondary of this primary went down cleanly (see `LinkInfo::peer_stopped`).
+    pub fn secondary_stopped(&self) {
+        tracing::info!(
+            "the secondary went down cleanly (a planned stop): it catches up when it comes back"
+        );
+        self.link().peer_stopped = true;
     }
 
     /// How many times the peer was heard from (see [`Self::peer_heard`]).
@@ -1784,10 +1803,29 @@ impl Resource {
         done.as_mut().enable();
         self.final_ack.notify_one();
         match tokio::time::timeout(Duration::from_secs(2), done).await {
-            Ok(()) => tracing::info!("everything applied here is durable and acknowledged to the primary"),
-            Err(_) => tracing::warn!(
-                "the primary was not sent a last acknowledgement: it resends what it cannot count as durable here at the next connect"
-            ),
+            Ok(()) => {
+                tracing::info!("everything applied here is durable and acknowledged to the primary")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the primary was not sent a last acknowledgement: it resends what it cannot count as durable here at the next connect"
+                );
+                return;
+            }
+        }
+        // And that this is a planned stop, not a fault (its `peer-lost` handler is told so).
+        let Some(tx) = self.peer_tx.lock().ok().and_then(|t| t.clone()) else {
+            return;
+        };
+        let gen = self.node_state().gen.current;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            tx.send(proto::peer::Msg::Leaving { issued: 0, gen }),
+        )
+        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while established(self.link().state) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -2206,14 +2244,19 @@ impl Resource {
                 0
             },
             // Redials to a peer that is down must not hide what it said when it left.
-            last_error: match l.peer_left {
-                Some(_) if !established(l.state) => Some(
+            last_error: match (l.peer_left, l.peer_stopped) {
+                _ if established(l.state) => l.last_error.clone(),
+                (Some(_), _) if self.role() == Role::Secondary => Some(
                     "the peer went down cleanly, leaving this node every write (a plain `primary` promotes this node)"
+                        .into(),
+                ),
+                (Some(_), _) | (None, true) => Some(
+                    "the peer went down cleanly (a planned stop): it catches up when it comes back"
                         .into(),
                 ),
                 _ => l.last_error.clone(),
             },
-            peer_left: l.peer_left.is_some() && !established(l.state),
+            peer_left: (l.peer_left.is_some() || l.peer_stopped) && !established(l.state),
             fence: if connected {
                 None
             } else {
@@ -2575,7 +2618,7 @@ impl Resource {
                     "{name} promoted with regions a verify found different from the peer: {bytes} bytes out of sync, resynced from this node when the peer connects"
                 );
                 note.push_str(&format!(
-                    "; warning: a verify found regions of this node different from the peer, not repaired yet: the peer's copy of them ({bytes} bytes out of sync) is overwritten with this node's when it connects"
+                    "; warning: a verify found regions of this node different from the peer, not repaired yet ({bytes} bytes out of sync): when the two connect, this node's copy of them goes to the peer (unless the peer moved on too, which is a split brain)"
                 ));
             }
         }
@@ -2780,8 +2823,11 @@ impl Resource {
                 "; NBD connections were still draining: the peer was not told this node goes down cleanly (promoting it needs --force)"
             };
         } else {
+            // Outdated first (with fencing), while the link still says whether a primary is
+            // left behind; then the primary hears of the stop.
+            let outdated = self.outdate_before_leaving().await;
             self.final_ack_to_primary().await;
-            match self.outdate_before_leaving().await {
+            match outdated {
                 // Going down anyway (the disk may be failing): said loudly.
                 Err(e) => tracing::error!("{e}; going down without it"),
                 Ok(()) => note = self.tell_secondary_peer_leaving().await,

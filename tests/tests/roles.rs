@@ -900,7 +900,8 @@ fn a_clean_leave_is_remembered_across_a_restart_of_the_survivor_until_the_peer_r
 /// A secondary's `down` while its primary goes on: what it applied is made durable and
 /// acknowledged first, so the primary counts nothing of its stream as lacking (it used to
 /// resend the tail the secondary had not yet made durable, as an admin trial saw: a bitmap
-/// resync at the next connect for nothing).
+/// resync at the next connect for nothing, and a new generation that made a later failover
+/// a split brain), and the primary is told it is a planned stop.
 #[test]
 fn a_secondary_that_goes_down_acknowledges_everything_it_applied() {
     let c = Cluster::synced_pair("secondary-down-ack", 64 << 20, |b| b.protocol("C"));
@@ -926,6 +927,20 @@ fn a_secondary_that_goes_down_acknowledges_everything_it_applied() {
         r["out_of_sync"], 0,
         "alpha counts writes beta applied as lacking after beta's down: {r}"
     );
+    // A planned stop, said as such; and no new generation for writes beta did not lack.
+    assert!(
+        r["peer_left"] == true
+            && r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("went down cleanly (a planned stop)")),
+        "alpha's status after beta's down: {r}"
+    );
+    let log = std::fs::read_to_string(a.log_path()).unwrap_or_default();
+    assert!(
+        !log.contains("peer away: new data generation"),
+        "{}",
+        a.log_tail(20)
+    );
     assert!(
         std::fs::read_to_string(b.log_path())
             .unwrap_or_default()
@@ -933,7 +948,20 @@ fn a_secondary_that_goes_down_acknowledges_everything_it_applied() {
         "{}",
         b.log_tail(20)
     );
+    // An admin trial's sequence: the primary then crashes, idle; beta comes back and is
+    // forced primary; alpha returns as its resync target, not as the other side of a split
+    // brain (its stop of beta started no generation of its own).
+    let pid = a.pid().expect("alpha's pid");
+    a.kill9();
+    assert!(wait_pid_gone(pid, Duration::from_secs(10)));
     b.up();
-    wait_caught_up(a);
-    c.assert_replicas_identical(a.size(), "after beta's down and up");
+    b.ctl_ok(&["primary", "--force"]);
+    a.up();
+    b.wait_repl(SYNC_TIMEOUT, "alpha caught up", |r| {
+        r["connection"] == "connected" && r["out_of_sync"] == 0 && r["lag_writes"] == 0
+    });
+    assert_eq!(a.status_json()["role"], "secondary");
+    let log = std::fs::read_to_string(a.log_path()).unwrap_or_default();
+    assert!(!log.contains("split brain"), "{}", a.log_tail(30));
+    c.assert_replicas_identical(a.size(), "after beta's failover and alpha's return");
 }

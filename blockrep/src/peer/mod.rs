@@ -120,6 +120,10 @@ pub struct LinkInfo {
     /// write through this sequence durably: a plain `primary` may then follow. Cleared as
     /// soon as the peer is heard from again.
     pub peer_left: Option<u64>,
+    /// The secondary went down cleanly while this node was its primary (`Msg::Leaving` from
+    /// it): a planned stop, shown as such and told to the `peer-lost` handler; it decides
+    /// nothing (this node holds the data). Cleared as soon as the peer is heard from again.
+    pub peer_stopped: bool,
 }
 
 /// Where `down` puts its `Msg::Leaving`, and `adjust` its `Msg::Protocol`, for the running
@@ -560,6 +564,9 @@ const ADMIN_CLOSE: &str = "role change or admin command";
 /// Why a secondary closed its link: its primary went down cleanly (`Msg::Leaving`).
 pub(super) const PEER_LEFT: &str = "the peer went down cleanly";
 
+/// Why a primary closed its link: its secondary went down cleanly (`Msg::Leaving`).
+pub(super) const SECONDARY_STOPPED: &str = "the secondary went down cleanly";
+
 /// The link error for a failed step of a resync or verify: a failed read of this node's disk
 /// is a disk error (counted in `disk_errors`, the local-io-error handler runs, and the log
 /// names the disk), not a network one.
@@ -581,6 +588,10 @@ fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
         LinkError::Closed(why) if *why == PEER_LEFT => {
             "the peer went down cleanly, leaving this node every write".to_string()
         }
+        LinkError::Closed(why) if *why == SECONDARY_STOPPED => {
+            "the peer went down cleanly (a planned stop): it catches up when it comes back"
+                .to_string()
+        }
         LinkError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             "the peer closed the connection (it went down or restarted, or the network cut it)"
                 .to_string()
@@ -591,7 +602,9 @@ fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
     // as a warning; `status` keeps showing it.
     let repeated = res.link_error().as_deref() == Some(shown.as_str());
     match e {
-        LinkError::Closed(why) if *why == ADMIN_CLOSE || *why == PEER_LEFT => {
+        LinkError::Closed(why)
+            if *why == ADMIN_CLOSE || *why == PEER_LEFT || *why == SECONDARY_STOPPED =>
+        {
             tracing::info!("peer link: {e}")
         }
         // A peer that is down refuses or closes every attempt: not worth a line each time.

@@ -399,6 +399,11 @@ pub(super) async fn primary_side(
                 Msg::Leaving { issued: 0, gen } if res.role() == Role::Secondary => {
                     return Err(peer_leaving(res, 0, gen, 0).await)
                 }
+                // This primary's secondary goes down cleanly (its everything acknowledged).
+                Msg::Leaving { issued: 0, .. } => {
+                    res.secondary_stopped();
+                    return Err(LinkError::Closed(SECONDARY_STOPPED));
+                }
                 Msg::Protocol { protocol } => peer_protocol(res, protocol).await?,
                 other => {
                     return Err(LinkError::Protocol(format!(
