@@ -76,7 +76,7 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
                 ("connection", r.connection.clone()),
                 ("role", r.peer_role.clone()),
                 // A planned stop of the peer, not a fault (see `primary`).
-                ("left-cleanly", yes_no(r.peer_left)),
+                ("left-cleanly", yes_no(r.peer_left || r.peer_stopped)),
             ],
         });
         let mut f = vec![

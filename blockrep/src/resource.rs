@@ -1354,7 +1354,7 @@ impl Resource {
     /// The configured handler for `event`, if any, as a command: arguments
     /// `RESOURCE EVENT PEER`, and the same in `BLOCKREP_RESOURCE`, `BLOCKREP_EVENT`,
     /// `BLOCKREP_PEER`, `BLOCKREP_NODE`, plus `BLOCKREP_PEER_ADDRESS` (where this node dials
-    /// the peer, for a handler that reaches its node another way) and
+    /// the peer, for a handler that reaches its node another way) and, except for fence-peer,
     /// `BLOCKREP_PEER_LEFT_CLEANLY` (`yes`: the peer went down cleanly, a planned stop, so a
     /// `peer-lost` handler need not page anyone).
     fn handler_command(&self, event: &'static str) -> Option<(tokio::process::Command, PathBuf)> {
@@ -1382,15 +1382,18 @@ impl Resource {
             .env("BLOCKREP_PEER", &peer)
             .env("BLOCKREP_PEER_ADDRESS", &peer_addr)
             .env("BLOCKREP_NODE", &self.cfg().me.name)
-            .env(
-                "BLOCKREP_PEER_LEFT_CLEANLY",
-                if self.link().peer_left.is_some() || self.link().peer_stopped {
-                    "yes"
-                } else {
-                    "no"
-                },
-            )
             .stdin(std::process::Stdio::null());
+        // Not for fence-peer: a fence decides by what it finds, not by what was said.
+        if event != "fence-peer" {
+            let clean = {
+                let l = self.link();
+                l.peer_left.is_some() || l.peer_stopped
+            };
+            c.env(
+                "BLOCKREP_PEER_LEFT_CLEANLY",
+                if clean { "yes" } else { "no" },
+            );
+        }
         Some((c, cmd))
     }
 
@@ -1790,7 +1793,9 @@ impl Resource {
     /// A secondary going down while its primary goes on: everything it applied is made
     /// durable and acknowledged first (bounded), so that the primary does not count the tail
     /// of its stream as lacking and resend it at the next connect.
-    async fn final_ack_to_primary(&self) {
+    /// `tell`: and then tells it the stop is planned (not when outdating itself failed under
+    /// fencing: the primary must not take the stop for one that left it nothing to fear).
+    async fn final_ack_to_primary(&self, tell: bool) {
         let to_primary = {
             let l = self.link();
             established(l.state) && l.peer.as_ref().is_some_and(|p| p.primary)
@@ -1814,9 +1819,17 @@ impl Resource {
             }
         }
         // And that this is a planned stop, not a fault (its `peer-lost` handler is told so).
+        if !tell {
+            return;
+        }
         let Some(tx) = self.peer_tx.lock().ok().and_then(|t| t.clone()) else {
             return;
         };
+        // No new connection from here (the primary closes this one): a redial or an accepted
+        // one would start a stream (a resync declaring this outdated disk up to date, say)
+        // in the moments before `down` stops the link.
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let gen = self.node_state().gen.current;
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
@@ -2256,7 +2269,8 @@ impl Resource {
                 ),
                 _ => l.last_error.clone(),
             },
-            peer_left: (l.peer_left.is_some() || l.peer_stopped) && !established(l.state),
+            peer_left: l.peer_left.is_some() && !established(l.state),
+            peer_stopped: l.peer_stopped && !established(l.state),
             fence: if connected {
                 None
             } else {
@@ -2826,7 +2840,7 @@ impl Resource {
             // Outdated first (with fencing), while the link still says whether a primary is
             // left behind; then the primary hears of the stop.
             let outdated = self.outdate_before_leaving().await;
-            self.final_ack_to_primary().await;
+            self.final_ack_to_primary(outdated.is_ok()).await;
             match outdated {
                 // Going down anyway (the disk may be failing): said loudly.
                 Err(e) => tracing::error!("{e}; going down without it"),

@@ -135,6 +135,10 @@ pub struct PeerStatus {
     /// the same data) and was not heard from since: a plain `primary` promotes this node.
     #[serde(default)]
     pub peer_left: bool,
+    /// The peer, this primary's secondary, went down cleanly (a planned stop) and was not
+    /// heard from since. It decides nothing: this node holds the data.
+    #[serde(default)]
+    pub peer_stopped: bool,
 }
 
 /// Progress and result of an online verify (`blockrep-ctl verify`).

@@ -24,7 +24,7 @@ if [ -n "${BLOCKREP_MAILTO:-}" ] && command -v mail >/dev/null 2>&1; then
     split-brain) body="Split brain: both nodes changed the data. Nothing was moved. Pick the victim and run: blockrep-ctl secondary; blockrep-ctl connect --discard-my-data" ;;
     peer-lost)
       if [ "${BLOCKREP_PEER_LEFT_CLEANLY:-no}" = yes ]; then
-        body="The peer went down cleanly (a planned stop), leaving this node every write: a plain 'blockrep-ctl primary' promotes this node if needed."
+        body="The peer went down cleanly (a planned stop). It catches up when it comes back; see 'blockrep-ctl status' for what this node may do meanwhile."
       else
         body="The peer link is down. The primary keeps serving and records what the peer misses; it catches up when the link is back."
       fi ;;

@@ -929,7 +929,8 @@ fn a_secondary_that_goes_down_acknowledges_everything_it_applied() {
     );
     // A planned stop, said as such; and no new generation for writes beta did not lack.
     assert!(
-        r["peer_left"] == true
+        r["peer_stopped"] == true
+            && r["peer_left"] == false
             && r["last_error"]
                 .as_str()
                 .is_some_and(|e| e.contains("went down cleanly (a planned stop)")),

@@ -691,6 +691,11 @@ async fn accept_loop(
         let tx = tx.clone();
         let standalone = ctl.borrow().standalone;
         let task = tokio::spawn(async move {
+            // Going down cleanly (see `Resource::is_leaving`): no Hello either, which would
+            // tell the peer this node is back.
+            if res.is_leaving() {
+                return;
+            }
             if standalone {
                 let mut s = s;
                 let _ = refuse(
