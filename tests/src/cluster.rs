@@ -529,6 +529,18 @@ impl Node {
         out
     }
 
+    /// A plain `primary` here, which must be refused with every one of `says` in its
+    /// message (`what`: the situation, for the panic).
+    pub fn assert_primary_refused(&self, says: &[&str], what: &str) {
+        let out = self.ctl(&["primary"]);
+        assert!(
+            !out.success() && says.iter().all(|s| out.stderr.contains(s)),
+            "{what}: a plain primary on {} was not refused saying {says:?}:\n{}",
+            self.name(),
+            out.describe()
+        );
+    }
+
     /// [`Self::ctl`], panicking (with output and the daemon log tail) unless it exits 0.
     pub fn ctl_ok(&self, args: &[&str]) -> CmdOutput {
         let out = self.ctl(args);

@@ -648,14 +648,9 @@ fn a_peer_that_went_down_cleanly_needs_no_fence_to_promote() {
     kill_node(b);
     std::fs::write(tmp.path().join("fence.stub"), "0 5\n").expect("write fence.stub");
     a.up();
-    let out = a.ctl(&["primary"]);
-    assert!(
-        !out.success()
-            && out
-                .stderr
-                .contains("went down cleanly before and told beta"),
-        "alpha promoted alone after handing over to beta:\n{}",
-        out.describe()
+    a.assert_primary_refused(
+        &["went down cleanly before and told beta"],
+        "alpha alone after handing over to beta",
     );
     assert_eq!(a.status_json()["role"], "secondary");
     let runs = std::fs::read_to_string(&log).unwrap_or_default();

@@ -842,15 +842,9 @@ fn a_clean_leave_is_remembered_across_a_restart_of_the_survivor_until_the_peer_r
         "alpha's dump-md:\n{md}"
     );
     a.up();
-    let out = a.ctl(&["primary"]);
-    assert!(
-        !out.success()
-            && out
-                .stderr
-                .contains("went down cleanly before and told beta")
-            && out.stderr.contains("--force"),
-        "alpha promoted alone after handing over:\n{}",
-        out.describe()
+    a.assert_primary_refused(
+        &["went down cleanly before and told beta", "--force"],
+        "alpha alone after handing over",
     );
     a.ctl_ok(&["down"]);
     b.up();
@@ -889,12 +883,7 @@ fn a_clean_leave_is_remembered_across_a_restart_of_the_survivor_until_the_peer_r
     assert!(wait_pid_gone(pid, Duration::from_secs(10)));
     b.up();
     assert_eq!(b.repl()["peer_left"], false, "{}", b.repl());
-    let out = b.ctl(&["primary"]);
-    assert!(
-        !out.success() && out.stderr.contains("--force"),
-        "a plain primary after the returned peer's crash:\n{}",
-        out.describe()
-    );
+    b.assert_primary_refused(&["--force"], "after the returned peer's crash");
 }
 
 /// A secondary's `down` while its primary goes on: what it applied is made durable and
