@@ -25,6 +25,46 @@ use crate::replication::{MetaAreas, Replication};
 use crate::state::{self, PeerView, Role};
 
 /// The refusal of a promotion over a connected peer with newer data.
+/// A running resync's progress, for `status`: bytes in all and sent so far.
+#[derive(Debug, Clone, Copy)]
+pub struct ResyncProgress {
+    pub total: u64,
+    pub done: u64,
+    started: std::time::Instant,
+    /// When `done` reached `total`: the rate stops there, not falling while the end's
+    /// SyncDone round trip goes on.
+    finished: Option<std::time::Instant>,
+}
+
+impl ResyncProgress {
+    pub fn start(total: u64) -> Self {
+        Self {
+            total,
+            done: 0,
+            started: std::time::Instant::now(),
+            finished: None,
+        }
+    }
+
+    /// `done` of `total` sent (a total that grows with what is sent never shows less).
+    pub fn advance(&mut self, total: u64, done: u64) {
+        self.total = total.max(done);
+        self.done = done;
+        if self.done >= self.total {
+            self.finished.get_or_insert_with(std::time::Instant::now);
+        } else {
+            self.finished = None;
+        }
+    }
+
+    /// Bytes per second since the start (until the end).
+    pub fn rate(&self) -> u64 {
+        let end = self.finished.unwrap_or_else(std::time::Instant::now);
+        let secs = end.duration_since(self.started).as_secs_f64().max(0.001);
+        (self.done as f64 / secs) as u64
+    }
+}
+
 fn peer_ahead(peer: &crate::meta::Generations, mine: &crate::meta::Generations) -> NodeError {
     NodeError::Refused(format!(
         "the peer has newer data (its generation {:016X}, this node's {:016X}): wait until it has brought this node up to date, or use --force to promote anyway (the peer's newer writes are then a split brain)",
@@ -96,8 +136,8 @@ pub struct Resource {
     /// A promotion is under way: the stream from the peer must not write this disk any
     /// more (see [`Resource::stream_held`]).
     stream_hold: std::sync::atomic::AtomicBool,
-    /// Resync progress as the source: (total bytes, bytes sent, start).
-    pub resync: Mutex<Option<(u64, u64, std::time::Instant)>>,
+    /// Resync progress (as the source; as the target, what the source reports).
+    pub resync: Mutex<Option<ResyncProgress>>,
     /// As the target of a resync that was cut: the bytes it had left, shown as out of sync
     /// until a resync completes (or a forced promotion declares the data good); the target's
     /// own bitmap does not name them.
@@ -2151,10 +2191,7 @@ impl Resource {
         };
         let (resync_total, resync_done, resync_rate) =
             match self.resync.lock().ok().and_then(|p| *p) {
-                Some((t, d, started)) => {
-                    let secs = started.elapsed().as_secs_f64().max(0.001);
-                    (t, d, (d as f64 / secs) as u64)
-                }
+                Some(p) => (p.total, p.done, p.rate()),
                 None => (0, 0, 0),
             };
         // A resync target lacks what the source has left. Its own bitmap went to the source
@@ -3344,4 +3381,23 @@ pub fn random_id() -> u64 {
         b = (t ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
     }
     u64::from_le_bytes(b) | (1 << 63)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ResyncProgress;
+
+    #[test]
+    fn a_resync_rate_stops_falling_once_everything_is_sent() {
+        let mut p = ResyncProgress::start(8 << 20);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        p.advance(8 << 20, 8 << 20);
+        let at_end = p.rate();
+        assert!(at_end > 0);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(p.rate(), at_end, "waiting for the SyncDone sends nothing");
+        // A total that grew with what was sent is never shown below it.
+        p.advance(1, 9 << 20);
+        assert_eq!((p.total, p.done), (9 << 20, 9 << 20));
+    }
 }

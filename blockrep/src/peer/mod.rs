@@ -481,10 +481,10 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         // A resync cut here, however the connection ended (an aborted link task runs none of
         // its own ends), is no longer running; a target keeps what it had left as out of sync
         // in `status` until a resync completes.
-        if let Some((total, done, _)) = res.resync.lock().ok().and_then(|mut p| p.take()) {
+        if let Some(p) = res.resync.lock().ok().and_then(|mut p| p.take()) {
             if was_state == "sync-target" {
                 res.resync_left.store(
-                    total.saturating_sub(done),
+                    p.total.saturating_sub(p.done),
                     std::sync::atomic::Ordering::Relaxed,
                 );
             }

@@ -335,7 +335,7 @@ pub(super) async fn primary_side(
                     .resync
                     .lock()
                     .ok()
-                    .and_then(|p| p.map(|(total, done, _)| (total, done)));
+                    .and_then(|p| p.map(|p| (p.total, p.done)));
                 if let Some((total, done)) = sync {
                     if last_sync != sync {
                         let _ = side_tx.send(Msg::SyncProgress { total, done }).await;
@@ -617,7 +617,7 @@ pub(super) async fn run_resync(
     let file = crate::replication::open_for_resync(&res.cfg().me.backing)?;
     let started = std::time::Instant::now();
     if let Ok(mut p) = res.resync.lock() {
-        *p = Some((total, 0, started));
+        *p = Some(crate::resource::ResyncProgress::start(total));
     }
     struct Done<'a>(&'a Replication, &'a std::fs::File);
     impl Drop for Done<'_> {
@@ -741,7 +741,9 @@ pub(super) async fn run_resync(
             continue;
         }
         if let Ok(mut p) = res.resync.lock() {
-            *p = Some((total.max(sent), sent, started));
+            if let Some(p) = p.as_mut() {
+                p.advance(total, sent);
+            }
         }
         // Rate limit on the data that travels (zero and equal regions are a header each).
         // Read each turn: `adjust` may change the rate (and the floor) mid-resync.

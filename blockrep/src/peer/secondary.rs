@@ -504,7 +504,7 @@ pub(super) async fn secondary_side(
                                 .store(true, std::sync::atomic::Ordering::SeqCst);
                             res.set_link_state("sync-target", None);
                             if let Ok(mut p) = res.resync.lock() {
-                                *p = Some((bytes, 0, std::time::Instant::now()));
+                                *p = Some(crate::resource::ResyncProgress::start(bytes));
                             }
                             // A full sync: from here on this node's data counts from the
                             // source's bitmap generation (whatever it held before is being
@@ -576,9 +576,10 @@ pub(super) async fn secondary_side(
                             // Shown by `status` only: nothing here depends on it.
                             if res.link_state() == "sync-target" {
                                 if let Ok(mut p) = res.resync.lock() {
-                                    let started =
-                                        p.map_or_else(std::time::Instant::now, |(_, _, s)| s);
-                                    *p = Some((total, done.min(total), started));
+                                    p.get_or_insert_with(|| {
+                                        crate::resource::ResyncProgress::start(total)
+                                    })
+                                    .advance(total, done.min(total));
                                 }
                             }
                             continue;
