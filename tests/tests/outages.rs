@@ -2056,3 +2056,98 @@ fn resync_handlers_run_in_pairs_and_not_for_a_journal_catch_up() {
         assert_eq!(count("alpha", ev), 0, "{text}");
     }
 }
+
+/// A half-synced node is never a resync source (DRBD: "I shall become SyncSource, but I am
+/// inconsistent!"): alpha, the primary of a full sync into beta, loses its disk midway and
+/// comes back on a fresh one (`create-md`, as the runbook says for a replaced disk). The
+/// generations make beta (with data) the source of alpha (just created), but beta holds a
+/// quarter of the data: the connect is refused on both nodes with the reason, nothing moves,
+/// and neither disk is declared up to date. Before, beta synced its partial copy into alpha
+/// and both ended "up to date" without the rest. The admin's way out stays: a forced
+/// promotion of beta makes its data the good copy, and alpha then takes it.
+#[test]
+fn an_inconsistent_disk_is_never_a_resync_source() {
+    let c = pair("out-inconsistent-source", "", |b| {
+        b.backing_size(64 << 20)
+            .journal_size("2M")
+            .resource_line("resync-rate = \"4M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let input = c.dir().join("in.bin");
+    write_random_file(&input, (24 * MIB) as usize);
+    a.nbdcopy_in(&input);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    b.ctl_ok(&["invalidate"]);
+    watch(
+        &c,
+        Duration::from_secs(30),
+        "a quarter of the full sync",
+        |sa, _| {
+            let r = &sa["replication"];
+            r["connection"] == "sync-source"
+                && u(r, "resync_total") > 0
+                && u(r, "resync_done") >= u(r, "resync_total") / 4
+        },
+    );
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    assert_eq!(b.status_json()["disk"], "inconsistent");
+
+    // Alpha's disk is replaced: a new, empty one with fresh metadata.
+    a.ctl_ok(&["down", "--force"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.backing_path())
+        .expect("open alpha's disk");
+    let len = f.metadata().expect("stat").len();
+    f.set_len(0)
+        .and_then(|()| f.set_len(len))
+        .expect("a new empty disk");
+    drop(f);
+    a.create_md();
+    a.up();
+    let mark = (log_mark(a), log_mark(b));
+    c.proxy().resume();
+
+    let said = |n: &Node, from: usize| {
+        log_since(n, from)
+            .into_iter()
+            .any(|l| l.contains("would be the resync source") && l.contains("inconsistent"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(said(a, mark.0) && said(b, mark.1)) {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal of the half-synced source on both nodes:\nalpha:\n{}\nbeta:\n{}",
+            a.log_tail(15),
+            b.log_tail(15)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A few more retries: still nothing moves, and neither disk is up to date.
+    std::thread::sleep(Duration::from_secs(3));
+    for n in [a, b] {
+        let st = n.status_json();
+        assert_eq!(st["disk"], "inconsistent", "{}: {st}", n.name());
+        assert_ne!(st["replication"]["connection"], "sync-source", "{st}");
+        assert_ne!(st["replication"]["connection"], "sync-target", "{st}");
+    }
+    let why = b.repl()["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        why.contains("primary --force"),
+        "beta's status should say the way out: {why}"
+    );
+    a.assert_primary_refused(&["inconsistent"], "a fresh disk beside a half-synced one");
+
+    // The admin takes beta's partial data as the good copy; alpha takes all of it.
+    b.primary_force();
+    let seen = wait_synced(&c, Duration::from_secs(60), "alpha from the forced beta");
+    assert_identical(&c, size, "alpha synced from beta's data", &seen);
+    assert_eq!(a.status_json()["disk"], "up-to-date");
+}

@@ -833,6 +833,14 @@ fn a_clean_leave_is_remembered_across_a_restart_of_the_survivor_until_the_peer_r
                 .is_some_and(|e| e.contains("went down cleanly")),
         "beta's status after its restart: {r}"
     );
+    // A stranger that names alpha but cannot prove the secret clears nothing (it used to:
+    // the record went at any hello naming the peer, so a plain `primary` needed --force).
+    stranger_fails_the_proof(b, "alpha");
+    let r = b.repl();
+    assert!(
+        r["peer_left"] == true && r["auth_failures"].as_u64() >= Some(1),
+        "beta's record after a stranger's hello: {r}"
+    );
     // The other side of it: alpha, which handed over, is not promoted alone (beta may have
     // been promoted meanwhile; no fence could tell), until the two meet again.
     b.ctl_ok(&["down"]);
@@ -954,4 +962,42 @@ fn a_secondary_that_goes_down_acknowledges_everything_it_applied() {
     let log = std::fs::read_to_string(a.log_path()).unwrap_or_default();
     assert!(!log.contains("split brain"), "{}", a.log_tail(30));
     c.assert_replicas_identical(a.size(), "after beta's failover and alpha's return");
+}
+
+/// Connects to `n`'s replication port as a node calling itself `name`, with `n`'s own
+/// settings, and sends a wrong proof: the handshake must get to the proof and fail there.
+fn stranger_fails_the_proof(n: &Node, name: &str) {
+    use std::io::{Read, Write};
+    let r = n.repl();
+    let frame = |msg: &proto::peer::Msg| {
+        let mut v = Vec::new();
+        proto::peer::encode_frame(&mut v, msg, &[]);
+        v
+    };
+    let hello = proto::peer::Msg::Hello {
+        version: proto::peer::PROTOCOL_VERSION,
+        resource: n.resource().to_string(),
+        node: name.to_string(),
+        nonce: [7; 32],
+        encryption: false,
+        protocol: r["protocol"]
+            .as_str()
+            .and_then(|p| p.bytes().next())
+            .unwrap_or(b'C'),
+        bitmap_granularity: 4096,
+    };
+    let mut s = std::net::TcpStream::connect(n.replication_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(&frame(&hello)).expect("send hello");
+    s.write_all(&frame(&proto::peer::Msg::Auth { mac: [0; 32] }))
+        .expect("send proof");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("authentication failed"),
+        "{}'s answer to a stranger's proof: {text:?}",
+        n.name()
+    );
 }

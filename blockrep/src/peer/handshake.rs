@@ -109,15 +109,6 @@ pub(super) async fn handshake(
             protocol,
             bitmap_granularity,
         } => {
-            // Whatever follows (a refusal included), the peer is up: a clean leave it
-            // announced earlier no longer makes a plain promotion here safe.
-            if node == peer_name {
-                if let Err(e) = res.peer_heard().await {
-                    return Err(LinkError::LocalDisk(format!(
-                        "clearing the record of the peer's clean leave in the metadata: {e}"
-                    )));
-                }
-            }
             if version != peer::PROTOCOL_VERSION {
                 return Err(refuse(
                     &mut s,
@@ -250,6 +241,17 @@ pub(super) async fn handshake(
             return Err(refused_before_auth(reason));
         }
         other => return Err(LinkError::Protocol(format!("expected auth, got {other:?}"))),
+    }
+    // The peer proved the secret: it is up, and a clean leave it announced earlier no longer
+    // makes a plain promotion here safe. Not before the proof: whoever reaches the port
+    // could otherwise clear the record (a survivor's plain `primary` would then need
+    // --force) or page the `peer-lost` handler for a planned stop. A peer refused for its
+    // settings (another protocol version, say) leaves the record: it handed over, so it is
+    // not promoted without --force while it cannot connect.
+    if let Err(e) = res.peer_heard().await {
+        return Err(LinkError::LocalDisk(format!(
+            "clearing the record of the peer's clean leave in the metadata: {e}"
+        )));
     }
     if !dialed {
         write_msg(&mut s, &Msg::Auth { mac: proof }).await?;

@@ -668,7 +668,18 @@ async fn accept_loop(
     // Connections still in their handshake: bounded, so a flood of clients that never speak
     // cannot pile up tasks and sockets. A new one evicts the oldest rather than being turned
     // away: a few idle connections must not keep the real peer out.
-    let mut handshakes: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
+    // Each with whether it comes from the peer's configured address: those are dropped
+    // last, so that a flood from elsewhere cannot keep the real peer out.
+    let mut handshakes: std::collections::VecDeque<(tokio::task::AbortHandle, bool)> =
+        Default::default();
+    let peer_ips: Vec<std::net::IpAddr> = res
+        .cfg()
+        .peer
+        .iter()
+        .flat_map(|p| [p.replication, p.connect_address])
+        .flatten()
+        .map(|a| a.ip())
+        .collect();
     loop {
         let (s, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -678,9 +689,13 @@ async fn accept_loop(
                 continue;
             }
         };
-        handshakes.retain(|h| !h.is_finished());
+        handshakes.retain(|(h, _)| !h.is_finished());
         if handshakes.len() >= MAX_HANDSHAKES {
-            if let Some(oldest) = handshakes.pop_front() {
+            let victim = handshakes
+                .iter()
+                .position(|(_, from_peer)| !from_peer)
+                .unwrap_or(0);
+            if let Some((oldest, _)) = handshakes.remove(victim) {
                 oldest.abort();
                 tracing::warn!(
                     "{MAX_HANDSHAKES} replication handshakes in progress: the oldest is dropped for one from {addr}"
@@ -712,11 +727,16 @@ async fn accept_loop(
                 }
                 Err(e) => {
                     tracing::warn!("replication connection from {addr} refused: {e}");
-                    res.set_link_error(format!("connection from {addr}: {e}"));
+                    // Shown while no connection is up (the peer's refusal, a wrong secret);
+                    // beside a working link it is a stranger's, and would stand in `status`
+                    // as the link's error with text the stranger chose.
+                    if !crate::resource::established(res.link_state()) {
+                        res.set_link_error(format!("connection from {addr}: {e}"));
+                    }
                 }
             }
         });
-        handshakes.push_back(task.abort_handle());
+        handshakes.push_back((task.abort_handle(), peer_ips.contains(&addr.ip())));
     }
 }
 
@@ -1047,6 +1067,26 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         _ => res
             .split_brain_reported
             .store(0, std::sync::atomic::Ordering::SeqCst),
+    }
+    // Never a resync from an inconsistent disk (DRBD: "I shall become SyncSource, but I am
+    // inconsistent!"): a resync into it did not finish, or it lost writes, so it lacks
+    // regions and would make its target up to date without them. `by_disk_state` covers a
+    // good peer; this covers two disks neither of which is up to date (a half-synced node
+    // beside a replaced disk, say), whatever decided the direction. An outdated source is
+    // complete, only older: its target ends outdated too.
+    if let Some((bad, fix)) = match decision {
+        SyncDecision::SourceBitmap | SyncDecision::SourceFull if me_disk == 0 => {
+            Some((res.cfg().me.name.clone(), "here"))
+        }
+        SyncDecision::TargetBitmap | SyncDecision::TargetFull if peer_disk == 0 => {
+            Some((peer_name(res), "there"))
+        }
+        _ => None,
+    } {
+        let why = format!(
+            "{bad} would be the resync source ({decision:?}), but its disk is inconsistent (a resync into it did not finish, or it lost writes): no copy is known to be complete, and no data moves. To use {bad}'s data anyway, a forced promotion {fix} (`blockrep-ctl primary --force`; on a primary, `secondary --force` first) makes it up to date and the source; otherwise repair or replace the other node's disk"
+        );
+        return Err(refuse(&mut wr, why).await);
     }
     let source = matches!(
         decision,

@@ -781,10 +781,14 @@ pub(super) async fn secondary_side(
                                             let leaving = res
                                                 .leaving_outdated
                                                 .load(std::sync::atomic::Ordering::SeqCst);
-                                            sb.disk = if source_disk == 1 || leaving {
-                                                DiskState::Outdated
-                                            } else {
-                                                DiskState::UpToDate
+                                            // (An inconsistent source is refused at the
+                                            // connect; were one to get here, this copy
+                                            // stays inconsistent.)
+                                            sb.disk = match source_disk {
+                                                0 => DiskState::Inconsistent,
+                                                1 => DiskState::Outdated,
+                                                _ if leaving => DiskState::Outdated,
+                                                _ => DiskState::UpToDate,
                                             };
                                             sb.gen = g;
                                             // SyncDone carries no data: the mark names
