@@ -632,6 +632,17 @@ impl Resource {
     pub async fn agree_size(&self, peer_size: u64) -> Result<u64, NodeError> {
         let mine = self.device.size();
         if peer_size < mine && Self::shrinks_at_connect(&self.node_state(), self.role()) {
+            // Not across a promotion (it holds `skip_ops` from its checks to its commit): a
+            // node promoted meanwhile serves clients at the size it told them. Not waited
+            // for: this connect is refused and the next one decides.
+            let Ok(_no_promotion) = self.skip_ops.try_lock() else {
+                return Err(NodeError::Refused(
+                    "a promotion is under way; the size is agreed at the next connect".into(),
+                ));
+            };
+            if !Self::shrinks_at_connect(&self.node_state(), self.role()) {
+                return Ok(self.device.size());
+            }
             self.device.shrink_to(peer_size);
             tracing::info!(
                 "exporting {peer_size} bytes from now on, the size of the peer's disk (this node's holds {mine}, and no data yet): a pair exports the smaller of its two sizes"
