@@ -249,6 +249,9 @@ pub struct Inner {
     /// A flush record in the stream after everything the bitmap records: once the peer is
     /// durable through it, the bitmap can be cleared even while new writes keep coming.
     pub clear_at: Option<u64>,
+    /// How many times [`Self::set_pinned`] ran: a checksum resync's hashes asked before a
+    /// pin may predate a write that failed here but landed on the peer.
+    pub pins: u64,
 }
 
 impl Inner {
@@ -259,6 +262,7 @@ impl Inner {
     fn set_pinned(&mut self, offset: u64, len: u64) {
         self.bitmap.set_range(offset, len);
         self.bitmap_dirty = true;
+        self.pins += 1;
         if self.resync_inflight.is_empty() || len == 0 {
             return;
         }
@@ -417,6 +421,7 @@ impl Replication {
                 term: crate::resource::random_id(),
                 reserve: 0,
                 clear_at: None,
+                pins: 0,
             }),
             appended: Notify::new(),
             space: Notify::new(),
@@ -1594,6 +1599,12 @@ impl Replication {
     /// read and hashed under the lock once no earlier write to the range is in flight, so the
     /// decision and the record's place in the sequence match the data: a later write to the
     /// range is after it. Returns the run: (bytes, equal, zero).
+    ///
+    /// `pins_asked`: [`Self::pins`] before the hashes were asked. If anything was pinned
+    /// since (a local write that failed after the peer applied it, say), the peer's hashes
+    /// may predate a write it holds and this disk lacks: nothing counts as equal, the data
+    /// goes (rare; the bits would otherwise clear over a difference).
+    #[allow(clippy::too_many_arguments)]
     pub async fn resync_csum_chunk(
         &self,
         file: &File,
@@ -1601,6 +1612,7 @@ impl Replication {
         len: u64,
         block: u64,
         peer: &[[u8; 32]],
+        pins_asked: u64,
         buf: &mut Vec<u8>,
     ) -> std::io::Result<(u64, bool, bool)> {
         buf.resize(len as usize, 0);
@@ -1617,13 +1629,18 @@ impl Replication {
                 if g.ranges.blocked(u64::MAX, (offset, offset + len)) {
                     None
                 } else {
+                    let stale = g.pins != pins_asked;
                     let (run, equal) = first_run(peer, |i| {
                         let s = i as u64 * block;
                         let e = (s + block).min(len);
                         let b = &mut buf[s as usize..e as usize];
                         read_backing(file, b, offset + s)?;
                         drop_cached(file, offset + s, e - s);
-                        Ok(sha256(b))
+                        let mut h = sha256(b);
+                        if stale && h == peer[i] {
+                            h[0] ^= 1;
+                        }
+                        Ok(h)
                     })?;
                     let run_len = (run as u64 * block).min(len);
                     let seq = g.issued + 1;
@@ -1688,6 +1705,11 @@ impl Replication {
                 None => done.await,
             }
         }
+    }
+
+    /// See [`Inner::pins`].
+    pub fn pins(&self) -> u64 {
+        self.lock().pins
     }
 
     /// `verify` found `[offset, offset+len)` different on the peer: out of sync until a
@@ -2132,5 +2154,90 @@ mod tests {
         assert!(r.blocked(u64::MAX, (0, 1)));
         r.remove(1);
         assert!(r.is_empty() && r.inflight.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod csum_tests {
+    use super::*;
+
+    /// A replication state over a fresh 8 MiB disk, for the decisions that read it.
+    fn fresh(dir: &std::path::Path) -> (Arc<Replication>, File) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).expect("dir");
+        let backing = dir.join("disk");
+        File::create(&backing)
+            .and_then(|f| f.set_len(8 << 20))
+            .expect("disk");
+        MetaStore::create(&backing, None, "r", "a", 256 * 1024, 4096, false).expect("create-md");
+        let store = MetaStore::open(&backing, None, "r", "a").expect("open");
+        let layout = store.sb.layout;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&backing)
+            .expect("open disk");
+        let rep = Replication::new(
+            Protocol::C,
+            Arc::new(Mutex::new(store)),
+            MetaAreas {
+                file: Arc::new(file.try_clone().expect("clone")),
+                layout,
+                data: None,
+            },
+            Ring::new(layout.journal_len),
+            0,
+            (0, 0),
+            Bitmap::new(layout.data_size, 4096),
+            false,
+            64,
+            0,
+        );
+        (rep, file)
+    }
+
+    /// Review finding: a write that failed here after the peer applied it pins its range;
+    /// hashes the peer gave before that may match this disk's old data although the peer
+    /// holds the write. Nothing of such a region may count as equal (its bits would clear
+    /// over the difference).
+    #[tokio::test]
+    async fn a_pin_after_the_hashes_were_asked_makes_nothing_equal() {
+        let dir = std::env::temp_dir().join(format!("brrep-pins-{}", std::process::id()));
+        let (rep, file) = fresh(&dir);
+        let block = 4096u64;
+        let mut data = vec![0u8; 4 * block as usize];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        file.write_all_at(&data, 0).expect("write");
+        let peer = block_hashes(&data, block as usize);
+        let mut buf = Vec::new();
+
+        let asked = rep.pins();
+        let (n, equal, _) = rep
+            .resync_csum_chunk(&file, 0, 2 * block, block, &peer[..2], asked, &mut buf)
+            .await
+            .expect("chunk");
+        assert!(equal && n == 2 * block, "same data, no pin: equal");
+
+        let asked = rep.pins();
+        rep.lock().set_pinned(2 * block, block);
+        let (n, equal, zero) = rep
+            .resync_csum_chunk(
+                &file,
+                2 * block,
+                2 * block,
+                block,
+                &peer[2..],
+                asked,
+                &mut buf,
+            )
+            .await
+            .expect("chunk");
+        assert!(
+            !equal && !zero && n == 2 * block,
+            "pinned after the hashes were asked: sent as data ({n}, {equal})"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -65,7 +65,18 @@ impl ResyncProgress {
     }
 }
 
-fn peer_ahead(peer: &crate::meta::Generations, mine: &crate::meta::Generations) -> NodeError {
+fn peer_ahead(
+    peer: &crate::meta::Generations,
+    mine: &crate::meta::Generations,
+    disk: DiskState,
+) -> NodeError {
+    if disk == DiskState::Inconsistent {
+        // Said first: --force would promote a partial copy, not just lose the peer's writes.
+        return NodeError::Refused(format!(
+            "this node's disk is inconsistent: the peer (generation {:016X}) is bringing it up to date; wait until it is (`wait-sync`). --force would promote a partial copy (and the peer's newer writes are then a split brain)",
+            peer.current
+        ));
+    }
     NodeError::Refused(format!(
         "the peer has newer data (its generation {:016X}, this node's {:016X}): wait until it has brought this node up to date, or use --force to promote anyway (the peer's newer writes are then a split brain)",
         peer.current, mine.current
@@ -2457,7 +2468,7 @@ impl Resource {
                 (m.sb.disk, m.sb.gen, m.sb.handed_over)
             };
             if let Some(pg) = peer_gen.filter(|pg| state::peer_is_ahead(&gen, pg)) {
-                return Err(peer_ahead(&pg, &gen));
+                return Err(peer_ahead(&pg, &gen, disk));
             }
             // This node went down cleanly, telling the peer it could take over: no fence's
             // answer ("unreachable") says whether it did.
@@ -2553,7 +2564,7 @@ impl Resource {
             // A connected peer with newer data (it is resyncing or catching this node up)
             // would be overwritten by this node's older data once it writes as primary.
             if let Some(pg) = peer_gen.filter(|pg| !force && state::peer_is_ahead(&sb.gen, pg)) {
-                return Err(peer_ahead(&pg, &sb.gen));
+                return Err(peer_ahead(&pg, &sb.gen, sb.disk));
             }
             let p =
                 state::promote(sb.disk, sb.gen, peer, force, new_id).map_err(NodeError::Refused)?;
@@ -2916,8 +2927,11 @@ impl Resource {
                 // Writes still waiting for the peer are released below: under a new
                 // generation where the peer lacks them, as at any loss of the peer.
                 rep.peer_lost();
-                rep.on_disconnect();
             }
+            // Whatever the connection ran as (a primary promoted while it was the source of
+            // a resync between secondaries streams its writes on that connection until the
+            // reconnect), as the link's own end does: none of it may be forgotten.
+            rep.on_disconnect();
             rep.set_connected(false, 0, 0);
             // As secondary: the aborted stream's writes finish and are synced before the
             // applied mark below is committed (not at all if that failed).

@@ -68,7 +68,7 @@ pub fn promote(
         }
         d => {
             return Err(format!(
-            "this node's disk is {}; refusing to promote it (use --force to declare its data good)",
+            "this node's disk is {}: a resync into it has not finished (wait until it has, `wait-sync`), or it failed; refusing to promote it (--force declares its data good, partial as it may be)",
             d.name()
         ))
         }

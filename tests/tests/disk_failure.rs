@@ -97,12 +97,23 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
         return;
     }
-    let c = pair_cluster("disk-lost");
+    // Paced, so that the full resync below can be cut midway.
+    let c = Cluster::builder("disk-lost")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .resource_line("resync-rate = \"8M\"")
+        .build();
     let (a, b) = (c.alpha(), c.beta());
     let (trigger, disk, _lo) = failing_alpha_disk(&c);
     let _stop = StopDaemons(&c);
     start_in_sync(&c, b);
     let size = a.size();
+    // Data all over the device (zeros would travel as headers, unpaced).
+    let fill = c.dir().path().join("fill.bin");
+    write_random_file(&fill, (40 * MIB) as usize);
+    a.nbdcopy_in(&fill);
 
     let base = random_bytes(MIB as usize);
     let mut r = a.raw_open();
@@ -169,23 +180,53 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
         st["disk_failed"], false,
         "a new start has seen no failure yet: {st}"
     );
+    // Cut midway (beta, the source, leaves and comes back): the full resync resumes with
+    // what is left (it used to start again from zero: alpha's failed disk named every region
+    // until the resync ended).
+    let r = b.wait_repl(
+        Duration::from_secs(30),
+        "a quarter of alpha's resync",
+        |r| {
+            let total = r["resync_total"].as_u64().unwrap_or(0);
+            r["connection"] == "sync-source"
+                && total > 0
+                && r["resync_done"].as_u64() >= Some(total / 4)
+        },
+    );
+    assert!(
+        r["resync_done"].as_u64() < r["resync_total"].as_u64(),
+        "the resync ended before the cut: {r}"
+    );
+    b.ctl_ok(&["disconnect"]);
+    let left = b.repl_u64("out_of_sync");
+    b.ctl_ok(&["connect"]);
     let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
     assert!(
         Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.alpha, "sync-source"),
         "alpha must be the target: {seen:?}"
     );
     let lb: Vec<String> = log_text(b).lines().skip(mb).map(str::to_string).collect();
-    let full = lb.iter().any(|l| {
-        l.contains("resync to the peer")
-            && l.rsplit("): ")
+    let starts: Vec<(&String, u64)> = lb
+        .iter()
+        .filter(|l| l.contains("resync to the peer"))
+        .map(|l| {
+            let n = l
+                .rsplit("): ")
                 .next()
                 .and_then(|t| t.split_whitespace().next())
                 .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n >= size - MIB)
-    });
+                .unwrap_or(u64::MAX);
+            (l, n)
+        })
+        .collect();
+    println!("beta's resyncs: {starts:#?}");
     assert!(
-        full,
-        "beta did not resync the whole device to alpha:\n{}",
+        starts.len() == 2
+            && starts[0].1 >= size - MIB
+            && left < starts[0].1 - starts[0].1 / 8
+            && starts[1].1 <= left + MIB,
+        "beta should resync the whole device to alpha, then after the cut what was left \
+         ({left} bytes):\n{}",
         lb.join("\n")
     );
     c.assert_replicas_identical(size, "after alpha's full resync");

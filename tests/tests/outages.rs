@@ -1594,44 +1594,15 @@ fn a_resync_target_disconnected_midway_shows_what_it_lacks() {
 
 #[test]
 fn full_sync_interrupted_resumes_with_what_is_left() {
-    let c = pair("out-full-resume", "", |b| {
-        b.backing_size(64 << 20)
-            .journal_size("2M")
-            // Slow enough that the cut below comes before the end on a loaded machine (at 8M
-            // the 24 MiB of data took 3 s, and waiting for the quarter to be durable on the
-            // target once outran it).
-            .resource_line("resync-rate = \"4M\"")
-            .beta_via_proxy()
-    });
+    let n = 24 * MIB;
+    let FullSyncUnderWay {
+        c,
+        data,
+        total: first_total,
+        mark,
+    } = full_sync_a_quarter_done("out-full-resume");
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
-    let n = 24 * MIB;
-    let input = c.dir().join("in.bin");
-    let data = write_random_file(&input, n as usize);
-    a.nbdcopy_in(&input);
-    c.wait_in_sync(SYNC_TIMEOUT);
-
-    let mark = log_mark(a);
-    b.ctl_ok(&["invalidate"]);
-    let mut first_total = 0;
-    watch(
-        &c,
-        Duration::from_secs(30),
-        "a quarter of the full sync",
-        |sa, _| {
-            let r = &sa["replication"];
-            if r["connection"] == "sync-source" {
-                first_total = u(r, "resync_total");
-                u(r, "resync_done") >= first_total / 4 && first_total > 0
-            } else {
-                false
-            }
-        },
-    );
-    assert!(
-        first_total >= size - MIB,
-        "invalidate should start a full sync of {size} bytes, total {first_total}"
-    );
     // The target shows the progress too (the source reports it over the link).
     let rb = b.wait_repl(
         Duration::from_secs(5),
@@ -1698,6 +1669,63 @@ fn full_sync_interrupted_resumes_with_what_is_left() {
     wait_same_generation(&c);
 }
 
+/// A pair whose beta was invalidated after alpha wrote 24 MiB of random data (through a
+/// proxy, paced at 4 MiB/s), with a quarter of the full sync done.
+struct FullSyncUnderWay {
+    c: Cluster,
+    data: Vec<u8>,
+    /// The full sync's size, as the source shows it.
+    total: u64,
+    /// Alpha's log before the invalidate (see `log_mark`).
+    mark: usize,
+}
+
+fn full_sync_a_quarter_done(test: &str) -> FullSyncUnderWay {
+    let c = pair(test, "", |b| {
+        b.backing_size(64 << 20)
+            .journal_size("2M")
+            // Slow enough that the cut below comes before the end on a loaded machine (at 8M
+            // the 24 MiB of data took 3 s, and waiting for the quarter to be durable on the
+            // target once outran it).
+            .resource_line("resync-rate = \"4M\"")
+            .beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, (24 * MIB) as usize);
+    a.nbdcopy_in(&input);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    let mark = log_mark(a);
+    b.ctl_ok(&["invalidate"]);
+    let mut total = 0;
+    watch(
+        &c,
+        Duration::from_secs(30),
+        "a quarter of the full sync",
+        |sa, _| {
+            let r = &sa["replication"];
+            if r["connection"] == "sync-source" {
+                total = u(r, "resync_total");
+                u(r, "resync_done") >= total / 4 && total > 0
+            } else {
+                false
+            }
+        },
+    );
+    assert!(
+        total >= size - MIB,
+        "invalidate should start a full sync of {size} bytes, total {total}"
+    );
+    FullSyncUnderWay {
+        c,
+        data,
+        total,
+        mark,
+    }
+}
+
 /// A resync target forced primary midway (a resync between two secondaries): the stream
 /// stops before the promotion commits, so a client's write on the new primary is never
 /// overwritten by a resync record; the two nodes then show a split brain (both moved on from
@@ -1723,6 +1751,8 @@ fn a_resync_target_forced_primary_midway_keeps_its_client_writes_and_is_a_split_
     b.wait_repl(Duration::from_secs(20), "a quarter of the resync", |r| {
         r["connection"] == "sync-target" && u(r, "resync_done") >= size / 4
     });
+    // A plain promotion is refused as a partial copy (not only as older data).
+    b.assert_primary_refused(&["inconsistent", "wait-sync"], "a resync target");
     b.ctl_ok(&["primary", "--force"]);
     // Client writes on the new primary, over regions the resync had not reached yet.
     let mut w = RawNbd::open(b.export(), c.resource());
@@ -2067,31 +2097,9 @@ fn resync_handlers_run_in_pairs_and_not_for_a_journal_catch_up() {
 /// promotion of beta makes its data the good copy, and alpha then takes it.
 #[test]
 fn an_inconsistent_disk_is_never_a_resync_source() {
-    let c = pair("out-inconsistent-source", "", |b| {
-        b.backing_size(64 << 20)
-            .journal_size("2M")
-            .resource_line("resync-rate = \"4M\"")
-            .beta_via_proxy()
-    });
+    let FullSyncUnderWay { c, .. } = full_sync_a_quarter_done("out-inconsistent-source");
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
-    let input = c.dir().join("in.bin");
-    write_random_file(&input, (24 * MIB) as usize);
-    a.nbdcopy_in(&input);
-    c.wait_in_sync(SYNC_TIMEOUT);
-
-    b.ctl_ok(&["invalidate"]);
-    watch(
-        &c,
-        Duration::from_secs(30),
-        "a quarter of the full sync",
-        |sa, _| {
-            let r = &sa["replication"];
-            r["connection"] == "sync-source"
-                && u(r, "resync_total") > 0
-                && u(r, "resync_done") >= u(r, "resync_total") / 4
-        },
-    );
     assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
     a.wait_not_connected(Duration::from_secs(10));
     assert_eq!(b.status_json()["disk"], "inconsistent");

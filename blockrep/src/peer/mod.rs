@@ -1059,7 +1059,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             res.split_brain_reported
                 .store(0, std::sync::atomic::Ordering::SeqCst);
             let why = format!(
-                "unrelated data: generation {:016X} here, {:016X} on the peer, no common history",
+                "unrelated data: generation {:016X} here, {:016X} on the peer, no common history (another disk, an old one put back, or another resource's). On the node whose data is to be replaced: `down`, `create-md --force`, `up` (a full sync from the other follows)",
                 me.gen.current, peer.gen.current
             );
             return Err(refuse(&mut wr, why).await);

@@ -69,18 +69,27 @@ pub(super) async fn primary_side(
             let seen = peer.applied_seq.max(peer.issued_seq);
             let start = rep.start_resync(Some(&peer_bitmap), full, res.device().size(), seen);
             let bytes = rep.lock().bitmap.dirty_bytes();
-            // A full sync counts from a bitmap generation the target takes as its own (see
-            // `Msg::SyncStart::from`): every bit is set, so the bitmap trivially records all
-            // that differs from it, and a cut leaves the pair at a bitmap resync of the rest.
-            let from = if full {
-                // Every bit set is on disk first: a crash after the target took the
-                // generation must not leave a bitmap that says less than "everything". Two
-                // syncs of this disk, which a busy one may take seconds for: the peer hears
-                // pings meanwhile, or it would give up on a silent link.
+            // The bitmap as merged (every bit, for a full sync) is on disk before the
+            // SyncStart: from then on the target forgets its own bits (they are this
+            // bitmap's to say, and a cut must not resend them all), so a crash here must not
+            // lose them. A full sync counts from a bitmap generation the target takes as its
+            // own (see `Msg::SyncStart::from`): every bit is set, so the bitmap trivially
+            // records all that differs from it, and a cut leaves the pair at a bitmap resync
+            // of the rest. Up to two syncs of this disk, which a busy one may take seconds
+            // for: the peer hears pings meanwhile, or it would give up on a silent link.
+            let from = {
+                // (Only when the target has bits to forget, or every bit is set: a sync of
+                // this disk under heavy writes can take seconds.)
+                let target_forgets = peer_bitmap.dirty_bits() > 0;
                 let prepare = async {
-                    rep.persist().await.map_err(|e| {
-                        LinkError::LocalDisk(format!("writing the bitmap of a full sync: {e}"))
-                    })?;
+                    if full || target_forgets {
+                        rep.persist().await.map_err(|e| {
+                            LinkError::LocalDisk(format!("writing the bitmap of a resync: {e}"))
+                        })?;
+                    }
+                    if !full {
+                        return Ok(0);
+                    }
                     if res.node_state().gen.bitmap == 0 {
                         let id = crate::resource::random_id();
                         res.commit_meta(move |sb| {
@@ -102,8 +111,6 @@ pub(super) async fn primary_side(
                         }
                     }
                 }
-            } else {
-                0
             };
             tracing::info!(
                 "resync to the peer ({}): {bytes} bytes{}",
@@ -656,7 +663,8 @@ pub(super) async fn run_resync(
         .min(u64::from(peer::MAX_HASH_SPAN));
     // Checksum resync: hash requests in flight ahead of the regions being decided.
     const CSUM_WINDOW: usize = 16;
-    let mut asked: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
+    // (sequence, offset, length, pins before the request: see `resync_csum_chunk`)
+    let mut asked: std::collections::VecDeque<(u64, u64, u64, u64)> = Default::default();
     if csums {
         tracing::info!("checksum resync (sha256 per {block} bytes): only differing regions move");
     }
@@ -670,16 +678,17 @@ pub(super) async fn run_resync(
                 let count = peer::hash_count(len as u32, block as u32).ok_or_else(|| {
                     LinkError::Protocol(format!("resync region {off}+{len} out of hash bounds"))
                 })?;
+                let pins = rep.pins();
                 let seq = rep
                     .hash_request(off, len as u32, block as u32)
                     .await
                     .map_err(|e| step_error(res, e))?;
                 replies.expect(seq, count);
-                asked.push_back((seq, off, len));
+                asked.push_back((seq, off, len, pins));
                 at = off + len;
             }
             match asked.pop_front() {
-                Some((seq, off, len)) => {
+                Some((seq, off, len, pins)) => {
                     let hashes = replies.take(seq).await?;
                     let mut pos = 0u64;
                     while pos < len {
@@ -691,6 +700,7 @@ pub(super) async fn run_resync(
                                 len - pos,
                                 block,
                                 &hashes[first..],
+                                pins,
                                 &mut buf,
                             )
                             .await

@@ -510,8 +510,15 @@ pub(super) async fn secondary_side(
                             // source's bitmap generation (whatever it held before is being
                             // replaced), so that a cut resumes with what is left. Committed
                             // before anything of the stream is applied.
+                            // And what is left is the source's bitmap's to say from now on:
+                            // it merged this node's bits, and had them on its disk before
+                            // this start. So this node forgets its own (a disk that lost
+                            // writes no longer names every region itself), or each cut
+                            // would resend them all: a full resync after a disk failure
+                            // started again from zero. Its disk stays inconsistent.
                             res.commit_meta(move |sb| {
                                 sb.disk = DiskState::Inconsistent;
+                                sb.lost_writes = false;
                                 if full && from != 0 {
                                     sb.gen.current = from;
                                     sb.gen.bitmap = 0;
@@ -521,6 +528,19 @@ pub(super) async fn secondary_side(
                             .map_err(|e| {
                                 LinkError::LocalDisk(format!("recording the resync's start: {e}"))
                             })?;
+                            // (A crash before the cleared bitmap is on disk loads the bits
+                            // again: sent once more, nothing lost.)
+                            let had_bits = {
+                                let mut g = rep.lock();
+                                let had = g.bitmap.dirty_bits() > 0;
+                                g.bitmap.clear_all();
+                                had
+                            };
+                            if had_bits {
+                                if let Err(e) = rep.persist().await {
+                                    tracing::warn!("writing the cleared bitmap: {e}");
+                                }
+                            }
                             // The record before the resync's stream is not one this node
                             // holds: term 0 until the stream's own records are applied.
                             {
