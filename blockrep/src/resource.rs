@@ -83,6 +83,10 @@ fn peer_ahead(
     ))
 }
 
+/// How long after a lost link a promotion still waits for the peer to come back: a role
+/// change on the peer reconnects at once.
+const ROLE_CHANGE_RECONNECT: Duration = Duration::from_secs(2);
+
 /// How long `secondary` waits for NBD clients that are already disconnecting before it
 /// refuses because clients are attached.
 const CLIENTS_LEAVING_WAIT: Duration = Duration::from_secs(2);
@@ -698,10 +702,22 @@ impl Resource {
         if let Some(rep) = &self.rep {
             rep.set_protocol(p);
         }
-        tracing::warn!(
-            "protocol {:?} -> {p:?}, as the peer's adjust set it: set `protocol = \"{p:?}\"` in this node's config file too (its next `up` or `adjust` applies the file's)",
-            old.protocol
-        );
+        // Only a file that says otherwise needs the admin (a shared file, or one edited on
+        // both nodes before either adjust, already says it).
+        let file_says = Config::load(&old.file, Some(&old.me.name))
+            .ok()
+            .map(|c| c.protocol);
+        if file_says == Some(p) {
+            tracing::info!(
+                "protocol {:?} -> {p:?}, as the peer's adjust set it (this node's config file says so too)",
+                old.protocol
+            );
+        } else {
+            tracing::warn!(
+                "protocol {:?} -> {p:?}, as the peer's adjust set it: set `protocol = \"{p:?}\"` in this node's config file too (its next `up` or `adjust` applies the file's)",
+                old.protocol
+            );
+        }
     }
 
     /// The key the peer link authenticates with and derives its session keys from: the
@@ -1620,14 +1636,17 @@ impl Resource {
     }
 
     /// A resync as target completed: the node is whole again.
-    pub fn sync_target_done(&self) {
-        // The differences the primary's verify reported went with the resync, as on the
-        // source (see `sync_source_done`).
-        self.update_verify(|v| {
-            if v.state == "done" && v.differ_regions > 0 && v.on_peer {
-                v.resynced = true;
-            }
-        });
+    /// `verify_resynced`: no verify marks came during the stream, so the differences the
+    /// primary's verify reported went with the resync, as on the source (see
+    /// `sync_source_done`).
+    pub fn sync_target_done(&self, verify_resynced: bool) {
+        if verify_resynced {
+            self.update_verify(|v| {
+                if v.state == "done" && v.differ_regions > 0 && v.on_peer {
+                    v.resynced = true;
+                }
+            });
+        }
         self.crashed_primary
             .store(false, std::sync::atomic::Ordering::SeqCst);
         self.discard_my_data
@@ -2027,6 +2046,7 @@ impl Resource {
             let mut l = self.link();
             if established(l.state) {
                 l.state = "connecting";
+                l.lost_at = Some(std::time::Instant::now());
             }
         }
         // Writes the peer has not applied (acknowledged under A, or in flight): the data
@@ -2409,12 +2429,21 @@ impl Resource {
             return Ok(format!("{} is already primary", self.cfg().me.name));
         }
         // A role change on either side reconnects the link; give a reconnecting peer a moment
-        // rather than calling it unknown.
+        // rather than calling it unknown: one whose link was lost just now (a role change
+        // reconnects within milliseconds), or that has not connected since this node
+        // started. A peer lost for longer is unknown at once (a failover's plain `primary`
+        // used to wait 5 s before its refusal).
         let mut peer = self.peer_view();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let reconnecting = || {
+            let l = self.link();
+            l.state == "connecting"
+                && l.lost_at
+                    .is_none_or(|t| t.elapsed() < ROLE_CHANGE_RECONNECT)
+        };
         // A peer that just died still looks primary until its link times out: give that a
         // moment too before refusing.
-        while (peer == PeerView::Unknown && self.link().state == "connecting" && !force
+        while (peer == PeerView::Unknown && !force && reconnecting()
             || peer == PeerView::Connected(Role::Primary))
             && tokio::time::Instant::now() < deadline
         {

@@ -163,8 +163,10 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     assert!(
         std::fs::read_to_string(a.log_path())
             .unwrap_or_default()
-            .contains("protocol A -> C, as the peer's adjust set it"),
-        "alpha's log does not say the peer set its protocol\n{}",
+            .contains(
+                "protocol A -> C, as the peer's adjust set it (this node's config file says so too)"
+            ),
+        "alpha's log does not say the peer set its protocol (the shared config file already says C: no warning)\n{}",
         a.log_tail(20)
     );
     let links = connections_logged(a, "beta");

@@ -651,6 +651,16 @@ fn primary_killed_failover_then_old_primary_resyncs_changed_regions() {
     let log = kill_alpha_during_writes(&c, &py);
 
     b.wait_not_connected(Duration::from_secs(10));
+    // A plain `primary` is refused (the peer is unknown) at once, not after waiting 5 s for
+    // a reconnect that only a role change would bring (trial 6: a failover lost 5 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    let t = Instant::now();
+    b.assert_primary_refused(&["unknown", "--force"], "a peer lost 2.5 s ago");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "the refusal took {:?}",
+        t.elapsed()
+    );
     b.ctl_ok(&["primary", "--force"]);
     check_stamps(&b.backing_data(8 * MIB), &log, "beta after failover");
     // New writes on beta: inside alpha's hot region and far away from it.

@@ -124,6 +124,8 @@ pub struct LinkInfo {
     /// it): a planned stop, shown as such and told to the `peer-lost` handler; it decides
     /// nothing (this node holds the data). Cleared as soon as the peer is heard from again.
     pub peer_stopped: bool,
+    /// When an established link was last lost (see `Resource::primary`).
+    pub lost_at: Option<std::time::Instant>,
 }
 
 /// Where `down` puts its `Msg::Leaving`, and `adjust` its `Msg::Protocol`, for the running

@@ -72,6 +72,9 @@ pub(super) struct Applier {
     /// acknowledged and the link drops: the primary keeps every record this node did not
     /// acknowledge, and puts it in its bitmap.
     failed: watch::Sender<Option<String>>,
+    /// `Replication::pins` when this stream started: a verify mark the primary sends during
+    /// it (a verify runs beside a journal catch-up) must outlive the catch-up's SyncDone.
+    pins_at_start: u64,
 }
 
 impl Applier {
@@ -316,6 +319,7 @@ pub(super) async fn secondary_side(
         persist: tokio::sync::Mutex::new(()),
         ack_receipt_now: std::sync::atomic::AtomicBool::new(false),
         failed: watch::channel(None).0,
+        pins_at_start: rep.pins(),
     });
     // The earlier stream's tail becomes durable now, not at the next checkpoint.
     ap.make_durable().await?;
@@ -833,9 +837,15 @@ pub(super) async fn secondary_side(
                                 }
                             };
                             if r.is_ok() {
+                                let mut marked_meanwhile = false;
                                 if let Some(rep) = ap.res.rep() {
                                     let mut g = rep.lock();
-                                    g.bitmap.clear_all();
+                                    // Marks made during this stream (a verify beside a
+                                    // journal catch-up) name regions it did not resync.
+                                    marked_meanwhile = g.pins != ap.pins_at_start;
+                                    if !marked_meanwhile {
+                                        g.bitmap.clear_all();
+                                    }
                                     g.bitmap_dirty = true;
                                     // Nothing left that only a bitmap resync could bring.
                                     g.overflowed = false;
@@ -851,10 +861,12 @@ pub(super) async fn secondary_side(
                                         g.ring.clear(next, 0);
                                     }
                                     // Regions an earlier verify marked here were resynced too.
-                                    rep.verify_marked
-                                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                                    if !marked_meanwhile {
+                                        rep.verify_marked
+                                            .store(false, std::sync::atomic::Ordering::SeqCst);
+                                    }
                                 }
-                                ap.res.sync_target_done();
+                                ap.res.sync_target_done(!marked_meanwhile);
                                 if let Ok(mut p) = ap.res.resync.lock() {
                                     *p = None;
                                 }
