@@ -353,6 +353,12 @@ impl Device {
             }
             Err(e) => {
                 tracing::error!("backing write at {offset}+{len} failed: {e}");
+                // A FUA write syncs (fdatasync, or RWF_DSYNC): its error may be an earlier
+                // write's lost page, which the kernel reports once per open file, so the
+                // next flush would succeed over it. Counted as a failed sync.
+                if fua {
+                    self.note_sync_failed();
+                }
                 (self.disk_fail(errno_of(&e)), d.buf)
             }
         }
@@ -451,9 +457,19 @@ impl Device {
             tracing::error!("journal sync failed: {e}");
             return self.fail(EIO);
         }
-        if let Some(seq) = seq {
-            if rep.wait_peer(seq, true).await.is_err() {
-                return self.fail(EIO);
+        match seq {
+            Some(seq) => {
+                if rep.wait_peer(seq, true).await.is_err() {
+                    return self.fail(EIO);
+                }
+            }
+            // A peer lost with writes it lacks: the new generation that says so is on disk
+            // before this flush says the writes are (it may still be being written, or its
+            // write may have failed: then this tries again, and fails the flush if it fails).
+            None => {
+                if rep.settle_divergence().await.is_err() {
+                    return self.fail(EIO);
+                }
             }
         }
         Ok(())
@@ -477,13 +493,27 @@ impl Device {
             return self.fail(EIO);
         }
         let r = self.simple(IoOp::Flush).await;
-        if r.is_err() && !self.sync_failed.swap(true, SeqCst) {
+        if r.is_err() {
+            self.note_sync_failed();
+        }
+        r
+    }
+
+    /// A sync of the backing device failed (see `sync_failed`): said once, and every flush
+    /// fails from now on.
+    fn note_sync_failed(&self) {
+        if !self
+            .sync_failed
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             tracing::error!(
                 "syncing the backing device failed: writes may be lost on this disk; every flush fails from now on (fail over to the peer)"
             );
+            if let Some(rep) = &self.rep {
+                rep.set_local_sync_failed();
+            }
             self.sync_failed_tx.send_replace(true);
         }
-        r
     }
 
     /// fdatasync of the backing device alone (the secondary's barrier): counted with the

@@ -382,6 +382,23 @@ impl Ring {
         self.prev = (next_seq.saturating_sub(1), prev_term);
     }
 
+    /// The ring's memory with every byte outside `[pos, head)` zeroed (`pos`: the
+    /// checkpoint recovery started from): what a recovery after a crash writes back, so that
+    /// no record behind a torn one can later be joined to new records (see
+    /// `resource::open_replication`).
+    pub fn live_image(&self, pos: u64) -> Vec<u8> {
+        let cap = self.cap;
+        let mut clean = vec![0u8; cap as usize];
+        let mut at = pos;
+        while at < self.head {
+            let phys = at % cap;
+            let n = (self.head - at).min(cap - phys);
+            clean[phys as usize..(phys + n) as usize].copy_from_slice(self.raw(phys, phys + n));
+            at += n;
+        }
+        clean
+    }
+
     /// Retained records (released or not), oldest first.
     pub fn records(&self) -> impl Iterator<Item = &Rec> {
         self.recs.iter()
@@ -619,6 +636,33 @@ mod tests {
         assert_eq!((c.term_at(9), c.term_at(5)), (Some(0xC3), None));
         c.clear(20, 0);
         assert_eq!(c.term_at(19), None);
+    }
+
+    /// Review finding: after a torn write, records behind the torn one survive with the next
+    /// sequence numbers; new records of the same length written over the torn one line up
+    /// with them, and a later recovery joined them on. The live image has none.
+    #[test]
+    fn a_crash_leaves_no_record_that_new_ones_could_be_joined_to() {
+        let mut r = Ring::new(64 * 1024);
+        let data = vec![1u8; 4000];
+        for seq in 1..=6 {
+            append_msg(&mut r, &termed(seq, 0xA1, &data), &data, |_| {}).unwrap();
+        }
+        let torn = r.get(2).unwrap().pos as usize;
+        let mut image = r.raw(0, r.cap()).to_vec();
+        image[torn + 200] ^= 0xFF;
+        let rec = Ring::recover(image.clone(), 0, 1, 0);
+        assert_eq!(rec.last_seq(), Some(1));
+        // New records 2 and 3 (another term, same length), then a recovery from the start.
+        let after_new = |img: Vec<u8>| {
+            let mut n = Ring::recover(img, 0, 1, 0);
+            for seq in 2..=3 {
+                append_msg(&mut n, &termed(seq, 0xB2, &data), &data, |_| {}).unwrap();
+            }
+            Ring::recover(n.raw(0, n.cap()).to_vec(), 0, 1, 0).last_seq()
+        };
+        assert_eq!(after_new(image), Some(6), "the hazard this guards against");
+        assert_eq!(after_new(rec.live_image(0)), Some(3));
     }
 
     #[test]

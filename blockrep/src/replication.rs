@@ -331,6 +331,9 @@ pub struct Replication {
     /// The highest sequence the peer has reported durable since this daemon started: a peer
     /// that comes back reporting less lost writes it had made durable (see `stream_start`).
     pub peer_durable_high: AtomicU64,
+    /// A sync of this node's disk failed (see `Device::sync_failed`): a write the peer does
+    /// not hold is on no good copy, so a lost link releases waiting writes with an error.
+    local_sync_failed: std::sync::atomic::AtomicBool,
     /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
     /// waited for journal space longer than the floor allows gets space ahead of application
     /// writes.
@@ -432,6 +435,7 @@ impl Replication {
             resyncing: std::sync::atomic::AtomicBool::new(false),
             verify_marked: std::sync::atomic::AtomicBool::new(false),
             peer_durable_high: AtomicU64::new(0),
+            local_sync_failed: std::sync::atomic::AtomicBool::new(false),
             resync_floor: AtomicU64::new(0),
             pressure_flush: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
@@ -1081,6 +1085,12 @@ impl Replication {
             .store(p as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// A sync of this node's disk failed (see [`Self::wait_peer`]).
+    pub fn set_local_sync_failed(&self) {
+        self.local_sync_failed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Waits until the protocol lets `seq` be acknowledged. `barrier`: a flush, which under C
     /// needs the peer's disk to be durable, not only written.
     ///
@@ -1116,6 +1126,16 @@ impl Replication {
                 // are): a peer that came back has the write in its new stream; wait again.
                 let _ = woken.await;
             }
+            // Released without the peer, which a failed disk cannot stand in for: the data
+            // may be lost here, and the peer never got it.
+            if self
+                .local_sync_failed
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(std::io::Error::other(
+                    "the peer is gone and this disk failed a sync: the write is on no good copy",
+                ));
+            }
             self.diverge_if_lacking(seq).await?;
             // Nothing was persisted if the peer came back meanwhile (it cleared the flag):
             // then the write is in its new stream, and waits for it like any other.
@@ -1124,6 +1144,13 @@ impl Replication {
                 return Ok(());
             }
         }
+    }
+
+    /// With the peer away: the new generation that every record issued so far may need (see
+    /// [`Self::diverge_if_lacking`]) is on disk. A flush waits for it.
+    pub async fn settle_divergence(&self) -> std::io::Result<()> {
+        let issued = self.lock().issued;
+        self.diverge_if_lacking(issued).await
     }
 
     /// A record `seq` released without the peer: under a new generation if the peer had

@@ -3173,12 +3173,30 @@ async fn open_replication(
         let mut image = vec![0u8; l.journal_len as usize];
         file.read_exact_at(&mut image, l.journal_offset)
             .map_err(io_err("reading the journal"))?;
-        let ring = Ring::recover(
+        let mut ring = Ring::recover(
             image,
             m.sb.journal_pos,
             m.sb.journal_seq,
             m.sb.journal_prev_term,
         );
+        if m.sb.was_primary {
+            // A crash as primary: behind the recovered records (the first invalid one, a
+            // torn write) may lie valid records of the same lap with the next sequence
+            // numbers. New records written over the torn one could line up with them, and a
+            // later recovery would join them on as if they were new (and a journal
+            // catch-up would send them to the peer over newer data). Everything outside
+            // the recovered records is zeroed, on disk before anything is appended.
+            let clean = ring.live_image(m.sb.journal_pos);
+            file.write_all_at(&clean, l.journal_offset)
+                .and_then(|()| file.sync_data())
+                .map_err(io_err("clearing the journal behind its recovered records"))?;
+            ring = Ring::recover(
+                clean,
+                m.sb.journal_pos,
+                m.sb.journal_seq,
+                m.sb.journal_prev_term,
+            );
+        }
         let mut bm = vec![0u8; l.bitmap_len as usize];
         file.read_exact_at(&mut bm, l.bitmap_offset)
             .map_err(io_err("reading the bitmap"))?;

@@ -643,3 +643,45 @@ fn a_disk_that_lost_writes_is_fully_resynced_even_if_its_bitmap_never_reached_th
         a.log_tail(20)
     );
 }
+
+/// A FUA write syncs, so its error may be an earlier write's page that the kernel dropped:
+/// reported once per open file, the next flush would then succeed over the lost write. A
+/// failed FUA write counts as a failed sync (review finding): the disk is marked, and every
+/// later flush fails, also once the disk takes writes again.
+#[test]
+fn a_failed_fua_write_makes_every_later_flush_fail() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    let c = pair_cluster("disk-fua");
+    let (a, b) = (c.alpha(), c.beta());
+    let (trigger, _disk, _lo) = failing_alpha_disk(&c);
+    let _stop = StopDaemons(&c);
+    start_in_sync(&c, b);
+
+    let mut r = a.raw_open();
+    // The extent is hot (its activity-log write, a sync, is behind it).
+    r.write_at(0, &[1u8; 4096], 0)
+        .expect("a write while the disk works");
+    r.command(CMD_FLUSH, 0, 0, 0)
+        .expect("a flush while the disk works");
+    trigger.arm();
+    let lost = random_bytes(MIB as usize);
+    r.write_at(MIB, &lost, 0)
+        .expect("a write into the page cache");
+    assert_eq!(
+        r.write_at(3 * MIB, &lost[..4096], CMD_FLAG_FUA),
+        Err(EIO),
+        "a FUA write on a disk whose writeback fails"
+    );
+    // The disk takes writes again: nothing says the first write reached it.
+    trigger.disarm();
+    assert_eq!(
+        r.command(CMD_FLUSH, 0, 0, 0),
+        Err(EIO),
+        "a flush after a failed FUA write"
+    );
+    r.disconnect();
+    let st = a.status_json();
+    assert_eq!(st["disk_failed"], true, "{st}");
+}

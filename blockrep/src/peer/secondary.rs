@@ -900,6 +900,11 @@ pub(super) async fn secondary_side(
                     }
                     Msg::Flush { .. } => {
                         // Everything before the barrier applied, then durable, then acked.
+                        // And nothing after it written before that (it spans every range):
+                        // under A and B the client may already have sent its next write,
+                        // which the page cache could otherwise make durable ahead of what
+                        // the flush covers (a barrier broken on this disk if it crashes).
+                        ap.lock().ranges.insert(seq, (0, u64::MAX));
                         let ap = ap.clone();
                         tokio::spawn(async move {
                             ap.wait_applied(seq - 1).await;
