@@ -50,11 +50,9 @@ impl ResyncProgress {
     pub fn advance(&mut self, total: u64, done: u64) {
         self.total = total.max(done);
         self.done = done;
-        if self.done >= self.total {
-            self.finished.get_or_insert_with(std::time::Instant::now);
-        } else {
-            self.finished = None;
-        }
+        // The time of the last send once everything counted went (a later sweep that
+        // resends re-dirtied regions moves it on).
+        self.finished = (self.done >= self.total).then(std::time::Instant::now);
     }
 
     /// Bytes per second since the start (until the end).
@@ -643,20 +641,19 @@ impl Resource {
     /// peer is refused before this, a secondary keeps what it exports). The size this node
     /// then exports, if no larger than the peer's, is kept in the metadata (`agreed_size`),
     /// so that a later `up` exports it too and the larger node, promoted after a failover,
-    /// exports no more than the other can take back. Returns this node's export size.
-    pub async fn agree_size(&self, peer_size: u64) -> Result<u64, NodeError> {
+    /// exports no more than the other can take back. Returns this node's export size, or
+    /// `None` when a promotion is under way (the next connect decides).
+    pub async fn agree_size(&self, peer_size: u64) -> Result<Option<u64>, NodeError> {
         let mine = self.device.size();
         if peer_size < mine && Self::shrinks_at_connect(&self.node_state(), self.role()) {
             // Not across a promotion (it holds `skip_ops` from its checks to its commit): a
             // node promoted meanwhile serves clients at the size it told them. Not waited
             // for: this connect is refused and the next one decides.
             let Ok(_no_promotion) = self.skip_ops.try_lock() else {
-                return Err(NodeError::Refused(
-                    "a promotion is under way; the size is agreed at the next connect".into(),
-                ));
+                return Ok(None);
             };
             if !Self::shrinks_at_connect(&self.node_state(), self.role()) {
-                return Ok(self.device.size());
+                return Ok(Some(self.device.size()));
             }
             self.device.shrink_to(peer_size);
             tracing::info!(
@@ -672,7 +669,7 @@ impl Resource {
             })
             .await?;
         }
-        Ok(now)
+        Ok(Some(now))
     }
 
     /// Whether a node in state `st` shrinks its export to a smaller peer's at a connect (see
@@ -1057,6 +1054,8 @@ impl Resource {
         // the peer brings it up to date.
         if !self.link_ctl.borrow().standalone {
             self.link_ctl.send_modify(|c| c.bump += 1);
+            // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
+            self.link().lost_at = None;
         }
         Ok(format!(
             "{me}'s disk is now outdated: `primary` needs --force here; a connect to an up-to-date peer brings it up to date"
@@ -1159,6 +1158,8 @@ impl Resource {
             c.standalone = false;
             c.bump += 1;
         });
+        // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
+        self.link().lost_at = None;
         Ok(format!(
             "{} invalidated: a full resync from the peer starts when connected",
             self.cfg().me.name
@@ -2083,6 +2084,8 @@ impl Resource {
         let was_connected = established(self.link().state);
         let before = self.connections.load(std::sync::atomic::Ordering::SeqCst);
         self.link_ctl.send_modify(|c| c.bump += 1);
+        // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
+        self.link().lost_at = None;
         if !was_connected {
             return;
         }
@@ -2113,6 +2116,8 @@ impl Resource {
             c.standalone = false;
             c.bump += 1;
         });
+        // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
+        self.link().lost_at = None;
     }
 
     /// `connect` / `disconnect`. A disconnect returns once the link is down, so that what the
@@ -2147,6 +2152,8 @@ impl Resource {
             changed
         });
         if !standalone {
+            // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
+            self.link().lost_at = None;
             return Ok(if changed {
                 format!("{} connecting to its peer", self.cfg().me.name)
             } else {
@@ -2436,8 +2443,10 @@ impl Resource {
         let mut peer = self.peer_view();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let reconnecting = || {
+            // (A `connect` just asked for shows standalone until the link task takes it up.)
+            let dialing = !self.link_ctl.borrow().standalone;
             let l = self.link();
-            l.state == "connecting"
+            (l.state == "connecting" || l.state == "standalone" && dialing)
                 && l.lost_at
                     .is_none_or(|t| t.elapsed() < ROLE_CHANGE_RECONNECT)
         };

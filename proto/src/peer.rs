@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-pub const PROTOCOL_VERSION: u32 = 13;
+/// 14: a resync's target forgets its own bitmap at the SyncStart, which the source sends
+/// only once the merged bitmap is on its disk.
+pub const PROTOCOL_VERSION: u32 = 14;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.

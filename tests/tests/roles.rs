@@ -1001,3 +1001,19 @@ fn stranger_fails_the_proof(n: &Node, name: &str) {
         n.name()
     );
 }
+
+/// `connect` then at once `primary` (a script's habit): the promotion waits for the link the
+/// connect asked for, as after a role change, rather than refusing an "unknown" peer whose
+/// link was lost long ago (a review finding on the shorter wait for a lost peer).
+#[test]
+fn a_primary_right_after_connect_waits_for_the_peer() {
+    let c = Cluster::synced_pair("primary-after-connect", 64 << 20, |b| b);
+    let (a, b) = (c.alpha(), c.beta());
+    a.ctl_ok(&["secondary"]);
+    b.ctl_ok(&["disconnect"]);
+    a.wait_not_connected(CONNECT_TIMEOUT);
+    std::thread::sleep(Duration::from_secs(3));
+    b.ctl_ok(&["connect"]);
+    let out = b.ctl_ok(&["primary"]).stdout;
+    assert!(out.contains("is now primary"), "{out}");
+}

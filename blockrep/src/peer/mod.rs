@@ -124,7 +124,8 @@ pub struct LinkInfo {
     /// it): a planned stop, shown as such and told to the `peer-lost` handler; it decides
     /// nothing (this node holds the data). Cleared as soon as the peer is heard from again.
     pub peer_stopped: bool,
-    /// When an established link was last lost (see `Resource::primary`).
+    /// When an established link was last lost (see `Resource::primary`); `None`: never, or
+    /// a reconnect was asked for since (`connect`, a role change).
     pub lost_at: Option<std::time::Instant>,
 }
 
@@ -847,7 +848,12 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // Sizes (DRBD's negotiation): a larger side without usable data shrinks to the other's;
     // each side decides for itself, and predicts the other's decision from its state.
     let mine = match res.agree_size(peer.size).await {
-        Ok(size) => size,
+        Ok(Some(size)) => size,
+        Ok(None) => {
+            return Err(LinkError::Closed(
+                "a promotion is under way: the size is agreed at the next connect",
+            ))
+        }
         Err(e) => {
             return Err(LinkError::LocalDisk(format!(
                 "agreeing on the exported size: {e}"

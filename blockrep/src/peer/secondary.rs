@@ -295,6 +295,10 @@ pub(super) async fn secondary_side(
         peer.crashed_primary && !mine.crashed_primary,
         peer.gen.current == mine.gen.current,
     );
+    // What the source had issued when it sent its state: a SyncDone at or below it was
+    // written before this connection (this one's end comes after its stream started), and
+    // is an earlier connection's, replayed from the journal by a catch-up.
+    let issued_at_connect = peer.issued_seq;
     let (applied0, term0) = rep.applied_mark();
     // Only what is synced and committed counts as durable, whatever an earlier stream did.
     let durable0 = res.node_state().durable_seq;
@@ -538,6 +542,9 @@ pub(super) async fn secondary_side(
                                 let mut g = rep.lock();
                                 let had = g.bitmap.dirty_bits() > 0;
                                 g.bitmap.clear_all();
+                                // Its verify marks were among those bits.
+                                rep.verify_marked
+                                    .store(false, std::sync::atomic::Ordering::SeqCst);
                                 had
                             };
                             if had_bits {
@@ -764,6 +771,20 @@ pub(super) async fn secondary_side(
                             )));
                         }
                         // Checksum resync found the region equal: nothing to write.
+                        ap.finish(seq);
+                        drop(permit);
+                    }
+                    Msg::SyncDone { gen, .. } if seq <= issued_at_connect => {
+                        // An earlier connection's end, which its link did not live to
+                        // deliver: the journal kept it, and this connection's catch-up
+                        // replays it. Adopting it would put this node at a generation the
+                        // source has since left (it moved on at that link's loss), and the
+                        // next connect would find a split brain (seen in a flapping-link
+                        // test). Only this connection's end counts.
+                        tracing::debug!(
+                            "skipping an earlier connection's SyncDone at sequence {seq} (generation {:016X}; the source had issued {issued_at_connect} when this connection began)",
+                            gen.current
+                        );
                         ap.finish(seq);
                         drop(permit);
                     }
