@@ -354,17 +354,27 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
     );
 
     // The resync, the next time it tries the journal, finds it overflowed and ends the
-    // connection, so that the next one resyncs the bitmap.
-    let drop_line = lines_a
-        .iter()
-        .skip_while(|l| *l != overflow)
-        .find(|l| l.contains("peer link:"))
-        .unwrap_or_else(|| {
-            panic!(
-                "alpha did not end the link after the overflow:\n{}",
-                lines_a.join("\n")
-            )
-        });
+    // connection, so that the next one resyncs the bitmap (polled: on a loaded machine the
+    // writes may complete just before the resync's next try).
+    let ends_link = |lines: &[String]| {
+        lines
+            .iter()
+            .skip_while(|l| *l != overflow)
+            .find(|l| l.contains("peer link:"))
+            .cloned()
+    };
+    let mut drop_line = ends_link(&lines_a);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while drop_line.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        drop_line = ends_link(&log_since(a, mark_a));
+    }
+    let drop_line = drop_line.unwrap_or_else(|| {
+        panic!(
+            "alpha did not end the link after the overflow:\n{}",
+            log_since(a, mark_a).join("\n")
+        )
+    });
     assert!(
         drop_line.contains("the journal overflowed: the peer is brought back by a bitmap resync"),
         "the link ended after the overflow, but not through the resync's append \
