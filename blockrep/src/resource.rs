@@ -1053,9 +1053,7 @@ impl Resource {
         // peer "up to date": reconnect, so that the next one carries the outdated disk and
         // the peer brings it up to date.
         if !self.link_ctl.borrow().standalone {
-            self.link_ctl.send_modify(|c| c.bump += 1);
-            // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
-            self.link().lost_at = None;
+            self.redial(|c| c.bump += 1);
         }
         Ok(format!(
             "{me}'s disk is now outdated: `primary` needs --force here; a connect to an up-to-date peer brings it up to date"
@@ -1154,12 +1152,10 @@ impl Resource {
             };
         })
         .await?;
-        self.link_ctl.send_modify(|c| {
+        self.redial(|c| {
             c.standalone = false;
             c.bump += 1;
         });
-        // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
-        self.link().lost_at = None;
         Ok(format!(
             "{} invalidated: a full resync from the peer starts when connected",
             self.cfg().me.name
@@ -2062,6 +2058,13 @@ impl Resource {
         }
     }
 
+    /// Changes the link's control for a reconnect (`connect`, a role change, `invalidate`):
+    /// from here a plain `primary` waits for the link again (see `LinkInfo::lost_at`).
+    fn redial(&self, f: impl FnOnce(&mut LinkCtl)) {
+        self.link_ctl.send_modify(f);
+        self.link().lost_at = None;
+    }
+
     fn peer_view(&self) -> PeerView {
         if self.cfg().peer.is_none() {
             return PeerView::None;
@@ -2083,9 +2086,7 @@ impl Resource {
     async fn announce_role(&self) {
         let was_connected = established(self.link().state);
         let before = self.connections.load(std::sync::atomic::Ordering::SeqCst);
-        self.link_ctl.send_modify(|c| c.bump += 1);
-        // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
-        self.link().lost_at = None;
+        self.redial(|c| c.bump += 1);
         if !was_connected {
             return;
         }
@@ -2112,12 +2113,10 @@ impl Resource {
     pub fn set_discard_my_data(&self) {
         self.discard_my_data
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.link_ctl.send_modify(|c| {
+        self.redial(|c| {
             c.standalone = false;
             c.bump += 1;
         });
-        // A reconnect asked for: `primary` waits for it again (see `LinkInfo::lost_at`).
-        self.link().lost_at = None;
     }
 
     /// `connect` / `disconnect`. A disconnect returns once the link is down, so that what the
