@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use proto::control::IoCounters;
-use proto::nbd::{EINVAL, EIO, ENOSPC};
+use proto::nbd::{EINVAL, EIO, ENOSPC, ESHUTDOWN};
 
 use crate::buf::{Buf, BufPool};
 use crate::engine::{self, Engine, IoOp};
@@ -76,6 +76,16 @@ fn errno_of(e: &std::io::Error) -> Errno {
         Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
         Some(libc::EINVAL) => EINVAL,
         _ => EIO,
+    }
+}
+
+/// A record the journal did not take: writes closed by a demotion get ESHUTDOWN (as a request
+/// read after it does), anything else EIO.
+fn begin_errno(e: &std::io::Error) -> Errno {
+    if e.raw_os_error() == Some(libc::ESHUTDOWN) {
+        ESHUTDOWN
+    } else {
+        EIO
     }
 }
 
@@ -269,7 +279,7 @@ impl Device {
             .await
         {
             Ok(seq) => seq,
-            Err(_) => return (self.fail(EIO), buf),
+            Err(e) => return (self.fail(begin_errno(&e)), buf),
         };
         let (r, buf) = self.local_write(offset, buf, fua).await;
         rep.done(seq);
@@ -313,7 +323,7 @@ impl Device {
                 .await
             {
                 Ok(seq) => seq,
-                Err(_) => return (self.fail(EIO), buf),
+                Err(e) => return (self.fail(begin_errno(&e)), buf),
             };
             let mut part = self.pool.get(data.len());
             part.copy_from_slice(data);
@@ -399,7 +409,7 @@ impl Device {
         let seq = match &self.rep {
             Some(rep) => match rep.begin(Record::Zero { offset, len, trim }).await {
                 Ok(seq) => Some(seq),
-                Err(_) => return self.fail(EIO),
+                Err(e) => return self.fail(begin_errno(&e)),
             },
             None => None,
         };

@@ -629,6 +629,17 @@ fn meta_target(
                 .truncate(false)
                 .open(p)
                 .map_err(io(p))?;
+            if create {
+                // A file create-md made must survive a power cut with what it wrote: its
+                // directory entry is synced too (the data is by the writes' own syncs).
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(dir))?;
+            }
             Ok((f, p.to_owned(), backing_size))
         }
     }

@@ -334,6 +334,11 @@ pub struct Replication {
     /// A sync of this node's disk failed (see `Device::sync_failed`): a write the peer does
     /// not hold is on no good copy, so a lost link releases waiting writes with an error.
     local_sync_failed: std::sync::atomic::AtomicBool,
+    /// Client writes are closed (a demotion or `down` is under way, or the node is
+    /// secondary): a write not yet given its sequence fails instead (see [`Self::begin`]), so
+    /// that the sequence a demotion commits as applied covers every write that will ever
+    /// reach this disk as primary.
+    writes_closed: std::sync::atomic::AtomicBool,
     /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
     /// waited for journal space longer than the floor allows gets space ahead of application
     /// writes.
@@ -436,6 +441,7 @@ impl Replication {
             verify_marked: std::sync::atomic::AtomicBool::new(false),
             peer_durable_high: AtomicU64::new(0),
             local_sync_failed: std::sync::atomic::AtomicBool::new(false),
+            writes_closed: std::sync::atomic::AtomicBool::new(false),
             resync_floor: AtomicU64::new(0),
             pressure_flush: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
@@ -601,6 +607,11 @@ impl Replication {
     /// durable.
     pub async fn begin(&self, rec: Record<'_>) -> std::io::Result<u64> {
         let range = rec.range();
+        let closed =
+            || range.is_some() && self.writes_closed.load(std::sync::atomic::Ordering::SeqCst);
+        if closed() {
+            return Err(writes_closed_error());
+        }
         // Any record issued while the peer is away, a flush too, takes a sequence number the
         // peer never sees: if the peer is then promoted, its own records reuse those numbers,
         // and only a new generation here stops a later connect from taking this node's
@@ -648,12 +659,16 @@ impl Replication {
         let deadline = tokio::time::Instant::now() + SPACE_WAIT;
         // One attempt to issue the record: `None` while the journal is full and the connected
         // peer drains it.
-        let attempt = || -> Option<(u64, bool)> {
+        let attempt = || -> Option<Option<(u64, bool)>> {
             // `None`: the journal is full and the connected peer is draining it; wait. With
             // the sequence: whether the list of records the peer has not made durable is half
-            // full.
-            let issued: Option<(u64, bool)> = {
+            // full. `Some(None)`: writes were closed meanwhile (checked under the lock the
+            // sequence is taken under, which `close_writes` takes too).
+            let issued: Option<Option<(u64, bool)>> = {
                 let mut g = self.lock();
+                if closed() {
+                    return Some(None);
+                }
                 // Read under the lock `on_disconnect` marks the undurable records under (and
                 // clears `connected` under): a record is either in that list when it runs, or
                 // sees the link down and goes to the bitmap itself. Read before, a record
@@ -733,14 +748,14 @@ impl Replication {
                             g.bitmap_dirty = true;
                         }
                     }
-                    Some((seq, g.undurable.len() >= MAX_UNDURABLE / 2))
+                    Some(Some((seq, g.undurable.len() >= MAX_UNDURABLE / 2)))
                 }
             };
             issued
         };
         // The common case first, with no waiter registered; then, while waiting for space, a
         // waiter registered before each re-check so that a release in between is not missed.
-        let (seq, pressed) = match attempt() {
+        let issued = match attempt() {
             Some(issued) => issued,
             None => loop {
                 let space = self.space.notified();
@@ -754,6 +769,13 @@ impl Replication {
                     }
                 }
             },
+        };
+        let Some((seq, pressed)) = issued else {
+            if let Some((a, b)) = range {
+                // No write happens: the extent is not busy on its account.
+                self.al_end(a, b - a, 0);
+            }
+            return Err(writes_closed_error());
         };
         self.appended.notify_one();
         if pressed && range.is_some() {
@@ -1068,6 +1090,32 @@ impl Replication {
     pub fn done(&self, seq: u64) {
         self.lock().ranges.remove(seq);
         self.range_done.notify_waiters();
+    }
+
+    /// Closes (or reopens) client writes: see `writes_closed`. Under the lock sequences are
+    /// taken under, so no write takes one after this returns.
+    pub fn close_writes(&self, closed: bool) {
+        {
+            let _g = self.lock();
+            self.writes_closed
+                .store(closed, std::sync::atomic::Ordering::SeqCst);
+        }
+        // A write waiting for journal space fails now rather than at its deadline.
+        self.space.notify_waiters();
+    }
+
+    /// Waits (at most `within`) until no write that took a sequence is still writing this
+    /// disk; returns how many still are.
+    pub async fn wait_local_writes(&self, within: Duration) -> usize {
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            let n = self.lock().ranges.len();
+            if n == 0 || tokio::time::Instant::now() >= end {
+                return n;
+            }
+            let done = self.range_done.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(50), done).await;
+        }
     }
 
     /// The acknowledgement rule writes wait by now.
@@ -2022,6 +2070,11 @@ pub fn differing_blocks(mine: &[[u8; 32]], peer: &[[u8; 32]]) -> Vec<usize> {
         .collect()
 }
 
+/// What a client write gets once writes are closed (see `Replication::close_writes`).
+fn writes_closed_error() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::ESHUTDOWN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2221,6 +2274,54 @@ mod csum_tests {
             0,
         );
         (rep, file)
+    }
+
+    /// Review finding: a demotion closes writes, then commits every sequence issued as
+    /// applied. A write still waiting for journal space then (the peer slow, the journal
+    /// full) must fail, not take a sequence after that commit and land on a secondary.
+    #[tokio::test]
+    async fn a_write_waiting_for_journal_space_fails_once_writes_are_closed() {
+        let dir = std::env::temp_dir().join(format!("brrep-closed-{}", std::process::id()));
+        let (rep, _file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let data = vec![7u8; 32 * 1024];
+        let write = |rep: Arc<Replication>, data: Vec<u8>| async move {
+            rep.begin(Record::Write {
+                offset: 0,
+                data: &data,
+                fua: false,
+            })
+            .await
+        };
+        // Fill the journal (nothing is acknowledged: the peer does not drain it).
+        let mut issued = 0;
+        let waiting = loop {
+            let mut w = tokio::spawn(write(rep.clone(), data.clone()));
+            match tokio::time::timeout(Duration::from_millis(100), &mut w).await {
+                Ok(r) => {
+                    let seq = r.expect("task").expect("write");
+                    rep.done(seq);
+                    rep.al_end(0, data.len() as u64, seq);
+                    issued = seq;
+                    assert!(issued < 100, "a 256 KiB journal never filled");
+                }
+                Err(_) => break w,
+            }
+        };
+        assert!(issued > 0, "no write fit in the journal");
+        rep.close_writes(true);
+        let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiting write still waits after writes were closed")
+            .expect("task");
+        let e = r.expect_err("a write took a sequence after writes were closed");
+        assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
+        assert_eq!(rep.lock().issued, issued, "no sequence was taken");
+        let e = write(rep.clone(), data.clone()).await.expect_err("closed");
+        assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
+        // Flushes (the demotion's own) still go through.
+        rep.close_writes(false);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Review finding: a write that failed here after the peer applied it pins its range;

@@ -81,6 +81,12 @@ fn peer_ahead(
     ))
 }
 
+fn resync_expected() -> NodeError {
+    NodeError::Refused(
+        "the peer is resyncing this node: it holds writes this node lacks (it crashed as primary, or a split brain was settled in its favour); wait until the resync has ended (`wait-sync`), or use --force to promote anyway (the peer's writes are then a split brain)".into(),
+    )
+}
+
 /// How long after a lost link a promotion still waits for the peer to come back: a role
 /// change on the peer reconnects at once.
 const ROLE_CHANGE_RECONNECT: Duration = Duration::from_secs(2);
@@ -124,8 +130,9 @@ pub struct Resource {
     connections: std::sync::atomic::AtomicU64,
     /// Came up after going down as primary without `down`: only a resync brings it back.
     crashed_primary: std::sync::atomic::AtomicBool,
-    /// Counts [`Self::mark_inconsistent`] calls: the end of a resync commits the disk up to
-    /// date only if none came while it was finishing (see `SyncDone` in peer/secondary.rs).
+    /// Counts [`Self::mark_inconsistent`] calls and invalidations: the end of a resync commits
+    /// the disk up to date only if none came while it was finishing (see `SyncDone` in
+    /// peer/secondary.rs).
     pub disk_failures: std::sync::atomic::AtomicU64,
     /// [`Self::disk_lost_writes`] ran (once per `up`).
     disk_lost_marked: std::sync::atomic::AtomicBool,
@@ -184,6 +191,11 @@ pub struct Resource {
     /// A resync to this node started (its SyncStart ran before-resync-target): its SyncDone
     /// runs after-resync-target.
     pub resync_target_started: std::sync::atomic::AtomicBool,
+    /// The running connection made this node a resync's target (from the handshake's
+    /// decision, before any SyncStart, to its SyncDone's commit): the peer holds writes this
+    /// node lacks, even at one generation (a crashed primary's hot extents, a settled split
+    /// brain), so a plain promotion would overwrite them.
+    pub sync_expected: Arc<std::sync::atomic::AtomicBool>,
     /// The side channel of the running connection (see `peer::PeerTx`): `down` tells the
     /// peer through it that this node goes down cleanly, `adjust` a new protocol.
     pub peer_tx: Mutex<Option<crate::peer::PeerTx>>,
@@ -462,6 +474,7 @@ impl Resource {
             leaving: std::sync::atomic::AtomicBool::new(false),
             promoted_epoch: std::sync::atomic::AtomicU64::new(u64::MAX),
             resync_target_started: std::sync::atomic::AtomicBool::new(false),
+            sync_expected: Default::default(),
             skip_ops: tokio::sync::Mutex::new(()),
         });
         let watcher = tokio::spawn(watch_disk_errors(
@@ -1144,6 +1157,18 @@ impl Resource {
                 "the peer is not connected with up-to-date data: invalidating this node now would leave no good copy".into(),
             ));
         }
+        // As in DRBD, not while a resync runs: its end would declare this disk up to date
+        // over the invalidation, or (as the source) the target would be left without one.
+        let state = self.link_state();
+        if state == "sync-source" || state == "sync-target" {
+            return Err(NodeError::Refused(format!(
+                "a resync is running ({state}): invalidate once it has ended (`blockrep-ctl wait-sync`)"
+            )));
+        }
+        // Counted before the commit, as a failed write is: the end of a journal catch-up
+        // that commits after it leaves this disk inconsistent.
+        self.disk_failures
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.commit_meta(|sb| {
             sb.disk = DiskState::Inconsistent;
             sb.gen = crate::meta::Generations {
@@ -1647,6 +1672,8 @@ impl Resource {
         self.crashed_primary
             .store(false, std::sync::atomic::Ordering::SeqCst);
         self.discard_my_data
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.sync_expected
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -2507,6 +2534,13 @@ impl Resource {
             if let Some(pg) = peer_gen.filter(|pg| state::peer_is_ahead(&gen, pg)) {
                 return Err(peer_ahead(&pg, &gen, disk));
             }
+            // (An inconsistent target is refused below, saying so.)
+            if peer_gen.is_some()
+                && disk == DiskState::UpToDate
+                && self.sync_expected.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(resync_expected());
+            }
             // This node went down cleanly, telling the peer it could take over: no fence's
             // answer ("unreachable") says whether it did.
             if handed_over && !matches!(peer, PeerView::Connected(_)) {
@@ -2581,7 +2615,15 @@ impl Resource {
         };
         let disk_before = self.meta.lock().unwrap_or_else(|p| p.into_inner()).sb.disk;
         let handshakes = self.handshakes.clone();
+        let sync_expected = self.sync_expected.clone();
         self.update_meta(move |sb| {
+            // Checked again here: a connection may have decided meanwhile.
+            if !force
+                && sb.disk == DiskState::UpToDate
+                && sync_expected.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(resync_expected());
+            }
             // A handshake since the fence answered (while the stream was quiesced, say): the
             // answer is stale, the peer may be primary.
             if decided_at.is_some_and(|n| n != handshakes.load(std::sync::atomic::Ordering::SeqCst)) {
@@ -2665,6 +2707,9 @@ impl Resource {
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         if dropped_discard {
             tracing::info!("the pending `connect --discard-my-data` is dropped by the promotion");
+        }
+        if let Some(rep) = &self.rep {
+            rep.close_writes(false);
         }
         self.export.set_refuse(None);
         // Reconnect so the new handshake sets the stream's direction.
@@ -2886,10 +2931,38 @@ impl Resource {
     /// Returns how many NBD connections were still draining when it gave up waiting.
     async fn stop_serving(&self) -> Result<u64, NodeError> {
         self.export.set_refuse(Some(secondary_reason(&self.cfg())));
+        // No client write takes a sequence from here on: what the demotion commits as applied
+        // (and the flush below) then covers every write this node ever makes as primary. A
+        // request already running (waiting for journal space, say) fails instead of landing
+        // after the flush, or after the peer's newer writes once this node is secondary.
+        if let Some(rep) = &self.rep {
+            rep.close_writes(true);
+        }
         self.detach_kernel().await;
         let left = self.export.disconnect_all(Duration::from_secs(20)).await;
         if left > 0 {
             tracing::warn!("{left} NBD connection(s) still draining after 20 s");
+        }
+        // A write that took its sequence still writing this disk (a hung disk) would land
+        // after the flush: the node stays primary rather than commit a mark past it.
+        let writing = match &self.rep {
+            Some(rep) => rep.wait_local_writes(Duration::from_secs(10)).await,
+            None => 0,
+        };
+        // A demotion or `down` refused below leaves a primary serving as before.
+        let reopen = || {
+            if self.role() == Role::Primary {
+                if let Some(rep) = &self.rep {
+                    rep.close_writes(false);
+                }
+                self.export.set_refuse(None);
+            }
+        };
+        if writing > 0 {
+            reopen();
+            return Err(NodeError::Refused(format!(
+                "{writing} write(s) still writing this node's disk after 30 s (is it hung?): the node stays as it was. Try again, or stop the daemon (it then recovers as a crashed primary)"
+            )));
         }
         // A secondary has no writes of its own to order in a stream: a record from it (as
         // the source of a finished sync, say) would only move the peer past the mark this
@@ -2911,7 +2984,10 @@ impl Resource {
                 self.disk_lost_writes().await;
                 Ok(left)
             }
-            Err(e) => Err(NodeError::Refused(format!("flush failed (NBD error {e})"))),
+            Err(e) => {
+                reopen();
+                Err(NodeError::Refused(format!("flush failed (NBD error {e})")))
+            }
         }
     }
 

@@ -501,7 +501,12 @@ impl SyncDecision {
 /// both fresh → in sync (no data written since create-md on either); one fresh → full sync from
 /// the other; same current → in sync; one's bitmap id is the other's current → bitmap resync
 /// from the one that moved on; both moved on from the same point → split brain; one's current
-/// in the other's history → full sync from the newer; otherwise unrelated.
+/// in the other's history → a resync from the newer (by its bitmap only where that provably
+/// counts from before the other's current, else full); otherwise unrelated.
+///
+/// The fresh id (create-md's) is never a common point: two disks created apart hold unrelated
+/// data until a sync relates them, so a match on it (two nodes each forced primary from
+/// fresh, or a replaced disk forced primary) proves nothing in common.
 pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision {
     use crate::meta::UUID_JUST_CREATED as FRESH;
     use SyncDecision::*;
@@ -515,40 +520,66 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
     if m.current == p.current {
         return InSync;
     }
+    let real = |id: u64| id != 0 && id != FRESH;
     // One side's bitmap counts from exactly where the other side is.
-    if m.bitmap != 0 && m.bitmap == p.current {
+    if real(m.bitmap) && m.bitmap == p.current {
         return SourceBitmap;
     }
-    if p.bitmap != 0 && p.bitmap == m.current {
+    if real(p.bitmap) && p.bitmap == m.current {
         return TargetBitmap;
     }
     // Both moved on from the same point.
-    if m.bitmap != 0 && m.bitmap == p.bitmap {
+    if real(m.bitmap) && m.bitmap == p.bitmap {
         return SplitBrain;
     }
-    // One side went through the other's current generation and moved on: it is ahead. Its
-    // bitmap, if any, counts from that point or earlier, so it covers the difference.
+    // One side went through the other's current generation and moved on: it is ahead.
     if p.history.contains(&m.current) {
-        return if p.bitmap != 0 {
+        return if bitmap_covers(p, m.current) {
             TargetBitmap
         } else {
             TargetFull
         };
     }
     if m.history.contains(&p.current) {
-        return if m.bitmap != 0 {
+        return if bitmap_covers(m, p.current) {
             SourceBitmap
         } else {
             SourceFull
         };
     }
     // Both moved on from related points.
-    if (m.bitmap != 0 && p.history.contains(&m.bitmap))
-        || (p.bitmap != 0 && m.history.contains(&p.bitmap))
+    if (real(m.bitmap) && p.history.contains(&m.bitmap))
+        || (real(p.bitmap) && m.history.contains(&p.bitmap))
     {
         return SplitBrain;
     }
     Unrelated
+}
+
+/// Whether `g`'s bitmap counts every change since `past`, a generation in its history: only
+/// when the bitmap id is no newer than it. The history runs newest first and a bitmap id only
+/// ever names a generation `g` left (see [`new_generation`]), so a bitmap id that is the
+/// history's entry before `past` is newer (it misses what changed between the two: a peer
+/// rolled back to `past`, its disk restored from a backup); any other counts from `past` or
+/// earlier (DRBD makes every history match a full sync; this keeps the bitmap resync of a
+/// SyncDone whose acknowledgement was lost, see the tests).
+fn bitmap_covers(g: &Generations, past: u64) -> bool {
+    if g.bitmap == 0 {
+        return false;
+    }
+    match g.history.iter().position(|&h| h == past) {
+        Some(0) => true,
+        Some(i) => !g.history[..i].contains(&g.bitmap),
+        None => false,
+    }
+}
+
+/// A split brain whose two bitmaps count from one real common generation: together they
+/// name everything either side changed since, so resolving it resyncs what they name. Any
+/// other split brain (found through the histories) resolves with a full sync, as DRBD's
+/// does: what either side changed between the histories' points is in neither bitmap.
+pub fn split_brain_bitmaps_cover(me: &Generations, peer: &Generations) -> bool {
+    me.bitmap == peer.bitmap && me.bitmap != 0 && me.bitmap != crate::meta::UUID_JUST_CREATED
 }
 
 /// Whether a peer with generations `peer` has data this node lacks and no data of this
@@ -841,6 +872,50 @@ mod gen_tests {
     #[test]
     fn unrelated() {
         check(g(10, 0, 9, 0), g(77, 0, 66, 0), Unrelated);
+    }
+
+    #[test]
+    fn a_peer_rolled_back_past_the_bitmap_needs_a_full_sync() {
+        // Both at 10; alpha moved to 11 alone (bitmap 10), resynced beta to 11, moved to 12
+        // alone (bitmap 11). Beta's disk and metadata are then restored from a backup taken
+        // at 10: alpha's bitmap counts from 11 and misses what changed from 10 to 11.
+        let alpha = new_generation(after_sync(new_generation(g(10, 0, 9, 0), 11)), 12);
+        assert_eq!(alpha, g(12, 11, 11, 10));
+        check(alpha, g(10, 0, 9, 0), SourceFull);
+        // Beta at 11, as it was left: the bitmap counts from exactly there.
+        check(alpha, g(11, 0, 10, 9), SourceBitmap);
+    }
+
+    #[test]
+    fn the_fresh_id_is_no_common_point() {
+        // alpha forced primary from fresh, synced nothing to anyone, moved on; beta's disk
+        // replaced (create-md) and forced primary too: nothing in common.
+        let alpha = new_generation(new_generation(g(FRESH, 0, 0, 0), 21), 22);
+        assert_eq!(alpha, g(22, FRESH, 21, FRESH));
+        let beta = new_generation(g(FRESH, 0, 0, 0), 31);
+        check(alpha, beta, Unrelated);
+        // alpha went through a real generation (21, synced to beta) and moved on; beta's disk
+        // was replaced and forced primary meanwhile: its bitmap (fresh) is in alpha's
+        // history, but its data has nothing of 21.
+        let alpha = new_generation(after_sync(new_generation(g(FRESH, 0, 0, 0), 21)), 22);
+        assert_eq!(alpha, g(22, 21, 21, FRESH));
+        check(alpha, beta, Unrelated);
+        // Nor is a split brain through a shared fresh bitmap one the bitmaps cover.
+        assert!(!split_brain_bitmaps_cover(&beta, &beta));
+    }
+
+    #[test]
+    fn only_a_split_brain_from_one_real_point_is_covered_by_the_bitmaps() {
+        let alpha = new_generation(g(10, 0, 9, 0), 11);
+        let beta = new_generation(g(10, 0, 9, 0), 20);
+        check(alpha, beta, SplitBrain);
+        assert!(split_brain_bitmaps_cover(&alpha, &beta));
+        // Related only through the histories (a resync's end that its source never heard of,
+        // then a second split): the bitmaps count from different points.
+        let alpha = g(30, 20, 20, 10);
+        let beta = g(40, 10, 20, 10);
+        check(alpha, beta, SplitBrain);
+        assert!(!split_brain_bitmaps_cover(&alpha, &beta));
     }
 }
 

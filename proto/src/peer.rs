@@ -153,10 +153,11 @@ pub enum Msg {
         seq: u64,
         full: bool,
         bytes: u64,
-        /// A full sync: the source's bitmap generation, which the target takes as its current
-        /// one (committed before it applies anything). The source's bitmap counts from it, so
-        /// a full sync cut midway resumes as a bitmap resync of what is left. 0: the target's
-        /// generations stay as they are (a bitmap resync).
+        /// The source's bitmap generation, which the target takes as its current one
+        /// (committed before it applies anything). The source's bitmap counts from it, so a
+        /// sync cut midway (a full one too) resumes as a bitmap resync of what is left, and a
+        /// target forced primary midway has moved on from it as the source has (a split
+        /// brain). 0 (an older source): the target's generations stay as they are.
         from: u64,
     },
     /// Source to target: every region is sent once `seq` is applied; adopt `gen`.

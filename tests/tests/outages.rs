@@ -1763,6 +1763,13 @@ fn a_resync_target_forced_primary_midway_keeps_its_client_writes_and_is_a_split_
     });
     // A plain promotion is refused as a partial copy (not only as older data).
     b.assert_primary_refused(&["inconsistent", "wait-sync"], "a resync target");
+    // As in DRBD, no invalidate while a resync runs (its end would commit over it).
+    let out = b.ctl(&["invalidate"]);
+    assert!(
+        !out.success() && out.stderr.contains("resync is running"),
+        "invalidate on a resync target:\n{}",
+        out.describe()
+    );
     b.ctl_ok(&["primary", "--force"]);
     // Client writes on the new primary, over regions the resync had not reached yet.
     let mut w = RawNbd::open(b.export(), c.resource());
@@ -1790,6 +1797,92 @@ fn a_resync_target_forced_primary_midway_keeps_its_client_writes_and_is_a_split_
     let seen = wait_synced(&c, Duration::from_secs(60), "after --discard-my-data");
     assert_identical(&c, size, "forced target settled", &seen);
     assert_same_bytes(&b.backing_data(16 * MIB), &data, "beta has alpha's data");
+}
+
+/// Review finding: a bitmap resync at one generation (a restarted crashed primary's hot
+/// extents; verify's marks are the other case) left the source's generations as they were, so
+/// a target forced primary midway moved on with a bitmap generation naming the source's
+/// current one, and at the next connect it looked like the newer copy: its data went over the
+/// crashed primary's extents with no split brain said. Every resync now counts from a bitmap
+/// generation the target takes at its start (as a full sync's did), so the forced target has
+/// moved on from where the source's bitmap counts: a split brain, and nothing moves.
+#[test]
+fn a_target_forced_primary_midway_through_a_bitmap_resync_is_a_split_brain() {
+    let c = pair("out-force-bm-target", "", |b| {
+        b.backing_size(64 << 20)
+            .journal_size("2M")
+            .resource_line("resync-rate = \"2M\"")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    // One block in each of twelve 4 MiB extents: hot in alpha's activity log.
+    let mut w = a.raw_open();
+    for i in 0..12u64 {
+        w.write_at(i * 4 * MIB + 8192, &[0xC3; 4096], 0)
+            .expect("write");
+    }
+    w.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    w.disconnect();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    kill_node(a);
+    b.wait_not_connected(Duration::from_secs(10));
+    // Back as secondary: at the one generation it is the source of its hot extents (48 MiB
+    // at 2 MiB/s).
+    a.up();
+    b.wait_repl(
+        Duration::from_secs(30),
+        "a part of the hot extents' resync",
+        |r| r["connection"] == "sync-target" && u(r, "resync_done") >= 2 * MIB,
+    );
+    b.ctl_ok(&["primary", "--force"]);
+    wait_split_brain_reported(a, Duration::from_secs(15));
+    wait_split_brain_reported(b, Duration::from_secs(15));
+}
+
+/// Review finding: a peer whose disk and metadata are restored from a backup taken two
+/// generations ago (its current generation is the older entry of this node's history) was
+/// resynced by this node's bitmap, which counts only from the newer one: what changed between
+/// the two stayed old on the peer, and both said in sync. A bitmap that is newer than the
+/// peer's generation cannot cover the difference: a full sync (as DRBD makes every history
+/// match). Alpha restarts between, so its in-memory record of the peer's durable mark (the
+/// other guard against a disk that went back in time) is gone.
+#[test]
+fn a_peer_restored_from_a_backup_two_generations_old_gets_a_full_sync() {
+    let c = pair("out-rollback", "", |b| b.journal_size("4M"));
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let write = |at: u64, byte: u8| {
+        let mut w = a.raw_open();
+        for i in 0..16u64 {
+            w.write_at(at + i * 65536, &[byte; 65536], 0)
+                .expect("write");
+        }
+        w.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        w.disconnect();
+    };
+    // The backup: beta's whole backing file (data and internal metadata), taken while down.
+    b.down();
+    let backup = c.dir().join("beta-backup.img");
+    std::fs::copy(b.backing_path(), &backup).expect("backup");
+    // Alpha moves on alone (a new generation), beta catches up by resync; then alpha moves
+    // on alone again.
+    write(8 * MIB, 0x11);
+    b.up();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_same_generation(&c);
+    b.down();
+    write(40 * MIB, 0x22);
+    // Alpha restarts (as a secondary), and beta comes back from the backup.
+    a.down();
+    a.up();
+    std::fs::copy(&backup, b.backing_path()).expect("restore");
+    b.up();
+    let seen = wait_synced(&c, Duration::from_secs(60), "after the restore");
+    assert_identical(&c, size, "a peer restored from an old backup", &seen);
+    let first = b.backing_data(9 * MIB);
+    assert!(
+        first[8 * MIB as usize..].iter().all(|&x| x == 0x11),
+        "beta lacks what changed between its backup and the generation after"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -496,6 +496,8 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         // (from `set_connected` on, a resync or catch-up included), not whether it is one
         // now (a promotion's reconnect ends a connection run as secondary).
         let ran_as_primary = res.rep().is_some_and(|r| r.link_ran_as_primary());
+        res.sync_expected
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         res.link_down().await;
         // With resource-level fencing, a primary that lost its peer has it outdated by
         // another path (a resync target is inconsistent: the handler says so, harmlessly).
@@ -1050,6 +1052,26 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             None => {}
         }
     }
+    // Settled (by `--discard-my-data` or a policy), a split brain found through the
+    // histories rather than one shared bitmap generation is a full sync: what either side
+    // changed between the two bitmaps' points is named by neither (DRBD does the same).
+    if by_generations == SyncDecision::SplitBrain
+        && !state::split_brain_bitmaps_cover(&gens(&me.gen), &gens(&peer.gen))
+    {
+        let full = match decision {
+            SyncDecision::SourceBitmap => Some(SyncDecision::SourceFull),
+            SyncDecision::TargetBitmap => Some(SyncDecision::TargetFull),
+            _ => None,
+        };
+        if let Some(full) = full {
+            tracing::warn!(
+                "the split brain is settled with a full sync: the two nodes' bitmaps count from different generations (bitmap {:016X} here, {:016X} on the peer), so neither names everything the other lacks",
+                me.gen.bitmap,
+                peer.gen.bitmap
+            );
+            decision = full;
+        }
+    }
     match decision {
         SyncDecision::SplitBrain => {
             res.set_link_state("split-brain", None);
@@ -1100,6 +1122,9 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         decision,
         SyncDecision::InSync | SyncDecision::SourceBitmap | SyncDecision::SourceFull
     );
+    // Until its SyncDone commits (or the link ends), this node lacks what the peer holds.
+    res.sync_expected
+        .store(!source, std::sync::atomic::Ordering::SeqCst);
     // Whatever the roles said at the handshake, data only ever flows from the source to a
     // target that can hold its export.
     let sends = matches!(

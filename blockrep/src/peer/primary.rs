@@ -81,24 +81,31 @@ pub(super) async fn primary_side(
                 // (Only when the target has bits to forget, or every bit is set: a sync of
                 // this disk under heavy writes can take seconds.)
                 let target_forgets = peer_bitmap.dirty_bits() > 0;
+                // Every resync counts from a bitmap generation the target takes as its
+                // current one. A bitmap resync at one generation (a crashed primary's hot
+                // extents, verify's marks, a target that had not finished) starts one here:
+                // a target forced primary midway then moves on from it as this node has (a
+                // split brain), where at the old generation it would have looked like the
+                // newer copy and resynced its partial data over this node's writes. The
+                // fresh id is no point to resume from either: a target that took it would
+                // be fresh again after a cut, and a full sync would start over.
+                let unnamed = |b: u64| b == 0 || b == crate::meta::UUID_JUST_CREATED;
+                let names_one = unnamed(res.node_state().gen.bitmap);
                 let prepare = async {
-                    if full || target_forgets {
+                    if full || target_forgets || names_one {
                         rep.persist().await.map_err(|e| {
                             LinkError::LocalDisk(format!("writing the bitmap of a resync: {e}"))
                         })?;
                     }
-                    if !full {
-                        return Ok(0);
-                    }
-                    if res.node_state().gen.bitmap == 0 {
+                    if names_one {
                         let id = crate::resource::random_id();
                         res.commit_meta(move |sb| {
-                            if sb.gen.bitmap == 0 {
+                            if unnamed(sb.gen.bitmap) {
                                 sb.gen.bitmap = id;
                             }
                         })
                         .await
-                        .map_err(|e| LinkError::LocalDisk(format!("starting a full sync: {e}")))?;
+                        .map_err(|e| LinkError::LocalDisk(format!("starting a resync: {e}")))?;
                     }
                     Ok::<u64, LinkError>(res.node_state().gen.bitmap)
                 };

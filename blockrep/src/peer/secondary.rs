@@ -514,10 +514,12 @@ pub(super) async fn secondary_side(
                             if let Ok(mut p) = res.resync.lock() {
                                 *p = Some(crate::resource::ResyncProgress::start(bytes));
                             }
-                            // A full sync: from here on this node's data counts from the
-                            // source's bitmap generation (whatever it held before is being
-                            // replaced), so that a cut resumes with what is left. Committed
-                            // before anything of the stream is applied.
+                            // From here on this node's data counts from the source's
+                            // bitmap generation (what it held before is being replaced), so
+                            // that a cut resumes with what is left, and a forced promotion
+                            // of this node midway moves on from where the source's bitmap
+                            // counts (a split brain, not an older copy that looks newer).
+                            // Committed before anything of the stream is applied.
                             // And what is left is the source's bitmap's to say from now on:
                             // it merged this node's bits, and had them on its disk before
                             // this start. So this node forgets its own (a disk that lost
@@ -527,7 +529,7 @@ pub(super) async fn secondary_side(
                             res.commit_meta(move |sb| {
                                 sb.disk = DiskState::Inconsistent;
                                 sb.lost_writes = false;
-                                if full && from != 0 {
+                                if from != 0 {
                                     sb.gen.current = from;
                                     sb.gen.bitmap = 0;
                                 }
@@ -815,7 +817,7 @@ pub(super) async fn secondary_side(
                                                 != failures
                                             {
                                                 return Err(crate::resource::NodeError::Refused(
-                                                    "a write failed while the resync was finishing"
+                                                    "the disk was marked inconsistent while the resync was finishing (a failed write, or invalidate)"
                                                         .into(),
                                                 ));
                                             }
