@@ -1679,6 +1679,79 @@ fn full_sync_interrupted_resumes_with_what_is_left() {
     wait_same_generation(&c);
 }
 
+/// Review finding: the initial full sync (from a node forced primary on a fresh disk) counted
+/// from the fresh id, which the target then took as its current one: after a cut it was fresh
+/// again, and the full sync started over from zero. It now counts from a generation of its
+/// own, and a cut resumes with what is left, as any full sync's does.
+#[test]
+fn an_initial_full_sync_cut_midway_resumes_with_what_is_left() {
+    let c = Cluster::builder("out-initial-resume")
+        .nodes(2)
+        .backing_size(64 << 20)
+        .journal_size("2M")
+        .resource_line("resync-rate = \"4M\"")
+        .beta_via_proxy()
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    b.create_md();
+    // What alpha's disk held before it was replicated (the data area is the file's head).
+    let data = random_bytes((24 * MIB) as usize);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.backing_path())
+            .expect("open alpha.img");
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).expect("write");
+        f.sync_all().expect("sync");
+    }
+    let mark = log_mark(a);
+    a.up();
+    b.up();
+    a.primary_force();
+    let mut total = 0;
+    watch(
+        &c,
+        Duration::from_secs(30),
+        "a quarter of the initial sync",
+        |sa, _| {
+            let r = &sa["replication"];
+            total = u(r, "resync_total");
+            r["connection"] == "sync-source" && total > 0 && u(r, "resync_done") >= total / 4
+        },
+    );
+    let applied = a.repl_u64("seq_applied");
+    a.wait_repl(
+        Duration::from_secs(30),
+        "the quarter durable on beta",
+        |r| u(r, "seq_durable") >= applied,
+    );
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    let left = a.repl_u64("out_of_sync");
+    println!("initial sync of {total} bytes cut with {left} bytes left");
+    c.proxy().resume();
+    let seen = wait_synced(
+        &c,
+        Duration::from_secs(60),
+        "after the resumed initial sync",
+    );
+    assert_identical(&c, a.size(), "initial sync interrupted and resumed", &seen);
+    let starts: Vec<String> = log_since(a, mark)
+        .into_iter()
+        .filter(|l| l.contains("resync to the peer"))
+        .collect();
+    println!("alpha's resync starts: {starts:#?}");
+    assert_eq!(starts.len(), 2, "{starts:#?}");
+    assert!(starts[0].ends_with(", full"), "{starts:#?}");
+    assert!(
+        !starts[1].ends_with(", full"),
+        "the initial sync started over after the cut: {starts:#?}"
+    );
+    assert_same_bytes(&b.backing_data(24 * MIB), &data, "beta's data");
+}
+
 /// A pair whose beta was invalidated after alpha wrote 24 MiB of random data (through a
 /// proxy, paced at 4 MiB/s), with a quarter of the full sync done.
 struct FullSyncUnderWay {
