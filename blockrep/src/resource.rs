@@ -2485,6 +2485,13 @@ impl Resource {
             tokio::time::sleep(Duration::from_millis(50)).await;
             peer = self.peer_view();
         }
+        // A split brain is not a peer whose state is unknown: said as what it is, with the
+        // way to settle it (from a trial: "use --force" steered the admin deeper into it).
+        if !force && peer == PeerView::Unknown && self.link_state() == "split-brain" {
+            return Err(NodeError::Refused(
+                "split brain: this node and the peer both changed the data since they parted (see `status`). Settle it first: `blockrep-ctl connect --discard-my-data` on the node whose changes are to be dropped (a secondary), then `primary` on the other; --force promotes this node anyway and leaves the split brain to settle later".into(),
+            ));
+        }
         // Handshakes seen with this view (no await between): any later one makes it stale.
         let view_handshakes = self.handshakes();
         // A stream from the old primary may still be finishing writes: they land (and count

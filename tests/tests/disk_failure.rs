@@ -379,6 +379,84 @@ fn a_secondary_disk_restored_from_an_old_snapshot_is_fully_resynced() {
     );
 }
 
+/// Review finding: a resync target's disk goes back in time midway (a write cache that
+/// ignored the resync's flushes, or a snapshot restored): the regions it had acknowledged as
+/// durable were cleared from the source's bitmap, and the next connect, seeing an
+/// inconsistent disk, resynced only what the bitmap still named. The disk then said up to
+/// date with the regions synced before its rollback stale. The source now checks the mark the
+/// peer reports against what it acknowledged before any resync, and resyncs everything.
+#[test]
+fn a_resync_target_whose_disk_goes_back_in_time_midway_is_fully_resynced() {
+    let c = Cluster::builder("disk-rollback-target")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("2M")
+        .resource_line("resync-rate = \"4M\"")
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let data = random_bytes((24 * MIB) as usize);
+    let mut r = a.raw_open();
+    for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+        r.write_at(i as u64 * MIB, chunk, 0).expect("write");
+    }
+    r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    r.disconnect();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    // Beta's copy goes bad behind its daemon's back; invalidate starts a full sync into it.
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(b.backing_path())
+            .expect("open beta.img");
+        f.write_all_at(&vec![0x5A; (24 * MIB) as usize], 0)
+            .expect("corrupt");
+        f.sync_all().expect("sync");
+    }
+    b.ctl_ok(&["invalidate"]);
+    b.wait_repl(Duration::from_secs(30), "the full sync started", |r| {
+        r["connection"] == "sync-target"
+    });
+    // The snapshot the disk will go back to: early in the sync (its metadata says so).
+    let snap = c.dir().join("beta-snapshot.img");
+    std::fs::copy(b.backing_path(), &snap).expect("snapshot beta's disk");
+    b.wait_repl(Duration::from_secs(30), "half the data synced", |r| {
+        r["connection"] == "sync-target" && r["resync_done"].as_u64().unwrap_or(0) >= 12 * MIB
+    });
+    let applied = a.repl()["seq_applied"].as_u64().unwrap_or(0);
+    a.wait_repl(Duration::from_secs(30), "that part durable on beta", |r| {
+        r["seq_durable"].as_u64().unwrap_or(0) >= applied
+    });
+    let pids = b.pids();
+    b.kill9();
+    for p in pids {
+        assert!(
+            wait_pid_gone(p, Duration::from_secs(10)),
+            "beta survived SIGKILL"
+        );
+    }
+    std::fs::copy(&snap, b.backing_path()).expect("beta's disk goes back in time");
+    let mark = log_text(a).lines().count();
+    b.up();
+    let seen = wait_synced(
+        &c,
+        Duration::from_secs(90),
+        "beta resynced after its rollback",
+    );
+    let la: Vec<String> = log_text(a).lines().skip(mark).map(str::to_string).collect();
+    assert!(
+        la.iter()
+            .any(|l| l.contains("lost writes it had made durable")),
+        "alpha did not notice beta's rollback ({seen:?}):\n{}",
+        la.join("\n")
+    );
+    c.assert_replicas_identical(size, "after beta's rollback mid-resync");
+    assert_same_bytes(&b.backing_data(24 * MIB), &data, "beta's data");
+}
+
 /// The primary's disk fails for good (writes fail, so its metadata cannot record it): the
 /// secondary learns it over the link, shows it, and keeps the good copy under a generation
 /// of its own. The failed primary can be demoted although its metadata writes fail; killed

@@ -1200,6 +1200,13 @@ fn split_brain_detected_nothing_moves_then_discard_my_data_resolves() {
     ));
     b.ctl_ok(&["adjust"]);
     a.ctl_ok(&["secondary"]);
+    // A plain promotion in a split brain says so and how to settle it (a trial saw "the peer
+    // is not connected ... use --force").
+    wait_split_brain_reported(a, Duration::from_secs(15));
+    a.assert_primary_refused(
+        &["split brain", "discard-my-data"],
+        "a node in a split brain",
+    );
     a.ctl_ok(&["connect", "--discard-my-data"]);
     let mut progress_seen = 0;
     let seen = watch(

@@ -1197,26 +1197,33 @@ pub fn gens(g: &peer::GenIds) -> Generations {
     }
 }
 
-/// Decides where the stream starts for a secondary that applied up to `peer.applied_seq`.
-fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64, LinkError> {
-    let rep = res.rep().ok_or(LinkError::Closed("no replication state"))?;
-    // First: every other reason below resyncs only what a bitmap names. The peer
-    // acknowledged more than this as durable earlier (since this daemon started):
-    // its disk went back in time (a restored snapshot, a write cache that ignored flushes).
-    // Nothing here says which regions it lost, and at one generation the pair would look in
-    // sync: everything is resynced.
+/// The peer acknowledged more than it now reports as durable (since this daemon started): its
+/// disk went back in time (a restored snapshot, a write cache that ignored flushes). Nothing
+/// says which regions it lost: at one generation the pair would look in sync, and a resync it
+/// was the target of would count the regions it acknowledged as done. Everything is resynced
+/// (the error says so; every region is marked).
+pub(super) fn peer_went_back(res: &Resource, peer: &NodeState) -> Option<LinkError> {
+    let rep = res.rep()?;
     let high = rep
         .peer_durable_high
         .load(std::sync::atomic::Ordering::SeqCst);
-    if peer.durable_seq < high {
-        let why = format!(
-            "the peer reports its writes durable through sequence {} but acknowledged {high} as durable before: its disk lost writes it had made durable (a restored snapshot, or a write cache that ignores flushes); full resync",
-            peer.durable_seq
-        );
-        tracing::warn!("{why}");
-        rep.mark_out_of_sync(0, res.device().size());
-        return Err(LinkError::NeedsResync(why));
+    if peer.durable_seq >= high {
+        return None;
     }
+    let why = format!(
+        "the peer reports its writes durable through sequence {} but acknowledged {high} as durable before: its disk lost writes it had made durable (a restored snapshot, or a write cache that ignores flushes); full resync",
+        peer.durable_seq
+    );
+    tracing::warn!("{why}");
+    rep.mark_out_of_sync(0, res.device().size());
+    Some(LinkError::NeedsResync(why))
+}
+
+/// Decides where the stream starts for a secondary that applied up to `peer.applied_seq`.
+fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64, LinkError> {
+    let rep = res.rep().ok_or(LinkError::Closed("no replication state"))?;
+    // (A peer whose disk went back in time was sent to a full resync before: see
+    // `peer_went_back`.)
     if rep.verify_marked.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(LinkError::NeedsResync(format!(
             "verify found {} bytes out of sync",

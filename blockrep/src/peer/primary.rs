@@ -50,14 +50,18 @@ pub(super) async fn primary_side(
             )))
         }
     };
-    let journal = match decision {
-        SyncDecision::SourceFull => Err(LinkError::NeedsResync(
+    // A peer whose disk went back in time is checked first: a resync it was the target of
+    // counted what it acknowledged as done (its bits cleared here), so whatever resync the
+    // generations or its inconsistent disk call for would leave those regions out.
+    let journal = match (super::peer_went_back(res, &peer), decision) {
+        (Some(e), _) => Err(e),
+        (None, SyncDecision::SourceFull) => Err(LinkError::NeedsResync(
             "full sync: no bitmap covers what the peer lacks".into(),
         )),
         _ if peer.disk == 0 => Err(LinkError::NeedsResync(
             "the peer is inconsistent (a resync that did not finish)".into(),
         )),
-        SyncDecision::InSync | SyncDecision::SourceBitmap if journal_ok => {
+        (None, SyncDecision::InSync | SyncDecision::SourceBitmap) if journal_ok => {
             stream_start(res, &peer, &me)
         }
         _ => Err(LinkError::NeedsResync("generations diverged".into())),

@@ -529,6 +529,12 @@ pub(super) async fn secondary_side(
                             res.commit_meta(move |sb| {
                                 sb.disk = DiskState::Inconsistent;
                                 sb.lost_writes = false;
+                                // The mark this node acknowledges as durable from here on
+                                // (the stream's start: everything before it is the
+                                // resync's), on disk before it is acknowledged: a source
+                                // takes a lower one at the next connect for a disk that
+                                // went back in time.
+                                sb.advance_applied((seq - 1, 0));
                                 if from != 0 {
                                     sb.gen.current = from;
                                     sb.gen.bitmap = 0;
