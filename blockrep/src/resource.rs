@@ -3270,7 +3270,9 @@ async fn open_replication(
             m.sb.journal_seq,
             m.sb.journal_prev_term,
         );
-        if m.sb.was_primary {
+        // (A secondary that was a resync's source appended records too: its crash mid-write
+        // leaves the same hazard, so any journal with records is cleaned.)
+        if m.sb.was_primary || !ring.is_empty() {
             // A crash as primary: behind the recovered records (the first invalid one, a
             // torn write) may lie valid records of the same lap with the next sequence
             // numbers. New records written over the torn one could line up with them, and a
