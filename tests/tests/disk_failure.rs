@@ -323,6 +323,27 @@ fn a_hung_disk_shows_in_status_and_clears_when_it_goes_on() {
     );
 }
 
+/// Beta's disk goes back to `snap` (beta is stopped), beta comes up, and alpha must notice
+/// that beta lost writes it had acknowledged as durable and resync until both are in sync.
+fn restore_and_resync(c: &Cluster, snap: &std::path::Path) {
+    let (a, b) = (c.alpha(), c.beta());
+    std::fs::copy(snap, b.backing_path()).expect("beta's disk goes back in time");
+    let mark = log_text(a).lines().count();
+    b.up();
+    let seen = wait_synced(
+        c,
+        Duration::from_secs(90),
+        "beta resynced after its rollback",
+    );
+    let la: Vec<String> = log_text(a).lines().skip(mark).map(str::to_string).collect();
+    assert!(
+        la.iter()
+            .any(|l| l.contains("lost writes it had made durable")),
+        "alpha did not notice beta's rollback ({seen:?}):\n{}",
+        la.join("\n")
+    );
+}
+
 /// A secondary's disk goes back in time (restored from a snapshot taken before writes it
 /// had acknowledged as durable: a VM rollback, or a write cache that ignored flushes). The
 /// generations match, so they say nothing; the primary remembers what the peer made durable
@@ -356,21 +377,7 @@ fn a_secondary_disk_restored_from_an_old_snapshot_is_fully_resynced() {
     c.wait_in_sync(SYNC_TIMEOUT);
 
     b.down();
-    std::fs::copy(&snap, b.backing_path()).expect("restore beta's old disk");
-    let mark = log_text(a).lines().count();
-    b.up();
-    let seen = wait_synced(
-        &c,
-        Duration::from_secs(60),
-        "beta resynced after its rollback",
-    );
-    let la: Vec<String> = log_text(a).lines().skip(mark).map(str::to_string).collect();
-    assert!(
-        la.iter()
-            .any(|l| l.contains("lost writes it had made durable")),
-        "alpha did not notice beta's rollback ({seen:?}):\n{}",
-        la.join("\n")
-    );
+    restore_and_resync(&c, &snap);
     c.assert_replicas_identical(size, "after beta's rollback and resync");
     assert_same_bytes(
         &b.backing_data(12 * MIB)[4 * MIB as usize..],
@@ -438,21 +445,7 @@ fn a_resync_target_whose_disk_goes_back_in_time_midway_is_fully_resynced() {
             "beta survived SIGKILL"
         );
     }
-    std::fs::copy(&snap, b.backing_path()).expect("beta's disk goes back in time");
-    let mark = log_text(a).lines().count();
-    b.up();
-    let seen = wait_synced(
-        &c,
-        Duration::from_secs(90),
-        "beta resynced after its rollback",
-    );
-    let la: Vec<String> = log_text(a).lines().skip(mark).map(str::to_string).collect();
-    assert!(
-        la.iter()
-            .any(|l| l.contains("lost writes it had made durable")),
-        "alpha did not notice beta's rollback ({seen:?}):\n{}",
-        la.join("\n")
-    );
+    restore_and_resync(&c, &snap);
     c.assert_replicas_identical(size, "after beta's rollback mid-resync");
     assert_same_bytes(&b.backing_data(24 * MIB), &data, "beta's data");
 }

@@ -1631,16 +1631,7 @@ fn full_sync_interrupted_resumes_with_what_is_left() {
         u(&rb, "out_of_sync") > 0 && u(&rb, "out_of_sync") < first_total,
         "the target's out_of_sync during its resync: {rb}"
     );
-    let applied = a.repl_u64("seq_applied");
-    a.wait_repl(
-        Duration::from_secs(30),
-        "the quarter durable on beta",
-        |r| u(r, "seq_durable") >= applied,
-    );
-    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
-    a.wait_not_connected(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(300));
-    let left = a.repl_u64("out_of_sync");
+    let left = cut_once_durable(&c);
     println!("full sync of {first_total} bytes cut with {left} bytes left");
     assert!(
         left > 0 && left < first_total - first_total / 8,
@@ -1659,17 +1650,7 @@ fn full_sync_interrupted_resumes_with_what_is_left() {
     c.proxy().resume();
     let seen = wait_synced(&c, Duration::from_secs(40), "after the resumed full sync");
     assert_identical(&c, size, "full sync interrupted and resumed", &seen);
-    let starts: Vec<String> = log_since(a, mark)
-        .into_iter()
-        .filter(|l| l.contains("resync to the peer"))
-        .collect();
-    println!("alpha's resync starts: {starts:#?}");
-    assert_eq!(starts.len(), 2, "{starts:#?}");
-    assert!(starts[0].ends_with(", full"), "{starts:#?}");
-    assert!(
-        !starts[1].ends_with(", full"),
-        "the second part started a full sync again: {starts:#?}"
-    );
+    let starts = full_then_bitmap_resync(a, mark);
     let second: u64 = starts[1]
         .split("): ")
         .nth(1)
@@ -1727,16 +1708,7 @@ fn an_initial_full_sync_cut_midway_resumes_with_what_is_left() {
             r["connection"] == "sync-source" && total > 0 && u(r, "resync_done") >= total / 4
         },
     );
-    let applied = a.repl_u64("seq_applied");
-    a.wait_repl(
-        Duration::from_secs(30),
-        "the quarter durable on beta",
-        |r| u(r, "seq_durable") >= applied,
-    );
-    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
-    a.wait_not_connected(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(300));
-    let left = a.repl_u64("out_of_sync");
+    let left = cut_once_durable(&c);
     println!("initial sync of {total} bytes cut with {left} bytes left");
     c.proxy().resume();
     let seen = wait_synced(
@@ -1745,6 +1717,29 @@ fn an_initial_full_sync_cut_midway_resumes_with_what_is_left() {
         "after the resumed initial sync",
     );
     assert_identical(&c, a.size(), "initial sync interrupted and resumed", &seen);
+    full_then_bitmap_resync(a, mark);
+    assert_same_bytes(&b.backing_data(24 * MIB), &data, "beta's data");
+}
+
+/// Once alpha's resync so far is durable on beta, cuts the link (the proxy in front of beta)
+/// and returns what alpha has left out of sync.
+fn cut_once_durable(c: &Cluster) -> u64 {
+    let a = c.alpha();
+    let applied = a.repl_u64("seq_applied");
+    a.wait_repl(
+        Duration::from_secs(30),
+        "the resync so far durable on beta",
+        |r| u(r, "seq_durable") >= applied,
+    );
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    a.repl_u64("out_of_sync")
+}
+
+/// Alpha's resync starts since `mark`: exactly two, a full sync and then (after a cut) a
+/// bitmap resync of what was left, not a full sync over again.
+fn full_then_bitmap_resync(a: &Node, mark: usize) -> Vec<String> {
     let starts: Vec<String> = log_since(a, mark)
         .into_iter()
         .filter(|l| l.contains("resync to the peer"))
@@ -1754,9 +1749,9 @@ fn an_initial_full_sync_cut_midway_resumes_with_what_is_left() {
     assert!(starts[0].ends_with(", full"), "{starts:#?}");
     assert!(
         !starts[1].ends_with(", full"),
-        "the initial sync started over after the cut: {starts:#?}"
+        "the full sync started over after the cut: {starts:#?}"
     );
-    assert_same_bytes(&b.backing_data(24 * MIB), &data, "beta's data");
+    starts
 }
 
 /// A pair whose beta was invalidated after alpha wrote 24 MiB of random data (through a
