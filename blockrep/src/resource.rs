@@ -2623,7 +2623,15 @@ impl Resource {
         let disk_before = self.meta.lock().unwrap_or_else(|p| p.into_inner()).sb.disk;
         let handshakes = self.handshakes.clone();
         let sync_expected = self.sync_expected.clone();
+        // A connected peer's view is stale after any handshake since (a reconnect may have
+        // made this node a resync's target and ended again before this commit).
+        let connected_at = matches!(peer, PeerView::Connected(_)).then_some(view_handshakes);
         self.update_meta(move |sb| {
+            if connected_at.is_some_and(|n| n != handshakes.load(std::sync::atomic::Ordering::SeqCst)) {
+                return Err(NodeError::Refused(
+                    "the peer reconnected while this promotion was being decided: run `primary` again".into(),
+                ));
+            }
             // Checked again here: a connection may have decided meanwhile.
             if !force
                 && sb.disk == DiskState::UpToDate
@@ -2968,7 +2976,7 @@ impl Resource {
         if writing > 0 {
             reopen();
             return Err(NodeError::Refused(format!(
-                "{writing} write(s) still writing this node's disk after 30 s (is it hung?): the node stays as it was. Try again, or stop the daemon (it then recovers as a crashed primary)"
+                "{writing} write(s) still writing this node's disk after 30 s (is it hung?): the node stays primary (its NBD clients were disconnected and may reconnect). Try again, or stop the daemon (it then recovers as a crashed primary)"
             )));
         }
         // A secondary has no writes of its own to order in a stream: a record from it (as

@@ -557,19 +557,21 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
 }
 
 /// Whether `g`'s bitmap counts every change since `past`, a generation in its history: only
-/// when the bitmap id is no newer than it. The history runs newest first and a bitmap id only
-/// ever names a generation `g` left (see [`new_generation`]), so a bitmap id that is the
-/// history's entry before `past` is newer (it misses what changed between the two: a peer
-/// rolled back to `past`, its disk restored from a backup); any other counts from `past` or
-/// earlier (DRBD makes every history match a full sync; this keeps the bitmap resync of a
-/// SyncDone whose acknowledgement was lost, see the tests).
+/// when the bitmap is known to be no newer than it. The history runs newest first, and a
+/// bitmap id names either a generation `g` left or a resync's own generation started at its
+/// current one (see `primary_side`), which no history names. So `past` at the head of the
+/// history is covered by any bitmap (the bitmap was named there or earlier); further back,
+/// only by a bitmap id the history shows to be older still. Anything else may be newer (a
+/// peer rolled back to `past`, its disk restored from a backup) and misses what changed in
+/// between: a full sync, as DRBD makes every history match. (This keeps the bitmap resync of
+/// a SyncDone whose acknowledgement was lost, see the tests.)
 fn bitmap_covers(g: &Generations, past: u64) -> bool {
     if g.bitmap == 0 {
         return false;
     }
     match g.history.iter().position(|&h| h == past) {
         Some(0) => true,
-        Some(i) => !g.history[..i].contains(&g.bitmap),
+        Some(i) => g.history[i + 1..].contains(&g.bitmap),
         None => false,
     }
 }
@@ -884,6 +886,18 @@ mod gen_tests {
         check(alpha, g(10, 0, 9, 0), SourceFull);
         // Beta at 11, as it was left: the bitmap counts from exactly there.
         check(alpha, g(11, 0, 10, 9), SourceBitmap);
+    }
+
+    #[test]
+    fn a_resync_generation_is_no_proof_of_age() {
+        // alpha at 10 named a resync generation (77) for a bitmap resync at one generation;
+        // its end was never acknowledged, then alpha moved on alone to 12. Beta restored to
+        // 9 (a backup): 77 is in no history, so nothing says it is older than 9.
+        let alpha = new_generation(g(10, 77, 9, 8), 12);
+        assert_eq!(alpha, g(12, 77, 10, 9));
+        check(alpha, g(9, 0, 8, 0), SourceFull);
+        // Beta at 10 (it got the resync's end): the bitmap counts from there.
+        check(alpha, g(10, 0, 77, 9), SourceBitmap);
     }
 
     #[test]

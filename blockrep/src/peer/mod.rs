@@ -1207,7 +1207,9 @@ pub(super) fn peer_went_back(res: &Resource, peer: &NodeState) -> Option<LinkErr
     let high = rep
         .peer_durable_high
         .load(std::sync::atomic::Ordering::SeqCst);
-    if peer.durable_seq >= high {
+    // (A fresh disk, created or invalidated since, is fully synced by its generation alone,
+    // and is no disk that went back in time.)
+    if peer.durable_seq >= high || peer.gen.current == crate::meta::UUID_JUST_CREATED {
         return None;
     }
     let why = format!(

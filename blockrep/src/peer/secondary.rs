@@ -75,6 +75,11 @@ pub(super) struct Applier {
     /// `Replication::pins` when this stream started: a verify mark the primary sends during
     /// it (a verify runs beside a journal catch-up) must outlive the catch-up's SyncDone.
     pins_at_start: u64,
+    /// `Resource::disk_failures` when this stream started: a failed write or an
+    /// `invalidate` since then (the stream's SyncStart or SyncDone may be read after either)
+    /// must not be overwritten by their commits (an up-to-date disk, or a resync generation
+    /// a later connect would take for a bitmap resync).
+    failures_at_start: u64,
 }
 
 impl Applier {
@@ -324,6 +329,7 @@ pub(super) async fn secondary_side(
         ack_receipt_now: std::sync::atomic::AtomicBool::new(false),
         failed: watch::channel(None).0,
         pins_at_start: rep.pins(),
+        failures_at_start: res.disk_failures.load(std::sync::atomic::Ordering::SeqCst),
     });
     // The earlier stream's tail becomes durable now, not at the next checkpoint.
     ap.make_durable().await?;
@@ -526,7 +532,14 @@ pub(super) async fn secondary_side(
                             // writes no longer names every region itself), or each cut
                             // would resend them all: a full resync after a disk failure
                             // started again from zero. Its disk stays inconsistent.
-                            res.commit_meta(move |sb| {
+                            let (res2, at_start) = (res.clone(), ap.failures_at_start);
+                            let started = res
+                                .update_meta(move |sb| {
+                                    if res2.disk_failures.load(std::sync::atomic::Ordering::SeqCst)
+                                        != at_start
+                                    {
+                                        return Ok(false);
+                                    }
                                 sb.disk = DiskState::Inconsistent;
                                 sb.lost_writes = false;
                                 // The mark this node acknowledges as durable from here on
@@ -539,11 +552,19 @@ pub(super) async fn secondary_side(
                                     sb.gen.current = from;
                                     sb.gen.bitmap = 0;
                                 }
-                            })
-                            .await
-                            .map_err(|e| {
-                                LinkError::LocalDisk(format!("recording the resync's start: {e}"))
-                            })?;
+                                    Ok(true)
+                                })
+                                .await
+                                .map_err(|e| {
+                                    LinkError::LocalDisk(format!(
+                                        "recording the resync's start: {e}"
+                                    ))
+                                })?;
+                            if !started {
+                                return Err(LinkError::Closed(
+                                    "the disk was marked inconsistent (a failed write, or invalidate) since this stream began",
+                                ));
+                            }
                             // (A crash before the cleared bitmap is on disk loads the bits
                             // again: sent once more, nothing lost.)
                             let had_bits = {
@@ -800,10 +821,7 @@ pub(super) async fn secondary_side(
                         // Everything before is applied: durable, then whole again.
                         let ap = ap.clone();
                         tokio::spawn(async move {
-                            let failures = ap
-                                .res
-                                .disk_failures
-                                .load(std::sync::atomic::Ordering::SeqCst);
+                            let failures = ap.failures_at_start;
                             ap.wait_applied(seq - 1).await;
                             let r = match ap.make_durable().await {
                                 // The failure is recorded: the link drops, the resync
