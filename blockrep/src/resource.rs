@@ -153,6 +153,9 @@ pub struct Resource {
     /// `peer::SplitBrainKind`): reconnects that find the same one again only back off, and
     /// the link shows `split-brain` until a connection gets past it.
     pub split_brain_reported: std::sync::atomic::AtomicU8,
+    /// The last connect's generations line as logged at info: a reconnect that finds the same
+    /// logs it at debug (a refused pair retries every few seconds).
+    pub last_generations_line: Mutex<String>,
     /// A promotion is under way: the stream from the peer must not write this disk any
     /// more (see [`Resource::stream_held`]).
     stream_hold: std::sync::atomic::AtomicBool,
@@ -450,6 +453,7 @@ impl Resource {
             handshakes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             peer_heard_count: Arc::default(),
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
+            last_generations_line: Mutex::new(String::new()),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
             resync_left: std::sync::atomic::AtomicU64::new(0),

@@ -1002,13 +1002,22 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             g.current, g.bitmap, g.history[0], g.history[1]
         )
     };
+    let line = format!(
+        "generations: this node {}, peer {}: {decision:?}",
+        hex(&me.gen),
+        hex(&peer.gen)
+    );
+    // A refused pair (unrelated data, a split brain) retries every few seconds with the same
+    // line: said once (trial: 54 lines a minute).
+    let same = res
+        .last_generations_line
+        .lock()
+        .map(|mut last| std::mem::replace(&mut *last, line.clone()) == line)
+        .unwrap_or(false);
+    let refused = matches!(decision, SyncDecision::SplitBrain | SyncDecision::Unrelated);
     info_unless(
-        decision == SyncDecision::SplitBrain && split_brain_retry(res),
-        format_args!(
-            "generations: this node {}, peer {}: {decision:?}",
-            hex(&me.gen),
-            hex(&peer.gen)
-        ),
+        refused && same || decision == SyncDecision::SplitBrain && split_brain_retry(res),
+        format_args!("{line}"),
     );
     if decision == SyncDecision::SplitBrain && !me.primary && !peer.primary {
         let facts = |s: &NodeState, name: &'static str| state::SbFacts {
