@@ -520,7 +520,7 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
     if m.current == p.current {
         return InSync;
     }
-    let real = |id: u64| id != 0 && id != FRESH;
+    let real = names_a_generation;
     // One side's bitmap counts from exactly where the other side is.
     if real(m.bitmap) && m.bitmap == p.current {
         return SourceBitmap;
@@ -581,7 +581,13 @@ fn bitmap_covers(g: &Generations, past: u64) -> bool {
 /// other split brain (found through the histories) resolves with a full sync, as DRBD's
 /// does: what either side changed between the histories' points is in neither bitmap.
 pub fn split_brain_bitmaps_cover(me: &Generations, peer: &Generations) -> bool {
-    me.bitmap == peer.bitmap && me.bitmap != 0 && me.bitmap != crate::meta::UUID_JUST_CREATED
+    me.bitmap == peer.bitmap && names_a_generation(me.bitmap)
+}
+
+/// Whether a bitmap (or history) id names a point data was at: not none (0), and not the
+/// fresh id create-md writes, which two disks created apart share without sharing any data.
+pub fn names_a_generation(id: u64) -> bool {
+    id != 0 && id != crate::meta::UUID_JUST_CREATED
 }
 
 /// Whether a peer with generations `peer` has data this node lacks and no data of this

@@ -93,8 +93,7 @@ pub(super) async fn primary_side(
                 // newer copy and resynced its partial data over this node's writes. The
                 // fresh id is no point to resume from either: a target that took it would
                 // be fresh again after a cut, and a full sync would start over.
-                let unnamed = |b: u64| b == 0 || b == crate::meta::UUID_JUST_CREATED;
-                let names_one = unnamed(res.node_state().gen.bitmap);
+                let names_one = !state::names_a_generation(res.node_state().gen.bitmap);
                 let prepare = async {
                     if full || target_forgets || names_one {
                         rep.persist().await.map_err(|e| {
@@ -104,7 +103,7 @@ pub(super) async fn primary_side(
                     if names_one {
                         let id = crate::resource::random_id();
                         res.commit_meta(move |sb| {
-                            if unnamed(sb.gen.bitmap) {
+                            if !state::names_a_generation(sb.gen.bitmap) {
                                 sb.gen.bitmap = id;
                             }
                         })
