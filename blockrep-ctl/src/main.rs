@@ -607,6 +607,11 @@ fn dump_md(cfg: &Config) -> Result<()> {
     // A clean `down` of either side (see the README's runbook).
     println!("peer-left       {}", sb.peer_left);
     println!("handed-over     {}", sb.handed_over);
+    // What the peer last said its disk holds (a restored image of it holds less).
+    println!(
+        "peer-durable    gen {:016X} issued {}",
+        sb.peer_durable.0, sb.peer_durable.1
+    );
     println!("data-size       {}", l.data_size);
     println!(
         "bitmap          offset {} len {} ({} B/bit)",

@@ -23,7 +23,7 @@ pub const AL_AREA: u64 = 64 * 1024;
 /// Smallest data area worth exporting.
 pub const MIN_DATA: u64 = 1 << 20;
 const MAGIC: u64 = 0x6272_6570_6d64_0001; // "brepmd" v1
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// Format 1 had no record terms: its superblock is format 2's without the two trailing term
 /// fields, read as if they were 0 ("not known": the first connect after the upgrade resyncs
 /// the bitmap rather than trusting a journal catch-up it cannot check).
@@ -33,6 +33,8 @@ const FORMAT_V2: u32 = 2;
 /// Format 3 had no `peer_left` and `handed_over`: read as false (one byte each at the end of
 /// the payload).
 const FORMAT_V3: u32 = 3;
+/// Format 4 had no `peer_durable`: read as (0, 0), nothing heard (two bytes at the end).
+const FORMAT_V4: u32 = 4;
 
 /// DRBD's "just created" current generation: both sides fresh, nothing written yet.
 pub const UUID_JUST_CREATED: u64 = 4;
@@ -445,6 +447,11 @@ pub struct Superblock {
     /// this node is not promoted without --force (not by a fence either: an unreachable peer
     /// may be the primary now).
     pub handed_over: bool,
+    /// What the peer last told this node its disk holds, as (data generation, sequence it
+    /// had issued through) (see `Msg::Durable`; (0, 0): nothing heard). Told back to it at
+    /// the next connect, where a peer holding less at that generation went back in time (its
+    /// disk restored from an image): kept across this node's restarts for that.
+    pub peer_durable: (u64, u64),
 }
 
 impl Superblock {
@@ -487,7 +494,7 @@ impl Superblock {
             return None;
         }
         let version = u32::from_le_bytes(slot[8..12].try_into().ok()?);
-        if ![FORMAT_VERSION, FORMAT_V3, FORMAT_V2, FORMAT_V1].contains(&version) {
+        if ![FORMAT_VERSION, FORMAT_V4, FORMAT_V3, FORMAT_V2, FORMAT_V1].contains(&version) {
             return None;
         }
         let len = u32::from_le_bytes(slot[12..16].try_into().ok()?) as usize;
@@ -501,12 +508,14 @@ impl Superblock {
         }
         let sb: Self = if version != FORMAT_VERSION {
             // The fields an older format lacks, as postcard encodes 0 and false: one byte
-            // each (format 1: the two terms, `lost_writes`, `peer_left` and `handed_over`;
-            // format 2: the last three; format 3: the last two).
+            // each (format 1: the two terms, `lost_writes`, `peer_left`, `handed_over` and
+            // the two of `peer_durable`; format 2: the last five; format 3: the last four;
+            // format 4: the last two).
             let missing: &[u8] = match version {
-                FORMAT_V1 => &[0, 0, 0, 0, 0],
-                FORMAT_V2 => &[0, 0, 0],
-                _ => &[0, 0],
+                FORMAT_V1 => &[0; 7],
+                FORMAT_V2 => &[0; 5],
+                FORMAT_V3 => &[0; 4],
+                _ => &[0; 2],
             };
             let mut payload = slot[16..end].to_vec();
             payload.extend_from_slice(missing);
@@ -522,6 +531,7 @@ impl Superblock {
             sb.issued_seq,
             sb.journal_pos,
             sb.journal_seq,
+            sb.peer_durable.1,
         ];
         counters.iter().all(|&c| c < COUNTER_LIMIT).then_some(sb)
     }
@@ -800,6 +810,7 @@ impl MetaStore {
             lost_writes: false,
             peer_left: false,
             handed_over: false,
+            peer_durable: (0, 0),
         };
         let mut store = MetaStore {
             file: Arc::new(file),
@@ -1080,13 +1091,14 @@ mod tests {
             lost_writes: true,
             peer_left: true,
             handed_over: true,
+            peer_durable: (0xabc, 7),
         }
     }
 
     /// A slot of format 1 (no term fields, no `lost_writes`), built by hand as that format
     /// wrote it.
     fn v1_slot(sb: &Superblock) -> Vec<u8> {
-        old_slot(sb, FORMAT_V1, 5)
+        old_slot(sb, FORMAT_V1, 7)
     }
 
     /// A slot of an older format: the current payload without its last `missing` bytes
@@ -1162,10 +1174,11 @@ mod tests {
             lost_writes: false,
             peer_left: false,
             handed_over: false,
+            peer_durable: (0, 0),
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V2, 3)),
+            Superblock::decode(&old_slot(&old, FORMAT_V2, 5)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1180,15 +1193,33 @@ mod tests {
         let old = Superblock {
             peer_left: false,
             handed_over: false,
+            peer_durable: (0, 0),
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V3, 2)),
+            Superblock::decode(&old_slot(&old, FORMAT_V3, 4)),
             Some(old.clone())
         );
         let new = Superblock {
             peer_left: true,
             handed_over: true,
+            ..old
+        };
+        assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
+    }
+
+    #[test]
+    fn a_format_4_superblock_is_read_with_nothing_heard_of_the_peer() {
+        let old = Superblock {
+            peer_durable: (0, 0),
+            ..sb()
+        };
+        assert_eq!(
+            Superblock::decode(&old_slot(&old, FORMAT_V4, 2)),
+            Some(old.clone())
+        );
+        let new = Superblock {
+            peer_durable: (0x1234_5678_9abc_def0, 1 << 40),
             ..old
         };
         assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
@@ -1201,6 +1232,7 @@ mod tests {
             lost_writes: false,
             peer_left: false,
             handed_over: false,
+            peer_durable: (0, 0),
             ..sb()
         }
     }

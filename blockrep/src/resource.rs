@@ -130,6 +130,11 @@ pub struct Resource {
     connections: std::sync::atomic::AtomicU64,
     /// Came up after going down as primary without `down`: only a resync brings it back.
     crashed_primary: std::sync::atomic::AtomicBool,
+    /// What the peer last said its disk holds, as (data generation, issued sequence) (see
+    /// `Msg::Durable`): told back to it at the next connect, where a peer holding less at
+    /// that generation went back in time. Committed with the superblock's next write (a
+    /// secondary's at every flush point of the stream: `Superblock::peer_durable`).
+    peer_durable_issued: Mutex<(u64, u64)>,
     /// Counts [`Self::mark_inconsistent`] calls and invalidations: the end of a resync commits
     /// the disk up to date only if none came while it was finishing (see `SyncDone` in
     /// peer/secondary.rs).
@@ -333,6 +338,7 @@ impl Resource {
             )));
         }
         let crashed = meta.sb.was_primary && cfg.peer.is_some();
+        let peer_durable = meta.sb.peer_durable;
         if meta.sb.was_primary {
             tracing::warn!(
                 "node {} was primary when it stopped last: it did not go down cleanly",
@@ -444,6 +450,7 @@ impl Resource {
             }),
             connections: std::sync::atomic::AtomicU64::new(0),
             crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
+            peer_durable_issued: Mutex::new(peer_durable),
             disk_failures: std::sync::atomic::AtomicU64::new(0),
             disk_lost_marked: std::sync::atomic::AtomicBool::new(false),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
@@ -770,9 +777,17 @@ impl Resource {
         f: impl FnOnce(&mut Superblock) -> Result<T, NodeError> + Send + 'static,
     ) -> Result<T, NodeError> {
         let meta = self.meta.clone();
-        tokio::task::spawn_blocking(move || MetaStore::update(&meta, f))
-            .await
-            .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
+        // Every commit carries what the peer last said its disk holds (nothing else writes
+        // it: it only ever moves with the peer's word).
+        let heard = self.peer_durable_heard();
+        tokio::task::spawn_blocking(move || {
+            MetaStore::update(&meta, |sb| {
+                sb.peer_durable = heard;
+                f(sb)
+            })
+        })
+        .await
+        .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
     }
 
     /// [`Self::update_meta`] that writes nothing when nothing changes (see
@@ -975,6 +990,7 @@ impl Resource {
 
     /// What this node tells its peer.
     pub fn node_state(&self) -> NodeState {
+        let known = self.peer_durable_heard();
         let (disk, gen, promoted_ms, durable) = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
             (m.sb.disk, m.sb.gen, m.sb.promoted_ms, m.sb.applied_seq)
@@ -1015,7 +1031,41 @@ impl Resource {
                 .load(std::sync::atomic::Ordering::SeqCst),
             promoted_ms,
             disk_failed: self.device.sync_failed(),
+            peer_durable_gen: known.0,
+            peer_durable_issued: known.1,
         }
+    }
+
+    /// What this node's disk holds: its data generation and the sequence it had issued
+    /// through, as its superblock last committed them. A restart after any crash reads at
+    /// least this back (`issued` at `up` is never below the superblock's); the records of the
+    /// last flush or so are not in it yet (a later mark that counted them from the journal
+    /// could name records a restart does not find: a gap at a checkpoint that moved on).
+    pub fn durable_issued_mark(&self) -> (u64, u64) {
+        let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        (m.sb.gen.current, m.sb.issued_seq)
+    }
+
+    /// What the peer last said its disk holds (see `Msg::Durable`).
+    pub fn peer_durable_heard(&self) -> (u64, u64) {
+        *self
+            .peer_durable_issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The peer's `Msg::Durable`: kept (the highest at one generation) and told back to it
+    /// at the next connect.
+    pub fn note_peer_durable(&self, gen: u64, issued: u64) {
+        let mut k = self
+            .peer_durable_issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *k = if k.0 == gen {
+            (gen, k.1.max(issued))
+        } else {
+            (gen, issued)
+        };
     }
 
     /// `outdate` (DRBD's `drbdadm outdate`, what a primary's `fence-peer` handler calls on
@@ -2342,6 +2392,14 @@ impl Resource {
             seq_received: received,
             seq_applied: applied,
             seq_durable: durable,
+            peer_issued_durable: {
+                let st = self.node_state();
+                if st.peer_durable_gen == st.gen.current {
+                    st.peer_durable_issued
+                } else {
+                    0
+                }
+            },
             lag_writes: lag_w,
             lag_bytes: lag_b,
             bytes_sent: rep
@@ -2886,7 +2944,7 @@ impl Resource {
             if let Some((i, mark)) = issued {
                 // Its own records count as applied here, under its own term.
                 sb.advance_applied(mark);
-                sb.issued_seq = i;
+                sb.issued_seq = sb.issued_seq.max(i);
             }
             if lacks {
                 sb.gen = state::new_generation(sb.gen, new_id);
@@ -3087,7 +3145,7 @@ impl Resource {
         // One commit, so that no concurrent update can undo part of it.
         self.commit_meta(move |sb| {
             if let Some((issued, applied, settled)) = marks {
-                sb.issued_seq = issued;
+                sb.issued_seq = sb.issued_seq.max(issued);
                 if settled {
                     sb.advance_applied(applied);
                 }

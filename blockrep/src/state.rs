@@ -590,6 +590,55 @@ pub fn names_a_generation(id: u64) -> bool {
     id != 0 && id != crate::meta::UUID_JUST_CREATED
 }
 
+/// One node's side of the check for a disk that went back in time (see [`back_in_time`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Its current data generation.
+    pub current: u64,
+    /// The highest sequence its disk holds, issued as primary or applied as secondary (one
+    /// sequence space per pair).
+    pub high: u64,
+    pub primary: bool,
+    /// Its disk is up to date (only such a disk is the source of a full sync here).
+    pub up_to_date: bool,
+    /// What it was told the *other* node's metadata held on disk: (generation, issued).
+    pub told: (u64, u64),
+}
+
+/// Whether a node holding `high` at generation `current` went back in time: its peer heard
+/// from it, at that same generation, that its metadata held `told` on disk, and a restart
+/// after any crash reads back at least that much (the mark is sent only once committed).
+/// Holding less, its disk and metadata were restored from an image of an earlier point (or
+/// its disk lost flushed writes).
+pub fn went_back(current: u64, high: u64, told: (u64, u64)) -> bool {
+    names_a_generation(told.0) && told.0 == current && high < told.1
+}
+
+/// At one data generation, a secondary that went back in time (see [`went_back`]) beside
+/// a peer that holds at least as far is the target of a full sync from that peer: an image of
+/// a primary restored with its metadata comes back as a crashed primary, and its old hot
+/// extents must not go over the peer's newer writes; what the peer received since the
+/// image's point is in no bitmap (a secondary keeps none of what it applies), so all of it.
+/// `None`: nothing to say (neither went back, both did, the one that did is primary, the
+/// other's disk is not up to date, or the one that went back still holds more than its peer:
+/// then its data is the newer, and the usual rules hold).
+pub fn back_in_time(me: &Held, peer: &Held) -> Option<SyncDecision> {
+    if me.current != peer.current {
+        return None;
+    }
+    let me_back = went_back(me.current, me.high, peer.told);
+    let peer_back = went_back(peer.current, peer.high, me.told);
+    match (me_back, peer_back) {
+        (true, false) if !me.primary && peer.up_to_date && peer.high >= me.high => {
+            Some(SyncDecision::TargetFull)
+        }
+        (false, true) if !peer.primary && me.up_to_date && me.high >= peer.high => {
+            Some(SyncDecision::SourceFull)
+        }
+        _ => None,
+    }
+}
+
 /// Whether a peer with generations `peer` has data this node lacks and no data of this
 /// node's is newer (it is the sync source): promoting this node over it would lose its writes.
 pub fn peer_is_ahead(me: &Generations, peer: &Generations) -> bool {
@@ -1149,5 +1198,91 @@ mod sb_tests {
             resolve_split_brain(AfterSb0Pri::Disconnect, source, target),
             None
         );
+    }
+}
+
+#[cfg(test)]
+mod back_in_time_tests {
+    use super::SyncDecision::*;
+    use super::*;
+
+    const G: u64 = 0x1111;
+
+    fn held(high: u64, told: (u64, u64)) -> Held {
+        Held {
+            current: G,
+            high,
+            primary: false,
+            up_to_date: true,
+            told,
+        }
+    }
+
+    #[test]
+    fn a_restored_primary_image_behind_what_it_told_its_peer_is_the_target_of_a_full_sync() {
+        // Alpha (restored, a crashed primary) holds through 100; beta applied through 500
+        // and was told alpha's metadata held 400 at this generation.
+        let alpha = held(100, (0, 0));
+        let beta = held(500, (G, 400));
+        assert_eq!(back_in_time(&alpha, &beta), Some(TargetFull));
+        assert_eq!(back_in_time(&beta, &alpha), Some(SourceFull));
+    }
+
+    #[test]
+    fn a_crash_reads_back_at_least_what_was_told_so_it_is_no_rollback() {
+        for high in [400, 401, 900] {
+            let alpha = held(high, (0, 0));
+            let beta = held(500, (G, 400));
+            assert_eq!(back_in_time(&alpha, &beta), None, "high {high}");
+            assert_eq!(back_in_time(&beta, &alpha), None, "high {high}");
+        }
+    }
+
+    #[test]
+    fn a_mark_of_another_generation_or_none_says_nothing() {
+        let alpha = held(100, (0, 0));
+        for told in [
+            (0, 400),
+            (0x2222, 400),
+            (crate::meta::UUID_JUST_CREATED, 400),
+        ] {
+            let beta = held(500, told);
+            assert_eq!(back_in_time(&alpha, &beta), None, "{told:?}");
+        }
+        // Two nodes at different generations: the generations decide.
+        let beta = Held {
+            current: 0x2222,
+            ..held(500, (G, 400))
+        };
+        assert_eq!(back_in_time(&alpha, &beta), None);
+    }
+
+    #[test]
+    fn a_rolled_back_node_still_ahead_of_its_peer_keeps_the_usual_rules() {
+        // Alpha lost what it told (400) but holds 300; beta applied only through 200: alpha's
+        // data is still the newer, and its crashed-primary resync brings beta up.
+        let alpha = held(300, (0, 0));
+        let beta = held(200, (G, 400));
+        assert_eq!(back_in_time(&alpha, &beta), None);
+    }
+
+    #[test]
+    fn a_primary_or_two_rolled_back_nodes_are_left_to_the_usual_rules() {
+        let alpha = Held {
+            primary: true,
+            ..held(100, (G, 50))
+        };
+        let beta = held(500, (G, 400));
+        assert_eq!(back_in_time(&alpha, &beta), None);
+        let both = held(100, (G, 600));
+        assert_eq!(back_in_time(&both, &beta), None);
+        // The other node's disk is not up to date: it is no source of everything.
+        let alpha = held(100, (0, 0));
+        let beta = Held {
+            up_to_date: false,
+            ..held(500, (G, 400))
+        };
+        assert_eq!(back_in_time(&alpha, &beta), None);
+        assert_eq!(back_in_time(&beta, &alpha), None);
     }
 }

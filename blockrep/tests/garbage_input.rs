@@ -58,6 +58,10 @@ fn random_superblock(rng: &mut Rng) -> Superblock {
         lost_writes: false,
         peer_left: rng.bool(),
         handed_over: rng.bool(),
+        peer_durable: (
+            rng.u64_edge(),
+            rng.u64_edge() % blockrep::meta::COUNTER_LIMIT,
+        ),
     }
 }
 

@@ -19,7 +19,7 @@ pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// source checks against what the target acknowledged before any resync).
 /// 14: a resync's target forgets its own bitmap at the SyncStart, which the source sends
 /// only once the merged bitmap is on its disk.
-pub const PROTOCOL_VERSION: u32 = 15;
+pub const PROTOCOL_VERSION: u32 = 16;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -84,6 +84,13 @@ pub struct NodeState {
     /// A sync of this node's disk failed since its `up` (protocol 11): it can take no data
     /// until repaired, so two secondaries stay connected without a resync.
     pub disk_failed: bool,
+    /// What the peer told this node its metadata holds durably (protocol 16, see
+    /// [`Msg::Durable`]): at data generation `peer_durable_gen` (0: nothing heard since this
+    /// daemon started), the peer had issued through sequence `peer_durable_issued`. A peer
+    /// that comes back at that generation holding less lost what it had made durable (a disk
+    /// restored from an image of itself with its metadata).
+    pub peer_durable_gen: u64,
+    pub peer_durable_issued: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -252,6 +259,15 @@ pub enum Msg {
     OutOfSync {
         offset: u64,
         len: u64,
+    },
+    /// Source to target, beside the stream (protocol 16): the sender's metadata holds, on
+    /// its disk, that at data generation `gen` it issued through sequence `issued`. A restart
+    /// after any crash reads at least that much back, so the receiver remembers it: a node
+    /// that comes back at `gen` with less went back in time (an image of its disk restored
+    /// with its metadata), and is not the source of its old hot extents.
+    Durable {
+        gen: u64,
+        issued: u64,
     },
 }
 

@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 24;
+const VARIANTS: usize = 25;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -91,6 +91,7 @@ fn variant(m: &Msg) -> usize {
         Msg::Leaving { .. } => 21,
         Msg::Protocol { .. } => 22,
         Msg::OutOfSync { .. } => 23,
+        Msg::Durable { .. } => 24,
     }
 }
 
@@ -139,6 +140,8 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             discard_my_data: rng.bool(),
             promoted_ms: rng.u64_edge(),
             disk_failed: rng.bool(),
+            peer_durable_gen: rng.u64_edge(),
+            peer_durable_issued: rng.u64_edge(),
         }),
         4 => {
             let d = data(rng, 1);
@@ -226,6 +229,10 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         23 => Msg::OutOfSync {
             offset: rng.u64_edge(),
             len: rng.u64_edge(),
+        },
+        24 => Msg::Durable {
+            gen: rng.u64_edge(),
+            issued: rng.u64_edge(),
         },
         18 => Msg::SkipSync {
             gen: rng.u64_edge(),

@@ -386,6 +386,128 @@ fn a_secondary_disk_restored_from_an_old_snapshot_is_fully_resynced() {
     );
 }
 
+/// Trial 8's finding: an image of the primary's disk, metadata included, restored at the
+/// peer's generation came back as a crashed primary and resynced its old hot extents over
+/// the peer's newer writes (its other extents kept the image's data beside the peer's newer
+/// ones). The peer remembers what the primary's disk held (`Msg::Durable`); the restored node
+/// holds less, so it is the target of a full sync from the peer and both end with the newer
+/// data. Before the fix: alpha was the source, and the newer writes were gone.
+#[test]
+fn a_primary_disk_restored_from_an_image_of_itself_is_resynced_from_its_peer() {
+    restored_primary_image("primary-restored", false);
+}
+
+/// The same with the peer's daemon restarted in between: what it heard is in its metadata.
+#[test]
+fn a_restored_primary_image_is_recognised_by_a_peer_restarted_since() {
+    restored_primary_image("primary-restored-peer-restarted", true);
+}
+
+fn restored_primary_image(name: &str, restart_beta: bool) {
+    let c = pair_cluster(name);
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let write_in = |off: u64, data: &[u8], piece: u64| {
+        let mut r = a.raw_open();
+        for (i, chunk) in data.chunks(piece as usize).enumerate() {
+            r.write_at(off + i as u64 * piece, chunk, 0).expect("write");
+        }
+        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        r.disconnect();
+    };
+    let write = |off: u64, data: &[u8]| write_in(off, data, MIB);
+    write(0, &random_bytes(4 * MIB as usize));
+    c.wait_in_sync(SYNC_TIMEOUT);
+    // The image: alpha is primary and idle, its hot extents in its activity log.
+    let at_image = a.repl()["seq_written"].as_u64().unwrap_or(0);
+    let image = c.dir().join("alpha-image.img");
+    std::fs::copy(a.backing_path(), &image).expect("image alpha's disk");
+    // Newer writes, flushed and replicated: over the image's hot extents and elsewhere.
+    let hot = random_bytes(2 * MIB as usize);
+    let cold = random_bytes(8 * MIB as usize);
+    write(0, &hot);
+    // In 2048 small writes: more sequences than the full sync below takes, so that alpha,
+    // synced in full, still holds less than the mark beta heard (see the end).
+    write_in(24 * MIB, &cold, 4096);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    b.wait_repl(
+        Duration::from_secs(20),
+        "beta heard that alpha's disk holds the newer writes",
+        |r| r["peer_issued_durable"].as_u64().unwrap_or(0) > at_image,
+    );
+    if restart_beta {
+        // Beta goes down cleanly (its last commit carries what it heard) and stays down
+        // until alpha is back: all it knows then is in its metadata.
+        b.down();
+    }
+    let pids = a.pids();
+    a.kill9();
+    for p in pids {
+        assert!(
+            wait_pid_gone(p, Duration::from_secs(10)),
+            "alpha survived SIGKILL"
+        );
+    }
+    std::fs::copy(&image, a.backing_path()).expect("restore alpha's disk from its image");
+    let (ma, mb) = (log_text(a).lines().count(), log_text(b).lines().count());
+    if restart_beta {
+        b.up();
+    }
+    a.up();
+    let seen = wait_synced(
+        &c,
+        Duration::from_secs(90),
+        "alpha resynced after its restore",
+    );
+    assert!(
+        !Seen::has(&seen.beta, "sync-target"),
+        "beta was resynced from alpha's old image: {seen:?}"
+    );
+    let said = |n: &Node, mark: usize| {
+        log_text(n)
+            .lines()
+            .skip(mark)
+            .any(|l| l.contains("alpha's disk went back in time"))
+    };
+    assert!(
+        said(a, ma) && said(b, mb),
+        "the restore was not named on both nodes ({seen:?}):\nalpha:\n{}\nbeta:\n{}",
+        log_text(a),
+        log_text(b)
+    );
+    c.assert_replicas_identical(size, "after alpha's restore and resync");
+    for (n, name) in [(a, "alpha"), (b, "beta")] {
+        let d = n.backing_data(32 * MIB);
+        assert_same_bytes(
+            &d[..2 * MIB as usize],
+            &hot,
+            &format!("{name}'s newer hot writes"),
+        );
+        assert_same_bytes(
+            &d[24 * MIB as usize..],
+            &cold,
+            &format!("{name}'s newer writes elsewhere"),
+        );
+    }
+    // Review finding: synced in full, alpha's sequences stay below the mark beta heard from
+    // its old disk; kept, that mark made every later connect another full sync.
+    let (ma, mb) = (log_text(a).lines().count(), log_text(b).lines().count());
+    a.down();
+    a.up();
+    let seen = wait_synced(&c, Duration::from_secs(30), "in sync again after a restart");
+    assert!(
+        !Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.beta, "sync-source"),
+        "a second resync after alpha's restart: {seen:?}"
+    );
+    assert!(
+        !said(a, ma) && !said(b, mb),
+        "alpha taken for a rollback again:\n{}",
+        log_text(b)
+    );
+}
+
 /// Review finding: a resync target's disk goes back in time midway (a write cache that
 /// ignored the resync's flushes, or a snapshot restored): the regions it had acknowledged as
 /// durable were cleared from the source's bitmap, and the next connect, seeing an

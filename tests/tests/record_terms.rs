@@ -206,7 +206,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         f.read_exact_at(&mut slot, slot_at).unwrap();
         let version = u32::from_le_bytes(slot[8..12].try_into().unwrap());
         let len = u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
-        if !(2..=4).contains(&version) || 16 + len + 4 > slot.len() {
+        if !(2..=5).contains(&version) || 16 + len + 4 > slot.len() {
             continue;
         }
         let crc = u32::from_le_bytes(slot[16 + len..20 + len].try_into().unwrap());
@@ -214,6 +214,18 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         // The two terms are the last fields: postcard varints, 1 to 10 bytes each, ending
         // in a byte below 0x80. Cut them off from the end.
         let mut end = 16 + len;
+        let cut_varint = |end: &mut usize| {
+            *end -= 1;
+            while *end > 16 && slot[*end - 1] >= 0x80 {
+                *end -= 1;
+            }
+        };
+        if version >= 5 {
+            // `peer_durable`: two varints (what the peer said its disk holds).
+            for _ in 0..2 {
+                cut_varint(&mut end);
+            }
+        }
         if version >= 4 {
             // `peer_left` and `handed_over`: one byte each (0 or 1: the nodes record a clean
             // leave of either side), which format 1 did not have.
@@ -231,10 +243,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
             end -= 1;
         }
         for _ in 0..2 {
-            end -= 1;
-            while end > 16 && slot[end - 1] >= 0x80 {
-                end -= 1;
-            }
+            cut_varint(&mut end);
         }
         let new_len = end - 16;
         let mut out = slot[..end].to_vec();
@@ -249,7 +258,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
     f.sync_all().unwrap();
     assert!(
         rewritten >= 1,
-        "{}: no superblock of format 2 to 4",
+        "{}: no superblock of format 2 to 5",
         backing.display()
     );
 }
@@ -347,7 +356,7 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
     for n in [a, b] {
         let dump = n.ctl_ok(&["dump-md"]).stdout;
         assert!(
-            dump.contains("format          4\n")
+            dump.contains("format          5\n")
                 && !dump.contains("applied-term    0000000000000000"),
             "{}: not upgraded:\n{dump}",
             n.name()

@@ -316,10 +316,11 @@ pub(super) fn marks_in_bounds(st: &NodeState) -> Result<(), String> {
         st.durable_seq,
         st.issued_seq,
         st.journal_first_seq,
+        st.peer_durable_issued,
     ];
     if marks.iter().any(|&m| m >= COUNTER_LIMIT) {
         return Err(format!(
-            "the peer's sequence marks (applied, durable, issued, journal) {marks:?} are out of bounds (limit {COUNTER_LIMIT})"
+            "the peer's sequence marks (applied, durable, issued, journal, this node's durable issued) {marks:?} are out of bounds (limit {COUNTER_LIMIT})"
         ));
     }
     // Its size may shrink this node's export (see `Resource::agree_size`): no smaller than
@@ -369,6 +370,8 @@ mod tests {
             discard_my_data: false,
             promoted_ms: 0,
             disk_failed: false,
+            peer_durable_gen: 3,
+            peer_durable_issued: 9,
         };
         assert_eq!(marks_in_bounds(&ok), Ok(()));
         let bad = [
@@ -386,6 +389,10 @@ mod tests {
             },
             NodeState {
                 journal_first_seq: COUNTER_LIMIT,
+                ..ok.clone()
+            },
+            NodeState {
+                peer_durable_issued: u64::MAX,
                 ..ok.clone()
             },
         ];

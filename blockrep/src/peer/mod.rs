@@ -881,9 +881,47 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let journal_ok = matches!(decision, SyncDecision::InSync | SyncDecision::SourceBitmap);
     // `connect --discard-my-data` on one side settles a split brain (or any difference) in
     // favour of the other.
+    // Same generation, but one side holds less than it told the other its metadata held on
+    // disk: it went back in time (an image of its disk restored with its metadata), and is
+    // the target of a full sync from the other, not the source of its old hot extents.
+    let back = if by_generations == SyncDecision::InSync {
+        let held = |s: &NodeState| state::Held {
+            current: s.gen.current,
+            high: s.issued_seq.max(s.applied_seq),
+            primary: s.primary,
+            up_to_date: s.disk == 2,
+            told: (s.peer_durable_gen, s.peer_durable_issued),
+        };
+        state::back_in_time(&held(&me), &held(&peer))
+    } else {
+        None
+    };
+    if let Some(d) = back {
+        let (node, held, told) = if d == SyncDecision::TargetFull {
+            (
+                res.cfg().me.name.clone(),
+                me.issued_seq.max(me.applied_seq),
+                peer.peer_durable_issued,
+            )
+        } else {
+            (
+                peer_name(res),
+                peer.issued_seq.max(peer.applied_seq),
+                me.peer_durable_issued,
+            )
+        };
+        tracing::warn!(
+            "{node}'s disk went back in time: at generation {:016X} it holds through sequence {held}, but its metadata held {told} on disk before (its disk was restored from an image or snapshot, or lost flushed writes); it is the target of a full sync from the other node, whose data is newer",
+            me.gen.current
+        );
+        decision = d;
+    }
     // Same generation, but one side crashed as primary: its hot extents may hold writes the
     // other never got (DRBD's crashed-primary rule): it is the source for them.
-    if decision == SyncDecision::InSync && me.crashed_primary != peer.crashed_primary {
+    if back.is_none()
+        && decision == SyncDecision::InSync
+        && me.crashed_primary != peer.crashed_primary
+    {
         decision = if me.crashed_primary {
             SyncDecision::SourceBitmap
         } else {
@@ -900,12 +938,12 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let same_gen = by_generations == SyncDecision::InSync;
     let me_disk = state::effective_disk(
         me.disk,
-        me.crashed_primary && !peer.crashed_primary,
+        me.crashed_primary && !peer.crashed_primary && back.is_none(),
         same_gen,
     );
     let peer_disk = state::effective_disk(
         peer.disk,
-        peer.crashed_primary && !me.crashed_primary,
+        peer.crashed_primary && !me.crashed_primary && back.is_none(),
         same_gen,
     );
     // The mark goes only once the resync of the hot extents has ended (the source's end
@@ -939,7 +977,9 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     if !discard_applies {
         match disk_rule {
             state::DiskRule::Keep => {}
-            state::DiskRule::Set(d) => decision = d,
+            // (The same direction when a node went back in time, which is a full sync.)
+            state::DiskRule::Set(d) if back.is_none() => decision = d,
+            state::DiskRule::Set(_) => {}
             rule => {
                 let (newer, bad, older, disk, fix) = if rule == state::DiskRule::MineNewerButBad {
                     let newer = "this node has writes the peer lacks";

@@ -70,7 +70,13 @@ pub(super) async fn primary_side(
         Ok(s) => (s, None),
         Err(e) => {
             let full = decision == SyncDecision::SourceFull;
-            let seen = peer.applied_seq.max(peer.issued_seq);
+            // Past what the peer said its disk held too: the target commits the stream's
+            // start as its mark at SyncStart, so a node fully synced after going back in time
+            // (or replaced) ends above it, and no later connect takes it for a rollback.
+            let seen = peer
+                .applied_seq
+                .max(peer.issued_seq)
+                .max(res.peer_durable_heard().1);
             let start = rep.start_resync(Some(&peer_bitmap), full, res.device().size(), seen);
             let bytes = rep.lock().bitmap.dirty_bytes();
             // The bitmap as merged (every bit, for a full sync) is on disk before the
@@ -334,12 +340,22 @@ pub(super) async fn primary_side(
             // So does this node's disk state when it changes (a disk that failed): the peer
             // shows it, and keeps the good copy (see `Resource::peer_disk_failed`).
             let mut last_disk = me.disk;
+            // And what this node's metadata holds on disk, as it moves: the peer remembers
+            // it, and a later connect in which this node holds less (its disk restored from
+            // an image of itself) makes the peer the source (see `state::went_back`).
+            let mut last_durable = (0, 0);
             loop {
                 tokio::time::sleep(VERIFY_REPORT_INTERVAL).await;
                 let now = res.node_state();
                 if now.disk != last_disk {
                     last_disk = now.disk;
                     let _ = side_tx.send(Msg::State(now)).await;
+                }
+                let durable = res.durable_issued_mark();
+                if durable != last_durable && state::names_a_generation(durable.0) {
+                    last_durable = durable;
+                    let (gen, issued) = durable;
+                    let _ = side_tx.send(Msg::Durable { gen, issued }).await;
                 }
                 let r = res.verify_report();
                 if r.is_some() && r != last {

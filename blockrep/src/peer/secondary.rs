@@ -616,6 +616,17 @@ pub(super) async fn secondary_side(
                             peer_protocol(res, protocol).await?;
                             continue;
                         }
+                        Msg::Durable { gen, issued } => {
+                            // Told back to the source at the next connect (see
+                            // `state::went_back`); a sequence past the bound is no mark.
+                            if issued >= COUNTER_LIMIT {
+                                return Err(LinkError::Protocol(format!(
+                                    "the source reports issued sequence {issued} durable (sequences run to {COUNTER_LIMIT})"
+                                )));
+                            }
+                            res.note_peer_durable(gen, issued);
+                            continue;
+                        }
                         Msg::OutOfSync { offset, len } => {
                             let size = res.device().size();
                             if len == 0 || offset.checked_add(len).is_none_or(|end| end > size)
