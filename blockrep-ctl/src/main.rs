@@ -609,7 +609,7 @@ fn dump_md(cfg: &Config) -> Result<()> {
     println!("handed-over     {}", sb.handed_over);
     // What the peer last said its disk holds (a restored image of it holds less).
     println!(
-        "peer-durable    gen {:016X} issued {}",
+        "peer-durable    gen {:016X} seq {}",
         sb.peer_durable.0, sb.peer_durable.1
     );
     println!("data-size       {}", l.data_size);

@@ -447,10 +447,11 @@ pub struct Superblock {
     /// this node is not promoted without --force (not by a fence either: an unreachable peer
     /// may be the primary now).
     pub handed_over: bool,
-    /// What the peer last told this node its disk holds, as (data generation, sequence it
-    /// had issued through) (see `Msg::Durable`; (0, 0): nothing heard). Told back to it at
-    /// the next connect, where a peer holding less at that generation went back in time (its
-    /// disk restored from an image): kept across this node's restarts for that.
+    /// What the peer last told this node its disk holds, as (data generation, highest
+    /// sequence): a source's committed issued mark (`Msg::Durable`) or a target's durable
+    /// acknowledgement; (0, 0): nothing heard. Told back to it at the next connect, where a
+    /// peer holding less at that generation went back in time (its disk restored from an
+    /// image): kept across this node's restarts for that.
     pub peer_durable: (u64, u64),
 }
 
@@ -569,6 +570,9 @@ pub struct MetaStore {
     /// The format of the superblock as read from disk (the next commit writes
     /// [`FORMAT_VERSION`]).
     pub format: u32,
+    /// What the peer last said its disk holds (see `Superblock::peer_durable`): every
+    /// commit, whatever its path (a checkpoint of the journal too), writes the latest.
+    pub heard: (u64, u64),
 }
 
 fn size_of(file: &File, path: &Path) -> Result<u64, MetaError> {
@@ -818,6 +822,7 @@ impl MetaStore {
             path,
             sb,
             format: FORMAT_VERSION,
+            heard: (0, 0),
         };
         let io = |source| MetaError::Io {
             path: store.path.clone(),
@@ -919,12 +924,14 @@ impl MetaStore {
                 ),
             });
         }
+        let heard = sb.peer_durable;
         Ok(MetaStore {
             file: Arc::new(file),
             io: Arc::default(),
             path,
             sb,
             format,
+            heard,
         })
     }
 
@@ -1011,6 +1018,11 @@ impl MetaStore {
             let m = lock();
             // On a copy, so that a refusal leaves the store as it was.
             let mut sb = m.sb.clone();
+            // (Not where only a change is written: the mark alone is no reason to write, and
+            // on a disk whose writes fail such a write would fail a connect.)
+            if mode != Mode::SkipUnchanged {
+                sb.peer_durable = m.heard;
+            }
             let t = f(&mut sb)?;
             if sb.disk != DiskState::Inconsistent {
                 // Made up to date (a resync's end, a forced promotion, a skipped sync) or

@@ -130,11 +130,6 @@ pub struct Resource {
     connections: std::sync::atomic::AtomicU64,
     /// Came up after going down as primary without `down`: only a resync brings it back.
     crashed_primary: std::sync::atomic::AtomicBool,
-    /// What the peer last said its disk holds, as (data generation, issued sequence) (see
-    /// `Msg::Durable`): told back to it at the next connect, where a peer holding less at
-    /// that generation went back in time. Committed with the superblock's next write (a
-    /// secondary's at every flush point of the stream: `Superblock::peer_durable`).
-    peer_durable_issued: Mutex<(u64, u64)>,
     /// Counts [`Self::mark_inconsistent`] calls and invalidations: the end of a resync commits
     /// the disk up to date only if none came while it was finishing (see `SyncDone` in
     /// peer/secondary.rs).
@@ -338,7 +333,6 @@ impl Resource {
             )));
         }
         let crashed = meta.sb.was_primary && cfg.peer.is_some();
-        let peer_durable = meta.sb.peer_durable;
         if meta.sb.was_primary {
             tracing::warn!(
                 "node {} was primary when it stopped last: it did not go down cleanly",
@@ -450,7 +444,6 @@ impl Resource {
             }),
             connections: std::sync::atomic::AtomicU64::new(0),
             crashed_primary: std::sync::atomic::AtomicBool::new(crashed),
-            peer_durable_issued: Mutex::new(peer_durable),
             disk_failures: std::sync::atomic::AtomicU64::new(0),
             disk_lost_marked: std::sync::atomic::AtomicBool::new(false),
             discard_my_data: std::sync::atomic::AtomicBool::new(false),
@@ -777,17 +770,9 @@ impl Resource {
         f: impl FnOnce(&mut Superblock) -> Result<T, NodeError> + Send + 'static,
     ) -> Result<T, NodeError> {
         let meta = self.meta.clone();
-        // Every commit carries what the peer last said its disk holds (nothing else writes
-        // it: it only ever moves with the peer's word).
-        let heard = self.peer_durable_heard();
-        tokio::task::spawn_blocking(move || {
-            MetaStore::update(&meta, |sb| {
-                sb.peer_durable = heard;
-                f(sb)
-            })
-        })
-        .await
-        .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
+        tokio::task::spawn_blocking(move || MetaStore::update(&meta, f))
+            .await
+            .map_err(|e| NodeError::Refused(format!("metadata task failed: {e}")))?
     }
 
     /// [`Self::update_meta`] that writes nothing when nothing changes (see
@@ -1032,7 +1017,7 @@ impl Resource {
             promoted_ms,
             disk_failed: self.device.sync_failed(),
             peer_durable_gen: known.0,
-            peer_durable_issued: known.1,
+            peer_durable_seq: known.1,
         }
     }
 
@@ -1046,25 +1031,26 @@ impl Resource {
         (m.sb.gen.current, m.sb.issued_seq)
     }
 
-    /// What the peer last said its disk holds (see `Msg::Durable`).
+    /// What the peer last said its disk holds, as (data generation, highest sequence): a
+    /// source's `Msg::Durable` (what it issued, committed), or a target's acknowledged
+    /// durable mark. Told back to it at the next connect, where a peer holding less at that
+    /// generation went back in time; kept in the metadata with its next commit (a
+    /// secondary's at every flush point of the stream, a primary's at its journal
+    /// checkpoints).
     pub fn peer_durable_heard(&self) -> (u64, u64) {
-        *self
-            .peer_durable_issued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.meta.lock().unwrap_or_else(|p| p.into_inner()).heard
     }
 
-    /// The peer's `Msg::Durable`: kept (the highest at one generation) and told back to it
-    /// at the next connect.
-    pub fn note_peer_durable(&self, gen: u64, issued: u64) {
-        let mut k = self
-            .peer_durable_issued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *k = if k.0 == gen {
-            (gen, k.1.max(issued))
+    /// The peer says its disk holds sequence `seq` at data generation `gen` (0: this node's
+    /// current one, read under the same lock): kept (the highest at one generation) and told
+    /// back to it at the next connect.
+    pub fn note_peer_durable(&self, gen: u64, seq: u64) {
+        let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let gen = if gen == 0 { m.sb.gen.current } else { gen };
+        m.heard = if m.heard.0 == gen {
+            (gen, m.heard.1.max(seq))
         } else {
-            (gen, issued)
+            (gen, seq)
         };
     }
 
@@ -2392,10 +2378,10 @@ impl Resource {
             seq_received: received,
             seq_applied: applied,
             seq_durable: durable,
-            peer_issued_durable: {
+            peer_disk_holds: {
                 let st = self.node_state();
                 if st.peer_durable_gen == st.gen.current {
-                    st.peer_durable_issued
+                    st.peer_durable_seq
                 } else {
                     0
                 }
@@ -3478,7 +3464,13 @@ const AL_COOLING_SECS: u64 = 5;
 
 /// Once a second, makes the bitmap durable and, while the peer is away, the journal too, so a
 /// client that rarely flushes does not leave them far behind on disk; every
-/// [`AL_COOLING_SECS`], cools the activity log.
+/// [`AL_COOLING_SECS`], cools the activity log; and once the mark the peer last gave of its
+/// disk (see `Resource::peer_durable_heard`) and this node's writes have stood still for a
+/// second without a commit carrying the mark (the acknowledgement of a burst's last flush
+/// comes after that flush's own commit), commits it: a restore of the peer's disk to an
+/// image from that burst is then told from a crash after this node's restart too. Not while
+/// writes go on: a superblock sync syncs the data of internal metadata's device with it,
+/// which a client that does not flush has not asked for.
 ///
 /// A disk that keeps failing is logged at the first failure, then once a minute with the count
 /// of failed attempts (status shows the disk state meanwhile), and once more when it works again.
@@ -3487,9 +3479,25 @@ async fn journal_persister(rep: Arc<Replication>, res: std::sync::Weak<Resource>
     // The failing stretch: when it was last logged, and the failures since.
     let mut failing: Option<(std::time::Instant, u64)> = None;
     let mut ticks = 0u64;
+    let mut heard_before = (0, 0);
+    let mut issued_before = 0;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         ticks += 1;
+        if let Some(r) = res.upgrade() {
+            let (heard, committed) = {
+                let m = r.meta.lock().unwrap_or_else(|p| p.into_inner());
+                (m.heard, m.sb.peer_durable)
+            };
+            let issued = rep.lock().issued;
+            if heard != committed && heard == heard_before && issued == issued_before {
+                if let Err(e) = r.update_meta(|_| Ok(())).await {
+                    tracing::debug!("committing the peer's durable mark: {e}");
+                }
+            }
+            heard_before = heard;
+            issued_before = issued;
+        }
         if ticks.is_multiple_of(AL_COOLING_SECS) {
             // A failure is the activity log's: the next write that needs the log fails and
             // says so; the next round tries again.

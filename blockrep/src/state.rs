@@ -601,15 +601,16 @@ pub struct Held {
     pub primary: bool,
     /// Its disk is up to date (only such a disk is the source of a full sync here).
     pub up_to_date: bool,
-    /// What it was told the *other* node's metadata held on disk: (generation, issued).
+    /// What the *other* node told it its disk held: (generation, highest sequence).
     pub told: (u64, u64),
 }
 
 /// Whether a node holding `high` at generation `current` went back in time: its peer heard
-/// from it, at that same generation, that its metadata held `told` on disk, and a restart
-/// after any crash reads back at least that much (the mark is sent only once committed).
-/// Holding less, its disk and metadata were restored from an image of an earlier point (or
-/// its disk lost flushed writes).
+/// from it, at that same generation, that its disk held `told` (as a source, the issued mark
+/// its superblock committed; as a target, the applied mark it acknowledged as durable, also
+/// committed first), and a restart after any crash reads back at least that much. Holding
+/// less, its disk and metadata were restored from an image of an earlier point (or its disk
+/// lost flushed writes).
 pub fn went_back(current: u64, high: u64, told: (u64, u64)) -> bool {
     names_a_generation(told.0) && told.0 == current && high < told.1
 }
@@ -617,8 +618,9 @@ pub fn went_back(current: u64, high: u64, told: (u64, u64)) -> bool {
 /// At one data generation, a secondary that went back in time (see [`went_back`]) beside
 /// a peer that holds at least as far is the target of a full sync from that peer: an image of
 /// a primary restored with its metadata comes back as a crashed primary, and its old hot
-/// extents must not go over the peer's newer writes; what the peer received since the
-/// image's point is in no bitmap (a secondary keeps none of what it applies), so all of it.
+/// extents must not go over the peer's newer writes; an image of a secondary would look in
+/// sync. What the peer holds since the image's point is in no bitmap (a secondary keeps none
+/// of what it applies; a primary's bitmap counts only what its peer lacked), so all of it.
 /// `None`: nothing to say (neither went back, both did, the one that did is primary, the
 /// other's disk is not up to date, or the one that went back still holds more than its peer:
 /// then its data is the newer, and the usual rules hold).

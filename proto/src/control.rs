@@ -108,12 +108,12 @@ pub struct PeerStatus {
     /// write after it back in the bitmap.
     #[serde(default)]
     pub seq_durable: u64,
-    /// What the peer last said its metadata holds on disk, at this node's generation: the
-    /// sequence it had issued through (0: nothing heard since this daemon started). A peer
-    /// that comes back holding less went back in time (its disk restored from an image) and
-    /// is resynced in full from this node.
+    /// The highest sequence the peer last said its disk holds, at this node's generation (a
+    /// source's committed issued mark, a target's durable acknowledgement; 0: nothing heard).
+    /// A peer that comes back holding less went back in time (its disk restored from an
+    /// image) and is resynced in full from this node.
     #[serde(default)]
-    pub peer_issued_durable: u64,
+    pub peer_disk_holds: u64,
     pub lag_writes: u64,
     pub lag_bytes: u64,
     pub bytes_sent: u64,

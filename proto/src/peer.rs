@@ -84,13 +84,14 @@ pub struct NodeState {
     /// A sync of this node's disk failed since its `up` (protocol 11): it can take no data
     /// until repaired, so two secondaries stay connected without a resync.
     pub disk_failed: bool,
-    /// What the peer told this node its metadata holds durably (protocol 16, see
-    /// [`Msg::Durable`]): at data generation `peer_durable_gen` (0: nothing heard since this
-    /// daemon started), the peer had issued through sequence `peer_durable_issued`. A peer
-    /// that comes back at that generation holding less lost what it had made durable (a disk
-    /// restored from an image of itself with its metadata).
+    /// What the peer told this node its disk holds (protocol 16): at data generation
+    /// `peer_durable_gen` (0: nothing heard), the highest sequence, as a source's
+    /// [`Msg::Durable`] (what it issued, committed) or a target's durable acknowledgement
+    /// gave it. A restart after any crash reads at least that back, so a peer that comes back
+    /// at that generation holding less went back in time (its disk restored from an image of
+    /// itself with its metadata).
     pub peer_durable_gen: u64,
-    pub peer_durable_issued: u64,
+    pub peer_durable_seq: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

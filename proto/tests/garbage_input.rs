@@ -141,7 +141,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             promoted_ms: rng.u64_edge(),
             disk_failed: rng.bool(),
             peer_durable_gen: rng.u64_edge(),
-            peer_durable_issued: rng.u64_edge(),
+            peer_durable_seq: rng.u64_edge(),
         }),
         4 => {
             let d = data(rng, 1);

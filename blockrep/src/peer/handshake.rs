@@ -316,7 +316,7 @@ pub(super) fn marks_in_bounds(st: &NodeState) -> Result<(), String> {
         st.durable_seq,
         st.issued_seq,
         st.journal_first_seq,
-        st.peer_durable_issued,
+        st.peer_durable_seq,
     ];
     if marks.iter().any(|&m| m >= COUNTER_LIMIT) {
         return Err(format!(
@@ -371,7 +371,7 @@ mod tests {
             promoted_ms: 0,
             disk_failed: false,
             peer_durable_gen: 3,
-            peer_durable_issued: 9,
+            peer_durable_seq: 9,
         };
         assert_eq!(marks_in_bounds(&ok), Ok(()));
         let bad = [
@@ -392,7 +392,7 @@ mod tests {
                 ..ok.clone()
             },
             NodeState {
-                peer_durable_issued: u64::MAX,
+                peer_durable_seq: u64::MAX,
                 ..ok.clone()
             },
         ];

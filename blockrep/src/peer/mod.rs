@@ -890,7 +890,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             high: s.issued_seq.max(s.applied_seq),
             primary: s.primary,
             up_to_date: s.disk == 2,
-            told: (s.peer_durable_gen, s.peer_durable_issued),
+            told: (s.peer_durable_gen, s.peer_durable_seq),
         };
         state::back_in_time(&held(&me), &held(&peer))
     } else {
@@ -901,13 +901,13 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             (
                 res.cfg().me.name.clone(),
                 me.issued_seq.max(me.applied_seq),
-                peer.peer_durable_issued,
+                peer.peer_durable_seq,
             )
         } else {
             (
                 peer_name(res),
                 peer.issued_seq.max(peer.applied_seq),
-                me.peer_durable_issued,
+                me.peer_durable_seq,
             )
         };
         tracing::warn!(

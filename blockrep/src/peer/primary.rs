@@ -379,6 +379,7 @@ pub(super) async fn primary_side(
         }
     };
     let reader = async {
+        let mut heard_durable = 0;
         loop {
             let (msg, payload, n) = read_frame_within(
                 &mut rd,
@@ -409,7 +410,15 @@ pub(super) async fn primary_side(
                     durable,
                 } => {
                     let cap = sent_through.load(std::sync::atomic::Ordering::Relaxed);
-                    rep.on_ack(received.min(cap), applied.min(cap), durable.min(cap))
+                    rep.on_ack(received.min(cap), applied.min(cap), durable.min(cap));
+                    // What the peer's disk holds from here on: remembered (in the metadata
+                    // at the next checkpoint), so that an image of its disk restored later,
+                    // holding less, is told from a disk that is current (`state::went_back`).
+                    let durable = durable.min(cap);
+                    if durable > heard_durable {
+                        heard_durable = durable;
+                        res.note_peer_durable(0, durable);
+                    }
                 }
                 Msg::Ping { .. } => {}
                 Msg::State(st) => res.set_peer(Some(st)),

@@ -624,7 +624,9 @@ pub(super) async fn secondary_side(
                                     "the source reports issued sequence {issued} durable (sequences run to {COUNTER_LIMIT})"
                                 )));
                             }
-                            res.note_peer_durable(gen, issued);
+                            if crate::state::names_a_generation(gen) {
+                                res.note_peer_durable(gen, issued);
+                            }
                             continue;
                         }
                         Msg::OutOfSync { offset, len } => {
