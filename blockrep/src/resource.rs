@@ -975,10 +975,15 @@ impl Resource {
 
     /// What this node tells its peer.
     pub fn node_state(&self) -> NodeState {
-        let known = self.peer_durable_heard();
-        let (disk, gen, promoted_ms, durable) = {
+        let (disk, gen, promoted_ms, durable, known) = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            (m.sb.disk, m.sb.gen, m.sb.promoted_ms, m.sb.applied_seq)
+            (
+                m.sb.disk,
+                m.sb.gen,
+                m.sb.promoted_ms,
+                m.sb.applied_seq,
+                m.heard,
+            )
         };
         let (applied, applied_term, issued, first, oos) = match &self.rep {
             Some(r) => {
@@ -1036,7 +1041,7 @@ impl Resource {
     /// durable mark. Told back to it at the next connect, where a peer holding less at that
     /// generation went back in time; kept in the metadata with its next commit (a
     /// secondary's at every flush point of the stream, a primary's at its journal
-    /// checkpoints).
+    /// checkpoints, or by the persister once writes stand still).
     pub fn peer_durable_heard(&self) -> (u64, u64) {
         self.meta.lock().unwrap_or_else(|p| p.into_inner()).heard
     }

@@ -879,11 +879,9 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // The journal can bring the peer back only when the generations alone say so; every
     // override below (crashed primary, discard, policy) means regions the journal never saw.
     let journal_ok = matches!(decision, SyncDecision::InSync | SyncDecision::SourceBitmap);
-    // `connect --discard-my-data` on one side settles a split brain (or any difference) in
-    // favour of the other.
-    // Same generation, but one side holds less than it told the other its metadata held on
-    // disk: it went back in time (an image of its disk restored with its metadata), and is
-    // the target of a full sync from the other, not the source of its old hot extents.
+    // Same generation, but one side holds less than it told the other its disk held: it
+    // went back in time (an image of its disk restored with its metadata), and is the target
+    // of a full sync from the other, not the source of its old hot extents (nor in sync).
     let back = if by_generations == SyncDecision::InSync {
         let held = |s: &NodeState| state::Held {
             current: s.gen.current,
@@ -911,7 +909,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             )
         };
         tracing::warn!(
-            "{node}'s disk went back in time: at generation {:016X} it holds through sequence {held}, but its metadata held {told} on disk before (its disk was restored from an image or snapshot, or lost flushed writes); it is the target of a full sync from the other node, whose data is newer",
+            "{node}'s disk went back in time: at generation {:016X} it holds through sequence {held}, but it had told its peer its disk held {told} (its disk was restored from an image or snapshot, or lost flushed writes); it is the target of a full sync from the other node, whose data is newer",
             me.gen.current
         );
         decision = d;

@@ -412,7 +412,7 @@ pub(super) async fn primary_side(
                     let cap = sent_through.load(std::sync::atomic::Ordering::Relaxed);
                     rep.on_ack(received.min(cap), applied.min(cap), durable.min(cap));
                     // What the peer's disk holds from here on: remembered (in the metadata
-                    // at the next checkpoint), so that an image of its disk restored later,
+                    // with its next commit), so that an image of its disk restored later,
                     // holding less, is told from a disk that is current (`state::went_back`).
                     let durable = durable.min(cap);
                     if durable > heard_durable {
