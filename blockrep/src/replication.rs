@@ -1338,10 +1338,13 @@ impl Replication {
                 g.overflowed || verify,
             )
         };
+        // Also when only the issued mark moves: it is what the peer is told this disk
+        // holds (`Msg::Durable`), and an idle primary's last writes count only once in it.
         let commit = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
             (m.sb.journal_pos, m.sb.journal_seq, m.sb.journal_prev_term) != ckpt
                 || m.sb.journal_overflowed != overflowed
+                || m.sb.issued_seq < issued
         };
         if commit {
             MetaStore::update(&self.meta, |sb| {

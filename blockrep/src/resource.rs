@@ -3469,11 +3469,12 @@ const AL_COOLING_SECS: u64 = 5;
 
 /// Once a second, makes the bitmap durable and, while the peer is away, the journal too, so a
 /// client that rarely flushes does not leave them far behind on disk; every
-/// [`AL_COOLING_SECS`], cools the activity log; and once the mark the peer last gave of its
-/// disk (see `Resource::peer_durable_heard`) and this node's writes have stood still for a
-/// second without a commit carrying the mark (the acknowledgement of a burst's last flush
-/// comes after that flush's own commit), commits it: a restore of the peer's disk to an
-/// image from that burst is then told from a crash after this node's restart too. Not while
+/// [`AL_COOLING_SECS`], cools the activity log; and once this node's writes have stood still
+/// for a second, commits what its metadata lags behind: the mark the peer last gave of its
+/// disk (see `Resource::peer_durable_heard`; the acknowledgement of a burst's last flush
+/// comes after that flush's own commit), and the issued mark of this node's own last writes
+/// (a flush commits the one before it): what the peer is told this disk holds, so that an
+/// image of either disk from that burst, restored later, is told from a crash. Not while
 /// writes go on: a superblock sync syncs the data of internal metadata's device with it,
 /// which a client that does not flush has not asked for.
 ///
@@ -3495,7 +3496,15 @@ async fn journal_persister(rep: Arc<Replication>, res: std::sync::Weak<Resource>
                 (m.heard, m.sb.peer_durable)
             };
             let issued = rep.lock().issued;
-            if heard != committed && heard == heard_before && issued == issued_before {
+            let idle = issued == issued_before;
+            let issued_lags = r.durable_issued_mark().1 < issued;
+            if idle && issued_lags && !rep.needs_persist() {
+                // Journal written and synced, then (next round, if the records were not on
+                // disk yet) the checkpoint commits the issued mark over them.
+                if let Err(e) = rep.persist().await {
+                    tracing::debug!("committing the issued mark while idle: {e}");
+                }
+            } else if heard != committed && heard == heard_before && idle {
                 if let Err(e) = r.update_meta(|_| Ok(())).await {
                     tracing::debug!("committing the peer's durable mark: {e}");
                 }

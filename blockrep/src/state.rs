@@ -615,27 +615,35 @@ pub fn went_back(current: u64, high: u64, told: (u64, u64)) -> bool {
     names_a_generation(told.0) && told.0 == current && high < told.1
 }
 
-/// At one data generation, a secondary that went back in time (see [`went_back`]) beside
-/// a peer that holds at least as far is the target of a full sync from that peer: an image of
-/// a primary restored with its metadata comes back as a crashed primary, and its old hot
-/// extents must not go over the peer's newer writes; an image of a secondary would look in
-/// sync. What the peer holds since the image's point is in no bitmap (a secondary keeps none
-/// of what it applies; a primary's bitmap counts only what its peer lacked), so all of it.
-/// `None`: nothing to say (neither went back, both did, the one that did is primary, the
-/// other's disk is not up to date, or the one that went back still holds more than its peer:
-/// then its data is the newer, and the usual rules hold).
-pub fn back_in_time(me: &Held, peer: &Held) -> Option<SyncDecision> {
-    if me.current != peer.current {
-        return None;
-    }
+/// A secondary that went back in time (see [`went_back`]) beside an up-to-date peer is the
+/// target of a full sync from that peer, where the generations (`by_generations`, as this
+/// node sees them) make the peer the source or call the two in sync: an image of a primary
+/// restored with its metadata comes back as a crashed primary at the peer's generation, and
+/// its old hot extents must not go over the peer's newer writes; an image of a secondary
+/// would look in sync; and after the peer moved on to a newer generation (a switchover, a
+/// failover), its bitmap counts only from there, not from the image's point. What the peer
+/// holds since that point is in no bitmap (a secondary keeps none of what it applies; a
+/// primary's bitmap counts only what its peer lacked), so all of it. `None`: nothing to say
+/// (neither went back, both did, the one that did is primary, the other's disk is not up to
+/// date, the generations make the one that went back the source or a split brain, or at one
+/// generation it still holds more than its peer: then its data is the newer, and the usual
+/// rules hold).
+pub fn back_in_time(me: &Held, peer: &Held, by_generations: SyncDecision) -> Option<SyncDecision> {
+    use SyncDecision::*;
     let me_back = went_back(me.current, me.high, peer.told);
     let peer_back = went_back(peer.current, peer.high, me.told);
-    match (me_back, peer_back) {
-        (true, false) if !me.primary && peer.up_to_date && peer.high >= me.high => {
-            Some(SyncDecision::TargetFull)
+    match (me_back, peer_back, by_generations) {
+        (true, false, InSync) if !me.primary && peer.up_to_date && peer.high >= me.high => {
+            Some(TargetFull)
         }
-        (false, true) if !peer.primary && me.up_to_date && me.high >= peer.high => {
-            Some(SyncDecision::SourceFull)
+        (true, false, TargetBitmap | TargetFull) if !me.primary && peer.up_to_date => {
+            Some(TargetFull)
+        }
+        (false, true, InSync) if !peer.primary && me.up_to_date && me.high >= peer.high => {
+            Some(SourceFull)
+        }
+        (false, true, SourceBitmap | SourceFull) if !peer.primary && me.up_to_date => {
+            Some(SourceFull)
         }
         _ => None,
     }
@@ -1226,8 +1234,8 @@ mod back_in_time_tests {
         // and was told alpha's metadata held 400 at this generation.
         let alpha = held(100, (0, 0));
         let beta = held(500, (G, 400));
-        assert_eq!(back_in_time(&alpha, &beta), Some(TargetFull));
-        assert_eq!(back_in_time(&beta, &alpha), Some(SourceFull));
+        assert_eq!(back_in_time(&alpha, &beta, InSync), Some(TargetFull));
+        assert_eq!(back_in_time(&beta, &alpha, InSync), Some(SourceFull));
     }
 
     #[test]
@@ -1235,8 +1243,8 @@ mod back_in_time_tests {
         for high in [400, 401, 900] {
             let alpha = held(high, (0, 0));
             let beta = held(500, (G, 400));
-            assert_eq!(back_in_time(&alpha, &beta), None, "high {high}");
-            assert_eq!(back_in_time(&beta, &alpha), None, "high {high}");
+            assert_eq!(back_in_time(&alpha, &beta, InSync), None, "high {high}");
+            assert_eq!(back_in_time(&beta, &alpha, InSync), None, "high {high}");
         }
     }
 
@@ -1249,14 +1257,33 @@ mod back_in_time_tests {
             (crate::meta::UUID_JUST_CREATED, 400),
         ] {
             let beta = held(500, told);
-            assert_eq!(back_in_time(&alpha, &beta), None, "{told:?}");
+            assert_eq!(back_in_time(&alpha, &beta, InSync), None, "{told:?}");
         }
-        // Two nodes at different generations: the generations decide.
+    }
+
+    #[test]
+    fn a_peer_that_moved_on_since_resyncs_a_rolled_back_node_in_full() {
+        // Trial 9: alpha's image is at G; beta moved on to a newer generation (a switchover
+        // or failover) after alpha's later writes reached it. Its bitmap counts only from
+        // there: the generations' bitmap resync becomes a full one.
+        let alpha = held(100, (0, 0));
         let beta = Held {
             current: 0x2222,
+            high: 50,
             ..held(500, (G, 400))
         };
-        assert_eq!(back_in_time(&alpha, &beta), None);
+        assert_eq!(back_in_time(&alpha, &beta, TargetBitmap), Some(TargetFull));
+        assert_eq!(back_in_time(&beta, &alpha, SourceBitmap), Some(SourceFull));
+        assert_eq!(back_in_time(&alpha, &beta, TargetFull), Some(TargetFull));
+        // Where the generations make the node that went back the source, or a split brain,
+        // they decide.
+        for by_generations in [SourceBitmap, SourceFull, SplitBrain, Unrelated] {
+            assert_eq!(
+                back_in_time(&alpha, &beta, by_generations),
+                None,
+                "{by_generations:?}"
+            );
+        }
     }
 
     #[test]
@@ -1265,7 +1292,7 @@ mod back_in_time_tests {
         // data is still the newer, and its crashed-primary resync brings beta up.
         let alpha = held(300, (0, 0));
         let beta = held(200, (G, 400));
-        assert_eq!(back_in_time(&alpha, &beta), None);
+        assert_eq!(back_in_time(&alpha, &beta, InSync), None);
     }
 
     #[test]
@@ -1275,16 +1302,16 @@ mod back_in_time_tests {
             ..held(100, (G, 50))
         };
         let beta = held(500, (G, 400));
-        assert_eq!(back_in_time(&alpha, &beta), None);
+        assert_eq!(back_in_time(&alpha, &beta, InSync), None);
         let both = held(100, (G, 600));
-        assert_eq!(back_in_time(&both, &beta), None);
+        assert_eq!(back_in_time(&both, &beta, InSync), None);
         // The other node's disk is not up to date: it is no source of everything.
         let alpha = held(100, (0, 0));
         let beta = Held {
             up_to_date: false,
             ..held(500, (G, 400))
         };
-        assert_eq!(back_in_time(&alpha, &beta), None);
-        assert_eq!(back_in_time(&beta, &alpha), None);
+        assert_eq!(back_in_time(&alpha, &beta, InSync), None);
+        assert_eq!(back_in_time(&beta, &alpha, InSync), None);
     }
 }

@@ -424,18 +424,33 @@ fn restored_primary_image(name: &str, restart_beta: bool) {
     let at_image = a.repl()["seq_written"].as_u64().unwrap_or(0);
     let image = c.dir().join("alpha-image.img");
     std::fs::copy(a.backing_path(), &image).expect("image alpha's disk");
-    // Newer writes, flushed and replicated: over the image's hot extents and elsewhere.
+    // Newer writes in one batch, flushed and replicated: over the image's hot extents and
+    // elsewhere (the cold ones in 2048 small writes: more sequences than the full sync below
+    // takes, so that alpha, synced in full, still holds less than the mark beta heard).
     let hot = random_bytes(2 * MIB as usize);
     let cold = random_bytes(8 * MIB as usize);
-    write(0, &hot);
-    // In 2048 small writes: more sequences than the full sync below takes, so that alpha,
-    // synced in full, still holds less than the mark beta heard (see the end).
-    write_in(24 * MIB, &cold, 4096);
+    {
+        let mut r = a.raw_open();
+        for (i, chunk) in hot.chunks(MIB as usize).enumerate() {
+            r.write_at(i as u64 * MIB, chunk, 0).expect("write");
+        }
+        for (i, chunk) in cold.chunks(4096).enumerate() {
+            r.write_at(24 * MIB + i as u64 * 4096, chunk, 0)
+                .expect("write");
+        }
+        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        r.disconnect();
+    }
     c.wait_in_sync(SYNC_TIMEOUT);
+    // Trial 9: a flush commits the issued mark of the writes before it, so after a single
+    // batch that mark stood before it for as long as alpha stayed idle; the idle persister
+    // commits the rest, and beta hears all of it.
+    let written = a.repl()["seq_written"].as_u64().unwrap_or(0);
+    assert!(written > at_image + 2048, "alpha wrote through {written}");
     b.wait_repl(
         Duration::from_secs(20),
-        "beta heard that alpha's disk holds the newer writes",
-        |r| r["peer_disk_holds"].as_u64().unwrap_or(0) > at_image,
+        "beta heard that alpha's disk holds every newer write",
+        |r| r["peer_disk_holds"].as_u64().unwrap_or(0) >= written,
     );
     if restart_beta {
         // Beta goes down cleanly (its last commit carries what it heard) and stays down
@@ -506,6 +521,79 @@ fn restored_primary_image(name: &str, restart_beta: bool) {
         "alpha taken for a rollback again:\n{}",
         log_text(b)
     );
+}
+
+/// Trial 9: the image of alpha is restored after beta took over (a switchover: alpha went
+/// down cleanly, beta was promoted to a new generation and wrote on). The generations make it
+/// a bitmap resync from beta, but beta's bitmap counts only from its promotion: alpha's
+/// writes after the image, which beta had, were in no bitmap and the replicas diverged with
+/// both up to date. Beta remembers what alpha's disk held at the old generation: a full sync.
+#[test]
+fn a_primary_image_restored_after_its_peer_took_over_is_resynced_in_full() {
+    let c = pair_cluster("primary-restored-after-takeover");
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let write = |n: &Node, off: u64, data: &[u8]| {
+        let mut r = n.raw_open();
+        for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+            r.write_at(off + i as u64 * MIB, chunk, 0).expect("write");
+        }
+        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        r.disconnect();
+    };
+    write(a, 0, &random_bytes(4 * MIB as usize));
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let image = c.dir().join("alpha-image.img");
+    std::fs::copy(a.backing_path(), &image).expect("image alpha's disk");
+    let t2 = random_bytes(2 * MIB as usize);
+    write(a, 8 * MIB, &t2);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let written = a.repl()["seq_written"].as_u64().unwrap_or(0);
+    b.wait_repl(
+        Duration::from_secs(20),
+        "beta heard that alpha's disk holds the newer writes",
+        |r| r["peer_disk_holds"].as_u64().unwrap_or(0) >= written,
+    );
+    // The switchover: alpha down cleanly, beta promoted (a new generation), beta writes.
+    a.ctl_ok(&["secondary"]);
+    a.down();
+    b.ctl_ok(&["primary"]);
+    let t3 = random_bytes(MIB as usize);
+    write(b, 32 * MIB, &t3);
+    std::fs::copy(&image, a.backing_path()).expect("restore alpha's disk from its image");
+    let (ma, mb) = (log_text(a).lines().count(), log_text(b).lines().count());
+    a.up();
+    let seen = wait_synced(
+        &c,
+        Duration::from_secs(90),
+        "alpha resynced after its restore",
+    );
+    assert!(
+        Seen::has(&seen.alpha, "sync-target"),
+        "alpha was not resynced: {seen:?}"
+    );
+    let said = |n: &Node, mark: usize| {
+        log_text(n)
+            .lines()
+            .skip(mark)
+            .any(|l| l.contains("alpha's disk went back in time"))
+    };
+    assert!(
+        said(a, ma) && said(b, mb),
+        "the restore was not named on both nodes ({seen:?}):\nalpha:\n{}\nbeta:\n{}",
+        log_text(a),
+        log_text(b)
+    );
+    c.assert_replicas_identical(size, "after alpha's restore and resync");
+    let d = a.backing_data(33 * MIB);
+    assert_same_bytes(
+        &d[8 * MIB as usize..10 * MIB as usize],
+        &t2,
+        "alpha's writes after its image",
+    );
+    assert_same_bytes(&d[32 * MIB as usize..], &t3, "beta's writes as primary");
 }
 
 /// The other half of trial 8's finding: an image of a secondary's disk restored while its

@@ -882,7 +882,8 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // Same generation, but one side holds less than it told the other its disk held: it
     // went back in time (an image of its disk restored with its metadata), and is the target
     // of a full sync from the other, not the source of its old hot extents (nor in sync).
-    let back = if by_generations == SyncDecision::InSync {
+    // Also where the peer moved on to a newer generation since: its bitmap counts from there.
+    let back = {
         let held = |s: &NodeState| state::Held {
             current: s.gen.current,
             high: s.issued_seq.max(s.applied_seq),
@@ -890,9 +891,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             up_to_date: s.disk == 2,
             told: (s.peer_durable_gen, s.peer_durable_seq),
         };
-        state::back_in_time(&held(&me), &held(&peer))
-    } else {
-        None
+        state::back_in_time(&held(&me), &held(&peer), by_generations)
     };
     if let Some(d) = back {
         let (node, held, told) = if d == SyncDecision::TargetFull {
@@ -908,9 +907,13 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
                 me.peer_durable_seq,
             )
         };
-        tracing::warn!(
-            "{node}'s disk went back in time: at generation {:016X} it holds through sequence {held}, but it had told its peer its disk held {told} (its disk was restored from an image or snapshot, or lost flushed writes); it is the target of a full sync from the other node, whose data is newer",
+        let gen = if d == SyncDecision::TargetFull {
             me.gen.current
+        } else {
+            peer.gen.current
+        };
+        tracing::warn!(
+            "{node}'s disk went back in time: at generation {gen:016X} it holds through sequence {held}, but it had told its peer its disk held {told} (its disk was restored from an image or snapshot, or lost flushed writes); it is the target of a full sync from the other node, whose data is newer"
         );
         decision = d;
     }
