@@ -323,6 +323,55 @@ fn a_hung_disk_shows_in_status_and_clears_when_it_goes_on() {
     );
 }
 
+/// Writes `data` at `off` through `n`'s export in pieces of `piece` bytes, then flushes.
+fn write_flushed(n: &Node, off: u64, data: &[u8], piece: u64) {
+    let mut r = n.raw_open();
+    for (i, chunk) in data.chunks(piece as usize).enumerate() {
+        r.write_at(off + i as u64 * piece, chunk, 0).expect("write");
+    }
+    r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+    r.disconnect();
+}
+
+/// The log lines of alpha and beta so far (see [`resynced_after_going_back`]).
+fn log_marks(c: &Cluster) -> (usize, usize) {
+    let lines = |n: &Node| log_text(n).lines().count();
+    (lines(c.alpha()), lines(c.beta()))
+}
+
+/// After `restored`'s disk went back to an image and the pair came up: waits until they are
+/// in sync, and checks that `restored` was the sync target, that both logs since `marks`
+/// name its rollback, and that the replicas are identical.
+fn resynced_after_going_back(c: &Cluster, restored: &Node, marks: (usize, usize)) {
+    let (a, b) = (c.alpha(), c.beta());
+    let name = restored.name();
+    let seen = wait_synced(
+        c,
+        Duration::from_secs(90),
+        &format!("{name} resynced after its restore"),
+    );
+    let (mine, other) = if name == a.name() {
+        (&seen.alpha, &seen.beta)
+    } else {
+        (&seen.beta, &seen.alpha)
+    };
+    assert!(
+        Seen::has(mine, "sync-target") && !Seen::has(other, "sync-target"),
+        "{name} was not the target of the resync: {seen:?}"
+    );
+    let said = |n: &Node, mark: usize| {
+        let needle = format!("{name}'s disk went back in time");
+        log_text(n).lines().skip(mark).any(|l| l.contains(&needle))
+    };
+    assert!(
+        said(a, marks.0) && said(b, marks.1),
+        "the restore was not named on both nodes ({seen:?}):\nalpha:\n{}\nbeta:\n{}",
+        log_text(a),
+        log_text(b)
+    );
+    c.assert_replicas_identical(a.size(), &format!("after {name}'s restore and resync"));
+}
+
 /// Beta's disk goes back to `snap` (beta is stopped), beta comes up, and alpha must notice
 /// that beta lost writes it had acknowledged as durable and resync until both are in sync.
 fn restore_and_resync(c: &Cluster, snap: &std::path::Path) {
@@ -408,17 +457,7 @@ fn restored_primary_image(name: &str, restart_beta: bool) {
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
     let (a, b) = (c.alpha(), c.beta());
-    let size = a.size();
-    let write_in = |off: u64, data: &[u8], piece: u64| {
-        let mut r = a.raw_open();
-        for (i, chunk) in data.chunks(piece as usize).enumerate() {
-            r.write_at(off + i as u64 * piece, chunk, 0).expect("write");
-        }
-        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
-        r.disconnect();
-    };
-    let write = |off: u64, data: &[u8]| write_in(off, data, MIB);
-    write(0, &random_bytes(4 * MIB as usize));
+    write_flushed(a, 0, &random_bytes(4 * MIB as usize), MIB);
     c.wait_in_sync(SYNC_TIMEOUT);
     // The image: alpha is primary and idle, its hot extents in its activity log.
     let at_image = a.repl()["seq_written"].as_u64().unwrap_or(0);
@@ -466,33 +505,12 @@ fn restored_primary_image(name: &str, restart_beta: bool) {
         );
     }
     std::fs::copy(&image, a.backing_path()).expect("restore alpha's disk from its image");
-    let (ma, mb) = (log_text(a).lines().count(), log_text(b).lines().count());
+    let marks = log_marks(&c);
     if restart_beta {
         b.up();
     }
     a.up();
-    let seen = wait_synced(
-        &c,
-        Duration::from_secs(90),
-        "alpha resynced after its restore",
-    );
-    assert!(
-        !Seen::has(&seen.beta, "sync-target"),
-        "beta was resynced from alpha's old image: {seen:?}"
-    );
-    let said = |n: &Node, mark: usize| {
-        log_text(n)
-            .lines()
-            .skip(mark)
-            .any(|l| l.contains("alpha's disk went back in time"))
-    };
-    assert!(
-        said(a, ma) && said(b, mb),
-        "the restore was not named on both nodes ({seen:?}):\nalpha:\n{}\nbeta:\n{}",
-        log_text(a),
-        log_text(b)
-    );
-    c.assert_replicas_identical(size, "after alpha's restore and resync");
+    resynced_after_going_back(&c, a, marks);
     for (n, name) in [(a, "alpha"), (b, "beta")] {
         let d = n.backing_data(32 * MIB);
         assert_same_bytes(
@@ -508,7 +526,7 @@ fn restored_primary_image(name: &str, restart_beta: bool) {
     }
     // Review finding: synced in full, alpha's sequences stay below the mark beta heard from
     // its old disk; kept, that mark made every later connect another full sync.
-    let (ma, mb) = (log_text(a).lines().count(), log_text(b).lines().count());
+    let (ma, mb) = log_marks(&c);
     a.down();
     a.up();
     let seen = wait_synced(&c, Duration::from_secs(30), "in sync again after a restart");
@@ -516,8 +534,14 @@ fn restored_primary_image(name: &str, restart_beta: bool) {
         !Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.beta, "sync-source"),
         "a second resync after alpha's restart: {seen:?}"
     );
+    let named = |n: &Node, mark: usize| {
+        log_text(n)
+            .lines()
+            .skip(mark)
+            .any(|l| l.contains("went back in time"))
+    };
     assert!(
-        !said(a, ma) && !said(b, mb),
+        !named(a, ma) && !named(b, mb),
         "alpha taken for a rollback again:\n{}",
         log_text(b)
     );
@@ -534,15 +558,7 @@ fn a_primary_image_restored_after_its_peer_took_over_is_resynced_in_full() {
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
     let (a, b) = (c.alpha(), c.beta());
-    let size = a.size();
-    let write = |n: &Node, off: u64, data: &[u8]| {
-        let mut r = n.raw_open();
-        for (i, chunk) in data.chunks(MIB as usize).enumerate() {
-            r.write_at(off + i as u64 * MIB, chunk, 0).expect("write");
-        }
-        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
-        r.disconnect();
-    };
+    let write = |n: &Node, off: u64, data: &[u8]| write_flushed(n, off, data, MIB);
     write(a, 0, &random_bytes(4 * MIB as usize));
     c.wait_in_sync(SYNC_TIMEOUT);
     let image = c.dir().join("alpha-image.img");
@@ -563,30 +579,9 @@ fn a_primary_image_restored_after_its_peer_took_over_is_resynced_in_full() {
     let t3 = random_bytes(MIB as usize);
     write(b, 32 * MIB, &t3);
     std::fs::copy(&image, a.backing_path()).expect("restore alpha's disk from its image");
-    let (ma, mb) = (log_text(a).lines().count(), log_text(b).lines().count());
+    let marks = log_marks(&c);
     a.up();
-    let seen = wait_synced(
-        &c,
-        Duration::from_secs(90),
-        "alpha resynced after its restore",
-    );
-    assert!(
-        Seen::has(&seen.alpha, "sync-target"),
-        "alpha was not resynced: {seen:?}"
-    );
-    let said = |n: &Node, mark: usize| {
-        log_text(n)
-            .lines()
-            .skip(mark)
-            .any(|l| l.contains("alpha's disk went back in time"))
-    };
-    assert!(
-        said(a, ma) && said(b, mb),
-        "the restore was not named on both nodes ({seen:?}):\nalpha:\n{}\nbeta:\n{}",
-        log_text(a),
-        log_text(b)
-    );
-    c.assert_replicas_identical(size, "after alpha's restore and resync");
+    resynced_after_going_back(&c, a, marks);
     let d = a.backing_data(33 * MIB);
     assert_same_bytes(
         &d[8 * MIB as usize..10 * MIB as usize],
@@ -608,15 +603,7 @@ fn a_secondary_disk_restored_while_its_primary_restarted_is_fully_resynced() {
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
     let (a, b) = (c.alpha(), c.beta());
-    let size = a.size();
-    let write = |off: u64, data: &[u8]| {
-        let mut r = a.raw_open();
-        for (i, chunk) in data.chunks(MIB as usize).enumerate() {
-            r.write_at(off + i as u64 * MIB, chunk, 0).expect("write");
-        }
-        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
-        r.disconnect();
-    };
+    let write = |off: u64, data: &[u8]| write_flushed(a, off, data, MIB);
     write(0, &random_bytes(2 * MIB as usize));
     c.wait_in_sync(SYNC_TIMEOUT);
     let at_image = b.repl()["seq_applied"].as_u64().unwrap_or(0);
@@ -661,31 +648,10 @@ fn a_secondary_disk_restored_while_its_primary_restarted_is_fully_resynced() {
     }
     b.down();
     std::fs::copy(&image, b.backing_path()).expect("restore beta's disk from its image");
-    let (ma, mb) = (log_text(a).lines().count(), log_text(b).lines().count());
+    let marks = log_marks(&c);
     a.up();
     b.up();
-    let seen = wait_synced(
-        &c,
-        Duration::from_secs(90),
-        "beta resynced after its restore",
-    );
-    assert!(
-        Seen::has(&seen.beta, "sync-target"),
-        "beta was not resynced: {seen:?}"
-    );
-    let said = |n: &Node, mark: usize| {
-        log_text(n)
-            .lines()
-            .skip(mark)
-            .any(|l| l.contains("beta's disk went back in time"))
-    };
-    assert!(
-        said(a, ma) && said(b, mb),
-        "the restore was not named on both nodes ({seen:?}):\nalpha:\n{}\nbeta:\n{}",
-        log_text(a),
-        log_text(b)
-    );
-    c.assert_replicas_identical(size, "after beta's restore and resync");
+    resynced_after_going_back(&c, b, marks);
     assert_same_bytes(
         &b.backing_data(12 * MIB)[4 * MIB as usize..],
         &later,
