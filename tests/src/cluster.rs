@@ -633,6 +633,20 @@ impl Node {
         }
     }
 
+    /// [`Self::kill9`], then waits until every pid it had is gone (a crash, fully over).
+    pub fn kill9_and_wait(&self) {
+        let pids = self.pids();
+        assert!(!pids.is_empty(), "no daemon pid known for {}", self.name());
+        self.kill9();
+        for p in pids {
+            assert!(
+                crate::proc::wait_pid_gone(p, Duration::from_secs(10)),
+                "{}'s daemon {p} survived SIGKILL",
+                self.name()
+            );
+        }
+    }
+
     pub fn create_md(&self) {
         self.ctl_ok(&["create-md"]);
     }

@@ -496,14 +496,7 @@ fn restored_primary_image(name: &str, restart_beta: bool) {
         // until alpha is back: all it knows then is in its metadata.
         b.down();
     }
-    let pids = a.pids();
-    a.kill9();
-    for p in pids {
-        assert!(
-            wait_pid_gone(p, Duration::from_secs(10)),
-            "alpha survived SIGKILL"
-        );
-    }
+    a.kill9_and_wait();
     std::fs::copy(&image, a.backing_path()).expect("restore alpha's disk from its image");
     let marks = log_marks(&c);
     if restart_beta {
@@ -638,14 +631,7 @@ fn a_secondary_disk_restored_while_its_primary_restarted_is_fully_resynced() {
         "alpha's metadata does not hold beta's durable mark {heard}:\n{}",
         a.ctl_ok(&["dump-md"]).stdout
     );
-    let pids = a.pids();
-    a.kill9();
-    for p in pids {
-        assert!(
-            wait_pid_gone(p, Duration::from_secs(10)),
-            "alpha survived SIGKILL"
-        );
-    }
+    a.kill9_and_wait();
     b.down();
     std::fs::copy(&image, b.backing_path()).expect("restore beta's disk from its image");
     let marks = log_marks(&c);
@@ -710,14 +696,7 @@ fn a_resync_target_whose_disk_goes_back_in_time_midway_is_fully_resynced() {
     a.wait_repl(Duration::from_secs(30), "that part durable on beta", |r| {
         r["seq_durable"].as_u64().unwrap_or(0) >= applied
     });
-    let pids = b.pids();
-    b.kill9();
-    for p in pids {
-        assert!(
-            wait_pid_gone(p, Duration::from_secs(10)),
-            "beta survived SIGKILL"
-        );
-    }
+    b.kill9_and_wait();
     restore_and_resync(&c, &snap);
     c.assert_replicas_identical(size, "after beta's rollback mid-resync");
     assert_same_bytes(&b.backing_data(24 * MIB), &data, "beta's data");
@@ -779,14 +758,7 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
         out.success()
     });
     assert!(promoted, "a plain `primary` on beta is refused: {last}");
-    let pids = a.pids();
-    a.kill9();
-    for p in pids {
-        assert!(
-            wait_pid_gone(p, Duration::from_secs(10)),
-            "alpha's daemon {p} survived kill -9"
-        );
-    }
+    a.kill9_and_wait();
     trigger.disarm();
     // What the kernel dropped on alpha's disk: the write's range holds its old bytes.
     drop_on_disk(&disk, 3 * MIB, MIB as usize);

@@ -160,18 +160,6 @@ fn fenced_pair(test: &str, tmp: &TestDir) -> (Cluster, PathBuf) {
     (c, log)
 }
 
-/// SIGKILLs `n`'s daemon and waits until it is gone.
-fn kill_node(n: &Node) {
-    let pids = n.pids();
-    n.kill9();
-    for p in pids {
-        assert!(
-            wait_pid_gone(p, Duration::from_secs(10)),
-            "pid {p} survived"
-        );
-    }
-}
-
 /// The admin's `outdate`: refused where it would be wrong, then a disconnected secondary is
 /// outdated (also with its daemon down, in the metadata), refuses a plain `primary`, and a
 /// connect brings it up to date with the data written meanwhile.
@@ -325,7 +313,7 @@ fn a_primary_that_loses_its_peer_has_it_outdated_by_the_fence_peer_handler() {
 
     // The peer's node dies (kill -9): the handler outdates it in its metadata, so it comes
     // back outdated instead of promotable, and catches up.
-    kill_node(b);
+    Node::kill9_and_wait(b);
     let ok = wait_for(Duration::from_secs(30), || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.matches("exit 4").count() == 2)
     });
@@ -502,7 +490,7 @@ fn a_fenced_failover_needs_no_force_and_a_primary_is_never_fenced_by_a_promotion
     wait_disk(b, "up-to-date", Duration::from_secs(20));
     let before = write_data(a, dir, "before-crash.bin", 2);
     c.wait_in_sync(SYNC_TIMEOUT);
-    kill_node(a);
+    Node::kill9_and_wait(a);
     b.wait_not_connected(Duration::from_secs(20));
     let out = b.ctl_ok(&["primary"]);
     assert!(
@@ -587,7 +575,7 @@ fn an_outdated_crashed_primary_keeps_its_acknowledged_writes_when_no_failover_ha
     // Acknowledged under A while the link is stalled, then alpha dies and the link with it.
     c.proxy().pause();
     let data = write_data(a, dir, "unreplicated.bin", 2);
-    kill_node(a);
+    Node::kill9_and_wait(a);
     c.proxy().cut_and_refuse();
     c.proxy().unpause();
     b.wait_not_connected(Duration::from_secs(20));
@@ -645,7 +633,7 @@ fn a_peer_that_went_down_cleanly_needs_no_fence_to_promote() {
     // fence that cannot reach beta ("unreachable", 5) must not promote it over beta's
     // writes; it is refused before any fence runs, and --force is the admin's call.
     write_data(b, c.dir().path(), "later", 1);
-    kill_node(b);
+    Node::kill9_and_wait(b);
     std::fs::write(tmp.path().join("fence.stub"), "0 5\n").expect("write fence.stub");
     a.up();
     a.assert_primary_refused(

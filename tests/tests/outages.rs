@@ -176,19 +176,6 @@ fn wait_same_generation(c: &Cluster) {
     );
 }
 
-/// Waits until `n`'s daemon is gone after a SIGKILL of every pid it had.
-fn kill_node(n: &Node) {
-    let pids = n.pids();
-    assert!(!pids.is_empty(), "no daemon pid known for {}", n.name());
-    n.kill9();
-    for p in pids {
-        assert!(
-            wait_pid_gone(p, Duration::from_secs(10)),
-            "pid {p} survived SIGKILL"
-        );
-    }
-}
-
 /// The number of 4 KiB blocks that differ between two equally long buffers.
 fn blocks_differing(x: &[u8], y: &[u8]) -> u64 {
     x.chunks(BLK as usize)
@@ -549,7 +536,7 @@ fn kill_alpha_during_writes(c: &Cluster, py: &Path) -> WriterLog {
         "writer stopped before the kill:\n{}",
         w.output()
     );
-    kill_node(a);
+    Node::kill9_and_wait(a);
     if !w.wait_exit(Duration::from_secs(15)) {
         w.kill();
     }
@@ -912,7 +899,7 @@ fn a_write_the_peer_applied_but_lost_in_a_power_cut_comes_back_from_the_old_prim
     );
     // The power cut: beta dies, and the write's range on its disk holds what it held before
     // (its page cache never reached the disk; its metadata's applied mark is its last sync).
-    kill_node(b);
+    Node::kill9_and_wait(b);
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -997,7 +984,7 @@ fn failover_and_failback_with_files() {
     c.wait_in_sync(SYNC_TIMEOUT);
 
     // The primary dies with the filesystem mounted.
-    kill_node(a);
+    Node::kill9_and_wait(a);
     drop(fs); // its I/O now fails; lazy teardown of the client stack
 
     b.wait_not_connected(Duration::from_secs(10));
@@ -1898,7 +1885,7 @@ fn a_target_forced_primary_midway_through_a_bitmap_resync_is_a_split_brain() {
     w.command(CMD_FLUSH, 0, 0, 0).expect("flush");
     w.disconnect();
     c.wait_in_sync(SYNC_TIMEOUT);
-    kill_node(a);
+    Node::kill9_and_wait(a);
     b.wait_not_connected(Duration::from_secs(10));
     // Back as secondary: at the one generation it is the source of its hot extents (48 MiB
     // at 2 MiB/s).
