@@ -14,12 +14,15 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
+/// 17: `Checkpoint`, a durability point that is not a barrier (the primary's own requests
+/// for the peer's durable mark no longer hold the stream up while the peer syncs).
+/// 16: what each node last heard its peer's disk holds (`Durable`, `NodeState`).
 /// 15: every resync names a bitmap generation (`SyncStart::from`) the target takes as its
 /// current one, and the target records the stream's start as its durable mark (which the
 /// source checks against what the target acknowledged before any resync).
 /// 14: a resync's target forgets its own bitmap at the SyncStart, which the source sends
 /// only once the merged bitmap is on its disk.
-pub const PROTOCOL_VERSION: u32 = 16;
+pub const PROTOCOL_VERSION: u32 = 17;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -270,6 +273,16 @@ pub enum Msg {
         gen: u64,
         issued: u64,
     },
+    /// A stream record (protocol 17): make everything before it durable, then acknowledge,
+    /// like [`Msg::Flush`], but not a barrier: records after it are applied while the sync
+    /// runs. The primary sends it for its own needs (journal and activity-log space, the
+    /// point after which its bitmap may be cleared, a planned disconnect), where no client
+    /// ordered its writes around it; a client's flush stays a [`Msg::Flush`].
+    Checkpoint {
+        seq: u64,
+        /// The issuer's term (see [`Msg::term`]).
+        term: u64,
+    },
 }
 
 /// Progress of an online verify, as the primary reports it to the secondary that asked.
@@ -372,6 +385,7 @@ impl Msg {
             Msg::Write { seq, .. }
             | Msg::Zero { seq, .. }
             | Msg::Flush { seq, .. }
+            | Msg::Checkpoint { seq, .. }
             | Msg::SyncDone { seq, .. }
             | Msg::HashReq { seq, .. }
             | Msg::Equal { seq, .. } => Some(*seq),
@@ -389,6 +403,7 @@ impl Msg {
             Msg::Write { term, .. }
             | Msg::Zero { term, .. }
             | Msg::Flush { term, .. }
+            | Msg::Checkpoint { term, .. }
             | Msg::SyncDone { term, .. }
             | Msg::HashReq { term, .. }
             | Msg::Equal { term, .. } => Some(*term),
@@ -593,6 +608,13 @@ mod tests {
         round_trip(
             Msg::Flush {
                 seq: 10,
+                term: 0x7E57,
+            },
+            &[],
+        );
+        round_trip(
+            Msg::Checkpoint {
+                seq: 11,
                 term: 0x7E57,
             },
             &[],

@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 25;
+const VARIANTS: usize = 26;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -92,6 +92,7 @@ fn variant(m: &Msg) -> usize {
         Msg::Protocol { .. } => 22,
         Msg::OutOfSync { .. } => 23,
         Msg::Durable { .. } => 24,
+        Msg::Checkpoint { .. } => 25,
     }
 }
 
@@ -233,6 +234,10 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         24 => Msg::Durable {
             gen: rng.u64_edge(),
             issued: rng.u64_edge(),
+        },
+        25 => Msg::Checkpoint {
+            seq: rng.u64_edge(),
+            term: rng.u64_edge(),
         },
         18 => Msg::SkipSync {
             gen: rng.u64_edge(),

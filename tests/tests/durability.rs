@@ -1,11 +1,11 @@
 //! When the secondary's copy becomes durable, and what the primary concludes from it.
 //!
 //! The secondary makes applied writes durable at the flushes in the stream (the client's own
-//! flushes, as DRBD's barriers), at a slow periodic checkpoint, and at the flush records the
-//! primary adds for its own bookkeeping: after a journal catch-up (so the dirty bitmap can be
-//! cleared while writes go on) and when an activity-log extent goes cold (after a crash of the
-//! primary only hot extents are resynced, so a cold extent's writes must be on the peer's
-//! disk). Real daemons, real TCP (the harness's proxy cuts the link), real NBD clients
+//! flushes, as DRBD's barriers), at a slow periodic checkpoint, and at the checkpoint records
+//! the primary adds for its own bookkeeping: after a journal catch-up (so the dirty bitmap can
+//! be cleared while writes go on) and when an activity-log extent goes cold (after a crash of
+//! the primary only hot extents are resynced, so a cold extent's writes must be on the peer's
+//! disk). Those are not barriers: the stream goes on being applied while the peer syncs. Real daemons, real TCP (the harness's proxy cuts the link), real NBD clients
 //! (python3 + libnbd, fio's nbd engine).
 
 use std::path::Path;
@@ -296,4 +296,121 @@ fn cold_extents_data_is_synced_before_the_log_drops_them_with_external_metadata(
         cold, 0,
         "{cold} pages of extents the activity log dropped are not on disk yet"
     );
+}
+
+/// The primary's own checkpoints are not barriers on the peer. Here the activity log's: an
+/// extent written once, then left idle while the client writes elsewhere, asks for the peer's
+/// durable mark at the next cooling round. beta's disk then takes as long to sync as we like
+/// (nbdkit's pause filter under a loop device, whose page cache takes the writes at once), and
+/// the stream must go on being applied meanwhile: under C every client write waits for its
+/// apply on beta, so the writes keep completing, and the checkpoint is acknowledged once the
+/// disk goes on. Before protocol 17 the checkpoint was a flush record, a barrier on the
+/// secondary: the client's writes waited out beta's whole sync (0.7 s stalls every few
+/// seconds in the benchmark).
+#[test]
+fn the_primarys_own_checkpoint_does_not_hold_up_the_stream_while_the_peer_syncs() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3", "losetup"]) {
+        return;
+    }
+    const SIZE: u64 = 32 * MIB;
+    let c = Cluster::builder("checkpoint-no-barrier")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .external_meta()
+        // beta's sync hangs for seconds on purpose: not a peer to give up on.
+        .resource_line("ko-count = 0")
+        .build();
+    // Torn down in this order on any exit: the daemons, the loop device, nbdkit and FUSE.
+    let (disk, ctl) = NbdkitFile::paused_memory(c.dir().path(), "beta-disk", SIZE);
+    let lo = LoopDev::attach(&disk.file());
+    let _stop = StopDaemons(&c);
+    let (a, b) = (c.alpha(), c.beta());
+    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
+    std::os::unix::fs::symlink(lo.dev(), b.backing_path()).expect("symlink beta.img");
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // Extent 0 written once: it goes idle while the writer below works in extent 2.
+    let first = random_bytes(4096);
+    let mut r = a.raw_open();
+    r.write_at(0, &first, 0).expect("write to extent 0");
+    r.disconnect();
+    let flushes = u(&b.status_json()["io"], "flushes");
+    pause_control(&ctl, b'p');
+
+    // The client: 4 KiB writes in extent 2 (protocol C), counted as they complete.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = std::thread::spawn({
+        let (done, stop) = (done.clone(), stop.clone());
+        let (uri, name) = (a.export().clone(), c.resource().to_string());
+        move || {
+            use std::sync::atomic::Ordering::SeqCst;
+            let mut r = RawNbd::open(&uri, &name);
+            let mut slowest = Duration::ZERO;
+            let mut i = 0u64;
+            while !stop.load(SeqCst) {
+                let block = random_bytes(4096);
+                let t = Instant::now();
+                if let Err(e) = r.write_at(2 * EXTENT + (i % 256) * 4096, &block, 0) {
+                    return Err(format!("write {i} failed: NBD error {e}"));
+                }
+                slowest = slowest.max(t.elapsed());
+                done.fetch_add(1, SeqCst);
+                i += 1;
+            }
+            r.disconnect();
+            Ok(slowest)
+        }
+    });
+    let writes = || done.load(std::sync::atomic::Ordering::SeqCst);
+
+    // The checkpoint's sync on beta's hung disk: a flush in flight there (the loop device
+    // writes back through the paused FUSE file), within two cooling rounds.
+    let mut io = Value::Null;
+    let syncing = wait_for(Duration::from_secs(20), || {
+        io = b.status_json()["io"].clone();
+        io["flushes"].as_u64() > Some(flushes) && io["inflight"].as_u64() >= Some(1)
+    });
+    let (seen_at, written_at) = (writes(), u(&a.repl(), "seq_written"));
+    let durable_at = u(&a.repl(), "seq_durable");
+    std::thread::sleep(Duration::from_secs(3));
+    let during = writes() - seen_at;
+    let durable_during = u(&a.repl(), "seq_durable");
+    pause_control(&ctl, b'r');
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let slowest = writer.join().expect("writer thread");
+    assert!(
+        syncing,
+        "no sync of beta's disk started for the idle extent: {io}"
+    );
+    assert!(
+        during >= 100,
+        "only {during} client writes completed in the 3 s while beta's checkpoint synced: the stream waited for it"
+    );
+    assert_eq!(
+        durable_during, durable_at,
+        "beta reported a durable mark while its disk could not sync"
+    );
+    let slowest = slowest.expect("the writer");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a client write took {slowest:?} while beta's checkpoint synced"
+    );
+
+    // Once the disk goes on, the checkpoint is acknowledged, and the replicas agree.
+    let mut durable = 0;
+    let acked = wait_for(Duration::from_secs(30), || {
+        durable = u(&a.repl(), "seq_durable");
+        durable >= written_at
+    });
+    assert!(
+        acked,
+        "beta's durable mark stayed at {durable}, below {written_at}, after its disk went on"
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    assert_same_bytes(&b.backing_data(SIZE)[..4096], &first, "beta's extent 0");
+    assert_same_bytes(&b.backing_data(SIZE), &a.backing_data(SIZE), "beta's copy");
 }

@@ -218,7 +218,7 @@ pub(super) async fn primary_side(
                 // the peer is durable through a flush behind it, the bitmap is cleared, even
                 // if writes never pause.
                 if rep.lock().bitmap.dirty_bits() > 0 {
-                    let seq = rep.begin(Record::Flush).await?;
+                    let seq = rep.begin(Record::Checkpoint).await?;
                     rep.lock().clear_at = Some(seq);
                 }
                 if journal_sync {

@@ -979,6 +979,19 @@ pub(super) async fn secondary_side(
                             drop(permit);
                         });
                     }
+                    Msg::Checkpoint { .. } => {
+                        // Everything before applied, then durable, then acked; but not a
+                        // barrier: no client ordered its writes around this point, so what
+                        // follows is applied while the sync runs (the sync claims only what
+                        // was applied when it began, as the periodic checkpoint does).
+                        let ap = ap.clone();
+                        tokio::spawn(async move {
+                            ap.wait_applied(seq - 1).await;
+                            ap.finish(seq);
+                            let _ = ap.make_durable().await;
+                            drop(permit);
+                        });
+                    }
                     Msg::Write { .. } | Msg::Zero { .. } => {
                         // Under B the primary acknowledges a write once this node has
                         // received it.
