@@ -27,7 +27,10 @@
 #                        with the median IOPS of each workload and configuration, and the
 #                        lowest and highest IOPS over the rounds
 #   WORKLOADS="..."      subset of: 4k-randwrite-qd32 4k-randwrite-qd1 1m-seqwrite-qd8
-#                        (default: all three, in that order)
+#                        4k-randwrite-fsync (default: the first three, in that order);
+#                        4k-randwrite-fsync is a database's commit path: 4 KiB random
+#                        writes at depth 1, each followed by a flush (fio --fsync=1, an
+#                        NBD FLUSH), IOPS counting the writes
 #   JOURNAL_SIZE=64M     resource journal-size (also in the lone config: same exported size)
 #   INITIAL_SYNC=full    how the pair starts: full = primary --force on alpha, then the
 #                        initial full sync of the (all-zero) device runs to its end before
@@ -133,8 +136,8 @@ if [[ -z ${CONFIGS:-} ]]; then
         printf '[bench-replication] %s\n' "no qemu-storage-daemon: the QEMU reference (qemu, qemu-mirror) is left out" >&2
     fi
 fi
-ALL_WORKLOADS="4k-randwrite-qd32 4k-randwrite-qd1 1m-seqwrite-qd8"
-WORKLOADS=${WORKLOADS:-$ALL_WORKLOADS}
+ALL_WORKLOADS="4k-randwrite-qd32 4k-randwrite-qd1 1m-seqwrite-qd8 4k-randwrite-fsync"
+WORKLOADS=${WORKLOADS:-4k-randwrite-qd32 4k-randwrite-qd1 1m-seqwrite-qd8}
 JOURNAL_SIZE=${JOURNAL_SIZE:-64M}
 INITIAL_SYNC=${INITIAL_SYNC:-full}
 SYNC_WAIT=${SYNC_WAIT:-300}
@@ -305,11 +308,12 @@ jget() { python3 "$REPORT_PY" get "$@"; }
 now() { date +%s.%N; }
 elapsed() { python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.2f}")' "$1" "$(now)"; }
 
-workload_spec() { # name -> "rw bs iodepth dir"
+workload_spec() { # name -> "rw bs iodepth dir fdatasync-every"
     case $1 in
-        4k-randwrite-qd32) echo "randwrite 4k 32 write" ;;
-        4k-randwrite-qd1) echo "randwrite 4k 1 write" ;;
-        1m-seqwrite-qd8) echo "write 1m 8 write" ;;
+        4k-randwrite-qd32) echo "randwrite 4k 32 write 0" ;;
+        4k-randwrite-qd1) echo "randwrite 4k 1 write 0" ;;
+        1m-seqwrite-qd8) echo "write 1m 8 write 0" ;;
+        4k-randwrite-fsync) echo "randwrite 4k 1 write 1" ;;
     esac
 }
 
@@ -556,7 +560,8 @@ run_one() {
     local drained=skipped drain_s=- identical=skipped cmp_msg='' nonzero alive t0 deadline
     local size=$DEV_SIZE
     is_qemu "$cfg" && size=$QEMU_SIZE
-    read -r rw bs qd wdir < <(workload_spec "$w")
+    local syncs
+    read -r rw bs qd wdir syncs < <(workload_spec "$w")
     rundir=$dir/runs/$w
     mkdir -p "$rundir"
     raw=$rundir/fio.out
@@ -584,7 +589,7 @@ run_one() {
     rc=0
     timeout $((RUNTIME + RAMP + 120)) \
         fio --name="$w" --ioengine=nbd --uri="nbd://127.0.0.1:$EXPORT_PORT/$RESOURCE" \
-        --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
+        --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 --fsync="$syncs" \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --norandommap --randrepeat=0 --scramble_buffers=1 \
         --output-format=json >"$raw" 2>"$raw.err" &

@@ -153,7 +153,7 @@ impl ActivityLog {
 
     /// After a cooling round: the extents idle for the whole round that it kept only because
     /// the peer has not made their last write durable (through `durable`); the caller asks
-    /// for a flush in the stream, so that the next round lets them go. Extents written
+    /// for a checkpoint in the stream, so that the next round lets them go. Extents written
     /// during the round do not count: a busy working set asks for nothing.
     pub fn idle_not_durable(&self, durable: u64) -> usize {
         let ended = self.round.saturating_sub(1);
@@ -164,7 +164,7 @@ impl ActivityLog {
     }
 
     /// Idle extents kept over capacity only because the peer has not made their last write
-    /// durable: a flush in the stream would let them go.
+    /// durable: a checkpoint in the stream would let them go.
     pub fn held_for_peer(&self, durable: u64) -> usize {
         if self.lru.len() <= self.capacity {
             return 0;

@@ -462,10 +462,19 @@ impl Device {
         } else {
             None
         };
-        self.sync_backing().await?;
-        if let Err(e) = rep.persist().await {
-            tracing::error!("journal sync failed: {e}");
-            return self.fail(EIO);
+        // The journal first: with internal metadata its sync is the data's too (one file), and
+        // the data needs no sync of its own. Both are durable before the flush is answered,
+        // so their order does not matter to a crash.
+        match rep.persist_synced().await {
+            Ok(true) => {}
+            Ok(false) => self.sync_backing().await?,
+            Err(e) => {
+                tracing::error!("journal sync failed: {e}");
+                // The data's own sync says whether the data's writeback failed too (and if so
+                // marks this disk: see `sync_failed`).
+                let _ = self.sync_backing().await;
+                return self.fail(EIO);
+            }
         }
         match seq {
             Some(seq) => {

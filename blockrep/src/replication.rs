@@ -250,7 +250,7 @@ pub struct Inner {
     /// Journal bytes held back from application writes for a resync chunk that is below its
     /// rate floor (`resync-rate-min`); 0: none.
     pub reserve: u64,
-    /// A flush record in the stream after everything the bitmap records: once the peer is
+    /// A checkpoint record in the stream after everything the bitmap records: once the peer is
     /// durable through it, the bitmap can be cleared even while new writes keep coming.
     pub clear_at: Option<u64>,
     /// How many times [`Self::set_pinned`] ran: a checksum resync's hashes asked before a
@@ -347,7 +347,7 @@ pub struct Replication {
     /// waited for journal space longer than the floor allows gets space ahead of application
     /// writes.
     pub resync_floor: AtomicU64,
-    /// The flush record last added because the undurable list filled up (u64::MAX while it
+    /// The checkpoint record last added because the undurable list filled up (u64::MAX while it
     /// is being added): another is asked for only once the peer is durable through it.
     pressure_flush: AtomicU64,
     /// Hot extents (with a version raised at every change), and the version known durable.
@@ -784,7 +784,7 @@ impl Replication {
         };
         self.appended.notify_one();
         if pressed && range.is_some() {
-            // Half full: a flush in the stream moves the peer's durable mark on before the
+            // Half full: a checkpoint in the stream moves the peer's durable mark on before the
             // list spills into the bitmap (which `status` would show as out of sync).
             self.ask_durable().await;
         }
@@ -858,7 +858,7 @@ impl Replication {
         if !a.connected || a.durable < self.pressure_flush.load(SeqCst) {
             return;
         }
-        // Marked first: the flush's own `begin` must not ask again.
+        // Marked first: the checkpoint's own `begin` must not ask again.
         self.pressure_flush.store(u64::MAX, SeqCst);
         // A checkpoint has no range: no activity-log update that could fail.
         let Ok(seq) = Box::pin(self.begin(Record::Checkpoint)).await else {
@@ -884,7 +884,7 @@ impl Replication {
     /// Marks the extents of a write hot; returns once the activity log that says so is durable.
     ///
     /// An idle extent goes cold only once the peer made its last write durable; until then the
-    /// log runs over its capacity and a flush in the stream is asked for. Past half the
+    /// log runs over its capacity and a checkpoint in the stream is asked for. Past half the
     /// capacity again, the write waits for the peer (bounded: the log fits its area).
     ///
     /// Fails when the log cannot be made durable: the write must not go ahead, since after a
@@ -912,7 +912,7 @@ impl Replication {
                 if !too_far {
                     break;
                 }
-                // A flush is on its way (asked above, or by an earlier write): wait for the
+                // A checkpoint is on its way (asked above, or by an earlier write): wait for the
                 // peer's durable mark, or for the link to drop (then the bitmap covers it).
                 let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
                 self.ask_durable().await;
@@ -929,7 +929,7 @@ impl Replication {
     /// the extents that went cold are written out at once (behind the bitmap when the peer
     /// is away, as any eviction), so that a crash after a quiet spell resyncs only what was
     /// written since, not every extent written since `up`.
-    /// `primary`: this node is primary, so it may ask for a flush in its stream.
+    /// `primary`: this node is primary, so it may ask for a checkpoint in its stream.
     pub async fn cool_activity_log(&self, primary: bool) -> std::io::Result<()> {
         let (cooled, waiting) = {
             let durable = self.al_durable_mark();
@@ -938,7 +938,8 @@ impl Replication {
             (cooled, al.idle_not_durable(durable) > 0)
         };
         // Extents kept only for the peer's durable mark, which a quiet client would move
-        // only at the next checkpoint: a flush in the stream lets them go next round.
+        // only at the peer's next periodic sync: a checkpoint in the stream lets them go next
+        // round.
         if waiting && primary {
             self.ask_durable().await;
         }
@@ -1309,6 +1310,13 @@ impl Replication {
     /// never changes, so records flushed earlier are already valid behind the new checkpoint,
     /// and a crash at any point leaves a chain that holds every flushed record.
     pub async fn persist(self: &Arc<Self>) -> std::io::Result<()> {
+        self.persist_synced().await.map(|_| ())
+    }
+
+    /// [`Self::persist`], telling whether it synced the file that also holds the data
+    /// (internal metadata): a client's flush then needs no sync of its own, one fewer on a
+    /// database's commit path.
+    pub async fn persist_synced(self: &Arc<Self>) -> std::io::Result<bool> {
         let _order = self.disk_lock.lock().await;
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.persist_blocking())
@@ -1316,7 +1324,7 @@ impl Replication {
             .map_err(std::io::Error::other)?
     }
 
-    fn persist_blocking(&self) -> std::io::Result<()> {
+    fn persist_blocking(&self) -> std::io::Result<bool> {
         let l = &self.areas.layout;
         let cap = l.journal_len;
         let (ckpt, issued, overflowed) = {
@@ -1355,6 +1363,8 @@ impl Replication {
                 || m.sb.journal_overflowed != overflowed
                 || m.sb.issued_seq < issued
         };
+        // With internal metadata every sync below is one of the data's file too.
+        let internal = self.areas.data.is_none();
         if commit {
             MetaStore::update(&self.meta, |sb| {
                 sb.journal_pos = ckpt.0;
@@ -1390,6 +1400,7 @@ impl Replication {
             };
             (to, pieces, bitmap)
         };
+        let synced = commit || !pieces.is_empty() || bitmap.is_some();
         let written = (|| {
             for (phys, bytes) in &pieces {
                 self.areas
@@ -1414,7 +1425,7 @@ impl Replication {
         }
         let mut g = self.lock();
         g.disk_pos = g.disk_pos.max(to);
-        Ok(())
+        Ok(internal && synced)
     }
 
     /// Whether anything would be written by [`Self::persist`] while the peer is away.

@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockrep_e2e::blocks::*;
+use blockrep_e2e::nbd_const::{CMD_FLUSH, CMD_WRITE};
 use blockrep_e2e::*;
 use serde_json::Value;
 
@@ -332,73 +333,70 @@ fn the_primarys_own_checkpoint_does_not_hold_up_the_stream_while_the_peer_syncs(
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
 
-    // Extent 0 written once: it goes idle while the writer below works in extent 2.
+    // Extent 0 written once, then idle: the next cooling round but one asks for beta's
+    // durable mark through that write.
     let first = random_bytes(4096);
     let mut r = a.raw_open();
     r.write_at(0, &first, 0).expect("write to extent 0");
     r.disconnect();
     let flushes = u(&b.status_json()["io"], "flushes");
+    let issued = u(&a.repl(), "seq_written");
     pause_control(&ctl, b'p');
+    let resume = ResumeOnDrop(&ctl);
 
-    // The client: 4 KiB writes in extent 2 (protocol C), counted as they complete.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = std::thread::spawn({
-        let (done, stop) = (done.clone(), stop.clone());
-        let (uri, name) = (a.export().clone(), c.resource().to_string());
-        move || {
-            use std::sync::atomic::Ordering::SeqCst;
-            let mut r = RawNbd::open(&uri, &name);
-            let mut slowest = Duration::ZERO;
-            let mut i = 0u64;
-            while !stop.load(SeqCst) {
-                let block = random_bytes(4096);
-                let t = Instant::now();
-                if let Err(e) = r.write_at(2 * EXTENT + (i % 256) * 4096, &block, 0) {
-                    return Err(format!("write {i} failed: NBD error {e}"));
-                }
-                slowest = slowest.max(t.elapsed());
-                done.fetch_add(1, SeqCst);
-                i += 1;
-            }
-            r.disconnect();
-            Ok(slowest)
-        }
-    });
-    let writes = || done.load(std::sync::atomic::Ordering::SeqCst);
-
-    // The checkpoint's sync on beta's hung disk: a flush in flight there (the loop device
-    // writes back through the paused FUSE file), within two cooling rounds.
-    let mut io = Value::Null;
+    // Nothing else is written yet, so a record alpha issues now is its checkpoint; and beta's
+    // sync for it hangs on the paused disk (the loop device writes back through the FUSE
+    // file), a flush in flight there.
+    let (mut io, mut written) = (Value::Null, issued);
     let syncing = wait_for(Duration::from_secs(20), || {
         io = b.status_json()["io"].clone();
-        io["flushes"].as_u64() > Some(flushes) && io["inflight"].as_u64() >= Some(1)
+        written = u(&a.repl(), "seq_written");
+        written > issued
+            && io["flushes"].as_u64() > Some(flushes)
+            && io["inflight"].as_u64() >= Some(1)
     });
-    let (seen_at, written_at) = (writes(), u(&a.repl(), "seq_written"));
-    let durable_at = u(&a.repl(), "seq_durable");
-    std::thread::sleep(Duration::from_secs(3));
-    let during = writes() - seen_at;
-    let durable_during = u(&a.repl(), "seq_durable");
-    pause_control(&ctl, b'r');
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let slowest = writer.join().expect("writer thread");
     assert!(
         syncing,
-        "no sync of beta's disk started for the idle extent: {io}"
+        "no checkpoint issued for the idle extent (alpha wrote {written}, after {issued}), or no sync of beta's disk hanging for it: {io}"
+    );
+    let durable_at = u(&a.repl(), "seq_durable");
+
+    // Now the client: 4 KiB writes in extent 2 (protocol C), for 3 s while the sync hangs.
+    let mut r = a.raw_open();
+    let (mut writes, mut slowest) = (0u64, Duration::ZERO);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        let t = Instant::now();
+        let off = 2 * EXTENT + (writes % 256) * 4096;
+        let cookie = r
+            .send_request(CMD_WRITE, 0, off, 4096, &random_bytes(4096))
+            .expect("send a write");
+        match r.read_simple_reply() {
+            Ok((0, c)) => assert_eq!(c, cookie, "reply cookie"),
+            Ok((e, _)) => panic!("write {writes} failed: NBD error {e}"),
+            Err(e) => panic!(
+                "write {writes} got no reply in 10 s while beta's checkpoint synced ({e}): the stream waited for the sync"
+            ),
+        }
+        slowest = slowest.max(t.elapsed());
+        writes += 1;
+    }
+    let durable_during = u(&a.repl(), "seq_durable");
+    drop(resume);
+    r.disconnect();
+    assert!(
+        writes >= 100,
+        "only {writes} client writes completed in the 3 s while beta's checkpoint synced: the stream waited for it"
     );
     assert!(
-        during >= 100,
-        "only {during} client writes completed in the 3 s while beta's checkpoint synced: the stream waited for it"
+        slowest < Duration::from_secs(2),
+        "a client write took {slowest:?} while beta's checkpoint synced"
     );
     assert_eq!(
         durable_during, durable_at,
         "beta reported a durable mark while its disk could not sync"
     );
-    let slowest = slowest.expect("the writer");
-    assert!(
-        slowest < Duration::from_secs(2),
-        "a client write took {slowest:?} while beta's checkpoint synced"
-    );
+    let written_at = u(&a.repl(), "seq_written");
 
     // Once the disk goes on, the checkpoint is acknowledged, and the replicas agree.
     let mut durable = 0;
@@ -413,4 +411,57 @@ fn the_primarys_own_checkpoint_does_not_hold_up_the_stream_while_the_peer_syncs(
     c.wait_in_sync(SYNC_TIMEOUT);
     assert_same_bytes(&b.backing_data(SIZE)[..4096], &first, "beta's extent 0");
     assert_same_bytes(&b.backing_data(SIZE), &a.backing_data(SIZE), "beta's copy");
+}
+
+/// Resumes a disk behind nbdkit's pause filter when dropped (a failed assertion while it
+/// is paused would otherwise leave the daemons' teardown waiting on it).
+struct ResumeOnDrop<'a>(&'a Path);
+
+impl Drop for ResumeOnDrop<'_> {
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.0) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            let _ = s.write_all(b"r");
+            let _ = s.read(&mut [0u8; 1]);
+        }
+    }
+}
+
+/// A client's flush costs the secondary one sync of its disk: once everything before the
+/// flush record is synced, the record (it carries no data) counts as applied and the mark
+/// through it is committed with it. Before, a second round of sync and commit covered the
+/// record itself: two syncs of beta's disk per flush, on a database's commit path. Under C
+/// each flush still returns only once beta acknowledged it durable.
+#[test]
+fn a_client_flush_costs_the_secondary_one_sync() {
+    let c = Cluster::synced_pair("flush-one-sync", 16 * MIB, |b| b.protocol("C"));
+    let (a, b) = (c.alpha(), c.beta());
+    const FLUSHES: u64 = 20;
+    let syncs_before = u(&b.status_json()["io"], "flushes");
+    let mut r = a.raw_open();
+    for i in 0..FLUSHES {
+        let issued = u(&a.repl(), "seq_written");
+        r.write_at(i * 4096, &random_bytes(4096), 0).expect("write");
+        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
+        // The write and the flush record, at least: durable on beta when the flush returns.
+        let durable = u(&a.repl(), "seq_durable");
+        assert!(
+            durable >= issued + 2,
+            "flush {i} returned with beta durable through {durable}, before its record (after {issued} + 2)"
+        );
+    }
+    r.disconnect();
+    let syncs = u(&b.status_json()["io"], "flushes") - syncs_before;
+    // A checkpoint of beta's own, or one for an activity-log extent, may add one or two.
+    assert!(
+        (FLUSHES..=FLUSHES + 2).contains(&syncs),
+        "{FLUSHES} client flushes cost beta {syncs} syncs of its disk"
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    assert_same_bytes(
+        &b.backing_data(FLUSHES * 4096),
+        &a.backing_data(FLUSHES * 4096),
+        "beta's copy",
+    );
 }

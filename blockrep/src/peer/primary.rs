@@ -215,7 +215,7 @@ pub(super) async fn primary_side(
                 run_resync(&res, &rep, total, &replies).await?;
             } else {
                 // The journal replays what the bitmap recorded while the peer was away: once
-                // the peer is durable through a flush behind it, the bitmap is cleared, even
+                // the peer is durable through a checkpoint behind it, the bitmap is cleared, even
                 // if writes never pause.
                 if rep.lock().bitmap.dirty_bits() > 0 {
                     let seq = rep.begin(Record::Checkpoint).await?;

@@ -58,7 +58,8 @@ pub(super) struct Applier {
     /// Wakes the acker when a mark moved (one waiter, so a permit is kept: no change is
     /// missed, and many changes before it runs cost one wake-up).
     progressed: Notify,
-    /// Wakes the tasks waiting for the applied mark (flushes, FUA writes, SyncDone).
+    /// Wakes the tasks waiting for the applied mark (flushes, checkpoints, FUA writes,
+    /// SyncDone).
     mark_moved: Notify,
     window: Arc<Semaphore>,
     /// Payload bytes of the records being applied, in [`APPLY_BYTES_UNIT`]s: the window
@@ -244,6 +245,55 @@ impl Applier {
         self.lock().durable = upto;
         self.publish();
         Ok(upto)
+    }
+
+    /// A flush record at `seq` (under `term`) whose predecessors are all applied: one sync of
+    /// the data, then the record (it carries none) counts as applied and the mark through it
+    /// is committed and acknowledged as durable. Before, the flush took two rounds of data
+    /// sync and metadata commit, the second only to cover the flush record itself: four syncs
+    /// of this disk per client flush, on a database's commit path.
+    ///
+    /// The record is finished in any case (later records wait for it), after the sync: the
+    /// barrier holds until then.
+    async fn make_flush_durable(&self, seq: u64, term: u64) -> Result<(), LinkError> {
+        let _one = self.persist.lock().await;
+        let synced = async {
+            // After the caller saw every record before `seq` applied: a failed one recorded
+            // its failure before it finished, so it shows here.
+            if let Some(e) = self.failure() {
+                return Err(e);
+            }
+            if self.lock().durable >= seq - 1 {
+                return Ok(());
+            }
+            if let Err(e) = self.res.device().local_flush().await {
+                let why = format!(
+                    "flushing the applied stream through sequence {} failed (NBD error {e})",
+                    seq - 1
+                );
+                self.fail(why.clone()).await;
+                return Err(LinkError::LocalDisk(why));
+            }
+            Ok(())
+        }
+        .await;
+        self.finish(seq);
+        synced?;
+        if let Err(e) = self
+            .res
+            .commit_meta(move |sb| sb.advance_applied((seq, term)))
+            .await
+        {
+            let why = format!("persisting the applied sequence {seq}: {e}");
+            self.fail(why.clone()).await;
+            return Err(LinkError::LocalDisk(why));
+        }
+        {
+            let mut s = self.lock();
+            s.durable = s.durable.max(seq);
+        }
+        self.publish();
+        Ok(())
     }
 }
 
@@ -966,16 +1016,12 @@ pub(super) async fn secondary_side(
                         // the flush covers (a barrier broken on this disk if it crashes).
                         ap.lock().ranges.insert(seq, (0, u64::MAX));
                         let ap = ap.clone();
+                        let term = msg.term().unwrap_or(0);
                         tokio::spawn(async move {
                             ap.wait_applied(seq - 1).await;
-                            // A failure is recorded by make_durable: the flush is never
-                            // acknowledged, the link drops.
-                            if ap.make_durable().await.is_ok() {
-                                ap.finish(seq);
-                                let _ = ap.make_durable().await;
-                            } else {
-                                ap.finish(seq);
-                            }
+                            // A failure is recorded there: the flush is never acknowledged,
+                            // the link drops.
+                            let _ = ap.make_flush_durable(seq, term).await;
                             drop(permit);
                         });
                     }
