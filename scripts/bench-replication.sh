@@ -702,7 +702,7 @@ for cfg in $CONFIGS; do
         SETUP_FAILED=1
         FAILED=1
         for w in $WORKLOADS; do
-            read -r _ bs qd wdir < <(workload_spec "$w")
+            read -r _ bs qd wdir _ < <(workload_spec "$w")
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\t%s\n' "$w" "$cfg" "$wdir" "$bs" "$qd" "-" 98 "$ROUND" >>"$MANIFEST"
         done
         for f in "$cdir"/*.log; do

@@ -462,19 +462,17 @@ impl Device {
         } else {
             None
         };
-        // The journal first: with internal metadata its sync is the data's too (one file), and
-        // the data needs no sync of its own. Both are durable before the flush is answered,
-        // so their order does not matter to a crash.
-        match rep.persist_synced().await {
-            Ok(true) => {}
-            Ok(false) => self.sync_backing().await?,
-            Err(e) => {
-                tracing::error!("journal sync failed: {e}");
-                // The data's own sync says whether the data's writeback failed too (and if so
-                // marks this disk: see `sync_failed`).
-                let _ = self.sync_backing().await;
-                return self.fail(EIO);
-            }
+        // The data's sync and the journal's at once: with internal metadata they are syncs of
+        // one file, which the filesystem serves with one log commit and one cache flush where
+        // they meet (one after the other, each paid its own). Both are durable before the
+        // flush is answered, so their order does not matter to a crash; the data's own sync
+        // still runs at every flush, so a failed writeback of the data is always seen on its
+        // descriptor (see `sync_failed`), whoever else synced the file.
+        let (data, journal) = tokio::join!(self.sync_backing(), rep.persist());
+        data?;
+        if let Err(e) = journal {
+            tracing::error!("journal sync failed: {e}");
+            return self.fail(EIO);
         }
         match seq {
             Some(seq) => {

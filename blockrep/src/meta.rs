@@ -973,7 +973,20 @@ impl MetaStore {
         meta: &Mutex<MetaStore>,
         f: impl FnOnce(&mut Superblock) -> Result<T, E>,
     ) -> Result<T, E> {
-        Self::update_inner(meta, f, Mode::Write)
+        Self::update_inner(meta, f, Mode::Write, || Ok(()))
+    }
+
+    /// [`Self::update`] that also runs `also` (more writes to the metadata file) between the
+    /// superblock's write and its fdatasync, so one sync makes both durable. Only for writes
+    /// whose order against the superblock does not matter to a crash: either may land
+    /// without the other. If `also` or the sync fails, the superblock stays the one before,
+    /// as for a failed write.
+    pub fn update_with<T, E: From<MetaError>>(
+        meta: &Mutex<MetaStore>,
+        f: impl FnOnce(&mut Superblock) -> Result<T, E>,
+        also: impl FnOnce() -> std::io::Result<()>,
+    ) -> Result<T, E> {
+        Self::update_inner(meta, f, Mode::Write, also)
     }
 
     /// [`Self::update`] that writes nothing when `f` changes nothing (a flag cleared that was
@@ -983,7 +996,7 @@ impl MetaStore {
         meta: &Mutex<MetaStore>,
         f: impl FnOnce(&mut Superblock) -> Result<T, E>,
     ) -> Result<T, E> {
-        Self::update_inner(meta, f, Mode::SkipUnchanged)
+        Self::update_inner(meta, f, Mode::SkipUnchanged, || Ok(()))
     }
 
     /// [`Self::update`] for a mark that must hold for the rest of this run whatever the disk
@@ -1003,6 +1016,7 @@ impl MetaStore {
                 Ok::<(), MetaError>(())
             },
             Mode::KeepOnFailure,
+            || Ok(()),
         )
     }
 
@@ -1010,6 +1024,7 @@ impl MetaStore {
         meta: &Mutex<MetaStore>,
         f: impl FnOnce(&mut Superblock) -> Result<T, E>,
         mode: Mode,
+        also: impl FnOnce() -> std::io::Result<()>,
     ) -> Result<T, E> {
         let lock = || meta.lock().unwrap_or_else(|p| p.into_inner());
         let io = lock().io.clone();
@@ -1046,6 +1061,7 @@ impl MetaStore {
         };
         if let Err(e) = file
             .write_all_at(&bytes, offset)
+            .and_then(|()| also())
             .and_then(|()| file.sync_data())
         {
             if mode == Mode::KeepOnFailure {

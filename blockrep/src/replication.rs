@@ -1310,13 +1310,6 @@ impl Replication {
     /// never changes, so records flushed earlier are already valid behind the new checkpoint,
     /// and a crash at any point leaves a chain that holds every flushed record.
     pub async fn persist(self: &Arc<Self>) -> std::io::Result<()> {
-        self.persist_synced().await.map(|_| ())
-    }
-
-    /// [`Self::persist`], telling whether it synced the file that also holds the data
-    /// (internal metadata): a client's flush then needs no sync of its own, one fewer on a
-    /// database's commit path.
-    pub async fn persist_synced(self: &Arc<Self>) -> std::io::Result<bool> {
         let _order = self.disk_lock.lock().await;
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.persist_blocking())
@@ -1324,7 +1317,7 @@ impl Replication {
             .map_err(std::io::Error::other)?
     }
 
-    fn persist_blocking(&self) -> std::io::Result<bool> {
+    fn persist_blocking(&self) -> std::io::Result<()> {
         let l = &self.areas.layout;
         let cap = l.journal_len;
         let (ckpt, issued, overflowed) = {
@@ -1357,30 +1350,21 @@ impl Replication {
         };
         // Also when only the issued mark moves: it is what the peer is told this disk
         // holds (`Msg::Durable`), and an idle primary's last writes count only once in it.
-        let commit = {
+        let (commit, committed_pos, overflow_changes) = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            (m.sb.journal_pos, m.sb.journal_seq, m.sb.journal_prev_term) != ckpt
-                || m.sb.journal_overflowed != overflowed
-                || m.sb.issued_seq < issued
+            (
+                (m.sb.journal_pos, m.sb.journal_seq, m.sb.journal_prev_term) != ckpt
+                    || m.sb.journal_overflowed != overflowed
+                    || m.sb.issued_seq < issued,
+                m.sb.journal_pos,
+                m.sb.journal_overflowed != overflowed,
+            )
         };
-        // With internal metadata every sync below is one of the data's file too.
-        let internal = self.areas.data.is_none();
-        if commit {
-            MetaStore::update(&self.meta, |sb| {
-                sb.journal_pos = ckpt.0;
-                sb.journal_seq = ckpt.1;
-                sb.journal_prev_term = ckpt.2;
-                sb.issued_seq = sb.issued_seq.max(issued);
-                sb.journal_overflowed = overflowed;
-                Ok::<(), crate::meta::MetaError>(())
-            })
-            .map_err(std::io::Error::other)?;
-        }
         // Copy the unreleased new bytes out under the lock (two pieces when they wrap).
         let (to, pieces, bitmap) = {
             let mut g = self.lock();
             let from = g.disk_pos.max(g.ring.tail());
-            // Not past one ring from the checkpoint just committed: records appended since
+            // Not past one ring from the checkpoint committed below: records appended since
             // (into space released since) would overwrite the oldest ones it names, and a
             // crash before the next commit would find a broken journal. The rest goes next time.
             let to = g.ring.head().min(ckpt.0 + cap);
@@ -1400,8 +1384,7 @@ impl Replication {
             };
             (to, pieces, bitmap)
         };
-        let synced = commit || !pieces.is_empty() || bitmap.is_some();
-        let written = (|| {
+        let write_pieces = || {
             for (phys, bytes) in &pieces {
                 self.areas
                     .file
@@ -1411,11 +1394,43 @@ impl Replication {
                 let n = b.len().min(l.bitmap_len as usize);
                 self.areas.file.write_all_at(&b[..n], l.bitmap_offset)?;
             }
-            if !pieces.is_empty() || bitmap.is_some() {
-                self.areas.file.sync_data()?;
-            }
             Ok::<(), std::io::Error>(())
-        })();
+        };
+        let set_checkpoint = |sb: &mut crate::meta::Superblock| {
+            sb.journal_pos = ckpt.0;
+            sb.journal_seq = ckpt.1;
+            sb.journal_prev_term = ckpt.2;
+            sb.issued_seq = sb.issued_seq.max(issued);
+            sb.journal_overflowed = overflowed;
+            Ok::<(), crate::meta::MetaError>(())
+        };
+        // One sync for the new checkpoint and the new records together (metadata and
+        // journal in one file), when their order cannot matter to a crash: the records land
+        // within one ring of the checkpoint already on disk, so they overwrite nothing it
+        // names (the new checkpoint only moves past records released, and one that names
+        // records not on disk yet is what the two-step order below leaves after a crash
+        // between its steps too). Not when the overflow mark changes or the bitmap is
+        // written: an overflow mark must never be on disk without the bitmap that covers it.
+        let together = commit
+            && !pieces.is_empty()
+            && to <= committed_pos + cap
+            && bitmap.is_none()
+            && !overflow_changes;
+        let written = if together {
+            MetaStore::update_with(&self.meta, set_checkpoint, write_pieces)
+                .map_err(std::io::Error::other)
+        } else {
+            (|| {
+                if commit {
+                    MetaStore::update(&self.meta, set_checkpoint).map_err(std::io::Error::other)?;
+                }
+                write_pieces()?;
+                if !pieces.is_empty() || bitmap.is_some() {
+                    self.areas.file.sync_data()?;
+                }
+                Ok::<(), std::io::Error>(())
+            })()
+        };
         if let Err(e) = written {
             // Not on disk: the next persist writes the bitmap again.
             if bitmap.is_some() {
@@ -1425,7 +1440,7 @@ impl Replication {
         }
         let mut g = self.lock();
         g.disk_pos = g.disk_pos.max(to);
-        Ok(internal && synced)
+        Ok(())
     }
 
     /// Whether anything would be written by [`Self::persist`] while the peer is away.
@@ -2298,6 +2313,71 @@ mod csum_tests {
             0,
         );
         (rep, file)
+    }
+
+    /// The journal and checkpoint a persist leaves are what a restart reads back, whether
+    /// the checkpoint went with the records in one sync (they land within one ring of the
+    /// checkpoint on disk) or before them (the ring went round since that checkpoint).
+    #[tokio::test]
+    async fn persisted_checkpoint_and_records_are_read_back_after_one_sync_or_two() {
+        let dir = std::env::temp_dir().join(format!("brrep-persist-{}", std::process::id()));
+        let (rep, file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let data = vec![5u8; 4096];
+        let write = |rep: Arc<Replication>, i: u64| {
+            let data = data.clone();
+            async move {
+                let seq = rep
+                    .begin(Record::Write {
+                        offset: (i % 64) * 4096,
+                        data: &data,
+                        fua: false,
+                    })
+                    .await
+                    .expect("write");
+                rep.done(seq);
+                rep.al_end((i % 64) * 4096, 4096, seq);
+                seq
+            }
+        };
+        let read_back = |file: &File| {
+            let m = MetaStore::open(&dir.join("disk"), None, "r", "a").expect("open");
+            let l = m.sb.layout;
+            let mut image = vec![0u8; l.journal_len as usize];
+            file.read_exact_at(&mut image, l.journal_offset)
+                .expect("read");
+            let ring = Ring::recover(
+                image,
+                m.sb.journal_pos,
+                m.sb.journal_seq,
+                m.sb.journal_prev_term,
+            );
+            (m.sb, ring.records().map(|r| r.seq).collect::<Vec<_>>())
+        };
+        for i in 0..5 {
+            write(rep.clone(), i).await;
+        }
+        rep.persist().await.expect("persist");
+        // The peer applied three: the checkpoint moves, and two more records go with it.
+        rep.on_ack(3, 3, 0);
+        for i in 5..7 {
+            write(rep.clone(), i).await;
+        }
+        rep.persist().await.expect("persist");
+        let (sb, seqs) = read_back(&file);
+        assert_eq!((sb.journal_seq, sb.issued_seq), (4, 5));
+        assert_eq!(seqs, (4..=7).collect::<Vec<_>>());
+        // More than a ring's worth released and written since that checkpoint.
+        let mut last = 7;
+        for i in 7..120 {
+            last = write(rep.clone(), i).await;
+            rep.on_ack(last - 2, last - 2, 0);
+        }
+        rep.persist().await.expect("persist");
+        let (sb, seqs) = read_back(&file);
+        assert_eq!(sb.journal_seq, last - 1);
+        assert_eq!(seqs, vec![last - 1, last]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Review finding: a demotion closes writes, then commits every sequence issued as
