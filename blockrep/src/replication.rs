@@ -1305,27 +1305,34 @@ impl Replication {
     /// Makes the journal durable: every record the peer has not released is on disk, behind a
     /// checkpoint that a restart walks from. Called at flush points (and by the persister).
     ///
-    /// Order matters for crash safety: the checkpoint (the oldest unreleased record) is
-    /// committed first, then the new records are written and synced. A record's disk position
-    /// never changes, so records flushed earlier are already valid behind the new checkpoint,
-    /// and a crash at any point leaves a chain that holds every flushed record.
+    /// Order matters for crash safety: new records must not overwrite ones the checkpoint on
+    /// disk still names, so when they would, the new checkpoint (the oldest unreleased
+    /// record) is committed first, then the new records are written and synced; when they
+    /// land within one ring of it, both go with one sync. A record's disk position never
+    /// changes, so records flushed earlier are already valid behind the new checkpoint, and a
+    /// crash at any point leaves a chain that holds every flushed record.
     pub async fn persist(self: &Arc<Self>) -> std::io::Result<()> {
         let _order = self.disk_lock.lock().await;
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.persist_blocking())
+        tokio::task::spawn_blocking(move || me.persist_blocking().map(|_| ()))
             .await
             .map_err(std::io::Error::other)?
     }
 
-    fn persist_blocking(&self) -> std::io::Result<()> {
+    /// [`Self::persist`]'s body; tells whether the checkpoint and the records went with one
+    /// sync.
+    fn persist_blocking(&self) -> std::io::Result<bool> {
         let l = &self.areas.layout;
         let cap = l.journal_len;
-        let (ckpt, issued, overflowed) = {
-            let g = self.lock();
+        // The checkpoint, the issued mark and the new bytes in one look at the ring: an
+        // acknowledgement in between would move the tail past bytes never written, and the
+        // committed checkpoint would name records that are not there.
+        let (ckpt, issued, overflowed, to, pieces, bitmap) = {
+            let mut g = self.lock();
             let first = g.ring.first_live_seq().unwrap_or(g.issued + 1);
-            // The issued mark committed here must not run ahead of the records on disk, which
-            // are written after this commit: a restart resumes sequences after it, and a
-            // journal that ends before it has lost records.
+            // The issued mark committed here must not run ahead of the records on disk before
+            // this persist: a restart resumes sequences after it, and a journal that ends
+            // before it has lost records.
             let issued = if g.ring.head() <= g.disk_pos.max(g.ring.tail()) {
                 g.issued
             } else {
@@ -1342,31 +1349,12 @@ impl Replication {
             // The term of the record before the checkpoint: a restart can still tell whether
             // a peer that applied up to it followed this journal.
             let prev_term = g.ring.term_at(first.saturating_sub(1)).unwrap_or(0);
-            (
-                (g.ring.tail(), first, prev_term),
-                issued,
-                g.overflowed || verify,
-            )
-        };
-        // Also when only the issued mark moves: it is what the peer is told this disk
-        // holds (`Msg::Durable`), and an idle primary's last writes count only once in it.
-        let (commit, committed_pos, overflow_changes) = {
-            let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                (m.sb.journal_pos, m.sb.journal_seq, m.sb.journal_prev_term) != ckpt
-                    || m.sb.journal_overflowed != overflowed
-                    || m.sb.issued_seq < issued,
-                m.sb.journal_pos,
-                m.sb.journal_overflowed != overflowed,
-            )
-        };
-        // Copy the unreleased new bytes out under the lock (two pieces when they wrap).
-        let (to, pieces, bitmap) = {
-            let mut g = self.lock();
+            let ckpt = (g.ring.tail(), first, prev_term);
+            // The unreleased new bytes (two pieces when they wrap), not past one ring from the
+            // checkpoint committed below: records appended since (into space released since)
+            // would overwrite the oldest ones it names, and a crash before the next commit
+            // would find a broken journal. The rest goes next time.
             let from = g.disk_pos.max(g.ring.tail());
-            // Not past one ring from the checkpoint committed below: records appended since
-            // (into space released since) would overwrite the oldest ones it names, and a
-            // crash before the next commit would find a broken journal. The rest goes next time.
             let to = g.ring.head().min(ckpt.0 + cap);
             let mut pieces = Vec::new();
             let mut at = from;
@@ -1382,8 +1370,20 @@ impl Replication {
             } else {
                 None
             };
-            (to, pieces, bitmap)
+            (ckpt, issued, g.overflowed || verify, to, pieces, bitmap)
         };
+        // Also when only the issued mark moves: it is what the peer is told this disk
+        // holds (`Msg::Durable`), and an idle primary's last writes count only once in it.
+        let (moved, committed_pos, overflow_changes, issued_lags) = {
+            let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                (m.sb.journal_pos, m.sb.journal_seq, m.sb.journal_prev_term) != ckpt,
+                m.sb.journal_pos,
+                m.sb.journal_overflowed != overflowed,
+                m.sb.issued_seq < issued,
+            )
+        };
+        let commit = moved || overflow_changes || issued_lags;
         let write_pieces = || {
             for (phys, bytes) in &pieces {
                 self.areas
@@ -1409,13 +1409,16 @@ impl Replication {
         // within one ring of the checkpoint already on disk, so they overwrite nothing it
         // names (the new checkpoint only moves past records released, and one that names
         // records not on disk yet is what the two-step order below leaves after a crash
-        // between its steps too). Not when the overflow mark changes or the bitmap is
-        // written: an overflow mark must never be on disk without the bitmap that covers it.
+        // between its steps too). Kept to the plain case: no bitmap to write and no change of
+        // the overflow mark (the state after an overflow or a resync's start), and not
+        // right after the ring was cleared (a checkpoint with no term before it), where the
+        // old checkpoint's chain could run on across the cut.
         let together = commit
             && !pieces.is_empty()
             && to <= committed_pos + cap
             && bitmap.is_none()
-            && !overflow_changes;
+            && !overflow_changes
+            && !(moved && ckpt.2 == 0);
         let written = if together {
             MetaStore::update_with(&self.meta, set_checkpoint, write_pieces)
                 .map_err(std::io::Error::other)
@@ -1440,7 +1443,7 @@ impl Replication {
         }
         let mut g = self.lock();
         g.disk_pos = g.disk_pos.max(to);
-        Ok(())
+        Ok(together)
     }
 
     /// Whether anything would be written by [`Self::persist`] while the peer is away.
@@ -2363,7 +2366,10 @@ mod csum_tests {
         for i in 5..7 {
             write(rep.clone(), i).await;
         }
-        rep.persist().await.expect("persist");
+        assert!(
+            rep.persist_blocking().expect("persist"),
+            "one sync for both"
+        );
         let (sb, seqs) = read_back(&file);
         assert_eq!((sb.journal_seq, sb.issued_seq), (4, 5));
         assert_eq!(seqs, (4..=7).collect::<Vec<_>>());
@@ -2373,7 +2379,10 @@ mod csum_tests {
             last = write(rep.clone(), i).await;
             rep.on_ack(last - 2, last - 2, 0);
         }
-        rep.persist().await.expect("persist");
+        assert!(
+            !rep.persist_blocking().expect("persist"),
+            "the checkpoint first: the records would overwrite what the one on disk names"
+        );
         let (sb, seqs) = read_back(&file);
         assert_eq!(sb.journal_seq, last - 1);
         assert_eq!(seqs, vec![last - 1, last]);

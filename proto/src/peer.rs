@@ -468,16 +468,17 @@ pub fn decode_header(
 
 /// Checks a data payload against the crc in its header.
 pub fn check_payload(msg: &Msg, payload: &[u8]) -> Result<(), FrameError> {
+    check_payload_crc(msg, crc32c::crc32c(payload))
+}
+
+/// [`check_payload`] with the payload's crc32c already computed (a receiver that checksums
+/// each piece as it arrives, while the piece is still in cache).
+pub fn check_payload_crc(msg: &Msg, payload_crc: u32) -> Result<(), FrameError> {
     match msg {
-        Msg::Write { seq, crc, .. } if crc32c::crc32c(payload) != *crc => {
+        Msg::Write { seq, crc, .. } | Msg::Hashes { seq, crc, .. } if payload_crc != *crc => {
             Err(FrameError::PayloadCrc { seq: *seq })
         }
-        Msg::Bitmap { crc, .. } if crc32c::crc32c(payload) != *crc => {
-            Err(FrameError::PayloadCrc { seq: 0 })
-        }
-        Msg::Hashes { seq, crc, .. } if crc32c::crc32c(payload) != *crc => {
-            Err(FrameError::PayloadCrc { seq: *seq })
-        }
+        Msg::Bitmap { crc, .. } if payload_crc != *crc => Err(FrameError::PayloadCrc { seq: 0 }),
         _ => Ok(()),
     }
 }
