@@ -226,24 +226,8 @@ impl Applier {
         if upto <= self.lock().durable {
             return Ok(upto);
         }
-        if let Err(e) = self.res.device().local_flush().await {
-            let why = format!(
-                "flushing the applied stream through sequence {upto} failed (NBD error {e})"
-            );
-            self.fail(why.clone()).await;
-            return Err(LinkError::LocalDisk(why));
-        }
-        if let Err(e) = self
-            .res
-            .commit_meta(move |sb| sb.advance_applied((upto, term)))
-            .await
-        {
-            let why = format!("persisting the applied sequence {upto}: {e}");
-            self.fail(why.clone()).await;
-            return Err(LinkError::LocalDisk(why));
-        }
-        self.lock().durable = upto;
-        self.publish();
+        self.sync_through(upto).await?;
+        self.commit_durable(upto, term).await?;
         Ok(upto)
     }
 
@@ -266,31 +250,42 @@ impl Applier {
             if self.lock().durable >= seq - 1 {
                 return Ok(());
             }
-            if let Err(e) = self.res.device().local_flush().await {
-                let why = format!(
-                    "flushing the applied stream through sequence {} failed (NBD error {e})",
-                    seq - 1
-                );
-                self.fail(why.clone()).await;
-                return Err(LinkError::LocalDisk(why));
-            }
-            Ok(())
+            self.sync_through(seq - 1).await
         }
         .await;
         self.finish(seq);
         synced?;
+        self.commit_durable(seq, term).await
+    }
+
+    /// The data sync that makes everything applied through `upto` durable; a failure is
+    /// recorded (nothing more is acknowledged, the link drops).
+    async fn sync_through(&self, upto: u64) -> Result<(), LinkError> {
+        if let Err(e) = self.res.device().local_flush().await {
+            let why = format!(
+                "flushing the applied stream through sequence {upto} failed (NBD error {e})"
+            );
+            self.fail(why.clone()).await;
+            return Err(LinkError::LocalDisk(why));
+        }
+        Ok(())
+    }
+
+    /// After the data sync: commits the applied mark `(upto, term)`, then acknowledges it as
+    /// durable (never lower than a durable mark already acknowledged).
+    async fn commit_durable(&self, upto: u64, term: u64) -> Result<(), LinkError> {
         if let Err(e) = self
             .res
-            .commit_meta(move |sb| sb.advance_applied((seq, term)))
+            .commit_meta(move |sb| sb.advance_applied((upto, term)))
             .await
         {
-            let why = format!("persisting the applied sequence {seq}: {e}");
+            let why = format!("persisting the applied sequence {upto}: {e}");
             self.fail(why.clone()).await;
             return Err(LinkError::LocalDisk(why));
         }
         {
             let mut s = self.lock();
-            s.durable = s.durable.max(seq);
+            s.durable = s.durable.max(upto);
         }
         self.publish();
         Ok(())
