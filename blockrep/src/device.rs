@@ -259,7 +259,15 @@ impl Device {
 
     /// A client write: journaled and mirrored when the resource has a peer, acknowledged when
     /// the protocol's condition holds.
-    pub async fn write(&self, offset: u64, buf: Buf, fua: bool) -> (Result<(), Errno>, Buf) {
+    /// `crc`: the crc32c of `buf`, when its reader computed it as the data arrived (the
+    /// journal record carries it; computed here otherwise).
+    pub async fn write(
+        &self,
+        offset: u64,
+        buf: Buf,
+        fua: bool,
+        crc: Option<u32>,
+    ) -> (Result<(), Errno>, Buf) {
         let len = buf.len() as u64;
         if let Err(e) = self.check(offset, len, true) {
             return (self.fail(e), buf);
@@ -275,6 +283,7 @@ impl Device {
                 offset,
                 data: &buf,
                 fua,
+                crc,
             })
             .await
         {
@@ -319,6 +328,7 @@ impl Device {
                     offset: at,
                     data,
                     fua,
+                    crc: None,
                 })
                 .await
             {

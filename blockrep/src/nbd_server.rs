@@ -468,11 +468,12 @@ pub async fn transmission<R, W>(
             };
             let permits = (p1, p2, p3);
             let mut buf = device.pool.get(buf_len as usize);
+            let mut crc = None;
             if payload > 0 {
                 // Bounded (and a kick still ends it): a client that sends a header and then
                 // stalls must not hold its buffer space, nor delay a demotion, for ever.
-                match tokio::time::timeout(PAYLOAD_TIMEOUT, rd.read_exact(&mut buf)).await {
-                    Ok(Ok(_)) => {}
+                match tokio::time::timeout(PAYLOAD_TIMEOUT, read_payload(&mut rd, &mut buf)).await {
+                    Ok(Ok(c)) => crc = Some(c),
                     Ok(Err(e)) => return format!("client closed mid-payload: {e}"),
                     Err(_) => {
                         return format!(
@@ -498,7 +499,7 @@ pub async fn transmission<R, W>(
             let tx = tx.clone();
             let device = device.clone();
             let mut fut = Box::pin(async move {
-                let (error, data) = execute(&device, req, buf).await;
+                let (error, data) = execute(&device, req, buf, crc).await;
                 let _ = tx
                     .send(Reply {
                         cookie: req.cookie,
@@ -542,7 +543,29 @@ pub async fn transmission<R, W>(
 }
 
 /// Runs one request against the device. Returns the NBD error and, for reads, the data.
-async fn execute(device: &Device, req: Request, buf: Buf) -> (u32, Option<(u64, Buf)>) {
+/// Reads a write's payload into `buf`, checksumming each piece as it arrives (still in
+/// cache): the journal record's crc32c, without a second pass over the data.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut [u8]) -> std::io::Result<u32> {
+    let mut crc = 0u32;
+    let mut done = 0;
+    while done < buf.len() {
+        let n = rd.read(&mut buf[done..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        crc = crc32c::crc32c_append(crc, &buf[done..done + n]);
+        done += n;
+    }
+    Ok(crc)
+}
+
+/// `crc`: the write payload's crc32c, computed as it arrived.
+async fn execute(
+    device: &Device,
+    req: Request,
+    buf: Buf,
+    crc: Option<u32>,
+) -> (u32, Option<(u64, Buf)>) {
     // Flags a command does not take are refused rather than ignored (the spec's SHOULD): a
     // client relying on one must not think it was honoured. FUA goes with every command;
     // NO_HOLE only with WRITE_ZEROES; DF and FAST_ZERO were never offered.
@@ -571,7 +594,7 @@ async fn execute(device: &Device, req: Request, buf: Buf) -> (u32, Option<(u64, 
             }
         }
         Command::Write => {
-            let (r, buf) = device.write(req.offset, buf, fua).await;
+            let (r, buf) = device.write(req.offset, buf, fua, crc).await;
             device.pool.put(buf);
             (r.err().unwrap_or(0), None)
         }

@@ -135,6 +135,8 @@ pub enum Record<'a> {
         offset: u64,
         data: &'a [u8],
         fua: bool,
+        /// The crc32c of `data`, when its reader computed it as the data arrived.
+        crc: Option<u32>,
     },
     Zero {
         offset: u64,
@@ -629,13 +631,18 @@ impl Replication {
             }
         }
         let (msg, payload): (Msg, &[u8]) = match rec {
-            Record::Write { offset, data, fua } => (
+            Record::Write {
+                offset,
+                data,
+                fua,
+                crc,
+            } => (
                 Msg::Write {
                     seq: 0,
                     term: 0,
                     offset,
                     len: data.len() as u32,
-                    crc: crc32c::crc32c(data),
+                    crc: crc.unwrap_or_else(|| crc32c::crc32c(data)),
                     fua,
                 },
                 data,
@@ -2335,6 +2342,7 @@ mod csum_tests {
                         offset: (i % 64) * 4096,
                         data: &data,
                         fua: false,
+                        crc: None,
                     })
                     .await
                     .expect("write");
@@ -2403,6 +2411,7 @@ mod csum_tests {
                 offset: 0,
                 data: &data,
                 fua: false,
+                crc: None,
             })
             .await
         };
