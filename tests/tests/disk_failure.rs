@@ -147,8 +147,11 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
         st["replication"]["out_of_sync"].as_u64() >= Some(size - MIB),
         "the failed disk's every region is out of sync: {st}"
     );
+    // Said once the failed disk's bitmap was written (or failed to be): the status shows
+    // the disk inconsistent before that.
     assert!(
-        log_text(a).contains("disk lost writes"),
+        wait_for(Duration::from_secs(10), || log_text(a)
+            .contains("disk lost writes")),
         "alpha's log does not say its disk lost writes:\n{}",
         a.log_tail(20)
     );
