@@ -103,6 +103,29 @@ const CLASSES: [usize; 4] = [4096, 64 * 1024, 1 << 20, 4 << 20];
 /// classes must not pin gigabytes after a burst.
 const CLASS_KEEP_BYTES: usize = 64 << 20;
 
+/// Fills `buf` from `rd`, checksumming each piece as it arrives (still in cache): a payload's
+/// crc32c without a second pass over it. For NBD write payloads and peer frame payloads.
+pub async fn read_checksummed<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<u32> {
+    use tokio::io::AsyncReadExt;
+    let mut crc = 0u32;
+    let mut done = 0;
+    while done < buf.len() {
+        let n = rd.read(&mut buf[done..]).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the stream closed inside a payload",
+            ));
+        }
+        crc = crc32c::crc32c_append(crc, &buf[done..done + n]);
+        done += n;
+    }
+    Ok(crc)
+}
+
 /// A bounded pool of buffers by size class.
 #[derive(Clone)]
 pub struct BufPool {

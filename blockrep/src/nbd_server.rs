@@ -472,7 +472,12 @@ pub async fn transmission<R, W>(
             if payload > 0 {
                 // Bounded (and a kick still ends it): a client that sends a header and then
                 // stalls must not hold its buffer space, nor delay a demotion, for ever.
-                match tokio::time::timeout(PAYLOAD_TIMEOUT, read_payload(&mut rd, &mut buf)).await {
+                match tokio::time::timeout(
+                    PAYLOAD_TIMEOUT,
+                    crate::buf::read_checksummed(&mut rd, &mut buf),
+                )
+                .await
+                {
                     Ok(Ok(c)) => crc = Some(c),
                     Ok(Err(e)) => return format!("client closed mid-payload: {e}"),
                     Err(_) => {
@@ -543,22 +548,6 @@ pub async fn transmission<R, W>(
 }
 
 /// Runs one request against the device. Returns the NBD error and, for reads, the data.
-/// Reads a write's payload into `buf`, checksumming each piece as it arrives (still in
-/// cache): the journal record's crc32c, without a second pass over the data.
-async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut [u8]) -> std::io::Result<u32> {
-    let mut crc = 0u32;
-    let mut done = 0;
-    while done < buf.len() {
-        let n = rd.read(&mut buf[done..]).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        crc = crc32c::crc32c_append(crc, &buf[done..done + n]);
-        done += n;
-    }
-    Ok(crc)
-}
-
 /// `crc`: the write payload's crc32c, computed as it arrived.
 async fn execute(
     device: &Device,

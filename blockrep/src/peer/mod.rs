@@ -328,28 +328,13 @@ async fn read_frame_rest<R: AsyncRead + Unpin>(
         return Ok((msg, None, n));
     }
     let mut buf = res.device().pool.get(pre.payload_len as usize);
-    // Checksummed piece by piece as the pieces arrive, while each is still in cache: one
-    // pass over a large payload fewer.
-    let mut crc = 0u32;
-    let mut done = 0;
-    while done < buf.len() {
-        let n = match r.read(&mut buf[done..]).await {
-            Ok(0) => Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the link closed inside a frame's payload",
-            )),
-            r => r,
-        };
-        let n = match n {
-            Ok(n) => n,
-            Err(e) => {
-                res.device().pool.put(buf);
-                return Err(e.into());
-            }
-        };
-        crc = crc32c::crc32c_append(crc, &buf[done..done + n]);
-        done += n;
-    }
+    let crc = match crate::buf::read_checksummed(r, &mut buf).await {
+        Ok(crc) => crc,
+        Err(e) => {
+            res.device().pool.put(buf);
+            return Err(e.into());
+        }
+    };
     if let Err(e) = peer::check_payload_crc(&msg, crc) {
         if let Some(rep) = res.rep() {
             rep.stats
