@@ -11,6 +11,9 @@ Log (line-buffered, one write(2) per line, so a line is on disk as soon as it is
     "I SEQ BLOCK"  before the request is sent
     "A SEQ BLOCK"  after the server replied success (never for a failed write)
     "E SEQ BLOCK ERRNO" after the server replied an error
+    "F SEQ 0"      after a flush the server acknowledged, sent once every write <= SEQ was
+                   acknowledged and none was in flight: all of them are durable (with
+                   --flush-every N, after every N writes)
 
 Orders:
     random: block chosen at random among those with no write in flight (two writes in flight
@@ -50,6 +53,7 @@ def main():
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--seconds", type=float, default=0)
     p.add_argument("--stop-file", default="")
+    p.add_argument("--flush-every", type=int, default=0)
     a = p.parse_args()
     if a.order == "window" and a.blocks < a.inflight:
         sys.exit("window order needs blocks >= inflight")
@@ -66,6 +70,7 @@ def main():
     acked = set()
     acked_prefix = 0  # every write <= this one is acknowledged
     seq = 0
+    flushed_at = 0
     failed = False
 
     def finish(s):
@@ -103,6 +108,15 @@ def main():
             stop = stopping()
             if stop and not inflight:
                 break
+            if not stop and a.flush_every and seq - flushed_at >= a.flush_every:
+                # Drain, then flush: the flush covers exactly the writes <= seq.
+                if inflight:
+                    h.poll(-1)
+                    continue
+                h.flush()
+                log.write("F %d 0\n" % seq)
+                flushed_at = seq
+                continue
             can = False
             if not stop:
                 if a.order == "window":

@@ -102,6 +102,8 @@ pub struct StampOpts {
     pub count: u64,
     /// Stop after this long (0: no limit).
     pub seconds: f64,
+    /// Flush after every this many writes, once none is in flight (0: never).
+    pub flush_every: u64,
 }
 
 /// A running `stamp_writer.py`. Killed on drop.
@@ -141,7 +143,9 @@ impl StampWriter {
             .arg("--seconds")
             .arg(opts.seconds.to_string())
             .arg("--stop-file")
-            .arg(&stop_file);
+            .arg(&stop_file)
+            .arg("--flush-every")
+            .arg(opts.flush_every.to_string());
         let proc = ChildGuard::spawn(&mut c, Some(&dir.join(format!("{tag}.out"))));
         Self {
             proc,
@@ -194,6 +198,8 @@ pub struct WriterLog {
     pub issued: Vec<(u64, u64)>,
     pub acked: Vec<(u64, u64)>,
     pub errors: Vec<(u64, u64)>,
+    /// The highest SEQ an acknowledged flush covered: every write <= it is durable.
+    pub flushed: u64,
 }
 
 impl WriterLog {
@@ -216,6 +222,7 @@ impl WriterLog {
                 "I" => l.issued.push((seq, block)),
                 "A" => l.acked.push((seq, block)),
                 "E" => l.errors.push((seq, block)),
+                "F" => l.flushed = l.flushed.max(seq),
                 _ => panic!("{}: bad line {line:?}", path.display()),
             }
         }

@@ -334,6 +334,7 @@ fn kill_primary_loses_no_acknowledged_write(test: &str, protocol: &str) {
             order: StampOrder::Random,
             count: 0,
             seconds: 0.0,
+            flush_every: 0,
         },
     );
     wait_acked(&mut w, 1, Duration::from_secs(15));
@@ -525,6 +526,7 @@ fn write_order_after_cut(test: &str, inflight: u64) {
             order: StampOrder::Window,
             count: 0,
             seconds: 0.0,
+            flush_every: 0,
         },
     );
     wait_acked(&mut w, 200, Duration::from_secs(15));
@@ -1617,6 +1619,7 @@ fn flapping_link(test: &str, protocol: &str) {
             order: StampOrder::Random,
             count: 0,
             seconds: 0.0,
+            flush_every: 0,
         },
     );
     wait_acked(&mut w, 100, Duration::from_secs(15));
