@@ -386,3 +386,94 @@ fn a_primary_that_loses_power_keeps_every_flushed_write_and_brings_its_peer_up_t
     drop(stop);
     drop(disk);
 }
+
+/// Both nodes lose power at once under C while a client writes and flushes (a site outage):
+/// the primary's memory of what the secondary had not synced is gone with it, so what brings
+/// the pair together is on disk: the crashed primary's activity log (an extent goes cold only
+/// once the peer made its writes durable). As the runbook says: `up` on both, wait for
+/// `connected` and `up-to-date`, `primary` on alpha. The replicas end identical, with every
+/// flushed write.
+#[test]
+fn both_nodes_lose_power_and_come_back_identical_with_every_flushed_write() {
+    let Some(py) = tools() else { return };
+    let c = Cluster::builder("power-loss-both")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    let (base_a, disk_a) = volatile_backing(&c, a);
+    let (base_b, disk_b) = volatile_backing(&c, b);
+    let (mut disk_a, mut disk_b) = (Some(disk_a), Some(disk_b));
+    let stop = StopDaemons(&c);
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let size = a.size();
+
+    let mut w = writer(&py, &c, "w", &a.uri(), 64);
+    wait_acked(&mut w, 3000);
+    // Both daemons at once, alpha first (with beta gone first, alpha would acknowledge
+    // flushes without it, which a cut of both never lets a client see) and beta right after,
+    // before it notices the link drop and syncs what it applied; then both disks.
+    let pids: Vec<u32> = a.pids().into_iter().chain(b.pids()).collect();
+    assert_eq!(pids.len(), 2, "daemon pids: {pids:?}");
+    for &p in &pids {
+        kill9(p);
+    }
+    for &p in &pids {
+        assert!(
+            wait_pid_gone(p, Duration::from_secs(10)),
+            "pid {p} survived SIGKILL"
+        );
+    }
+    disk_a.take().expect("alpha's disk").close();
+    disk_b.take().expect("beta's disk").close();
+    if !w.wait_exit(Duration::from_secs(20)) {
+        w.kill();
+    }
+    let log = w.log();
+    assert!(log.flushed > 0, "no flush acknowledged:\n{}", w.output());
+    let want = last_flushed(&log);
+    let last = last_acked(&log);
+    for (node, base) in [("alpha", &base_a), ("beta", &base_b)] {
+        let stamps = stamps_on(base);
+        let missing = behind(&stamps, &want, true, node);
+        assert!(
+            missing.is_empty(),
+            "{node}'s disk lost {} flushed writes in the power cut, first blocks {:?}",
+            missing.len(),
+            &missing[..missing.len().min(8)]
+        );
+        println!(
+            "{node}'s disk lost {} blocks' unflushed writes ({} acknowledged, flushes through {})",
+            behind(&stamps, &last, true, node).len(),
+            log.acked.len(),
+            log.flushed
+        );
+    }
+
+    // The runbook: up on both, wait for connected and up-to-date, primary on alpha.
+    disk_a = Some(volatile_disk(&c, a, &base_a, 2));
+    disk_b = Some(volatile_disk(&c, b, &base_b, 2));
+    a.up();
+    b.up();
+    wait_synced(&c, SYNC_TIMEOUT, "both back after the power loss");
+    a.ctl_ok(&["primary"]);
+    wait_synced(&c, SYNC_TIMEOUT, "alpha primary again");
+    c.assert_replicas_identical(size, "after both nodes lost power");
+    let stamps = Stamp::parse_all(
+        &a.backing_data((BLOCKS as usize * STAMP_BLOCK) as u64),
+        BLOCKS as usize,
+    );
+    let missing = behind(&stamps, &want, true, "alpha after the resync");
+    assert!(
+        missing.is_empty(),
+        "{} flushed writes missing after the resync, first blocks {:?}",
+        missing.len(),
+        &missing[..missing.len().min(8)]
+    );
+    println!("--- alpha's log ---\n{}", a.log_tail(10));
+    drop(stop);
+    drop((disk_a, disk_b));
+}
