@@ -917,6 +917,9 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
                     )
                 }
             );
+            if let Some(why) = &r.resync_reason {
+                println!("    resync reason: {why}");
+            }
         }
         if let Some(v) = &r.verify {
             println!(

@@ -161,6 +161,9 @@ pub struct Resource {
     stream_hold: std::sync::atomic::AtomicBool,
     /// Resync progress (as the source; as the target, what the source reports).
     pub resync: Mutex<Option<ResyncProgress>>,
+    /// Why the latest resync runs (shown while `resync` is set): the source's decision at
+    /// connect, or what a target was told.
+    pub resync_why: Mutex<String>,
     /// As the target of a resync that was cut: the bytes it had left, shown as out of sync
     /// until a resync completes (or a forced promotion declares the data good); the target's
     /// own bitmap does not name them.
@@ -456,6 +459,7 @@ impl Resource {
             last_generations_line: Mutex::new(String::new()),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),
+            resync_why: Mutex::new(String::new()),
             resync_left: std::sync::atomic::AtomicU64::new(0),
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
@@ -2314,6 +2318,14 @@ impl Resource {
                 Some(p) => (p.total, p.done, p.rate()),
                 None => (0, 0, 0),
             };
+        let resync_reason = (resync_total > 0)
+            .then(|| {
+                self.resync_why
+                    .lock()
+                    .map(|w| w.clone())
+                    .unwrap_or_default()
+            })
+            .filter(|w| !w.is_empty());
         // A resync target lacks what the source has left. Its own bitmap went to the source
         // at the handshake, which resyncs those regions too (a split brain's victim's
         // changes, say), and is cleared only at the end: counted, it would still show them
@@ -2421,6 +2433,7 @@ impl Resource {
             } else {
                 0
             },
+            resync_reason,
             // Redials to a peer that is down must not hide what it said when it left.
             last_error: match (l.peer_left, l.peer_stopped) {
                 _ if established(l.state) => l.last_error.clone(),

@@ -129,6 +129,11 @@ pub struct PeerStatus {
     pub resync_done: u64,
     pub resync_rate: u64,
     pub resync_eta_s: u64,
+    /// While a resync runs: why, and whether it is full (the source's decision at connect:
+    /// "full sync: no bitmap covers what the peer lacks", "this node crashed as primary...";
+    /// the target shows what the source told it).
+    #[serde(default)]
+    pub resync_reason: Option<String>,
     pub last_error: Option<String>,
     /// With `fencing = "resource-only"`, after the link to an up-to-date peer was lost on the
     /// primary: what the fence-peer handler did (cleared when the link is back).

@@ -329,13 +329,33 @@ fn link_cut_beyond_journal_resyncs_only_dirty_blocks() {
 
     c.proxy().resume();
     let mut totals = BTreeSet::new();
+    let mut reasons = BTreeSet::new();
     let seen = watch(&c, Duration::from_secs(40), "resynced", |sa, sb| {
         let r = &sa["replication"];
         if r["connection"] == "sync-source" {
             totals.insert(u(r, "resync_total"));
+            if u(r, "resync_total") > 0 {
+                reasons.insert(format!("alpha: {}", r["resync_reason"]));
+            }
+        }
+        let r = &sb["replication"];
+        if r["connection"] == "sync-target" && u(r, "resync_total") > 0 {
+            reasons.insert(format!("beta: {}", r["resync_reason"]));
         }
         pair_synced(sa, sb)
     });
+    // `status` says why the resync runs, on both sides, while it runs.
+    println!("resync reasons seen: {reasons:?}");
+    assert!(
+        totals.iter().all(|t| *t == 0) || !reasons.is_empty(),
+        "a resync ran (totals {totals:?}) and status never said why"
+    );
+    for r in &reasons {
+        assert!(
+            r.contains("journal") || r.contains("bitmap resync from alpha"),
+            "a resync reason that does not say why: {r} (all: {reasons:?})"
+        );
+    }
     assert_identical(&c, size, "bitmap resync after a cut", &seen);
     println!("states seen: {seen:?}; resync totals {totals:?}");
     assert!(

@@ -133,6 +133,14 @@ pub(super) async fn primary_side(
                 e,
                 if full { ", full" } else { "" }
             );
+            if let Ok(mut w) = res.resync_why.lock() {
+                let why = e.to_string();
+                *w = if full && !why.starts_with("full") {
+                    format!("full sync: {why}")
+                } else {
+                    why
+                };
+            }
             write_msg(
                 &mut wr,
                 &Msg::SyncStart {

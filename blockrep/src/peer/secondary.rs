@@ -559,6 +559,16 @@ pub(super) async fn secondary_side(
                                 if full { ", full" } else { "" }
                             );
                             res.run_handler("before-resync-target");
+                            if let Ok(mut w) = res.resync_why.lock() {
+                                *w = if full {
+                                    format!("full sync from {}: every block", peer_name(res))
+                                } else {
+                                    format!(
+                                        "bitmap resync from {}: the regions its bitmap and this node's name",
+                                        peer_name(res)
+                                    )
+                                };
+                            }
                             res.resync_target_started
                                 .store(true, std::sync::atomic::Ordering::SeqCst);
                             res.set_link_state("sync-target", None);
