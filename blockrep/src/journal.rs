@@ -54,27 +54,23 @@ pub enum AppendError {
 struct RingMem {
     ptr: NonNull<u8>,
     len: usize,
+    /// Mapped on its own (see [`RingMem::map`]), else a boxed slice.
+    mapped: bool,
 }
 
-// SAFETY: RingMem is a plain private mapping; the ring's pinning rule (never write a pinned
-// range) is what makes concurrent access from the lease holder sound.
+// SAFETY: RingMem is a plain private allocation; the ring's pinning rule (never write a
+// pinned range) is what makes concurrent access from the lease holder sound.
 unsafe impl Send for RingMem {}
 // SAFETY: as above.
 unsafe impl Sync for RingMem {}
 
 impl RingMem {
-    /// `len` zero bytes, mapped on their own (not from the allocator) so that the whole ring
+    /// `len` zero bytes mapped on their own, not from the allocator, so that the whole ring
     /// can be backed by transparent huge pages: every append and every send touches the next
-    /// page of a ring of tens of MiB, and with 4 KiB pages nearly each record costs TLB
-    /// misses. The advice is given before any page is touched; a kernel that ignores it
-    /// (THP off) changes nothing but speed.
-    fn zeroed(len: usize) -> Arc<Self> {
-        if len == 0 {
-            return Arc::new(RingMem {
-                ptr: NonNull::dangling(),
-                len,
-            });
-        }
+    /// page of a ring of tens of MiB, and with 4 KiB pages nearly each record costs a TLB
+    /// miss. The advice is given before any page is touched; a kernel that ignores it (THP
+    /// off) changes nothing but speed. `None` if the kernel refuses the mapping.
+    fn map(len: usize) -> Option<NonNull<u8>> {
         // SAFETY: an anonymous private mapping of `len` bytes, not aliased by anything.
         let p = unsafe {
             libc::mmap(
@@ -86,23 +82,49 @@ impl RingMem {
                 0,
             )
         };
-        let Some(ptr) = NonNull::new(p as *mut u8).filter(|_| p != libc::MAP_FAILED) else {
-            // No memory for the ring is out of memory, as a failed allocation would be.
-            let e = std::io::Error::last_os_error();
-            panic!("cannot map a journal ring of {len} bytes: {e}");
-        };
+        if p == libc::MAP_FAILED || len == 0 {
+            return None;
+        }
         // SAFETY: [p, p + len) is the mapping just made; MADV_HUGEPAGE changes no contents.
         unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
-        Arc::new(RingMem { ptr, len })
+        NonNull::new(p as *mut u8)
     }
 
-    /// A ring holding a copy of `image`.
-    fn with_image(image: &[u8]) -> Arc<Self> {
-        let mem = Self::zeroed(image.len());
-        if !image.is_empty() {
-            // SAFETY: the mapping was just made; nothing else reaches it yet.
-            unsafe { mem.slice_mut(0, image.len()) }.copy_from_slice(image);
+    /// The allocator's memory, when no mapping could be had (or none is needed).
+    fn boxed(image: Vec<u8>) -> Arc<Self> {
+        let boxed = image.into_boxed_slice();
+        let len = boxed.len();
+        let ptr = NonNull::new(Box::into_raw(boxed) as *mut u8).unwrap_or(NonNull::dangling());
+        Arc::new(RingMem {
+            ptr,
+            len,
+            mapped: false,
+        })
+    }
+
+    fn zeroed(len: usize) -> Arc<Self> {
+        match Self::map(len) {
+            Some(ptr) => Arc::new(RingMem {
+                ptr,
+                len,
+                mapped: true,
+            }),
+            None => Self::boxed(vec![0u8; len]),
         }
+    }
+
+    /// A ring holding `image`: copied into a mapping of its own, or kept where it is.
+    fn with_image(image: Vec<u8>) -> Arc<Self> {
+        let Some(ptr) = Self::map(image.len()) else {
+            return Self::boxed(image);
+        };
+        let mem = Arc::new(RingMem {
+            ptr,
+            len: image.len(),
+            mapped: true,
+        });
+        // SAFETY: the mapping was just made; nothing else reaches it yet.
+        unsafe { mem.slice_mut(0, image.len()) }.copy_from_slice(&image);
         mem
     }
 
@@ -128,9 +150,22 @@ impl RingMem {
 
 impl Drop for RingMem {
     fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: ptr/len are the mapping made in `zeroed`, unmapped once, here.
+        if self.len == 0 {
+            // An empty boxed slice never allocated: nothing to free.
+            return;
+        }
+        if self.mapped {
+            // SAFETY: ptr/len are the mapping made in `map`, unmapped once, here.
             unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+        } else {
+            // SAFETY: ptr/len came from Box::into_raw of a boxed slice of exactly this
+            // length.
+            unsafe {
+                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                    self.ptr.as_ptr(),
+                    self.len,
+                )))
+            };
         }
     }
 }
@@ -455,7 +490,7 @@ impl Ring {
     pub fn recover(image: Vec<u8>, pos: u64, first_seq: u64, prev_term: u64) -> Self {
         let cap = image.len() as u64;
         let mut ring = Ring {
-            mem: RingMem::with_image(&image),
+            mem: RingMem::with_image(image),
             cap,
             head: pos,
             recs: VecDeque::new(),
