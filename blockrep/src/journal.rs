@@ -54,78 +54,20 @@ pub enum AppendError {
 struct RingMem {
     ptr: NonNull<u8>,
     len: usize,
-    /// Mapped on its own (see [`RingMem::map`]), else a boxed slice.
-    mapped: bool,
 }
 
-// SAFETY: RingMem is a plain private allocation; the ring's pinning rule (never write a
-// pinned range) is what makes concurrent access from the lease holder sound.
+// SAFETY: RingMem is a plain heap allocation; the ring's pinning rule (never write a pinned
+// range) is what makes concurrent access from the lease holder sound.
 unsafe impl Send for RingMem {}
 // SAFETY: as above.
 unsafe impl Sync for RingMem {}
 
 impl RingMem {
-    /// `len` zero bytes mapped on their own, not from the allocator, so that the whole ring
-    /// can be backed by transparent huge pages: every append and every send touches the next
-    /// page of a ring of tens of MiB, and with 4 KiB pages nearly each record costs a TLB
-    /// miss. The advice is given before any page is touched; a kernel that ignores it (THP
-    /// off) changes nothing but speed. `None` if the kernel refuses the mapping.
-    fn map(len: usize) -> Option<NonNull<u8>> {
-        // SAFETY: an anonymous private mapping of `len` bytes, not aliased by anything.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED || len == 0 {
-            return None;
-        }
-        // SAFETY: [p, p + len) is the mapping just made; MADV_HUGEPAGE changes no contents.
-        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
-        NonNull::new(p as *mut u8)
-    }
-
-    /// The allocator's memory, when no mapping could be had (or none is needed).
-    fn boxed(image: Vec<u8>) -> Arc<Self> {
+    fn new(image: Vec<u8>) -> Arc<Self> {
         let boxed = image.into_boxed_slice();
         let len = boxed.len();
         let ptr = NonNull::new(Box::into_raw(boxed) as *mut u8).unwrap_or(NonNull::dangling());
-        Arc::new(RingMem {
-            ptr,
-            len,
-            mapped: false,
-        })
-    }
-
-    fn zeroed(len: usize) -> Arc<Self> {
-        match Self::map(len) {
-            Some(ptr) => Arc::new(RingMem {
-                ptr,
-                len,
-                mapped: true,
-            }),
-            None => Self::boxed(vec![0u8; len]),
-        }
-    }
-
-    /// A ring holding `image`: copied into a mapping of its own, or kept where it is.
-    fn with_image(image: Vec<u8>) -> Arc<Self> {
-        let Some(ptr) = Self::map(image.len()) else {
-            return Self::boxed(image);
-        };
-        let mem = Arc::new(RingMem {
-            ptr,
-            len: image.len(),
-            mapped: true,
-        });
-        // SAFETY: the mapping was just made; nothing else reaches it yet.
-        unsafe { mem.slice_mut(0, image.len()) }.copy_from_slice(&image);
-        mem
+        Arc::new(RingMem { ptr, len })
     }
 
     /// SAFETY: nobody writes `[off, off + len)` while the slice lives.
@@ -150,16 +92,9 @@ impl RingMem {
 
 impl Drop for RingMem {
     fn drop(&mut self) {
-        if self.len == 0 {
-            // An empty boxed slice never allocated: nothing to free.
-            return;
-        }
-        if self.mapped {
-            // SAFETY: ptr/len are the mapping made in `map`, unmapped once, here.
-            unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
-        } else {
-            // SAFETY: ptr/len came from Box::into_raw of a boxed slice of exactly this
-            // length.
+        // SAFETY: ptr/len came from Box::into_raw of a boxed slice of exactly this length
+        // (an empty image never allocates: nothing to free).
+        if self.len > 0 {
             unsafe {
                 drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
                     self.ptr.as_ptr(),
@@ -168,6 +103,24 @@ impl Drop for RingMem {
             };
         }
     }
+}
+
+/// A zeroed buffer for a ring image of `len` bytes, with transparent huge pages asked for
+/// before any of it is touched: every append and every send walks on to the next page of a
+/// ring of tens of MiB, and with 4 KiB pages nearly each record costs a TLB miss. (A large
+/// zeroed allocation is fresh anonymous memory, untouched until used; the advice covers its
+/// whole 2 MiB units. A kernel that ignores it, THP off, changes nothing but speed.)
+pub fn image_buffer(len: usize) -> Vec<u8> {
+    const HUGE: usize = 2 << 20;
+    let v = vec![0u8; len];
+    let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
+    let end = (v.as_ptr() as usize + len) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside the buffer's allocation; MADV_HUGEPAGE changes no
+        // contents.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    v
 }
 
 /// A run of consecutive records the sender is writing to the peer, straight from the ring's
@@ -213,7 +166,7 @@ impl Ring {
     pub fn new(cap: u64) -> Self {
         assert!(cap >= 64 * 1024, "journal too small");
         Ring {
-            mem: RingMem::zeroed(cap as usize),
+            mem: RingMem::new(image_buffer(cap as usize)),
             cap,
             head: 0,
             recs: VecDeque::new(),
@@ -453,7 +406,7 @@ impl Ring {
     /// `resource::open_replication`).
     pub fn live_image(&self, pos: u64) -> Vec<u8> {
         let cap = self.cap;
-        let mut clean = vec![0u8; cap as usize];
+        let mut clean = image_buffer(cap as usize);
         let mut at = pos;
         while at < self.head {
             let phys = at % cap;
@@ -490,7 +443,7 @@ impl Ring {
     pub fn recover(image: Vec<u8>, pos: u64, first_seq: u64, prev_term: u64) -> Self {
         let cap = image.len() as u64;
         let mut ring = Ring {
-            mem: RingMem::with_image(image),
+            mem: RingMem::new(image),
             cap,
             head: pos,
             recs: VecDeque::new(),

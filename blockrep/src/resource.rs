@@ -3335,7 +3335,7 @@ async fn open_replication(
             .file()
             .try_clone()
             .map_err(io_err("cloning the metadata handle"))?;
-        let mut image = vec![0u8; l.journal_len as usize];
+        let mut image = crate::journal::image_buffer(l.journal_len as usize);
         file.read_exact_at(&mut image, l.journal_offset)
             .map_err(io_err("reading the journal"))?;
         let mut ring = Ring::recover(

@@ -129,9 +129,9 @@ pub struct PeerStatus {
     pub resync_done: u64,
     pub resync_rate: u64,
     pub resync_eta_s: u64,
-    /// While a resync runs: why, and whether it is full (the source's decision at connect:
-    /// "full sync: no bitmap covers what the peer lacks", "this node crashed as primary...";
-    /// the target shows what the source told it).
+    /// While a resync runs: on the source, why, and whether it is full (its decision at
+    /// connect: "full sync: no bitmap covers what the peer lacks", "this node crashed as
+    /// primary..."); on the target only whether it is full (the source's status says why).
     #[serde(default)]
     pub resync_reason: Option<String>,
     pub last_error: Option<String>,

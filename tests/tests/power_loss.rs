@@ -48,10 +48,11 @@ fn volatile_backing(c: &Cluster, node: &Node) -> (PathBuf, NbdkitFile) {
     (base, disk)
 }
 
-/// The power cut: the daemon dies, then its disk, with whatever it had not written back.
-fn power_cut(node: &Node, disk: NbdkitFile) {
+/// The power cut: the daemon dies, then its disk, with whatever it had not written back (the
+/// disk is taken only once the daemon is gone: a failed kill leaves it to the guards' order).
+fn power_cut(node: &Node, disk: &mut Option<NbdkitFile>) {
     node.kill9_and_wait();
-    disk.close();
+    disk.take().expect("the node's disk is up").close();
 }
 
 /// What the file holds in its first `BLOCKS` blocks, read straight from the disk's base file
@@ -178,7 +179,7 @@ fn a_secondary_that_loses_power_gets_back_the_writes_it_had_applied() {
     assert!(log.errors.is_empty(), "writes failed: {:?}", log.errors);
     let last = last_acked(&log);
 
-    power_cut(b, disk.take().expect("beta's disk"));
+    power_cut(b, &mut disk);
     let lost = behind(&stamps_on(&base), &last, false, "beta's disk after the cut");
     assert!(
         !lost.is_empty(),
@@ -245,7 +246,7 @@ fn a_primary_that_loses_power_fails_over_and_comes_back_in_sync() {
         "writer stopped before the cut:\n{}",
         w.output()
     );
-    power_cut(a, disk.take().expect("alpha's disk"));
+    power_cut(a, &mut disk);
     if !w.wait_exit(Duration::from_secs(20)) {
         w.kill();
     }
@@ -332,7 +333,7 @@ fn a_primary_that_loses_power_keeps_every_flushed_write_and_brings_its_peer_up_t
     );
     let at_cut = w.log().acked.len();
     wait_acked(&mut w, at_cut + 1500);
-    power_cut(a, disk.take().expect("alpha's disk"));
+    power_cut(a, &mut disk);
     if !w.wait_exit(Duration::from_secs(20)) {
         w.kill();
     }
@@ -411,8 +412,26 @@ fn both_nodes_lose_power_and_come_back_identical_with_every_flushed_write() {
     c.wait_in_sync(SYNC_TIMEOUT);
     let size = a.size();
 
-    let mut w = writer(&py, &c, "w", &a.uri(), 64);
+    let mut w = writer(&py, &c, "w", &a.uri(), 256);
     wait_acked(&mut w, 3000);
+    // Cut where some acknowledged writes are not flushed yet, so the disks have something to
+    // lose (the point of the test): 32 to 160 past the last flush, well before the next one
+    // is sent at 256 (a flush in flight when the power goes may make them durable anyway,
+    // unacknowledged).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = w.log();
+        let past = (l.acked.len() as u64).saturating_sub(l.flushed);
+        if (32..=160).contains(&past) {
+            break;
+        }
+        assert!(
+            w.running() && Instant::now() < deadline,
+            "never 32 to 160 acknowledged writes past the last flush:\n{}",
+            w.output()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // Both daemons at once, alpha first (with beta gone first, alpha would acknowledge
     // flushes without it, which a cut of both never lets a client see) and beta right after,
     // before it notices the link drop and syncs what it applied; then both disks.
@@ -436,6 +455,7 @@ fn both_nodes_lose_power_and_come_back_identical_with_every_flushed_write() {
     assert!(log.flushed > 0, "no flush acknowledged:\n{}", w.output());
     let want = last_flushed(&log);
     let last = last_acked(&log);
+    let mut unflushed_lost = 0;
     for (node, base) in [("alpha", &base_a), ("beta", &base_b)] {
         let stamps = stamps_on(base);
         let missing = behind(&stamps, &want, true, node);
@@ -445,13 +465,20 @@ fn both_nodes_lose_power_and_come_back_identical_with_every_flushed_write() {
             missing.len(),
             &missing[..missing.len().min(8)]
         );
+        let lost = behind(&stamps, &last, true, node).len();
+        unflushed_lost += lost;
         println!(
-            "{node}'s disk lost {} blocks' unflushed writes ({} acknowledged, flushes through {})",
-            behind(&stamps, &last, true, node).len(),
+            "{node}'s disk lost {lost} blocks' unflushed writes ({} acknowledged, flushes through {})",
             log.acked.len(),
             log.flushed
         );
     }
+    assert!(
+        unflushed_lost > 0,
+        "neither disk lost an unflushed write ({} acknowledged, flushes through {}): nothing here was exercised",
+        log.acked.len(),
+        log.flushed
+    );
 
     // The runbook: up on both, wait for connected and up-to-date, primary on alpha.
     disk_a = Some(volatile_disk(&c, a, &base_a, 2));

@@ -560,11 +560,13 @@ pub(super) async fn secondary_side(
                             );
                             res.run_handler("before-resync-target");
                             if let Ok(mut w) = res.resync_why.lock() {
+                                // Only the kind: SyncStart carries no reason (the source's
+                                // status and log say why).
                                 *w = if full {
                                     format!("full sync from {}: every block", peer_name(res))
                                 } else {
                                     format!(
-                                        "bitmap resync from {}: the regions its bitmap and this node's name",
+                                        "resync from {} of the regions its bitmap names (its status says why)",
                                         peer_name(res)
                                     )
                                 };
