@@ -143,6 +143,28 @@ fn tools() -> Option<PathBuf> {
     py
 }
 
+/// Two nodes on loopback with 32 MiB of backing each and an 8 MiB journal, `f` adding to
+/// the builder (not started: the volatile disks go in first).
+fn cluster(
+    test: &str,
+    protocol: &str,
+    f: impl FnOnce(ClusterBuilder) -> ClusterBuilder,
+) -> Cluster {
+    f(Cluster::builder(test)
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol(protocol)
+        .journal_size("8M"))
+    .build()
+}
+
+/// Starts the pair (alpha primary) and waits until it is in sync; returns the exported size.
+fn start(c: &Cluster) -> u64 {
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.alpha().size()
+}
+
 /// Under C the secondary acknowledges a write once it is applied, before its disk has it: the
 /// primary releases the journal space then and only remembers the range until the secondary
 /// reports it durable. A power cut on the secondary loses such writes from its disk; when it
@@ -151,20 +173,13 @@ fn tools() -> Option<PathBuf> {
 #[test]
 fn a_secondary_that_loses_power_gets_back_the_writes_it_had_applied() {
     let Some(py) = tools() else { return };
-    let c = Cluster::builder("power-loss-secondary")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+    let c = cluster("power-loss-secondary", "C", |b| b);
     let (a, b) = (c.alpha(), c.beta());
     // Declared before the daemons' guard: dropped after the daemons are stopped.
     let (base, disk) = volatile_backing(&c, b);
     let mut disk = Some(disk);
     let stop = StopDaemons(&c);
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
-    let size = a.size();
+    let size = start(&c);
 
     // No client flush: beta makes these durable only at its own checkpoints.
     let mut w = writer(&py, &c, "w", &a.uri(), 0);
@@ -225,19 +240,12 @@ fn a_secondary_that_loses_power_gets_back_the_writes_it_had_applied() {
 #[test]
 fn a_primary_that_loses_power_fails_over_and_comes_back_in_sync() {
     let Some(py) = tools() else { return };
-    let c = Cluster::builder("power-loss-primary")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+    let c = cluster("power-loss-primary", "C", |b| b);
     let (a, b) = (c.alpha(), c.beta());
     let (base, disk) = volatile_backing(&c, a);
     let mut disk = Some(disk);
     let stop = StopDaemons(&c);
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
-    let size = a.size();
+    let size = start(&c);
 
     let mut w = writer(&py, &c, "w", &a.uri(), 0);
     wait_acked(&mut w, 3000);
@@ -309,20 +317,12 @@ fn a_primary_that_loses_power_fails_over_and_comes_back_in_sync() {
 #[test]
 fn a_primary_that_loses_power_keeps_every_flushed_write_and_brings_its_peer_up_to_date() {
     let Some(py) = tools() else { return };
-    let c = Cluster::builder("power-loss-flushed")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("A")
-        .journal_size("8M")
-        .beta_via_proxy()
-        .build();
+    let c = cluster("power-loss-flushed", "A", |b| b.beta_via_proxy());
     let (a, b) = (c.alpha(), c.beta());
     let (base, disk) = volatile_backing(&c, a);
     let mut disk = Some(disk);
     let stop = StopDaemons(&c);
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
-    let size = a.size();
+    let size = start(&c);
 
     // A flush after every 64 writes; the link goes down in the middle of the run.
     let mut w = writer(&py, &c, "w", &a.uri(), 64);
@@ -397,20 +397,13 @@ fn a_primary_that_loses_power_keeps_every_flushed_write_and_brings_its_peer_up_t
 #[test]
 fn both_nodes_lose_power_and_come_back_identical_with_every_flushed_write() {
     let Some(py) = tools() else { return };
-    let c = Cluster::builder("power-loss-both")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
+    let c = cluster("power-loss-both", "C", |b| b);
     let (a, b) = (c.alpha(), c.beta());
     let (base_a, disk_a) = volatile_backing(&c, a);
     let (base_b, disk_b) = volatile_backing(&c, b);
     let (mut disk_a, mut disk_b) = (Some(disk_a), Some(disk_b));
     let stop = StopDaemons(&c);
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
-    let size = a.size();
+    let size = start(&c);
 
     let mut w = writer(&py, &c, "w", &a.uri(), 256);
     wait_acked(&mut w, 3000);
