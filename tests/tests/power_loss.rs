@@ -20,13 +20,13 @@ const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
 const BLOCKS: u64 = 2048;
 
-/// A disk that loses its unflushed writes when cut: nbdkit's cache filter (writeback) over
-/// `base`, exposed by nbdfuse; the node's backing path becomes a symlink to that file. `gen`
-/// names each life of the disk (its own socket and mountpoint).
-fn volatile_disk(c: &Cluster, node: &Node, base: &Path, gen: u32) -> NbdkitFile {
+/// A file that loses its unflushed writes when cut: nbdkit's cache filter (writeback) over
+/// `base`, exposed by nbdfuse; `link` becomes a symlink to that file. `name` names this life
+/// of it (its own socket and mountpoint).
+fn volatile_file(c: &Cluster, link: &Path, name: &str, base: &Path) -> NbdkitFile {
     let disk = NbdkitFile::start(
         c.dir().path(),
-        &format!("{}-disk{gen}", node.name()),
+        name,
         &[
             "--filter=cache".into(),
             "file".into(),
@@ -35,9 +35,15 @@ fn volatile_disk(c: &Cluster, node: &Node, base: &Path, gen: u32) -> NbdkitFile 
         ],
         &[],
     );
-    let _ = std::fs::remove_file(node.backing_path());
-    std::os::unix::fs::symlink(disk.file(), node.backing_path()).expect("symlink the backing path");
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(disk.file(), link).expect("symlink to the volatile file");
     disk
+}
+
+/// The node's backing device as a volatile disk over `base`; `gen` names each life of it.
+fn volatile_disk(c: &Cluster, node: &Node, base: &Path, gen: u32) -> NbdkitFile {
+    let name = format!("{}-disk{gen}", node.name());
+    volatile_file(c, node.backing_path(), &name, base)
 }
 
 /// Moves the node's backing file to `NAME-base.img` and puts a volatile disk over it.
@@ -316,13 +322,43 @@ fn a_primary_that_loses_power_fails_over_and_comes_back_in_sync() {
 /// both replicas end with every flushed write.
 #[test]
 fn a_primary_that_loses_power_keeps_every_flushed_write_and_brings_its_peer_up_to_date() {
+    flushed_writes_survive_a_primary_power_loss("power-loss-flushed", false);
+}
+
+/// The same with external metadata, on a volatile device of its own: the journal, bitmap
+/// and activity log are then not in the data's file, and a flush must make both devices
+/// durable (neither device's flush covers the other's writes).
+#[test]
+fn a_primary_with_external_metadata_loses_power_and_keeps_every_flushed_write() {
+    flushed_writes_survive_a_primary_power_loss("power-loss-external", true);
+}
+
+fn flushed_writes_survive_a_primary_power_loss(test: &str, external: bool) {
     let Some(py) = tools() else { return };
-    let c = cluster("power-loss-flushed", "A", |b| b.beta_via_proxy());
+    let c = cluster(test, "A", |b| {
+        let b = b.beta_via_proxy();
+        if external {
+            b.external_meta()
+        } else {
+            b
+        }
+    });
     let (a, b) = (c.alpha(), c.beta());
+    // Metadata first, on the plain files (create-md sizes an external metadata file).
+    a.create_md();
+    b.create_md();
     let (base, disk) = volatile_backing(&c, a);
     let mut disk = Some(disk);
+    let meta_link = c.dir().join("alpha.meta");
+    let meta_base = c.dir().join("alpha-meta-base.img");
+    let mut meta = external.then(|| {
+        std::fs::rename(&meta_link, &meta_base).expect("move the metadata file");
+        volatile_file(&c, &meta_link, "alpha-meta1", &meta_base)
+    });
     let stop = StopDaemons(&c);
-    let size = start(&c);
+    c.up_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let size = a.size();
 
     // A flush after every 64 writes; the link goes down in the middle of the run.
     let mut w = writer(&py, &c, "w", &a.uri(), 64);
@@ -334,6 +370,9 @@ fn a_primary_that_loses_power_keeps_every_flushed_write_and_brings_its_peer_up_t
     let at_cut = w.log().acked.len();
     wait_acked(&mut w, at_cut + 1500);
     power_cut(a, &mut disk);
+    if let Some(m) = meta.take() {
+        m.close();
+    }
     if !w.wait_exit(Duration::from_secs(20)) {
         w.kill();
     }
@@ -360,8 +399,11 @@ fn a_primary_that_loses_power_keeps_every_flushed_write_and_brings_its_peer_up_t
         unflushed.len()
     );
 
-    // alpha comes back on what its disk kept, reconnects and takes the primary role again.
+    // alpha comes back on what its devices kept, reconnects and takes the primary role again.
     disk = Some(volatile_disk(&c, a, &base, 2));
+    if external {
+        meta = Some(volatile_file(&c, &meta_link, "alpha-meta2", &meta_base));
+    }
     c.proxy().resume();
     a.up();
     a.wait_connected(CONNECT_TIMEOUT);
@@ -385,7 +427,7 @@ fn a_primary_that_loses_power_keeps_every_flushed_write_and_brings_its_peer_up_t
     );
     println!("--- alpha's log ---\n{}", a.log_tail(12));
     drop(stop);
-    drop(disk);
+    drop((disk, meta));
 }
 
 /// Both nodes lose power at once under C while a client writes and flushes (a site outage):
