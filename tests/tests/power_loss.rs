@@ -138,6 +138,25 @@ fn wait_acked(w: &mut StampWriter, n: usize) {
     }
 }
 
+/// Waits until `lo` to `hi` acknowledged writes are past the last acknowledged flush: some
+/// are not flushed, and (with `hi` well below the writer's flush interval) the next flush is
+/// not sent yet, so a cut now leaves unflushed writes for the disks to lose.
+fn wait_past_flush(w: &mut StampWriter, lo: u64, hi: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = w.log();
+        if (lo..=hi).contains(&(l.acked.len() as u64).saturating_sub(l.flushed)) {
+            return;
+        }
+        assert!(
+            w.running() && Instant::now() < deadline,
+            "never {lo} to {hi} acknowledged writes past the last flush:\n{}",
+            w.output()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn tools() -> Option<PathBuf> {
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3", "nbdcopy"]) {
         return None;
@@ -178,18 +197,48 @@ fn start(c: &Cluster) -> u64 {
 /// the replicas silently differ.
 #[test]
 fn a_secondary_that_loses_power_gets_back_the_writes_it_had_applied() {
+    secondary_power_loss("power-loss-secondary", false);
+}
+
+/// The same with external metadata on a volatile device of its own, and client flushes: a
+/// flush under C returns once the secondary synced its data device and committed its applied
+/// mark on the other; its disk must keep every flushed write, and the mark must not claim
+/// writes the data device lost.
+#[test]
+fn a_secondary_with_external_metadata_loses_power_and_keeps_every_flushed_write() {
+    secondary_power_loss("power-loss-secondary-external", true);
+}
+
+fn secondary_power_loss(test: &str, external: bool) {
     let Some(py) = tools() else { return };
-    let c = cluster("power-loss-secondary", "C", |b| b);
+    let c = cluster(test, "C", |b| if external { b.external_meta() } else { b });
     let (a, b) = (c.alpha(), c.beta());
+    // Metadata first, on the plain files (create-md sizes an external metadata file).
+    a.create_md();
+    b.create_md();
     // Declared before the daemons' guard: dropped after the daemons are stopped.
     let (base, disk) = volatile_backing(&c, b);
     let mut disk = Some(disk);
+    let meta_link = c.dir().join("beta.meta");
+    let meta_base = c.dir().join("beta-meta-base.img");
+    let mut meta = external.then(|| {
+        std::fs::rename(&meta_link, &meta_base).expect("move the metadata file");
+        volatile_file(&c, &meta_link, "beta-meta1", &meta_base)
+    });
     let stop = StopDaemons(&c);
-    let size = start(&c);
+    c.up_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let size = a.size();
 
-    // No client flush: beta makes these durable only at its own checkpoints.
-    let mut w = writer(&py, &c, "w", &a.uri(), 0);
+    // Without client flushes beta makes these durable only at its own checkpoints; with them
+    // (external metadata), a flush after every 128 writes, and the writer stops 16 to 96
+    // writes past one, so the last writes are not flushed.
+    let flush_every = if external { 128 } else { 0 };
+    let mut w = writer(&py, &c, "w", &a.uri(), flush_every);
     wait_acked(&mut w, 3000);
+    if external {
+        wait_past_flush(&mut w, 16, 96);
+    }
     w.request_stop();
     assert!(
         w.wait_exit(Duration::from_secs(30)),
@@ -201,7 +250,23 @@ fn a_secondary_that_loses_power_gets_back_the_writes_it_had_applied() {
     let last = last_acked(&log);
 
     power_cut(b, &mut disk);
-    let lost = behind(&stamps_on(&base), &last, false, "beta's disk after the cut");
+    if let Some(m) = meta.take() {
+        m.close();
+    }
+    let kept = stamps_on(&base);
+    let missing = behind(
+        &kept,
+        &last_flushed(&log),
+        true,
+        "beta's disk after the cut",
+    );
+    assert!(
+        missing.is_empty(),
+        "beta's disk lost {} flushed writes in the power cut, first blocks {:?}",
+        missing.len(),
+        &missing[..missing.len().min(8)]
+    );
+    let lost = behind(&kept, &last, false, "beta's disk after the cut");
     assert!(
         !lost.is_empty(),
         "beta's disk kept all {} acknowledged writes through the power cut: it synced them before, and this test exercised nothing",
@@ -209,13 +274,17 @@ fn a_secondary_that_loses_power_gets_back_the_writes_it_had_applied() {
     );
     let ra = a.wait_not_connected(Duration::from_secs(20));
     println!(
-        "beta's disk lost {} of {} blocks written; alpha at the cut: {ra}",
+        "beta's disk lost {} of {} blocks written (flushes through {}); alpha at the cut: {ra}",
         lost.len(),
-        last.len()
+        last.len(),
+        log.flushed
     );
 
-    // beta comes back with its disk as the cut left it.
+    // beta comes back with its devices as the cut left them.
     disk = Some(volatile_disk(&c, b, &base, 2));
+    if external {
+        meta = Some(volatile_file(&c, &meta_link, "beta-meta2", &meta_base));
+    }
     b.up();
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(size, "after beta's power loss and reconnect");
@@ -234,9 +303,9 @@ fn a_secondary_that_loses_power_gets_back_the_writes_it_had_applied() {
         lost.len(),
         &still[..still.len().min(8)]
     );
-    // The daemons hold the disk's file open: they stop first (as on a failed assertion).
+    // The daemons hold the disks' files open: they stop first (as on a failed assertion).
     drop(stop);
-    drop(disk);
+    drop((disk, meta));
 }
 
 /// The primary loses power under C while a client writes: the secondary, promoted, holds every
@@ -453,20 +522,7 @@ fn both_nodes_lose_power_and_come_back_identical_with_every_flushed_write() {
     // lose (the point of the test): 32 to 160 past the last flush, well before the next one
     // is sent at 256 (a flush in flight when the power goes may make them durable anyway,
     // unacknowledged).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let l = w.log();
-        let past = (l.acked.len() as u64).saturating_sub(l.flushed);
-        if (32..=160).contains(&past) {
-            break;
-        }
-        assert!(
-            w.running() && Instant::now() < deadline,
-            "never 32 to 160 acknowledged writes past the last flush:\n{}",
-            w.output()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_past_flush(&mut w, 32, 160);
     // Both daemons at once, alpha first (with beta gone first, alpha would acknowledge
     // flushes without it, which a cut of both never lets a client see) and beta right after,
     // before it notices the link drop and syncs what it applied; then both disks.
