@@ -32,6 +32,14 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// A write's payload must arrive within this time of its header.
 const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests left waiting (for the peer, under B and C) that a connection's loop starts before
+/// it lets the other tasks run. It would otherwise take every request the socket holds first
+/// (up to a client's whole queue depth), and only then would the peer sender ship their
+/// records: with the three processes of a replicated pair on two cores, the secondary sat
+/// idle meanwhile. Yielding every 8 waiting requests gave 4 KiB random writes at depth 32
+/// about 14 % more IOPS under protocol C in interleaved runs. Requests answered at once (a
+/// lone node, protocol A) do not count: there, batches as large as possible cost least.
+const YIELD_EVERY: usize = 8;
 
 /// What the export offers and whether it is open to new clients.
 pub struct Export {
@@ -421,6 +429,8 @@ pub async fn transmission<R, W>(
     // A kick (demotion, down) and a reply writer that gave up end the connection wherever
     // the request loop waits: both are watched once for the whole connection, not re-armed
     // at every request.
+    // Requests started since this loop last let the other tasks run.
+    let mut since_yield = 0usize;
     let requests = async {
         loop {
             let mut h = [0u8; nbd::REQUEST_HEADER_LEN];
@@ -517,9 +527,17 @@ pub async fn transmission<R, W>(
             // Most requests finish on their first poll (page-cache I/O completes inline in the
             // ring); only those that must wait (the peer, the disk, a conflicting write) become
             // tasks of their own. Every future here re-registers its waker when polled again.
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            if fut.as_mut().poll(&mut cx).is_pending() {
+            let pending = {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                fut.as_mut().poll(&mut cx).is_pending()
+            };
+            if pending {
                 tokio::spawn(fut);
+                since_yield += 1;
+            }
+            if since_yield >= YIELD_EVERY {
+                since_yield = 0;
+                tokio::task::yield_now().await;
             }
         }
     };

@@ -50,6 +50,11 @@ pub(super) const MAX_TERM_CHANGES: usize = crate::replication::APPLY_WINDOW + 2;
 /// takes the whole budget): 64 MiB, counted in units of 64 KiB.
 const APPLY_BYTES_UNIT: usize = 64 << 10;
 const APPLY_BYTES_UNITS: u32 = 1024;
+/// Writes the receiver applies from one batch before it lets the acker run, under C: the
+/// primary's waiting writes are acknowledged a few at a time, so it answers its client while
+/// the rest of the batch is applied here, instead of after all of it. (Under A no write
+/// waits; under B the receipt already goes out before the apply.)
+const APPLY_YIELD_EVERY: usize = 4;
 
 pub(super) struct Applier {
     res: Arc<Resource>,
@@ -515,6 +520,8 @@ pub(super) async fn secondary_side(
             // A resync starts a stream, never joins one: a SyncStart after records would
             // reset the marks over writes in flight.
             let mut records_seen = false;
+            // Writes applied since the receiver last let the acker run.
+            let mut since_yield = 0usize;
             loop {
                 let (msg, payload, n) = read_frame_within(
                     &mut rd,
@@ -1108,9 +1115,22 @@ pub(super) async fn secondary_side(
                         });
                         // Usually nothing overlaps and the page-cache write completes at once:
                         // apply inline. Otherwise it becomes a task and waits its turn.
-                        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                        if fut.as_mut().poll(&mut cx).is_pending() {
+                        let pending = {
+                            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                            fut.as_mut().poll(&mut cx).is_pending()
+                        };
+                        if pending {
                             tokio::spawn(fut);
+                        }
+                        // A batch of received records is applied a few at a time, each
+                        // few acknowledged at once: the primary answers its client sooner
+                        // (under C), instead of after the whole batch.
+                        if rep.protocol() == Protocol::C {
+                            since_yield += 1;
+                        }
+                        if since_yield >= APPLY_YIELD_EVERY {
+                            since_yield = 0;
+                            tokio::task::yield_now().await;
                         }
                     }
                     _ => {}
