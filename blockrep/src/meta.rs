@@ -115,6 +115,21 @@ impl Claim {
     pub fn backing(&self) -> Arc<File> {
         self.backing.clone()
     }
+
+    /// A second descriptor of the claimed backing device, with `O_DIRECT`: the same file or
+    /// device (opened through this process's own descriptor, so no other path can slip in,
+    /// and without `O_EXCL`, which the claim holds). Fails where the filesystem refuses
+    /// direct I/O (some FUSE and older tmpfs).
+    pub fn reopen_direct(&self) -> std::io::Result<File> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = format!("/proc/self/fd/{}", self.backing.as_raw_fd());
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+    }
 }
 
 /// Takes the [`Claim`] on the backing device and the external metadata file, if any.

@@ -363,7 +363,21 @@ impl Resource {
         // discard or zero its ranges.
         let engine = crate::engine::open(claim.backing(), cfg.io_engine)
             .map_err(io_err("starting the I/O engine"))?;
-        let device = Arc::new(Device::new(engine, rep.clone(), size, cfg.direct_io));
+        let mut device = Device::new(engine, rep.clone(), size, cfg.direct_io);
+        // A replicated node applies its peer's large writes around the page cache while it is
+        // secondary (see `Device::apply_write`), where the backing device allows direct I/O.
+        if cfg.peer.is_some() && !cfg.direct_io {
+            match claim.reopen_direct().and_then(|f| {
+                crate::engine::open(Arc::new(f), cfg.io_engine)
+            }) {
+                Ok(e) => device = device.with_direct_writes(e),
+                Err(e) => tracing::info!(
+                    "{} refuses direct I/O ({e}): a secondary's large writes go through the page cache",
+                    cfg.me.backing.display()
+                ),
+            }
+        }
+        let device = Arc::new(device);
         let export = Export::new(
             cfg.resource.clone(),
             device.clone(),

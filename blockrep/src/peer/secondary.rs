@@ -1087,7 +1087,7 @@ pub(super) async fn secondary_side(
                             // (one sync), which is what the primary waits for under C.
                             let r = match (msg, payload) {
                                 (Msg::Write { .. }, Some(buf)) => {
-                                    let (r, buf) = dev.local_write(offset, buf, false).await;
+                                    let (r, buf) = dev.apply_write(offset, buf).await;
                                     dev.pool.put(buf);
                                     r
                                 }
