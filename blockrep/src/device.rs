@@ -38,10 +38,14 @@ const DIRECT_APPLY_MIN: u64 = 64 << 10;
 pub struct Device {
     engine: Arc<dyn Engine>,
     /// The same backing device opened with `O_DIRECT`, for the secondary's large writes (see
-    /// [`Self::apply_write`]); none when the device is direct already or refuses it.
-    direct: Option<Arc<dyn Engine>>,
-    /// A direct write failed and was done through the page cache: said once.
-    direct_failed: std::sync::atomic::AtomicBool,
+    /// [`Self::apply_write`]), and that descriptor; none when the device is direct already or
+    /// refuses it.
+    direct: Option<(Arc<dyn Engine>, Arc<std::fs::File>)>,
+    /// The device refused a direct write (EINVAL, EOPNOTSUPP): every later one goes through
+    /// the page cache. Said once.
+    direct_refused: std::sync::atomic::AtomicBool,
+    /// Writes done around the page cache.
+    direct_writes: AtomicU64,
     /// Set when the resource has a peer: client writes are journaled and mirrored.
     rep: Option<Arc<Replication>>,
     /// Exported bytes; the metadata beyond is never reachable through this type. Only ever
@@ -112,7 +116,8 @@ impl Device {
         Device {
             engine,
             direct: None,
-            direct_failed: std::sync::atomic::AtomicBool::new(false),
+            direct_refused: std::sync::atomic::AtomicBool::new(false),
+            direct_writes: AtomicU64::new(0),
             rep,
             size: AtomicU64::new(size),
             align,
@@ -128,13 +133,37 @@ impl Device {
         }
     }
 
-    /// Gives the secondary's apply path a direct-I/O engine over the same backing device
-    /// (see [`Self::apply_write`]).
-    pub fn with_direct_writes(mut self, engine: Arc<dyn Engine>) -> Self {
-        if self.align == 1 {
-            self.direct = Some(engine);
+    /// Gives the secondary's apply path a direct-I/O engine over `file`, the same backing
+    /// device opened with `O_DIRECT` (see [`Self::apply_write`]). Only where pages are 4 KiB:
+    /// with larger pages a 4 KiB-aligned direct write shares a page with its neighbours.
+    pub fn with_direct_writes(mut self, engine: Arc<dyn Engine>, file: Arc<std::fs::File>) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if self.align == 1 && page == 4096 {
+            self.direct = Some((engine, file));
         }
         self
+    }
+
+    /// Whether a secondary's write of `len` bytes at `offset` goes around the page cache, and
+    /// if so the span it must hold against other writes: every byte a cached folio it may
+    /// share can hold (folios are at most 2 MiB, naturally aligned). A write outside its range
+    /// but inside such a folio, applied at the same time, could otherwise dirty the folio with
+    /// bytes read before the direct write landed, and write them back over it later.
+    pub fn direct_span(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        const FOLIO_MAX: u64 = 2 << 20;
+        let usable = self.direct.is_some()
+            && !self.direct_refused.load(Relaxed)
+            && len >= DIRECT_APPLY_MIN
+            && offset.is_multiple_of(4096)
+            && len.is_multiple_of(4096);
+        let end = offset.checked_add(len)?;
+        usable.then(|| {
+            (
+                offset / FOLIO_MAX * FOLIO_MAX,
+                end.div_ceil(FOLIO_MAX).saturating_mul(FOLIO_MAX),
+            )
+        })
     }
 
     fn now_ms(&self) -> u64 {
@@ -391,38 +420,49 @@ impl Device {
     /// and the client, that copy made the secondary cost as much CPU per MiB as the primary.
     /// Durability is unchanged: the data is on the device (in its write cache) when the write
     /// completes, and the flushes of the stream sync the device as before (`fdatasync` issues
-    /// the cache flush). Writes to overlapping ranges are applied one after the other (the
-    /// caller waits its turn), and the kernel writes back and drops any cached pages of the
-    /// range around a direct write, so the two paths never disagree about the bytes.
-    /// A direct write that fails is done again through the page cache (said once): a device
-    /// that refuses an alignment, say; a real disk error fails there too.
+    /// the cache flush). The caller holds [`Self::direct_span`] against other writes; the
+    /// kernel writes back cached pages of the range before a direct write, and they are
+    /// dropped after it (a block device's page cache is not dropped by the kernel then: a
+    /// reader meanwhile, a udev probe say, could leave the old bytes cached for a later
+    /// promotion to serve).
+    /// A device that refuses direct writes (EINVAL, EOPNOTSUPP) gets this one and every later
+    /// one through the page cache (said once). Any other failure is the disk's, as for
+    /// [`Self::local_write`].
     pub async fn apply_write(&self, offset: u64, buf: Buf) -> (Result<(), Errno>, Buf) {
         let len = buf.len() as u64;
-        let direct = self.direct.as_deref().filter(|_| {
-            len >= DIRECT_APPLY_MIN && offset.is_multiple_of(4096) && len.is_multiple_of(4096)
-        });
-        let Some(engine) = direct else {
-            return self.local_write(offset, buf, false).await;
+        let direct = match (&self.direct, self.direct_span(offset, len)) {
+            (Some(d), Some(_)) => d,
+            _ => return self.local_write(offset, buf, false).await,
         };
         if let Err(e) = self.check(offset, len, true) {
             return (self.fail(e), buf);
         }
         let d = self
-            .io_on(engine, IoOp::Write { offset, fua: false }, buf)
+            .io_on(&*direct.0, IoOp::Write { offset, fua: false }, buf)
             .await;
         match d.result {
             Ok(()) => {
+                crate::replication::drop_cached(&direct.1, offset, len);
+                self.direct_writes.fetch_add(1, Relaxed);
                 self.counters.writes.fetch_add(1, Relaxed);
                 self.counters.bytes_written.fetch_add(len, Relaxed);
                 (Ok(()), d.buf)
             }
-            Err(e) => {
-                if !self.direct_failed.swap(true, Relaxed) {
+            Err(e)
+                if d.buf.len() as u64 == len
+                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
+                if !self.direct_refused.swap(true, Relaxed) {
                     tracing::warn!(
-                        "direct write at {offset}+{len} failed ({e}): written through the page cache instead (and so is any later write that fails this way)"
+                        "the backing device refused a direct write at {offset}+{len} ({e}): this and later writes go through the page cache"
                     );
                 }
                 self.local_write(offset, d.buf, false).await
+            }
+            Err(e) => {
+                tracing::error!("backing write at {offset}+{len} (direct) failed: {e}");
+                // An engine that stopped hands back an empty buffer: fails all the same.
+                (self.disk_fail(errno_of(&e)), d.buf)
             }
         }
     }
@@ -663,10 +703,7 @@ mod tests {
         b
     }
 
-    /// A 4 MiB scratch file, a device over it through the page cache, and the same file opened
-    /// with O_DIRECT (read-only when `direct_writable` is false, so that direct writes fail).
-    /// None where the filesystem refuses direct I/O.
-    fn scratch(name: &str, direct_writable: bool) -> Option<(std::path::PathBuf, Device)> {
+    fn scratch_file(name: &str) -> (std::path::PathBuf, std::fs::File) {
         let p = std::env::temp_dir().join(format!("brdev-{name}-{}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -676,34 +713,88 @@ mod tests {
             .open(&p)
             .expect("scratch file");
         f.set_len(4 << 20).expect("size");
+        (p, f)
+    }
+
+    fn read_back(p: &std::path::Path, len: usize) -> Vec<u8> {
+        let f = std::fs::File::open(p).expect("open");
+        let mut got = vec![0u8; len];
+        f.read_exact_at(&mut got, 0).expect("read back");
+        got
+    }
+
+    /// An engine standing for a direct descriptor that fails every request with `errno`
+    /// (handing the buffer back), or drops them (an engine that stopped) when `errno` is 0.
+    struct Failing {
+        errno: i32,
+        calls: AtomicU64,
+    }
+
+    impl Engine for Failing {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+        fn submit(&self, _op: IoOp, buf: Buf) -> tokio::sync::oneshot::Receiver<engine::IoDone> {
+            self.calls.fetch_add(1, Relaxed);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if self.errno != 0 {
+                let _ = tx.send(engine::IoDone {
+                    result: Err(std::io::Error::from_raw_os_error(self.errno)),
+                    buf,
+                });
+            }
+            rx
+        }
+    }
+
+    /// A device over a 4 MiB scratch file through the page cache, whose direct engine fails
+    /// with `errno` (see [`Failing`]).
+    fn failing_direct(name: &str, errno: i32) -> (std::path::PathBuf, Device, Arc<Failing>) {
+        let (p, f) = scratch_file(name);
+        let f = Arc::new(f);
+        let engine = crate::engine::open(f.clone(), IoEngineChoice::Auto).expect("engine");
+        let failing = Arc::new(Failing {
+            errno,
+            calls: AtomicU64::new(0),
+        });
+        let dev = Device::new(engine, None, 4 << 20, false).with_direct_writes(failing.clone(), f);
+        (p, dev, failing)
+    }
+
+    /// Large aligned writes go direct and hold the 2 MiB spans around them; small and
+    /// unaligned ones go through the page cache; a sequence of writes through both paths leaves
+    /// the bytes of the last one, read back through the page cache.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn secondary_writes_through_both_paths_read_back_in_order() {
+        let (p, f) = scratch_file("mixed");
         let direct = match std::fs::OpenOptions::new()
             .read(true)
-            .write(direct_writable)
+            .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(&p)
         {
-            Ok(d) => d,
+            Ok(d) => Arc::new(d),
             Err(e) => {
                 eprintln!("SKIP: O_DIRECT refused on {}: {e}", p.display());
                 let _ = std::fs::remove_file(&p);
-                return None;
+                return;
             }
         };
         let engine = crate::engine::open(Arc::new(f), IoEngineChoice::Auto).expect("engine");
-        let direct =
-            crate::engine::open(Arc::new(direct), IoEngineChoice::Auto).expect("direct engine");
-        let dev = Device::new(engine, None, 4 << 20, false).with_direct_writes(direct);
-        Some((p, dev))
-    }
-
-    /// Large aligned writes go direct, small ones through the page cache, and a sequence of
-    /// overlapping writes through both paths leaves the bytes of the last one, as read back
-    /// through the page cache.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn secondary_writes_through_both_paths_read_back_in_order() {
-        let Some((p, dev)) = scratch("mixed", true) else {
-            return;
-        };
+        let dengine = crate::engine::open(direct.clone(), IoEngineChoice::Auto).expect("direct");
+        let dev = Device::new(engine, None, 4 << 20, false).with_direct_writes(dengine, direct);
+        assert_eq!(dev.direct_span(0, 256 << 10), Some((0, 2 << 20)));
+        assert_eq!(
+            dev.direct_span((2 << 20) - 4096, 64 << 10),
+            Some((0, 4 << 20)),
+            "a write across a 2 MiB boundary holds both spans"
+        );
+        assert_eq!(dev.direct_span(0, 60 << 10), None, "small: page cache");
+        assert_eq!(
+            dev.direct_span(512, 128 << 10),
+            None,
+            "unaligned: page cache"
+        );
         // Cached first (a small write), then a direct write over it, then a small one again.
         let (r, _) = dev.apply_write(64 << 10, filled(4096, 1)).await;
         r.expect("small write");
@@ -711,43 +802,61 @@ mod tests {
         r.expect("direct write");
         let (r, _) = dev.apply_write(128 << 10, filled(4096, 3)).await;
         r.expect("small write after");
-        // Unaligned and large: through the page cache.
         let (r, _) = dev.apply_write((1 << 20) + 512, filled(128 << 10, 4)).await;
         r.expect("unaligned write");
-        assert!(
-            !dev.direct_failed.load(Relaxed),
-            "no direct write may have failed"
-        );
-        let f = std::fs::File::open(&p).expect("open");
-        let mut got = vec![0u8; 2 << 20];
-        f.read_exact_at(&mut got, 0).expect("read back");
+        assert_eq!(dev.direct_writes.load(Relaxed), 1, "one write went direct");
+        assert_eq!(dev.io_counters().writes, 4);
         let mut want = vec![0u8; 2 << 20];
         want[..256 << 10].fill(2);
         want[128 << 10..(128 << 10) + 4096].fill(3);
         want[(1 << 20) + 512..(1 << 20) + 512 + (128 << 10)].fill(4);
-        assert!(got == want, "the file holds what the writes left, in order");
-        assert_eq!(dev.io_counters().writes, 4);
+        assert!(
+            read_back(&p, 2 << 20) == want,
+            "the file holds what the writes left, in order"
+        );
         let _ = std::fs::remove_file(&p);
     }
 
-    /// A direct write that fails is done through the page cache: the write succeeds, and the
-    /// failure is remembered (said once).
+    /// A device that refuses direct writes gets them through the page cache: the write
+    /// succeeds, is no disk error, and later writes no longer try the direct path.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_direct_write_falls_back_to_the_page_cache() {
-        let Some((p, dev)) = scratch("fallback", false) else {
-            return;
-        };
+    async fn a_refused_direct_write_goes_through_the_page_cache_from_then_on() {
+        let (p, dev, failing) = failing_direct("refused", libc::EINVAL);
         let (r, _) = dev.apply_write(0, filled(128 << 10, 7)).await;
         r.expect("the write succeeds through the page cache");
-        assert!(
-            dev.direct_failed.load(Relaxed),
-            "the direct failure is noted"
+        let (r, _) = dev.apply_write(1 << 20, filled(128 << 10, 8)).await;
+        r.expect("and so does the next");
+        assert_eq!(failing.calls.load(Relaxed), 1, "tried direct once only");
+        assert_eq!(
+            dev.direct_span(0, 128 << 10),
+            None,
+            "no direct span any more"
         );
-        let f = std::fs::File::open(&p).expect("open");
-        let mut got = vec![0u8; 128 << 10];
-        f.read_exact_at(&mut got, 0).expect("read back");
-        assert!(got.iter().all(|&b| b == 7));
         assert_eq!(dev.io_counters().disk_errors, 0, "not a disk error");
+        let got = read_back(&p, 2 << 20);
+        assert!(got[..128 << 10].iter().all(|&b| b == 7));
+        assert!(got[1 << 20..(1 << 20) + (128 << 10)]
+            .iter()
+            .all(|&b| b == 8));
         let _ = std::fs::remove_file(&p);
+    }
+
+    /// A direct write that fails otherwise (EIO), or that its engine drops, fails as a disk
+    /// error: never done through the page cache, which would hide the error, nor with the
+    /// empty buffer a stopped engine hands back (a write reported done that wrote nothing).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_or_dropped_direct_write_is_a_disk_error() {
+        for (name, errno) in [("eio", libc::EIO), ("dropped", 0)] {
+            let (p, dev, failing) = failing_direct(name, errno);
+            let (r, _) = dev.apply_write(0, filled(128 << 10, 9)).await;
+            assert_eq!(r, Err(EIO), "{name}: the write fails");
+            assert_eq!(failing.calls.load(Relaxed), 1);
+            assert_eq!(dev.io_counters().disk_errors, 1, "{name}: counted");
+            assert!(
+                read_back(&p, 128 << 10).iter().all(|&b| b == 0),
+                "{name}: nothing written through the page cache"
+            );
+            let _ = std::fs::remove_file(&p);
+        }
     }
 }

@@ -368,9 +368,10 @@ impl Resource {
         // secondary (see `Device::apply_write`), where the backing device allows direct I/O.
         if cfg.peer.is_some() && !cfg.direct_io {
             match claim.reopen_direct().and_then(|f| {
-                crate::engine::open(Arc::new(f), cfg.io_engine)
+                let f = Arc::new(f);
+                crate::engine::open(f.clone(), cfg.io_engine).map(|e| (e, f))
             }) {
-                Ok(e) => device = device.with_direct_writes(e),
+                Ok((e, f)) => device = device.with_direct_writes(e, f),
                 Err(e) => tracing::info!(
                     "{} refuses direct I/O ({e}): a secondary's large writes go through the page cache",
                     cfg.me.backing.display()

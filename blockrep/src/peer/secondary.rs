@@ -1078,10 +1078,17 @@ pub(super) async fn secondary_side(
                                 res.device().size()
                             )));
                         }
-                        ap.lock().ranges.insert(seq, (offset, offset + len));
+                        // A write that goes around the page cache holds the span of every
+                        // cached page it can share (see `Device::direct_span`).
+                        let span = match msg {
+                            Msg::Write { .. } => res.device().direct_span(offset, len),
+                            _ => None,
+                        }
+                        .unwrap_or((offset, offset + len));
+                        ap.lock().ranges.insert(seq, span);
                         let ap = ap.clone();
                         let mut fut = Box::pin(async move {
-                            ap.wait_turn(seq, (offset, offset + len)).await;
+                            ap.wait_turn(seq, span).await;
                             let dev = ap.res.device();
                             // FUA: made durable below together with everything before it
                             // (one sync), which is what the primary waits for under C.
