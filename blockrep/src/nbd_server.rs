@@ -32,13 +32,14 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// A write's payload must arrive within this time of its header.
 const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Requests left waiting (for the peer under B and C; for the disk) that a connection's loop
-/// starts before it lets the other tasks run. It would otherwise take every request the socket holds first
-/// (up to a client's whole queue depth), and only then would the peer sender ship their
-/// records: with the three processes of a replicated pair on two cores, the secondary sat
-/// idle meanwhile. Yielding every 8 waiting requests gave 4 KiB random writes at depth 32
-/// about 14 % more IOPS under protocol C in interleaved runs. Requests answered at once (a
-/// lone node, protocol A) do not count: there, batches as large as possible cost least.
+/// Requests left waiting (for the peer under B and C, or for the disk) that a connection's
+/// loop starts before it lets the other tasks run. It would otherwise take every request the
+/// socket holds first (up to a client's whole queue depth), and only then would the peer
+/// sender ship their records: with the three processes of a replicated pair on two cores, the
+/// secondary sat idle meanwhile. Yielding every 8 waiting requests gave 4 KiB random writes at
+/// depth 32 about 14 % more IOPS under protocol C in interleaved runs. Requests answered at
+/// once (most of a lone node's and of protocol A's) do not count: there, batches as large as
+/// possible cost least.
 const YIELD_EVERY: usize = 8;
 
 /// What the export offers and whether it is open to new clients.
