@@ -427,11 +427,11 @@ pub async fn transmission<R, W>(
     // kicked its clients while this one finished its handshake is seen here, or its kick is.
     let late_refusal = export.refused();
 
+    // Requests left waiting since the loop below last let the other tasks run.
+    let mut since_yield = 0usize;
     // A kick (demotion, down) and a reply writer that gave up end the connection wherever
     // the request loop waits: both are watched once for the whole connection, not re-armed
     // at every request.
-    // Requests started since this loop last let the other tasks run.
-    let mut since_yield = 0usize;
     let requests = async {
         loop {
             let mut h = [0u8; nbd::REQUEST_HEADER_LEN];
