@@ -279,6 +279,135 @@ fn protocol_b_bulk_replicates_identically() {
     bulk_replicates("repl-bulk-b", "B");
 }
 
+/// Rounds of writes for [`secondary_writes_beside_its_direct_writes_land_in_order`]: in each
+/// round, for every 2 MiB span of the first `SPAN_MIB` MiB, one 1 MiB write (aligned: the
+/// secondary writes it around its page cache) and six small writes (4 KiB and 512 bytes, through
+/// its page cache) in the span's other half, all of the round in flight at once in a shuffled
+/// order (libnbd, 64 in flight), none overlapping another of its round; each round starts once
+/// the one before finished, and overwrites the same spans. Writes the expected image to `out`.
+const MIXED_WRITER: &str = r#"
+import random, sys
+import nbd
+
+uri, rounds, span_mib, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rng = random.Random(20261129)
+M = 1 << 20
+image = bytearray(span_mib * M)
+h = nbd.NBD()
+h.connect_uri(uri)
+for r in range(rounds):
+    writes = []
+    for s in range(span_mib // 2):
+        half = (r + s) % 2
+        big = s * 2 * M + half * M
+        writes.append((big, rng.randbytes(M)))
+        other = s * 2 * M + (1 - half) * M
+        for slot in rng.sample(range(256), 6):
+            at = other + slot * 4096
+            if rng.random() < 0.5:
+                writes.append((at, rng.randbytes(4096)))
+            else:
+                writes.append((at + 512 * rng.randrange(8), rng.randbytes(512)))
+    rng.shuffle(writes)
+    pending = []
+    for off, data in writes:
+        image[off:off + len(data)] = data
+        while len(pending) >= 64:
+            h.poll(-1)
+            pending = [(c, b) for (c, b) in pending if not h.aio_command_completed(c)]
+        buf = nbd.Buffer.from_bytearray(bytearray(data))
+        pending.append((h.aio_pwrite(buf, off), buf))
+    while pending:
+        pending = [(c, b) for (c, b) in pending if not h.aio_command_completed(c)]
+        if pending:
+            h.poll(-1)
+h.flush()
+h.shutdown()
+open(out, "wb").write(image)
+print("wrote %d rounds" % rounds)
+"#;
+
+/// Whether process `pid` holds `path` open with O_DIRECT (from /proc/PID/fdinfo).
+fn holds_open_direct(pid: u32, path: &Path) -> bool {
+    let want = std::fs::canonicalize(path).expect("canonical backing path");
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        let target = std::fs::read_link(fd.path()).ok();
+        let flags = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        });
+        target.as_deref() == Some(want.as_path())
+            && flags.is_some_and(|f| f & libc::O_DIRECT as u32 != 0)
+    })
+}
+
+/// The secondary writes large stream records around its page cache and small ones through
+/// it, on two descriptors of one file. Small writes beside a large one in the same 2 MiB span,
+/// applied while it is in flight, must neither be lost nor bring back bytes it replaced: under
+/// C, after rounds that overwrite the same spans, beta holds exactly the image the writes
+/// leave, and its daemon holds its backing file open with O_DIRECT.
+#[test]
+fn secondary_writes_beside_its_direct_writes_land_in_order() {
+    let Some(py) = blocks::python() else {
+        return;
+    };
+    const SPAN_MIB: u64 = 32;
+    let c = pair("repl-mixed-direct", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    let beta_pid = b.pid().expect("beta's daemon pid");
+    let direct = holds_open_direct(beta_pid, b.backing_path());
+    if !direct {
+        println!(
+            "note: beta does not hold {} with O_DIRECT (its filesystem refuses it): only the page cache path runs",
+            b.backing_path().display()
+        );
+    }
+    let script = c.dir().join("mixed_writer.py");
+    std::fs::write(&script, MIXED_WRITER).expect("write mixed_writer.py");
+    let expected = c.dir().join("expected.img");
+    run_ok(
+        Command::new(&py)
+            .arg(&script)
+            .arg(a.uri())
+            .arg("4")
+            .arg(SPAN_MIB.to_string())
+            .arg(&expected),
+        LONG_TIMEOUT * 3,
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let size = a.size();
+    c.assert_replicas_identical(size, "mixed direct and cached writes");
+    let want = std::fs::read(&expected).expect("expected image");
+    let beta = b.backing_data(size);
+    assert_same_bytes(
+        &beta[..want.len()],
+        &want,
+        "beta's first spans after the mixed rounds",
+    );
+    // Checked on a filesystem that takes O_DIRECT (this machine's): the direct path ran.
+    let tmp_takes_direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(b.backing_path())
+            .is_ok()
+    };
+    assert!(
+        direct || !tmp_takes_direct,
+        "beta's filesystem takes O_DIRECT, but beta's daemon holds no O_DIRECT descriptor of its backing file"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Protocol C: no acknowledged write is lost when the primary dies.
 
