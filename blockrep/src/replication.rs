@@ -33,6 +33,10 @@ pub struct Acks {
     pub epoch: u64,
     pub received: u64,
     pub applied: u64,
+    /// On the peer's disk (its data synced); its applied mark may not say so yet.
+    pub synced: u64,
+    /// Synced, and the peer's applied mark committed: a restart of the peer resumes after
+    /// it. Everything that lets this node forget a record goes by this mark, not `synced`.
     pub durable: u64,
 }
 
@@ -41,7 +45,7 @@ pub struct Acks {
 enum Mark {
     Received,
     Applied,
-    Durable,
+    Synced,
 }
 
 impl Acks {
@@ -49,7 +53,7 @@ impl Acks {
         match m {
             Mark::Received => self.received,
             Mark::Applied => self.applied,
-            Mark::Durable => self.durable,
+            Mark::Synced => self.synced,
         }
     }
 }
@@ -87,7 +91,7 @@ impl Ord for PeerWaiter {
 }
 
 impl PeerWaiters {
-    const MARKS: [Mark; 3] = [Mark::Received, Mark::Applied, Mark::Durable];
+    const MARKS: [Mark; 3] = [Mark::Received, Mark::Applied, Mark::Synced];
 
     fn queue(&mut self, m: Mark) -> &mut std::collections::BinaryHeap<PeerWaiter> {
         &mut self.queues[m as usize]
@@ -508,6 +512,7 @@ impl Replication {
                 a.received = peer_applied;
                 a.applied = peer_applied;
                 a.durable = peer_durable.min(peer_applied);
+                a.synced = a.durable;
             }
         });
         self.waiters().wake_all();
@@ -520,7 +525,8 @@ impl Replication {
     /// Space is released on *applied*, not durable, so the primary runs at the speed of the
     /// peer's writes, not of its disk flushes. Released records stay readable until their space
     /// is reused; one reused before the peer made it durable has its range put in the bitmap.
-    pub fn on_ack(&self, received: u64, applied: u64, durable: u64) {
+    /// `synced` only wakes the writes and flushes that wait for the peer's disk (C).
+    pub fn on_ack(&self, received: u64, applied: u64, synced: u64, durable: u64) {
         self.peer_durable_high
             .fetch_max(durable, std::sync::atomic::Ordering::SeqCst);
         let mut moved = false;
@@ -531,6 +537,8 @@ impl Replication {
                 a.applied = applied;
                 moved = true;
             }
+            // Not past what the peer applied, and never below what it committed.
+            a.synced = a.synced.max(synced.min(a.applied)).max(durable);
             if durable > a.durable {
                 a.durable = durable;
                 moved = true;
@@ -1156,8 +1164,8 @@ impl Replication {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Waits until the protocol lets `seq` be acknowledged. `barrier`: a flush, which under C
-    /// needs the peer's disk to be durable, not only written.
+    /// Waits until the protocol lets `seq` be acknowledged. `barrier`: a flush (or FUA),
+    /// which under C needs everything through it synced on the peer's disk, not only written.
     ///
     /// A peer that goes away before it has the write releases it: the write is in the journal
     /// and the bitmap, and is acknowledged under a new generation (this node's data now
@@ -1170,7 +1178,9 @@ impl Replication {
             (Protocol::A, _) => return self.diverge_if_lacking(seq).await,
             (Protocol::B, _) => Mark::Received,
             (Protocol::C, false) => Mark::Applied,
-            (Protocol::C, true) => Mark::Durable,
+            // On the peer's disk: its applied mark, committed one metadata sync later, is
+            // what this node forgets records by (see `on_ack`), not what its client needs.
+            (Protocol::C, true) => Mark::Synced,
         };
         loop {
             loop {
@@ -2370,7 +2380,7 @@ mod csum_tests {
         }
         rep.persist().await.expect("persist");
         // The peer applied three: the checkpoint moves, and two more records go with it.
-        rep.on_ack(3, 3, 0);
+        rep.on_ack(3, 3, 0, 0);
         for i in 5..7 {
             write(rep.clone(), i).await;
         }
@@ -2385,7 +2395,7 @@ mod csum_tests {
         let mut last = 7;
         for i in 7..120 {
             last = write(rep.clone(), i).await;
-            rep.on_ack(last - 2, last - 2, 0);
+            rep.on_ack(last - 2, last - 2, 0, 0);
         }
         assert!(
             !rep.persist_blocking().expect("persist"),
@@ -2394,6 +2404,56 @@ mod csum_tests {
         let (sb, seqs) = read_back(&file);
         assert_eq!(sb.journal_seq, last - 1);
         assert_eq!(seqs, vec![last - 1, last]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Under C a flush is answered once the peer has synced everything through it, before
+    /// the peer's applied mark that says so is committed; but nothing is forgotten on that
+    /// mark alone: a link that drops then still puts the write in the bitmap, since a
+    /// restart of the peer resumes from its committed mark.
+    #[tokio::test]
+    async fn a_flush_is_answered_on_the_synced_mark_and_nothing_is_forgotten_before_durable() {
+        let dir = std::env::temp_dir().join(format!("brrep-synced-{}", std::process::id()));
+        let (rep, _file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let data = vec![3u8; 4096];
+        let write = rep
+            .begin(Record::Write {
+                offset: 64 * 1024,
+                data: &data,
+                fua: false,
+                crc: None,
+            })
+            .await
+            .expect("write");
+        rep.done(write);
+        rep.al_end(64 * 1024, 4096, write);
+        let flush = rep.begin(Record::Flush).await.expect("flush");
+        let mut answered = Box::pin(rep.wait_peer(flush, true));
+        // A peer claiming more synced than it applied is held to what it applied; then
+        // applied but not synced: the flush waits either way.
+        for (applied, synced) in [(write, flush), (flush, write)] {
+            rep.on_ack(flush, applied, synced, 0);
+            assert_eq!(rep.acks().synced, write, "synced past applied");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), &mut answered)
+                    .await
+                    .is_err(),
+                "a flush answered before the peer synced it"
+            );
+        }
+        rep.on_ack(flush, flush, flush, 0);
+        tokio::time::timeout(Duration::from_secs(5), &mut answered)
+            .await
+            .expect("the flush waits after the peer synced it")
+            .expect("flush");
+        // Not durable yet: the link drops, and the write goes to the bitmap.
+        assert_eq!(rep.lock().bitmap.dirty_bits(), 0);
+        rep.on_disconnect();
+        assert!(
+            rep.lock().bitmap.dirty_bits() > 0,
+            "a write the peer synced but did not commit was forgotten at the drop"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

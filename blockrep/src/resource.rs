@@ -2364,13 +2364,19 @@ impl Resource {
         // received, applied and made durable (its journal's issued mark is an earlier
         // term's, and the acks are what it last told a peer).
         let streaming = self.role() == Role::Primary || l.state == "sync-source";
-        let (written, received, applied, durable) = if streaming {
+        let (written, received, applied, synced, durable) = if streaming {
             if self.no_link_since_promotion(&acks) {
                 // The peer's marks are an earlier period's (this node was secondary, or
                 // primary before): not this primary's stream.
-                (issued, 0, 0, 0)
+                (issued, 0, 0, 0, 0)
             } else {
-                (issued, acks.received, acks.applied, acks.durable)
+                (
+                    issued,
+                    acks.received,
+                    acks.applied,
+                    acks.synced,
+                    acks.durable,
+                )
             }
         } else {
             let st = self.node_state();
@@ -2379,7 +2385,14 @@ impl Resource {
                 .seq_received
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .max(st.applied_seq);
-            (received, received, st.applied_seq, st.durable_seq)
+            // (Its synced mark is the link's; what its superblock holds is durable.)
+            (
+                received,
+                received,
+                st.applied_seq,
+                st.durable_seq,
+                st.durable_seq,
+            )
         };
         Some(PeerStatus {
             peer: peer.name.clone(),
@@ -2409,6 +2422,7 @@ impl Resource {
             },
             seq_received: received,
             seq_applied: applied,
+            seq_synced: synced,
             seq_durable: durable,
             peer_disk_holds: {
                 let st = self.node_state();

@@ -104,8 +104,12 @@ pub struct PeerStatus {
     pub seq_received: u64,
     /// Highest sequence number the peer has written to its backing device.
     pub seq_applied: u64,
-    /// Highest sequence number the peer has made durable (flushed); a disconnect puts every
-    /// write after it back in the bitmap.
+    /// Highest sequence number the peer has synced to its disk (a flush under C returns on
+    /// it); its superblock may not say so yet.
+    #[serde(default)]
+    pub seq_synced: u64,
+    /// Highest sequence number the peer has made durable (synced, and its applied mark
+    /// committed); a disconnect puts every write after it back in the bitmap.
     #[serde(default)]
     pub seq_durable: u64,
     /// The highest sequence the peer last said its disk holds, at this node's generation (a

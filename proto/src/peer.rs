@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
+/// 18: `Ack::synced`: the secondary reports data synced to its disk before the applied mark
+/// that says so is committed, so a flush under C is answered one metadata sync sooner.
 /// 17: `Checkpoint`, a durability point that is not a barrier (the primary's own requests
 /// for the peer's durable mark no longer hold the stream up while the peer syncs).
 /// 16: what each node last heard its peer's disk holds (`Durable`, `NodeState`).
@@ -22,7 +24,7 @@ pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// source checks against what the target acknowledged before any resync).
 /// 14: a resync's target forgets its own bitmap at the SyncStart, which the source sends
 /// only once the merged bitmap is on its disk.
-pub const PROTOCOL_VERSION: u32 = 17;
+pub const PROTOCOL_VERSION: u32 = 18;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -151,10 +153,15 @@ pub enum Msg {
         /// The issuer's term (see [`Msg::term`]).
         term: u64,
     },
-    /// Secondary to primary: highest sequence received, applied, durable.
+    /// Secondary to primary: highest sequence received, applied, synced and durable.
+    /// `synced`: every record through it is on the secondary's disk (its data synced), which
+    /// is what a flush under C waits for. `durable`: synced, and the applied mark that says
+    /// so committed in the secondary's metadata, so a restart of it resumes after it: only
+    /// this mark lets the primary forget a record. `durable <= synced <= applied <= received`.
     Ack {
         received: u64,
         applied: u64,
+        synced: u64,
         durable: u64,
     },
     /// Target to source: the target's dirty bitmap (regions it changed that the source lacks).
@@ -634,9 +641,10 @@ mod tests {
         );
         round_trip(
             Msg::Ack {
-                received: 1,
-                applied: 2,
-                durable: 3,
+                received: 4,
+                applied: 3,
+                synced: 2,
+                durable: 1,
             },
             &[],
         );

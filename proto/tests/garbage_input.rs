@@ -170,6 +170,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         7 => Msg::Ack {
             received: rng.u64_edge(),
             applied: rng.u64_edge(),
+            synced: rng.u64_edge(),
             durable: rng.u64_edge(),
         },
         8 => {

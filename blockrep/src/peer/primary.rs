@@ -415,10 +415,16 @@ pub(super) async fn primary_side(
                 Msg::Ack {
                     received,
                     applied,
+                    synced,
                     durable,
                 } => {
                     let cap = sent_through.load(std::sync::atomic::Ordering::Relaxed);
-                    rep.on_ack(received.min(cap), applied.min(cap), durable.min(cap));
+                    rep.on_ack(
+                        received.min(cap),
+                        applied.min(cap),
+                        synced.min(cap),
+                        durable.min(cap),
+                    );
                     // What the peer's disk holds from here on: remembered (in the metadata
                     // with its next commit), so that an image of its disk restored later,
                     // holding less, is told from a disk that is current (`state::went_back`).

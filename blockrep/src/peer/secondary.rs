@@ -35,6 +35,10 @@ pub(super) struct ApplyState {
     /// first entry covering `applied`. Terms change only at a restart or promotion of the
     /// issuer, so an honest stream has a few; checked on receipt (the bound drops the link).
     terms: std::collections::VecDeque<(u64, u64)>,
+    /// Everything through it synced to this disk: acknowledged at once, so that a flush
+    /// under C is answered without waiting for the commit of `durable`.
+    synced: u64,
+    /// Synced, and the applied mark through it committed: a restart resumes after it.
     durable: u64,
     /// Tasks waiting for an earlier overlapping write ([`Applier::wait_turn`]) and for the
     /// applied mark ([`Applier::wait_applied`]): a finished record wakes them only when
@@ -93,10 +97,15 @@ impl Applier {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The marks the acker reports: (received, applied, durable).
-    fn marks(&self) -> (u64, u64, u64) {
+    /// The marks the acker reports.
+    fn marks(&self) -> Marks {
         let s = self.lock();
-        (s.received, s.applied, s.durable)
+        Marks {
+            received: s.received,
+            applied: s.applied,
+            synced: s.synced,
+            durable: s.durable,
+        }
     }
 
     /// Tells the acker, and any task waiting for the applied mark, that a mark moved.
@@ -232,6 +241,7 @@ impl Applier {
             return Ok(upto);
         }
         self.sync_through(upto).await?;
+        self.note_synced(upto);
         self.commit_durable(upto, term).await?;
         Ok(upto)
     }
@@ -260,7 +270,26 @@ impl Applier {
         .await;
         self.finish(seq);
         synced?;
+        // The flush record is applied (finished above) and carries no data of its own.
+        self.note_synced(seq);
         self.commit_durable(seq, term).await
+    }
+
+    /// Everything through `upto` (applied) is synced to this disk: acknowledged at once,
+    /// before the applied mark that says so is committed. A flush under C waits for this;
+    /// the primary forgets nothing until the commit (`durable`), so a crash in between costs
+    /// only a replay of records this disk already holds.
+    fn note_synced(&self, upto: u64) {
+        {
+            let mut s = self.lock();
+            debug_assert!(
+                upto <= s.applied,
+                "synced {upto} past applied {}",
+                s.applied
+            );
+            s.synced = s.synced.max(upto.min(s.applied));
+        }
+        self.publish();
     }
 
     /// The data sync that makes everything applied through `upto` durable; a failure is
@@ -291,38 +320,45 @@ impl Applier {
         {
             let mut s = self.lock();
             s.durable = s.durable.max(upto);
+            s.synced = s.synced.max(s.durable);
         }
         self.publish();
         Ok(())
     }
 }
 
-/// The acknowledgement of marks `(received, applied, durable)`.
-fn ack_of((received, applied, durable): (u64, u64, u64)) -> Msg {
+/// What the secondary acknowledges (see [`Msg::Ack`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Marks {
+    pub received: u64,
+    pub applied: u64,
+    pub synced: u64,
+    pub durable: u64,
+}
+
+/// The acknowledgement of `m`.
+fn ack_of(m: Marks) -> Msg {
     Msg::Ack {
-        received,
-        applied,
-        durable,
+        received: m.received,
+        applied: m.applied,
+        synced: m.synced,
+        durable: m.durable,
     }
 }
 
 /// Whether the secondary must acknowledge its progress now rather than within [`ACK_DEFER`]:
 /// when a mark moved that writes on the primary wait for. That is the durable mark under
-/// every protocol (flushes and FUA writes), the receipt under B and the write under C.
-/// Under A no client write waits for the peer; acknowledgements release the journal, so
-/// writers waiting for space in a full journal, and the end of a resync, wait up to
-/// [`ACK_DEFER`] longer.
-pub(super) fn ack_is_urgent(
-    protocol: Protocol,
-    sent: (u64, u64, u64),
-    now: (u64, u64, u64),
-) -> bool {
-    let (received, applied, durable) = now;
-    durable > sent.2
+/// every protocol (a planned disconnect, the activity log, a full list of undurable
+/// records), the receipt under B, and the write and the synced mark (flushes, FUA writes)
+/// under C. Under A no client write waits for the peer; acknowledgements release the
+/// journal, so writers waiting for space in a full journal, and the end of a resync, wait
+/// up to [`ACK_DEFER`] longer.
+pub(super) fn ack_is_urgent(protocol: Protocol, sent: Marks, now: Marks) -> bool {
+    now.durable > sent.durable
         || match protocol {
             Protocol::A => false,
-            Protocol::B => received > sent.0,
-            Protocol::C => applied > sent.1,
+            Protocol::B => now.received > sent.received,
+            Protocol::C => now.applied > sent.applied || now.synced > sent.synced,
         }
 }
 
@@ -366,6 +402,7 @@ pub(super) async fn secondary_side(
             applied: applied0,
             applied_term: term0,
             terms: std::collections::VecDeque::from([(applied0, term0)]),
+            synced: durable0,
             durable: durable0,
             range_waiters: 0,
             mark_waiters: 0,
@@ -418,7 +455,7 @@ pub(super) async fn secondary_side(
             let mut ack = true;
             // What the primary was last told, and until when a change it does not wait for
             // may be held back (one ack then covers many such changes).
-            let mut sent: Option<(u64, u64, u64)> = None;
+            let mut sent: Option<Marks> = None;
             let mut deferred: Option<tokio::time::Instant> = None;
             loop {
                 if ack {
@@ -1170,19 +1207,31 @@ mod tests {
 
     #[test]
     fn acks_are_urgent_only_for_the_mark_the_protocol_waits_on() {
-        let sent = (10, 8, 5);
-        // Durable moves: flushes and FUA writes wait for it under every protocol.
+        let m = |received, applied, synced, durable| Marks {
+            received,
+            applied,
+            synced,
+            durable,
+        };
+        let sent = m(10, 8, 5, 5);
+        // Durable moves: a planned disconnect and the activity log wait for it under every
+        // protocol.
         for p in [Protocol::A, Protocol::B, Protocol::C] {
-            assert!(ack_is_urgent(p, sent, (10, 8, 6)));
+            assert!(ack_is_urgent(p, sent, m(10, 8, 6, 6)));
             assert!(!ack_is_urgent(p, sent, sent));
         }
         // A receipt: B's writes wait for it; A's and C's do not.
-        assert!(ack_is_urgent(Protocol::B, sent, (11, 8, 5)));
-        assert!(!ack_is_urgent(Protocol::C, sent, (11, 8, 5)));
-        assert!(!ack_is_urgent(Protocol::A, sent, (11, 8, 5)));
+        assert!(ack_is_urgent(Protocol::B, sent, m(11, 8, 5, 5)));
+        assert!(!ack_is_urgent(Protocol::C, sent, m(11, 8, 5, 5)));
+        assert!(!ack_is_urgent(Protocol::A, sent, m(11, 8, 5, 5)));
         // A write on this disk: C's writes wait for it.
-        assert!(ack_is_urgent(Protocol::C, sent, (10, 9, 5)));
-        assert!(!ack_is_urgent(Protocol::B, sent, (10, 9, 5)));
-        assert!(!ack_is_urgent(Protocol::A, sent, (11, 9, 5)));
+        assert!(ack_is_urgent(Protocol::C, sent, m(10, 9, 5, 5)));
+        assert!(!ack_is_urgent(Protocol::B, sent, m(10, 9, 5, 5)));
+        assert!(!ack_is_urgent(Protocol::A, sent, m(11, 9, 5, 5)));
+        // Synced before its commit: C's flushes wait for it; under A and B it rides along
+        // with the durable mark that follows.
+        assert!(ack_is_urgent(Protocol::C, sent, m(10, 8, 7, 5)));
+        assert!(!ack_is_urgent(Protocol::B, sent, m(10, 8, 7, 5)));
+        assert!(!ack_is_urgent(Protocol::A, sent, m(10, 8, 7, 5)));
     }
 }
