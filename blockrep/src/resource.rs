@@ -366,12 +366,23 @@ impl Resource {
         let mut device = Device::new(engine, rep.clone(), size, cfg.direct_io);
         // A replicated node applies its peer's large writes around the page cache while it is
         // secondary (see `Device::apply_write`), where the backing device allows direct I/O.
+        // On io_uring only, unless the config asks for the thread engine: where the kernel
+        // refuses a second ring, four more threads would cost more than the copy they save.
         if cfg.peer.is_some() && !cfg.direct_io {
-            match claim.reopen_direct().and_then(|f| {
-                let f = Arc::new(f);
-                crate::engine::open(f.clone(), cfg.io_engine).map(|e| (e, f))
-            }) {
-                Ok((e, f)) => device = device.with_direct_writes(e, f),
+            let choice = match cfg.io_engine {
+                crate::config::IoEngineChoice::Auto => crate::config::IoEngineChoice::IoUring,
+                c => c,
+            };
+            match claim.reopen_direct() {
+                Ok(f) => {
+                    let f = Arc::new(f);
+                    match crate::engine::open(f.clone(), choice) {
+                        Ok(e) => device = device.with_direct_writes(e, f),
+                        Err(e) => tracing::info!(
+                            "no io_uring for a secondary's direct writes ({e}): its large writes go through the page cache"
+                        ),
+                    }
+                }
                 Err(e) => tracing::info!(
                     "{} refuses direct I/O ({e}): a secondary's large writes go through the page cache",
                     cfg.me.backing.display()

@@ -2064,8 +2064,9 @@ fn repeated_reconnects_without_writes_stay_in_sync() {
 // ---------------------------------------------------------------------------------------------
 // FUA and failing secondary disks.
 
-/// Under C a FUA write is acknowledged once the secondary has made it durable, which it does
-/// at once (with everything before it), not at its next periodic checkpoint.
+/// Under C a FUA write is acknowledged once the secondary has synced it, which it does at once
+/// (with everything before it), not at its next periodic checkpoint; its durable mark (the
+/// applied mark committed) follows.
 #[test]
 fn protocol_c_fua_write_is_durable_on_the_peer_without_waiting_for_a_checkpoint() {
     let c = pair("repl-fua-c", "C");
@@ -2086,10 +2087,15 @@ fn protocol_c_fua_write_is_durable_on_the_peer_without_waiting_for_a_checkpoint(
         lat < Duration::from_secs(5),
         "a FUA write under C took {lat:?}: the peer made it durable only at a checkpoint"
     );
-    // Acknowledged under C: the peer reported it (and everything before it) durable.
+    // Acknowledged under C: the peer reported it (and everything before it) synced.
     assert!(
-        u(&ra, "seq_durable") >= u(&ra, "seq_written"),
-        "FUA write acknowledged before the peer was durable through it: {ra}"
+        u(&ra, "seq_synced") >= u(&ra, "seq_written"),
+        "FUA write acknowledged before the peer synced it: {ra}"
+    );
+    let written = u(&ra, "seq_written");
+    assert!(
+        wait_for(SYNC_TIMEOUT, || u(&a.repl(), "seq_durable") >= written),
+        "the peer's durable mark never followed its synced mark to {written}"
     );
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(a.size(), "after FUA writes");
@@ -2116,8 +2122,8 @@ fn protocol_c_fua_zeroes_and_trims_are_durable_on_the_peer_without_a_checkpoint(
             "a FUA {what} under C took {lat:?}: the peer made it durable only at a checkpoint"
         );
         assert!(
-            u(&ra, "seq_durable") >= u(&ra, "seq_written"),
-            "FUA {what} acknowledged before the peer was durable through it: {ra}"
+            u(&ra, "seq_synced") >= u(&ra, "seq_written"),
+            "FUA {what} acknowledged before the peer synced it: {ra}"
         );
     }
     r.disconnect();

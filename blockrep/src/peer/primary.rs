@@ -418,17 +418,17 @@ pub(super) async fn primary_side(
                     synced,
                     durable,
                 } => {
+                    // Held to the stream's order whatever the peer says (received, applied,
+                    // synced, durable, each at most the one before): a mark past another
+                    // answers a client or forgets a record too early.
                     let cap = sent_through.load(std::sync::atomic::Ordering::Relaxed);
-                    rep.on_ack(
-                        received.min(cap),
-                        applied.min(cap),
-                        synced.min(cap),
-                        durable.min(cap),
-                    );
+                    let applied = applied.min(cap);
+                    let synced = synced.min(applied);
+                    let durable = durable.min(synced);
+                    rep.on_ack(received.min(cap), applied, synced, durable);
                     // What the peer's disk holds from here on: remembered (in the metadata
                     // with its next commit), so that an image of its disk restored later,
                     // holding less, is told from a disk that is current (`state::went_back`).
-                    let durable = durable.min(cap);
                     if durable > heard_durable {
                         heard_durable = durable;
                         res.note_peer_durable(0, durable);

@@ -690,6 +690,7 @@ pub(super) async fn secondary_side(
                                 s.applied = seq - 1;
                                 s.applied_term = 0;
                                 s.terms = std::collections::VecDeque::from([(seq - 1, 0)]);
+                                s.synced = seq - 1;
                                 s.durable = seq - 1;
                             }
                             {
