@@ -379,7 +379,11 @@ impl Resource {
                     match crate::engine::open(f.clone(), choice) {
                         Ok(e) => device = device.with_direct_writes(e, f),
                         Err(e) => tracing::info!(
-                            "no io_uring for a secondary's direct writes ({e}): its large writes go through the page cache"
+                            "the {} engine for a secondary's direct writes did not start ({e}): its large writes go through the page cache",
+                            match choice {
+                                crate::config::IoEngineChoice::Sync => "pread/pwrite",
+                                _ => "io_uring",
+                            }
                         ),
                     }
                 }

@@ -425,7 +425,7 @@ pub(super) async fn primary_side(
                     let applied = applied.min(cap);
                     let synced = synced.min(applied);
                     let durable = durable.min(synced);
-                    rep.on_ack(received.min(cap), applied, synced, durable);
+                    rep.on_ack(received.min(cap).max(applied), applied, synced, durable);
                     // What the peer's disk holds from here on: remembered (in the metadata
                     // with its next commit), so that an image of its disk restored later,
                     // holding less, is told from a disk that is current (`state::went_back`).
