@@ -720,16 +720,7 @@ mod tests {
     }
 
     fn scratch_file(name: &str) -> (std::path::PathBuf, std::fs::File) {
-        let p = std::env::temp_dir().join(format!("brdev-{name}-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .expect("scratch file");
-        f.set_len(8 << 20).expect("size");
-        (p, f)
+        crate::engine::tests::scratch_file(&format!("dev-{name}"), 8 << 20)
     }
 
     fn read_back(p: &std::path::Path, len: usize) -> Vec<u8> {

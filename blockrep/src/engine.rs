@@ -565,7 +565,7 @@ pub fn open(file: Arc<File>, choice: crate::config::IoEngineChoice) -> io::Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     async fn exercise(engine: Arc<dyn Engine>, path: &std::path::Path) {
@@ -628,16 +628,23 @@ mod tests {
         let _ = std::fs::remove_file(path);
     }
 
-    fn file(name: &str) -> (Arc<File>, std::path::PathBuf) {
-        let p = std::env::temp_dir().join(format!("brengine-{name}-{}", std::process::id()));
+    /// A fresh file of `len` bytes in the temp directory, named for the test (and process),
+    /// for the unit tests of this crate that need a real file.
+    pub(crate) fn scratch_file(name: &str, len: u64) -> (std::path::PathBuf, File) {
+        let p = std::env::temp_dir().join(format!("brtest-{name}-{}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(&p)
-            .unwrap();
-        f.set_len(1 << 20).unwrap();
+            .expect("scratch file");
+        f.set_len(len).expect("scratch file size");
+        (p, f)
+    }
+
+    fn file(name: &str) -> (Arc<File>, std::path::PathBuf) {
+        let (p, f) = scratch_file(&format!("engine-{name}"), 1 << 20);
         (Arc::new(f), p)
     }
 
