@@ -49,6 +49,11 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
             let mut f = vec![("node", node.to_string()), ("up", yes_no(up))];
             if let Some(s) = st.filter(|s| s.up) {
                 f.push(("role", s.role.clone()));
+                // DRBD's `suspended` (here only by fencing: writes held).
+                f.push((
+                    "suspended",
+                    s.suspended.clone().unwrap_or_else(|| "no".into()),
+                ));
             }
             f
         },
@@ -174,7 +179,7 @@ mod tests {
         assert_eq!(
             lines,
             vec![
-                "exists resource name:r0 node:alpha up:yes role:primary",
+                "exists resource name:r0 node:alpha up:yes role:primary suspended:no",
                 "exists device name:r0 disk:up-to-date disk-failed:no stalled:no clients:0",
                 "exists connection name:r0 conn-name:beta connection:connected role:secondary left-cleanly:no",
                 "exists peer-device name:r0 conn-name:beta peer-disk:up-to-date out-of-sync:no",
@@ -224,7 +229,10 @@ mod tests {
             ]
         );
         let back = diff(&gone, &a);
-        assert_eq!(back[0], "change resource name:r0 up:yes role:secondary");
+        assert_eq!(
+            back[0],
+            "change resource name:r0 up:yes role:secondary suspended:no"
+        );
         assert!(back[1].starts_with("create device name:r0 disk:up-to-date"));
     }
 

@@ -86,6 +86,11 @@ enum Cmd {
     /// brings it up to date. Refused on a primary and while connected; works on a node that
     /// is down too (it writes the metadata).
     Outdate,
+    /// Resume writes suspended by fencing (DRBD's `resume-io`): under `fencing =
+    /// "resource-and-stonith"` a primary that lost its peer holds every write until the
+    /// fence-peer handler fenced the peer or the link is back. Run it only once the peer is
+    /// known not to be promoted: the writes that follow are then acknowledged without it.
+    ResumeIo,
     /// With --clear-bitmap (DRBD's way to skip the initial sync): on a connected pair of
     /// freshly created secondaries whose disks are known to be identical (both new and
     /// zeroed, say), make both up to date with one new generation, without copying anything.
@@ -167,6 +172,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
         Cmd::Outdate => outdate(&cfg),
+        Cmd::ResumeIo => simple(&cfg, Request::ResumeIo),
         Cmd::Adjust { dry_run } => adjust(&cfg, dry_run),
         Cmd::Events { now } => follow_events(&cfg, now),
         Cmd::NewCurrentUuid { clear_bitmap } => {
@@ -835,6 +841,11 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
             ""
         }
     );
+    if let Some(why) = &s.suspended {
+        println!(
+            "  WRITES SUSPENDED ({why}): the peer was lost and is not fenced yet; they go on once the fence-peer handler fences it or the link is back (`resume-io` to go on without it)"
+        );
+    }
     println!(
         "  node {} (pid {})  export {}  size {}  engine {}",
         s.node,

@@ -408,11 +408,12 @@ impl Config {
         let fencing = match r.fencing.as_deref().unwrap_or("dont-care") {
             "dont-care" => crate::state::Fencing::DontCare,
             "resource-only" => crate::state::Fencing::ResourceOnly,
+            "resource-and-stonith" => crate::state::Fencing::ResourceAndStonith,
             other => {
                 return Err(key_err(
                     "resource.fencing",
                     format!(
-                        "{other:?} is not a fencing policy (dont-care, resource-only; resource-and-stonith is not supported: blockrep does not freeze I/O)"
+                        "{other:?} is not a fencing policy (dont-care, resource-only, resource-and-stonith)"
                     ),
                 ))
             }
@@ -1153,11 +1154,21 @@ control = "/tmp/b.sock"
             parse(&text, "alpha").unwrap().fencing,
             crate::state::Fencing::ResourceOnly
         );
+        let ras = parse(
+            &text.replace("resource-only", "resource-and-stonith"),
+            "alpha",
+        )
+        .unwrap()
+        .fencing;
+        assert_eq!(ras, crate::state::Fencing::ResourceAndStonith);
+        assert!(ras.enabled() && ras.freezes_io());
+        assert!(!crate::state::Fencing::ResourceOnly.freezes_io());
         let e = parse(&text.replace("resource-only", "stonith"), "alpha")
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("resource.fencing") && e.contains("dont-care, resource-only"),
+            e.contains("resource.fencing")
+                && e.contains("dont-care, resource-only, resource-and-stonith"),
             "{e}"
         );
     }

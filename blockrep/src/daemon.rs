@@ -166,6 +166,10 @@ impl Daemon {
                 Ok(r) => r.outdate().await,
                 Err(e) => Err(e),
             },
+            Request::ResumeIo => match self.resource().await {
+                Ok(r) => r.resume_io(),
+                Err(e) => Err(e),
+            },
             Request::Adjust {
                 config,
                 node,

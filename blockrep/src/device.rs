@@ -577,6 +577,10 @@ impl Device {
         let Some(rep) = &self.rep else {
             return self.sync_backing().await;
         };
+        // Suspended by fencing: held like the writes, until the peer is fenced or back. With
+        // writes closed (a demotion or `down`, whose own flush this may be) it goes ahead:
+        // the writes it held were failed unanswered, so it answers for none of them.
+        let _ = rep.io_gate().await;
         // With the peer away there is no one in the stream to flush: no record, which would
         // take a sequence number the peer never sees (see `Replication::begin`) and so start
         // a new generation for nothing. The local and journal syncs are the whole flush.

@@ -349,6 +349,11 @@ pub struct Replication {
     /// that the sequence a demotion commits as applied covers every write that will ever
     /// reach this disk as primary.
     writes_closed: std::sync::atomic::AtomicBool,
+    /// Writes suspended by fencing (`resource-and-stonith`; DRBD's `suspended:fencing`): set
+    /// when the connection this node ran as primary is lost, before any write waiting for the
+    /// peer is released; cleared once the peer is fenced, the link is back, or by
+    /// `resume-io`. Meanwhile no write is acknowledged without the peer (see [`Self::io_gate`]).
+    io_suspended: watch::Sender<bool>,
     /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
     /// waited for journal space longer than the floor allows gets space ahead of application
     /// writes.
@@ -452,6 +457,7 @@ impl Replication {
             peer_durable_high: AtomicU64::new(0),
             local_sync_failed: std::sync::atomic::AtomicBool::new(false),
             writes_closed: std::sync::atomic::AtomicBool::new(false),
+            io_suspended: watch::Sender::new(false),
             resync_floor: AtomicU64::new(0),
             pressure_flush: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
@@ -625,6 +631,11 @@ impl Replication {
             || range.is_some() && self.writes_closed.load(std::sync::atomic::Ordering::SeqCst);
         if closed() {
             return Err(writes_closed_error());
+        }
+        // Suspended by fencing: no client write starts until the peer is fenced or back
+        // (this node's own records, which answer no client, are not held).
+        if range.is_some() {
+            self.io_gate().await?;
         }
         // Any record issued while the peer is away, a flush too, takes a sequence number the
         // peer never sees: if the peer is then promoted, its own records reuse those numbers,
@@ -1129,6 +1140,46 @@ impl Replication {
         self.space.notify_waiters();
     }
 
+    /// Suspends writes (see `io_suspended`). Call before the waiting writes are released.
+    pub fn suspend_io(&self) {
+        self.io_suspended.send_replace(true);
+    }
+
+    /// Resumes suspended writes; returns whether they were suspended.
+    pub fn resume_io(&self) -> bool {
+        self.io_suspended.send_replace(false)
+    }
+
+    pub fn io_suspended(&self) -> bool {
+        *self.io_suspended.borrow()
+    }
+
+    /// Waits while writes are suspended by fencing; fails once writes are closed (a `down` or
+    /// a demotion cuts the wait short: the write was not acknowledged, so failing it loses
+    /// nothing).
+    pub async fn io_gate(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !*self.io_suspended.borrow() {
+            return Ok(());
+        }
+        let mut rx = self.io_suspended.subscribe();
+        loop {
+            let closed = self.space.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.writes_closed.load(SeqCst) {
+                return Err(writes_closed_error());
+            }
+            if !*rx.borrow_and_update() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = closed => {}
+            }
+        }
+    }
+
     /// Waits (at most `within`) until no write that took a sequence is still writing this
     /// disk; returns how many still are.
     pub async fn wait_local_writes(&self, within: Duration) -> usize {
@@ -1175,7 +1226,15 @@ impl Replication {
             // Acknowledged without the peer, but not while a lost peer's new generation is
             // still being persisted (a write in flight at the drop).
             (Protocol::A, _) if self.acks.borrow().connected => return Ok(()),
-            (Protocol::A, _) => return self.diverge_if_lacking(seq).await,
+            (Protocol::A, _) => {
+                // Suspended by fencing: released without the peer only once it is fenced;
+                // a peer that came back meanwhile has the record in its new stream.
+                self.io_gate().await?;
+                if self.acks.borrow().connected {
+                    return Ok(());
+                }
+                return self.diverge_if_lacking(seq).await;
+            }
             (Protocol::B, _) => Mark::Received,
             (Protocol::C, false) => Mark::Applied,
             // On the peer's disk: its applied mark, committed one metadata sync later, is
@@ -1200,6 +1259,12 @@ impl Replication {
                 // Woken by an ack that covers it, or by a disconnect or reconnect (all waiters
                 // are): a peer that came back has the write in its new stream; wait again.
                 let _ = woken.await;
+            }
+            // Suspended by fencing: held until the peer is fenced, or is back (then the write
+            // is in its new stream and waits for its ack as any other).
+            self.io_gate().await?;
+            if self.acks.borrow().connected {
+                continue;
             }
             // Released without the peer, which a failed disk cannot stand in for: the data
             // may be lost here, and the peer never got it.
@@ -2453,6 +2518,92 @@ mod csum_tests {
         assert!(
             rep.lock().bitmap.dirty_bits() > 0,
             "a write the peer synced but did not commit was forgotten at the drop"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `resource-and-stonith`: writes suspended at the loss of the peer are not acknowledged
+    /// without it (a write in flight at the drop, and a new one that would start), until
+    /// the suspension is lifted; a peer back meanwhile gets the write in its stream instead.
+    /// Closing writes (a `down`, a demotion) fails them rather than leave them hanging.
+    #[tokio::test]
+    async fn suspended_writes_wait_for_the_fence_and_fail_when_writes_close() {
+        let dir = std::env::temp_dir().join(format!("brrep-suspend-{}", std::process::id()));
+        let (rep, _file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let data = vec![5u8; 4096];
+        let write = |rep: Arc<Replication>, offset: u64| {
+            let data = data.clone();
+            async move {
+                let seq = rep
+                    .begin(Record::Write {
+                        offset,
+                        data: &data,
+                        fua: false,
+                        crc: None,
+                    })
+                    .await?;
+                rep.done(seq);
+                rep.al_end(offset, 4096, seq);
+                rep.wait_peer(seq, false).await.map(|_| seq)
+            }
+        };
+        let short = Duration::from_millis(100);
+        for protocol in [Protocol::A, Protocol::C] {
+            rep.set_protocol(protocol);
+            rep.set_connected(true, rep.acks().applied, rep.acks().durable);
+            // In flight under C (waiting for the peer) when the link drops; under A the
+            // write before the drop was answered already, and the one after is held.
+            let mut inflight = tokio::spawn(write(rep.clone(), 0));
+            if protocol == Protocol::C {
+                assert!(tokio::time::timeout(short, &mut inflight).await.is_err());
+            } else {
+                tokio::time::timeout(Duration::from_secs(5), &mut inflight)
+                    .await
+                    .expect("A answers without the peer")
+                    .expect("task")
+                    .expect("write");
+            }
+            rep.suspend_io();
+            rep.peer_lost();
+            rep.on_disconnect();
+            rep.set_connected(false, 0, 0);
+            let mut fresh_write = tokio::spawn(write(rep.clone(), 1 << 20));
+            for (what, w) in [("in flight", &mut inflight), ("new", &mut fresh_write)] {
+                if w.is_finished() && what == "in flight" {
+                    continue;
+                }
+                assert!(
+                    tokio::time::timeout(short, w).await.is_err(),
+                    "{protocol:?}: a {what} write was answered while writes are suspended"
+                );
+            }
+            assert!(rep.io_suspended());
+            assert!(rep.resume_io(), "resume says it lifted a suspension");
+            for w in [&mut inflight, &mut fresh_write] {
+                if w.is_finished() {
+                    continue;
+                }
+                tokio::time::timeout(Duration::from_secs(5), w)
+                    .await
+                    .expect("answered once resumed")
+                    .expect("task")
+                    .expect("write");
+            }
+            assert!(!rep.resume_io(), "nothing left to resume");
+        }
+        // Closing writes fails a suspended one instead of leaving it hanging.
+        rep.suspend_io();
+        let mut held = tokio::spawn(write(rep.clone(), 2 << 20));
+        assert!(tokio::time::timeout(short, &mut held).await.is_err());
+        rep.close_writes(true);
+        let r = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .expect("a closed write fails at once")
+            .expect("task");
+        assert!(
+            r.is_err(),
+            "a suspended write succeeded after writes closed: {r:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

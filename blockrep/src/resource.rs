@@ -646,12 +646,19 @@ impl Resource {
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = key;
         }
         let protocol = plan.running.protocol;
+        let freezes = plan.running.fencing.freezes_io();
         *self
             .cfg
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(plan.running);
         if let Some(rep) = &self.rep {
             rep.set_protocol(protocol);
+            // A policy that no longer freezes I/O lets writes suspended under the old one go.
+            if !freezes && rep.resume_io() {
+                tracing::warn!(
+                    "writes resumed: fencing is no longer resource-and-stonith (adjust)"
+                );
+            }
         }
         // The peer takes a new protocol from the running connection, as DRBD's does (its
         // config file is the admin's to change). Bounded: a peer that reads nothing for a
@@ -840,10 +847,15 @@ impl Resource {
             ));
         }
         if self.cfg().peer.is_some()
-            && self.cfg().fencing == state::Fencing::ResourceOnly
+            && self.cfg().fencing.enabled()
             && !self.cfg().handlers.contains_key("fence-peer")
         {
-            w.push("fencing is resource-only but no fence-peer handler is configured: a primary that loses its peer cannot outdate it, and a disconnected secondary is not promoted without --force (only a secondary that is disconnected by the admin outdates itself)".into());
+            let freeze = if self.cfg().fencing.freezes_io() {
+                "; under resource-and-stonith its writes stay suspended after every loss of the peer until the link is back or `resume-io`"
+            } else {
+                ""
+            };
+            w.push(format!("fencing is {} but no fence-peer handler is configured: a primary that loses its peer cannot outdate it, and a disconnected secondary is not promoted without --force (only a secondary that is disconnected by the admin outdates itself){freeze}", self.cfg().fencing.name()));
         }
         if self.cfg().fencing == state::Fencing::DontCare
             && self.cfg().handlers.contains_key("fence-peer")
@@ -1091,6 +1103,24 @@ impl Resource {
         } else {
             (gen, seq)
         };
+    }
+
+    /// `resume-io` (DRBD's): writes suspended at the loss of the peer (`resource-and-stonith`,
+    /// the fence not done) go on without it. The admin vouches that the peer will not be
+    /// promoted over them.
+    pub fn resume_io(&self) -> Result<String, NodeError> {
+        let name = &self.cfg().me.name;
+        match &self.rep {
+            Some(rep) if rep.resume_io() => {
+                tracing::warn!(
+                    "writes resumed by resume-io: from here they are acknowledged without the peer"
+                );
+                Ok(format!(
+                    "{name}: writes resumed; they are acknowledged without the peer until it is back"
+                ))
+            }
+            _ => Ok(format!("{name}: writes were not suspended")),
+        }
     }
 
     /// `outdate` (DRBD's `drbdadm outdate`, what a primary's `fence-peer` handler calls on
@@ -1583,15 +1613,16 @@ impl Resource {
     /// logged and shown in `status` until the link is back. Not when this node's own disk is
     /// not up to date (it failed): the peer then holds the good copy.
     pub fn fence_peer(self: &Arc<Self>) {
-        if self.cfg().fencing != state::Fencing::ResourceOnly {
+        if !self.cfg().fencing.enabled() {
             return;
         }
-        let disk = self
-            .with_meta(|m| m.sb.disk)
-            .unwrap_or(DiskState::Inconsistent);
-        if self.device.sync_failed() || disk != DiskState::UpToDate {
+        if !self.fences_peer() {
+            let disk = self
+                .with_meta(|m| m.sb.disk)
+                .unwrap_or(DiskState::Inconsistent);
             tracing::warn!(
-                "fencing resource-only: the peer was lost, but this node's disk is {} (failed: {}): the peer holds the good copy and is not fenced",
+                "fencing {}: the peer was lost, but this node's disk is {} (failed: {}): the peer holds the good copy and is not fenced",
+                self.cfg().fencing.name(),
                 disk.name(),
                 self.device.sync_failed()
             );
@@ -1602,6 +1633,7 @@ impl Resource {
         let res = self.clone();
         tokio::spawn(async move {
             let outcome = res.run_fence_peer().await;
+            res.after_fence(&outcome);
             let mut l = res.link();
             // Only for the loss it was run for: a link back since then knows better.
             if !established(l.state)
@@ -1612,6 +1644,38 @@ impl Resource {
         });
     }
 
+    /// Whether a lost peer is fenced (the handler runs, and under resource-and-stonith writes
+    /// wait for it): fencing on and this node's disk the good copy (up to date, no failed
+    /// sync; otherwise the peer holds the good copy).
+    fn fences_peer(&self) -> bool {
+        self.cfg().fencing.enabled()
+            && !self.device.sync_failed()
+            && matches!(self.with_meta(|m| m.sb.disk), Ok(DiskState::UpToDate))
+    }
+
+    /// Writes suspended at the loss of the peer go on once it is fenced; otherwise they stay
+    /// suspended until the link is back or the admin runs `resume-io` (DRBD keeps I/O frozen
+    /// after a failed fence-peer as well).
+    fn after_fence(&self, outcome: &state::FenceOutcome) {
+        let Some(rep) = &self.rep else { return };
+        if !rep.io_suspended() {
+            return;
+        }
+        if outcome.fenced() {
+            if rep.resume_io() {
+                tracing::info!(
+                    "writes resumed: the peer is fenced ({})",
+                    outcome.describe()
+                );
+            }
+        } else {
+            tracing::error!(
+                "writes stay suspended: the peer could not be fenced ({}); they go on when the link is back, or run `blockrep-ctl resume-io` once the peer is known not to be promoted (after that, writes it lacks are lost if it is)",
+                outcome.describe()
+            );
+        }
+    }
+
     /// Runs the `fence-peer` handler and waits for it (at most [`FENCE_PEER_TIMEOUT`], then
     /// its whole process group is killed); one run at a time. Logs and returns the outcome.
     async fn run_fence_peer(&self) -> state::FenceOutcome {
@@ -1619,13 +1683,15 @@ impl Resource {
         let Some((mut cmd, path)) = self.handler_command("fence-peer") else {
             let o = state::FenceOutcome::Failed("no fence-peer handler is configured".into());
             tracing::warn!(
-                "fencing resource-only: {}: the peer may be promoted with data older than this node's",
+                "fencing {}: {}: the peer may be promoted with data older than this node's",
+                self.cfg().fencing.name(),
                 o.describe()
             );
             return o;
         };
         tracing::info!(
-            "fencing resource-only: running fence-peer ({})",
+            "fencing {}: running fence-peer ({})",
+            self.cfg().fencing.name(),
             path.display()
         );
         // Its own process group, so that a timeout kills what it started (ssh) too.
@@ -2140,6 +2206,14 @@ impl Resource {
         if let Some(r) = &self.rep {
             if r.link_ran_as_primary() && self.role() == Role::Primary && !self.device.sync_failed()
             {
+                // Under resource-and-stonith, before any waiting write is released (below):
+                // none is acknowledged without the peer until `fence_peer` has fenced it.
+                if self.fences_peer() && self.cfg().fencing.freezes_io() {
+                    r.suspend_io();
+                    tracing::warn!(
+                        "the peer was lost: writes are suspended until the fence-peer handler fences it or the link is back (fencing resource-and-stonith)"
+                    );
+                }
                 diverged = r.peer_lost();
             }
             r.on_disconnect();
@@ -2548,6 +2622,11 @@ impl Resource {
             role: self.role().name().into(),
             disk,
             disk_failed: self.device.sync_failed(),
+            suspended: self
+                .rep
+                .as_ref()
+                .filter(|r| r.io_suspended())
+                .map(|_| "fencing".to_string()),
             warnings: self.up_warnings(),
             export: self.cfg().me.export.to_string(),
             size: self.device.size(),
@@ -2638,7 +2717,7 @@ impl Resource {
         // the promotion is checked first, so that a refused one does not cut the stream.
         // With resource-level fencing a disconnected node is promoted without --force once
         // the peer is fenced (DRBD's fenced failover): checked as if it were, then fenced.
-        let fencing = self.cfg().fencing == state::Fencing::ResourceOnly;
+        let fencing = self.cfg().fencing.enabled();
         let mut fence_note = String::new();
         // Handshakes seen when the peer's view was decided (the fence's answer, or a clean
         // leave): any since makes it stale, checked again under the commit.
@@ -2835,6 +2914,9 @@ impl Resource {
         }
         if let Some(rep) = &self.rep {
             rep.close_writes(false);
+            // A new primary starts with its writes running (a suspension belongs to the
+            // loss of a peer this node ran as primary before).
+            rep.resume_io();
         }
         self.export.set_refuse(None);
         // Reconnect so the new handshake sets the stream's direction.
@@ -3004,6 +3086,10 @@ impl Resource {
         // `primary --force` starts its own).
         if let Some(r) = &self.rep {
             r.disarm_new_generation();
+            // Nothing of a secondary's waits for a fence (its own writes were failed above).
+            if r.resume_io() {
+                tracing::info!("writes no longer suspended: this node is secondary now");
+            }
         }
         if lacks {
             tracing::warn!(

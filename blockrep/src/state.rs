@@ -113,6 +113,33 @@ pub enum Fencing {
     /// itself first, and a primary that loses its up-to-date secondary runs the `fence-peer`
     /// handler, which outdates the peer by another path (`blockrep-ctl outdate` there).
     ResourceOnly,
+    /// All of `ResourceOnly`, and a primary that loses its up-to-date secondary also
+    /// suspends its writes while the handler runs (DRBD's I/O freeze): no write is
+    /// acknowledged without the peer until the handler has fenced it, the link is back, or
+    /// the admin runs `resume-io`. No window in which the peer could be promoted over
+    /// acknowledged writes.
+    ResourceAndStonith,
+}
+
+impl Fencing {
+    /// As in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fencing::DontCare => "dont-care",
+            Fencing::ResourceOnly => "resource-only",
+            Fencing::ResourceAndStonith => "resource-and-stonith",
+        }
+    }
+
+    /// Whether the peer is fenced at all (outdated by the handler, or by itself).
+    pub fn enabled(self) -> bool {
+        self != Fencing::DontCare
+    }
+
+    /// Whether a primary that loses its peer suspends its writes until the peer is fenced.
+    pub fn freezes_io(self) -> bool {
+        self == Fencing::ResourceAndStonith
+    }
 }
 
 /// The disk state (0 inconsistent, 1 outdated, 2 up to date, as on the wire) that a connect
@@ -173,7 +200,7 @@ pub fn leaves_a_primary(
     peer_primary: bool,
     connected: bool,
 ) -> bool {
-    fencing == Fencing::ResourceOnly && !me_primary && peer_primary && connected
+    fencing.enabled() && !me_primary && peer_primary && connected
 }
 
 /// Whether such a secondary ([`leaves_a_primary`]) outdates itself first: when its disk is

@@ -34,6 +34,9 @@ pub enum Request {
     /// Declare this node's disk outdated (what a primary's fence-peer handler asks for):
     /// `primary` then needs `--force` here. Refused on a primary and while connected.
     Outdate,
+    /// DRBD's `resume-io`: writes suspended by fencing (`resource-and-stonith`, a lost peer
+    /// whose fence-peer handler failed) go on without the peer.
+    ResumeIo,
     /// Online verify: compare the hashes of every region with the peer's, mark the differing
     /// ones out of sync. Returns at once; progress and result are in `status`.
     Verify,
@@ -192,6 +195,11 @@ pub struct Status {
     /// then `inconsistent` too, as on a resync target; this tells the two apart).
     #[serde(default)]
     pub disk_failed: bool,
+    /// Why writes are suspended (DRBD's `suspended:`): `"fencing"` while a primary that lost
+    /// its peer waits for the fence-peer handler under `resource-and-stonith` (or, after it
+    /// failed, for the link or `resume-io`); `null` when they run.
+    #[serde(default)]
+    pub suspended: Option<String>,
     /// Settings of the config that this node does not apply (the metadata's win), said at
     /// `up` and kept here; empty when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

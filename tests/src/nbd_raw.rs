@@ -150,6 +150,12 @@ impl RawNbd {
         self.s.flush()
     }
 
+    /// Sets the per-read timeout (a reply a test expects to be held for longer than
+    /// [`IO_TIMEOUT`]).
+    pub fn set_read_timeout(&self, d: Duration) {
+        self.s.read_timeout(d);
+    }
+
     /// Reads exactly `n` bytes.
     pub fn recv(&mut self, n: usize) -> io::Result<Vec<u8>> {
         let mut v = vec![0u8; n];

@@ -42,7 +42,7 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
 
     let now = a.ctl_ok(&["events", "--now"]).stdout;
     let want = [
-        format!("exists resource name:{r} node:alpha up:yes role:primary"),
+        format!("exists resource name:{r} node:alpha up:yes role:primary suspended:no"),
         format!("exists device name:{r} disk:up-to-date disk-failed:no stalled:no clients:0"),
         format!(
             "exists connection name:{r} conn-name:beta connection:connected role:secondary left-cleanly:no"

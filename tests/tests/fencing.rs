@@ -136,11 +136,16 @@ exit $rc
 /// A pair with `fencing = "resource-only"`, the shipped fence-peer handler (see
 /// [`fence_handler`], its log in `tmp`) and beta behind the link proxy; alpha primary, in sync.
 fn fenced_pair(test: &str, tmp: &TestDir) -> (Cluster, PathBuf) {
+    fenced_pair_with(test, tmp, "resource-only")
+}
+
+/// [`fenced_pair`] under the fencing policy `policy`.
+fn fenced_pair_with(test: &str, tmp: &TestDir, policy: &str) -> (Cluster, PathBuf) {
     let c = Cluster::builder(test)
         .nodes(2)
         .backing_size(128 << 20)
         .journal_size("8M")
-        .resource_line("fencing = \"resource-only\"")
+        .resource_line(&format!("fencing = \"{policy}\""))
         .beta_via_proxy()
         .build();
     // The handler needs the cluster's paths: written after the build, before `up`.
@@ -646,4 +651,154 @@ fn a_peer_that_went_down_cleanly_needs_no_fence_to_promote() {
         !runs.contains("run alpha"),
         "fence-peer ran on alpha, which handed over:\n{runs}"
     );
+}
+
+/// A 4 KiB write on its own NBD connection, in a thread: returns whether it succeeded, when
+/// its reply came, and what the fence log said at that moment. Its reply may be held for
+/// longer than a raw connection's usual read timeout.
+fn held_write(
+    n: &Node,
+    offset: u64,
+    log: &Path,
+) -> std::thread::JoinHandle<(Result<(), u32>, std::time::Instant, String)> {
+    let mut r = n.raw_open();
+    r.set_read_timeout(Duration::from_secs(120));
+    let log = log.to_path_buf();
+    std::thread::spawn(move || {
+        let res = r.write_at(offset, &[0xa5; 4096], 0);
+        let at = std::time::Instant::now();
+        let fence_log = std::fs::read_to_string(&log).unwrap_or_default();
+        (res, at, fence_log)
+    })
+}
+
+/// Waits (5 s at most) for a line of `n`'s log that contains `needle`.
+fn wait_log(n: &Node, needle: &str) {
+    let ok = wait_for(Duration::from_secs(5), || n.log_tail(200).contains(needle));
+    assert!(
+        ok,
+        "{}'s log has no {needle:?}:\n{}",
+        n.name(),
+        n.log_tail(30)
+    );
+}
+
+fn suspended(n: &Node) -> serde_json::Value {
+    n.status_json()["suspended"].clone()
+}
+
+/// `fencing = "resource-and-stonith"` (DRBD's I/O freeze): a primary that loses its peer
+/// holds every write, the one in flight at the loss and new ones, until the fence-peer
+/// handler has fenced the peer; after a failed fence until `resume-io`; and a peer that
+/// comes back meanwhile gets the held writes in its stream. `status` and `events` say
+/// writes are suspended.
+#[test]
+fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
+    let tmp = TestDir::new("fence-ras");
+    let (c, log) = fenced_pair_with("fence-ras", &tmp, "resource-and-stonith");
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let stub = tmp.path().join("fence.stub");
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+
+    // A slow fence that outdates the peer: no write is answered before it ends.
+    std::fs::write(&stub, "3 4\n").expect("write the stub");
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    let w = held_write(a, 0, &log);
+    let ok = wait_for(Duration::from_secs(10), || suspended(a) == "fencing");
+    assert!(ok, "writes not suspended: {}", a.status_json());
+    let text = a.ctl_ok(&["status"]).stdout;
+    assert!(text.contains("WRITES SUSPENDED (fencing)"), "{text}");
+    let ev = a.ctl_ok(&["events", "--now"]).stdout;
+    assert!(ev.contains("suspended:fencing"), "{ev}");
+    let late = held_write(a, MIB, &log);
+    let (r1, at1, log1) = w.join().expect("write thread");
+    let (r2, at2, log2) = late.join().expect("write thread");
+    assert_eq!(r1, Ok(()), "the write held at the loss");
+    assert_eq!(r2, Ok(()), "the write issued while suspended");
+    for (at, l) in [(at1, &log1), (at2, &log2)] {
+        assert!(
+            l.contains("exit 4 (stub)"),
+            "a write was answered {:?} ago, before the fence ended:\n{l}",
+            at.elapsed()
+        );
+    }
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+    wait_log(a, "writes resumed: the peer is fenced");
+    // Writes go on without the fenced peer.
+    let data = write_data(a, c.dir().path(), "after-fence.bin", 2);
+
+    // The link heals; then a fence that fails: writes stay held until `resume-io`.
+    c.proxy().resume();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    std::fs::write(&log, "").expect("truncate the fence log");
+    std::fs::write(&stub, "0 1\n").expect("write the stub");
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    let w = held_write(a, 2 * MIB, &log);
+    let failed = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("exit 1 (stub)"))
+    });
+    assert!(failed, "the fence did not run:\n{}", a.log_tail(20));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !w.is_finished(),
+        "a write was answered after a failed fence"
+    );
+    assert_eq!(suspended(a), "fencing", "{}", a.status_json());
+    wait_log(a, "writes stay suspended");
+    let out = a.ctl_ok(&["resume-io"]).stdout;
+    assert!(out.contains("writes resumed"), "{out}");
+    let (r, _, _) = w.join().expect("write thread");
+    assert_eq!(r, Ok(()), "the write after resume-io");
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+    let out = a.ctl_ok(&["resume-io"]).stdout;
+    assert!(out.contains("not suspended"), "{out}");
+
+    // The peer comes back while writes are held: they go to it in the stream.
+    c.proxy().resume();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    std::fs::write(&log, "").expect("truncate the fence log");
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    let w = held_write(a, 3 * MIB, &log);
+    let failed = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("exit 1 (stub)"))
+    });
+    assert!(failed, "the fence did not run:\n{}", a.log_tail(20));
+    assert!(
+        !w.is_finished(),
+        "a write was answered after a failed fence"
+    );
+    c.proxy().resume();
+    let (r, _, _) = w.join().expect("write thread");
+    assert_eq!(r, Ok(()), "the write held until the peer came back");
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    c.assert_replicas_identical(size, "after the held writes");
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
+    assert_eq!(
+        &b.backing_data(3 * MIB + 4096)[3 * MIB as usize..],
+        &[0xa5; 4096][..]
+    );
+
+    // A suspended primary can still be demoted: the held write fails unanswered (or its
+    // connection is cut), nothing hangs, and the node is promoted again with its peer back.
+    std::fs::write(&log, "").expect("truncate the fence log");
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    let w = held_write(a, 4 * MIB, &log);
+    let ok = wait_for(Duration::from_secs(20), || suspended(a) == "fencing");
+    assert!(ok, "writes not suspended: {}", a.status_json());
+    a.ctl_ok(&["secondary", "--force"]);
+    let r = w.join();
+    assert!(
+        !matches!(r, Ok((Ok(()), _, _))),
+        "a held write was acknowledged at the demotion"
+    );
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+    c.proxy().resume();
+    a.wait_connected(Duration::from_secs(30));
+    a.ctl_ok(&["primary"]);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after the demotion of a suspended primary");
 }

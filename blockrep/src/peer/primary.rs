@@ -203,6 +203,11 @@ pub(super) async fn primary_side(
         },
         None,
     );
+    // Writes suspended by fencing (the link was lost earlier) go on: the peer is back as
+    // this node's secondary and gets every one of them in this stream.
+    if rep.resume_io() {
+        tracing::info!("writes resumed: the peer is connected again and gets them in the stream");
+    }
     // A journal catch-up after the generations diverged (this primary lost the peer and moved
     // on) is a sync too: it ends, in stream order, with the same SyncDone as a bitmap resync.
     let journal_sync = resync.is_none() && decision != SyncDecision::InSync;
