@@ -3,6 +3,7 @@
 //! the backing device directly; the rest talk to the node's daemon over its control socket.
 
 mod events;
+mod states;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -118,6 +119,15 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Print this node's role and the peer's, `primary/secondary` (DRBD's `drbdadm role`;
+    /// the peer is `unknown` while not connected). Exit 3 when the resource is not up.
+    Role,
+    /// Print the connection state: connected, connecting, standalone, sync-source,
+    /// sync-target or split-brain (DRBD's `cstate`). Exit 3 when the resource is not up.
+    Cstate,
+    /// Print this node's disk state and the peer's, `up-to-date/outdated` (DRBD's `dstate`;
+    /// `failed` for a disk whose sync failed). Exit 3 when the resource is not up.
+    Dstate,
     /// Show the resource's state.
     Status {
         #[arg(long)]
@@ -191,6 +201,9 @@ fn run(args: Args) -> Result<()> {
             Ok(())
         }
         Cmd::WaitSync { timeout } => wait_sync(&cfg, timeout),
+        Cmd::Role => state_query(&cfg, states::Query::Role),
+        Cmd::Cstate => state_query(&cfg, states::Query::Cstate),
+        Cmd::Dstate => state_query(&cfg, states::Query::Dstate),
     }
 }
 
@@ -787,6 +800,33 @@ const EXIT_DIFFER: i32 = 2;
 /// Exit status of `status` when a daemon may be running but did not answer (LSB: "status
 /// unknown"); the error is printed.
 const EXIT_UNKNOWN: i32 = 4;
+
+/// `role`, `cstate`, `dstate`: one line on stdout; a resource that is not up exits
+/// [`EXIT_NOT_UP`] with the reason on stderr, and a daemon that does not answer
+/// [`EXIT_UNKNOWN`], as `status` does.
+fn state_query(cfg: &Config, q: states::Query) -> Result<()> {
+    match query_status(cfg) {
+        Ok(Some(s)) if s.up => {
+            println!("{}", states::line(q, &s));
+            Ok(())
+        }
+        Ok(Some(_)) => {
+            eprintln!(
+                "resource {} is not up on {} (the daemon runs; blockrep-ctl up)",
+                cfg.resource, cfg.me.name
+            );
+            std::process::exit(EXIT_NOT_UP);
+        }
+        Ok(None) => {
+            eprintln!("{}", not_running(cfg));
+            std::process::exit(EXIT_NOT_UP);
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(EXIT_UNKNOWN);
+        }
+    }
+}
 
 /// Prints the status; `Ok(false)`: the resource is not up (exit [`EXIT_NOT_UP`]).
 fn status(cfg: &Config, json: bool) -> Result<bool> {

@@ -34,6 +34,14 @@ fn wait_line(ev: &ChildGuard, from: usize, needle: &str) -> usize {
     find(&log).unwrap_or(from)
 }
 
+/// `role`, `cstate` and `dstate` print exactly these lines on `n`.
+fn assert_states(n: &Node, role: &str, cstate: &str, dstate: &str) {
+    for (q, want) in [("role", role), ("cstate", cstate), ("dstate", dstate)] {
+        let out = n.ctl_ok(&[q]);
+        assert_eq!(out.stdout.trim_end(), want, "{} {q}", n.name());
+    }
+}
+
 #[test]
 fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
     let c = Cluster::synced_pair("events", 64 << 20, |b| b);
@@ -51,6 +59,9 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
         "exists -".to_string(),
     ];
     assert_eq!(now.lines().collect::<Vec<_>>(), want, "{now}");
+    // DRBD's one-line queries, on both nodes.
+    assert_states(a, "primary/secondary", "connected", "up-to-date/up-to-date");
+    assert_states(b, "secondary/primary", "connected", "up-to-date/up-to-date");
 
     let log = c.dir().path().join("events.log");
     let mut cmd = Command::new(a.ctl_path());
@@ -69,6 +80,8 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
         at,
         &format!("change connection name:{r} conn-name:beta connection:connecting role:unknown"),
     );
+    assert_states(a, "primary/unknown", "connecting", "up-to-date/unknown");
+    assert_states(b, "secondary/unknown", "standalone", "up-to-date/unknown");
     b.ctl_ok(&["connect"]);
     at = wait_line(
         &ev,
@@ -87,6 +100,16 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
         &format!("destroy connection name:{r} conn-name:beta"),
     );
     at = wait_line(&ev, at, &format!("change resource name:{r} up:no"));
+    for q in ["role", "cstate", "dstate"] {
+        let out = a.ctl(&[q]);
+        assert_eq!(
+            out.code,
+            Some(3),
+            "{q} of a node that is down: {}",
+            out.describe()
+        );
+        assert!(out.stdout.is_empty(), "{}", out.describe());
+    }
     a.up();
     at = wait_line(
         &ev,
