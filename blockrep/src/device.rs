@@ -569,18 +569,28 @@ impl Device {
         r
     }
 
-    /// Makes every completed write durable: locally, in the journal, and under protocol C on
-    /// the peer too. Under A and B the flush travels in the stream, so the peer flushes at the
-    /// same point.
+    /// A client's flush: makes every completed write durable, locally, in the journal, and
+    /// under protocol C on the peer too. Under A and B the flush travels in the stream, so the
+    /// peer flushes at the same point. Held while writes are suspended by fencing (until the
+    /// peer is fenced or back), and failed if writes close meanwhile: its answer would say
+    /// the writes before it are on the peer's disk under C.
     pub async fn flush(&self) -> Result<(), Errno> {
+        if let Some(rep) = &self.rep {
+            if rep.io_gate().await.is_err() {
+                self.counters.flushes.fetch_add(1, Relaxed);
+                return self.fail(EIO);
+            }
+        }
+        self.flush_own().await
+    }
+
+    /// [`Self::flush`] for the node itself (a demotion's or `down`'s last flush, with client
+    /// writes closed): not held by a suspension, whose held writes were failed unanswered.
+    pub async fn flush_own(&self) -> Result<(), Errno> {
         self.counters.flushes.fetch_add(1, Relaxed);
         let Some(rep) = &self.rep else {
             return self.sync_backing().await;
         };
-        // Suspended by fencing: held like the writes, until the peer is fenced or back. With
-        // writes closed (a demotion or `down`, whose own flush this may be) it goes ahead:
-        // the writes it held were failed unanswered, so it answers for none of them.
-        let _ = rep.io_gate().await;
         // With the peer away there is no one in the stream to flush: no record, which would
         // take a sequence number the peer never sees (see `Replication::begin`) and so start
         // a new generation for nothing. The local and journal syncs are the whole flush.

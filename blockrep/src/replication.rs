@@ -353,7 +353,10 @@ pub struct Replication {
     /// when the connection this node ran as primary is lost, before any write waiting for the
     /// peer is released; cleared once the peer is fenced, the link is back, or by
     /// `resume-io`. Meanwhile no write is acknowledged without the peer (see [`Self::io_gate`]).
-    io_suspended: watch::Sender<bool>,
+    /// The value names the suspension (`Some(n)`, counting from 1), so that a fence run for
+    /// an earlier loss cannot lift a later one.
+    io_suspended: watch::Sender<Option<u64>>,
+    suspensions: AtomicU64,
     /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
     /// waited for journal space longer than the floor allows gets space ahead of application
     /// writes.
@@ -457,7 +460,8 @@ impl Replication {
             peer_durable_high: AtomicU64::new(0),
             local_sync_failed: std::sync::atomic::AtomicBool::new(false),
             writes_closed: std::sync::atomic::AtomicBool::new(false),
-            io_suspended: watch::Sender::new(false),
+            io_suspended: watch::Sender::new(None),
+            suspensions: AtomicU64::new(0),
             resync_floor: AtomicU64::new(0),
             pressure_flush: AtomicU64::new(0),
             new_gen_pending: std::sync::atomic::AtomicBool::new(false),
@@ -1141,17 +1145,52 @@ impl Replication {
     }
 
     /// Suspends writes (see `io_suspended`). Call before the waiting writes are released.
-    pub fn suspend_io(&self) {
-        self.io_suspended.send_replace(true);
+    /// Returns the suspension's name, for [`Self::resume_io_of`]; one already in force is
+    /// kept (and named).
+    pub fn suspend_io(&self) -> u64 {
+        let mut name = 0;
+        self.io_suspended.send_if_modified(|s| match *s {
+            Some(n) => {
+                name = n;
+                false
+            }
+            None => {
+                name = self
+                    .suspensions
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    + 1;
+                *s = Some(name);
+                true
+            }
+        });
+        name
     }
 
-    /// Resumes suspended writes; returns whether they were suspended.
+    /// Resumes suspended writes, whatever suspended them; returns whether they were.
     pub fn resume_io(&self) -> bool {
-        self.io_suspended.send_replace(false)
+        self.io_suspended.send_replace(None).is_some()
+    }
+
+    /// Resumes writes if the suspension in force is `name` (a fence run answers for the loss
+    /// it was started for, not for a later one); returns whether it did.
+    pub fn resume_io_of(&self, name: u64) -> bool {
+        self.io_suspended.send_if_modified(|s| {
+            if *s == Some(name) {
+                *s = None;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// The suspension in force, if any.
+    pub fn io_suspension(&self) -> Option<u64> {
+        *self.io_suspended.borrow()
     }
 
     pub fn io_suspended(&self) -> bool {
-        *self.io_suspended.borrow()
+        self.io_suspended.borrow().is_some()
     }
 
     /// Waits while writes are suspended by fencing; fails once writes are closed (a `down` or
@@ -1159,7 +1198,7 @@ impl Replication {
     /// nothing).
     pub async fn io_gate(&self) -> std::io::Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
-        if !*self.io_suspended.borrow() {
+        if self.io_suspended.borrow().is_none() {
             return Ok(());
         }
         let mut rx = self.io_suspended.subscribe();
@@ -1170,7 +1209,7 @@ impl Replication {
             if self.writes_closed.load(SeqCst) {
                 return Err(writes_closed_error());
             }
-            if !*rx.borrow_and_update() {
+            if rx.borrow_and_update().is_none() {
                 return Ok(());
             }
             tokio::select! {
@@ -2530,9 +2569,8 @@ mod csum_tests {
     async fn suspended_writes_wait_for_the_fence_and_fail_when_writes_close() {
         let dir = std::env::temp_dir().join(format!("brrep-suspend-{}", std::process::id()));
         let (rep, _file) = fresh(&dir);
-        rep.set_connected(true, 0, 0);
         let data = vec![5u8; 4096];
-        let write = |rep: Arc<Replication>, offset: u64| {
+        let begin = |rep: Arc<Replication>, offset: u64| {
             let data = data.clone();
             async move {
                 let seq = rep
@@ -2545,56 +2583,62 @@ mod csum_tests {
                     .await?;
                 rep.done(seq);
                 rep.al_end(offset, 4096, seq);
-                rep.wait_peer(seq, false).await.map(|_| seq)
+                Ok::<u64, std::io::Error>(seq)
             }
         };
         let short = Duration::from_millis(100);
-        for protocol in [Protocol::A, Protocol::C] {
+        for protocol in [Protocol::A, Protocol::B, Protocol::C] {
             rep.set_protocol(protocol);
             rep.set_connected(true, rep.acks().applied, rep.acks().durable);
-            // In flight under C (waiting for the peer) when the link drops; under A the
-            // write before the drop was answered already, and the one after is held.
-            let mut inflight = tokio::spawn(write(rep.clone(), 0));
-            if protocol == Protocol::C {
-                assert!(tokio::time::timeout(short, &mut inflight).await.is_err());
-            } else {
-                tokio::time::timeout(Duration::from_secs(5), &mut inflight)
-                    .await
-                    .expect("A answers without the peer")
-                    .expect("task")
-                    .expect("write");
-            }
-            rep.suspend_io();
+            // A write that took its sequence before the loss and waits for the peer (or,
+            // under A, would be answered without it once the link is gone).
+            let before = begin(rep.clone(), 0).await.expect("write");
+            let name = rep.suspend_io();
+            assert_eq!(rep.suspend_io(), name, "one suspension at a time");
             rep.peer_lost();
             rep.on_disconnect();
             rep.set_connected(false, 0, 0);
-            let mut fresh_write = tokio::spawn(write(rep.clone(), 1 << 20));
+            let r = rep.clone();
+            let mut inflight =
+                tokio::spawn(async move { r.wait_peer(before, false).await.map(|_| before) });
+            // A new write is held before it takes a sequence.
+            let r = rep.clone();
+            let issued = rep.lock().issued;
+            let mut fresh_write = tokio::spawn(begin(r, 1 << 20));
             for (what, w) in [("in flight", &mut inflight), ("new", &mut fresh_write)] {
-                if w.is_finished() && what == "in flight" {
-                    continue;
-                }
                 assert!(
                     tokio::time::timeout(short, w).await.is_err(),
                     "{protocol:?}: a {what} write was answered while writes are suspended"
                 );
             }
+            assert_eq!(rep.lock().issued, issued, "a held write took a sequence");
+            assert!(
+                !rep.resume_io_of(name + 1),
+                "another suspension's fence lifted it"
+            );
             assert!(rep.io_suspended());
-            assert!(rep.resume_io(), "resume says it lifted a suspension");
-            for w in [&mut inflight, &mut fresh_write] {
-                if w.is_finished() {
-                    continue;
-                }
-                tokio::time::timeout(Duration::from_secs(5), w)
-                    .await
-                    .expect("answered once resumed")
-                    .expect("task")
-                    .expect("write");
-            }
+            assert!(rep.resume_io_of(name), "its own fence lifts it");
+            tokio::time::timeout(Duration::from_secs(5), &mut inflight)
+                .await
+                .expect("answered once resumed")
+                .expect("task")
+                .expect("write");
+            tokio::time::timeout(Duration::from_secs(5), &mut fresh_write)
+                .await
+                .expect("answered once resumed")
+                .expect("task")
+                .expect("write");
             assert!(!rep.resume_io(), "nothing left to resume");
         }
+        // A later suspension is not lifted by an earlier one's fence.
+        let first = rep.suspend_io();
+        assert!(rep.resume_io());
+        let second = rep.suspend_io();
+        assert_ne!(first, second);
+        assert!(!rep.resume_io_of(first));
+        assert!(rep.io_suspended());
         // Closing writes fails a suspended one instead of leaving it hanging.
-        rep.suspend_io();
-        let mut held = tokio::spawn(write(rep.clone(), 2 << 20));
+        let mut held = tokio::spawn(begin(rep.clone(), 2 << 20));
         assert!(tokio::time::timeout(short, &mut held).await.is_err());
         rep.close_writes(true);
         let r = tokio::time::timeout(Duration::from_secs(5), held)

@@ -860,7 +860,7 @@ impl Resource {
         if self.cfg().fencing == state::Fencing::DontCare
             && self.cfg().handlers.contains_key("fence-peer")
         {
-            w.push("a fence-peer handler is configured but fencing is dont-care: it never runs (set fencing = \"resource-only\")".into());
+            w.push("a fence-peer handler is configured but fencing is dont-care: it never runs (set fencing = \"resource-only\" or \"resource-and-stonith\")".into());
         }
         w
     }
@@ -1229,16 +1229,19 @@ impl Resource {
         match r {
             Ok(()) => {
                 tracing::info!(
-                    "fencing resource-only: leaving the primary, so this node's disk is outdated (it lacks what the primary writes from now on)"
+                    "fencing {}: leaving the primary, so this node's disk is outdated (it lacks what the primary writes from now on)",
+                    self.cfg().fencing.name()
                 );
                 Ok(())
             }
             Err(e) => {
                 tracing::warn!(
-                    "fencing resource-only: leaving the primary, but the outdated disk state could not be recorded ({e})"
+                    "fencing {}: leaving the primary, but the outdated disk state could not be recorded ({e})",
+                    self.cfg().fencing.name()
                 );
                 Err(format!(
-                    "fencing resource-only: this disk must be marked outdated before it leaves the primary, and that failed ({e})"
+                    "fencing {}: this disk must be marked outdated before it leaves the primary, and that failed ({e})",
+                    self.cfg().fencing.name()
                 ))
             }
         }
@@ -1606,12 +1609,13 @@ impl Resource {
         Some((c, cmd))
     }
 
-    /// With `fencing = "resource-only"`: this primary lost its peer (a connection it ran as
-    /// primary), which could now be promoted over the writes that follow. The `fence-peer`
-    /// handler outdates it by another path (`blockrep-ctl outdate` on its node; exit 4, as
-    /// in DRBD); writes go on meanwhile (resource-only does not freeze I/O). The outcome is
-    /// logged and shown in `status` until the link is back. Not when this node's own disk is
-    /// not up to date (it failed): the peer then holds the good copy.
+    /// With fencing (`resource-only`, `resource-and-stonith`): this primary lost its peer (a
+    /// connection it ran as primary), which could now be promoted over the writes that
+    /// follow. The `fence-peer` handler outdates it by another path (`blockrep-ctl outdate` on
+    /// its node; exit 4, as in DRBD); writes go on meanwhile under resource-only, and wait for
+    /// it under resource-and-stonith (see [`Self::after_fence`]). The outcome is logged and
+    /// shown in `status` until the link is back. Not when this node's own disk is not up to
+    /// date (it failed): the peer then holds the good copy.
     pub fn fence_peer(self: &Arc<Self>) {
         if !self.cfg().fencing.enabled() {
             return;
@@ -1629,11 +1633,14 @@ impl Resource {
             return;
         }
         let attempt = self.connections.load(std::sync::atomic::Ordering::SeqCst);
+        // The suspension this run answers for (taken now: a later loss suspends anew, and
+        // this run's answer is not about it).
+        let suspension = self.rep.as_ref().and_then(|r| r.io_suspension());
         self.link().fence = Some(("fence-peer handler running".into(), None));
         let res = self.clone();
         tokio::spawn(async move {
             let outcome = res.run_fence_peer().await;
-            res.after_fence(&outcome);
+            res.after_fence(&outcome, suspension);
             let mut l = res.link();
             // Only for the loss it was run for: a link back since then knows better.
             if !established(l.state)
@@ -1656,13 +1663,17 @@ impl Resource {
     /// Writes suspended at the loss of the peer go on once it is fenced; otherwise they stay
     /// suspended until the link is back or the admin runs `resume-io` (DRBD keeps I/O frozen
     /// after a failed fence-peer as well).
-    fn after_fence(&self, outcome: &state::FenceOutcome) {
-        let Some(rep) = &self.rep else { return };
-        if !rep.io_suspended() {
+    fn after_fence(&self, outcome: &state::FenceOutcome, suspension: Option<u64>) {
+        let (Some(rep), Some(suspension)) = (&self.rep, suspension) else {
+            return;
+        };
+        if rep.io_suspension() != Some(suspension) {
+            // Lifted meanwhile (the link came back, `resume-io`), or a later loss suspended
+            // writes again: its own fence run answers for that one.
             return;
         }
         if outcome.fenced() {
-            if rep.resume_io() {
+            if rep.resume_io_of(suspension) {
                 tracing::info!(
                     "writes resumed: the peer is fenced ({})",
                     outcome.describe()
@@ -2912,23 +2923,30 @@ impl Resource {
         if dropped_discard {
             tracing::info!("the pending `connect --discard-my-data` is dropped by the promotion");
         }
+        // With fencing: a peer that was connected as secondary but does not come back for the
+        // new handshake lacks what this node writes from now on, and no connection run as
+        // primary will end to fence it: fenced below. A forced promotion of a node whose peer
+        // is unknown runs the handler too, as DRBD does; `--force` only overrides its answer.
+        let fence_after = fencing
+            && (peer == PeerView::Connected(Role::Secondary) || force && peer == PeerView::Unknown);
         if let Some(rep) = &self.rep {
-            rep.close_writes(false);
-            // A new primary starts with its writes running (a suspension belongs to the
-            // loss of a peer this node ran as primary before).
+            // Whatever suspended writes before belonged to an earlier loss of a peer.
             rep.resume_io();
+            // Under resource-and-stonith the new primary's writes wait too until that
+            // handshake or that fence (as after a loss of the peer): none is acknowledged that
+            // a promotion of the peer would lose.
+            if fence_after && self.cfg().fencing.freezes_io() && self.fences_peer() {
+                rep.suspend_io();
+                tracing::info!(
+                    "writes wait for the peer to connect to this primary, or for its fence (fencing resource-and-stonith)"
+                );
+            }
+            rep.close_writes(false);
         }
         self.export.set_refuse(None);
         // Reconnect so the new handshake sets the stream's direction.
         self.announce_role().await;
-        // With fencing: a peer that was connected as secondary but did not come back for the
-        // new handshake lacks what this node writes from now on, and no connection run as
-        // primary will end to fence it: fenced here. A forced promotion of a node whose peer
-        // is unknown runs the handler too, as DRBD does; `--force` only overrides its answer.
-        if fencing
-            && !established(self.link().state)
-            && (peer == PeerView::Connected(Role::Secondary) || force && peer == PeerView::Unknown)
-        {
+        if fence_after && !established(self.link().state) {
             self.fence_peer();
         }
         self.attach_kernel().await;
@@ -3179,7 +3197,7 @@ impl Resource {
         // the source of a finished sync, say) would only move the peer past the mark this
         // node keeps, and the peer could no longer be caught up from its journal later.
         let flushed = if self.role() == Role::Primary {
-            self.device.flush().await
+            self.device.flush_own().await
         } else {
             self.device.local_flush().await
         };

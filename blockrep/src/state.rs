@@ -116,8 +116,8 @@ pub enum Fencing {
     /// All of `ResourceOnly`, and a primary that loses its up-to-date secondary also
     /// suspends its writes while the handler runs (DRBD's I/O freeze): no write is
     /// acknowledged without the peer until the handler has fenced it, the link is back, or
-    /// the admin runs `resume-io`. No window in which the peer could be promoted over
-    /// acknowledged writes.
+    /// the admin runs `resume-io`. Under C no write answered after the loss is one a
+    /// promotion of the peer would lose.
     ResourceAndStonith,
 }
 

@@ -142,8 +142,9 @@ pub struct PeerStatus {
     #[serde(default)]
     pub resync_reason: Option<String>,
     pub last_error: Option<String>,
-    /// With `fencing = "resource-only"`, after the link to an up-to-date peer was lost on the
-    /// primary: what the fence-peer handler did (cleared when the link is back).
+    /// With fencing (`resource-only`, `resource-and-stonith`), after the link to an up-to-date
+    /// peer was lost on the primary: what the fence-peer handler did (cleared when the link
+    /// is back).
     #[serde(default)]
     pub fence: Option<String>,
     /// The latest online verify started on this node, if any.

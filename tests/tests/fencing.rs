@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use blockrep_e2e::nbd_const::CMD_FLUSH;
 use blockrep_e2e::*;
 
 const MIB: u64 = 1 << 20;
@@ -702,7 +703,7 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     assert!(suspended(a).is_null(), "{}", a.status_json());
 
     // A slow fence that outdates the peer: no write is answered before it ends.
-    std::fs::write(&stub, "3 4\n").expect("write the stub");
+    std::fs::write(&stub, "8 4\n").expect("write the stub");
     assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
     let w = held_write(a, 0, &log);
     let ok = wait_for(Duration::from_secs(10), || suspended(a) == "fencing");
@@ -711,6 +712,11 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     assert!(text.contains("WRITES SUSPENDED (fencing)"), "{text}");
     let ev = a.ctl_ok(&["events", "--now"]).stdout;
     assert!(ev.contains("suspended:fencing"), "{ev}");
+    let before_late = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !before_late.contains("exit"),
+        "the fence ended before the second write was issued (too slow a machine for this test):\n{before_late}"
+    );
     let late = held_write(a, MIB, &log);
     let (r1, at1, log1) = w.join().expect("write thread");
     let (r2, at2, log2) = late.join().expect("write thread");
@@ -789,11 +795,27 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     let w = held_write(a, 4 * MIB, &log);
     let ok = wait_for(Duration::from_secs(20), || suspended(a) == "fencing");
     assert!(ok, "writes not suspended: {}", a.status_json());
+    // A client's flush is held too, and is not answered as done when writes close.
+    let flush = {
+        let mut r = a.raw_open();
+        r.set_read_timeout(Duration::from_secs(120));
+        std::thread::spawn(move || r.command(CMD_FLUSH, 0, 0, 0))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !flush.is_finished(),
+        "a flush was answered while writes are suspended"
+    );
     a.ctl_ok(&["secondary", "--force"]);
     let r = w.join();
     assert!(
         !matches!(r, Ok((Ok(()), _, _))),
         "a held write was acknowledged at the demotion"
+    );
+    let r = flush.join();
+    assert!(
+        !matches!(r, Ok(Ok(()))),
+        "a held flush was acknowledged at the demotion"
     );
     assert!(suspended(a).is_null(), "{}", a.status_json());
     c.proxy().resume();
