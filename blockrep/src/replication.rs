@@ -227,12 +227,38 @@ impl Ranges {
     }
 }
 
+/// A resync chunk's hold on its range (see `Inner::resync_hold`), given back on drop; the
+/// writes it held re-check.
+struct ResyncHold<'a>(&'a Replication);
+
+impl Drop for ResyncHold<'_> {
+    fn drop(&mut self) {
+        self.0.lock().resync_hold = None;
+        self.0.range_done.notify_waiters();
+    }
+}
+
+/// One try of [`Replication::begin`] to issue a record.
+enum Attempt {
+    /// The sequence (`None`: writes are closed).
+    Issued(Option<(u64, bool)>),
+    /// The journal is full; the connected peer drains it.
+    Full,
+    /// A resync chunk is reading the record's range (see `Inner::resync_hold`).
+    Held,
+}
+
 pub struct Inner {
     /// Last sequence number issued by this node as primary.
     pub issued: u64,
     /// Resync records sent but not yet durable on the peer: their bits are cleared only when
     /// it made them durable, so a cut or crash mid-resync never loses a region.
     pub resync_inflight: std::collections::VecDeque<(u64, u64, u64)>,
+    /// The region a resync chunk is reading from this disk (off the runtime's thread): no
+    /// write to it takes a sequence until the chunk's record has one (see
+    /// [`Replication::resync_chunk`]), so the record carries the data as of its place in the
+    /// stream. At most one: a resync sends one chunk at a time.
+    pub resync_hold: Option<(u64, u64)>,
     /// Ranges of records whose journal space was reused after the peer applied them but
     /// before it made them durable: if the link drops now they go to the bitmap, because a
     /// crash of the peer could still lose them. Pruned by durable acks; bounded.
@@ -433,6 +459,7 @@ impl Replication {
                 issued,
                 undurable: std::collections::VecDeque::new(),
                 resync_inflight: std::collections::VecDeque::new(),
+                resync_hold: None,
                 ring,
                 ranges: Ranges::default(),
                 bitmap,
@@ -692,17 +719,22 @@ impl Replication {
             ),
         };
         let deadline = tokio::time::Instant::now() + SPACE_WAIT;
-        // One attempt to issue the record: `None` while the journal is full and the connected
-        // peer drains it.
-        let attempt = || -> Option<Option<(u64, bool)>> {
-            // `None`: the journal is full and the connected peer is draining it; wait. With
-            // the sequence: whether the list of records the peer has not made durable is half
-            // full. `Some(None)`: writes were closed meanwhile (checked under the lock the
+        // One attempt to issue the record.
+        let attempt = || -> Attempt {
+            // `Full`: the journal is full and the connected peer is draining it; wait.
+            // `Held`: a resync chunk is reading the range; wait for its record. With the
+            // sequence: whether the list of records the peer has not made durable is half
+            // full. `Issued(None)`: writes were closed meanwhile (checked under the lock the
             // sequence is taken under, which `close_writes` takes too).
-            let issued: Option<Option<(u64, bool)>> = {
+            let issued: Attempt = {
                 let mut g = self.lock();
                 if closed() {
-                    return Some(None);
+                    return Attempt::Issued(None);
+                }
+                if let (Some(r), Some(h)) = (range, g.resync_hold) {
+                    if r.0 < h.1 && h.0 < r.1 {
+                        return Attempt::Held;
+                    }
                 }
                 // Read under the lock `on_disconnect` marks the undurable records under (and
                 // clears `connected` under): a record is either in that list when it runs, or
@@ -747,7 +779,7 @@ impl Replication {
                     && connected
                     && tokio::time::Instant::now() < deadline;
                 if wait {
-                    None
+                    Attempt::Full
                 } else {
                     if let Err(e) = r {
                         if !g.overflowed {
@@ -783,24 +815,35 @@ impl Replication {
                             g.bitmap_dirty = true;
                         }
                     }
-                    Some(Some((seq, g.undurable.len() >= MAX_UNDURABLE / 2)))
+                    Attempt::Issued(Some((seq, g.undurable.len() >= MAX_UNDURABLE / 2)))
                 }
             };
             issued
         };
-        // The common case first, with no waiter registered; then, while waiting for space, a
-        // waiter registered before each re-check so that a release in between is not missed.
+        // The common case first, with no waiter registered; then, while waiting for space or
+        // a resync chunk's read, waiters registered before each re-check so that a release
+        // in between is not missed.
         let issued = match attempt() {
-            Some(issued) => issued,
-            None => loop {
+            Attempt::Issued(issued) => issued,
+            Attempt::Full | Attempt::Held => loop {
                 let space = self.space.notified();
                 tokio::pin!(space);
                 space.as_mut().enable();
+                let done = self.range_done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
                 match attempt() {
-                    Some(issued) => break issued,
+                    Attempt::Issued(issued) => break issued,
                     // Back-pressure: the peer is connected and draining the journal.
-                    None => {
+                    Attempt::Full => {
                         let _ = tokio::time::timeout_at(deadline, space).await;
+                    }
+                    // One disk read long; `close_writes` wakes it too (through `space`).
+                    Attempt::Held => {
+                        tokio::select! {
+                            _ = done => {}
+                            _ = space => {}
+                        }
                     }
                 }
             },
@@ -1574,10 +1617,12 @@ impl Replication {
     }
 
     /// Resync: sends the dirty region `[offset, offset+len)` as a stream record carrying the
-    /// data as it is on this disk now. The read happens under the replication lock once no
-    /// earlier write to the range is in flight, so the record's place in the sequence matches
-    /// the data it carries: a later write to the range is after it, an earlier one is in it.
-    /// All-zero regions travel as Zero records. Returns the sequence number issued.
+    /// data as it is on this disk now. Once no earlier write to the range is in flight, the
+    /// range is held (no write to it takes a sequence), read off the runtime's thread (on a
+    /// slow disk a 1 MiB read takes milliseconds, which the node's other I/O must not wait
+    /// out), and the record takes the next sequence: its data is then what the disk holds at
+    /// its place in the stream, a later write to the range is after it, an earlier one is in
+    /// it. All-zero regions travel as Zero records. Returns the sequence number issued.
     pub async fn resync_chunk(
         &self,
         file: &File,
@@ -1585,66 +1630,86 @@ impl Replication {
         len: u64,
         buf: &mut Vec<u8>,
     ) -> std::io::Result<(u64, bool)> {
-        buf.resize(len as usize, 0);
-        let waiting = std::time::Instant::now();
+        let range = (offset, offset + len);
         loop {
             let done = self.range_done.notified();
             tokio::pin!(done);
             done.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if g.resync_hold.is_none() && !g.ranges.blocked(u64::MAX, range) {
+                    g.resync_hold = Some(range);
+                    break;
+                }
+            }
+            done.await;
+        }
+        // Released however this ends: an error, or the resync's task dropped mid-read.
+        let _hold = ResyncHold(self);
+        let mut data = std::mem::take(buf);
+        data.resize(len as usize, 0);
+        let file = file.try_clone()?;
+        let (data, read) = tokio::task::spawn_blocking(move || {
+            let r = read_backing(&file, &mut data, offset);
+            if r.is_ok() {
+                drop_cached(&file, offset, len);
+            }
+            (data, r)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        *buf = data;
+        read?;
+        let zero = is_zero(buf);
+        let crc = if zero { 0 } else { crc32c::crc32c(buf) };
+        let waiting = std::time::Instant::now();
+        loop {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            let (blocked, outcome) = {
+            let appended = {
                 let mut g = self.lock();
-                if g.ranges.blocked(u64::MAX, (offset, offset + len)) {
-                    (true, None)
+                debug_assert_eq!(g.resync_hold, Some(range), "the resync's hold moved");
+                let seq = g.issued + 1;
+                let (msg, payload): (Msg, &[u8]) = if zero {
+                    (
+                        Msg::Zero {
+                            seq,
+                            term: g.term,
+                            offset,
+                            len,
+                            trim: false,
+                        },
+                        &[],
+                    )
                 } else {
-                    read_backing(file, buf, offset)?;
-                    let seq = g.issued + 1;
-                    let zero = is_zero(buf);
-                    let (msg, payload): (Msg, &[u8]) = if zero {
-                        (
-                            Msg::Zero {
-                                seq,
-                                term: g.term,
-                                offset,
-                                len,
-                                trim: false,
-                            },
-                            &[],
-                        )
-                    } else {
-                        (
-                            Msg::Write {
-                                seq,
-                                term: g.term,
-                                offset,
-                                len: len as u32,
-                                crc: crc32c::crc32c(buf),
-                                fua: false,
-                            },
-                            buf,
-                        )
-                    };
-                    let appended =
-                        self.append_resync_locked(&mut g, &msg, payload, (offset, len), waiting)?;
-                    (false, appended.map(|seq| (seq, zero)))
-                }
+                    (
+                        Msg::Write {
+                            seq,
+                            term: g.term,
+                            offset,
+                            len: len as u32,
+                            crc,
+                            fua: false,
+                        },
+                        buf,
+                    )
+                };
+                self.append_resync_locked(&mut g, &msg, payload, (offset, len), waiting)?
             };
-            match outcome {
-                Some(r) => {
+            match appended {
+                Some(seq) => {
                     self.appended.notify_one();
-                    drop_cached(file, offset, len);
-                    return Ok(r);
+                    return Ok((seq, zero));
                 }
-                // The journal is full: wait for the peer to apply some of it.
-                None if !blocked => {
+                // The journal is full: wait for the peer to apply some of it (the range stays
+                // held, so the data read stays what the disk holds).
+                None => {
                     if let Err(e) = self.wait_space(space).await {
                         self.lock().reserve = 0;
                         return Err(e);
                     }
                 }
-                None => done.await,
             }
         }
     }
@@ -2558,6 +2623,64 @@ mod csum_tests {
             rep.lock().bitmap.dirty_bits() > 0,
             "a write the peer synced but did not commit was forgotten at the drop"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A resync chunk holds its range while it reads it off the runtime's thread: a write to
+    /// the range takes no sequence until the chunk's record has one (it would otherwise be
+    /// applied on the peer before the older data the chunk carries), a write elsewhere goes
+    /// on, and the hold's end lets the held write through, after the chunk's record.
+    #[tokio::test]
+    async fn a_write_to_a_region_being_read_for_the_resync_is_ordered_after_its_record() {
+        let dir = std::env::temp_dir().join(format!("brrep-hold-{}", std::process::id()));
+        let (rep, file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let write = |rep: Arc<Replication>, offset: u64| async move {
+            let data = vec![9u8; 4096];
+            let seq = rep
+                .begin(Record::Write {
+                    offset,
+                    data: &data,
+                    fua: false,
+                    crc: None,
+                })
+                .await?;
+            rep.done(seq);
+            rep.al_end(offset, 4096, seq);
+            Ok::<u64, std::io::Error>(seq)
+        };
+        let hold = (1 << 20, 2 << 20);
+        rep.lock().resync_hold = Some(hold);
+        let mut held = tokio::spawn(write(rep.clone(), hold.0 + 8192));
+        let elsewhere = tokio::time::timeout(Duration::from_secs(5), write(rep.clone(), 0))
+            .await
+            .expect("a write outside the hold goes on")
+            .expect("write");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut held)
+                .await
+                .is_err(),
+            "a write into the held range took a sequence"
+        );
+        assert_eq!(rep.lock().issued, elsewhere);
+        // The chunk takes the hold over (set again before its first await, so the held write
+        // cannot slip in between), its record the next sequence; then the hold ends.
+        rep.lock().resync_hold = None;
+        let mut buf = Vec::new();
+        let (chunk, _) = rep
+            .resync_chunk(&file, hold.0, hold.1 - hold.0, &mut buf)
+            .await
+            .expect("chunk");
+        let after = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .expect("the held write goes on once the hold ends")
+            .expect("task")
+            .expect("write");
+        assert!(
+            after > chunk,
+            "the held write ({after}) is not after the chunk ({chunk})"
+        );
+        assert!(rep.lock().resync_hold.is_none(), "the chunk left its hold");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
