@@ -1617,12 +1617,12 @@ impl Replication {
     }
 
     /// Resync: sends the dirty region `[offset, offset+len)` as a stream record carrying the
-    /// data as it is on this disk now. Once no earlier write to the range is in flight, the
-    /// range is held (no write to it takes a sequence), read off the runtime's thread (on a
-    /// slow disk a 1 MiB read takes milliseconds, which the node's other I/O must not wait
-    /// out), and the record takes the next sequence: its data is then what the disk holds at
-    /// its place in the stream, a later write to the range is after it, an earlier one is in
-    /// it. All-zero regions travel as Zero records. Returns the sequence number issued.
+    /// data as it is on this disk now. The range is held (no write to it takes a sequence),
+    /// the writes to it in flight finish, it is read off the runtime's thread (on a slow disk
+    /// a 1 MiB read takes milliseconds, which the node's other I/O must not wait out), and the
+    /// record takes the next sequence: its data is then what the disk holds at its place in
+    /// the stream, a later write to the range is after it, an earlier one is in it. All-zero
+    /// regions travel as Zero records. Returns the sequence number issued.
     pub async fn resync_chunk(
         &self,
         file: &File,
@@ -1631,39 +1631,51 @@ impl Replication {
         buf: &mut Vec<u8>,
     ) -> std::io::Result<(u64, bool)> {
         let range = (offset, offset + len);
-        loop {
-            let done = self.range_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            {
-                let mut g = self.lock();
-                if g.resync_hold.is_none() && !g.ranges.blocked(u64::MAX, range) {
-                    g.resync_hold = Some(range);
-                    break;
-                }
-            }
-            done.await;
-        }
-        // Released however this ends: an error, or the resync's task dropped mid-read.
-        let _hold = ResyncHold(self);
-        let mut data = std::mem::take(buf);
-        data.resize(len as usize, 0);
-        let file = file.try_clone()?;
-        let (data, read) = tokio::task::spawn_blocking(move || {
-            let r = read_backing(&file, &mut data, offset);
-            if r.is_ok() {
-                drop_cached(&file, offset, len);
-            }
-            (data, r)
-        })
-        .await
-        .map_err(std::io::Error::other)?;
-        *buf = data;
-        read?;
-        let zero = is_zero(buf);
-        let crc = if zero { 0 } else { crc32c::crc32c(buf) };
         let waiting = std::time::Instant::now();
         loop {
+            // Held first, so that writes to the region stop taking sequence numbers (under
+            // constant writes to it, waiting for a moment with none in flight could wait for
+            // ever); then the ones that took theirs before finish.
+            let hold = loop {
+                let done = self.range_done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                {
+                    let mut g = self.lock();
+                    if g.resync_hold.is_none() {
+                        g.resync_hold = Some(range);
+                        // Given back however this ends: an error, the journal full, or the
+                        // resync's task dropped mid-read.
+                        break ResyncHold(self);
+                    }
+                }
+                done.await;
+            };
+            loop {
+                let done = self.range_done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                if !self.lock().ranges.blocked(u64::MAX, range) {
+                    break;
+                }
+                done.await;
+            }
+            let mut data = std::mem::take(buf);
+            data.resize(len as usize, 0);
+            let file = file.try_clone()?;
+            let (data, read) = tokio::task::spawn_blocking(move || {
+                let r = read_backing(&file, &mut data, offset);
+                if r.is_ok() {
+                    drop_cached(&file, offset, len);
+                }
+                (data, r)
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+            *buf = data;
+            read?;
+            let zero = is_zero(buf);
+            let crc = if zero { 0 } else { crc32c::crc32c(buf) };
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
@@ -1697,19 +1709,18 @@ impl Replication {
                 };
                 self.append_resync_locked(&mut g, &msg, payload, (offset, len), waiting)?
             };
-            match appended {
-                Some(seq) => {
-                    self.appended.notify_one();
-                    return Ok((seq, zero));
-                }
-                // The journal is full: wait for the peer to apply some of it (the range stays
-                // held, so the data read stays what the disk holds).
-                None => {
-                    if let Err(e) = self.wait_space(space).await {
-                        self.lock().reserve = 0;
-                        return Err(e);
-                    }
-                }
+            if let Some(seq) = appended {
+                drop(hold);
+                self.appended.notify_one();
+                return Ok((seq, zero));
+            }
+            // The journal is full: the region is let go while the peer applies some of it
+            // (writes to it must not wait on the journal's pace, nor for ever on a stuck
+            // peer), and read again once there is room.
+            drop(hold);
+            if let Err(e) = self.wait_space(space).await {
+                self.lock().reserve = 0;
+                return Err(e);
             }
         }
     }
@@ -1897,10 +1908,11 @@ impl Replication {
     /// Checksum resync: the first run of `[offset, offset+len)` whose blocks are all equal to
     /// the peer's hashes, or all different, goes out as one stream record: `Equal` (nothing
     /// to write, the bits clear once the peer applied it) or the data as it is on this disk
-    /// now (`Write`, or `Zero` when all zero). As in [`Self::resync_chunk`], the blocks are
-    /// read and hashed under the lock once no earlier write to the range is in flight, so the
-    /// decision and the record's place in the sequence match the data: a later write to the
-    /// range is after it. Returns the run: (bytes, equal, zero).
+    /// now (`Write`, or `Zero` when all zero). The blocks are read and hashed under the lock
+    /// (on the runtime's thread, unlike [`Self::resync_chunk`]'s read) once no earlier write
+    /// to the range is in flight, so the decision and the record's place in the sequence
+    /// match the data: a later write to the range is after it. Returns the run: (bytes,
+    /// equal, zero).
     ///
     /// `pins_asked`: [`Self::pins`] before the hashes were asked. If anything was pinned
     /// since (a local write that failed after the peer applied it, say), the peer's hashes
@@ -2626,51 +2638,84 @@ mod csum_tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A resync chunk holds its range while it reads it off the runtime's thread: a write to
-    /// the range takes no sequence until the chunk's record has one (it would otherwise be
-    /// applied on the peer before the older data the chunk carries), a write elsewhere goes
-    /// on, and the hold's end lets the held write through, after the chunk's record.
+    /// A resync chunk holds its region from before it waits for the writes in flight there
+    /// until its record has a sequence: a write into the region meanwhile takes no sequence
+    /// (it would otherwise be applied on the peer before the older data the chunk carries), a
+    /// write elsewhere goes on, the write in flight is in the chunk's data (sequenced before
+    /// it), and the hold's end lets the held write through, after the chunk's record.
     #[tokio::test]
     async fn a_write_to_a_region_being_read_for_the_resync_is_ordered_after_its_record() {
         let dir = std::env::temp_dir().join(format!("brrep-hold-{}", std::process::id()));
         let (rep, file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
-        let write = |rep: Arc<Replication>, offset: u64| async move {
+        let hold = (1u64 << 20, 2u64 << 20);
+        let begin = |rep: Arc<Replication>, offset: u64| async move {
             let data = vec![9u8; 4096];
-            let seq = rep
-                .begin(Record::Write {
-                    offset,
-                    data: &data,
-                    fua: false,
-                    crc: None,
-                })
-                .await?;
+            rep.begin(Record::Write {
+                offset,
+                data: &data,
+                fua: false,
+                crc: None,
+            })
+            .await
+        };
+        let finish = |rep: &Replication, offset: u64, seq: u64| {
             rep.done(seq);
             rep.al_end(offset, 4096, seq);
-            Ok::<u64, std::io::Error>(seq)
         };
-        let hold = (1 << 20, 2 << 20);
-        rep.lock().resync_hold = Some(hold);
-        let mut held = tokio::spawn(write(rep.clone(), hold.0 + 8192));
-        let elsewhere = tokio::time::timeout(Duration::from_secs(5), write(rep.clone(), 0))
+        // In flight: took its sequence, its local write not done yet.
+        let early = begin(rep.clone(), hold.0 + 4096).await.expect("write");
+        let r = rep.clone();
+        let f = file.try_clone().expect("dup");
+        let mut chunk = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            r.resync_chunk(&f, hold.0, hold.1 - hold.0, &mut buf)
+                .await
+                .map(|(seq, _)| seq)
+        });
+        for _ in 0..100 {
+            if rep.lock().resync_hold.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            rep.lock().resync_hold,
+            Some(hold),
+            "the chunk does not hold its region"
+        );
+        let short = Duration::from_millis(100);
+        assert!(
+            tokio::time::timeout(short, &mut chunk).await.is_err(),
+            "the chunk read its region with a write in flight there"
+        );
+        let r = rep.clone();
+        let mut held = tokio::spawn(async move {
+            let seq = begin(r.clone(), hold.0 + 8192).await?;
+            finish(&r, hold.0 + 8192, seq);
+            Ok::<u64, std::io::Error>(seq)
+        });
+        let elsewhere = tokio::time::timeout(Duration::from_secs(5), begin(rep.clone(), 0))
             .await
             .expect("a write outside the hold goes on")
             .expect("write");
+        finish(&rep, 0, elsewhere);
         assert!(
-            tokio::time::timeout(Duration::from_millis(100), &mut held)
-                .await
-                .is_err(),
-            "a write into the held range took a sequence"
+            tokio::time::timeout(short, &mut held).await.is_err(),
+            "a write into the held region took a sequence"
         );
         assert_eq!(rep.lock().issued, elsewhere);
-        // The chunk takes the hold over (set again before its first await, so the held write
-        // cannot slip in between), its record the next sequence; then the hold ends.
-        rep.lock().resync_hold = None;
-        let mut buf = Vec::new();
-        let (chunk, _) = rep
-            .resync_chunk(&file, hold.0, hold.1 - hold.0, &mut buf)
+        // The write in flight ends: the chunk reads, takes the next sequence, lets go.
+        finish(&rep, hold.0 + 4096, early);
+        let chunk = tokio::time::timeout(Duration::from_secs(5), &mut chunk)
             .await
+            .expect("the chunk ends")
+            .expect("task")
             .expect("chunk");
+        assert!(
+            chunk > elsewhere && elsewhere > early,
+            "{early} {elsewhere} {chunk}"
+        );
         let after = tokio::time::timeout(Duration::from_secs(5), held)
             .await
             .expect("the held write goes on once the hold ends")
