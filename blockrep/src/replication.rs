@@ -382,6 +382,9 @@ pub struct Replication {
     /// The value names the suspension (`Some(n)`, counting from 1), so that a fence run for
     /// an earlier loss cannot lift a later one.
     io_suspended: watch::Sender<Option<u64>>,
+    /// Whether `io_suspended` is `Some`: the write path's check, one load (the watch's
+    /// borrow takes a lock).
+    io_suspended_now: std::sync::atomic::AtomicBool,
     suspensions: AtomicU64,
     /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
     /// waited for journal space longer than the floor allows gets space ahead of application
@@ -488,6 +491,7 @@ impl Replication {
             local_sync_failed: std::sync::atomic::AtomicBool::new(false),
             writes_closed: std::sync::atomic::AtomicBool::new(false),
             io_suspended: watch::Sender::new(None),
+            io_suspended_now: std::sync::atomic::AtomicBool::new(false),
             suspensions: AtomicU64::new(0),
             resync_floor: AtomicU64::new(0),
             pressure_flush: AtomicU64::new(0),
@@ -1203,6 +1207,9 @@ impl Replication {
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
                     + 1;
                 *s = Some(name);
+                // Under the watch's lock, as every change of it.
+                self.io_suspended_now
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 true
             }
         });
@@ -1211,7 +1218,14 @@ impl Replication {
 
     /// Resumes suspended writes, whatever suspended them; returns whether they were.
     pub fn resume_io(&self) -> bool {
-        self.io_suspended.send_replace(None).is_some()
+        let mut was = false;
+        self.io_suspended.send_if_modified(|s| {
+            was = s.take().is_some();
+            self.io_suspended_now
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            was
+        });
+        was
     }
 
     /// Resumes writes if the suspension in force is `name` (a fence run answers for the loss
@@ -1220,6 +1234,8 @@ impl Replication {
         self.io_suspended.send_if_modified(|s| {
             if *s == Some(name) {
                 *s = None;
+                self.io_suspended_now
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 true
             } else {
                 false
@@ -1241,7 +1257,7 @@ impl Replication {
     /// nothing).
     pub async fn io_gate(&self) -> std::io::Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
-        if self.io_suspended.borrow().is_none() {
+        if !self.io_suspended_now.load(SeqCst) {
             return Ok(());
         }
         let mut rx = self.io_suspended.subscribe();
@@ -1663,19 +1679,19 @@ impl Replication {
             let mut data = std::mem::take(buf);
             data.resize(len as usize, 0);
             let file = file.try_clone()?;
+            // The scan for zeros and the crc there too: a MiB each, off the thread as well.
             let (data, read) = tokio::task::spawn_blocking(move || {
-                let r = read_backing(&file, &mut data, offset);
-                if r.is_ok() {
+                let r = read_backing(&file, &mut data, offset).map(|()| {
                     drop_cached(&file, offset, len);
-                }
+                    let zero = is_zero(&data);
+                    (zero, if zero { 0 } else { crc32c::crc32c(&data) })
+                });
                 (data, r)
             })
             .await
             .map_err(std::io::Error::other)?;
             *buf = data;
-            read?;
-            let zero = is_zero(buf);
-            let crc = if zero { 0 } else { crc32c::crc32c(buf) };
+            let (zero, crc) = read?;
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();

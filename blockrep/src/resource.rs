@@ -2218,8 +2218,11 @@ impl Resource {
             if r.link_ran_as_primary() && self.role() == Role::Primary && !self.device.sync_failed()
             {
                 // Under resource-and-stonith, before any waiting write is released (below):
-                // none is acknowledged without the peer until `fence_peer` has fenced it.
-                if self.fences_peer() && self.cfg().fencing.freezes_io() {
+                // none is acknowledged without the peer until `fence_peer` has fenced it. Not
+                // for a secondary that went down cleanly: under fencing it outdated itself
+                // before it said so (a planned stop of the secondary does not hold writes).
+                let stopped_cleanly = self.link().peer_stopped;
+                if self.fences_peer() && self.cfg().fencing.freezes_io() && !stopped_cleanly {
                     r.suspend_io();
                     tracing::warn!(
                         "the peer was lost: writes are suspended until the fence-peer handler fences it or the link is back (fencing resource-and-stonith)"

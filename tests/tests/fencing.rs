@@ -788,6 +788,29 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
         &[0xa5; 4096][..]
     );
 
+    // A planned stop of the secondary (`down`, which outdates it first and says so) holds no
+    // write, even while a slow fence runs.
+    std::fs::write(&log, "").expect("truncate the fence log");
+    std::fs::write(&stub, "10 4\n").expect("write the stub");
+    b.down();
+    let started = std::time::Instant::now();
+    let (r, _, _) = held_write(a, 5 * MIB, &log).join().expect("write thread");
+    assert_eq!(r, Ok(()), "a write after the secondary's planned stop");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a write was held {:?} after a planned stop of the secondary",
+        started.elapsed()
+    );
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+    let ran = wait_for(Duration::from_secs(30), || {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.matches("run ").count() == l.matches("exit ").count()
+    });
+    assert!(ran, "a fence-peer run did not end");
+    std::fs::write(&stub, "0 1\n").expect("write the stub");
+    b.up();
+    c.wait_in_sync(SYNC_TIMEOUT);
+
     // A suspended primary can still be demoted: the held write fails unanswered (or its
     // connection is cut), nothing hangs, and the node is promoted again with its peer back.
     std::fs::write(&log, "").expect("truncate the fence log");
