@@ -684,6 +684,24 @@ fn wait_log(n: &Node, needle: &str) {
     );
 }
 
+/// Cuts the link (the stub answering 1: a failed fence), issues a write on alpha at `offset`
+/// and waits until the fence has failed; returns the write, held.
+fn cut_with_a_failed_fence(
+    c: &Cluster,
+    log: &Path,
+    offset: u64,
+) -> std::thread::JoinHandle<(Result<(), u32>, std::time::Instant, String)> {
+    let a = c.alpha();
+    std::fs::write(log, "").expect("truncate the fence log");
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    let w = held_write(a, offset, log);
+    let failed = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(log).is_ok_and(|l| l.contains("exit 1 (stub)"))
+    });
+    assert!(failed, "the fence did not run:\n{}", a.log_tail(20));
+    w
+}
+
 fn suspended(n: &Node) -> serde_json::Value {
     n.status_json()["suspended"].clone()
 }
@@ -738,14 +756,8 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     c.proxy().resume();
     c.wait_in_sync(SYNC_TIMEOUT);
     wait_disk(b, "up-to-date", Duration::from_secs(20));
-    std::fs::write(&log, "").expect("truncate the fence log");
     std::fs::write(&stub, "0 1\n").expect("write the stub");
-    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
-    let w = held_write(a, 2 * MIB, &log);
-    let failed = wait_for(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("exit 1 (stub)"))
-    });
-    assert!(failed, "the fence did not run:\n{}", a.log_tail(20));
+    let w = cut_with_a_failed_fence(&c, &log, 2 * MIB);
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         !w.is_finished(),
@@ -764,13 +776,7 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     // The peer comes back while writes are held: they go to it in the stream.
     c.proxy().resume();
     c.wait_in_sync(SYNC_TIMEOUT);
-    std::fs::write(&log, "").expect("truncate the fence log");
-    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
-    let w = held_write(a, 3 * MIB, &log);
-    let failed = wait_for(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("exit 1 (stub)"))
-    });
-    assert!(failed, "the fence did not run:\n{}", a.log_tail(20));
+    let w = cut_with_a_failed_fence(&c, &log, 3 * MIB);
     assert!(
         !w.is_finished(),
         "a write was answered after a failed fence"
