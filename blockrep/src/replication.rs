@@ -385,6 +385,7 @@ pub struct Replication {
     /// Whether `io_suspended` is `Some`: the write path's check, one load (the watch's
     /// borrow takes a lock).
     io_suspended_now: std::sync::atomic::AtomicBool,
+    /// Suspensions so far (the next one's name is one more).
     suspensions: AtomicU64,
     /// The resync's rate floor (`resync-rate-min`, bytes/s; 0: none): a resync chunk that has
     /// waited for journal space longer than the floor allows gets space ahead of application
