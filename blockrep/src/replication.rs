@@ -227,13 +227,13 @@ impl Ranges {
     }
 }
 
-/// A resync chunk's hold on its range (see `Inner::resync_hold`), given back on drop; the
-/// writes it held re-check.
-struct ResyncHold<'a>(&'a Replication);
+/// A resync or verify chunk's hold on its range (see `Inner::read_hold`), given back on
+/// drop; the writes it held re-check.
+struct ReadHold<'a>(&'a Replication);
 
-impl Drop for ResyncHold<'_> {
+impl Drop for ReadHold<'_> {
     fn drop(&mut self) {
-        self.0.lock().resync_hold = None;
+        self.0.lock().read_hold = None;
         self.0.range_done.notify_waiters();
     }
 }
@@ -244,7 +244,7 @@ enum Attempt {
     Issued(Option<(u64, bool)>),
     /// The journal is full; the connected peer drains it.
     Full,
-    /// A resync chunk is reading the record's range (see `Inner::resync_hold`).
+    /// A resync or verify chunk is reading the record's range (see `Inner::read_hold`).
     Held,
 }
 
@@ -254,11 +254,12 @@ pub struct Inner {
     /// Resync records sent but not yet durable on the peer: their bits are cleared only when
     /// it made them durable, so a cut or crash mid-resync never loses a region.
     pub resync_inflight: std::collections::VecDeque<(u64, u64, u64)>,
-    /// The region a resync chunk is reading from this disk (off the runtime's thread): no
-    /// write to it takes a sequence until the chunk's record has one (see
-    /// [`Replication::resync_chunk`]), so the record carries the data as of its place in the
-    /// stream. At most one: a resync sends one chunk at a time.
-    pub resync_hold: Option<(u64, u64)>,
+    /// The region a resync or verify chunk is reading from this disk (off the runtime's
+    /// thread): no write to it takes a sequence until the chunk's record has one (see
+    /// [`Replication::hold_and_read`]), so the record carries (or the peer hashes) the data as
+    /// of its place in the stream. At most one: a resync or verify sends one chunk at a time,
+    /// and one that runs beside the other waits its turn for the hold.
+    pub read_hold: Option<(u64, u64)>,
     /// Ranges of records whose journal space was reused after the peer applied them but
     /// before it made them durable: if the link drops now they go to the bitmap, because a
     /// crash of the peer could still lose them. Pruned by durable acks; bounded.
@@ -463,7 +464,7 @@ impl Replication {
                 issued,
                 undurable: std::collections::VecDeque::new(),
                 resync_inflight: std::collections::VecDeque::new(),
-                resync_hold: None,
+                read_hold: None,
                 ring,
                 ranges: Ranges::default(),
                 bitmap,
@@ -736,7 +737,7 @@ impl Replication {
                 if closed() {
                     return Attempt::Issued(None);
                 }
-                if let (Some(r), Some(h)) = (range, g.resync_hold) {
+                if let (Some(r), Some(h)) = (range, g.read_hold) {
                     if r.0 < h.1 && h.0 < r.1 {
                         return Attempt::Held;
                     }
@@ -1633,6 +1634,55 @@ impl Replication {
         g.bitmap_dirty || (!self.acks.borrow().connected && g.disk_pos < g.ring.head())
     }
 
+    /// The read of a resync or verify chunk, off the runtime's thread (on a slow disk a 1 MiB
+    /// read takes milliseconds, and hashing it as long, which the node's other I/O must not
+    /// wait out): `range` is held first, so that writes to it stop taking sequence numbers
+    /// (under constant writes to it, waiting for a moment with none in flight could wait for
+    /// ever); then the ones that took theirs before finish; then `read` runs on a blocking
+    /// thread with the file and `buf`. What it read is the disk as of the next sequence, as
+    /// long as the returned hold lives: the caller appends its record under the lock, then
+    /// drops the hold. Given back however this ends: an error, or the task dropped mid-read.
+    async fn hold_and_read<T: Send + 'static>(
+        &self,
+        file: &File,
+        range: (u64, u64),
+        buf: &mut Vec<u8>,
+        read: impl FnOnce(&File, &mut Vec<u8>) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<(ReadHold<'_>, T)> {
+        let hold = loop {
+            let done = self.range_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if g.read_hold.is_none() {
+                    g.read_hold = Some(range);
+                    break ReadHold(self);
+                }
+            }
+            done.await;
+        };
+        loop {
+            let done = self.range_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if !self.lock().ranges.blocked(u64::MAX, range) {
+                break;
+            }
+            done.await;
+        }
+        let mut data = std::mem::take(buf);
+        let file = file.try_clone()?;
+        let (data, r) = tokio::task::spawn_blocking(move || {
+            let r = read(&file, &mut data);
+            (data, r)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        *buf = data;
+        Ok((hold, r?))
+    }
+
     /// Resync: sends the dirty region `[offset, offset+len)` as a stream record carrying the
     /// data as it is on this disk now. The range is held (no write to it takes a sequence),
     /// the writes to it in flight finish, it is read off the runtime's thread (on a slow disk
@@ -1650,55 +1700,22 @@ impl Replication {
         let range = (offset, offset + len);
         let waiting = std::time::Instant::now();
         loop {
-            // Held first, so that writes to the region stop taking sequence numbers (under
-            // constant writes to it, waiting for a moment with none in flight could wait for
-            // ever); then the ones that took theirs before finish.
-            let hold = loop {
-                let done = self.range_done.notified();
-                tokio::pin!(done);
-                done.as_mut().enable();
-                {
-                    let mut g = self.lock();
-                    if g.resync_hold.is_none() {
-                        g.resync_hold = Some(range);
-                        // Given back however this ends: an error, the journal full, or the
-                        // resync's task dropped mid-read.
-                        break ResyncHold(self);
-                    }
-                }
-                done.await;
-            };
-            loop {
-                let done = self.range_done.notified();
-                tokio::pin!(done);
-                done.as_mut().enable();
-                if !self.lock().ranges.blocked(u64::MAX, range) {
-                    break;
-                }
-                done.await;
-            }
-            let mut data = std::mem::take(buf);
-            data.resize(len as usize, 0);
-            let file = file.try_clone()?;
-            // The scan for zeros and the crc there too: a MiB each, off the thread as well.
-            let (data, read) = tokio::task::spawn_blocking(move || {
-                let r = read_backing(&file, &mut data, offset).map(|()| {
-                    drop_cached(&file, offset, len);
-                    let zero = is_zero(&data);
-                    (zero, if zero { 0 } else { crc32c::crc32c(&data) })
-                });
-                (data, r)
-            })
-            .await
-            .map_err(std::io::Error::other)?;
-            *buf = data;
-            let (zero, crc) = read?;
+            // The scan for zeros and the crc off the thread as well: a MiB each.
+            let (hold, (zero, crc)) = self
+                .hold_and_read(file, range, buf, move |file, data| {
+                    data.resize(len as usize, 0);
+                    read_backing(file, data, offset)?;
+                    drop_cached(file, offset, len);
+                    let zero = is_zero(data);
+                    Ok((zero, if zero { 0 } else { crc32c::crc32c(data) }))
+                })
+                .await?;
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
             let appended = {
                 let mut g = self.lock();
-                debug_assert_eq!(g.resync_hold, Some(range), "the resync's hold moved");
+                debug_assert_eq!(g.read_hold, Some(range), "the chunk's hold moved");
                 let seq = g.issued + 1;
                 let (msg, payload): (Msg, &[u8]) = if zero {
                     (
@@ -1860,11 +1877,11 @@ impl Replication {
         }
     }
 
-    /// Online verify: reads `[offset, offset+len)` into `buf` at a point of the stream (no
-    /// earlier write to the range in flight, under the lock that orders sequence numbers)
+    /// Online verify: reads `[offset, offset+len)` at a point of the stream and hashes it in
+    /// blocks of `block` bytes (both off the runtime's thread, see [`Self::hold_and_read`]),
     /// and asks the peer for its hashes at the very same point: a `HashReq` record with the
     /// next sequence. Both sides then hash the same history, whatever writes come after.
-    /// Returns the request's sequence; the caller hashes `buf`.
+    /// Returns the request's sequence and this node's hashes.
     pub async fn verify_chunk(
         &self,
         file: &File,
@@ -1872,69 +1889,69 @@ impl Replication {
         len: u32,
         block: u32,
         buf: &mut Vec<u8>,
-    ) -> std::io::Result<u64> {
-        buf.resize(len as usize, 0);
+    ) -> std::io::Result<(u64, Vec<[u8; 32]>)> {
+        let range = (offset, offset + u64::from(len));
         loop {
-            let done = self.range_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
+            let (hold, hashes) = self
+                .hold_and_read(file, range, buf, move |file, data| {
+                    data.resize(len as usize, 0);
+                    read_backing(file, data, offset)?;
+                    drop_cached(file, offset, u64::from(len));
+                    Ok(block_hashes(data, block as usize))
+                })
+                .await?;
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            let full = {
+            {
                 let mut g = self.lock();
-                if g.ranges
-                    .blocked(u64::MAX, (offset, offset + u64::from(len)))
-                {
-                    None
-                } else {
-                    read_backing(file, buf, offset)?;
-                    drop_cached(file, offset, u64::from(len));
-                    let seq = g.issued + 1;
-                    let msg = Msg::HashReq {
-                        seq,
-                        term: g.term,
-                        offset,
-                        len,
-                        block,
-                    };
-                    match self.append_locked(&mut g, &msg, &[]) {
-                        Ok(()) => {
-                            g.issued = seq;
-                            drop(g);
-                            self.appended.notify_one();
-                            return Ok(seq);
-                        }
-                        Err(AppendError::Full { .. }) => Some(()),
-                        Err(AppendError::TooBig) => {
-                            return Err(std::io::Error::other(
-                                "hash request larger than the journal",
-                            ))
-                        }
-                        Err(AppendError::Overflowed) => return Err(overflowed_error()),
+                debug_assert_eq!(g.read_hold, Some(range), "the chunk's hold moved");
+                let seq = g.issued + 1;
+                let msg = Msg::HashReq {
+                    seq,
+                    term: g.term,
+                    offset,
+                    len,
+                    block,
+                };
+                match self.append_locked(&mut g, &msg, &[]) {
+                    Ok(()) => {
+                        g.issued = seq;
+                        drop(g);
+                        drop(hold);
+                        self.appended.notify_one();
+                        return Ok((seq, hashes));
                     }
+                    Err(AppendError::Full { .. }) => {}
+                    Err(AppendError::TooBig) => {
+                        return Err(std::io::Error::other(
+                            "hash request larger than the journal",
+                        ))
+                    }
+                    Err(AppendError::Overflowed) => return Err(overflowed_error()),
                 }
-            };
-            match full {
-                Some(()) => self.wait_space(space).await?,
-                None => done.await,
             }
+            // The journal is full: the region is let go while the peer drains it (writes to
+            // it must not wait on a stuck peer), and read again once there is room.
+            drop(hold);
+            self.wait_space(space).await?;
         }
     }
 
     /// Checksum resync: the first run of `[offset, offset+len)` whose blocks are all equal to
     /// the peer's hashes, or all different, goes out as one stream record: `Equal` (nothing
     /// to write, the bits clear once the peer applied it) or the data as it is on this disk
-    /// now (`Write`, or `Zero` when all zero). The blocks are read and hashed under the lock
-    /// (on the runtime's thread, unlike [`Self::resync_chunk`]'s read) once no earlier write
-    /// to the range is in flight, so the decision and the record's place in the sequence
-    /// match the data: a later write to the range is after it. Returns the run: (bytes,
-    /// equal, zero).
+    /// now (`Write`, or `Zero` when all zero). The blocks are read and hashed off the
+    /// runtime's thread while the range is held (see [`Self::hold_and_read`]), once no
+    /// earlier write to the range is in flight, so the decision and the record's place in the
+    /// sequence match the data: a later write to the range is after it. Returns the run:
+    /// (bytes, equal, zero).
     ///
     /// `pins_asked`: [`Self::pins`] before the hashes were asked. If anything was pinned
     /// since (a local write that failed after the peer applied it, say), the peer's hashes
     /// may predate a write it holds and this disk lacks: nothing counts as equal, the data
-    /// goes (rare; the bits would otherwise clear over a difference).
+    /// goes (rare; the bits would otherwise clear over a difference). Checked again under the
+    /// lock the record is appended under: a pin during the read means reading again.
     #[allow(clippy::too_many_arguments)]
     pub async fn resync_csum_chunk(
         &self,
@@ -1946,25 +1963,18 @@ impl Replication {
         pins_asked: u64,
         buf: &mut Vec<u8>,
     ) -> std::io::Result<(u64, bool, bool)> {
-        buf.resize(len as usize, 0);
+        let range = (offset, offset + len);
         let waiting = std::time::Instant::now();
+        let mut stale = self.pins() != pins_asked;
         loop {
-            let done = self.range_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            let space = self.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
-            let full = {
-                let mut g = self.lock();
-                if g.ranges.blocked(u64::MAX, (offset, offset + len)) {
-                    None
-                } else {
-                    let stale = g.pins != pins_asked;
-                    let (run, equal) = first_run(peer, |i| {
+            let peer = peer.to_vec();
+            let (hold, (run_len, equal, zero, crc)) = self
+                .hold_and_read(file, range, buf, move |file, data| {
+                    data.resize(len as usize, 0);
+                    let (run, equal) = first_run(&peer, |i| {
                         let s = i as u64 * block;
                         let e = (s + block).min(len);
-                        let b = &mut buf[s as usize..e as usize];
+                        let b = &mut data[s as usize..e as usize];
                         read_backing(file, b, offset + s)?;
                         drop_cached(file, offset + s, e - s);
                         let mut h = sha256(b);
@@ -1974,66 +1984,75 @@ impl Replication {
                         Ok(h)
                     })?;
                     let run_len = (run as u64 * block).min(len);
-                    let seq = g.issued + 1;
-                    let data = &buf[..run_len as usize];
-                    let zero = !equal && is_zero(data);
-                    let (msg, payload): (Msg, &[u8]) = if equal {
-                        (
-                            Msg::Equal {
-                                seq,
-                                term: g.term,
-                                offset,
-                                len: run_len,
-                            },
-                            &[],
-                        )
-                    } else if zero {
-                        (
-                            Msg::Zero {
-                                seq,
-                                term: g.term,
-                                offset,
-                                len: run_len,
-                                trim: false,
-                            },
-                            &[],
-                        )
+                    let run_data = &data[..run_len as usize];
+                    let zero = !equal && is_zero(run_data);
+                    let crc = if equal || zero {
+                        0
                     } else {
-                        (
-                            Msg::Write {
-                                seq,
-                                term: g.term,
-                                offset,
-                                len: run_len as u32,
-                                crc: crc32c::crc32c(data),
-                                fua: false,
-                            },
-                            data,
-                        )
+                        crc32c::crc32c(run_data)
                     };
-                    let appended = self.append_resync_locked(
-                        &mut g,
-                        &msg,
-                        payload,
-                        (offset, run_len),
-                        waiting,
-                    )?;
-                    if appended.is_some() {
-                        drop(g);
-                        self.appended.notify_one();
-                        return Ok((run_len, equal, zero));
-                    }
-                    Some(())
+                    Ok((run_len, equal, zero, crc))
+                })
+                .await?;
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let appended = {
+                let mut g = self.lock();
+                debug_assert_eq!(g.read_hold, Some(range), "the chunk's hold moved");
+                if equal && g.pins != pins_asked {
+                    // Pinned during the read: these hashes count for nothing.
+                    stale = true;
+                    drop(g);
+                    drop(hold);
+                    continue;
                 }
+                let seq = g.issued + 1;
+                let (msg, payload): (Msg, &[u8]) = if equal {
+                    (
+                        Msg::Equal {
+                            seq,
+                            term: g.term,
+                            offset,
+                            len: run_len,
+                        },
+                        &[],
+                    )
+                } else if zero {
+                    (
+                        Msg::Zero {
+                            seq,
+                            term: g.term,
+                            offset,
+                            len: run_len,
+                            trim: false,
+                        },
+                        &[],
+                    )
+                } else {
+                    (
+                        Msg::Write {
+                            seq,
+                            term: g.term,
+                            offset,
+                            len: run_len as u32,
+                            crc,
+                            fua: false,
+                        },
+                        &buf[..run_len as usize],
+                    )
+                };
+                self.append_resync_locked(&mut g, &msg, payload, (offset, run_len), waiting)?
             };
-            match full {
-                Some(()) => {
-                    if let Err(e) = self.wait_space(space).await {
-                        self.lock().reserve = 0;
-                        return Err(e);
-                    }
-                }
-                None => done.await,
+            if appended.is_some() {
+                drop(hold);
+                self.appended.notify_one();
+                return Ok((run_len, equal, zero));
+            }
+            drop(hold);
+            if let Err(e) = self.wait_space(space).await {
+                self.lock().reserve = 0;
+                return Err(e);
             }
         }
     }
@@ -2655,6 +2674,14 @@ mod csum_tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Which chunk [`held_region_orders_writes_after_the_chunk`] runs.
+    #[derive(Clone, Copy)]
+    enum ChunkKind {
+        Resync,
+        Verify,
+        Checksum,
+    }
+
     /// A resync chunk holds its region from before it waits for the writes in flight there
     /// until its record has a sequence: a write into the region meanwhile takes no sequence
     /// (it would otherwise be applied on the peer before the older data the chunk carries), a
@@ -2662,7 +2689,26 @@ mod csum_tests {
     /// it), and the hold's end lets the held write through, after the chunk's record.
     #[tokio::test]
     async fn a_write_to_a_region_being_read_for_the_resync_is_ordered_after_its_record() {
-        let dir = std::env::temp_dir().join(format!("brrep-hold-{}", std::process::id()));
+        held_region_orders_writes_after_the_chunk(ChunkKind::Resync, "resync").await;
+    }
+
+    /// The same for a verify chunk, whose hashes are taken off the thread: the peer hashes
+    /// its copy at the request's place in the stream, so a write into the region between
+    /// this node's read and that place would show as a false difference.
+    #[tokio::test]
+    async fn a_write_to_a_region_being_read_for_verify_is_ordered_after_its_hash_request() {
+        held_region_orders_writes_after_the_chunk(ChunkKind::Verify, "verify").await;
+    }
+
+    /// And for a checksum resync's run (here all different from the peer's hashes: its data
+    /// goes, as a Zero record over the whole region).
+    #[tokio::test]
+    async fn a_write_to_a_region_being_read_for_a_checksum_resync_is_ordered_after_its_run() {
+        held_region_orders_writes_after_the_chunk(ChunkKind::Checksum, "csum").await;
+    }
+
+    async fn held_region_orders_writes_after_the_chunk(kind: ChunkKind, name: &str) {
+        let dir = std::env::temp_dir().join(format!("brrep-hold-{name}-{}", std::process::id()));
         let (rep, file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
         let hold = (1u64 << 20, 2u64 << 20);
@@ -2686,18 +2732,40 @@ mod csum_tests {
         let f = file.try_clone().expect("dup");
         let mut chunk = tokio::spawn(async move {
             let mut buf = Vec::new();
-            r.resync_chunk(&f, hold.0, hold.1 - hold.0, &mut buf)
-                .await
-                .map(|(seq, _)| seq)
+            let len = hold.1 - hold.0;
+            match kind {
+                ChunkKind::Resync => r
+                    .resync_chunk(&f, hold.0, len, &mut buf)
+                    .await
+                    .map(|(seq, _)| seq),
+                ChunkKind::Verify => r
+                    .verify_chunk(&f, hold.0, len as u32, 4096, &mut buf)
+                    .await
+                    .map(|(seq, hashes)| {
+                        assert_eq!(hashes.len(), (len / 4096) as usize, "one hash per block");
+                        seq
+                    }),
+                ChunkKind::Checksum => {
+                    let peer = vec![[7u8; 32]; (len / 4096) as usize];
+                    let asked = r.pins();
+                    let (n, equal, zero) = r
+                        .resync_csum_chunk(&f, hold.0, len, 4096, &peer, asked, &mut buf)
+                        .await?;
+                    assert!(n == len && !equal && zero, "{n} {equal} {zero}");
+                    let g = r.lock();
+                    let rec = g.ring.records().find(|x| x.range == hold).copied();
+                    Ok(rec.expect("the run's record").seq)
+                }
+            }
         });
         for _ in 0..100 {
-            if rep.lock().resync_hold.is_some() {
+            if rep.lock().read_hold.is_some() {
                 break;
             }
             tokio::task::yield_now().await;
         }
         assert_eq!(
-            rep.lock().resync_hold,
+            rep.lock().read_hold,
             Some(hold),
             "the chunk does not hold its region"
         );
@@ -2742,7 +2810,7 @@ mod csum_tests {
             after > chunk,
             "the held write ({after}) is not after the chunk ({chunk})"
         );
-        assert!(rep.lock().resync_hold.is_none(), "the chunk left its hold");
+        assert!(rep.lock().read_hold.is_none(), "the chunk left its hold");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -567,11 +567,10 @@ pub(super) async fn run_verify(
     loop {
         while pending.len() < WINDOW && at < size {
             let len = span.min(size - at);
-            let seq = rep
+            let (seq, mine) = rep
                 .verify_chunk(&file, at, len as u32, block as u32, &mut buf)
                 .await
                 .map_err(|e| step_error(res, e))?;
-            let mine = crate::replication::block_hashes(&buf[..len as usize], block as usize);
             replies.expect(seq, mine.len());
             pending.push_back((seq, at, len, mine));
             at += len;
