@@ -88,10 +88,16 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
             ("peer-disk", r.peer_disk.clone()),
             // Only whether: the byte count moves with every write.
             ("out-of-sync", yes_no(r.out_of_sync > 0)),
+            // DRBD's name: `user` is a pause-sync (the only kind here).
+            (
+                "resync-suspended",
+                if r.resync_paused { "user" } else { "no" }.to_string(),
+            ),
         ];
         if let Some(fence) = &r.fence {
             f.push(("fence", fence.clone()));
         }
+
         if let Some(v) = &r.verify {
             f.push(("verify", v.state.clone()));
             f.push(("verify-differ", v.differ_bytes.to_string()));
@@ -182,7 +188,7 @@ mod tests {
                 "exists resource name:r0 node:alpha up:yes role:primary suspended:no",
                 "exists device name:r0 disk:up-to-date disk-failed:no stalled:no clients:0",
                 "exists connection name:r0 conn-name:beta connection:connected role:secondary left-cleanly:no",
-                "exists peer-device name:r0 conn-name:beta peer-disk:up-to-date out-of-sync:no",
+                "exists peer-device name:r0 conn-name:beta peer-disk:up-to-date out-of-sync:no resync-suspended:no",
                 "exists -",
             ]
         );

@@ -92,6 +92,13 @@ enum Cmd {
     /// fence-peer handler fenced the peer or the link is back. Run it only once the peer is
     /// known not to be promoted: the writes that follow are then acknowledged without it.
     ResumeIo,
+    /// Pause the resync from this node (DRBD's `pause-sync`), e.g. during business hours:
+    /// it stops before its next region, or waits from its first if it starts later; writes
+    /// still replicate. Run it on the sync source (the node with the good data). Until
+    /// `resume-sync` or the daemon's restart.
+    PauseSync,
+    /// Let a paused resync go on (DRBD's `resume-sync`).
+    ResumeSync,
     /// With --clear-bitmap (DRBD's way to skip the initial sync): on a connected pair of
     /// freshly created secondaries whose disks are known to be identical (both new and
     /// zeroed, say), make both up to date with one new generation, without copying anything.
@@ -183,6 +190,8 @@ fn run(args: Args) -> Result<()> {
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
         Cmd::Outdate => outdate(&cfg),
         Cmd::ResumeIo => simple(&cfg, Request::ResumeIo),
+        Cmd::PauseSync => simple(&cfg, Request::PauseSync),
+        Cmd::ResumeSync => simple(&cfg, Request::ResumeSync),
         Cmd::Adjust { dry_run } => adjust(&cfg, dry_run),
         Cmd::Events { now } => follow_events(&cfg, now),
         Cmd::NewCurrentUuid { clear_bitmap } => {
@@ -957,8 +966,10 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
                 human_bytes(r.resync_done),
                 human_bytes(r.resync_total),
                 100.0 * r.resync_done as f64 / r.resync_total.max(1) as f64,
+                if r.resync_paused && r.connection == "sync-source" {
+                    ", PAUSED (pause-sync; resume-sync goes on)".to_string()
                 // Nothing measured yet at the start: no rate, no guess.
-                if r.resync_rate == 0 {
+                } else if r.resync_rate == 0 {
                     ", starting".to_string()
                 } else {
                     format!(
@@ -971,6 +982,8 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
             if let Some(why) = &r.resync_reason {
                 println!("    resync reason: {why}");
             }
+        } else if r.resync_paused {
+            println!("    resync paused (pause-sync): a resync to the peer waits for resume-sync");
         }
         if let Some(v) = &r.verify {
             println!(

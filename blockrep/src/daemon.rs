@@ -170,6 +170,14 @@ impl Daemon {
                 Ok(r) => r.resume_io(),
                 Err(e) => Err(e),
             },
+            Request::PauseSync => match self.resource().await {
+                Ok(r) => r.pause_sync(),
+                Err(e) => Err(e),
+            },
+            Request::ResumeSync => match self.resource().await {
+                Ok(r) => r.resume_sync(),
+                Err(e) => Err(e),
+            },
             Request::Adjust {
                 config,
                 node,

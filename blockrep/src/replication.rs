@@ -258,7 +258,7 @@ pub struct Inner {
     /// thread): no write to it takes a sequence until the chunk's record has one (see
     /// [`Replication::hold_and_read`]), so the record carries (or the peer hashes) the data as
     /// of its place in the stream. At most one: a resync or verify sends one chunk at a time,
-    /// and one that runs beside the other waits its turn for the hold.
+    /// and the two never overlap (verify starts on a connected link, after any resync).
     pub read_hold: Option<(u64, u64)>,
     /// Ranges of records whose journal space was reused after the peer applied them but
     /// before it made them durable: if the link drops now they go to the bitmap, because a
@@ -728,7 +728,7 @@ impl Replication {
         // One attempt to issue the record.
         let attempt = || -> Attempt {
             // `Full`: the journal is full and the connected peer is draining it; wait.
-            // `Held`: a resync chunk is reading the range; wait for its record. With the
+            // `Held`: a resync or verify chunk is reading the range; wait for its record. With the
             // sequence: whether the list of records the peer has not made durable is half
             // full. `Issued(None)`: writes were closed meanwhile (checked under the lock the
             // sequence is taken under, which `close_writes` takes too).
@@ -827,7 +827,7 @@ impl Replication {
             issued
         };
         // The common case first, with no waiter registered; then, while waiting for space or
-        // a resync chunk's read, waiters registered before each re-check so that a release
+        // a resync or verify chunk's read, waiters registered before each re-check so that a release
         // in between is not missed.
         let issued = match attempt() {
             Attempt::Issued(issued) => issued,
@@ -1671,8 +1671,8 @@ impl Replication {
             }
             done.await;
         }
-        let mut data = std::mem::take(buf);
         let file = file.try_clone()?;
+        let mut data = std::mem::take(buf);
         let (data, r) = tokio::task::spawn_blocking(move || {
             let r = read(&file, &mut data);
             (data, r)

@@ -168,6 +168,10 @@ pub struct Resource {
     /// until a resync completes (or a forced promotion declares the data good); the target's
     /// own bitmap does not name them.
     pub resync_left: std::sync::atomic::AtomicU64,
+    /// DRBD's `pause-sync` (its user's resync-suspended flag): a resync from this node waits
+    /// before its next region, and one that starts waits from its first, until `resume-sync`.
+    /// In memory: a restart starts unpaused, as DRBD's does.
+    pub sync_paused: tokio::sync::watch::Sender<bool>,
     /// Online verify: the latest run's state; `verify_kick` wakes the connection's verifier.
     pub verify: Mutex<VerifyState>,
     pub verify_kick: tokio::sync::Notify,
@@ -491,6 +495,7 @@ impl Resource {
             resync: Mutex::new(None),
             resync_why: Mutex::new(String::new()),
             resync_left: std::sync::atomic::AtomicU64::new(0),
+            sync_paused: tokio::sync::watch::channel(false).0,
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
             final_ack: tokio::sync::Notify::new(),
@@ -1121,6 +1126,56 @@ impl Resource {
             }
             _ => Ok(format!("{name}: writes were not suspended")),
         }
+    }
+
+    /// `pause-sync` (DRBD's): a resync from this node stops sending before its next region
+    /// (writes still replicate), and one that starts waits, until `resume-sync`. On the
+    /// target of a resync it is refused: the source decides what it sends.
+    pub fn pause_sync(&self) -> Result<String, NodeError> {
+        let name = self.cfg().me.name.clone();
+        if self.cfg().peer.is_none() {
+            return Err(NodeError::Refused(format!(
+                "{name} has no peer: there is no resync to pause"
+            )));
+        }
+        if self.link_state() == "sync-target" {
+            return Err(NodeError::Refused(format!(
+                "{name} is the target of the resync: run pause-sync on its source, {}",
+                crate::peer::peer_name(self)
+            )));
+        }
+        if self.sync_paused.send_replace(true) {
+            return Ok(format!(
+                "{name}: the resync was already paused (resume-sync goes on)"
+            ));
+        }
+        let running = self.link_state() == "sync-source";
+        tracing::info!(
+            "pause-sync: {}",
+            if running {
+                "the resync to the peer pauses after the region it is sending"
+            } else {
+                "a resync to the peer will wait for resume-sync"
+            }
+        );
+        Ok(format!(
+            "{name}: {} until resume-sync (writes still replicate)",
+            if running {
+                "the resync to the peer is paused"
+            } else {
+                "a resync to the peer will wait"
+            }
+        ))
+    }
+
+    /// `resume-sync` (DRBD's): ends a `pause-sync`.
+    pub fn resume_sync(&self) -> Result<String, NodeError> {
+        let name = self.cfg().me.name.clone();
+        if !self.sync_paused.send_replace(false) {
+            return Ok(format!("{name}: the resync was not paused"));
+        }
+        tracing::info!("resume-sync: the resync to the peer goes on");
+        Ok(format!("{name}: the resync goes on"))
     }
 
     /// `outdate` (DRBD's `drbdadm outdate`, what a primary's `fence-peer` handler calls on
@@ -2566,6 +2621,7 @@ impl Resource {
                 0
             },
             resync_reason,
+            resync_paused: *self.sync_paused.borrow(),
             // Redials to a peer that is down must not hide what it said when it left.
             last_error: match (l.peer_left, l.peer_stopped) {
                 _ if established(l.state) => l.last_error.clone(),

@@ -37,6 +37,11 @@ pub enum Request {
     /// DRBD's `resume-io`: writes suspended by fencing (`resource-and-stonith`, a lost peer
     /// whose fence-peer handler failed) go on without the peer.
     ResumeIo,
+    /// DRBD's `pause-sync`: a resync from this node waits before its next region (and one
+    /// that starts, before its first) until `ResumeSync`. Writes still replicate.
+    PauseSync,
+    /// DRBD's `resume-sync`: ends `PauseSync`.
+    ResumeSync,
     /// Online verify: compare the hashes of every region with the peer's, mark the differing
     /// ones out of sync. Returns at once; progress and result are in `status`.
     Verify,
@@ -141,6 +146,10 @@ pub struct PeerStatus {
     /// primary..."); on the target only whether it is full (the source's status says why).
     #[serde(default)]
     pub resync_reason: Option<String>,
+    /// `pause-sync` is in force on this node: a resync from it waits (DRBD's
+    /// `resync-suspended:user`), until `resume-sync`.
+    #[serde(default)]
+    pub resync_paused: bool,
     pub last_error: Option<String>,
     /// With fencing (`resource-only`, `resource-and-stonith`), after the link to an up-to-date
     /// peer was lost on the primary: what the fence-peer handler did (cleared when the link

@@ -645,6 +645,16 @@ impl Pace {
         }
     }
 
+    /// Counts from here on (`bytes`: what was counted so far): after a pause, so that the
+    /// paused time is not made up for with a burst.
+    fn restart(&mut self, bytes: u64) {
+        *self = Pace {
+            rate: self.rate,
+            since: std::time::Instant::now(),
+            base: bytes,
+        };
+    }
+
     /// Sleeps until `bytes` (counted as in [`Self::set`]) are due at the rate, which
     /// `rate` reads again every fifth of a second: a chunk paced at a low rate may owe
     /// minutes, and an `adjust` must not wait for them.
@@ -663,6 +673,40 @@ impl Pace {
             tokio::time::sleep((due - el).min(Duration::from_millis(200))).await;
         }
     }
+}
+
+/// `pause-sync`: the resync waits here, before its next region, until `resume-sync`. The link
+/// is watched meanwhile (a lost peer ends the resync, as anywhere else), no journal space is
+/// held back for it (its rate floor is off), and its pace counts again from the resume.
+async fn wait_while_paused(
+    res: &Resource,
+    rep: &Replication,
+    pace: &mut Pace,
+    data_bytes: u64,
+) -> Result<(), LinkError> {
+    let mut paused = res.sync_paused.subscribe();
+    if !*paused.borrow_and_update() {
+        return Ok(());
+    }
+    tracing::info!("resync paused (pause-sync): it goes on at resume-sync");
+    rep.resync_floor
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    loop {
+        if !rep.acks().connected {
+            return Err(LinkError::Closed("peer lost during resync"));
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), paused.changed()).await;
+        if !*paused.borrow_and_update() {
+            break;
+        }
+    }
+    rep.resync_floor.store(
+        res.cfg().resync_rate_min,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    pace.restart(data_bytes);
+    tracing::info!("resync resumed (resume-sync)");
+    Ok(())
 }
 
 pub(super) async fn run_resync(
@@ -722,6 +766,7 @@ pub(super) async fn run_resync(
         tracing::info!("checksum resync (sha256 per {block} bytes): only differing regions move");
     }
     loop {
+        wait_while_paused(res, rep, &mut pace, data_bytes).await?;
         // One region (or, with checksums, one answered hash request) per turn.
         let progressed = if csums {
             while asked.len() < CSUM_WINDOW {
@@ -765,6 +810,9 @@ pub(super) async fn run_resync(
                         } else if !zero {
                             data_bytes += n;
                         }
+                        // The writes the run's hold kept waiting take their sequences now,
+                        // before the next run holds the rest of the region.
+                        tokio::task::yield_now().await;
                     }
                     true
                 }
