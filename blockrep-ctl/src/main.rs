@@ -82,6 +82,10 @@ enum Cmd {
     Disconnect,
     /// Declare this node's data bad and fetch all of it from the peer (full resync).
     Invalidate,
+    /// Declare the peer's data bad and send it all of this node's (DRBD's
+    /// `invalidate-remote`): on an up-to-date node connected to a secondary peer, a full
+    /// resync to it, which is inconsistent until the resync ends.
+    InvalidateRemote,
     /// Declare this node's disk outdated (what a primary's fence-peer handler runs here by
     /// another path): `primary` then needs --force until a connect to an up-to-date peer
     /// brings it up to date. Refused on a primary and while connected; works on a node that
@@ -188,6 +192,7 @@ fn run(args: Args) -> Result<()> {
         Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
+        Cmd::InvalidateRemote => simple(&cfg, Request::InvalidateRemote),
         Cmd::Outdate => outdate(&cfg),
         Cmd::ResumeIo => simple(&cfg, Request::ResumeIo),
         Cmd::PauseSync => simple(&cfg, Request::PauseSync),

@@ -162,6 +162,10 @@ impl Daemon {
                 Ok(r) => r.invalidate().await,
                 Err(e) => Err(e),
             },
+            Request::InvalidateRemote => match self.resource().await {
+                Ok(r) => r.invalidate_remote().await,
+                Err(e) => Err(e),
+            },
             Request::Outdate => match self.resource().await {
                 Ok(r) => r.outdate().await,
                 Err(e) => Err(e),

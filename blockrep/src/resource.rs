@@ -1302,6 +1302,72 @@ impl Resource {
         }
     }
 
+    /// `invalidate-remote` (DRBD's): the peer's data is declared bad; this node, up to date
+    /// and connected to it, sends it everything (a bitmap resync of the whole device, the
+    /// peer inconsistent until it ends) from the reconnect this forces. The marks are on disk
+    /// before the link drops: a restart of this node meanwhile still resyncs them all.
+    pub async fn invalidate_remote(&self) -> Result<String, NodeError> {
+        let cfg = self.cfg();
+        let Some(peer) = cfg.peer.as_ref() else {
+            return Err(NodeError::Refused("no peer to invalidate".into()));
+        };
+        let Some(rep) = self.rep().cloned() else {
+            return Err(NodeError::Refused("no replication state".into()));
+        };
+        if self.node_state().disk != 2 {
+            return Err(NodeError::Refused(format!(
+                "this node's disk is not up to date: only a good copy can replace {}'s",
+                peer.name
+            )));
+        }
+        // As `invalidate` asks: a connected peer, and no resync under way (its end would
+        // declare the peer's disk up to date over the invalidation).
+        let (connected, peer_primary) = {
+            let l = self.link();
+            (
+                established(l.state),
+                l.peer.as_ref().is_some_and(|p| p.primary),
+            )
+        };
+        if !connected {
+            return Err(NodeError::Refused(format!(
+                "{} is not connected: invalidate-remote needs the peer connected (its next connect after an outage resyncs what it lacks anyway)",
+                peer.name
+            )));
+        }
+        if peer_primary {
+            return Err(NodeError::Refused(format!(
+                "{} is primary: its data is the one being served, run invalidate-remote on it or demote it first",
+                peer.name
+            )));
+        }
+        let state = self.link_state();
+        if state == "sync-source" || state == "sync-target" {
+            return Err(NodeError::Refused(format!(
+                "a resync is running ({state}): invalidate-remote once it has ended (`blockrep-ctl wait-sync`)"
+            )));
+        }
+        let size = self.device().size();
+        rep.mark_out_of_sync(0, size);
+        rep.persist().await.map_err(|e| {
+            NodeError::Refused(format!(
+                "writing the marks failed ({e}): the peer is resynced in full at its next connect if they reached the disk"
+            ))
+        })?;
+        tracing::warn!(
+            "invalidate-remote: all {size} bytes marked out of sync; {} is resynced in full from this node",
+            peer.name
+        );
+        self.redial(|c| {
+            c.standalone = false;
+            c.bump += 1;
+        });
+        Ok(format!(
+            "{} invalidated: it is resynced in full from {} (it reconnects now; `wait-sync` follows it)",
+            peer.name, cfg.me.name
+        ))
+    }
+
     /// `invalidate`: this node's data is declared bad; it fetches everything from the peer
     /// (a full resync as the target) at the next connect, which this forces.
     pub async fn invalidate(&self) -> Result<String, NodeError> {

@@ -31,6 +31,9 @@ pub enum Request {
     Disconnect,
     /// Discard this node's data; fetch everything from the peer.
     Invalidate,
+    /// DRBD's `invalidate-remote`: the peer's data is discarded; this node (up to date,
+    /// connected) resyncs it in full.
+    InvalidateRemote,
     /// Declare this node's disk outdated (what a primary's fence-peer handler asks for):
     /// `primary` then needs `--force` here. Refused on a primary and while connected.
     Outdate,

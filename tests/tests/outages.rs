@@ -2346,3 +2346,88 @@ fn an_inconsistent_disk_is_never_a_resync_source() {
     assert_identical(&c, size, "alpha synced from beta's data", &seen);
     assert_eq!(a.status_json()["disk"], "up-to-date");
 }
+
+/// `invalidate-remote` (DRBD's) on the primary: a secondary whose disk was damaged behind the
+/// pair's back (nothing in any bitmap names it) is resynced in full from the primary, shows
+/// inconsistent while that runs, and ends byte-identical. Refused where it would do harm: on
+/// the secondary of a primary, and without a connected peer.
+#[test]
+fn invalidate_remote_resyncs_a_damaged_secondary_in_full_from_the_primary() {
+    use std::os::unix::fs::FileExt;
+    let c = pair("out-inval-remote", "", |b| {
+        b.backing_size(64 << 20)
+            .journal_size("2M")
+            .resource_line("resync-rate = \"16M\"")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let input = c.dir().join("in.bin");
+    let data = write_random_file(&input, (16 * MIB) as usize);
+    a.nbdcopy_in(&input);
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // Damage on beta's disk that no bitmap knows of.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(b.backing_path())
+        .expect("open beta's backing");
+    for off in [0, 5 * MIB + 512, 15 * MIB] {
+        f.write_all_at(&[0x5A; 4096], off).expect("damage");
+    }
+    f.sync_all().expect("fsync");
+    drop(f);
+    assert!(
+        first_difference(a.backing_path(), b.backing_path(), size).is_some(),
+        "the damage did not make the replicas differ"
+    );
+
+    let out = b.ctl(&["invalidate-remote"]);
+    assert!(
+        !out.success() && out.all_output().contains("alpha is primary"),
+        "invalidate-remote on the secondary of a primary:\n{}",
+        out.describe()
+    );
+
+    let mark = log_mark(a);
+    let out = a.ctl_ok(&["invalidate-remote"]).stdout;
+    assert!(out.contains("beta invalidated"), "{out}");
+    let mut total = 0;
+    let mut target_inconsistent = false;
+    let seen = watch(&c, Duration::from_secs(60), "the full resync", |sa, sb| {
+        let r = &sa["replication"];
+        if r["connection"] == "sync-source" {
+            total = total.max(u(r, "resync_total"));
+        }
+        if sb["replication"]["connection"] == "sync-target" && sb["disk"] == "inconsistent" {
+            target_inconsistent = true;
+        }
+        total > 0 && pair_synced(sa, sb)
+    });
+    assert!(
+        total >= size - MIB,
+        "invalidate-remote should resync all {size} bytes, the source showed {total}: {seen:?}"
+    );
+    assert!(
+        target_inconsistent,
+        "beta never showed inconsistent while it was the target: {seen:?}"
+    );
+    assert_identical(&c, size, "after invalidate-remote", &seen);
+    assert_eq!(&b.backing_data(data.len() as u64)[..], &data[..]);
+    assert!(
+        log_since(a, mark)
+            .iter()
+            .any(|l| l.contains("invalidate-remote: all")),
+        "alpha's log does not say why it resynced in full"
+    );
+
+    // Without the peer there is nothing to invalidate now (its next connect resyncs what it
+    // lacks anyway).
+    b.ctl_ok(&["disconnect"]);
+    a.wait_not_connected(Duration::from_secs(10));
+    let out = a.ctl(&["invalidate-remote"]);
+    assert!(
+        !out.success() && out.all_output().contains("not connected"),
+        "invalidate-remote without a peer:\n{}",
+        out.describe()
+    );
+}
