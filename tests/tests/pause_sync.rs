@@ -19,23 +19,6 @@ fn u(v: &Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("no number {k} in {v}"))
 }
 
-/// Polls alpha's replication object until `ok` holds for it, or panics after `limit`.
-fn wait_repl(n: &Node, limit: Duration, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let end = Instant::now() + limit;
-    loop {
-        let r = n.repl();
-        if ok(&r) {
-            return r;
-        }
-        assert!(
-            Instant::now() < end,
-            "{what}: not within {limit:?}: {r}\n{}",
-            n.log_tail(20)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Asserts that the resync sends nothing for `hold` (its progress does not move) and says it
 /// is paused; returns the progress it stands at.
 fn assert_resync_stands(a: &Node, hold: Duration, what: &str) -> u64 {
@@ -88,12 +71,9 @@ fn a_paused_resync_sends_nothing_while_writes_replicate_and_finishes_after_resum
     assert!(a.repl_u64("out_of_sync") >= dirty_bytes, "{}", a.repl());
 
     c.proxy().resume();
-    let r = wait_repl(
-        a,
-        Duration::from_secs(20),
-        "alpha a paused sync source",
-        |r| r["connection"] == "sync-source" && u(r, "resync_total") > 0,
-    );
+    let r = a.wait_repl(Duration::from_secs(20), "a paused sync source", |r| {
+        r["connection"] == "sync-source" && u(r, "resync_total") > 0
+    });
     assert_eq!(r["resync_paused"], true, "{r}");
     let done = assert_resync_stands(a, Duration::from_secs(2), "paused from its start");
     assert_eq!(done, 0, "the resync sent before its pause was lifted");
@@ -121,8 +101,7 @@ fn a_paused_resync_sends_nothing_while_writes_replicate_and_finishes_after_resum
     // stands.
     let during: Vec<u64> = (0..64).map(|i| 8192 + i).collect();
     write_blocks(&py, dir, &a.uri(), 2, &during);
-    wait_repl(
-        a,
+    a.wait_repl(
         Duration::from_secs(10),
         "writes applied during the pause",
         |r| u(r, "seq_applied") == u(r, "seq_written"),
@@ -142,7 +121,7 @@ fn a_paused_resync_sends_nothing_while_writes_replicate_and_finishes_after_resum
     // Resumed: it sends; paused again mid-way: it stops (after the region in flight).
     let out = a.ctl_ok(&["resume-sync"]).stdout;
     assert!(out.contains("goes on"), "{out}");
-    wait_repl(a, Duration::from_secs(20), "the resync going on", |r| {
+    a.wait_repl(Duration::from_secs(20), "the resync going on", |r| {
         u(r, "resync_done") > 0
     });
     a.ctl_ok(&["pause-sync"]);
