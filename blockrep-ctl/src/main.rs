@@ -1030,7 +1030,7 @@ fn in_sync(s: &Status) -> (bool, String) {
         return (true, format!("{}: no peer configured", s.resource));
     };
     let text = format!(
-        "{} {}: connection {}, peer {} ({}), lag {} writes / {} bytes, out of sync {} bytes",
+        "{} {}: connection {}, peer {} ({}), lag {} writes / {} bytes, out of sync {} bytes{}",
         s.resource,
         s.role,
         r.connection,
@@ -1038,7 +1038,13 @@ fn in_sync(s: &Status) -> (bool, String) {
         r.peer_disk,
         r.lag_writes,
         r.lag_bytes,
-        r.out_of_sync
+        r.out_of_sync,
+        // A wait that cannot end by itself says why.
+        if r.resync_paused && r.connection == "sync-source" {
+            ", resync PAUSED (pause-sync: resume-sync goes on)"
+        } else {
+            ""
+        }
     );
     let done = r.connection == "connected"
         && if s.role == "primary" {

@@ -79,6 +79,13 @@ fn a_paused_resync_sends_nothing_while_writes_replicate_and_finishes_after_resum
     assert_eq!(done, 0, "the resync sent before its pause was lifted");
     let status = a.ctl_ok(&["status"]).stdout;
     assert!(status.contains("PAUSED (pause-sync"), "{status}");
+    // A wait for the sync says why it cannot end.
+    let out = a.ctl(&["wait-sync", "--timeout", "1"]);
+    assert!(
+        !out.success() && out.all_output().contains("resync PAUSED (pause-sync"),
+        "{}",
+        out.describe()
+    );
     let ev = a.ctl_ok(&["events", "--now"]).stdout;
     assert!(
         ev.lines()
