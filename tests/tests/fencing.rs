@@ -853,3 +853,55 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(size, "after the demotion of a suspended primary");
 }
+
+/// Writes suspended under `resource-and-stonith` (a failed fence) go on when `adjust` moves
+/// the node to a policy that does not freeze I/O (`resource-only`): the admin chose to run
+/// without the freeze, as with `resume-io`. Back on `resource-and-stonith`, the next loss
+/// suspends again.
+#[test]
+fn an_adjust_to_a_policy_that_does_not_freeze_lets_suspended_writes_go_on() {
+    let tmp = TestDir::new("fence-ras-adjust");
+    let (c, log) = fenced_pair_with("fence-ras-adjust", &tmp, "resource-and-stonith");
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    std::fs::write(tmp.path().join("fence.stub"), "0 1\n").expect("write the stub");
+    let w = cut_with_a_failed_fence(&c, &log, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !w.is_finished(),
+        "a write was answered after a failed fence"
+    );
+    assert_eq!(suspended(a), "fencing", "{}", a.status_json());
+
+    let ras = c.config_text();
+    let only = ras.replace(
+        "fencing = \"resource-and-stonith\"",
+        "fencing = \"resource-only\"",
+    );
+    assert_ne!(ras, only, "the config names no fencing policy:\n{ras}");
+    c.write_config(&only);
+    let out = a.ctl_ok(&["adjust"]).stdout;
+    assert!(out.contains("resource.fencing"), "{out}");
+    let (r, _, _) = w.join().expect("write thread");
+    assert_eq!(r, Ok(()), "the held write after the adjust");
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+
+    // And back: the next loss suspends writes again.
+    c.write_config(&ras);
+    a.ctl_ok(&["adjust"]);
+    c.proxy().resume();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    let w = cut_with_a_failed_fence(&c, &log, MIB);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !w.is_finished(),
+        "a write was answered after a failed fence"
+    );
+    assert_eq!(suspended(a), "fencing", "{}", a.status_json());
+    c.proxy().resume();
+    let (r, _, _) = w.join().expect("write thread");
+    assert_eq!(r, Ok(()), "the write held until the peer came back");
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(size, "after the adjusted fencing");
+}
