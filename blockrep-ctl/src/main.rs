@@ -83,8 +83,8 @@ enum Cmd {
     /// Declare this node's data bad and fetch all of it from the peer (full resync).
     Invalidate,
     /// Declare the peer's data bad and send it all of this node's (DRBD's
-    /// `invalidate-remote`): on an up-to-date node connected to a secondary peer, a full
-    /// resync to it, which is inconsistent until the resync ends.
+    /// `invalidate-remote`): on the primary, connected to its secondary, a full resync to
+    /// it, which is inconsistent until the resync ends.
     InvalidateRemote,
     /// Declare this node's disk outdated (what a primary's fence-peer handler runs here by
     /// another path): `primary` then needs --force until a connect to an up-to-date peer

@@ -1302,8 +1302,8 @@ impl Resource {
         }
     }
 
-    /// `invalidate-remote` (DRBD's): the peer's data is declared bad; this node, up to date
-    /// and connected to it, sends it everything (a bitmap resync of the whole device, the
+    /// `invalidate-remote` (DRBD's): the peer's data is declared bad; this node, primary, up to
+    /// date and connected to it, sends it everything (a bitmap resync of the whole device, the
     /// peer inconsistent until it ends) from the reconnect this forces. The marks are on disk
     /// before the link drops: a restart of this node meanwhile still resyncs them all.
     pub async fn invalidate_remote(&self) -> Result<String, NodeError> {
@@ -1314,6 +1314,14 @@ impl Resource {
         let Some(rep) = self.rep().cloned() else {
             return Err(NodeError::Refused("no replication state".into()));
         };
+        // The primary's stream carries the resync: between two secondaries the marks would
+        // name regions no resync direction claims (as for verify's).
+        if self.role() != Role::Primary {
+            return Err(NodeError::Refused(format!(
+                "invalidate-remote runs on the primary: between two secondaries run `invalidate` on {} instead (it fetches everything from this node)",
+                peer.name
+            )));
+        }
         if self.node_state().disk != 2 {
             return Err(NodeError::Refused(format!(
                 "this node's disk is not up to date: only a good copy can replace {}'s",
@@ -1322,22 +1330,10 @@ impl Resource {
         }
         // As `invalidate` asks: a connected peer, and no resync under way (its end would
         // declare the peer's disk up to date over the invalidation).
-        let (connected, peer_primary) = {
-            let l = self.link();
-            (
-                established(l.state),
-                l.peer.as_ref().is_some_and(|p| p.primary),
-            )
-        };
+        let connected = established(self.link().state);
         if !connected {
             return Err(NodeError::Refused(format!(
                 "{} is not connected: invalidate-remote needs the peer connected (its next connect after an outage resyncs what it lacks anyway)",
-                peer.name
-            )));
-        }
-        if peer_primary {
-            return Err(NodeError::Refused(format!(
-                "{} is primary: its data is the one being served, run invalidate-remote on it or demote it first",
                 peer.name
             )));
         }

@@ -2350,7 +2350,7 @@ fn an_inconsistent_disk_is_never_a_resync_source() {
 /// `invalidate-remote` (DRBD's) on the primary: a secondary whose disk was damaged behind the
 /// pair's back (nothing in any bitmap names it) is resynced in full from the primary, shows
 /// inconsistent while that runs, and ends byte-identical. Refused where it would do harm: on
-/// the secondary of a primary, and without a connected peer.
+/// a secondary, and without a connected peer.
 #[test]
 fn invalidate_remote_resyncs_a_damaged_secondary_in_full_from_the_primary() {
     use std::os::unix::fs::FileExt;
@@ -2383,8 +2383,8 @@ fn invalidate_remote_resyncs_a_damaged_secondary_in_full_from_the_primary() {
 
     let out = b.ctl(&["invalidate-remote"]);
     assert!(
-        !out.success() && out.all_output().contains("alpha is primary"),
-        "invalidate-remote on the secondary of a primary:\n{}",
+        !out.success() && out.all_output().contains("runs on the primary"),
+        "invalidate-remote on the secondary:\n{}",
         out.describe()
     );
 
