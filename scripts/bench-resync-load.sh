@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# bench-resync-load.sh - what a resync costs the primary's clients: 4 KiB random writes at
-# depth 1 (fio, nbd engine) on a protocol C primary while a bitmap resync runs, against the
-# same pair connected and in sync, in one run.
+# bench-resync-load.sh - what a resync (or an online verify) costs the primary's clients: 4 KiB
+# random writes at depth 1 (fio, nbd engine) on a protocol C primary while a bitmap resync or a
+# verify runs, against the same pair connected and in sync, in one run.
 #
 # Usage: scripts/bench-resync-load.sh [-h|--help]
 #
 # Everything is configured through the environment:
 #   SIZE=1G              size of each backing file (K/M/G suffixes, powers of 1024)
+#   MODE=resync          what runs beside the probe: resync (a bitmap resync after an
+#                        outage), csum (the same with `csums = true`: the source reads and
+#                        hashes its regions, the target hashes its own) or verify (`verify`
+#                        of the whole device, no outage: both nodes read and hash everything)
 #   DIRTY=600M           bytes written (sequentially, 1 MiB at a time) while the peer is
 #                        disconnected: what the resync then reads and sends
-#   RESYNC_RATE=100M     resync-rate of the pair (the default of the config)
+#   RESYNC_RATE=100M     resync-rate of the pair (the default of the config; verify is paced
+#                        by it too)
 #   JOURNAL_SIZE=64M     journal-size of the pair (the default; a resync reads chunks of up to
 #                        1 MiB, an eighth of the journal at most)
 #   RUNTIME=4            seconds of each probe
@@ -27,7 +32,10 @@
 # Before each resync the written data's pages are dropped from the page cache (posix_fadvise
 # on alpha's file, after an fsync of it; DROP=all: the machine's caches), so the resync reads
 # it from the disk, as after an outage of hours. The probe starts once alpha's link shows sync-source; a resync that ends
-# before the probe does is said in the output (lower RESYNC_RATE or raise DIRTY).
+# before the probe does is said in the output (lower RESYNC_RATE or raise DIRTY). MODE=verify:
+# the caches are dropped the same way (both files), the probe starts once the verify runs, and
+# a verify that ends before the probe is said the same way (lower RESYNC_RATE or raise SIZE);
+# it must find no difference.
 #
 # Prints per round: IOPS, p50, p99, p99.9 and max completion latency of the probe, in sync and
 # during the resync, and the ratio of the IOPS. Exit status: 0 when every step ran and the
@@ -52,6 +60,8 @@ DIRTY=${DIRTY:-600M}
 RESYNC_RATE=${RESYNC_RATE:-100M}
 JOURNAL_SIZE=${JOURNAL_SIZE:-64M}
 RUNTIME=${RUNTIME:-4}
+MODE=${MODE:-resync}
+[[ $MODE == resync || $MODE == csum || $MODE == verify ]] || bench_die "MODE=$MODE is not resync, csum or verify"
 DROP=${DROP:-file}
 [[ $DROP == file || $DROP == all ]] || bench_die "DROP=$DROP is not file or all"
 ROUNDS=${ROUNDS:-2}
@@ -112,6 +122,7 @@ protocol = "C"
 secret = "bench-resync-load-secret"
 resync-rate = "$RESYNC_RATE"
 journal-size = "$JOURNAL_SIZE"
+csums = $([[ $MODE == csum ]] && echo true || echo false)
 [node.alpha]
 backing = "$TMP_DIR/alpha.img"
 meta = "internal"
@@ -160,12 +171,19 @@ outage() {
     fio --name=dirty --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=8 \
         --size="$dirty_b" --refill_buffers \
         --output-format=json >/dev/null 2>&1 || bench_die "the outage's writes failed"
-    python3 - "$TMP_DIR/alpha.img" <<'EOF'
+    drop_pages "$TMP_DIR/alpha.img"
+}
+
+# drop_pages FILE...: the files' pages out of the page cache (DROP=all: every clean page and
+# the filesystem's metadata caches), so what reads them next reads the disk
+drop_pages() {
+    python3 - "$@" <<'EOF'
 import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-os.fsync(fd)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-os.close(fd)
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
 EOF
     if [[ $DROP == all ]]; then
         sync
@@ -173,19 +191,52 @@ EOF
     fi
 }
 
+verify_state() {
+    ctl alpha status --json | python3 -c "import json,sys; v=json.load(sys.stdin)['replication'].get('verify') or {}; print(v.get('state', ''), v.get('differ_regions', 0))"
+}
+
 printf '%-10s %8s %8s %8s %8s %8s\n' state IOPS "p50 us" "p99 us" "p99.9 us" "max ms" >"$TMP_DIR/table"
 bad=0
+if [[ $MODE == verify ]]; then
+    # Data for the verify to read: the outage's writes, resynced, then every page dropped.
+    outage
+    ctl beta connect >/dev/null
+    ctl alpha wait-sync --timeout 300 >/dev/null || bench_die "the resync before the verify did not finish"
+fi
 for ((r = 1; r <= ROUNDS; r++)); do
     bench_log "round $r of $ROUNDS: in sync"
     probe "in-sync" >>"$TMP_DIR/table"
+    if [[ $MODE == verify ]]; then
+        drop_pages "$TMP_DIR/alpha.img" "$TMP_DIR/beta.img"
+        bench_log "round $r of $ROUNDS: verify at $RESYNC_RATE"
+        ctl alpha verify --no-wait >/dev/null || bench_die "verify did not start"
+        for ((i = 0; i < 300; i++)); do
+            [[ $(verify_state) == running* ]] && break
+            sleep 0.1
+        done
+        probe "verify" >>"$TMP_DIR/table"
+        if [[ $(verify_state) != running* ]]; then
+            bench_log "round $r: the verify ended before the probe did (lower RESYNC_RATE or raise SIZE)"
+        fi
+        for ((i = 0; i < 3000; i++)); do
+            [[ $(verify_state) == running* || $(verify_state) == pending* ]] || break
+            sleep 0.1
+        done
+        read -r vstate vdiffer <<<"$(verify_state)"
+        if [[ $vstate != done || $vdiffer != 0 ]]; then
+            bench_log "round $r: verify ended '$vstate' with $vdiffer differing regions"
+            bad=1
+        fi
+        continue
+    fi
     outage
-    bench_log "round $r of $ROUNDS: resync of $DIRTY at $RESYNC_RATE"
+    bench_log "round $r of $ROUNDS: $MODE of $DIRTY at $RESYNC_RATE"
     ctl beta connect >/dev/null
     for ((i = 0; i < 300; i++)); do
         [[ $(repl alpha connection) == sync-source ]] && break
         sleep 0.1
     done
-    probe "resync" >>"$TMP_DIR/table"
+    probe "$MODE" >>"$TMP_DIR/table"
     if [[ $(repl alpha connection) != sync-source ]]; then
         bench_log "round $r: the resync ended before the probe did (lower RESYNC_RATE or raise DIRTY)"
     fi
@@ -198,14 +249,14 @@ else
     bad=1
 fi
 cat "$TMP_DIR/table"
-python3 - "$TMP_DIR/table" <<'EOF'
+python3 - "$TMP_DIR/table" "$MODE" <<'EOF'
 import sys
 rows = [l.split() for l in open(sys.argv[1]).read().splitlines()[1:]]
 ins = [float(r[1]) for r in rows if r[0] == "in-sync"]
-res = [float(r[1]) for r in rows if r[0] == "resync"]
+res = [float(r[1]) for r in rows if r[0] != "in-sync"]
 if ins and res:
     a, b = sorted(ins)[len(ins) // 2], sorted(res)[len(res) // 2]
-    print("median IOPS during the resync / in sync: %.0f / %.0f = %.2f" % (b, a, b / a))
+    print("median IOPS during the %s / in sync: %.0f / %.0f = %.2f" % (sys.argv[2], b, a, b / a))
 EOF
 echo "replicas identical (first SIZE-128M bytes of the files, data area): $same"
 ((bad == 0)) || exit 3
