@@ -1153,7 +1153,13 @@ fn requests() -> Vec<control::Request> {
         },
         R::Disconnect,
         R::Invalidate,
+        R::InvalidateRemote,
+        R::Outdate,
+        R::ResumeIo,
+        R::PauseSync,
+        R::ResumeSync,
         R::Verify,
+        R::SkipInitialSync,
     ]
 }
 
