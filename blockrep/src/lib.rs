@@ -22,3 +22,5 @@ pub mod peer;
 pub mod replication;
 pub mod resource;
 pub mod state;
+#[cfg(test)]
+mod state_sim;
