@@ -168,6 +168,10 @@ pub struct Resource {
     /// until a resync completes (or a forced promotion declares the data good); the target's
     /// own bitmap does not name them.
     pub resync_left: std::sync::atomic::AtomicU64,
+    /// This node drops its link only to reconnect at once (`invalidate-remote`): the close is
+    /// not a lost peer, so the fence-peer handler (which may power the peer off) waits to see
+    /// whether the link comes back (see `peer::PLANNED_RECONNECT_GRACE`). Taken by the close.
+    pub planned_reconnect: std::sync::atomic::AtomicBool,
     /// DRBD's `pause-sync` (its user's resync-suspended flag): a resync from this node waits
     /// before its next region, and one that starts waits from its first, until `resume-sync`.
     /// In memory: a restart starts unpaused, as DRBD's does.
@@ -495,6 +499,7 @@ impl Resource {
             resync: Mutex::new(None),
             resync_why: Mutex::new(String::new()),
             resync_left: std::sync::atomic::AtomicU64::new(0),
+            planned_reconnect: std::sync::atomic::AtomicBool::new(false),
             sync_paused: tokio::sync::watch::channel(false).0,
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
@@ -1343,6 +1348,13 @@ impl Resource {
                 "a resync is running ({state}): invalidate-remote once it has ended (`blockrep-ctl wait-sync`)"
             )));
         }
+        // As a `disconnect` does: the peer makes what it has durable first, so that the
+        // reconnect finds nothing in flight.
+        if !rep.settle_peer(Duration::from_secs(5)).await {
+            tracing::warn!(
+                "invalidate-remote: the peer did not confirm every write durable within 5 s (the resync sends everything anyway)"
+            );
+        }
         let size = self.device().size();
         rep.mark_out_of_sync(0, size);
         rep.persist().await.map_err(|e| {
@@ -1354,6 +1366,8 @@ impl Resource {
             "invalidate-remote: all {size} bytes marked out of sync; {} is resynced in full from this node",
             peer.name
         );
+        self.planned_reconnect
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.redial(|c| {
             c.standalone = false;
             c.bump += 1;

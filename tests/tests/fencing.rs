@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use blockrep_e2e::nbd_const::CMD_FLUSH;
+use blockrep_e2e::watch::*;
 use blockrep_e2e::*;
 
 const MIB: u64 = 1 << 20;
@@ -904,4 +905,41 @@ fn an_adjust_to_a_policy_that_does_not_freeze_lets_suspended_writes_go_on() {
     assert_eq!(r, Ok(()), "the write held until the peer came back");
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(size, "after the adjusted fencing");
+}
+
+/// `invalidate-remote` drops the link only to reconnect at once: under fencing that is not a
+/// lost peer, so the fence-peer handler (which may power the peer off) does not run, and the
+/// full resync follows. Under resource-and-stonith writes wait out the reconnect only.
+#[test]
+fn invalidate_remote_reconnects_without_fencing_the_peer() {
+    let tmp = TestDir::new("fence-inval-remote");
+    let (c, log) = fenced_pair_with("fence-inval-remote", &tmp, "resource-and-stonith");
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let data = write_data(a, c.dir().path(), "before.bin", 4);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let out = a.ctl_ok(&["invalidate-remote"]).stdout;
+    assert!(out.contains("beta invalidated"), "{out}");
+    // A write during the reconnect is answered once the link is back, not after a fence.
+    let (r, _, fence_log) = held_write(a, 8 * MIB, &log).join().expect("write thread");
+    assert_eq!(r, Ok(()), "a write during the planned reconnect");
+    assert!(!fence_log.contains("run "), "the handler ran:\n{fence_log}");
+    let mut resynced = false;
+    watch(&c, Duration::from_secs(60), "the full resync", |sa, sb| {
+        if sa["replication"]["connection"] == "sync-source" {
+            resynced = true;
+        }
+        resynced && pair_synced(sa, sb)
+    });
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    // Past the grace a planned reconnect has before the peer counts as lost.
+    std::thread::sleep(Duration::from_secs(11));
+    let fence_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !fence_log.contains("run "),
+        "the fence-peer handler ran for a planned reconnect:\n{fence_log}"
+    );
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+    c.assert_replicas_identical(size, "after invalidate-remote under fencing");
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
 }

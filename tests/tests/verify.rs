@@ -380,11 +380,12 @@ fn verify_finds_blocks_changed_behind_the_back_and_resync_repairs_them() {
     let sent = a.repl_u64("bytes_sent") - sent0;
     println!("resync after verify: states {seen:?}, sent {sent} bytes");
     // The resync of 4 blocks may be over between two polls: its log line is the evidence.
-    let started = log_lines(a, "resync to the peer (verify found");
+    let started = log_lines(a, "resync to the peer (");
     assert!(
-        started
-            .iter()
-            .any(|l| l.ends_with(&format!(": {} bytes", 4 * BLK))),
+        started.iter().any(
+            |l| l.contains(&format!("({} bytes marked out of sync", 4 * BLK))
+                && l.ends_with(&format!(": {} bytes", 4 * BLK))
+        ),
         "no bitmap resync of the 4 blocks started: {started:?}; states {seen:?}"
     );
     // Two of the blocks hold data on alpha (two writes), two are zero there (Zero records).

@@ -504,11 +504,39 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         let ran_as_primary = res.rep().is_some_and(|r| r.link_ran_as_primary());
         res.sync_expected
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        // A close this node made only to reconnect at once (not one for a role change, whose
+        // own flag a role command never sets).
+        let planned = matches!(&r, Err(LinkError::Closed(why)) if *why == ADMIN_CLOSE)
+            && res
+                .planned_reconnect
+                .swap(false, std::sync::atomic::Ordering::SeqCst);
         res.link_down().await;
         // With resource-level fencing, a primary that lost its peer has it outdated by
         // another path (a resync target is inconsistent: the handler says so, harmlessly).
+        // After a planned reconnect only if the link does not come back in time: the
+        // handler may power the peer off. (Under resource-and-stonith writes wait for the
+        // link meanwhile, as after any loss.)
         if ran_as_primary && res.role() == crate::state::Role::Primary && !res.is_leaving() {
-            res.fence_peer();
+            if planned && was_established {
+                let res = res.clone();
+                let seen = res.connections_established();
+                tokio::spawn(async move {
+                    tokio::time::sleep(PLANNED_RECONNECT_GRACE).await;
+                    if res.connections_established() == seen
+                        && !crate::resource::established(res.link_state())
+                        && res.role() == crate::state::Role::Primary
+                        && !res.is_leaving()
+                    {
+                        tracing::warn!(
+                            "the link did not come back within {} s of a planned reconnect: the peer counts as lost",
+                            PLANNED_RECONNECT_GRACE.as_secs()
+                        );
+                        res.fence_peer();
+                    }
+                });
+            } else {
+                res.fence_peer();
+            }
         }
         if was_established {
             // A role change or a `connect` reconnects at once (the handshake sets the
@@ -568,6 +596,9 @@ const HEALTHY_CONNECTION: Duration = Duration::from_secs(10);
 
 /// How long a link that was up may stay down before the `peer-lost` handler runs.
 const PEER_LOST_GRACE: Duration = Duration::from_secs(2);
+/// How long a planned reconnect (`invalidate-remote`) may take before the peer counts as lost
+/// and is fenced: a healthy pair is back within a second.
+pub const PLANNED_RECONNECT_GRACE: Duration = Duration::from_secs(10);
 
 /// Why a link closed because this node asked it to (not a fault: logged at info).
 const ADMIN_CLOSE: &str = "role change or admin command";
@@ -1284,7 +1315,7 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
     // `peer_went_back`.)
     if rep.verify_marked.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(LinkError::NeedsResync(format!(
-            "verify found {} bytes out of sync",
+            "{} bytes marked out of sync (regions a verify found different, or all of them after invalidate-remote)",
             rep.lock().bitmap.dirty_bytes()
         )));
     }
