@@ -645,6 +645,12 @@ impl Node {
                 self.name()
             );
         }
+        // The thread-group leader goes first; the daemon's other threads (a disk write in
+        // flight) may hold its control socket a moment longer, and a `status` then gets no
+        // answer (exit 4) instead of "not up" (exit 3). Over once status says so.
+        crate::proc::wait_for(Duration::from_secs(10), || {
+            self.ctl(&["status", "--json"]).code == Some(3)
+        });
     }
 
     pub fn create_md(&self) {
