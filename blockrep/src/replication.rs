@@ -1847,33 +1847,42 @@ impl Replication {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            {
-                let mut g = self.lock();
-                let seq = g.issued + 1;
-                let msg = Msg::HashReq {
-                    seq,
-                    term: g.term,
-                    offset,
-                    len,
-                    block,
-                };
-                match self.append_locked(&mut g, &msg, &[]) {
-                    Ok(()) => {
-                        g.issued = seq;
-                        drop(g);
-                        self.appended.notify_one();
-                        return Ok(seq);
-                    }
-                    Err(AppendError::Full { .. }) => {}
-                    Err(AppendError::TooBig) => {
-                        return Err(std::io::Error::other(
-                            "hash request larger than the journal",
-                        ))
-                    }
-                    Err(AppendError::Overflowed) => return Err(overflowed_error()),
-                }
+            let appended = self.append_hash_req(&mut self.lock(), offset, len, block)?;
+            if let Some(seq) = appended {
+                self.appended.notify_one();
+                return Ok(seq);
             }
             self.wait_space(space).await?;
+        }
+    }
+
+    /// Appends a `HashReq` for `[offset, offset+len)` under the caller's lock: its sequence,
+    /// or `None` when the journal has no room for it now.
+    fn append_hash_req(
+        &self,
+        g: &mut Inner,
+        offset: u64,
+        len: u32,
+        block: u32,
+    ) -> std::io::Result<Option<u64>> {
+        let seq = g.issued + 1;
+        let msg = Msg::HashReq {
+            seq,
+            term: g.term,
+            offset,
+            len,
+            block,
+        };
+        match self.append_locked(g, &msg, &[]) {
+            Ok(()) => {
+                g.issued = seq;
+                Ok(Some(seq))
+            }
+            Err(AppendError::Full { .. }) => Ok(None),
+            Err(AppendError::TooBig) => Err(std::io::Error::other(
+                "hash request larger than the journal",
+            )),
+            Err(AppendError::Overflowed) => Err(overflowed_error()),
         }
     }
 
@@ -1903,33 +1912,15 @@ impl Replication {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            {
+            let appended = {
                 let mut g = self.lock();
                 debug_assert_eq!(g.read_hold, Some(range), "the chunk's hold moved");
-                let seq = g.issued + 1;
-                let msg = Msg::HashReq {
-                    seq,
-                    term: g.term,
-                    offset,
-                    len,
-                    block,
-                };
-                match self.append_locked(&mut g, &msg, &[]) {
-                    Ok(()) => {
-                        g.issued = seq;
-                        drop(g);
-                        drop(hold);
-                        self.appended.notify_one();
-                        return Ok((seq, hashes));
-                    }
-                    Err(AppendError::Full { .. }) => {}
-                    Err(AppendError::TooBig) => {
-                        return Err(std::io::Error::other(
-                            "hash request larger than the journal",
-                        ))
-                    }
-                    Err(AppendError::Overflowed) => return Err(overflowed_error()),
-                }
+                self.append_hash_req(&mut g, offset, len, block)?
+            };
+            if let Some(seq) = appended {
+                drop(hold);
+                self.appended.notify_one();
+                return Ok((seq, hashes));
             }
             // The journal is full: the region is let go while the peer drains it (writes to
             // it must not wait on a stuck peer), and read again once there is room.
