@@ -505,11 +505,12 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         res.sync_expected
             .store(false, std::sync::atomic::Ordering::SeqCst);
         // A close this node made only to reconnect at once (not one for a role change, whose
-        // own flag a role command never sets).
-        let planned = matches!(&r, Err(LinkError::Closed(why)) if *why == ADMIN_CLOSE)
-            && res
-                .planned_reconnect
-                .swap(false, std::sync::atomic::Ordering::SeqCst);
+        // own flag a role command never sets). Taken by whatever close comes first, so that a
+        // flag left by a link that dropped on its own does not cover a later close.
+        let asked = res
+            .planned_reconnect
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let planned = asked && matches!(&r, Err(LinkError::Closed(why)) if *why == ADMIN_CLOSE);
         res.link_down().await;
         // With resource-level fencing, a primary that lost its peer has it outdated by
         // another path (a resync target is inconsistent: the handler says so, harmlessly).
