@@ -1716,31 +1716,8 @@ impl Replication {
             let appended = {
                 let mut g = self.lock();
                 debug_assert_eq!(g.read_hold, Some(range), "the chunk's hold moved");
-                let seq = g.issued + 1;
-                let (msg, payload): (Msg, &[u8]) = if zero {
-                    (
-                        Msg::Zero {
-                            seq,
-                            term: g.term,
-                            offset,
-                            len,
-                            trim: false,
-                        },
-                        &[],
-                    )
-                } else {
-                    (
-                        Msg::Write {
-                            seq,
-                            term: g.term,
-                            offset,
-                            len: len as u32,
-                            crc,
-                            fua: false,
-                        },
-                        buf,
-                    )
-                };
+                let (msg, payload) =
+                    resync_data_record(g.issued + 1, g.term, offset, buf, zero, crc);
                 self.append_resync_locked(&mut g, &msg, payload, (offset, len), waiting)?
             };
             if let Some(seq) = appended {
@@ -2009,29 +1986,9 @@ impl Replication {
                         },
                         &[],
                     )
-                } else if zero {
-                    (
-                        Msg::Zero {
-                            seq,
-                            term: g.term,
-                            offset,
-                            len: run_len,
-                            trim: false,
-                        },
-                        &[],
-                    )
                 } else {
-                    (
-                        Msg::Write {
-                            seq,
-                            term: g.term,
-                            offset,
-                            len: run_len as u32,
-                            crc,
-                            fua: false,
-                        },
-                        &buf[..run_len as usize],
-                    )
+                    let data = &buf[..run_len as usize];
+                    resync_data_record(seq, g.term, offset, data, zero, crc)
                 };
                 self.append_resync_locked(&mut g, &msg, payload, (offset, run_len), waiting)?
             };
@@ -2272,6 +2229,39 @@ fn with_seq(msg: &Msg, seq: u64, term: u64) -> Msg {
         _ => {}
     }
     m
+}
+
+/// The record that carries a resync's `data` read at `offset`: a `Zero` (a header) when it is
+/// all zeros, else a `Write` of it with its `crc`.
+fn resync_data_record(
+    seq: u64,
+    term: u64,
+    offset: u64,
+    data: &[u8],
+    zero: bool,
+    crc: u32,
+) -> (Msg, &[u8]) {
+    let len = data.len() as u64;
+    if zero {
+        let msg = Msg::Zero {
+            seq,
+            term,
+            offset,
+            len,
+            trim: false,
+        };
+        (msg, &[])
+    } else {
+        let msg = Msg::Write {
+            seq,
+            term,
+            offset,
+            len: len as u32,
+            crc,
+            fua: false,
+        };
+        (msg, data)
+    }
 }
 
 /// Whether a region read for resync holds only zeros (it then travels as a header). Compared
