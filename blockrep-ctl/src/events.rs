@@ -88,10 +88,17 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
             ("peer-disk", r.peer_disk.clone()),
             // Only whether: the byte count moves with every write.
             ("out-of-sync", yes_no(r.out_of_sync > 0)),
-            // DRBD's name: `user` is a pause-sync (the only kind here).
+            // DRBD's names: `user` is a pause-sync here, `peer` one on the resync's source.
             (
                 "resync-suspended",
-                if r.resync_paused { "user" } else { "no" }.to_string(),
+                if r.resync_paused {
+                    "user"
+                } else if r.resync_paused_by_peer {
+                    "peer"
+                } else {
+                    "no"
+                }
+                .to_string(),
             ),
         ];
         if let Some(fence) = &r.fence {

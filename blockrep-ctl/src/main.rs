@@ -973,6 +973,9 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
                 100.0 * r.resync_done as f64 / r.resync_total.max(1) as f64,
                 if r.resync_paused && r.connection == "sync-source" {
                     ", PAUSED (pause-sync; resume-sync goes on)".to_string()
+                } else if r.resync_paused_by_peer {
+                    ", PAUSED by the source (pause-sync there; resume-sync there goes on)"
+                        .to_string()
                 // Nothing measured yet at the start: no rate, no guess.
                 } else if r.resync_rate == 0 {
                     ", starting".to_string()
@@ -1042,6 +1045,8 @@ fn in_sync(s: &Status) -> (bool, String) {
         // A wait that cannot end by itself says why.
         if r.resync_paused && r.connection == "sync-source" {
             ", resync PAUSED (pause-sync: resume-sync goes on)"
+        } else if r.resync_paused_by_peer {
+            ", resync PAUSED by its source (pause-sync there: resume-sync there goes on)"
         } else {
             ""
         }

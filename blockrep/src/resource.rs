@@ -176,6 +176,10 @@ pub struct Resource {
     /// before its next region, and one that starts waits from its first, until `resume-sync`.
     /// In memory: a restart starts unpaused, as DRBD's does.
     pub sync_paused: tokio::sync::watch::Sender<bool>,
+    /// On a resync's target: its source said `pause-sync` holds the resync (DRBD's
+    /// `resync-suspended:peer`). Shown only while this node is the target; cleared when the
+    /// link drops.
+    pub sync_paused_by_peer: std::sync::atomic::AtomicBool,
     /// Online verify: the latest run's state; `verify_kick` wakes the connection's verifier.
     pub verify: Mutex<VerifyState>,
     pub verify_kick: tokio::sync::Notify,
@@ -501,6 +505,7 @@ impl Resource {
             resync_left: std::sync::atomic::AtomicU64::new(0),
             planned_reconnect: std::sync::atomic::AtomicBool::new(false),
             sync_paused: tokio::sync::watch::channel(false).0,
+            sync_paused_by_peer: std::sync::atomic::AtomicBool::new(false),
             verify: Mutex::new(VerifyState::default()),
             verify_kick: tokio::sync::Notify::new(),
             final_ack: tokio::sync::Notify::new(),
@@ -1173,10 +1178,24 @@ impl Resource {
         ))
     }
 
+    /// Whether this node is the target of a resync its source holds with `pause-sync`.
+    pub fn resync_paused_by_peer(&self) -> bool {
+        self.link_state() == "sync-target"
+            && self
+                .sync_paused_by_peer
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// `resume-sync` (DRBD's): ends a `pause-sync`.
     pub fn resume_sync(&self) -> Result<String, NodeError> {
         let name = self.cfg().me.name.clone();
         if !self.sync_paused.send_replace(false) {
+            if self.resync_paused_by_peer() {
+                return Err(NodeError::Refused(format!(
+                    "{name} is the target of the resync, which its source paused: run resume-sync on {}",
+                    crate::peer::peer_name(self)
+                )));
+            }
             return Ok(format!("{name}: the resync was not paused"));
         }
         tracing::info!("resume-sync: the resync to the peer goes on");
@@ -1420,14 +1439,45 @@ impl Resource {
             };
         })
         .await?;
-        self.redial(|c| {
-            c.standalone = false;
-            c.bump += 1;
-        });
+        self.reconnect_announced().await;
         Ok(format!(
             "{} invalidated: a full resync from the peer starts when connected",
             self.cfg().me.name
         ))
+    }
+
+    /// Reconnects the link so that the next handshake carries this node's new state, telling
+    /// the peer first that it is a planned reconnect (`Msg::Reconnect`): a primary that saw a
+    /// plain close would take its secondary for lost and run its `fence-peer` handler, which
+    /// may power this node off. The peer closes on the message; if it does not within a few
+    /// seconds (no connection, or it never answers), this node closes itself.
+    async fn reconnect_announced(&self) {
+        let tx = self.peer_tx.lock().ok().and_then(|t| t.clone());
+        let seen = self.connections_established();
+        if let Some(tx) = tx.filter(|_| established(self.link().state)) {
+            let sent =
+                tokio::time::timeout(Duration::from_secs(2), tx.send(proto::peer::Msg::Reconnect))
+                    .await
+                    .unwrap_or(false);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while sent
+                && self.connections_established() == seen
+                && established(self.link().state)
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The peer closed: the link loop dials again by itself, with this state (a
+            // redial here would cut the next connection, and unannounced).
+            if sent && !(self.connections_established() == seen && established(self.link().state)) {
+                self.link().lost_at = None;
+                return;
+            }
+        }
+        self.redial(|c| {
+            c.standalone = false;
+            c.bump += 1;
+        });
     }
 
     /// This node as `new-current-uuid --clear-bitmap` sees it.
@@ -2698,6 +2748,11 @@ impl Resource {
             },
             resync_reason,
             resync_paused: *self.sync_paused.borrow(),
+            // (`l`, the link's lock, is held here.)
+            resync_paused_by_peer: l.state == "sync-target"
+                && self
+                    .sync_paused_by_peer
+                    .load(std::sync::atomic::Ordering::Relaxed),
             // Redials to a peer that is down must not hide what it said when it left.
             last_error: match (l.peer_left, l.peer_stopped) {
                 _ if established(l.state) => l.last_error.clone(),

@@ -153,6 +153,10 @@ pub struct PeerStatus {
     /// `resync-suspended:user`), until `resume-sync`.
     #[serde(default)]
     pub resync_paused: bool,
+    /// This node is the target of a resync its source paused with `pause-sync` (DRBD's
+    /// `resync-suspended:peer`): `resume-sync` on the source lets it go on.
+    #[serde(default)]
+    pub resync_paused_by_peer: bool,
     pub last_error: Option<String>,
     /// With fencing (`resource-only`, `resource-and-stonith`), after the link to an up-to-date
     /// peer was lost on the primary: what the fence-peer handler did (cleared when the link

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
+/// 19: `Reconnect` (a planned reconnect the peer must not take for a lost node) and
+/// `SyncProgress::paused` (the target shows a resync its source paused).
 /// 18: `Ack::synced`: the secondary reports data synced to its disk before the applied mark
 /// that says so is committed, so a flush under C is answered one metadata sync sooner.
 /// 17: `Checkpoint`, a durability point that is not a barrier (the primary's own requests
@@ -24,7 +26,7 @@ pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// source checks against what the target acknowledged before any resync).
 /// 14: a resync's target forgets its own bitmap at the SyncStart, which the source sends
 /// only once the merged bitmap is on its disk.
-pub const PROTOCOL_VERSION: u32 = 18;
+pub const PROTOCOL_VERSION: u32 = 19;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -245,6 +247,9 @@ pub enum Msg {
     SyncProgress {
         total: u64,
         done: u64,
+        /// `pause-sync` holds the resync on the source (protocol 19): the target's `status`
+        /// says why it stands still (DRBD's `resync-suspended:peer`).
+        paused: bool,
     },
     /// At a node's `down` (protocol 12): it goes down cleanly and will not write on. From a
     /// primary once the secondary made every write through `issued` durable; from a
@@ -290,6 +295,11 @@ pub enum Msg {
         /// The issuer's term (see [`Msg::term`]).
         term: u64,
     },
+    /// Either way (protocol 19): the sender closes this connection only to reconnect at once
+    /// (a secondary's `invalidate`, whose next handshake carries its invalidated disk). The
+    /// receiver closes too and takes the gap for a planned one: a primary runs no
+    /// `fence-peer` handler (which may power the peer off) unless the link stays down.
+    Reconnect,
 }
 
 /// Progress of an online verify, as the primary reports it to the secondary that asked.
@@ -648,6 +658,15 @@ mod tests {
             },
             &[],
         );
+        round_trip(
+            Msg::SyncProgress {
+                total: 1 << 30,
+                done: 1 << 20,
+                paused: true,
+            },
+            &[],
+        );
+        round_trip(Msg::Reconnect, &[]);
     }
 
     #[test]

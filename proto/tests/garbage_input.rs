@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 26;
+const VARIANTS: usize = 27;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -93,6 +93,7 @@ fn variant(m: &Msg) -> usize {
         Msg::OutOfSync { .. } => 23,
         Msg::Durable { .. } => 24,
         Msg::Checkpoint { .. } => 25,
+        Msg::Reconnect => 26,
     }
 }
 
@@ -220,6 +221,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         20 => Msg::SyncProgress {
             total: rng.u64_edge(),
             done: rng.u64_edge(),
+            paused: rng.bool(),
         },
         21 => Msg::Leaving {
             issued: rng.u64_edge(),
@@ -236,6 +238,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             gen: rng.u64_edge(),
             issued: rng.u64_edge(),
         },
+        26 => Msg::Reconnect,
         25 => Msg::Checkpoint {
             seq: rng.u64_edge(),
             term: rng.u64_edge(),

@@ -943,3 +943,42 @@ fn invalidate_remote_reconnects_without_fencing_the_peer() {
     c.assert_replicas_identical(size, "after invalidate-remote under fencing");
     assert_eq!(&b.backing_data(data.len() as u64), &data);
 }
+
+/// A secondary's own `invalidate` reconnects too, and tells its primary so first
+/// (`Msg::Reconnect`): the primary does not take it for lost, so its fence-peer handler (a
+/// STONITH one would power the secondary off) does not run; writes on the primary wait out
+/// the reconnect only, and the full resync follows.
+#[test]
+fn a_secondarys_invalidate_reconnects_without_fencing_it() {
+    let tmp = TestDir::new("fence-inval-sec");
+    let (c, log) = fenced_pair_with("fence-inval-sec", &tmp, "resource-and-stonith");
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let data = write_data(a, c.dir().path(), "before.bin", 4);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let out = b.ctl_ok(&["invalidate"]).stdout;
+    assert!(out.contains("beta invalidated"), "{out}");
+    let (r, _, fence_log) = held_write(a, 8 * MIB, &log).join().expect("write thread");
+    assert_eq!(r, Ok(()), "a write during the planned reconnect");
+    assert!(!fence_log.contains("run "), "the handler ran:\n{fence_log}");
+    let mut resynced = false;
+    watch(&c, Duration::from_secs(60), "the full resync", |sa, sb| {
+        if sa["replication"]["connection"] == "sync-source" {
+            resynced = true;
+        }
+        resynced && pair_synced(sa, sb)
+    });
+    wait_disk(b, "up-to-date", Duration::from_secs(20));
+    // The primary heard why the link closed.
+    wait_log(a, "the peer reconnects (a planned reconnect)");
+    // Past the grace a planned reconnect has before the peer counts as lost.
+    std::thread::sleep(Duration::from_secs(11));
+    let fence_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !fence_log.contains("run "),
+        "the fence-peer handler ran for a secondary's invalidate:\n{fence_log}"
+    );
+    assert!(suspended(a).is_null(), "{}", a.status_json());
+    c.assert_replicas_identical(size, "after a secondary's invalidate under fencing");
+    assert_eq!(&b.backing_data(data.len() as u64), &data);
+}

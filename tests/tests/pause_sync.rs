@@ -103,6 +103,26 @@ fn a_paused_resync_sends_nothing_while_writes_replicate_and_finishes_after_resum
         out.describe()
     );
     assert_eq!(b.repl()["connection"], "sync-target");
+    // The target says why its resync stands still (DRBD's `resync-suspended:peer`), and
+    // where a resume must be run.
+    let r = b.wait_repl(Duration::from_secs(5), "the target seeing the pause", |r| {
+        r["resync_paused_by_peer"] == true
+    });
+    assert_eq!(r["resync_paused"], false, "{r}");
+    let status = b.ctl_ok(&["status"]).stdout;
+    assert!(status.contains("PAUSED by the source"), "{status}");
+    let ev = b.ctl_ok(&["events", "--now"]).stdout;
+    assert!(
+        ev.lines()
+            .any(|l| l.starts_with("exists peer-device") && l.contains("resync-suspended:peer")),
+        "{ev}"
+    );
+    let out = b.ctl(&["resume-sync"]);
+    assert!(
+        !out.success() && out.all_output().contains("run resume-sync on alpha"),
+        "{}",
+        out.describe()
+    );
 
     // The application goes on meanwhile: its writes (elsewhere) reach beta while the resync
     // stands.
@@ -131,6 +151,11 @@ fn a_paused_resync_sends_nothing_while_writes_replicate_and_finishes_after_resum
     a.wait_repl(Duration::from_secs(20), "the resync going on", |r| {
         u(r, "resync_done") > 0
     });
+    b.wait_repl(
+        Duration::from_secs(5),
+        "the target seeing the resume",
+        |r| r["resync_paused_by_peer"] == false,
+    );
     a.ctl_ok(&["pause-sync"]);
     std::thread::sleep(Duration::from_millis(500));
     let r = a.repl();

@@ -504,13 +504,17 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         let ran_as_primary = res.rep().is_some_and(|r| r.link_ran_as_primary());
         res.sync_expected
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        res.sync_paused_by_peer
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         // A close this node made only to reconnect at once (not one for a role change, whose
         // own flag a role command never sets). Taken by whatever close comes first, so that a
         // flag left by a link that dropped on its own does not cover a later close.
         let asked = res
             .planned_reconnect
             .swap(false, std::sync::atomic::Ordering::SeqCst);
-        let planned = asked && matches!(&r, Err(LinkError::Closed(why)) if *why == ADMIN_CLOSE);
+        // Or the peer said it closes only to reconnect (`Msg::Reconnect`).
+        let planned = matches!(&r, Err(LinkError::Closed(why))
+            if (asked && *why == ADMIN_CLOSE) || *why == PEER_RECONNECTS);
         res.link_down().await;
         // With resource-level fencing, a primary that lost its peer has it outdated by
         // another path (a resync target is inconsistent: the handler says so, harmlessly).
@@ -557,7 +561,9 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         let failed_early = started.elapsed() < HEALTHY_CONNECTION
             && match &r {
                 Ok(()) => false,
-                Err(LinkError::Closed(why)) => *why != ADMIN_CLOSE && !why.starts_with("replaced"),
+                Err(LinkError::Closed(why)) => {
+                    *why != ADMIN_CLOSE && *why != PEER_RECONNECTS && !why.starts_with("replaced")
+                }
                 Err(_) => true,
             };
         backoff = if failed_early {
@@ -604,6 +610,9 @@ pub const PLANNED_RECONNECT_GRACE: Duration = Duration::from_secs(10);
 /// Why a link closed because this node asked it to (not a fault: logged at info).
 const ADMIN_CLOSE: &str = "role change or admin command";
 
+/// Why a link closed because the peer asked (`Msg::Reconnect`): it reconnects at once.
+pub(super) const PEER_RECONNECTS: &str = "the peer reconnects (a planned reconnect)";
+
 /// Why a secondary closed its link: its primary went down cleanly (`Msg::Leaving`).
 pub(super) const PEER_LEFT: &str = "the peer went down cleanly";
 
@@ -646,7 +655,10 @@ fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
     let repeated = res.link_error().as_deref() == Some(shown.as_str());
     match e {
         LinkError::Closed(why)
-            if *why == ADMIN_CLOSE || *why == PEER_LEFT || *why == SECONDARY_STOPPED =>
+            if *why == ADMIN_CLOSE
+                || *why == PEER_LEFT
+                || *why == SECONDARY_STOPPED
+                || *why == PEER_RECONNECTS =>
         {
             tracing::info!("peer link: {e}")
         }
@@ -1448,6 +1460,7 @@ async fn idle_side(
                 Msg::Leaving { issued, gen } => {
                     return Err(peer_leaving(res, issued, gen, issued).await)
                 }
+                Msg::Reconnect => return Err(LinkError::Closed(PEER_RECONNECTS)),
                 Msg::Protocol { protocol } => peer_protocol(res, protocol).await?,
                 Msg::SkipSync { gen } => {
                     let r = res.skip_sync_for_peer(gen).await;

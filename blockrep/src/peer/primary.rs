@@ -377,14 +377,22 @@ pub(super) async fn primary_side(
                     }
                     last = r;
                 }
+                // With whether `pause-sync` holds it: the target shows why it stands still.
+                let paused = *res.sync_paused.borrow();
                 let sync = res
                     .resync
                     .lock()
                     .ok()
-                    .and_then(|p| p.map(|p| (p.total, p.done)));
-                if let Some((total, done)) = sync {
+                    .and_then(|p| p.map(|p| (p.total, p.done, paused)));
+                if let Some((total, done, paused)) = sync {
                     if last_sync != sync {
-                        let _ = side_tx.send(Msg::SyncProgress { total, done }).await;
+                        let _ = side_tx
+                            .send(Msg::SyncProgress {
+                                total,
+                                done,
+                                paused,
+                            })
+                            .await;
                         last_sync = sync;
                     }
                 }
@@ -466,6 +474,8 @@ pub(super) async fn primary_side(
                     return Err(LinkError::Closed(SECONDARY_STOPPED));
                 }
                 Msg::Protocol { protocol } => peer_protocol(res, protocol).await?,
+                // The secondary reconnects at once (its `invalidate`): not a lost peer.
+                Msg::Reconnect => return Err(LinkError::Closed(PEER_RECONNECTS)),
                 other => {
                     return Err(LinkError::Protocol(format!(
                         "unexpected message from the secondary: {other:?}"

@@ -714,6 +714,7 @@ pub(super) async fn secondary_side(
                             let durable = ap.lock().durable;
                             return Err(peer_leaving(res, issued, gen, durable).await);
                         }
+                        Msg::Reconnect => return Err(LinkError::Closed(PEER_RECONNECTS)),
                         Msg::Protocol { protocol } => {
                             peer_protocol(res, protocol).await?;
                             continue;
@@ -747,9 +748,15 @@ pub(super) async fn secondary_side(
                             );
                             continue;
                         }
-                        Msg::SyncProgress { total, done } => {
+                        Msg::SyncProgress {
+                            total,
+                            done,
+                            paused,
+                        } => {
                             // Shown by `status` only: nothing here depends on it.
                             if res.link_state() == "sync-target" {
+                                res.sync_paused_by_peer
+                                    .store(paused, std::sync::atomic::Ordering::Relaxed);
                                 if let Ok(mut p) = res.resync.lock() {
                                     p.get_or_insert_with(|| {
                                         crate::resource::ResyncProgress::start(total)
