@@ -1455,6 +1455,9 @@ impl Resource {
         let tx = self.peer_tx.lock().ok().and_then(|t| t.clone());
         let seen = self.connections_established();
         if let Some(tx) = tx.filter(|_| established(self.link().state)) {
+            // The close that follows is this node's own doing, whichever side makes it.
+            self.planned_reconnect
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             let sent =
                 tokio::time::timeout(Duration::from_secs(2), tx.send(proto::peer::Msg::Reconnect))
                     .await

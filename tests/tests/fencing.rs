@@ -971,6 +971,7 @@ fn a_secondarys_invalidate_reconnects_without_fencing_it() {
     wait_disk(b, "up-to-date", Duration::from_secs(20));
     // The primary heard why the link closed.
     wait_log(a, "the peer reconnects (a planned reconnect)");
+    wait_log(b, "a planned reconnect, as this node asked");
     // Past the grace a planned reconnect has before the peer counts as lost.
     std::thread::sleep(Duration::from_secs(11));
     let fence_log = std::fs::read_to_string(&log).unwrap_or_default();

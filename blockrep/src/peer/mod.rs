@@ -512,6 +512,14 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         let asked = res
             .planned_reconnect
             .swap(false, std::sync::atomic::Ordering::SeqCst);
+        // The peer closing the link this node asked it to close (`Msg::Reconnect`) is no
+        // fault either.
+        let r = match r {
+            Err(LinkError::Io(e)) if asked && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(LinkError::Closed(RECONNECT_ASKED))
+            }
+            r => r,
+        };
         // Or the peer said it closes only to reconnect (`Msg::Reconnect`).
         let planned = matches!(&r, Err(LinkError::Closed(why))
             if (asked && *why == ADMIN_CLOSE) || *why == PEER_RECONNECTS);
@@ -562,7 +570,10 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
             && match &r {
                 Ok(()) => false,
                 Err(LinkError::Closed(why)) => {
-                    *why != ADMIN_CLOSE && *why != PEER_RECONNECTS && !why.starts_with("replaced")
+                    *why != ADMIN_CLOSE
+                        && *why != PEER_RECONNECTS
+                        && *why != RECONNECT_ASKED
+                        && !why.starts_with("replaced")
                 }
                 Err(_) => true,
             };
@@ -613,6 +624,9 @@ const ADMIN_CLOSE: &str = "role change or admin command";
 /// Why a link closed because the peer asked (`Msg::Reconnect`): it reconnects at once.
 pub(super) const PEER_RECONNECTS: &str = "the peer reconnects (a planned reconnect)";
 
+/// Why a link closed: the peer closed it as this node asked (`Msg::Reconnect`).
+const RECONNECT_ASKED: &str = "a planned reconnect, as this node asked";
+
 /// Why a secondary closed its link: its primary went down cleanly (`Msg::Leaving`).
 pub(super) const PEER_LEFT: &str = "the peer went down cleanly";
 
@@ -658,7 +672,8 @@ fn log_link_error(res: &Resource, e: &LinkError, established: bool) {
             if *why == ADMIN_CLOSE
                 || *why == PEER_LEFT
                 || *why == SECONDARY_STOPPED
-                || *why == PEER_RECONNECTS =>
+                || *why == PEER_RECONNECTS
+                || *why == RECONNECT_ASKED =>
         {
             tracing::info!("peer link: {e}")
         }
