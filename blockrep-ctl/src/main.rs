@@ -645,6 +645,13 @@ fn dump_md(cfg: &Config) -> Result<()> {
         "peer-durable    gen {:016X} seq {}",
         sb.peer_durable.0, sb.peer_durable.1
     );
+    // A resync's end the peer may have taken without this node hearing so.
+    if sb.sync_done_unacked() != 0 {
+        println!(
+            "sync-done-unacked {:016X} (the peer may be at this generation: a bitmap resync brings it up to date)",
+            sb.sync_done_unacked()
+        );
+    }
     println!("data-size       {}", l.data_size);
     println!(
         "bitmap          offset {} len {} ({} B/bit)",

@@ -23,7 +23,7 @@ pub const AL_AREA: u64 = 64 * 1024;
 /// Smallest data area worth exporting.
 pub const MIN_DATA: u64 = 1 << 20;
 const MAGIC: u64 = 0x6272_6570_6d64_0001; // "brepmd" v1
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// Format 1 had no record terms: its superblock is format 2's without the two trailing term
 /// fields, read as if they were 0 ("not known": the first connect after the upgrade resyncs
 /// the bitmap rather than trusting a journal catch-up it cannot check).
@@ -35,6 +35,8 @@ const FORMAT_V2: u32 = 2;
 const FORMAT_V3: u32 = 3;
 /// Format 4 had no `peer_durable`: read as (0, 0), nothing heard (two bytes at the end).
 const FORMAT_V4: u32 = 4;
+/// Format 5 had no `sync_done_sent`: read as (0, 0), none (two bytes at the end).
+const FORMAT_V5: u32 = 5;
 
 /// DRBD's "just created" current generation: both sides fresh, nothing written yet.
 pub const UUID_JUST_CREATED: u64 = 4;
@@ -468,9 +470,29 @@ pub struct Superblock {
     /// peer holding less at that generation went back in time (its disk restored from an
     /// image): kept across this node's restarts for that.
     pub peer_durable: (u64, u64),
+    /// A resync's end this node, its source, told the peer about and has not heard
+    /// acknowledged: (its bitmap generation then, the generation the peer adopts with the
+    /// SyncDone). Committed before the SyncDone is sent, cleared with the `after_sync`
+    /// commit that follows its acknowledgement, and meaningful only while the bitmap
+    /// generation is still that one (see [`Self::sync_done_unacked`]). (0, 0): none.
+    pub sync_done_sent: (u64, u64),
 }
 
 impl Superblock {
+    /// The generation a peer may have adopted from this node's last SyncDone, whose
+    /// acknowledgement never came (the link dropped just then), as long as this node's
+    /// bitmap still counts from where it did then; 0: none. A peer at it holds this node's
+    /// data as of that SyncDone, so this node's bitmap covers what it lacks (see
+    /// `state::compare_generations`), however many generations this node started since.
+    pub fn sync_done_unacked(&self) -> u64 {
+        let (bitmap, gen) = self.sync_done_sent;
+        if crate::state::names_a_generation(bitmap) && bitmap == self.gen.bitmap {
+            gen
+        } else {
+            0
+        }
+    }
+
     /// Moves the durable applied mark to `(seq, term)` unless it is already past `seq` (the
     /// newer of two marks at one sequence wins: it is the record this node holds now).
     pub fn advance_applied(&mut self, (seq, term): (u64, u64)) {
@@ -510,7 +532,16 @@ impl Superblock {
             return None;
         }
         let version = u32::from_le_bytes(slot[8..12].try_into().ok()?);
-        if ![FORMAT_VERSION, FORMAT_V4, FORMAT_V3, FORMAT_V2, FORMAT_V1].contains(&version) {
+        if ![
+            FORMAT_VERSION,
+            FORMAT_V5,
+            FORMAT_V4,
+            FORMAT_V3,
+            FORMAT_V2,
+            FORMAT_V1,
+        ]
+        .contains(&version)
+        {
             return None;
         }
         let len = u32::from_le_bytes(slot[12..16].try_into().ok()?) as usize;
@@ -524,13 +555,14 @@ impl Superblock {
         }
         let sb: Self = if version != FORMAT_VERSION {
             // The fields an older format lacks, as postcard encodes 0 and false: one byte
-            // each (format 1: the two terms, `lost_writes`, `peer_left`, `handed_over` and
-            // the two of `peer_durable`; format 2: the last five; format 3: the last four;
-            // format 4: the last two).
+            // each (format 1: the two terms, `lost_writes`, `peer_left`, `handed_over`, the
+            // two of `peer_durable` and the two of `sync_done_sent`; format 2: the last
+            // seven; format 3: the last six; format 4: the last four; format 5: the last two).
             let missing: &[u8] = match version {
-                FORMAT_V1 => &[0; 7],
-                FORMAT_V2 => &[0; 5],
-                FORMAT_V3 => &[0; 4],
+                FORMAT_V1 => &[0; 9],
+                FORMAT_V2 => &[0; 7],
+                FORMAT_V3 => &[0; 6],
+                FORMAT_V4 => &[0; 4],
                 _ => &[0; 2],
             };
             let mut payload = slot[16..end].to_vec();
@@ -830,6 +862,7 @@ impl MetaStore {
             peer_left: false,
             handed_over: false,
             peer_durable: (0, 0),
+            sync_done_sent: (0, 0),
         };
         let mut store = MetaStore {
             file: Arc::new(file),
@@ -1135,13 +1168,14 @@ mod tests {
             peer_left: true,
             handed_over: true,
             peer_durable: (0xabc, 7),
+            sync_done_sent: (3, 0xdef),
         }
     }
 
     /// A slot of format 1 (no term fields, no `lost_writes`), built by hand as that format
     /// wrote it.
     fn v1_slot(sb: &Superblock) -> Vec<u8> {
-        old_slot(sb, FORMAT_V1, 7)
+        old_slot(sb, FORMAT_V1, 9)
     }
 
     /// A slot of an older format: the current payload without its last `missing` bytes
@@ -1218,10 +1252,11 @@ mod tests {
             peer_left: false,
             handed_over: false,
             peer_durable: (0, 0),
+            sync_done_sent: (0, 0),
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V2, 5)),
+            Superblock::decode(&old_slot(&old, FORMAT_V2, 7)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1237,10 +1272,11 @@ mod tests {
             peer_left: false,
             handed_over: false,
             peer_durable: (0, 0),
+            sync_done_sent: (0, 0),
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V3, 4)),
+            Superblock::decode(&old_slot(&old, FORMAT_V3, 6)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1255,10 +1291,11 @@ mod tests {
     fn a_format_4_superblock_is_read_with_nothing_heard_of_the_peer() {
         let old = Superblock {
             peer_durable: (0, 0),
+            sync_done_sent: (0, 0),
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V4, 2)),
+            Superblock::decode(&old_slot(&old, FORMAT_V4, 4)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1266,6 +1303,40 @@ mod tests {
             ..old
         };
         assert_eq!(Superblock::decode(&new.encode().unwrap()), Some(new));
+    }
+
+    #[test]
+    fn a_format_5_superblock_is_read_with_no_unacknowledged_sync_done() {
+        let old = Superblock {
+            sync_done_sent: (0, 0),
+            ..sb()
+        };
+        assert_eq!(
+            Superblock::decode(&old_slot(&old, FORMAT_V5, 2)),
+            Some(old.clone())
+        );
+        let new = Superblock {
+            gen: Generations {
+                bitmap: 0x77,
+                ..old.gen
+            },
+            sync_done_sent: (0x77, 0x1234_5678_9abc_def0),
+            ..old
+        };
+        assert_eq!(
+            Superblock::decode(&new.encode().unwrap()),
+            Some(new.clone())
+        );
+        // Meaningful only while the bitmap generation is the one it was recorded with.
+        assert_eq!(new.sync_done_unacked(), 0x1234_5678_9abc_def0);
+        let moved = Superblock {
+            gen: Generations {
+                bitmap: 0,
+                ..new.gen
+            },
+            ..new
+        };
+        assert_eq!(moved.sync_done_unacked(), 0);
     }
 
     fn sb_with_zero_terms() -> Superblock {
@@ -1276,6 +1347,7 @@ mod tests {
             peer_left: false,
             handed_over: false,
             peer_durable: (0, 0),
+            sync_done_sent: (0, 0),
             ..sb()
         }
     }

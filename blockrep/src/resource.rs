@@ -1036,7 +1036,7 @@ impl Resource {
 
     /// What this node tells its peer.
     pub fn node_state(&self) -> NodeState {
-        let (disk, gen, promoted_ms, durable, known) = {
+        let (disk, gen, promoted_ms, durable, known, unacked) = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
             (
                 m.sb.disk,
@@ -1044,6 +1044,7 @@ impl Resource {
                 m.sb.promoted_ms,
                 m.sb.applied_seq,
                 m.heard,
+                m.sb.sync_done_unacked(),
             )
         };
         let (applied, applied_term, issued, first, oos) = match &self.rep {
@@ -1067,6 +1068,7 @@ impl Resource {
                 current: gen.current,
                 bitmap: gen.bitmap,
                 history: gen.history,
+                sync_done_unacked: unacked,
             },
             applied_seq: applied,
             applied_term,
@@ -1475,6 +1477,16 @@ impl Resource {
             if sent && !(self.connections_established() == seen && established(self.link().state)) {
                 self.link().lost_at = None;
                 return;
+            }
+            if sent {
+                tracing::warn!(
+                    "the peer did not close the link for the planned reconnect within 3 s: closing it here, which a primary with fencing may take for a lost peer"
+                );
+            } else {
+                // Nothing told the peer: the close below is an ordinary one for it, and a
+                // flag left set would cover some later close.
+                self.planned_reconnect
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
             }
         }
         self.redial(|c| {
@@ -2116,9 +2128,12 @@ impl Resource {
     /// promote it over the peer's writes.
     pub async fn peer_met_again(&self, peer: &NodeState) -> Result<(), NodeError> {
         let peer_gen = crate::peer::gens(&peer.gen);
+        let peer_unacked = peer.gen.sync_done_unacked;
         let peer_primary = peer.primary;
         self.update_meta_if_changed(move |sb| {
-            if !peer_primary && !state::peer_is_ahead(&sb.gen, &peer_gen) {
+            if !peer_primary
+                && !state::peer_is_ahead(&sb.gen, sb.sync_done_unacked(), &peer_gen, peer_unacked)
+            {
                 sb.handed_over = false;
             }
             Ok(())
@@ -2809,6 +2824,15 @@ impl Resource {
         self.role.lock().map(|r| *r).unwrap_or(Role::Secondary)
     }
 
+    /// `Superblock::sync_done_sent` as committed.
+    pub fn sync_done_sent(&self) -> (u64, u64) {
+        self.meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sb
+            .sync_done_sent
+    }
+
     fn with_meta<T>(&self, f: impl FnOnce(&mut MetaStore) -> T) -> Result<T, NodeError> {
         let mut m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         Ok(f(&mut m))
@@ -2909,7 +2933,11 @@ impl Resource {
         }
         let new_id = random_id();
         let peer_gen = match peer {
-            PeerView::Connected(_) => self.link().peer.as_ref().map(|p| crate::peer::gens(&p.gen)),
+            PeerView::Connected(_) => self
+                .link()
+                .peer
+                .as_ref()
+                .map(|p| (crate::peer::gens(&p.gen), p.gen.sync_done_unacked)),
             _ => None,
         };
         let gen_before = self.node_state().gen.current;
@@ -2927,11 +2955,18 @@ impl Resource {
         // leave): any since makes it stale, checked again under the commit.
         let mut decided_at: Option<u64> = None;
         if !force {
-            let (disk, gen, handed_over) = {
+            let (disk, gen, handed_over, unacked) = {
                 let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-                (m.sb.disk, m.sb.gen, m.sb.handed_over)
+                (
+                    m.sb.disk,
+                    m.sb.gen,
+                    m.sb.handed_over,
+                    m.sb.sync_done_unacked(),
+                )
             };
-            if let Some(pg) = peer_gen.filter(|pg| state::peer_is_ahead(&gen, pg)) {
+            if let Some((pg, _)) =
+                peer_gen.filter(|(pg, pu)| state::peer_is_ahead(&gen, unacked, pg, *pu))
+            {
                 return Err(peer_ahead(&pg, &gen, disk));
             }
             // (An inconsistent target is refused below, saying so.)
@@ -3050,7 +3085,9 @@ impl Resource {
             sb.handed_over = false;
             // A connected peer with newer data (it is resyncing or catching this node up)
             // would be overwritten by this node's older data once it writes as primary.
-            if let Some(pg) = peer_gen.filter(|pg| !force && state::peer_is_ahead(&sb.gen, pg)) {
+            if let Some((pg, _)) = peer_gen.filter(|(pg, pu)| {
+                !force && state::peer_is_ahead(&sb.gen, sb.sync_done_unacked(), pg, *pu)
+            }) {
                 return Err(peer_ahead(&pg, &sb.gen, sb.disk));
             }
             let p =

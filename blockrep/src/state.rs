@@ -527,14 +527,33 @@ impl SyncDecision {
 /// Compares generation identifiers. `me`/`peer`: each side's ids. The rules, in order:
 /// both fresh → in sync (no data written since create-md on either); one fresh → full sync from
 /// the other; same current → in sync; one's bitmap id is the other's current → bitmap resync
-/// from the one that moved on; both moved on from the same point → split brain; one's current
-/// in the other's history → a resync from the newer (by its bitmap only where that provably
-/// counts from before the other's current, else full); otherwise unrelated.
+/// from the one that moved on; (with [`compare_generations_unacked`]: one's current is where
+/// the other's unacknowledged SyncDone left it → bitmap resync from the other); both moved on
+/// from the same point → split brain; one's current in the other's history → a resync from
+/// the newer (by its bitmap only where that provably counts from before the other's current,
+/// else full); both moved on from related points → split brain; otherwise unrelated.
 ///
 /// The fresh id (create-md's) is never a common point: two disks created apart hold unrelated
 /// data until a sync relates them, so a match on it (two nodes each forced primary from
 /// fresh, or a replaced disk forced primary) proves nothing in common.
 pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision {
+    compare_generations_unacked(me, 0, peer, 0)
+}
+
+/// [`compare_generations`] with what each side knows of a SyncDone it sent and never heard
+/// acknowledged (`Superblock::sync_done_unacked`: the generation the target adopts with
+/// it, while the sender's bitmap still counts from where it did then; 0: none). A peer at
+/// that generation holds the sender's data as of the SyncDone: everything the sender wrote
+/// since is in its bitmap, which counts from the older bitmap generation, so a bitmap resync
+/// from the sender brings the peer up to date, however many generations the sender started
+/// since. Without this, two of them push the peer's generation out of the sender's two-entry
+/// history, and the two look like a split brain (found by `state_sim`).
+pub fn compare_generations_unacked(
+    me: &Generations,
+    me_unacked: u64,
+    peer: &Generations,
+    peer_unacked: u64,
+) -> SyncDecision {
     use crate::meta::UUID_JUST_CREATED as FRESH;
     use SyncDecision::*;
     let (m, p) = (me, peer);
@@ -555,8 +574,29 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
     if real(p.bitmap) && p.bitmap == m.current {
         return TargetBitmap;
     }
-    // Both moved on from the same point.
-    if real(m.bitmap) && m.bitmap == p.bitmap {
+    // One side is where the other's unacknowledged SyncDone left it (see above).
+    let me_unacked = if real(m.bitmap) && real(me_unacked) {
+        me_unacked
+    } else {
+        0
+    };
+    let peer_unacked = if real(p.bitmap) && real(peer_unacked) {
+        peer_unacked
+    } else {
+        0
+    };
+    if me_unacked != 0 && me_unacked == p.current {
+        return SourceBitmap;
+    }
+    if peer_unacked != 0 && peer_unacked == m.current {
+        return TargetBitmap;
+    }
+    // Both moved on from the same point (for one side, perhaps the point its unacknowledged
+    // SyncDone left the other at).
+    if real(m.bitmap) && m.bitmap == p.bitmap
+        || me_unacked != 0 && me_unacked == p.bitmap
+        || peer_unacked != 0 && peer_unacked == m.bitmap
+    {
         return SplitBrain;
     }
     // One side went through the other's current generation and moved on: it is ahead.
@@ -577,6 +617,8 @@ pub fn compare_generations(me: &Generations, peer: &Generations) -> SyncDecision
     // Both moved on from related points.
     if (real(m.bitmap) && p.history.contains(&m.bitmap))
         || (real(p.bitmap) && m.history.contains(&p.bitmap))
+        || (me_unacked != 0 && p.history.contains(&me_unacked))
+        || (peer_unacked != 0 && m.history.contains(&peer_unacked))
     {
         return SplitBrain;
     }
@@ -678,9 +720,15 @@ pub fn back_in_time(me: &Held, peer: &Held, by_generations: SyncDecision) -> Opt
 
 /// Whether a peer with generations `peer` has data this node lacks and no data of this
 /// node's is newer (it is the sync source): promoting this node over it would lose its writes.
-pub fn peer_is_ahead(me: &Generations, peer: &Generations) -> bool {
+/// `me_unacked`, `peer_unacked`: see [`compare_generations_unacked`].
+pub fn peer_is_ahead(
+    me: &Generations,
+    me_unacked: u64,
+    peer: &Generations,
+    peer_unacked: u64,
+) -> bool {
     matches!(
-        compare_generations(me, peer),
+        compare_generations_unacked(me, me_unacked, peer, peer_unacked),
         SyncDecision::TargetBitmap | SyncDecision::TargetFull
     )
 }
@@ -920,6 +968,54 @@ mod gen_tests {
         let later = new_generation(good, 12);
         assert_eq!(later, g(12, 11, 11, 10));
         check(later, g(11, 0, 10, 9), SourceBitmap);
+    }
+
+    /// Both sides of a comparison where `a` holds an unacknowledged SyncDone to `unacked`.
+    fn check_unacked(a: Generations, unacked: u64, b: Generations, want: SyncDecision) {
+        assert_eq!(
+            compare_generations_unacked(&a, unacked, &b, 0),
+            want,
+            "{a:?} (unacked {unacked:X}) vs {b:?}"
+        );
+        assert_eq!(
+            compare_generations_unacked(&b, 0, &a, unacked),
+            mirror(want),
+            "{b:?} vs {a:?} (unacked {unacked:X})"
+        );
+    }
+
+    /// A source whose SyncDone (to generation 13, its bitmap counting from 11) was never
+    /// acknowledged: the target may be at 13 or, had it not applied the SyncDone, at 11.
+    /// However many generations the source starts alone, both are bitmap resyncs from it;
+    /// a target that moved on from 13 is a split brain; without the record, two
+    /// generations made the first a split brain.
+    #[test]
+    fn an_unacknowledged_sync_done_keeps_the_target_a_bitmap_resync_away() {
+        let at_done = g(13, 11, 12, 10);
+        let target_took_it = after_sync(at_done);
+        let target_did_not = g(11, 0, 10, 9);
+        let mut alpha = at_done;
+        for (i, id) in [14, 15, 16, 17].into_iter().enumerate() {
+            alpha = new_generation(alpha, id);
+            assert_eq!(alpha.bitmap, 11, "the bitmap still counts from 11");
+            check_unacked(alpha, 13, target_took_it, SourceBitmap);
+            check_unacked(alpha, 13, target_did_not, SourceBitmap);
+            if i >= 2 {
+                // 13 left alpha's history: without the record, a split brain.
+                check(alpha, target_took_it, SplitBrain);
+            }
+        }
+        // The target moved on from 13 (promoted while alpha was away): both changed data.
+        let beta = new_generation(target_took_it, 30);
+        check_unacked(alpha, 13, beta, SplitBrain);
+        let beta = new_generation(new_generation(beta, 31), 32);
+        check_unacked(alpha, 13, beta, SplitBrain);
+        // A record whose bitmap generation is gone (after_sync of a later sync) says nothing.
+        let done = after_sync(alpha);
+        assert_eq!(
+            compare_generations_unacked(&done, 13, &target_took_it, 0),
+            compare_generations(&done, &target_took_it)
+        );
     }
 
     #[test]

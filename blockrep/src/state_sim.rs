@@ -33,11 +33,11 @@
 //! that seed. A failure prints the sequence's seed and the shortest event sequence found that
 //! still fails, step by step.
 //!
-//! One finding is kept out of the property test, in two ignored tests that fail while it
-//! stands ([`finding_split_brain_after_a_lost_sync_done_ack`],
-//! [`finding_unrelated_after_a_lost_sync_done_ack`]): a verdict is counted as that finding
-//! only when it fails and the same real decision, with the stale bitmap id replaced by what
-//! `after_sync` would have left, passes every check ([`World::classify`]).
+//! Its one finding so far (a spurious split brain, or unrelated data, after a resync's end
+//! whose acknowledgement was lost: the source's two-entry history forgot where the target
+//! was) is fixed (`Superblock::sync_done_sent`) and kept as two regression tests
+//! ([`a_lost_sync_done_ack_then_two_generations_is_a_bitmap_resync`],
+//! [`a_lost_sync_done_ack_then_generations_on_both_is_a_split_brain`]).
 
 use crate::meta::{DiskState, Generations, UUID_JUST_CREATED};
 use crate::state::{self, AfterSb0Pri, DiskRule, PeerView, Role, SbFacts, SyncDecision};
@@ -45,11 +45,6 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 const NAMES: [&str; 2] = ["alpha", "beta"];
-
-/// The finding kept in its own ignored tests
-/// ([`finding_split_brain_after_a_lost_sync_done_ack`],
-/// [`finding_unrelated_after_a_lost_sync_done_ack`]).
-const STALE_BITMAP: &str = "wrong verdict after a lost SyncDone acknowledgement";
 
 fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -93,6 +88,9 @@ enum Interrupt {
     AfterSyncStart,
     /// The target committed the SyncDone, the source never heard its acknowledgement.
     BeforeSyncDoneAck,
+    /// The source sent the SyncDone (its record of it on disk), the target had every region
+    /// but never committed it.
+    BeforeSyncDoneApplied,
 }
 
 /// The random parts of one connection.
@@ -119,9 +117,10 @@ impl Link {
     fn random(rng: &mut Rng) -> Self {
         Link {
             journal_lost: rng.chance(1, 4),
-            interrupt: match rng.below(10) {
+            interrupt: match rng.below(12) {
                 0 => Interrupt::AfterSyncStart,
                 1 => Interrupt::BeforeSyncDoneAck,
+                2 => Interrupt::BeforeSyncDoneApplied,
                 _ => Interrupt::No,
             },
             acked: rng.chance(1, 2),
@@ -184,6 +183,7 @@ fn link_str(l: &Link) -> String {
             );
         }
         Interrupt::BeforeSyncDoneAck => s.push_str(" cut-before-SyncDone-ack"),
+        Interrupt::BeforeSyncDoneApplied => s.push_str(" cut-before-SyncDone-applied"),
     }
     s
 }
@@ -281,14 +281,24 @@ struct Node {
     writes: BTreeSet<u32>,
     /// Ground truth: the regions the dirty bitmap names.
     bm: BTreeSet<u32>,
-    /// This node was the source of a sync whose target committed the SyncDone, and never
-    /// heard so: its bitmap generation is older than the target's current one, which is
-    /// kept here (had the source committed `after_sync`, its next generation would have
-    /// taken it as its bitmap generation).
-    stale_bitmap: Option<u64>,
+    /// `Superblock::sync_done_sent`: this node was the source of a sync whose target
+    /// committed the SyncDone, and never heard so: (its bitmap generation then, the
+    /// generation the target adopted). Set before the SyncDone and cleared at its
+    /// acknowledgement in the real code; here, set only when the acknowledgement is lost.
+    sync_done_sent: (u64, u64),
 }
 
 impl Node {
+    /// `Superblock::sync_done_unacked`.
+    fn unacked(&self) -> u64 {
+        let (bitmap, gen) = self.sync_done_sent;
+        if state::names_a_generation(bitmap) && bitmap == self.gen.bitmap {
+            gen
+        } else {
+            0
+        }
+    }
+
     fn new(gen: Generations, disk: DiskState) -> Self {
         Node {
             gen,
@@ -304,7 +314,7 @@ impl Node {
             sb_link: false,
             writes: BTreeSet::new(),
             bm: BTreeSet::new(),
-            stale_bitmap: None,
+            sync_done_sent: (0, 0),
         }
     }
 
@@ -377,7 +387,8 @@ struct Decided {
 /// is restored from an image, so it has nothing to say).
 fn decide(me: &Node, peer: &Node) -> Decided {
     use SyncDecision::*;
-    let mut decision = state::compare_generations(&me.gen, &peer.gen);
+    let mut decision =
+        state::compare_generations_unacked(&me.gen, me.unacked(), &peer.gen, peer.unacked());
     let by_generations = decision;
     let journal_ok = matches!(decision, InSync | SourceBitmap);
     // DRBD's crashed-primary rule.
@@ -961,7 +972,7 @@ impl World {
         } else if view == PeerView::Unknown && me.sb_link {
             Err("split brain: settle it first")
         } else if matches!(view, PeerView::Connected(_))
-            && state::peer_is_ahead(&me.gen, &self.n[o].gen)
+            && state::peer_is_ahead(&me.gen, me.unacked(), &self.n[o].gen, self.n[o].unacked())
         {
             Err("the peer has newer data")
         } else if me.handed_over && !self.connected {
@@ -1058,7 +1069,14 @@ impl World {
         }
         for n in 0..2 {
             let o = 1 - n;
-            if !self.n[o].primary() && !state::peer_is_ahead(&self.n[n].gen, &self.n[o].gen) {
+            if !self.n[o].primary()
+                && !state::peer_is_ahead(
+                    &self.n[n].gen,
+                    self.n[n].unacked(),
+                    &self.n[o].gen,
+                    self.n[o].unacked(),
+                )
+            {
                 self.n[n].handed_over = false;
             }
         }
@@ -1110,9 +1128,7 @@ impl World {
                 self.discarded.extend(gone);
             }
         }
-        if let Err(v) = self.check_verdict(&a, outcome, flow) {
-            return Err(self.classify(v));
-        }
+        self.check_verdict(&a, outcome, flow)?;
         match outcome {
             SplitBrain => {
                 self.split_brain = true;
@@ -1134,43 +1150,6 @@ impl World {
             }
         }
         Ok(())
-    }
-
-    /// A failed verdict where a node's bitmap generation is stale (see
-    /// [`Node::stale_bitmap`]): decided again with that node's bitmap id as `after_sync`
-    /// would have left it; if that verdict passes every check, the failure is the known
-    /// finding ([`finding_split_brain_after_a_lost_sync_done_ack`]).
-    fn classify(&self, v: Violation) -> Violation {
-        if self.n.iter().all(|n| n.stale_bitmap.is_none()) {
-            return v;
-        }
-        let mut repaired = self.clone();
-        for n in &mut repaired.n {
-            if let Some(c) = n.stale_bitmap {
-                if n.gen.bitmap != 0 {
-                    n.gen.bitmap = c;
-                }
-            }
-        }
-        let a = decide(&repaired.n[0], &repaired.n[1]);
-        let b = decide(&repaired.n[1], &repaired.n[0]);
-        let flow = match (a.side, b.side) {
-            (Side::Source, Side::Target) => Some((0, 1)),
-            (Side::Target, Side::Source) => Some((1, 0)),
-            _ => None,
-        };
-        let fixed =
-            a.decision == b.decision.mirror() && repaired.check_verdict(&a, a.side, flow).is_ok();
-        if !fixed {
-            return v;
-        }
-        violation(
-            STALE_BITMAP,
-            format!(
-                "{}: {} (with the stale bitmap id replaced by the generation its target adopted, the verdict would be {:?}, which the ground truth accepts)",
-                v.kind, v.detail, a.decision
-            ),
-        )
     }
 
     fn established(&mut self) {
@@ -1293,6 +1272,13 @@ impl World {
             && match decision {
                 SourceFull => false,
                 // `stream_start`.
+                // (Not to a peer where this node's unacknowledged SyncDone left it.)
+                SourceBitmap
+                    if state::names_a_generation(self.n[x].unacked())
+                        && self.n[x].unacked() == self.n[y].gen.current =>
+                {
+                    false
+                }
                 InSync | SourceBitmap if journal_ok => {
                     !(self.n[x].crashed
                         || self.n[y].discard
@@ -1342,7 +1328,7 @@ impl World {
             ynode.gen.bitmap = 0;
         }
         ynode.bm.clear();
-        ynode.stale_bitmap = None;
+        ynode.sync_done_sent = (0, 0);
         self.n[x].bm = names.clone();
         self.connected = true;
         self.link_primary = self.n[x].primary().then_some(x);
@@ -1379,6 +1365,23 @@ impl World {
     fn finish_sync(&mut self, x: usize, y: usize, link: Link) -> Result<(), Violation> {
         let g = self.n[x].gen;
         let disk = self.n[x].disk;
+        if link.interrupt == Interrupt::BeforeSyncDoneApplied {
+            self.stats.interrupted += 1;
+            if state::names_a_generation(g.bitmap) {
+                self.n[x].sync_done_sent = (g.bitmap, g.current);
+            }
+            // Every region was acknowledged before the SyncDone: the source's bits went.
+            self.n[x].bm.clear();
+            self.cut_in_sync(x, false);
+            // By the ids the source is still a generation ahead of the target, as if it had
+            // moved on apart: should the target now move on too (a forced promotion), both
+            // did, and a split brain (with both bitmaps counting from one generation, which
+            // settles it by a bitmap resync) is the conservative verdict.
+            if self.n[y].gen.current != g.current {
+                self.acted_apart[x] = true;
+            }
+            return self.check_synced(x, y, false);
+        }
         let ynode = &mut self.n[y];
         ynode.gen = state::after_sync(g);
         ynode.disk = disk;
@@ -1387,11 +1390,13 @@ impl World {
         ynode.crashed = false;
         ynode.discard = false;
         ynode.bm.clear();
-        ynode.stale_bitmap = None;
+        ynode.sync_done_sent = (0, 0);
         self.n[x].bm.clear();
         if link.interrupt == Interrupt::BeforeSyncDoneAck {
             self.stats.interrupted += 1;
-            self.n[x].stale_bitmap = Some(g.current);
+            if state::names_a_generation(g.bitmap) {
+                self.n[x].sync_done_sent = (g.bitmap, g.current);
+            }
             // The SyncDone record is past the durable mark the source heard of.
             self.cut_in_sync(x, false);
             return self.check_synced(x, y, false);
@@ -1402,7 +1407,7 @@ impl World {
             xnode.was_primary = false;
         }
         xnode.crashed = false;
-        xnode.stale_bitmap = None;
+        xnode.sync_done_sent = (0, 0);
         self.check_synced(x, y, true)
     }
 
@@ -1600,12 +1605,6 @@ fn report(fresh: bool, events: &[Ev], f: &Failure) -> String {
     )
 }
 
-/// Whether a failure is the known finding kept in its own ignored test below (the property
-/// test excludes nothing else).
-fn known_finding(f: &Failure) -> bool {
-    f.violation.kind == STALE_BITMAP
-}
-
 #[test]
 fn generations_agree_with_ground_truth() {
     let seed = env_u64("BLOCKREP_SIM_SEED").unwrap_or(0xB10C_4E90_2026);
@@ -1616,7 +1615,6 @@ fn generations_agree_with_ground_truth() {
     );
     let started = std::time::Instant::now();
     let mut total = Stats::default();
-    let mut known = 0u64;
     let only = env_u64("BLOCKREP_SIM_SEQ");
     let seeds: Vec<u64> = match only {
         Some(s) => vec![s],
@@ -1629,10 +1627,6 @@ fn generations_agree_with_ground_truth() {
         add(&mut total, &stats);
         total.sequences += 1;
         if let Err(f) = result {
-            if known_finding(&f) && only.is_none() {
-                known += 1;
-                continue;
-            }
             let min = shrink(fresh, &events, f.violation.kind);
             let (_, r) = run(fresh, &min, None);
             let mf = r.expect_err("the shrunk sequence fails");
@@ -1644,9 +1638,6 @@ fn generations_agree_with_ground_truth() {
             );
         }
     }
-    println!(
-        "state_sim: {known} sequences ended in the known finding (finding_*_after_a_lost_sync_done_ack, ignored tests)"
-    );
     println!(
         "state_sim: {} sequences, {} events, {} connects in {:.2?}: {} idle, {} journal streams, {} journal catch-ups, {} bitmap resyncs, {} full syncs ({} cut), {} split brains over diverged data, {} conservative ones (both moved on, no write diverged), {} both-primary, {} refused, {} resolved by discard-my-data; promotions {} plain, {} forced, {} refused; {} flows dropped only unacknowledged writes",
         total.sequences,
@@ -1726,7 +1717,8 @@ fn failover_and_failback_pass() {
     }
 }
 
-/// FINDING (kept out of the property test above, which excludes nothing else).
+/// Was a finding of this simulation (a spurious split brain), fixed by
+/// `Superblock::sync_done_sent`; kept as a regression test.
 ///
 /// Alpha, primary, lost its link right after beta committed the SyncDone of a journal
 /// catch-up and before alpha heard it acknowledged: beta is at alpha's generation (13, its
@@ -1738,21 +1730,14 @@ fn failover_and_failback_pass() {
 /// peer; a `down`/`up` + `primary --force` does the same) push 13 out of alpha's two-entry
 /// history. Beta did nothing since; alpha holds every write beta holds.
 ///
-/// Expected: alpha is the source (TargetBitmap or TargetFull from beta's side: beta lacks
-/// nothing but what alpha changed since 13). Actual: `compare_generations` finds neither
-/// current in the other's history and falls to "both moved on from related points" (beta's
-/// history holds alpha's bitmap id 11): `SplitBrain`, reported as "both nodes changed the
-/// data". No data is lost, but README's split brain is "both nodes wrote while apart", and
-/// the admin must `connect --discard-my-data` on beta, which then takes a full sync
-/// (`split_brain_bitmaps_cover` is false). With one extra generation instead of two, 13 is
-/// still in alpha's history and the verdict is a (correct) full sync.
-///
-/// Responsible: `state::compare_generations` (the history fallback) with `new_generation_of`
-/// keeping a bitmap id the peer has already moved past, after `finish_sync` (peer/primary.rs)
-/// never committed `after_sync` on the source.
+/// Expected: alpha is the source of a bitmap resync (its bitmap counts from 11, before 13).
+/// Before the fix `compare_generations` found neither current in the other's history and
+/// fell to "both moved on from related points" (beta's history holds alpha's bitmap id 11):
+/// `SplitBrain`, which the admin had to settle with a full sync. Now alpha remembers the
+/// generation its unacknowledged SyncDone told beta to adopt, and beta at it is a bitmap
+/// resync's target.
 #[test]
-#[ignore = "finding: a spurious split brain after a lost SyncDone acknowledgement"]
-fn finding_split_brain_after_a_lost_sync_done_ack() {
+fn a_lost_sync_done_ack_then_two_generations_is_a_bitmap_resync() {
     let lost_ack = Link {
         interrupt: Interrupt::BeforeSyncDoneAck,
         ..Link::PLAIN
@@ -1785,21 +1770,20 @@ fn finding_split_brain_after_a_lost_sync_done_ack() {
     }
 }
 
-/// FINDING, the same cause as [`finding_split_brain_after_a_lost_sync_done_ack`], seen as
-/// "unrelated data". As there, alpha's SyncDone acknowledgement is lost and alpha moves on
-/// twice alone (its history no longer holds 13, beta's current); then beta is promoted
-/// with `--force` twice too while alpha is away (its history no longer holds 11, alpha's
-/// bitmap id). Both moved on from one common point, so this is a split brain (README: "A
-/// split brain is detected on both nodes"); alpha may also have written meanwhile.
+/// Was a finding of this simulation, the same cause as
+/// [`a_lost_sync_done_ack_then_two_generations_is_a_bitmap_resync`], seen as "unrelated
+/// data"; kept as a regression test. As there, alpha's SyncDone acknowledgement is lost and
+/// alpha moves on twice alone (its history no longer holds 13, beta's current); then beta is
+/// promoted with `--force` twice too while alpha is away (its history no longer holds 11,
+/// alpha's bitmap id). Both moved on from one common point, so this is a split brain (README:
+/// "A split brain is detected on both nodes"); alpha may also have written meanwhile.
 ///
-/// Expected: `SplitBrain` (both moved on; `connect --discard-my-data` settles it). Actual:
-/// `compare_generations` finds no id of one side among the other's: `Unrelated`, refused as
-/// "another disk, an old one put back, or another resource's", whose advice is `create-md
-/// --force` on one node. Had alpha committed `after_sync`, both bitmap ids would be 13 and
-/// the verdict a split brain, however many generations followed.
+/// Expected: `SplitBrain` (both moved on; `connect --discard-my-data` settles it). Before the
+/// fix: `Unrelated`, refused as "another disk, an old one put back, or another resource's",
+/// whose advice is `create-md --force` on one node. Now beta's bitmap generation, 13, is
+/// where alpha's unacknowledged SyncDone left it.
 #[test]
-#[ignore = "finding: related data called unrelated after a lost SyncDone acknowledgement"]
-fn finding_unrelated_after_a_lost_sync_done_ack() {
+fn a_lost_sync_done_ack_then_generations_on_both_is_a_split_brain() {
     let lost_ack = Link {
         interrupt: Interrupt::BeforeSyncDoneAck,
         ..Link::PLAIN

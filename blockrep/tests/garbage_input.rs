@@ -62,6 +62,7 @@ fn random_superblock(rng: &mut Rng) -> Superblock {
             rng.u64_edge(),
             rng.u64_edge() % blockrep::meta::COUNTER_LIMIT,
         ),
+        sync_done_sent: (rng.u64_edge(), rng.u64_edge()),
     }
 }
 
@@ -491,6 +492,7 @@ fn random_record(rng: &mut Rng, seq: u64) -> (Msg, Vec<u8>) {
                     current: rng.next(),
                     bitmap: rng.next(),
                     history: [rng.next(), rng.next()],
+                    sync_done_unacked: rng.next(),
                 };
                 (
                     Msg::SyncDone {

@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
-/// 19: `Reconnect` (a planned reconnect the peer must not take for a lost node) and
-/// `SyncProgress::paused` (the target shows a resync its source paused).
+/// 19: `Reconnect` (a planned reconnect the peer must not take for a lost node),
+/// `SyncProgress::paused` (the target shows a resync its source paused) and
+/// `GenIds::sync_done_unacked` (a SyncDone whose acknowledgement was lost).
 /// 18: `Ack::synced`: the secondary reports data synced to its disk before the applied mark
 /// that says so is committed, so a flush under C is answered one metadata sync sooner.
 /// 17: `Checkpoint`, a durability point that is not a barrier (the primary's own requests
@@ -56,6 +57,10 @@ pub struct GenIds {
     pub current: u64,
     pub bitmap: u64,
     pub history: [u64; 2],
+    /// The generation the peer adopts with this node's last SyncDone, if this node never
+    /// heard it acknowledged and its bitmap still counts from where it did then (protocol
+    /// 19); 0: none. A peer still at it lacks only what this node's bitmap names.
+    pub sync_done_unacked: u64,
 }
 
 /// What each side tells the other after authentication, and again when it changes.

@@ -102,6 +102,7 @@ fn random_gen(rng: &mut Rng) -> GenIds {
         current: rng.u64_edge(),
         bitmap: rng.u64_edge(),
         history: [rng.u64_edge(), rng.u64_edge()],
+        sync_done_unacked: rng.u64_edge(),
     }
 }
 

@@ -907,20 +907,18 @@ fn an_adjust_to_a_policy_that_does_not_freeze_lets_suspended_writes_go_on() {
     c.assert_replicas_identical(size, "after the adjusted fencing");
 }
 
-/// `invalidate-remote` drops the link only to reconnect at once: under fencing that is not a
-/// lost peer, so the fence-peer handler (which may power the peer off) does not run, and the
-/// full resync follows. Under resource-and-stonith writes wait out the reconnect only.
-#[test]
-fn invalidate_remote_reconnects_without_fencing_the_peer() {
-    let tmp = TestDir::new("fence-inval-remote");
-    let (c, log) = fenced_pair_with("fence-inval-remote", &tmp, "resource-and-stonith");
+/// A command that drops the link only to reconnect at once (`run` issues it and checks its
+/// answer), under `resource-and-stonith`: not a lost peer, so the fence-peer handler (which may
+/// power the peer off) does not run, not even after the grace a planned reconnect has; a write
+/// on the primary waits out the reconnect only; the full resync of beta follows.
+fn reconnects_without_fencing(test: &str, run: impl FnOnce(&Node, &Node)) {
+    let tmp = TestDir::new(test);
+    let (c, log) = fenced_pair_with(test, &tmp, "resource-and-stonith");
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
     let data = write_data(a, c.dir().path(), "before.bin", 4);
     c.wait_in_sync(SYNC_TIMEOUT);
-    let out = a.ctl_ok(&["invalidate-remote"]).stdout;
-    assert!(out.contains("beta invalidated"), "{out}");
-    // A write during the reconnect is answered once the link is back, not after a fence.
+    run(a, b);
     let (r, _, fence_log) = held_write(a, 8 * MIB, &log).join().expect("write thread");
     assert_eq!(r, Ok(()), "a write during the planned reconnect");
     assert!(!fence_log.contains("run "), "the handler ran:\n{fence_log}");
@@ -940,46 +938,27 @@ fn invalidate_remote_reconnects_without_fencing_the_peer() {
         "the fence-peer handler ran for a planned reconnect:\n{fence_log}"
     );
     assert!(suspended(a).is_null(), "{}", a.status_json());
-    c.assert_replicas_identical(size, "after invalidate-remote under fencing");
+    c.assert_replicas_identical(size, "after the planned reconnect under fencing");
     assert_eq!(&b.backing_data(data.len() as u64), &data);
 }
 
-/// A secondary's own `invalidate` reconnects too, and tells its primary so first
-/// (`Msg::Reconnect`): the primary does not take it for lost, so its fence-peer handler (a
-/// STONITH one would power the secondary off) does not run; writes on the primary wait out
-/// the reconnect only, and the full resync follows.
+/// `invalidate-remote` on the primary.
+#[test]
+fn invalidate_remote_reconnects_without_fencing_the_peer() {
+    reconnects_without_fencing("fence-inval-remote", |a, _| {
+        let out = a.ctl_ok(&["invalidate-remote"]).stdout;
+        assert!(out.contains("beta invalidated"), "{out}");
+    });
+}
+
+/// A secondary's own `invalidate`: it tells its primary first that the reconnect is planned
+/// (`Msg::Reconnect`), and both log it so.
 #[test]
 fn a_secondarys_invalidate_reconnects_without_fencing_it() {
-    let tmp = TestDir::new("fence-inval-sec");
-    let (c, log) = fenced_pair_with("fence-inval-sec", &tmp, "resource-and-stonith");
-    let (a, b) = (c.alpha(), c.beta());
-    let size = a.size();
-    let data = write_data(a, c.dir().path(), "before.bin", 4);
-    c.wait_in_sync(SYNC_TIMEOUT);
-    let out = b.ctl_ok(&["invalidate"]).stdout;
-    assert!(out.contains("beta invalidated"), "{out}");
-    let (r, _, fence_log) = held_write(a, 8 * MIB, &log).join().expect("write thread");
-    assert_eq!(r, Ok(()), "a write during the planned reconnect");
-    assert!(!fence_log.contains("run "), "the handler ran:\n{fence_log}");
-    let mut resynced = false;
-    watch(&c, Duration::from_secs(60), "the full resync", |sa, sb| {
-        if sa["replication"]["connection"] == "sync-source" {
-            resynced = true;
-        }
-        resynced && pair_synced(sa, sb)
+    reconnects_without_fencing("fence-inval-sec", |a, b| {
+        let out = b.ctl_ok(&["invalidate"]).stdout;
+        assert!(out.contains("beta invalidated"), "{out}");
+        wait_log(a, "the peer reconnects (a planned reconnect)");
+        wait_log(b, "a planned reconnect, as this node asked");
     });
-    wait_disk(b, "up-to-date", Duration::from_secs(20));
-    // The primary heard why the link closed.
-    wait_log(a, "the peer reconnects (a planned reconnect)");
-    wait_log(b, "a planned reconnect, as this node asked");
-    // Past the grace a planned reconnect has before the peer counts as lost.
-    std::thread::sleep(Duration::from_secs(11));
-    let fence_log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        !fence_log.contains("run "),
-        "the fence-peer handler ran for a secondary's invalidate:\n{fence_log}"
-    );
-    assert!(suspended(a).is_null(), "{}", a.status_json());
-    c.assert_replicas_identical(size, "after a secondary's invalidate under fencing");
-    assert_eq!(&b.backing_data(data.len() as u64), &data);
 }

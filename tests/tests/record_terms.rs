@@ -189,8 +189,9 @@ fn crc32c(data: &[u8]) -> u32 {
 
 /// Rewrites both superblock slots of the node's metadata (internal, at `offset` in the
 /// backing file) as format 1 wrote them: version 1, and the payload without the fields added
-/// since (format 2's two terms, format 3's `lost_writes` flag and format 4's `peer_left` and
-/// `handed_over` flags, one byte each, last). Only slots
+/// since (format 2's two terms, format 3's `lost_writes` flag, format 4's `peer_left` and
+/// `handed_over` flags, one byte each, format 5's `peer_durable` and format 6's
+/// `sync_done_sent`, two varints each, last). Only slots
 /// whose terms are both 0 could be rewritten exactly, so the terms
 /// are dropped whatever they were (format 1 did not have them).
 fn rewrite_as_format_1(backing: &Path, offset: u64) {
@@ -206,7 +207,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         f.read_exact_at(&mut slot, slot_at).unwrap();
         let version = u32::from_le_bytes(slot[8..12].try_into().unwrap());
         let len = u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
-        if !(2..=5).contains(&version) || 16 + len + 4 > slot.len() {
+        if !(2..=6).contains(&version) || 16 + len + 4 > slot.len() {
             continue;
         }
         let crc = u32::from_le_bytes(slot[16 + len..20 + len].try_into().unwrap());
@@ -220,6 +221,12 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
                 *end -= 1;
             }
         };
+        if version >= 6 {
+            // `sync_done_sent`: two varints (a resync's end not heard acknowledged).
+            for _ in 0..2 {
+                cut_varint(&mut end);
+            }
+        }
         if version >= 5 {
             // `peer_durable`: two varints (what the peer said its disk holds).
             for _ in 0..2 {
@@ -258,7 +265,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
     f.sync_all().unwrap();
     assert!(
         rewritten >= 1,
-        "{}: no superblock of format 2 to 5",
+        "{}: no superblock of format 2 to 6",
         backing.display()
     );
 }
@@ -356,7 +363,7 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
     for n in [a, b] {
         let dump = n.ctl_ok(&["dump-md"]).stdout;
         assert!(
-            dump.contains("format          5\n")
+            dump.contains("format          6\n")
                 && !dump.contains("applied-term    0000000000000000"),
             "{}: not upgraded:\n{dump}",
             n.name()

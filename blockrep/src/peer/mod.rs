@@ -515,7 +515,16 @@ pub async fn run(res: Arc<Resource>, listener: TcpListener, mut ctl: watch::Rece
         // The peer closing the link this node asked it to close (`Msg::Reconnect`) is no
         // fault either.
         let r = match r {
-            Err(LinkError::Io(e)) if asked && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(LinkError::Io(e))
+                if asked
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::BrokenPipe
+                    ) =>
+            {
                 Err(LinkError::Closed(RECONNECT_ASKED))
             }
             r => r,
@@ -939,7 +948,12 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     } else {
         me
     };
-    let mut decision = state::compare_generations(&gens(&me.gen), &gens(&peer.gen));
+    let mut decision = state::compare_generations_unacked(
+        &gens(&me.gen),
+        me.gen.sync_done_unacked,
+        &gens(&peer.gen),
+        peer.gen.sync_done_unacked,
+    );
     let by_generations = decision;
     // The journal can bring the peer back only when the generations alone say so; every
     // override below (crashed primary, discard, policy) means regions the journal never saw.
@@ -1104,8 +1118,16 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // In hex, as dump-md and the error messages show them.
     let hex = |g: &peer::GenIds| {
         format!(
-            "current {:016X} bitmap {:016X} history {:016X} {:016X}",
-            g.current, g.bitmap, g.history[0], g.history[1]
+            "current {:016X} bitmap {:016X} history {:016X} {:016X}{}",
+            g.current,
+            g.bitmap,
+            g.history[0],
+            g.history[1],
+            if g.sync_done_unacked != 0 {
+                format!(" sync-done-unacked {:016X}", g.sync_done_unacked)
+            } else {
+                String::new()
+            }
         )
     };
     let line = format!(

@@ -61,6 +61,19 @@ pub(super) async fn primary_side(
         _ if peer.disk == 0 => Err(LinkError::NeedsResync(
             "the peer is inconsistent (a resync that did not finish)".into(),
         )),
+        // The peer is where this node's unacknowledged SyncDone left it, a generation this
+        // node has moved on from: a journal catch-up whose own SyncDone the peer then missed
+        // would leave it there while the record named the newer one (and two generations
+        // later the pair would look split). A resync's SyncStart first moves it back to the
+        // bitmap generation, which this node's bitmap always counts from.
+        (None, SyncDecision::SourceBitmap)
+            if state::names_a_generation(me.gen.sync_done_unacked)
+                && me.gen.sync_done_unacked == peer.gen.current =>
+        {
+            Err(LinkError::NeedsResync(
+                "the peer took the end of the last resync, which this node never heard acknowledged: a bitmap resync, not the journal, brings it up to date".into(),
+            ))
+        }
         (None, SyncDecision::InSync | SyncDecision::SourceBitmap) if journal_ok => {
             stream_start(res, &peer, &me)
         }
@@ -909,6 +922,19 @@ pub(super) async fn finish_sync(
         ));
     }
     let gen = res.node_state().gen;
+    // On disk before the SyncDone leaves: if its acknowledgement never comes, the target may
+    // be at `gen.current` (see `Superblock::sync_done_sent`), and later generations here must
+    // not make that look like a split brain.
+    let recorded = res.sync_done_sent() == (gen.bitmap, gen.current);
+    if state::names_a_generation(gen.bitmap) && !recorded {
+        res.commit_meta(move |sb| {
+            if sb.gen.bitmap == gen.bitmap {
+                sb.sync_done_sent = (gen.bitmap, gen.current);
+            }
+        })
+        .await
+        .map_err(|e| LinkError::LocalDisk(format!("recording the end of the resync: {e}")))?;
+    }
     let seq = rep.begin(Record::SyncDone { gen }).await?;
     let mut rx = rep.subscribe_acks();
     let _ = rx.wait_for(|a| !a.connected || a.applied >= seq).await;
@@ -964,6 +990,7 @@ pub(super) async fn finish_sync(
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         res.commit_meta(move |sb| {
             sb.gen = state::after_sync(sb.gen);
+            sb.sync_done_sent = (0, 0);
             if premature && sb.disk == crate::meta::DiskState::Outdated {
                 sb.disk = crate::meta::DiskState::UpToDate;
             }

@@ -653,6 +653,9 @@ pub(super) async fn secondary_side(
                                     sb.gen.current = from;
                                     sb.gen.bitmap = 0;
                                 }
+                                // Its data is being replaced: a SyncDone this node once sent
+                                // as a source no longer says where any peer is.
+                                sb.sync_done_sent = (0, 0);
                                     Ok(true)
                                 })
                                 .await
@@ -984,6 +987,9 @@ pub(super) async fn secondary_side(
                                                 _ => DiskState::UpToDate,
                                             };
                                             sb.gen = g;
+                                            // The peer's generations now: a SyncDone this
+                                            // node once sent says nothing any more.
+                                            sb.sync_done_sent = (0, 0);
                                             // SyncDone carries no data: the mark names
                                             // it at once, with the rest (a crash before the
                                             // next checkpoint must not leave an up-to-date
