@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::cmd::{run, run_ok, run_quiet, CmdOutput};
 use crate::guards::ChildGuard;
 use crate::nbd_raw::RawNbd;
-use crate::proc::{kill9, pid_alive, pids_with_arg, wait_pid_gone};
+use crate::proc::{kill9, pid_alive, pids_with_arg};
 use crate::proxy::LinkProxy;
 use crate::testdir::{free_port, TestDir};
 use crate::CMD_TIMEOUT;
@@ -626,10 +626,34 @@ impl Node {
         );
     }
 
-    /// SIGKILLs every daemon pid seen (for fault tests).
+    /// Whether `pid`, remembered as this node's daemon, still is: pids are reused (every
+    /// `blockrep-ctl` run takes one, and `pid_max` may be 32768), so a remembered one may name
+    /// another test's daemon by now, or anything else. A blockrep process with this node's
+    /// config on its command line, or with none left (exiting: a zombie leader whose threads
+    /// still run has an empty command line).
+    fn is_own_daemon(&self, pid: u32) -> bool {
+        let blockrep = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.starts_with("blockrep"));
+        blockrep
+            && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.is_empty()
+                    || c.split(|b| *b == 0).any(|arg| {
+                        String::from_utf8_lossy(arg).contains(&*self.config.to_string_lossy())
+                    })
+            })
+    }
+
+    /// Whether this node's daemon of pid `pid` is still running (not a reused pid).
+    fn own_daemon_alive(&self, pid: u32) -> bool {
+        pid_alive(pid) && self.is_own_daemon(pid)
+    }
+
+    /// SIGKILLs every daemon pid seen that is still this node's daemon (for fault tests).
     pub fn kill9(&self) {
         for pid in self.pids() {
-            kill9(pid);
+            if self.own_daemon_alive(pid) {
+                kill9(pid);
+            }
         }
     }
 
@@ -640,17 +664,28 @@ impl Node {
         self.kill9();
         for p in pids {
             assert!(
-                crate::proc::wait_pid_gone(p, Duration::from_secs(10)),
+                crate::proc::wait_for(Duration::from_secs(10), || !self.own_daemon_alive(p)),
                 "{}'s daemon {p} survived SIGKILL",
                 self.name()
             );
         }
-        // The thread-group leader goes first; the daemon's other threads (a disk write in
-        // flight) may hold its control socket a moment longer, and a `status` then gets no
-        // answer (exit 4) instead of "not up" (exit 3). Over once status says so.
-        crate::proc::wait_for(Duration::from_secs(10), || {
-            self.ctl(&["status", "--json"]).code == Some(3)
+        // The daemon's threads may hold its control socket a moment after the process is
+        // gone from `/proc`'s view, and a `status` then gets no answer (exit 4) instead of
+        // "not up" (exit 3). Over once status says so; one `status` may itself take up to
+        // its 15 s timeout.
+        let mut last = None;
+        let down = crate::proc::wait_for(Duration::from_secs(30), || {
+            let o = self.ctl(&["status", "--json"]);
+            let down = o.code == Some(3);
+            last = Some(o);
+            down
         });
+        assert!(
+            down,
+            "{}'s status after SIGKILL never said it is down:\n{}",
+            self.name(),
+            last.map(|o| o.describe()).unwrap_or_default()
+        );
     }
 
     pub fn create_md(&self) {
@@ -772,13 +807,15 @@ impl Drop for Node {
             } else {
                 Duration::ZERO
             };
-            if pid_alive(pid) && !wait_pid_gone(pid, grace) {
+            if self.own_daemon_alive(pid)
+                && !crate::proc::wait_for(grace, || !self.own_daemon_alive(pid))
+            {
                 eprintln!(
                     "cleanup: daemon of {} (pid {pid}) still alive after down; SIGKILL",
                     self.name
                 );
                 kill9(pid);
-                wait_pid_gone(pid, Duration::from_secs(5));
+                crate::proc::wait_for(Duration::from_secs(5), || !self.own_daemon_alive(pid));
             }
         }
         if panicking {

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-/// Whether `pid` names a live (not zombie) process.
+/// Whether `pid` names a live process: not a zombie, or a zombie thread-group leader whose
+/// other threads still run (a killed daemon's leader goes first; a thread of it in the middle
+/// of a disk write may hold its sockets and files a moment longer).
 pub fn pid_alive(pid: u32) -> bool {
     if pid == 0 {
         return false;
@@ -12,7 +14,10 @@ pub fn pid_alive(pid: u32) -> bool {
     };
     // Format: "pid (comm) S ...": the state follows the last ')'.
     match stat.rfind(')') {
-        Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z' | 'X')),
+        Some(i) if matches!(stat[i + 1..].trim_start().chars().next(), Some('Z' | 'X')) => {
+            std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
+        }
+        Some(_) => true,
         None => false,
     }
 }

@@ -425,13 +425,19 @@ struct DownOnDrop(std::path::PathBuf);
 
 impl Drop for DownOnDrop {
     fn drop(&mut self) {
-        let _ = run(
+        // Never a panic here (one while unwinding aborts the test binary): a `down` that
+        // hangs is given up on, and whatever runs from that config is killed.
+        let _ = run_quiet(
             Command::new(bin_dir().join("blockrep-ctl"))
                 .arg("-c")
                 .arg(&self.0)
                 .args(["-n", "alpha", "down", "--force"]),
             CMD_TIMEOUT,
         );
+        for pid in pids_with_arg(&self.0.to_string_lossy()) {
+            kill9(pid);
+            wait_pid_gone(pid, Duration::from_secs(5));
+        }
     }
 }
 
