@@ -646,11 +646,22 @@ fn bitmap_covers(g: &Generations, past: u64) -> bool {
 }
 
 /// A split brain whose two bitmaps count from one real common generation: together they
-/// name everything either side changed since, so resolving it resyncs what they name. Any
-/// other split brain (found through the histories) resolves with a full sync, as DRBD's
-/// does: what either side changed between the histories' points is in neither bitmap.
-pub fn split_brain_bitmaps_cover(me: &Generations, peer: &Generations) -> bool {
-    me.bitmap == peer.bitmap && names_a_generation(me.bitmap)
+/// name everything either side changed since, so resolving it resyncs what they name. So do
+/// they where one side's bitmap counts from where the other's unacknowledged SyncDone left
+/// it (`me_unacked`, `peer_unacked`: see [`compare_generations_unacked`]): the other's own
+/// bitmap counts from before that point. Any other split brain (found through the histories)
+/// resolves with a full sync, as DRBD's does: what either side changed between the
+/// histories' points is in neither bitmap.
+pub fn split_brain_bitmaps_cover(
+    me: &Generations,
+    me_unacked: u64,
+    peer: &Generations,
+    peer_unacked: u64,
+) -> bool {
+    let real = names_a_generation;
+    (me.bitmap == peer.bitmap && real(me.bitmap))
+        || (real(me.bitmap) && real(me_unacked) && me_unacked == peer.bitmap)
+        || (real(peer.bitmap) && real(peer_unacked) && peer_unacked == me.bitmap)
 }
 
 /// Whether a bitmap (or history) id names a point data was at: not none (0), and not the
@@ -1103,7 +1114,7 @@ mod gen_tests {
         assert_eq!(alpha, g(22, 21, 21, FRESH));
         check(alpha, beta, Unrelated);
         // Nor is a split brain through a shared fresh bitmap one the bitmaps cover.
-        assert!(!split_brain_bitmaps_cover(&beta, &beta));
+        assert!(!split_brain_bitmaps_cover(&beta, 0, &beta, 0));
     }
 
     #[test]
@@ -1111,13 +1122,39 @@ mod gen_tests {
         let alpha = new_generation(g(10, 0, 9, 0), 11);
         let beta = new_generation(g(10, 0, 9, 0), 20);
         check(alpha, beta, SplitBrain);
-        assert!(split_brain_bitmaps_cover(&alpha, &beta));
+        assert!(split_brain_bitmaps_cover(&alpha, 0, &beta, 0));
         // Related only through the histories (a resync's end that its source never heard of,
         // then a second split): the bitmaps count from different points.
         let alpha = g(30, 20, 20, 10);
         let beta = g(40, 10, 20, 10);
         check(alpha, beta, SplitBrain);
-        assert!(!split_brain_bitmaps_cover(&alpha, &beta));
+        assert!(!split_brain_bitmaps_cover(&alpha, 0, &beta, 0));
+        // Unless alpha, whose bitmap counts from 10, knows its unacknowledged SyncDone left
+        // beta at 20, where beta's bitmap counts from: then both name all that either changed.
+        assert!(split_brain_bitmaps_cover(
+            &alpha_at(10),
+            20,
+            &g(40, 20, 25, 20),
+            0
+        ));
+        assert!(split_brain_bitmaps_cover(
+            &g(40, 20, 25, 20),
+            0,
+            &alpha_at(10),
+            20
+        ));
+        // A record for another point says nothing.
+        assert!(!split_brain_bitmaps_cover(
+            &alpha_at(10),
+            25,
+            &g(40, 20, 25, 20),
+            0
+        ));
+    }
+
+    /// A source at 30 whose bitmap counts from `bitmap`.
+    fn alpha_at(bitmap: u64) -> Generations {
+        g(30, bitmap, 20, bitmap)
     }
 }
 

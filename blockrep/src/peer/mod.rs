@@ -1193,7 +1193,12 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // histories rather than one shared bitmap generation is a full sync: what either side
     // changed between the two bitmaps' points is named by neither (DRBD does the same).
     if by_generations == SyncDecision::SplitBrain
-        && !state::split_brain_bitmaps_cover(&gens(&me.gen), &gens(&peer.gen))
+        && !state::split_brain_bitmaps_cover(
+            &gens(&me.gen),
+            me.gen.sync_done_unacked,
+            &gens(&peer.gen),
+            peer.gen.sync_done_unacked,
+        )
     {
         let full = match decision {
             SyncDecision::SourceBitmap => Some(SyncDecision::SourceFull),
