@@ -439,6 +439,9 @@ impl Drop for Cluster {
             if comm.starts_with("blockrep") {
                 eprintln!("cleanup: killing straggler {} (pid {pid})", comm.trim());
                 kill9(pid);
+                // Gone (threads and all) before the test's directory and the client stack
+                // it may still hold files of are taken down.
+                crate::proc::wait_pid_gone(pid, Duration::from_secs(5));
             }
         }
     }
