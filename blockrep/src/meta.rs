@@ -483,7 +483,7 @@ impl Superblock {
     /// acknowledgement never came (the link dropped just then), as long as this node's
     /// bitmap still counts from where it did then; 0: none. A peer at it holds this node's
     /// data as of that SyncDone, so this node's bitmap covers what it lacks (see
-    /// `state::compare_generations`), however many generations this node started since.
+    /// `state::compare_generations_unacked`), however many generations this node started since.
     pub fn sync_done_unacked(&self) -> u64 {
         let (bitmap, gen) = self.sync_done_sent;
         if crate::state::names_a_generation(bitmap) && bitmap == self.gen.bitmap {
