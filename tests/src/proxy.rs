@@ -15,6 +15,11 @@ struct Shared {
     stop: AtomicBool,
     refuse: AtomicBool,
     paused: AtomicBool,
+    /// Holds only the target-to-dialer direction (its acknowledgements and pings).
+    paused_inbound: AtomicBool,
+    /// Sets `paused_inbound` when the needle is seen in the dialer's traffic, before the
+    /// bytes that complete it are forwarded.
+    pause_inbound_on_needle: AtomicBool,
     /// Live connections: (id, client side, upstream side).
     conns: Mutex<Vec<(u64, TcpStream, TcpStream)>>,
     next_id: AtomicU64,
@@ -121,6 +126,30 @@ impl LinkProxy {
     /// Forwards held and new bytes again.
     pub fn unpause(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops forwarding what the target sends back to the dialer (its acknowledgements and
+    /// pings) while the dialer's traffic still goes through: a reply lost on the way. Bytes
+    /// held are delivered after [`Self::unpause_inbound`] unless the connection is cut.
+    pub fn pause_inbound(&self) {
+        self.shared.paused_inbound.store(true, Ordering::SeqCst);
+    }
+
+    pub fn unpause_inbound(&self) {
+        self.shared
+            .pause_inbound_on_needle
+            .store(false, Ordering::SeqCst);
+        self.shared.paused_inbound.store(false, Ordering::SeqCst);
+    }
+
+    /// Holds the target's replies (see [`Self::pause_inbound`]) from the moment `needle`
+    /// passes in the dialer's traffic: the target gets the bytes that carry it, its answer
+    /// to them is lost on the way.
+    pub fn pause_inbound_at(&self, needle: &[u8]) {
+        self.shared
+            .pause_inbound_on_needle
+            .store(true, Ordering::SeqCst);
+        self.watch_for(needle);
     }
 
     /// Live forwarded connections.
@@ -232,8 +261,15 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<Shared>, ou
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                while shared.paused.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
+                while (shared.paused.load(Ordering::SeqCst)
+                    || !outbound && shared.paused_inbound.load(Ordering::SeqCst))
+                    && !shared.stop.load(Ordering::SeqCst)
+                {
                     std::thread::sleep(Duration::from_millis(2));
+                }
+                // Cut while held: what it held goes nowhere.
+                if !shared.conns().iter().any(|(i, _, _)| *i == id) {
+                    break;
                 }
                 {
                     let needle = shared.needle.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,6 +277,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<Shared>, ou
                         tail.extend_from_slice(&buf[..n]);
                         if tail.windows(needle.len()).any(|w| w == &needle[..]) {
                             shared.needle_seen.store(true, Ordering::SeqCst);
+                            if outbound && shared.pause_inbound_on_needle.load(Ordering::SeqCst) {
+                                shared.paused_inbound.store(true, Ordering::SeqCst);
+                            }
                         }
                         let keep = tail.len().min(needle.len() - 1);
                         tail.drain(..tail.len() - keep);

@@ -2431,3 +2431,143 @@ fn invalidate_remote_resyncs_a_damaged_secondary_in_full_from_the_primary() {
         out.describe()
     );
 }
+
+/// A u64 as postcard encodes it (LEB128).
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// The generation ids alpha logged at its last connect ("generations: this node current X
+/// bitmap Y history H0 H1, ..."), as they travel in its frames (the peer's `GenIds`: the
+/// four ids and no unacknowledged SyncDone).
+fn gen_ids_on_the_wire(line: &str) -> Vec<u8> {
+    let mine = line
+        .split("this node ")
+        .nth(1)
+        .and_then(|r| r.split(", peer").next())
+        .unwrap_or_else(|| panic!("no generations in {line:?}"));
+    let w: Vec<&str> = mine.split_whitespace().collect();
+    let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    assert_eq!(
+        (w[0], w[2], w[4]),
+        ("current", "bitmap", "history"),
+        "{line}"
+    );
+    let mut out = Vec::new();
+    for id in [hex(w[1]), hex(w[3]), hex(w[5]), hex(w[6]), 0] {
+        varint(id, &mut out);
+    }
+    out
+}
+
+/// A resync whose end the target commits but whose acknowledgement the source never hears:
+/// the proxy holds beta's replies from the moment alpha's SyncDone passes (its generation
+/// ids, the same bytes as in the handshake, watched for once the resync runs), then the link
+/// is cut. Then two failovers of the source alone (`secondary`, `primary --force`, twice,
+/// with writes), which push the target's generation out of the source's two-entry history.
+/// The source remembers (on disk, superblock format 6) where its unacknowledged SyncDone left
+/// the target: the next connect is a bitmap resync from it, not a split brain, and the
+/// replicas end identical with every write.
+#[test]
+fn a_lost_resync_end_acknowledgement_then_two_failovers_is_a_bitmap_resync() {
+    let Some(py) = python() else { return };
+    let c = Cluster::builder("lost-sync-done-ack")
+        .nodes(2)
+        .backing_size(128 << 20)
+        .journal_size("4M")
+        .resource_line("resync-rate = \"2M\"")
+        .beta_via_proxy()
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    let dir = c.dir().path();
+
+    // Away for longer than the journal holds (6 MiB against 4): a bitmap resync follows.
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    let outage: Vec<u64> = (4096..4096 + 1536).collect();
+    write_blocks(&py, dir, &a.uri(), 1, &outage);
+    let mark = log_mark(a);
+    c.proxy().resume();
+    let mut line = None;
+    let connected = wait_for(Duration::from_secs(20), || {
+        line = log_since(a, mark)
+            .into_iter()
+            .find(|l| l.contains("generations: this node current"));
+        line.is_some()
+    });
+    assert!(connected, "alpha never connected:\n{}", a.log_tail(20));
+    let needle = gen_ids_on_the_wire(&line.unwrap_or_default());
+    c.proxy().pause_inbound_at(&needle);
+    let r = a.repl();
+    assert!(
+        r["connection"] == "sync-source" && u(&r, "resync_done") < u(&r, "resync_total"),
+        "the resync must still be running when the proxy starts watching: {r}"
+    );
+    let took = wait_for(Duration::from_secs(20), || {
+        b.status_json()["disk"] == "up-to-date"
+    });
+    assert!(
+        took,
+        "beta never committed the resync's end: {}",
+        b.status_json()
+    );
+    assert!(
+        c.proxy().needle_seen(),
+        "beta took the end without alpha's SyncDone passing"
+    );
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    c.proxy().unpause_inbound();
+    a.wait_not_connected(Duration::from_secs(10));
+    assert!(
+        !log_since(a, mark).iter().any(|l| l.contains("resync done")),
+        "alpha heard the resync's end acknowledged after all:\n{}",
+        log_since(a, mark).join("\n")
+    );
+
+    // Two failovers of alpha alone, each with writes.
+    let mut want: BTreeMap<u64, u64> = outage.iter().map(|b| (*b, 1)).collect();
+    for round in 0..2u64 {
+        a.ctl_ok(&["secondary"]);
+        a.ctl_ok(&["primary", "--force"]);
+        let blocks: Vec<u64> = (0..64).map(|i| 8192 + round * 64 + i).collect();
+        write_blocks(&py, dir, &a.uri(), 2 + round, &blocks);
+        want.extend(blocks.iter().map(|b| (*b, 2 + round)));
+    }
+    let dump = a.ctl_ok(&["dump-md"]).stdout;
+    assert!(dump.contains("sync-done-unacked"), "{dump}");
+
+    let (ma, mb) = (log_mark(a), log_mark(b));
+    c.proxy().resume();
+    c.wait_in_sync(Duration::from_secs(60));
+    let la = log_since(a, ma);
+    assert!(
+        la.iter().any(|l| l.contains(
+            "the peer took the end of the last resync, which this node never heard acknowledged"
+        )),
+        "alpha did not resync beta as the target its SyncDone left:\n{}",
+        la.join("\n")
+    );
+    for (n, m) in [(a, ma), (b, mb)] {
+        let l = log_since(n, m);
+        assert!(
+            !l.iter()
+                .any(|l| l.to_lowercase().contains("split brain") || l.contains("unrelated")),
+            "{}:\n{}",
+            n.name(),
+            l.join("\n")
+        );
+    }
+    c.assert_replicas_identical(size, "after a lost resync-end acknowledgement");
+    check_tags(&b.backing_data(size), &want, "beta after the bitmap resync");
+}
