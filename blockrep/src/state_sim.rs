@@ -1740,36 +1740,57 @@ fn failover_and_failback_pass() {
 /// resync's target.
 #[test]
 fn a_lost_sync_done_ack_then_two_generations_is_a_bitmap_resync() {
-    let lost_ack = Link {
-        interrupt: Interrupt::BeforeSyncDoneAck,
-        ..Link::PLAIN
-    };
-    let failover = Ev::Promote {
-        n: 0,
-        force: true,
-        rehandshake: None,
-    };
-    let demote = Ev::Demote {
-        n: 0,
-        rehandshake: None,
-    };
     let events = [
         Ev::Cut { graceful: true },
-        Ev::Write {
-            n: 0,
-            undurable: false,
-        },
-        Ev::Connect(lost_ack),
-        demote,
-        failover,
-        demote,
-        failover,
+        write(0),
+        Ev::Connect(lost_ack()),
+        demote(0),
+        failover(0),
+        demote(0),
+        failover(0),
         Ev::Connect(Link::PLAIN),
     ];
-    let (_, r) = run(false, &events, None);
-    if let Err(f) = r {
-        panic!("{}", report(false, &events, &f));
+    run_ok(&events);
+}
+
+/// The events of the lost-acknowledgement regression tests below.
+fn lost_ack() -> Link {
+    Link {
+        interrupt: Interrupt::BeforeSyncDoneAck,
+        ..Link::PLAIN
     }
+}
+
+/// `primary --force` on `n`, its role change's reconnect failing (the peer is away).
+fn failover(n: usize) -> Ev {
+    Ev::Promote {
+        n,
+        force: true,
+        rehandshake: None,
+    }
+}
+
+fn demote(n: usize) -> Ev {
+    Ev::Demote {
+        n,
+        rehandshake: None,
+    }
+}
+
+fn write(n: usize) -> Ev {
+    Ev::Write {
+        n,
+        undurable: false,
+    }
+}
+
+/// Runs `events` from a synced pair; panics with the report if a check fails.
+fn run_ok(events: &[Ev]) -> Stats {
+    let (stats, r) = run(false, events, None);
+    if let Err(f) = r {
+        panic!("{}", report(false, events, &f));
+    }
+    stats
 }
 
 /// Was a finding of this simulation, the same cause as
@@ -1786,26 +1807,10 @@ fn a_lost_sync_done_ack_then_two_generations_is_a_bitmap_resync() {
 /// where alpha's unacknowledged SyncDone left it.
 #[test]
 fn a_lost_sync_done_ack_then_generations_on_both_is_a_split_brain() {
-    let lost_ack = Link {
-        interrupt: Interrupt::BeforeSyncDoneAck,
-        ..Link::PLAIN
-    };
-    let failover = |n| Ev::Promote {
-        n,
-        force: true,
-        rehandshake: None,
-    };
-    let demote = |n| Ev::Demote {
-        n,
-        rehandshake: None,
-    };
     let events = [
         Ev::Cut { graceful: true },
-        Ev::Write {
-            n: 0,
-            undurable: false,
-        },
-        Ev::Connect(lost_ack),
+        write(0),
+        Ev::Connect(lost_ack()),
         demote(0),
         failover(0),
         demote(0),
@@ -1816,10 +1821,7 @@ fn a_lost_sync_done_ack_then_generations_on_both_is_a_split_brain() {
         demote(0),
         Ev::Connect(Link::PLAIN),
     ];
-    let (_, r) = run(false, &events, None);
-    if let Err(f) = r {
-        panic!("{}", report(false, &events, &f));
-    }
+    run_ok(&events);
 }
 
 /// [`a_lost_sync_done_ack_then_generations_on_both_is_a_split_brain`] with writes on both
@@ -1830,27 +1832,10 @@ fn a_lost_sync_done_ack_then_generations_on_both_is_a_split_brain() {
 /// write of beta's.
 #[test]
 fn a_split_brain_after_a_lost_sync_done_ack_is_settled_by_the_bitmaps() {
-    let lost_ack = Link {
-        interrupt: Interrupt::BeforeSyncDoneAck,
-        ..Link::PLAIN
-    };
-    let failover = |n| Ev::Promote {
-        n,
-        force: true,
-        rehandshake: None,
-    };
-    let demote = |n| Ev::Demote {
-        n,
-        rehandshake: None,
-    };
-    let write = |n| Ev::Write {
-        n,
-        undurable: false,
-    };
     let before = [
         Ev::Cut { graceful: true },
         write(0),
-        Ev::Connect(lost_ack),
+        Ev::Connect(lost_ack()),
         demote(0),
         failover(0),
         write(0),
@@ -1870,15 +1855,9 @@ fn a_split_brain_after_a_lost_sync_done_ack_is_settled_by_the_bitmaps() {
         victim: 0,
         link: Link::PLAIN,
     });
-    let (split, r) = run(false, &before, None);
-    if let Err(f) = r {
-        panic!("{}", report(false, &before, &f));
-    }
+    let split = run_ok(&before);
     assert_eq!(split.split_brain_diverged, 1, "{split:?}");
-    let (stats, r) = run(false, &events, None);
-    if let Err(f) = r {
-        panic!("{}", report(false, &events, &f));
-    }
+    let stats = run_ok(&events);
     assert_eq!(stats.resolved, 1, "{stats:?}");
     assert_eq!(stats.full_resync, split.full_resync, "{stats:?}");
     assert_eq!(stats.bitmap_resync, split.bitmap_resync + 1, "{stats:?}");
