@@ -685,9 +685,10 @@ impl Node {
         });
         assert!(
             down,
-            "{}'s status after SIGKILL never said it is down:\n{}",
+            "{}'s status after SIGKILL never said it is down:\n{}\n--- log tail ---\n{}",
             self.name(),
-            last.map(|o| o.describe()).unwrap_or_default()
+            last.map(|o| o.describe()).unwrap_or_default(),
+            self.log_tail(40)
         );
     }
 

@@ -427,27 +427,10 @@ fn daemon_pid(n: &Node) -> u32 {
 /// in flight) may hold its control socket a moment longer, a status asked meanwhile getting
 /// no answer (exit 4).
 fn crash(n: &Node) {
-    let pid = daemon_pid(n);
-    kill9(pid);
-    assert!(
-        wait_pid_gone(pid, Duration::from_secs(10)),
-        "{}'s daemon {pid} survived SIGKILL",
-        n.name()
-    );
-    let mut last = None;
-    let down = wait_for(Duration::from_secs(20), || {
-        let out = n.ctl(&["status", "--json"]);
-        let down = out.code == Some(3);
-        last = Some(out);
-        down
-    });
-    assert!(
-        down,
-        "{}'s daemon {pid} was killed, but its status does not say it is down:\n{}\n--- log tail ---\n{}",
-        n.name(),
-        last.map(|o| o.describe()).unwrap_or_default(),
-        n.log_tail(40)
-    );
+    // Running now (its pid is remembered); the harness kills only pids that are still this
+    // node's daemon, so this one.
+    daemon_pid(n);
+    n.kill9_and_wait();
 }
 
 fn linked(r: &Value) -> bool {
