@@ -91,9 +91,9 @@ enum Cmd {
     /// brings it up to date. Refused on a primary and while connected; works on a node that
     /// is down too (it writes the metadata).
     Outdate,
-    /// Resume writes suspended by fencing (DRBD's `resume-io`): under `fencing =
-    /// "resource-and-stonith"` a primary that lost its peer holds every write until the
-    /// fence-peer handler fenced the peer or the link is back. Run it only once the peer is
+    /// Resume I/O suspended by fencing (DRBD's `resume-io`): under `fencing =
+    /// "resource-and-stonith"` a primary that lost its peer holds every write (and read)
+    /// until the fence-peer handler fenced the peer or the link is back. Run it only once the peer is
     /// known not to be promoted: the writes that follow are then acknowledged without it.
     ResumeIo,
     /// Pause the resync from this node (DRBD's `pause-sync`), e.g. during business hours:
@@ -904,7 +904,7 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
     );
     if let Some(why) = &s.suspended {
         println!(
-            "  WRITES SUSPENDED ({why}): the peer was lost and is not fenced yet; they go on once the fence-peer handler fences it or the link is back (`resume-io` to go on without it)"
+            "  I/O SUSPENDED ({why}): the peer was lost and is not fenced yet; writes and reads go on once the fence-peer handler fences it or the link is back (`resume-io` to go on without it)"
         );
     }
     println!(

@@ -299,9 +299,19 @@ impl Device {
 
     /// Reads into `buf` (its length is the request length). Returns the buffer either way so it
     /// can go back to the pool.
+    ///
+    /// Held, as writes are, while I/O is suspended by fencing (DRBD freezes reads too): the
+    /// peer may be promoted meanwhile, and a read answered from this disk then could hand a
+    /// client data the new primary has already overwritten. Failed if client I/O closes
+    /// meanwhile (a demotion or `down`).
     pub async fn read(&self, offset: u64, buf: Buf) -> (Result<(), Errno>, Buf) {
         if let Err(e) = self.check(offset, buf.len() as u64, false) {
             return (self.fail(e), buf);
+        }
+        if let Some(rep) = &self.rep {
+            if let Err(e) = rep.io_gate().await {
+                return (self.fail(begin_errno(&e)), buf);
+            }
         }
         let len = buf.len() as u64;
         let d = self.io(IoOp::Read { offset }, buf).await;

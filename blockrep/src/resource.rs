@@ -2424,7 +2424,7 @@ impl Resource {
                 if self.fences_peer() && self.cfg().fencing.freezes_io() && !stopped_cleanly {
                     r.suspend_io();
                     tracing::warn!(
-                        "the peer was lost: writes are suspended until the fence-peer handler fences it or the link is back (fencing resource-and-stonith)"
+                        "the peer was lost: writes (and reads) are suspended until the fence-peer handler fences it or the link is back (fencing resource-and-stonith)"
                     );
                 }
                 diverged = r.peer_lost();

@@ -212,9 +212,10 @@ pub struct Status {
     /// then `inconsistent` too, as on a resync target; this tells the two apart).
     #[serde(default)]
     pub disk_failed: bool,
-    /// Why writes are suspended (DRBD's `suspended:`): `"fencing"` while a primary that lost
-    /// its peer waits for the fence-peer handler under `resource-and-stonith` (or, after it
-    /// failed, for the link or `resume-io`); `null` when they run.
+    /// Why I/O (writes and reads) is suspended (DRBD's `suspended:`): `"fencing"` while a
+    /// primary that lost its peer waits for the fence-peer handler under
+    /// `resource-and-stonith` (or, after it failed, for the link or `resume-io`); `null` when
+    /// they run.
     #[serde(default)]
     pub suspended: Option<String>,
     /// Settings of the config that this node does not apply (the metadata's win), said at

@@ -674,6 +674,13 @@ fn held_write(
     })
 }
 
+/// A 4 KiB read on its own NBD connection, in a thread (its reply may be held as a write's).
+fn held_read(n: &Node, offset: u64) -> std::thread::JoinHandle<Result<Vec<u8>, u32>> {
+    let mut r = n.raw_open();
+    r.set_read_timeout(Duration::from_secs(120));
+    std::thread::spawn(move || r.read_at(offset, 4096))
+}
+
 /// Waits (5 s at most) for a line of `n`'s log that contains `needle`.
 fn wait_log(n: &Node, needle: &str) {
     let ok = wait_for(Duration::from_secs(5), || n.log_tail(200).contains(needle));
@@ -708,7 +715,7 @@ fn suspended(n: &Node) -> serde_json::Value {
 }
 
 /// `fencing = "resource-and-stonith"` (DRBD's I/O freeze): a primary that loses its peer
-/// holds every write, the one in flight at the loss and new ones, until the fence-peer
+/// holds every write, the one in flight at the loss and new ones, and every read, until the fence-peer
 /// handler has fenced the peer; after a failed fence until `resume-io`; and a peer that
 /// comes back meanwhile gets the held writes in its stream. `status` and `events` say
 /// writes are suspended.
@@ -728,7 +735,7 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     let ok = wait_for(Duration::from_secs(10), || suspended(a) == "fencing");
     assert!(ok, "writes not suspended: {}", a.status_json());
     let text = a.ctl_ok(&["status"]).stdout;
-    assert!(text.contains("WRITES SUSPENDED (fencing)"), "{text}");
+    assert!(text.contains("I/O SUSPENDED (fencing)"), "{text}");
     let ev = a.ctl_ok(&["events", "--now"]).stdout;
     assert!(ev.contains("suspended:fencing"), "{ev}");
     let before_late = std::fs::read_to_string(&log).unwrap_or_default();
@@ -759,10 +766,16 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     wait_disk(b, "up-to-date", Duration::from_secs(20));
     std::fs::write(&stub, "0 1\n").expect("write the stub");
     let w = cut_with_a_failed_fence(&c, &log, 2 * MIB);
+    // Reads are held too (DRBD freezes all I/O): the peer may be promoted meanwhile.
+    let rd = held_read(a, 0);
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         !w.is_finished(),
         "a write was answered after a failed fence"
+    );
+    assert!(
+        !rd.is_finished(),
+        "a read was answered while I/O is suspended"
     );
     assert_eq!(suspended(a), "fencing", "{}", a.status_json());
     wait_log(a, "writes stay suspended");
@@ -770,6 +783,12 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     assert!(out.contains("writes resumed"), "{out}");
     let (r, _, _) = w.join().expect("write thread");
     assert_eq!(r, Ok(()), "the write after resume-io");
+    let got = rd.join().expect("read thread");
+    assert_eq!(
+        got.as_deref(),
+        Ok(&data[..4096]),
+        "the read after resume-io"
+    );
     assert!(suspended(a).is_null(), "{}", a.status_json());
     let out = a.ctl_ok(&["resume-io"]).stdout;
     assert!(out.contains("not suspended"), "{out}");
@@ -825,7 +844,9 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     let w = held_write(a, 4 * MIB, &log);
     let ok = wait_for(Duration::from_secs(20), || suspended(a) == "fencing");
     assert!(ok, "writes not suspended: {}", a.status_json());
-    // A client's flush is held too, and is not answered as done when writes close.
+    // A client's flush and read are held too, and neither is answered as done when client
+    // I/O closes.
+    let rd = held_read(a, 0);
     let flush = {
         let mut r = a.raw_open();
         r.set_read_timeout(Duration::from_secs(120));
@@ -835,6 +856,10 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     assert!(
         !flush.is_finished(),
         "a flush was answered while writes are suspended"
+    );
+    assert!(
+        !rd.is_finished(),
+        "a read was answered while I/O is suspended"
     );
     a.ctl_ok(&["secondary", "--force"]);
     let r = w.join();
@@ -846,6 +871,11 @@ fn resource_and_stonith_holds_writes_until_the_peer_is_fenced() {
     assert!(
         !matches!(r, Ok(Ok(()))),
         "a held flush was acknowledged at the demotion"
+    );
+    let r = rd.join();
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "a held read was answered at the demotion"
     );
     assert!(suspended(a).is_null(), "{}", a.status_json());
     c.proxy().resume();
