@@ -14,49 +14,64 @@ fn sysfs_sectors(dev: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A kernel NBD device nobody uses (no `pid` in sysfs, size 0), loading the module first if
+/// it can be: tests may run beside another user of /dev/nbd0. None without the module.
+fn free_nbd_device() -> Option<String> {
+    if !Path::new("/sys/module/nbd").exists() {
+        // Where the module exists but is not loaded; a kernel without it says no here.
+        let _ = Command::new("modprobe").arg("nbd").output();
+    }
+    (0..16).map(|i| format!("nbd{i}")).find(|n| {
+        Path::new(&format!("/dev/{n}")).exists()
+            && !Path::new(&format!("/sys/block/{n}/pid")).exists()
+            && sysfs_sectors(n) == 0
+    })
+}
+
 #[test]
 fn kernel_device_attach_mkfs_mount_detach() {
-    if !Path::new("/dev/nbd0").exists() {
-        println!("SKIP: kernel nbd module not present");
+    let Some(nbd) = free_nbd_device() else {
+        println!(
+            "SKIP: no kernel nbd device (the nbd module is not available here, or every /dev/nbdN is in use); the attach path's unit tests still run"
+        );
         return;
-    }
-    let c = Cluster::builder("kernel")
-        .kernel_device("/dev/nbd0")
-        .build();
+    };
+    let dev = format!("/dev/{nbd}");
+    let c = Cluster::builder("kernel").kernel_device(&dev).build();
     let a = c.alpha();
     a.make_primary();
     let st = a.status_json();
-    assert_eq!(st["kernel_device"], "/dev/nbd0", "{st}");
+    assert_eq!(st["kernel_device"], dev.as_str(), "{st}");
     let size = st["size"].as_u64().unwrap();
     assert!(
-        wait_for(Duration::from_secs(10), || sysfs_sectors("nbd0") > 0),
-        "/sys/block/nbd0/size stayed 0"
+        wait_for(Duration::from_secs(10), || sysfs_sectors(&nbd) > 0),
+        "/sys/block/{nbd}/size stayed 0"
     );
-    assert_eq!(sysfs_sectors("nbd0") * 512, size);
+    assert_eq!(sysfs_sectors(&nbd) * 512, size);
 
     run_ok(
-        Command::new("mkfs.ext4").args(["-q", "-F", "/dev/nbd0"]),
+        Command::new("mkfs.ext4").args(["-q", "-F", &dev]),
         LONG_TIMEOUT,
     );
     let mnt = c.dir().join("mnt");
-    let m = Mount::new("/dev/nbd0", &mnt, None);
+    let m = Mount::new(&dev, &mnt, None);
     let body = XorShift::new(42).bytes(3 << 20);
     std::fs::write(mnt.join("f"), &body).unwrap();
     run_ok(&mut Command::new("sync"), CMD_TIMEOUT);
     assert_same_bytes(
         &std::fs::read(mnt.join("f")).unwrap(),
         &body,
-        "file on /dev/nbd0",
+        &format!("file on {dev}"),
     );
     m.close();
     run_ok(
-        Command::new("fsck.ext4").args(["-f", "-n", "/dev/nbd0"]),
+        Command::new("fsck.ext4").args(["-f", "-n", &dev]),
         LONG_TIMEOUT,
     );
 
     a.down();
     assert!(
-        wait_for(Duration::from_secs(10), || sysfs_sectors("nbd0") == 0),
-        "/dev/nbd0 still attached after down"
+        wait_for(Duration::from_secs(10), || sysfs_sectors(&nbd) == 0),
+        "{dev} still attached after down"
     );
 }
