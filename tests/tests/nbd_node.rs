@@ -449,22 +449,30 @@ fn direct_io_export_serves_aligned_io_and_says_what_it_needs() {
 /// as another node's backing: it is the same disk.
 #[test]
 fn a_loop_device_backing_is_claimed_and_zero_and_trim_work_over_unflushed_writes() {
-    /// Fields drop in order: the daemon is stopped before its loop device is detached.
+    /// Fields drop in order: the daemon is stopped before its loop device is detached, and
+    /// the loop device before the directory of its file is removed (its own, so that the
+    /// cluster's directory, removed with the cluster, holds no attached loop device).
     struct Fixture {
         c: Cluster,
         lo: LoopDev,
+        _files: TestDir,
     }
+    let files = TestDir::new("loop-backing-file");
     let c = Cluster::builder("loop-backing")
         .nodes(1)
         .no_backing_files()
         .build();
-    let file = c.dir().path().join("alpha-file.img");
+    let file = files.path().join("alpha-file.img");
     std::fs::File::create(&file)
         .unwrap()
         .set_len(BACKING)
         .unwrap();
     let lo = LoopDev::attach(&file);
-    let f = Fixture { c, lo };
+    let f = Fixture {
+        c,
+        lo,
+        _files: files,
+    };
     let n = f.c.alpha();
     std::os::unix::fs::symlink(f.lo.dev(), n.backing_path()).unwrap();
     n.make_primary();
