@@ -63,6 +63,17 @@ pub enum MetaError {
     },
     #[error("{path}: no blockrep metadata found (run `blockrep-ctl create-md` first)")]
     NotFound { path: PathBuf },
+    /// Internal metadata not at the device's end: never created, or the device grew (its
+    /// metadata then sits at the old end, which nothing records).
+    #[error(
+        "{path}: no blockrep metadata at the end of the device ({size} bytes). Internal \
+         metadata lives at the end: if this device was grown since create-md (lvextend, a \
+         larger image), its metadata and data are intact at the old size; blockrep cannot grow \
+         a resource, so shrink the device back to that size (the size before the grow), then \
+         `up`. On a new device, run `blockrep-ctl create-md` (its data then comes from the \
+         peer in a full sync)"
+    )]
+    NotAtEnd { path: PathBuf, size: u64 },
     #[error(
         "{path}: valid blockrep metadata already exists (resource {resource:?}, node {node:?}); \
          use --force to overwrite it"
@@ -926,7 +937,13 @@ impl MetaStore {
         } else {
             None
         };
-        let (sb, format) = sb.ok_or(MetaError::NotFound { path: path.clone() })?;
+        let (sb, format) = sb.ok_or_else(|| match external {
+            None => MetaError::NotAtEnd {
+                path: path.clone(),
+                size: backing_size,
+            },
+            Some(_) => MetaError::NotFound { path: path.clone() },
+        })?;
         if sb.resource != resource || sb.node != node {
             return Err(MetaError::Mismatch {
                 path,
@@ -1504,6 +1521,29 @@ mod tests {
             journal(&f).iter().all(|&b| b == 0),
             "create-md left bytes of the earlier journal"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_grown_device_is_named_and_shrinking_it_back_finds_the_metadata() {
+        let dir = std::env::temp_dir().join(format!("brmeta-grow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        let f = File::create(&img).unwrap();
+        f.set_len(32 << 20).unwrap();
+        MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap();
+        f.set_len(48 << 20).unwrap();
+        let e = MetaStore::open(&img, None, "r0", "alpha").err();
+        let msg = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains("no blockrep metadata at the end of the device (50331648 bytes)")
+                && msg.contains("grown")
+                && msg.contains("shrink the device back"),
+            "{msg}"
+        );
+        f.set_len(32 << 20).unwrap();
+        let m = MetaStore::open(&img, None, "r0", "alpha").unwrap();
+        assert_eq!(m.sb.node, "alpha");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
