@@ -529,10 +529,12 @@ impl Superblock {
         slot.extend_from_slice(&payload);
         let crc = crc32c::crc32c(&slot);
         slot.extend_from_slice(&crc.to_le_bytes());
-        assert!(
-            slot.len() <= SLOT_LEN as usize,
-            "superblock outgrew its slot"
-        );
+        // Names are bounded by the config, so only a superblock decoded from an older
+        // format with names this build would not write can get here (its new fields no
+        // longer fit): an error for the caller, never a panic.
+        if slot.len() > SLOT_LEN as usize {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
         slot.resize(SLOT_LEN as usize, 0);
         Ok(slot)
     }
@@ -1641,5 +1643,224 @@ mod tests {
             .to_string();
         assert!(e.contains("1048576 bytes"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A superblock too big for its slot (names no config allows, as only an older format's
+    /// slot could hold with the new fields added) is an encoding error, never a panic.
+    #[test]
+    fn a_superblock_that_outgrows_its_slot_is_an_error() {
+        let sb = Superblock {
+            resource: "x".repeat(SLOT_LEN as usize),
+            ..sb_with_zero_terms()
+        };
+        assert!(sb.encode().is_err());
+        assert!(sb_with_zero_terms().encode().is_ok());
+    }
+
+    /// xorshift64: a small deterministic generator for the garbage and mutation tests below,
+    /// with fixed seeds so that a failure reproduces (and no dependency for it).
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            // Spread small seeds over the state: xorshift's first outputs from 1..=4 are tiny.
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+
+        fn next_u64(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        /// A number in `0..n` (`n > 0`).
+        fn below(&mut self, n: usize) -> usize {
+            (self.next_u64() % n as u64) as usize
+        }
+
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next_u64() as u8).collect()
+        }
+
+        /// Flips 1 to 8 random bits of `b` (not empty); returns the lowest and highest byte
+        /// touched. Two flips of one bit may cancel.
+        fn flip_bits(&mut self, b: &mut [u8]) -> (usize, usize) {
+            let (mut lo, mut hi) = (usize::MAX, 0);
+            for _ in 0..1 + self.below(8) {
+                let i = self.below(b.len());
+                b[i] ^= 1 << self.below(8);
+                (lo, hi) = (lo.min(i), hi.max(i));
+            }
+            (lo, hi)
+        }
+    }
+
+    /// `slot` with its crc recomputed where its length field puts it: a slot as a buggy build
+    /// or a foreign tool may write it, where only the decoder's own checks stand between its
+    /// content and the node.
+    fn resealed(mut slot: Vec<u8>) -> Vec<u8> {
+        let end = 16 + u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
+        if end + 4 <= slot.len() {
+            let crc = crc32c::crc32c(&slot[..end]);
+            slot[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+        slot
+    }
+
+    /// Bytes of `slot` its crc covers, crc included.
+    fn used(slot: &[u8]) -> usize {
+        16 + u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize + 4
+    }
+
+    /// What a decoded superblock promises whatever the slot held: counters below the limit,
+    /// and a layout that either passes its check or is refused by it (as `MetaStore::open`
+    /// does next) without a panic. Returns whether the layout passed.
+    fn check_decoded(sb: &Superblock) -> bool {
+        for c in [
+            sb.seq,
+            sb.applied_seq,
+            sb.issued_seq,
+            sb.journal_pos,
+            sb.journal_seq,
+            sb.peer_durable.1,
+        ] {
+            assert!(c < COUNTER_LIMIT, "{sb:?}");
+        }
+        let _ = sb.sync_done_unacked();
+        let ok = sb.layout.check().is_ok();
+        if ok {
+            assert!(sb.layout.meta_len() >= SUPERBLOCK_AREA, "{sb:?}");
+        }
+        // Names as `open` accepts them (a config's, at most 64 bytes): written back, it
+        // reads back as itself.
+        if sb.resource.len() <= 64 && sb.node.len() <= 64 {
+            assert_eq!(Superblock::decode(&sb.encode().unwrap()).as_ref(), Some(sb));
+        }
+        ok
+    }
+
+    /// A valid slot of every format this build reads, and the superblock it holds.
+    fn sample_slots() -> Vec<(Vec<u8>, Superblock)> {
+        let old = sb_with_zero_terms();
+        let mut v = vec![(sb().encode().unwrap(), sb())];
+        for (format, missing) in [
+            (FORMAT_V1, 9),
+            (FORMAT_V2, 7),
+            (FORMAT_V3, 6),
+            (FORMAT_V4, 4),
+            (FORMAT_V5, 2),
+        ] {
+            v.push((old_slot(&old, format, missing), old.clone()));
+        }
+        for (slot, sb) in &v {
+            assert_eq!(Superblock::decode(slot).as_ref(), Some(sb));
+        }
+        v
+    }
+
+    #[test]
+    fn random_slots_never_panic_the_superblock_decoder() {
+        // Any bytes where a slot is read (a device that never held metadata, a damaged one):
+        // no superblock, no panic. Each batch is also fed behind a valid head (magic, a format
+        // this build reads, a length that fits, the right crc) so postcard decodes the garbage.
+        let formats = [
+            FORMAT_VERSION,
+            FORMAT_V5,
+            FORMAT_V4,
+            FORMAT_V3,
+            FORMAT_V2,
+            FORMAT_V1,
+        ];
+        for seed in 1..=4 {
+            let mut rng = Rng::new(seed);
+            for _ in 0..250 {
+                let len = rng.below(SLOT_LEN as usize + 1);
+                let mut slot = rng.bytes(len);
+                assert_eq!(Superblock::decode(&slot), None);
+                if len < 20 {
+                    continue;
+                }
+                slot[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+                let format = formats[rng.below(formats.len())];
+                slot[8..12].copy_from_slice(&format.to_le_bytes());
+                let payload = rng.below(len - 19) as u32;
+                slot[12..16].copy_from_slice(&payload.to_le_bytes());
+                if let Some(sb) = Superblock::decode(&resealed(slot)) {
+                    check_decoded(&sb);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_superblocks_never_panic_the_decoder() {
+        // Valid slots of every format, with bits flipped, cut at every length, or extended:
+        // what the crc covers is never taken when changed, and what it does not cover (the
+        // slot's zero tail) never matters.
+        for (good, sb) in sample_slots() {
+            let used = used(&good);
+            for n in 0..good.len() {
+                let got = Superblock::decode(&good[..n]);
+                assert_eq!(got.as_ref(), (n >= used).then_some(&sb), "cut at {n}");
+            }
+            for seed in 1..=4 {
+                let mut rng = Rng::new(seed);
+                for _ in 0..100 {
+                    let mut bad = good.clone();
+                    // Half the time in the bytes the crc covers (most of a slot is its tail).
+                    let span = if rng.below(2) == 0 { used } else { bad.len() };
+                    let (lo, _) = rng.flip_bits(&mut bad[..span]);
+                    let got = Superblock::decode(&bad);
+                    if bad[..used] != good[..used] {
+                        assert_eq!(got, None, "flipped from byte {lo}");
+                    } else {
+                        assert_eq!(got.as_ref(), Some(&sb), "flipped from byte {lo}");
+                    }
+                    let mut longer = good.clone();
+                    let more = 1 + rng.below(64);
+                    longer.extend_from_slice(&rng.bytes(more));
+                    assert_eq!(Superblock::decode(&longer).as_ref(), Some(&sb));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn resealed_mutated_superblocks_never_panic_the_decoder() {
+        // A mutated payload (or length field) under a crc recomputed for it: decoded or not,
+        // never a panic, and whatever decodes keeps `decode`'s promises; its layout is left to
+        // `Layout::check`, which `MetaStore::open` runs next (counted here, not asserted).
+        let (mut decoded, mut layout_refused, mut tried) = (0, 0, 0);
+        for (good, _) in sample_slots() {
+            let used = used(&good);
+            for seed in 1..=4 {
+                let mut rng = Rng::new(seed);
+                for _ in 0..100 {
+                    let mut bad = good.clone();
+                    if rng.below(8) == 0 {
+                        // The length field: shorter or longer than the payload.
+                        let len = rng.below(used - 16) as u32;
+                        bad[12..16].copy_from_slice(&len.to_le_bytes());
+                    } else {
+                        rng.flip_bits(&mut bad[16..used - 4]);
+                    }
+                    tried += 1;
+                    if let Some(sb) = Superblock::decode(&resealed(bad)) {
+                        decoded += 1;
+                        if !check_decoded(&sb) {
+                            layout_refused += 1;
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "resealed mutations: {tried} tried, {decoded} decoded, {layout_refused} of these \
+             refused by Layout::check"
+        );
+        assert!(decoded > 0, "the mutations never reached past postcard");
     }
 }

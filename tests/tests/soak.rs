@@ -24,7 +24,11 @@
 //! that lacks acknowledged writes (which the README documents as a loss, not a bug).
 //!
 //! `BLOCKREP_SOAK_SEED=N` replays a run (the seed is printed first), `BLOCKREP_SOAK_STEPS=N`
-//! lengthens it (default 7: each kind of fault once, in a seeded order). The seed decides the
+//! lengthens it (default 7: each kind of fault once, in a seeded order), and
+//! `BLOCKREP_SOAK_PROTOCOL=B` runs it under protocol B, whose promise holds the same
+//! invariants here: only one node fails at a time, and a write the peer received before its
+//! primary crashed is applied there before a promotion (protocol A acknowledges writes the
+//! peer may never get, so a failover may lose some: not soaked). The seed decides the
 //! faults, their order and their timings (outage lengths, writer depth and rate, which node
 //! is promoted); the interleaving with the daemons' own timing is not reproducible.
 //!
@@ -810,8 +814,8 @@ impl<'a> Soak<'a> {
                     "{}: after primary --force: {sp}",
                     self.ctx
                 );
-                // The invariant at the failover itself: protocol C, every acknowledged write
-                // is on the promoted node.
+                // The invariant at the failover itself: under C (and B: the peer applies
+                // what it received), every acknowledged write is on the promoted node.
                 self.check_stamps(new, "right after the failover");
                 let mut w = self.write_for(step.writer, ms, "on the promoted node");
                 old.up();
@@ -966,7 +970,12 @@ fn soak_random_faults_under_protocol_c() {
             ^ u64::from(std::process::id())
     });
     let steps = env_u64("BLOCKREP_SOAK_STEPS").unwrap_or(KINDS) as usize;
-    println!("soak seed {seed} steps {steps} (replay: BLOCKREP_SOAK_SEED={seed} BLOCKREP_SOAK_STEPS={steps})");
+    let protocol = std::env::var("BLOCKREP_SOAK_PROTOCOL").unwrap_or_else(|_| "C".into());
+    assert!(
+        protocol == "B" || protocol == "C",
+        "BLOCKREP_SOAK_PROTOCOL={protocol}: B or C (under A a failover may lose acknowledged writes)"
+    );
+    println!("soak seed {seed} steps {steps} protocol {protocol} (replay: BLOCKREP_SOAK_SEED={seed} BLOCKREP_SOAK_STEPS={steps} BLOCKREP_SOAK_PROTOCOL={protocol})");
     let mut rng = XorShift::new(seed);
     let plan = plan(&mut rng, steps);
     for (i, s) in plan.iter().enumerate() {
@@ -976,7 +985,7 @@ fn soak_random_faults_under_protocol_c() {
     let c = Cluster::builder("soak")
         .nodes(2)
         .backing_size(128 * MIB)
-        .protocol("C")
+        .protocol(&protocol)
         .journal_size("2M")
         .beta_via_proxy()
         .build();
