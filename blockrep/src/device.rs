@@ -11,6 +11,7 @@ use proto::control::IoCounters;
 use proto::nbd::{EINVAL, EIO, ENOSPC, ESHUTDOWN};
 
 use crate::buf::{Buf, BufPool};
+use crate::config::Protocol;
 use crate::engine::{self, Engine, IoOp};
 use crate::replication::{Record, Replication};
 
@@ -361,6 +362,16 @@ impl Device {
             Ok(seq) => seq,
             Err(e) => return (self.fail(begin_errno(&e)), buf),
         };
+        // The record goes to the peer before this node copies the data into its page cache:
+        // one yield lets the sender, woken by the record, ship the batch read so far (it
+        // runs before the writes that yielded after it), so the peer applies it while this
+        // thread writes it locally. Under B and C the client's answer waits for the peer;
+        // measured 10-11 % more 4 KiB writes at depth 32 on 2 cores. Not under A, whose
+        // answer waits only for the local write (the yield cost it 10 %), nor with the peer
+        // away.
+        if rep.protocol() != Protocol::A && rep.acks().connected {
+            tokio::task::yield_now().await;
+        }
         let (r, buf) = self.local_write(offset, buf, fua).await;
         rep.done(seq);
         let mut r = r;
