@@ -37,6 +37,15 @@ const FORMAT_V3: u32 = 3;
 const FORMAT_V4: u32 = 4;
 /// Format 5 had no `sync_done_sent`: read as (0, 0), none (two bytes at the end).
 const FORMAT_V5: u32 = 5;
+/// Every superblock format this build reads, newest first.
+const READABLE_FORMATS: [u32; 6] = [
+    FORMAT_VERSION,
+    FORMAT_V5,
+    FORMAT_V4,
+    FORMAT_V3,
+    FORMAT_V2,
+    FORMAT_V1,
+];
 
 /// DRBD's "just created" current generation: both sides fresh, nothing written yet.
 pub const UUID_JUST_CREATED: u64 = 4;
@@ -545,16 +554,7 @@ impl Superblock {
             return None;
         }
         let version = u32::from_le_bytes(slot[8..12].try_into().ok()?);
-        if ![
-            FORMAT_VERSION,
-            FORMAT_V5,
-            FORMAT_V4,
-            FORMAT_V3,
-            FORMAT_V2,
-            FORMAT_V1,
-        ]
-        .contains(&version)
-        {
+        if !READABLE_FORMATS.contains(&version) {
             return None;
         }
         let len = u32::from_le_bytes(slot[12..16].try_into().ok()?) as usize;
@@ -584,17 +584,23 @@ impl Superblock {
         } else {
             postcard::from_bytes(&slot[16..end]).ok()?
         };
-        // Counters that only ever count up by one per write, flush or commit: no real history
-        // comes near the top of their range, and one there would overflow the next step.
-        let counters = [
-            sb.seq,
-            sb.applied_seq,
-            sb.issued_seq,
-            sb.journal_pos,
-            sb.journal_seq,
-            sb.peer_durable.1,
-        ];
-        counters.iter().all(|&c| c < COUNTER_LIMIT).then_some(sb)
+        sb.counters()
+            .iter()
+            .all(|&c| c < COUNTER_LIMIT)
+            .then_some(sb)
+    }
+
+    /// Counters that only ever count up by one per write, flush or commit: no real history
+    /// comes near the top of their range, and one there would overflow the next step.
+    fn counters(&self) -> [u64; 6] {
+        [
+            self.seq,
+            self.applied_seq,
+            self.issued_seq,
+            self.journal_pos,
+            self.journal_seq,
+            self.peer_durable.1,
+        ]
     }
 
     /// Picks the newer valid slot of the two.
@@ -1528,11 +1534,7 @@ mod tests {
 
     #[test]
     fn a_grown_device_is_named_and_shrinking_it_back_finds_the_metadata() {
-        let dir = std::env::temp_dir().join(format!("brmeta-grow-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let img = dir.join("a.img");
-        let f = File::create(&img).unwrap();
-        f.set_len(32 << 20).unwrap();
+        let (dir, img, f) = image_of_32_mib("brmeta-grow");
         MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap();
         f.set_len(48 << 20).unwrap();
         let e = MetaStore::open(&img, None, "r0", "alpha").err();
@@ -1549,13 +1551,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn create_open_commit_on_a_file() {
-        let dir = std::env::temp_dir().join(format!("brmeta-{}", std::process::id()));
+    /// A fresh 32 MiB image file in a directory of its own (removed by the caller).
+    fn image_of_32_mib(tag: &str) -> (PathBuf, PathBuf, File) {
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let img = dir.join("a.img");
         let f = File::create(&img).unwrap();
         f.set_len(32 << 20).unwrap();
+        (dir, img, f)
+    }
+
+    #[test]
+    fn create_open_commit_on_a_file() {
+        let (dir, img, _f) = image_of_32_mib("brmeta");
         let sb = MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap();
         assert_eq!(sb.disk, DiskState::Inconsistent);
         let e = MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap_err();
@@ -1719,14 +1727,7 @@ mod tests {
     /// and a layout that either passes its check or is refused by it (as `MetaStore::open`
     /// does next) without a panic. Returns whether the layout passed.
     fn check_decoded(sb: &Superblock) -> bool {
-        for c in [
-            sb.seq,
-            sb.applied_seq,
-            sb.issued_seq,
-            sb.journal_pos,
-            sb.journal_seq,
-            sb.peer_durable.1,
-        ] {
+        for c in sb.counters() {
             assert!(c < COUNTER_LIMIT, "{sb:?}");
         }
         let _ = sb.sync_done_unacked();
@@ -1766,14 +1767,7 @@ mod tests {
         // Any bytes where a slot is read (a device that never held metadata, a damaged one):
         // no superblock, no panic. Each batch is also fed behind a valid head (magic, a format
         // this build reads, a length that fits, the right crc) so postcard decodes the garbage.
-        let formats = [
-            FORMAT_VERSION,
-            FORMAT_V5,
-            FORMAT_V4,
-            FORMAT_V3,
-            FORMAT_V2,
-            FORMAT_V1,
-        ];
+        let formats = READABLE_FORMATS;
         for seed in 1..=4 {
             let mut rng = Rng::new(seed);
             for _ in 0..250 {
