@@ -93,8 +93,9 @@ enum Cmd {
     Outdate,
     /// Resume I/O suspended by fencing (DRBD's `resume-io`): under `fencing =
     /// "resource-and-stonith"` a primary that lost its peer holds every write (and read)
-    /// until the fence-peer handler fenced the peer or the link is back. Run it only once the peer is
-    /// known not to be promoted: the writes that follow are then acknowledged without it.
+    /// until the fence-peer handler fenced the peer or the link is back. Run it only once the
+    /// peer is known not to be promoted: the writes that follow are then acknowledged without
+    /// it.
     ResumeIo,
     /// Pause the resync from this node (DRBD's `pause-sync`), e.g. during business hours:
     /// it stops before its next region, or waits from its first if it starts later; writes
