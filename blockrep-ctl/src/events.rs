@@ -1,10 +1,11 @@
 //! `blockrep-ctl events`: the node's state as a stream of lines, in the shape of DRBD's
 //! `drbdsetup events2`, for monitoring scripts that today run ping loops.
 //!
-//! Each poll of `status` is turned into objects (resource, device, connection, peer-device)
-//! with key:value fields; the first poll prints them as `exists` lines and `exists -`, later
-//! polls print `create`, `change` (only the fields that changed) and `destroy` lines. Plain
-//! functions of two snapshots, so the diff is tested without a daemon.
+//! Each status the daemon pushes (at every change of its state: `Request::Events`) is turned
+//! into objects (resource, device, connection, peer-device) with key:value fields; the first
+//! prints them as `exists` lines and `exists -`, later ones print `create`, `change` (only
+//! the fields that changed) and `destroy` lines. Plain functions of two snapshots, so the
+//! diff is tested without a daemon.
 
 use proto::control::Status;
 
@@ -151,7 +152,7 @@ pub fn answering(resource: &str, yes: bool) -> String {
     format!("change resource name:{resource} answering:{}", yes_no(yes))
 }
 
-/// The first poll's lines: every object, then `exists -`.
+/// The first status's lines: every object, then `exists -`.
 pub fn exists(now: &[Object]) -> Vec<String> {
     let mut lines: Vec<String> = now.iter().map(|o| o.line("exists", &o.fields)).collect();
     lines.push("exists -".into());

@@ -403,45 +403,186 @@ fn simple(cfg: &Config, req: Request) -> Result<()> {
     Ok(())
 }
 
-/// How often `events` asks for the status: a change is printed within this.
+/// How often `events` looks for a daemon that is not running (to print it coming back), and
+/// asks for the status of one that cannot stream its events (an older build).
 const EVENTS_POLL: Duration = Duration::from_millis(200);
+/// Longest status line an `events` stream may send.
+const EVENTS_MAX_LINE: usize = 1 << 20;
 
-fn follow_events(cfg: &Config, now: bool) -> Result<()> {
-    let snapshot = || -> Result<Vec<events::Object>> {
-        let st = query_status(cfg)?;
-        Ok(events::objects(&cfg.resource, &cfg.me.name, st.as_ref()))
-    };
-    let mut last = snapshot()?;
-    let mut out = std::io::stdout().lock();
-    for l in events::exists(&last) {
-        writeln!(out, "{l}")?;
-    }
-    out.flush()?;
-    if now {
-        return Ok(());
-    }
-    let mut answering = true;
-    loop {
-        std::thread::sleep(EVENTS_POLL);
-        // A daemon that does not answer (hung, or stalled on its disk) is said once; what
-        // it shows then is its last state.
-        let Ok(next) = snapshot() else {
-            if answering {
-                answering = false;
-                writeln!(out, "{}", events::answering(&cfg.resource, false))?;
-                out.flush()?;
-            }
-            continue;
+/// What an `events` stream said next.
+enum StreamNext {
+    Status(Box<Status>),
+    /// Nothing for [`STATUS_TIMEOUT`], where the daemon says something every second: hung,
+    /// or stalled on its disk.
+    Silent,
+    /// The daemon closed the stream (it went down, or was killed) or garbled it.
+    Closed,
+    /// The daemon does not stream events (a build before it did): it is asked for its status
+    /// every [`EVENTS_POLL`] instead.
+    Refused,
+}
+
+/// An `events` stream from the daemon (see `Request::Events`).
+struct EventStream {
+    rd: BufReader<UnixStream>,
+    line: Vec<u8>,
+}
+
+impl EventStream {
+    /// `Ok(None)`: no daemon runs for the node.
+    fn open(cfg: &Config) -> Result<Option<EventStream>> {
+        let Some(mut s) = connect_control(cfg)? else {
+            return Ok(None);
         };
-        if !answering {
-            answering = true;
-            writeln!(out, "{}", events::answering(&cfg.resource, true))?;
+        s.set_read_timeout(Some(STATUS_TIMEOUT))
+            .context("setting a timeout on the control socket")?;
+        if let Err(e) = s.write_all(Request::Events.to_line().as_bytes()) {
+            // A daemon going away as we connected: as if it were gone already.
+            return if is_hangup(&e) {
+                Ok(None)
+            } else {
+                Err(anyhow::Error::new(e).context("sending to the daemon"))
+            };
         }
-        for l in events::diff(&last, &next) {
+        Ok(Some(EventStream {
+            rd: BufReader::new(s),
+            line: Vec::new(),
+        }))
+    }
+
+    fn next(&mut self) -> StreamNext {
+        // A line cut by the timeout stays in `line` and is completed by the next read.
+        let room = EVENTS_MAX_LINE.saturating_sub(self.line.len()) as u64;
+        match std::io::Read::take(&mut self.rd, room).read_until(b'\n', &mut self.line) {
+            Ok(_) if !self.line.ends_with(b"\n") => {
+                if self.line.len() >= EVENTS_MAX_LINE {
+                    eprintln!(
+                        "events: a status line longer than {EVENTS_MAX_LINE} bytes: reconnecting"
+                    );
+                }
+                // Else the end of the stream, mid-line or not.
+                return StreamNext::Closed;
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return StreamNext::Silent
+            }
+            Err(_) => return StreamNext::Closed,
+        }
+        let line = std::mem::take(&mut self.line);
+        match serde_json::from_slice::<Reply>(&line) {
+            Ok(Reply::Status { status }) => StreamNext::Status(status),
+            Ok(Reply::Error { message }) if message.starts_with("bad control request") => {
+                StreamNext::Refused
+            }
+            Ok(Reply::Error { message }) => {
+                eprintln!("events: the daemon said: {message}");
+                StreamNext::Closed
+            }
+            Ok(Reply::Ok { .. }) | Err(_) => {
+                eprintln!("events: the daemon sent something other than a status: reconnecting");
+                StreamNext::Closed
+            }
+        }
+    }
+}
+
+/// `events`: the state first, then every change the daemon pushes (see `Request::Events`).
+/// A daemon that is not running is looked for every [`EVENTS_POLL`] until it is back.
+fn follow_events(cfg: &Config, now: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut last: Option<Vec<events::Object>> = None;
+    let mut answering = true;
+    let mut emit = |out: &mut std::io::StdoutLock, st: Option<&Status>, answering: &mut bool| {
+        let next = events::objects(&cfg.resource, &cfg.me.name, st);
+        let mut lines = Vec::new();
+        if st.is_some() && !*answering {
+            *answering = true;
+            lines.push(events::answering(&cfg.resource, true));
+        }
+        lines.extend(match &last {
+            None => events::exists(&next),
+            Some(before) => events::diff(before, &next),
+        });
+        last = Some(next);
+        for l in lines {
             writeln!(out, "{l}")?;
         }
-        out.flush()?;
-        last = next;
+        out.flush()
+    };
+    if now {
+        emit(&mut out, query_status(cfg)?.as_ref(), &mut answering)?;
+        return Ok(());
+    }
+    let mut polling = false;
+    let mut first = true;
+    loop {
+        let stream = if polling {
+            None
+        } else {
+            match EventStream::open(cfg) {
+                Ok(s) => s,
+                // Only the first time: a follower outlives a daemon's restarts and hiccups.
+                Err(e) if first => return Err(e),
+                Err(_) => None,
+            }
+        };
+        first = false;
+        let Some(mut stream) = stream else {
+            if polling {
+                // The fallback: the status, every EVENTS_POLL.
+                match query_status(cfg) {
+                    Ok(st) => emit(&mut out, st.as_ref(), &mut answering)?,
+                    Err(_) if answering => {
+                        answering = false;
+                        writeln!(out, "{}", events::answering(&cfg.resource, false))?;
+                        out.flush()?;
+                    }
+                    Err(_) => {}
+                }
+            } else {
+                emit(&mut out, None, &mut answering)?;
+            }
+            std::thread::sleep(EVENTS_POLL);
+            continue;
+        };
+        let mut heard = false;
+        loop {
+            match stream.next() {
+                StreamNext::Status(st) => {
+                    heard = true;
+                    emit(&mut out, Some(&st), &mut answering)?
+                }
+                // A daemon that does not answer (hung, or stalled on its disk) is said once;
+                // what it shows then is its last state.
+                StreamNext::Silent => {
+                    if answering {
+                        answering = false;
+                        writeln!(out, "{}", events::answering(&cfg.resource, false))?;
+                        out.flush()?;
+                    }
+                }
+                StreamNext::Closed => break,
+                StreamNext::Refused => {
+                    polling = true;
+                    break;
+                }
+            }
+        }
+        if !polling {
+            // Gone (or going): looked for again at once, then every EVENTS_POLL; a daemon
+            // that ends streams without a status (too many followers) every EVENTS_POLL.
+            std::thread::sleep(if heard {
+                Duration::from_millis(20)
+            } else {
+                EVENTS_POLL
+            });
+        }
     }
 }
 
@@ -1175,5 +1316,96 @@ fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
             bail!("verify not done after {timeout} s (it goes on; see status)");
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream over one end of a socket pair, the test playing the daemon on the other.
+    fn stream() -> (EventStream, UnixStream) {
+        let (ours, daemon) = UnixStream::pair().expect("socket pair");
+        ours.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let s = EventStream {
+            rd: BufReader::new(ours),
+            line: Vec::new(),
+        };
+        (s, daemon)
+    }
+
+    fn status_line(role: &str) -> String {
+        Reply::Status {
+            status: Box::new(Status {
+                resource: "r0".into(),
+                node: "alpha".into(),
+                up: true,
+                role: role.into(),
+                ..Default::default()
+            }),
+        }
+        .to_line()
+    }
+
+    #[test]
+    fn an_event_stream_reads_statuses_and_a_line_cut_by_its_timeout() {
+        let (mut s, mut daemon) = stream();
+        daemon
+            .write_all(status_line("primary").as_bytes())
+            .expect("send");
+        assert!(matches!(s.next(), StreamNext::Status(st) if st.role == "primary"));
+        // Nothing within the timeout: silent, not closed.
+        assert!(matches!(s.next(), StreamNext::Silent));
+        // Half a line, the timeout, then the rest: one status.
+        let line = status_line("secondary");
+        let (head, tail) = line.split_at(line.len() / 2);
+        daemon.write_all(head.as_bytes()).expect("send");
+        assert!(matches!(s.next(), StreamNext::Silent));
+        daemon.write_all(tail.as_bytes()).expect("send");
+        assert!(matches!(s.next(), StreamNext::Status(st) if st.role == "secondary"));
+        drop(daemon);
+        assert!(matches!(s.next(), StreamNext::Closed));
+    }
+
+    #[test]
+    fn an_older_daemon_that_refuses_the_stream_is_polled_and_garbage_closes_it() {
+        // The refusal of a daemon that does not know the request (serve_control's words).
+        let (mut s, mut daemon) = stream();
+        let refusal = Reply::Error {
+            message: "bad control request: unknown variant `events`".into(),
+        };
+        daemon
+            .write_all(refusal.to_line().as_bytes())
+            .expect("send");
+        assert!(matches!(s.next(), StreamNext::Refused));
+
+        let (mut s, mut daemon) = stream();
+        daemon.write_all(b"{not json\n").expect("send");
+        assert!(matches!(s.next(), StreamNext::Closed));
+
+        // A line without end is cut at the bound, not buffered for ever.
+        let (mut s, daemon) = stream();
+        let writer = std::thread::spawn(move || {
+            let mut daemon = daemon;
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..(EVENTS_MAX_LINE / chunk.len() + 2) {
+                if daemon.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut turns = 0;
+        let end = loop {
+            turns += 1;
+            match s.next() {
+                StreamNext::Silent if turns < 1000 => continue,
+                other => break other,
+            }
+        };
+        assert!(matches!(end, StreamNext::Closed));
+        assert!(s.line.len() <= EVENTS_MAX_LINE, "{}", s.line.len());
+        drop(s);
+        let _ = writer.join();
     }
 }

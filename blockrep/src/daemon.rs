@@ -98,31 +98,37 @@ impl Daemon {
         })
     }
 
+    /// The node's status, or why it could not be had.
+    async fn status(&self) -> Result<Status, String> {
+        let res = self.res.lock().await.clone();
+        match res {
+            // Off the runtime thread: status reads the metadata, whose lock a commit holds
+            // across its fdatasync (up to a second under writeback), and the single runtime
+            // thread must keep serving I/O meanwhile.
+            Some(r) => {
+                let pid = std::process::id();
+                tokio::task::spawn_blocking(move || r.status(pid))
+                    .await
+                    .map_err(|e| format!("status task failed: {e}"))
+            }
+            None => Ok(self.down_status()),
+        }
+    }
+
     pub async fn handle(&self, req: Request) -> Reply {
         let r: Result<String, NodeError> = match req {
             Request::Status => {
-                let res = self.res.lock().await.clone();
-                let st = match res {
-                    // Off the runtime thread: status reads the metadata, whose lock a commit
-                    // holds across its fdatasync (up to a second under writeback), and the
-                    // single runtime thread must keep serving I/O meanwhile.
-                    Some(r) => {
-                        let pid = std::process::id();
-                        match tokio::task::spawn_blocking(move || r.status(pid)).await {
-                            Ok(st) => st,
-                            Err(e) => {
-                                return Reply::Error {
-                                    message: format!("status task failed: {e}"),
-                                }
-                            }
-                        }
-                    }
-                    None => self.down_status(),
-                };
-                return Reply::Status {
-                    status: Box::new(st),
+                return match self.status().await {
+                    Ok(st) => Reply::Status {
+                        status: Box::new(st),
+                    },
+                    Err(message) => Reply::Error { message },
                 };
             }
+            // Served by `serve_control` on the connection that asked for it.
+            Request::Events => Err(NodeError::Refused(
+                "events is streamed on a connection of its own".into(),
+            )),
             Request::Up => self.up().await,
             Request::Down { force } => self.down(force).await,
             Request::Primary { force } => match self.resource().await {
@@ -326,6 +332,10 @@ impl Daemon {
                 Err(_) => return,
             }
             let reply = match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::Events) => {
+                    self.stream_events(rd, wr).await;
+                    return;
+                }
                 Ok(req) => self.handle(req).await,
                 Err(e) => Reply::Error {
                     message: format!("bad control request: {e}"),
@@ -333,6 +343,100 @@ impl Daemon {
             };
             if wr.write_all(reply.to_line().as_bytes()).await.is_err() {
                 return;
+            }
+        }
+    }
+}
+
+/// How often an `events` stream looks at the status with no ring of the state bell: what
+/// changes without one (`stalled`, `out-of-sync` yes/no) shows within this.
+const EVENTS_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+/// Statuses an `events` stream builds at most: a burst of [`EVENTS_BURST`] at once (the
+/// steps of a disconnect follow each other within milliseconds), then one every
+/// [`EVENTS_REFILL`] (a storm of rings, metadata commits under a flush-heavy load, costs at
+/// most 100 statuses a second).
+const EVENTS_BURST: u32 = 8;
+const EVENTS_REFILL: std::time::Duration = std::time::Duration::from_millis(10);
+/// Longest silence of an `events` stream: its follower takes a longer one for a hung daemon.
+const EVENTS_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// `events` streams served at once (each builds a status at every change).
+const MAX_EVENT_STREAMS: usize = 32;
+/// How long a follower that stopped reading may hold up its stream's write.
+const EVENTS_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+static EVENT_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Daemon {
+    /// An `events` follower (see [`Request::Events`]): a status line now, then one at each
+    /// change the state bell (`crate::bell`) or the tick finds, until the follower hangs up.
+    async fn stream_events<R, W>(&self, mut rd: R, mut wr: W)
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        struct Slot;
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                EVENT_STREAMS.fetch_sub(1, SeqCst);
+            }
+        }
+        if EVENT_STREAMS.fetch_add(1, SeqCst) >= MAX_EVENT_STREAMS {
+            EVENT_STREAMS.fetch_sub(1, SeqCst);
+            let refusal = Reply::Error {
+                message: format!("{MAX_EVENT_STREAMS} events followers already: try again later"),
+            };
+            let _ = wr.write_all(refusal.to_line().as_bytes()).await;
+            return;
+        }
+        let _slot = Slot;
+        let mut bell = crate::bell::subscribe();
+        let mut last: Option<Status> = None;
+        let mut sent_at = tokio::time::Instant::now();
+        let mut scratch = [0u8; 64];
+        let mut budget = EVENTS_BURST;
+        let mut refilled = tokio::time::Instant::now();
+        loop {
+            let earned = (refilled.elapsed().as_nanos() / EVENTS_REFILL.as_nanos()) as u32;
+            if earned > 0 {
+                budget = (budget + earned).min(EVENTS_BURST);
+                refilled = tokio::time::Instant::now();
+            }
+            if budget == 0 {
+                tokio::time::sleep_until(refilled + EVENTS_REFILL).await;
+                budget = 1;
+                refilled = tokio::time::Instant::now();
+            }
+            budget -= 1;
+            // Seen before the status is built: a ring while it is built wakes the next turn.
+            bell.borrow_and_update();
+            let reply = match self.status().await {
+                Ok(st) if last.as_ref() == Some(&st) && sent_at.elapsed() < EVENTS_HEARTBEAT => {
+                    None
+                }
+                Ok(st) => {
+                    last = Some(st.clone());
+                    Some(Reply::Status {
+                        status: Box::new(st),
+                    })
+                }
+                Err(message) => Some(Reply::Error { message }),
+            };
+            if let Some(reply) = reply {
+                let fatal = matches!(reply, Reply::Error { .. });
+                let line = reply.to_line();
+                match tokio::time::timeout(EVENTS_WRITE_TIMEOUT, wr.write_all(line.as_bytes()))
+                    .await
+                {
+                    Ok(Ok(())) if !fatal => sent_at = tokio::time::Instant::now(),
+                    _ => return,
+                }
+            }
+            tokio::select! {
+                _ = bell.changed() => {}
+                _ = tokio::time::sleep(EVENTS_TICK) => {}
+                // The follower sends nothing more: data or end of file, it is done.
+                _ = rd.read(&mut scratch) => return,
             }
         }
     }

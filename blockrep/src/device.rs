@@ -691,6 +691,7 @@ impl Device {
                 rep.set_local_sync_failed();
             }
             self.sync_failed_tx.send_replace(true);
+            crate::bell::ring();
         }
     }
 

@@ -6,6 +6,7 @@
 //! `meta` is the on-disk metadata, `state` the role logic as pure functions, `resource` and
 //! `daemon` assemble them behind the control socket.
 pub mod activity;
+pub mod bell;
 pub mod bitmap;
 pub mod buf;
 pub mod config;

@@ -1148,6 +1148,8 @@ impl MetaStore {
         // Only a durable superblock is the current one: after a failed write the other slot
         // still holds it, and the next update overwrites the failed slot, never that one.
         lock().sb = sb;
+        // The disk state, the generations and the peer's record are in the superblock.
+        crate::bell::ring();
         Ok(t)
     }
 

@@ -419,6 +419,7 @@ pub async fn transmission<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     export.clients.fetch_add(1, Ordering::SeqCst);
+    crate::bell::ring();
     let (tx, rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
     let writer = tokio::spawn(write_replies(wr, rx, export.clone(), neg));
     let count = Arc::new(Semaphore::new(MAX_INFLIGHT));
@@ -565,6 +566,7 @@ pub async fn transmission<R, W>(
         let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
     }
     export.clients.fetch_sub(1, Ordering::SeqCst);
+    crate::bell::ring();
     export.idle.notify_waiters();
 }
 

@@ -1215,6 +1215,7 @@ impl Replication {
                 true
             }
         });
+        crate::bell::ring();
         name
     }
 
@@ -1227,13 +1228,14 @@ impl Replication {
                 .store(false, std::sync::atomic::Ordering::SeqCst);
             was
         });
+        crate::bell::ring();
         was
     }
 
     /// Resumes writes if the suspension in force is `name` (a fence run answers for the loss
     /// it was started for, not for a later one); returns whether it did.
     pub fn resume_io_of(&self, name: u64) -> bool {
-        self.io_suspended.send_if_modified(|s| {
+        let resumed = self.io_suspended.send_if_modified(|s| {
             if *s == Some(name) {
                 *s = None;
                 self.io_suspended_now
@@ -1242,7 +1244,9 @@ impl Replication {
             } else {
                 false
             }
-        })
+        });
+        crate::bell::ring();
+        resumed
     }
 
     /// The suspension in force, if any.

@@ -1156,7 +1156,9 @@ impl Resource {
                 crate::peer::peer_name(self)
             )));
         }
-        if self.sync_paused.send_replace(true) {
+        let was_paused = self.sync_paused.send_replace(true);
+        crate::bell::ring();
+        if was_paused {
             return Ok(format!(
                 "{name}: the resync was already paused (resume-sync goes on)"
             ));
@@ -1191,7 +1193,9 @@ impl Resource {
     /// `resume-sync` (DRBD's): ends a `pause-sync`.
     pub fn resume_sync(&self) -> Result<String, NodeError> {
         let name = self.cfg().me.name.clone();
-        if !self.sync_paused.send_replace(false) {
+        let was_paused = self.sync_paused.send_replace(false);
+        crate::bell::ring();
+        if !was_paused {
             if self.resync_paused_by_peer() {
                 return Err(NodeError::Refused(format!(
                     "{name} is the target of the resync, which its source paused: run resume-sync on {}",
@@ -1752,11 +1756,14 @@ impl Resource {
 
     /// Updates the verify state (the connection's verifier reports through this).
     pub fn update_verify(&self, f: impl FnOnce(&mut VerifyState)) {
-        let mut v = self.verify.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut v);
-        if let Some(s) = v.started {
-            v.elapsed_ms = s.elapsed().as_millis() as u64;
+        {
+            let mut v = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut v);
+            if let Some(s) = v.started {
+                v.elapsed_ms = s.elapsed().as_millis() as u64;
+            }
         }
+        crate::bell::ring();
     }
 
     /// The configured handler for `event`, if any, as a command: arguments
@@ -1833,6 +1840,7 @@ impl Resource {
         // this run's answer is not about it).
         let suspension = self.rep.as_ref().and_then(|r| r.io_suspension());
         self.link().fence = Some(("fence-peer handler running".into(), None));
+        crate::bell::ring();
         let res = self.clone();
         tokio::spawn(async move {
             let outcome = res.run_fence_peer().await;
@@ -2053,6 +2061,8 @@ impl Resource {
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
+        drop(l);
+        crate::bell::ring();
     }
 
     /// Connections established so far.
@@ -2075,6 +2085,7 @@ impl Resource {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         self.link().peer = peer;
+        crate::bell::ring();
     }
 
     /// The peer was heard from (a Hello naming it, authenticated or not, which comes before
@@ -2090,6 +2101,7 @@ impl Resource {
             l.peer_left = None;
             l.peer_stopped = false;
         }
+        crate::bell::ring();
         // Decided in the metadata's write order, not from the store as last installed: a
         // leave being committed right now is seen, and cleared after it.
         self.update_meta_if_changed(|sb| {
@@ -2175,6 +2187,7 @@ impl Resource {
             "the secondary went down cleanly (a planned stop): it catches up when it comes back"
         );
         self.link().peer_stopped = true;
+        crate::bell::ring();
     }
 
     /// How many times the peer was heard from (see [`Self::peer_heard`]).
@@ -3003,6 +3016,7 @@ impl Resource {
                 if !outcome.fenced() {
                     // Shown in `status` (and `events`) as a fence after a lost link is.
                     self.link().fence = Some((outcome.describe(), outcome.peer_disk()));
+                    crate::bell::ring();
                     let advice = if outcome == state::FenceOutcome::PeerPrimary {
                         "the peer is still primary: demote it, or this would be a split brain"
                     } else {
@@ -3023,6 +3037,7 @@ impl Resource {
                 decided_at = Some(links_before);
                 fence_note = format!("; the peer was fenced first: {}", outcome.describe());
                 self.link().fence = Some((outcome.describe(), outcome.peer_disk()));
+                crate::bell::ring();
                 peer = PeerView::Fenced;
             } else if view == PeerView::LeftCleanly {
                 // Checked again under the commit: the peer heard from since is no longer
@@ -3138,6 +3153,7 @@ impl Resource {
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Primary;
         }
+        crate::bell::ring();
         if let Some(rep) = &self.rep {
             let a = rep.acks();
             self.promoted_epoch.store(
@@ -3347,6 +3363,7 @@ impl Resource {
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }
+        crate::bell::ring();
         self.announce_role().await;
         tracing::info!("{} demoted to secondary", self.cfg().me.name);
         let lacking = self
@@ -3552,6 +3569,7 @@ impl Resource {
         if let Ok(mut r) = self.role.lock() {
             *r = Role::Secondary;
         }
+        crate::bell::ring();
         tracing::info!(
             "resource {} down on {}",
             self.cfg().resource,

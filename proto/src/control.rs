@@ -19,6 +19,11 @@ pub enum Request {
         force: bool,
     },
     Status,
+    /// DRBD's `events2`: the daemon answers with a `Status` line at once and another each
+    /// time the node's state changes (a few at once, then at most one every 10 ms; and one
+    /// every second while nothing changes, so a silent daemon is a hung one), until the
+    /// client closes the connection; nothing else is asked on it.
+    Events,
     Primary {
         force: bool,
     },

@@ -147,3 +147,43 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
     assert!(ev.running(), "events stopped:\n{}", ev.log());
     ev.kill();
 }
+
+/// A state that lasts only a moment still gets its line: the daemon pushes every change of
+/// its state (as DRBD's `events2` reports each), where a poll of `status` every 200 ms saw
+/// one only if it happened to fall on a poll. Here the node stands alone for as long as one
+/// run of the CLI takes, three times.
+#[test]
+fn events_show_a_state_that_lasts_only_a_moment() {
+    let c = Cluster::synced_pair("events-moment", 64 << 20, |b| b);
+    let a = c.alpha();
+    let r = c.resource().to_string();
+    let log = c.dir().path().join("events.log");
+    let mut cmd = Command::new(a.ctl_path());
+    cmd.arg("-c")
+        .arg(a.config_path())
+        .arg("-n")
+        .arg("alpha")
+        .arg("events");
+    let mut ev = ChildGuard::spawn(&mut cmd, Some(&log));
+    let mut at = wait_line(&ev, 0, "exists -");
+    for round in 0..3 {
+        a.ctl_ok(&["disconnect"]);
+        a.ctl_ok(&["connect"]);
+        at = wait_line(
+            &ev,
+            at,
+            &format!("change connection name:{r} conn-name:beta connection:standalone"),
+        );
+        at = wait_line(
+            &ev,
+            at,
+            &format!("change connection name:{r} conn-name:beta connection:connected"),
+        );
+        assert!(
+            ev.running(),
+            "events stopped in round {round}:\n{}",
+            ev.log()
+        );
+    }
+    ev.kill();
+}

@@ -760,8 +760,13 @@ pub(super) async fn secondary_side(
                         } => {
                             // Shown by `status` only: nothing here depends on it.
                             if res.link_state() == "sync-target" {
-                                res.sync_paused_by_peer
-                                    .store(paused, std::sync::atomic::Ordering::Relaxed);
+                                if res
+                                    .sync_paused_by_peer
+                                    .swap(paused, std::sync::atomic::Ordering::Relaxed)
+                                    != paused
+                                {
+                                    crate::bell::ring();
+                                }
                                 if let Ok(mut p) = res.resync.lock() {
                                     p.get_or_insert_with(|| {
                                         crate::resource::ResyncProgress::start(total)
