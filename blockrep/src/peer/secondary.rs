@@ -788,36 +788,6 @@ pub(super) async fn secondary_side(
                 if res.stream_held() {
                     return Err(LinkError::Closed("this node is being promoted"));
                 }
-                {
-                    let mut s = ap.lock();
-                    if seq <= s.received {
-                        // Already have it (a replay after reconnect): skip.
-                        continue;
-                    }
-                    if Some(seq) != s.received.checked_add(1) {
-                        rep.stats
-                            .protocol_errors
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return Err(LinkError::Protocol(format!(
-                            "sequence gap: expected {}, got {seq}",
-                            s.received.saturating_add(1)
-                        )));
-                    }
-                    s.received = seq;
-                    rep.stats
-                        .seq_received
-                        .store(seq, std::sync::atomic::Ordering::Relaxed);
-                    let term = msg.term().unwrap_or(0);
-                    if s.terms.back().map(|&(_, t)| t) != Some(term) {
-                        if s.terms.len() >= MAX_TERM_CHANGES {
-                            return Err(LinkError::Protocol(format!(
-                                "{MAX_TERM_CHANGES} term changes among unapplied records"
-                            )));
-                        }
-                        s.terms.push_back((seq, term));
-                    }
-                }
-                ap.publish();
                 let units = payload.as_ref().map_or(0, |p| {
                     u32::try_from(p.len().div_ceil(APPLY_BYTES_UNIT))
                         .unwrap_or(u32::MAX)
@@ -848,6 +818,40 @@ pub(super) async fn secondary_side(
                 if res.stream_held() {
                     return Err(LinkError::Closed("this node is being promoted"));
                 }
+                // Received (and so acknowledged as such under B) only now, with its room to be
+                // applied taken: a record counted while it waited for room would be dropped
+                // unapplied if the link then ended, and under B the primary answers its client
+                // on the receipt alone.
+                {
+                    let mut s = ap.lock();
+                    if seq <= s.received {
+                        // Already have it (a replay after reconnect): skip.
+                        continue;
+                    }
+                    if Some(seq) != s.received.checked_add(1) {
+                        rep.stats
+                            .protocol_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Err(LinkError::Protocol(format!(
+                            "sequence gap: expected {}, got {seq}",
+                            s.received.saturating_add(1)
+                        )));
+                    }
+                    s.received = seq;
+                    rep.stats
+                        .seq_received
+                        .store(seq, std::sync::atomic::Ordering::Relaxed);
+                    let term = msg.term().unwrap_or(0);
+                    if s.terms.back().map(|&(_, t)| t) != Some(term) {
+                        if s.terms.len() >= MAX_TERM_CHANGES {
+                            return Err(LinkError::Protocol(format!(
+                                "{MAX_TERM_CHANGES} term changes among unapplied records"
+                            )));
+                        }
+                        s.terms.push_back((seq, term));
+                    }
+                }
+                ap.publish();
                 match msg {
                     Msg::HashReq {
                         offset, len, block, ..
@@ -1112,14 +1116,10 @@ pub(super) async fn secondary_side(
                     }
                     Msg::Write { .. } | Msg::Zero { .. } => {
                         // Under B the primary acknowledges a write once this node has
-                        // received it.
-                        if rep.protocol() == Protocol::B && rd.buffer().is_empty() {
-                            // Nothing more has arrived: the primary may be waiting on this
-                            // receipt. Let the acker (polled first) send it, then apply.
-                            ap.ack_receipt_now
-                                .store(true, std::sync::atomic::Ordering::Relaxed);
-                            tokio::task::yield_now().await;
-                        }
+                        // received it. Nothing more has arrived: the primary may be waiting
+                        // on this receipt, which the acker sends before the write is applied
+                        // (below).
+                        let receipt_first = rep.protocol() == Protocol::B && rd.buffer().is_empty();
                         let (offset, len, fua) = match msg {
                             Msg::Write {
                                 offset, len, fua, ..
@@ -1144,8 +1144,9 @@ pub(super) async fn secondary_side(
                         }
                         .unwrap_or((offset, offset + len));
                         ap.lock().ranges.insert(seq, span);
-                        let ap = ap.clone();
+                        let apply = ap.clone();
                         let mut fut = Box::pin(async move {
+                            let ap = apply;
                             ap.wait_turn(seq, span).await;
                             let dev = ap.res.device();
                             // FUA: made durable below together with everything before it
@@ -1178,14 +1179,30 @@ pub(super) async fn secondary_side(
                             }
                             drop(permit);
                         });
-                        // Usually nothing overlaps and the page-cache write completes at once:
-                        // apply inline. Otherwise it becomes a task and waits its turn.
-                        let pending = {
-                            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                            fut.as_mut().poll(&mut cx).is_pending()
-                        };
-                        if pending {
-                            tokio::spawn(fut);
+                        if receipt_first {
+                            // A task of its own before the receipt goes out: the receiver may
+                            // end while it yields (the acker's write failed), and a received
+                            // write must be applied all the same. The task yields first, so
+                            // that the receipt still goes out before the apply.
+                            tokio::spawn(async move {
+                                tokio::task::yield_now().await;
+                                fut.await
+                            });
+                            ap.ack_receipt_now
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                            tokio::task::yield_now().await;
+                        } else {
+                            // Usually nothing overlaps and the page-cache write completes at
+                            // once: apply inline. Otherwise it becomes a task and waits its
+                            // turn.
+                            let pending = {
+                                let mut cx =
+                                    std::task::Context::from_waker(std::task::Waker::noop());
+                                fut.as_mut().poll(&mut cx).is_pending()
+                            };
+                            if pending {
+                                tokio::spawn(fut);
+                            }
                         }
                         // A batch of received records is applied a few at a time, each
                         // few acknowledged at once: the primary answers its client sooner
