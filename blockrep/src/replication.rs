@@ -38,6 +38,12 @@ pub struct Acks {
     /// Synced, and the peer's applied mark committed: a restart of the peer resumes after
     /// it. Everything that lets this node forget a record goes by this mark, not `synced`.
     pub durable: u64,
+    /// A resync's first sequence, while the peer has not taken it (0 otherwise). The marks
+    /// start at the sequence before it, which the resync brings the peer to, not the peer:
+    /// until it has committed the SyncStart (its disk inconsistent, so not promoted without
+    /// `--force`) it is up to date without the writes that waited through the reconnect. A
+    /// write waits for a mark at or past this (see [`Acks::mark`]).
+    pub confirm_from: u64,
 }
 
 /// The peer's marks a write can wait for.
@@ -49,11 +55,18 @@ enum Mark {
 }
 
 impl Acks {
+    /// The mark a waiting write goes by: none below [`Self::confirm_from`] (the peer
+    /// passes it only after it committed the resync's start, in stream order).
     fn mark(&self, m: Mark) -> u64 {
-        match m {
+        let v = match m {
             Mark::Received => self.received,
             Mark::Applied => self.applied,
             Mark::Synced => self.synced,
+        };
+        if v < self.confirm_from {
+            0
+        } else {
+            v
         }
     }
 }
@@ -551,6 +564,7 @@ impl Replication {
         self.acks.send_modify(|a| {
             a.connected = connected;
             a.epoch += 1;
+            a.confirm_from = 0;
             if connected {
                 a.received = peer_applied;
                 a.applied = peer_applied;
@@ -561,6 +575,17 @@ impl Replication {
         self.waiters().wake_all();
         // Writers waiting for space or acks re-check against the new state.
         self.space.notify_waiters();
+    }
+
+    /// The stream of this connection starts with a resync at `start` (see
+    /// [`Acks::confirm_from`]): the writes that waited for the peer through the reconnect
+    /// are answered once it has taken the resync's start, not on the marks the resync
+    /// assumes. Called after [`Self::set_connected`], before the writes resume.
+    pub fn confirm_resync_start(&self, start: u64) {
+        self.acks.send_modify(|a| {
+            debug_assert!(a.connected, "a resync's start on a link that is down");
+            a.confirm_from = start;
+        });
     }
 
     /// The peer acknowledged: raise the marks, release what it applied.
@@ -2656,6 +2681,58 @@ mod csum_tests {
             rep.lock().bitmap.dirty_bits() > 0,
             "a write the peer synced but did not commit was forgotten at the drop"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A write that waited for the peer through a reconnect that starts a resync is answered
+    /// only once the peer has taken the resync's start, not on the marks the resync assumes
+    /// (everything before its start): until the peer commits the SyncStart it is up to date
+    /// without the write, and a failover to it would lose the write without a word.
+    #[tokio::test]
+    async fn a_write_held_through_a_reconnect_with_a_resync_waits_for_the_peer_to_take_it() {
+        let dir = std::env::temp_dir().join(format!("brrep-confirm-{}", std::process::id()));
+        let (rep, _file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let data = vec![7u8; 4096];
+        let w = rep
+            .begin(Record::Write {
+                offset: 0,
+                data: &data,
+                fua: false,
+                crc: None,
+            })
+            .await
+            .expect("write");
+        rep.done(w);
+        rep.al_end(0, 4096, w);
+        let mut answered = Box::pin(rep.wait_peer(w, false));
+        let pending = |r: Result<std::io::Result<()>, tokio::time::error::Elapsed>| r.is_err();
+        assert!(pending(
+            tokio::time::timeout(Duration::from_millis(50), &mut answered).await
+        ));
+        // The link drops and comes back at once, with a resync (the journal cannot replay).
+        rep.on_disconnect();
+        rep.set_connected(false, 0, 0);
+        let start = rep.start_resync(None, false, 8 << 20, 0);
+        assert!(start > w, "the resync starts past the write");
+        rep.set_connected(true, start - 1, start - 1);
+        rep.confirm_resync_start(start);
+        assert!(
+            pending(tokio::time::timeout(Duration::from_millis(50), &mut answered).await),
+            "answered on the marks the resync assumes, before the peer took its start"
+        );
+        let checkpoint = rep.begin(Record::Checkpoint).await.expect("checkpoint");
+        assert_eq!(checkpoint, start);
+        // A peer still short of the start (its ack of the stream's first mark).
+        rep.on_ack(start - 1, start - 1, start - 1, 0);
+        assert!(pending(
+            tokio::time::timeout(Duration::from_millis(50), &mut answered).await
+        ));
+        rep.on_ack(checkpoint, checkpoint, checkpoint, 0);
+        tokio::time::timeout(Duration::from_secs(5), &mut answered)
+            .await
+            .expect("answered once the peer took the resync's start")
+            .expect("write");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

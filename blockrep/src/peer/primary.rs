@@ -180,6 +180,9 @@ pub(super) async fn primary_side(
     };
     rep.set_link_as_primary(res.role() == Role::Primary);
     rep.set_connected(true, start - 1, peer_durable);
+    if resync.is_some() {
+        rep.confirm_resync_start(start);
+    }
     // Everything before the stream's start the peer has (or the resync brings): counted as
     // sent, so that a new primary's `status` does not say "sent 0" beside its applied mark.
     rep.stats
@@ -237,6 +240,10 @@ pub(super) async fn primary_side(
         let replies = replies.clone();
         async move {
             if let Some(total) = resync {
+                // A record at the resync's start at once, whatever the resync does first (it
+                // may start paused): the writes that waited through the reconnect are
+                // answered when the peer has taken it (see `Acks::confirm_from`).
+                rep.begin(Record::Checkpoint).await?;
                 res.run_handler("before-resync-source");
                 run_resync(&res, &rep, total, &replies).await?;
             } else {
