@@ -392,6 +392,19 @@ impl Ring {
         self.released = self.released.max(seq);
     }
 
+    /// The peer needs the records from `seq` on again: it reconnected behind what it had
+    /// applied (a restart resumes from its committed mark), so their space is not free until
+    /// it applies them anew. Without this, appends could overwrite them before the catch-up
+    /// sends them, and the link would drop for a bitmap resync the journal could have spared.
+    /// Only for a `seq` the ring still holds (or the next one to be appended).
+    pub fn keep_from(&mut self, seq: u64) {
+        debug_assert!(
+            self.get(seq).is_some() || self.last_seq().is_none_or(|l| seq > l),
+            "keeping records the ring no longer holds"
+        );
+        self.released = self.released.min(seq.saturating_sub(1));
+    }
+
     /// Drops every record; the next one appended is `next_seq`, and the one before it had
     /// term `prev_term` (0: not known).
     pub fn clear(&mut self, next_seq: u64, prev_term: u64) {
@@ -725,6 +738,40 @@ mod tests {
             assert!(r.get(first).is_some());
         }
         assert!(seq > 300, "{seq}");
+    }
+
+    /// A peer that comes back behind what it had applied (its restart kept only its committed
+    /// mark) gets the records from there again: they are not overwritten meanwhile.
+    #[test]
+    fn records_a_reconnecting_peer_needs_again_are_kept() {
+        let mut r = Ring::new(64 * 1024);
+        let data = vec![2u8; 8000];
+        let mut seq = 1;
+        while append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).is_ok() {
+            seq += 1;
+        }
+        let last = seq - 1;
+        // Applied through the last, then back at 3 after a restart.
+        r.release_through(last);
+        r.keep_from(3);
+        assert_eq!(r.first_live_seq(), Some(3));
+        // Appends take the space of records 1 and 2 only, then the ring is full.
+        let err = loop {
+            match append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}) {
+                Ok(_) => seq += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, AppendError::Full { .. }), "{err:?}");
+        assert!(seq <= last + 3, "appended over records the peer needs");
+        assert!(
+            (3..=last).all(|s| r.get(s).is_some()),
+            "a record the peer needs was overwritten"
+        );
+        let last = seq - 1;
+        // Once it applied them again, the space is free.
+        r.release_through(last);
+        append_msg(&mut r, &write_msg(seq, &data), &data, |_| {}).expect("room again");
     }
 
     #[test]

@@ -369,8 +369,10 @@ impl Layout {
         if !self.al_len.is_multiple_of(BLOCK) || !(BLOCK..=1 << 20).contains(&self.al_len) {
             return Err(format!("an activity log of {} bytes", self.al_len));
         }
+        // The ring's least (see `Ring::new`); the config asks for 1 MiB at least. A smaller
+        // one would take no write of any size, and every write would overflow it.
         if !self.journal_len.is_multiple_of(BLOCK)
-            || !(BLOCK..=16 << 30).contains(&self.journal_len)
+            || !(64 << 10..=16 << 30).contains(&self.journal_len)
         {
             return Err(format!("a journal of {} bytes", self.journal_len));
         }
@@ -1052,8 +1054,9 @@ impl MetaStore {
     /// [`Self::update`] that also runs `also` (more writes to the metadata file) between the
     /// superblock's write and its fdatasync, so one sync makes both durable. Only for writes
     /// whose order against the superblock does not matter to a crash: either may land
-    /// without the other. If `also` or the sync fails, the superblock stays the one before,
-    /// as for a failed write.
+    /// without the other. If `also` or the sync fails, the superblock in memory stays the one
+    /// before, as for a failed write; the slot written may still reach the disk later, which
+    /// is why only such writes go here (a restart may then read either).
     pub fn update_with<T, E: From<MetaError>>(
         meta: &Mutex<MetaStore>,
         f: impl FnOnce(&mut Superblock) -> Result<T, E>,

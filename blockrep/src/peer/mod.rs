@@ -1400,7 +1400,7 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
             peer.out_of_sync
         )));
     }
-    let inner = rep.lock();
+    let mut inner = rep.lock();
     // From the authenticated peer, but still input: no overflow on a nonsense mark.
     let start = peer.applied_seq.checked_add(1).ok_or_else(|| {
         LinkError::Protocol(format!(
@@ -1442,6 +1442,8 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
             )))
         }
     }
+    // Under the same lock as the checks above: the records the catch-up sends are kept.
+    inner.ring.keep_from(start);
     Ok(start)
 }
 
