@@ -34,6 +34,18 @@ fn wait_line(ev: &ChildGuard, from: usize, needle: &str) -> usize {
     find(&log).unwrap_or(from)
 }
 
+/// `blockrep-ctl events` on `n`, in the background, its output in the cluster's directory.
+fn follow_events(c: &Cluster, n: &Node) -> ChildGuard {
+    let log = c.dir().path().join(format!("events-{}.log", n.name()));
+    let mut cmd = Command::new(n.ctl_path());
+    cmd.arg("-c")
+        .arg(n.config_path())
+        .arg("-n")
+        .arg(n.name())
+        .arg("events");
+    ChildGuard::spawn(&mut cmd, Some(&log))
+}
+
 /// `role`, `cstate` and `dstate` print exactly these lines on `n`.
 fn assert_states(n: &Node, role: &str, cstate: &str, dstate: &str) {
     for (q, want) in [("role", role), ("cstate", cstate), ("dstate", dstate)] {
@@ -63,14 +75,7 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
     assert_states(a, "primary/secondary", "connected", "up-to-date/up-to-date");
     assert_states(b, "secondary/primary", "connected", "up-to-date/up-to-date");
 
-    let log = c.dir().path().join("events.log");
-    let mut cmd = Command::new(a.ctl_path());
-    cmd.arg("-c")
-        .arg(a.config_path())
-        .arg("-n")
-        .arg("alpha")
-        .arg("events");
-    let mut ev = ChildGuard::spawn(&mut cmd, Some(&log));
+    let mut ev = follow_events(&c, a);
     let mut at = wait_line(&ev, 0, "exists -");
 
     // The peer leaves and comes back.
@@ -157,14 +162,7 @@ fn events_show_a_state_that_lasts_only_a_moment() {
     let c = Cluster::synced_pair("events-moment", 64 << 20, |b| b);
     let a = c.alpha();
     let r = c.resource().to_string();
-    let log = c.dir().path().join("events.log");
-    let mut cmd = Command::new(a.ctl_path());
-    cmd.arg("-c")
-        .arg(a.config_path())
-        .arg("-n")
-        .arg("alpha")
-        .arg("events");
-    let mut ev = ChildGuard::spawn(&mut cmd, Some(&log));
+    let mut ev = follow_events(&c, a);
     let mut at = wait_line(&ev, 0, "exists -");
     for round in 0..3 {
         a.ctl_ok(&["disconnect"]);
