@@ -417,6 +417,8 @@ enum StreamNext {
     Silent,
     /// The daemon closed the stream (it went down, or was killed) or garbled it.
     Closed,
+    /// The daemon ended the stream with this error (too many followers, a failed status).
+    Failed(String),
     /// The daemon does not stream events (a build before it did): it is asked for its status
     /// every [`EVENTS_POLL`] instead.
     Refused,
@@ -480,10 +482,7 @@ impl EventStream {
             Ok(Reply::Error { message }) if message.starts_with("bad control request") => {
                 StreamNext::Refused
             }
-            Ok(Reply::Error { message }) => {
-                eprintln!("events: the daemon said: {message}");
-                StreamNext::Closed
-            }
+            Ok(Reply::Error { message }) => StreamNext::Failed(message),
             Ok(Reply::Ok { .. }) | Err(_) => {
                 eprintln!("events: the daemon sent something other than a status: reconnecting");
                 StreamNext::Closed
@@ -521,32 +520,49 @@ fn follow_events(cfg: &Config, now: bool) -> Result<()> {
     }
     let mut polling = false;
     let mut first = true;
+    // Streams in a row that ended without a status (refused, or ended by the daemon), and
+    // the last error a daemon gave (said once, not at every retry).
+    let mut fruitless = 0u32;
+    let mut said: Option<String> = None;
     loop {
         let stream = if polling {
             None
         } else {
             match EventStream::open(cfg) {
-                Ok(s) => s,
-                // Only the first time: a follower outlives a daemon's restarts and hiccups.
+                Ok(Some(s)) => Some(s),
+                Ok(None) => {
+                    // Not running (or gone): its objects go, and it is looked for again.
+                    emit(&mut out, None, &mut answering)?;
+                    first = false;
+                    fruitless = 0;
+                    std::thread::sleep(EVENTS_POLL);
+                    continue;
+                }
+                // Only the first time: a follower outlives a daemon's restarts and hiccups
+                // (one it cannot reach now is not one that is down: said as not answering).
                 Err(e) if first => return Err(e),
                 Err(_) => None,
             }
         };
-        first = false;
         let Some(mut stream) = stream else {
-            if polling {
+            let answered = if polling {
                 // The fallback: the status, every EVENTS_POLL.
                 match query_status(cfg) {
-                    Ok(st) => emit(&mut out, st.as_ref(), &mut answering)?,
-                    Err(_) if answering => {
-                        answering = false;
-                        writeln!(out, "{}", events::answering(&cfg.resource, false))?;
-                        out.flush()?;
+                    Ok(st) => {
+                        emit(&mut out, st.as_ref(), &mut answering)?;
+                        true
                     }
-                    Err(_) => {}
+                    Err(e) if first => return Err(e),
+                    Err(_) => false,
                 }
             } else {
-                emit(&mut out, None, &mut answering)?;
+                false
+            };
+            first = false;
+            if !answered && answering {
+                answering = false;
+                writeln!(out, "{}", events::answering(&cfg.resource, false))?;
+                out.flush()?;
             }
             std::thread::sleep(EVENTS_POLL);
             continue;
@@ -556,10 +572,19 @@ fn follow_events(cfg: &Config, now: bool) -> Result<()> {
             match stream.next() {
                 StreamNext::Status(st) => {
                     heard = true;
+                    first = false;
+                    fruitless = 0;
+                    said = None;
                     emit(&mut out, Some(&st), &mut answering)?
                 }
-                // A daemon that does not answer (hung, or stalled on its disk) is said once;
-                // what it shows then is its last state.
+                // Hung (or stalled on its disk) when `events` starts: an error, as `status`
+                // says it, rather than a follower that prints nothing.
+                StreamNext::Silent if first => bail!(
+                    "the daemon did not answer within {} s (hung, or stalled on its disk)",
+                    STATUS_TIMEOUT.as_secs()
+                ),
+                // A daemon that does not answer is said once; what it shows then is its last
+                // state.
                 StreamNext::Silent => {
                     if answering {
                         answering = false;
@@ -568,15 +593,34 @@ fn follow_events(cfg: &Config, now: bool) -> Result<()> {
                     }
                 }
                 StreamNext::Closed => break,
+                StreamNext::Failed(message) => {
+                    if first {
+                        bail!("events: {message}");
+                    }
+                    if said.as_deref() != Some(message.as_str()) {
+                        eprintln!("events: the daemon said: {message}");
+                        said = Some(message);
+                    }
+                    break;
+                }
                 StreamNext::Refused => {
                     polling = true;
                     break;
                 }
             }
         }
+        if !heard && !polling {
+            fruitless += 1;
+            // A daemon that keeps ending streams without a status is not answering.
+            if fruitless >= 3 && answering {
+                answering = false;
+                writeln!(out, "{}", events::answering(&cfg.resource, false))?;
+                out.flush()?;
+            }
+        }
         if !polling {
             // Gone (or going): looked for again at once, then every EVENTS_POLL; a daemon
-            // that ends streams without a status (too many followers) every EVENTS_POLL.
+            // that ends streams without a status every EVENTS_POLL.
             std::thread::sleep(if heard {
                 Duration::from_millis(20)
             } else {

@@ -28,8 +28,9 @@ pub fn subscribe() -> watch::Receiver<u64> {
 
 #[cfg(test)]
 mod tests {
+    /// (Not that rings coalesce: other tests of this process ring the same bell.)
     #[tokio::test]
-    async fn a_ring_wakes_a_follower_and_rings_coalesce() {
+    async fn a_ring_wakes_a_follower() {
         let mut f = super::subscribe();
         f.borrow_and_update();
         super::ring();
@@ -38,6 +39,5 @@ mod tests {
             .await
             .expect("woken")
             .expect("the bell lives as long as the process");
-        assert!(!f.has_changed().unwrap_or(true), "two rings, one wake-up");
     }
 }

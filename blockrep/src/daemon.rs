@@ -40,6 +40,7 @@ impl Daemon {
             .map(|w| format!("\nwarning: {w}"))
             .collect();
         *res = Some(r);
+        crate::bell::ring();
         Ok(format!(
             "resource {} up on {} (export {}){warnings}",
             self.cfg.resource, self.cfg.me.name, self.cfg.me.export
@@ -62,6 +63,7 @@ impl Daemon {
                         // Still there (its tasks, its claim on the disk): shown as up, and a
                         // later `down` tries again.
                         *self.res.lock().await = Some(r);
+                        crate::bell::ring();
                         return Err(e);
                     }
                 };
@@ -72,6 +74,7 @@ impl Daemon {
             }
             None => format!("resource {} was not up", self.cfg.resource),
         };
+        crate::bell::ring();
         self.stop.send_replace(true);
         Ok(msg)
     }
@@ -350,7 +353,7 @@ impl Daemon {
 
 /// How often an `events` stream looks at the status with no ring of the state bell: what
 /// changes without one (`stalled`, `out-of-sync` yes/no) shows within this.
-const EVENTS_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+const EVENTS_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 /// Statuses an `events` stream builds at most: a burst of [`EVENTS_BURST`] at once (the
 /// steps of a disconnect follow each other within milliseconds), then one every
 /// [`EVENTS_REFILL`] (a storm of rings, metadata commits under a flush-heavy load, costs at
@@ -394,6 +397,7 @@ impl Daemon {
         let mut last: Option<Status> = None;
         let mut sent_at = tokio::time::Instant::now();
         let mut scratch = [0u8; 64];
+        let mut reading = true;
         let mut budget = EVENTS_BURST;
         let mut refilled = tokio::time::Instant::now();
         loop {
@@ -435,8 +439,13 @@ impl Daemon {
             tokio::select! {
                 _ = bell.changed() => {}
                 _ = tokio::time::sleep(EVENTS_TICK) => {}
-                // The follower sends nothing more: data or end of file, it is done.
-                _ = rd.read(&mut scratch) => return,
+                // A follower sends nothing more: more data ends the stream; an end of file is
+                // a half-close (`socat` with its input done), and the stream goes on until a
+                // write fails (within the heartbeat).
+                n = rd.read(&mut scratch), if reading => match n {
+                    Ok(0) => reading = false,
+                    _ => return,
+                },
             }
         }
     }

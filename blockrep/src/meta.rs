@@ -1145,6 +1145,7 @@ impl MetaStore {
                     seq: sb.seq - 1,
                     ..sb
                 };
+                crate::bell::ring();
             }
             return Err(io_err(e).into());
         }

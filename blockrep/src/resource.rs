@@ -1697,6 +1697,7 @@ impl Resource {
             ..Default::default()
         };
         drop(v);
+        crate::bell::ring();
         self.verify_kick.notify_one();
         Ok(if on_peer {
             format!(
@@ -1845,13 +1846,16 @@ impl Resource {
         tokio::spawn(async move {
             let outcome = res.run_fence_peer().await;
             res.after_fence(&outcome, suspension);
-            let mut l = res.link();
-            // Only for the loss it was run for: a link back since then knows better.
-            if !established(l.state)
-                && res.connections.load(std::sync::atomic::Ordering::SeqCst) == attempt
             {
-                l.fence = Some((outcome.describe(), outcome.peer_disk()));
+                let mut l = res.link();
+                // Only for the loss it was run for: a link back since then knows better.
+                if !established(l.state)
+                    && res.connections.load(std::sync::atomic::Ordering::SeqCst) == attempt
+                {
+                    l.fence = Some((outcome.describe(), outcome.peer_disk()));
+                }
             }
+            crate::bell::ring();
         });
     }
 
@@ -2175,10 +2179,13 @@ impl Resource {
             );
             return;
         }
-        let mut l = self.link();
-        if self.peer_heard_count() == heard {
-            l.peer_left = Some(issued);
+        {
+            let mut l = self.link();
+            if self.peer_heard_count() == heard {
+                l.peer_left = Some(issued);
+            }
         }
+        crate::bell::ring();
     }
 
     /// The secondary of this primary went down cleanly (see `LinkInfo::peer_stopped`).
@@ -2452,6 +2459,7 @@ impl Resource {
                 l.lost_at = Some(std::time::Instant::now());
             }
         }
+        crate::bell::ring();
         // Writes the peer has not applied (acknowledged under A, or in flight): the data
         // diverges now, not at the next write, which may never come before a crash and a
         // failover that would then overwrite them silently.
