@@ -612,10 +612,14 @@ impl Device {
         let Some(rep) = &self.rep else {
             return self.sync_backing().await;
         };
-        // With the peer away there is no one in the stream to flush: no record, which would
-        // take a sequence number the peer never sees (see `Replication::begin`) and so start
-        // a new generation for nothing. The local and journal syncs are the whole flush.
-        let seq = if rep.acks().connected {
+        // With the peer away, a flush is a record only once the data moved on from the peer
+        // (see `Replication::diverged_while_away`): a catch-up then carries it as the barrier
+        // it was here. Before that, a record would take a sequence number the peer never
+        // sees (see `Replication::begin`) and so start a new generation for nothing; nor
+        // does the catch-up need it, as the peer has made everything before it durable.
+        // Either way the peer is not waited for: the local and journal syncs are the flush.
+        let connected = rep.acks().connected;
+        let seq = if connected || rep.diverged_while_away() {
             match rep.begin(Record::Flush).await {
                 Ok(seq) => Some(seq),
                 Err(_) => return self.fail(EIO),
@@ -623,6 +627,7 @@ impl Device {
         } else {
             None
         };
+        let seq = seq.filter(|_| connected);
         // The data's sync and the journal's at once: with internal metadata they are syncs of
         // one file, which the filesystem serves with one log commit and one cache flush where
         // they meet (one after the other, each paid its own). Both are durable before the

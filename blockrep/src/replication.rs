@@ -1475,6 +1475,18 @@ impl Replication {
         self.new_gen_pending.store(true, SeqCst);
     }
 
+    /// With the peer away: whether this node's data has moved on from it since it was lost
+    /// (the new generation that says so is on disk). A record issued now starts no
+    /// generation, so a client's flush goes into the journal: the catch-up then carries it
+    /// as a barrier, and a target that loses power midway holds a prefix of this node's
+    /// flushed history, not later writes without the earlier ones they were flushed after.
+    pub fn diverged_while_away(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        !self.acks().connected
+            && self.unapplied_from.load(SeqCst) != u64::MAX
+            && !self.new_gen_pending.load(SeqCst)
+    }
+
     /// Whether the loss of the peer left a new generation to start that is not on disk yet
     /// (its persist failed, or no record has come since the peer lacks some).
     pub fn divergence_pending(&self) -> bool {
@@ -2733,6 +2745,47 @@ mod csum_tests {
             .await
             .expect("answered once the peer took the resync's start")
             .expect("write");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With the peer away, a client's flush goes into the journal once the data has moved on
+    /// from the peer: the catch-up carries it as the barrier it was here (without it, a
+    /// target that lost power midway could hold later writes without the earlier ones they
+    /// were flushed after, and call itself up to date). Before any write diverged, a flush
+    /// takes no sequence (it would start a new generation for nothing).
+    #[tokio::test]
+    async fn a_flush_with_the_peer_away_is_journaled_once_the_data_moved_on() {
+        let dir = std::env::temp_dir().join(format!("brrep-awayflush-{}", std::process::id()));
+        let (rep, file) = fresh(&dir);
+        let engine = crate::engine::open(Arc::new(file), crate::config::IoEngineChoice::Sync)
+            .expect("engine");
+        let dev = crate::device::Device::new(engine, Some(rep.clone()), 4 << 20, false);
+        rep.set_connected(true, 0, 0);
+        let flushes = |rep: &Replication| {
+            rep.lock()
+                .ring
+                .records()
+                .filter(|r| r.range.0 == r.range.1 && r.data == 0)
+                .count()
+        };
+        // Lost with nothing it lacks.
+        assert!(!rep.peer_lost());
+        rep.on_disconnect();
+        rep.set_connected(false, 0, 0);
+        dev.flush().await.expect("flush");
+        assert_eq!(rep.lock().issued, 0, "a flush took a sequence for nothing");
+        let mut buf = dev.pool.get(4096);
+        buf.fill(9);
+        let (r, buf) = dev.write(0, buf, false, None).await;
+        r.expect("write");
+        dev.pool.put(buf);
+        assert!(rep.diverged_while_away());
+        dev.flush().await.expect("flush");
+        assert_eq!(
+            flushes(&rep),
+            1,
+            "the flush after a diverged write is not in the journal"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
