@@ -1395,6 +1395,14 @@ impl Replication {
             if self.acks.borrow().connected {
                 continue;
             }
+            // Released without the peer while a demotion or `down` is under way (it closed
+            // the writes): not acknowledged. The node is about to stop being primary, the
+            // peer may be promoted next without this write, and nothing fences it (a `down`
+            // or a demotion runs no fence-peer). The data is in the bitmap and the new
+            // generation all the same.
+            if self.writes_closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(writes_closed_error());
+            }
             // Released without the peer, which a failed disk cannot stand in for: the data
             // may be lost here, and the peer never got it.
             if self
@@ -2785,6 +2793,46 @@ mod csum_tests {
             flushes(&rep),
             1,
             "the flush after a diverged write is not in the journal"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A write waiting for the peer when a demotion or `down` closed the writes and then the
+    /// link dropped is not acknowledged: the peer may be promoted next without it, and no
+    /// fence-peer runs for a planned stop.
+    #[tokio::test]
+    async fn a_write_released_without_the_peer_after_writes_closed_fails() {
+        let dir = std::env::temp_dir().join(format!("brrep-closed-{}", std::process::id()));
+        let (rep, _file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let data = vec![4u8; 4096];
+        let w = rep
+            .begin(Record::Write {
+                offset: 0,
+                data: &data,
+                fua: false,
+                crc: None,
+            })
+            .await
+            .expect("write");
+        rep.done(w);
+        rep.al_end(0, 4096, w);
+        let mut answered = Box::pin(rep.wait_peer(w, false));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut answered)
+                .await
+                .is_err()
+        );
+        rep.close_writes(true);
+        rep.peer_lost();
+        rep.on_disconnect();
+        rep.set_connected(false, 0, 0);
+        let r = tokio::time::timeout(Duration::from_secs(5), &mut answered)
+            .await
+            .expect("released");
+        assert!(
+            r.is_err(),
+            "acknowledged without the peer during a demotion"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
