@@ -81,6 +81,11 @@ fn peer_ahead(
     ))
 }
 
+/// A promotion refused because the node is going down (see `Resource::stopping`).
+fn going_down() -> NodeError {
+    NodeError::Refused("the node is going down (`down` or a service stop is under way)".into())
+}
+
 fn resync_expected() -> NodeError {
     NodeError::Refused(
         "the peer is resyncing this node: it holds writes this node lacks (it crashed as primary, or a split brain was settled in its favour); wait until the resync has ended (`wait-sync`), or use --force to promote anyway (the peer's writes are then a split brain)".into(),
@@ -235,6 +240,11 @@ pub struct Resource {
     /// commit, on both nodes: a node promoted in between would have its new writes' bitmap
     /// cleared and its generation replaced.
     skip_ops: tokio::sync::Mutex<()>,
+    /// A `down` is under way: a promotion refuses (at its start and at its commit), and the
+    /// `down` waits for one already running before it decides how to go down (as primary or
+    /// as secondary), so that it never takes the secondary's way down while a promotion
+    /// commits behind it.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The latest online verify of this node (see [`Resource::start_verify`]).
@@ -529,6 +539,7 @@ impl Resource {
             resync_target_started: std::sync::atomic::AtomicBool::new(false),
             sync_expected: Default::default(),
             skip_ops: tokio::sync::Mutex::new(()),
+            stopping: Default::default(),
         });
         let watcher = tokio::spawn(watch_disk_errors(
             Arc::downgrade(&res),
@@ -2896,6 +2907,9 @@ impl Resource {
     pub async fn primary(self: &Arc<Self>, force: bool) -> Result<String, NodeError> {
         // Not while the initial sync is being skipped (see `skip_ops`).
         let _skip = self.skip_ops.lock().await;
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(going_down());
+        }
         if self.role() == Role::Primary {
             return Ok(format!("{} is already primary", self.cfg().me.name));
         }
@@ -3077,7 +3091,11 @@ impl Resource {
         // A connected peer's view is stale after any handshake since (a reconnect may have
         // made this node a resync's target and ended again before this commit).
         let connected_at = matches!(peer, PeerView::Connected(_)).then_some(view_handshakes);
+        let stopping = self.stopping.clone();
         self.update_meta(move |sb| {
+            if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(going_down());
+            }
             if connected_at.is_some_and(|n| n != handshakes.load(std::sync::atomic::Ordering::SeqCst)) {
                 return Err(NodeError::Refused(
                     "the peer reconnected while this promotion was being decided: run `primary` again".into(),
@@ -3478,6 +3496,20 @@ impl Resource {
     /// `down`: stop serving, persist, release the sockets.
     /// Returns a note on the peer for the admin ("" when there is none to give).
     pub async fn down(&self) -> Result<&'static str, NodeError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.stopping.store(true, SeqCst);
+        // A promotion already running finishes (or refuses at its commit) first: the way
+        // down is then decided by the role it leaves.
+        drop(self.skip_ops.lock().await);
+        let r = self.go_down().await;
+        if r.is_err() {
+            // Refused: the node serves on as before, and may be promoted again.
+            self.stopping.store(false, SeqCst);
+        }
+        r
+    }
+
+    async fn go_down(&self) -> Result<&'static str, NodeError> {
         let mut note = "";
         let mut marks = None;
         let mut persisted = true;

@@ -992,3 +992,48 @@ fn a_secondarys_invalidate_reconnects_without_fencing_it() {
         wait_log(b, "a planned reconnect, as this node asked");
     });
 }
+
+/// A `down` (a service stop) while a promotion of the same node waits for its fence-peer
+/// handler: the promotion is refused at its commit ("going down"), and the node goes down as
+/// the secondary it still is. Before, the `down` took the secondary's way down while the
+/// promotion committed behind it: the node went down saying secondary with its metadata
+/// promoted (and its export open to clients on a daemon about to exit).
+#[test]
+fn a_down_during_a_fenced_promotion_refuses_the_promotion_and_goes_down_as_secondary() {
+    let tmp = TestDir::new("fence-down-race");
+    let (c, log) = fenced_pair("fence-down-race", &tmp);
+    let (a, b) = (c.alpha(), c.beta());
+    // Both secondary, then apart: a plain `primary` on beta runs the handler, a slow stub
+    // that answers "fenced" (7) after 4 s.
+    a.ctl_ok(&["secondary"]);
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    b.wait_not_connected(Duration::from_secs(10));
+    std::fs::write(tmp.path().join("fence.stub"), "4 7\n").expect("write fence.stub");
+    let (promoted, down) = std::thread::scope(|s| {
+        let promotion = s.spawn(|| b.ctl(&["primary"]));
+        // The handler is running: the promotion is past its first checks.
+        let ran = wait_for(Duration::from_secs(20), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("run beta")
+        });
+        assert!(ran, "the fence-peer handler did not start");
+        let down = b.ctl(&["down"]);
+        (promotion.join().expect("promotion thread"), down)
+    });
+    assert_eq!(down.code, Some(0), "down: {}", down.describe());
+    assert_ne!(
+        promoted.code,
+        Some(0),
+        "promoted while going down: {}",
+        promoted.describe()
+    );
+    assert!(
+        promoted.stderr.contains("going down"),
+        "{}",
+        promoted.describe()
+    );
+    assert_eq!(md_field(b, "was-primary"), "false");
+    assert_eq!(md_field(b, "disk"), "up-to-date");
+}
