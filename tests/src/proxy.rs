@@ -20,6 +20,8 @@ struct Shared {
     /// Sets `paused_inbound` when the needle is seen in the dialer's traffic, before the
     /// bytes that complete it are forwarded.
     pause_inbound_on_needle: AtomicBool,
+    /// Sets `paused` once the chunk in which the needle is seen has been forwarded.
+    pause_on_needle: AtomicBool,
     /// Live connections: (id, client side, upstream side).
     conns: Mutex<Vec<(u64, TcpStream, TcpStream)>>,
     next_id: AtomicU64,
@@ -152,6 +154,14 @@ impl LinkProxy {
         self.watch_for(needle);
     }
 
+    /// Stalls the link (see [`Self::pause`]) right after the chunk of traffic in which
+    /// `needle` is seen has been forwarded: the target gets the bytes that carry it (and
+    /// whatever else that one read took, at most 64 KiB), and nothing after them.
+    pub fn pause_after(&self, needle: &[u8]) {
+        self.shared.pause_on_needle.store(true, Ordering::SeqCst);
+        self.watch_for(needle);
+    }
+
     /// Live forwarded connections.
     pub fn active(&self) -> usize {
         self.shared.conns().len()
@@ -258,6 +268,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<Shared>, ou
     // The end of the previous chunk, so a needle split across two reads is still found.
     let mut tail: Vec<u8> = Vec::new();
     loop {
+        let mut pause_now = false;
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
@@ -280,6 +291,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<Shared>, ou
                             if outbound && shared.pause_inbound_on_needle.load(Ordering::SeqCst) {
                                 shared.paused_inbound.store(true, Ordering::SeqCst);
                             }
+                            if shared.pause_on_needle.swap(false, Ordering::SeqCst) {
+                                pause_now = true;
+                            }
                         }
                         let keep = tail.len().min(needle.len() - 1);
                         tail.drain(..tail.len() - keep);
@@ -301,6 +315,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, id: u64, shared: Arc<Shared>, ou
                     break;
                 }
                 shared.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+                if pause_now {
+                    shared.paused.store(true, Ordering::SeqCst);
+                }
             }
         }
     }

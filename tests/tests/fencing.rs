@@ -1037,3 +1037,53 @@ fn a_down_during_a_fenced_promotion_refuses_the_promotion_and_goes_down_as_secon
     assert_eq!(md_field(b, "was-primary"), "false");
     assert_eq!(md_field(b, "disk"), "up-to-date");
 }
+
+/// A journal catch-up from a primary that moved on leaves its target outdated from its
+/// first record until its SyncDone: were the primary lost midway, the target would hold only
+/// part of the writes the primary acknowledged while it was away, and a plain `primary` must
+/// not promote it (a resync's target is inconsistent for the same reason, as in DRBD).
+#[test]
+fn a_catch_up_target_is_outdated_until_its_end_and_not_promoted_without_force_midway() {
+    let c = pair("catchup-outdated", "", |b| {
+        b.journal_size("64M").beta_via_proxy()
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    b.wait_not_connected(Duration::from_secs(10));
+    // While the peer is away (the journal keeps it): first one 4 KiB block that ends with a
+    // marker (the catch-up's first record, whole once the marker has passed), then 16 MiB.
+    let marker = b"catch-up-marker-5e1f0c7a";
+    let first = c.dir().path().join("first.bin");
+    let mut block = write_random_file(&first, 4096);
+    block[4096 - marker.len()..].copy_from_slice(marker);
+    std::fs::write(&first, &block).expect("write the first block");
+    a.nbdcopy_in(&first);
+    let rest = c.dir().path().join("outage.bin");
+    write_random_file(&rest, 16 * MIB as usize);
+    a.nbdcopy_in(&rest);
+    // The link back, stalled right after the catch-up's first data.
+    c.proxy().pause_after(marker);
+    c.proxy().resume();
+    wait_disk(b, "outdated", Duration::from_secs(30));
+    assert!(c.proxy().needle_seen());
+    assert_ne!(
+        b.status_json()["replication"]["seq_applied"],
+        a.status_json()["replication"]["seq_written"],
+        "the catch-up was not stalled midway"
+    );
+    // The primary is lost midway.
+    a.kill9_and_wait();
+    c.proxy().cut();
+    b.wait_not_connected(Duration::from_secs(20));
+    assert_eq!(disk(b), "outdated");
+    assert_eq!(md_field(b, "disk"), "outdated");
+    let refused = b.ctl(&["primary"]);
+    assert_ne!(
+        refused.code,
+        Some(0),
+        "a copy without the rest of the catch-up was promoted: {}",
+        refused.describe()
+    );
+    b.ctl_ok(&["primary", "--force"]);
+}

@@ -392,6 +392,9 @@ pub(super) async fn secondary_side(
     // written before this connection (this one's end comes after its stream started), and
     // is an earlier connection's, replayed from the journal by a catch-up.
     let issued_at_connect = peer.issued_seq;
+    // The source's data moved on from this node's generation: a stream without a SyncStart
+    // is a journal catch-up, which ends with the SyncDone that makes this node current again.
+    let behind = peer.gen.current != mine.gen.current;
     let (applied0, term0) = rep.applied_mark();
     // Only what is synced and committed counts as durable, whatever an earlier stream did.
     let durable0 = res.node_state().durable_seq;
@@ -569,8 +572,25 @@ pub(super) async fn secondary_side(
                     "no frame from the primary (ping timeout)",
                 )
                 .await?;
-                if msg.seq().is_some() {
+                if msg.seq().is_some() && !records_seen {
                     records_seen = true;
+                    // A catch-up from a source that moved on: this node is outdated until its
+                    // SyncDone (on disk before the first record is applied). Were the source
+                    // lost midway, a plain `primary` here would otherwise promote a copy
+                    // without the rest of the catch-up, writes the source acknowledged (a
+                    // resync's target is inconsistent from its SyncStart, as in DRBD).
+                    if behind {
+                        res.update_meta_if_changed(|sb| {
+                            if sb.disk == DiskState::UpToDate {
+                                sb.disk = DiskState::Outdated;
+                            }
+                            Ok(())
+                        })
+                        .await
+                        .map_err(|e| {
+                            LinkError::LocalDisk(format!("recording the catch-up's start: {e}"))
+                        })?;
+                    }
                 }
                 rep.stats
                     .bytes_received
