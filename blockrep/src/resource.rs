@@ -3122,8 +3122,12 @@ impl Resource {
                     "the peer was heard from while this promotion was being decided: run `primary` again".into(),
                 ));
             }
-            // Promoted, this node's data is the data: what it handed over is history.
+            // Promoted, this node's data is the data: what it handed over is history, and so
+            // is the peer's clean leave (relied on above, if at all): kept on disk, it would
+            // let a plain `primary` after a restart here skip the fence, whatever the peer did
+            // since. (`status` still says how the peer left until it is heard from.)
             sb.handed_over = false;
+            sb.peer_left = false;
             // A connected peer with newer data (it is resyncing or catching this node up)
             // would be overwritten by this node's older data once it writes as primary.
             if let Some((pg, _)) = peer_gen.filter(|(pg, pu)| {

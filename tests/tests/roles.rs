@@ -631,6 +631,14 @@ fn a_primary_that_goes_down_cleanly_leaves_its_peer_promotable_without_force() {
         );
         let out = s.ctl_ok(&["primary"]).stdout;
         assert!(out.contains("gone down cleanly"), "{out}");
+        // The clean leave is history once it promoted: not on disk for a later `primary`
+        // after a restart to rely on.
+        let md = s.ctl_ok(&["dump-md"]).stdout;
+        assert!(
+            md.contains("peer-left       false"),
+            "{}'s dump-md:\n{md}",
+            s.name()
+        );
         // No peer has taken anything of this primary's stream yet: no marks of an earlier
         // period (as a secondary, or an earlier primary) shown as if they were.
         let r = s.repl();
