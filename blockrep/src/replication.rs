@@ -2704,14 +2704,9 @@ mod csum_tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A write that waited for the peer through a reconnect that starts a resync is answered
-    /// only once the peer has taken the resync's start, not on the marks the resync assumes
-    /// (everything before its start): until the peer commits the SyncStart it is up to date
-    /// without the write, and a failover to it would lose the write without a word.
-    #[tokio::test]
-    async fn a_write_held_through_a_reconnect_with_a_resync_waits_for_the_peer_to_take_it() {
-        let dir = std::env::temp_dir().join(format!("brrep-confirm-{}", std::process::id()));
-        let (rep, _file) = fresh(&dir);
+    /// Connects `rep` and issues one 4 KiB write at offset 0, written locally: its sequence
+    /// (waiting for the peer from here).
+    async fn connected_with_one_write(rep: &Replication) -> u64 {
         rep.set_connected(true, 0, 0);
         let data = vec![7u8; 4096];
         let w = rep
@@ -2725,11 +2720,27 @@ mod csum_tests {
             .expect("write");
         rep.done(w);
         rep.al_end(0, 4096, w);
+        w
+    }
+
+    /// Whether `answered` is still pending after 50 ms.
+    async fn still_waiting<F: std::future::Future + Unpin>(answered: &mut F) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), answered)
+            .await
+            .is_err()
+    }
+
+    /// A write that waited for the peer through a reconnect that starts a resync is answered
+    /// only once the peer has taken the resync's start, not on the marks the resync assumes
+    /// (everything before its start): until the peer commits the SyncStart it is up to date
+    /// without the write, and a failover to it would lose the write without a word.
+    #[tokio::test]
+    async fn a_write_held_through_a_reconnect_with_a_resync_waits_for_the_peer_to_take_it() {
+        let dir = std::env::temp_dir().join(format!("brrep-confirm-{}", std::process::id()));
+        let (rep, _file) = fresh(&dir);
+        let w = connected_with_one_write(&rep).await;
         let mut answered = Box::pin(rep.wait_peer(w, false));
-        let pending = |r: Result<std::io::Result<()>, tokio::time::error::Elapsed>| r.is_err();
-        assert!(pending(
-            tokio::time::timeout(Duration::from_millis(50), &mut answered).await
-        ));
+        assert!(still_waiting(&mut answered).await);
         // The link drops and comes back at once, with a resync (the journal cannot replay).
         rep.on_disconnect();
         rep.set_connected(false, 0, 0);
@@ -2738,16 +2749,14 @@ mod csum_tests {
         rep.set_connected(true, start - 1, start - 1);
         rep.confirm_resync_start(start);
         assert!(
-            pending(tokio::time::timeout(Duration::from_millis(50), &mut answered).await),
+            still_waiting(&mut answered).await,
             "answered on the marks the resync assumes, before the peer took its start"
         );
         let checkpoint = rep.begin(Record::Checkpoint).await.expect("checkpoint");
         assert_eq!(checkpoint, start);
         // A peer still short of the start (its ack of the stream's first mark).
         rep.on_ack(start - 1, start - 1, start - 1, 0);
-        assert!(pending(
-            tokio::time::timeout(Duration::from_millis(50), &mut answered).await
-        ));
+        assert!(still_waiting(&mut answered).await);
         rep.on_ack(checkpoint, checkpoint, checkpoint, 0);
         tokio::time::timeout(Duration::from_secs(5), &mut answered)
             .await
@@ -2804,25 +2813,9 @@ mod csum_tests {
     async fn a_write_released_without_the_peer_after_writes_closed_fails() {
         let dir = std::env::temp_dir().join(format!("brrep-closed-{}", std::process::id()));
         let (rep, _file) = fresh(&dir);
-        rep.set_connected(true, 0, 0);
-        let data = vec![4u8; 4096];
-        let w = rep
-            .begin(Record::Write {
-                offset: 0,
-                data: &data,
-                fua: false,
-                crc: None,
-            })
-            .await
-            .expect("write");
-        rep.done(w);
-        rep.al_end(0, 4096, w);
+        let w = connected_with_one_write(&rep).await;
         let mut answered = Box::pin(rep.wait_peer(w, false));
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut answered)
-                .await
-                .is_err()
-        );
+        assert!(still_waiting(&mut answered).await);
         rep.close_writes(true);
         rep.peer_lost();
         rep.on_disconnect();
