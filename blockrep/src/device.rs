@@ -617,7 +617,8 @@ impl Device {
         // it was here. Before that, a record would take a sequence number the peer never
         // sees (see `Replication::begin`) and so start a new generation for nothing; nor
         // does the catch-up need it, as the peer has made everything before it durable.
-        // Either way the peer is not waited for: the local and journal syncs are the flush.
+        // Recorded or not, a flush with the peer away waits for no peer: the local and
+        // journal syncs are the whole flush (connected, it waits for the peer below).
         let connected = rep.acks().connected;
         let seq = if connected || rep.diverged_while_away() {
             match rep.begin(Record::Flush).await {
