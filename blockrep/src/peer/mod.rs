@@ -865,6 +865,14 @@ fn info_unless(quiet: bool, msg: std::fmt::Arguments) {
     }
 }
 
+/// A state the peer sends mid-connection (its disk failed, its role changed) is input like
+/// the handshake's: bounded the same way before anything (status, a promotion's checks)
+/// uses it.
+fn state_in_bounds(st: &NodeState) -> Result<(), LinkError> {
+    handshake::marks_in_bounds(st)
+        .map_err(|why| LinkError::Protocol(format!("a state update from the peer: {why}")))
+}
+
 /// Runs one established connection until it fails or ends.
 async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
     let (mut rd, mut wr) = (est.rd, est.wr);
@@ -1493,6 +1501,7 @@ async fn idle_side(
             .await?;
             match msg {
                 Msg::State(st) => {
+                    state_in_bounds(&st)?;
                     let primary = st.primary;
                     res.set_peer(Some(st));
                     if primary {

@@ -468,7 +468,10 @@ pub(super) async fn primary_side(
                     }
                 }
                 Msg::Ping { .. } => {}
-                Msg::State(st) => res.set_peer(Some(st)),
+                Msg::State(st) => {
+                    state_in_bounds(&st)?;
+                    res.set_peer(Some(st));
+                }
                 Msg::VerifyRequest => match res.start_verify_for_peer() {
                     Ok(m) => tracing::info!("{m}"),
                     Err(e) => {

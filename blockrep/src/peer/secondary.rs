@@ -727,6 +727,7 @@ pub(super) async fn secondary_side(
                             continue;
                         }
                         Msg::State(st) => {
+                            state_in_bounds(&st)?;
                             res.peer_disk_failed(&st).await;
                             res.set_peer(Some(st));
                             continue;
