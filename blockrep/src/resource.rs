@@ -122,6 +122,18 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
 /// Where the peer's answer to `new-current-uuid --clear-bitmap` goes: done, or why not.
 pub type SkipSyncAnswer = tokio::sync::oneshot::Sender<Result<(), String>>;
 
+/// Where the peer's answer to a request of this node goes: granted, or why not.
+pub type PeerAnswer = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// How long a promotion waits for the peer's answer to its `PromoteAsk`.
+const PROMOTE_ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many times a promotion that tied with the peer's (both asked at once, both were
+/// refused) is tried again, each after a random pause of up to [`PROMOTE_TIE_PAUSE_MS`]: the
+/// node whose pause ends first asks while the other waits, and wins.
+const PROMOTE_TIE_RETRIES: u32 = 4;
+const PROMOTE_TIE_PAUSE_MS: u64 = 400;
+
 pub struct Resource {
     /// The running configuration: `adjust` replaces it with one whose fields that need a
     /// `down`/`up` are still the running ones (see `config::plan_adjust`).
@@ -245,6 +257,15 @@ pub struct Resource {
     /// as secondary), so that it never takes the secondary's way down while a promotion
     /// commits behind it.
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// A promotion of this node is being decided (from its start until it committed or
+    /// refused): the peer's `PromoteAsk` is refused meanwhile, so two secondaries promoted at
+    /// once never both win (see [`Self::answer_peer_promotion`]).
+    promoting: std::sync::atomic::AtomicBool,
+    /// The peer's promotion was refused because this one was being decided: a tie, which
+    /// this promotion, refused in turn, retries after a random pause.
+    promotion_tie: std::sync::atomic::AtomicBool,
+    /// This node's `PromoteAsk` waiting for the peer's answer: its id, and where it goes.
+    promote_ask: Mutex<Option<(u64, PeerAnswer)>>,
 }
 
 /// The latest online verify of this node (see [`Resource::start_verify`]).
@@ -540,6 +561,9 @@ impl Resource {
             sync_expected: Default::default(),
             skip_ops: tokio::sync::Mutex::new(()),
             stopping: Default::default(),
+            promoting: Default::default(),
+            promotion_tie: Default::default(),
+            promote_ask: Mutex::new(None),
         });
         let watcher = tokio::spawn(watch_disk_errors(
             Arc::downgrade(&res),
@@ -2103,6 +2127,102 @@ impl Resource {
         crate::bell::ring();
     }
 
+    /// The peer asks before it becomes primary (`Msg::PromoteAsk`): granted unless this node
+    /// is primary or a promotion of it is being decided. (Read in that order: a promotion
+    /// sets the role before it stops deciding, so one of the two reads sees it.)
+    pub fn answer_peer_promotion(&self) -> Result<(), String> {
+        let me = &self.cfg().me.name;
+        let deciding = self.promoting.load(std::sync::atomic::Ordering::SeqCst);
+        let primary = self.role() == Role::Primary;
+        let answer = if primary {
+            Err(format!("{me} is primary"))
+        } else if deciding {
+            self.promotion_tie
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            Err(format!("{me} is being made primary at this same moment"))
+        } else {
+            Ok(())
+        };
+        match &answer {
+            Ok(()) => tracing::info!("the peer asks to become primary: granted"),
+            Err(why) => tracing::warn!("the peer asks to become primary: refused, {why}"),
+        }
+        answer
+    }
+
+    /// The peer's answer to this node's `PromoteAsk` numbered `id` (any other is stale).
+    pub fn peer_answered_promotion(&self, id: u64, answer: Result<(), String>) {
+        let waiting = {
+            let mut ask = self.promote_ask.lock().unwrap_or_else(|p| p.into_inner());
+            if ask.as_ref().is_some_and(|(i, _)| *i == id) {
+                ask.take()
+            } else {
+                None
+            }
+        };
+        if let Some((_, to)) = waiting {
+            let _ = to.send(answer);
+        }
+    }
+
+    /// Asks the connected peer whether this node may become primary (see
+    /// `answer_peer_promotion` there). Refused unless it grants within
+    /// [`PROMOTE_ASK_TIMEOUT`] on the connection it was asked on.
+    async fn ask_peer_to_promote(&self) -> Result<(), NodeError> {
+        let id = random_id();
+        let (to, answer) = tokio::sync::oneshot::channel();
+        *self.promote_ask.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, to));
+        struct Forget<'a>(&'a Mutex<Option<(u64, PeerAnswer)>>);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+        let _forget = Forget(&self.promote_ask);
+        let lost = || {
+            NodeError::Refused(
+                "the link to the peer went down while asking it whether this node may become primary: run `primary` again to decide without it".into(),
+            )
+        };
+        let connection = self.connections_established();
+        let tx = self.peer_tx.lock().ok().and_then(|t| t.clone());
+        let Some(tx) = tx else {
+            return Err(lost());
+        };
+        if !tx.send(proto::peer::Msg::PromoteAsk { id }).await {
+            return Err(lost());
+        }
+        let deadline = tokio::time::Instant::now() + PROMOTE_ASK_TIMEOUT;
+        tokio::pin!(answer);
+        loop {
+            tokio::select! {
+                r = &mut answer => {
+                    return match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(why)) => Err(NodeError::Refused(format!(
+                            "the peer refused this promotion: {why}"
+                        ))),
+                        Err(_) => Err(lost()),
+                    };
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    // An answer on a later connection would not be to this ask.
+                    if !established(self.link().state)
+                        || self.connections_established() != connection
+                    {
+                        return Err(lost());
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(NodeError::Refused(format!(
+                            "the peer did not answer within {} s whether this node may become primary: run `primary` again",
+                            PROMOTE_ASK_TIMEOUT.as_secs()
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
     /// The peer was heard from (a Hello naming it, authenticated or not, which comes before
     /// anything else it sends): it is up again, so whatever it said when it left is history.
     /// The metadata's record of it is cleared before the handshake goes on (an error here
@@ -2904,12 +3024,48 @@ impl Resource {
         }
     }
 
+    /// `primary [--force]`. A promotion that tied with the peer's (each asked the other
+    /// while deciding its own, and both were refused) is tried again after a random pause,
+    /// so that one of the two wins, as after DRBD's concurrent state changes.
     pub async fn primary(self: &Arc<Self>, force: bool) -> Result<String, NodeError> {
+        let mut tries = 0;
+        loop {
+            match self.primary_once(force).await {
+                Err(e) if self.promotion_tie.load(std::sync::atomic::Ordering::SeqCst) => {
+                    if tries >= PROMOTE_TIE_RETRIES {
+                        return Err(e);
+                    }
+                    tries += 1;
+                    let pause = random_id() % PROMOTE_TIE_PAUSE_MS + 1;
+                    tracing::info!(
+                        "the peer was being promoted at the same moment: trying again in {pause} ms ({e})"
+                    );
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn primary_once(self: &Arc<Self>, force: bool) -> Result<String, NodeError> {
         // Not while the initial sync is being skipped (see `skip_ops`).
         let _skip = self.skip_ops.lock().await;
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(going_down());
         }
+        // From here until this returns (promoted or refused), the peer's own promotion is
+        // refused: see `answer_peer_promotion`.
+        struct Deciding<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Deciding<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        self.promotion_tie
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.promoting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _deciding = Deciding(&self.promoting);
         if self.role() == Role::Primary {
             return Ok(format!("{} is already primary", self.cfg().me.name));
         }
@@ -3068,6 +3224,13 @@ impl Resource {
                 fence_note =
                     "; the peer had gone down cleanly, leaving this node every write".into();
             }
+        }
+        // A connected secondary peer is asked first, as DRBD's cluster-wide state change does:
+        // it may be deciding its own promotion at this very moment, having seen this node as
+        // a secondary too. Its grant holds because it refuses while it is primary or being
+        // promoted, and this node refuses the same, until this returns.
+        if peer == PeerView::Connected(Role::Secondary) {
+            self.ask_peer_to_promote().await?;
         }
         struct Release<'a>(&'a std::sync::atomic::AtomicBool);
         impl Drop for Release<'_> {

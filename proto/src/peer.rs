@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
+/// 20: `PromoteAsk` / `PromoteAnswer`: a secondary asks its connected peer before it becomes
+/// primary, so two promoted at the same moment do not both win.
 /// 19: `Reconnect` (a planned reconnect the peer must not take for a lost node),
 /// `SyncProgress::paused` (the target shows a resync its source paused) and
 /// `GenIds::sync_done_unacked` (a SyncDone whose acknowledgement was lost).
@@ -27,7 +29,7 @@ pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// source checks against what the target acknowledged before any resync).
 /// 14: a resync's target forgets its own bitmap at the SyncStart, which the source sends
 /// only once the merged bitmap is on its disk.
-pub const PROTOCOL_VERSION: u32 = 19;
+pub const PROTOCOL_VERSION: u32 = 20;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -305,6 +307,20 @@ pub enum Msg {
     /// receiver closes too and takes the gap for a planned one: a primary runs no
     /// `fence-peer` handler (which may power the peer off) unless the link stays down.
     Reconnect,
+    /// Either way between two connected secondaries (protocol 20): the sender is about to
+    /// become primary (DRBD's cluster-wide state change). The receiver answers with
+    /// [`Msg::PromoteAnswer`]: yes unless it is primary itself or being promoted at this
+    /// moment, so of two nodes promoted at once at most one commits.
+    PromoteAsk {
+        id: u64,
+    },
+    /// The answer to the [`Msg::PromoteAsk`] numbered `id`: granted, or why not (cut to
+    /// [`MAX_REFUSE_REASON`] bytes plus "...").
+    PromoteAnswer {
+        id: u64,
+        ok: bool,
+        reason: String,
+    },
 }
 
 /// Progress of an online verify, as the primary reports it to the secondary that asked.
@@ -399,6 +415,15 @@ impl Msg {
                 reason: cut_reason(&why),
             },
         }
+    }
+
+    /// A `PromoteAnswer` (its reason cut like a refusal's).
+    pub fn promote_answer(id: u64, result: Result<(), String>) -> Msg {
+        let (ok, reason) = match result {
+            Ok(()) => (true, String::new()),
+            Err(why) => (false, cut_reason(&why)),
+        };
+        Msg::PromoteAnswer { id, ok, reason }
     }
 
     /// The sequence number of a stream record.

@@ -62,7 +62,7 @@ fn data_len(m: &Msg) -> u32 {
     }
 }
 
-const VARIANTS: usize = 27;
+const VARIANTS: usize = 29;
 
 /// The variant's index; exhaustive, so a new variant must be added to [`random_msg`] too.
 fn variant(m: &Msg) -> usize {
@@ -94,6 +94,8 @@ fn variant(m: &Msg) -> usize {
         Msg::Durable { .. } => 24,
         Msg::Checkpoint { .. } => 25,
         Msg::Reconnect => 26,
+        Msg::PromoteAsk { .. } => 27,
+        Msg::PromoteAnswer { .. } => 28,
     }
 }
 
@@ -240,6 +242,15 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             issued: rng.u64_edge(),
         },
         26 => Msg::Reconnect,
+        27 => Msg::PromoteAsk { id: rng.u64_edge() },
+        28 => Msg::promote_answer(
+            rng.u64_edge(),
+            if rng.one_in(2) {
+                Ok(())
+            } else {
+                Err(rng.string(300))
+            },
+        ),
         25 => Msg::Checkpoint {
             seq: rng.u64_edge(),
             term: rng.u64_edge(),

@@ -1031,3 +1031,70 @@ fn a_primary_right_after_connect_waits_for_the_peer() {
     let out = b.ctl_ok(&["primary"]).stdout;
     assert!(out.contains("is now primary"), "{out}");
 }
+
+/// Single primary holds when both secondaries of a connected pair are told `primary` at the
+/// same moment (two admins, or a cluster manager on each node): a promotion asks the peer
+/// first, as DRBD's cluster-wide state change does, so exactly one node wins each round and
+/// the other is refused saying why. Before, each saw a secondary peer and both became
+/// primary, found only at the next handshake as a split brain.
+#[test]
+fn two_secondaries_promoted_at_the_same_moment_give_exactly_one_primary() {
+    let c = Cluster::synced_pair("promote-race", 64 << 20, |b| b);
+    let (a, b) = (c.alpha(), c.beta());
+    a.ctl_ok(&["secondary"]);
+    for round in 0..6 {
+        for n in [a, b] {
+            n.wait_repl(CONNECT_TIMEOUT, "connected to a secondary peer", |r| {
+                r["connection"] == "connected" && r["peer_role"] == "secondary"
+            });
+        }
+        let barrier = std::sync::Barrier::new(2);
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| {
+                barrier.wait();
+                a.ctl(&["primary"])
+            });
+            let tb = s.spawn(|| {
+                barrier.wait();
+                b.ctl(&["primary"])
+            });
+            (
+                ta.join().expect("alpha's primary"),
+                tb.join().expect("beta's primary"),
+            )
+        });
+        let roles = (
+            a.status_json()["role"].clone(),
+            b.status_json()["role"].clone(),
+        );
+        let winners: Vec<&Node> = [(a, &ra), (b, &rb)]
+            .into_iter()
+            .filter(|(_, r)| r.success())
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: {} promotions succeeded (roles now {roles:?})\nalpha: {}\nbeta: {}",
+            winners.len(),
+            ra.describe(),
+            rb.describe()
+        );
+        let (winner, loser, lost) = if ra.success() {
+            (a, b, &rb)
+        } else {
+            (b, a, &ra)
+        };
+        assert!(
+            lost.stderr.contains("primary"),
+            "round {round}: the refusal does not say the peer is (being made) primary:\n{}",
+            lost.describe()
+        );
+        assert_eq!(winner.status_json()["role"], "primary", "round {round}");
+        assert_eq!(loser.status_json()["role"], "secondary", "round {round}");
+        loser.wait_repl(CONNECT_TIMEOUT, "connected to the winner as primary", |r| {
+            r["connection"] == "connected" && r["peer_role"] == "primary"
+        });
+        winner.ctl_ok(&["secondary"]);
+    }
+}

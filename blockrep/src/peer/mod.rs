@@ -1515,6 +1515,13 @@ async fn idle_side(
                 }
                 Msg::Reconnect => return Err(LinkError::Closed(PEER_RECONNECTS)),
                 Msg::Protocol { protocol } => peer_protocol(res, protocol).await?,
+                Msg::PromoteAsk { id } => {
+                    let answer = Msg::promote_answer(id, res.answer_peer_promotion());
+                    let _ = reply_tx.send(answer).await;
+                }
+                Msg::PromoteAnswer { id, ok, reason } => {
+                    res.peer_answered_promotion(id, if ok { Ok(()) } else { Err(reason) })
+                }
                 Msg::SkipSync { gen } => {
                     let r = res.skip_sync_for_peer(gen).await;
                     if let Err(why) = &r {

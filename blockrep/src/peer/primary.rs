@@ -497,6 +497,17 @@ pub(super) async fn primary_side(
                     return Err(LinkError::Closed(SECONDARY_STOPPED));
                 }
                 Msg::Protocol { protocol } => peer_protocol(res, protocol).await?,
+                // A resync's target (a secondary too) asks to become primary: this node,
+                // its source, may be being promoted itself.
+                Msg::PromoteAsk { id } => {
+                    // Not waited for (the writer may be waiting for this reader's peer):
+                    // an answer that finds the queue full is the asker's timeout.
+                    let answer = Msg::promote_answer(id, res.answer_peer_promotion());
+                    let _ = side_tx.try_send(answer);
+                }
+                Msg::PromoteAnswer { id, ok, reason } => {
+                    res.peer_answered_promotion(id, if ok { Ok(()) } else { Err(reason) })
+                }
                 // The secondary reconnects at once (its `invalidate`): not a lost peer.
                 Msg::Reconnect => return Err(LinkError::Closed(PEER_RECONNECTS)),
                 other => {

@@ -741,6 +741,19 @@ pub(super) async fn secondary_side(
                             return Err(peer_leaving(res, issued, gen, durable).await);
                         }
                         Msg::Reconnect => return Err(LinkError::Closed(PEER_RECONNECTS)),
+                        // Only from a secondary source (a primary would be refused there
+                        // anyway): not waited for, like the primary side's answer.
+                        Msg::PromoteAsk { id } => {
+                            let answer = Msg::promote_answer(id, res.answer_peer_promotion());
+                            let mut f = Vec::with_capacity(64);
+                            peer::encode_frame(&mut f, &answer, &[]);
+                            let _ = reply_tx.try_send(f);
+                            continue;
+                        }
+                        Msg::PromoteAnswer { id, ok, reason } => {
+                            res.peer_answered_promotion(id, if ok { Ok(()) } else { Err(reason) });
+                            continue;
+                        }
                         Msg::Protocol { protocol } => {
                             peer_protocol(res, protocol).await?;
                             continue;
