@@ -2690,6 +2690,17 @@ impl Resource {
                 return Err(NodeError::Refused(format!("disconnect refused: {e}")));
             }
         }
+        // A `connect --discard-my-data` is a request for the connections to come: `disconnect`
+        // withdraws it (as a new `drbdadm connect` without the option does in DRBD).
+        if standalone
+            && self
+                .discard_my_data
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::info!(
+                "the pending `connect --discard-my-data` is withdrawn by the disconnect"
+            );
+        }
         let changed = self.link_ctl.send_if_modified(|c| {
             let changed = c.standalone != standalone;
             c.standalone = standalone;

@@ -1179,8 +1179,11 @@ pub struct SbFacts<'a> {
     pub changes: u64,
     /// When it was last promoted (unix milliseconds).
     pub promoted_ms: u64,
-    /// Its disk is up to date (not the target of a resync that did not finish).
-    pub up_to_date: bool,
+    /// Its disk is consistent: up to date or outdated, not the target of a resync that did
+    /// not finish (inconsistent). Outdated data is complete, only older, and its changes
+    /// since the split are changes like any other's: the policy's own rule decides them,
+    /// as in DRBD, whose split-brain override by disk state is for an inconsistent disk only.
+    pub consistent: bool,
 }
 
 /// Decides an automatic resolution: `Some(true)` when this node discards its changes,
@@ -1197,11 +1200,11 @@ pub fn resolve_split_brain(policy: AfterSb0Pri, me: SbFacts, peer: SbFacts) -> O
     if policy == AfterSb0Pri::Disconnect {
         return None;
     }
-    // Whatever the policy: only an up-to-date disk can be the source. A node an earlier
+    // Whatever the policy: only a consistent disk can be the source. A node an earlier
     // resolution made the target, cut off midway, is inconsistent; its bitmap has not
     // shrunk as the source's did while the resync ran, so counting changes again could now
     // pick it as the source and spread its half-written regions over the other's changes.
-    match (me.up_to_date, peer.up_to_date) {
+    match (me.consistent, peer.consistent) {
         (true, true) => {}
         (false, true) => return Some(true),
         (true, false) => return Some(false),
@@ -1233,13 +1236,13 @@ mod sb_tests {
             name,
             changes,
             promoted_ms,
-            up_to_date: true,
+            consistent: true,
         }
     }
 
     fn inconsistent(f: SbFacts<'_>) -> SbFacts<'_> {
         SbFacts {
-            up_to_date: false,
+            consistent: false,
             ..f
         }
     }

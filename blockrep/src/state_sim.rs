@@ -447,7 +447,7 @@ fn decide(me: &Node, peer: &Node) -> Decided {
             name,
             changes: n.bm.len() as u64,
             promoted_ms: 0,
-            up_to_date: n.disk == DiskState::UpToDate,
+            consistent: n.disk != DiskState::Inconsistent,
         };
         let r = state::resolve_split_brain(
             AfterSb0Pri::Disconnect,

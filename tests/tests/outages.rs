@@ -1321,6 +1321,20 @@ fn split_brain_detected_nothing_moves_then_discard_my_data_resolves() {
 /// blocks, beta `beta_n`; `winner` is the node whose data must survive, or `None` when the pair
 /// must stay split (then `connect --discard-my-data` on alpha resolves it).
 fn sb_policy(test: &str, policy: &str, alpha_n: u64, beta_n: u64, winner: Option<&str>) {
+    sb_policy_with(test, policy, alpha_n, beta_n, winner, |_| {}, "alpha")
+}
+
+/// [`sb_policy`], with `before_connect` run once both nodes are demoted, before they meet,
+/// and a split brain left standing settled by `connect --discard-my-data` on `discard_on`.
+fn sb_policy_with(
+    test: &str,
+    policy: &str,
+    alpha_n: u64,
+    beta_n: u64,
+    winner: Option<&str>,
+    before_connect: impl Fn(&Cluster),
+    discard_on: &str,
+) {
     let Some(py) = python() else { return };
     let c = pair(test, "", |b| {
         b.backing_size(64 << 20)
@@ -1343,6 +1357,7 @@ fn sb_policy(test: &str, policy: &str, alpha_n: u64, beta_n: u64, winner: Option
     diverge(&c, &py, &alpha_blocks, &beta_blocks);
     a.ctl_ok(&["secondary"]);
     b.ctl_ok(&["secondary"]);
+    before_connect(&c);
     let alpha_snap = a.backing_data(size);
     let beta_snap = b.backing_data(size);
     println!(
@@ -1418,11 +1433,16 @@ fn sb_policy(test: &str, policy: &str, alpha_n: u64, beta_n: u64, winner: Option
                 !log_lines(a, "split brain").is_empty() && !log_lines(b, "split brain").is_empty(),
                 "logs should say split brain"
             );
-            // The admin resolves it: beta's data wins.
-            a.ctl_ok(&["connect", "--discard-my-data"]);
+            // The admin resolves it: the other node's data wins.
+            let (loser, kept) = if discard_on == "alpha" {
+                (a, &beta_snap)
+            } else {
+                (b, &alpha_snap)
+            };
+            loser.ctl_ok(&["connect", "--discard-my-data"]);
             wait_synced(&c, Duration::from_secs(30), "after --discard-my-data");
             c.assert_replicas_identical(size, &format!("{policy} then --discard-my-data"));
-            assert_same_bytes(&a.backing_data(size), &beta_snap, "beta's data won");
+            assert_same_bytes(&a.backing_data(size), kept, "the kept node's data won");
         }
     }
 }
@@ -1461,6 +1481,96 @@ fn split_brain_policy_discard_zero_changes() {
 #[test]
 fn split_brain_policy_discard_zero_changes_both_changed_stays_split() {
     sb_policy("out-sb-zero-both", "discard-zero-changes", 100, 300, None);
+}
+
+/// Both changed, and beta (the failover) was outdated since, by a fence or an admin's
+/// `outdate`: outdated data is complete, only older, and its changes are changes, so the
+/// policy still cannot decide (DRBD overrides a split brain by disk state for an inconsistent
+/// disk only). Before, beta's changes were discarded for its disk state.
+#[test]
+fn split_brain_policy_discard_zero_changes_keeps_an_outdated_nodes_changes() {
+    sb_policy_with(
+        "out-sb-zero-outdated",
+        "discard-zero-changes",
+        100,
+        300,
+        None,
+        |c| {
+            let b = c.beta();
+            b.ctl_ok(&["outdate"]);
+            assert_eq!(b.status_json()["disk"], "outdated");
+        },
+        // Only towards up-to-date data: beta's changes are the ones an admin can drop.
+        "beta",
+    );
+}
+
+/// `connect --discard-my-data` on both nodes names no copy to keep: the split brain stands,
+/// shown as one, with nothing moved; `disconnect` withdraws it on the node to keep, and the
+/// next connect settles it. Before, both took the target's side and the link looped on a
+/// protocol error, showing `connecting` instead of the split brain.
+#[test]
+fn discard_my_data_on_both_nodes_leaves_the_split_brain_standing() {
+    let Some(py) = python() else { return };
+    let c = pair("out-sb-both-discard", "", |b| {
+        b.backing_size(64 << 20).journal_size("4M")
+    });
+    let (a, b) = (c.alpha(), c.beta());
+    let size = a.size();
+    write_blocks(
+        &py,
+        c.dir().path(),
+        &a.uri(),
+        1,
+        &(0..512).collect::<Vec<_>>(),
+    );
+    c.wait_in_sync(SYNC_TIMEOUT);
+    diverge(
+        &c,
+        &py,
+        &(0..100).collect::<Vec<_>>(),
+        &(200..300).collect::<Vec<_>>(),
+    );
+    a.ctl_ok(&["secondary"]);
+    b.ctl_ok(&["secondary"]);
+    let alpha_snap = a.backing_data(size);
+    let beta_snap = b.backing_data(size);
+    b.ctl_ok(&["connect", "--discard-my-data"]);
+    a.ctl_ok(&["connect", "--discard-my-data"]);
+    wait_split_brain_reported(a, Duration::from_secs(15));
+    wait_split_brain_reported(b, Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(3));
+    for (n, snap) in [(a, &alpha_snap), (b, &beta_snap)] {
+        let r = n.repl();
+        assert_eq!(
+            r["connection"],
+            "split-brain",
+            "{} does not show the split brain with discard-my-data asked on both: {r}\n{}",
+            n.name(),
+            n.log_tail(20)
+        );
+        assert_same_bytes(
+            &n.backing_data(size),
+            snap,
+            &format!("{}'s data with discard-my-data on both", n.name()),
+        );
+        assert!(
+            !log_lines(n, "asked on both nodes").is_empty(),
+            "{} does not say why:\n{}",
+            n.name(),
+            n.log_tail(20)
+        );
+    }
+    // alpha's data is to be kept: its request is withdrawn; beta's settles it.
+    a.ctl_ok(&["disconnect"]);
+    a.ctl_ok(&["connect"]);
+    wait_synced(
+        &c,
+        Duration::from_secs(30),
+        "after alpha withdrew its discard-my-data",
+    );
+    c.assert_replicas_identical(size, "both discard, then alpha withdrew");
+    assert_same_bytes(&b.backing_data(size), &alpha_snap, "alpha's data won");
 }
 
 #[test]

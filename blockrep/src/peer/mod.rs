@@ -1059,7 +1059,15 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         );
         res.clear_discard_my_data();
     }
-    let discard_applies = discard_asked && unsettled;
+    // Asked on both nodes, it names no copy to keep: the split brain stands (DRBD drops such
+    // a connection too), reported as one, until one node's request is withdrawn.
+    let both_discard = me.discard_my_data && !me.primary && peer.discard_my_data && !peer.primary;
+    if both_discard && unsettled {
+        tracing::warn!(
+            "discard-my-data was asked on both nodes, so neither copy is chosen: on the node whose data is to be kept, `disconnect` (which withdraws it) and `connect`"
+        );
+    }
+    let discard_applies = discard_asked && unsettled && !both_discard;
     // Only towards good data (see `state::by_disk_state`); `--discard-my-data` has its own
     // checks below.
     if !discard_applies {
@@ -1160,7 +1168,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             name,
             changes: s.out_of_sync,
             promoted_ms: s.promoted_ms,
-            up_to_date: s.disk == 2,
+            consistent: s.disk != 0,
         };
         let (mn, pn) = (res.cfg().me.name.clone(), peer_name(res));
         let mine = state::SbFacts {
@@ -1172,7 +1180,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             ..facts(&peer, "")
         };
         // Said when the disk states decided rather than the policy's own rule.
-        let by_disk = match (mine.up_to_date, theirs.up_to_date) {
+        let by_disk = match (mine.consistent, theirs.consistent) {
             (false, true) => format!(" (this node's disk is {})", disk_name(me.disk)),
             (true, false) => format!(" (the peer's disk is {})", disk_name(peer.disk)),
             _ => String::new(),
