@@ -1159,7 +1159,9 @@ mod gen_tests {
 }
 
 /// The automatic split-brain policies for when neither node is primary (DRBD's after-sb-0pri).
+/// Both nodes must run the same (see `Msg::Hello`): its code there is the discriminant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum AfterSb0Pri {
     /// Leave it to the admin (`connect --discard-my-data`).
     Disconnect,
@@ -1169,6 +1171,30 @@ pub enum AfterSb0Pri {
     DiscardLeastChanges,
     /// A node that changed nothing syncs from the other; if both changed, disconnect.
     DiscardZeroChanges,
+}
+
+impl AfterSb0Pri {
+    const ALL: [AfterSb0Pri; 4] = [
+        AfterSb0Pri::Disconnect,
+        AfterSb0Pri::DiscardYoungerPrimary,
+        AfterSb0Pri::DiscardLeastChanges,
+        AfterSb0Pri::DiscardZeroChanges,
+    ];
+
+    /// As the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AfterSb0Pri::Disconnect => "disconnect",
+            AfterSb0Pri::DiscardYoungerPrimary => "discard-younger-primary",
+            AfterSb0Pri::DiscardLeastChanges => "discard-least-changes",
+            AfterSb0Pri::DiscardZeroChanges => "discard-zero-changes",
+        }
+    }
+
+    /// The policy a peer's hello names, if any.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| *p as u8 == code)
+    }
 }
 
 /// One side's facts for the split-brain policies.

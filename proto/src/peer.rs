@@ -15,7 +15,8 @@ use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// 20: `PromoteAsk` / `PromoteAnswer`: a secondary asks its connected peer before it becomes
-/// primary, so two promoted at the same moment do not both win.
+/// primary, so two promoted at the same moment do not both win; `Hello::after_sb_0pri`, the
+/// split-brain policy both nodes must share.
 /// 19: `Reconnect` (a planned reconnect the peer must not take for a lost node),
 /// `SyncProgress::paused` (the target shows a resync its source paused) and
 /// `GenIds::sync_done_unacked` (a SyncDone whose acknowledgement was lost).
@@ -125,6 +126,10 @@ pub enum Msg {
         /// Bytes per bit of the dirty bitmap; both must agree, since each node reads the
         /// other's bitmap with its own.
         bitmap_granularity: u32,
+        /// The automatic split-brain policy (`after-sb-0pri`, as a code: 0 disconnect,
+        /// 1 discard-younger-primary, 2 discard-least-changes, 3 discard-zero-changes); both
+        /// must agree, as in DRBD, or each could decide the other's data is the one to drop.
+        after_sb_0pri: u8,
     },
     /// HMAC-SHA256, under the stretched secret (`seal::link_key`), over [`auth_input`]. The
     /// dialing node sends its proof first; the dialed node answers with its own only after
@@ -601,6 +606,7 @@ pub fn auth_input(
     v.push(prover.protocol);
     v.push(u8::from(prover.encryption));
     v.extend_from_slice(&prover.bitmap_granularity.to_le_bytes());
+    v.push(prover.after_sb_0pri);
     for s in [prover.name, verifier, resource] {
         v.extend_from_slice(&(s.len() as u32).to_le_bytes());
         v.extend_from_slice(s.as_bytes());
@@ -618,6 +624,7 @@ pub struct AuthParty<'a> {
     pub protocol: u8,
     pub encryption: bool,
     pub bitmap_granularity: u32,
+    pub after_sb_0pri: u8,
 }
 
 #[cfg(test)]
@@ -676,6 +683,7 @@ mod tests {
                 encryption: true,
                 protocol: b'B',
                 bitmap_granularity: 65536,
+                after_sb_0pri: 2,
             },
             &[],
         );
@@ -875,6 +883,7 @@ mod tests {
             protocol: b'C',
             encryption: false,
             bitmap_granularity: 4096,
+            after_sb_0pri: 0,
         };
         let a = auth_input(&[1; 32], &[2; 32], &p("alpha", true), "beta", "r0");
         let b = auth_input(&[2; 32], &[1; 32], &p("beta", false), "alpha", "r0");
@@ -898,6 +907,9 @@ mod tests {
         assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
         q.encryption = false;
         q.bitmap_granularity = 65536;
+        assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
+        q.bitmap_granularity = 4096;
+        q.after_sb_0pri = 3;
         assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
     }
 }

@@ -125,6 +125,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             encryption: rng.bool(),
             protocol: rng.next() as u8,
             bitmap_granularity: rng.u32_edge(),
+            after_sb_0pri: rng.next() as u8,
         },
         1 => Msg::Auth { mac: nonce },
         2 => Msg::Refuse {
@@ -683,6 +684,7 @@ fn peer_hello_with_a_long_resource_name_decodes() {
         encryption: false,
         protocol: b'C',
         bitmap_granularity: 4096,
+        after_sb_0pri: 0,
     };
     let f = encode(&hello, &[]);
     let ctx = Ctx {

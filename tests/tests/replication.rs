@@ -863,6 +863,7 @@ fn hostile_peers_are_refused_and_the_real_peer_still_connects() {
             encryption: false,
             protocol: b'C',
             bitmap_granularity: 4096,
+            after_sb_0pri: 0,
         },
         &[],
     );
@@ -1039,6 +1040,7 @@ fn a_stranger_gets_no_proof_and_its_refusals_are_not_split_brains() {
         encryption: false,
         protocol: b'C',
         bitmap_granularity: 4096,
+        after_sb_0pri: 0,
     };
     let auth0 = b.repl_u64("auth_failures");
 
@@ -1416,6 +1418,49 @@ fn bitmap_granularity_mismatch_is_refused_on_both_sides() {
     nbd_write(a, 0, &random_bytes(MIB));
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(a.size(), "after the configs agree");
+}
+
+/// Nodes with different split-brain policies could each decide the other's data is the one
+/// to drop (or each its own): refused at the handshake on both sides, naming both policies,
+/// as DRBD refuses incompatible after-sb settings; with the same policy they connect.
+#[test]
+fn split_brain_policy_mismatch_is_refused_on_both_sides() {
+    let c = Cluster::builder("repl-sb-mismatch")
+        .nodes(2)
+        .backing_size(BACKING)
+        .protocol("C")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    a.up();
+    a.primary_force();
+    let text = c.config_text();
+    let line = "bitmap-granularity = \"4K\"\n";
+    assert!(text.contains(line), "{text}");
+    let changed = text.replace(
+        line,
+        &format!("{line}after-sb-0pri = \"discard-zero-changes\"\n"),
+    );
+    c.write_config(&changed);
+    b.create_md();
+    b.up();
+    assert_refused_on_both_sides(
+        a,
+        b,
+        &[
+            "split-brain policy differs",
+            "discard-zero-changes",
+            "disconnect",
+        ],
+    );
+    b.down();
+    c.write_config(&text);
+    b.up();
+    a.wait_connected(CONNECT_TIMEOUT);
+    b.wait_connected(CONNECT_TIMEOUT);
+    nbd_write(a, 0, &random_bytes(MIB));
+    c.wait_in_sync(SYNC_TIMEOUT);
+    c.assert_replicas_identical(a.size(), "after the policies agree");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ pub(super) async fn handshake(
             encryption: cfg.encryption,
             protocol: protocol_letter(cfg.protocol),
             bitmap_granularity: granularity,
+            after_sb_0pri: cfg.after_sb_0pri as u8,
         },
     )
     .await?;
@@ -108,6 +109,7 @@ pub(super) async fn handshake(
             encryption,
             protocol,
             bitmap_granularity,
+            after_sb_0pri,
         } => {
             if version != peer::PROTOCOL_VERSION {
                 return Err(refuse(
@@ -171,6 +173,19 @@ pub(super) async fn handshake(
                 )
                 .await);
             }
+            if after_sb_0pri != cfg.after_sb_0pri as u8 {
+                return Err(refuse(
+                    &mut s,
+                    format!(
+                        "split-brain policy differs: {node} at {addr} has after-sb-0pri {}, {} has {}; set the same `after-sb-0pri` on both nodes",
+                        crate::state::AfterSb0Pri::from_code(after_sb_0pri)
+                            .map_or_else(|| format!("code {after_sb_0pri}"), |p| p.name().to_string()),
+                        cfg.me.name,
+                        cfg.after_sb_0pri.name()
+                    ),
+                )
+                .await);
+            }
             nonce
         }
         Msg::Refuse { reason } => return Err(refused_before_auth(reason)),
@@ -187,6 +202,7 @@ pub(super) async fn handshake(
         protocol: protocol_letter(cfg.protocol),
         encryption: cfg.encryption,
         bitmap_granularity: granularity,
+        after_sb_0pri: cfg.after_sb_0pri as u8,
     };
     let proof = mac(
         &secret,
