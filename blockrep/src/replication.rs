@@ -286,6 +286,10 @@ pub struct Inner {
     pub overflowed: bool,
     /// Journal bytes (logical position) written to the metadata area.
     pub disk_pos: u64,
+    /// How many times `disk_pos` was moved back (see [`Inner::keep_journal_from`]): a
+    /// persist that read the ring before does not move it forward over the records it did
+    /// not write.
+    pub disk_rewinds: u64,
     /// Highest sequence this node has applied from the peer (as secondary).
     pub applied: u64,
     /// The term of the record at `applied` (0: none, or not known).
@@ -305,6 +309,19 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// The peer needs the journal's records from `seq` on again (see [`Ring::keep_from`]):
+    /// kept, and written to disk again at the next persist. Released records may never have
+    /// been written (no flush came while the peer had them), and a persist since skipped
+    /// them; the checkpoint that names them again must not be committed with them missing,
+    /// or a crash would leave a journal that breaks at its start.
+    pub fn keep_journal_from(&mut self, seq: u64) {
+        self.ring.keep_from(seq);
+        if self.disk_pos > self.ring.tail() {
+            self.disk_pos = self.ring.tail();
+            self.disk_rewinds += 1;
+        }
+    }
+
     /// Sets the range's bits for a reason a resync chunk in flight does not cover (a local
     /// write that failed, a verify difference, a record spilled from `undurable`): a chunk
     /// over the same bits, read before, must not clear them when the peer makes it durable,
@@ -487,6 +504,7 @@ impl Replication {
                 bitmap_dirty: true,
                 overflowed,
                 disk_pos,
+                disk_rewinds: 0,
                 applied,
                 applied_term,
                 term: crate::resource::random_id(),
@@ -1558,7 +1576,7 @@ impl Replication {
         // The checkpoint, the issued mark and the new bytes in one look at the ring: an
         // acknowledgement in between would move the tail past bytes never written, and the
         // committed checkpoint would name records that are not there.
-        let (ckpt, issued, overflowed, to, pieces, bitmap) = {
+        let (ckpt, issued, overflowed, to, pieces, bitmap, rewinds) = {
             let mut g = self.lock();
             let first = g.ring.first_live_seq().unwrap_or(g.issued + 1);
             // The issued mark committed here must not run ahead of the records on disk before
@@ -1601,7 +1619,15 @@ impl Replication {
             } else {
                 None
             };
-            (ckpt, issued, g.overflowed || verify, to, pieces, bitmap)
+            (
+                ckpt,
+                issued,
+                g.overflowed || verify,
+                to,
+                pieces,
+                bitmap,
+                g.disk_rewinds,
+            )
         };
         // Also when only the issued mark moves: it is what the peer is told this disk
         // holds (`Msg::Durable`), and an idle primary's last writes count only once in it.
@@ -1673,7 +1699,10 @@ impl Replication {
             return Err(e);
         }
         let mut g = self.lock();
-        g.disk_pos = g.disk_pos.max(to);
+        // Unless it was moved back meanwhile, to records this persist did not write.
+        if g.disk_rewinds == rewinds {
+            g.disk_pos = g.disk_pos.max(to);
+        }
         Ok(together)
     }
 
@@ -2651,6 +2680,66 @@ mod csum_tests {
         let (sb, seqs) = read_back(&file);
         assert_eq!(sb.journal_seq, last - 1);
         assert_eq!(seqs, vec![last - 1, last]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Records the peer applied (released, never written: no flush came) and a persist then
+    /// skipped are written after all when a restarted peer needs them again, before or with
+    /// the checkpoint that names them: a crash then still finds the whole journal.
+    #[tokio::test]
+    async fn records_kept_again_for_a_restarted_peer_are_written_before_the_checkpoint_names_them()
+    {
+        let dir = std::env::temp_dir().join(format!("brrep-rewind-{}", std::process::id()));
+        let (rep, file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let data = vec![9u8; 4096];
+        let write = |i: u64| {
+            let rep = rep.clone();
+            let data = data.clone();
+            async move {
+                let seq = rep
+                    .begin(Record::Write {
+                        offset: i * 4096,
+                        data: &data,
+                        fua: false,
+                        crc: None,
+                    })
+                    .await
+                    .expect("write");
+                rep.done(seq);
+                rep.al_end(i * 4096, 4096, seq);
+                seq
+            }
+        };
+        for i in 0..5 {
+            write(i).await;
+        }
+        // Applied by the peer, not made durable there, and never written here.
+        rep.on_ack(5, 5, 0, 0);
+        for i in 5..7 {
+            write(i).await;
+        }
+        rep.persist().await.expect("persist");
+        // The peer restarted with its committed mark at 2: it needs 3.. again.
+        rep.lock().keep_journal_from(3);
+        rep.persist().await.expect("persist");
+        let m = MetaStore::open(&dir.join("disk"), None, "r", "a").expect("open");
+        let l = m.sb.layout;
+        let mut image = vec![0u8; l.journal_len as usize];
+        file.read_exact_at(&mut image, l.journal_offset)
+            .expect("read");
+        let ring = Ring::recover(
+            image,
+            m.sb.journal_pos,
+            m.sb.journal_seq,
+            m.sb.journal_prev_term,
+        );
+        assert_eq!(m.sb.journal_seq, 3, "the checkpoint names the kept records");
+        assert_eq!(
+            ring.records().map(|r| r.seq).collect::<Vec<_>>(),
+            (3..=7).collect::<Vec<_>>(),
+            "every record from the checkpoint on is read back"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

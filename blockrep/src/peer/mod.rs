@@ -1459,7 +1459,7 @@ fn stream_start(res: &Resource, peer: &NodeState, me: &NodeState) -> Result<u64,
         }
     }
     // Under the same lock as the checks above: the records the catch-up sends are kept.
-    inner.ring.keep_from(start);
+    inner.keep_journal_from(start);
     Ok(start)
 }
 
