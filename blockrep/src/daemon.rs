@@ -17,6 +17,12 @@ pub struct Daemon {
     cfg: Config,
     res: Mutex<Option<Arc<Resource>>>,
     stop: watch::Sender<bool>,
+    /// One `up` or `down` at a time: a second `down` (or the SIGTERM of a service stop) during
+    /// one that is still draining waits for it, rather than finding the resource gone and
+    /// stopping the daemon under it; an `up` waits too, rather than racing it for the disks.
+    lifecycle: Mutex<()>,
+    /// The resource was taken down: a later `down` says so rather than "not up".
+    went_down: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
@@ -25,10 +31,13 @@ impl Daemon {
             cfg,
             res: Mutex::new(None),
             stop: watch::channel(false).0,
+            lifecycle: Mutex::new(()),
+            went_down: Default::default(),
         })
     }
 
     pub async fn up(&self) -> Result<String, NodeError> {
+        let _one = self.lifecycle.lock().await;
         let mut res = self.res.lock().await;
         if res.is_some() {
             return Ok(format!("resource {} is already up", self.cfg.resource));
@@ -49,6 +58,7 @@ impl Daemon {
 
     /// Takes the resource down and tells the daemon to exit.
     pub async fn down(&self, force: bool) -> Result<String, NodeError> {
+        let _one = self.lifecycle.lock().await;
         // Checked before the resource is taken: a refused `down` leaves it serving.
         let up = self.res.lock().await.clone();
         if let Some(r) = up {
@@ -67,11 +77,17 @@ impl Daemon {
                         return Err(e);
                     }
                 };
+                self.went_down
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 format!(
                     "resource {} down on {}{note}",
                     self.cfg.resource, self.cfg.me.name
                 )
             }
+            None if self.went_down.load(std::sync::atomic::Ordering::SeqCst) => format!(
+                "resource {} is down on {} (an earlier `down` took it down)",
+                self.cfg.resource, self.cfg.me.name
+            ),
             None => format!("resource {} was not up", self.cfg.resource),
         };
         crate::bell::ring();

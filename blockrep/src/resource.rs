@@ -250,7 +250,10 @@ pub struct Resource {
     _claim: crate::meta::Claim,
     /// Held by a promotion and by `new-current-uuid --clear-bitmap` from its check to its
     /// commit, on both nodes: a node promoted in between would have its new writes' bitmap
-    /// cleared and its generation replaced.
+    /// cleared and its generation replaced. A demotion holds it throughout too, so that role
+    /// changes run one at a time: a `secondary` during a promotion still being decided
+    /// would answer "already secondary" and the promotion then commit (and the other way
+    /// round).
     skip_ops: tokio::sync::Mutex<()>,
     /// A `down` is under way: a promotion refuses (at its start and at its commit), and the
     /// `down` waits for one already running before it decides how to go down (as primary or
@@ -3491,6 +3494,8 @@ impl Resource {
     }
 
     pub async fn secondary(&self, force: bool) -> Result<String, NodeError> {
+        // One role change at a time (see `skip_ops`): decided on the role the last one left.
+        let _roles = self.skip_ops.lock().await;
         if self.role() == Role::Secondary {
             return Ok(format!("{} is already secondary", self.cfg().me.name));
         }

@@ -1038,6 +1038,89 @@ fn a_down_during_a_fenced_promotion_refuses_the_promotion_and_goes_down_as_secon
     assert_eq!(md_field(b, "disk"), "up-to-date");
 }
 
+/// Role changes run one at a time: a `secondary` asked while a fenced promotion waits for
+/// its handler waits for it, then demotes the node it made primary. Before, it answered
+/// "already secondary" at once and the promotion committed behind it: a cluster manager told
+/// the node was secondary found it primary.
+#[test]
+fn a_secondary_during_a_fenced_promotion_waits_for_it_and_demotes() {
+    let tmp = TestDir::new("fence-demote-race");
+    let (c, log) = fenced_pair("fence-demote-race", &tmp);
+    let (a, b) = (c.alpha(), c.beta());
+    a.ctl_ok(&["secondary"]);
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    b.wait_not_connected(Duration::from_secs(10));
+    std::fs::write(tmp.path().join("fence.stub"), "4 7\n").expect("write fence.stub");
+    let (promoted, demoted) = std::thread::scope(|s| {
+        let promotion = s.spawn(|| b.ctl(&["primary"]));
+        let ran = wait_for(Duration::from_secs(20), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("run beta")
+        });
+        assert!(ran, "the fence-peer handler did not start");
+        let demoted = b.ctl(&["secondary"]);
+        (promotion.join().expect("promotion thread"), demoted)
+    });
+    assert_eq!(promoted.code, Some(0), "primary: {}", promoted.describe());
+    assert_eq!(demoted.code, Some(0), "secondary: {}", demoted.describe());
+    assert!(
+        !demoted.stdout.contains("already secondary"),
+        "the demotion did not wait for the promotion: {}",
+        demoted.describe()
+    );
+    assert_eq!(
+        b.status_json()["role"],
+        "secondary",
+        "the last role change asked for is the role the node has"
+    );
+}
+
+/// A second `down` (or a service stop's SIGTERM) while a first one still waits for the peer
+/// waits for it and reports the resource down; the first finishes and answers too. Before,
+/// the second found the resource already taken, said "not up" and stopped the daemon under
+/// the first, which never answered and left the node looking like a crashed primary.
+#[test]
+fn a_second_down_waits_for_the_first() {
+    let c = pair("down-twice", "", |b| b.protocol("A").beta_via_proxy());
+    let a = c.alpha();
+    // The peer stops answering: alpha's writes (answered under A) wait for it, and so does
+    // the first `down`, for up to 10 s.
+    c.proxy().pause();
+    let data = c.dir().path().join("late.bin");
+    write_random_file(&data, MIB as usize);
+    a.nbdcopy_in(&data);
+    let (first, second) = std::thread::scope(|s| {
+        let first = s.spawn(|| a.ctl_timeout(&["down"], Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            !first.is_finished(),
+            "the first down did not wait for the stalled peer"
+        );
+        let second = a.ctl_timeout(&["down"], Duration::from_secs(60));
+        (first.join().expect("first down"), second)
+    });
+    assert_eq!(first.code, Some(0), "first down: {}", first.describe());
+    assert!(
+        first.stdout.contains("down on alpha"),
+        "first down: {}",
+        first.describe()
+    );
+    assert_eq!(second.code, Some(0), "second down: {}", second.describe());
+    assert!(
+        !second.stdout.contains("was not up"),
+        "the second down did not wait for the first: {}",
+        second.describe()
+    );
+    assert_eq!(
+        md_field(a, "was-primary"),
+        "false",
+        "alpha went down cleanly"
+    );
+    c.proxy().unpause();
+}
+
 /// A journal catch-up from a primary that moved on leaves its target outdated from its
 /// first record until its SyncDone: were the primary lost midway, the target would hold only
 /// part of the writes the primary acknowledged while it was away, and a plain `primary` must
