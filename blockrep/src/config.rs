@@ -221,12 +221,55 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// The largest config file read: a real one is a few KiB.
+const MAX_CONFIG_FILE: u64 = 1 << 20;
+/// The largest `secret-file` read.
+const MAX_SECRET_FILE: u64 = 64 << 10;
+
+/// Reads a regular file of at most `limit` bytes. Anything else is refused before it is
+/// opened (a FIFO would block the open, `/dev/zero` would fill the memory), and a file that
+/// grows past the bound while read is refused too.
+fn read_small_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} bytes, more than the {limit} read", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than the {limit} bytes read"),
+        ));
+    }
+    Ok(bytes)
+}
+
 impl Config {
     /// Loads `file` and selects node `node` (default: the host name).
     pub fn load(file: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|error| ConfigError::Read {
+        let read = |error| ConfigError::Read {
             file: file.to_owned(),
             error,
+        };
+        let bytes = read_small_file(file, MAX_CONFIG_FILE).map_err(read)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text ({e})"),
+            ))
         })?;
         Self::parse(file, &text, node)
     }
@@ -279,7 +322,7 @@ impl Config {
             }
             (Some(s), None) => Some(s.into_bytes()),
             (None, Some(p)) => {
-                let s = std::fs::read(&p).map_err(|e| {
+                let s = read_small_file(&p, MAX_SECRET_FILE).map_err(|e| {
                     key_err("resource.secret-file", format!("{}: {e}", p.display()))
                 })?;
                 let trimmed = s.trim_ascii().to_vec();
@@ -1200,6 +1243,28 @@ control = "/tmp/b.sock"
             e.contains("resource.secret-file") && e.contains("empty"),
             "{e}"
         );
+    }
+
+    /// Only a regular file of a sane size is read: `/dev/zero` would fill the memory and a
+    /// FIFO block the daemon's thread (an `adjust` naming the wrong path).
+    #[test]
+    fn a_config_that_is_no_regular_file_or_too_large_is_refused_clearly() {
+        for (path, says) in [
+            ("/dev/zero", "not a regular file"),
+            ("/", "not a regular file"),
+        ] {
+            let e = Config::load(Path::new(path), Some("alpha"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(path) && e.contains(says), "{e}");
+        }
+        let dir = std::env::temp_dir().join(format!("blockrep-cfg-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("big.toml");
+        std::fs::write(&f, vec![b'#'; (MAX_CONFIG_FILE + 1) as usize]).unwrap();
+        let e = Config::load(&f, Some("alpha")).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(e.contains("more than"), "{e}");
     }
 
     #[test]

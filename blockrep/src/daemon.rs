@@ -216,9 +216,17 @@ impl Daemon {
                     "this is the daemon of node {}, not {node} (are the control sockets in {config} swapped?): nothing changed",
                     self.cfg.me.name
                 ))),
-                Ok(r) => match Config::load(std::path::Path::new(&config), Some(&node)) {
-                    Ok(new) => r.adjust(&new, dry_run).await,
-                    Err(e) => Err(NodeError::Refused(format!("{e}: nothing changed"))),
+                // Off the runtime's thread: a file on a hung mount must not stop the I/O.
+                Ok(r) => match tokio::task::spawn_blocking(move || {
+                    Config::load(std::path::Path::new(&config), Some(&node))
+                })
+                .await
+                {
+                    Ok(Ok(new)) => r.adjust(&new, dry_run).await,
+                    Ok(Err(e)) => Err(NodeError::Refused(format!("{e}: nothing changed"))),
+                    Err(e) => Err(NodeError::Refused(format!(
+                        "reading the config failed ({e}): nothing changed"
+                    ))),
                 },
                 Err(e) => Err(e),
             },
@@ -328,7 +336,9 @@ impl Daemon {
 
     async fn serve_control(&self, s: UnixStream) {
         let (rd, mut wr) = s.into_split();
-        let mut rd = BufReader::new(rd.take(MAX_LINE as u64 * 64));
+        // Each line is bounded (below); a connection is not, so that a monitor may keep one
+        // open and ask for `status` for as long as it runs.
+        let mut rd = BufReader::new(rd);
         let mut line = Vec::new();
         loop {
             line.clear();
