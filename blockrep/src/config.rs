@@ -231,7 +231,14 @@ const MAX_SECRET_FILE: u64 = 64 << 10;
 /// grows past the bound while read is refused too.
 fn read_small_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let meta = std::fs::metadata(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, then looked at through the handle: a FIFO put in the file's place
+    // between a look at the path and the open cannot block the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -245,9 +252,7 @@ fn read_small_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
         ));
     }
     let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
+    file.take(limit + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,

@@ -314,10 +314,13 @@ impl Inner {
     /// been written (no flush came while the peer had them), and a persist since skipped
     /// them; the checkpoint that names them again must not be committed with them missing,
     /// or a crash would leave a journal that breaks at its start.
+    /// A persist running meanwhile read the ring before: the rewind count tells it not to
+    /// move `disk_pos` past what it wrote, whichever of the two positions moved back.
     pub fn keep_journal_from(&mut self, seq: u64) {
+        let tail = self.ring.tail();
         self.ring.keep_from(seq);
-        if self.disk_pos > self.ring.tail() {
-            self.disk_pos = self.ring.tail();
+        if self.ring.tail() < tail || self.disk_pos > self.ring.tail() {
+            self.disk_pos = self.disk_pos.min(self.ring.tail());
             self.disk_rewinds += 1;
         }
     }
@@ -1641,11 +1644,22 @@ impl Replication {
             )
         };
         let commit = moved || overflow_changes || issued_lags;
-        let write_pieces = || {
+        // A checkpoint moved back (records kept again for a restarted peer, see
+        // `Inner::keep_journal_from`) names records that may not be on disk yet: they are
+        // written and synced first. They hold the same bytes the committed chain has there,
+        // and lie within one ring of the new checkpoint, so they overwrite nothing it names.
+        let rewound = ckpt.0 < committed_pos;
+        let write_records = || {
             for (phys, bytes) in &pieces {
                 self.areas
                     .file
                     .write_all_at(bytes, l.journal_offset + phys)?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        let write_pieces = || {
+            if !rewound {
+                write_records()?;
             }
             if let Some(b) = &bitmap {
                 let n = b.len().min(l.bitmap_len as usize);
@@ -1671,6 +1685,7 @@ impl Replication {
         // right after the ring was cleared (a checkpoint with no term before it), where the
         // old checkpoint's chain could run on across the cut.
         let together = commit
+            && !rewound
             && !pieces.is_empty()
             && to <= committed_pos + cap
             && bitmap.is_none()
@@ -1681,6 +1696,10 @@ impl Replication {
                 .map_err(std::io::Error::other)
         } else {
             (|| {
+                if rewound && !pieces.is_empty() {
+                    write_records()?;
+                    self.areas.file.sync_data()?;
+                }
                 if commit {
                     MetaStore::update(&self.meta, set_checkpoint).map_err(std::io::Error::other)?;
                 }

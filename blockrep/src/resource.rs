@@ -122,15 +122,17 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
 /// Where the peer's answer to `new-current-uuid --clear-bitmap` goes: done, or why not.
 pub type SkipSyncAnswer = tokio::sync::oneshot::Sender<Result<(), String>>;
 
-/// Where the peer's answer to a request of this node goes: granted, or why not.
-pub type PeerAnswer = tokio::sync::oneshot::Sender<Result<(), String>>;
+/// Where the peer's answer to this node's `PromoteAsk` goes: granted, or why not and whether
+/// the peer was busy deciding a promotion of its own.
+pub type PromoteAnswer = tokio::sync::oneshot::Sender<Result<(), (String, bool)>>;
 
 /// How long a promotion waits for the peer's answer to its `PromoteAsk`.
 const PROMOTE_ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How many times a promotion that tied with the peer's (both asked at once, both were
-/// refused) is tried again, each after a random pause of up to [`PROMOTE_TIE_PAUSE_MS`]: the
-/// node whose pause ends first asks while the other waits, and wins.
+/// How many times a promotion the peer refused because it was deciding its own (both asked
+/// at once, and each refused the other) is tried again, each after a random pause of up to
+/// [`PROMOTE_TIE_PAUSE_MS`]: the node whose pause ends first asks while the other waits, and
+/// wins.
 const PROMOTE_TIE_RETRIES: u32 = 4;
 const PROMOTE_TIE_PAUSE_MS: u64 = 400;
 
@@ -264,11 +266,11 @@ pub struct Resource {
     /// refused): the peer's `PromoteAsk` is refused meanwhile, so two secondaries promoted at
     /// once never both win (see [`Self::answer_peer_promotion`]).
     promoting: std::sync::atomic::AtomicBool,
-    /// The peer's promotion was refused because this one was being decided: a tie, which
-    /// this promotion, refused in turn, retries after a random pause.
-    promotion_tie: std::sync::atomic::AtomicBool,
+    /// The peer refused this promotion because it was deciding one of its own (a tie, or
+    /// one of its own about to be refused): tried again after a random pause.
+    promotion_busy: std::sync::atomic::AtomicBool,
     /// This node's `PromoteAsk` waiting for the peer's answer: its id, and where it goes.
-    promote_ask: Mutex<Option<(u64, PeerAnswer)>>,
+    promote_ask: Mutex<Option<(u64, PromoteAnswer)>>,
 }
 
 /// The latest online verify of this node (see [`Resource::start_verify`]).
@@ -565,7 +567,7 @@ impl Resource {
             skip_ops: tokio::sync::Mutex::new(()),
             stopping: Default::default(),
             promoting: Default::default(),
-            promotion_tie: Default::default(),
+            promotion_busy: Default::default(),
             promote_ask: Mutex::new(None),
         });
         let watcher = tokio::spawn(watch_disk_errors(
@@ -2133,28 +2135,31 @@ impl Resource {
     /// The peer asks before it becomes primary (`Msg::PromoteAsk`): granted unless this node
     /// is primary or a promotion of it is being decided. (Read in that order: a promotion
     /// sets the role before it stops deciding, so one of the two reads sees it.)
-    pub fn answer_peer_promotion(&self) -> Result<(), String> {
+    /// The refusal says whether this node was deciding a promotion of its own (`busy`): the
+    /// peer then asks again after a pause.
+    pub fn answer_peer_promotion(&self) -> Result<(), (String, bool)> {
         let me = &self.cfg().me.name;
         let deciding = self.promoting.load(std::sync::atomic::Ordering::SeqCst);
         let primary = self.role() == Role::Primary;
         let answer = if primary {
-            Err(format!("{me} is primary"))
+            Err((format!("{me} is primary"), false))
         } else if deciding {
-            self.promotion_tie
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            Err(format!("{me} is being made primary at this same moment"))
+            Err((
+                format!("{me} is being made primary at this same moment"),
+                true,
+            ))
         } else {
             Ok(())
         };
         match &answer {
             Ok(()) => tracing::info!("the peer asks to become primary: granted"),
-            Err(why) => tracing::warn!("the peer asks to become primary: refused, {why}"),
+            Err((why, _)) => tracing::warn!("the peer asks to become primary: refused, {why}"),
         }
         answer
     }
 
     /// The peer's answer to this node's `PromoteAsk` numbered `id` (any other is stale).
-    pub fn peer_answered_promotion(&self, id: u64, answer: Result<(), String>) {
+    pub fn peer_answered_promotion(&self, id: u64, answer: Result<(), (String, bool)>) {
         let waiting = {
             let mut ask = self.promote_ask.lock().unwrap_or_else(|p| p.into_inner());
             if ask.as_ref().is_some_and(|(i, _)| *i == id) {
@@ -2175,7 +2180,7 @@ impl Resource {
         let id = random_id();
         let (to, answer) = tokio::sync::oneshot::channel();
         *self.promote_ask.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, to));
-        struct Forget<'a>(&'a Mutex<Option<(u64, PeerAnswer)>>);
+        struct Forget<'a>(&'a Mutex<Option<(u64, PromoteAnswer)>>);
         impl Drop for Forget<'_> {
             fn drop(&mut self) {
                 *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -2202,9 +2207,15 @@ impl Resource {
                 r = &mut answer => {
                     return match r {
                         Ok(Ok(())) => Ok(()),
-                        Ok(Err(why)) => Err(NodeError::Refused(format!(
-                            "the peer refused this promotion: {why}"
-                        ))),
+                        Ok(Err((why, busy))) => {
+                            if busy {
+                                self.promotion_busy
+                                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            Err(NodeError::Refused(format!(
+                                "the peer refused this promotion: {why}"
+                            )))
+                        }
                         Err(_) => Err(lost()),
                     };
                 }
@@ -3038,14 +3049,20 @@ impl Resource {
         }
     }
 
-    /// `primary [--force]`. A promotion that tied with the peer's (each asked the other
-    /// while deciding its own, and both were refused) is tried again after a random pause,
-    /// so that one of the two wins, as after DRBD's concurrent state changes.
+    /// `primary [--force]`. A promotion the peer refused because it was deciding its own
+    /// (each asked the other at once) is tried again after a random pause, so that one of
+    /// the two wins, as after DRBD's concurrent state changes.
     pub async fn primary(self: &Arc<Self>, force: bool) -> Result<String, NodeError> {
         let mut tries = 0;
         loop {
+            self.promotion_busy
+                .store(false, std::sync::atomic::Ordering::SeqCst);
             match self.primary_once(force).await {
-                Err(e) if self.promotion_tie.load(std::sync::atomic::Ordering::SeqCst) => {
+                Err(e)
+                    if self
+                        .promotion_busy
+                        .load(std::sync::atomic::Ordering::SeqCst) =>
+                {
                     if tries >= PROMOTE_TIE_RETRIES {
                         return Err(e);
                     }
@@ -3075,8 +3092,6 @@ impl Resource {
                 self.0.store(false, std::sync::atomic::Ordering::SeqCst);
             }
         }
-        self.promotion_tie
-            .store(false, std::sync::atomic::Ordering::SeqCst);
         self.promoting
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let _deciding = Deciding(&self.promoting);

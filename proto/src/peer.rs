@@ -320,10 +320,12 @@ pub enum Msg {
         id: u64,
     },
     /// The answer to the [`Msg::PromoteAsk`] numbered `id`: granted, or why not (cut to
-    /// [`MAX_REFUSE_REASON`] bytes plus "...").
+    /// [`MAX_REFUSE_REASON`] bytes plus "..."), and whether the refusing node was deciding a
+    /// promotion of its own at that moment (`busy`: the asker tries again shortly).
     PromoteAnswer {
         id: u64,
         ok: bool,
+        busy: bool,
         reason: String,
     },
 }
@@ -422,13 +424,23 @@ impl Msg {
         }
     }
 
-    /// A `PromoteAnswer` (its reason cut like a refusal's).
-    pub fn promote_answer(id: u64, result: Result<(), String>) -> Msg {
-        let (ok, reason) = match result {
-            Ok(()) => (true, String::new()),
-            Err(why) => (false, cut_reason(&why)),
-        };
-        Msg::PromoteAnswer { id, ok, reason }
+    /// A `PromoteAnswer`: granted, or refused with why and whether the refusing node is
+    /// busy deciding its own promotion (its reason cut like a refusal's).
+    pub fn promote_answer(id: u64, result: Result<(), (String, bool)>) -> Msg {
+        match result {
+            Ok(()) => Msg::PromoteAnswer {
+                id,
+                ok: true,
+                busy: false,
+                reason: String::new(),
+            },
+            Err((why, busy)) => Msg::PromoteAnswer {
+                id,
+                ok: false,
+                busy,
+                reason: cut_reason(&why),
+            },
+        }
     }
 
     /// The sequence number of a stream record.

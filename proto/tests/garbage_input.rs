@@ -249,7 +249,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             if rng.one_in(2) {
                 Ok(())
             } else {
-                Err(rng.string(300))
+                Err((rng.string(300), rng.bool()))
             },
         ),
         25 => Msg::Checkpoint {

@@ -43,6 +43,9 @@ pub(super) struct Established {
     pub(super) addr: SocketAddr,
     /// Every byte after the handshake is sealed (`encryption` as both nodes had it then).
     pub(super) sealed: bool,
+    /// The split-brain policy both hellos named: the one this connection decides by, even
+    /// if an `adjust` changes the config meanwhile (the peer decides by it too).
+    pub(super) after_sb_0pri: crate::state::AfterSb0Pri,
 }
 
 /// The protocol as it travels in the hello.
@@ -295,6 +298,7 @@ pub(super) async fn handshake(
         wr,
         addr,
         sealed,
+        after_sb_0pri: cfg.after_sb_0pri,
     })
 }
 
@@ -337,6 +341,13 @@ pub(super) fn marks_in_bounds(st: &NodeState) -> Result<(), String> {
     if marks.iter().any(|&m| m >= COUNTER_LIMIT) {
         return Err(format!(
             "the peer's sequence marks (applied, durable, issued, journal, this node's durable issued) {marks:?} are out of bounds (limit {COUNTER_LIMIT})"
+        ));
+    }
+    // Its disk state picks resync sources and split-brain losers: one of the three codes.
+    if st.disk > 2 {
+        return Err(format!(
+            "the peer reports disk state {} (0 inconsistent, 1 outdated, 2 up to date)",
+            st.disk
         ));
     }
     // Its size may shrink this node's export (see `Resource::agree_size`): no smaller than
@@ -416,5 +427,7 @@ mod tests {
             let e = marks_in_bounds(&st).unwrap_err();
             assert!(e.contains("out of bounds"), "{e}");
         }
+        let e = marks_in_bounds(&NodeState { disk: 3, ..ok }).unwrap_err();
+        assert!(e.contains("disk state 3"), "{e}");
     }
 }

@@ -876,6 +876,7 @@ fn state_in_bounds(st: &NodeState) -> Result<(), LinkError> {
 /// Runs one established connection until it fails or ends.
 async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkError> {
     let (mut rd, mut wr) = (est.rd, est.wr);
+    let after_sb_0pri = est.after_sb_0pri;
     res.link_sealed
         .store(est.sealed, std::sync::atomic::Ordering::Relaxed);
     let (me, peer) = exchange_states(res, &mut rd, &mut wr).await?;
@@ -1064,7 +1065,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     let both_discard = me.discard_my_data && !me.primary && peer.discard_my_data && !peer.primary;
     if both_discard && unsettled {
         tracing::warn!(
-            "discard-my-data was asked on both nodes, so neither copy is chosen: on the node whose data is to be kept, `disconnect` (which withdraws it) and `connect`"
+            "discard-my-data was asked on both nodes, so it chooses neither copy (an automatic after-sb-0pri policy may still decide; otherwise the split brain stands): on the node whose data is to be kept, `disconnect` (which withdraws it) and `connect`"
         );
     }
     let discard_applies = discard_asked && unsettled && !both_discard;
@@ -1185,11 +1186,11 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             (true, false) => format!(" (the peer's disk is {})", disk_name(peer.disk)),
             _ => String::new(),
         };
-        match state::resolve_split_brain(res.cfg().after_sb_0pri, mine, theirs) {
+        match state::resolve_split_brain(after_sb_0pri, mine, theirs) {
             Some(true) => {
                 tracing::warn!(
                     "split brain resolved by after-sb-0pri {:?}: this node discards its changes{by_disk}",
-                    res.cfg().after_sb_0pri
+                    after_sb_0pri
                 );
                 res.run_handler("split-brain");
                 decision = SyncDecision::TargetBitmap;
@@ -1197,7 +1198,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             Some(false) => {
                 tracing::warn!(
                     "split brain resolved by after-sb-0pri {:?}: the peer discards its changes{by_disk}",
-                    res.cfg().after_sb_0pri
+                    after_sb_0pri
                 );
                 res.run_handler("split-brain");
                 decision = SyncDecision::SourceBitmap;
@@ -1527,9 +1528,19 @@ async fn idle_side(
                     let answer = Msg::promote_answer(id, res.answer_peer_promotion());
                     let _ = reply_tx.send(answer).await;
                 }
-                Msg::PromoteAnswer { id, ok, reason } => {
-                    res.peer_answered_promotion(id, if ok { Ok(()) } else { Err(reason) })
-                }
+                Msg::PromoteAnswer {
+                    id,
+                    ok,
+                    busy,
+                    reason,
+                } => res.peer_answered_promotion(
+                    id,
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err((printable(&reason), busy))
+                    },
+                ),
                 Msg::SkipSync { gen } => {
                     let r = res.skip_sync_for_peer(gen).await;
                     if let Err(why) = &r {

@@ -505,9 +505,19 @@ pub(super) async fn primary_side(
                     let answer = Msg::promote_answer(id, res.answer_peer_promotion());
                     let _ = side_tx.try_send(answer);
                 }
-                Msg::PromoteAnswer { id, ok, reason } => {
-                    res.peer_answered_promotion(id, if ok { Ok(()) } else { Err(reason) })
-                }
+                Msg::PromoteAnswer {
+                    id,
+                    ok,
+                    busy,
+                    reason,
+                } => res.peer_answered_promotion(
+                    id,
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err((printable(&reason), busy))
+                    },
+                ),
                 // The secondary reconnects at once (its `invalidate`): not a lost peer.
                 Msg::Reconnect => return Err(LinkError::Closed(PEER_RECONNECTS)),
                 other => {

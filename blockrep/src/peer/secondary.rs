@@ -750,8 +750,17 @@ pub(super) async fn secondary_side(
                             let _ = reply_tx.try_send(f);
                             continue;
                         }
-                        Msg::PromoteAnswer { id, ok, reason } => {
-                            res.peer_answered_promotion(id, if ok { Ok(()) } else { Err(reason) });
+                        Msg::PromoteAnswer {
+                    id,
+                    ok,
+                    busy,
+                    reason,
+                } => {
+                            res.peer_answered_promotion(id, if ok {
+                        Ok(())
+                    } else {
+                        Err((printable(&reason), busy))
+                    });
                             continue;
                         }
                         Msg::Protocol { protocol } => {
