@@ -337,8 +337,11 @@ where
                         );
                         wr.write_all(&out).await?;
                         wr.flush().await?;
+                        // The connection stays in option haggling (the spec lets only the
+                        // client end it there): clients abort, and one that lingers is
+                        // closed by the handshake's time bound.
                         if opt == nbd::OPT_GO {
-                            return Err(ConnError::Refused(why));
+                            tracing::info!("nbd {peer}: refused: {why}");
                         }
                         continue;
                     }
