@@ -172,6 +172,10 @@ pub struct Resource {
     /// `peer::SplitBrainKind`): reconnects that find the same one again only back off, and
     /// the link shows `split-brain` until a connection gets past it.
     pub split_brain_reported: std::sync::atomic::AtomicU8,
+    /// A split brain an after-sb-0pri policy resolved ran the split-brain handler: a retry
+    /// that resolves it again (its resync refused, say) does not run it again, until a
+    /// connect finds no split brain.
+    pub sb_policy_reported: std::sync::atomic::AtomicBool,
     /// The last connect's generations line as logged at info: a reconnect that finds the same
     /// logs it at debug (a refused pair retries every few seconds).
     pub last_generations_line: Mutex<String>,
@@ -534,6 +538,7 @@ impl Resource {
             handshakes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             peer_heard_count: Arc::default(),
             split_brain_reported: std::sync::atomic::AtomicU8::new(0),
+            sb_policy_reported: Default::default(),
             last_generations_line: Mutex::new(String::new()),
             stream_hold: std::sync::atomic::AtomicBool::new(false),
             resync: Mutex::new(None),

@@ -1192,7 +1192,12 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
                     "split brain resolved by after-sb-0pri {:?}: this node discards its changes{by_disk}",
                     after_sb_0pri
                 );
-                res.run_handler("split-brain");
+                if !res
+                    .sb_policy_reported
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    res.run_handler("split-brain");
+                }
                 decision = SyncDecision::TargetBitmap;
             }
             Some(false) => {
@@ -1200,7 +1205,12 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
                     "split brain resolved by after-sb-0pri {:?}: the peer discards its changes{by_disk}",
                     after_sb_0pri
                 );
-                res.run_handler("split-brain");
+                if !res
+                    .sb_policy_reported
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    res.run_handler("split-brain");
+                }
                 decision = SyncDecision::SourceBitmap;
             }
             None => {}
@@ -1253,9 +1263,14 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             );
             return Err(refuse(&mut wr, why).await);
         }
-        _ => res
-            .split_brain_reported
-            .store(0, std::sync::atomic::Ordering::SeqCst),
+        _ => {
+            res.split_brain_reported
+                .store(0, std::sync::atomic::Ordering::SeqCst);
+            if by_generations != SyncDecision::SplitBrain {
+                res.sb_policy_reported
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
     }
     // Never a resync from an inconsistent disk (DRBD: "I shall become SyncSource, but I am
     // inconsistent!"): a resync into it did not finish, or it lost writes, so it lacks
