@@ -308,6 +308,24 @@ pub struct Inner {
     pub pins: u64,
 }
 
+/// Writes pages of the bitmap's on-disk image (see [`Bitmap::take_changed`]) into its area
+/// of `len` bytes at `area`; nothing past the area.
+fn write_bitmap_pages(
+    file: &File,
+    pages: &[(u64, Vec<u8>)],
+    area: u64,
+    len: usize,
+) -> std::io::Result<()> {
+    for (off, bytes) in pages {
+        let Some(room) = len.checked_sub(*off as usize) else {
+            continue;
+        };
+        let n = bytes.len().min(room);
+        file.write_all_at(&bytes[..n], area + off)?;
+    }
+    Ok(())
+}
+
 impl Inner {
     /// The peer needs the journal's records from `seq` on again (see [`Ring::keep_from`]):
     /// kept, and written to disk again at the next persist. Released records may never have
@@ -862,8 +880,8 @@ impl Replication {
                         // While the peer is away (or the journal is lost), the bitmap records
                         // what it lacks; the journal, when it still holds the record, is the
                         // faster way back.
-                        if !connected || g.overflowed {
-                            g.bitmap.set_range(r.0, r.1 - r.0);
+                        // (A bit already set changes nothing on disk: no bitmap write for it.)
+                        if (!connected || g.overflowed) && g.bitmap.set_range(r.0, r.1 - r.0) {
                             g.bitmap_dirty = true;
                         }
                     }
@@ -1109,11 +1127,13 @@ impl Replication {
         } else {
             None
         };
+        // Only the pages changed since the last write (none when nothing changed): the pages
+        // written before are on disk, each write ordered by the disk lock.
         let bitmap = evicted.then(|| {
             let mut g = self.lock();
-            g.bitmap_dirty = false;
-            g.bitmap.to_bytes()
+            std::mem::replace(&mut g.bitmap_dirty, false).then(|| g.bitmap.take_changed())
         });
+        let bitmap = bitmap.flatten();
         let file = self.areas.file.clone();
         let data = evicted.then(|| self.areas.data.clone()).flatten();
         let off = self.areas.layout.al_offset + slot_off;
@@ -1127,8 +1147,8 @@ impl Replication {
             if let Some(d) = &data {
                 d.sync_data()?;
             }
-            if let Some(b) = &bitmap {
-                file.write_all_at(&b[..b.len().min(bm_len)], bm_off)?;
+            if let Some(pages) = &bitmap {
+                write_bitmap_pages(&file, pages, bm_off, bm_len)?;
                 // Synced on its own: a disk with a volatile cache may otherwise keep the new
                 // log and lose the bitmap, and the dropped extent would be in neither.
                 file.sync_data()?;
@@ -1157,7 +1177,9 @@ impl Replication {
         };
         tracing::error!("activity log write failed: {e}; the write that needed it fails");
         if evicted {
-            self.lock().bitmap_dirty = true;
+            let mut g = self.lock();
+            g.bitmap.rewrite_all();
+            g.bitmap_dirty = true;
         }
         Err(e)
     }
@@ -1618,7 +1640,7 @@ impl Replication {
             }
             let bitmap = if g.bitmap_dirty {
                 g.bitmap_dirty = false;
-                Some(g.bitmap.to_bytes())
+                Some(g.bitmap.take_changed()).filter(|p| !p.is_empty())
             } else {
                 None
             };
@@ -1661,9 +1683,13 @@ impl Replication {
             if !rewound {
                 write_records()?;
             }
-            if let Some(b) = &bitmap {
-                let n = b.len().min(l.bitmap_len as usize);
-                self.areas.file.write_all_at(&b[..n], l.bitmap_offset)?;
+            if let Some(pages) = &bitmap {
+                write_bitmap_pages(
+                    &self.areas.file,
+                    pages,
+                    l.bitmap_offset,
+                    l.bitmap_len as usize,
+                )?;
             }
             Ok::<(), std::io::Error>(())
         };
@@ -1711,9 +1737,11 @@ impl Replication {
             })()
         };
         if let Err(e) = written {
-            // Not on disk: the next persist writes the bitmap again.
+            // Not on disk: the next persist writes the bitmap again, whole.
             if bitmap.is_some() {
-                self.lock().bitmap_dirty = true;
+                let mut g = self.lock();
+                g.bitmap.rewrite_all();
+                g.bitmap_dirty = true;
             }
             return Err(e);
         }
