@@ -376,6 +376,17 @@ impl Config {
                     )
                 })?,
         };
+        // A resync chunk is at least one bitmap block and one journal record, which must fit
+        // well inside the journal: with a larger block every resync chunk would be refused.
+        if bitmap_granularity > journal_size / 8 {
+            return Err(key_err(
+                "resource.bitmap-granularity",
+                format!(
+                    "{bitmap_granularity} bytes per bit needs a journal of at least 8 times that ({} bytes; journal-size is {journal_size}): a resync moves whole bitmap blocks through the journal",
+                    bitmap_granularity * 8
+                ),
+            ));
+        }
 
         let resync_rate = match r.resync_rate.as_deref() {
             None => 100 << 20,
@@ -1270,6 +1281,25 @@ control = "/tmp/b.sock"
         let e = Config::load(&f, Some("alpha")).unwrap_err().to_string();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(e.contains("more than"), "{e}");
+    }
+
+    #[test]
+    fn a_bitmap_block_too_large_for_the_journal_is_refused() {
+        let text = GOOD.replace(
+            "[resource]\n",
+            "[resource]\njournal-size = \"2M\"\nbitmap-granularity = \"512K\"\n",
+        );
+        assert_ne!(text, GOOD);
+        let e = parse(&text, "alpha").unwrap_err().to_string();
+        assert!(
+            e.contains("bitmap-granularity") && e.contains("4194304"),
+            "{e}"
+        );
+        let ok = GOOD.replace(
+            "[resource]\n",
+            "[resource]\njournal-size = \"4M\"\nbitmap-granularity = \"512K\"\n",
+        );
+        parse(&ok, "alpha").expect("a journal of 8 blocks");
     }
 
     #[test]

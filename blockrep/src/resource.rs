@@ -34,6 +34,10 @@ pub struct ResyncProgress {
     /// When `done` reached `total`: the rate stops there, not falling while the end's
     /// SyncDone round trip goes on.
     finished: Option<std::time::Instant>,
+    /// Time spent paused (`pause-sync`), and since when it is paused now: not counted in
+    /// the rate, or a resync paused for a night would show a crawl and an ETA of days.
+    paused_for: std::time::Duration,
+    paused_since: Option<std::time::Instant>,
 }
 
 impl ResyncProgress {
@@ -43,6 +47,20 @@ impl ResyncProgress {
             done: 0,
             started: std::time::Instant::now(),
             finished: None,
+            paused_for: std::time::Duration::ZERO,
+            paused_since: None,
+        }
+    }
+
+    /// The resync is paused (or goes on again) from now.
+    pub fn set_paused(&mut self, paused: bool) {
+        match (paused, self.paused_since) {
+            (true, None) => self.paused_since = Some(std::time::Instant::now()),
+            (false, Some(t)) => {
+                self.paused_for += t.elapsed();
+                self.paused_since = None;
+            }
+            _ => {}
         }
     }
 
@@ -58,7 +76,15 @@ impl ResyncProgress {
     /// Bytes per second since the start (until the end).
     pub fn rate(&self) -> u64 {
         let end = self.finished.unwrap_or_else(std::time::Instant::now);
-        let secs = end.duration_since(self.started).as_secs_f64().max(0.001);
+        let paused = self.paused_for
+            + self.paused_since.map_or(std::time::Duration::ZERO, |t| {
+                end.saturating_duration_since(t)
+            });
+        let secs = end
+            .saturating_duration_since(self.started)
+            .saturating_sub(paused)
+            .as_secs_f64()
+            .max(0.001);
         (self.done as f64 / secs) as u64
     }
 }
@@ -4308,5 +4334,24 @@ mod tests {
         // A total that grew with what was sent is never shown below it.
         p.advance(1, 9 << 20);
         assert_eq!((p.total, p.done), (9 << 20, 9 << 20));
+    }
+
+    /// Time paused does not count in the rate (nor so in the ETA `status` derives from it).
+    #[test]
+    fn a_resync_rate_leaves_out_the_time_paused() {
+        let mut p = ResyncProgress::start(64 << 20);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        p.advance(64 << 20, 1 << 20);
+        p.set_paused(true);
+        let before = p.rate();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            p.rate() >= before / 2,
+            "paused: {} B/s, was {before} B/s",
+            p.rate()
+        );
+        p.set_paused(false);
+        p.set_paused(false);
+        assert!(p.rate() >= before / 2, "resumed: {} B/s", p.rate());
     }
 }

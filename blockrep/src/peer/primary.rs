@@ -679,6 +679,9 @@ struct Pace {
     base: u64,
 }
 
+/// How far a resync may run ahead of its rate after a stretch below it (see `Pace::wait`).
+const PACE_CREDIT: Duration = Duration::from_secs(1);
+
 impl Pace {
     fn new(rate: u64) -> Self {
         Pace {
@@ -721,6 +724,16 @@ impl Pace {
             let due =
                 Duration::from_secs_f64(bytes.saturating_sub(self.base) as f64 / self.rate as f64);
             let el = self.since.elapsed();
+            // At most a second of credit: time spent on regions that moved no data (zeros,
+            // equal checksums) or held to the rate floor is not made up for with a burst
+            // above the rate.
+            if el > due + PACE_CREDIT {
+                self.since = std::time::Instant::now()
+                    .checked_sub(PACE_CREDIT)
+                    .unwrap_or_else(std::time::Instant::now);
+                self.base = bytes;
+                return;
+            }
             if due <= el {
                 return;
             }
@@ -743,6 +756,14 @@ async fn wait_while_paused(
         return Ok(());
     }
     tracing::info!("resync paused (pause-sync): it goes on at resume-sync");
+    let set_paused = |paused: bool| {
+        if let Ok(mut p) = res.resync.lock() {
+            if let Some(p) = p.as_mut() {
+                p.set_paused(paused);
+            }
+        }
+    };
+    set_paused(true);
     rep.resync_floor
         .store(0, std::sync::atomic::Ordering::SeqCst);
     loop {
@@ -758,6 +779,7 @@ async fn wait_while_paused(
         res.cfg().resync_rate_min,
         std::sync::atomic::Ordering::SeqCst,
     );
+    set_paused(false);
     pace.restart(data_bytes);
     tracing::info!("resync resumed (resume-sync)");
     Ok(())
@@ -1125,5 +1147,32 @@ impl HashReplies {
             }
             n.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::*;
+
+    /// A stretch that moved nothing (zero or equal regions) banks at most a second of credit:
+    /// the data after it still goes at the rate, not in a burst.
+    #[tokio::test]
+    async fn a_slow_stretch_banks_at_most_a_second_of_credit() {
+        let rate = 1 << 20;
+        let mut pace = Pace {
+            rate,
+            since: std::time::Instant::now() - Duration::from_secs(10),
+            base: 0,
+        };
+        // Ten seconds with nothing moved.
+        pace.wait(0, || rate).await;
+        // A second and a half's worth next: one is credit, half a second is waited.
+        let t = std::time::Instant::now();
+        pace.wait(rate + rate / 2, || rate).await;
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(350),
+            "the burst went out after {waited:?}: ten seconds of credit were spent"
+        );
     }
 }

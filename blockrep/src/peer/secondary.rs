@@ -815,6 +815,9 @@ pub(super) async fn secondary_side(
                                         crate::resource::ResyncProgress::start(total)
                                     })
                                     .advance(total, done.min(total));
+                                    if let Some(p) = p.as_mut() {
+                                        p.set_paused(paused);
+                                    }
                                 }
                             }
                             continue;
