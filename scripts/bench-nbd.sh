@@ -105,7 +105,7 @@ if want qemu-nbd && ! have qemu-nbd; then missing+=(qemu-utils); fi
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && have apt-get; then
         log "missing: ${missing[*]}; running: apt-get install -y fio nbdkit qemu-utils"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y fio nbdkit qemu-utils >&2 ||
+        { DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y fio nbdkit qemu-utils >&2; } ||
             log "apt-get install failed"
     else
         log "missing: ${missing[*]} (not root: install fio nbdkit qemu-utils yourself)"

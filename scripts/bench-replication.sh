@@ -189,7 +189,7 @@ have fio || missing+=(fio)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && have apt-get; then
         log "missing: ${missing[*]}; running: apt-get install -y fio"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y fio >&2 || log "apt-get install failed"
+        { DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y fio >&2; } || log "apt-get install failed"
     else
         log "missing: ${missing[*]} (not root: install fio yourself)"
     fi

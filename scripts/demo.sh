@@ -22,19 +22,41 @@ PATH="$ROOT/target/release:$PATH"
 DIR=$(mktemp -d /tmp/blockrep-demo.XXXXXX)
 FUSE_PID=""
 LOOP=""
+# A loop device just detached may hold its file for a moment: unmounting nbdfuse is retried.
+unmount_fuse() {
+  for _ in $(seq 100); do
+    mountpoint -q "$DIR/fuse" || return 0
+    fusermount3 -u "$DIR/fuse" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
 cleanup() {
   set +e
   mountpoint -q "$DIR/mnt" && umount "$DIR/mnt"
   [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
   if [ -n "$FUSE_PID" ]; then
-    fusermount3 -u "$DIR/fuse" 2>/dev/null
+    unmount_fuse
     kill "$FUSE_PID" 2>/dev/null
     wait "$FUSE_PID" 2>/dev/null
   fi
-  for n in alpha beta; do blockrep-ctl -c "$DIR/r0.toml" -n "$n" down --force >/dev/null 2>&1; done
-  rm -rf "$DIR"
+  for n in alpha beta; do
+    pid=$(blockrep-ctl -c "$DIR/r0.toml" -n "$n" status --json 2>/dev/null |
+      python3 -c 'import json,sys; print(json.load(sys.stdin).get("pid") or "")' 2>/dev/null)
+    timeout 60 blockrep-ctl -c "$DIR/r0.toml" -n "$n" down --force >/dev/null 2>&1
+    # One that did not go down (hung) is stopped by its pid.
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
+  done
+  # Never through a mount that is still there.
+  if mountpoint -q "$DIR/mnt" || mountpoint -q "$DIR/fuse"; then
+    echo "demo: $DIR is left behind: a mount under it could not be removed" >&2
+  else
+    rm -rf "$DIR"
+  fi
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 RA=$(free_port); RB=$(free_port); EA=$(free_port); EB=$(free_port)
@@ -83,7 +105,7 @@ mount_export() { # $1 = export port
 unmount_export() {
   umount "$DIR/mnt"
   losetup -d "$LOOP"; LOOP=""
-  fusermount3 -u "$DIR/fuse"; wait "$FUSE_PID" 2>/dev/null || true; FUSE_PID=""
+  unmount_fuse; wait "$FUSE_PID" 2>/dev/null || true; FUSE_PID=""
 }
 
 say "a filesystem on alpha's export, some files"
@@ -118,7 +140,9 @@ run blockrep-ctl "${CFG[@]}" -n alpha secondary
 run blockrep-ctl "${CFG[@]}" -n beta primary
 mount_export "$EB"
 run mount "$LOOP" "$DIR/mnt"
-(cd "$DIR/mnt" && sha256sum --quiet -c "$DIR/files.sha256") && echo "all $(wc -l < "$DIR/files.sha256") files intact on beta"
+# On its own line: a failed check ends the demo (set -e does not look inside an && list).
+(cd "$DIR/mnt" && sha256sum --quiet -c "$DIR/files.sha256")
+echo "all $(wc -l < "$DIR/files.sha256") files intact on beta"
 unmount_export
 run blockrep-ctl "${CFG[@]}" -n beta status
 

@@ -102,9 +102,9 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
                 .to_string(),
             ),
         ];
-        if let Some(fence) = &r.fence {
-            f.push(("fence", fence.clone()));
-        }
+        // Always there, `none` when cleared (a reconnect clears it): a field that only
+        // disappeared would never show as changed.
+        f.push(("fence", r.fence.clone().unwrap_or_else(|| "none".into())));
 
         if let Some(v) = &r.verify {
             f.push(("verify", v.state.clone()));
@@ -196,7 +196,7 @@ mod tests {
                 "exists resource name:r0 node:alpha up:yes role:primary suspended:no",
                 "exists device name:r0 disk:up-to-date disk-failed:no stalled:no clients:0",
                 "exists connection name:r0 conn-name:beta connection:connected role:secondary left-cleanly:no",
-                "exists peer-device name:r0 conn-name:beta peer-disk:up-to-date out-of-sync:no resync-suspended:no",
+                "exists peer-device name:r0 conn-name:beta peer-disk:up-to-date out-of-sync:no resync-suspended:no fence:none",
                 "exists -",
             ]
         );

@@ -174,7 +174,15 @@ fn main() {
     // Behave like a Unix filter: `blockrep-ctl status | head` ends quietly on a closed pipe.
     // SAFETY: resetting a signal disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            // Not clap's 2, which is `verify`'s "the replicas differ": a usage error is a
+            // failure to run, 1, like any other.
+            std::process::exit(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     if let Err(e) = run(args) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -247,14 +255,20 @@ struct Control {
 }
 
 impl Control {
-    fn connect(cfg: &Config) -> Option<Control> {
+    /// `Ok(None)` when no daemon listens; an error when one may (permissions, say): "not
+    /// running" is never said of a daemon that is.
+    fn connect(cfg: &Config) -> Result<Option<Control>> {
         Self::connect_within(cfg, COMMAND_TIMEOUT)
     }
 
     /// [`Self::connect`] with its own bound on the answer.
-    fn connect_within(cfg: &Config, timeout: Duration) -> Option<Control> {
-        let s = UnixStream::connect(&cfg.me.control).ok()?;
-        Self::over(s, timeout).ok()
+    fn connect_within(cfg: &Config, timeout: Duration) -> Result<Option<Control>> {
+        let Some(s) = connect_control(cfg)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            Self::over(s, timeout).context("setting up the control connection")?,
+        ))
     }
 
     /// A control connection over a socket already connected.
@@ -398,7 +412,7 @@ fn not_running(cfg: &Config) -> String {
 }
 
 fn simple(cfg: &Config, req: Request) -> Result<()> {
-    let mut c = Control::connect(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+    let mut c = Control::connect(cfg)?.ok_or_else(|| anyhow!(not_running(cfg)))?;
     println!("{}", expect_ok(c.call(&req)?)?);
     Ok(())
 }
@@ -756,7 +770,7 @@ fn outdate(cfg: &Config) -> Result<()> {
         "cannot tell whether the daemon uses this device; the metadata is written only when it is known to be down",
     )?;
     if st.is_some_and(|s| s.up) {
-        let mut c = Control::connect_within(cfg, OUTDATE_TIMEOUT)
+        let mut c = Control::connect_within(cfg, OUTDATE_TIMEOUT)?
             .ok_or_else(|| anyhow!(not_running(cfg)))?;
         println!("{}", expect_ok(c.call(&Request::Outdate)?)?);
         return Ok(());
@@ -911,8 +925,23 @@ fn up(cfg: &Config) -> Result<()> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Bringing a resource up reads its whole journal (up to 16 GiB), and after a crash as
+    // primary writes it back: that may take minutes on a slow disk. The daemon is never
+    // killed for being slow (a kill would restart the same recovery): after a while the
+    // admin is told it is still at it, and at the end of the wait it is left running.
+    let started = Instant::now();
+    let mut told = false;
+    let deadline = started + Duration::from_secs(UP_WAIT_S);
     loop {
+        if !told && started.elapsed() > Duration::from_secs(30) {
+            told = true;
+            eprintln!(
+                "the daemon (pid {}) is still bringing {} up (a large journal, or recovery after a crash); waiting up to {UP_WAIT_S} s. Its log: {}",
+                child.id(),
+                cfg.resource,
+                cfg.me.log_file.display()
+            );
+        }
         if let Some(st) = daemon_status(cfg) {
             if st.up {
                 println!(
@@ -938,22 +967,27 @@ fn up(cfg: &Config) -> Result<()> {
             );
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             bail!(
-                "the daemon did not come up within 30 s; see {}",
-                cfg.me.log_file.display()
+                "the daemon (pid {}) has not brought {} up within {UP_WAIT_S} s and is left running (it may still be recovering): see {}; `blockrep-ctl status` says when it is up, `kill {}` stops it",
+                child.id(),
+                cfg.resource,
+                cfg.me.log_file.display(),
+                child.id()
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(if told { 200 } else { 20 }));
     }
 }
+
+/// How long `up` waits for a daemon it started to bring the resource up.
+const UP_WAIT_S: u64 = 600;
 
 fn pid_alive(pid: u32) -> bool {
     pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
 fn down(cfg: &Config, force: bool) -> Result<()> {
-    let Some(mut c) = Control::connect(cfg) else {
+    let Some(mut c) = Control::connect(cfg)? else {
         println!("{}", not_running(cfg));
         return Ok(());
     };
@@ -1220,8 +1254,10 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
     Ok(true)
 }
 
-/// Whether the pair is in sync as this node sees it, with a one-line progress text.
-fn in_sync(s: &Status) -> (bool, String) {
+/// Whether the pair is in sync as this node sees it, with a one-line progress text. On a
+/// primary, `target` is the last write issued when the wait began: the peer has to have
+/// applied it, not every write since (a busy primary always has some in flight).
+fn in_sync(s: &Status, target: u64) -> (bool, String) {
     let Some(r) = &s.replication else {
         return (true, format!("{}: no peer configured", s.resource));
     };
@@ -1246,7 +1282,7 @@ fn in_sync(s: &Status) -> (bool, String) {
     );
     let done = r.connection == "connected"
         && if s.role == "primary" {
-            r.lag_writes == 0 && r.out_of_sync == 0 && r.seq_applied >= r.seq_written
+            r.out_of_sync == 0 && r.seq_applied >= target
         } else {
             // Its own marks too: regions a verify found different (the primary marks both
             // sides) are out of sync until a resync.
@@ -1258,17 +1294,20 @@ fn in_sync(s: &Status) -> (bool, String) {
 fn wait_sync(cfg: &Config, timeout: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut target = None;
     loop {
         let Some(st) = poll_status(cfg)? else {
             if Instant::now() > deadline {
                 bail!("not in sync after {timeout} s: the daemon did not answer");
             }
+            std::thread::sleep(Duration::from_millis(100));
             continue;
         };
         if !st.up {
             bail!("resource {} is not up on {}", cfg.resource, cfg.me.name);
         }
-        let (done, text) = in_sync(&st);
+        let written = st.replication.as_ref().map_or(0, |r| r.seq_written);
+        let (done, text) = in_sync(&st, *target.get_or_insert(written));
         if done {
             if tty {
                 eprintln!();
@@ -1299,7 +1338,7 @@ fn verify_of(s: &Status) -> Option<&proto::control::VerifyStatus> {
 fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
     let before = daemon_status(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
     let r0 = verify_of(&before).map_or(0, |v| v.run);
-    let mut c = Control::connect(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
+    let mut c = Control::connect(cfg)?.ok_or_else(|| anyhow!(not_running(cfg)))?;
     let msg = expect_ok(c.call(&Request::Verify)?)?;
     if no_wait {
         println!("{msg}");
@@ -1315,6 +1354,7 @@ fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
             if Instant::now() > deadline {
                 bail!("verify not done after {timeout} s (it goes on; see status)");
             }
+            std::thread::sleep(Duration::from_millis(100));
             continue;
         };
         if let Some(v) = verify_of(&st).filter(|v| v.run > r0) {

@@ -67,7 +67,7 @@ fn events_follow_a_pair_through_a_disconnect_a_role_change_and_a_restart() {
         format!(
             "exists connection name:{r} conn-name:beta connection:connected role:secondary left-cleanly:no"
         ),
-        format!("exists peer-device name:{r} conn-name:beta peer-disk:up-to-date out-of-sync:no resync-suspended:no"),
+        format!("exists peer-device name:{r} conn-name:beta peer-disk:up-to-date out-of-sync:no resync-suspended:no fence:none"),
         "exists -".to_string(),
     ];
     assert_eq!(now.lines().collect::<Vec<_>>(), want, "{now}");

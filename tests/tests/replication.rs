@@ -454,6 +454,47 @@ fn wait_acked(w: &mut StampWriter, n: usize, timeout: Duration) {
 /// Under C an acknowledged write is on the peer's disk; under B it is in the peer's memory,
 /// which survives the primary's death as long as the secondary process lives (it applies what
 /// it received before it lets the link go). Either way, killing the primary loses none.
+/// `wait-sync` on a primary whose clients keep writing ends once the peer has applied what was
+/// written when the wait began: a busy primary always has writes in flight, and a wait for
+/// none in flight timed out although the pair was connected and healthy.
+#[test]
+fn wait_sync_on_a_busy_primary_ends() {
+    if !have_tool("fio") {
+        println!("SKIP: fio is not installed");
+        return;
+    }
+    let c = pair("repl-wait-sync-busy", "C");
+    let a = c.alpha();
+    // A writer that keeps 32 writes in flight all along.
+    let mut fio = ChildGuard::spawn(
+        Command::new("fio")
+            .arg("--name=steady")
+            .arg("--ioengine=nbd")
+            .arg(format!("--uri={}", a.uri()))
+            .arg("--rw=randwrite")
+            .arg("--bs=4k")
+            .arg("--iodepth=32")
+            .arg("--time_based")
+            .arg("--runtime=60")
+            .arg(format!("--size={}", a.size() / 2)),
+        Some(&c.dir().path().join("fio.log")),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(fio.running(), "fio exited early:\n{}", fio.log());
+    let out = a.ctl_timeout(&["wait-sync", "--timeout", "20"], Duration::from_secs(40));
+    assert!(
+        fio.running(),
+        "fio stopped before wait-sync ended:\n{}",
+        fio.log()
+    );
+    drop(fio);
+    assert!(
+        out.success() && out.stdout.contains("in sync"),
+        "wait-sync under constant writes: {}",
+        out.describe()
+    );
+}
+
 fn kill_primary_loses_no_acknowledged_write(test: &str, protocol: &str) {
     let Some(py) = python_with_nbd() else {
         println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
