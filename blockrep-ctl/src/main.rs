@@ -274,6 +274,7 @@ impl Control {
     /// A control connection over a socket already connected.
     fn over(s: UnixStream, timeout: Duration) -> std::io::Result<Control> {
         s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
         Ok(Control {
             stream: BufReader::new(s),
             timeout,
@@ -288,7 +289,13 @@ impl Control {
             return Err(anyhow::Error::new(e).context("sending to the daemon"));
         }
         let mut line = String::new();
-        if let Err(e) = self.stream.read_line(&mut line) {
+        // Bounded: whatever answers at this path (a wrong `control` setting) cannot make
+        // this grow without end. A status is a few KiB.
+        let read = std::io::Read::take(&mut self.stream, MAX_REPLY).read_line(&mut line);
+        if read.is_ok() && !line.is_empty() && !line.ends_with('\n') {
+            bail!("the reply on the control socket is longer than {MAX_REPLY} bytes or unterminated: is a blockrep daemon listening there?");
+        }
+        if let Err(e) = read {
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
@@ -359,22 +366,35 @@ fn query_status(cfg: &Config) -> Result<Option<Status>> {
 
 /// The node's control socket: `Ok(None)` when no daemon listens (no socket, or nobody
 /// accepts on it); an error for anything else (permissions, say), never "not running".
+///
+/// The connect does not block: a daemon hung long enough for its backlog of connections to
+/// fill would otherwise hold this call for ever (a cron `status` must end).
 fn connect_control(cfg: &Config) -> Result<Option<UnixStream>> {
-    match UnixStream::connect(&cfg.me.control) {
-        Ok(s) => Ok(Some(s)),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(anyhow!(
-            "connecting to the control socket {}: {e}",
-            cfg.me.control.display()
-        )),
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let path = &cfg.me.control;
+    let failed = |e: Errno| anyhow!("connecting to the control socket {}: {e}", path.display());
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(failed)?;
+    let addr = UnixAddr::new(path.as_path()).map_err(failed)?;
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+        Ok(()) => {}
+        Err(Errno::ENOENT | Errno::ECONNREFUSED) => return Ok(None),
+        Err(Errno::EAGAIN) => bail!(
+            "the daemon's control socket {} takes no more connections (the daemon is hung, or stalled on its disk)",
+            path.display()
+        ),
+        Err(e) => return Err(failed(e)),
     }
+    let s = UnixStream::from(fd);
+    s.set_nonblocking(false)
+        .context("setting up the control connection")?;
+    Ok(Some(s))
 }
 
 /// [`query_status`] with its own bound.
@@ -737,6 +757,22 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
         l.al_len,
         l.journal_len
     );
+    // `up` refuses a bitmap larger than one peer link frame: said here, where it is made,
+    // with the granularity that fits (each doubling halves the bitmap).
+    let frame = u64::from(proto::peer::MAX_PAYLOAD_LEN);
+    if cfg.peer.is_some() && l.bitmap_len > frame {
+        let mut fits = l.granularity;
+        while l.bitmap_len * l.granularity / fits > frame {
+            fits *= 2;
+        }
+        bail!(
+            "this device's dirty bitmap is {} MiB at bitmap-granularity {} bytes, more than the {} MiB a peer link frame carries, and `up` would refuse it: set bitmap-granularity to {} or more and run create-md --force",
+            l.bitmap_len >> 20,
+            l.granularity,
+            frame >> 20,
+            fits
+        );
+    }
     if let Some(f) = found {
         if external(cfg).is_some() || !f.cut_by(l.data_size) {
             println!(
@@ -978,6 +1014,9 @@ fn up(cfg: &Config) -> Result<()> {
         std::thread::sleep(Duration::from_millis(if told { 200 } else { 20 }));
     }
 }
+
+/// The longest control reply read.
+const MAX_REPLY: u64 = 1 << 20;
 
 /// How long `up` waits for a daemon it started to bring the resource up.
 const UP_WAIT_S: u64 = 600;

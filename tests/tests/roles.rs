@@ -340,6 +340,36 @@ fn status_of_a_stopped_daemon_gives_up_within_its_bound() {
                 .is_some_and(|e| e.contains("did not answer")),
         "{v}"
     );
+    // Every status that gave up left its connection queued: once the hung daemon's backlog
+    // is full a blocking connect would wait for ever. Filled here, without blocking.
+    let mut held = Vec::new();
+    let path = a.control_path().to_path_buf();
+    loop {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = UnixAddr::new(path.as_path()).expect("address");
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+            Ok(()) => held.push(fd),
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(e) => panic!("connect {}: {e}", path.display()),
+        }
+        assert!(held.len() < 100_000, "the backlog never filled");
+    }
+    let t0 = std::time::Instant::now();
+    let out = a.ctl_timeout(&["status"], Duration::from_secs(60));
+    assert_eq!(out.code, Some(4), "backlog full: {}", out.describe());
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "status with the backlog full took {:?}",
+        t0.elapsed()
+    );
+    drop(held);
     drop(_cont);
     assert_eq!(a.status_json()["role"], "primary");
 }
