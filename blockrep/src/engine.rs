@@ -708,25 +708,33 @@ pub(crate) mod tests {
         }
     }
 
-    /// The slow zeroing (a filesystem without ZERO_RANGE) writes from an aligned buffer, so
-    /// that a direct-I/O descriptor takes it: before, every such write failed with EINVAL.
-    #[test]
-    fn zeros_written_by_hand_go_through_a_direct_io_descriptor() {
+    /// A file of `len` bytes of 7s at `p`, opened with O_DIRECT; `None` (said, and the file
+    /// removed) where the filesystem refuses O_DIRECT.
+    fn direct_file(p: &std::path::Path, len: usize) -> Option<File> {
         use std::os::unix::fs::OpenOptionsExt;
-        let p = std::env::temp_dir().join(format!("brengine-zeros-{}", std::process::id()));
-        std::fs::write(&p, vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(p, vec![7u8; len]).unwrap();
         let opened = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_DIRECT)
-            .open(&p);
-        let f = match opened {
-            Ok(f) => f,
+            .open(p);
+        match opened {
+            Ok(f) => Some(f),
             Err(e) => {
                 eprintln!("SKIP: O_DIRECT refused on {}: {e}", p.display());
-                let _ = std::fs::remove_file(&p);
-                return;
+                let _ = std::fs::remove_file(p);
+                None
             }
+        }
+    }
+
+    /// The slow zeroing (a filesystem without ZERO_RANGE) writes from an aligned buffer, so
+    /// that a direct-I/O descriptor takes it: before, every such write failed with EINVAL.
+    #[test]
+    fn zeros_written_by_hand_go_through_a_direct_io_descriptor() {
+        let p = std::env::temp_dir().join(format!("brengine-zeros-{}", std::process::id()));
+        let Some(f) = direct_file(&p, 3 << 20) else {
+            return;
         };
         let r = write_zeros(f.as_raw_fd(), 4096, (2 << 20) + 8192);
         drop(f);
@@ -742,21 +750,9 @@ pub(crate) mod tests {
     /// flight, the reaper alone must complete them (an async-only eventfd never fired here).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_direct_reads_complete_without_other_io() {
-        use std::os::unix::fs::OpenOptionsExt;
         let p = std::env::temp_dir().join(format!("brengine-direct-{}", std::process::id()));
-        std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&p);
-        let f = match opened {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("SKIP: O_DIRECT refused on {}: {e}", p.display());
-                let _ = std::fs::remove_file(&p);
-                return;
-            }
+        let Some(f) = direct_file(&p, 1 << 20) else {
+            return;
         };
         let e = match UringEngine::new(Arc::new(f), 64) {
             Ok(e) => e,

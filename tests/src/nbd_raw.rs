@@ -420,6 +420,21 @@ impl RawNbd {
     /// Reads and discards until the server closes the connection (EOF or reset). Returns
     /// the bytes received before, or `Err` (with them) if the connection is still open after
     /// `timeout`.
+    /// After a refused NBD_OPT_GO: the server still haggles (the spec lets it hang up only
+    /// where it cannot answer), so the client ends it with NBD_OPT_ABORT, acknowledged
+    /// before the close. Panics otherwise.
+    pub fn abort_after_refusal(&mut self) {
+        assert!(
+            self.expect_closed(Duration::from_millis(500)).is_err(),
+            "the server hung up after refusing NBD_OPT_GO"
+        );
+        self.send_option(OPT_ABORT, &[]).expect("send ABORT");
+        let ack = self.read_option_reply().expect("ABORT's reply");
+        assert_eq!(ack.reply_type, REP_ACK, "{:?}", ack.text());
+        self.expect_closed(Duration::from_secs(5))
+            .expect("connection must be closed after the abort");
+    }
+
     pub fn expect_closed(&mut self, timeout: Duration) -> Result<Vec<u8>, Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();

@@ -993,6 +993,35 @@ fn a_secondarys_invalidate_reconnects_without_fencing_it() {
     });
 }
 
+/// Both nodes of a fenced pair secondary, then apart; a plain `primary` on beta runs the
+/// fence-peer handler, a slow stub that answers "fenced" (7) after 4 s, and `args` run on
+/// beta while it does. Returns the promotion's and `args`' outcomes.
+fn during_a_fenced_promotion(
+    c: &Cluster,
+    tmp: &TestDir,
+    log: &Path,
+    args: &[&str],
+) -> (CmdOutput, CmdOutput) {
+    let (a, b) = (c.alpha(), c.beta());
+    a.ctl_ok(&["secondary"]);
+    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    b.wait_not_connected(Duration::from_secs(10));
+    std::fs::write(tmp.path().join("fence.stub"), "4 7\n").expect("write fence.stub");
+    std::thread::scope(|s| {
+        let promotion = s.spawn(|| b.ctl(&["primary"]));
+        // The handler is running: the promotion is past its first checks.
+        let ran = wait_for(Duration::from_secs(20), || {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .contains("run beta")
+        });
+        assert!(ran, "the fence-peer handler did not start");
+        let during = b.ctl(args);
+        (promotion.join().expect("promotion thread"), during)
+    })
+}
+
 /// A `down` (a service stop) while a promotion of the same node waits for its fence-peer
 /// handler: the promotion is refused at its commit ("going down"), and the node goes down as
 /// the secondary it still is. Before, the `down` took the secondary's way down while the
@@ -1002,26 +1031,8 @@ fn a_secondarys_invalidate_reconnects_without_fencing_it() {
 fn a_down_during_a_fenced_promotion_refuses_the_promotion_and_goes_down_as_secondary() {
     let tmp = TestDir::new("fence-down-race");
     let (c, log) = fenced_pair("fence-down-race", &tmp);
-    let (a, b) = (c.alpha(), c.beta());
-    // Both secondary, then apart: a plain `primary` on beta runs the handler, a slow stub
-    // that answers "fenced" (7) after 4 s.
-    a.ctl_ok(&["secondary"]);
-    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
-    a.wait_not_connected(Duration::from_secs(10));
-    b.wait_not_connected(Duration::from_secs(10));
-    std::fs::write(tmp.path().join("fence.stub"), "4 7\n").expect("write fence.stub");
-    let (promoted, down) = std::thread::scope(|s| {
-        let promotion = s.spawn(|| b.ctl(&["primary"]));
-        // The handler is running: the promotion is past its first checks.
-        let ran = wait_for(Duration::from_secs(20), || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("run beta")
-        });
-        assert!(ran, "the fence-peer handler did not start");
-        let down = b.ctl(&["down"]);
-        (promotion.join().expect("promotion thread"), down)
-    });
+    let b = c.beta();
+    let (promoted, down) = during_a_fenced_promotion(&c, &tmp, &log, &["down"]);
     assert_eq!(down.code, Some(0), "down: {}", down.describe());
     assert_ne!(
         promoted.code,
@@ -1046,23 +1057,8 @@ fn a_down_during_a_fenced_promotion_refuses_the_promotion_and_goes_down_as_secon
 fn a_secondary_during_a_fenced_promotion_waits_for_it_and_demotes() {
     let tmp = TestDir::new("fence-demote-race");
     let (c, log) = fenced_pair("fence-demote-race", &tmp);
-    let (a, b) = (c.alpha(), c.beta());
-    a.ctl_ok(&["secondary"]);
-    assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
-    a.wait_not_connected(Duration::from_secs(10));
-    b.wait_not_connected(Duration::from_secs(10));
-    std::fs::write(tmp.path().join("fence.stub"), "4 7\n").expect("write fence.stub");
-    let (promoted, demoted) = std::thread::scope(|s| {
-        let promotion = s.spawn(|| b.ctl(&["primary"]));
-        let ran = wait_for(Duration::from_secs(20), || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("run beta")
-        });
-        assert!(ran, "the fence-peer handler did not start");
-        let demoted = b.ctl(&["secondary"]);
-        (promotion.join().expect("promotion thread"), demoted)
-    });
+    let b = c.beta();
+    let (promoted, demoted) = during_a_fenced_promotion(&c, &tmp, &log, &["secondary"]);
     assert_eq!(promoted.code, Some(0), "primary: {}", promoted.describe());
     assert_eq!(demoted.code, Some(0), "secondary: {}", demoted.describe());
     assert!(

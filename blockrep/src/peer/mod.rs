@@ -865,6 +865,17 @@ fn info_unless(quiet: bool, msg: std::fmt::Arguments) {
     }
 }
 
+/// The peer's answer to this node's `PromoteAsk` (`Msg::PromoteAnswer`), handed to the
+/// promotion waiting for it; its reason is the peer's text, made printable.
+fn promote_answered(res: &Resource, id: u64, ok: bool, busy: bool, reason: &str) {
+    let answer = if ok {
+        Ok(())
+    } else {
+        Err((printable(reason), busy))
+    };
+    res.peer_answered_promotion(id, answer);
+}
+
 /// A state the peer sends mid-connection (its disk failed, its role changed) is input like
 /// the handshake's: bounded the same way before anything (status, a promotion's checks)
 /// uses it.
@@ -1548,14 +1559,7 @@ async fn idle_side(
                     ok,
                     busy,
                     reason,
-                } => res.peer_answered_promotion(
-                    id,
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err((printable(&reason), busy))
-                    },
-                ),
+                } => promote_answered(res, id, ok, busy, &reason),
                 Msg::SkipSync { gen } => {
                     let r = res.skip_sync_for_peer(gen).await;
                     if let Err(why) = &r {

@@ -510,14 +510,7 @@ pub(super) async fn primary_side(
                     ok,
                     busy,
                     reason,
-                } => res.peer_answered_promotion(
-                    id,
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err((printable(&reason), busy))
-                    },
-                ),
+                } => promote_answered(res, id, ok, busy, &reason),
                 // The secondary reconnects at once (its `invalidate`): not a lost peer.
                 Msg::Reconnect => return Err(LinkError::Closed(PEER_RECONNECTS)),
                 other => {

@@ -756,11 +756,7 @@ pub(super) async fn secondary_side(
                     busy,
                     reason,
                 } => {
-                            res.peer_answered_promotion(id, if ok {
-                        Ok(())
-                    } else {
-                        Err((printable(&reason), busy))
-                    });
+                            promote_answered(res, id, ok, busy, &reason);
                             continue;
                         }
                         Msg::Protocol { protocol } => {
