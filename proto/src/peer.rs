@@ -599,8 +599,12 @@ pub fn frame_len(msg: &Msg, payload_len: usize) -> usize {
 /// The authentication input: the verifier's nonce, the prover's nonce, what the prover vouches
 /// for (its name, its side of the connection, its settings), the verifier's name and the
 /// resource. The verifier recomputes it from its own nonce, so a recorded answer is useless
-/// against a fresh challenge, a reflected one fails because the names differ, and a relayed
-/// one because the sides do.
+/// against a fresh challenge, a reflected one fails because the names differ, and one relayed
+/// between two nodes that both accept (or both dial) fails because the sides do. A host on
+/// the path can still relay a real connection end to end (take a node's own outgoing
+/// connection and dial the other node with its nonces): the two nodes then authenticate
+/// each other through it. With `encryption` it learns nothing and can only drop bytes; without
+/// it, it holds a plaintext session as any on-path attacker would (see the README).
 pub fn auth_input(
     verifier_nonce: &[u8; 32],
     prover_nonce: &[u8; 32],
