@@ -88,7 +88,16 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
         let mut f = vec![
             ("peer-disk", r.peer_disk.clone()),
             // Only whether: the byte count moves with every write.
-            ("out-of-sync", yes_no(r.out_of_sync > 0)),
+            // An inconsistent disk may lack more than its bitmap says (as `status` shows it).
+            (
+                "out-of-sync",
+                if r.out_of_sync == 0 && s.disk == "inconsistent" && r.connection != "sync-target"
+                {
+                    "unknown".to_string()
+                } else {
+                    yes_no(r.out_of_sync > 0)
+                },
+            ),
             // DRBD's names: `user` is a pause-sync here, `peer` one on the resync's source.
             (
                 "resync-suspended",
