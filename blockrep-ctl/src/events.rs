@@ -91,8 +91,7 @@ pub fn objects(resource: &str, node: &str, st: Option<&Status>) -> Vec<Object> {
             // An inconsistent disk may lack more than its bitmap says (as `status` shows it).
             (
                 "out-of-sync",
-                if r.out_of_sync == 0 && s.disk == "inconsistent" && r.connection != "sync-target"
-                {
+                if r.out_of_sync == 0 && s.disk == "inconsistent" && r.connection != "sync-target" {
                     "unknown".to_string()
                 } else {
                     yes_no(r.out_of_sync > 0)

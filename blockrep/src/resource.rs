@@ -2228,10 +2228,19 @@ impl Resource {
         let Some(tx) = tx else {
             return Err(lost());
         };
-        if !tx.send(proto::peer::Msg::PromoteAsk { id }).await {
-            return Err(lost());
-        }
         let deadline = tokio::time::Instant::now() + PROMOTE_ASK_TIMEOUT;
+        // Bounded too: a link whose writer is stuck holds the queue full until it times out.
+        match tokio::time::timeout_at(deadline, tx.send(proto::peer::Msg::PromoteAsk { id })).await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(lost()),
+            Err(_) => {
+                return Err(NodeError::Refused(format!(
+                    "the link to the peer took no message for {} s: run `primary` again",
+                    PROMOTE_ASK_TIMEOUT.as_secs()
+                )))
+            }
+        }
         tokio::pin!(answer);
         loop {
             tokio::select! {
