@@ -2658,6 +2658,43 @@ mod csum_tests {
         (rep, file)
     }
 
+    /// One finished 4 KiB write of 5s at block `block`: its sequence.
+    async fn write_block(rep: &Replication, block: u64) -> u64 {
+        let data = [5u8; 4096];
+        let seq = rep
+            .begin(Record::Write {
+                offset: block * 4096,
+                data: &data,
+                fua: false,
+                crc: None,
+            })
+            .await
+            .expect("write");
+        rep.done(seq);
+        rep.al_end(block * 4096, 4096, seq);
+        seq
+    }
+
+    /// The superblock and the journal's sequences as a restart reads them back from `dir`'s
+    /// disk (see [`fresh`]).
+    fn read_back_journal(
+        dir: &std::path::Path,
+        file: &File,
+    ) -> (crate::meta::Superblock, Vec<u64>) {
+        let m = MetaStore::open(&dir.join("disk"), None, "r", "a").expect("open");
+        let l = m.sb.layout;
+        let mut image = vec![0u8; l.journal_len as usize];
+        file.read_exact_at(&mut image, l.journal_offset)
+            .expect("read");
+        let ring = Ring::recover(
+            image,
+            m.sb.journal_pos,
+            m.sb.journal_seq,
+            m.sb.journal_prev_term,
+        );
+        (m.sb, ring.records().map(|r| r.seq).collect())
+    }
+
     /// The journal and checkpoint a persist leaves are what a restart reads back, whether
     /// the checkpoint went with the records in one sync (they land within one ring of the
     /// checkpoint on disk) or before them (the ring went round since that checkpoint).
@@ -2666,38 +2703,8 @@ mod csum_tests {
         let dir = std::env::temp_dir().join(format!("brrep-persist-{}", std::process::id()));
         let (rep, file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
-        let data = vec![5u8; 4096];
-        let write = |rep: Arc<Replication>, i: u64| {
-            let data = data.clone();
-            async move {
-                let seq = rep
-                    .begin(Record::Write {
-                        offset: (i % 64) * 4096,
-                        data: &data,
-                        fua: false,
-                        crc: None,
-                    })
-                    .await
-                    .expect("write");
-                rep.done(seq);
-                rep.al_end((i % 64) * 4096, 4096, seq);
-                seq
-            }
-        };
-        let read_back = |file: &File| {
-            let m = MetaStore::open(&dir.join("disk"), None, "r", "a").expect("open");
-            let l = m.sb.layout;
-            let mut image = vec![0u8; l.journal_len as usize];
-            file.read_exact_at(&mut image, l.journal_offset)
-                .expect("read");
-            let ring = Ring::recover(
-                image,
-                m.sb.journal_pos,
-                m.sb.journal_seq,
-                m.sb.journal_prev_term,
-            );
-            (m.sb, ring.records().map(|r| r.seq).collect::<Vec<_>>())
-        };
+        let write = |rep: Arc<Replication>, i: u64| async move { write_block(&rep, i % 64).await };
+        let read_back = |file: &File| read_back_journal(&dir, file);
         for i in 0..5 {
             write(rep.clone(), i).await;
         }
@@ -2739,25 +2746,7 @@ mod csum_tests {
         let dir = std::env::temp_dir().join(format!("brrep-rewind-{}", std::process::id()));
         let (rep, file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
-        let data = vec![9u8; 4096];
-        let write = |i: u64| {
-            let rep = rep.clone();
-            let data = data.clone();
-            async move {
-                let seq = rep
-                    .begin(Record::Write {
-                        offset: i * 4096,
-                        data: &data,
-                        fua: false,
-                        crc: None,
-                    })
-                    .await
-                    .expect("write");
-                rep.done(seq);
-                rep.al_end(i * 4096, 4096, seq);
-                seq
-            }
-        };
+        let write = |i: u64| write_block(&rep, i);
         for i in 0..5 {
             write(i).await;
         }
@@ -2770,20 +2759,10 @@ mod csum_tests {
         // The peer restarted with its committed mark at 2: it needs 3.. again.
         rep.lock().keep_journal_from(3);
         rep.persist().await.expect("persist");
-        let m = MetaStore::open(&dir.join("disk"), None, "r", "a").expect("open");
-        let l = m.sb.layout;
-        let mut image = vec![0u8; l.journal_len as usize];
-        file.read_exact_at(&mut image, l.journal_offset)
-            .expect("read");
-        let ring = Ring::recover(
-            image,
-            m.sb.journal_pos,
-            m.sb.journal_seq,
-            m.sb.journal_prev_term,
-        );
-        assert_eq!(m.sb.journal_seq, 3, "the checkpoint names the kept records");
+        let (sb, seqs) = read_back_journal(&dir, &file);
+        assert_eq!(sb.journal_seq, 3, "the checkpoint names the kept records");
         assert_eq!(
-            ring.records().map(|r| r.seq).collect::<Vec<_>>(),
+            seqs,
             (3..=7).collect::<Vec<_>>(),
             "every record from the checkpoint on is read back"
         );
