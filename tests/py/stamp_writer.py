@@ -13,7 +13,8 @@ Log (line-buffered, one write(2) per line, so a line is on disk as soon as it is
     "E SEQ BLOCK ERRNO" after the server replied an error
     "F SEQ 0"      after a flush the server acknowledged, sent once every write <= SEQ was
                    acknowledged and none was in flight: all of them are durable (with
-                   --flush-every N, after every N writes)
+                   --flush-every N, after every N writes; with --flush-until M, none
+                   after write M, so a test can cut the power with unflushed writes)
 
 Orders:
     random: block chosen at random among those with no write in flight (two writes in flight
@@ -54,6 +55,7 @@ def main():
     p.add_argument("--seconds", type=float, default=0)
     p.add_argument("--stop-file", default="")
     p.add_argument("--flush-every", type=int, default=0)
+    p.add_argument("--flush-until", type=int, default=0)
     a = p.parse_args()
     if a.order == "window" and a.blocks < a.inflight:
         sys.exit("window order needs blocks >= inflight")
@@ -108,7 +110,8 @@ def main():
             stop = stopping()
             if stop and not inflight:
                 break
-            if not stop and a.flush_every and seq - flushed_at >= a.flush_every:
+            flushing = a.flush_every and (not a.flush_until or seq <= a.flush_until)
+            if not stop and flushing and seq - flushed_at >= a.flush_every:
                 # Drain, then flush: the flush covers exactly the writes <= seq.
                 if inflight:
                     h.poll(-1)

@@ -104,6 +104,8 @@ pub struct StampOpts {
     pub seconds: f64,
     /// Flush after every this many writes, once none is in flight (0: never).
     pub flush_every: u64,
+    /// No flush after this write (0: no limit).
+    pub flush_until: u64,
 }
 
 /// A running `stamp_writer.py`. Killed on drop.
@@ -145,7 +147,9 @@ impl StampWriter {
             .arg("--stop-file")
             .arg(&stop_file)
             .arg("--flush-every")
-            .arg(opts.flush_every.to_string());
+            .arg(opts.flush_every.to_string())
+            .arg("--flush-until")
+            .arg(opts.flush_until.to_string());
         let proc = ChildGuard::spawn(&mut c, Some(&dir.join(format!("{tag}.out"))));
         Self {
             proc,

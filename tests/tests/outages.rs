@@ -540,6 +540,7 @@ fn kill_alpha_during_writes(c: &Cluster, py: &Path) -> WriterLog {
             count: 0,
             seconds: 0.0,
             flush_every: 0,
+            flush_until: 0,
         },
     );
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -99,20 +99,28 @@ fn behind(stamps: &[Stamp], last: &HashMap<u64, u64>, newer_ok: bool, what: &str
 }
 
 fn writer(py: &Path, c: &Cluster, tag: &str, uri: &str, flush_every: u64) -> StampWriter {
-    StampWriter::spawn(
-        py,
-        c.dir().path(),
-        tag,
-        uri,
-        StampOpts {
-            blocks: BLOCKS,
-            inflight: 16,
-            order: StampOrder::Random,
-            count: 0,
-            seconds: 0.0,
-            flush_every,
-        },
-    )
+    writer_with(py, c, tag, uri, |o| o.flush_every = flush_every)
+}
+
+/// A writer with the options `f` changes from those of [`writer`] (no flushes).
+fn writer_with(
+    py: &Path,
+    c: &Cluster,
+    tag: &str,
+    uri: &str,
+    f: impl FnOnce(&mut StampOpts),
+) -> StampWriter {
+    let mut opts = StampOpts {
+        blocks: BLOCKS,
+        inflight: 16,
+        order: StampOrder::Random,
+        count: 0,
+        seconds: 0.0,
+        flush_every: 0,
+        flush_until: 0,
+    };
+    f(&mut opts);
+    StampWriter::spawn(py, c.dir().path(), tag, uri, opts)
 }
 
 /// For each block, the last write an acknowledged flush covered: what the disk must keep.
@@ -135,25 +143,6 @@ fn wait_acked(w: &mut StampWriter, n: usize) {
             w.output()
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits until `lo` to `hi` acknowledged writes are past the last acknowledged flush: some
-/// are not flushed, and (with `hi` well below the writer's flush interval) the next flush is
-/// not sent yet, so a cut now leaves unflushed writes for the disks to lose.
-fn wait_past_flush(w: &mut StampWriter, lo: u64, hi: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let l = w.log();
-        if (lo..=hi).contains(&(l.acked.len() as u64).saturating_sub(l.flushed)) {
-            return;
-        }
-        assert!(
-            w.running() && Instant::now() < deadline,
-            "never {lo} to {hi} acknowledged writes past the last flush:\n{}",
-            w.output()
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -231,22 +220,27 @@ fn secondary_power_loss(test: &str, external: bool) {
     let size = a.size();
 
     // Without client flushes beta makes these durable only at its own checkpoints; with them
-    // (external metadata), a flush after every 128 writes, and the writer stops 16 to 96
-    // writes past one, so the last writes are not flushed.
+    // (external metadata), a flush after every 128 writes. The writer stops by itself 16 to
+    // 96 writes past its 24th flush, so the last writes are not flushed. (A stop asked from
+    // here could land after the next flush, which left nothing unflushed to lose.)
     let flush_every = if external { 128 } else { 0 };
-    let mut w = writer(&py, &c, "w", &a.uri(), flush_every);
-    wait_acked(&mut w, 3000);
-    if external {
-        wait_past_flush(&mut w, 16, 96);
-    }
-    w.request_stop();
+    let past_flush = 16 + u64::from(std::process::id()) % 81;
+    let count = 24 * 128 + past_flush;
+    let mut w = writer_with(&py, &c, "w", &a.uri(), |o| {
+        o.flush_every = flush_every;
+        o.count = count;
+    });
     assert!(
-        w.wait_exit(Duration::from_secs(30)),
-        "writer did not stop:\n{}",
+        w.wait_exit(Duration::from_secs(120)),
+        "writer did not finish its {count} writes:\n{}",
         w.output()
     );
     let log = w.log();
     assert!(log.errors.is_empty(), "writes failed: {:?}", log.errors);
+    assert_eq!(log.acked.len() as u64, count, "writes acknowledged");
+    if external {
+        assert_eq!(log.flushed, count - past_flush, "the last flush covered");
+    }
     let last = last_acked(&log);
 
     power_cut(b, &mut disk);
@@ -516,13 +510,17 @@ fn both_nodes_lose_power_and_come_back_identical_with_every_flushed_write() {
     let stop = StopDaemons(&c);
     let size = start(&c);
 
-    let mut w = writer(&py, &c, "w", &a.uri(), 256);
-    wait_acked(&mut w, 3000);
     // Cut where some acknowledged writes are not flushed yet, so the disks have something to
-    // lose (the point of the test): 32 to 160 past the last flush, well before the next one
-    // is sent at 256 (a flush in flight when the power goes may make them durable anyway,
-    // unacknowledged).
-    wait_past_flush(&mut w, 32, 160);
+    // lose (the point of the test): the writer flushes every 256 writes up to write 3072 and
+    // then only writes; the cut comes 32 or more writes past that last flush. (Waiting for a
+    // gap between flushes raced the next flush on a loaded machine.)
+    const LAST_FLUSH: u64 = 12 * 256;
+    let mut w = writer_with(&py, &c, "w", &a.uri(), |o| {
+        o.flush_every = 256;
+        o.flush_until = LAST_FLUSH;
+    });
+    wait_acked(&mut w, LAST_FLUSH as usize + 32);
+    assert_eq!(w.log().flushed, LAST_FLUSH, "the last flush covered");
     // Both daemons at once, alpha first (with beta gone first, alpha would acknowledge
     // flushes without it, which a cut of both never lets a client see) and beta right after,
     // before it notices the link drop and syncs what it applied; then both disks.

@@ -515,6 +515,7 @@ fn kill_primary_loses_no_acknowledged_write(test: &str, protocol: &str) {
             count: 0,
             seconds: 0.0,
             flush_every: 0,
+            flush_until: 0,
         },
     );
     wait_acked(&mut w, 1, Duration::from_secs(15));
@@ -707,6 +708,7 @@ fn write_order_after_cut(test: &str, inflight: u64) {
             count: 0,
             seconds: 0.0,
             flush_every: 0,
+            flush_until: 0,
         },
     );
     wait_acked(&mut w, 200, Duration::from_secs(15));
@@ -1844,6 +1846,7 @@ fn flapping_link(test: &str, protocol: &str) {
             count: 0,
             seconds: 0.0,
             flush_every: 0,
+            flush_until: 0,
         },
     );
     wait_acked(&mut w, 100, Duration::from_secs(15));
