@@ -122,6 +122,13 @@ fn resync_expected() -> NodeError {
 /// change on the peer reconnects at once.
 const ROLE_CHANGE_RECONNECT: Duration = Duration::from_secs(2);
 
+/// How long a `down` waits on the peer at each step of its goodbye (the message sent, taken
+/// in: the peer commits it to its metadata and syncs before it closes; a secondary's last
+/// acknowledgement, made durable first). A sync on a busy disk takes seconds, and a goodbye
+/// that times out turns a planned switchover into one that needs `--force`; a peer that
+/// stops answering is dropped by the ping timeout sooner.
+const PEER_GOODBYE_WAIT: Duration = Duration::from_secs(10);
+
 /// How long `secondary` waits for NBD clients that are already disconnecting before it
 /// refuses because clients are attached.
 const CLIENTS_LEAVING_WAIT: Duration = Duration::from_secs(2);
@@ -2429,7 +2436,7 @@ impl Resource {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // Bounded: a peer that still pings but takes nothing holds the sender.
         let sent = tokio::time::timeout(
-            Duration::from_secs(2),
+            PEER_GOODBYE_WAIT,
             tx.send(proto::peer::Msg::Leaving {
                 issued,
                 gen: self.node_state().gen.current,
@@ -2443,7 +2450,7 @@ impl Resource {
             return NOT_TOLD_RECORDED;
         }
         let mut rx = rep.subscribe_acks();
-        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|a| !a.connected)).await;
+        let _ = tokio::time::timeout(PEER_GOODBYE_WAIT, rx.wait_for(|a| !a.connected)).await;
         if rep.acks().connected {
             tracing::warn!(
                 "the peer did not take in that this node goes down: it will see a lost primary"
@@ -2472,7 +2479,7 @@ impl Resource {
         tokio::pin!(done);
         done.as_mut().enable();
         self.final_ack.notify_one();
-        match tokio::time::timeout(Duration::from_secs(2), done).await {
+        match tokio::time::timeout(PEER_GOODBYE_WAIT, done).await {
             Ok(()) => {
                 tracing::info!("everything applied here is durable and acknowledged to the primary")
             }
@@ -2497,11 +2504,11 @@ impl Resource {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let gen = self.node_state().gen.current;
         let _ = tokio::time::timeout(
-            Duration::from_secs(2),
+            PEER_GOODBYE_WAIT,
             tx.send(proto::peer::Msg::Leaving { issued: 0, gen }),
         )
         .await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let deadline = tokio::time::Instant::now() + PEER_GOODBYE_WAIT;
         while established(self.link().state) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -2554,7 +2561,7 @@ impl Resource {
         self.leaving
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let sent = tokio::time::timeout(
-            Duration::from_secs(2),
+            PEER_GOODBYE_WAIT,
             tx.send(proto::peer::Msg::Leaving {
                 issued: 0,
                 gen: me.gen.current,
@@ -2565,7 +2572,7 @@ impl Resource {
             return NOT_TOLD_RECORDED;
         }
         // It closes the connection once it has taken it in.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let deadline = tokio::time::Instant::now() + PEER_GOODBYE_WAIT;
         while established(self.link().state) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
