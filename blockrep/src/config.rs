@@ -1245,8 +1245,7 @@ control = "/tmp/b.sock"
 
     #[test]
     fn an_empty_secret_file_is_named_as_such() {
-        let dir = std::env::temp_dir().join(format!("blockrep-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_dir::TestDir::new("blockrep-cfg");
         let f = dir.join("secret");
         std::fs::write(&f, "\n").unwrap();
         let text = GOOD.replace(
@@ -1254,7 +1253,6 @@ control = "/tmp/b.sock"
             &format!("secret-file = \"{}\"", f.display()),
         );
         let e = parse(&text, "alpha").unwrap_err().to_string();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(
             e.contains("resource.secret-file") && e.contains("empty"),
             "{e}"
@@ -1274,12 +1272,10 @@ control = "/tmp/b.sock"
                 .to_string();
             assert!(e.contains(path) && e.contains(says), "{e}");
         }
-        let dir = std::env::temp_dir().join(format!("blockrep-cfg-big-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_dir::TestDir::new("blockrep-cfg-big");
         let f = dir.join("big.toml");
         std::fs::write(&f, vec![b'#'; (MAX_CONFIG_FILE + 1) as usize]).unwrap();
         let e = Config::load(&f, Some("alpha")).unwrap_err().to_string();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(e.contains("more than"), "{e}");
     }
 

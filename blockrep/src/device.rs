@@ -743,6 +743,7 @@ impl Device {
 mod tests {
     use super::*;
     use crate::config::IoEngineChoice;
+    use crate::test_dir::TestDir;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
     fn filled(len: usize, byte: u8) -> Buf {
@@ -761,7 +762,7 @@ mod tests {
         page == 4096
     }
 
-    fn scratch_file(name: &str) -> (std::path::PathBuf, std::fs::File) {
+    fn scratch_file(name: &str) -> (TestDir, std::path::PathBuf, std::fs::File) {
         crate::engine::tests::scratch_file(&format!("dev-{name}"), 8 << 20)
     }
 
@@ -798,8 +799,11 @@ mod tests {
 
     /// A device over an 8 MiB scratch file through the page cache, whose direct engine fails
     /// with `errno` (see [`Failing`]).
-    fn failing_direct(name: &str, errno: i32) -> (std::path::PathBuf, Device, Arc<Failing>) {
-        let (p, f) = scratch_file(name);
+    fn failing_direct(
+        name: &str,
+        errno: i32,
+    ) -> (TestDir, std::path::PathBuf, Device, Arc<Failing>) {
+        let (dir, p, f) = scratch_file(name);
         let f = Arc::new(f);
         let engine = crate::engine::open(f.clone(), IoEngineChoice::Auto).expect("engine");
         let failing = Arc::new(Failing {
@@ -808,7 +812,7 @@ mod tests {
         });
         let dev = Device::new(engine, None, (8 << 20) - 4096, false)
             .with_direct_writes(failing.clone(), f);
-        (p, dev, failing)
+        (dir, p, dev, failing)
     }
 
     /// Large aligned writes go direct and hold the 2 MiB spans around them; small and
@@ -819,7 +823,7 @@ mod tests {
         if !four_k_pages() {
             return;
         }
-        let (p, f) = scratch_file("mixed");
+        let (_dir, p, f) = scratch_file("mixed");
         let direct = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -829,7 +833,6 @@ mod tests {
             Ok(d) => Arc::new(d),
             Err(e) => {
                 eprintln!("SKIP: O_DIRECT refused on {}: {e}", p.display());
-                let _ = std::fs::remove_file(&p);
                 return;
             }
         };
@@ -873,7 +876,6 @@ mod tests {
             read_back(&p, 2 << 20) == want,
             "the file holds what the writes left, in order"
         );
-        let _ = std::fs::remove_file(&p);
     }
 
     /// A device that refuses direct writes gets them through the page cache: the write
@@ -883,7 +885,7 @@ mod tests {
         if !four_k_pages() {
             return;
         }
-        let (p, dev, failing) = failing_direct("refused", libc::EINVAL);
+        let (_dir, p, dev, failing) = failing_direct("refused", libc::EINVAL);
         let (r, _) = dev.apply_write(0, filled(128 << 10, 7)).await;
         r.expect("the write succeeds through the page cache");
         let (r, _) = dev.apply_write(1 << 20, filled(128 << 10, 8)).await;
@@ -900,7 +902,6 @@ mod tests {
         assert!(got[1 << 20..(1 << 20) + (128 << 10)]
             .iter()
             .all(|&b| b == 8));
-        let _ = std::fs::remove_file(&p);
     }
 
     /// A direct write that fails otherwise (EIO), or that its engine drops, fails as a disk
@@ -912,7 +913,7 @@ mod tests {
             return;
         }
         for (name, errno) in [("eio", libc::EIO), ("dropped", 0)] {
-            let (p, dev, failing) = failing_direct(name, errno);
+            let (_dir, p, dev, failing) = failing_direct(name, errno);
             let (r, _) = dev.apply_write(0, filled(128 << 10, 9)).await;
             assert_eq!(r, Err(EIO), "{name}: the write fails");
             assert_eq!(failing.calls.load(Relaxed), 1);
@@ -921,7 +922,6 @@ mod tests {
                 read_back(&p, 128 << 10).iter().all(|&b| b == 0),
                 "{name}: nothing written through the page cache"
             );
-            let _ = std::fs::remove_file(&p);
         }
     }
 }

@@ -612,8 +612,9 @@ pub fn open(file: Arc<File>, choice: crate::config::IoEngineChoice) -> io::Resul
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
 
-    async fn exercise(engine: Arc<dyn Engine>, path: &std::path::Path) {
+    async fn exercise(engine: Arc<dyn Engine>) {
         // Many writes in flight, then read each back.
         let mut rxs = Vec::new();
         for i in 0..200u64 {
@@ -670,13 +671,13 @@ pub(crate) mod tests {
         // Reading past the end is an error, not a hang or a panic.
         let d = run(&*engine, IoOp::Read { offset: 1 << 30 }, Buf::new(4096)).await;
         assert!(d.result.is_err());
-        let _ = std::fs::remove_file(path);
     }
 
-    /// A fresh file of `len` bytes in the temp directory, named for the test (and process),
-    /// for the unit tests of this crate that need a real file.
-    pub(crate) fn scratch_file(name: &str, len: u64) -> (std::path::PathBuf, File) {
-        let p = std::env::temp_dir().join(format!("brtest-{name}-{}", std::process::id()));
+    /// A fresh file of `len` bytes in a [`TestDir`] named for the test, for the unit tests of
+    /// this crate that need a real file: the directory (and the file) go when it is dropped.
+    pub(crate) fn scratch_file(name: &str, len: u64) -> (TestDir, std::path::PathBuf, File) {
+        let dir = TestDir::new(&format!("brtest-{name}"));
+        let p = dir.join("file");
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -685,31 +686,31 @@ pub(crate) mod tests {
             .open(&p)
             .expect("scratch file");
         f.set_len(len).expect("scratch file size");
-        (p, f)
+        (dir, p, f)
     }
 
-    fn file(name: &str) -> (Arc<File>, std::path::PathBuf) {
-        let (p, f) = scratch_file(&format!("engine-{name}"), 1 << 20);
-        (Arc::new(f), p)
+    fn file(name: &str) -> (TestDir, Arc<File>) {
+        let (dir, _, f) = scratch_file(&format!("engine-{name}"), 1 << 20);
+        (dir, Arc::new(f))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sync_engine_round_trip() {
-        let (f, p) = file("sync");
-        exercise(Arc::new(SyncEngine::new(f, 3, 64).unwrap()), &p).await;
+        let (_dir, f) = file("sync");
+        exercise(Arc::new(SyncEngine::new(f, 3, 64).unwrap())).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_engine_round_trip() {
-        let (f, p) = file("uring");
+        let (_dir, f) = file("uring");
         match UringEngine::new(f, 64) {
-            Ok(e) => exercise(Arc::new(e), &p).await,
+            Ok(e) => exercise(Arc::new(e)).await,
             Err(e) => eprintln!("SKIP: io_uring refused here: {e}"),
         }
     }
 
-    /// A file of `len` bytes of 7s at `p`, opened with O_DIRECT; `None` (said, and the file
-    /// removed) where the filesystem refuses O_DIRECT.
+    /// A file of `len` bytes of 7s at `p`, opened with O_DIRECT; `None` (said) where the
+    /// filesystem refuses O_DIRECT.
     fn direct_file(p: &std::path::Path, len: usize) -> Option<File> {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::write(p, vec![7u8; len]).unwrap();
@@ -722,7 +723,6 @@ pub(crate) mod tests {
             Ok(f) => Some(f),
             Err(e) => {
                 eprintln!("SKIP: O_DIRECT refused on {}: {e}", p.display());
-                let _ = std::fs::remove_file(p);
                 None
             }
         }
@@ -732,14 +732,14 @@ pub(crate) mod tests {
     /// that a direct-I/O descriptor takes it: before, every such write failed with EINVAL.
     #[test]
     fn zeros_written_by_hand_go_through_a_direct_io_descriptor() {
-        let p = std::env::temp_dir().join(format!("brengine-zeros-{}", std::process::id()));
+        let dir = TestDir::new("brengine-zeros");
+        let p = dir.join("file");
         let Some(f) = direct_file(&p, 3 << 20) else {
             return;
         };
         let r = write_zeros(f.as_raw_fd(), 4096, (2 << 20) + 8192);
         drop(f);
         let back = std::fs::read(&p).unwrap();
-        let _ = std::fs::remove_file(&p);
         r.unwrap();
         assert!(back[..4096].iter().all(|&x| x == 7));
         assert!(back[4096..4096 + (2 << 20) + 8192].iter().all(|&x| x == 0));
@@ -750,7 +750,8 @@ pub(crate) mod tests {
     /// flight, the reaper alone must complete them (an async-only eventfd never fired here).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_direct_reads_complete_without_other_io() {
-        let p = std::env::temp_dir().join(format!("brengine-direct-{}", std::process::id()));
+        let dir = TestDir::new("brengine-direct");
+        let p = dir.join("file");
         let Some(f) = direct_file(&p, 1 << 20) else {
             return;
         };
@@ -758,7 +759,6 @@ pub(crate) mod tests {
             Ok(e) => e,
             Err(e) => {
                 eprintln!("SKIP: io_uring refused here: {e}");
-                let _ = std::fs::remove_file(&p);
                 return;
             }
         };
@@ -773,6 +773,5 @@ pub(crate) mod tests {
             d.result.unwrap();
             assert!(d.buf.iter().all(|&x| x == 7), "read {i}");
         }
-        let _ = std::fs::remove_file(&p);
     }
 }

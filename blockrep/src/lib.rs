@@ -25,3 +25,5 @@ pub mod resource;
 pub mod state;
 #[cfg(test)]
 mod state_sim;
+#[cfg(test)]
+pub(crate) mod test_dir;

@@ -1244,8 +1244,7 @@ mod tests {
 
     #[test]
     fn metadata_of_a_newer_format_is_named_not_taken_for_none() {
-        let dir = std::env::temp_dir().join(format!("brmeta-newer-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_dir::TestDir::new("brmeta-newer");
         let img = dir.join("d.img");
         std::fs::File::create(&img)
             .unwrap()
@@ -1273,7 +1272,6 @@ mod tests {
         assert!(MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).is_err());
         MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, true).unwrap();
         assert!(MetaStore::open(&img, None, "r0", "alpha").is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1491,8 +1489,7 @@ mod tests {
     #[test]
     fn create_md_force_ends_the_journal_of_the_device_s_earlier_life() {
         use crate::journal::{append_msg, Ring};
-        let dir = std::env::temp_dir().join(format!("brmeta-j-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::test_dir::TestDir::new("brmeta-j");
         let img = dir.join("a.img");
         File::create(&img).unwrap().set_len(32 << 20).unwrap();
         let l = MetaStore::create(&img, None, "r0", "alpha", 4 << 20, 4096, false)
@@ -1535,12 +1532,11 @@ mod tests {
             journal(&f).iter().all(|&b| b == 0),
             "create-md left bytes of the earlier journal"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_grown_device_is_named_and_shrinking_it_back_finds_the_metadata() {
-        let (dir, img, f) = image_of_32_mib("brmeta-grow");
+        let (_dir, img, f) = image_of_32_mib("brmeta-grow");
         MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap();
         f.set_len(48 << 20).unwrap();
         let e = MetaStore::open(&img, None, "r0", "alpha").err();
@@ -1554,13 +1550,12 @@ mod tests {
         f.set_len(32 << 20).unwrap();
         let m = MetaStore::open(&img, None, "r0", "alpha").unwrap();
         assert_eq!(m.sb.node, "alpha");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A fresh 32 MiB image file in a directory of its own (removed by the caller).
-    fn image_of_32_mib(tag: &str) -> (PathBuf, PathBuf, File) {
-        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    /// A fresh 32 MiB image file in a directory of its own, removed when the returned guard is
+    /// dropped.
+    fn image_of_32_mib(tag: &str) -> (crate::test_dir::TestDir, PathBuf, File) {
+        let dir = crate::test_dir::TestDir::new(tag);
         let img = dir.join("a.img");
         let f = File::create(&img).unwrap();
         f.set_len(32 << 20).unwrap();
@@ -1656,7 +1651,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("1048576 bytes"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A superblock too big for its slot (names no config allows, as only an older format's

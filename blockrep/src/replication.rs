@@ -2622,11 +2622,11 @@ mod tests {
 #[cfg(test)]
 mod csum_tests {
     use super::*;
+    use crate::test_dir::TestDir;
 
-    /// A replication state over a fresh 8 MiB disk, for the decisions that read it.
+    /// A replication state over a fresh 8 MiB disk in `dir` (an empty [`TestDir`]), for the
+    /// decisions that read it.
     fn fresh(dir: &std::path::Path) -> (Arc<Replication>, File) {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir).expect("dir");
         let backing = dir.join("disk");
         File::create(&backing)
             .and_then(|f| f.set_len(8 << 20))
@@ -2700,7 +2700,7 @@ mod csum_tests {
     /// checkpoint on disk) or before them (the ring went round since that checkpoint).
     #[tokio::test]
     async fn persisted_checkpoint_and_records_are_read_back_after_one_sync_or_two() {
-        let dir = std::env::temp_dir().join(format!("brrep-persist-{}", std::process::id()));
+        let dir = TestDir::new("brrep-persist");
         let (rep, file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
         let write = |rep: Arc<Replication>, i: u64| async move { write_block(&rep, i % 64).await };
@@ -2734,7 +2734,6 @@ mod csum_tests {
         let (sb, seqs) = read_back(&file);
         assert_eq!(sb.journal_seq, last - 1);
         assert_eq!(seqs, vec![last - 1, last]);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Records the peer applied (released, never written: no flush came) and a persist then
@@ -2743,7 +2742,7 @@ mod csum_tests {
     #[tokio::test]
     async fn records_kept_again_for_a_restarted_peer_are_written_before_the_checkpoint_names_them()
     {
-        let dir = std::env::temp_dir().join(format!("brrep-rewind-{}", std::process::id()));
+        let dir = TestDir::new("brrep-rewind");
         let (rep, file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
         let write = |i: u64| write_block(&rep, i);
@@ -2766,7 +2765,6 @@ mod csum_tests {
             (3..=7).collect::<Vec<_>>(),
             "every record from the checkpoint on is read back"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Under C a flush is answered once the peer has synced everything through it, before
@@ -2775,7 +2773,7 @@ mod csum_tests {
     /// restart of the peer resumes from its committed mark.
     #[tokio::test]
     async fn a_flush_is_answered_on_the_synced_mark_and_nothing_is_forgotten_before_durable() {
-        let dir = std::env::temp_dir().join(format!("brrep-synced-{}", std::process::id()));
+        let dir = TestDir::new("brrep-synced");
         let (rep, _file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
         let data = vec![3u8; 4096];
@@ -2816,7 +2814,6 @@ mod csum_tests {
             rep.lock().bitmap.dirty_bits() > 0,
             "a write the peer synced but did not commit was forgotten at the drop"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Connects `rep` and issues one 4 KiB write at offset 0, written locally: its sequence
@@ -2851,7 +2848,7 @@ mod csum_tests {
     /// without the write, and a failover to it would lose the write without a word.
     #[tokio::test]
     async fn a_write_held_through_a_reconnect_with_a_resync_waits_for_the_peer_to_take_it() {
-        let dir = std::env::temp_dir().join(format!("brrep-confirm-{}", std::process::id()));
+        let dir = TestDir::new("brrep-confirm");
         let (rep, _file) = fresh(&dir);
         let w = connected_with_one_write(&rep).await;
         let mut answered = Box::pin(rep.wait_peer(w, false));
@@ -2877,7 +2874,6 @@ mod csum_tests {
             .await
             .expect("answered once the peer took the resync's start")
             .expect("write");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// With the peer away, a client's flush goes into the journal once the data has moved on
@@ -2887,7 +2883,7 @@ mod csum_tests {
     /// takes no sequence (it would start a new generation for nothing).
     #[tokio::test]
     async fn a_flush_with_the_peer_away_is_journaled_once_the_data_moved_on() {
-        let dir = std::env::temp_dir().join(format!("brrep-awayflush-{}", std::process::id()));
+        let dir = TestDir::new("brrep-awayflush");
         let (rep, file) = fresh(&dir);
         let engine = crate::engine::open(Arc::new(file), crate::config::IoEngineChoice::Sync)
             .expect("engine");
@@ -2918,7 +2914,6 @@ mod csum_tests {
             1,
             "the flush after a diverged write is not in the journal"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A write waiting for the peer when a demotion or `down` closed the writes and then the
@@ -2926,7 +2921,7 @@ mod csum_tests {
     /// fence-peer runs for a planned stop.
     #[tokio::test]
     async fn a_write_released_without_the_peer_after_writes_closed_fails() {
-        let dir = std::env::temp_dir().join(format!("brrep-closed-{}", std::process::id()));
+        let dir = TestDir::new("brrep-closed");
         let (rep, _file) = fresh(&dir);
         let w = connected_with_one_write(&rep).await;
         let mut answered = Box::pin(rep.wait_peer(w, false));
@@ -2942,7 +2937,6 @@ mod csum_tests {
             r.is_err(),
             "acknowledged without the peer during a demotion"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Which chunk [`held_region_orders_writes_after_the_chunk`] runs.
@@ -2979,7 +2973,7 @@ mod csum_tests {
     }
 
     async fn held_region_orders_writes_after_the_chunk(kind: ChunkKind, name: &str) {
-        let dir = std::env::temp_dir().join(format!("brrep-hold-{name}-{}", std::process::id()));
+        let dir = TestDir::new(&format!("brrep-hold-{name}"));
         let (rep, file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
         let hold = (1u64 << 20, 2u64 << 20);
@@ -3082,7 +3076,6 @@ mod csum_tests {
             "the held write ({after}) is not after the chunk ({chunk})"
         );
         assert!(rep.lock().read_hold.is_none(), "the chunk left its hold");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `resource-and-stonith`: writes suspended at the loss of the peer are not acknowledged
@@ -3091,7 +3084,7 @@ mod csum_tests {
     /// Closing writes (a `down`, a demotion) fails them rather than leave them hanging.
     #[tokio::test]
     async fn suspended_writes_wait_for_the_fence_and_fail_when_writes_close() {
-        let dir = std::env::temp_dir().join(format!("brrep-suspend-{}", std::process::id()));
+        let dir = TestDir::new("brrep-suspend");
         let (rep, _file) = fresh(&dir);
         let data = vec![5u8; 4096];
         let begin = |rep: Arc<Replication>, offset: u64| {
@@ -3173,7 +3166,6 @@ mod csum_tests {
             r.is_err(),
             "a suspended write succeeded after writes closed: {r:?}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Review finding: a demotion closes writes, then commits every sequence issued as
@@ -3181,7 +3173,7 @@ mod csum_tests {
     /// full) must fail, not take a sequence after that commit and land on a secondary.
     #[tokio::test]
     async fn a_write_waiting_for_journal_space_fails_once_writes_are_closed() {
-        let dir = std::env::temp_dir().join(format!("brrep-closed-{}", std::process::id()));
+        let dir = TestDir::new("brrep-space");
         let (rep, _file) = fresh(&dir);
         rep.set_connected(true, 0, 0);
         let data = vec![7u8; 32 * 1024];
@@ -3194,11 +3186,13 @@ mod csum_tests {
             })
             .await
         };
-        // Fill the journal (nothing is acknowledged: the peer does not drain it).
+        // Fill the journal (nothing is acknowledged: the peer does not drain it). A write
+        // that fits is done well within 2 s (its extent's first write syncs the activity
+        // log: on a busy disk that took more than 100 ms); one that does not waits for ever.
         let mut issued = 0;
         let waiting = loop {
             let mut w = tokio::spawn(write(rep.clone(), data.clone()));
-            match tokio::time::timeout(Duration::from_millis(100), &mut w).await {
+            match tokio::time::timeout(Duration::from_secs(2), &mut w).await {
                 Ok(r) => {
                     let seq = r.expect("task").expect("write");
                     rep.done(seq);
@@ -3222,7 +3216,6 @@ mod csum_tests {
         assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN), "{e}");
         // Flushes (the demotion's own) still go through.
         rep.close_writes(false);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Review finding: a write that failed here after the peer applied it pins its range;
@@ -3231,7 +3224,7 @@ mod csum_tests {
     /// over the difference).
     #[tokio::test]
     async fn a_pin_after_the_hashes_were_asked_makes_nothing_equal() {
-        let dir = std::env::temp_dir().join(format!("brrep-pins-{}", std::process::id()));
+        let dir = TestDir::new("brrep-pins");
         let (rep, file) = fresh(&dir);
         let block = 4096u64;
         let mut data = vec![0u8; 4 * block as usize];
@@ -3267,6 +3260,5 @@ mod csum_tests {
             !equal && !zero && n == 2 * block,
             "pinned after the hashes were asked: sent as data ({n}, {equal})"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

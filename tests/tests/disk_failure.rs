@@ -28,6 +28,37 @@ fn log_text(n: &Node) -> String {
         .unwrap_or_default()
 }
 
+/// Log marks of both nodes (lines so far), for [`resynced_from`].
+fn marks(c: &Cluster) -> (usize, usize) {
+    (
+        log_text(c.alpha()).lines().count(),
+        log_text(c.beta()).lines().count(),
+    )
+}
+
+/// Whether `target` was the target of a resync from `source` since `marks` (alpha's, beta's),
+/// by the daemons' own record: a resync over mostly zero regions can be over between two
+/// polls of their state.
+fn resynced_from(c: &Cluster, source: &Node, target: &Node, marks: (usize, usize)) -> bool {
+    let since = |n: &Node| {
+        let mark = if n.name() == c.alpha().name() {
+            marks.0
+        } else {
+            marks.1
+        };
+        log_text(n)
+            .lines()
+            .skip(mark)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let from = format!("resync from {}:", source.name());
+    since(source)
+        .iter()
+        .any(|l| l.contains("resync to the peer ("))
+        && since(target).iter().any(|l| l.contains(&from))
+}
+
 /// A node's disk, made by create-md as a plain file (`DIR/NAME-disk.img`), then put behind
 /// nbdkit's error filter (writes fail while the trigger exists) and a loop device, which the
 /// node's backing path then names. Returns them in the order they must be torn down last to
@@ -186,7 +217,7 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
     // Cut midway (beta, the source, leaves and comes back): the full resync resumes with
     // what is left (it used to start again from zero: alpha's failed disk named every region
     // until the resync ended).
-    let r = b.wait_repl(
+    b.wait_repl(
         Duration::from_secs(30),
         "a quarter of alpha's resync",
         |r| {
@@ -196,22 +227,28 @@ fn a_primary_whose_disk_lost_writes_goes_down_and_takes_a_full_resync_from_its_p
                 && r["resync_done"].as_u64() >= Some(total / 4)
         },
     );
+    // Held there until the cut (`pause-sync` on the source): the rest could go first on a
+    // loaded machine.
+    b.ctl_ok(&["pause-sync"]);
+    let r = b.repl();
     assert!(
         r["resync_done"].as_u64() < r["resync_total"].as_u64(),
         "the resync ended before the cut: {r}"
     );
     b.ctl_ok(&["disconnect"]);
+    b.ctl_ok(&["resume-sync"]);
     let left = b.repl_u64("out_of_sync");
+    let m = marks(&c);
     b.ctl_ok(&["connect"]);
     let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
     assert!(
-        Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.alpha, "sync-source"),
+        resynced_from(&c, b, a, m) && !Seen::has(&seen.alpha, "sync-source"),
         "alpha must be the target: {seen:?}"
     );
     let lb: Vec<String> = log_text(b).lines().skip(mb).map(str::to_string).collect();
     let starts: Vec<(&String, u64)> = lb
         .iter()
-        .filter(|l| l.contains("resync to the peer"))
+        .filter(|l| l.contains("resync to the peer ("))
         .map(|l| {
             let n = l
                 .rsplit("): ")
@@ -288,6 +325,9 @@ fn a_hung_disk_shows_in_status_and_clears_when_it_goes_on() {
         let data = data.clone();
         move || {
             let mut r = RawNbd::open(&uri, &name);
+            // Answered only after the test saw 6 s of stall and resumed the disk: longer
+            // than the client's usual 10 s on a loaded machine.
+            r.set_read_timeout(Duration::from_secs(120));
             let res = r.write_at(2 * MIB, &data, 0);
             r.disconnect();
             res
@@ -353,13 +393,13 @@ fn resynced_after_going_back(c: &Cluster, restored: &Node, marks: (usize, usize)
         Duration::from_secs(90),
         &format!("{name} resynced after its restore"),
     );
-    let (mine, other) = if name == a.name() {
-        (&seen.alpha, &seen.beta)
+    let (other, source) = if name == a.name() {
+        (&seen.beta, b)
     } else {
-        (&seen.beta, &seen.alpha)
+        (&seen.alpha, a)
     };
     assert!(
-        Seen::has(mine, "sync-target") && !Seen::has(other, "sync-target"),
+        resynced_from(c, source, restored, marks) && !Seen::has(other, "sync-target"),
         "{name} was not the target of the resync: {seen:?}"
     );
     let said = |n: &Node, mark: usize| {
@@ -766,10 +806,11 @@ fn a_primary_whose_disk_fails_for_good_is_never_the_source_after_a_restart() {
     // What the kernel dropped on alpha's disk: the write's range holds its old bytes.
     drop_on_disk(&disk, 3 * MIB, MIB as usize);
 
+    let m = marks(&c);
     a.up();
     let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
     assert!(
-        Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.alpha, "sync-source"),
+        resynced_from(&c, b, a, m) && !Seen::has(&seen.alpha, "sync-source"),
         "alpha must be the target: {seen:?}"
     );
     c.assert_replicas_identical(size, "after alpha's restart");
@@ -944,10 +985,11 @@ fn a_disk_that_lost_writes_is_fully_resynced_even_if_its_bitmap_never_reached_th
             .is_some_and(|e| e.contains("no copy holds everything"))
     });
     assert!(refused, "alpha does not refuse: {st}");
+    let m = marks(&c);
     a.ctl_ok(&["connect", "--discard-my-data"]);
     let seen = wait_synced(&c, Duration::from_secs(60), "alpha resynced from beta");
     assert!(
-        Seen::has(&seen.alpha, "sync-target") && !Seen::has(&seen.alpha, "sync-source"),
+        resynced_from(&c, b, a, m) && !Seen::has(&seen.alpha, "sync-source"),
         "alpha must be the target: {seen:?}"
     );
     assert_same_bytes(

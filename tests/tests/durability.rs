@@ -173,13 +173,15 @@ fn journal_catch_up_clears_the_bitmap_while_writes_go_on() {
     let mut fio = ChildGuard::spawn(
         Command::new("fio")
             .arg("--name=steady")
+            // One process (the job a thread of it), so that killing it stops the writes.
+            .arg("--thread")
             .arg("--ioengine=nbd")
             .arg(format!("--uri={}", a.uri()))
             .arg("--rw=randwrite")
             .arg("--bs=4k")
             .arg("--iodepth=4")
             .arg("--time_based")
-            .arg("--runtime=15")
+            .arg("--runtime=120")
             .arg(format!("--size={}", size / 2))
             .arg("--offset=0"),
         Some(&fio_log),
@@ -188,8 +190,11 @@ fn journal_catch_up_clears_the_bitmap_while_writes_go_on() {
     assert!(fio.running(), "fio exited early:\n{}", fio.log());
     c.proxy().resume();
     let t = Instant::now();
+    // The reconnect (up to 2 s of redial), the catch-up and the checkpoint that clears the
+    // bitmap (an fdatasync of what fio dirtied): seconds on a busy disk. fio writes for
+    // longer than this may take, and is stopped once it is seen.
     let r = a.wait_repl(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "connected with nothing out of sync while fio writes",
         |r| r["connection"] == "connected" && u(r, "out_of_sync") == 0,
     );
@@ -203,11 +208,7 @@ fn journal_catch_up_clears_the_bitmap_while_writes_go_on() {
         fio.running(),
         "fio had finished before the bitmap cleared: this did not test writes going on"
     );
-    assert!(
-        fio.wait_exit(Duration::from_secs(40)),
-        "fio did not finish:\n{}",
-        fio.log()
-    );
+    fio.kill();
     c.wait_in_sync(SYNC_TIMEOUT);
     c.assert_replicas_identical(size, "after the catch-up under writes");
 }
@@ -361,11 +362,11 @@ fn the_primarys_own_checkpoint_does_not_hold_up_the_stream_while_the_peer_syncs(
     );
     let durable_at = u(&a.repl(), "seq_durable");
 
-    // Now the client: 4 KiB writes in extent 2 (protocol C), for 3 s while the sync hangs.
+    // Now the client: 50 writes of 4 KiB in extent 2 (protocol C) while the sync hangs (for
+    // good, until the resume below: a write that waited for it gets no reply in 10 s).
     let mut r = a.raw_open();
     let (mut writes, mut slowest) = (0u64, Duration::ZERO);
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(3) {
+    while writes < 50 {
         let t = Instant::now();
         let off = 2 * EXTENT + (writes % 256) * 4096;
         let cookie = r
@@ -382,15 +383,13 @@ fn the_primarys_own_checkpoint_does_not_hold_up_the_stream_while_the_peer_syncs(
         writes += 1;
     }
     let durable_during = u(&a.repl(), "seq_durable");
+    let io_during = b.status_json()["io"].clone();
     drop(resume);
     r.disconnect();
+    println!("{writes} client writes while beta's checkpoint synced, the slowest {slowest:?}");
     assert!(
-        writes >= 100,
-        "only {writes} client writes completed in the 3 s while beta's checkpoint synced: the stream waited for it"
-    );
-    assert!(
-        slowest < Duration::from_secs(2),
-        "a client write took {slowest:?} while beta's checkpoint synced"
+        io_during["inflight"].as_u64() >= Some(1),
+        "beta's sync no longer hung when the writes were done, so they proved nothing: {io_during}"
     );
     assert_eq!(
         durable_during, durable_at,

@@ -221,6 +221,9 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
     let mut full_at: Option<Duration> = None;
     let mut overflow_after: Option<Duration> = None;
     let writer_done = loop {
+        // Looked at before the log: a writer seen done is scanned for once more (its writes
+        // completed after the overflow was logged).
+        let running = writer.running();
         let lines = log_since(a, mark_a);
         if overflow_after.is_none() && find(&lines, &overflow_needles).is_some() {
             overflow_after = Some(written_at.elapsed());
@@ -239,7 +242,7 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
                 last_before = Some(r);
             }
         }
-        if !writer.running() {
+        if !running {
             break Some(written_at.elapsed());
         }
         if written_at.elapsed() > SPACE_WAIT + Duration::from_secs(25) {

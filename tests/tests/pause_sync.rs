@@ -156,8 +156,18 @@ fn a_paused_resync_sends_nothing_while_writes_replicate_and_finishes_after_resum
         "the target seeing the resume",
         |r| r["resync_paused_by_peer"] == false,
     );
+    // Paused once the sender parks (it finishes the region in flight first), which it logs.
+    let parked = || {
+        std::fs::read_to_string(a.log_path())
+            .unwrap_or_default()
+            .matches("resync paused (pause-sync)")
+            .count()
+    };
+    let parked_before = parked();
     a.ctl_ok(&["pause-sync"]);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(Duration::from_secs(20), || {
+        parked() > parked_before || a.repl()["connection"] != "sync-source"
+    });
     let r = a.repl();
     if r["connection"] == "sync-source" {
         let done = assert_resync_stands(a, Duration::from_secs(2), "paused mid-way");

@@ -77,7 +77,7 @@ fn assert_journal_catch_up(source: &Node, lines: &[String], what: &str) {
     );
     let resyncs: Vec<&String> = lines
         .iter()
-        .filter(|l| l.contains("resync to the peer"))
+        .filter(|l| l.contains("resync to the peer ("))
         .collect();
     assert!(
         resyncs.is_empty(),
@@ -325,7 +325,7 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
     let la = since(a, ma);
     let resync = la
         .iter()
-        .find(|l| l.contains("resync to the peer"))
+        .find(|l| l.contains("resync to the peer ("))
         .unwrap_or_else(|| panic!("no resync after the upgrade:\n{}", la.join("\n")));
     assert!(
         resync.contains("is not this node's record there") && !resync.contains("full"),

@@ -781,11 +781,15 @@ fn a_secondary_that_goes_down_with_the_same_data_leaves_its_peer_promotable() {
     a.wait_repl(CONNECT_TIMEOUT, "connected to a secondary", |r| {
         r["connection"] == "connected" && r["peer_role"] == "secondary"
     });
+    // Paused on its source from the start (`pause-sync`), so that the down surely comes in
+    // the middle; lifted once alpha is down.
+    b.ctl_ok(&["pause-sync"]);
     a.ctl_ok(&["invalidate"]);
     a.wait_repl(CONNECT_TIMEOUT, "resyncing", |r| {
         r["connection"] == "sync-target"
     });
     let down = a.ctl_ok(&["down"]).stdout;
+    b.ctl_ok(&["resume-sync"]);
     assert!(!down.contains("went down cleanly"), "{down}");
     let out = b.ctl(&["primary"]);
     assert!(
@@ -961,8 +965,11 @@ fn a_secondary_that_goes_down_acknowledges_everything_it_applied() {
         "beta made the writes durable already (a checkpoint ran?): {r}"
     );
     b.ctl_ok(&["down"]);
-    a.wait_not_connected(CONNECT_TIMEOUT);
-    let r = a.repl();
+    // Until the link's end is recorded (alpha shows the link down a moment before it sets
+    // why).
+    let r = a.wait_repl(CONNECT_TIMEOUT, "the end of the link recorded", |r| {
+        r["connection"] != "connected" && !r["last_error"].is_null()
+    });
     assert_eq!(
         r["out_of_sync"], 0,
         "alpha counts writes beta applied as lacking after beta's down: {r}"

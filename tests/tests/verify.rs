@@ -558,8 +558,10 @@ fn verify_under_concurrent_writes_reports_no_false_differences() {
         "{line} in {:?}, with {during} rounds of 1024 random block writes during the verify",
         t.elapsed()
     );
+    // A round that ended while the verify ran overlapped it (a round is a python process of
+    // 1024 writes: on a loaded machine a few seconds).
     assert!(
-        during >= 2,
+        during >= 1,
         "the writes did not overlap the verify ({during} rounds)"
     );
     assert_eq!(
@@ -707,7 +709,14 @@ fn resync_rate_under_writes(py: &Path, test: &str, floor: &str) -> f64 {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let elapsed = samples.last().map(|s| s.0).unwrap_or(t0.elapsed());
+    // Counted from the first sample seen syncing, not from the resume: the redial (up to
+    // 2 s) and the handshake are no part of the resync's rate.
+    let (t_first, done_first) = samples.first().copied().unwrap_or((t0.elapsed(), 0));
+    let elapsed = samples
+        .last()
+        .map_or(Duration::ZERO, |s| s.0)
+        .saturating_sub(t_first);
+    let last = last - done_first;
     std::fs::write(&stopfile, b"stop").expect("stop file");
     assert!(
         writer.wait_exit(Duration::from_secs(20)),
@@ -930,6 +939,13 @@ fn verify_marks_survive_a_restart_of_the_primary() {
         "alpha's marks after its restart: {r}"
     );
     b.ctl_ok(&["connect"]);
+    // Linked first (a `primary` waits only 5 s for a peer that has not connected yet).
+    a.wait_repl(CONNECT_TIMEOUT, "linked to beta again", |r| {
+        matches!(
+            r["connection"].as_str(),
+            Some("connected" | "sync-source" | "sync-target")
+        )
+    });
     a.ctl_ok(&["primary"]);
     let seen = wait_synced(&c, Duration::from_secs(30), "after the restart");
     c.wait_in_sync(SYNC_TIMEOUT);
