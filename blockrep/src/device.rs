@@ -160,8 +160,8 @@ impl Device {
         let usable = self.direct.is_some()
             && !self.direct_refused.load(Relaxed)
             && len >= DIRECT_APPLY_MIN
-            && offset.is_multiple_of(4096)
-            && len.is_multiple_of(4096);
+            && offset % 4096 == 0
+            && len % 4096 == 0;
         let end = offset.checked_add(len)?;
         let span = (
             offset / FOLIO_MAX * FOLIO_MAX,
@@ -275,7 +275,7 @@ impl Device {
         if end.is_none_or(|e| e > self.size()) {
             return Err(if is_write { ENOSPC } else { EINVAL });
         }
-        if !offset.is_multiple_of(self.align) || !len.is_multiple_of(self.align) {
+        if offset % self.align != 0 || len % self.align != 0 {
             return Err(EINVAL);
         }
         Ok(())

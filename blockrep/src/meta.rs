@@ -366,14 +366,12 @@ impl Layout {
                 self.bitmap_len, self.data_size
             ));
         }
-        if !self.al_len.is_multiple_of(BLOCK) || !(BLOCK..=1 << 20).contains(&self.al_len) {
+        if self.al_len % BLOCK != 0 || !(BLOCK..=1 << 20).contains(&self.al_len) {
             return Err(format!("an activity log of {} bytes", self.al_len));
         }
         // The ring's least (see `Ring::new`); the config asks for 1 MiB at least. A smaller
         // one would take no write of any size, and every write would overflow it.
-        if !self.journal_len.is_multiple_of(BLOCK)
-            || !(64 << 10..=16 << 30).contains(&self.journal_len)
-        {
+        if self.journal_len % BLOCK != 0 || !(64 << 10..=16 << 30).contains(&self.journal_len) {
             return Err(format!("a journal of {} bytes", self.journal_len));
         }
         let ordered = [

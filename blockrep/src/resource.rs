@@ -4206,7 +4206,7 @@ async fn journal_persister(rep: Arc<Replication>, res: std::sync::Weak<Resource>
             heard_before = heard;
             issued_before = issued;
         }
-        if ticks.is_multiple_of(AL_COOLING_SECS) {
+        if ticks % AL_COOLING_SECS == 0 {
             // A failure is the activity log's: the next write that needs the log fails and
             // says so; the next round tries again.
             // Only a primary's stream may carry the flush it asks for.
