@@ -256,7 +256,15 @@ impl Applier {
     ///
     /// The record is finished in any case (later records wait for it), after the sync: the
     /// barrier holds until then.
-    async fn make_flush_durable(&self, seq: u64, term: u64) -> Result<(), LinkError> {
+    ///
+    /// `own_data`: the record at `seq` is a FUA write, applied (not finished yet): the sync
+    /// covers it too, and runs even when everything before it is durable already.
+    async fn make_flush_durable(
+        &self,
+        seq: u64,
+        term: u64,
+        own_data: bool,
+    ) -> Result<(), LinkError> {
         let _one = self.persist.lock().await;
         let synced = async {
             // After the caller saw every record before `seq` applied: a failed one recorded
@@ -264,10 +272,11 @@ impl Applier {
             if let Some(e) = self.failure() {
                 return Err(e);
             }
-            if self.lock().durable >= seq - 1 {
+            if !own_data && self.lock().durable >= seq - 1 {
                 return Ok(());
             }
-            self.sync_through(seq - 1).await
+            self.sync_through(if own_data { seq } else { seq - 1 })
+                .await
         }
         .await;
         self.finish(seq);
@@ -1139,7 +1148,7 @@ pub(super) async fn secondary_side(
                             ap.wait_applied(seq - 1).await;
                             // A failure is recorded there: the flush is never acknowledged,
                             // the link drops.
-                            let _ = ap.make_flush_durable(seq, term).await;
+                            let _ = ap.make_flush_durable(seq, term, false).await;
                             drop(permit);
                         });
                     }
@@ -1179,12 +1188,18 @@ pub(super) async fn secondary_side(
                             )));
                         }
                         // A write that goes around the page cache holds the span of every
-                        // cached page it can share (see `Device::direct_span`).
+                        // cached page it can share (see `Device::direct_span`). A FUA write is
+                        // a barrier, as a flush is: the client sends what depends on it only
+                        // once it is durable, so under A and B (answered before this disk
+                        // has it) nothing after it may reach this disk before it does, or a
+                        // crash here leaves the later write without the one it depended on.
                         let span = match msg {
+                            _ if fua => Some((0, u64::MAX)),
                             Msg::Write { .. } => res.device().direct_span(offset, len),
                             _ => None,
                         }
                         .unwrap_or((offset, offset + len));
+                        let term = msg.term().unwrap_or(0);
                         ap.lock().ranges.insert(seq, span);
                         let apply = ap.clone();
                         let mut fut = Box::pin(async move {
@@ -1212,12 +1227,12 @@ pub(super) async fn secondary_side(
                                 ))
                                 .await;
                                 ap.finish(seq);
+                            } else if fua {
+                                // Synced with everything before it (one sync), then finished:
+                                // what follows waits until then.
+                                let _ = ap.make_flush_durable(seq, term, true).await;
                             } else {
                                 ap.finish(seq);
-                                if fua {
-                                    ap.wait_applied(seq).await;
-                                    let _ = ap.make_durable().await;
-                                }
                             }
                             drop(permit);
                         });
