@@ -251,12 +251,32 @@ impl Drop for ReadHold<'_> {
     }
 }
 
+/// A write's place at the head of the line for journal space (`Inner::space_head`), given up
+/// when the write leaves the line: issued, failed, or dropped with its client.
+struct HeadOfLine<'a> {
+    rep: &'a Replication,
+    ticket: Option<u64>,
+}
+
+impl Drop for HeadOfLine<'_> {
+    fn drop(&mut self) {
+        let Some(t) = self.ticket else { return };
+        let mut g = self.rep.lock();
+        if g.space_head.map(|h| h.0) == Some(t) {
+            g.space_head = None;
+            drop(g);
+            self.rep.space.notify_waiters();
+        }
+    }
+}
+
 /// One try of [`Replication::begin`] to issue a record.
 enum Attempt {
     /// The sequence (`None`: writes are closed).
     Issued(Option<(u64, bool)>),
-    /// The journal is full; the connected peer drains it.
-    Full,
+    /// The journal is full; the connected peer drains it. With the ticket this attempt took
+    /// as the first writer in line for space (see `Inner::space_head`), if it took one.
+    Full(Option<u64>),
     /// A resync or verify chunk is reading the record's range (see `Inner::read_hold`).
     Held,
 }
@@ -300,6 +320,13 @@ pub struct Inner {
     /// Journal bytes held back from application writes for a resync chunk that is below its
     /// rate floor (`resync-rate-min`); 0: none.
     pub reserve: u64,
+    /// The write first in line for journal space, (ticket, bytes it needs): later writes
+    /// leave it that much, so that a large write is not starved by small ones taking each
+    /// bit of space the peer frees (it would wait out `SPACE_WAIT` and overflow the journal:
+    /// a dropped link and a bitmap resync under nothing worse than steady load).
+    pub space_head: Option<(u64, u64)>,
+    /// Tickets for `space_head`.
+    pub space_tickets: u64,
     /// A checkpoint record in the stream after everything the bitmap records: once the peer is
     /// durable through it, the bitmap can be cleared even while new writes keep coming.
     pub clear_at: Option<u64>,
@@ -530,6 +557,8 @@ impl Replication {
                 applied_term,
                 term: crate::resource::random_id(),
                 reserve: 0,
+                space_head: None,
+                space_tickets: 0,
                 clear_at: None,
                 pins: 0,
             }),
@@ -789,8 +818,9 @@ impl Replication {
             ),
         };
         let deadline = tokio::time::Instant::now() + SPACE_WAIT;
-        // One attempt to issue the record.
-        let attempt = || -> Attempt {
+        // One attempt to issue the record; `mine`: the ticket it holds as the first writer in
+        // line for space, if it does.
+        let attempt = |mine: Option<u64>| -> Attempt {
             // `Full`: the journal is full and the connected peer is draining it; wait.
             // `Held`: a resync or verify chunk is reading the range; wait for its record. With the
             // sequence: whether the list of records the peer has not made durable is half
@@ -817,8 +847,19 @@ impl Replication {
                 let seq = g.issued + 1;
                 let msg = with_seq(&msg, seq, g.term);
                 let inner = &mut *g;
+                let head_first = match inner.space_head {
+                    Some((t, need)) if connected && Some(t) != mine => {
+                        inner.ring.cap() - inner.ring.used() < need + payload.len() as u64 + 128
+                    }
+                    _ => false,
+                };
                 let r = if inner.overflowed {
                     Err(AppendError::TooBig)
+                } else if head_first {
+                    // The first writer in line for space gets it first.
+                    Err(AppendError::Full {
+                        need: payload.len() as u64,
+                    })
                 } else if connected
                     && inner.reserve > 0
                     && inner.ring.cap() - inner.ring.used()
@@ -849,8 +890,24 @@ impl Replication {
                     && connected
                     && tokio::time::Instant::now() < deadline;
                 if wait {
-                    Attempt::Full
+                    let need = match r {
+                        Err(AppendError::Full { need }) => need,
+                        _ => 0,
+                    };
+                    if g.space_head.is_none() && range.is_some() {
+                        g.space_tickets += 1;
+                        let t = g.space_tickets;
+                        g.space_head = Some((t, need));
+                        Attempt::Full(Some(t))
+                    } else {
+                        Attempt::Full(None)
+                    }
                 } else {
+                    if mine.is_some() && g.space_head.map(|h| h.0) == mine {
+                        // Next in line, whoever it is, may go.
+                        g.space_head = None;
+                        self.space.notify_waiters();
+                    }
                     if let Err(e) = r {
                         if !g.overflowed {
                             tracing::warn!(
@@ -893,30 +950,44 @@ impl Replication {
         // The common case first, with no waiter registered; then, while waiting for space or
         // a resync or verify chunk's read, waiters registered before each re-check so that a release
         // in between is not missed.
-        let issued = match attempt() {
+        let issued = match attempt(None) {
             Attempt::Issued(issued) => issued,
-            Attempt::Full | Attempt::Held => loop {
-                let space = self.space.notified();
-                tokio::pin!(space);
-                space.as_mut().enable();
-                let done = self.range_done.notified();
-                tokio::pin!(done);
-                done.as_mut().enable();
-                match attempt() {
-                    Attempt::Issued(issued) => break issued,
-                    // Back-pressure: the peer is connected and draining the journal.
-                    Attempt::Full => {
-                        let _ = tokio::time::timeout_at(deadline, space).await;
-                    }
-                    // One disk read long; `close_writes` wakes it too (through `space`).
-                    Attempt::Held => {
-                        tokio::select! {
-                            _ = done => {}
-                            _ = space => {}
+            first @ (Attempt::Full(_) | Attempt::Held) => {
+                // First in line for space: given up however this ends (the client gone
+                // meanwhile drops this future).
+                let mut head = HeadOfLine {
+                    rep: self,
+                    ticket: None,
+                };
+                if let Attempt::Full(Some(t)) = first {
+                    head.ticket = Some(t);
+                }
+                loop {
+                    let space = self.space.notified();
+                    tokio::pin!(space);
+                    space.as_mut().enable();
+                    let done = self.range_done.notified();
+                    tokio::pin!(done);
+                    done.as_mut().enable();
+                    match attempt(head.ticket) {
+                        Attempt::Issued(issued) => break issued,
+                        // Back-pressure: the peer is connected and draining the journal.
+                        Attempt::Full(t) => {
+                            if t.is_some() {
+                                head.ticket = t;
+                            }
+                            let _ = tokio::time::timeout_at(deadline, space).await;
+                        }
+                        // One disk read long; `close_writes` wakes it too (through `space`).
+                        Attempt::Held => {
+                            tokio::select! {
+                                _ = done => {}
+                                _ = space => {}
+                            }
                         }
                     }
                 }
-            },
+            }
         };
         let Some((seq, pressed)) = issued else {
             if let Some((a, b)) = range {
@@ -3166,6 +3237,72 @@ mod csum_tests {
             r.is_err(),
             "a suspended write succeeded after writes closed: {r:?}"
         );
+    }
+
+    /// Review finding: with the journal full under steady load, every bit of space the peer
+    /// freed went to the small writes that came by, and a large write never found room: after
+    /// 30 s it overflowed the journal (a dropped link and a bitmap resync). The first write in
+    /// line for space now gets it first: a small write that comes later waits behind it.
+    #[tokio::test]
+    async fn the_first_write_waiting_for_journal_space_gets_it_before_later_small_ones() {
+        let dir = TestDir::new("brrep-headline");
+        let (rep, _file) = fresh(&dir);
+        rep.set_connected(true, 0, 0);
+        let write = |rep: Arc<Replication>, offset: u64, len: usize| async move {
+            let data = vec![5u8; len];
+            rep.begin(Record::Write {
+                offset,
+                data: &data,
+                fua: false,
+                crc: None,
+            })
+            .await
+        };
+        // Fill the 256 KiB journal with 4 KiB writes (none acknowledged by the peer) until a
+        // 64 KiB one no longer fits, with room left for a 4 KiB one.
+        let free = |rep: &Replication| {
+            let g = rep.lock();
+            g.ring.cap() - g.ring.used()
+        };
+        let mut issued = 0u64;
+        while free(&rep) >= 64 * 1024 {
+            let off = (issued % 1024) * 4096;
+            let seq = tokio::time::timeout(Duration::from_secs(5), write(rep.clone(), off, 4096))
+                .await
+                .expect("a write that fits waited")
+                .expect("write");
+            rep.done(seq);
+            rep.al_end(off, 4096, seq);
+            issued = seq;
+            assert!(issued < 200, "a 256 KiB journal never filled");
+        }
+        assert!(free(&rep) >= 4096 + 512, "no room left for a small write");
+        // A 64 KiB write waits first; then a small one comes, which would fit.
+        let large = tokio::spawn(write(rep.clone(), 6 << 20, 64 * 1024));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!large.is_finished(), "the large write fit");
+        let small = tokio::spawn(write(rep.clone(), 7 << 20, 4096));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The peer applies a little at a time.
+        for upto in (4..=issued).step_by(4) {
+            rep.on_ack(upto, upto, 0, 0);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let large = tokio::time::timeout(Duration::from_secs(10), large)
+            .await
+            .expect("the large write got no space")
+            .expect("task")
+            .expect("write");
+        let small = tokio::time::timeout(Duration::from_secs(10), small)
+            .await
+            .expect("the small write got no space")
+            .expect("task")
+            .expect("write");
+        assert!(
+            large < small,
+            "journal space went out of turn: the large write waiting first got seq {large}, the later small one {small}"
+        );
+        assert!(!rep.lock().overflowed, "the journal overflowed");
     }
 
     /// Review finding: a demotion closes writes, then commits every sequence issued as
