@@ -566,11 +566,13 @@ impl Device {
         }
         if let (Some(rep), Some(seq)) = (&self.rep, seq) {
             rep.done(seq);
-            if r.is_ok() && fua && rep.acks().connected {
+            if r.is_ok() && fua {
                 // A zero record carries no FUA of its own: a flush right behind it makes the
                 // peer sync at this point of the stream, and under C the reply waits for
                 // that (without it, for the peer's next flush or checkpoint, up to 30 s).
-                // With the peer away there is no one to flush (see `flush`).
+                // Also with the peer away (released without it then, as the zero record
+                // would be): a peer back before the release gets the flush in its stream,
+                // where a zero record waited for alone would be answered once applied.
                 let waited = match rep.begin(Record::Flush).await {
                     Ok(flush) => rep.wait_peer(flush, true).await,
                     Err(e) => Err(e),

@@ -1295,7 +1295,7 @@ impl Replication {
         let id = crate::resource::random_id();
         let r = tokio::task::spawn_blocking(move || {
             MetaStore::update(&meta, |sb| {
-                sb.gen = crate::state::new_generation(sb.gen, id);
+                sb.new_generation_as_primary(id);
                 Ok::<(), crate::meta::MetaError>(())
             })
         })
@@ -1476,6 +1476,7 @@ impl Replication {
                 if self.acks.borrow().connected {
                     return Ok(());
                 }
+                self.may_release_without_peer()?;
                 return self.diverge_if_lacking(seq).await;
             }
             (Protocol::B, _) => Mark::Received,
@@ -1509,24 +1510,7 @@ impl Replication {
             if self.acks.borrow().connected {
                 continue;
             }
-            // Released without the peer while a demotion or `down` is under way (it closed
-            // the writes): not acknowledged. The node is about to stop being primary, the
-            // peer may be promoted next without this write, and nothing fences it (a `down`
-            // or a demotion runs no fence-peer). The data is in the bitmap and the new
-            // generation all the same.
-            if self.writes_closed.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(writes_closed_error());
-            }
-            // Released without the peer, which a failed disk cannot stand in for: the data
-            // may be lost here, and the peer never got it.
-            if self
-                .local_sync_failed
-                .load(std::sync::atomic::Ordering::SeqCst)
-            {
-                return Err(std::io::Error::other(
-                    "the peer is gone and this disk failed a sync: the write is on no good copy",
-                ));
-            }
+            self.may_release_without_peer()?;
             self.diverge_if_lacking(seq).await?;
             // Nothing was persisted if the peer came back meanwhile (it cleared the flag):
             // then the write is in its new stream, and waits for it like any other.
@@ -1535,6 +1519,28 @@ impl Replication {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether a write may be acknowledged without the peer (gone, under any protocol).
+    fn may_release_without_peer(&self) -> std::io::Result<()> {
+        // Not while a demotion or `down` is under way (it closed the writes): the node is
+        // about to stop being primary, the peer may be promoted next without this write, and
+        // nothing fences it (a `down` or a demotion runs no fence-peer). The data is in the
+        // bitmap and the new generation all the same.
+        if self.writes_closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(writes_closed_error());
+        }
+        // Not on a disk that failed a sync, which cannot stand in for the peer: the data may
+        // be lost here, and the peer never got it.
+        if self
+            .local_sync_failed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(std::io::Error::other(
+                "the peer is gone and this disk failed a sync: the write is on no good copy",
+            ));
+        }
+        Ok(())
     }
 
     /// With the peer away: the new generation that every record issued so far may need (see
@@ -3008,6 +3014,30 @@ mod csum_tests {
             r.is_err(),
             "acknowledged without the peer during a demotion"
         );
+    }
+
+    /// Review finding: under A, a write released without the peer was acknowledged on a disk
+    /// that had failed a sync (B and C refused it: the data is on no good copy), and during
+    /// a demotion that closed the writes. Now every protocol refuses both.
+    #[tokio::test]
+    async fn under_a_a_write_released_without_the_peer_on_a_failed_disk_or_closed_writes_fails() {
+        for case in ["sync failed", "writes closed"] {
+            let dir = TestDir::new("brrep-a-release");
+            let (rep, _file) = fresh(&dir);
+            rep.set_protocol(Protocol::A);
+            let w = connected_with_one_write(&rep).await;
+            rep.peer_lost();
+            rep.on_disconnect();
+            rep.set_connected(false, 0, 0);
+            match case {
+                "sync failed" => rep.set_local_sync_failed(),
+                _ => rep.close_writes(true),
+            }
+            let r = tokio::time::timeout(Duration::from_secs(5), rep.wait_peer(w, false))
+                .await
+                .expect("answered");
+            assert!(r.is_err(), "{case}: acknowledged without the peer under A");
+        }
     }
 
     /// Which chunk [`held_region_orders_writes_after_the_chunk`] runs.
