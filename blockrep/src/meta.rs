@@ -23,7 +23,7 @@ pub const AL_AREA: u64 = 64 * 1024;
 /// Smallest data area worth exporting.
 pub const MIN_DATA: u64 = 1 << 20;
 const MAGIC: u64 = 0x6272_6570_6d64_0001; // "brepmd" v1
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// Format 1 had no record terms: its superblock is format 2's without the two trailing term
 /// fields, read as if they were 0 ("not known": the first connect after the upgrade resyncs
 /// the bitmap rather than trusting a journal catch-up it cannot check).
@@ -37,9 +37,12 @@ const FORMAT_V3: u32 = 3;
 const FORMAT_V4: u32 = 4;
 /// Format 5 had no `sync_done_sent`: read as (0, 0), none (two bytes at the end).
 const FORMAT_V5: u32 = 5;
+/// Format 6 had no `split_primary_gen`: read as 0, none (one byte at the end).
+const FORMAT_V6: u32 = 6;
 /// Every superblock format this build reads, newest first.
-const READABLE_FORMATS: [u32; 6] = [
+const READABLE_FORMATS: [u32; 7] = [
     FORMAT_VERSION,
+    FORMAT_V6,
     FORMAT_V5,
     FORMAT_V4,
     FORMAT_V3,
@@ -496,9 +499,34 @@ pub struct Superblock {
     /// commit that follows its acknowledgement, and meaningful only while the bitmap
     /// generation is still that one (see [`Self::sync_done_unacked`]). (0, 0): none.
     pub sync_done_sent: (u64, u64),
+    /// The bitmap generation this node's divergence from the peer began at while it was
+    /// primary (a primary that lost its peer, or left it lacking writes); 0: none. Only
+    /// meaningful while the bitmap generation is still that one (see
+    /// [`Self::split_as_primary`]): DRBD keeps the same fact in its bitmap UUID's lowest bit,
+    /// for `discard-younger-primary`.
+    pub split_primary_gen: u64,
 }
 
 impl Superblock {
+    /// Whether this node was primary when it and its peer parted: the generation its bitmap
+    /// counts from began with it primary (see `split_primary_gen`).
+    pub fn split_as_primary(&self) -> bool {
+        crate::state::names_a_generation(self.split_primary_gen)
+            && self.split_primary_gen == self.gen.bitmap
+    }
+
+    /// A new data generation started by this node as primary (it lost its peer, or leaves
+    /// it lacking writes): when it is where this node parts from the peer (its bitmap
+    /// generation starts here), that is recorded (see `split_primary_gen`). A generation that
+    /// began earlier, at a promotion of this node without its peer say, stays as it was.
+    pub fn new_generation_as_primary(&mut self, new_id: u64) {
+        let parting = !crate::state::names_a_generation(self.gen.bitmap);
+        self.gen = crate::state::new_generation(self.gen, new_id);
+        if parting {
+            self.split_primary_gen = self.gen.bitmap;
+        }
+    }
+
     /// The generation a peer may have adopted from this node's last SyncDone, whose
     /// acknowledgement never came (the link dropped just then), as long as this node's
     /// bitmap still counts from where it did then; 0: none. A peer at it holds this node's
@@ -569,14 +597,16 @@ impl Superblock {
         let sb: Self = if version != FORMAT_VERSION {
             // The fields an older format lacks, as postcard encodes 0 and false: one byte
             // each (format 1: the two terms, `lost_writes`, `peer_left`, `handed_over`, the
-            // two of `peer_durable` and the two of `sync_done_sent`; format 2: the last
-            // seven; format 3: the last six; format 4: the last four; format 5: the last two).
+            // two of `peer_durable`, the two of `sync_done_sent` and `split_primary_gen`;
+            // format 2: the last eight; format 3: the last seven; format 4: the last five;
+            // format 5: the last three; format 6: the last one).
             let missing: &[u8] = match version {
-                FORMAT_V1 => &[0; 9],
-                FORMAT_V2 => &[0; 7],
-                FORMAT_V3 => &[0; 6],
-                FORMAT_V4 => &[0; 4],
-                _ => &[0; 2],
+                FORMAT_V1 => &[0; 10],
+                FORMAT_V2 => &[0; 8],
+                FORMAT_V3 => &[0; 7],
+                FORMAT_V4 => &[0; 5],
+                FORMAT_V5 => &[0; 3],
+                _ => &[0; 1],
             };
             let mut payload = slot[16..end].to_vec();
             payload.extend_from_slice(missing);
@@ -882,6 +912,7 @@ impl MetaStore {
             handed_over: false,
             peer_durable: (0, 0),
             sync_done_sent: (0, 0),
+            split_primary_gen: 0,
         };
         let mut store = MetaStore {
             file: Arc::new(file),
@@ -1198,13 +1229,14 @@ mod tests {
             handed_over: true,
             peer_durable: (0xabc, 7),
             sync_done_sent: (3, 0xdef),
+            split_primary_gen: 0,
         }
     }
 
     /// A slot of format 1 (no term fields, no `lost_writes`), built by hand as that format
     /// wrote it.
     fn v1_slot(sb: &Superblock) -> Vec<u8> {
-        old_slot(sb, FORMAT_V1, 9)
+        old_slot(sb, FORMAT_V1, 10)
     }
 
     /// A slot of an older format: the current payload without its last `missing` bytes
@@ -1280,10 +1312,11 @@ mod tests {
             handed_over: false,
             peer_durable: (0, 0),
             sync_done_sent: (0, 0),
+            split_primary_gen: 0,
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V2, 7)),
+            Superblock::decode(&old_slot(&old, FORMAT_V2, 8)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1300,10 +1333,11 @@ mod tests {
             handed_over: false,
             peer_durable: (0, 0),
             sync_done_sent: (0, 0),
+            split_primary_gen: 0,
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V3, 6)),
+            Superblock::decode(&old_slot(&old, FORMAT_V3, 7)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1319,10 +1353,11 @@ mod tests {
         let old = Superblock {
             peer_durable: (0, 0),
             sync_done_sent: (0, 0),
+            split_primary_gen: 0,
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V4, 4)),
+            Superblock::decode(&old_slot(&old, FORMAT_V4, 5)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1336,10 +1371,11 @@ mod tests {
     fn a_format_5_superblock_is_read_with_no_unacknowledged_sync_done() {
         let old = Superblock {
             sync_done_sent: (0, 0),
+            split_primary_gen: 0,
             ..sb()
         };
         assert_eq!(
-            Superblock::decode(&old_slot(&old, FORMAT_V5, 2)),
+            Superblock::decode(&old_slot(&old, FORMAT_V5, 3)),
             Some(old.clone())
         );
         let new = Superblock {
@@ -1366,6 +1402,46 @@ mod tests {
         assert_eq!(moved.sync_done_unacked(), 0);
     }
 
+    #[test]
+    fn a_format_6_superblock_is_read_as_not_parted_as_primary() {
+        let old = Superblock {
+            split_primary_gen: 0,
+            ..sb()
+        };
+        assert_eq!(
+            Superblock::decode(&old_slot(&old, FORMAT_V6, 1)),
+            Some(old.clone())
+        );
+        assert!(!old.split_as_primary());
+        // Recorded at the bitmap generation it parted at, and meaningful only while the
+        // bitmap generation is still that one.
+        let mut new = old.clone();
+        new.new_generation_as_primary(0x99);
+        assert!(new.split_as_primary());
+        assert_eq!(new.gen.bitmap, old.gen.current);
+        // A generation started later, still parted, changes nothing of it; one started as a
+        // promotion without the peer is not one parted as primary.
+        let mut later = new.clone();
+        later.new_generation_as_primary(0x9a);
+        assert!(later.split_as_primary());
+        let mut promoted = old.clone();
+        promoted.gen = crate::state::new_generation(promoted.gen, 0x9b);
+        promoted.new_generation_as_primary(0x9c);
+        assert!(!promoted.split_as_primary());
+        assert_eq!(
+            Superblock::decode(&new.encode().unwrap()),
+            Some(new.clone())
+        );
+        let resynced = Superblock {
+            gen: Generations {
+                bitmap: 0,
+                ..new.gen
+            },
+            ..new
+        };
+        assert!(!resynced.split_as_primary());
+    }
+
     fn sb_with_zero_terms() -> Superblock {
         Superblock {
             applied_term: 0,
@@ -1375,6 +1451,7 @@ mod tests {
             handed_over: false,
             peer_durable: (0, 0),
             sync_done_sent: (0, 0),
+            split_primary_gen: 0,
             ..sb()
         }
     }
@@ -1746,11 +1823,12 @@ mod tests {
         let old = sb_with_zero_terms();
         let mut v = vec![(sb().encode().unwrap(), sb())];
         for (format, missing) in [
-            (FORMAT_V1, 9),
-            (FORMAT_V2, 7),
-            (FORMAT_V3, 6),
-            (FORMAT_V4, 4),
-            (FORMAT_V5, 2),
+            (FORMAT_V1, 10),
+            (FORMAT_V2, 8),
+            (FORMAT_V3, 7),
+            (FORMAT_V4, 5),
+            (FORMAT_V5, 3),
+            (FORMAT_V6, 1),
         ] {
             v.push((old_slot(&old, format, missing), old.clone()));
         }

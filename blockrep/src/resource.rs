@@ -1114,7 +1114,7 @@ impl Resource {
 
     /// What this node tells its peer.
     pub fn node_state(&self) -> NodeState {
-        let (disk, gen, promoted_ms, durable, known, unacked) = {
+        let (disk, gen, promoted_ms, durable, known, unacked, split_as_primary) = {
             let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
             (
                 m.sb.disk,
@@ -1123,6 +1123,7 @@ impl Resource {
                 m.sb.applied_seq,
                 m.heard,
                 m.sb.sync_done_unacked(),
+                m.sb.split_as_primary(),
             )
         };
         let (applied, applied_term, issued, first, oos) = match &self.rep {
@@ -1164,6 +1165,7 @@ impl Resource {
             disk_failed: self.device.sync_failed(),
             peer_durable_gen: known.0,
             peer_durable_seq: known.1,
+            split_as_primary,
         }
     }
 
@@ -3612,7 +3614,7 @@ impl Resource {
                 sb.issued_seq = sb.issued_seq.max(i);
             }
             if lacks {
-                sb.gen = state::new_generation(sb.gen, new_id);
+                sb.new_generation_as_primary(new_id);
             }
         })
         .await
@@ -3835,7 +3837,7 @@ impl Resource {
                 }
             }
             if lacks {
-                sb.gen = state::new_generation(sb.gen, new_id);
+                sb.new_generation_as_primary(new_id);
             }
             // A node that crashed as primary and has not yet brought its peer its hot
             // extents stays marked as one: a clean stop must not turn it into a peer whose

@@ -1165,7 +1165,9 @@ mod gen_tests {
 pub enum AfterSb0Pri {
     /// Leave it to the admin (`connect --discard-my-data`).
     Disconnect,
-    /// The node promoted more recently loses its changes.
+    /// The node that was not primary when the two parted loses its changes (DRBD's rule:
+    /// the one primary before the split keeps its data); when neither or both were, the
+    /// one promoted more recently.
     DiscardYoungerPrimary,
     /// The node with fewer changed bytes loses them (a tie: the younger primary).
     DiscardLeastChanges,
@@ -1205,6 +1207,8 @@ pub struct SbFacts<'a> {
     pub changes: u64,
     /// When it was last promoted (unix milliseconds).
     pub promoted_ms: u64,
+    /// It was primary when the two parted (see `Superblock::split_as_primary`).
+    pub split_as_primary: bool,
     /// Its disk is consistent: up to date or outdated, not the target of a resync that did
     /// not finish (inconsistent). Outdated data is complete, only older, and its changes
     /// since the split are changes like any other's: the policy's own rule decides them,
@@ -1217,7 +1221,11 @@ pub struct SbFacts<'a> {
 /// facts mirrored, and always agree (ties fall back to the node name).
 pub fn resolve_split_brain(policy: AfterSb0Pri, me: SbFacts, peer: SbFacts) -> Option<bool> {
     let younger = || {
-        if me.promoted_ms != peer.promoted_ms {
+        if me.split_as_primary != peer.split_as_primary {
+            // The primary before the split is the older one, whenever either was promoted
+            // since (a restart of it with `primary --force`, say).
+            !me.split_as_primary
+        } else if me.promoted_ms != peer.promoted_ms {
             me.promoted_ms > peer.promoted_ms
         } else {
             me.name > peer.name
@@ -1262,7 +1270,15 @@ mod sb_tests {
             name,
             changes,
             promoted_ms,
+            split_as_primary: false,
             consistent: true,
+        }
+    }
+
+    fn parted_as_primary(f: SbFacts<'_>) -> SbFacts<'_> {
+        SbFacts {
+            split_as_primary: true,
+            ..f
         }
     }
 
@@ -1285,6 +1301,11 @@ mod sb_tests {
             (
                 inconsistent(f("alpha", 5, 100)),
                 inconsistent(f("beta", 10, 200)),
+            ),
+            (parted_as_primary(f("alpha", 5, 300)), f("beta", 10, 200)),
+            (
+                parted_as_primary(f("alpha", 5, 100)),
+                parted_as_primary(f("beta", 10, 200)),
             ),
         ];
         for p in [
@@ -1323,6 +1344,20 @@ mod sb_tests {
         let z = f("alpha", 0, 100);
         assert_eq!(
             resolve_split_brain(AfterSb0Pri::DiscardZeroChanges, z, b),
+            Some(true)
+        );
+        // Review finding: alpha, primary when the link was cut, was restarted and promoted
+        // again (with --force) after beta's forced promotion: by the last promotion's time
+        // alpha was the younger and lost the writes it made as the primary before the
+        // split. DRBD keeps the data of the node that was primary before the split.
+        let old_primary = parted_as_primary(f("alpha", 10, 300));
+        assert_eq!(
+            resolve_split_brain(AfterSb0Pri::DiscardYoungerPrimary, old_primary, b),
+            Some(false),
+            "the primary before the split keeps its data"
+        );
+        assert_eq!(
+            resolve_split_brain(AfterSb0Pri::DiscardYoungerPrimary, b, old_primary),
             Some(true)
         );
     }

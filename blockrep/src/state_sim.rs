@@ -447,6 +447,7 @@ fn decide(me: &Node, peer: &Node) -> Decided {
             name,
             changes: n.bm.len() as u64,
             promoted_ms: 0,
+            split_as_primary: false,
             consistent: n.disk != DiskState::Inconsistent,
         };
         let r = state::resolve_split_brain(

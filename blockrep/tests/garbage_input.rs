@@ -63,6 +63,7 @@ fn random_superblock(rng: &mut Rng) -> Superblock {
             rng.u64_edge() % blockrep::meta::COUNTER_LIMIT,
         ),
         sync_done_sent: (rng.u64_edge(), rng.u64_edge()),
+        split_primary_gen: rng.u64_edge(),
     }
 }
 

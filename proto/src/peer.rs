@@ -22,6 +22,8 @@ pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// `GenIds::sync_done_unacked` (a SyncDone whose acknowledgement was lost).
 /// 18: `Ack::synced`: the secondary reports data synced to its disk before the applied mark
 /// that says so is committed, so a flush under C is answered one metadata sync sooner.
+/// 21: the hello names whether the node's export takes direct I/O (`direct_io`, both must
+/// agree), and `NodeState::split_as_primary` (which node was primary when the two parted).
 /// 17: `Checkpoint`, a durability point that is not a barrier (the primary's own requests
 /// for the peer's durable mark no longer hold the stream up while the peer syncs).
 /// 16: what each node last heard its peer's disk holds (`Durable`, `NodeState`).
@@ -30,7 +32,7 @@ pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// source checks against what the target acknowledged before any resync).
 /// 14: a resync's target forgets its own bitmap at the SyncStart, which the source sends
 /// only once the merged bitmap is on its disk.
-pub const PROTOCOL_VERSION: u32 = 20;
+pub const PROTOCOL_VERSION: u32 = 21;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -107,6 +109,10 @@ pub struct NodeState {
     /// itself with its metadata).
     pub peer_durable_gen: u64,
     pub peer_durable_seq: u64,
+    /// This node was primary when it and the peer parted: the generation its bitmap counts
+    /// from began with it primary (protocol 21). DRBD's `discard-younger-primary` keeps the
+    /// data of the node that was primary before the split, as this says.
+    pub split_as_primary: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -130,6 +136,10 @@ pub enum Msg {
         /// 1 discard-younger-primary, 2 discard-least-changes, 3 discard-zero-changes); both
         /// must agree, as in DRBD, or each could decide the other's data is the one to drop.
         after_sb_0pri: u8,
+        /// Whether this node's device takes only 4 KiB-aligned I/O (`direct-io`); both must
+        /// agree: a secondary with it cannot apply the smaller writes a primary without it
+        /// accepts (each would fail as a disk error, and the resync after it again).
+        direct_io: bool,
     },
     /// HMAC-SHA256, under the stretched secret (`seal::link_key`), over [`auth_input`]. The
     /// dialing node sends its proof first; the dialed node answers with its own only after
@@ -623,6 +633,7 @@ pub fn auth_input(
     v.push(u8::from(prover.encryption));
     v.extend_from_slice(&prover.bitmap_granularity.to_le_bytes());
     v.push(prover.after_sb_0pri);
+    v.push(u8::from(prover.direct_io));
     for s in [prover.name, verifier, resource] {
         v.extend_from_slice(&(s.len() as u32).to_le_bytes());
         v.extend_from_slice(s.as_bytes());
@@ -641,6 +652,7 @@ pub struct AuthParty<'a> {
     pub encryption: bool,
     pub bitmap_granularity: u32,
     pub after_sb_0pri: u8,
+    pub direct_io: bool,
 }
 
 #[cfg(test)]
@@ -700,6 +712,7 @@ mod tests {
                 protocol: b'B',
                 bitmap_granularity: 65536,
                 after_sb_0pri: 2,
+                direct_io: true,
             },
             &[],
         );
@@ -900,6 +913,7 @@ mod tests {
             encryption: false,
             bitmap_granularity: 4096,
             after_sb_0pri: 0,
+            direct_io: false,
         };
         let a = auth_input(&[1; 32], &[2; 32], &p("alpha", true), "beta", "r0");
         let b = auth_input(&[2; 32], &[1; 32], &p("beta", false), "alpha", "r0");
@@ -926,6 +940,9 @@ mod tests {
         assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
         q.bitmap_granularity = 4096;
         q.after_sb_0pri = 3;
+        assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
+        q.after_sb_0pri = 0;
+        q.direct_io = true;
         assert_ne!(a, auth_input(&[1; 32], &[2; 32], &q, "beta", "r0"));
     }
 }

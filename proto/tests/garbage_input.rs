@@ -126,6 +126,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             protocol: rng.next() as u8,
             bitmap_granularity: rng.u32_edge(),
             after_sb_0pri: rng.next() as u8,
+            direct_io: rng.bool(),
         },
         1 => Msg::Auth { mac: nonce },
         2 => Msg::Refuse {
@@ -148,6 +149,7 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
             disk_failed: rng.bool(),
             peer_durable_gen: rng.u64_edge(),
             peer_durable_seq: rng.u64_edge(),
+            split_as_primary: rng.bool(),
         }),
         4 => {
             let d = data(rng, 1);
@@ -685,6 +687,7 @@ fn peer_hello_with_a_long_resource_name_decodes() {
         protocol: b'C',
         bitmap_granularity: 4096,
         after_sb_0pri: 0,
+        direct_io: false,
     };
     let f = encode(&hello, &[]);
     let ctx = Ctx {

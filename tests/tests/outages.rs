@@ -1475,6 +1475,32 @@ fn split_brain_policy_discard_younger_primary() {
     );
 }
 
+/// Review finding: the same, but alpha (primary when the link was cut) is restarted and
+/// promoted again with --force after beta's failover, so its last promotion is the later one.
+/// It was still the primary before the split, whose data DRBD's policy keeps: beta loses.
+/// Before, the later promotion made alpha the "younger" and its writes were discarded.
+#[test]
+fn split_brain_policy_discard_younger_primary_keeps_the_primary_before_the_split() {
+    sb_policy_with(
+        "out-sb-younger-again",
+        "discard-younger-primary",
+        100,
+        300,
+        Some("alpha"),
+        |c| {
+            let (a, b) = (c.alpha(), c.beta());
+            // Beta stays apart meanwhile (alpha's `up` dials it).
+            b.ctl_ok(&["disconnect"]);
+            a.down();
+            a.up();
+            a.ctl_ok(&["primary", "--force"]);
+            a.ctl_ok(&["secondary"]);
+            b.ctl_ok(&["connect"]);
+        },
+        "beta",
+    );
+}
+
 /// Same history, but the policy looks at the amount of change: alpha (fewer) loses.
 #[test]
 fn split_brain_policy_discard_least_changes() {

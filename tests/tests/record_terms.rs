@@ -191,7 +191,8 @@ fn crc32c(data: &[u8]) -> u32 {
 /// backing file) as format 1 wrote them: version 1, and the payload without the fields added
 /// since (format 2's two terms, format 3's `lost_writes` flag, format 4's `peer_left` and
 /// `handed_over` flags, one byte each, format 5's `peer_durable` and format 6's
-/// `sync_done_sent`, two varints each, last). Only slots
+/// `sync_done_sent`, two varints each, and format 7's `split_primary_gen`, one varint,
+/// last). Only slots
 /// whose terms are both 0 could be rewritten exactly, so the terms
 /// are dropped whatever they were (format 1 did not have them).
 fn rewrite_as_format_1(backing: &Path, offset: u64) {
@@ -207,7 +208,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
         f.read_exact_at(&mut slot, slot_at).unwrap();
         let version = u32::from_le_bytes(slot[8..12].try_into().unwrap());
         let len = u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
-        if !(2..=6).contains(&version) || 16 + len + 4 > slot.len() {
+        if !(2..=7).contains(&version) || 16 + len + 4 > slot.len() {
             continue;
         }
         let crc = u32::from_le_bytes(slot[16 + len..20 + len].try_into().unwrap());
@@ -221,6 +222,10 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
                 *end -= 1;
             }
         };
+        if version >= 7 {
+            // `split_primary_gen`: one varint (the generation it parted at as primary).
+            cut_varint(&mut end);
+        }
         if version >= 6 {
             // `sync_done_sent`: two varints (a resync's end not heard acknowledged).
             for _ in 0..2 {
@@ -265,7 +270,7 @@ fn rewrite_as_format_1(backing: &Path, offset: u64) {
     f.sync_all().unwrap();
     assert!(
         rewritten >= 1,
-        "{}: no superblock of format 2 to 6",
+        "{}: no superblock of format 2 to 7",
         backing.display()
     );
 }
@@ -363,7 +368,7 @@ fn metadata_of_format_1_is_upgraded_and_the_first_connect_resyncs_instead_of_gue
     for n in [a, b] {
         let dump = n.ctl_ok(&["dump-md"]).stdout;
         assert!(
-            dump.contains("format          6\n")
+            dump.contains("format          7\n")
                 && !dump.contains("applied-term    0000000000000000"),
             "{}: not upgraded:\n{dump}",
             n.name()

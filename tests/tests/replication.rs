@@ -909,6 +909,7 @@ fn hostile_peers_are_refused_and_the_real_peer_still_connects() {
             protocol: b'C',
             bitmap_granularity: 4096,
             after_sb_0pri: 0,
+            direct_io: false,
         },
         &[],
     );
@@ -1108,6 +1109,7 @@ fn a_stranger_gets_no_proof_and_its_refusals_are_not_split_brains() {
         protocol: b'C',
         bitmap_granularity: 4096,
         after_sb_0pri: 0,
+        direct_io: false,
     };
     let auth0 = b.repl_u64("auth_failures");
 
@@ -1491,7 +1493,40 @@ fn bitmap_granularity_mismatch_is_refused_on_both_sides() {
 /// as DRBD refuses incompatible after-sb settings; with the same policy they connect.
 #[test]
 fn split_brain_policy_mismatch_is_refused_on_both_sides() {
-    let c = Cluster::builder("repl-sb-mismatch")
+    setting_mismatch_is_refused(
+        "repl-sb-mismatch",
+        "bitmap-granularity = \"4K\"\n",
+        "bitmap-granularity = \"4K\"\nafter-sb-0pri = \"discard-zero-changes\"\n",
+        &[
+            "split-brain policy differs",
+            "discard-zero-changes",
+            "disconnect",
+        ],
+    );
+}
+
+/// Review finding: a primary without `direct-io` accepts 512-byte writes, which a secondary
+/// with it (4 KiB-aligned I/O only) could not apply: each failed as a disk error, the link
+/// dropped, and the resync that followed failed again, for ever. The setting must now agree,
+/// as the others in the hello do.
+#[test]
+fn direct_io_mismatch_is_refused_on_both_sides() {
+    setting_mismatch_is_refused(
+        "repl-dio-mismatch",
+        "direct-io = false",
+        "direct-io = true",
+        &[
+            "direct-io differs",
+            "set the same `direct-io` on both nodes",
+        ],
+    );
+}
+
+/// Alpha up and primary with the cluster's config; beta with `from` replaced by `to` in it:
+/// both refuse the connection with a message holding all of `needles`; with the same config
+/// again, the two connect and replicate.
+fn setting_mismatch_is_refused(test: &str, from: &str, to: &str, needles: &[&str]) {
+    let c = Cluster::builder(test)
         .nodes(2)
         .backing_size(BACKING)
         .protocol("C")
@@ -1501,24 +1536,11 @@ fn split_brain_policy_mismatch_is_refused_on_both_sides() {
     a.up();
     a.primary_force();
     let text = c.config_text();
-    let line = "bitmap-granularity = \"4K\"\n";
-    assert!(text.contains(line), "{text}");
-    let changed = text.replace(
-        line,
-        &format!("{line}after-sb-0pri = \"discard-zero-changes\"\n"),
-    );
-    c.write_config(&changed);
+    assert!(text.contains(from), "{text}");
+    c.write_config(&text.replace(from, to));
     b.create_md();
     b.up();
-    assert_refused_on_both_sides(
-        a,
-        b,
-        &[
-            "split-brain policy differs",
-            "discard-zero-changes",
-            "disconnect",
-        ],
-    );
+    assert_refused_on_both_sides(a, b, needles);
     b.down();
     c.write_config(&text);
     b.up();
@@ -1526,7 +1548,7 @@ fn split_brain_policy_mismatch_is_refused_on_both_sides() {
     b.wait_connected(CONNECT_TIMEOUT);
     nbd_write(a, 0, &random_bytes(MIB));
     c.wait_in_sync(SYNC_TIMEOUT);
-    c.assert_replicas_identical(a.size(), "after the policies agree");
+    c.assert_replicas_identical(a.size(), &format!("after the settings agree ({to})"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1036,6 +1036,7 @@ fn stranger_fails_the_proof(n: &Node, name: &str) {
             .unwrap_or(b'C'),
         bitmap_granularity: 4096,
         after_sb_0pri: 0,
+        direct_io: false,
     };
     let mut s = std::net::TcpStream::connect(n.replication_addr()).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))

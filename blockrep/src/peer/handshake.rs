@@ -95,6 +95,7 @@ pub(super) async fn handshake(
             protocol: protocol_letter(cfg.protocol),
             bitmap_granularity: granularity,
             after_sb_0pri: cfg.after_sb_0pri as u8,
+            direct_io: cfg.direct_io,
         },
     )
     .await?;
@@ -113,6 +114,7 @@ pub(super) async fn handshake(
             protocol,
             bitmap_granularity,
             after_sb_0pri,
+            direct_io,
         } => {
             if version != peer::PROTOCOL_VERSION {
                 return Err(refuse(
@@ -189,6 +191,16 @@ pub(super) async fn handshake(
                 )
                 .await);
             }
+            if direct_io != cfg.direct_io {
+                return Err(refuse(
+                    &mut s,
+                    format!(
+                        "direct-io differs: {node} at {addr} has direct-io = {direct_io}, {} has {}; set the same `direct-io` on both nodes (a node with it takes only 4 KiB-aligned writes, and could not apply the smaller ones a primary without it accepts)",
+                        cfg.me.name, cfg.direct_io
+                    ),
+                )
+                .await);
+            }
             nonce
         }
         Msg::Refuse { reason } => return Err(refused_before_auth(reason)),
@@ -206,6 +218,7 @@ pub(super) async fn handshake(
         encryption: cfg.encryption,
         bitmap_granularity: granularity,
         after_sb_0pri: cfg.after_sb_0pri as u8,
+        direct_io: cfg.direct_io,
     };
     let proof = mac(
         &secret,
@@ -399,6 +412,7 @@ mod tests {
             disk_failed: false,
             peer_durable_gen: 3,
             peer_durable_seq: 9,
+            split_as_primary: false,
         };
         assert_eq!(marks_in_bounds(&ok), Ok(()));
         let bad = [

@@ -1180,6 +1180,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             name,
             changes: s.out_of_sync,
             promoted_ms: s.promoted_ms,
+            split_as_primary: s.split_as_primary,
             consistent: s.disk != 0,
         };
         let (mn, pn) = (res.cfg().me.name.clone(), peer_name(res));
