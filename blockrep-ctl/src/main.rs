@@ -85,7 +85,13 @@ enum Cmd {
     /// Declare the peer's data bad and send it all of this node's (DRBD's
     /// `invalidate-remote`): on the primary, connected to its secondary, a full resync to
     /// it, which is inconsistent until the resync ends.
-    InvalidateRemote,
+    InvalidateRemote {
+        /// `no` (DRBD 9's `--reset-bitmap=no`): resync only the regions already marked out
+        /// of sync (what a `verify` found different), through a planned reconnect that runs
+        /// no fence-peer handler (a `disconnect` and `connect` would).
+        #[arg(long, value_name = "yes|no", default_value = "yes", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+        reset_bitmap: bool,
+    },
     /// Declare this node's disk outdated (what a primary's fence-peer handler runs here by
     /// another path): `primary` then needs --force until a connect to an up-to-date peer
     /// brings it up to date. Refused on a primary and while connected; works on a node that
@@ -121,15 +127,18 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
         /// Give up waiting after this many seconds (exit code 1; the verify goes on).
-        #[arg(long, default_value_t = 3600)]
-        timeout: u64,
+        /// Without it, waits as long as the verify runs (a large device at `resync-rate`
+        /// takes hours).
+        #[arg(long)]
+        timeout: Option<u64>,
     },
     /// Wait until the peer is connected and has every write (on the primary), or this node is
     /// connected and up to date (on a secondary).
     WaitSync {
-        /// Give up after this many seconds (exit code 1).
-        #[arg(long, default_value_t = 300)]
-        timeout: u64,
+        /// Give up after this many seconds (exit code 1). Without it, waits as long as it
+        /// takes (DRBD's `wait-sync`): an initial sync of a large device takes hours.
+        #[arg(long)]
+        timeout: Option<u64>,
     },
     /// Print this node's role and the peer's, `primary/secondary` (DRBD's `drbdadm role`;
     /// the peer is `unknown` while not connected). Exit 3 when the resource is not up.
@@ -201,7 +210,9 @@ fn run(args: Args) -> Result<()> {
         Cmd::Connect { discard_my_data } => simple(&cfg, Request::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&cfg, Request::Disconnect),
         Cmd::Invalidate => simple(&cfg, Request::Invalidate),
-        Cmd::InvalidateRemote => simple(&cfg, Request::InvalidateRemote),
+        Cmd::InvalidateRemote { reset_bitmap } => {
+            simple(&cfg, Request::InvalidateRemote { reset_bitmap })
+        }
         Cmd::Outdate => outdate(&cfg),
         Cmd::ResumeIo => simple(&cfg, Request::ResumeIo),
         Cmd::PauseSync => simple(&cfg, Request::PauseSync),
@@ -1330,18 +1341,61 @@ fn in_sync(s: &Status, target: u64) -> (bool, String) {
     (done, text)
 }
 
-fn wait_sync(cfg: &Config, timeout: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(timeout);
+/// How long a wait with no limit of its own (`wait-sync`, `verify`) goes on while the daemon
+/// does not answer at all (hung, or stalled on its disk): a cron job must not hang for ever.
+const SILENT_DAEMON_LIMIT: Duration = Duration::from_secs(120);
+
+/// The end of a wait: `timeout` seconds from now, or none.
+struct WaitLimit {
+    deadline: Option<Instant>,
+    silent_since: Option<Instant>,
+}
+
+impl WaitLimit {
+    fn new(timeout: Option<u64>) -> Self {
+        WaitLimit {
+            deadline: timeout.map(|t| Instant::now() + Duration::from_secs(t)),
+            silent_since: None,
+        }
+    }
+
+    fn passed(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() > d)
+    }
+
+    /// After a status poll the daemon answered (`true`) or not: whether it has now been
+    /// silent for longer than the wait stands for.
+    fn silent_too_long(&mut self, answered: bool) -> bool {
+        if answered {
+            self.silent_since = None;
+            return false;
+        }
+        let since = *self.silent_since.get_or_insert_with(Instant::now);
+        self.passed() || since.elapsed() > SILENT_DAEMON_LIMIT
+    }
+}
+
+/// "after N s" for a wait's message.
+fn after(timeout: Option<u64>) -> String {
+    timeout.map_or_else(
+        || format!("after {} s of no answer", SILENT_DAEMON_LIMIT.as_secs()),
+        |t| format!("after {t} s"),
+    )
+}
+
+fn wait_sync(cfg: &Config, timeout: Option<u64>) -> Result<()> {
+    let mut limit = WaitLimit::new(timeout);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut target = None;
     loop {
         let Some(st) = poll_status(cfg)? else {
-            if Instant::now() > deadline {
-                bail!("not in sync after {timeout} s: the daemon did not answer");
+            if limit.silent_too_long(false) {
+                bail!("not in sync {}: the daemon did not answer", after(timeout));
             }
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
+        limit.silent_too_long(true);
         if !st.up {
             bail!("resource {} is not up on {}", cfg.resource, cfg.me.name);
         }
@@ -1359,11 +1413,11 @@ fn wait_sync(cfg: &Config, timeout: u64) -> Result<()> {
         if tty {
             eprint!("\r{text}\x1b[K");
         }
-        if Instant::now() > deadline {
+        if limit.passed() {
             if tty {
                 eprintln!();
             }
-            bail!("not in sync after {timeout} s: {text}");
+            bail!("not in sync {}: {text}", after(timeout));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1374,7 +1428,7 @@ fn verify_of(s: &Status) -> Option<&proto::control::VerifyStatus> {
     s.replication.as_ref()?.verify.as_ref()
 }
 
-fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
+fn verify(cfg: &Config, no_wait: bool, timeout: Option<u64>) -> Result<()> {
     let before = daemon_status(cfg).ok_or_else(|| anyhow!(not_running(cfg)))?;
     let r0 = verify_of(&before).map_or(0, |v| v.run);
     let mut c = Control::connect(cfg)?.ok_or_else(|| anyhow!(not_running(cfg)))?;
@@ -1387,15 +1441,19 @@ fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
     if tty {
         eprintln!("{msg}");
     }
-    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let mut limit = WaitLimit::new(timeout);
     loop {
         let Some(st) = poll_status(cfg)? else {
-            if Instant::now() > deadline {
-                bail!("verify not done after {timeout} s (it goes on; see status)");
+            if limit.silent_too_long(false) {
+                bail!(
+                    "verify not done {}: the daemon did not answer (it goes on; see status)",
+                    after(timeout)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
+        limit.silent_too_long(true);
         if let Some(v) = verify_of(&st).filter(|v| v.run > r0) {
             match v.state.as_str() {
                 "done" => {
@@ -1408,7 +1466,7 @@ fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
                     );
                     if v.differ_regions > 0 {
                         eprintln!(
-                            "they are marked out of sync; `blockrep-ctl disconnect` then `connect` resyncs them"
+                            "they are marked out of sync; `blockrep-ctl invalidate-remote --reset-bitmap=no` on the primary resyncs them (only them)"
                         );
                         // For cron and monitoring: the replicas differ (not a failure to run).
                         std::process::exit(EXIT_DIFFER);
@@ -1435,8 +1493,11 @@ fn verify(cfg: &Config, no_wait: bool, timeout: u64) -> Result<()> {
                 ),
             }
         }
-        if Instant::now() > deadline {
-            bail!("verify not done after {timeout} s (it goes on; see status)");
+        if limit.passed() {
+            bail!(
+                "verify not done {} (it goes on; see status)",
+                after(timeout)
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

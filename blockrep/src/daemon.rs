@@ -187,8 +187,8 @@ impl Daemon {
                 Ok(r) => r.invalidate().await,
                 Err(e) => Err(e),
             },
-            Request::InvalidateRemote => match self.resource().await {
-                Ok(r) => r.invalidate_remote().await,
+            Request::InvalidateRemote { reset_bitmap } => match self.resource().await {
+                Ok(r) => r.invalidate_remote(reset_bitmap).await,
                 Err(e) => Err(e),
             },
             Request::Outdate => match self.resource().await {

@@ -118,6 +118,48 @@ fn resync_expected() -> NodeError {
     )
 }
 
+/// Why `cmd` cannot be run as a handler, if it cannot: not an absolute path (the daemon's
+/// working directory and PATH are not the admin's shell's), not there, or not an executable
+/// file.
+fn not_runnable(cmd: &std::path::Path) -> Option<&'static str> {
+    use std::os::unix::fs::PermissionsExt;
+    if !cmd.is_absolute() {
+        return Some("is not an absolute path");
+    }
+    match std::fs::metadata(cmd) {
+        Err(_) => Some("does not exist"),
+        Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
+            Some("is not an executable file")
+        }
+        Ok(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod not_runnable_tests {
+    use super::not_runnable;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A DRBD-style handler line ("script arg"), a relative path, a missing file and a file
+    /// that is not executable are reported at `up`; an executable file is not.
+    #[test]
+    fn handlers_that_cannot_run_are_named() {
+        let dir = crate::test_dir::TestDir::new("brres-handler");
+        let script = dir.join("notify.sh");
+        std::fs::write(&script, "#!/bin/sh\n").expect("script");
+        assert_eq!(not_runnable(&script), Some("is not an executable file"));
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(not_runnable(&script), None);
+        let with_arg = std::path::PathBuf::from(format!("{} root", script.display()));
+        assert_eq!(not_runnable(&with_arg), Some("does not exist"));
+        assert_eq!(
+            not_runnable(std::path::Path::new("notify.sh")),
+            Some("is not an absolute path")
+        );
+        assert_eq!(not_runnable(&dir), Some("is not an executable file"));
+    }
+}
+
 /// How long after a lost link a promotion still waits for the peer to come back: a role
 /// change on the peer reconnects at once.
 const ROLE_CHANGE_RECONNECT: Duration = Duration::from_secs(2);
@@ -955,6 +997,16 @@ impl Resource {
         {
             w.push("a fence-peer handler is configured but fencing is dont-care: it never runs (set fencing = \"resource-only\" or \"resource-and-stonith\")".into());
         }
+        // Found out now rather than at the event (a fence that cannot run is a failed one).
+        let cfg = self.cfg();
+        for (event, cmd) in &cfg.handlers {
+            if let Some(why) = not_runnable(cmd) {
+                w.push(format!(
+                    "handlers.{event} = {:?} {why}: it would fail when the event comes (a handler is one program, run with RESOURCE EVENT PEER as its arguments: no arguments or shell syntax of its own; wrap those in a script)",
+                    cmd.display()
+                ));
+            }
+        }
         w
     }
 
@@ -1416,7 +1468,13 @@ impl Resource {
     /// date and connected to it, sends it everything (a bitmap resync of the whole device, the
     /// peer inconsistent until it ends) from the reconnect this forces. The marks are on disk
     /// before the link drops: a restart of this node meanwhile still resyncs them all.
-    pub async fn invalidate_remote(&self) -> Result<String, NodeError> {
+    ///
+    /// `reset_bitmap: false` (DRBD 9's `--reset-bitmap=no`): nothing more is marked; the
+    /// regions already marked (a verify's differences) are resynced through the same planned
+    /// reconnect, which no fence-peer handler takes for a lost peer (an admin's `disconnect`
+    /// on a primary under fencing is one: the handler runs, and under resource-and-stonith
+    /// I/O freezes until it answers).
+    pub async fn invalidate_remote(&self, reset_bitmap: bool) -> Result<String, NodeError> {
         let cfg = self.cfg();
         let Some(peer) = cfg.peer.as_ref() else {
             return Err(NodeError::Refused("no peer to invalidate".into()));
@@ -1461,26 +1519,49 @@ impl Resource {
             );
         }
         let size = self.device().size();
-        rep.mark_out_of_sync(0, size);
+        if reset_bitmap {
+            rep.mark_out_of_sync(0, size);
+        }
+        let marked = rep.lock().bitmap.dirty_bytes();
+        if marked == 0 {
+            return Ok(format!(
+                "nothing is marked out of sync: {} has every region (a `verify` marks what differs)",
+                peer.name
+            ));
+        }
         rep.persist().await.map_err(|e| {
             NodeError::Refused(format!(
                 "writing the marks failed ({e}): the peer is resynced in full at its next connect if they reached the disk"
             ))
         })?;
-        tracing::warn!(
-            "invalidate-remote: all {size} bytes marked out of sync; {} is resynced in full from this node",
-            peer.name
-        );
+        if reset_bitmap {
+            tracing::warn!(
+                "invalidate-remote: all {size} bytes marked out of sync; {} is resynced in full from this node",
+                peer.name
+            );
+        } else {
+            tracing::info!(
+                "invalidate-remote --reset-bitmap=no: {} resyncs the {marked} bytes marked out of sync",
+                peer.name
+            );
+        }
         self.planned_reconnect
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.redial(|c| {
             c.standalone = false;
             c.bump += 1;
         });
-        Ok(format!(
-            "{} invalidated: it is resynced in full from {} (it reconnects now; `wait-sync` follows it)",
-            peer.name, cfg.me.name
-        ))
+        Ok(if reset_bitmap {
+            format!(
+                "{} invalidated: it is resynced in full from {} (it reconnects now; `wait-sync` follows it)",
+                peer.name, cfg.me.name
+            )
+        } else {
+            format!(
+                "{}: the {marked} bytes marked out of sync are resynced from {} (it reconnects now; `wait-sync` follows it)",
+                peer.name, cfg.me.name
+            )
+        })
     }
 
     /// `invalidate`: this node's data is declared bad; it fetches everything from the peer
@@ -3466,7 +3547,7 @@ impl Resource {
         if fence_after && !established(self.link().state) {
             self.fence_peer();
         }
-        self.attach_kernel().await;
+        let kernel_failed = self.attach_kernel().await;
         let gen_now = self.node_state().gen.current;
         let name = &self.cfg().me.name;
         let note = if !force {
@@ -3505,6 +3586,13 @@ impl Resource {
         } else {
             note
         };
+        // Said here, not only in `status`: the admin's next step is a mount of that device.
+        if let (Some(why), Some(dev)) = (&kernel_failed, &self.cfg().me.kernel_device) {
+            note.push_str(&format!(
+                "; warning: {} is not attached ({why}): the export serves on its socket only",
+                dev.display()
+            ));
+        }
         // Regions a verify found different and no resync has repaired yet (marked by this
         // node's own verify, or by its primary's): which copy is good is not known, and the
         // peer's goes when it connects, as in DRBD. The admin should know before writing.
@@ -3903,25 +3991,37 @@ impl Resource {
 
     /// Attaches the configured kernel device to a socketpair served by this export. Where the
     /// kernel has no nbd driver this is noted in status and the socket export keeps serving.
-    async fn attach_kernel(&self) {
-        let Some(dev) = self.cfg().me.kernel_device.clone() else {
-            return;
-        };
+    async fn attach_kernel(&self) -> Option<String> {
+        let dev = self.cfg().me.kernel_device.clone()?;
         let note = |s: String| {
             if let Ok(mut n) = self.kernel_note.lock() {
                 *n = Some(s);
             }
         };
-        if let Err(e) = crate::kernel::probe(&dev) {
+        let mut probed = crate::kernel::probe(&dev);
+        if matches!(probed, Err(crate::kernel::KernelError::NotLoaded(_)))
+            && load_nbd_module().await
+        {
+            // udev makes the device nodes a moment after the module is in.
+            for _ in 0..20 {
+                probed = crate::kernel::probe(&dev);
+                if !matches!(probed, Err(crate::kernel::KernelError::NotLoaded(_))) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if let Err(e) = probed {
             tracing::warn!("{e}");
             note(e.to_string());
-            return;
+            return Some(e.to_string());
         }
         let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
             Ok(p) => p,
             Err(e) => {
-                note(format!("socketpair for {}: {e}", dev.display()));
-                return;
+                let why = format!("socketpair for {}: {e}", dev.display());
+                note(why.clone());
+                return Some(why);
             }
         };
         let ours = match ours
@@ -3930,8 +4030,9 @@ impl Resource {
         {
             Ok(s) => s,
             Err(e) => {
-                note(format!("socket for {}: {e}", dev.display()));
-                return;
+                let why = format!("socket for {}: {e}", dev.display());
+                note(why.clone());
+                return Some(why);
             }
         };
         let (rd, wr) = ours.into_split();
@@ -3967,12 +4068,19 @@ impl Resource {
                     );
                 }
                 *self.kernel.lock().await = Some(a);
+                None
             }
             Ok(Err(e)) => {
                 tracing::warn!("kernel attach of {} failed: {e}", dev.display());
-                note(format!("attach failed: {e}"));
+                let why = format!("attach failed: {e}");
+                note(why.clone());
+                Some(why)
             }
-            Err(e) => note(format!("attach task failed: {e}")),
+            Err(e) => {
+                let why = format!("attach task failed: {e}");
+                note(why.clone());
+                Some(why)
+            }
         }
     }
 
@@ -3984,6 +4092,40 @@ impl Resource {
                 Ok(Err(e)) => tracing::warn!("kernel detach of {}: {e}", dev.display()),
                 Err(e) => tracing::warn!("kernel detach task: {e}"),
             }
+        }
+    }
+}
+
+/// `modprobe nbd`, as drbdadm loads its module: whether it ran and succeeded (bounded; a
+/// system without modprobe, or without the module, says so in the attach's note).
+async fn load_nbd_module() -> bool {
+    let run = tokio::process::Command::new("modprobe")
+        .arg("nbd")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok(out)) if out.status.success() => {
+            tracing::info!("loaded the kernel's nbd module (modprobe nbd)");
+            true
+        }
+        Ok(Ok(out)) => {
+            tracing::warn!(
+                "modprobe nbd failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("could not run modprobe nbd: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("modprobe nbd did not finish within 10 s");
+            false
         }
     }
 }

@@ -75,7 +75,7 @@ pub fn promote(
     }
     if peer == PeerView::Unknown && !force {
         return Err(
-            "the peer is not connected, so its role and data are unknown; use --force to promote anyway (failover)"
+            "the peer is not connected, so its role and data are unknown; use --force to promote anyway (failover), once you know by another path that the peer is down or not primary: with only the link cut and the peer still primary, --force makes two primaries (a split brain)"
                 .into(),
         );
     }

@@ -37,8 +37,13 @@ pub enum Request {
     /// Discard this node's data; fetch everything from the peer.
     Invalidate,
     /// DRBD's `invalidate-remote`: the peer's data is discarded; this node (up to date,
-    /// connected) resyncs it in full.
-    InvalidateRemote,
+    /// connected) resyncs it in full. `reset_bitmap: false` (DRBD 9's `--reset-bitmap=no`):
+    /// only the regions already marked out of sync (a verify's differences) are resynced,
+    /// through a planned reconnect, which no fence-peer handler takes for a lost peer.
+    InvalidateRemote {
+        #[serde(default = "yes")]
+        reset_bitmap: bool,
+    },
     /// Declare this node's disk outdated (what a primary's fence-peer handler asks for):
     /// `primary` then needs `--force` here. Refused on a primary and while connected.
     Outdate,
@@ -65,6 +70,10 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -268,6 +277,9 @@ mod tests {
                 discard_my_data: false,
             },
             Request::Verify,
+            Request::InvalidateRemote {
+                reset_bitmap: false,
+            },
         ] {
             let line = r.to_line();
             assert!(line.ends_with('\n'));
@@ -277,6 +289,9 @@ mod tests {
         // An older CLI's `down` (no force field) is a plain down.
         let old: Request = serde_json::from_str(r#"{"cmd":"down"}"#).unwrap();
         assert_eq!(old, Request::Down { force: false });
+        // And its `invalidate-remote` a full one.
+        let old: Request = serde_json::from_str(r#"{"cmd":"invalidate-remote"}"#).unwrap();
+        assert_eq!(old, Request::InvalidateRemote { reset_bitmap: true });
         let rep = Reply::Status {
             status: Box::default(),
         };

@@ -1173,7 +1173,9 @@ fn requests() -> Vec<control::Request> {
         },
         R::Disconnect,
         R::Invalidate,
-        R::InvalidateRemote,
+        R::InvalidateRemote {
+            reset_bitmap: false,
+        },
         R::Outdate,
         R::ResumeIo,
         R::PauseSync,

@@ -75,3 +75,39 @@ fn kernel_device_attach_mkfs_mount_detach() {
         "{dev} still attached after down"
     );
 }
+
+/// Where the kernel has no nbd module at all (this machine, a container): `primary` says the
+/// device is not attached, in its own answer (the admin's next step is a mount of it), and
+/// `status` says why; the export still serves on its socket. Where the module exists this
+/// is the test above's case instead.
+#[test]
+fn without_the_nbd_module_primary_says_the_device_is_not_attached() {
+    if free_nbd_device().is_some() || Path::new("/sys/module/nbd").exists() {
+        println!("SKIP: the kernel has an nbd module here (the attach test above runs instead)");
+        return;
+    }
+    let dev = "/dev/nbd15";
+    let c = Cluster::builder("kernel-absent").kernel_device(dev).build();
+    let a = c.alpha();
+    a.create_md();
+    a.up();
+    let out = a.ctl_ok(&["primary", "--force"]);
+    assert!(
+        out.stdout
+            .contains(&format!("warning: {dev} is not attached"))
+            && out.stdout.contains("the export serves on its socket only"),
+        "{}",
+        out.describe()
+    );
+    let st = a.status_json();
+    assert_eq!(st["role"], "primary", "{st}");
+    let note = st["kernel_note"].as_str().unwrap_or("");
+    assert!(note.contains("nbd module not loaded"), "{st}");
+    // The socket export works all the same.
+    let data = XorShift::new(7).bytes(1 << 20);
+    let mut r = a.raw_open();
+    r.write_at(0, &data, 0)
+        .expect("write through the socket export");
+    assert_eq!(r.read_at(0, 1 << 20).expect("read back"), data);
+    r.disconnect();
+}

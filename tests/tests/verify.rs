@@ -296,7 +296,9 @@ fn checksum_resync_with_concurrent_writes_to_the_same_regions() {
 // 2. Online verify.
 
 /// Blocks changed behind the replicator's back on the secondary's backing file: verify finds
-/// exactly those regions, marks them out of sync, a disconnect/connect resyncs only them.
+/// exactly those regions, marks them out of sync, and `invalidate-remote --reset-bitmap=no`
+/// (DRBD 9's; a planned reconnect, where DRBD 8's disconnect and connect would run a
+/// fence-peer handler under fencing) resyncs only them.
 #[test]
 fn verify_finds_blocks_changed_behind_the_back_and_resync_repairs_them() {
     let c = pair("verify-finds", |b| b.journal_size("8M"));
@@ -371,10 +373,22 @@ fn verify_finds_blocks_changed_behind_the_back_and_resync_repairs_them() {
         w.describe()
     );
 
-    // A resync repairs them: DRBD's disconnect + connect.
+    // A resync repairs them. Asked on the secondary, it is refused, naming the primary.
+    let out = b.ctl(&["invalidate-remote", "--reset-bitmap=no"]);
+    assert!(
+        !out.success() && out.stderr.contains("runs on the primary"),
+        "{}",
+        out.describe()
+    );
     let sent0 = a.repl_u64("bytes_sent");
-    a.ctl_ok(&["disconnect"]);
-    a.ctl_ok(&["connect"]);
+    let out = a.ctl_ok(&["invalidate-remote", "--reset-bitmap=no"]).stdout;
+    assert!(
+        out.contains(&format!(
+            "the {} bytes marked out of sync are resynced",
+            4 * BLK
+        )),
+        "{out}"
+    );
     let seen = wait_synced(&c, Duration::from_secs(30), "after verify and reconnect");
     c.wait_in_sync(SYNC_TIMEOUT);
     let sent = a.repl_u64("bytes_sent") - sent0;
@@ -411,6 +425,10 @@ fn verify_finds_blocks_changed_behind_the_back_and_resync_repairs_them() {
     );
     let (regions, _, line) = run_verify(a);
     assert_eq!(regions, 0, "a second verify after the repair: {line}");
+    // Nothing marked now: nothing to do, and the link stays as it is.
+    let out = a.ctl_ok(&["invalidate-remote", "--reset-bitmap=no"]).stdout;
+    assert!(out.contains("nothing is marked out of sync"), "{out}");
+    assert_eq!(a.repl()["connection"], "connected");
 }
 
 #[test]

@@ -649,7 +649,7 @@ pub(super) async fn run_verify(
     tracing::info!(
         "verify run {run} done: {regions} regions ({bytes} bytes) differ, {size} bytes compared in {secs:.1} s{}",
         if regions > 0 {
-            "; they are marked out of sync: disconnect and connect to resync them"
+            "; they are marked out of sync: `invalidate-remote --reset-bitmap=no` on the primary resyncs them"
         } else {
             ""
         }
