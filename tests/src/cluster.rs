@@ -495,6 +495,21 @@ impl Node {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+    /// How many times `needle` occurs in the daemon's log so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    }
+    /// Puts `path` (a device, or a file a test serves: nbdfuse over nbdkit's pause filter,
+    /// say) where this node's backing file was, as a symlink. Before the daemon starts.
+    pub fn back_with(&self, path: &Path) {
+        std::fs::remove_file(&self.backing)
+            .unwrap_or_else(|e| panic!("remove {}: {e}", self.backing.display()));
+        std::os::unix::fs::symlink(path, &self.backing)
+            .unwrap_or_else(|e| panic!("symlink {}: {e}", self.backing.display()));
+    }
     pub fn ctl_path(&self) -> PathBuf {
         self.bin.join("blockrep-ctl")
     }

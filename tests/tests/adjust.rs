@@ -103,12 +103,7 @@ fn adjust_changes_the_protocol_and_a_running_resyncs_rate_without_going_down() {
     // would wait until the link's timeout dropped beta).
     let first = write_random_file(&c.dir().path().join("first"), 4 * MIB as usize);
     let written_before = a.repl_u64("seq_written");
-    let link_ends = || {
-        std::fs::read_to_string(a.log_path())
-            .unwrap_or_default()
-            .matches("peer link ended")
-            .count()
-    };
+    let link_ends = || a.log_count("peer link ended");
     let ends_before = link_ends();
     {
         let _stopped = Stopped::new(b.pid().expect("beta's pid"));

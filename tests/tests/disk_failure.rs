@@ -309,8 +309,7 @@ fn a_hung_disk_shows_in_status_and_clears_when_it_goes_on() {
     let (disk, ctl) = NbdkitFile::paused_memory(c.dir().path(), "beta-disk", SIZE);
     let _stop = StopDaemons(&c);
     let (a, b) = (c.alpha(), c.beta());
-    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
-    std::os::unix::fs::symlink(disk.file(), b.backing_path()).expect("symlink beta.img");
+    b.back_with(&disk.file());
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
     let io = b.status_json()["io"].clone();

@@ -329,8 +329,7 @@ fn the_primarys_own_checkpoint_does_not_hold_up_the_stream_while_the_peer_syncs(
     let lo = LoopDev::attach(&disk.file());
     let _stop = StopDaemons(&c);
     let (a, b) = (c.alpha(), c.beta());
-    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
-    std::os::unix::fs::symlink(lo.dev(), b.backing_path()).expect("symlink beta.img");
+    b.back_with(Path::new(lo.dev()));
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
 

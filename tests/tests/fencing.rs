@@ -1115,11 +1115,10 @@ fn a_second_down_waits_for_the_first() {
         .build();
     // Torn down in this order on any exit: the daemons (which hold the FUSE file), then
     // nbdkit and the FUSE mount.
-    let (_disk, ctl) = NbdkitFile::paused_memory(c.dir().path(), "beta-disk", SIZE);
+    let (disk, ctl) = NbdkitFile::paused_memory(c.dir().path(), "beta-disk", SIZE);
     let _stop = StopDaemons(&c);
     let (a, b) = (c.alpha(), c.beta());
-    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
-    std::os::unix::fs::symlink(_disk.file(), b.backing_path()).expect("symlink beta.img");
+    b.back_with(&disk.file());
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
     pause_control(&ctl, b'p');

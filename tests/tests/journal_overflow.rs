@@ -142,8 +142,7 @@ fn journal_overflow_during_resync_with_a_stuck_peer_releases_writes_and_resyncs(
     let file = disk.file();
     let _stop = StopDaemons(&c);
     let (a, b) = (c.alpha(), c.beta());
-    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
-    std::os::unix::fs::symlink(&file, b.backing_path()).expect("symlink beta.img");
+    b.back_with(&file);
 
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);

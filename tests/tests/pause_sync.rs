@@ -157,12 +157,7 @@ fn a_paused_resync_sends_nothing_while_writes_replicate_and_finishes_after_resum
         |r| r["resync_paused_by_peer"] == false,
     );
     // Paused once the sender parks (it finishes the region in flight first), which it logs.
-    let parked = || {
-        std::fs::read_to_string(a.log_path())
-            .unwrap_or_default()
-            .matches("resync paused (pause-sync)")
-            .count()
-    };
+    let parked = || a.log_count("resync paused (pause-sync)");
     let parked_before = parked();
     a.ctl_ok(&["pause-sync"]);
     wait_for(Duration::from_secs(20), || {

@@ -2890,8 +2890,7 @@ fn a_secondary_whose_disk_hangs_is_dropped_after_ko_count() {
     let file = disk.file();
     let _stop = StopDaemons(&c);
     let b = c.beta();
-    std::fs::remove_file(b.backing_path()).expect("remove beta.img");
-    std::os::unix::fs::symlink(&file, b.backing_path()).expect("symlink beta.img");
+    b.back_with(&file);
     c.start_pair();
     let a = c.alpha();
     nbd_write(a, 0, &random_bytes(MIB));
