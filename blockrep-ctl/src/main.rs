@@ -1168,6 +1168,18 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
             " (FAILED: a sync of the backing device failed; fail over, see the runbook)"
         } else if s.disk == "outdated" {
             " (it may lack writes its peer made since: connect to catch up; `primary` needs --force)"
+        } else if s.disk == "up-to-date"
+            && s.role == "secondary"
+            && s.replication.as_ref().is_some_and(|r| {
+                !matches!(
+                    r.connection.as_str(),
+                    "connected" | "sync-source" | "sync-target"
+                )
+            })
+        {
+            // What the metadata says, as DRBD's UpToDate does: a primary may have gone on
+            // writing since the link was lost.
+            " (as of the last contact with the peer: a primary may have written since)"
         } else {
             ""
         }

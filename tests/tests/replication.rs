@@ -1623,6 +1623,13 @@ fn cut_and_reconnect(test: &str, protocol: &str, how: Cut) {
         "beta received data while the link was cut"
     );
 
+    // The secondary's text status says its disk state is as of the last contact.
+    b.wait_not_connected(Duration::from_secs(10));
+    let text = b.ctl_ok(&["status"]).stdout;
+    assert!(
+        text.contains("disk:up-to-date (as of the last contact with the peer"),
+        "beta's status with the link down:\n{text}"
+    );
     // `wait-sync` gives up while the link is down...
     let out = a.ctl(&["wait-sync", "--timeout", "1"]);
     assert_eq!(
