@@ -965,6 +965,9 @@ fn up(cfg: &Config) -> Result<()> {
         .arg("--node")
         .arg(&cfg.me.name)
         .arg("--up")
+        // A daemon started here is not the service manager's: it must not speak for the
+        // unit `blockrep-ctl` may run inside (sd_notify READY=1).
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -252,7 +252,13 @@ impl Daemon {
     }
 
     /// Serves the control socket until `down` or a termination signal.
-    pub async fn run(self: Arc<Self>, up_now: bool) -> anyhow::Result<()> {
+    /// `notify`: the service manager to tell when the node is ready, its state as it changes,
+    /// and when it stops (systemd's `Type=notify`; see [`crate::notify`]).
+    pub async fn run(
+        self: Arc<Self>,
+        up_now: bool,
+        notify: Option<crate::notify::Notifier>,
+    ) -> anyhow::Result<()> {
         let path = self.cfg.me.control.clone();
         remove_stale_socket(&path).await.map_err(|e| {
             anyhow::anyhow!("control socket: {e} (is a daemon for this node already running?)")
@@ -292,20 +298,38 @@ impl Daemon {
                 return Err(anyhow::anyhow!("up: {e}"));
             }
         }
+        // Ready once the control socket answers and the resource is up (when asked): a
+        // failed `up` above exits before this, and the service manager's start fails with it.
+        let notify = notify.map(Arc::new);
+        if let Some(n) = &notify {
+            n.ready(&self.summary().await);
+            let (me, n) = (self.clone(), n.clone());
+            tokio::spawn(async move { me.report_state(&n).await });
+        }
+        let stopping = || {
+            if let Some(n) = &notify {
+                n.stopping();
+            }
+        };
         let mut stop = self.stop.subscribe();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         loop {
             tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
+                _ = stop.wait_for(|s| *s) => {
+                    stopping();
+                    break;
+                }
                 _ = term.recv() => {
                     tracing::info!("SIGTERM: taking the resource down");
+                    stopping();
                     // A signal is the service manager stopping the node: no refusal.
                     let _ = self.down(true).await;
                     break;
                 }
                 _ = int.recv() => {
                     tracing::info!("SIGINT: taking the resource down");
+                    stopping();
                     // A signal is the service manager stopping the node: no refusal.
                     let _ = self.down(true).await;
                     break;
@@ -332,6 +356,35 @@ impl Daemon {
         let _ = std::fs::remove_file(&path);
         tracing::info!("daemon exits");
         Ok(())
+    }
+
+    /// The node's state in one line (`crate::notify::summary`), or why there is none.
+    async fn summary(&self) -> String {
+        match self.status().await {
+            Ok(st) => crate::notify::summary(&st),
+            Err(e) => e,
+        }
+    }
+
+    /// Keeps the service manager's status line current: at each change the state bell rings
+    /// for (at most every [`NOTIFY_MIN_GAP`]) and every [`NOTIFY_TICK`] for what changes
+    /// without a ring (a resync's progress). Runs until the daemon exits.
+    async fn report_state(&self, n: &crate::notify::Notifier) {
+        let mut bell = crate::bell::subscribe();
+        let mut last = String::new();
+        loop {
+            bell.borrow_and_update();
+            let line = self.summary().await;
+            if line != last {
+                n.status(&line);
+                last = line;
+            }
+            tokio::time::sleep(NOTIFY_MIN_GAP).await;
+            tokio::select! {
+                _ = bell.changed() => {}
+                _ = tokio::time::sleep(NOTIFY_TICK) => {}
+            }
+        }
     }
 
     async fn serve_control(&self, s: UnixStream) {
@@ -379,6 +432,10 @@ impl Daemon {
 
 /// How often an `events` stream looks at the status with no ring of the state bell: what
 /// changes without one (`stalled`, `out-of-sync` yes/no) shows within this.
+/// The service manager's status line is sent at most this often...
+const NOTIFY_MIN_GAP: std::time::Duration = std::time::Duration::from_millis(250);
+/// ...and looked at this often without a change rung (a resync's percentage).
+const NOTIFY_TICK: std::time::Duration = std::time::Duration::from_secs(2);
 const EVENTS_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 /// Statuses an `events` stream builds at most: a burst of [`EVENTS_BURST`] at once (the
 /// steps of a disconnect follow each other within milliseconds), then one every

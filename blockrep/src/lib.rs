@@ -19,6 +19,7 @@ pub mod kernel;
 pub mod link;
 pub mod meta;
 pub mod nbd_server;
+pub mod notify;
 pub mod peer;
 pub mod replication;
 pub mod resource;

@@ -48,6 +48,8 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    // Taken before any thread starts (it leaves the environment the handlers inherit).
+    let notify = blockrep::notify::Notifier::take_from_env().map_err(|e| anyhow::anyhow!(e))?;
     let cfg = blockrep::config::Config::load(&args.config, args.node.as_deref())?;
     // One thread runs every task. A write's path hops between tasks (client reader, peer
     // sender, ack reader, reply writer); on one thread these hops are plain queue operations,
@@ -62,7 +64,7 @@ fn run() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     let daemon = blockrep::daemon::Daemon::new(cfg);
-    let r = rt.block_on(daemon.run(args.up));
+    let r = rt.block_on(daemon.run(args.up, notify));
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     r
 }

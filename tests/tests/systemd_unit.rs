@@ -1,6 +1,7 @@
 //! The shipped systemd unit (`scripts/systemd/blockrep@.service`): systemd accepts it, and
-//! its ExecStart, run as systemd would (foreground, SIGTERM to stop), brings the resource up
-//! secondary and ends with a clean `down`.
+//! its ExecStart, run as systemd would (foreground, `$NOTIFY_SOCKET` for `Type=notify`,
+//! SIGTERM to stop), brings the resource up secondary, says so (READY=1, a status line),
+//! and ends with a clean `down`; a start that fails never says ready.
 
 use std::path::Path;
 use std::process::Command;
@@ -54,6 +55,10 @@ fn the_systemd_unit_verifies_and_its_exec_start_runs_the_node() {
         }
     }
 
+    assert!(
+        unit.lines().any(|l| l == "Type=notify"),
+        "the unit must wait for the daemon's READY=1"
+    );
     let exec = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
@@ -64,17 +69,41 @@ fn the_systemd_unit_verifies_and_its_exec_start_runs_the_node() {
     // This node's name: the unit's default is the host name.
     let mut cmd = Command::new(program);
     cmd.args(args).arg("-n").arg("alpha");
+    // systemd's side of Type=notify: a datagram socket named by $NOTIFY_SOCKET.
+    let manager = ServiceManager::listen(dir);
+    cmd.env("NOTIFY_SOCKET", &manager.path);
     let log = dir.join("unit.log");
     let mut daemon = ChildGuard::spawn(&mut cmd, Some(&log));
-    let up = wait_for(Duration::from_secs(20), || {
-        a.ctl(&["status", "--json"]).success()
-    });
-    assert!(up, "the unit's daemon did not come up:\n{}", daemon.log());
+    let ready = manager.wait_for("READY=1", Duration::from_secs(30));
+    assert!(
+        ready.is_some(),
+        "the unit's daemon never said READY=1 (got {:?}):\n{}",
+        manager.seen(),
+        daemon.log()
+    );
+    let ready = ready.unwrap_or_default();
+    assert!(
+        ready.contains(&format!("MAINPID={}", daemon.pid())),
+        "READY=1 without the daemon's pid: {ready:?}"
+    );
+    // Ready means up: the control socket answers at once, with the resource up.
     let st = a.status_json();
-    assert_eq!(st["up"], true, "{st}");
+    assert_eq!(st["up"], true, "ready before up: {st}");
     assert_eq!(st["role"], "secondary", "a unit must not promote: {st}");
+    assert!(
+        ready.contains("STATUS=secondary, disk "),
+        "the ready message carries the state line: {ready:?}"
+    );
     let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    assert!(
+        manager
+            .wait_for("STOPPING=1", Duration::from_secs(30))
+            .is_some(),
+        "no STOPPING=1 after SIGTERM (got {:?}):\n{}",
+        manager.seen(),
+        daemon.log()
+    );
     assert!(
         daemon.wait_exit(Duration::from_secs(30)),
         "SIGTERM did not stop the daemon:\n{}",
@@ -87,4 +116,89 @@ fn the_systemd_unit_verifies_and_its_exec_start_runs_the_node() {
         daemon.log()
     );
     assert!(!a.ctl(&["status"]).success(), "still running after SIGTERM");
+}
+
+/// A start that fails (no metadata: `create-md` was not run) exits non-zero without READY=1,
+/// so `systemctl start` fails with the daemon's reason rather than reporting a running unit.
+#[test]
+fn a_failed_start_never_says_ready() {
+    let c = Cluster::builder("systemd-fail").nodes(1).build();
+    let a = c.alpha();
+    let dir = c.dir().path();
+    let manager = ServiceManager::listen(dir);
+    let mut cmd = Command::new(a.daemon_path());
+    cmd.arg("-c")
+        .arg(a.config_path())
+        .args(["-n", "alpha", "--up"])
+        .env("NOTIFY_SOCKET", &manager.path);
+    let mut daemon = ChildGuard::spawn(&mut cmd, Some(&dir.join("fail.log")));
+    assert!(
+        daemon.wait_exit(Duration::from_secs(30)),
+        "a daemon without metadata kept running:\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.exit_code(), Some(1), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("create-md"),
+        "the reason names what to run:\n{}",
+        daemon.log()
+    );
+    assert!(
+        manager.seen().iter().all(|m| !m.contains("READY=1")),
+        "a failed start said ready: {:?}",
+        manager.seen()
+    );
+}
+
+/// The service manager's end of `$NOTIFY_SOCKET`: every datagram received, in order.
+struct ServiceManager {
+    path: std::path::PathBuf,
+    sock: std::os::unix::net::UnixDatagram,
+    got: std::cell::RefCell<Vec<String>>,
+}
+
+impl ServiceManager {
+    fn listen(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("read timeout");
+        ServiceManager {
+            path,
+            sock,
+            got: Default::default(),
+        }
+    }
+
+    /// The first message (of all received so far) that contains `needle`, waiting up to
+    /// `timeout` for it.
+    fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.got.borrow().iter().find(|m| m.contains(needle)) {
+                return Some(m.clone());
+            }
+            if std::time::Instant::now() >= end {
+                return None;
+            }
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.got.borrow_mut().push(m);
+            }
+        }
+    }
+
+    /// Everything received so far (after draining what is queued).
+    fn seen(&self) -> Vec<String> {
+        let mut buf = [0u8; 4096];
+        self.sock.set_nonblocking(true).expect("nonblocking");
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            self.got
+                .borrow_mut()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.sock.set_nonblocking(false).expect("blocking");
+        self.got.borrow().clone()
+    }
 }
