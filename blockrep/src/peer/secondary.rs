@@ -839,6 +839,9 @@ pub(super) async fn secondary_side(
                 if res.stream_held() {
                     return Err(LinkError::Closed("this node is being promoted"));
                 }
+                // Refused before it counts as received: under B the primary answers its client
+                // on the receipt alone.
+                record_in_bounds(&msg, res.device().size())?;
                 let units = payload.as_ref().map_or(0, |p| {
                     u32::try_from(p.len().div_ceil(APPLY_BYTES_UNIT))
                         .unwrap_or(u32::MAX)
@@ -908,18 +911,13 @@ pub(super) async fn secondary_side(
                         offset, len, block, ..
                     } => {
                         let count = peer::hash_count(len, block);
-                        let end = offset.checked_add(u64::from(len));
-                        let (Some(count), Some(end)) = (count, end) else {
+                        // In this device (`record_in_bounds`, before the receipt).
+                        let end = offset.saturating_add(u64::from(len));
+                        let Some(count) = count else {
                             return Err(LinkError::Protocol(format!(
                                 "hash request {offset}+{len} in blocks of {block} is out of bounds"
                             )));
                         };
-                        if end > res.device().size() {
-                            return Err(LinkError::Protocol(format!(
-                                "hash request at {offset}+{len} is past this device's {} bytes",
-                                res.device().size()
-                            )));
-                        }
                         // In stream order: earlier writes to the range are applied first,
                         // later ones wait until it is read.
                         ap.lock().ranges.insert(seq, (offset, end));
@@ -976,16 +974,7 @@ pub(super) async fn secondary_side(
                             drop(permit);
                         });
                     }
-                    Msg::Equal { offset, len, .. } => {
-                        if offset
-                            .checked_add(len)
-                            .is_none_or(|e| e > res.device().size())
-                        {
-                            return Err(LinkError::Protocol(format!(
-                                "equal region {offset}+{len} is past this device's {} bytes",
-                                res.device().size()
-                            )));
-                        }
+                    Msg::Equal { .. } => {
                         // Checksum resync found the region equal: nothing to write.
                         ap.finish(seq);
                         drop(permit);
@@ -1178,15 +1167,7 @@ pub(super) async fn secondary_side(
                             Msg::Zero { offset, len, .. } => (offset, len, false),
                             _ => (0, 0, false),
                         };
-                        if offset
-                            .checked_add(len)
-                            .is_none_or(|e| e > res.device().size())
-                        {
-                            return Err(LinkError::Protocol(format!(
-                                "write at {offset}+{len} is past this device's {} bytes",
-                                res.device().size()
-                            )));
-                        }
+                        // In this device (`record_in_bounds`, before the receipt).
                         // A write that goes around the page cache holds the span of every
                         // cached page it can share (see `Device::direct_span`). A FUA write is
                         // a barrier, as a flush is: the client sends what depends on it only
@@ -1296,6 +1277,24 @@ pub(super) async fn secondary_side(
     r
 }
 
+/// A stream record's data range lies in this node's device of `size` bytes (what it writes,
+/// zeroes, vouches for or hashes); anything else is the primary's error and ends the link.
+fn record_in_bounds(msg: &Msg, size: u64) -> Result<(), LinkError> {
+    let (what, offset, len) = match *msg {
+        Msg::Write { offset, len, .. } => ("write", offset, u64::from(len)),
+        Msg::Zero { offset, len, .. } => ("zero", offset, len),
+        Msg::Equal { offset, len, .. } => ("equal region", offset, len),
+        Msg::HashReq { offset, len, .. } => ("hash request", offset, u64::from(len)),
+        _ => return Ok(()),
+    };
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(LinkError::Protocol(format!(
+            "{what} at {offset}+{len} is past this device's {size} bytes"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1328,5 +1327,32 @@ mod tests {
         assert!(ack_is_urgent(Protocol::C, sent, m(10, 8, 7, 5)));
         assert!(!ack_is_urgent(Protocol::B, sent, m(10, 8, 7, 5)));
         assert!(!ack_is_urgent(Protocol::A, sent, m(10, 8, 7, 5)));
+    }
+
+    #[test]
+    fn records_past_the_device_are_refused_before_their_receipt() {
+        let size = 1 << 20;
+        let write = |offset, len| Msg::Write {
+            seq: 1,
+            term: 1,
+            offset,
+            len,
+            crc: 0,
+            fua: false,
+        };
+        assert!(record_in_bounds(&write(size - 4096, 4096), size).is_ok());
+        let e = record_in_bounds(&write(size - 4096, 8192), size).expect_err("past the end");
+        assert!(e.to_string().contains("write at"), "{e}");
+        assert!(record_in_bounds(&write(u64::MAX - 10, 4096), size).is_err());
+        let zero = Msg::Zero {
+            seq: 2,
+            term: 1,
+            offset: 0,
+            len: size + 1,
+            trim: false,
+        };
+        assert!(record_in_bounds(&zero, size).is_err());
+        let flush = Msg::Flush { seq: 3, term: 1 };
+        assert!(record_in_bounds(&flush, size).is_ok());
     }
 }
