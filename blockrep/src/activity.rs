@@ -246,10 +246,17 @@ impl ActivityLog {
     /// valid slot (both torn, or garbage) names all of them.
     pub fn decode(area: &[u8]) -> (OnDisk, u64) {
         let half = area.len() / 2;
-        let best = [&area[..half], &area[half..]]
+        let slots: Vec<_> = [&area[..half], &area[half..]]
             .into_iter()
             .filter_map(parse_slot)
-            .max_by_key(|(n, _)| *n);
+            .collect();
+        // Write numbers go on from the newest slot's: one at the bound (no real history gets
+        // there) would wrap, or panic, at the next write, and the stale slot then look newer
+        // than the fresh one. Such a log is not trusted: every extent.
+        if slots.iter().any(|(n, _)| *n >= crate::meta::COUNTER_LIMIT) {
+            return (OnDisk::All, 0);
+        }
+        let best = slots.into_iter().max_by_key(|(n, _)| *n);
         match best {
             Some((n, log)) => (log, n),
             None => match parse_v1(area) {
@@ -500,6 +507,13 @@ mod tests {
         huge[..b.len()].copy_from_slice(&b);
         huge[12..16].copy_from_slice(&(u32::MAX - 1).to_le_bytes());
         assert_eq!(ActivityLog::decode(&huge).0, OnDisk::All);
+        // A write number at the counters' bound (a valid crc) is not trusted either, and the
+        // next write number starts over rather than wrapping.
+        let mut far = area.clone();
+        let (off, len) = ActivityLog::slot(crate::meta::COUNTER_LIMIT, AREA as u64);
+        let b = al.encode(len, crate::meta::COUNTER_LIMIT);
+        far[off as usize..off as usize + b.len()].copy_from_slice(&b);
+        assert_eq!(ActivityLog::decode(&far), (OnDisk::All, 0));
     }
 
     #[test]

@@ -207,7 +207,12 @@ pub fn parse_size(s: &str) -> Option<u64> {
 fn toml_error(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
         Some(span) => {
-            let at = span.start.min(text.len());
+            // On a character boundary whatever the parser reports: slicing inside a
+            // multi-byte character would panic on a config file's text.
+            let mut at = span.start.min(text.len());
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
             let line_no = text[..at].matches('\n').count() + 1;
             let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
             let column = text[line_start..at].chars().count() + 1;

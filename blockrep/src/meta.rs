@@ -555,6 +555,12 @@ impl Superblock {
 /// writes at millions per second).
 pub const COUNTER_LIMIT: u64 = 1 << 62;
 
+/// Bound on a sequence mark the peer names (in its state, a resync's start, a stream record):
+/// half of [`COUNTER_LIMIT`], so that this node's own counters, which go on from the peer's
+/// marks, stay far below what a superblock may hold (a mark just under the limit would be
+/// committed past it after a few records, and the metadata then no longer reads).
+pub const PEER_COUNTER_LIMIT: u64 = COUNTER_LIMIT / 2;
+
 impl Superblock {
     /// Encodes into one slot: magic, version, payload length, postcard payload, crc32c.
     pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {

@@ -533,3 +533,54 @@ fn a_journal_size_changed_after_create_md_is_named_at_up() {
     );
     a.down();
 }
+
+/// A journal smaller than the config's `journal-size` (create-md ran with the smaller one):
+/// a resync cuts its chunks to the journal that runs, not to the config's, and ends (chunks
+/// of the config's size never fit the metadata's journal: the sync failed and restarted for
+/// ever).
+#[test]
+fn a_full_sync_fits_the_metadata_journal_when_the_config_names_a_larger_one() {
+    let c = Cluster::builder("cfg-journal-resync")
+        .nodes(2)
+        .journal_size("1M")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    b.create_md();
+    // Data on alpha for the sync to move: 8 MiB of a pattern no zero-region shortcut skips.
+    let pattern: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.backing_path())
+            .expect("alpha's backing file");
+        f.write_all_at(&pattern, 0).expect("pattern");
+        f.sync_all().expect("sync");
+    }
+    edit_config(&c, "journal-size = \"1M\"", "journal-size = \"64M\"");
+    a.up();
+    b.up();
+    a.primary_force();
+    c.wait_in_sync(Duration::from_secs(120));
+    let mut got = vec![0u8; pattern.len()];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(b.backing_path()).expect("beta's backing file");
+        f.read_exact_at(&mut got, 0).expect("read beta");
+    }
+    assert!(
+        got == pattern,
+        "beta does not hold alpha's data after the sync"
+    );
+    assert_eq!(
+        a.log_count("resync chunk larger than the journal"),
+        0,
+        "resync chunks did not fit the journal:\n{}",
+        a.log_tail(20)
+    );
+    a.down();
+    b.down();
+}

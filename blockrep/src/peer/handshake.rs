@@ -351,9 +351,9 @@ pub(super) fn marks_in_bounds(st: &NodeState) -> Result<(), String> {
         st.journal_first_seq,
         st.peer_durable_seq,
     ];
-    if marks.iter().any(|&m| m >= COUNTER_LIMIT) {
+    if marks.iter().any(|&m| m >= PEER_COUNTER_LIMIT) {
         return Err(format!(
-            "the peer's sequence marks (applied, durable, issued, journal, this node's durable issued) {marks:?} are out of bounds (limit {COUNTER_LIMIT})"
+            "the peer's sequence marks (applied, durable, issued, journal, this node's durable issued) {marks:?} are out of bounds (limit {PEER_COUNTER_LIMIT})"
         ));
     }
     // Its disk state picks resync sources and split-brain losers: one of the three codes.
@@ -400,7 +400,7 @@ mod tests {
             disk: 2,
             size: 1 << 30,
             gen: peer::GenIds::default(),
-            applied_seq: COUNTER_LIMIT - 1,
+            applied_seq: PEER_COUNTER_LIMIT - 1,
             applied_term: 7,
             durable_seq: 5,
             issued_seq: 9,
@@ -421,7 +421,7 @@ mod tests {
                 ..ok.clone()
             },
             NodeState {
-                issued_seq: COUNTER_LIMIT,
+                issued_seq: PEER_COUNTER_LIMIT,
                 ..ok.clone()
             },
             NodeState {
@@ -429,7 +429,7 @@ mod tests {
                 ..ok.clone()
             },
             NodeState {
-                journal_first_seq: COUNTER_LIMIT,
+                journal_first_seq: PEER_COUNTER_LIMIT,
                 ..ok.clone()
             },
             NodeState {

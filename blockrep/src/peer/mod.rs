@@ -32,7 +32,7 @@ use crate::bitmap::Bitmap;
 use crate::buf::Buf;
 use crate::config::Protocol;
 use crate::link::{self, LinkKeys, LinkRead, LinkWrite};
-use crate::meta::{DiskState, Generations, COUNTER_LIMIT};
+use crate::meta::{DiskState, Generations, PEER_COUNTER_LIMIT};
 use crate::replication::{Ranges, Record, Replication};
 use crate::resource::Resource;
 use crate::state::{self, Role, SyncDecision};

@@ -822,9 +822,11 @@ pub(super) async fn run_resync(
     let mut data_bytes = 0u64;
     let mut pace = Pace::new(res.cfg().resync_rate);
     let mut equal_bytes = 0u64;
-    // A chunk is one journal record: keep it well inside the journal.
+    // A chunk is one journal record: keep it well inside the journal (the metadata's, which
+    // is what runs: a config's different journal-size waits for create-md).
+    let journal_cap = rep.lock().ring.cap();
     let chunk = (1u64 << 20)
-        .min(res.cfg().journal_size / 8)
+        .min(journal_cap / 8)
         .max(block)
         .min(u64::from(peer::MAX_HASH_SPAN));
     // Checksum resync: hash requests in flight ahead of the regions being decided.

@@ -608,9 +608,9 @@ pub(super) async fn secondary_side(
                     Some(s) => s,
                     None => match msg {
                         Msg::Ping { .. } => continue,
-                        Msg::SyncStart { seq, .. } if seq == 0 || seq >= COUNTER_LIMIT => {
+                        Msg::SyncStart { seq, .. } if seq == 0 || seq >= PEER_COUNTER_LIMIT => {
                             return Err(LinkError::Protocol(format!(
-                                "resync start at sequence {seq} (sequences run from 1 to {COUNTER_LIMIT})"
+                                "resync start at sequence {seq} (sequences run from 1 to {PEER_COUNTER_LIMIT})"
                             )))
                         }
                         Msg::SyncStart { seq, .. } if records_seen => {
@@ -775,9 +775,9 @@ pub(super) async fn secondary_side(
                         Msg::Durable { gen, issued } => {
                             // Told back to the source at the next connect (see
                             // `state::went_back`); a sequence past the bound is no mark.
-                            if issued >= COUNTER_LIMIT {
+                            if issued >= PEER_COUNTER_LIMIT {
                                 return Err(LinkError::Protocol(format!(
-                                    "the source reports issued sequence {issued} durable (sequences run to {COUNTER_LIMIT})"
+                                    "the source reports issued sequence {issued} durable (sequences run to {PEER_COUNTER_LIMIT})"
                                 )));
                             }
                             if crate::state::names_a_generation(gen) {
@@ -882,12 +882,14 @@ pub(super) async fn secondary_side(
                         // Already have it (a replay after reconnect): skip.
                         continue;
                     }
-                    if Some(seq) != s.received.checked_add(1) {
+                    // In sequence, and below the bound this node's metadata can hold (with
+                    // room to go on: see `PEER_COUNTER_LIMIT`).
+                    if Some(seq) != s.received.checked_add(1) || seq >= PEER_COUNTER_LIMIT {
                         rep.stats
                             .protocol_errors
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Err(LinkError::Protocol(format!(
-                            "sequence gap: expected {}, got {seq}",
+                            "sequence gap: expected {}, got {seq} (sequences run to {PEER_COUNTER_LIMIT})",
                             s.received.saturating_add(1)
                         )));
                     }
