@@ -768,19 +768,19 @@ fn create_md(cfg: &Config, force: bool) -> Result<()> {
         l.al_len,
         l.journal_len
     );
-    // `up` refuses a bitmap larger than one peer link frame: said here, where it is made,
-    // with the granularity that fits (each doubling halves the bitmap).
-    let frame = u64::from(proto::peer::MAX_PAYLOAD_LEN);
-    if cfg.peer.is_some() && l.bitmap_len > frame {
+    // `up` refuses a bitmap larger than a node keeps: said here, where it is made, with the
+    // granularity that fits (each doubling halves the bitmap).
+    let most = proto::bitmap_wire::MAX_BITMAP_BYTES;
+    if cfg.peer.is_some() && l.bitmap_len > most {
         let mut fits = l.granularity;
-        while l.bitmap_len * l.granularity / fits > frame {
+        while l.bitmap_len * l.granularity / fits > most {
             fits *= 2;
         }
         bail!(
-            "this device's dirty bitmap is {} MiB at bitmap-granularity {} bytes, more than the {} MiB a peer link frame carries, and `up` would refuse it: set bitmap-granularity to {} or more and run create-md --force",
+            "this device's dirty bitmap is {} MiB at bitmap-granularity {} bytes, more than the {} MiB a node keeps, and `up` would refuse it: set bitmap-granularity to {} or more and run create-md --force",
             l.bitmap_len >> 20,
             l.granularity,
-            frame >> 20,
+            most >> 20,
             fits
         );
     }

@@ -103,6 +103,28 @@ impl Bitmap {
         b
     }
 
+    /// A bitmap of `size` and `granularity` with these words (as [`Self::words`] gives them,
+    /// the peer's over the link); words past the device, and bits past it in the last word,
+    /// are dropped, missing words are clear.
+    pub fn from_words(size: u64, granularity: u64, mut words: Vec<u64>) -> Self {
+        let mut b = Self::new(size, granularity);
+        words.resize(b.words.len(), 0);
+        let nbits = size.div_ceil(granularity);
+        if nbits % 64 != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= u64::MAX >> (64 - nbits % 64);
+            }
+        }
+        b.dirty_bits = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        b.words = words;
+        b
+    }
+
+    /// The bits, 64 regions a word, the first region in the lowest bit of the first word.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
@@ -305,5 +327,20 @@ mod tests {
         c.set_range(7 * 4096, 1);
         b.merge(&c);
         assert_eq!(b.dirty_bits(), 2);
+    }
+
+    #[test]
+    fn from_words_drops_words_and_bits_past_the_device() {
+        // 200 regions: four words, 8 bits used in the last.
+        let (size, g) = (200 * 4096, 4096);
+        let mut words = vec![0u64, 1 << 5, 0, u64::MAX, u64::MAX];
+        let b = Bitmap::from_words(size, g, words.clone());
+        assert_eq!(b.words(), &[0, 1 << 5, 0, 0xff]);
+        assert_eq!(b.dirty_bits(), 9);
+        // Missing words are clear.
+        words.truncate(2);
+        let b = Bitmap::from_words(size, g, words);
+        assert_eq!(b.words(), &[0, 1 << 5, 0, 0]);
+        assert_eq!(b.dirty_bits(), 1);
     }
 }

@@ -452,14 +452,14 @@ impl Resource {
                 meta.sb.layout.granularity
             )));
         }
-        // The bitmap crosses the link as one frame at every connect.
+        // The bitmap is held in memory, and the peer takes no larger one.
         let bitmap_len = meta.sb.layout.bitmap_len;
-        if cfg.peer.is_some() && bitmap_len > u64::from(proto::peer::MAX_PAYLOAD_LEN) {
+        if cfg.peer.is_some() && bitmap_len > proto::bitmap_wire::MAX_BITMAP_BYTES {
             return Err(NodeError::Refused(format!(
-                "the dirty bitmap of this device is {} MiB at bitmap-granularity {} bytes, more than the {} MiB a peer link frame carries: run create-md with a larger bitmap-granularity (each doubling halves it)",
+                "the dirty bitmap of this device is {} MiB at bitmap-granularity {} bytes, more than the {} MiB a node keeps: run create-md with a larger bitmap-granularity (each doubling halves it)",
                 bitmap_len >> 20,
                 meta.sb.layout.granularity,
-                proto::peer::MAX_PAYLOAD_LEN >> 20
+                proto::bitmap_wire::MAX_BITMAP_BYTES >> 20
             )));
         }
         let crashed = meta.sb.was_primary && cfg.peer.is_some();

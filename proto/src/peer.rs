@@ -22,6 +22,9 @@ pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// `GenIds::sync_done_unacked` (a SyncDone whose acknowledgement was lost).
 /// 18: `Ack::synced`: the secondary reports data synced to its disk before the applied mark
 /// that says so is committed, so a flush under C is answered one metadata sync sooner.
+/// 22: the dirty bitmap crosses in parts (`BitmapPart`), each as words or run lengths
+/// (`bitmap_wire`), instead of one frame of words: a mostly clean bitmap is a few bytes, and a
+/// device's bitmap is no longer limited to one frame (1 TiB at 4 KiB a bit).
 /// 21: the hello names whether the node's export takes direct I/O (`direct_io`, both must
 /// agree), and `NodeState::split_as_primary` (which node was primary when the two parted).
 /// 17: `Checkpoint`, a durability point that is not a barrier (the primary's own requests
@@ -32,7 +35,7 @@ pub const FRAME_MAGIC: u32 = 0x4252_5031; // "BRP1"
 /// source checks against what the target acknowledged before any resync).
 /// 14: a resync's target forgets its own bitmap at the SyncStart, which the source sends
 /// only once the merged bitmap is on its disk.
-pub const PROTOCOL_VERSION: u32 = 21;
+pub const PROTOCOL_VERSION: u32 = 22;
 pub const PREFIX_LEN: usize = 14;
 pub const MAX_HEADER_LEN: usize = 1024;
 /// Largest payload: one NBD request (32 MiB) or one resync chunk.
@@ -188,8 +191,14 @@ pub enum Msg {
         synced: u64,
         durable: u64,
     },
-    /// Target to source: the target's dirty bitmap (regions it changed that the source lacks).
-    Bitmap {
+    /// Target to source: one part of the target's dirty bitmap (regions it changed that the
+    /// source lacks), its words `first_word .. first_word + words` in order, as words or, when
+    /// `runs`, as run lengths (see [`crate::bitmap_wire`]); `last` ends the bitmap.
+    BitmapPart {
+        first_word: u64,
+        words: u32,
+        runs: bool,
+        last: bool,
         len: u32,
         crc: u32,
     },
@@ -528,7 +537,7 @@ pub fn decode_header(
     }
     let msg: Msg = postcard::from_bytes(header).map_err(|e| FrameError::Decode(e.to_string()))?;
     let want = match &msg {
-        Msg::Write { len, .. } | Msg::Bitmap { len, .. } | Msg::Hashes { len, .. } => *len,
+        Msg::Write { len, .. } | Msg::BitmapPart { len, .. } | Msg::Hashes { len, .. } => *len,
         _ => 0,
     };
     if want != pre.payload_len {
@@ -552,7 +561,9 @@ pub fn check_payload_crc(msg: &Msg, payload_crc: u32) -> Result<(), FrameError> 
         Msg::Write { seq, crc, .. } | Msg::Hashes { seq, crc, .. } if payload_crc != *crc => {
             Err(FrameError::PayloadCrc { seq: *seq })
         }
-        Msg::Bitmap { crc, .. } if payload_crc != *crc => Err(FrameError::PayloadCrc { seq: 0 }),
+        Msg::BitmapPart { crc, .. } if payload_crc != *crc => {
+            Err(FrameError::PayloadCrc { seq: 0 })
+        }
         _ => Ok(()),
     }
 }

@@ -57,7 +57,7 @@ fn decode_frame(buf: &[u8], ctx: Ctx) -> Result<(Msg, &[u8], usize), Option<Fram
 /// The payload length a message announces (0 for messages without one).
 fn data_len(m: &Msg) -> u32 {
     match m {
-        Msg::Write { len, .. } | Msg::Bitmap { len, .. } | Msg::Hashes { len, .. } => *len,
+        Msg::Write { len, .. } | Msg::BitmapPart { len, .. } | Msg::Hashes { len, .. } => *len,
         _ => 0,
     }
 }
@@ -75,7 +75,7 @@ fn variant(m: &Msg) -> usize {
         Msg::Zero { .. } => 5,
         Msg::Flush { .. } => 6,
         Msg::Ack { .. } => 7,
-        Msg::Bitmap { .. } => 8,
+        Msg::BitmapPart { .. } => 8,
         Msg::SyncStart { .. } => 9,
         Msg::SyncDone { .. } => 10,
         Msg::Ping { .. } => 11,
@@ -182,7 +182,11 @@ fn random_msg(rng: &mut Rng, v: usize) -> (Msg, Vec<u8>) {
         },
         8 => {
             let d = data(rng, 8);
-            let msg = Msg::Bitmap {
+            let msg = Msg::BitmapPart {
+                first_word: rng.u64_edge(),
+                words: rng.u32_edge(),
+                runs: rng.bool(),
+                last: rng.bool(),
                 len: d.len() as u32,
                 crc: crc32c::crc32c(&d),
             };
@@ -406,6 +410,49 @@ fn peer_random_bytes_never_decode_or_panic() {
     }
 }
 
+/// A bitmap part's payload, random or a mutation of a valid one, decodes to exactly its
+/// words or is refused; a valid one round-trips.
+#[test]
+fn peer_bitmap_parts_decode_exactly_or_are_refused() {
+    use proto::bitmap_wire::{decode_part, encode_part};
+    let seed = 0x5EED_00B1;
+    for iter in 0..3_000 {
+        let ctx = Ctx {
+            test: "peer_bitmap_parts_decode_exactly_or_are_refused",
+            seed,
+            iter,
+        };
+        let mut rng = Rng::new(seed, iter);
+        let words = rng.index(300);
+        // Sparse or dense words, so that both forms occur.
+        let sparse = rng.bool();
+        let part: Vec<u64> = (0..words)
+            .map(|_| match (sparse, rng.below(4)) {
+                (true, 0) => 1u64 << rng.below(64),
+                (true, _) => 0,
+                (false, 0) => u64::MAX,
+                (false, _) => rng.next(),
+            })
+            .collect();
+        let mut payload = Vec::new();
+        let runs = encode_part(&part, &mut payload);
+        let mut back = vec![0u64; words];
+        assert_eq!(decode_part(&payload, runs, &mut back), Ok(()), "{ctx}");
+        assert_eq!(back, part, "{ctx}");
+        // Garbage and mutations: an error, or some words (never a panic or a write past the
+        // part's words).
+        let bad = if rng.bool() {
+            let n = rng.garbage_len();
+            rng.bytes(n)
+        } else {
+            mutate(&mut rng, &payload)
+        };
+        let mut out = vec![0u64; words];
+        let _ = decode_part(&bad, rng.bool(), &mut out);
+        assert_eq!(out.len(), words, "{ctx}");
+    }
+}
+
 #[test]
 fn peer_garbage_headers_with_valid_crc_reach_postcard_safely() {
     // The crc is made to match, so postcard itself sees the garbage: it must fail cleanly or
@@ -613,7 +660,17 @@ fn peer_payload_mutations_are_always_detected() {
                 crc: crc32c::crc32c(&payload),
                 fua,
             },
-            Msg::Bitmap { .. } => Msg::Bitmap {
+            Msg::BitmapPart {
+                first_word,
+                words,
+                runs,
+                last,
+                ..
+            } => Msg::BitmapPart {
+                first_word,
+                words,
+                runs,
+                last,
                 len: payload.len() as u32,
                 crc: crc32c::crc32c(&payload),
             },

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use proto::peer::{self, Msg, NodeState, PREFIX_LEN};
-use proto::seal;
+use proto::{bitmap_wire, seal};
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -310,6 +310,98 @@ async fn read_frame_within<R: AsyncRead + Unpin>(
     tokio::time::timeout(rest, read_frame_rest(r, res, &p))
         .await
         .map_err(|_| LinkError::Timeout(what))?
+}
+
+/// This node's dirty bitmap as the frames that carry it to the peer at connect: parts of at
+/// most [`bitmap_wire::PART_WORDS`] words, each as words or runs, whichever is shorter.
+fn bitmap_frames(words: &[u64]) -> Vec<u8> {
+    let mut frames = Vec::new();
+    let mut payload = Vec::new();
+    let parts = words.len().div_ceil(bitmap_wire::PART_WORDS).max(1);
+    for i in 0..parts {
+        let from = i * bitmap_wire::PART_WORDS;
+        let part = &words[from.min(words.len())..(from + bitmap_wire::PART_WORDS).min(words.len())];
+        payload.clear();
+        let runs = bitmap_wire::encode_part(part, &mut payload);
+        peer::encode_frame(
+            &mut frames,
+            &Msg::BitmapPart {
+                first_word: from as u64,
+                words: part.len() as u32,
+                runs,
+                last: i + 1 == parts,
+                len: payload.len() as u32,
+                crc: crc32c::crc32c(&payload),
+            },
+            &payload,
+        );
+    }
+    frames
+}
+
+/// The peer's dirty bitmap, read in its parts (see [`bitmap_frames`]) and laid over this
+/// node's device: words past it are dropped (a larger peer), missing ones are clear. The
+/// parts must come in order, each within the handshake's time, and no more words than the
+/// larger of the two devices' bitmaps hold.
+async fn read_peer_bitmap<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    res: &Resource,
+    peer: &NodeState,
+) -> Result<Bitmap, LinkError> {
+    let size = res.device().size();
+    let granularity = res.cfg().bitmap_granularity;
+    let words_for = |bytes: u64| bytes.div_ceil(granularity).div_ceil(64);
+    let ours = words_for(size);
+    let bound = ours
+        .max(words_for(peer.size))
+        .min(bitmap_wire::MAX_BITMAP_BYTES / 8);
+    let mut words = vec![0u64; ours as usize];
+    let mut part = Vec::new();
+    let mut next = 0u64;
+    loop {
+        let (msg, payload, _) =
+            read_frame_within(rd, res, HANDSHAKE_TIMEOUT, "waiting for the peer's bitmap").await?;
+        let (first_word, n, runs, last) = match msg {
+            Msg::BitmapPart {
+                first_word,
+                words,
+                runs,
+                last,
+                ..
+            } => (first_word, u64::from(words), runs, last),
+            Msg::Refuse { reason } => return Err(peer_refused(reason)),
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "expected the peer's bitmap, got {other:?}"
+                )))
+            }
+        };
+        if first_word != next
+            || n > bitmap_wire::PART_WORDS as u64
+            || next.saturating_add(n) > bound
+        {
+            return Err(LinkError::Protocol(format!(
+                "the peer's bitmap part of words {first_word}+{n} does not follow word {next} within {bound} words"
+            )));
+        }
+        part.clear();
+        part.resize(n as usize, 0);
+        let decoded = bitmap_wire::decode_part(payload.as_deref().unwrap_or(&[]), runs, &mut part);
+        if let Some(b) = payload {
+            res.device().pool.put(b);
+        }
+        decoded.map_err(|e| LinkError::Protocol(format!("the peer's bitmap: {e}")))?;
+        // The part's words that fall in this node's device.
+        if next < ours {
+            let end = (next + n).min(ours);
+            words[next as usize..end as usize].copy_from_slice(&part[..(end - next) as usize]);
+        }
+        next += n;
+        if last {
+            break;
+        }
+    }
+    Ok(Bitmap::from_words(size, granularity, words))
 }
 
 /// The rest of a frame whose prefix `p` was read.
@@ -1591,4 +1683,64 @@ async fn idle_side(
         r = reader => r,
     };
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frames of a bitmap decode, part by part in order, to its words; a clean bitmap
+    /// of several parts is a few bytes each, a dense one its words.
+    #[test]
+    fn bitmap_frames_carry_the_words_in_order() {
+        let n = 2 * bitmap_wire::PART_WORDS + 5;
+        for dense in [false, true] {
+            let mut words = vec![0u64; n];
+            let mut x = 0x2545_F491_4F6C_DD1Du64;
+            for (i, w) in words.iter_mut().enumerate() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if dense || i % 50_000 == 7 || i == n - 1 {
+                    *w = x;
+                }
+            }
+            let frames = bitmap_frames(&words);
+            if !dense {
+                assert!(frames.len() < 1024, "{} bytes", frames.len());
+            }
+            let mut back = Vec::new();
+            let mut at = 0;
+            loop {
+                let p: &[u8; PREFIX_LEN] = frames[at..at + PREFIX_LEN].try_into().expect("prefix");
+                let pre = peer::parse_prefix(p).expect("prefix");
+                let h = at + PREFIX_LEN;
+                let msg =
+                    peer::decode_header(p, &pre, &frames[h..h + pre.header_len]).expect("header");
+                let body = &frames[h + pre.header_len..][..pre.payload_len as usize];
+                peer::check_payload(&msg, body).expect("crc");
+                at = h + pre.header_len + pre.payload_len as usize;
+                let Msg::BitmapPart {
+                    first_word,
+                    words: count,
+                    runs,
+                    last,
+                    ..
+                } = msg
+                else {
+                    panic!("{msg:?}");
+                };
+                assert_eq!(first_word, back.len() as u64);
+                let mut part = vec![0u64; count as usize];
+                bitmap_wire::decode_part(body, runs, &mut part).expect("part");
+                assert_eq!(runs, !dense);
+                back.extend(part);
+                if last {
+                    break;
+                }
+            }
+            assert_eq!(at, frames.len(), "nothing after the last part");
+            assert_eq!(back, words);
+        }
+    }
 }

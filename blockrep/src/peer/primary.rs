@@ -30,26 +30,7 @@ pub(super) async fn primary_side(
         .ok_or(LinkError::Closed("no replication state"))?
         .clone();
     // The secondary sends its dirty bitmap first: regions it changed that this node lacks.
-    let (msg, payload, _) = read_frame_within(
-        &mut rd,
-        res,
-        HANDSHAKE_TIMEOUT,
-        "waiting for the peer's bitmap",
-    )
-    .await?;
-    let peer_bitmap = match (msg, payload) {
-        (Msg::Bitmap { .. }, Some(b)) => {
-            let bm = Bitmap::from_bytes(res.device().size(), res.cfg().bitmap_granularity, &b);
-            res.device().pool.put(b);
-            bm
-        }
-        (Msg::Refuse { reason }, _) => return Err(peer_refused(reason)),
-        (other, _) => {
-            return Err(LinkError::Protocol(format!(
-                "expected the peer's bitmap, got {other:?}"
-            )))
-        }
-    };
+    let peer_bitmap = read_peer_bitmap(&mut rd, res, &peer).await?;
     // A peer whose disk went back in time is checked first: a resync it was the target of
     // counted what it acknowledged as done (its bits cleared here), so whatever resync the
     // generations or its inconsistent disk call for would leave those regions out.

@@ -435,17 +435,8 @@ pub(super) async fn secondary_side(
     // The earlier stream's tail becomes durable now, not at the next checkpoint.
     ap.make_durable().await?;
     {
-        let bytes = rep.lock().bitmap.to_bytes();
-        let mut f = Vec::with_capacity(bytes.len() + 64);
-        peer::encode_frame(
-            &mut f,
-            &Msg::Bitmap {
-                len: bytes.len() as u32,
-                crc: crc32c::crc32c(&bytes),
-            },
-            &bytes,
-        );
-        wr.write_all(&f).await?;
+        let frames = bitmap_frames(rep.lock().bitmap.words());
+        wr.write_all(&frames).await?;
     }
     tracing::info!(
         "receiving from the peer from sequence {} (it issued {})",
