@@ -36,6 +36,12 @@ pub enum KernelError {
     NotBlockDevice(PathBuf),
     #[error("{} is already connected (disconnect it first, e.g. nbd-client -d)", .0.display())]
     InUse(PathBuf),
+    /// Still attached from an earlier daemon of this node (one that ended without detaching
+    /// it: the kernel keeps a netlink attachment until told otherwise).
+    #[error("{} is still attached from an earlier daemon of this node", .0.display())]
+    Stale(PathBuf),
+    #[error("{} is still attached from an earlier daemon of this node, and {why}: its I/O failed when that daemon ended; unmount it (or stop what holds it), then promote again", .device.display())]
+    StaleInUse { device: PathBuf, why: String },
     #[error("invalid NBD block size {0}: must be a power of two of at least 512")]
     BlockSize(u32),
     #[error("cannot stat {}: {source}", .path.display())]
@@ -68,13 +74,15 @@ const DO_IT: Req = Req(nbd_io(3), "NBD_DO_IT");
 const CLEAR_SOCK: Req = Req(nbd_io(4), "NBD_CLEAR_SOCK");
 const SET_SIZE_BLOCKS: Req = Req(nbd_io(7), "NBD_SET_SIZE_BLOCKS");
 const DISCONNECT: Req = Req(nbd_io(8), "NBD_DISCONNECT");
-/// On the ioctl path, the kernel's per-request timeout: a request that takes longer marks a
-/// single-connection device dead and fails its I/O. Left unset, older kernels apply blk-mq's
-/// 30 s, newer ones keep waiting; server-side waits (the peer, a full journal: 30 s) can be
-/// that long, so it is set generously instead: `IOCTL_REQUEST_TIMEOUT_S`.
+/// The kernel's per-request timeout: a request that takes longer marks a single-connection
+/// device dead and fails its I/O for good (the filesystem on it sees EIO). Left unset, older
+/// kernels apply blk-mq's 30 s, newer ones keep waiting.
 const SET_TIMEOUT: Req = Req(nbd_io(9), "NBD_SET_TIMEOUT");
-/// Seconds (see [`SET_TIMEOUT`]): well above the longest wait inside the server.
-const IOCTL_REQUEST_TIMEOUT_S: u64 = 120;
+/// Seconds (see [`SET_TIMEOUT`]), on both interfaces: I/O may wait in the server without a
+/// bound (suspended under `resource-and-stonith` until the fence or `resume-io`, as DRBD
+/// freezes it), so in effect never; a daemon that dies closes the socket, which fails the
+/// I/O at once. About 11.5 days: the kernel keeps it times HZ in 32 bits.
+const KERNEL_REQUEST_TIMEOUT_S: u64 = 1_000_000;
 const SET_FLAGS: Req = Req(nbd_io(10), "NBD_SET_FLAGS");
 
 // nbd-netlink.h (index and fd are NLA_U32; sizes, flags and timeouts NLA_U64) and genetlink.h.
@@ -84,9 +92,13 @@ const NBD_CMD_DISCONNECT: u8 = 2;
 const NBD_ATTR_INDEX: u16 = 1;
 const NBD_ATTR_SIZE_BYTES: u16 = 2;
 const NBD_ATTR_BLOCK_SIZE_BYTES: u16 = 3;
+const NBD_ATTR_TIMEOUT: u16 = 4;
 const NBD_ATTR_SERVER_FLAGS: u16 = 5;
 const NBD_ATTR_SOCKETS: u16 = 7;
 const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
+/// A string the kernel shows in `/sys/block/nbdN/backend` (Linux 5.14 on; older kernels
+/// ignore it): how a restarted daemon knows a device still attached is its own.
+const NBD_ATTR_BACKEND_IDENTIFIER: u16 = 10;
 const NBD_SOCK_ITEM: u16 = 1;
 const NBD_SOCK_FD: u16 = 1;
 const NLA_F_NESTED: u16 = 1 << 15;
@@ -96,7 +108,10 @@ const CTRL_ATTR_FAMILY_ID: u16 = libc::CTRL_ATTR_FAMILY_ID as u16;
 const CTRL_ATTR_FAMILY_NAME: u16 = libc::CTRL_ATTR_FAMILY_NAME as u16;
 
 /// A kernel device attached to the daemon's socket; call [`Attachment::detach`] to release it.
-/// Dropping it instead leaves the device attached until the daemon's end of the socket closes.
+/// Dropped instead (or the daemon killed), the socket closes and the device's I/O fails; an
+/// ioctl attachment ends with its `NBD_DO_IT`, but the kernel keeps a netlink one (its
+/// `pid` in sysfs) until disconnected: the next attach of this node clears it (see
+/// [`KernelError::Stale`]).
 pub struct Attachment {
     device: PathBuf,
     index: u32,
@@ -137,25 +152,10 @@ impl Attachment {
         Ok(want)
     }
 
-    /// What holds the attached device open, if anything a detach would pull it from under:
-    /// a mount (`/proc/self/mountinfo`) or a stacked device (`holders` in sysfs: LVM, dm).
+    /// What holds the attached device open, if anything a detach would pull it from under
+    /// (see [`device_in_use`]).
     pub fn in_use(&self) -> Option<String> {
-        use std::os::unix::fs::MetadataExt;
-        let rdev = std::fs::metadata(&self.device).ok()?.rdev();
-        let majmin = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
-        if let Some(at) = std::fs::read_to_string("/proc/self/mountinfo")
-            .ok()
-            .and_then(|mi| mounted_at(&mi, &majmin).map(str::to_string))
-        {
-            return Some(format!("{} is mounted on {at}", self.device.display()));
-        }
-        let holders = std::fs::read_dir(format!("/sys/dev/block/{majmin}/holders")).ok()?;
-        let names: Vec<String> = holders
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        (!names.is_empty())
-            .then(|| format!("{} is held by {}", self.device.display(), names.join(", ")))
+        device_in_use(&self.device, self.index)
     }
 
     /// "netlink" or "ioctl", for status and logs.
@@ -209,6 +209,49 @@ impl Attachment {
     }
 }
 
+/// What holds `/dev/nbdN` or one of its partitions (`nbdNp1`, ...) open, if anything a
+/// detach would pull it from under: a mount (`/proc/self/mountinfo`) or a stacked device
+/// (`holders` in sysfs: LVM, dm).
+fn device_in_use(device: &Path, index: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(device).ok()?.rdev();
+    let mut devices = vec![(
+        device.display().to_string(),
+        format!("{}:{}", libc::major(rdev), libc::minor(rdev)),
+    )];
+    let disk = format!("nbd{index}");
+    if let Ok(dir) = std::fs::read_dir(format!("/sys/block/{disk}")) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !is_partition_of(&name, &disk) {
+                continue;
+            }
+            if let Ok(majmin) = std::fs::read_to_string(e.path().join("dev")) {
+                devices.push((format!("/dev/{name}"), majmin.trim().to_string()));
+            }
+        }
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    devices.iter().find_map(|(name, majmin)| {
+        if let Some(at) = mounted_at(&mountinfo, majmin) {
+            return Some(format!("{name} is mounted on {at}"));
+        }
+        let holders: Vec<String> = std::fs::read_dir(format!("/sys/dev/block/{majmin}/holders"))
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        (!holders.is_empty()).then(|| format!("{name} is held by {}", holders.join(", ")))
+    })
+}
+
+/// Whether the sysfs entry `name` is a partition of the disk `disk` (`nbd0p1` of `nbd0`).
+fn is_partition_of(name: &str, disk: &str) -> bool {
+    name.strip_prefix(disk)
+        .and_then(|r| r.strip_prefix('p'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Parses the kernel index from `/dev/nbdN` (partitions such as `nbd0p1` are rejected).
 fn parse_index(device: &Path) -> Result<u32, KernelError> {
     let name = device.file_name().and_then(|n| n.to_str());
@@ -222,11 +265,22 @@ fn parse_index(device: &Path) -> Result<u32, KernelError> {
 
 /// Why the kernel device can't be used here, or Ok if it looks usable (device node exists, module
 /// loaded, not already connected). Cheap, so the daemon can call it before every attach.
-pub fn probe(device: &Path) -> Result<(), KernelError> {
+/// `backend`: this node's identifier (see [`backend_id`]); a device still attached under it
+/// is [`KernelError::Stale`], which [`attach`] clears.
+pub fn probe(device: &Path, backend: &str) -> Result<(), KernelError> {
     let index = parse_index(device)?;
     let meta = match std::fs::metadata(device) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // With the driver loaded, the node is one past the devices it made.
+            if Path::new("/sys/module/nbd").exists() {
+                let why = format!(
+                    "{} does not exist although the nbd module is loaded: it makes nbds_max devices (load it with nbds_max={} or more)",
+                    device.display(),
+                    u64::from(index) + 1
+                );
+                return Err(KernelError::NotLoaded(why));
+            }
             let why = format!("{} does not exist", device.display());
             return Err(KernelError::NotLoaded(why));
         }
@@ -248,6 +302,50 @@ pub fn probe(device: &Path) -> Result<(), KernelError> {
     }
     // The driver creates `pid` while a device is running (either interface).
     if Path::new(&format!("/sys/block/nbd{index}/pid")).exists() {
+        let owner = std::fs::read_to_string(format!("/sys/block/nbd{index}/backend"));
+        if owner.is_ok_and(|o| o.trim_end_matches(['\n', '\0']) == backend) {
+            return Err(KernelError::Stale(device.to_path_buf()));
+        }
+        return Err(KernelError::InUse(device.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// The identifier this node's daemons give their kernel attachment (`/sys/block/nbdN/backend`).
+pub fn backend_id(resource: &str, node: &str) -> String {
+    format!("blockrep:{resource}:{node}")
+}
+
+/// Detaches a device an earlier daemon of this node left attached (see [`KernelError::Stale`]),
+/// unless something still uses it; waits (5 s at most) for the kernel to let it go.
+fn clear_stale(device: &Path, index: u32) -> Result<(), KernelError> {
+    if let Some(why) = device_in_use(device, index) {
+        return Err(KernelError::StaleInUse {
+            device: device.to_path_buf(),
+            why,
+        });
+    }
+    let fail = |source| KernelError::Detach {
+        device: device.to_path_buf(),
+        method: "netlink",
+        source,
+    };
+    let mut nl = Genl::open().map_err(fail)?;
+    let family = nl.family("nbd").map_err(fail)?;
+    let mut attrs = Vec::new();
+    put_attr(&mut attrs, NBD_ATTR_INDEX, &index.to_ne_bytes());
+    nl.request(family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION, &attrs)
+        .map_err(fail)?;
+    tracing::warn!(
+        "{} was still attached from an earlier daemon of this node: detached",
+        device.display()
+    );
+    let pid = PathBuf::from(format!("/sys/block/nbd{index}/pid"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if pid.exists() {
         return Err(KernelError::InUse(device.to_path_buf()));
     }
     Ok(())
@@ -262,12 +360,14 @@ struct Setup<'a> {
     block_size: u32,
     flags: u16,
     timeout: u64,
+    backend: &'a str,
 }
 
 /// Attaches `device` to `sock`, preferring netlink and falling back to ioctls. `flags` are the
 /// negotiated NBD transmission flags; `dead_conn_timeout` (seconds, 0 = kernel default) is the
-/// netlink dead-connection timeout (the ioctl path has none; it sets a per-request timeout of
-/// at least `IOCTL_REQUEST_TIMEOUT_S`).
+/// netlink dead-connection timeout (the ioctl path has none). Either way the per-request
+/// timeout is [`KERNEL_REQUEST_TIMEOUT_S`]. `backend`: this node's [`backend_id`]; a device
+/// an earlier daemon of this node left attached is detached first, unless in use.
 pub fn attach(
     device: &Path,
     sock: UnixStream,
@@ -275,12 +375,16 @@ pub fn attach(
     block_size: u32,
     flags: u16,
     dead_conn_timeout: u64,
+    backend: &str,
 ) -> Result<Attachment, KernelError> {
     if block_size < 512 || !block_size.is_power_of_two() {
         return Err(KernelError::BlockSize(block_size));
     }
-    probe(device)?;
     let index = parse_index(device)?;
+    match probe(device, backend) {
+        Err(KernelError::Stale(_)) => clear_stale(device, index)?,
+        other => other?,
+    }
     let timeout = dead_conn_timeout;
     let s = Setup {
         device,
@@ -290,6 +394,7 @@ pub fn attach(
         block_size,
         flags,
         timeout,
+        backend,
     };
     let via = match netlink_connect(&s) {
         Ok(()) => Via::Netlink,
@@ -336,6 +441,10 @@ fn connect_attrs(s: &Setup) -> io::Result<Vec<u8>> {
     put_attr(&mut a, NBD_ATTR_SIZE_BYTES, &s.size.to_ne_bytes());
     put_u64(&mut a, NBD_ATTR_BLOCK_SIZE_BYTES, s.block_size.into());
     put_u64(&mut a, NBD_ATTR_SERVER_FLAGS, s.flags.into());
+    put_u64(&mut a, NBD_ATTR_TIMEOUT, KERNEL_REQUEST_TIMEOUT_S);
+    let mut backend = s.backend.as_bytes().to_vec();
+    backend.push(0);
+    put_attr(&mut a, NBD_ATTR_BACKEND_IDENTIFIER, &backend);
     if s.timeout > 0 {
         put_u64(&mut a, NBD_ATTR_DEAD_CONN_TIMEOUT, s.timeout);
     }
@@ -352,7 +461,7 @@ fn ioctl_attach(s: &Setup) -> io::Result<DoIt> {
     ioctl(&dev, SET_BLKSIZE, bs)?;
     ioctl(&dev, SET_SIZE_BLOCKS, s.size / bs)?;
     ioctl(&dev, SET_FLAGS, s.flags.into())?;
-    ioctl(&dev, SET_TIMEOUT, s.timeout.max(IOCTL_REQUEST_TIMEOUT_S))?;
+    ioctl(&dev, SET_TIMEOUT, KERNEL_REQUEST_TIMEOUT_S)?;
     let ebadf = |_| io::Error::from_raw_os_error(libc::EBADF);
     let fd = u64::try_from(s.sock.as_raw_fd()).map_err(ebadf)?;
     ioctl(&dev, SET_SOCK, fd)?;
@@ -554,7 +663,7 @@ mod tests {
 
     #[test]
     fn probe_and_attach_on_missing_node_say_module_not_loaded() -> io::Result<()> {
-        let err = probe(Path::new("/nonexistent-blockrep/nbd0")).err();
+        let err = probe(Path::new("/nonexistent-blockrep/nbd0"), "blockrep:r0:alpha").err();
         let msg = err.map(|e| e.to_string()).unwrap_or_default();
         let want = "kernel nbd module not loaded: /nonexistent-blockrep/nbd0 does not exist";
         assert!(
@@ -569,12 +678,32 @@ mod tests {
             4096,
             1,
             0,
+            "blockrep:r0:alpha",
         );
         assert!(matches!(r, Err(KernelError::NotLoaded(_))));
         let (a, _b) = UnixStream::pair()?;
-        let r = attach(Path::new("/dev/nbd0"), a, 1 << 20, 1000, 1, 0);
+        let r = attach(
+            Path::new("/dev/nbd0"),
+            a,
+            1 << 20,
+            1000,
+            1,
+            0,
+            "blockrep:r0:alpha",
+        );
         assert!(matches!(r, Err(KernelError::BlockSize(1000))));
         Ok(())
+    }
+
+    #[test]
+    fn partitions_are_told_from_other_entries() {
+        assert!(is_partition_of("nbd0p1", "nbd0"));
+        assert!(is_partition_of("nbd12p15", "nbd12"));
+        for other in [
+            "nbd0", "nbd01", "nbd0p", "nbd1p1", "queue", "holders", "nbd0px",
+        ] {
+            assert!(!is_partition_of(other, "nbd0"), "{other}");
+        }
     }
 
     #[test]
@@ -642,10 +771,11 @@ mod tests {
             block_size,
             flags,
             timeout,
+            backend: "blockrep:r0:alpha",
         };
         let got = parse_attrs(&connect_attrs(&s)?);
         let u64s = |v: u64| v.to_ne_bytes().to_vec();
-        let item = parse_attrs(&got[5].1);
+        let item = parse_attrs(&got[7].1);
         assert_eq!(item[0].0, NBD_SOCK_ITEM);
         assert_eq!(
             parse_attrs(&item[0].1),
@@ -656,9 +786,13 @@ mod tests {
             (NBD_ATTR_SIZE_BYTES, u64s(1 << 30)),
             (NBD_ATTR_BLOCK_SIZE_BYTES, u64s(4096)),
             (NBD_ATTR_SERVER_FLAGS, u64s(0x16d)),
+            (NBD_ATTR_TIMEOUT, u64s(KERNEL_REQUEST_TIMEOUT_S)),
+            (NBD_ATTR_BACKEND_IDENTIFIER, b"blockrep:r0:alpha\0".to_vec()),
             (NBD_ATTR_DEAD_CONN_TIMEOUT, u64s(60)),
-            (NBD_ATTR_SOCKETS, got[5].1.clone()),
+            (NBD_ATTR_SOCKETS, got[7].1.clone()),
         ];
+        // The kernel keeps the timeout times HZ (at most 1000) in 32 bits.
+        assert!(KERNEL_REQUEST_TIMEOUT_S * 1000 < u64::from(u32::MAX));
         assert_eq!(got, want);
         Ok(())
     }

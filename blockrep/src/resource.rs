@@ -3998,20 +3998,25 @@ impl Resource {
                 *n = Some(s);
             }
         };
-        let mut probed = crate::kernel::probe(&dev);
+        let backend = crate::kernel::backend_id(&self.cfg().resource, &self.cfg().me.name);
+        let mut probed = crate::kernel::probe(&dev, &backend);
         if matches!(probed, Err(crate::kernel::KernelError::NotLoaded(_)))
             && load_nbd_module().await
         {
             // udev makes the device nodes a moment after the module is in.
             for _ in 0..20 {
-                probed = crate::kernel::probe(&dev);
+                probed = crate::kernel::probe(&dev, &backend);
                 if !matches!(probed, Err(crate::kernel::KernelError::NotLoaded(_))) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        if let Err(e) = probed {
+        // A device an earlier daemon of this node left attached is cleared by `attach`.
+        if let Err(e) = probed.or_else(|e| match e {
+            crate::kernel::KernelError::Stale(_) => Ok(()),
+            e => Err(e),
+        }) {
             tracing::warn!("{e}");
             note(e.to_string());
             return Some(e.to_string());
@@ -4049,7 +4054,7 @@ impl Resource {
         let bs = self.device.min_block().max(4096);
         let dev2 = dev.clone();
         let r = tokio::task::spawn_blocking(move || {
-            crate::kernel::attach(&dev2, theirs, size, bs, flags, 30)
+            crate::kernel::attach(&dev2, theirs, size, bs, flags, 30, &backend)
         })
         .await;
         match r {
