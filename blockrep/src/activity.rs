@@ -251,10 +251,16 @@ impl ActivityLog {
             .filter_map(parse_slot)
             .collect();
         // Write numbers go on from the newest slot's: one at the bound (no real history gets
-        // there) would wrap, or panic, at the next write, and the stale slot then look newer
-        // than the fresh one. Such a log is not trusted: every extent.
+        // there) would wrap, or panic, at the next write. Such a log is not trusted (every
+        // extent), and numbering goes on from the other slot's, so that no later write looks
+        // older than that stale slot.
         if slots.iter().any(|(n, _)| *n >= crate::meta::COUNTER_LIMIT) {
-            return (OnDisk::All, 0);
+            let valid = slots
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|&n| n < crate::meta::COUNTER_LIMIT)
+                .max();
+            return (OnDisk::All, valid.unwrap_or(0));
         }
         let best = slots.into_iter().max_by_key(|(n, _)| *n);
         match best {
@@ -509,11 +515,16 @@ mod tests {
         assert_eq!(ActivityLog::decode(&huge).0, OnDisk::All);
         // A write number at the counters' bound (a valid crc) is not trusted either, and the
         // next write number starts over rather than wrapping.
-        let mut far = area.clone();
-        let (off, len) = ActivityLog::slot(crate::meta::COUNTER_LIMIT, AREA as u64);
-        let b = al.encode(len, crate::meta::COUNTER_LIMIT);
+        // Numbering goes on from the other slot's valid write (2, in the even half).
+        let mut far = vec![0u8; AREA];
+        put(&mut far, &al, 2);
+        let (off, len) = ActivityLog::slot(crate::meta::COUNTER_LIMIT + 1, AREA as u64);
+        let b = al.encode(len, crate::meta::COUNTER_LIMIT + 1);
         far[off as usize..off as usize + b.len()].copy_from_slice(&b);
-        assert_eq!(ActivityLog::decode(&far), (OnDisk::All, 0));
+        assert_eq!(ActivityLog::decode(&far), (OnDisk::All, 2));
+        // Write 3 replaces the bad slot, and is the newest.
+        put(&mut far, &al, 3);
+        assert_eq!(ActivityLog::decode(&far).1, 3);
     }
 
     #[test]

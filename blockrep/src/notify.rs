@@ -70,13 +70,26 @@ impl Notifier {
         }
     }
 
-    /// The resource is up (or the daemon serves its control socket without `--up`).
+    /// The resource is up (or the daemon serves its control socket without `--up`). Sent
+    /// blocking for up to a second (once, at start): a lost READY=1 would leave the unit's
+    /// start waiting until systemd's start timeout killed a working daemon.
     pub fn ready(&self, status: &str) {
-        self.send(&format!(
+        let msg = format!(
             "READY=1\nMAINPID={}\nSTATUS={}",
             std::process::id(),
             one_line(status)
-        ));
+        );
+        let blocking = self.sock.set_nonblocking(false).is_ok()
+            && self
+                .sock
+                .set_write_timeout(Some(std::time::Duration::from_secs(1)))
+                .is_ok();
+        if let Err(e) = self.sock.send_to_addr(msg.as_bytes(), &self.addr) {
+            tracing::warn!("telling the service manager the node is ready: {e}");
+        }
+        if blocking {
+            let _ = self.sock.set_nonblocking(true);
+        }
     }
 
     pub fn status(&self, status: &str) {

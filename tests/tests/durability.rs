@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockrep_e2e::blocks::*;
-use blockrep_e2e::nbd_const::{CMD_FLUSH, CMD_WRITE};
+use blockrep_e2e::nbd_const::{CMD_FLAG_FUA, CMD_FLUSH, CMD_WRITE};
 use blockrep_e2e::*;
 use serde_json::Value;
 
@@ -468,4 +468,98 @@ fn a_client_flush_costs_the_secondary_one_sync() {
         &a.backing_data(FLUSHES * 4096),
         "beta's copy",
     );
+}
+
+/// A FUA write is a barrier on the secondary, as a flush is. Under protocol A the client's
+/// FUA write is answered before beta has it, and the client may then send a write that
+/// depends on it (a journal commit block, then its checkpoint); beta must not put that later
+/// write on its disk before the FUA write is synced there, or a crash of beta (with the
+/// primary lost) leaves the later write without the one it depended on. Seen on beta's disk
+/// itself: nbdkit's log filter records the order of the writes and flushes beta's daemon
+/// sends it.
+#[test]
+fn a_fua_write_is_synced_on_the_secondary_before_any_later_write_reaches_its_disk() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    const SIZE: u64 = 32 * MIB;
+    let c = Cluster::builder("fua-barrier")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("A")
+        .journal_size("8M")
+        .external_meta()
+        .build();
+    let io_log = c.dir().path().join("beta-io.log");
+    let disk = NbdkitFile::start(
+        c.dir().path(),
+        "beta-disk",
+        &[
+            "--filter=log".into(),
+            "memory".into(),
+            format!("size={SIZE}"),
+            format!("logfile={}", io_log.display()),
+        ],
+        &[],
+    );
+    let _stop = StopDaemons(&c);
+    let (a, b) = (c.alpha(), c.beta());
+    b.back_with(&disk.file());
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    let (first, later) = (8 * MIB, 16 * MIB);
+    let mark = std::fs::read_to_string(&io_log).unwrap_or_default().len();
+    for round in 0..5u64 {
+        let mut r = a.raw_open();
+        // Both sent at once: the later write reaches beta right behind the FUA one.
+        let (f, l) = (first + round * 4096, later + round * 4096);
+        r.send_request(CMD_WRITE, CMD_FLAG_FUA, f, 4096, &random_bytes(4096))
+            .expect("send the FUA write");
+        r.send_request(CMD_WRITE, 0, l, 4096, &random_bytes(4096))
+            .expect("send the later write");
+        for _ in 0..2 {
+            let (err, _) = r.read_simple_reply().expect("a reply");
+            assert_eq!(err, 0, "write failed");
+        }
+        r.disconnect();
+    }
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let text = std::fs::read_to_string(&io_log).expect("beta's I/O log");
+    let lines: Vec<&str> = text[mark..].lines().collect();
+    let write_at = |off: u64| {
+        let at = format!(" offset={off:#x} count=0x1000 ");
+        lines
+            .iter()
+            .position(|l| l.contains(" Write id=") && l.contains(&at))
+            .unwrap_or_else(|| panic!("no write at {off:#x} on beta's disk:\n{}", lines.join("\n")))
+    };
+    for round in 0..5u64 {
+        let (f, l) = (
+            write_at(first + round * 4096),
+            write_at(later + round * 4096),
+        );
+        assert!(
+            f < l,
+            "round {round}: the later write reached beta's disk first"
+        );
+        // The FUA write's completion, then a flush begun after it, then the later write.
+        let request = request_of(lines[f]);
+        let done = lines[f..]
+            .iter()
+            .position(|x| x.contains("...Write id=") && request_of(x) == request)
+            .map_or(l, |i| f + i);
+        assert!(
+            lines[done..l].iter().any(|x| x.contains(" Flush id=")),
+            "round {round}: beta wrote the write after a FUA write before syncing the FUA write:\n{}",
+            lines[f..=l].join("\n")
+        );
+    }
+}
+
+/// The `connection=` and `id=` tokens of an nbdkit log line: a request and its return.
+fn request_of(line: &str) -> Vec<&str> {
+    line.split_whitespace()
+        .filter(|w| w.starts_with("connection=") || w.starts_with("id="))
+        .collect()
 }

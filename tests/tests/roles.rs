@@ -448,6 +448,52 @@ fn a_pair_exports_the_smaller_size_from_its_first_connect() {
     );
 }
 
+/// A fresh node on a larger disk becomes the secondary of a smaller primary: it shrinks to the
+/// primary's size at its first connect and takes the initial sync, then a switchover, without
+/// a restart (the bitmap it sends at each connect still covers its whole disk; the primary
+/// reads what the pair exports of it).
+#[test]
+fn a_larger_fresh_secondary_syncs_from_a_smaller_primary_and_takes_over() {
+    let c = Cluster::builder("agreed-size-secondary")
+        .nodes(2)
+        .node_backing_size("beta", 256 * 1024 * 1024 - (16 << 20))
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    a.create_md();
+    b.create_md();
+    b.up();
+    b.ctl_ok(&["primary", "--force"]);
+    let small = b.size();
+    let file = c.dir().path().join("data");
+    write_random_file(&file, 4 << 20);
+    b.nbdcopy_in(&file);
+    a.up();
+    let synced = |primary: &Node, what: &str| {
+        primary.wait_repl(SYNC_TIMEOUT, what, |r| {
+            r["connection"] == "connected"
+                && r["peer_disk"] == "up-to-date"
+                && r["out_of_sync"] == 0
+                && r["lag_writes"] == 0
+        })
+    };
+    synced(b, "alpha synced from beta");
+    assert_eq!(a.size(), small, "alpha does not export the agreed size");
+    c.assert_replicas_identical(small, "after alpha's initial sync");
+    // Switchover: alpha, still at its first start, becomes the primary.
+    b.ctl_ok(&["secondary"]);
+    a.wait_repl(CONNECT_TIMEOUT, "connected to a secondary", |r| {
+        r["connection"] == "connected" && r["peer_role"] == "secondary"
+    });
+    a.ctl_ok(&["primary"]);
+    write_random_file(&file, 4 << 20);
+    a.nbdcopy_in(&file);
+    synced(a, "beta follows alpha");
+    c.assert_replicas_identical(small, "after the switchover");
+    a.ctl_ok(&["secondary"]);
+    a.down();
+    b.down();
+}
+
 /// Takes down, on drop, whatever daemon a test started from a second config (only one that
 /// should have been refused; a pass leaves nothing to stop).
 struct DownOnDrop(std::path::PathBuf);

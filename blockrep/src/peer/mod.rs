@@ -312,49 +312,62 @@ async fn read_frame_within<R: AsyncRead + Unpin>(
         .map_err(|_| LinkError::Timeout(what))?
 }
 
-/// This node's dirty bitmap as the frames that carry it to the peer at connect: parts of at
-/// most [`bitmap_wire::PART_WORDS`] words, each as words or runs, whichever is shorter.
-fn bitmap_frames(words: &[u64]) -> Vec<u8> {
-    let mut frames = Vec::new();
-    let mut payload = Vec::new();
-    let parts = words.len().div_ceil(bitmap_wire::PART_WORDS).max(1);
+/// Sends this node's dirty bitmap to the peer at connect: parts of at most
+/// [`bitmap_wire::PART_WORDS`] words, each as words or runs, whichever is shorter, all full
+/// but the last. Each part's words are copied out under a short lock and sent before the next
+/// is taken: one part in memory, never the whole bitmap's frames.
+async fn send_bitmap<W: AsyncWrite + Unpin>(wr: &mut W, rep: &Replication) -> std::io::Result<()> {
+    let total = rep.lock().bitmap.words().len();
+    let parts = total.div_ceil(bitmap_wire::PART_WORDS).max(1);
+    let (mut part, mut frame) = (Vec::new(), Vec::new());
     for i in 0..parts {
         let from = i * bitmap_wire::PART_WORDS;
-        let part = &words[from.min(words.len())..(from + bitmap_wire::PART_WORDS).min(words.len())];
-        payload.clear();
-        let runs = bitmap_wire::encode_part(part, &mut payload);
-        peer::encode_frame(
-            &mut frames,
-            &Msg::BitmapPart {
-                first_word: from as u64,
-                words: part.len() as u32,
-                runs,
-                last: i + 1 == parts,
-                len: payload.len() as u32,
-                crc: crc32c::crc32c(&payload),
-            },
-            &payload,
-        );
+        part.clear();
+        {
+            let g = rep.lock();
+            let words = g.bitmap.words();
+            part.extend_from_slice(
+                &words[from.min(words.len())..(from + bitmap_wire::PART_WORDS).min(words.len())],
+            );
+        }
+        frame.clear();
+        bitmap_part_frame(&mut frame, from, &part, i + 1 == parts);
+        wr.write_all(&frame).await?;
     }
-    frames
+    Ok(())
 }
 
-/// The peer's dirty bitmap, read in its parts (see [`bitmap_frames`]) and laid over this
-/// node's device: words past it are dropped (a larger peer), missing ones are clear. The
-/// parts must come in order, each within the handshake's time, and no more words than the
-/// larger of the two devices' bitmaps hold.
+/// Appends the frame of one bitmap part: the words from `first_word` on.
+fn bitmap_part_frame(out: &mut Vec<u8>, first_word: usize, words: &[u64], last: bool) {
+    let mut payload = Vec::new();
+    let runs = bitmap_wire::encode_part(words, &mut payload);
+    peer::encode_frame(
+        out,
+        &Msg::BitmapPart {
+            first_word: first_word as u64,
+            words: words.len() as u32,
+            runs,
+            last,
+            len: payload.len() as u32,
+            crc: crc32c::crc32c(&payload),
+        },
+        &payload,
+    );
+}
+
+/// The peer's dirty bitmap, read in its parts (see [`send_bitmap`]) and laid over this
+/// node's device: words past it are dropped (a peer that shrank to the pair's size keeps the
+/// bitmap of its whole device), none may be missing (a dropped dirty bit is a region never
+/// resynced). The parts must come in order, full but the last, each within the handshake's
+/// time, and no more words than a node keeps.
 async fn read_peer_bitmap<R: AsyncRead + Unpin>(
     rd: &mut R,
     res: &Resource,
-    peer: &NodeState,
 ) -> Result<Bitmap, LinkError> {
     let size = res.device().size();
     let granularity = res.cfg().bitmap_granularity;
-    let words_for = |bytes: u64| bytes.div_ceil(granularity).div_ceil(64);
-    let ours = words_for(size);
-    let bound = ours
-        .max(words_for(peer.size))
-        .min(bitmap_wire::MAX_BITMAP_BYTES / 8);
+    let ours = size.div_ceil(granularity).div_ceil(64);
+    let bound = bitmap_wire::MAX_BITMAP_BYTES / 8;
     let mut words = vec![0u64; ours as usize];
     let mut part = Vec::new();
     let mut next = 0u64;
@@ -376,12 +389,19 @@ async fn read_peer_bitmap<R: AsyncRead + Unpin>(
                 )))
             }
         };
+        // In order; full but the last (an empty or short part before the end would let a
+        // peer stall the connect for ever); within the bound; and at the end covering this
+        // node's device.
+        let full = n == bitmap_wire::PART_WORDS as u64;
+        let end = next.saturating_add(n);
         if first_word != next
             || n > bitmap_wire::PART_WORDS as u64
-            || next.saturating_add(n) > bound
+            || (!last && !full)
+            || end > bound
+            || (last && end < ours)
         {
             return Err(LinkError::Protocol(format!(
-                "the peer's bitmap part of words {first_word}+{n} does not follow word {next} within {bound} words"
+                "the peer's bitmap part of words {first_word}+{n} (last: {last}) does not follow word {next}, or the bitmap does not cover this node's {ours} words within {bound}"
             )));
         }
         part.clear();
@@ -1705,7 +1725,16 @@ mod tests {
                     *w = x;
                 }
             }
-            let frames = bitmap_frames(&words);
+            let mut frames = Vec::new();
+            let parts: Vec<_> = words.chunks(bitmap_wire::PART_WORDS).collect();
+            for (i, p) in parts.iter().enumerate() {
+                bitmap_part_frame(
+                    &mut frames,
+                    i * bitmap_wire::PART_WORDS,
+                    p,
+                    i + 1 == parts.len(),
+                );
+            }
             if !dense {
                 assert!(frames.len() < 1024, "{} bytes", frames.len());
             }

@@ -30,7 +30,7 @@ pub(super) async fn primary_side(
         .ok_or(LinkError::Closed("no replication state"))?
         .clone();
     // The secondary sends its dirty bitmap first: regions it changed that this node lacks.
-    let peer_bitmap = read_peer_bitmap(&mut rd, res, &peer).await?;
+    let peer_bitmap = read_peer_bitmap(&mut rd, res).await?;
     // A peer whose disk went back in time is checked first: a resync it was the target of
     // counted what it acknowledged as done (its bits cleared here), so whatever resync the
     // generations or its inconsistent disk call for would leave those regions out.

@@ -434,10 +434,7 @@ pub(super) async fn secondary_side(
     });
     // The earlier stream's tail becomes durable now, not at the next checkpoint.
     ap.make_durable().await?;
-    {
-        let frames = bitmap_frames(rep.lock().bitmap.words());
-        wr.write_all(&frames).await?;
-    }
+    send_bitmap(&mut wr, &rep).await?;
     tracing::info!(
         "receiving from the peer from sequence {} (it issued {})",
         applied0 + 1,
@@ -1277,7 +1274,16 @@ fn record_in_bounds(msg: &Msg, size: u64) -> Result<(), LinkError> {
         Msg::Write { offset, len, .. } => ("write", offset, u64::from(len)),
         Msg::Zero { offset, len, .. } => ("zero", offset, len),
         Msg::Equal { offset, len, .. } => ("equal region", offset, len),
-        Msg::HashReq { offset, len, .. } => ("hash request", offset, u64::from(len)),
+        Msg::HashReq {
+            offset, len, block, ..
+        } => {
+            if peer::hash_count(len, block).is_none() {
+                return Err(LinkError::Protocol(format!(
+                    "hash request {offset}+{len} in blocks of {block} is out of bounds"
+                )));
+            }
+            ("hash request", offset, u64::from(len))
+        }
         _ => return Ok(()),
     };
     if offset.checked_add(len).is_none_or(|end| end > size) {
