@@ -668,9 +668,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 (Some((_, data)), true) if data.is_empty() => {
                     nbd::encode_structured_done(&mut hdr, r.cookie)
                 }
-                (Some((off, data)), true) => {
-                    nbd::encode_structured_read_header(&mut hdr, r.cookie, *off, data.len() as u32)
-                }
+                // Chunks of at most the advertised maximum payload (below).
+                (Some(_), true) => {}
                 (Some(_), false) => nbd::encode_simple_reply(&mut hdr, r.cookie, 0),
                 (None, true) if r.error != 0 => nbd::encode_structured_error(
                     &mut hdr,
@@ -679,15 +678,40 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     match r.error {
                         nbd::ENOSPC => "request past the end of the export",
                         nbd::EINVAL => "invalid request",
-                        _ => "I/O error on the backing device",
+                        nbd::ESHUTDOWN => "the export is shutting down (node demoted or down)",
+                        nbd::EIO => "I/O error on the backing device",
+                        _ => "request failed",
                     },
                 ),
                 (None, true) => nbd::encode_structured_done(&mut hdr, r.cookie),
                 (None, false) => nbd::encode_simple_reply(&mut hdr, r.cookie, r.error),
             }
             let mut res = timed_write(&mut wr, &hdr).await;
-            if let (Ok(()), Some((_, data))) = (&res, &r.data) {
-                res = timed_write(&mut wr, data).await;
+            match (&r.data, neg.structured) {
+                (Some((off, data)), true) if !data.is_empty() => {
+                    // The spec bounds every chunk's data by the advertised maximum payload,
+                    // which a structured read (up to 32 MiB) may exceed.
+                    let most = (export.device.max_request() as usize).max(4096);
+                    let mut at = 0;
+                    while res.is_ok() && at < data.len() {
+                        let n = most.min(data.len() - at);
+                        hdr.clear();
+                        nbd::encode_structured_read_header(
+                            &mut hdr,
+                            r.cookie,
+                            off + at as u64,
+                            n as u32,
+                            at + n == data.len(),
+                        );
+                        res = timed_write(&mut wr, &hdr).await;
+                        if res.is_ok() {
+                            res = timed_write(&mut wr, &data[at..at + n]).await;
+                        }
+                        at += n;
+                    }
+                }
+                (Some((_, data)), _) if res.is_ok() => res = timed_write(&mut wr, data).await,
+                _ => {}
             }
             if let Some((_, data)) = r.data {
                 export.device.pool.put(data);

@@ -417,7 +417,7 @@ pub struct MetaAreas {
     pub layout: Layout,
     /// The backing device, when the metadata lives elsewhere: an activity-log write that
     /// lets an extent go cold must follow the local data's own fdatasync (with internal
-    /// metadata the log's fdatasync covers both: one file).
+    /// metadata, that of `file`, synced before the log is written).
     pub data: Option<Arc<File>>,
 }
 
@@ -1206,7 +1206,11 @@ impl Replication {
         });
         let bitmap = bitmap.flatten();
         let file = self.areas.file.clone();
-        let data = evicted.then(|| self.areas.data.clone()).flatten();
+        // The data of a dropped extent is synced before the log that drops it is written:
+        // the backing device's own file, or (internal metadata) the one file, since the log's
+        // own sync after its write makes both durable together but not in order (a disk with
+        // a volatile cache may keep the new log and lose the data).
+        let data = evicted.then(|| self.areas.data.clone().unwrap_or_else(|| file.clone()));
         let off = self.areas.layout.al_offset + slot_off;
         let (bm_off, bm_len) = (
             self.areas.layout.bitmap_offset,
@@ -1222,6 +1226,8 @@ impl Replication {
                 write_bitmap_pages(&file, pages, bm_off, bm_len)?;
                 // Synced on its own: a disk with a volatile cache may otherwise keep the new
                 // log and lose the bitmap, and the dropped extent would be in neither.
+                // (With internal metadata the data's sync above already covered what came
+                // before; this one covers the pages.)
                 file.sync_data()?;
             }
             file.write_all_at(&bytes, off)?;

@@ -363,10 +363,18 @@ pub fn encode_structured_done(out: &mut Vec<u8>, cookie: u64) {
 }
 
 /// Header of a final `NBD_REPLY_TYPE_OFFSET_DATA` chunk; `data_len` bytes of data follow.
-pub fn encode_structured_read_header(out: &mut Vec<u8>, cookie: u64, offset: u64, data_len: u32) {
+/// `done`: the last chunk of the reply (a read longer than the advertised maximum payload is
+/// sent in several chunks: the spec bounds every chunk's data by it).
+pub fn encode_structured_read_header(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    offset: u64,
+    data_len: u32,
+    done: bool,
+) {
     encode_chunk_header(
         out,
-        REPLY_FLAG_DONE,
+        if done { REPLY_FLAG_DONE } else { 0 },
         REPLY_TYPE_OFFSET_DATA,
         cookie,
         8 + data_len,
@@ -511,9 +519,13 @@ mod tests {
     #[test]
     fn structured_chunks_have_right_lengths() {
         let mut b = Vec::new();
-        encode_structured_read_header(&mut b, 7, 4096, 512);
+        encode_structured_read_header(&mut b, 7, 4096, 512, true);
         assert_eq!(b.len(), STRUCTURED_REPLY_HEADER_LEN + 8);
         assert_eq!(u32::from_be_bytes(b[16..20].try_into().unwrap()), 520);
+        assert_eq!(u16::from_be_bytes([b[4], b[5]]), REPLY_FLAG_DONE);
+        b.clear();
+        encode_structured_read_header(&mut b, 7, 4096, 512, false);
+        assert_eq!(u16::from_be_bytes([b[4], b[5]]), 0);
         b.clear();
         encode_structured_error(&mut b, 7, EIO, "boom");
         assert_eq!(b.len(), STRUCTURED_REPLY_HEADER_LEN + 6 + 4);

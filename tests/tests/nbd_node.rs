@@ -523,3 +523,53 @@ fn a_loop_device_backing_is_claimed_and_zero_and_trim_work_over_unflushed_writes
     );
     assert_eq!(n.status_json()["role"], "primary");
 }
+
+/// A structured read longer than the advertised maximum payload (a 1 MiB journal caps it at
+/// about 500 KiB) is answered in chunks of at most that payload, the last one marked done,
+/// which together hold the data (the spec bounds every chunk's data by the advertised
+/// maximum; a strict client drops a server that sends more). libnbd's structured read shows
+/// each chunk.
+#[test]
+fn a_structured_read_longer_than_the_maximum_payload_comes_in_chunks() {
+    let Some(py) = blocks::python() else { return };
+    let c = Cluster::builder("nbd-read-chunks")
+        .nodes(2)
+        .journal_size("1M")
+        .build();
+    let a = c.alpha();
+    a.make_primary();
+    let script = c.dir().path().join("chunks.py");
+    std::fs::write(
+        &script,
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_request_structured_replies(True)
+h.set_request_block_size(True)
+h.connect_uri(sys.argv[1])
+assert h.get_structured_replies_negotiated()
+most = h.get_block_size(nbd.SIZE_MAXIMUM)
+data = bytes((i * 7 + 3) % 251 for i in range(2 << 20))
+for at in range(0, len(data), 256 << 10):
+    h.pwrite(data[at:at + (256 << 10)], at)
+h.flush()
+# A request above the maximum payload is the client's to allow (libnbd >= 1.16 refuses it).
+h.set_strict_mode(h.get_strict_mode() & ~getattr(nbd, "STRICT_PAYLOAD", 0))
+chunks = []
+def chunk(sub, off, status, err):
+    chunks.append((off, len(sub)))
+    return 0
+got = h.pread_structured(len(data), 0, chunk)
+assert got == data, "the chunks do not hold the data"
+assert len(chunks) > 1, chunks
+assert all(n <= most for _, n in chunks), (most, chunks)
+assert sorted(chunks) == sorted(set(chunks)) and sum(n for _, n in chunks) == len(data), chunks
+print("max", most, "chunks", len(chunks))
+h.shutdown()
+"#,
+    )
+    .expect("script");
+    let out = run(Command::new(&py).arg(&script).arg(a.uri()), CMD_TIMEOUT);
+    assert!(out.success(), "{}", out.describe());
+    a.down();
+}
