@@ -521,7 +521,7 @@ pub async fn transmission<R, W>(
             let tx = tx.clone();
             let device = device.clone();
             let mut fut = Box::pin(async move {
-                let (error, data) = execute(&device, req, buf, crc).await;
+                let (error, data) = execute(&device, req, buf, crc, neg.structured).await;
                 let _ = tx
                     .send(Reply {
                         cookie: req.cookie,
@@ -574,12 +574,14 @@ pub async fn transmission<R, W>(
 }
 
 /// Runs one request against the device. Returns the NBD error and, for reads, the data.
-/// `crc`: the write payload's crc32c, computed as it arrived.
+/// `crc`: the write payload's crc32c, computed as it arrived. `structured`: the client
+/// negotiated structured replies.
 async fn execute(
     device: &Device,
     req: Request,
     buf: Buf,
     crc: Option<u32>,
+    structured: bool,
 ) -> (u32, Option<(u64, Buf)>) {
     // Flags a command does not take are refused rather than ignored (the spec's SHOULD): a
     // client relying on one must not think it was honoured. FUA goes with every command;
@@ -597,7 +599,16 @@ async fn execute(
     match req.command {
         Command::Read => {
             if req.length > nbd::MAX_REQUEST_LEN {
-                return (nbd::EINVAL, None);
+                // With structured replies the spec names EOVERFLOW, on which a client retries
+                // with smaller reads.
+                return (
+                    if structured {
+                        nbd::EOVERFLOW
+                    } else {
+                        nbd::EINVAL
+                    },
+                    None,
+                );
             }
             let (r, buf) = device.read(req.offset, buf).await;
             match r {

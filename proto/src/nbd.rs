@@ -179,12 +179,28 @@ pub fn parse_info_request(option: u32, data: &[u8]) -> Result<InfoRequest, NbdEr
 
 /// Appends one option reply (header + payload).
 pub fn encode_option_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) {
+    // An error's message is at most 4096 bytes (the spec's bound on error strings): one that
+    // quotes what the client sent is cut, on a character boundary.
+    let data = if reply_type & (1 << 31) != 0 && data.len() > MAX_ERROR_MESSAGE {
+        let mut end = MAX_ERROR_MESSAGE;
+        if let Ok(text) = std::str::from_utf8(data) {
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+        }
+        &data[..end]
+    } else {
+        data
+    };
     out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&option.to_be_bytes());
     out.extend_from_slice(&reply_type.to_be_bytes());
     out.extend_from_slice(&(data.len() as u32).to_be_bytes());
     out.extend_from_slice(data);
 }
+
+/// Longest error message in an option reply or an error chunk.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
 
 /// `NBD_REP_INFO` carrying `NBD_INFO_EXPORT`.
 pub fn encode_info_export(out: &mut Vec<u8>, option: u32, size: u64, flags: u16) {
@@ -384,7 +400,11 @@ pub fn encode_structured_read_header(
 
 /// A final `NBD_REPLY_TYPE_ERROR` chunk with a human-readable message.
 pub fn encode_structured_error(out: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
-    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    let mut end = msg.len().min(MAX_ERROR_MESSAGE);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &msg.as_bytes()[..end];
     encode_chunk_header(
         out,
         REPLY_FLAG_DONE,
@@ -514,6 +534,25 @@ mod tests {
         assert_eq!(parse_client_flags(3), Ok(true));
         assert!(parse_client_flags(0).is_err());
         assert!(parse_client_flags(5).is_err());
+    }
+
+    #[test]
+    fn error_messages_are_cut_to_the_spec_bound_on_a_character_boundary() {
+        let long = "é".repeat(3000); // 6000 bytes
+        let mut b = Vec::new();
+        encode_option_reply(&mut b, 7, REP_ERR_UNKNOWN, long.as_bytes());
+        let len = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+        assert_eq!(len, 4096);
+        assert!(std::str::from_utf8(&b[20..]).is_ok());
+        // Not an error: as given.
+        b.clear();
+        encode_option_reply(&mut b, 7, REP_ACK, long.as_bytes());
+        assert_eq!(b.len(), 20 + long.len());
+        b.clear();
+        encode_structured_error(&mut b, 7, EIO, &long);
+        let n = u16::from_be_bytes([b[24], b[25]]) as usize;
+        assert_eq!(n, 4096);
+        assert!(std::str::from_utf8(&b[26..]).is_ok());
     }
 
     #[test]

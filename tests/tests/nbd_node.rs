@@ -564,6 +564,15 @@ assert got == data, "the chunks do not hold the data"
 assert len(chunks) > 1, chunks
 assert all(n <= most for _, n in chunks), (most, chunks)
 assert sorted(chunks) == sorted(set(chunks)) and sum(n for _, n in chunks) == len(data), chunks
+# Past the server's 32 MiB request bound: EOVERFLOW, the spec's answer to a structured read
+# too large, on which a client retries with smaller ones.
+import errno
+assert h.get_size() > 33 << 20
+try:
+    h.pread(33 << 20, 0)
+    raise SystemExit("a 33 MiB read was served")
+except nbd.Error as e:
+    assert e.errnum == errno.EOVERFLOW, e
 print("max", most, "chunks", len(chunks))
 h.shutdown()
 "#,
