@@ -544,6 +544,8 @@ fn a_structured_read_longer_than_the_maximum_payload_comes_in_chunks() {
         r#"
 import nbd, sys
 h = nbd.NBD()
+if not hasattr(h, "set_request_block_size"):
+    sys.exit(77)  # libnbd before 1.12
 h.set_request_structured_replies(True)
 h.set_request_block_size(True)
 h.connect_uri(sys.argv[1])
@@ -579,6 +581,11 @@ h.shutdown()
     )
     .expect("script");
     let out = run(Command::new(&py).arg(&script).arg(a.uri()), CMD_TIMEOUT);
+    if out.code == Some(77) {
+        println!("SKIP: libnbd's Python bindings are older than 1.12 (no block-size request)");
+        a.down();
+        return;
+    }
     assert!(out.success(), "{}", out.describe());
     a.down();
 }
