@@ -4174,16 +4174,16 @@ async fn open_replication(
             m.sb.journal_seq,
             m.sb.journal_prev_term,
         );
-        // (A secondary that was a resync's source appended records too: its crash mid-write
-        // leaves the same hazard, so any journal with records is cleaned.)
-        if m.sb.was_primary || !ring.is_empty() {
-            // A crash as primary: behind the recovered records (the first invalid one, a
-            // torn write) may lie valid records of the same lap with the next sequence
-            // numbers. New records written over the torn one could line up with them, and a
-            // later recovery would join them on as if they were new (and a journal
-            // catch-up would send them to the peer over newer data). Everything outside
-            // the recovered records is zeroed, on disk before anything is appended.
-            let clean = ring.live_image(m.sb.journal_pos);
+        // A crash while records were written (as primary, or as a secondary that was a
+        // resync's source): behind the recovered records (the first invalid one, a torn
+        // write; possibly the very first, leaving none) may lie valid records of the same
+        // lap with the next sequence numbers. New records written over the torn one could
+        // line up with them, and a later recovery would join them on as if they were new
+        // (and a journal catch-up would send them to the peer over newer data). Everything
+        // outside the recovered records is zeroed, on disk before anything is appended;
+        // a journal that holds nothing else (a secondary's, never written) is left as it is.
+        let clean = ring.live_image(m.sb.journal_pos);
+        if clean.as_slice() != ring.raw(0, ring.cap()) {
             file.write_all_at(&clean, l.journal_offset)
                 .and_then(|()| file.sync_data())
                 .map_err(io_err("clearing the journal behind its recovered records"))?;
