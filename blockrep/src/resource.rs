@@ -3680,15 +3680,17 @@ impl Resource {
         // all that would name them. The export is closed by now, so the demotion goes on if
         // that write fails, but the node stays marked as a primary that did not go down
         // cleanly, whose activity log names those regions after a crash (as `down` does).
+        // Persisted whatever this call covers: a link lost during the drain has already set
+        // its bits in memory (left for the next periodic write), and those must be on disk
+        // before the commit below as much as these.
         let mut covered = true;
         if let Some(r) = &self.rep {
-            if r.cover_undurable() > 0 {
-                if let Err(e) = r.persist().await {
-                    tracing::error!(
-                        "writing the bitmap of the writes the peer lacks failed: {e}; the activity log keeps naming them"
-                    );
-                    covered = false;
-                }
+            r.cover_undurable();
+            if let Err(e) = r.persist().await {
+                tracing::error!(
+                    "writing the bitmap of the writes the peer lacks failed: {e}; the activity log keeps naming them"
+                );
+                covered = false;
             }
         }
         let new_id = random_id();
