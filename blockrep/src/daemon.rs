@@ -299,7 +299,7 @@ impl Daemon {
             }
         }
         // Ready once the control socket answers and the resource is up (when asked): a
-        // failed `up` above exits before this, and the service manager's start fails with it.
+        // failed `up` above exits before this, so the unit never counts as started.
         let notify = notify.map(Arc::new);
         if let Some(n) = &notify {
             n.ready(&self.summary().await);
@@ -430,12 +430,12 @@ impl Daemon {
     }
 }
 
-/// How often an `events` stream looks at the status with no ring of the state bell: what
-/// changes without one (`stalled`, `out-of-sync` yes/no) shows within this.
 /// The service manager's status line is sent at most this often...
 const NOTIFY_MIN_GAP: std::time::Duration = std::time::Duration::from_millis(250);
 /// ...and looked at this often without a change rung (a resync's percentage).
 const NOTIFY_TICK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often an `events` stream looks at the status with no ring of the state bell: what
+/// changes without one (`stalled`, `out-of-sync` yes/no) shows within this.
 const EVENTS_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 /// Statuses an `events` stream builds at most: a burst of [`EVENTS_BURST`] at once (the
 /// steps of a disconnect follow each other within milliseconds), then one every

@@ -1,8 +1,8 @@
 //! systemd's readiness protocol (`sd_notify`, datagrams to `$NOTIFY_SOCKET`).
 //!
-//! With `Type=notify` a unit's start returns only once the resource is up, so `systemctl start
-//! blockrep@r0 && blockrep-ctl primary` cannot race the daemon's start, and a start that fails
-//! (bad metadata, a disk in use) fails `systemctl start` itself with the daemon's reason in the
+//! With `Type=notify` a unit's start succeeds only once the resource is up, so `systemctl
+//! start blockrep@r0 && blockrep-ctl primary` cannot race the daemon's start, and a start that
+//! fails (bad metadata, a disk in use) never counts as started, with the daemon's reason in the
 //! journal. `STATUS=` lines keep the node's state in `systemctl status`. A daemon that systemd
 //! did not start (`$NOTIFY_SOCKET` unset) sends nothing.
 

@@ -364,6 +364,17 @@ fn status_of_a_stopped_daemon_gives_up_within_its_bound() {
     assert_eq!(a.status_json()["role"], "primary");
 }
 
+/// Two nodes, beta's disk 16 MiB smaller than alpha's, both with fresh metadata (not up).
+fn pair_of_two_sizes(name: &str) -> Cluster {
+    let c = Cluster::builder(name)
+        .nodes(2)
+        .node_backing_size("beta", 256 * 1024 * 1024 - (16 << 20))
+        .build();
+    c.alpha().create_md();
+    c.beta().create_md();
+    c
+}
+
 /// Two nodes whose devices differ (DRBD's size negotiation): from their first connect the
 /// pair exports the smaller size, on the larger node too, which can then be promoted (its
 /// clients see the agreed size); the agreement is kept in the metadata, so the larger node
@@ -371,13 +382,8 @@ fn status_of_a_stopped_daemon_gives_up_within_its_bound() {
 /// refused as too small.
 #[test]
 fn a_pair_exports_the_smaller_size_from_its_first_connect() {
-    let c = Cluster::builder("agreed-size")
-        .nodes(2)
-        .node_backing_size("beta", 256 * 1024 * 1024 - (16 << 20))
-        .build();
+    let c = pair_of_two_sizes("agreed-size");
     let (a, b) = (c.alpha(), c.beta());
-    a.create_md();
-    b.create_md();
     a.up();
     let alone = a.size();
     b.up();
@@ -454,13 +460,8 @@ fn a_pair_exports_the_smaller_size_from_its_first_connect() {
 /// reads what the pair exports of it).
 #[test]
 fn a_larger_fresh_secondary_syncs_from_a_smaller_primary_and_takes_over() {
-    let c = Cluster::builder("agreed-size-secondary")
-        .nodes(2)
-        .node_backing_size("beta", 256 * 1024 * 1024 - (16 << 20))
-        .build();
+    let c = pair_of_two_sizes("agreed-size-secondary");
     let (a, b) = (c.alpha(), c.beta());
-    a.create_md();
-    b.create_md();
     b.up();
     b.ctl_ok(&["primary", "--force"]);
     let small = b.size();
