@@ -379,34 +379,45 @@ fn query_status(cfg: &Config) -> Result<Option<Status>> {
 /// accepts on it); an error for anything else (permissions, say), never "not running".
 ///
 /// The connect does not block: a daemon hung long enough for its backlog of connections to
-/// fill would otherwise hold this call for ever (a cron `status` must end).
+/// fill would otherwise hold this call for ever (a cron `status` must end). A full backlog is
+/// tried again for up to [`FULL_BACKLOG_RETRY`]: a daemon that was stopped or busy for a
+/// moment accepts what queued up meanwhile within it.
 fn connect_control(cfg: &Config) -> Result<Option<UnixStream>> {
     use nix::errno::Errno;
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
     let path = &cfg.me.control;
     let failed = |e: Errno| anyhow!("connecting to the control socket {}: {e}", path.display());
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(failed)?;
     let addr = UnixAddr::new(path.as_path()).map_err(failed)?;
-    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
-        Ok(()) => {}
-        Err(Errno::ENOENT | Errno::ECONNREFUSED) => return Ok(None),
-        Err(Errno::EAGAIN) => bail!(
-            "the daemon's control socket {} takes no more connections (the daemon is hung, or stalled on its disk)",
-            path.display()
-        ),
-        Err(e) => return Err(failed(e)),
-    }
+    let deadline = Instant::now() + FULL_BACKLOG_RETRY;
+    let fd = loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(failed)?;
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+            Ok(()) => break fd,
+            Err(Errno::ENOENT | Errno::ECONNREFUSED) => return Ok(None),
+            Err(Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(Errno::EAGAIN) => bail!(
+                "the daemon's control socket {} takes no more connections (the daemon is hung, or stalled on its disk)",
+                path.display()
+            ),
+            Err(e) => return Err(failed(e)),
+        }
+    };
     let s = UnixStream::from(fd);
     s.set_nonblocking(false)
         .context("setting up the control connection")?;
     Ok(Some(s))
 }
+
+/// How long a full backlog of the control socket is tried again (see [`connect_control`]).
+const FULL_BACKLOG_RETRY: Duration = Duration::from_secs(2);
 
 /// [`query_status`] with its own bound.
 fn query_status_within(cfg: &Config, timeout: Duration) -> Result<Option<Status>> {

@@ -361,6 +361,12 @@ fn status_of_a_stopped_daemon_gives_up_within_its_bound() {
     );
     drop(held);
     drop(_cont);
+    // Resumed, the daemon first accepts (and drops) what queued up: status answers within
+    // the CLI's retry of a full backlog, or a moment later.
+    let answered = wait_for(Duration::from_secs(30), || {
+        a.ctl(&["status", "--json"]).success()
+    });
+    assert!(answered, "the resumed daemon never answered status");
     assert_eq!(a.status_json()["role"], "primary");
 }
 
