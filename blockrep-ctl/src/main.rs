@@ -1,6 +1,6 @@
 //! `blockrep-ctl`: the admin's command line, after drbdadm: `create-md`, `up`, `down`,
-//! `primary`, `secondary`, `status`, `dump-md`. Offline commands (create-md, dump-md) work on
-//! the backing device directly; the rest talk to the node's daemon over its control socket.
+//! `primary`, `secondary`, `status`, `dump-md`. Offline commands (create-md, dump-md,
+//! wipe-md) work on the backing device directly; the rest talk to the node's daemon over its control socket.
 
 mod events;
 mod states;
@@ -156,6 +156,15 @@ enum Cmd {
     },
     /// Print the metadata in readable form.
     DumpMd,
+    /// Destroy this node's metadata (DRBD's `wipe-md`): superblock, journal, bitmap and
+    /// activity log. The data stays; with internal metadata at the start of the backing
+    /// device, where a filesystem made through blockrep can be mounted directly. Refused
+    /// while the resource is up. Asks for `yes` on a terminal; elsewhere needs --force.
+    WipeMd {
+        /// Wipe without asking.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the node's state as lines (`exists ...`, then `exists -`), then a line for every
     /// change of it (`change`, `create`, `destroy`), until stopped: DRBD's `drbdsetup
     /// events2`, for monitoring scripts. Objects: resource (up, role), device (disk, disk
@@ -203,6 +212,7 @@ fn run(args: Args) -> Result<()> {
     match args.cmd {
         Cmd::CreateMd { force } => create_md(&cfg, force),
         Cmd::DumpMd => dump_md(&cfg),
+        Cmd::WipeMd { force } => wipe_md(&cfg, force),
         Cmd::Up => up(&cfg),
         Cmd::Down { force } => down(&cfg, force),
         Cmd::Primary { force } => simple(&cfg, Request::Primary { force }),
@@ -859,6 +869,73 @@ fn outdate(cfg: &Config) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn wipe_md(cfg: &Config, force: bool) -> Result<()> {
+    use blockrep::meta::DiskState;
+    let st = query_status(cfg).context(
+        "cannot tell whether the daemon uses this device; metadata is wiped only when it is known to be down",
+    )?;
+    if st.is_some_and(|s| s.up) {
+        bail!(
+            "resource {} is up on {}: take it down before wiping its metadata",
+            cfg.resource,
+            cfg.me.name
+        );
+    }
+    // Held until the wipe is done: no daemon starts on the metadata meanwhile.
+    let _claim = blockrep::meta::claim(&cfg.me.backing, external(cfg), false)?;
+    let m = MetaStore::open(&cfg.me.backing, external(cfg), &cfg.resource, &cfg.me.name)?;
+    let sb = &m.sb;
+    println!(
+        "metadata of resource {} node {} on {}: disk {}, generation {:016X}, {} bytes of data",
+        sb.resource,
+        sb.node,
+        m.path().display(),
+        sb.disk.name(),
+        sb.gen.current,
+        sb.layout.data_size
+    );
+    if sb.disk != DiskState::UpToDate || sb.lost_writes {
+        println!(
+            "note: this disk is not up to date: its data is not a complete copy of the resource"
+        );
+    }
+    if sb.was_primary {
+        println!(
+            "note: this node was primary when it stopped last: its activity log, which names the regions its peer may lack, goes with the metadata"
+        );
+    }
+    if !force {
+        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            bail!(
+                "wipe-md destroys this metadata (generations, bitmap, journal): run it with --force to confirm (it asks only on a terminal)"
+            );
+        }
+        print!("Type 'yes' to wipe it: ");
+        std::io::Write::flush(&mut std::io::stdout()).context("stdout")?;
+        let mut answer = String::new();
+        std::io::stdin()
+            .read_line(&mut answer)
+            .context("reading the answer")?;
+        if answer.trim() != "yes" {
+            bail!("not wiped");
+        }
+    }
+    let path = m.path().to_owned();
+    let sb = m.wipe()?;
+    println!(
+        "metadata wiped on {}; the {} bytes of data stay at the start of {}{}. `create-md` makes this node anew (its data then comes from the peer in a full sync)",
+        path.display(),
+        sb.layout.data_size,
+        cfg.me.backing.display(),
+        if external(cfg).is_none() {
+            ", where a filesystem made through blockrep can be mounted directly"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 

@@ -1045,6 +1045,33 @@ impl MetaStore {
         })
     }
 
+    /// Destroys this node's metadata (DRBD's `wipe-md`): both superblock slots first, synced,
+    /// so that a crash part way leaves no metadata rather than a superblock over half-cleared
+    /// areas; then the journal (it holds copies of written data), the bitmap and the
+    /// activity log. The data area is not touched: with internal metadata it stays at the
+    /// start of the backing device, where a filesystem made through blockrep can be used
+    /// directly. Returns the superblock that was there.
+    pub fn wipe(self) -> Result<Superblock, MetaError> {
+        let io = |source| MetaError::Io {
+            path: self.path.clone(),
+            error: source,
+        };
+        let l = self.sb.layout;
+        let zeros = vec![0u8; 1 << 20];
+        clear_area(&self.file, l.sb_offset, SUPERBLOCK_AREA, &zeros).map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        clear_area(&self.file, l.journal_offset, l.journal_len, &zeros).map_err(io)?;
+        clear_area(
+            &self.file,
+            l.bitmap_offset,
+            l.journal_offset - l.bitmap_offset,
+            &zeros,
+        )
+        .map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        Ok(self.sb)
+    }
+
     fn write_slot(&self, sb: &Superblock, slot: u64) -> Result<(), MetaError> {
         let io = |source| MetaError::Io {
             path: self.path.clone(),
@@ -1641,6 +1668,35 @@ mod tests {
         let f = File::create(&img).unwrap();
         f.set_len(32 << 20).unwrap();
         (dir, img, f)
+    }
+
+    #[test]
+    fn wiped_metadata_is_gone_and_the_data_stays() {
+        let (_dir, img, f) = image_of_32_mib("brmeta-wipe");
+        let sb = MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap();
+        let l = sb.layout;
+        let data = [0x5au8; 4096];
+        f.write_all_at(&data, l.data_size - 4096).unwrap();
+        f.write_all_at(&[0xa5u8; 4096], l.journal_offset).unwrap();
+        f.write_all_at(&[0xffu8; 64], l.bitmap_offset).unwrap();
+        let m = MetaStore::open(&img, None, "r0", "alpha").unwrap();
+        assert_eq!(m.wipe().unwrap().node, "alpha");
+        let Err(e) = MetaStore::open(&img, None, "r0", "alpha") else {
+            panic!("metadata still opens after the wipe");
+        };
+        assert!(matches!(e, MetaError::NotAtEnd { .. }), "{e}");
+        let f = File::open(&img).unwrap();
+        let mut meta = vec![0xeeu8; l.meta_len() as usize];
+        f.read_exact_at(&mut meta, l.bitmap_offset).unwrap();
+        assert!(
+            meta.iter().all(|&b| b == 0),
+            "metadata bytes left after the wipe"
+        );
+        let mut back = [0u8; 4096];
+        f.read_exact_at(&mut back, l.data_size - 4096).unwrap();
+        assert_eq!(back, data, "the wipe touched the data area");
+        // A device wiped is a device without metadata: create-md needs no --force.
+        MetaStore::create(&img, None, "r0", "alpha", 1 << 20, 4096, false).unwrap();
     }
 
     #[test]

@@ -270,6 +270,101 @@ fn create_md_refuses_to_cut_a_filesystem_and_keeps_one_that_fits() {
     );
 }
 
+/// An admin taking a node out of blockrep (DRBD's `wipe-md`): refused while the resource is
+/// up, and without --force where nobody can answer its question (no terminal); then the
+/// metadata is gone (`up` says to run create-md) and the filesystem made through the export
+/// is intact at the start of the backing device, readable without blockrep.
+#[test]
+fn wipe_md_destroys_the_metadata_and_leaves_the_filesystem_usable() {
+    let c = Cluster::builder("wipe-md").backing_size(128 << 20).build();
+    let a = c.alpha();
+    let img = a.backing_path().to_owned();
+    // A filesystem with a file in it, made beside and copied in through the export.
+    let content = c.dir().path().join("content");
+    std::fs::create_dir(&content).expect("content dir");
+    std::fs::write(content.join("hello.txt"), "kept through wipe-md\n").expect("the file");
+    let fs = c.dir().path().join("fs.img");
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "wiped", "-d"])
+            .arg(&content)
+            .arg(&fs)
+            .arg("32M"),
+        LONG_TIMEOUT,
+    );
+    a.create_md();
+    a.up();
+    a.primary_force();
+    run_ok(Command::new("nbdcopy").arg(&fs).arg(a.uri()), LONG_TIMEOUT);
+    let err = assert_error(&a.ctl(&["wipe-md", "--force"]));
+    assert!(err.contains("is up"), "{err}");
+    a.down();
+
+    let md = a.ctl_ok(&["dump-md"]).stdout;
+    let err = assert_error(&a.ctl(&["wipe-md"]));
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        a.ctl_ok(&["dump-md"]).stdout,
+        md,
+        "a refused wipe-md changed the metadata"
+    );
+    // On a terminal it asks, and anything but `yes` wipes nothing.
+    if have_tools(&["script"]) {
+        let line = format!(
+            "{} -c {} -n {} wipe-md",
+            a.ctl_path().display(),
+            a.config_path().display(),
+            a.name()
+        );
+        let out = run(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf 'no\\n' | script -qec '{line}' /dev/null")),
+            LONG_TIMEOUT,
+        );
+        assert!(
+            !out.success() && out.stdout.contains("Type 'yes'") && out.stdout.contains("not wiped"),
+            "wipe-md on a terminal answered 'no':\n{}",
+            out.describe()
+        );
+        assert_eq!(
+            a.ctl_ok(&["dump-md"]).stdout,
+            md,
+            "wipe-md answered 'no' changed the metadata"
+        );
+    }
+    let out = a.ctl_ok(&["wipe-md", "--force"]);
+    for w in ["metadata wiped", "mounted directly", "create-md"] {
+        assert!(
+            out.stdout.contains(w),
+            "wipe-md does not say {w:?}\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        !a.ctl(&["dump-md"]).success(),
+        "metadata left after wipe-md"
+    );
+    let err = assert_error(&a.ctl(&["up"]));
+    assert!(err.contains("create-md"), "{err}");
+    // The filesystem, straight from the backing device.
+    run_ok(Command::new("e2fsck").arg("-fn").arg(&img), LONG_TIMEOUT);
+    let cat = run_ok(
+        Command::new("debugfs")
+            .args(["-R", "cat /hello.txt"])
+            .arg(&img),
+        LONG_TIMEOUT,
+    );
+    assert!(
+        cat.stdout.contains("kept through wipe-md"),
+        "the file on the wiped device:\n{}",
+        cat.describe()
+    );
+    // Wiped is new: create-md needs no --force, and keeps the filesystem that fits.
+    a.ctl_ok(&["create-md"]);
+    a.up();
+}
+
 /// Decimal numbers in `s`.
 fn numbers(s: &str) -> Vec<u64> {
     s.split(|c: char| !c.is_ascii_digit())
