@@ -156,6 +156,27 @@ pub fn effective_disk(disk: u8, crashed_primary: bool, same_generation: bool) ->
     }
 }
 
+/// Of two nodes that both crashed as primary and meet at one generation, whether this one is
+/// the source of both nodes' hot extents (DRBD's crashed-primary rule with both flags set: one
+/// node, chosen by a tie-break, resyncs them; "in sync" would leave each node's unreplicated
+/// writes on it alone, the replicas different while both say up to date). A node keeps such a
+/// stale mark only after a demotion whose metadata write failed, the other then promoted at the
+/// same generation: the node promoted last is the primary that really crashed, and its disk
+/// holds every write it acknowledged. Equal times: the smaller node name. Mirrored: the peer,
+/// asking with the arguments swapped, gets the other answer.
+pub fn crashed_primaries_source(
+    me_promoted_ms: u64,
+    me_name: &str,
+    peer_promoted_ms: u64,
+    peer_name: &str,
+) -> bool {
+    if me_promoted_ms != peer_promoted_ms {
+        me_promoted_ms > peer_promoted_ms
+    } else {
+        me_name < peer_name
+    }
+}
+
 /// What `outdate` does on a node whose disk is `disk`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outdate {
@@ -449,6 +470,18 @@ mod tests {
                 "{f:?} {me_p} {peer_p} {conn} {disk:?}"
             );
         }
+    }
+
+    #[test]
+    fn of_two_crashed_primaries_the_one_promoted_last_is_the_source_on_both_sides() {
+        for (a, b) in [(5, 9), (9, 5), (7, 7)] {
+            let alpha = crashed_primaries_source(a, "alpha", b, "beta");
+            let beta = crashed_primaries_source(b, "beta", a, "alpha");
+            assert_ne!(alpha, beta, "promoted at {a} and {b}: exactly one source");
+        }
+        assert!(crashed_primaries_source(9, "beta", 5, "alpha"));
+        assert!(!crashed_primaries_source(5, "alpha", 9, "beta"));
+        assert!(crashed_primaries_source(7, "alpha", 7, "beta"));
     }
 
     #[test]

@@ -391,7 +391,9 @@ fn decide(me: &Node, peer: &Node) -> Decided {
         state::compare_generations_unacked(&me.gen, me.unacked(), &peer.gen, peer.unacked());
     let by_generations = decision;
     let journal_ok = matches!(decision, InSync | SourceBitmap);
-    // DRBD's crashed-primary rule.
+    // DRBD's crashed-primary rule. (Both crashed at one generation, which `peer::connection`
+    // settles with `state::crashed_primaries_source`, needs a demotion whose metadata write
+    // failed: not modelled.)
     if decision == InSync && me.crashed != peer.crashed {
         decision = if me.crashed {
             SourceBitmap

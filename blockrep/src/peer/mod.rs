@@ -1129,12 +1129,27 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         decision = d;
     }
     // Same generation, but one side crashed as primary: its hot extents may hold writes the
-    // other never got (DRBD's crashed-primary rule): it is the source for them.
+    // other never got (DRBD's crashed-primary rule): it is the source for them. Both did (one
+    // with a stale mark a failed metadata write left at its demotion): one source for both
+    // nodes' hot extents (its resync merges the target's bitmap, which names the target's).
     if back.is_none()
         && decision == SyncDecision::InSync
-        && me.crashed_primary != peer.crashed_primary
+        && (me.crashed_primary || peer.crashed_primary)
     {
-        decision = if me.crashed_primary {
+        let me_source = if me.crashed_primary != peer.crashed_primary {
+            me.crashed_primary
+        } else {
+            let (mine, theirs) = (res.cfg().me.name.clone(), peer_name(res));
+            let me_source =
+                state::crashed_primaries_source(me.promoted_ms, &mine, peer.promoted_ms, &theirs);
+            tracing::warn!(
+                "both nodes crashed as primary at generation {:016X}: {} (promoted last) is the source of both nodes' hot extents",
+                me.gen.current,
+                if me_source { &mine } else { &theirs }
+            );
+            me_source
+        };
+        decision = if me_source {
             SyncDecision::SourceBitmap
         } else {
             SyncDecision::TargetBitmap
@@ -1146,7 +1161,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
     // (before, the flag made it the target and its acknowledged writes were discarded).
     // An outdated crashed primary at one generation keeps its hot extents (see
     // `state::effective_disk`): its premature mark goes, and it is the source as before.
-    // Only one-sided: two crashed primaries at one generation are left as they were.
+    // Only one-sided: of two crashed primaries at one generation, the disk states stand.
     let same_gen = by_generations == SyncDecision::InSync;
     let me_disk = state::effective_disk(
         me.disk,
@@ -1287,7 +1302,32 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         refused && same || decision == SyncDecision::SplitBrain && split_brain_retry(res),
         format_args!("{line}"),
     );
-    if decision == SyncDecision::SplitBrain && !me.primary && !peer.primary {
+    // The policies settle only a split brain whose two bitmaps together name everything
+    // either side changed (as DRBD applies them only to its rule-100 split brain): one found
+    // through the histories has bitmaps counting from different points, whose counts the
+    // policies would compare as if they meant the same, and is left to the admin.
+    let bitmaps_cover = by_generations != SyncDecision::SplitBrain
+        || state::split_brain_bitmaps_cover(
+            &gens(&me.gen),
+            me.gen.sync_done_unacked,
+            &gens(&peer.gen),
+            peer.gen.sync_done_unacked,
+        );
+    if decision == SyncDecision::SplitBrain
+        && !me.primary
+        && !peer.primary
+        && !bitmaps_cover
+        && after_sb_0pri != state::AfterSb0Pri::Disconnect
+    {
+        info_unless(
+            same,
+            format_args!(
+                "after-sb-0pri {after_sb_0pri:?} does not settle this split brain: the two bitmaps count from different generations (bitmap {:016X} here, {:016X} on the peer), so neither names all the other changed; `connect --discard-my-data` on the node whose changes go settles it (with a full sync)",
+                me.gen.bitmap, peer.gen.bitmap
+            ),
+        );
+    }
+    if decision == SyncDecision::SplitBrain && !me.primary && !peer.primary && bitmaps_cover {
         let facts = |s: &NodeState, name: &'static str| state::SbFacts {
             name,
             changes: s.out_of_sync,
@@ -1340,17 +1380,10 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             None => {}
         }
     }
-    // Settled (by `--discard-my-data` or a policy), a split brain found through the
+    // Settled (by `--discard-my-data`: no policy settles it), a split brain found through the
     // histories rather than one shared bitmap generation is a full sync: what either side
     // changed between the two bitmaps' points is named by neither (DRBD does the same).
-    if by_generations == SyncDecision::SplitBrain
-        && !state::split_brain_bitmaps_cover(
-            &gens(&me.gen),
-            me.gen.sync_done_unacked,
-            &gens(&peer.gen),
-            peer.gen.sync_done_unacked,
-        )
-    {
+    if !bitmaps_cover {
         let full = match decision {
             SyncDecision::SourceBitmap => Some(SyncDecision::SourceFull),
             SyncDecision::TargetBitmap => Some(SyncDecision::TargetFull),
