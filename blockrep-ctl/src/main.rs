@@ -709,21 +709,40 @@ fn adjust(cfg: &Config, dry_run: bool) -> Result<()> {
             println!("{}", expect_ok(reply)?);
             Ok(())
         }
-        // No daemon runs for this node: DRBD's adjust brings the resource up.
-        None if dry_run => {
-            println!(
-                "resource {} is not up on {}: adjust would bring it up",
-                cfg.resource, cfg.me.name
-            );
-            Ok(())
-        }
         None => {
+            // No daemon answers on the config's control socket, but one holds this node's
+            // disk: it was started from a config whose `control` differs (a second daemon
+            // would only fail to claim the disk).
+            if let Some(why) = held_by_another_daemon(cfg) {
+                bail!(
+                    "resource {} does not answer on {}, but its disk is in use ({why}): if this resource's daemon runs, it was started from a config whose `control` differs, and adjust cannot move a running daemon's control socket: run `down` with the config it was started with, then `up` with this one",
+                    cfg.resource,
+                    cfg.me.control.display()
+                );
+            }
+            // No daemon runs for this node: DRBD's adjust brings the resource up.
+            if dry_run {
+                println!(
+                    "resource {} is not up on {}: adjust would bring it up",
+                    cfg.resource, cfg.me.name
+                );
+                return Ok(());
+            }
             println!(
                 "resource {} is not up on {}: bringing it up",
                 cfg.resource, cfg.me.name
             );
             up(cfg)
         }
+    }
+}
+
+/// Why this node's disk cannot be claimed now, when another process holds it (a daemon, or
+/// create-md); `None` when it can (the claim is let go at once).
+fn held_by_another_daemon(cfg: &Config) -> Option<String> {
+    match blockrep::meta::claim(&cfg.me.backing, external(cfg), false) {
+        Err(blockrep::meta::MetaError::InUse { why, .. }) => Some(why),
+        _ => None,
     }
 }
 

@@ -304,6 +304,28 @@ fn adjust_reports_what_needs_down_and_up_and_refuses_another_resource() {
     assert_eq!(a.repl()["connection"], "connected");
     assert_eq!(a.repl()["protocol"], "C");
 
+    // A new control socket: the running daemon does not answer there, but holds the disk;
+    // adjust says why and starts no second daemon (which would only fail to claim it).
+    let ctl = a.control_path().display().to_string();
+    edit_config(&c, &ctl, &format!("{ctl}2"));
+    let daemons = c.daemon_processes();
+    for args in [&["adjust", "--dry-run"][..], &["adjust"][..]] {
+        let out = a.ctl(args);
+        assert!(
+            !out.success()
+                && out.stderr.contains("its disk is in use")
+                && out.stderr.contains("`control` differs")
+                && out
+                    .stderr
+                    .contains("run `down` with the config it was started with"),
+            "{args:?} with another control socket:\n{}",
+            out.describe()
+        );
+    }
+    assert_eq!(c.daemon_processes(), daemons, "adjust started a daemon");
+    c.write_config(&original);
+    assert_eq!(a.repl()["connection"], "connected");
+
     // A new secret on one node: from the next connection, which it then refuses until the
     // peer has it too.
     let secret_line = original
