@@ -217,6 +217,12 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
             let column = text[line_start..at].chars().count() + 1;
             let line = text[line_start..].lines().next().unwrap_or("").trim();
+            // The secret is never printed, not even from a line the parser could not read.
+            let line = if line.trim_start_matches(['"', '\'']).starts_with("secret") {
+                "secret = (not shown)"
+            } else {
+                line
+            };
             format!(
                 "line {line_no}, column {column} (`{line}`): {}",
                 e.message().trim_end()
@@ -1018,6 +1024,20 @@ control = "/tmp/b.sock"
 
     fn when(p: &AdjustPlan, key: &str) -> Option<TakesEffect> {
         p.changes.iter().find(|c| c.key == key).map(|c| c.when)
+    }
+
+    #[test]
+    fn a_toml_error_on_the_secret_line_does_not_print_the_secret() {
+        for bad in [
+            "secret = \"hunter2-hunter2",
+            "secret = hunter2-hunter2",
+            "secret = \"hunter2-hunter2\"\nsecret = \"hunter2-hunter2\"",
+        ] {
+            let text = GOOD.replacen("[node.alpha]", &format!("{bad}\n[node.alpha]"), 1);
+            let e = parse(&text, "alpha").unwrap_err().to_string();
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(e.contains("line "), "{e}");
+        }
     }
 
     #[test]

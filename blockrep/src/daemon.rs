@@ -337,7 +337,7 @@ impl Daemon {
                 a = listener.accept() => match a {
                     // The socket's mode is set just after it is bound: one who connected in
                     // between is still checked here, by the credentials the kernel gives.
-                    Ok((s, _)) if !control_peer_allowed(&s) => {
+                    Ok((s, _)) if !local_peer_allowed(&s) => {
                         tracing::warn!(
                             "control connection refused: uid {} is neither root nor this daemon's",
                             s.peer_cred().map_or("unknown".to_string(), |c| c.uid().to_string())
@@ -534,9 +534,11 @@ impl Daemon {
     }
 }
 
-/// Whether a control connection comes from root or from the daemon's own user: whoever can
-/// talk to the daemon can promote, invalidate or take the node down.
-fn control_peer_allowed(s: &UnixStream) -> bool {
+/// Whether a local connection (to the control socket, or to a Unix NBD export) comes from
+/// root or from the daemon's own user: whoever can talk to the daemon can promote,
+/// invalidate or take the node down, and whoever reaches the export reads and writes the
+/// device.
+pub(crate) fn local_peer_allowed(s: &UnixStream) -> bool {
     let me = nix::unistd::geteuid().as_raw();
     s.peer_cred().is_ok_and(|c| c.uid() == 0 || c.uid() == me)
 }

@@ -558,10 +558,27 @@ impl Resource {
                     "binding the NBD export on {}",
                     path.display()
                 )))?;
+                // Whoever connects reads and writes the device: root and the daemon's own
+                // user only, whatever the umask (checked per connection too, which covers
+                // the moment before the mode is set), as the control socket.
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(io_err(format!(
+                            "restricting the NBD export socket {}",
+                            path.display()
+                        )))?;
+                }
                 let export = export.clone();
                 let task = tokio::spawn(async move {
                     loop {
                         match l.accept().await {
+                            Ok((s, _)) if !crate::daemon::local_peer_allowed(&s) => {
+                                let uid = s.peer_cred().map(|c| c.uid()).ok();
+                                tracing::warn!(
+                                    "nbd: refused a connection on the Unix socket from uid {uid:?}: only root and the daemon's user may use the export"
+                                );
+                            }
                             Ok((s, _)) => {
                                 tokio::spawn(nbd_server::serve(s, export.clone(), "unix".into()));
                             }

@@ -177,6 +177,47 @@ fn unix_socket_export_serves_io() {
         "{}",
         out.describe()
     );
+
+    // Whoever reaches the socket reads and writes the device: it is the owner's alone, and a
+    // connection from another user is refused even where the mode would let it in.
+    use std::os::unix::fs::PermissionsExt;
+    let socket = st["export"].as_str().unwrap().trim_start_matches("unix:");
+    let mode = std::fs::metadata(socket)
+        .expect("the socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "export socket mode {mode:o}");
+    if !have_tools(&["setpriv"]) || !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    std::fs::set_permissions(c.dir().path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod the test dir");
+    let out = run(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "nbdinfo",
+                "--size",
+            ])
+            .arg(&uri),
+        LONG_TIMEOUT,
+    );
+    assert!(
+        !out.success(),
+        "another user read the export:\n{}",
+        out.describe()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || a.log_count(
+            "refused a connection on the Unix socket from uid Some(65534)"
+        ) > 0),
+        "the daemon did not say it refused uid 65534:\n{}",
+        a.log_tail(10)
+    );
+    assert_eq!(nbdinfo_size(&uri), st["size"].as_u64().unwrap());
 }
 
 fn nbdcopy_round_trip(test: &str, extra: &[&str]) {

@@ -21,19 +21,12 @@ pub(super) fn verify(secret: &[u8], input: &[u8], tag: &[u8; 32]) -> bool {
     m.verify_slice(tag).is_ok()
 }
 
-pub(super) fn nonce() -> [u8; 32] {
+/// A fresh random nonce, or `None` without a random source: a nonce from the time and the
+/// process id could be predicted, and a stranger that had this node prove itself over a
+/// predicted nonce of its peer could replay that proof to the peer.
+pub(super) fn nonce() -> Option<[u8; 32]> {
     let mut n = [0u8; 32];
-    if getrandom::getrandom(&mut n).is_err() {
-        // Without an RNG a nonce is still unique per process and time; log it.
-        tracing::error!("no random source; nonce from time and pid");
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        n[..16].copy_from_slice(&t.to_le_bytes());
-        n[16..20].copy_from_slice(&std::process::id().to_le_bytes());
-    }
-    n
+    getrandom::getrandom(&mut n).ok().map(|()| n)
 }
 
 /// An authenticated connection and the peer's state at handshake.
@@ -83,7 +76,12 @@ pub(super) async fn handshake(
     };
     // At most 1 MiB (the config's bound): fits the hello's field.
     let granularity = u32::try_from(cfg.bitmap_granularity).unwrap_or(u32::MAX);
-    let my_nonce = nonce();
+    let Some(my_nonce) = nonce() else {
+        tracing::error!("no random source for the handshake's nonce: the connection is not made");
+        return Err(LinkError::Closed(
+            "no random source for the handshake's nonce",
+        ));
+    };
     write_msg(
         &mut s,
         &Msg::Hello {
