@@ -446,6 +446,11 @@ pub struct Replication {
     /// The highest sequence the peer has reported durable since this daemon started: a peer
     /// that comes back reporting less lost writes it had made durable (see `stream_start`).
     pub peer_durable_high: AtomicU64,
+    /// The first sequence from which the peer's durable marks count at this node's data
+    /// generation: 0 when it connected at it; during a journal catch-up or a resync the peer
+    /// is still at its own (or the resync's) generation, until the SyncDone record (its
+    /// sequence, set when it is issued) makes it adopt this node's.
+    pub peer_at_gen_from: AtomicU64,
     /// A sync of this node's disk failed (see `Device::sync_failed`): a write the peer does
     /// not hold is on no good copy, so a lost link releases waiting writes with an error.
     local_sync_failed: std::sync::atomic::AtomicBool,
@@ -571,6 +576,7 @@ impl Replication {
             resyncing: std::sync::atomic::AtomicBool::new(false),
             verify_marked: std::sync::atomic::AtomicBool::new(false),
             peer_durable_high: AtomicU64::new(0),
+            peer_at_gen_from: AtomicU64::new(u64::MAX),
             local_sync_failed: std::sync::atomic::AtomicBool::new(false),
             writes_closed: std::sync::atomic::AtomicBool::new(false),
             io_suspended: watch::Sender::new(None),

@@ -687,6 +687,109 @@ fn a_secondary_disk_restored_while_its_primary_restarted_is_fully_resynced() {
     );
 }
 
+/// The committed `peer-durable` mark in `n`'s metadata, as (generation, sequence).
+fn committed_peer_durable(n: &Node) -> (String, u64) {
+    let dump = n.ctl_ok(&["dump-md"]).stdout;
+    let line = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("peer-durable"))
+        .unwrap_or_else(|| panic!("no peer-durable in dump-md:\n{dump}"));
+    let w: Vec<&str> = line.split_whitespace().collect();
+    match w.as_slice() {
+        ["gen", gen, "seq", seq] => (gen.to_string(), seq.parse().unwrap_or(0)),
+        _ => panic!("peer-durable line {line:?}"),
+    }
+}
+
+/// Review finding: the primary kept what the peer's disk holds (`peer-durable`) under its
+/// own generation also while the peer was not at it yet (a resync's target, a journal
+/// catch-up's peer, until the SyncDone): the first durable acknowledgement of such a
+/// connection replaced the mark at the generation the peer was still at. Cut before the
+/// SyncDone, then the peer's disk restored from an image of that generation, the restored
+/// disk was not recognised (the mark named another generation) and took a bitmap resync that
+/// left the writes between the image and the mark stale. Here: beta's image, later writes
+/// beta makes durable (the mark), an outage long enough for a bitmap resync, the resync held
+/// by pause-sync while flushed writes go on (durable acknowledgements from a target at the
+/// resync's generation), alpha killed, beta's disk restored: beta must be fully resynced.
+#[test]
+fn a_secondary_image_restored_after_a_cut_resync_is_still_recognised() {
+    let c = Cluster::builder("restored-after-cut-resync")
+        .nodes(2)
+        .backing_size(SIZE)
+        .protocol("C")
+        .journal_size("8M")
+        .beta_via_proxy()
+        .build();
+    c.start_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let (a, b) = (c.alpha(), c.beta());
+    write_flushed(a, 0, &random_bytes(2 * MIB as usize), MIB);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    b.down();
+    let image = c.dir().join("beta-image.img");
+    std::fs::copy(b.backing_path(), &image).expect("image beta's disk");
+    b.up();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let later = random_bytes(8 * MIB as usize);
+    write_flushed(a, 4 * MIB, &later, MIB);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let heard = a.repl()["peer_disk_holds"].as_u64().unwrap_or(0);
+    assert!(
+        wait_for(Duration::from_secs(10), || committed_peer_durable(a).1
+            >= heard),
+        "alpha's metadata does not hold beta's durable mark {heard}"
+    );
+    let (gen1, mark1) = committed_peer_durable(a);
+    // The later writes' extents go cold in alpha's activity log (a crash of alpha must not
+    // resync them as its hot extents, which would hide what this test checks).
+    std::thread::sleep(Duration::from_secs(12));
+
+    // An outage longer than the journal: a bitmap resync at the next connect, held.
+    assert!(c.proxy().cut_and_refuse() >= 1, "no link to cut");
+    a.wait_not_connected(Duration::from_secs(10));
+    write_flushed(a, 24 * MIB, &random_bytes(12 * MIB as usize), MIB);
+    a.ctl_ok(&["pause-sync"]);
+    c.proxy().resume();
+    a.wait_repl(
+        CONNECT_TIMEOUT,
+        "the resync to beta started (paused)",
+        |r| r["connection"] == "sync-source",
+    );
+    // Flushed writes during the held resync: beta acknowledges them durable at the
+    // resync's generation.
+    let before = a.repl()["seq_durable"].as_u64().unwrap_or(0);
+    write_flushed(a, 48 * MIB, &random_bytes(MIB as usize), MIB);
+    a.wait_repl(
+        Duration::from_secs(10),
+        "beta durable through the writes during the held resync",
+        |r| {
+            let durable = r["seq_durable"].as_u64().unwrap_or(0);
+            durable > before && Some(durable) == r["seq_written"].as_u64()
+        },
+    );
+    // Alpha's metadata takes what it heard with its next commit (it stands still now).
+    std::thread::sleep(Duration::from_secs(3));
+    let (gen2, mark2) = committed_peer_durable(a);
+    println!("peer-durable before the outage {gen1} {mark1}, after the held resync {gen2} {mark2}");
+    assert_eq!(
+        gen2, gen1,
+        "alpha's mark of beta's disk moved to another generation while beta was not at it"
+    );
+
+    a.kill9_and_wait();
+    b.down();
+    std::fs::copy(&image, b.backing_path()).expect("restore beta's disk from its image");
+    let marks = log_marks(&c);
+    a.up();
+    b.up();
+    resynced_after_going_back(&c, b, marks);
+    assert_same_bytes(
+        &b.backing_data(12 * MIB)[4 * MIB as usize..],
+        &later,
+        "beta has the writes its image lacked",
+    );
+}
+
 /// Review finding: a resync target's disk goes back in time midway (a write cache that
 /// ignored the resync's flushes, or a snapshot restored): the regions it had acknowledged as
 /// durable were cleared from the source's bitmap, and the next connect, seeing an

@@ -160,6 +160,15 @@ pub(super) async fn primary_side(
         peer.durable_seq
     };
     rep.set_link_as_primary(res.role() == Role::Primary);
+    // The peer's durable marks describe this node's generation only once it is at it.
+    rep.peer_at_gen_from.store(
+        if resync.is_some() || decision != SyncDecision::InSync {
+            u64::MAX
+        } else {
+            0
+        },
+        std::sync::atomic::Ordering::SeqCst,
+    );
     rep.set_connected(true, start - 1, peer_durable);
     if resync.is_some() {
         rep.confirm_resync_start(start);
@@ -443,7 +452,15 @@ pub(super) async fn primary_side(
                     // What the peer's disk holds from here on: remembered (in the metadata
                     // with its next commit), so that an image of its disk restored later,
                     // holding less, is told from a disk that is current (`state::went_back`).
-                    if durable > heard_durable {
+                    // Only at this node's generation, which the peer of a catch-up or a
+                    // resync reaches with its SyncDone: noted under this generation before,
+                    // it would replace what the peer's disk holds at the one it is still at,
+                    // and an image of it restored after a cut went unnoticed.
+                    let at_gen = durable
+                        >= rep
+                            .peer_at_gen_from
+                            .load(std::sync::atomic::Ordering::SeqCst);
+                    if durable > heard_durable && at_gen {
                         heard_durable = durable;
                         res.note_peer_durable(0, durable);
                     }
@@ -965,6 +982,8 @@ pub(super) async fn finish_sync(
         .map_err(|e| LinkError::LocalDisk(format!("recording the end of the resync: {e}")))?;
     }
     let seq = rep.begin(Record::SyncDone { gen }).await?;
+    rep.peer_at_gen_from
+        .store(seq, std::sync::atomic::Ordering::SeqCst);
     let mut rx = rep.subscribe_acks();
     let _ = rx.wait_for(|a| !a.connected || a.applied >= seq).await;
     if rep.acks().applied >= seq {
