@@ -659,30 +659,30 @@ fn a_secondary_disk_restored_while_its_primary_restarted_is_fully_resynced() {
     // Alpha's metadata takes the mark once it stands still (the acknowledgement of the last
     // flush comes after that flush's own commit); then alpha dies, beta goes down, and beta's
     // disk goes back.
-    let committed = |n: &Node| {
-        let dump = n.ctl_ok(&["dump-md"]).stdout;
-        dump.lines()
-            .find_map(|l| l.strip_prefix("peer-durable"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     let heard = a.repl()["peer_disk_holds"].as_u64().unwrap_or(0);
     assert!(
-        wait_for(Duration::from_secs(10), || committed(a) >= heard),
+        wait_for(Duration::from_secs(10), || committed_peer_durable(a).1
+            >= heard),
         "alpha's metadata does not hold beta's durable mark {heard}:\n{}",
         a.ctl_ok(&["dump-md"]).stdout
     );
+    kill_alpha_and_restore_beta(&c, &image, &later);
+}
+
+/// Alpha dies, beta goes down and its disk goes back to `image`; both come up, and beta must
+/// be recognised and fully resynced, ending with `later` (written at 4 MiB after the image).
+fn kill_alpha_and_restore_beta(c: &Cluster, image: &std::path::Path, later: &[u8]) {
+    let (a, b) = (c.alpha(), c.beta());
     a.kill9_and_wait();
     b.down();
-    std::fs::copy(&image, b.backing_path()).expect("restore beta's disk from its image");
-    let marks = log_marks(&c);
+    std::fs::copy(image, b.backing_path()).expect("restore beta's disk from its image");
+    let marks = log_marks(c);
     a.up();
     b.up();
-    resynced_after_going_back(&c, b, marks);
+    resynced_after_going_back(c, b, marks);
     assert_same_bytes(
-        &b.backing_data(12 * MIB)[4 * MIB as usize..],
-        &later,
+        &b.backing_data(4 * MIB + later.len() as u64)[4 * MIB as usize..],
+        later,
         "beta has the writes its image lacked",
     );
 }
@@ -776,18 +776,7 @@ fn a_secondary_image_restored_after_a_cut_resync_is_still_recognised() {
         "alpha's mark of beta's disk moved to another generation while beta was not at it"
     );
 
-    a.kill9_and_wait();
-    b.down();
-    std::fs::copy(&image, b.backing_path()).expect("restore beta's disk from its image");
-    let marks = log_marks(&c);
-    a.up();
-    b.up();
-    resynced_after_going_back(&c, b, marks);
-    assert_same_bytes(
-        &b.backing_data(12 * MIB)[4 * MIB as usize..],
-        &later,
-        "beta has the writes its image lacked",
-    );
+    kill_alpha_and_restore_beta(&c, &image, &later);
 }
 
 /// Review finding: a resync target's disk goes back in time midway (a write cache that

@@ -482,31 +482,11 @@ fn a_fua_write_is_synced_on_the_secondary_before_any_later_write_reaches_its_dis
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
         return;
     }
-    const SIZE: u64 = 32 * MIB;
-    let c = Cluster::builder("fua-barrier")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("A")
-        .journal_size("8M")
-        .external_meta()
-        .build();
-    let io_log = c.dir().path().join("beta-io.log");
-    let disk = NbdkitFile::start(
-        c.dir().path(),
-        "beta-disk",
-        &[
-            "--filter=log".into(),
-            "memory".into(),
-            format!("size={SIZE}"),
-            format!("logfile={}", io_log.display()),
-        ],
-        &[],
-    );
+    let (c, _disk, io_log) = pair_with_a_logged_disk("fua-barrier", "beta", 32 * MIB, |b| {
+        b.protocol("A").external_meta()
+    });
     let _stop = StopDaemons(&c);
-    let (a, b) = (c.alpha(), c.beta());
-    b.back_with(&disk.file());
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let a = c.alpha();
 
     let (first, later) = (8 * MIB, 16 * MIB);
     let mark = std::fs::read_to_string(&io_log).unwrap_or_default().len();
@@ -567,6 +547,44 @@ fn a_fua_write_is_synced_on_the_secondary_before_any_later_write_reaches_its_dis
     );
 }
 
+/// A pair (8 MiB journal, `f` adding to its builder) whose node `node` has its disk in
+/// memory behind nbdkit's log filter, started (alpha primary) and in sync: the cluster, the
+/// disk (to drop after the daemons: the caller's `StopDaemons` comes after it) and the log of
+/// the requests the disk received, in order.
+fn pair_with_a_logged_disk(
+    test: &str,
+    node: &str,
+    size: u64,
+    f: impl FnOnce(ClusterBuilder) -> ClusterBuilder,
+) -> (Cluster, NbdkitFile, std::path::PathBuf) {
+    let c = f(Cluster::builder(test)
+        .nodes(2)
+        .backing_size(size)
+        .journal_size("8M"))
+    .build();
+    let io_log = c.dir().path().join(format!("{node}-io.log"));
+    let disk = NbdkitFile::start(
+        c.dir().path(),
+        &format!("{node}-disk"),
+        &[
+            "--filter=log".into(),
+            "memory".into(),
+            format!("size={size}"),
+            format!("logfile={}", io_log.display()),
+        ],
+        &[],
+    );
+    c.node(node).back_with(&disk.file());
+    {
+        // Stopped here if the start fails; the caller's guard stops them after that.
+        let stop = StopDaemons(&c);
+        c.start_pair();
+        c.wait_in_sync(SYNC_TIMEOUT);
+        std::mem::forget(stop);
+    }
+    (c, disk, io_log)
+}
+
 /// The `connection=` and `id=` tokens of an nbdkit log line: a request and its return.
 fn request_of(line: &str) -> Vec<&str> {
     line.split_whitespace()
@@ -589,30 +607,10 @@ fn a_cold_extents_data_is_synced_before_the_activity_log_that_drops_it() {
     if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
         return;
     }
-    const SIZE: u64 = 64 * MIB;
-    let c = Cluster::builder("al-order")
-        .nodes(2)
-        .backing_size(SIZE)
-        .protocol("C")
-        .journal_size("8M")
-        .build();
-    let io_log = c.dir().path().join("alpha-io.log");
-    let disk = NbdkitFile::start(
-        c.dir().path(),
-        "alpha-disk",
-        &[
-            "--filter=log".into(),
-            "memory".into(),
-            format!("size={SIZE}"),
-            format!("logfile={}", io_log.display()),
-        ],
-        &[],
-    );
+    let (c, _disk, io_log) =
+        pair_with_a_logged_disk("al-order", "alpha", 64 * MIB, |b| b.protocol("C"));
     let _stop = StopDaemons(&c);
     let a = c.alpha();
-    a.back_with(&disk.file());
-    c.start_pair();
-    c.wait_in_sync(SYNC_TIMEOUT);
     let md = a.ctl_ok(&["dump-md"]).stdout;
     let (al_off, al_len) = md
         .lines()
