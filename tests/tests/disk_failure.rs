@@ -447,25 +447,7 @@ fn a_secondary_disk_restored_from_an_old_snapshot_is_fully_resynced() {
     c.wait_in_sync(SYNC_TIMEOUT);
     let (a, b) = (c.alpha(), c.beta());
     let size = a.size();
-    let write = |off: u64, data: &[u8]| {
-        let mut r = a.raw_open();
-        for (i, chunk) in data.chunks(MIB as usize).enumerate() {
-            r.write_at(off + i as u64 * MIB, chunk, 0).expect("write");
-        }
-        r.command(CMD_FLUSH, 0, 0, 0).expect("flush");
-        r.disconnect();
-    };
-    write(0, &random_bytes(2 * MIB as usize));
-    c.wait_in_sync(SYNC_TIMEOUT);
-
-    b.down();
-    let snap = c.dir().join("beta-snapshot.img");
-    std::fs::copy(b.backing_path(), &snap).expect("snapshot beta's disk");
-    b.up();
-    c.wait_in_sync(SYNC_TIMEOUT);
-    let later = random_bytes(8 * MIB as usize);
-    write(4 * MIB, &later);
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let (snap, later) = image_of_beta_then_later_writes(&c);
 
     b.down();
     restore_and_resync(&c, &snap);
@@ -669,6 +651,24 @@ fn a_secondary_disk_restored_while_its_primary_restarted_is_fully_resynced() {
     kill_alpha_and_restore_beta(&c, &image, &later);
 }
 
+/// Alpha (primary) writes 2 MiB at 0, beta's disk is imaged while beta is down, then alpha
+/// writes 8 MiB more at 4 MiB: returns the image and those later bytes (beta holds them
+/// durably, the image not).
+fn image_of_beta_then_later_writes(c: &Cluster) -> (std::path::PathBuf, Vec<u8>) {
+    let (a, b) = (c.alpha(), c.beta());
+    write_flushed(a, 0, &random_bytes(2 * MIB as usize), MIB);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    b.down();
+    let image = c.dir().join("beta-image.img");
+    std::fs::copy(b.backing_path(), &image).expect("image beta's disk");
+    b.up();
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let later = random_bytes(8 * MIB as usize);
+    write_flushed(a, 4 * MIB, &later, MIB);
+    c.wait_in_sync(SYNC_TIMEOUT);
+    (image, later)
+}
+
 /// Alpha dies, beta goes down and its disk goes back to `image`; both come up, and beta must
 /// be recognised and fully resynced, ending with `later` (written at 4 MiB after the image).
 fn kill_alpha_and_restore_beta(c: &Cluster, image: &std::path::Path, later: &[u8]) {
@@ -722,17 +722,8 @@ fn a_secondary_image_restored_after_a_cut_resync_is_still_recognised() {
         .build();
     c.start_pair();
     c.wait_in_sync(SYNC_TIMEOUT);
-    let (a, b) = (c.alpha(), c.beta());
-    write_flushed(a, 0, &random_bytes(2 * MIB as usize), MIB);
-    c.wait_in_sync(SYNC_TIMEOUT);
-    b.down();
-    let image = c.dir().join("beta-image.img");
-    std::fs::copy(b.backing_path(), &image).expect("image beta's disk");
-    b.up();
-    c.wait_in_sync(SYNC_TIMEOUT);
-    let later = random_bytes(8 * MIB as usize);
-    write_flushed(a, 4 * MIB, &later, MIB);
-    c.wait_in_sync(SYNC_TIMEOUT);
+    let a = c.alpha();
+    let (image, later) = image_of_beta_then_later_writes(&c);
     let heard = a.repl()["peer_disk_holds"].as_u64().unwrap_or(0);
     assert!(
         wait_for(Duration::from_secs(10), || committed_peer_durable(a).1
