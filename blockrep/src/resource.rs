@@ -1367,6 +1367,16 @@ impl Resource {
                 "the resource has no peer: there is nothing this disk could be older than".into(),
             ));
         }
+        // Not during a role change: a promotion commits an up-to-date disk some moments
+        // before it sets the role, and an outdate between the two would leave a primary with
+        // an outdated disk (which fences nobody). Refused rather than waited for: a fence
+        // handler that ran `outdate` here while this node's own promotion fences the other
+        // would stall both; a refused outdate is a failed fence, which is safe.
+        let Ok(_roles) = self.skip_ops.try_lock() else {
+            return Err(NodeError::Refused(format!(
+                "{me}: a role change is under way: not outdated"
+            )));
+        };
         let connected = established(self.link().state);
         let (disk, promoted_before) = self.with_meta(|m| (m.sb.disk, m.sb.promoted_ms))?;
         let what = state::outdate(self.role() == Role::Primary, connected, disk)
@@ -3668,6 +3678,14 @@ impl Resource {
         if self.role() == Role::Secondary {
             return Ok(format!("{} is already secondary", self.cfg().me.name));
         }
+        // A `down` (or a service stop) under way closes the writes and commits: a demotion
+        // refused midway would open them again behind its back.
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(NodeError::Refused(format!(
+                "{} is going down: the demotion is part of it",
+                self.cfg().me.name
+            )));
+        }
         if !force {
             self.refuse_while_kernel_device_in_use().await?;
         }
@@ -3807,7 +3825,9 @@ impl Resource {
         };
         // A demotion or `down` refused below leaves a primary serving as before.
         let reopen = || {
-            if self.role() == Role::Primary {
+            if self.role() == Role::Primary
+                && !self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+            {
                 if let Some(rep) = &self.rep {
                     rep.close_writes(false);
                 }

@@ -1089,6 +1089,28 @@ fn a_secondary_during_a_fenced_promotion_waits_for_it_and_demotes() {
     );
 }
 
+/// An `outdate` (the other node's fence-peer handler, by another path) while a promotion of
+/// this node waits for its own fence: refused, as a failed fence, and the promotion goes on
+/// with its disk up to date. Before, the outdate went through here and the promotion was
+/// refused at its commit; one that came between the promotion's commit and its setting the
+/// role (a review finding, a window this test cannot hit on purpose) left a primary with an
+/// outdated disk, which fences nobody and no connect takes as a source.
+#[test]
+fn an_outdate_during_a_fenced_promotion_is_refused() {
+    let tmp = TestDir::new("fence-outdate-race");
+    let (c, log) = fenced_pair("fence-outdate-race", &tmp);
+    let b = c.beta();
+    let (promoted, outdated) = during_a_fenced_promotion(&c, &tmp, &log, &["outdate"]);
+    assert_eq!(promoted.code, Some(0), "primary: {}", promoted.describe());
+    assert!(
+        !outdated.success() && outdated.stderr.contains("a role change is under way"),
+        "outdate during the promotion: {}",
+        outdated.describe()
+    );
+    assert_eq!(b.status_json()["role"], "primary");
+    assert_eq!(md_field(b, "disk"), "up-to-date");
+}
+
 /// A second `down` (or a service stop's SIGTERM) while a first one still waits for the peer
 /// waits for it and reports the resource down; the first finishes and answers too. Before,
 /// the second found the resource already taken, said "not up" and stopped the daemon under
