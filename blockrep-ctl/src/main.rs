@@ -713,11 +713,12 @@ fn adjust(cfg: &Config, dry_run: bool) -> Result<()> {
             // No daemon answers on the config's control socket, but one holds this node's
             // disk: it was started from a config whose `control` differs (a second daemon
             // would only fail to claim the disk).
-            if let Some(why) = held_by_another_daemon(cfg) {
+            if blockrep::meta::claimed_by_another(&cfg.me.backing) {
                 bail!(
-                    "resource {} does not answer on {}, but its disk is in use ({why}): if this resource's daemon runs, it was started from a config whose `control` differs, and adjust cannot move a running daemon's control socket: run `down` with the config it was started with, then `up` with this one",
+                    "resource {} does not answer on {}, but its disk is in use: another blockrep daemon holds {}. If it is this resource's, it was started from a config whose `control` differs, and adjust cannot move a running daemon's control socket: run `down` with the config it was started with, then `up` with this one",
                     cfg.resource,
-                    cfg.me.control.display()
+                    cfg.me.control.display(),
+                    cfg.me.backing.display()
                 );
             }
             // No daemon runs for this node: DRBD's adjust brings the resource up.
@@ -734,15 +735,6 @@ fn adjust(cfg: &Config, dry_run: bool) -> Result<()> {
             );
             up(cfg)
         }
-    }
-}
-
-/// Why this node's disk cannot be claimed now, when another process holds it (a daemon, or
-/// create-md); `None` when it can (the claim is let go at once).
-fn held_by_another_daemon(cfg: &Config) -> Option<String> {
-    match blockrep::meta::claim(&cfg.me.backing, external(cfg), false) {
-        Err(blockrep::meta::MetaError::InUse { why, .. }) => Some(why),
-        _ => None,
     }
 }
 

@@ -217,8 +217,9 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
             let column = text[line_start..at].chars().count() + 1;
             let line = text[line_start..].lines().next().unwrap_or("").trim();
-            // The secret is never printed, not even from a line the parser could not read.
-            let line = if line.trim_start_matches(['"', '\'']).starts_with("secret") {
+            // The secret is never printed, not even from a line the parser could not read
+            // (any line that names it: a dotted key or an inline table too).
+            let line = if line.contains("secret") {
                 "secret = (not shown)"
             } else {
                 line
@@ -1032,6 +1033,7 @@ control = "/tmp/b.sock"
             "secret = \"hunter2-hunter2",
             "secret = hunter2-hunter2",
             "secret = \"hunter2-hunter2\"\nsecret = \"hunter2-hunter2\"",
+            "resource.secret = \"hunter2-hunter2",
         ] {
             let text = GOOD.replacen("[node.alpha]", &format!("{bad}\n[node.alpha]"), 1);
             let e = parse(&text, "alpha").unwrap_err().to_string();

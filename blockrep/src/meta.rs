@@ -171,6 +171,19 @@ pub fn claim(backing: &Path, external: Option<&Path>, direct_io: bool) -> Result
     })
 }
 
+/// Whether another process (a blockrep daemon, or create-md) holds `path`'s claim now: a
+/// read-only probe of its lock, let go at once, which neither disturbs that process nor
+/// makes udev re-probe a block device (as closing a read-write descriptor of one would).
+pub fn claimed_by_another(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor this function owns (closed, with its lock, on return).
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
 fn claim_one(path: &Path, direct_io: bool) -> Result<File, MetaError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -1060,15 +1073,27 @@ impl MetaStore {
         let zeros = vec![0u8; 1 << 20];
         clear_area(&self.file, l.sb_offset, SUPERBLOCK_AREA, &zeros).map_err(io)?;
         self.file.sync_data().map_err(io)?;
-        clear_area(&self.file, l.journal_offset, l.journal_len, &zeros).map_err(io)?;
+        // From here a wipe cannot be run again (no superblock names the areas): say so.
+        let rest = |e: std::io::Error| {
+            MetaError::Io {
+            path: self.path.clone(),
+            error: std::io::Error::new(
+                e.kind(),
+                format!(
+                    "the superblocks are wiped, but clearing the journal, bitmap and activity                      log failed ({e}): `create-md` on this device clears them"
+                ),
+            ),
+        }
+        };
+        clear_area(&self.file, l.journal_offset, l.journal_len, &zeros).map_err(rest)?;
         clear_area(
             &self.file,
             l.bitmap_offset,
             l.journal_offset - l.bitmap_offset,
             &zeros,
         )
-        .map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        .map_err(rest)?;
+        self.file.sync_data().map_err(rest)?;
         Ok(self.sb)
     }
 

@@ -3825,9 +3825,7 @@ impl Resource {
         };
         // A demotion or `down` refused below leaves a primary serving as before.
         let reopen = || {
-            if self.role() == Role::Primary
-                && !self.stopping.load(std::sync::atomic::Ordering::SeqCst)
-            {
+            if self.role() == Role::Primary {
                 if let Some(rep) = &self.rep {
                     rep.close_writes(false);
                 }

@@ -644,45 +644,66 @@ fn a_cold_extents_data_is_synced_before_the_activity_log_that_drops_it() {
     r.write_at(EXTENT + 4096, &block, 0).expect("extent 1");
     let mark = std::fs::read_to_string(&io_log).unwrap_or_default().len();
     r.write_at(cold, &block, 0).expect("extent 0");
-    // Everything after the write to extent 0: the writes as they came (not their returns),
-    // each with its offset, and the flushes as they returned (None), in the order alpha's
-    // disk saw them.
-    let requests = || {
+    // Everything after the write to extent 0, in the order alpha's disk saw it: each write
+    // and flush as it came ('W', 'F') and as it returned ('w', 'f'), with its request
+    // (connection and id) and a write's offset.
+    struct Event {
+        kind: char,
+        request: Vec<String>,
+        offset: Option<u64>,
+        line: String,
+    }
+    let events = || {
         let text = std::fs::read_to_string(&io_log).expect("alpha's I/O log");
         text[mark..]
             .lines()
             .filter_map(|l| {
-                if l.contains("...Flush id=") {
-                    return Some((None, l.to_string()));
-                }
-                if !l.contains(" Write id=") {
-                    return None;
-                }
-                let off = l
+                let kind = [
+                    ("...Write id=", 'w'),
+                    ("...Flush id=", 'f'),
+                    (" Write id=", 'W'),
+                    (" Flush id=", 'F'),
+                ]
+                .iter()
+                .find(|(m, _)| l.contains(m))?
+                .1;
+                let offset = l
                     .split_whitespace()
-                    .find_map(|w| w.strip_prefix("offset=0x"))?;
-                Some((u64::from_str_radix(off, 16).ok(), l.to_string()))
+                    .find_map(|w| w.strip_prefix("offset=0x"))
+                    .and_then(|o| u64::from_str_radix(o, 16).ok());
+                Some(Event {
+                    kind,
+                    request: request_of(l).into_iter().map(str::to_string).collect(),
+                    offset,
+                    line: l.to_string(),
+                })
             })
             .collect::<Vec<_>>()
     };
+    // The return of the last write to extent 0, and the first activity-log write after it.
+    let find = |ev: &[Event]| {
+        let w = ev
+            .iter()
+            .rposition(|e| e.kind == 'W' && e.offset == Some(cold))?;
+        let ret = (w..ev.len()).find(|&k| ev[k].kind == 'w' && ev[k].request == ev[w].request)?;
+        let log = (ret..ev.len()).find(|&k| {
+            ev[k].kind == 'W'
+                && ev[k]
+                    .offset
+                    .is_some_and(|o| (al_off..al_off + al_len).contains(&o))
+        })?;
+        Some((ret, log))
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut i = 0u64;
-    let (seen, cold_at, log_at) = loop {
+    let (ev, cold_ret, log_at) = loop {
         r.write_at(EXTENT + (i % 256) * 4096, &block, 0)
             .expect("extent 1");
         i += 1;
         if i % 64 == 0 {
-            let seen = requests();
-            let cold_at = seen.iter().rposition(|(o, _)| *o == Some(cold));
-            let log_at = cold_at.and_then(|w| {
-                (w..seen.len()).find(|&j| {
-                    seen[j]
-                        .0
-                        .is_some_and(|o| (al_off..al_off + al_len).contains(&o))
-                })
-            });
-            if let (Some(w), Some(l)) = (cold_at, log_at) {
-                break (seen, w, l);
+            let ev = events();
+            if let Some((ret, log)) = find(&ev) {
+                break (ev, ret, log);
             }
         }
         assert!(
@@ -692,23 +713,30 @@ fn a_cold_extents_data_is_synced_before_the_activity_log_that_drops_it() {
         );
     };
     r.disconnect();
-    // The writes to extent 1 left out (hundreds of them).
-    let lines: Vec<&str> = seen[cold_at..=log_at]
+    // The writes to extent 1 left out (thousands of them).
+    let lines: Vec<&str> = ev[cold_ret..=log_at]
         .iter()
-        .filter(|(o, _)| !o.is_some_and(|o| (EXTENT..2 * EXTENT).contains(&o)))
-        .map(|(_, l)| l.as_str())
+        .filter(|e| !e.offset.is_some_and(|o| (EXTENT..2 * EXTENT).contains(&o)))
+        .filter(|e| e.kind != 'w')
+        .map(|e| e.line.as_str())
         .collect();
     println!(
-        "{} requests between extent 0's write and the activity log that drops it, {} of them \
-         not to extent 1:\n{}",
-        log_at - cold_at,
+        "{} events between extent 0's write's return and the activity log that drops it, \
+         {} of them other than extent 1's writes:\n{}",
+        log_at - cold_ret,
         lines.len(),
         lines.join("\n")
     );
+    // A flush that came after extent 0's write had returned, and returned itself before the
+    // log write came.
+    let flushed = (cold_ret..log_at).any(|f| {
+        ev[f].kind == 'F'
+            && (f..log_at).any(|k| ev[k].kind == 'f' && ev[k].request == ev[f].request)
+    });
     assert!(
-        seen[cold_at..log_at].iter().any(|(o, _)| o.is_none()),
-        "alpha wrote the activity log that lets extent 0 go cold before a flush after extent \
-         0's write returned:\n{}",
+        flushed,
+        "alpha wrote the activity log that lets extent 0 go cold without a flush between extent \
+         0's write and it:\n{}",
         lines.join("\n")
     );
     c.wait_in_sync(SYNC_TIMEOUT);

@@ -1010,20 +1010,23 @@ fn a_secondarys_invalidate_reconnects_without_fencing_it() {
 }
 
 /// Both nodes of a fenced pair secondary, then apart; a plain `primary` on beta runs the
-/// fence-peer handler, a slow stub that answers "fenced" (7) after 4 s, and `args` run on
-/// beta while it does. Returns the promotion's and `args`' outcomes.
+/// fence-peer handler, a slow stub that answers "fenced" (7) after 4 s (`until_released`:
+/// once `args` have returned), and `args` run on beta while it does. Returns the promotion's
+/// and `args`' outcomes.
 fn during_a_fenced_promotion(
     c: &Cluster,
     tmp: &TestDir,
     log: &Path,
     args: &[&str],
+    until_released: bool,
 ) -> (CmdOutput, CmdOutput) {
     let (a, b) = (c.alpha(), c.beta());
     a.ctl_ok(&["secondary"]);
     assert!(c.proxy().cut_and_refuse() >= 1, "no live link to cut");
     a.wait_not_connected(Duration::from_secs(10));
     b.wait_not_connected(Duration::from_secs(10));
-    std::fs::write(tmp.path().join("fence.stub"), "4 7\n").expect("write fence.stub");
+    let stub = if until_released { "wait 7\n" } else { "4 7\n" };
+    std::fs::write(tmp.path().join("fence.stub"), stub).expect("write fence.stub");
     std::thread::scope(|s| {
         let promotion = s.spawn(|| b.ctl(&["primary"]));
         // The handler is running: the promotion is past its first checks.
@@ -1034,6 +1037,9 @@ fn during_a_fenced_promotion(
         });
         assert!(ran, "the fence-peer handler did not start");
         let during = b.ctl(args);
+        if until_released {
+            std::fs::write(tmp.path().join("fence.release"), "").expect("release the stub");
+        }
         (promotion.join().expect("promotion thread"), during)
     })
 }
@@ -1048,7 +1054,7 @@ fn a_down_during_a_fenced_promotion_refuses_the_promotion_and_goes_down_as_secon
     let tmp = TestDir::new("fence-down-race");
     let (c, log) = fenced_pair("fence-down-race", &tmp);
     let b = c.beta();
-    let (promoted, down) = during_a_fenced_promotion(&c, &tmp, &log, &["down"]);
+    let (promoted, down) = during_a_fenced_promotion(&c, &tmp, &log, &["down"], false);
     assert_eq!(down.code, Some(0), "down: {}", down.describe());
     assert_ne!(
         promoted.code,
@@ -1074,7 +1080,7 @@ fn a_secondary_during_a_fenced_promotion_waits_for_it_and_demotes() {
     let tmp = TestDir::new("fence-demote-race");
     let (c, log) = fenced_pair("fence-demote-race", &tmp);
     let b = c.beta();
-    let (promoted, demoted) = during_a_fenced_promotion(&c, &tmp, &log, &["secondary"]);
+    let (promoted, demoted) = during_a_fenced_promotion(&c, &tmp, &log, &["secondary"], false);
     assert_eq!(promoted.code, Some(0), "primary: {}", promoted.describe());
     assert_eq!(demoted.code, Some(0), "secondary: {}", demoted.describe());
     assert!(
@@ -1100,7 +1106,7 @@ fn an_outdate_during_a_fenced_promotion_is_refused() {
     let tmp = TestDir::new("fence-outdate-race");
     let (c, log) = fenced_pair("fence-outdate-race", &tmp);
     let b = c.beta();
-    let (promoted, outdated) = during_a_fenced_promotion(&c, &tmp, &log, &["outdate"]);
+    let (promoted, outdated) = during_a_fenced_promotion(&c, &tmp, &log, &["outdate"], true);
     assert_eq!(promoted.code, Some(0), "primary: {}", promoted.describe());
     assert!(
         !outdated.success() && outdated.stderr.contains("a role change is under way"),
