@@ -1568,6 +1568,14 @@ fn verify(cfg: &Config, no_wait: bool, timeout: Option<u64>) -> Result<()> {
             continue;
         };
         limit.silent_too_long(true);
+        // The request made a run numbered past `r0`: a daemon that holds none, or an older
+        // one, restarted since (its runs count from 0 again) and lost it.
+        if verify_of(&st).is_none_or(|v| v.run < r0) {
+            if tty {
+                eprintln!();
+            }
+            bail!("verify interrupted: the daemon restarted since it was asked (it holds no such run); run verify again");
+        }
         if let Some(v) = verify_of(&st).filter(|v| v.run > r0) {
             match v.state.as_str() {
                 "done" => {

@@ -2095,8 +2095,7 @@ impl Replication {
             let (hold, hashes) = self
                 .hold_and_read(file, range, buf, move |file, data| {
                     data.resize(len as usize, 0);
-                    read_backing(file, data, offset)?;
-                    drop_cached(file, offset, u64::from(len));
+                    read_from_disk(file, data, offset)?;
                     Ok(block_hashes(data, block as usize))
                 })
                 .await?;
@@ -2353,6 +2352,46 @@ pub fn read_backing(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result
             source,
         })
     })
+}
+
+/// Reads what the disk holds rather than what the page cache does, for hashes (verify
+/// vouches for the copy a failover would mount, as DRBD's verify reads the lower device): the
+/// range's dirty pages are written back first and its clean ones dropped, so the read goes
+/// to the device. A page a concurrent read brings back meanwhile came from the device too;
+/// writes to the range are held while a hash is read (`hold_and_read` on the primary, the
+/// stream's order on the secondary). Where the page cache is the storage (tmpfs) nothing
+/// drops, and the read is the same.
+pub fn read_from_disk(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = buf.len() as u64;
+    // SAFETY: plain syscall on a valid descriptor, no memory passed.
+    let r = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        // Where the file cannot say (a pipe, a filesystem without it), a sync of the whole
+        // file writes the range back as well.
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ESPIPE | libc::EINVAL | libc::EOPNOTSUPP)
+        ) {
+            file.sync_data()?;
+        } else {
+            return Err(e);
+        }
+    }
+    drop_cached(file, offset, len);
+    read_backing(file, buf, offset)?;
+    drop_cached(file, offset, len);
+    Ok(())
 }
 
 /// Opens the backing device for the resync's reads. A resync reads the whole device, and

@@ -431,6 +431,100 @@ fn verify_finds_blocks_changed_behind_the_back_and_resync_repairs_them() {
     assert_eq!(a.repl()["connection"], "connected");
 }
 
+/// Verify reads what the secondary's disk holds, not what its page cache does (as DRBD's
+/// verify reads the lower device): beta's disk is a loop device whose page cache still holds
+/// a block that was changed underneath it, on the file behind the loop device (a disk that
+/// lost or misplaced a write the kernel wrote back). Verify must find the difference; read
+/// through the cache it reported 0 (review finding), and a cron verify vouched for a standby
+/// it had not read.
+#[test]
+fn verify_reads_the_disk_not_the_page_cache() {
+    let c = Cluster::builder("verify-disk")
+        .nodes(2)
+        .backing_size(64 * MIB)
+        .journal_size("8M")
+        .build();
+    let (a, b) = (c.alpha(), c.beta());
+    let img = c.dir().join("beta-disk.img");
+    b.create_md();
+    std::fs::rename(b.backing_path(), &img).expect("move beta's disk");
+    let lo = LoopDev::attach(&img);
+    std::os::unix::fs::symlink(lo.dev(), b.backing_path()).expect("symlink beta's disk");
+    let _stop = StopDaemons(&c);
+    a.create_md();
+    c.up_pair();
+    c.wait_in_sync(SYNC_TIMEOUT);
+
+    // A small write (through beta's page cache, not its direct path), flushed on both nodes.
+    let at = 5 * MIB + 8 * BLK;
+    let data = random_bytes(BLK as usize);
+    {
+        let mut r = a.raw_open();
+        r.write_at(at, &data, 0).expect("write");
+        r.command(nbd_const::CMD_FLUSH, 0, 0, 0).expect("flush");
+        r.disconnect();
+    }
+    c.wait_in_sync(SYNC_TIMEOUT);
+    let cached = |what: &str| {
+        let mut got = vec![0u8; BLK as usize];
+        std::fs::File::open(lo.dev())
+            .and_then(|f| f.read_exact_at(&mut got, at))
+            .unwrap_or_else(|e| panic!("read {} ({what}): {e}", lo.dev()));
+        got
+    };
+    assert_eq!(
+        cached("before"),
+        data,
+        "beta's disk does not hold the write"
+    );
+    // Underneath the loop device: its page cache keeps the old block.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("open beta's image");
+    f.write_all_at(&random_bytes(BLK as usize), at)
+        .expect("change the block underneath");
+    f.sync_all().expect("fsync beta's image");
+    assert_eq!(
+        cached("after the change underneath"),
+        data,
+        "the loop device's page cache no longer holds the block: nothing to check"
+    );
+
+    let (regions, bytes, line) = run_verify(a);
+    println!("{line}");
+    assert_eq!(
+        (regions, bytes),
+        (1, BLK),
+        "verify did not find the block beta's disk lost: {line}"
+    );
+}
+
+/// `blockrep-ctl verify` waits for its run, but not for a run the daemon lost: a primary
+/// killed and restarted while a verify runs holds no run any more, and the command says the
+/// verify was interrupted (exit 1) instead of waiting for ever (a cron job that hung).
+#[test]
+fn verify_whose_daemon_restarts_midway_says_interrupted() {
+    let c = pair("verify-lost", |b| {
+        b.journal_size("8M").resource_line("resync-rate = \"2M\"")
+    });
+    let a = c.alpha();
+    let out = std::thread::scope(|s| {
+        let verify = s.spawn(|| a.ctl_timeout(&["verify"], Duration::from_secs(90)));
+        a.wait_repl(Duration::from_secs(20), "the verify running", |r| {
+            r["verify"]["state"] == "running"
+        });
+        a.kill9_and_wait();
+        a.up();
+        verify.join().expect("verify thread")
+    });
+    assert!(
+        out.code == Some(1) && out.stderr.contains("verify interrupted"),
+        "verify across a restart of its daemon:\n{}",
+        out.describe()
+    );
+}
+
 #[test]
 fn verify_of_identical_replicas_reports_zero() {
     let Some(py) = python() else { return };

@@ -652,6 +652,14 @@ pub(super) async fn run_verify(
             ""
         }
     );
+    // The marks on disk before the run says done: a crash of this node right after would
+    // otherwise leave them to the once-a-second persister, and its restart (a crashed
+    // primary) would resync only its hot extents, not the regions found different.
+    if regions > 0 {
+        if let Err(e) = rep.persist().await {
+            tracing::error!("writing verify's marks to the bitmap failed: {e}; the next periodic write tries again");
+        }
+    }
     res.update_verify(|v| {
         v.state = "done";
         v.done = size;

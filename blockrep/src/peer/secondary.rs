@@ -919,14 +919,14 @@ pub(super) async fn secondary_side(
                             ap.wait_turn(seq, (offset, end)).await;
                             let one = reads.acquire_owned().await;
                             let hashes = tokio::task::spawn_blocking(move || {
-                                use std::os::unix::fs::FileExt;
                                 let mut buf = vec![0u8; len as usize];
-                                file.read_exact_at(&mut buf, offset).map(|_| {
-                                    crate::replication::drop_cached(&file, offset, u64::from(len));
-                                    buf.chunks(block as usize)
-                                        .flat_map(crate::replication::sha256)
-                                        .collect::<Vec<u8>>()
-                                })
+                                crate::replication::read_from_disk(&file, &mut buf, offset).map(
+                                    |()| {
+                                        buf.chunks(block as usize)
+                                            .flat_map(crate::replication::sha256)
+                                            .collect::<Vec<u8>>()
+                                    },
+                                )
                             })
                             .await;
                             let payload = match hashes {
