@@ -344,6 +344,11 @@ impl Device {
         if let Err(e) = self.check(offset, len, true) {
             return (self.fail(e), buf);
         }
+        // Nothing to write (the NBD spec lets a server answer it either way): no record, no
+        // activity-log extent, no round trip to the peer, as a zero-length trim or zeroing.
+        if len == 0 {
+            return (Ok(()), buf);
+        }
         let Some(rep) = &self.rep else {
             return self.local_write(offset, buf, fua).await;
         };

@@ -321,6 +321,32 @@ fn out_of_bounds_requests_get_errors_and_change_nothing() {
     good_client_still_works(&c, pid);
 }
 
+/// A zero-length write (which the spec lets a server take or refuse) on a replicated
+/// primary is answered at once, without a journal record, an activity-log extent or a round
+/// trip to the peer (review finding: it went the whole way, a FUA sync on both nodes
+/// included, and at the device's end it named an extent past it).
+#[test]
+fn a_zero_length_write_takes_no_sequence_number() {
+    let c = Cluster::synced_pair("zero-len-write", 64 << 20, |b| b);
+    let a = c.alpha();
+    let before = a.repl()["seq_written"].as_u64();
+    let mut r = a.raw_open();
+    let size = r.size;
+    for (off, flags) in [(0, 0), (4096, CMD_FLAG_FUA), (size, CMD_FLAG_FUA)] {
+        assert_eq!(
+            r.write_at(off, &[], flags),
+            Ok(()),
+            "zero-length write at {off}"
+        );
+    }
+    r.disconnect();
+    assert_eq!(
+        a.repl()["seq_written"].as_u64(),
+        before,
+        "a zero-length write took a sequence number"
+    );
+}
+
 #[test]
 fn handshake_churn_and_stalled_clients() {
     let (c, pid) = setup("churn");
