@@ -1075,15 +1075,14 @@ impl MetaStore {
         self.file.sync_data().map_err(io)?;
         // From here a wipe cannot be run again (no superblock names the areas): say so.
         let rest = |e: std::io::Error| {
+            let why = format!(
+                "the superblocks are wiped, but clearing the journal, bitmap and activity log \
+                 failed ({e}): `create-md` on this device clears them"
+            );
             MetaError::Io {
-            path: self.path.clone(),
-            error: std::io::Error::new(
-                e.kind(),
-                format!(
-                    "the superblocks are wiped, but clearing the journal, bitmap and activity                      log failed ({e}): `create-md` on this device clears them"
-                ),
-            ),
-        }
+                path: self.path.clone(),
+                error: std::io::Error::new(e.kind(), why),
+            }
         };
         clear_area(&self.file, l.journal_offset, l.journal_len, &zeros).map_err(rest)?;
         clear_area(
