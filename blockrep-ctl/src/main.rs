@@ -1557,7 +1557,25 @@ fn verify(cfg: &Config, no_wait: bool, timeout: Option<u64>) -> Result<()> {
     }
     let mut limit = WaitLimit::new(timeout);
     loop {
-        let Some(st) = poll_status(cfg)? else {
+        // A daemon that stopped lost the run (a restart starts without it): said, not
+        // waited for.
+        let st = match query_status(cfg) {
+            Ok(Some(s)) => Some(s),
+            Ok(None) => {
+                if tty {
+                    eprintln!();
+                }
+                bail!(
+                    "verify interrupted: the daemon stopped ({}); run verify again once it is up",
+                    not_running(cfg)
+                );
+            }
+            Err(e) => {
+                eprintln!("status: {e:#}; asking again");
+                None
+            }
+        };
+        let Some(st) = st else {
             if limit.silent_too_long(false) {
                 bail!(
                     "verify not done {}: the daemon did not answer (it goes on; see status)",

@@ -502,7 +502,10 @@ fn verify_reads_the_disk_not_the_page_cache() {
 
 /// `blockrep-ctl verify` waits for its run, but not for a run the daemon lost: a primary
 /// killed and restarted while a verify runs holds no run any more, and the command says the
-/// verify was interrupted (exit 1) instead of waiting for ever (a cron job that hung).
+/// verify was interrupted (exit 1), whether it asks while the daemon is down or once it is
+/// back, instead of waiting for ever (a cron job that hung when it asked only once the
+/// daemon was back; in this suite's first run it asked while the daemon was down and said
+/// "daemon not running").
 #[test]
 fn verify_whose_daemon_restarts_midway_says_interrupted() {
     let c = pair("verify-lost", |b| {
