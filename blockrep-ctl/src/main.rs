@@ -760,20 +760,33 @@ fn ask_running_daemon(cfg: &Config, req: &Request) -> Result<Option<Reply>> {
     }
 }
 
-fn create_md(cfg: &Config, force: bool) -> Result<()> {
-    let st = query_status(cfg).context(
-        "cannot tell whether the daemon uses this device; metadata is written only when it is known to be down",
-    )?;
+/// For the offline metadata commands: refused while the resource is up (or when that cannot
+/// be told); then the node's disk (and external metadata) claimed, held by the caller until
+/// it is done, so that a daemon started meanwhile (or already running from another config)
+/// writes nothing under it. `done`/`doing`: what the command does to the metadata, for the
+/// messages ("written", "writing metadata").
+fn claim_while_down(cfg: &Config, done: &str, doing: &str) -> Result<blockrep::meta::Claim> {
+    let st = query_status(cfg).with_context(|| {
+        format!(
+            "cannot tell whether the daemon uses this device; metadata is {done} only when it is known to be down"
+        )
+    })?;
     if st.is_some_and(|s| s.up) {
         bail!(
-            "resource {} is up on {}: take it down before writing metadata",
+            "resource {} is up on {}: take it down before {doing}",
             cfg.resource,
             cfg.me.name
         );
     }
-    // Held until the metadata is written: a daemon started meanwhile (or already running
-    // from another config) waits for nothing and writes nothing over it.
-    let _claim = blockrep::meta::claim(&cfg.me.backing, external(cfg), false)?;
+    Ok(blockrep::meta::claim(
+        &cfg.me.backing,
+        external(cfg),
+        false,
+    )?)
+}
+
+fn create_md(cfg: &Config, force: bool) -> Result<()> {
+    let _claim = claim_while_down(cfg, "written", "writing metadata")?;
     // What is on the device already, for the report below (create refuses to cut it).
     let found = blockrep::meta::probe_backing(&cfg.me.backing)
         .ok()
@@ -885,18 +898,7 @@ fn outdate(cfg: &Config) -> Result<()> {
 
 fn wipe_md(cfg: &Config, force: bool) -> Result<()> {
     use blockrep::meta::DiskState;
-    let st = query_status(cfg).context(
-        "cannot tell whether the daemon uses this device; metadata is wiped only when it is known to be down",
-    )?;
-    if st.is_some_and(|s| s.up) {
-        bail!(
-            "resource {} is up on {}: take it down before wiping its metadata",
-            cfg.resource,
-            cfg.me.name
-        );
-    }
-    // Held until the wipe is done: no daemon starts on the metadata meanwhile.
-    let _claim = blockrep::meta::claim(&cfg.me.backing, external(cfg), false)?;
+    let _claim = claim_while_down(cfg, "wiped", "wiping its metadata")?;
     let m = MetaStore::open(&cfg.me.backing, external(cfg), &cfg.resource, &cfg.me.name)?;
     let sb = &m.sb;
     println!(
