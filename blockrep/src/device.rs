@@ -47,6 +47,9 @@ pub struct Device {
     direct_refused: std::sync::atomic::AtomicBool,
     /// Writes done around the page cache.
     direct_writes: AtomicU64,
+    /// The backing device has no in-place zeroing (`FALLOC_FL_ZERO_RANGE`): zeros are
+    /// written instead, without asking again.
+    zero_range_unsupported: std::sync::atomic::AtomicBool,
     /// Set when the resource has a peer: client writes are journaled and mirrored.
     rep: Option<Arc<Replication>>,
     /// Exported bytes; the metadata beyond is never reachable through this type. Only ever
@@ -119,6 +122,7 @@ impl Device {
             direct: None,
             direct_refused: std::sync::atomic::AtomicBool::new(false),
             direct_writes: AtomicU64::new(0),
+            zero_range_unsupported: std::sync::atomic::AtomicBool::new(false),
             rep,
             size: AtomicU64::new(size),
             align,
@@ -529,24 +533,87 @@ impl Device {
     /// Zeroes (`trim`: may deallocate) on the backing device only.
     pub async fn local_zero(&self, offset: u64, len: u64, trim: bool) -> Result<(), Errno> {
         self.check(offset, len, true).or_else(|e| self.fail(e))?;
-        // In pieces: where the backing device cannot zero a range at once, the engine writes
-        // zeros, and one request (up to the export's size) must not hold it for long.
-        const PIECE: u64 = 64 << 20;
-        let mut at = offset;
+        // A client may zero any byte range (the export's minimum block is 1 without
+        // direct-io), but a block device takes `fallocate` only on whole logical blocks
+        // (EINVAL otherwise, which is no disk error): the unaligned head and tail are written
+        // as zeros, the rest is deallocated or zeroed in place. 4 KiB covers every logical
+        // block size the page cache can hold.
+        const ALIGN: u64 = 4096;
         let end = offset + len;
-        while at < end {
-            let (offset, len) = (at, PIECE.min(end - at));
-            if trim {
-                // A backing device that cannot punch holes still has to read back zeros, so
-                // that both replicas hold the same bytes: not an error if zeroing works.
-                let d = self.io(IoOp::Discard { offset, len }, Buf::new(0));
-                if d.await.result.is_err() {
-                    self.simple(IoOp::Zero { offset, len }).await?;
-                }
-            } else {
-                self.simple(IoOp::Zero { offset, len }).await?;
+        let first = offset.next_multiple_of(ALIGN).min(end);
+        let last = (end / ALIGN * ALIGN).max(first);
+        self.write_zeros(offset, first - offset).await?;
+        // In pieces: where the backing device cannot zero a range at once, zeros are
+        // written, and one request (up to the export's size) must not hold it for long.
+        const PIECE: u64 = 64 << 20;
+        let mut at = first;
+        while at < last {
+            let (offset, len) = (at, PIECE.min(last - at));
+            // A backing device that cannot punch holes still has to read back zeros, so
+            // that both replicas hold the same bytes: not an error if zeroing works.
+            let punched = trim
+                && self
+                    .io(IoOp::Discard { offset, len }, Buf::new(0))
+                    .await
+                    .result
+                    .is_ok();
+            if !punched {
+                self.zero_in_place(offset, len).await?;
             }
             at += len;
+        }
+        self.write_zeros(last, end - last).await
+    }
+
+    /// Zeroes a range in place (`FALLOC_FL_ZERO_RANGE`), or by writing zeros where the
+    /// backing device has no such call (tmpfs, some FUSE and network filesystems), which is
+    /// then remembered.
+    async fn zero_in_place(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        if !self.zero_range_unsupported.load(Relaxed) {
+            let d = self.io(IoOp::Zero { offset, len }, Buf::new(0)).await;
+            match d.result {
+                Ok(()) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                    if !self.zero_range_unsupported.swap(true, Relaxed) {
+                        tracing::info!(
+                            "the backing device cannot zero a range in place ({e}): zeros are written instead"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("backing zeroing at {offset}+{len} failed: {e}");
+                    return self.disk_fail(errno_of(&e));
+                }
+            }
+        }
+        self.write_zeros(offset, len).await
+    }
+
+    /// Writes zeros over a range through the engine, a MiB at a time (one buffer, handed
+    /// back by each write for the next).
+    async fn write_zeros(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        let mut zeros = Buf::new(len.min(1 << 20) as usize);
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64);
+            if (n as usize) < zeros.len() {
+                zeros = Buf::new(n as usize);
+            }
+            let d = self
+                .io(
+                    IoOp::Write {
+                        offset: at,
+                        fua: false,
+                    },
+                    zeros,
+                )
+                .await;
+            if let Err(e) = d.result {
+                tracing::error!("backing write of zeros at {at}+{n} failed: {e}");
+                return self.disk_fail(errno_of(&e));
+            }
+            zeros = d.buf;
+            at += n;
         }
         Ok(())
     }

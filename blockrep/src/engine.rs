@@ -112,14 +112,10 @@ fn do_sync(fd: RawFd, op: IoOp, buf: &mut Buf) -> io::Result<()> {
         IoOp::Discard { offset, len } => {
             fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len)
         }
+        // Where the device has no in-place zeroing, the error goes back to the caller, who
+        // writes zeros through the engine (`Device::local_zero`).
         IoOp::Zero { offset, len } => {
-            match fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, len) {
-                Ok(()) => Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    write_zeros(fd, offset, len)
-                }
-                Err(e) => Err(e),
-            }
+            fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, len)
         }
     }
 }
@@ -132,29 +128,6 @@ fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
-}
-
-fn write_zeros(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-    // Aligned (a `Buf`), so that a direct-I/O descriptor takes it too.
-    let zeros = Buf::new(len.min(1 << 20) as usize);
-    // SAFETY: the caller's descriptor stays open for the call.
-    let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        let w = match nix::sys::uio::pwrite(bfd, &zeros[..n], (offset + done) as i64) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            r => r?,
-        };
-        if w == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "the backing device took no bytes",
-            ));
-        }
-        done += w as u64;
-    }
-    Ok(())
 }
 
 /// The fallback engine: `threads` workers doing synchronous calls.
@@ -387,14 +360,7 @@ impl RingState {
                 resubmit = true;
                 continue;
             } else if res < 0 {
-                let err = -res;
-                match f.req.op {
-                    // Filesystems without ZERO_RANGE: do it the slow way.
-                    IoOp::Zero { offset, len } if err == libc::EOPNOTSUPP => {
-                        write_zeros(self.fd, offset, len)
-                    }
-                    _ => Err(io::Error::from_raw_os_error(err)),
-                }
+                Err(io::Error::from_raw_os_error(-res))
             } else if is_rw && (res as usize) + f.progress < f.req.buf.len() {
                 if res == 0 {
                     Err(io::Error::new(
@@ -711,7 +677,7 @@ pub(crate) mod tests {
 
     /// A file of `len` bytes of 7s at `p`, opened with O_DIRECT; `None` (said) where the
     /// filesystem refuses O_DIRECT.
-    fn direct_file(p: &std::path::Path, len: usize) -> Option<File> {
+    pub fn direct_file(p: &std::path::Path, len: usize) -> Option<File> {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::write(p, vec![7u8; len]).unwrap();
         let opened = std::fs::OpenOptions::new()
@@ -726,24 +692,6 @@ pub(crate) mod tests {
                 None
             }
         }
-    }
-
-    /// The slow zeroing (a filesystem without ZERO_RANGE) writes from an aligned buffer, so
-    /// that a direct-I/O descriptor takes it: before, every such write failed with EINVAL.
-    #[test]
-    fn zeros_written_by_hand_go_through_a_direct_io_descriptor() {
-        let dir = TestDir::new("brengine-zeros");
-        let p = dir.join("file");
-        let Some(f) = direct_file(&p, 3 << 20) else {
-            return;
-        };
-        let r = write_zeros(f.as_raw_fd(), 4096, (2 << 20) + 8192);
-        drop(f);
-        let back = std::fs::read(&p).unwrap();
-        r.unwrap();
-        assert!(back[..4096].iter().all(|&x| x == 7));
-        assert!(back[4096..4096 + (2 << 20) + 8192].iter().all(|&x| x == 0));
-        assert!(back[4096 + (2 << 20) + 8192..].iter().all(|&x| x == 7));
     }
 
     /// O_DIRECT completions arrive through task work, not from io-wq: with nothing else in
