@@ -3345,3 +3345,53 @@ fn a_write_over_the_advertised_maximum_is_replicated_in_parts_before_its_reply()
     );
     c.assert_replicas_identical(a.size(), "after the long write");
 }
+
+/// A FUA write right behind a journal catch-up's `SyncDone`: the secondary syncs the FUA
+/// write and may do so while the `SyncDone` still commits the catch-up's end (its record
+/// is not finished yet), so the FUA write must wait for it before it says it is synced.
+/// Before (review finding) it said so past the applied mark: a debug build's assertion
+/// killed the apply task (the client's FUA write under C then waited for the secondary's
+/// next sync, up to 30 s), and a release build committed an applied mark past a record not
+/// finished. A writer sends FUA writes at depth 1 while beta disconnects and reconnects,
+/// each reconnect a catch-up.
+#[test]
+fn fua_writes_right_after_a_catch_up_wait_for_its_end() {
+    let c = pair("fua-catchup", "C");
+    let (a, b) = (c.alpha(), c.beta());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let slowest = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut r = a.raw_open();
+            let data = random_bytes(4096);
+            let (mut n, mut slowest) = (0u64, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                r.write_at((n % 64) * 4096, &data, CMD_FLAG_FUA)
+                    .unwrap_or_else(|e| panic!("FUA write {n}: error {e}"));
+                slowest = slowest.max(t.elapsed());
+                n += 1;
+            }
+            r.disconnect();
+            (n, slowest)
+        });
+        for round in 0..10 {
+            b.ctl_ok(&["disconnect"]);
+            std::thread::sleep(Duration::from_millis(200));
+            b.ctl_ok(&["connect"]);
+            b.wait_repl(Duration::from_secs(30), "the catch-up's end", |r| {
+                r["connection"] == "connected"
+            });
+            assert!(!writer.is_finished(), "round {round}: the writer stopped");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().expect("writer")
+    });
+    // (The slowest write is shown, not bounded: one that finds the journal full during a
+    // catch-up waits for the peer's releases, by design.)
+    println!("{} FUA writes, the slowest {:?}", slowest.0, slowest.1);
+    assert!(slowest.0 > 10, "the writer wrote {} times", slowest.0);
+    let panics = b.log_count("panicked");
+    assert_eq!(panics, 0, "beta:\n{}", b.log_tail(40));
+    c.wait_in_sync(Duration::from_secs(60));
+}

@@ -1200,7 +1200,11 @@ pub(super) async fn secondary_side(
                                 ap.finish(seq);
                             } else if fua {
                                 // Synced with everything before it (one sync), then finished:
-                                // what follows waits until then.
+                                // what follows waits until then. Its span held off every
+                                // earlier write, but not a record without one: a `SyncDone`
+                                // that still commits a resync's end must finish first, or
+                                // this would be said synced past the applied mark.
+                                ap.wait_applied(seq - 1).await;
                                 let _ = ap.make_flush_durable(seq, term, true).await;
                             } else {
                                 ap.finish(seq);
