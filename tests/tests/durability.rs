@@ -557,24 +557,50 @@ fn pair_with_a_logged_disk(
     size: u64,
     f: impl FnOnce(ClusterBuilder) -> ClusterBuilder,
 ) -> (Cluster, NbdkitFile, std::path::PathBuf) {
+    let io_log = std::cell::OnceCell::new();
+    let (c, disk, _) = pair_with_an_nbdkit_disk(test, node, size, false, f, |dir| {
+        let log = io_log.get_or_init(|| dir.join(format!("{node}-io.log")));
+        vec![
+            "--filter=log".into(),
+            "memory".into(),
+            format!("size={size}"),
+            format!("logfile={}", log.display()),
+        ]
+    });
+    let io_log = io_log.into_inner().expect("the disk's arguments were made");
+    (c, disk, io_log)
+}
+
+/// A pair (8 MiB journal, `f` adding to its builder) whose node `node` has its disk behind
+/// nbdkit, run with the arguments `args` makes (given the test's directory), and with
+/// `via_loop` a loop device over it (a page cache, written back later, where the FUSE file
+/// takes every write at once), started (alpha primary) and in sync: the cluster, the disk
+/// and the loop device (to drop after the daemons, in the reverse order: the caller's
+/// `StopDaemons` comes after them).
+fn pair_with_an_nbdkit_disk(
+    test: &str,
+    node: &str,
+    size: u64,
+    via_loop: bool,
+    f: impl FnOnce(ClusterBuilder) -> ClusterBuilder,
+    args: impl FnOnce(&Path) -> Vec<String>,
+) -> (Cluster, NbdkitFile, Option<LoopDev>) {
     let c = f(Cluster::builder(test)
         .nodes(2)
         .backing_size(size)
         .journal_size("8M"))
     .build();
-    let io_log = c.dir().path().join(format!("{node}-io.log"));
     let disk = NbdkitFile::start(
         c.dir().path(),
         &format!("{node}-disk"),
-        &[
-            "--filter=log".into(),
-            "memory".into(),
-            format!("size={size}"),
-            format!("logfile={}", io_log.display()),
-        ],
+        &args(c.dir().path()),
         &[],
     );
-    c.node(node).back_with(&disk.file());
+    let lo = via_loop.then(|| LoopDev::attach(&disk.file()));
+    match &lo {
+        Some(lo) => c.node(node).back_with(Path::new(lo.dev())),
+        None => c.node(node).back_with(&disk.file()),
+    }
     {
         // Stopped here if the start fails; the caller's guard stops them after that.
         let stop = StopDaemons(&c);
@@ -582,7 +608,7 @@ fn pair_with_a_logged_disk(
         c.wait_in_sync(SYNC_TIMEOUT);
         std::mem::forget(stop);
     }
-    (c, disk, io_log)
+    (c, disk, lo)
 }
 
 /// The `connection=` and `id=` tokens of an nbdkit log line: a request and its return.
@@ -740,4 +766,87 @@ fn a_cold_extents_data_is_synced_before_the_activity_log_that_drops_it() {
         lines.join("\n")
     );
     c.wait_in_sync(SYNC_TIMEOUT);
+}
+
+/// A secondary's `down` syncs what it applied since its last checkpoint before its last
+/// acknowledgement to the primary, and pings the primary meanwhile: on a slow disk that sync
+/// can outlast the link's ping timeout (4 s), and the primary took the planned stop for a
+/// lost peer (review finding: `ping timeout`, then fencing and the `peer-lost` handler, and
+/// the `down` waited out its goodbye). Beta's disk (a loop device over nbdkit) delays every
+/// write it receives by 25 ms; scattered 4 KiB writes (none next to another, so no two are
+/// written back as one request) sit in its page cache when it goes down, and more arrive
+/// while `down`'s first sync runs, for the last acknowledgement's sync.
+#[test]
+fn a_secondarys_slow_last_sync_at_down_is_no_lost_peer() {
+    if !have_tools(&["nbdkit", "nbdfuse", "fusermount3"]) {
+        return;
+    }
+    const SIZE: u64 = 32 * MIB;
+    let (c, _disk, _lo) = pair_with_an_nbdkit_disk(
+        "down-slow-sync",
+        "beta",
+        SIZE,
+        true,
+        // External metadata: with internal metadata, a commit of `down`'s (a sync of the same
+        // device) writes the data back before the last acknowledgement is due.
+        |b| b.protocol("A").external_meta(),
+        |_| {
+            vec![
+                "--filter=delay".into(),
+                "memory".into(),
+                format!("size={SIZE}"),
+                "wdelay=25ms".into(),
+            ]
+        },
+    );
+    let _stop = StopDaemons(&c);
+    let (a, b) = (c.alpha(), c.beta());
+    let mut r = a.raw_open();
+    let data = random_bytes(4096);
+    for i in 0..300u64 {
+        r.write_at(MIB + i * 8192, &data, 0)
+            .unwrap_or_else(|e| panic!("write {i}: error {e}"));
+    }
+    r.disconnect();
+    a.wait_repl(Duration::from_secs(30), "beta applied every write", |r| {
+        r["lag_writes"] == 0 && r["seq_applied"] == r["seq_written"]
+    });
+    // `down` syncs what beta applied so far first (pings still go out then), and the last
+    // acknowledgement then syncs what it applied since: 200 more writes, sent while the first
+    // sync runs.
+    let started = Instant::now();
+    let (out, sent) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut r = a.raw_open();
+            std::thread::sleep(Duration::from_millis(300));
+            for i in 0..200u64 {
+                r.write_at(9 * MIB + i * 8192, &data, 0)
+                    .unwrap_or_else(|e| panic!("write {i} during the down: error {e}"));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r.disconnect();
+            started.elapsed()
+        });
+        let out = b.ctl_ok(&["down"]);
+        (out, writer.join().expect("writer"))
+    });
+    let took = started.elapsed();
+    println!("the writes during the down were sent by {sent:?}");
+    println!("beta's down took {took:?}:\n{}", out.stdout);
+    let alpha_log = std::fs::read_to_string(a.log_path()).expect("alpha's log");
+    assert!(
+        !alpha_log.contains("ping timeout"),
+        "alpha took beta's down for a lost peer (beta's down took {took:?}):\n{}",
+        a.log_tail(30)
+    );
+    assert!(
+        alpha_log.contains("the secondary went down cleanly"),
+        "alpha was not told of a clean stop (beta's down took {took:?}):\n{}",
+        a.log_tail(30)
+    );
+    // Otherwise the disk was not slow enough for this test to show anything.
+    assert!(
+        took > Duration::from_secs(10),
+        "beta's down took only {took:?}: its last sync was not slower than the ping timeout"
+    );
 }

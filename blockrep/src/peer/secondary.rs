@@ -519,8 +519,27 @@ pub(super) async fn secondary_side(
                         ack = false;
                     }
                     _ = ap.res.final_ack.notified() => {
-                        // This node goes down (see `Resource::final_ack_to_primary`).
-                        ap.make_durable().await?;
+                        // This node goes down (see `Resource::final_ack_to_primary`). Its
+                        // sync may take long (everything applied since the last checkpoint,
+                        // on a slow disk): the primary hears pings meanwhile, or it would take
+                        // a planned stop for a lost peer (fencing, `peer-lost`).
+                        let durable = ap.make_durable();
+                        tokio::pin!(durable);
+                        let mut ping = tokio::time::interval_at(
+                            tokio::time::Instant::now() + PING_INTERVAL,
+                            PING_INTERVAL,
+                        );
+                        loop {
+                            tokio::select! {
+                                r = &mut durable => {
+                                    r?;
+                                    break;
+                                }
+                                _ = ping.tick() => {
+                                    write_msg(&mut wr, &Msg::Ping { id: 0 }).await?;
+                                }
+                            }
+                        }
                         let marks = ap.marks();
                         write_msg(&mut wr, &ack_of(marks)).await?;
                         sent = Some(marks);
