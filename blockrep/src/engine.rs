@@ -51,6 +51,16 @@ pub trait Engine: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Queues an operation; the completion arrives on the returned receiver.
     fn submit(&self, op: IoOp, buf: Buf) -> oneshot::Receiver<IoDone>;
+    /// Syncs (flushes, FUA writes) that failed so far, counted where they complete, whoever
+    /// waited for them: the kernel reports a page it could not write back once per open
+    /// file, so a failed sync whose waiter went away (a connection's task aborted midway)
+    /// must still stop the next sync from passing for a good one.
+    fn failed_syncs(&self) -> u64;
+}
+
+/// Whether `op` makes earlier writes durable (see [`Engine::failed_syncs`]).
+fn syncs(op: IoOp) -> bool {
+    matches!(op, IoOp::Flush | IoOp::Write { fua: true, .. })
 }
 
 /// Runs one operation to completion.
@@ -134,16 +144,19 @@ fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
 pub struct SyncEngine {
     tx: Mutex<Option<SyncSender<IoReq>>>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    failed_syncs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SyncEngine {
     pub fn new(file: Arc<File>, threads: usize, queue: usize) -> io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel::<IoReq>(queue);
         let rx = Arc::new(Mutex::new(rx));
+        let failed_syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let rx = rx.clone();
             let file = file.clone();
+            let failed = failed_syncs.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("blockrep-io-{i}"))
@@ -154,6 +167,9 @@ impl SyncEngine {
                         };
                         let Ok(mut req) = req else { return };
                         let result = do_sync(file.as_raw_fd(), req.op, &mut req.buf);
+                        if result.is_err() && syncs(req.op) {
+                            failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                         let _ = req.done.send(IoDone {
                             result,
                             buf: req.buf,
@@ -164,6 +180,7 @@ impl SyncEngine {
         Ok(SyncEngine {
             tx: Mutex::new(Some(tx)),
             workers: Mutex::new(workers),
+            failed_syncs,
         })
     }
 }
@@ -196,6 +213,10 @@ impl Engine for SyncEngine {
         }
         rx
     }
+
+    fn failed_syncs(&self) -> u64 {
+        self.failed_syncs.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// The io_uring engine. No thread of its own: the tokio worker that submits pushes the SQE and
@@ -217,6 +238,8 @@ struct RingState {
     free: Vec<usize>,
     /// Requests waiting for a free slot (bounded by the callers' in-flight limits).
     backlog: std::collections::VecDeque<IoReq>,
+    /// See [`Engine::failed_syncs`].
+    failed_syncs: u64,
 }
 
 impl UringEngine {
@@ -271,6 +294,7 @@ impl UringEngine {
             slots: (0..cap).map(|_| None).collect(),
             free: (0..cap).rev().collect(),
             backlog: std::collections::VecDeque::new(),
+            failed_syncs: 0,
         }));
         // SAFETY: the eventfd is owned by the AsyncFd, which deregisters it before closing.
         let afd = unsafe {
@@ -380,6 +404,9 @@ impl RingState {
                 Ok(())
             };
             self.free.push(slot);
+            if result.is_err() && syncs(f.req.op) {
+                self.failed_syncs += 1;
+            }
             let _ = f.req.done.send(IoDone {
                 result,
                 buf: f.req.buf,
@@ -500,6 +527,11 @@ impl Engine for UringEngine {
             st.drive();
         }
         rx
+    }
+
+    fn failed_syncs(&self) -> u64 {
+        // A poisoned lock: the ring is gone, and so is any way to sync through it.
+        self.state.lock().map_or(u64::MAX, |st| st.failed_syncs)
     }
 }
 
