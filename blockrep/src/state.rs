@@ -716,6 +716,8 @@ pub struct Held {
     pub up_to_date: bool,
     /// What the *other* node told it its disk held: (generation, highest sequence).
     pub told: (u64, u64),
+    /// Its generations, newest first: the current one, then its history.
+    pub chain: [u64; 3],
 }
 
 /// Whether a node holding `high` at generation `current` went back in time: its peer heard
@@ -724,8 +726,22 @@ pub struct Held {
 /// committed first), and a restart after any crash reads back at least that much. Holding
 /// less, its disk and metadata were restored from an image of an earlier point (or its disk
 /// lost flushed writes).
-pub fn went_back(current: u64, high: u64, told: (u64, u64)) -> bool {
-    names_a_generation(told.0) && told.0 == current && high < told.1
+///
+/// Or at a generation older than the one it was told at: the peer (its generations, newest
+/// first, `peer_chain`) went through both, the told one later. A node's generation never
+/// moves back (a sync target takes its source's newer one), so its disk and metadata were
+/// restored from an image taken before it reached `told.0`; the generations alone may take
+/// it for a peer left behind, whose changes since some bitmap covers (a resync generation
+/// named at the newer one, say, which no history shows).
+pub fn went_back(current: u64, high: u64, told: (u64, u64), peer_chain: &[u64; 3]) -> bool {
+    if !names_a_generation(told.0) {
+        return false;
+    }
+    if told.0 == current {
+        return high < told.1;
+    }
+    let at = |g: u64| peer_chain.iter().position(|&h| h == g);
+    names_a_generation(current) && matches!((at(told.0), at(current)), (Some(t), Some(c)) if c > t)
 }
 
 /// A secondary that went back in time (see [`went_back`]) beside an up-to-date peer is the
@@ -743,8 +759,8 @@ pub fn went_back(current: u64, high: u64, told: (u64, u64)) -> bool {
 /// rules hold).
 pub fn back_in_time(me: &Held, peer: &Held, by_generations: SyncDecision) -> Option<SyncDecision> {
     use SyncDecision::*;
-    let me_back = went_back(me.current, me.high, peer.told);
-    let peer_back = went_back(peer.current, peer.high, me.told);
+    let me_back = went_back(me.current, me.high, peer.told, &peer.chain);
+    let peer_back = went_back(peer.current, peer.high, me.told, &me.chain);
     match (me_back, peer_back, by_generations) {
         (true, false, InSync) if !me.primary && peer.up_to_date && peer.high >= me.high => {
             Some(TargetFull)
@@ -1482,7 +1498,70 @@ mod back_in_time_tests {
             primary: false,
             up_to_date: true,
             told,
+            chain: [G, 0, 0],
         }
+    }
+
+    #[test]
+    fn a_peer_back_at_a_generation_older_than_its_mark_is_the_target_of_a_full_sync() {
+        // Review finding: both at 10 (history 9, 8) after a resync; alpha, a crashed primary
+        // back up, named a resync generation (77) for its hot extents, and that resync was
+        // cut. Beta's disk and metadata are then restored from an image taken at 9. Alpha's
+        // bitmap (77, named at 10) is taken to cover 9, its history's head: a bitmap resync
+        // of the hot extents alone. But alpha's mark says beta's disk durably reached 10.
+        let gens = |current, bitmap, h0, h1| Generations {
+            current,
+            bitmap,
+            history: [h0, h1],
+        };
+        let (a, b) = (gens(10, 77, 9, 8), gens(9, 0, 8, 0));
+        assert_eq!(compare_generations(&a, &b), SourceBitmap);
+        // (`told`: what a node holds of its peer's disk.)
+        let alpha = Held {
+            current: 10,
+            high: 500,
+            primary: false,
+            up_to_date: true,
+            told: (10, 400),
+            chain: [10, 9, 8],
+        };
+        let beta = Held {
+            current: 9,
+            high: 100,
+            told: (0, 0),
+            chain: [9, 8, 0],
+            ..alpha
+        };
+        assert_eq!(back_in_time(&alpha, &beta, SourceBitmap), Some(SourceFull));
+        assert_eq!(back_in_time(&beta, &alpha, TargetBitmap), Some(TargetFull));
+        // Beta at 10 as alpha left it, holding what it was told: the usual rules.
+        let beta_kept = Held {
+            current: 10,
+            high: 400,
+            chain: [10, 9, 8],
+            ..beta
+        };
+        assert_eq!(back_in_time(&alpha, &beta_kept, SourceBitmap), None);
+        // A peer whose generations are newer than the mark (it moved on since, a failover)
+        // or unrelated to this node's did not go back.
+        for current in [0x2222, crate::meta::UUID_JUST_CREATED] {
+            let moved = Held {
+                current,
+                chain: [current, 10, 9],
+                ..beta
+            };
+            assert_eq!(
+                back_in_time(&alpha, &moved, SourceBitmap),
+                None,
+                "{current:x}"
+            );
+        }
+        // A mark older than the peer's generation says nothing (the peer moved on from it).
+        let older_mark = Held {
+            told: (8, 50),
+            ..alpha
+        };
+        assert_eq!(back_in_time(&older_mark, &beta, SourceBitmap), None);
     }
 
     #[test]

@@ -1101,6 +1101,7 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
             primary: s.primary,
             up_to_date: s.disk == 2,
             told: (s.peer_durable_gen, s.peer_durable_seq),
+            chain: [s.gen.current, s.gen.history[0], s.gen.history[1]],
         };
         state::back_in_time(&held(&me), &held(&peer), by_generations)
     };
