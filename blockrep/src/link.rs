@@ -76,8 +76,14 @@ pub struct SealedRead {
     plain: std::ops::Range<usize>,
 }
 
-fn broken(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+/// The sealing error inside (see [`sealing_error`]).
+fn broken(e: proto::seal::SealError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The sealing error an I/O error of a sealed link carries, if any.
+pub fn sealing_error(e: &io::Error) -> Option<&proto::seal::SealError> {
+    e.get_ref()?.downcast_ref()
 }
 
 impl SealedRead {

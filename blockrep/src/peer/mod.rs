@@ -284,9 +284,33 @@ async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     res: &Resource,
 ) -> Result<(Msg, Option<Buf>, usize), LinkError> {
-    let mut p = [0u8; PREFIX_LEN];
-    r.read_exact(&mut p).await?;
-    read_frame_rest(r, res, &p).await
+    let read = async {
+        let mut p = [0u8; PREFIX_LEN];
+        r.read_exact(&mut p).await?;
+        read_frame_rest(r, res, &p).await
+    };
+    count_corruption(res, read.await)
+}
+
+/// Counts a frame that arrived corrupt (`crc_errors` in `status`): a header or payload whose
+/// crc does not match, or a sealed record that fails authentication (altered on the way).
+fn count_corruption<T>(res: &Resource, r: Result<T, LinkError>) -> Result<T, LinkError> {
+    let corrupt = match &r {
+        Err(LinkError::Frame(
+            peer::FrameError::HeaderCrc | peer::FrameError::PayloadCrc { .. },
+        )) => true,
+        Err(LinkError::Io(e)) => matches!(
+            crate::link::sealing_error(e),
+            Some(proto::seal::SealError::Forged(_))
+        ),
+        _ => false,
+    };
+    if let (true, Some(rep)) = (corrupt, res.rep()) {
+        rep.stats
+            .crc_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    r
 }
 
 /// Slowest link a frame's payload may take, for its timeout: a large record on a slow link
@@ -301,15 +325,18 @@ async fn read_frame_within<R: AsyncRead + Unpin>(
     first: Duration,
     what: &'static str,
 ) -> Result<(Msg, Option<Buf>, usize), LinkError> {
-    let mut p = [0u8; PREFIX_LEN];
-    tokio::time::timeout(first, r.read_exact(&mut p))
-        .await
-        .map_err(|_| LinkError::Timeout(what))??;
-    let payload = peer::parse_prefix(&p).map_or(0, |pre| pre.payload_len);
-    let rest = first + Duration::from_secs_f64(f64::from(payload) / MIN_LINK_RATE);
-    tokio::time::timeout(rest, read_frame_rest(r, res, &p))
-        .await
-        .map_err(|_| LinkError::Timeout(what))?
+    let read = async {
+        let mut p = [0u8; PREFIX_LEN];
+        tokio::time::timeout(first, r.read_exact(&mut p))
+            .await
+            .map_err(|_| LinkError::Timeout(what))??;
+        let payload = peer::parse_prefix(&p).map_or(0, |pre| pre.payload_len);
+        let rest = first + Duration::from_secs_f64(f64::from(payload) / MIN_LINK_RATE);
+        tokio::time::timeout(rest, read_frame_rest(r, res, &p))
+            .await
+            .map_err(|_| LinkError::Timeout(what))?
+    };
+    count_corruption(res, read.await)
 }
 
 /// Sends this node's dirty bitmap to the peer at connect: parts of at most
@@ -448,11 +475,7 @@ async fn read_frame_rest<R: AsyncRead + Unpin>(
         }
     };
     if let Err(e) = peer::check_payload_crc(&msg, crc) {
-        if let Some(rep) = res.rep() {
-            rep.stats
-                .crc_errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        // (Counted by the caller, see `count_corruption`.)
         res.device().pool.put(buf);
         return Err(e.into());
     }
