@@ -58,8 +58,29 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-RA=$(free_port); RB=$(free_port); EA=$(free_port); EB=$(free_port)
+# Four distinct free ports below the kernel's ephemeral range: the daemons bind them later
+# (beta again after its restart), and a port of that range could meanwhile become the local
+# end of any outgoing connection.
+read -r RA RB EA EB < <(python3 - <<'PY'
+import random, socket
+low, start = 20000, int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+if start <= low + 1000:
+    low, start = 1024, 65535
+ports = []
+while len(ports) < 4:
+    p = random.randrange(low, start)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    if p not in ports:
+        ports.append(p)
+print(*ports)
+PY
+)
 
 say "two backing devices (sparse files standing in for disks) and one config for both nodes"
 run truncate -s 512M "$DIR/alpha.img" "$DIR/beta.img"

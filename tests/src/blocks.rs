@@ -16,7 +16,7 @@ const BLK: u64 = 4096;
 pub fn python() -> Option<PathBuf> {
     let p = python_with_nbd();
     if p.is_none() {
-        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+        crate::skip_or_fail("no python3 with the libnbd bindings (python3-libnbd)");
     }
     p
 }

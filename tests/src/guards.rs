@@ -234,7 +234,9 @@ impl Drop for NbdFuseMount {
         if let Err(e) = self.release() {
             eprintln!("cleanup: {e}");
         }
-        kill9(self.proc.pid());
+        // Through the child handle, never by pid: an nbdfuse already reaped may have had its
+        // pid reused by an unrelated process.
+        self.proc.kill();
     }
 }
 

@@ -69,11 +69,22 @@ pub fn have_tool(name: &str) -> bool {
 pub fn have_tools(names: &[&str]) -> bool {
     match names.iter().find(|n| !have_tool(n)) {
         Some(missing) => {
-            println!("SKIP: {missing} not installed");
+            skip_or_fail(&format!("{missing} not installed"));
             false
         }
         None => true,
     }
+}
+
+/// Says why a test skips, or fails it where every tool must be there: `scripts/test.sh` (the
+/// README's test command, also what CI runs) sets `BLOCKREP_E2E_REQUIRE_TOOLS=1` after
+/// `deps.sh` installed them, so a failed install fails the suite instead of skipping half
+/// of it green.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var_os("BLOCKREP_E2E_REQUIRE_TOOLS").is_some_and(|v| v == "1") {
+        panic!("{why}, although scripts/deps.sh ran (BLOCKREP_E2E_REQUIRE_TOOLS=1)");
+    }
+    println!("SKIP: {why}");
 }
 
 /// Runs `nbdinfo --json URI` and returns the JSON object of the (single) export.

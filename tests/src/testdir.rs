@@ -117,6 +117,9 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         // Safety net: a test that leaked a mount or loop device must not make us delete files
         // through a mounted filesystem, nor leave a device pointing into a deleted directory.
+        // The loop devices are found first: one over a file in a FUSE mount may no longer
+        // name its file once that mount is gone.
+        let loops = loops_below(&self.path);
         for m in mounts_below(&self.path) {
             eprintln!("cleanup: {} still mounted; lazy unmount", m.display());
             let _ = run_quiet(
@@ -124,7 +127,7 @@ impl Drop for TestDir {
                 Duration::from_secs(10),
             );
         }
-        for l in loops_below(&self.path) {
+        for l in loops {
             eprintln!("cleanup: loop device {l} still attached; detaching");
             let _ = run_quiet(
                 std::process::Command::new("losetup").arg("-d").arg(&l),

@@ -71,7 +71,7 @@ fn spawn_unflushed_writer(py: &Path, dir: &Path, uri: &str, extents: u64, tag: &
 #[test]
 fn cold_activity_log_extents_reach_the_peers_disk_without_client_flushes() {
     let Some(py) = python_with_nbd() else {
-        println!("SKIP: python3 with the libnbd bindings (python3-libnbd) is not installed");
+        skip_or_fail("no python3 with the libnbd bindings (python3-libnbd)");
         return;
     };
     // 256 MiB of backing (64 of them journal), an activity log of 7 extents (the smallest
@@ -139,11 +139,10 @@ fn cold_activity_log_extents_reach_the_peers_disk_without_client_flushes() {
 #[test]
 fn journal_catch_up_clears_the_bitmap_while_writes_go_on() {
     let Some(py) = python_with_nbd() else {
-        println!("SKIP: python3 with the libnbd bindings (python3-libnbd) is not installed");
+        skip_or_fail("no python3 with the libnbd bindings (python3-libnbd)");
         return;
     };
-    if !have_tool("fio") {
-        println!("SKIP: fio is not installed");
+    if !have_tools(&["fio"]) {
         return;
     }
     let c = Cluster::builder("dur-catchup")
@@ -255,7 +254,7 @@ fn dirty_pages(path: &Path, offset: u64, len: u64) -> Option<u64> {
 #[cfg(target_arch = "x86_64")]
 fn cold_extents_data_is_synced_before_the_log_drops_them_with_external_metadata() {
     let Some(py) = python_with_nbd() else {
-        println!("SKIP: python3 with the libnbd bindings (python3-libnbd) is not installed");
+        skip_or_fail("no python3 with the libnbd bindings (python3-libnbd)");
         return;
     };
     let c = Cluster::builder("dur-al-extmeta")

@@ -168,7 +168,10 @@ fn altered_sealed_traffic_is_dropped_not_written() {
     // replay (the first copy ended at the record that failed), and counted the record.
     let written = b.status_json()["io"]["bytes_written"].as_u64().unwrap_or(0) - written0;
     println!("beta wrote {written} bytes for a 1 MiB write sent twice");
-    assert_eq!(written, MIB as u64, "beta's bytes written for the write sent twice");
+    assert_eq!(
+        written, MIB as u64,
+        "beta's bytes written for the write sent twice"
+    );
     let crc_errors = b.repl()["crc_errors"].as_u64();
     assert!(
         crc_errors.is_some_and(|n| n >= 1),

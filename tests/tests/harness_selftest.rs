@@ -109,7 +109,8 @@ fn fs_stack_mkfs_mount_fsck() {
     let mnt = fs.mount();
     let body = XorShift::new(7).bytes(300_000);
     std::fs::write(mnt.join("f"), &body).unwrap();
-    run_ok(&mut Command::new("sync"), CMD_TIMEOUT);
+    // This filesystem only: a global sync would wait on every other test's devices too.
+    run_ok(Command::new("sync").arg("-f").arg(&mnt), CMD_TIMEOUT);
     fs.umount();
     assert!(!mounted(&mnt));
     fs.fsck_clean();

@@ -57,7 +57,8 @@ fn kernel_device_attach_mkfs_mount_detach() {
     let m = Mount::new(&dev, &mnt, None);
     let body = XorShift::new(42).bytes(3 << 20);
     std::fs::write(mnt.join("f"), &body).unwrap();
-    run_ok(&mut Command::new("sync"), CMD_TIMEOUT);
+    // This filesystem only: a global sync would wait on every other test's devices too.
+    run_ok(Command::new("sync").arg("-f").arg(&mnt), CMD_TIMEOUT);
     assert_same_bytes(
         &std::fs::read(mnt.join("f")).unwrap(),
         &body,

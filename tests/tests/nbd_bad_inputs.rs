@@ -330,6 +330,7 @@ fn a_zero_length_write_takes_no_sequence_number() {
     let c = Cluster::synced_pair("zero-len-write", 64 << 20, |b| b);
     let a = c.alpha();
     let before = a.repl()["seq_written"].as_u64();
+    assert!(before.is_some(), "no seq_written in {}", a.repl());
     let mut r = a.raw_open();
     let size = r.size;
     for (off, flags) in [(0, 0), (4096, CMD_FLAG_FUA), (size, CMD_FLAG_FUA)] {

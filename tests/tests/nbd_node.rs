@@ -389,7 +389,8 @@ fn filesystem_survives_down_and_up() {
         std::fs::write(&p, &body).unwrap_or_else(|e| panic!("write {rel}: {e}"));
         sums.push((rel.to_string(), crc32c::crc32c(&body), *len));
     }
-    run_ok(&mut Command::new("sync"), CMD_TIMEOUT);
+    // This filesystem only: a global sync would wait on every other test's devices too.
+    run_ok(Command::new("sync").arg("-f").arg(&mnt), CMD_TIMEOUT);
     verify_files(&mnt, &sums);
     fs.umount();
     fs.fsck_clean();

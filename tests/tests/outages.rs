@@ -1010,7 +1010,9 @@ fn failover_and_failback_with_files() {
     let dir = c.dir().path();
 
     let mut fs = FsStack::attach(dir, "a1", &a.uri());
-    let _wd = Watchdog::new(&c, Duration::from_secs(150));
+    // One watchdog a stage: each new one replaces (drops) the one before, whose deadline
+    // would otherwise run over the whole test.
+    let mut _wd = Watchdog::new(&c, Duration::from_secs(150));
     fs.mkfs_ext4();
     let mnt = fs.mount();
     let mut files = write_files(
@@ -1035,7 +1037,7 @@ fn failover_and_failback_with_files() {
     b.ctl_ok(&["primary", "--force"]);
     let written0 = u(&b.status_json()["io"], "bytes_written");
     let mut fs = FsStack::attach(dir, "b", &b.uri());
-    let _wd = Watchdog::new(&c, Duration::from_secs(150));
+    _wd = Watchdog::new(&c, Duration::from_secs(150));
     let mnt = fs.mount();
     check_files(&mnt, &files, "beta after failover");
     let new = write_files(&mnt.join("on-beta"), "beta", &[3 * MIB, 12_345, MIB]);
@@ -1074,7 +1076,7 @@ fn failover_and_failback_with_files() {
     let sa = a.status_json();
     assert_eq!(sa["role"], "primary", "{sa}");
     let mut fs = FsStack::attach(dir, "a2", &a.uri());
-    let _wd = Watchdog::new(&c, Duration::from_secs(150));
+    _wd = Watchdog::new(&c, Duration::from_secs(150));
     let mnt = fs.mount();
     check_files(&mnt, &files, "alpha after failback");
     assert!(

@@ -152,7 +152,7 @@ fn tools() -> Option<PathBuf> {
     }
     let py = python_with_nbd();
     if py.is_none() {
-        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+        skip_or_fail("no python3 with the libnbd bindings (python3-libnbd)");
     }
     py
 }

@@ -214,7 +214,8 @@ fn protocol_c_filesystem_replicates_identically() {
     }
     std::fs::remove_file(mnt.join("d/e/g3")).unwrap();
     files.retain(|(n, _)| n != "d/e/g3");
-    run_ok(&mut Command::new("sync"), CMD_TIMEOUT);
+    // This filesystem only: a global sync would wait on every other test's devices too.
+    run_ok(Command::new("sync").arg("-f").arg(&mnt), CMD_TIMEOUT);
     fs.umount();
     fs.fsck_clean();
     fs.close();
@@ -459,8 +460,7 @@ fn wait_acked(w: &mut StampWriter, n: usize, timeout: Duration) {
 /// none in flight timed out although the pair was connected and healthy.
 #[test]
 fn wait_sync_on_a_busy_primary_ends() {
-    if !have_tool("fio") {
-        println!("SKIP: fio is not installed");
+    if !have_tools(&["fio"]) {
         return;
     }
     let c = pair("repl-wait-sync-busy", "C");
@@ -497,7 +497,7 @@ fn wait_sync_on_a_busy_primary_ends() {
 
 fn kill_primary_loses_no_acknowledged_write(test: &str, protocol: &str) {
     let Some(py) = python_with_nbd() else {
-        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+        skip_or_fail("no python3 with the libnbd bindings (python3-libnbd)");
         return;
     };
     let c = pair(test, protocol);
@@ -691,7 +691,7 @@ fn check_prefix(stamps: &[Stamp], issued: &[(u64, u64)], w: u64) -> u64 {
 
 fn write_order_after_cut(test: &str, inflight: u64) {
     let Some(py) = python_with_nbd() else {
-        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+        skip_or_fail("no python3 with the libnbd bindings (python3-libnbd)");
         return;
     };
     let c = pair_via_proxy(test, "A");
@@ -1884,7 +1884,7 @@ fn protocol_c_long_stall_releases_writes_and_recovers() {
 /// acknowledged write.
 fn flapping_link(test: &str, protocol: &str) {
     let Some(py) = python_with_nbd() else {
-        println!("SKIP: no python3 with the libnbd bindings (python3-libnbd)");
+        skip_or_fail("no python3 with the libnbd bindings (python3-libnbd)");
         return;
     };
     let c = pair_via_proxy(test, protocol);

@@ -297,17 +297,18 @@ fn status_of_a_stopped_daemon_gives_up_within_its_bound() {
     struct Cont(u32);
     impl Drop for Cont {
         fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.0.to_string()])
-                .status();
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
         }
     }
     let _cont = Cont(pid);
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .expect("kill -STOP")
-        .success());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP the daemon");
     let t0 = std::time::Instant::now();
     let out = a.ctl_timeout(&["status"], Duration::from_secs(60));
     let took = t0.elapsed();

@@ -42,7 +42,7 @@ fn the_systemd_unit_verifies_and_its_exec_start_runs_the_node() {
         .replace("/etc/blockrep/", &format!("{}/", etc.display()));
 
     match which("systemd-analyze") {
-        None => eprintln!("SKIP the systemd-analyze part: systemd-analyze is not installed"),
+        None => skip_or_fail("the systemd-analyze part: systemd-analyze is not installed"),
         Some(sa) => {
             let path = dir.join(format!("blockrep@{}.service", c.resource()));
             std::fs::write(&path, &unit).expect("unit file");

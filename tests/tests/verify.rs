@@ -659,8 +659,13 @@ fn verify_under_concurrent_writes_reports_no_false_differences() {
             }
         })
     };
-    // Let the writes get going first.
+    // Let the writes get going first (a writer that failed stops the test, not a loop).
+    let deadline = Instant::now() + Duration::from_secs(120);
     while rounds.load(Ordering::SeqCst) < 1 {
+        assert!(
+            !writer.is_finished() && Instant::now() < deadline,
+            "the writer finished no round (it failed, or took over 120 s)"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let r0 = rounds.load(Ordering::SeqCst);
@@ -896,6 +901,12 @@ fn resync_rate_floor_keeps_resync_going_under_application_writes() {
     assert!(
         with >= 0.5 * (8 << 20) as f64,
         "with resync-rate-min 8M the resync made only {with:.0} bytes/s"
+    );
+    // Without the floor the application's writes held the resync back (0.05 MB/s in a run
+    // on the 2-core machine): otherwise the floor showed nothing.
+    assert!(
+        without < 0.25 * with,
+        "without a floor the resync made {without:.0} bytes/s, with one {with:.0}: the floor made no difference"
     );
 }
 
