@@ -417,15 +417,37 @@ impl Ring {
     /// checkpoint recovery started from): what a recovery after a crash writes back, so that
     /// no record behind a torn one can later be joined to new records (see
     /// `resource::open_replication`).
+    ///
+    /// Only the records themselves and the Pad frames the walk wrapped at are kept: the
+    /// rest of a wrap, from the Pad to the ring's end, is zeroed too. A Pad there may be an
+    /// earlier lap's, read where a torn write did not land, and the bytes after it records of
+    /// this lap that the walk never reached.
     pub fn live_image(&self, pos: u64) -> Vec<u8> {
         let cap = self.cap;
         let mut clean = image_buffer(cap as usize);
-        let mut at = pos;
-        while at < self.head {
-            let phys = at % cap;
-            let n = (self.head - at).min(cap - phys);
+        let mut keep = |from: u64, n: u64| {
+            let phys = from % cap;
+            debug_assert!(phys + n <= cap, "a frame never wraps");
             clean[phys as usize..(phys + n) as usize].copy_from_slice(self.raw(phys, phys + n));
-            at += n;
+        };
+        let mut at = pos;
+        let ends = self
+            .recs
+            .iter()
+            .filter(|r| r.pos >= pos)
+            .map(|r| (r.pos, u64::from(r.len)))
+            .chain(std::iter::once((self.head, 0)));
+        for (start, len) in ends {
+            if start > at {
+                // The walk wrapped here: at a Pad frame (kept), or at zero filler.
+                if let Some((Msg::Pad, n)) = self.parse_at((at % cap) as usize) {
+                    keep(at, n as u64);
+                }
+            }
+            if len > 0 {
+                keep(start, len);
+            }
+            at = start + len;
         }
         clean
     }
@@ -694,6 +716,79 @@ mod tests {
         };
         assert_eq!(after_new(image), Some(6), "the hazard this guards against");
         assert_eq!(after_new(rec.live_image(0)), Some(3));
+    }
+
+    /// Review finding: a record whose first sector did not land (a crash midway through a
+    /// persist) can leave an earlier lap's Pad frame at its position. The walk wraps there
+    /// and stops at the ring's start, and the records of this lap behind the torn one, up
+    /// to the ring's end, must not survive in the live image (a later chain could be joined
+    /// to them, as in the test above); the Pad frames the walk wrapped at, and the records,
+    /// must.
+    #[test]
+    fn a_stale_pad_where_a_record_was_torn_hides_nothing_behind_it() {
+        let mut r = Ring::new(64 * 1024);
+        let data = vec![3u8; 4000];
+        for seq in 1..=8 {
+            append_msg(&mut r, &termed(seq, 0xA1, &data), &data, |_| {}).unwrap();
+        }
+        let torn = r.get(4).unwrap();
+        let mut image = r.raw(0, r.cap()).to_vec();
+        let mut pad = Vec::new();
+        peer::encode_frame(&mut pad, &Msg::Pad, &[]);
+        image[torn.pos as usize..torn.pos as usize + pad.len()].copy_from_slice(&pad);
+        let rec = Ring::recover(image, 0, 1, 0);
+        assert_eq!(rec.last_seq(), Some(3));
+        let live = Ring::recover(rec.live_image(0), 0, 1, 0);
+        assert_eq!(
+            live.last_seq(),
+            Some(3),
+            "the live image still recovers to 3"
+        );
+        // Nothing of records 5 to 8 is left anywhere in the live image.
+        let clean = rec.live_image(0);
+        for seq in 5..=8 {
+            let x = r.get(seq).unwrap();
+            assert!(
+                clean[x.pos as usize..(x.pos + u64::from(x.len)) as usize]
+                    .iter()
+                    .all(|&b| b == 0),
+                "record {seq} survived behind the stale pad"
+            );
+        }
+        // A ring that wrapped (a Pad at its end, records after it at the start) keeps its
+        // Pad: the live image recovers to the same records.
+        let mut w = Ring::new(64 * 1024);
+        let mut seq = 1;
+        while append_msg(&mut w, &termed(seq, 0xA1, &data), &data, |_| {}).is_ok() {
+            seq += 1;
+        }
+        w.release_through(seq / 2);
+        let first = w.first_live_seq().unwrap();
+        let tail = w.tail();
+        for _ in 0..3 {
+            append_msg(&mut w, &termed(seq, 0xA1, &data), &data, |_| {}).unwrap();
+            seq += 1;
+        }
+        let pos = w.get(first).unwrap().pos;
+        assert_eq!(pos, tail);
+        assert!(
+            w.get(seq - 1).unwrap().pos >= w.cap(),
+            "the test's ring did not wrap"
+        );
+        let before_wrap = w.records().filter(|x| x.pos < w.cap()).last().unwrap();
+        let end = before_wrap.pos + u64::from(before_wrap.len);
+        assert!(
+            matches!(w.parse_at(end as usize), Some((Msg::Pad, _))),
+            "no Pad frame where the test's ring wrapped"
+        );
+        let all = Ring::recover(w.raw(0, w.cap()).to_vec(), pos, first, 0);
+        assert_eq!(all.last_seq(), Some(seq - 1), "the walk wraps at the Pad");
+        let again = Ring::recover(all.live_image(pos), pos, first, 0);
+        assert_eq!(
+            again.last_seq(),
+            Some(seq - 1),
+            "the live image kept the Pad"
+        );
     }
 
     #[test]
