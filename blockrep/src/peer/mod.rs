@@ -1513,6 +1513,16 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
         (Role::Secondary, true) if !matches!(decision, SyncDecision::SourceBitmap | SyncDecision::SourceFull) => {
             secondary_side(res, rd, wr, peer).await
         }
+        // The primary's disk failed: this node holds the good copy, and the advice to drop
+        // it (below) would wipe the only one.
+        (Role::Secondary, true) if peer.disk != 2 => Err(refuse(
+            &mut wr,
+            format!(
+                "this secondary has newer data than the primary, whose disk is {}: fail over: demote the primary (`secondary --force` there) and promote this node; the old primary then takes a full resync",
+                disk_name(peer.disk)
+            ),
+        )
+        .await),
         (Role::Secondary, true) => Err(refuse(
             &mut wr,
             "this secondary has newer data than the primary: demote the primary and promote this node (its newer data then goes to the other), or, to drop this node's newer data, `down` here, `create-md --force`, `up` (a full sync from the primary follows)".into(),
