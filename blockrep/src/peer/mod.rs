@@ -1761,6 +1761,15 @@ async fn idle_side(
                         let _ = answer.send(if ok { Ok(()) } else { Err(reason) });
                     }
                 }
+                // The peer streams or resyncs to this node, which decided there is nothing to
+                // move: the two disagree on the connection's mode, and records would vanish
+                // here.
+                m if m.seq().is_some() => {
+                    return Err(LinkError::Protocol(format!(
+                        "a stream record (sequence {}) from a peer this node takes no stream from",
+                        m.seq().unwrap_or(0)
+                    )))
+                }
                 _ => {}
             }
         }
