@@ -287,9 +287,19 @@ impl Control {
         let Some(s) = connect_control(cfg)? else {
             return Ok(None);
         };
-        Ok(Some(
-            Self::over(s, timeout).context("setting up the control connection")?,
-        ))
+        let mut c = Self::over(s, timeout).context("setting up the control connection")?;
+        c.identify(cfg)?;
+        Ok(Some(c))
+    }
+
+    /// Checks that the daemon serves this config's resource and node: two config files that
+    /// name one control socket reach one daemon, and a command meant for one resource must
+    /// not act on another. A daemon of a build before `Identify` is not checked.
+    fn identify(&mut self, cfg: &Config) -> Result<()> {
+        match self.call(&Request::Identify)? {
+            Reply::Ok { message } => check_identity(cfg, &message),
+            _ => Ok(()),
+        }
     }
 
     /// A control connection over a socket already connected.
@@ -429,6 +439,21 @@ fn connect_control(cfg: &Config) -> Result<Option<UnixStream>> {
 /// How long a full backlog of the control socket is tried again (see [`connect_control`]).
 const FULL_BACKLOG_RETRY: Duration = Duration::from_secs(2);
 
+/// See [`Control::identify`]: `served` is the daemon's `RESOURCE NODE`.
+fn check_identity(cfg: &Config, served: &str) -> Result<()> {
+    let mine = format!("{} {}", cfg.resource, cfg.me.name);
+    if served.trim() != mine {
+        let (resource, node) = served.trim().split_once(' ').unwrap_or((served, "?"));
+        bail!(
+            "the control socket {} is resource {resource} node {node}'s, not resource {} node {}'s: two config files name the same `control` path (give each resource its own); nothing done",
+            cfg.me.control.display(),
+            cfg.resource,
+            cfg.me.name
+        );
+    }
+    Ok(())
+}
+
 /// [`query_status`] with its own bound.
 fn query_status_within(cfg: &Config, timeout: Duration) -> Result<Option<Status>> {
     let Some(s) = connect_control(cfg)? else {
@@ -441,7 +466,10 @@ fn query_status_within(cfg: &Config, timeout: Duration) -> Result<Option<Status>
         timeout,
     };
     match c.call(&Request::Status)? {
-        Reply::Status { status } => Ok(Some(*status)),
+        Reply::Status { status } => {
+            check_identity(cfg, &format!("{} {}", status.resource, status.node))?;
+            Ok(Some(*status))
+        }
         other => Err(anyhow!("unexpected reply to status: {other:?}")),
     }
 }
@@ -750,7 +778,7 @@ fn ask_running_daemon(cfg: &Config, req: &Request) -> Result<Option<Reply>> {
             return Ok(None);
         };
         let mut c = Control::over(s, COMMAND_TIMEOUT).context("control socket")?;
-        match c.call(req) {
+        match c.identify(cfg).and_then(|()| c.call(req)) {
             Ok(reply) => return Ok(Some(reply)),
             Err(e) if e.is::<DaemonHungUp>() && dying_since.elapsed() < DYING_DAEMON_WAIT => {
                 std::thread::sleep(Duration::from_millis(50));
@@ -1470,7 +1498,8 @@ struct WaitLimit {
 impl WaitLimit {
     fn new(timeout: Option<u64>) -> Self {
         WaitLimit {
-            deadline: timeout.map(|t| Instant::now() + Duration::from_secs(t)),
+            // A timeout past what the clock can count is none.
+            deadline: timeout.and_then(|t| Instant::now().checked_add(Duration::from_secs(t))),
             silent_since: None,
         }
     }

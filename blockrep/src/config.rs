@@ -217,17 +217,26 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
             let column = text[line_start..at].chars().count() + 1;
             let line = text[line_start..].lines().next().unwrap_or("").trim();
-            // The secret is never printed, not even from a line the parser could not read
-            // (any line that names it: a dotted key or an inline table too).
-            let line = if line.contains("secret") {
-                "secret = (not shown)"
+            // The secret is never printed, not even from a line the parser could not read:
+            // no value is shown, only the key (a misspelt `Secret` or `secert` too), a
+            // section header, or nothing (a line inside a multi-line string); and the
+            // parser's message, which may quote the value, not for a key that may be the
+            // secret's.
+            let key = line.split('=').next().unwrap_or("").trim();
+            let secretish = line.to_ascii_lowercase().contains("sec");
+            let shown = if line.contains('=') {
+                format!("{key} = …")
+            } else if line.starts_with('[') && !secretish {
+                line.to_string()
             } else {
-                line
+                "(not shown)".to_string()
             };
-            format!(
-                "line {line_no}, column {column} (`{line}`): {}",
+            let message = if secretish {
+                "the value could not be read (not shown: it may be the secret)"
+            } else {
                 e.message().trim_end()
-            )
+            };
+            format!("line {line_no}, column {column} (`{shown}`): {message}")
         }
         None => e.message().trim_end().to_string(),
     }
@@ -597,6 +606,51 @@ impl Config {
                 p.push(".log");
                 PathBuf::from(p)
             });
+            // Port 0 binds anywhere and dials nowhere.
+            let tcp_export = match &export {
+                ExportAddr::Tcp(a) => Some(*a),
+                ExportAddr::Unix(_) => None,
+            };
+            for (key, addr) in [
+                ("replication", replication),
+                ("connect-address", connect_address),
+                ("export", tcp_export),
+            ] {
+                if addr.is_some_and(|a| a.port() == 0) {
+                    return Err(key_err(&k(key), "port 0: name the port".into()));
+                }
+            }
+            // The peer dials `connect-address`, or else `replication`: a wildcard there
+            // would reach the dialling node itself.
+            if let (Some(a), None) = (replication, connect_address) {
+                if a.ip().is_unspecified() {
+                    return Err(key_err(
+                        &k("replication"),
+                        format!("{a} listens on every address, and the peer needs one to dial: set connect-address too"),
+                    ));
+                }
+            }
+            // One file, one role: a socket path that names the disk image would remove it as
+            // a stale socket, and a log file over it would overwrite it.
+            let mut paths: Vec<(&str, &Path)> = vec![
+                ("backing", n.backing.as_path()),
+                ("control", n.control.as_path()),
+                ("log-file", log_file.as_path()),
+            ];
+            if let MetaLocation::External(p) = &meta {
+                paths.push(("meta", p.as_path()));
+            }
+            if let ExportAddr::Unix(p) = &export {
+                paths.push(("export", p.as_path()));
+            }
+            for (i, (key, path)) in paths.iter().enumerate() {
+                if let Some((other, _)) = paths[..i].iter().find(|(_, p)| p == path) {
+                    return Err(key_err(
+                        &k(key),
+                        format!("{} is this node's {other} too", path.display()),
+                    ));
+                }
+            }
             nodes.push(NodeConfig {
                 name,
                 backing: n.backing,
@@ -1040,6 +1094,27 @@ control = "/tmp/b.sock"
             assert!(!e.contains("hunter2"), "{e}");
             assert!(e.contains("line "), "{e}");
         }
+        // Review finding: a misspelt key, a value the parser quotes in its message, and a
+        // bad line inside a multi-line string.
+        for bad in [
+            "Secret = \"hunter2-hunter2\"",
+            "secert = \"hunter2-hunter2\"",
+            "secret = 1234567890",
+            "secret = \"\"\"hunter2\n\\q hunter2-hunter2\"\"\"",
+        ] {
+            let text = GOOD.replace("secret = \"x\"", bad);
+            assert_ne!(text, GOOD);
+            let e = parse(&text, "alpha").unwrap_err().to_string();
+            assert!(
+                !e.contains("hunter2") && !e.contains("1234567890"),
+                "{bad}: {e}"
+            );
+            assert!(e.contains("line "), "{e}");
+        }
+        // Other lines keep the parser's message and their key.
+        let text = GOOD.replace("protocol = \"B\"", "protocol = \"B\"\nko-count = \"three\"");
+        let e = parse(&text, "alpha").unwrap_err().to_string();
+        assert!(e.contains("ko-count = …") && e.contains("three"), "{e}");
     }
 
     #[test]
@@ -1204,8 +1279,71 @@ control = "/tmp/b.sock"
         assert!(e.contains("colour"), "{e}");
     }
 
+    /// Review finding: a socket path naming the disk image made `up` remove the image as a
+    /// stale socket; port 0 and a wildcard the peer would dial were accepted.
     #[test]
-    fn parse_errors_are_one_line_naming_the_line_and_its_text() {
+    fn paths_ports_and_addresses_that_cannot_work_are_refused() {
+        for (from, to, key, says) in [
+            (
+                "control = \"/tmp/a.sock\"",
+                "control = \"/tmp/a.img\"",
+                "node.alpha.control",
+                "/tmp/a.img is this node's backing too",
+            ),
+            (
+                "control = \"/tmp/b.sock\"",
+                "control = \"/tmp/b.meta\"",
+                "node.beta.meta",
+                "/tmp/b.meta is this node's control too",
+            ),
+            (
+                "export = \"unix:/tmp/b.nbd\"",
+                "export = \"unix:/tmp/b.img\"",
+                "node.beta.export",
+                "/tmp/b.img is this node's backing too",
+            ),
+            (
+                "control = \"/tmp/a.sock\"",
+                "control = \"/tmp/a.sock\"\nlog-file = \"/tmp/a.img\"",
+                "node.alpha.log-file",
+                "this node's backing too",
+            ),
+            (
+                "127.0.0.1:7000",
+                "127.0.0.1:0",
+                "node.alpha.replication",
+                "port 0",
+            ),
+            (
+                "export = \"127.0.0.1:10809\"",
+                "export = \"127.0.0.1:0\"",
+                "node.alpha.export",
+                "port 0",
+            ),
+            (
+                "127.0.0.1:7001",
+                "0.0.0.0:7001",
+                "node.beta.replication",
+                "set connect-address too",
+            ),
+        ] {
+            let text = GOOD.replacen(from, to, 1);
+            assert_ne!(text, GOOD);
+            let e = parse(&text, "alpha").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{to}: {e}");
+        }
+        // A wildcard with a connect-address to dial is fine.
+        let text = GOOD.replacen(
+            "127.0.0.1:7001",
+            "0.0.0.0:7001\"\nconnect-address = \"127.0.0.1:7001",
+            1,
+        );
+        let c = parse(&text, "alpha").expect("a wildcard with connect-address");
+        assert!(c.peer.is_some());
+    }
+
+    #[test]
+    fn parse_errors_are_one_line_naming_the_line_and_its_key() {
         let e = parse(
             &GOOD.replace("protocol = \"B\"", "protocl = \"B\""),
             "alpha",
@@ -1213,7 +1351,7 @@ control = "/tmp/b.sock"
         .unwrap_err()
         .to_string();
         assert!(
-            !e.contains('\n') && e.contains("line 4, column 1 (`protocl = \"B\"`)"),
+            !e.contains('\n') && e.contains("line 4, column 1 (`protocl = …`)"),
             "{e}"
         );
         assert!(e.contains("unknown field `protocl`"), "{e}");
@@ -1223,7 +1361,10 @@ control = "/tmp/b.sock"
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("(`ko-count = \"15\"`)"), "{e}");
+        assert!(
+            e.contains("(`ko-count = …`)") && e.contains("string \"15\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -136,6 +136,12 @@ impl Daemon {
 
     pub async fn handle(&self, req: Request) -> Reply {
         let r: Result<String, NodeError> = match req {
+            // No lock: answered whatever the node is doing.
+            Request::Identify => {
+                return Reply::Ok {
+                    message: format!("{} {}", self.cfg.resource, self.cfg.me.name),
+                }
+            }
             Request::Status => {
                 return match self.status().await {
                     Ok(st) => Reply::Status {
@@ -347,7 +353,11 @@ impl Daemon {
                         let me = self.clone();
                         tokio::spawn(async move { me.serve_control(s).await });
                     }
-                    Err(e) => tracing::warn!("control accept: {e}"),
+                    Err(e) => {
+                        // Out of descriptors, say: not a hot loop that floods the log.
+                        tracing::warn!("control accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
                 },
             }
         }

@@ -4490,13 +4490,27 @@ async fn watch_sync_failed(res: std::sync::Weak<Resource>, mut failed: watch::Re
     }
 }
 
-/// Removes a socket file left by a dead process; refuses if something still listens on it.
+/// Removes a socket file left by a dead process; refuses if something still listens on it,
+/// and leaves anything that is not a socket alone (a config that names a disk image or a
+/// metadata file as a socket path, by a slip of the pen, must not lose it).
 pub async fn remove_stale_socket(path: &std::path::Path) -> Result<(), NodeError> {
-    if !path.exists() {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(io_err(format!("creating {}", dir.display())))?;
+            }
+            return Ok(());
         }
-        return Ok(());
+        Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(NodeError::Refused(format!(
+            "{} exists and is not a socket: left as it is (is the path in the config right?)",
+            path.display()
+        )));
     }
     if tokio::net::UnixStream::connect(path).await.is_ok() {
         return Err(NodeError::Refused(format!(

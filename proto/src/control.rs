@@ -70,6 +70,11 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+    /// Which resource and node this daemon serves, answered at once (`Ok` with the message
+    /// `RESOURCE NODE`): two config files that name one control socket reach one daemon, and
+    /// `blockrep-ctl` asks this first, so that a command meant for one resource never acts
+    /// on another.
+    Identify,
 }
 
 fn yes() -> bool {

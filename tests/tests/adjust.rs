@@ -284,11 +284,14 @@ fn adjust_reports_what_needs_down_and_up_and_refuses_another_resource() {
         "adjust took another resource's config\n{}",
         out.describe()
     );
+    // (Refused by the CLI, which finds another resource's daemon on the socket, before the
+    // daemon's own check of the file's resource.)
     assert!(
-        out.stderr.contains("is the config of resource other") && out.stderr.contains("nothing"),
+        out.stderr.contains("not resource other") && out.stderr.contains("nothing done"),
         "{}",
         out.describe()
     );
+    c.write_config(&original);
     assert_eq!(a.repl()["protocol"], "C");
 
     // A malformed file: a clear error from the CLI, the node runs on.

@@ -679,3 +679,79 @@ fn a_full_sync_fits_the_metadata_journal_when_the_config_names_a_larger_one() {
     a.down();
     b.down();
 }
+
+/// A control socket path that names an existing file which is not a socket (a slip of the
+/// pen: another resource's disk image, say) is refused at `up`, and the file is left as it
+/// was. Before (review finding), `up` took it for a stale socket and removed it.
+#[test]
+fn a_control_path_naming_a_file_is_refused_and_the_file_kept() {
+    let c = Cluster::builder("control-file").build();
+    let a = c.alpha();
+    a.create_md();
+    let other = c.dir().join("other-resource.img");
+    std::fs::write(&other, b"another resource's data").expect("write the other file");
+    edit_config(
+        &c,
+        &format!("control = \"{}\"", a.control_path().display()),
+        &format!("control = \"{}\"", other.display()),
+    );
+    let err = assert_error(&a.ctl(&["up"]));
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read(&other).expect("the file is still there"),
+        b"another resource's data"
+    );
+    assert!(
+        c.daemon_processes().is_empty(),
+        "a daemon was left running: {:?}",
+        c.daemon_processes()
+    );
+}
+
+/// Two config files that name one control socket reach one daemon: a command read from the
+/// other file is refused and names both resources, and the daemon is left as it was. Before
+/// (review finding), `up` from the copy said "already up" and `primary` promoted the other
+/// resource.
+#[test]
+fn a_command_from_another_resources_config_sharing_the_control_socket_is_refused() {
+    let c = Cluster::builder("control-shared").build();
+    let a = c.alpha();
+    a.create_md();
+    a.up();
+    let text = c.config_text();
+    let name = text
+        .lines()
+        .find_map(|l| l.strip_prefix("name = "))
+        .expect("the resource's name line")
+        .to_string();
+    let copy = c.dir().join("copy.toml");
+    std::fs::write(
+        &copy,
+        text.replacen(&format!("name = {name}"), "name = \"r-copy\"", 1),
+    )
+    .expect("write the copy");
+    for args in [&["primary", "--force"][..], &["status"], &["down"], &["up"]] {
+        let out = run(
+            Command::new(a.ctl_path())
+                .arg("-c")
+                .arg(&copy)
+                .arg("-n")
+                .arg("alpha")
+                .args(args),
+            Duration::from_secs(30),
+        );
+        assert!(
+            !out.success(),
+            "{args:?} from the copy:\n{}",
+            out.describe()
+        );
+        assert!(
+            out.stderr.contains("r-copy") && out.stderr.contains("the same `control` path"),
+            "{args:?}:\n{}",
+            out.describe()
+        );
+    }
+    let st = a.status_json();
+    assert_eq!(st["up"], true, "{st}");
+    assert_eq!(st["role"], "secondary", "{st}");
+}
