@@ -120,8 +120,8 @@ enum Cmd {
     },
     /// Online verify (on either node of a connected pair; the primary runs it): compare the
     /// hashes of every region with the peer's while I/O goes on, mark the differing regions
-    /// out of sync on the primary and print how many differ. A resync (`disconnect` then
-    /// `connect`) repairs them.
+    /// out of sync on the primary and print how many differ. `invalidate-remote
+    /// --reset-bitmap=no` on the primary then resyncs them (only them).
     Verify {
         /// Start it and return; follow it with `status`.
         #[arg(long)]
@@ -1385,6 +1385,13 @@ fn status(cfg: &Config, json: bool) -> Result<bool> {
             } else {
                 human_bytes(r.out_of_sync)
             }
+        );
+        println!(
+            "    link sent {} received {}  crc errors {}  authentication failures {}",
+            human_bytes(r.bytes_sent),
+            human_bytes(r.bytes_received),
+            r.crc_errors,
+            r.auth_failures
         );
         if r.resync_total > 0 {
             println!(
