@@ -989,6 +989,16 @@ pub(super) async fn finish_sync(
         .await
         .map_err(|e| LinkError::LocalDisk(format!("recording the end of the resync: {e}")))?;
     }
+    // A region marked out of sync since the last sweep (a client write this disk failed
+    // after the peer applied it): the target is not declared in sync over it; the next
+    // connect resyncs what is marked. (A journal catch-up clears the bitmap at its own
+    // checkpoint: its bits are expected here.)
+    if resync && rep.lock().bitmap.dirty_bits() > 0 {
+        return Err(LinkError::NeedsResync(format!(
+            "{} bytes were marked out of sync as the resync ended: resyncing them",
+            rep.lock().bitmap.dirty_bytes()
+        )));
+    }
     let seq = rep.begin(Record::SyncDone { gen }).await?;
     rep.peer_at_gen_from
         .store(seq, std::sync::atomic::Ordering::SeqCst);
