@@ -445,7 +445,7 @@ fn check_identity(cfg: &Config, served: &str) -> Result<()> {
     if served.trim() != mine {
         let (resource, node) = served.trim().split_once(' ').unwrap_or((served, "?"));
         bail!(
-            "the control socket {} is resource {resource} node {node}'s, not resource {} node {}'s: two config files name the same `control` path (give each resource its own); nothing done",
+            "the control socket {} is resource {resource} node {node}'s, not resource {} node {}'s: two config files name the same `control` path (give each resource its own), or the file was changed since `up` (stop that daemon with the file it was started from); nothing done",
             cfg.me.control.display(),
             cfg.resource,
             cfg.me.name

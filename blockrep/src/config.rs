@@ -223,8 +223,14 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
             // parser's message, which may quote the value, not for a key that may be the
             // secret's.
             let key = line.split('=').next().unwrap_or("").trim();
-            let secretish = line.to_ascii_lowercase().contains("sec");
-            let shown = if line.contains('=') {
+            // A line inside a multi-line string (an odd number of triple quotes before it)
+            // is a value's, whatever it looks like: a base64 secret's line may hold `=`.
+            let opened = |q: &str| text[..line_start].matches(q).count() % 2 == 1;
+            let in_string = opened("\"\"\"") || opened("'''");
+            let secretish = in_string || line.to_ascii_lowercase().contains("sec");
+            let shown = if in_string {
+                "(not shown)".to_string()
+            } else if line.contains('=') {
                 format!("{key} = …")
             } else if line.starts_with('[') && !secretish {
                 line.to_string()
@@ -1101,12 +1107,13 @@ control = "/tmp/b.sock"
             "secert = \"hunter2-hunter2\"",
             "secret = 1234567890",
             "secret = \"\"\"hunter2\n\\q hunter2-hunter2\"\"\"",
+            "secret = \"\"\"aHVudGVyMg\naHVudGVy=\\q\"\"\"",
         ] {
             let text = GOOD.replace("secret = \"x\"", bad);
             assert_ne!(text, GOOD);
             let e = parse(&text, "alpha").unwrap_err().to_string();
             assert!(
-                !e.contains("hunter2") && !e.contains("1234567890"),
+                !e.contains("hunter2") && !e.contains("1234567890") && !e.contains("aHVudGVy"),
                 "{bad}: {e}"
             );
             assert!(e.contains("line "), "{e}");

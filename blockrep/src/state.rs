@@ -728,11 +728,13 @@ pub struct Held {
 /// lost flushed writes).
 ///
 /// Or at a generation older than the one it was told at: the peer (its generations, newest
-/// first, `peer_chain`) went through both, the told one later. A node's generation never
-/// moves back (a sync target takes its source's newer one), so its disk and metadata were
-/// restored from an image taken before it reached `told.0`; the generations alone may take
-/// it for a peer left behind, whose changes since some bitmap covers (a resync generation
-/// named at the newer one, say, which no history shows).
+/// first, `peer_chain`) went through both, the told one later. A node's generation moves
+/// back only when a resync's SyncStart sets it to its source's bitmap generation, so its
+/// disk and metadata were restored from an image taken before it reached `told.0` (the
+/// generations alone may take it for a peer left behind, whose changes since some bitmap
+/// covers: a resync generation named at the newer one, say, which no history shows), or
+/// such a resync was cut. The latter, whose bitmap resync would do, then gets a full sync
+/// too: the two are not told apart, and the full sync is the safe one.
 pub fn went_back(current: u64, high: u64, told: (u64, u64), peer_chain: &[u64; 3]) -> bool {
     if !names_a_generation(told.0) {
         return false;

@@ -3359,7 +3359,16 @@ fn fua_writes_right_after_a_catch_up_wait_for_its_end() {
     let c = pair("fua-catchup", "C");
     let (a, b) = (c.alpha(), c.beta());
     let stop = std::sync::atomic::AtomicBool::new(false);
+    /// Stops the writer however the rounds end: a round that panics would otherwise wait
+    /// for ever for a writer that never stops (the scope joins it before the panic goes on).
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let slowest = std::thread::scope(|s| {
+        let _stop_writer = StopOnDrop(&stop);
         let writer = s.spawn(|| {
             let mut r = a.raw_open();
             let data = random_bytes(4096);
@@ -3384,7 +3393,7 @@ fn fua_writes_right_after_a_catch_up_wait_for_its_end() {
             assert!(!writer.is_finished(), "round {round}: the writer stopped");
         }
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(_stop_writer);
         writer.join().expect("writer")
     });
     // (The slowest write is shown, not bounded: one that finds the journal full during a

@@ -1142,14 +1142,20 @@ async fn connection(res: &Arc<Resource>, est: Established) -> Result<(), LinkErr
                 me.peer_durable_seq,
             )
         };
-        let gen = if d == SyncDecision::TargetFull {
-            me.gen.current
+        let (gen, told_gen) = if d == SyncDecision::TargetFull {
+            (me.gen.current, peer.peer_durable_gen)
         } else {
-            peer.gen.current
+            (peer.gen.current, me.peer_durable_gen)
         };
-        tracing::warn!(
-            "{node}'s disk went back in time: at generation {gen:016X} it holds through sequence {held}, but it had told its peer its disk held {told} (its disk was restored from an image or snapshot, or lost flushed writes); it is the target of a full sync from the other node, whose data is newer"
-        );
+        if gen == told_gen {
+            tracing::warn!(
+                "{node}'s disk went back in time: at generation {gen:016X} it holds through sequence {held}, but it had told its peer its disk held {told} (its disk was restored from an image or snapshot, or lost flushed writes); it is the target of a full sync from the other node, whose data is newer"
+            );
+        } else {
+            tracing::warn!(
+                "{node}'s disk went back in time: it is at generation {gen:016X}, older than {told_gen:016X}, which it had told its peer its disk held (its disk and metadata were restored from an image or snapshot, or a resync into it was cut); it is the target of a full sync from the other node, whose data is newer"
+            );
+        }
         decision = d;
     }
     // Same generation, but one side crashed as primary: its hot extents may hold writes the

@@ -975,6 +975,18 @@ pub(super) async fn finish_sync(
             "this node's disk lost writes during the resync: the peer is not declared up to date from it".into(),
         ));
     }
+    // A region marked out of sync since the last sweep (a client write this disk failed
+    // after the peer applied it): the target is not declared in sync over it; the next
+    // connect resyncs what is marked. (A journal catch-up clears the bitmap at its own
+    // checkpoint: its bits are expected here.) Checked before the SyncDone is recorded as
+    // sent. A write whose local half fails after this check is not covered: it marks its
+    // region here, and the next connect resyncs it.
+    if resync && rep.lock().bitmap.dirty_bits() > 0 {
+        return Err(LinkError::NeedsResync(format!(
+            "{} bytes were marked out of sync as the resync ended: resyncing them",
+            rep.lock().bitmap.dirty_bytes()
+        )));
+    }
     let gen = res.node_state().gen;
     // On disk before the SyncDone leaves: if its acknowledgement never comes, the target may
     // be at `gen.current` (see `Superblock::sync_done_sent`), and later generations here must
@@ -988,16 +1000,6 @@ pub(super) async fn finish_sync(
         })
         .await
         .map_err(|e| LinkError::LocalDisk(format!("recording the end of the resync: {e}")))?;
-    }
-    // A region marked out of sync since the last sweep (a client write this disk failed
-    // after the peer applied it): the target is not declared in sync over it; the next
-    // connect resyncs what is marked. (A journal catch-up clears the bitmap at its own
-    // checkpoint: its bits are expected here.)
-    if resync && rep.lock().bitmap.dirty_bits() > 0 {
-        return Err(LinkError::NeedsResync(format!(
-            "{} bytes were marked out of sync as the resync ended: resyncing them",
-            rep.lock().bitmap.dirty_bytes()
-        )));
     }
     let seq = rep.begin(Record::SyncDone { gen }).await?;
     rep.peer_at_gen_from
